@@ -1,0 +1,1 @@
+"""mmrl.diffusion — see README."""

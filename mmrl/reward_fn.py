@@ -1,0 +1,171 @@
+"""The reward interface every trainer and scorer in mmrl shares.
+
+A reward is any callable ``fn(samples, prompts, metadata)`` where
+
+- ``samples``: the batch's B outputs (strings for a language model, PIL images or a float tensor
+  ``[B, 3, H, W]`` for an image model, anything the policy produces);
+- ``prompts``: B prompts, one per sample (a group's samples repeat their prompt);
+- ``metadata``: B dicts of per-sample facts (ground truth, task type, lengths, ...).
+
+It returns float rewards ``[B]`` (a tensor, numpy array or list), a ``[B, K]`` tensor whose
+columns are named by the callable's ``names`` attribute, or a mapping ``{name: [B] values}``.
+:func:`evaluate_reward` turns any of these into a :class:`RewardBatch` of float32 ``[B, K]``
+columns and reports NaN/inf entries instead of letting them reach the advantages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+
+RewardValues = Union[torch.Tensor, np.ndarray, Sequence[float], Mapping[str, Any]]
+
+
+class RewardFn(Protocol):
+    """``fn(samples, prompts, metadata) -> [B] | [B, K] | {name: [B]}`` (see module docstring)."""
+
+    def __call__(self, samples: Sequence[Any], prompts: Sequence[Any],
+                 metadata: Sequence[Mapping[str, Any]]) -> RewardValues: ...
+
+
+@dataclass
+class RewardBatch:
+    """Rewards of one batch as named float32 columns.
+
+    Attributes:
+        values: ``[B, K]`` float32; non-finite entries are kept as they came (see ``valid``).
+        names: K column names.
+        valid: ``[B]`` bool, True where every column is finite.
+    """
+
+    values: torch.Tensor
+    names: list
+    valid: torch.Tensor
+
+    @property
+    def num_invalid(self) -> int:
+        return int((~self.valid).sum())
+
+    def column(self, name: str) -> torch.Tensor:
+        """The ``[B]`` column called ``name``."""
+        if name not in self.names:
+            raise ValueError(f"no reward column {name!r} (columns: {', '.join(self.names)})")
+        return self.values[:, self.names.index(name)]
+
+    def weighted_sum(self, weights: Optional[Mapping[str, float]] = None) -> torch.Tensor:
+        """``Σ_k w_k r_k`` -> ``[B]``; missing weights default to 1."""
+        w = torch.tensor([float((weights or {}).get(n, 1.0)) for n in self.names])
+        return self.values @ w
+
+    def invalid_report(self) -> str:
+        """A human-readable list of the non-finite entries ("" when there are none)."""
+        bad = ~torch.isfinite(self.values)
+        if not bad.any():
+            return ""
+        rows = bad.any(1).nonzero().flatten().tolist()
+        parts = []
+        for i in rows[:10]:
+            cols = [self.names[k] for k in bad[i].nonzero().flatten().tolist()]
+            parts.append(f"sample {i}: {', '.join(cols)} = "
+                         f"{[float(self.values[i, self.names.index(c)]) for c in cols]}")
+        more = f" (+{len(rows) - 10} more)" if len(rows) > 10 else ""
+        return f"{len(rows)} sample(s) with non-finite rewards: " + "; ".join(parts) + more
+
+    def select(self, keep: torch.Tensor) -> "RewardBatch":
+        """Rows where ``keep`` ([B] bool) is True."""
+        return RewardBatch(self.values[keep], list(self.names), self.valid[keep])
+
+
+def _as_column(x, n: int, who: str, col: str) -> torch.Tensor:
+    t = torch.as_tensor(x if not isinstance(x, torch.Tensor) else x.detach().cpu())
+    if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64, torch.bool,
+                                                      torch.int16, torch.int8, torch.uint8)):
+        raise TypeError(f"reward {who!r} column {col!r} has dtype {t.dtype}; expected numbers")
+    t = t.to(torch.float32).reshape(-1) if t.dim() <= 1 else t.to(torch.float32)
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"reward {who!r} column {col!r} returned shape {tuple(t.shape)} for {n} "
+                         f"samples; expected [{n}] (one float per sample)")
+    return t
+
+
+def evaluate_reward(fn: Callable, samples: Sequence[Any], prompts: Sequence[Any],
+                    metadata: Optional[Sequence[Mapping[str, Any]]] = None, *,
+                    name: Optional[str] = None, on_invalid: str = "drop") -> RewardBatch:
+    """Call a reward and return its output as a checked :class:`RewardBatch`.
+
+    Args:
+        fn: the reward callable (see module docstring).
+        samples, prompts: B each.
+        metadata: B dicts, or None for empty dicts.
+        name: the column name for a single-column reward (default: ``fn.name``, ``fn.__name__``).
+        on_invalid: ``"drop"`` marks NaN/inf rows in ``valid`` (the trainer drops and counts
+            them); ``"raise"`` raises ``ValueError`` naming every bad sample and column.
+
+    Raises:
+        ValueError: mismatched lengths, wrong output shape, or (``on_invalid="raise"``) NaN/inf.
+        TypeError: output that is not numeric.
+    """
+    n = len(samples)
+    if len(prompts) != n:
+        raise ValueError(f"got {n} samples but {len(prompts)} prompts; pass one prompt per sample")
+    if metadata is None:
+        metadata = [{} for _ in range(n)]
+    if len(metadata) != n:
+        raise ValueError(f"got {n} samples but {len(metadata)} metadata dicts; pass one per sample")
+    if on_invalid not in ("drop", "raise"):
+        raise ValueError(f"on_invalid={on_invalid!r}; expected 'drop' or 'raise'")
+    who = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
+    out = fn(samples, prompts, metadata)
+    if isinstance(out, Mapping):
+        names = [str(k) for k in out]
+        cols = [_as_column(v, n, who, k) for k, v in out.items()]
+    else:
+        t = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else out)
+        if t.dim() == 2:
+            names = list(getattr(fn, "names", None) or [f"{who}_{k}" for k in range(t.shape[1])])
+            if len(names) != t.shape[1]:
+                raise ValueError(f"reward {who!r} returned {t.shape[1]} columns but names "
+                                 f"{names}; give one name per column")
+            cols = [_as_column(t[:, k], n, who, names[k]) for k in range(t.shape[1])]
+        else:
+            names, cols = [str(who)], [_as_column(t, n, who, str(who))]
+    if not cols:
+        raise ValueError(f"reward {who!r} returned no columns")
+    values = torch.stack(cols, dim=1)  # K x [B] -> [B, K]
+    batch = RewardBatch(values, names, torch.isfinite(values).all(dim=1))
+    if on_invalid == "raise" and batch.num_invalid:
+        raise ValueError(f"reward {who!r}: {batch.invalid_report()}; fix the reward or use "
+                         f"on_invalid='drop' to skip those samples")
+    return batch
+
+
+class CombinedReward:
+    """Several rewards as named columns, with weights for the multi-reward advantages.
+
+    ``CombinedReward({"format": (fmt_fn, 0.5), "accuracy": (acc_fn, 1.0)})`` returns
+    ``{"format": [B], "accuracy": [B]}``; ``.weights`` gives ``{name: weight}`` for
+    ``group_advantages(..., method="normalize_then_sum" | "sum_then_normalize")``.
+    """
+
+    def __init__(self, rewards: Mapping[str, Union[Callable, tuple]]):
+        if not rewards:
+            raise ValueError("CombinedReward needs at least one reward; got none")
+        self.fns: Dict[str, Callable] = {}
+        self.weights: Dict[str, float] = {}
+        for name, spec in rewards.items():
+            fn, w = spec if isinstance(spec, tuple) else (spec, 1.0)
+            if not callable(fn):
+                raise TypeError(f"reward {name!r} is {type(fn).__name__}, not a callable")
+            self.fns[name], self.weights[name] = fn, float(w)
+        self.names = list(self.fns)
+        self.name = "+".join(self.names)
+
+    def __call__(self, samples, prompts, metadata):
+        out = {}
+        for name, fn in self.fns.items():
+            sub = evaluate_reward(fn, samples, prompts, metadata, name=name)
+            for k, col in zip(sub.names, sub.values.unbind(1)):
+                out[name if len(sub.names) == 1 else f"{name}.{k}"] = col
+        return out

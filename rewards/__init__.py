@@ -1,0 +1,1 @@
+"""mmrl.rewards — see README."""

@@ -1,0 +1,1 @@
+"""mmrl.video — see README."""
