@@ -78,8 +78,19 @@ class RewardBatch:
         return RewardBatch(self.values[keep], list(self.names), self.valid[keep])
 
 
+def _to_tensor(x, who: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(x, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise TypeError(f"reward {who!r} returned {type(x).__name__} {str(x)[:80]!r}; expected "
+                        f"numbers: a [B] list/array/tensor, a [B, K] tensor or "
+                        f"{{name: [B] values}}") from None
+
+
 def _as_column(x, n: int, who: str, col: str) -> torch.Tensor:
-    t = torch.as_tensor(x if not isinstance(x, torch.Tensor) else x.detach().cpu())
+    t = _to_tensor(x, who)
     if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64, torch.bool,
                                                       torch.int16, torch.int8, torch.uint8)):
         raise TypeError(f"reward {who!r} column {col!r} has dtype {t.dtype}; expected numbers")
@@ -122,7 +133,7 @@ def evaluate_reward(fn: Callable, samples: Sequence[Any], prompts: Sequence[Any]
         names = [str(k) for k in out]
         cols = [_as_column(v, n, who, k) for k, v in out.items()]
     else:
-        t = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else out)
+        t = _to_tensor(out, who)
         if t.dim() == 2:
             names = list(getattr(fn, "names", None) or [f"{who}_{k}" for k in range(t.shape[1])])
             if len(names) != t.shape[1]:

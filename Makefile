@@ -1,0 +1,26 @@
+# make demo / make test each set themselves up on a fresh machine: a .venv made with pip,
+# the pinned stack from constraints.txt (torch and torchvision pinned together), then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mmrl-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -c constraints.txt torch torchvision
+	$(PY) -m pip install -c constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmrl train configs/demo/toy.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

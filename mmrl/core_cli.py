@@ -1,0 +1,174 @@
+"""Core sub-commands: ``mmrl train``, ``mmrl config show|validate|docs``, ``mmrl algos``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List
+
+EXAMPLES_TRAIN = """examples:
+  mmrl train configs/demo/toy.yaml
+  mmrl train configs/demo/toy.yaml algo.preset=dapo train.steps=50 train.lr=3e-4
+  mmrl train configs/demo/toy.yaml algo.preset=grpo algo.beta=0.04 algo.kl=k3
+"""
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train with a YAML config (+ key=value overrides)",
+                       description="Run a training job described by a YAML config. Overrides "
+                                   "use dotted keys: section.field=value.",
+                       epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="path to a YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="show, validate or document configs",
+                       description="Inspect configs without running anything.")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved config with field docs",
+                           description="Print the config after defaults and overrides, each "
+                                       "field with its meaning, and what the preset resolves to.")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config_show)
+    val = csub.add_parser("validate", help="check one or more configs; report every problem",
+                          description="Validate configs: unknown keys, wrong types, bad values "
+                                      "and invalid combinations are all reported at once.")
+    val.add_argument("configs", nargs="+")
+    val.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="an override applied to every config")
+    val.set_defaults(func=cmd_config_validate)
+    docs = csub.add_parser("docs", help="print the reference of every config field (markdown)")
+    docs.add_argument("--job", action="append", default=None,
+                      help="include this job's section (default: every job that imports)")
+    docs.set_defaults(func=cmd_config_docs)
+    c.set_defaults(func=lambda a: (c.print_help(), 0)[1])
+
+    a = sub.add_parser("algos", help="list algorithm presets and what each picks on every axis",
+                       description="Presets are one choice per axis (advantage, ratio level, "
+                                   "objective, aggregation, KL, token weighting) plus "
+                                   "hyper-parameters; override any of them under algo:.")
+    a.add_argument("name", nargs="?", help="show one preset in full")
+    a.set_defaults(func=cmd_algos)
+
+
+def _load(path, overrides):
+    from mmrl.config import ConfigError
+    from mmrl.schema import load_config
+    try:
+        return load_config(path, overrides), None
+    except ConfigError as err:
+        return None, err
+
+
+def cmd_train(args) -> int:
+    run, err = _load(args.config, args.overrides)
+    if err:
+        print(err, file=sys.stderr)
+        return 1
+    from mmrl.jobs import get_job
+    job = get_job(run.job)
+    print(f"mmrl train: job={run.job} preset={run.algo.preset} steps={run.train.steps} "
+          f"-> {run.train.output_dir}", flush=True)
+    summary = job.run(run)
+    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; reward "
+          f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f}; outputs in "
+          f"{summary['output_dir']}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    import yaml
+    from mmrl.config import field_docs
+    from mmrl.schema import AlgoConfig, TrainConfig
+    from mmrl.jobs import get_job
+    run, err = _load(args.config, args.overrides)
+    if err:
+        print(err, file=sys.stderr)
+        return 1
+    docs = {}
+    for prefix, cls in (("algo", AlgoConfig), ("train", TrainConfig),
+                        (run.job, get_job(run.job).section)):
+        docs.update({k: d for k, _, _, d, _ in field_docs(cls, prefix)})
+    for line in yaml.safe_dump(run.to_dict(), sort_keys=False).splitlines():
+        _print_with_doc(line, docs)
+    spec = run.algo.resolve()
+    print(f"# resolved algorithm ({run.algo.preset} + overrides):")
+    for k, v in vars(spec).items():
+        print(f"#   {k}: {v}")
+    return 0
+
+
+_section_stack: List[str] = []
+
+
+def _print_with_doc(line: str, docs) -> None:
+    indent = len(line) - len(line.lstrip())
+    key = line.strip().split(":", 1)[0]
+    depth = indent // 2
+    del _section_stack[depth:]
+    _section_stack.append(key)
+    doc = docs.get(".".join(_section_stack))
+    print(f"{line:<48} # {doc}" if doc else line)
+
+
+def cmd_config_validate(args) -> int:
+    bad = 0
+    for path in args.configs:
+        run, err = _load(path, args.overrides)
+        if err:
+            bad += 1
+            print(err, file=sys.stderr)
+        else:
+            print(f"ok: {path} (job={run.job}, preset={run.algo.preset})")
+    return 1 if bad else 0
+
+
+def config_reference(jobs=None) -> str:
+    """Markdown reference of every config field (the content of docs/config.md)."""
+    from mmrl.config import field_docs
+    from mmrl.jobs import get_job, job_names
+    from mmrl.schema import AlgoConfig, TrainConfig
+    sections = [("algo", AlgoConfig), ("train", TrainConfig)]
+    for name in jobs or job_names():
+        try:
+            sections.append((name, get_job(name).section))
+        except ValueError:
+            continue
+    out = ["# Config reference", "", "Generated by `mmrl config docs`; every field of every "
+           "section, its type, default, meaning and source.", ""]
+    for prefix, cls in sections:
+        out += [f"## `{prefix}`", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                "| key | type | default | meaning | source |", "|---|---|---|---|---|"]
+        for key, tp, default, doc, source in field_docs(cls, prefix):
+            out.append(f"| `{key}` | {tp} | `{default!r}` | {doc} | {source} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def cmd_config_docs(args) -> int:
+    print(config_reference(args.job))
+    return 0
+
+
+AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "token_weighting")
+
+
+def cmd_algos(args) -> int:
+    from mmrl.presets import PRESETS, resolve_algo
+    if args.name:
+        spec = resolve_algo(args.name)
+        for k, v in vars(spec).items():
+            print(f"{k:18s} {v}")
+        return 0
+    rows = [("preset",) + AXES + ("hyper-parameters",)]
+    for name, spec in sorted(PRESETS.items()):
+        hp = {k: v for k, v in vars(spec).items() if k not in AXES and v is not None}
+        rows.append((name,) + tuple(str(getattr(spec, a)) for a in AXES) +
+                    (", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in hp.items()),))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(AXES) + 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    print("\nOverride any axis or hyper-parameter under algo: in a config, e.g. "
+          "algo.preset=dapo algo.eps_high=0.3")
+    return 0

@@ -1,0 +1,218 @@
+"""The shared GRPO loop: rollout -> rewards -> advantages -> K epochs of micro-batched updates.
+
+Both domains drive it through :class:`GroupPolicy`: a policy rolls out a group per prompt and
+recomputes ``logp [b, t]`` for a slice of samples and of T (tokens for a language model, trained
+denoising steps for a flow-matching model). The loop never knows which.
+
+Micro-batches split along samples (``micro_batch_size``) and along T (``t_chunk``); the loss
+receives the mini-batch's global token and sequence counts (and each row's full length), so the
+accumulated gradient equals the unsplit step's (tests/test_loop.py checks it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Sequence
+
+import torch
+
+from mmrl.advantages import group_advantages, group_stats
+from mmrl.losses import PolicyLoss
+from mmrl.reward_fn import RewardBatch, evaluate_reward
+
+
+@dataclass
+class Rollout:
+    """B sampled completions (G groups of N) and what is needed to re-score them.
+
+    Attributes:
+        samples: B outputs handed to the reward (strings, images, ...).
+        prompts: B prompts (a group's samples repeat their prompt).
+        metadata: B dicts (ground truth etc.).
+        group_ids: ``[B]`` long, equal for samples of the same prompt.
+        mask: ``[B, T]`` bool, True where a token / trained step counts.
+        data: policy payload; tensors / lists with leading dim B are sliced by :meth:`select`.
+    """
+
+    samples: List[Any]
+    prompts: List[Any]
+    metadata: List[Dict[str, Any]]
+    group_ids: torch.Tensor
+    mask: torch.Tensor
+    data: Dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout restricted to ``rows`` (a ``[B]`` bool mask or a LongTensor of indices)."""
+        idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+        pick = idx.tolist()
+        data = {k: _take(v, idx, pick, len(self)) for k, v in self.data.items()}
+        return Rollout([self.samples[i] for i in pick], [self.prompts[i] for i in pick],
+                       [self.metadata[i] for i in pick], self.group_ids[idx], self.mask[idx],
+                       data)
+
+
+def _take(value, idx, pick, n):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[idx.to(value.device)]
+    if isinstance(value, list) and len(value) == n:
+        return [value[i] for i in pick]
+    return value  # shared across samples (e.g. one prompt embedding table)
+
+
+class GroupPolicy(Protocol):
+    """What the loop needs from a model (a language model or a flow-matching model)."""
+
+    def rollout(self, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
+                group_size: int, generator: torch.Generator) -> Rollout:
+        """Sample ``group_size`` completions per prompt (called under ``torch.no_grad``)."""
+
+    def logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """``[len(rows), t1 - t0]`` log-probs of the stored completions, with gradient."""
+
+    def ref_logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """The same under the reference policy (only called when beta > 0)."""
+
+    def parameters(self): ...
+
+
+@dataclass
+class LoopSettings:
+    """The loop's knobs (a subset of :class:`mmrl.schema.TrainConfig`)."""
+
+    group_size: int = 8
+    inner_epochs: int = 1
+    num_mini_batches: int = 1
+    micro_batch_size: int = 0
+    t_chunk: int = 0
+    max_grad_norm: float = 1.0
+
+
+def compute_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: PolicyLoss,
+                       multi_reward: str = "sum_then_normalize",
+                       reward_weights: Optional[Dict[str, float]] = None) -> torch.Tensor:
+    """``[B]`` advantages from one or several reward columns with the preset's estimator."""
+    spec = loss_fn.spec
+    hp = dict(eps=spec.adv_eps, r_max=spec.r_max, adv_clip=spec.adv_clip)
+    if rewards.values.shape[1] == 1:
+        return group_advantages(rewards.values[:, 0], group_ids, spec.advantage, **hp)
+    weights = [float((reward_weights or {}).get(n, 1.0)) for n in rewards.names]
+    return group_advantages(rewards.values, group_ids, multi_reward, weights=weights,
+                            base=spec.advantage, **hp)
+
+
+def _chunks(n: int, size: int):
+    size = size if size > 0 else n
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _mini_batches(rollout: Rollout, k: int, needs_groups: bool, gen: torch.Generator):
+    """Split row indices into k mini-batches (whole groups when the objective needs them)."""
+    if not needs_groups:
+        return list(torch.randperm(len(rollout), generator=gen).chunk(k))
+    _, inv = torch.unique(rollout.group_ids, return_inverse=True)
+    order = torch.randperm(int(inv.max()) + 1, generator=gen)
+    groups = [(inv == g).nonzero().flatten() for g in order.tolist()]
+    return [torch.cat(part) for part in _split_list(groups, k) if part]
+
+
+def _split_list(items, k):
+    n = len(items)
+    return [items[i * n // k:(i + 1) * n // k] for i in range(k)]
+
+
+@torch.no_grad()
+def _score_all(fn, rollout: Rollout, micro: int, t_chunk: int) -> torch.Tensor:
+    """Concatenate a no-grad ``fn(rollout, rows, t0, t1)`` over the whole rollout -> [B, T]."""
+    T = rollout.mask.shape[1]
+    rows_out = []
+    for a, b in _chunks(len(rollout), micro):
+        rows = torch.arange(a, b)
+        rows_out.append(torch.cat([fn(rollout, rows, t0, t1).detach().float()
+                                   for t0, t1 in _chunks(T, t_chunk)], dim=1))
+    return torch.cat(rows_out, dim=0)
+
+
+def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
+           rollout: Rollout, advantages: torch.Tensor, s: LoopSettings,
+           generator: torch.Generator, token_weights: Optional[torch.Tensor] = None
+           ) -> Dict[str, torch.Tensor]:
+    """K epochs of mini-batch updates on one rollout; returns detached averaged stats."""
+    spec = loss_fn.spec
+    on_policy = s.inner_epochs == 1 and s.num_mini_batches == 1
+    t_chunk = 0 if spec.sequence_level else s.t_chunk
+    old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size, t_chunk)
+    ref_logp = (_score_all(policy.ref_logp, rollout, s.micro_batch_size, t_chunk)
+                if spec.needs_ref else None)
+    seq_lens = rollout.mask.sum(-1)  # [B] full lengths, exact under T chunking
+    T = rollout.mask.shape[1]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    totals: Dict[str, torch.Tensor] = {}
+    n_updates, skipped = 0, 0
+    for _ in range(s.inner_epochs):
+        for mb in _mini_batches(rollout, s.num_mini_batches, spec.needs_groups, generator):
+            optimizer.zero_grad(set_to_none=True)
+            norm = dict(num_tokens=rollout.mask[mb].sum(), num_seqs=len(mb))
+            for a, b in _chunks(len(mb), s.micro_batch_size):
+                rows = mb[a:b]
+                for t0, t1 in _chunks(T, t_chunk):
+                    logp = policy.logp(rollout, rows, t0, t1)
+                    old = logp.detach() if on_policy else old_logp[rows, t0:t1].to(logp)
+                    loss, stats = loss_fn(
+                        logp, old, advantages[rows].to(logp), rollout.mask[rows, t0:t1].to(
+                            logp.device),
+                        ref_logp=None if ref_logp is None else ref_logp[rows, t0:t1].to(logp),
+                        token_weights=None if token_weights is None else
+                        token_weights[rows, t0:t1].to(logp),
+                        group_ids=rollout.group_ids[rows], seq_lens=seq_lens[rows], **norm)
+                    loss.backward()
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + v.detach().float().cpu()
+                    n_updates += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
+            if not torch.isfinite(grad_norm):
+                skipped += 1  # a NaN/inf gradient never reaches the weights
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach().cpu()
+    out = {k: v / max(n_updates, 1) for k, v in totals.items() if k != "grad_norm"}
+    out["loss"] = totals.get("loss", torch.tensor(0.0))  # micro losses sum to the step loss
+    steps = s.inner_epochs * s.num_mini_batches
+    out["loss"] = out["loss"] / steps
+    out["grad_norm"] = totals.get("grad_norm", torch.tensor(float("nan"))) / max(
+        steps - skipped, 1)
+    out["skipped_updates"] = torch.tensor(float(skipped))
+    return out
+
+
+def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
+               reward_fn, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
+               s: LoopSettings, generator: torch.Generator, *,
+               multi_reward: str = "sum_then_normalize",
+               reward_weights: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """One GRPO iteration; returns metrics (python floats) and the rewards for selectors."""
+    with torch.no_grad():
+        rollout = policy.rollout(list(prompts), list(metadata), s.group_size, generator)
+    rewards = evaluate_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata)
+    dropped = rewards.num_invalid
+    if dropped:  # NaN/inf rewards: drop those samples, count them, carry on
+        rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
+    metrics: Dict[str, Any] = {"dropped_samples": float(dropped), "samples": float(len(rollout))}
+    if len(rollout) == 0:
+        return {**metrics, "skipped_updates": 1.0, "rollout": rollout, "rewards": rewards}
+    adv = compute_advantages(rewards, rollout.group_ids, loss_fn, multi_reward, reward_weights)
+    tw = policy.token_weights(rollout) if loss_fn.spec.needs_token_weights else None
+    stats = update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw)
+    total = rewards.weighted_sum(reward_weights)
+    gstats = group_stats(total, rollout.group_ids)
+    metrics.update({"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
+                    "adv_abs_mean": adv.abs().mean(), "zero_std_frac": gstats["zero_std_frac"],
+                    **{f"reward/{n}": rewards.column(n).mean() for n in rewards.names}})
+    metrics.update(stats)
+    metrics = {k: float(v) for k, v in metrics.items()}  # one host sync, here, per step
+    metrics["tokens"] = float(rollout.mask.sum())
+    return {**metrics, "rollout": rollout, "rewards": rewards}

@@ -1,0 +1,212 @@
+"""The run config's sections: ``algo`` (what to optimize), ``train`` (the shared loop), ``job``.
+
+Every field is documented here (type, default, meaning, source); ``mmrl config docs`` prints
+the reference and ``docs/config.md`` is generated from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mmrl.config import ConfigError, apply_overrides, build, cfg, load_yaml, to_dict
+
+
+def _preset_names():
+    from mmrl.presets import PRESETS
+    return sorted(PRESETS)
+
+
+def _job_names():
+    from mmrl.jobs import job_names
+    return job_names()
+
+
+@dataclass
+class AlgoConfig:
+    """The algorithm: a named preset, plus overrides of any axis or hyper-parameter.
+
+    ``null`` (the default of every override) keeps the preset's value; ``mmrl algos`` shows what
+    each preset picks.
+    """
+
+    preset: str = cfg("grpo", "Named algorithm: one choice per axis plus hyper-parameters "
+                      "(see `mmrl algos`).", choices=_preset_names,
+                      source="GRPO arXiv 2402.03300; others in ALGORITHMS.md")
+    advantage: Optional[str] = cfg(None, "Advantage estimator override: grpo, mean_center, "
+                                   "batch_std, rloo, ngrpo.", source="mmrl.advantages")
+    ratio_level: Optional[str] = cfg(None, "Importance-ratio level override: token, sequence "
+                                     "(GSPO), sequence_token (GSPO-token), sequence_sum "
+                                     "(Reg-GRPO).", source="GSPO arXiv 2507.18071")
+    objective: Optional[str] = cfg(None, "Per-token objective override: clip, sapo, reg.",
+                                   source="mmrl.losses")
+    aggregation: Optional[str] = cfg(None, "Loss aggregation override: seq_mean_token_mean, "
+                                     "token_mean, seq_mean_token_sum, fixed_norm, seq_mean.",
+                                     source="Dr.GRPO arXiv 2503.20783; DAPO arXiv 2503.14476")
+    kl: Optional[str] = cfg(None, "KL estimator to the reference policy: k1, k2, k3.",
+                            source="Schulman, 'Approximating KL divergence' (2020)")
+    token_weighting: Optional[str] = cfg(None, "Token weighting: none, or tw (TW-GRPO weights "
+                                         "from the group's full-vocabulary log-probs).",
+                                         source="TW-GRPO arXiv 2505.24718")
+    eps_low: Optional[float] = cfg(None, "Lower clip range: ratio clipped at 1 - eps_low.",
+                                   minimum=0.0, source="PPO arXiv 1707.06347; DAPO clip-higher")
+    eps_high: Optional[float] = cfg(None, "Upper clip range: ratio clipped at 1 + eps_high.",
+                                    minimum=0.0, source="DAPO arXiv 2503.14476 (0.28)")
+    beta: Optional[float] = cfg(None, "KL coefficient to the reference policy (0 = no reference "
+                                "model needed).", minimum=0.0, source="GRPO (0.04); most recent "
+                                "recipes 0")
+    tau_pos: Optional[float] = cfg(None, "SAPO temperature for positive advantages.",
+                                   minimum=0.0, source="SAPO arXiv 2511.20347 (1.0)")
+    tau_neg: Optional[float] = cfg(None, "SAPO temperature for non-positive advantages.",
+                                   minimum=0.0, source="SAPO arXiv 2511.20347 (1.05)")
+    eps_reg: Optional[float] = cfg(None, "Reg-GRPO scale: predicted advantage = eps_reg * "
+                                   "(centered sequence log-ratio).", minimum=0.0,
+                                   source="DeepVideo-R1 arXiv 2506.07464 (1.0)")
+    length_normalize: Optional[bool] = cfg(None, "Reg-GRPO: use the length-normalized sequence "
+                                           "log-ratio (same as ratio_level=sequence).",
+                                           source="DeepVideo-R1 arXiv 2506.07464")
+    max_len: Optional[int] = cfg(None, "Constant L for fixed_norm aggregation (the maximum "
+                                 "completion length / trained steps).", minimum=1,
+                                 source="Dr.GRPO arXiv 2503.20783")
+    dual_clip_c: Optional[float] = cfg(None, "Dual-clip constant c (> 1) bounding the loss for "
+                                       "negative advantages; null disables.", minimum=1.0,
+                                       source="Dual-clip PPO arXiv 1912.09729; verl clip_ratio_c")
+    r_max: Optional[float] = cfg(None, "NGRPO virtual sample's reward (the maximum reward).",
+                                 source="NGRPO arXiv 2509.18851 (1.0)")
+    adv_eps: Optional[float] = cfg(None, "Epsilon added to the std in advantage normalization.",
+                                   minimum=0.0, source="1e-4 (flow_grpo, TRL)")
+    adv_clip: Optional[float] = cfg(None, "Clip advantages to +-adv_clip; null disables.",
+                                    minimum=0.0, source="flow_grpo (5)")
+    tw_alpha: Optional[float] = cfg(None, "TW-GRPO maximum token weight alpha (1 = plain GRPO).",
+                                    minimum=1.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
+    multi_reward: str = cfg("sum_then_normalize", "How several reward columns become one "
+                            "advantage.", choices=["sum_then_normalize", "normalize_then_sum"],
+                            source="flow_grpo multi_score; MixGRPO advantage_aggr")
+    reward_weights: Dict[str, float] = cfg(doc="Weight per reward column (missing columns "
+                                           "weigh 1).", default_factory=dict)
+
+    def overrides(self) -> Dict[str, Any]:
+        """The non-null preset overrides, as keyword arguments for ``resolve_algo``."""
+        skip = {"preset", "multi_reward", "reward_weights"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
+
+    def resolve(self):
+        """The resolved :class:`mmrl.presets.AlgoSpec` (raises on problems)."""
+        from mmrl.presets import resolve_algo
+        return resolve_algo(self.preset, **self.overrides())
+
+    def problems(self) -> List[str]:
+        from mmrl.presets import algo_problems
+        return [f"(preset {self.preset!r}) {p}" for p in algo_problems(self.preset,
+                                                                      **self.overrides())]
+
+
+@dataclass
+class TrainConfig:
+    """The shared GRPO loop: rollout -> rewards -> advantages -> K epochs of updates."""
+
+    steps: int = cfg(100, "Number of rollout/update iterations.", minimum=1)
+    prompts_per_step: int = cfg(8, "Prompts per iteration (groups per rollout batch).",
+                                minimum=1)
+    group_size: int = cfg(8, "Samples per prompt (G in GRPO).", minimum=1,
+                          source="GRPO arXiv 2402.03300 (64); DAPO (16); flow_grpo (24)")
+    inner_epochs: int = cfg(1, "Passes over each rollout batch (mu in GRPO). With 1 epoch and "
+                            "1 mini-batch the update is on-policy and old_logp is the detached "
+                            "current logp.", minimum=1, source="GRPO arXiv 2402.03300")
+    num_mini_batches: int = cfg(1, "Optimizer steps per epoch (the rollout batch is split into "
+                                "this many mini-batches).", minimum=1)
+    micro_batch_size: int = cfg(0, "Samples per forward/backward (gradient accumulation); 0 = "
+                                "the whole mini-batch. Never changes the gradient.", minimum=0)
+    t_chunk: int = cfg(0, "Split T (tokens / denoising steps) into chunks of this size per "
+                       "forward; 0 = no split. Token-level objectives only. Never changes the "
+                       "gradient.", minimum=0)
+    lr: float = cfg(1e-3, "AdamW learning rate.", minimum=0.0)
+    weight_decay: float = cfg(0.0, "AdamW weight decay.", minimum=0.0)
+    max_grad_norm: float = cfg(1.0, "Clip the global gradient norm to this; 0 disables.",
+                               minimum=0.0)
+    max_bad_steps: int = cfg(5, "Stop after this many consecutive steps skipped for a "
+                             "non-finite loss or gradient.", minimum=1)
+    seed: int = cfg(0, "Seed for python, numpy and torch (rollouts, prompt order, init).")
+    device: str = cfg("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    log_every: int = cfg(1, "Print a metrics line every N steps (JSONL gets every step).",
+                         minimum=1)
+    output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
+                          "are written.")
+    progress: bool = cfg(True, "Show a tqdm progress bar.")
+
+    def problems(self) -> List[str]:
+        out = []
+        batch = self.prompts_per_step * self.group_size
+        if self.num_mini_batches > batch:
+            out.append(f"num_mini_batches: got {self.num_mini_batches}; expected at most "
+                       f"prompts_per_step * group_size = {batch}")
+        return out
+
+
+@dataclass
+class RunConfig:
+    """A whole run: which job, the algorithm, the loop, and the job's own section."""
+
+    job: str
+    algo: AlgoConfig
+    train: TrainConfig
+    task: Any  # the job's section (a dataclass registered with the job)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"job": self.job, "algo": to_dict(self.algo), "train": to_dict(self.train),
+                self.job: to_dict(self.task)}
+
+
+def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate ``data`` (a parsed YAML mapping) into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: listing every problem (unknown keys, types, ranges, combinations).
+    """
+    from mmrl.jobs import get_job
+    problems: List[str] = []
+    job_name = data.get("job", "toy")
+    job = None
+    try:
+        job = get_job(job_name)
+    except ValueError as err:
+        problems.append(f"job: {err}")
+    allowed = {"job", "algo", "train"} | ({job_name} if job else set())
+    for key in data:
+        if key not in allowed:
+            problems.append(f"{key}: unknown section (known: {', '.join(sorted(allowed))})")
+    algo = build(AlgoConfig, _section(data, "algo", problems), "algo", problems)
+    train = build(TrainConfig, _section(data, "train", problems), "train", problems)
+    task = build(job.section, _section(data, job_name, problems), job_name, problems) if job \
+        else None
+    if job and hasattr(job, "check") and not problems:
+        problems.extend(job.check(algo, train, task))
+    if not problems and train.t_chunk and algo.resolve().sequence_level:
+        problems.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "
+                        f"{algo.preset!r}; a sequence ratio needs whole sequences, set t_chunk=0")
+    if problems:
+        raise ConfigError(problems, source)
+    return RunConfig(job_name, algo, train, task)
+
+
+def _section(data, key, problems) -> Dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        problems.append(f"{key}: got {value!r}; expected a section (mapping)")
+        return {}
+    return value
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config file, apply ``key=value`` overrides, validate everything at once."""
+    data = load_yaml(path)
+    problems = apply_overrides(data, overrides)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return config_from_dict(data, str(path))
+
+
+def save_config(run: RunConfig, path) -> None:
+    import yaml
+    Path(path).write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
