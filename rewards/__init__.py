@@ -1,1 +1,14 @@
-"""mmrl.rewards — see README."""
+"""mmrl.rewards: image reward models, their composition, a reward server and their evaluation.
+
+``load(name, path=None, device=None, dtype=None, **options)`` returns a scorer called as
+``scorer(images, prompts) -> Tensor[B]`` (float32); scorers also satisfy the core reward interface
+``fn(samples, prompts, metadata)`` and can be passed to a trainer directly. Registered names:
+``pickscore``, ``hps_v2``, ``hps_v2.1``, ``clip_score``, ``aesthetic``, ``imagereward``,
+``jpeg_compressibility``, ``brightness``, ``color``, ``remote``. See docs/rewards.md.
+"""
+from mmrl.rewards.base import Scorer, WeightsNotFoundError
+from mmrl.rewards.scorers import (SCORERS, ComposedScorer, compose, load, parse_spec,
+                                  parse_specs)
+
+__all__ = ["SCORERS", "Scorer", "WeightsNotFoundError", "ComposedScorer", "compose", "load",
+           "parse_spec", "parse_specs"]

@@ -1,0 +1,90 @@
+"""ImageReward (Xu et al. 2023, arXiv 2304.05977) through the optional ``image-reward`` package.
+
+The BLIP model and its checkpoint come from the package (``pip install image-reward``; it imports
+as ``ImageReward``). mmrl batches its ``score`` computation across different prompts: BLIP
+cross-attention text features -> MLP -> ``(raw − 0.16717362830052426) / 1.0333394966054072``,
+exactly the package's per-prompt ``score``. The package's ``load`` uses ``torch.load``, whose
+default in torch ≥ 2.6 is ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, WeightsNotFoundError, check_path,
+                               clip_tensor_preprocess, default_device, weights_error)
+
+EXTRA_HINT = ("imagereward needs the optional package 'image-reward' (imports as ImageReward), "
+              "which pins its own transformers/timm versions: install it with "
+              "`pip install image-reward`, or run it in its own environment with "
+              "`mmrl reward serve imagereward` and use the 'remote' scorer from training")
+
+
+def import_imagereward():
+    """The ``ImageReward`` module, or an ImportError naming the package to install."""
+    try:
+        import ImageReward  # noqa: N813 (the package's own name)
+    except ModuleNotFoundError as err:
+        raise ImportError(f"{EXTRA_HINT} ({err})") from None
+    return ImageReward
+
+
+class ImageRewardScorer(Scorer):
+    """ImageReward score, normalized by the package's mean and std.
+
+    Output scale: standardized, ``(raw − 0.16717362830052426) / 1.0333394966054072`` (≈ N(0, 1)
+    over the ImageRewardDB training images; good images ≈ 0.5–2).
+
+    Args:
+        path: an ``ImageReward.pt`` file, or a directory used as the package's
+            ``download_root`` (holding ``ImageReward.pt`` and ``med_config.json``); default: the
+            package downloads ``ImageReward-v1.0`` from the hub ``THUDM/ImageReward``.
+    """
+
+    name = "imagereward"
+    scale = "standardized: (raw - 0.16717) / 1.03334 (≈ N(0,1) on ImageRewardDB)"
+
+    def __init__(self, path=None, device=None, dtype=None, batch_size: int = 16,
+                 grad: bool = False):
+        rm = import_imagereward()
+        super().__init__(batch_size, grad)
+        path = check_path(self.name, path)
+        self.device = default_device(device)
+        src, root = "ImageReward-v1.0", None
+        if path is not None and os.path.isfile(path):
+            src = path
+        elif path is not None:
+            root = path
+        try:
+            self.model = rm.load(src, device=str(self.device), download_root=root)
+        except (OSError, RuntimeError) as err:
+            raise weights_error(self.name, "ImageReward-v1.0", repr(path or "THUDM/ImageReward"),
+                                "hf download THUDM/ImageReward ImageReward.pt "
+                                "med_config.json --local-dir DIR", err) from None
+        if dtype is not None:
+            self.model.to(dtype)
+        self.model.eval().requires_grad_(False)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """The package's transform for PIL; its differentiable torch copy for tensors."""
+        if isinstance(images, torch.Tensor):
+            return clip_tensor_preprocess(images.to(self.device, torch.float32), 224, (224, 224),
+                                          OPENAI_MEAN, OPENAI_STD)
+        return torch.stack([self.model.preprocess(im) for im in images]).to(self.device)
+
+    def _score(self, images, prompts):
+        m = self.model
+        text = m.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                return_tensors="pt").to(self.device)
+        pixels = self.preprocess(images).to(next(m.parameters()).dtype)
+        image_embeds = m.blip.visual_encoder(pixels)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        out = m.blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                  encoder_hidden_states=image_embeds,
+                                  encoder_attention_mask=image_atts, return_dict=True)
+        raw = m.mlp(out.last_hidden_state[:, 0, :].float()).squeeze(-1)  # [b, 1] -> [b]
+        return (raw - m.mean) / m.std
+
+
+__all__ = ["ImageRewardScorer", "import_imagereward", "WeightsNotFoundError"]

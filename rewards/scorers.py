@@ -1,0 +1,181 @@
+"""The scorer registry, ``load(name, ...)``, text specs (``name:key=value``) and composition.
+
+``load("pickscore", path="/ckpt/PickScore_v1", device="cuda", normalize="div26")`` builds a
+scorer; ``compose({"pickscore": 1.0, "hps_v2.1": 0.5})`` builds several as named columns with
+weights (an :class:`mmrl.reward_fn.CombinedReward`), so the core's multi-reward advantages
+(``sum_then_normalize`` / ``normalize_then_sum``) see one column per scorer.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from mmrl.registry import Registry
+from mmrl.reward_fn import CombinedReward
+
+SCORERS: Registry = Registry("reward scorer")
+
+
+def _lazy(module: str, attr: str, **fixed):
+    """A factory importing ``mmrl.rewards.<module>`` on first use (heavy deps stay unloaded)."""
+    def factory(**kwargs):
+        import importlib
+        cls = getattr(importlib.import_module(f"mmrl.rewards.{module}"), attr)
+        return cls(**fixed, **kwargs)
+    factory.target = (module, attr, fixed)
+    return factory
+
+
+SCORERS.register("pickscore", _lazy("clip_hf", "PickScore"))
+SCORERS.register("clip_score", _lazy("clip_hf", "ClipScore"))
+SCORERS.register("aesthetic", _lazy("clip_hf", "Aesthetic"))
+SCORERS.register("hps_v2", _lazy("hps", "HPS", version="hps_v2"))
+SCORERS.register("hps_v2.1", _lazy("hps", "HPS", version="hps_v2.1"))
+SCORERS.register("imagereward", _lazy("imagereward", "ImageRewardScorer"))
+SCORERS.register("jpeg_compressibility", _lazy("rules", "JpegCompressibility"))
+SCORERS.register("brightness", _lazy("rules", "Brightness"))
+SCORERS.register("color", _lazy("rules", "ColorTarget"))
+SCORERS.register("remote", _lazy("server", "RemoteScorer"))
+
+
+def scorer_class(name: str):
+    """The class behind a registered name (imports its module)."""
+    import importlib
+    module, attr, _ = SCORERS.get(name).target
+    return getattr(importlib.import_module(f"mmrl.rewards.{module}"), attr)
+
+
+def accepted_options(name: str) -> List[str]:
+    """Keyword arguments the scorer ``name`` accepts."""
+    _, _, fixed = SCORERS.get(name).target
+    params = inspect.signature(scorer_class(name).__init__).parameters
+    return [p for p in params if p not in ("self", *fixed)
+            and params[p].kind not in (inspect.Parameter.VAR_KEYWORD,
+                                       inspect.Parameter.VAR_POSITIONAL)]
+
+
+def load(name: str, path: Optional[str] = None, device=None, dtype=None, **options):
+    """Build the scorer registered as ``name``: ``scorer(images, prompts) -> Tensor[B]``.
+
+    Args:
+        name: a registered name (``mmrl.rewards.SCORERS.names()``).
+        path: local weights (directory or file); default: the scorer's public hub id.
+        device, dtype: where and in which precision the model runs (default: CUDA if available,
+            float32); scorers without a model do not take them.
+        **options: scorer-specific options (``normalize=`` for pickscore, ``variant=`` for
+            clip_score, ``arch=`` for HPS, ``batch_size=``, ``grad=`` ...).
+
+    Raises:
+        ValueError: unknown name (with the registered names and the closest match).
+        TypeError: an option the scorer does not take (the message lists the ones it does).
+        WeightsNotFoundError: no local weights and the hub is unreachable.
+    """
+    factory = SCORERS.get(name)
+    kwargs = dict(options)
+    for key, value in (("path", path), ("device", device), ("dtype", dtype)):
+        if value is not None:
+            kwargs[key] = value
+    ok = accepted_options(name)
+    bad = [k for k in kwargs if k not in ok]
+    if bad:
+        raise TypeError(f"scorer {name!r} does not take {', '.join(map(repr, bad))} "
+                        f"(it takes: {', '.join(ok)}); remove it or pick another scorer")
+    return factory(**kwargs)
+
+
+_SPLIT_SPECS = re.compile(r",(?=\s*[A-Za-z_])")
+_SPLIT_OPTS = re.compile(r":(?=[A-Za-z_]\w*=)")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """``"name:key=value:key=value"`` -> ``(name, {key: value})``; values parsed as JSON if they can.
+
+    ``"hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt:batch_size=8"`` ->
+    ``("hps_v2.1", {"path": "/ckpt/...", "batch_size": 8})``. A ``:`` only starts an option when a
+    ``key=`` follows it, so URLs (``remote:url=http://127.0.0.1:8000``) pass through.
+    """
+    parts = _SPLIT_OPTS.split(spec.strip())
+    name, opts = parts[0], {}
+    if not name:
+        raise ValueError(f"scorer spec {spec!r} has no name; expected NAME[:key=value...]")
+    for part in parts[1:]:
+        key, _, val = part.partition("=")
+        opts[key] = _value(val)
+    return name, opts
+
+
+def parse_specs(text: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """``"a:k=v,b"`` -> ``[("a", {"k": v}), ("b", {})]`` (commas before a letter split specs)."""
+    specs = [s for s in _SPLIT_SPECS.split(text) if s.strip()]
+    if not specs:
+        raise ValueError(f"no scorer in {text!r}; expected NAME[:key=value][,NAME...]")
+    return [parse_spec(s) for s in specs]
+
+
+class ComposedScorer(CombinedReward):
+    """Several scorers as named columns ``{name: Tensor[B]}`` with ``.weights``.
+
+    Built on :class:`mmrl.reward_fn.CombinedReward`; adds the scorer call convention
+    (``metadata`` optional, ``prompts=None`` when every part is prompt-free) and ``weighted``.
+    Columns are float32 on the CPU (no gradient; compose gradients yourself with ``grad=True``
+    scorers).
+    """
+
+    def __init__(self, scorers: Mapping[str, Union[Any, Tuple[Any, float]]]):
+        super().__init__(scorers)
+        self.uses_prompts = any(getattr(f, "uses_prompts", True) for f in self.fns.values())
+
+    def __call__(self, images, prompts=None, metadata=None) -> Dict[str, Any]:
+        if prompts is None and not self.uses_prompts:
+            prompts = [""] * len(images)
+        if prompts is None:
+            raise TypeError(f"prompts is None; {self.name} reads prompts: pass one per image")
+        return super().__call__(images, prompts, metadata)
+
+    def weighted(self, images, prompts=None, metadata=None):
+        """``Σ_k w_k · column_k`` -> ``Tensor[B]`` (sum-then-normalize's input)."""
+        cols = self(images, prompts, metadata)
+        return sum(self.weights[k] * v for k, v in cols.items())
+
+
+def compose(spec: Union[str, Mapping[str, Any], Sequence[Tuple[str, Dict[str, Any]]]],
+            device=None, dtype=None) -> ComposedScorer:
+    """Load several scorers as one :class:`ComposedScorer`.
+
+    ``spec`` is a mapping ``{name: weight}`` or ``{name: {"weight": w, **options}}``, a text spec
+    ``"pickscore:weight=1,hps_v2.1:weight=0.5:path=/ckpt"`` or a parsed list. ``device``/``dtype``
+    go to every scorer that takes them. A name used twice gets columns ``name``, ``name#2``.
+    """
+    if isinstance(spec, str):
+        items = parse_specs(spec)
+    elif isinstance(spec, Mapping):
+        items = [(k, dict(v) if isinstance(v, Mapping) else {"weight": v})
+                 for k, v in spec.items()]
+    else:
+        items = list(spec)
+    parts: Dict[str, Tuple[Any, float]] = {}
+    for name, opts in items:
+        opts = dict(opts)
+        weight = float(opts.pop("weight", 1.0))
+        ok = accepted_options(name)
+        for key, value in (("device", device), ("dtype", dtype)):
+            if value is not None and key in ok:
+                opts.setdefault(key, value)
+        col, k = name, 2
+        while col in parts:
+            col, k = f"{name}#{k}", k + 1
+        parts[col] = (load(name, **opts), weight)
+    return ComposedScorer(parts)
+
+
+__all__ = ["SCORERS", "load", "compose", "ComposedScorer", "parse_spec", "parse_specs",
+           "accepted_options", "scorer_class"]
