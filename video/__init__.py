@@ -1,1 +1,23 @@
-"""mmrl.video — see README."""
+"""mmrl.video — video inputs for Video-LLM RL: decoding, Keye-VL 1.5 slow-fast, Qwen2.5-VL inputs.
+
+- :func:`read_video` decodes a file (or a list of image paths) with qwen-vl-utils' sampling.
+- :func:`slow_fast_plan` labels frames slow/fast (Keye-VL 1.5) and sizes them to a token budget.
+- :func:`build_qwen_video_inputs` turns conversations with videos into padded Qwen2.5-VL
+  processor inputs, in "slow_fast" or "uniform" mode.
+- Bad input raises :class:`VideoError`; training skips it with :func:`try_load_video` /
+  :class:`SkipCounter` (or ``build_qwen_video_inputs(on_error="skip")``).
+
+Importing this package loads only numpy and torch; decord, OpenCV and transformers are imported
+when first used.
+"""
+from .io import SkipCounter, VideoClip, VideoError, read_video, smart_nframes, smart_resize, try_load_video
+from .qwen_inputs import (QwenVideoBatch, VideoEntry, build_qwen_video_inputs, plan_entries,
+                          uniform_entries, uniform_size)
+from .slow_fast import FAST, SLOW, SlowFastPlan, choose_resolutions, slow_fast_plan
+
+__all__ = [
+    "FAST", "SLOW", "QwenVideoBatch", "SkipCounter", "SlowFastPlan", "VideoClip", "VideoEntry",
+    "VideoError", "build_qwen_video_inputs", "choose_resolutions", "plan_entries", "read_video",
+    "slow_fast_plan", "smart_nframes", "smart_resize", "try_load_video", "uniform_entries",
+    "uniform_size",
+]
