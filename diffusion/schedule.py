@@ -1,0 +1,107 @@
+"""Schedules and small helpers shared by the samplers: σ schedule, CFG, SDE windows, initial noise."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def shift_sigmas(s, shift: float):
+    """σ′ = shift·s / (1 + (shift − 1)·s): the SD3 / flow_grpo timestep shift (works on arrays)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_sigmas(num_steps: int, shift: float = 3.0, *, num_train_timesteps: int = 1000) -> Tensor:
+    """The flow-matching schedule ``[T+1]`` fp32, equal to diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`` followed by its σ_T = 0.
+
+    σ_t = shift(linspace(1, σ_min, T))_t with σ_min = shift(1/num_train_timesteps) (the scheduler
+    builds its σ range from the shifted training grid, then shifts again). With T = 10 and
+    shift 3: [1, .960, .913, .858, .790, .707, .602, .465, .278, .009, 0] — the SD3 / SD3.5 /
+    flow_grpo sampling schedule.
+
+    Args:
+        num_steps: T ≥ 1 denoising steps.
+        shift: the SD3 shift (3.0 for SD3/SD3.5; FLUX uses resolution-dependent shifting, pass
+            its sigmas directly instead).
+        num_train_timesteps: the scheduler's training grid (1000).
+
+    Raises:
+        ValueError: T < 1 or shift ≤ 0.
+    """
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}; expected an int >= 1 (e.g. 10 for training)")
+    if shift <= 0:
+        raise ValueError(f"shift={shift!r}; expected > 0 (SD3 uses 3.0, 1.0 means no shift)")
+    # As diffusers: the training grid in fp32 torch, its last σ as a Python float.
+    grid = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
+                                        dtype=np.float32)[::-1].copy()) / num_train_timesteps
+    grid = shift_sigmas(grid, shift)
+    sigma_min, sigma_max = grid[-1].item(), grid[0].item()
+    t = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(num_steps))
+    s = shift_sigmas(t / num_train_timesteps, shift)
+    return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
+
+
+def cfg_combine(v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance v = v_u + w·(v_c − v_u) (w = 1 gives v_c; w = 4.5 for SD3.5-M).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if v_uncond.shape != v_cond.shape:
+        raise ValueError(f"v_uncond {tuple(v_uncond.shape)} and v_cond {tuple(v_cond.shape)} "
+                         f"differ; pass the two halves of the same CFG batch")
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def _check_window(num_steps: int, window: int) -> None:
+    if not 1 <= window <= num_steps - 1:
+        raise ValueError(f"window={window} for {num_steps} steps; expected 1 <= window <= "
+                         f"{num_steps - 1} (the last step is always deterministic)")
+
+
+def random_window(num_steps: int, window: int, *,
+                  generator: Optional[torch.Generator] = None) -> List[int]:
+    """W consecutive SDE steps at a uniformly random start in [0, T−1−W] (Flow-GRPO-Fast).
+
+    Steps outside the window are ODE (Euler); the last step is never in it.
+    """
+    _check_window(num_steps, window)
+    start = int(torch.randint(0, num_steps - window, (1,), generator=generator))
+    return list(range(start, start + window))
+
+
+def sliding_window(num_steps: int, window: int, iteration: int, *, shift_every: int = 25,
+                   stride: int = 1) -> List[int]:
+    """MixGRPO's progressive window (arXiv 2507.21802): W = 4 steps starting at
+    ``stride·(iteration // shift_every)``, moved by ``stride`` every ``shift_every`` iterations.
+
+    Differs from paper: when the window would pass step T−2 it wraps back to 0 (the paper stops
+    at the end of its schedule; wrapping keeps long runs training every step).
+    """
+    _check_window(num_steps, window)
+    if shift_every < 1 or stride < 1 or iteration < 0:
+        raise ValueError(f"shift_every={shift_every}, stride={stride}, iteration={iteration}; "
+                         f"expected shift_every >= 1, stride >= 1, iteration >= 0")
+    positions = num_steps - window  # valid starts 0 .. T-1-W
+    start = (stride * (iteration // shift_every)) % positions
+    return list(range(start, start + window))
+
+
+def initial_noise(num_prompts: int, group_size: int, shape: Sequence[int], *, shared: bool = False,
+                  generator: Optional[torch.Generator] = None, device=None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Initial latents ``[P·N, *shape]``, row p·N + j for member j of prompt p.
+
+    ``shared=True`` gives every member of a group the same noise (DanceGRPO ``init_same_noise``):
+    the group then differs only by the SDE noise, which lowers the advantage's variance.
+    """
+    if num_prompts < 1 or group_size < 1:
+        raise ValueError(f"num_prompts={num_prompts}, group_size={group_size}; expected >= 1 each")
+    n = num_prompts if shared else num_prompts * group_size
+    z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
+    return z.repeat_interleave(group_size, dim=0) if shared else z  # [P, *L] -> [P·N, *L]

@@ -1,0 +1,271 @@
+"""One reverse-time step of a flow-matching sampler, with the log-probability of the transition.
+
+Convention (ALGORITHMS.md, "Flow-matching SDE"): σ ∈ [0, 1], x_σ = (1−σ)·x0 + σ·ε, the model's
+velocity v ≈ ε − x0, a schedule ``sigmas`` [T+1] going from σ_0 ≈ 1 down to σ_T = 0, and step i
+moves x from σ_i to σ_{i+1} (dt = σ_{i+1} − σ_i < 0).
+
+:func:`sde_step` both samples a transition and re-scores a stored one (``prev_sample=``), so the
+log-probability used at sampling time and the one used in the loss come from the same code: that
+is what makes the importance ratio exactly 1 before the first update. It works on latents of any
+rank (``[B, C, H, W]`` images, ``[B, C, F, H, W]`` video, ``[B, L, D]`` packed FLUX tokens).
+
+The stochastic kinds live in the registry :data:`SDE_KINDS` (``flow_grpo``, ``dance``, ``cps``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from mmrl.registry import Registry
+
+Tensor = torch.Tensor
+Generator = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class SDEStepOutput:
+    """Result of :func:`sde_step`.
+
+    Attributes:
+        prev_sample: ``[B, *L]`` the next latent x′ (at σ_{i+1}), in the compute dtype (≥ fp32).
+            Store it as returned: re-scoring a rounded copy gives a different ``logp``.
+        logp: ``[B]`` log-density of x′ under N(mean, std²), averaged over the non-batch dims
+            (``cps``: −‖x′ − mean‖² averaged, constants dropped). 0 where ``std`` is 0.
+        mean: ``[B, *L]`` the transition mean μ (carries the gradient of the velocity).
+        std: ``[B]`` the transition's noise standard deviation (0 for a deterministic step).
+    """
+
+    prev_sample: Tensor
+    logp: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+class SDEKind(NamedTuple):
+    """One stochastic step kind.
+
+    ``mean_std(x, v, sigma, sigma_next, a, sigma_1) -> (mean, std)`` with sigma, sigma_next, a
+    already broadcast to x's rank; ``gaussian_logp``: True for a normalized Gaussian log-density,
+    False for −‖x′ − μ‖² (constants dropped, usable only inside ratios).
+    """
+
+    mean_std: Callable
+    gaussian_logp: bool
+    doc: str
+
+
+SDE_KINDS: Registry[SDEKind] = Registry("sde kind")
+
+
+def _drift_sde(x, v, sigma, dt, s):
+    # μ = x + [v + s²/(2σ)·(x + (1−σ)v)]·dt, written as the Euler step plus a correction so that
+    # s = 0 gives exactly x + v·dt (the correction is an exact +0).
+    return x + dt * v + (s * s / (2.0 * sigma)) * (x + (1.0 - sigma) * v) * dt
+
+
+def _flow_grpo(x, v, sigma, sigma_next, a, sigma_1):
+    dt = sigma_next - sigma
+    # s = a·sqrt(σ/(1−σ)); at σ = 1 the ratio is infinite, flow_grpo uses σ_1 in the denominator.
+    denom = 1.0 - torch.where(sigma == 1.0, sigma_1, sigma)
+    s = a * torch.sqrt(sigma / denom)
+    return _drift_sde(x, v, sigma, dt, s), s * torch.sqrt(-dt)
+
+
+def _dance(x, v, sigma, sigma_next, a, sigma_1):
+    dt = sigma_next - sigma
+    # DanceGRPO's flux_step: the same drift with a constant diffusion coefficient s = η.
+    return _drift_sde(x, v, sigma, dt, a), a * torch.sqrt(-dt)
+
+
+def _cps(x, v, sigma, sigma_next, a, sigma_1):
+    std = sigma_next * torch.sin(a * (math.pi / 2))
+    x0_hat = x - sigma * v
+    x1_hat = x + (1.0 - sigma) * v
+    # sqrt(σ′² − std²) = σ′·cos(aπ/2) exactly; the cos form cannot go negative by rounding.
+    return (1.0 - sigma_next) * x0_hat + sigma_next * torch.cos(a * (math.pi / 2)) * x1_hat, std
+
+
+SDE_KINDS.register("flow_grpo", SDEKind(
+    _flow_grpo, True, "Flow-GRPO (arXiv 2505.05470): s = a·sqrt(σ/(1−σ)), a = 0.7"))
+SDE_KINDS.register("dance", SDEKind(
+    _dance, True, "DanceGRPO (arXiv 2505.07818): constant s = η, η = 0.3 in the paper"))
+SDE_KINDS.register("cps", SDEKind(
+    _cps, False, "Coefficients-preserving sampling (arXiv 2509.05952): std = σ′·sin(aπ/2), a = 0.8"))
+
+
+def _rows(t: Tensor, ndim: int) -> Tensor:
+    """[B] -> [B, 1, ..., 1] for a latent of rank ``ndim`` (works for 4-D and 5-D alike)."""
+    return t.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _check_step_index(i, sigmas: Tensor, batch: int) -> Tensor:
+    num_steps = sigmas.shape[0] - 1
+    if isinstance(i, bool) or isinstance(i, float) or (
+            isinstance(i, Tensor) and i.is_floating_point()):
+        raise TypeError(f"step index i={i!r} is a float; expected an int or a LongTensor[B] of "
+                        f"step indices in [0, {num_steps - 1}]. If it is a timestep (1000·σ) or a "
+                        f"sigma, pass its position in `sigmas` instead")
+    idx = torch.as_tensor(i, dtype=torch.long, device=sigmas.device)
+    if idx.dim() > 1 or (idx.dim() == 1 and idx.shape[0] != batch):
+        raise ValueError(f"step index i has shape {tuple(idx.shape)}; expected an int or a "
+                         f"LongTensor of shape [{batch}] (one step per row of x)")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= num_steps:
+        hint = (" It looks like a timestep (1000·σ); pass the step's position in `sigmas`"
+                if hi > num_steps else "")
+        raise ValueError(f"step index out of range: got values in [{lo}, {hi}] for a schedule of "
+                         f"{num_steps} steps (sigmas has {num_steps + 1} entries); expected "
+                         f"0 <= i <= {num_steps - 1}.{hint}")
+    return idx.expand(batch) if idx.dim() == 0 else idx
+
+
+def _check_inputs(x, v, sigmas, prev_sample, noise_level, kind):
+    if not isinstance(x, Tensor) or not isinstance(v, Tensor):
+        raise TypeError(f"x and v must be tensors; got {type(x).__name__} and {type(v).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, *latent] with at least 2 dims")
+    if v.shape != x.shape:
+        raise ValueError(f"velocity v has shape {tuple(v.shape)} but x has {tuple(x.shape)}; "
+                         f"expected the same shape (did the model return a tuple or packed tokens?)")
+    if prev_sample is not None and prev_sample.shape != x.shape:
+        raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)} but x has "
+                         f"{tuple(x.shape)}; pass the stored next latent of the same transition")
+    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.shape[0] < 2:
+        shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
+        raise ValueError(f"sigmas is {shape}; expected a 1-D tensor [T+1] from σ_0 ≈ 1 to σ_T = 0 "
+                         f"(see mmrl.diffusion.flow_sigmas)")
+    a = torch.as_tensor(noise_level)
+    if a.dim() > 1 or (a.dim() == 1 and a.shape[0] != x.shape[0]):
+        raise ValueError(f"noise_level has shape {tuple(a.shape)}; expected a float or a tensor "
+                         f"[{x.shape[0]}] (one level per row)")
+    if bool((a < 0).any()) or (kind == "cps" and bool((a > 1).any())):
+        top = "1 for 'cps'" if kind == "cps" else "inf"
+        raise ValueError(f"noise_level {noise_level!r} is out of range; expected 0 <= level <= "
+                         f"{top} (0 gives the deterministic Euler step)")
+
+
+def _noise(shape, dtype, device, generator: Generator) -> Tensor:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one "
+                             f"generator per row or a single torch.Generator")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=device)
+                          for g in generator])
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo",
+             noise_level: Union[float, Tensor] = 0.7, prev_sample: Optional[Tensor] = None,
+             generator: Generator = None) -> SDEStepOutput:
+    """x′ ~ N(μ(x, v), std²): one stochastic step from σ_i to σ_{i+1}, and log p(x′ | x).
+
+    Formulas (ALGORITHMS.md "Flow-matching SDE"; Flow-GRPO arXiv 2505.05470 Eq. 9, DanceGRPO
+    arXiv 2505.07818, CPS arXiv 2509.05952 Eq. 10):
+
+    - ``flow_grpo``: s = a·sqrt(σ/(1−σ)); μ = x + [v + s²/(2σ)·(x + (1−σ)v)]·dt; std = s·sqrt(−dt).
+    - ``dance``: the same with a constant s = a (the paper's η).
+    - ``cps``: std = σ′·sin(aπ/2); μ = (1−σ′)(x − σv) + σ′cos(aπ/2)(x + (1−σ)v).
+
+    ``logp`` is averaged (not summed) over the non-batch dims, which is why flow_grpo's clip range is
+    1e-4. ``noise_level = 0`` returns exactly the Euler step ``x + dt·v`` (bit-equal to diffusers'
+    ``FlowMatchEulerDiscreteScheduler.step``) with ``std = 0`` and ``logp = 0``.
+
+    Everything is computed in at least fp32: in bf16 the drift term s²/(2σ) reaches ~10³ near σ = 1
+    and the squared residual of logp loses the 1e-4-scale differences the clipped ratio needs
+    (flow_grpo reports bf16 overflow in the mean). float64 inputs stay float64.
+
+    Args:
+        x: ``[B, *L]`` current latent at σ_i, any rank.
+        v: ``[B, *L]`` velocity predicted at (x, σ_i); gradients flow through it into ``mean``/``logp``.
+        sigmas: ``[T+1]`` the schedule (e.g. :func:`mmrl.diffusion.flow_sigmas`).
+        i: step index, an int or a LongTensor ``[B]`` (rows at different steps in one batch).
+        kind: a name in :data:`SDE_KINDS`.
+        noise_level: a (``flow_grpo``: 0.7, ``dance``: η = 0.3, ``cps``: 0.8 recommended) or a
+            tensor ``[B]`` of per-row levels (e.g. per tree depth).
+        prev_sample: ``[B, *L]`` a stored next latent to re-score instead of sampling.
+        generator: a ``torch.Generator`` or one per row, for the sampled noise.
+
+    Returns:
+        :class:`SDEStepOutput` (prev_sample, logp ``[B]``, mean, std ``[B]``).
+
+    Raises:
+        ValueError: unknown kind, mismatched shapes, step index out of range, negative noise level.
+        TypeError: non-tensor inputs or a float step index.
+    """
+    spec = SDE_KINDS.get(kind)
+    _check_inputs(x, v, sigmas, prev_sample, noise_level, kind)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, v = x.to(dtype), v.to(dtype)
+    sig = sigmas.to(device=x.device, dtype=dtype)
+    idx = _check_step_index(i, sig, x.shape[0])
+    a_row = torch.as_tensor(noise_level, dtype=dtype, device=x.device).expand(x.shape[0])
+    sigma, sigma_next, a = (_rows(t, x.dim()) for t in (sig[idx], sig[idx + 1], a_row))
+    mean, std = spec.mean_std(x, v, sigma, sigma_next, a, sig[1])
+    euler = x + (sigma_next - sigma) * v
+    deterministic = a == 0
+    mean = torch.where(deterministic, euler, mean)
+    std = torch.where(deterministic, torch.zeros_like(std), std)
+    if prev_sample is None:
+        prev_sample = mean + std * _noise(x.shape, dtype, x.device, generator)
+    else:
+        prev_sample = prev_sample.to(dtype)
+    # The stored sample is data, not a function of θ: no gradient through it.
+    sq = (prev_sample.detach() - mean) ** 2
+    if spec.gaussian_logp:
+        safe = torch.where(std > 0, std, torch.ones_like(std))
+        logp = -sq / (2 * safe ** 2) - torch.log(safe) - _LOG_SQRT_2PI
+        logp = torch.where(std > 0, logp, torch.zeros_like(logp))
+    else:
+        logp = -sq
+    logp = logp.mean(dim=tuple(range(1, x.dim())))  # [B, *L] -> [B]
+    return SDEStepOutput(prev_sample, logp, mean, std.reshape(-1))
+
+
+def sde_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL(N(μ_θ, std²) ‖ N(μ_ref, std²)) = ‖μ_θ − μ_ref‖² / (2·std²), averaged over dims -> ``[B]``.
+
+    The KL between the policy's and the reference policy's (e.g. LoRA disabled) transitions from
+    the same x, as in Flow-GRPO's ``kl_loss``; both means come from :func:`sde_step` with the same
+    step, kind and noise level, so they share ``std``.
+
+    Args:
+        mean: ``[B, *L]`` the policy's transition mean.
+        ref_mean: ``[B, *L]`` the reference's transition mean (computed under ``no_grad``).
+        std: ``[B]`` the transition std (:attr:`SDEStepOutput.std`).
+
+    Returns:
+        ``[B]`` in the compute dtype; 0 for rows with ``std = 0`` (deterministic steps carry no KL
+        term; mask them out of the loss).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if mean.shape != ref_mean.shape:
+        raise ValueError(f"mean has shape {tuple(mean.shape)} but ref_mean has "
+                         f"{tuple(ref_mean.shape)}; pass both transition means of the same batch")
+    if std.dim() != 1 or std.shape[0] != mean.shape[0]:
+        raise ValueError(f"std has shape {tuple(std.shape)}; expected [{mean.shape[0]}] "
+                         f"(SDEStepOutput.std of the same step)")
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    sq = ((mean.to(dtype) - ref_mean.to(dtype)) ** 2).mean(dim=tuple(range(1, mean.dim())))
+    std = std.to(dtype)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, sq / (2 * safe ** 2), torch.zeros_like(sq))
+
+
+def euler_step(x: Tensor, v: Tensor, sigmas: Tensor, i) -> Tensor:
+    """x + (σ_{i+1} − σ_i)·v: the deterministic (ODE) step, in at least fp32.
+
+    Same value as ``sde_step(..., noise_level=0).prev_sample`` without computing the SDE terms.
+    """
+    _check_inputs(x, v, sigmas, None, 0.0, "flow_grpo")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, v = x.to(dtype), v.to(dtype)
+    sig = sigmas.to(device=x.device, dtype=dtype)
+    idx = _check_step_index(i, sig, x.shape[0])
+    return x + _rows(sig[idx + 1] - sig[idx], x.dim()) * v
