@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -182,13 +183,23 @@ def _check_aspect(path, h: int, w: int) -> None:
                          "crop or pad the video to a ratio of at most 200")
 
 
+def _decord_message(err: Exception) -> str:
+    """decord's first error line without its "[hh:mm:ss] /src/file.cc:NN:" prefix."""
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", line)[:200]
+
+
 def _open_decord(path: str):
     import decord
     try:
         vr = decord.VideoReader(path, num_threads=1)
     except Exception as err:  # decord raises bare RuntimeError/DECORDError for every failure
+        detail = _decord_message(err)
+        if "video stream" in detail:
+            raise VideoError(path, "no_frames", "has no video stream (zero decodable frames)",
+                             "pass a file with a video track") from None
         raise VideoError(path, "corrupt", "cannot be opened as a video (corrupt, truncated or "
-                         f"not a video file): {str(err).splitlines()[0][:200]}",
+                         f"not a video file): {detail}",
                          "re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4") from None
     total = len(vr)
     if total == 0:
@@ -247,7 +258,7 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
         stamps = vr.get_frame_timestamp(idx)[:, 0].astype(np.float64)
     except Exception as err:
         raise VideoError(path, "corrupt", f"decoding failed part-way (truncated or corrupt "
-                         f"stream): {str(err).splitlines()[0][:200]}",
+                         f"stream): {_decord_message(err)}",
                          "re-encode the file") from None
     if frames.ndim != 4 or frames.shape[0] == 0:
         raise VideoError(path, "no_frames", "decoded zero frames", "re-encode the file")
