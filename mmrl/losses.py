@@ -5,7 +5,8 @@ Contract: ``logp, old_logp, ref_logp [B, T]`` float, ``mask [B, T]`` bool (True 
 denoising steps; nothing here knows which.
 
 - :data:`RATIO_LEVELS` ``(logp, old_logp, mask) -> log_ratio`` of shape ``[B, T]`` (token levels)
-  or ``[B, 1]`` (per-sequence levels, attribute ``per_sequence = True``).
+  or ``[B, 1]`` (per-sequence levels, attribute ``per_sequence = True``). ``whole_sequence = True``
+  marks levels that need all of a row's tokens in one call (the T axis must not be chunked).
 - :data:`OBJECTIVES` ``(log_ratio, adv, *, spec, valid, group_ids) -> (loss, ratio, low, high)``:
   per-entry loss to minimize and the masks of the clipped, zero-gradient region.
 - :data:`AGGREGATIONS` ``(loss, mask, *, num_tokens, num_seqs, seq_lens, max_len) -> scalar``.
@@ -51,20 +52,20 @@ def _num_tokens(mask: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- ratio levels
-@_entry(RATIO_LEVELS, "token", per_sequence=False)
+@_entry(RATIO_LEVELS, "token", per_sequence=False, whole_sequence=False)
 def token_log_ratio(logp, old_logp, mask) -> Tensor:
     """x_i,t = logp − old_logp -> ``[B, T]`` (PPO / GRPO token ratio)."""
     return _masked_log_ratio(logp, old_logp, mask)
 
 
-@_entry(RATIO_LEVELS, "sequence", per_sequence=True)
+@_entry(RATIO_LEVELS, "sequence", per_sequence=True, whole_sequence=True)
 def sequence_log_ratio(logp, old_logp, mask) -> Tensor:
     """log s_i = Σ_t m x / |o_i| -> ``[B, 1]`` (GSPO, arXiv 2507.18071 eq. 7)."""
     x = _masked_log_ratio(logp, old_logp, mask)
     return x.sum(-1, keepdim=True) / _num_tokens(mask).to(x.dtype)  # [B, T] -> [B, 1]
 
 
-@_entry(RATIO_LEVELS, "sequence_token", per_sequence=False)
+@_entry(RATIO_LEVELS, "sequence_token", per_sequence=False, whole_sequence=True)
 def sequence_token_log_ratio(logp, old_logp, mask) -> Tensor:
     """log s_i,t = logp − sg(logp) + sg(log s_i) -> ``[B, T]`` (GSPO-token, arXiv 2507.18071 eq. 13).
 
@@ -74,7 +75,7 @@ def sequence_token_log_ratio(logp, old_logp, mask) -> Tensor:
     return _masked_log_ratio(logp, logp.detach(), mask) + seq  # [B, T]
 
 
-@_entry(RATIO_LEVELS, "sequence_sum", per_sequence=True)
+@_entry(RATIO_LEVELS, "sequence_sum", per_sequence=True, whole_sequence=True)
 def sequence_sum_log_ratio(logp, old_logp, mask) -> Tensor:
     """ℓr_i = Σ_t m x -> ``[B, 1]`` (Reg-GRPO's sequence log-ratio, arXiv 2506.07464)."""
     return _masked_log_ratio(logp, old_logp, mask).sum(-1, keepdim=True)
@@ -224,12 +225,15 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     Raises:
         ValueError: unknown ``kind`` or shape mismatch.
     """
-    fn = KL_ESTIMATORS.get(kind)
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ; "
                          f"pass both as [B, T] for the same tokens")
+    return _kl(logp - ref_logp, kind)
+
+
+def _kl(x: Tensor, kind: str) -> Tensor:
     # Clamp: exp(−x) overflows for x < −88 in fp32; ±20 keeps every estimator finite.
-    return fn((logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return KL_ESTIMATORS.get(kind)(x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 
@@ -288,7 +292,8 @@ def _stats(loss, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref) -> 
             "ratio_mean": torch.where(any_valid, _masked_mean(ratio, valid), one),
             "ratio_min": torch.where(any_valid, torch.where(valid, ratio, torch.inf).amin(), one),
             "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -torch.inf).amax(), one),
-            "approx_kl": _masked_mean(kl_penalty(logp.detach(), old_logp, "k3"), mask),
+            "approx_kl": _masked_mean(_kl(_masked_log_ratio(logp.detach(), old_logp, mask),
+                                          "k3"), mask),
             "adv_mean": _masked_mean(adv.detach(), valid),
         }
         if kl_ref is not None:
@@ -353,12 +358,16 @@ class PolicyLoss:
         log_ratio = self._ratio(logp, old_logp, mask)  # [B, T] or [B, 1]
         valid = mask.any(-1, keepdim=True) if per_seq else mask  # [B, 1] or [B, T]
         adv = advantages.detach().to(logp.dtype)
-        adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [B] -> [B, 1] (broadcast over T)
+        # [B] -> [B, 1] (broadcast over T); padding of [B, T] advantages is zeroed so that
+        # garbage there (NaN) cannot reach the gradient through 0 * NaN.
+        adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, 0.0)
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids)
         kl_ref = None
         if ref_logp is not None:
-            kl_ref = torch.where(mask, kl_penalty(logp, ref_logp.detach(), spec.kl), 0.0)
+            # Mask x *before* the estimator: exp of padding garbage would poison the backward.
+            kl_ref = torch.where(mask, _kl(_masked_log_ratio(logp, ref_logp.detach(), mask),
+                                           spec.kl), 0.0)
             if spec.beta > 0:
                 # Sequence-level objectives add the sequence's token-mean KL.
                 kl = kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(kl_ref.dtype) \
@@ -366,7 +375,7 @@ class PolicyLoss:
                 loss = loss + spec.beta * kl
         loss = loss.expand(valid.shape)
         if token_weights is not None:
-            loss = loss * token_weights.detach()
+            loss = loss * torch.where(mask, token_weights.detach(), 0.0)
         total = self._aggregate(loss, valid, num_tokens=num_tokens, num_seqs=num_seqs,
                                 seq_lens=seq_lens, max_len=spec.max_len)
         return total, _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)

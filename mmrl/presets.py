@@ -64,6 +64,14 @@ class AlgoSpec:
 
     @property
     def sequence_level(self) -> bool:
+        """True when the ratio is computed from whole sequences (GSPO, GSPO-token, Reg-GRPO).
+
+        Then every row's T tokens must reach the loss in one call: do not chunk the T axis.
+        """
+        return RATIO_LEVELS.get(self.ratio_level).whole_sequence
+
+    @property
+    def per_sequence_loss(self) -> bool:
         """True when the loss is one value per sequence (``[B, 1]``, aggregated by ``seq_mean``)."""
         return RATIO_LEVELS.get(self.ratio_level).per_sequence
 
