@@ -23,6 +23,7 @@ import hmac
 import io
 import ipaddress
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -202,7 +203,7 @@ class RemoteScorer(Scorer):
 
     Args:
         url: the server, e.g. ``http://127.0.0.1:8765``.
-        token: shared secret (default: none).
+        token: shared secret (default: the ``MMRL_REWARD_TOKEN`` environment variable, if set).
         timeout: seconds per HTTP request.
         retries: extra attempts after a connection error, timeout or 5xx (not after 4xx),
             with exponential backoff starting at ``backoff`` seconds.
@@ -218,7 +219,8 @@ class RemoteScorer(Scorer):
             raise ValueError(f"remote retries={retries!r}, timeout={timeout!r}; expected "
                              f"retries >= 0 and timeout > 0")
         super().__init__(batch_size, grad=False)
-        self.url, self.token = url.rstrip("/"), token
+        self.url = url.rstrip("/")
+        self.token = token or os.environ.get("MMRL_REWARD_TOKEN") or None
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         info = self._request("GET", "/health")
         self.name = info.get("name", "remote")

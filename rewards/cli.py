@@ -1,0 +1,268 @@
+"""``mmrl reward list|score|eval|serve|convert``: reward models from the command line.
+
+A scorer is written ``NAME[:key=value[:key=value...]]``, several joined by commas, e.g.
+``pickscore:path=/ckpt/PickScore_v1,hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import List
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TOKEN_ENV = "MMRL_REWARD_TOKEN"
+
+SPEC_HELP = ("scorer spec NAME[:key=value...], e.g. 'pickscore:path=/ckpt/PickScore_v1', "
+             "'clip_score:variant=hessel', 'color:target=[1,0,0]'; see 'mmrl reward list'")
+
+
+def _load_all(spec: str, args):
+    """``{column name: scorer}`` for a comma-separated spec (device/dtype where taken)."""
+    from mmrl.rewards.scorers import accepted_options, load, parse_specs
+    out = {}
+    for name, opts in parse_specs(spec):
+        ok = accepted_options(name)
+        for key in ("device", "dtype", "batch_size"):
+            value = getattr(args, key, None)
+            if value is not None and key in ok:
+                opts.setdefault(key, value)
+        opts.pop("weight", None)
+        col, k = name, 2
+        while col in out:
+            col, k = f"{name}#{k}", k + 1
+        print(f"loading {name} ...", file=sys.stderr, flush=True)
+        out[col] = load(name, **opts)
+    return out
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model precision "
+                   "(default fp32)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="images per forward pass")
+
+
+def _image_files(items: List[str]) -> List[str]:
+    files = []
+    for it in items:
+        if os.path.isdir(it):
+            files += sorted(os.path.join(it, f) for f in os.listdir(it)
+                            if f.lower().endswith(IMAGE_EXTS))
+        elif os.path.isfile(it):
+            files.append(it)
+        else:
+            raise FileNotFoundError(f"--images {it!r} is neither a file nor a folder")
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) in {items}")
+    return files
+
+
+def _prompts(args, n: int, needed: bool) -> List[str]:
+    if args.prompt is not None:
+        return [args.prompt] * n
+    if args.prompts is None:
+        if needed:
+            raise ValueError("this scorer reads prompts: pass --prompts FILE (one line per "
+                             "image, or one line for all) or --prompt TEXT")
+        return [""] * n
+    with open(args.prompts) as f:
+        lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise ValueError(f"--prompts {args.prompts} has {len(lines)} lines for {n} images; "
+                         f"give one line per image (in sorted file order) or a single line")
+    return lines
+
+
+def cmd_list(args) -> int:
+    from mmrl.rewards.scorers import SCORERS, accepted_options, scorer_class
+    for name in SCORERS:
+        try:
+            cls = scorer_class(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            opts = ", ".join(accepted_options(name))
+        except ImportError as err:
+            doc, opts = f"(unavailable: {err})", ""
+        print(f"{name:22s} {doc}\n{'':22s} options: {opts}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from PIL import Image
+    scorers = _load_all(args.scorer, args)
+    files = _image_files(args.images)
+    needed = any(getattr(s, "uses_prompts", True) for s in scorers.values())
+    prompts = _prompts(args, len(files), needed)
+    columns = {}
+    for col, scorer in scorers.items():
+        values = []
+        for start in range(0, len(files), 64):
+            images = []
+            for path in files[start:start + 64]:
+                with Image.open(path) as im:
+                    im.load()
+                    images.append(im)
+            values += scorer(images, prompts[start:start + 64]).detach().cpu().tolist()
+            print(f"{col}: {min(start + 64, len(files))}/{len(files)} images", file=sys.stderr,
+                  flush=True)
+        columns[col] = values
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        w = csv.writer(out)
+        w.writerow(["image", "prompt", *columns])
+        for i, path in enumerate(files):
+            w.writerow([path, prompts[i], *(f"{columns[c][i]:.6g}" for c in columns)])
+    finally:
+        if args.out:
+            out.close()
+            print(f"wrote {len(files)} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mmrl.rewards.evaluate import bar_chart, evaluate
+    scorers = _load_all(args.scorer, args)
+    report = evaluate(scorers, args.data, args.format, image_root=args.image_root,
+                      tie_threshold=args.tie_threshold, n_boot=args.bootstrap, seed=args.seed,
+                      progress=not args.quiet)
+    for name, rep in report["scorers"].items():
+        lo, hi = rep["ci95"]
+        line = f"{name:20s} accuracy {100 * rep['accuracy']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
+        if "inversion_score" in rep:
+            line += f"  inversion score {100 * rep['inversion_score']:.2f}%"
+        if "tie_threshold" in rep:
+            line += f"  tie threshold {rep['tie_threshold']:.4g} ({rep['tie_threshold_source']})"
+        print(line)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "report.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}", file=sys.stderr)
+        if len(report["scorers"]) > 1:
+            print(f"wrote {bar_chart(report, os.path.join(args.out, 'accuracy.png'))}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from mmrl.rewards.server import RewardServer
+    scorers = _load_all(args.scorer, args)
+    if len(scorers) != 1:
+        raise ValueError(f"serve takes one scorer; got {list(scorers)} (start one server each)")
+    token = os.environ.get(args.token_env) or None
+    server = RewardServer(next(iter(scorers.values())), host=args.host, port=args.port,
+                          token=token, max_request_bytes=int(args.max_request_mb * 2**20),
+                          max_batch=args.max_batch, log=not args.quiet)
+    auth = f"token from ${args.token_env}" if token else "no token"
+    print(f"serving {args.scorer} on {server.url} ({auth}; Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from mmrl.rewards.convert import convert
+    n = convert(args.dataset, args.source, args.out, image_dir=args.image_dir, limit=args.limit)
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def _guarded(fn):
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (ValueError, TypeError, ImportError, OSError, ConnectionError) as err:
+            print(f"mmrl reward {args.reward_command}: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+EPILOG = """examples:
+  mmrl reward list
+  mmrl reward score --scorer pickscore:path=/ckpt/PickScore_v1 --images out/ --prompts prompts.txt --out scores.csv
+  mmrl reward eval --scorer hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt,pickscore:path=/ckpt/PickScore_v1 \\
+      --data /data/hpdv2/test.jsonl --format ranked --out reports/hpdv2
+  MMRL_REWARD_TOKEN=secret mmrl reward serve imagereward:path=/ckpt/ImageReward --port 8765
+  mmrl reward convert hpdv2 /data/HPDv2/test.json --out /data/HPDv2/test.jsonl
+"""
+
+
+def add_commands(subparsers) -> None:
+    """Add ``mmrl reward ...`` to the top-level ``mmrl`` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    top = subparsers.add_parser("reward", help="score, evaluate and serve image reward models",
+                                description="Image reward models: PickScore, HPS v2/v2.1, "
+                                "ImageReward, CLIP score, aesthetic and rule rewards.",
+                                epilog=EPILOG, formatter_class=fmt)
+    sub = top.add_subparsers(dest="reward_command", metavar="SUBCOMMAND")
+    top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
+
+    p = sub.add_parser("list", help="registered scorers and their options")
+    p.set_defaults(func=_guarded(cmd_list))
+
+    p = sub.add_parser("score", help="score images with prompts, write a CSV",
+                       description="Score image files; prompts come one line per image (sorted "
+                       "file order) or one line for all.", epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
+    p.add_argument("--images", nargs="+", required=True, help="a folder and/or image files")
+    p.add_argument("--prompts", help="text file: one prompt per image or a single line")
+    p.add_argument("--prompt", help="one prompt for every image (instead of --prompts)")
+    p.add_argument("--out", help="CSV to write (default: stdout)")
+    _add_model_args(p)
+    p.set_defaults(func=_guarded(cmd_score))
+
+    p = sub.add_parser("eval", help="pairwise accuracy on preference data",
+                       description="Evaluate scorers on JSONL preference data with the published "
+                       "protocols (pairs: Pick-a-Pic tie threshold + half credit; ranked: "
+                       "ImageRewardDB pair accuracy and HPDv2 inversion score), with bootstrap "
+                       "95%% intervals, a per-prompt breakdown, a JSON report and a bar chart.",
+                       epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
+    p.add_argument("--data", required=True, help="JSONL file (see docs/rewards.md)")
+    p.add_argument("--format", required=True, choices=["pairs", "ranked"])
+    p.add_argument("--out", help="folder for report.json (+ accuracy.png for several scorers)")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the "
+                   "data file's folder)")
+    p.add_argument("--tie-threshold", type=float, help="pairs: fixed tau instead of tuning it "
+                   "on the validation split")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default "
+                   "1000; 0 disables)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_model_args(p)
+    p.set_defaults(func=_guarded(cmd_eval))
+
+    p = sub.add_parser("serve", help="serve one scorer over HTTP (for clashing dependencies)",
+                       description="Serve a scorer over HTTP on loopback; train with "
+                       "load('remote', url=...). Non-loopback hosts need a token.",
+                       epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("scorer", help=SPEC_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free)")
+    p.add_argument("--token-env", default=TOKEN_ENV, help=f"environment variable holding the "
+                   f"shared token (default {TOKEN_ENV}; unset = no token)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="request size limit")
+    p.add_argument("--max-batch", type=int, default=256, help="images per request limit")
+    p.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    _add_model_args(p)
+    p.set_defaults(func=_guarded(cmd_serve))
+
+    p = sub.add_parser("convert", help="convert HPDv2 / ImageRewardDB / Pick-a-Pic to JSONL",
+                       epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("dataset", choices=["hpdv2", "imagerewarddb", "pickapic"])
+    p.add_argument("source", help="test.json (hpdv2, imagerewarddb) or parquet file/folder/glob "
+                   "(pickapic)")
+    p.add_argument("--out", required=True, help="JSONL to write")
+    p.add_argument("--image-dir", help="ranked sets: folder of the images (default: next to "
+                   "test.json)")
+    p.add_argument("--limit", type=int, help="pickapic: convert at most this many pairs")
+    p.set_defaults(func=_guarded(cmd_convert))
