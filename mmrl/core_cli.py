@@ -153,6 +153,18 @@ def cmd_config_docs(args) -> int:
 AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "token_weighting")
 
 
+def relevant_hparams(spec) -> dict:
+    """The hyper-parameters that a spec's choices actually read (for display)."""
+    keys = ["adv_eps", "beta"]
+    keys += {"clip": ["eps_low", "eps_high", "dual_clip_c"], "sapo": ["tau_pos", "tau_neg"],
+             "reg": ["eps_reg"]}.get(spec.objective, [])
+    keys += ["r_max"] if spec.advantage == "ngrpo" else []
+    keys += ["max_len"] if spec.aggregation == "fixed_norm" else []
+    keys += ["tw_alpha"] if spec.token_weighting == "tw" else []
+    keys += ["adv_clip"]
+    return {k: getattr(spec, k) for k in keys if getattr(spec, k, None) is not None}
+
+
 def cmd_algos(args) -> int:
     from mmrl.presets import PRESETS, resolve_algo
     if args.name:
@@ -162,7 +174,7 @@ def cmd_algos(args) -> int:
         return 0
     rows = [("preset",) + AXES + ("hyper-parameters",)]
     for name, spec in sorted(PRESETS.items()):
-        hp = {k: v for k, v in vars(spec).items() if k not in AXES and v is not None}
+        hp = relevant_hparams(spec)
         rows.append((name,) + tuple(str(getattr(spec, a)) for a in AXES) +
                     (", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in hp.items()),))

@@ -24,6 +24,9 @@ class Job:
         run: ``run(config: RunConfig) -> dict`` (a summary of the finished run).
         description: one line for ``mmrl train --help``.
         check: optional ``check(algo, train, task) -> list[str]`` for cross-section problems.
+        algo_defaults: optional ``algo_defaults(task) -> dict`` of algorithm settings the job
+            knows better than a preset (e.g. ``max_len`` for ``fixed_norm``), used where the
+            config leaves them null.
     """
 
     name: str
@@ -31,6 +34,7 @@ class Job:
     run: Callable[[Any], Dict[str, Any]]
     description: str = ""
     check: Optional[Callable[..., List[str]]] = None
+    algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
 
 
 JOBS: Registry[Job] = Registry("job")

@@ -109,6 +109,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
             if step % t.log_every == 0 or step == t.steps - 1:
                 line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
                         f"loss {m.get('loss', float('nan')):+.4f}  "
+                        f"grad {m.get('grad_norm', float('nan')):.3f}  "
                         f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
                         f"dropped {int(m.get('dropped_samples', 0))}")
                 (bar.write(line) if bar is not None else print(line, flush=True))

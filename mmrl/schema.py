@@ -176,11 +176,16 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
     for key in data:
         if key not in allowed:
             problems.append(f"{key}: unknown section (known: {', '.join(sorted(allowed))})")
-    algo = build(AlgoConfig, _section(data, "algo", problems), "algo", problems)
-    train = build(TrainConfig, _section(data, "train", problems), "train", problems)
     task = build(job.section, _section(data, job_name, problems), job_name, problems) if job \
         else None
-    if job and hasattr(job, "check") and not problems:
+    algo_data = dict(_section(data, "algo", problems))
+    if job and job.algo_defaults is not None and task is not None:
+        for key, value in job.algo_defaults(task).items():
+            if algo_data.get(key) is None:
+                algo_data[key] = value
+    algo = build(AlgoConfig, algo_data, "algo", problems)
+    train = build(TrainConfig, _section(data, "train", problems), "train", problems)
+    if job and job.check is not None and not problems:
         problems.extend(job.check(algo, train, task))
     if not problems and train.t_chunk and algo.resolve().sequence_level:
         problems.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "

@@ -71,6 +71,7 @@ class ToyPolicy:
         self.model = ToyLM(c.digits + 2, c.length + 1 + self.T, c.d_model, c.layers,
                            c.heads).to(self.device)
         self.ref = None
+        self.tw_alpha = 1.7
 
     def parameters(self):
         return self.model.parameters()
@@ -107,6 +108,20 @@ class ToyPolicy:
     def logp(self, rollout, rows, t0, t1):
         return self._logp(self.model, rollout, rows, t0, t1)
 
+    @torch.no_grad()
+    def token_weights(self, rollout) -> torch.Tensor:
+        """TW-GRPO weights ``[B, T]``, one group at a time from full-vocabulary log-probs."""
+        from mmrl.token_weights import tw_token_weights
+        out = torch.ones(rollout.mask.shape)
+        for g in rollout.group_ids.unique():
+            rows = (rollout.group_ids == g).nonzero().flatten()
+            ids = rollout.data["ids"][rows].to(self.device)
+            start = ids.shape[1] - self.T
+            full = torch.log_softmax(self.model(ids[:, :-1])[:, start - 1:].float(), -1)
+            out[rows] = tw_token_weights(full, rollout.mask[rows].to(self.device),
+                                         alpha=self.tw_alpha).cpu()
+        return out
+
     def ref_logp(self, rollout, rows, t0, t1):
         if self.ref is None:
             raise ValueError("beta > 0 needs a reference policy; call enable_reference() first")
@@ -132,7 +147,9 @@ def run(config) -> Dict[str, Any]:
     from mmrl.runner import run_training
     c: ToyConfig = config.task
     policy = ToyPolicy(c, seed=config.train.seed, device=_device(config.train.device))
-    if config.algo.resolve().needs_ref:
+    spec = config.algo.resolve()
+    policy.tw_alpha = spec.tw_alpha
+    if spec.needs_ref:
         policy.enable_reference()
     prompts = make_prompts(c, config.train.seed)
     metadata = [{"target": TASKS[c.task](p)} for p in prompts]
@@ -146,4 +163,5 @@ def _device(name: str) -> str:
 
 
 register_job(Job("toy", ToyConfig, run, "a tiny transformer learns to reverse/sort digits "
-                 "(pure torch; the demo)"))
+                 "(pure torch; the demo)",
+                 algo_defaults=lambda c: {"max_len": c.length + 1}))  # answer digits + <eos>
