@@ -1,0 +1,386 @@
+"""A rollout-budget simulator: which prompt-selection / allocation strategy feeds GRPO best?
+
+The population: P prompts, prompt i solved with probability ``p_i = σ(θ_i)``, ``θ_i ~ N(μ, s²)``
+at the start. The policy is tabular: one GRPO step on a group of prompt i moves ``θ_i`` along the
+exact GRPO gradient of a Bernoulli policy, ``θ_i += lr · Σ_j A_j (r_j − p_i) / N`` (the score of
+a success is ``1 − p``, of a failure ``−p``; ``A`` from :func:`mmrl.advantages.group_advantages`),
+so it improves only on prompts whose group had non-equal rewards. Every step every ``θ_i`` also
+drifts by ``N(0, drift²)`` (forgetting, transfer), so estimates go stale.
+
+Per strategy (:data:`STRATEGIES`: a selector, a per-prompt allocation, DAPO filtering or not)
+it reports at an equal total rollout budget: the effective-gradient ratio (share of generated
+groups with non-equal rewards), the share of trained groups with signal, rollouts spent,
+optimizer steps and the mean success rate over all prompts (simulated progress); as a table,
+a JSON file and a PNG plot. Seeded and deterministic: the same seed gives every strategy the
+same initial population.
+
+CLI: ``mmrl sim budget --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mmrl.advantages import group_advantages
+from mmrl.budget import DynamicSampling, expand_groups, informative_groups, knapsack_allocate
+from mmrl.registry import Registry
+from mmrl.selection import make_selector
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One way to spend rollouts: a selector, an allocation (``fixed`` or ``knapsack``), DAPO."""
+
+    selector: str
+    allocation: str = "fixed"
+    dynamic: bool = False
+
+
+STRATEGIES: Registry = Registry("budget strategy")
+STRATEGIES.register("uniform", Strategy("uniform"))
+STRATEGIES.register("dynamic_sampling", Strategy("uniform", dynamic=True))
+STRATEGIES.register("vade", Strategy("vade"))
+STRATEGIES.register("variance_aware", Strategy("variance_aware"))
+STRATEGIES.register("knapsack", Strategy("uniform", allocation="knapsack"))
+STRATEGIES.register("vade_knapsack", Strategy("vade", allocation="knapsack"))
+# Knapsack on the true success rates: the allocation's ceiling, without estimation error.
+STRATEGIES.register("knapsack_oracle", Strategy("uniform", allocation="knapsack_oracle"))
+DEFAULT_STRATEGIES = ("uniform", "dynamic_sampling", "vade", "variance_aware", "knapsack",
+                      "vade_knapsack", "knapsack_oracle")
+
+
+@dataclasses.dataclass
+class SimSettings:
+    """Simulator settings; defaults are the run reported in docs/budget.md.
+
+    Attributes:
+        num_prompts: dataset size P.
+        batch_prompts: prompts per step.
+        group_size: rollouts per prompt at uniform allocation; the per-step budget is
+            ``batch_prompts · group_size`` for every strategy.
+        total_rollouts: rollout budget of the whole run (equal for every strategy).
+        difficulty_mean, difficulty_std: initial logits ``θ ~ N(mean, std²)``.
+        drift_std: per-step random walk of every logit.
+        lr: step size on θ per GRPO update.
+        n_min, n_max: Knapsack bounds on rollouts per prompt.
+        max_tries: DAPO dynamic-sampling tries per step.
+    """
+
+    num_prompts: int = 512
+    batch_prompts: int = 64
+    group_size: int = 8
+    total_rollouts: int = 102_400
+    difficulty_mean: float = -1.0
+    difficulty_std: float = 2.0
+    drift_std: float = 0.05
+    lr: float = 0.5
+    n_min: int = 2
+    n_max: int = 128
+    max_tries: int = 4
+
+    def validate(self) -> None:
+        """Raise one ValueError listing every bad setting."""
+        errors = [f"{k} must be >= {low}, got {getattr(self, k)}" for k, low in (
+            ("num_prompts", 1), ("batch_prompts", 1), ("group_size", 1), ("total_rollouts", 1),
+            ("n_min", 1), ("max_tries", 1)) if getattr(self, k) < low]
+        if self.batch_prompts > self.num_prompts:
+            errors.append(f"batch_prompts ({self.batch_prompts}) must be <= num_prompts "
+                          f"({self.num_prompts})")
+        if not self.n_min <= self.group_size <= self.n_max:
+            errors.append(f"need n_min <= group_size <= n_max, got {self.n_min}, "
+                          f"{self.group_size}, {self.n_max}")
+        if self.difficulty_std < 0 or self.drift_std < 0 or self.lr < 0:
+            errors.append("difficulty_std, drift_std and lr must be >= 0")
+        if errors:
+            raise ValueError("invalid simulator settings:\n  " + "\n  ".join(errors))
+
+
+class PromptPopulation:
+    """Prompts with known success probabilities ``σ(θ)`` and a tabular GRPO-trained policy."""
+
+    def __init__(self, s: SimSettings, generator: torch.Generator):
+        self.s = s
+        self.logits = s.difficulty_mean + s.difficulty_std * torch.randn(
+            s.num_prompts, generator=generator, dtype=torch.float64)
+
+    def success_probs(self) -> torch.Tensor:
+        return torch.sigmoid(self.logits)
+
+    def rollout(self, prompts: torch.Tensor, counts: torch.Tensor, generator: torch.Generator):
+        """Bernoulli rewards -> ``(sample_prompt_idx [B], rewards [B], group_ids [B])``."""
+        sample_prompts, group_ids = expand_groups(prompts, counts)
+        p = self.success_probs()[sample_prompts]
+        rewards = (torch.rand(p.shape, generator=generator, dtype=torch.float64) < p).double()
+        return sample_prompts, rewards, group_ids
+
+    def train(self, sample_prompts: torch.Tensor, rewards: torch.Tensor,
+              group_ids: torch.Tensor) -> None:
+        """One GRPO step: ``θ_i += lr · Σ_{j ∈ prompt i} A_j (r_j − p_i) / group_size``."""
+        if rewards.numel() == 0:
+            return
+        adv = group_advantages(rewards, group_ids, "grpo")
+        score = rewards - self.success_probs()[sample_prompts]  # d log π(r) / dθ
+        grad = torch.zeros_like(self.logits).index_add_(0, sample_prompts, adv * score)
+        self.logits += self.s.lr * grad / self.s.group_size
+
+    def drift(self, generator: torch.Generator) -> None:
+        self.logits += self.s.drift_std * torch.randn(
+            self.logits.shape, generator=generator, dtype=torch.float64)
+
+
+def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
+    """Simulate one strategy until ``total_rollouts`` are spent -> totals and a per-step history.
+
+    Returns:
+        dict with ``groups``, ``effective_groups``, ``trained_groups``, ``trained_effective``,
+        ``rollouts``, ``effective_rollouts``, ``steps``, ``tries``, ``success_start``,
+        ``success_end`` and ``history`` (per step: rollouts spent, step effective ratio, mean
+        success).
+    """
+    spec = STRATEGIES.get(name)
+    s.validate()
+    pop = PromptPopulation(s, torch.Generator().manual_seed(seed))
+    roll_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    sel_gen = torch.Generator().manual_seed(seed + 2_000_003)
+    selector = make_selector(spec.selector, s.num_prompts)
+    filt = DynamicSampling(s.batch_prompts, s.max_tries) if spec.dynamic else None
+    tot = dict.fromkeys(("groups", "effective_groups", "trained_groups", "trained_effective",
+                         "rollouts", "effective_rollouts", "steps", "tries"), 0)
+    tot["success_start"] = float(pop.success_probs().mean())
+    history: List[tuple] = []
+    while tot["rollouts"] < s.total_rollouts:
+        tries: List[tuple] = []
+
+        def produce(_t: int):
+            idx = selector.select(s.batch_prompts, sel_gen)
+            counts = torch.full((s.batch_prompts,), s.group_size, dtype=torch.long)
+            if spec.allocation != "fixed":
+                probs = (pop.success_probs() if spec.allocation == "knapsack_oracle"
+                         else selector.success_probs())[idx]
+                counts = knapsack_allocate(probs, s.batch_prompts * s.group_size, s.n_min,
+                                           s.n_max)
+            sample_prompts, rewards, group_ids = pop.rollout(idx, counts, roll_gen)
+            selector.update(sample_prompts, rewards, group_ids)
+            tries.append((sample_prompts, rewards, group_ids))
+            return rewards, group_ids
+
+        if filt:
+            kept = filt.collect(produce)[0]
+        else:
+            produce(0)
+            kept = [None]
+        step_groups = step_eff = 0
+        train = []
+        for (sample_prompts, rewards, group_ids), keep in zip(tries, kept):
+            ids, informative = informative_groups(rewards, group_ids)
+            in_eff = torch.isin(group_ids, ids[informative])
+            step_groups, step_eff = step_groups + ids.numel(), step_eff + int(informative.sum())
+            tot["rollouts"] += rewards.numel()
+            tot["effective_rollouts"] += int(in_eff.sum())
+            rows = torch.ones_like(in_eff) if keep is None else torch.isin(group_ids, keep)
+            tot["trained_groups"] += int(torch.unique(group_ids[rows]).numel())
+            tot["trained_effective"] += int(torch.unique(group_ids[rows & in_eff]).numel())
+            offset = len(train) * (s.batch_prompts + 1)  # keep group ids distinct across tries
+            train.append((sample_prompts[rows], rewards[rows], group_ids[rows] + offset))
+        pop.train(*(torch.cat(parts) for parts in zip(*train)))
+        pop.drift(roll_gen)
+        tot["groups"] += step_groups
+        tot["effective_groups"] += step_eff
+        tot["steps"] += 1
+        tot["tries"] += len(tries)
+        history.append((tot["rollouts"], step_eff / step_groups,
+                        float(pop.success_probs().mean())))
+    tot["success_end"] = float(pop.success_probs().mean())
+    return {**tot, "history": history}
+
+
+def summarize(results: Dict[str, List[Dict]]) -> List[Dict]:
+    """Per strategy, mean and std over seeds of the reported metrics -> table rows."""
+    rows = []
+    base = results.get("uniform")
+    for name, runs in results.items():
+        def stat(f):
+            v = np.array([f(r) for r in runs], dtype=float)
+            return float(v.mean()), float(v.std())
+
+        row = {"strategy": name,
+               "eff_ratio": stat(lambda r: r["effective_groups"] / r["groups"]),
+               "trained_eff": stat(lambda r: r["trained_effective"] / max(r["trained_groups"], 1)),
+               "eff_rollout_share": stat(lambda r: r["effective_rollouts"] / r["rollouts"]),
+               "eff_groups_per_1k": stat(lambda r: 1000 * r["trained_effective"] / r["rollouts"]),
+               "rollouts": stat(lambda r: r["rollouts"]), "steps": stat(lambda r: r["steps"]),
+               "success_start": stat(lambda r: r["success_start"]),
+               "success_end": stat(lambda r: r["success_end"])}
+        if base:
+            for key, num, den in (("eff_ratio", "effective_groups", "groups"),
+                                  ("eff_rollout_share", "effective_rollouts", "rollouts")):
+                ref = np.mean([r[num] / r[den] for r in base])
+                row[key + "_vs_uniform"] = row[key][0] / ref - 1
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    """Markdown table of :func:`summarize` rows (mean ± std over seeds)."""
+    head = ("| strategy | eff. ratio, groups | vs uniform | eff. ratio, rollouts | vs uniform | "
+            "trained groups w/ signal | signal groups / 1k rollouts | rollouts spent | steps | "
+            "mean success start → end |")
+    lines = [head, "|" + "---|" * 10]
+
+    def vs(r, key):
+        return f"{100 * r[key]:+.1f} %" if key in r else "n/a"
+
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {r['eff_ratio'][0]:.3f} ± {r['eff_ratio'][1]:.3f} | "
+            f"{vs(r, 'eff_ratio_vs_uniform')} | {r['eff_rollout_share'][0]:.3f} ± "
+            f"{r['eff_rollout_share'][1]:.3f} | {vs(r, 'eff_rollout_share_vs_uniform')} | "
+            f"{r['trained_eff'][0]:.3f} | {r['eff_groups_per_1k'][0]:.1f} | "
+            f"{r['rollouts'][0]:.0f} | {r['steps'][0]:.0f} | "
+            f"{r['success_start'][0]:.3f} → {r['success_end'][0]:.3f} ± "
+            f"{r['success_end'][1]:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(results: Dict[str, List[Dict]], path: str, window: int = 10) -> str:
+    """PNG: effective-gradient ratio and mean success vs rollouts spent (seed mean)."""
+    import matplotlib  # lazily: the core does not need matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    runs_all = [r for runs in results.values() for r in runs]
+    grid = np.linspace(max(r["history"][0][0] for r in runs_all),
+                       max(r["history"][-1][0] for r in runs_all), 200)
+    for name, runs in results.items():
+        for col, ax in ((1, axes[0]), (2, axes[1])):
+            curves = []
+            for r in runs:
+                h = np.array(r["history"], dtype=float)
+                y = h[:, col]
+                if col == 1 and len(y) >= window:  # moving average of the per-step ratio
+                    y = np.convolve(y, np.ones(window) / window, mode="same")
+                curves.append(np.interp(grid, h[:, 0], y, left=np.nan, right=np.nan))
+            ax.plot(grid, np.nanmean(np.array(curves), axis=0), label=name)
+    axes[0].set(xlabel="rollouts spent", ylabel=f"effective-gradient ratio ({window}-step avg)",
+                title="groups with non-equal rewards")
+    axes[1].set(xlabel="rollouts spent", ylabel="mean success over all prompts",
+                title="simulated progress")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_budget_sim(s: SimSettings, strategies: Sequence[str], seeds: Sequence[int],
+                   log=None) -> Dict[str, List[Dict]]:
+    """Run every strategy for every seed -> ``{strategy: [run per seed]}``."""
+    s.validate()
+    for name in strategies:
+        STRATEGIES.get(name)  # fail on a typo before running anything
+    results: Dict[str, List[Dict]] = {}
+    for name in strategies:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            results.setdefault(name, []).append(run_strategy(name, s, seed))
+            if log:
+                r = results[name][-1]
+                log(f"  {name:<18} seed {seed}: {r['steps']} steps, eff. ratio "
+                    f"{r['effective_groups'] / r['groups']:.3f} "
+                    f"({time.perf_counter() - t0:.1f}s)")
+    return results
+
+
+_FLAGS = {"prompts": "num_prompts", "batch_prompts": "batch_prompts",
+          "group_size": "group_size", "budget": "total_rollouts",
+          "difficulty_mean": "difficulty_mean", "difficulty_std": "difficulty_std",
+          "drift_std": "drift_std", "lr": "lr", "n_min": "n_min", "n_max": "n_max",
+          "max_tries": "max_tries"}
+
+
+def _cmd_budget(args) -> int:
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    s = SimSettings(**{field: getattr(args, flag) for flag, field in _FLAGS.items()})
+    try:
+        s.validate()
+        for name in strategies:
+            STRATEGIES.get(name)
+    except ValueError as err:
+        print(f"mmrl sim budget: {err}", file=sys.stderr)
+        return 2
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    print(f"simulating {len(strategies)} strategies x {len(seeds)} seeds, "
+          f"{s.total_rollouts} rollouts each ({s.num_prompts} prompts, "
+          f"{s.batch_prompts} x {s.group_size} rollouts per step)", flush=True)
+    results = run_budget_sim(s, strategies, seeds, log=lambda m: print(m, flush=True))
+    rows = summarize(results)
+    table = format_table(rows)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "budget_sim.json"), "w") as f:
+        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "table": rows}, f,
+                  indent=1)
+    with open(os.path.join(args.out, "budget_sim.md"), "w") as f:
+        f.write(table + "\n")
+    if not args.no_plot:
+        print(f"plot: {plot(results, os.path.join(args.out, 'budget_sim.png'))}")
+    print(f"table and settings: {os.path.join(args.out, 'budget_sim.json')}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add ``mmrl sim budget`` to the top-level ``mmrl`` parser."""
+    sim = subparsers.add_parser("sim", help="simulators (rollout budget strategies)",
+                                description="Simulators that measure training strategies "
+                                            "without a model.")
+    sim.set_defaults(func=lambda _a: (sim.print_help(), 2)[1])
+    sub = sim.add_subparsers(dest="sim_command", metavar="SIM")
+    d = SimSettings()
+    p = sub.add_parser(
+        "budget", help="compare prompt selection / rollout allocation strategies",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Simulate GRPO on prompts with known, drifting success rates and compare, "
+                    "at equal rollout budget, how often groups carry a gradient (non-equal "
+                    "rewards), and how fast the mean success rate rises. Strategies: "
+                    + ", ".join(STRATEGIES.names()) + ".",
+        epilog="examples:\n"
+               "  mmrl sim budget                      # all strategies, 3 seeds, ./budget_sim\n"
+               "  mmrl sim budget --strategies uniform,knapsack --seeds 5 --out /tmp/sim\n"
+               "  mmrl sim budget --difficulty-std 3 --drift-std 0 --no-plot")
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help="comma-separated, from: " + ", ".join(STRATEGIES.names())
+                   + " (default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--prompts", type=int, default=d.num_prompts, help="dataset size")
+    p.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help="rollouts per prompt at uniform allocation")
+    p.add_argument("--budget", type=int, default=d.total_rollouts,
+                   help="total rollouts per run, equal for every strategy")
+    p.add_argument("--difficulty-mean", type=float, default=d.difficulty_mean,
+                   help="mean initial logit (success = sigmoid(logit))")
+    p.add_argument("--difficulty-std", type=float, default=d.difficulty_std,
+                   help="std of initial logits")
+    p.add_argument("--drift-std", type=float, default=d.drift_std,
+                   help="per-step random-walk std of every logit")
+    p.add_argument("--lr", type=float, default=d.lr, help="policy step size on the logits")
+    p.add_argument("--n-min", type=int, default=d.n_min, help="Knapsack minimum per prompt")
+    p.add_argument("--n-max", type=int, default=d.n_max, help="Knapsack maximum per prompt")
+    p.add_argument("--max-tries", type=int, default=d.max_tries,
+                   help="DAPO dynamic sampling tries per step")
+    p.add_argument("--out", default="budget_sim", help="output folder (table, JSON, PNG)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.set_defaults(func=_cmd_budget)
