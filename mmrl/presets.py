@@ -24,7 +24,8 @@ class AlgoSpec:
     """One choice per axis and every hyper-parameter of a policy-gradient algorithm.
 
     Attributes:
-        advantage: name in ``ADVANTAGES`` (or ``MULTI_REWARD``), e.g. ``grpo``, ``mean_center``.
+        advantage: name in ``ADVANTAGES`` (single-reward: ``grpo``, ``mean_center``, ...); with
+            several reward columns it is the ``base`` of ``group_advantages``' multi-reward method.
         ratio_level: name in ``RATIO_LEVELS``: ``token``, ``sequence`` (GSPO), ``sequence_token``
             (GSPO-token), ``sequence_sum`` (Reg-GRPO).
         objective: name in ``OBJECTIVES``: ``clip``, ``sapo``, ``reg``.
@@ -115,7 +116,7 @@ PRESETS: Dict[str, AlgoSpec] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
-_AXES = {"advantage": None, "ratio_level": RATIO_LEVELS, "objective": OBJECTIVES,
+_AXES = {"advantage": ADVANTAGES, "ratio_level": RATIO_LEVELS, "objective": OBJECTIVES,
          "aggregation": AGGREGATIONS, "kl": KL_ESTIMATORS}
 _EXTRA_KEYS = ("length_normalize",)
 # (field, lower bound, inclusive?, optional) for numeric hyper-parameters.
@@ -167,11 +168,10 @@ def _axis_problems(spec: AlgoSpec) -> List[str]:
         name = getattr(spec, axis)
         if not isinstance(name, str):
             continue
-        if axis == "advantage":
-            if name not in ADVANTAGES and name not in MULTI_REWARD:
-                names = ADVANTAGES.names() + MULTI_REWARD.names()
-                problems.append(f"unknown advantage {name!r} (registered: {', '.join(names)})"
-                                f"{did_you_mean(name, names)}")
+        if axis == "advantage" and name in MULTI_REWARD:
+            problems.append(f"advantage {name!r} combines reward columns; the advantage axis "
+                            f"takes a single-reward estimator ({', '.join(ADVANTAGES.names())}) "
+                            f"that the loop's multi-reward method uses as its base")
         elif name not in registry:
             problems.append(registry.unknown_message(name))
     if isinstance(spec.token_weighting, str) and spec.token_weighting not in TOKEN_WEIGHTINGS:

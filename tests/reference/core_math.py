@@ -157,6 +157,9 @@ def obj_reg(lr, adv, gids, valid, spec):
     return out
 
 
+OBJECTIVES = {"clip": obj_clip, "sapo": obj_sapo, "reg": obj_reg}  # reg: per-sequence lists
+
+
 # ---------------------------------------------------------------- KL (one entry)
 def kl_k1(x):
     return _clamp(x)
