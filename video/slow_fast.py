@@ -17,7 +17,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .io import FACTOR, smart_resize
 
@@ -103,12 +102,17 @@ def as_uint8_thwc(frames) -> torch.Tensor:
 
 
 def resize_frames(frames: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, h, w, 3]``, bilinear with antialiasing."""
+    """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, h, w, 3]``, bilinear with antialiasing.
+
+    PIL's uint8 bilinear filter widens its kernel by the downscale factor (the antialiasing
+    torchvision's ``antialias=True`` reproduces) and runs several times faster than float torch.
+    """
+    from PIL import Image
     if tuple(frames.shape[1:3]) == tuple(hw):
         return frames
-    x = frames.permute(0, 3, 1, 2).float()  # [T, H, W, 3] -> [T, 3, H, W]
-    x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    size = (int(hw[1]), int(hw[0]))  # PIL takes (width, height)
+    out = [np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames.numpy()]
+    return torch.from_numpy(np.stack(out))
 
 
 def hsv_patch_vectors(frames: torch.Tensor, hw: Tuple[int, int], patch: int = FACTOR) -> torch.Tensor:
@@ -118,26 +122,28 @@ def hsv_patch_vectors(frames: torch.Tensor, hw: Tuple[int, int], patch: int = FA
     small = resize_frames(frames, hw).numpy()
     hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in small])  # [T, h, w, 3] uint8
     t, h, w, _ = hsv.shape
-    x = torch.from_numpy(hsv).float().div_(255.0)
+    x = torch.from_numpy(hsv)
     # [T, h, w, 3] -> [T, h/p, p, w/p, p, 3] -> [T, h/p, w/p, p, p, 3] -> [T, P, p·p·3]
     x = x.view(t, h // patch, patch, w // patch, patch, 3).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(t, (h // patch) * (w // patch), patch * patch * 3)
+    return x.reshape(t, (h // patch) * (w // patch), patch * patch * 3).float().div_(255.0)
 
 
 def patch_similarity(a: torch.Tensor, b: torch.Tensor, patch_cos: float = 0.7,
-                     norm_eps: float = NORM_EPS) -> float:
+                     norm_eps: float = NORM_EPS, norms=None) -> float:
     """Fraction of patches with cosine > ``patch_cos``, over patches not dark in both frames.
 
     Args:
         a, b: float ``[P, D]`` patch vectors of two frames.
+        norms: optional precomputed ``(‖a‖, ‖b‖)``, each ``[P]``.
     Returns:
         similarity in [0, 1]; 1.0 when every patch is dark in both frames.
     """
-    na, nb = a.norm(dim=1), b.norm(dim=1)
+    na, nb = norms if norms is not None else (a.norm(dim=1), b.norm(dim=1))
     keep = (na >= norm_eps) | (nb >= norm_eps)
     if not bool(keep.any()):
         return 1.0
-    cos = (a * b).sum(1) / (na * nb).clamp_min(1e-12)
+    dots = torch.linalg.vecdot(a, b)  # [P]
+    cos = dots / (na * nb).clamp_min(1e-12)
     return float((cos[keep] > patch_cos).float().mean())
 
 
@@ -149,11 +155,12 @@ def frame_similarities(vectors: torch.Tensor, threshold: float, patch_cos: float
     similarity is below ``threshold``.
     """
     t = vectors.shape[0]
+    norms = vectors.norm(dim=2)  # [T, P]
     types = torch.zeros(t, dtype=torch.long)
     sims = torch.ones(t, dtype=torch.float32)
     ref = 0
     for i in range(1, t):
-        s = patch_similarity(vectors[i], vectors[ref], patch_cos)
+        s = patch_similarity(vectors[i], vectors[ref], patch_cos, norms=(norms[i], norms[ref]))
         sims[i] = s
         if s < threshold:
             ref = i
