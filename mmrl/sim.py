@@ -260,7 +260,7 @@ def plot(results: Dict[str, List[Dict]], path: str, window: int = 10) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     runs_all = [r for runs in results.values() for r in runs]
     grid = np.linspace(max(r["history"][0][0] for r in runs_all),
-                       max(r["history"][-1][0] for r in runs_all), 200)
+                       min(r["history"][-1][0] for r in runs_all), 200)
     for name, runs in results.items():
         for col, ax in ((1, axes[0]), (2, axes[1])):
             curves = []
