@@ -65,8 +65,9 @@ def mean_center_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Ten
 
 @ADVANTAGES.register("batch_std")
 def batch_std_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
-    """A_i = (r_i − mean_g) / (std_batch + eps), std unbiased over all B (Lite-PPO, arXiv 2508.08221).
+    """A_i = (r_i − mean_g) / (std_batch + eps), unbiased std over all B (arXiv 2508.08221).
 
+    Lite-PPO; TRL ``scale_rewards="batch"``.
     Size-1 and zero-std groups -> 0; a batch of one sample has std 0 (and advantage 0).
     """
     std = g.r.std(correction=1) if g.r.numel() > 1 else g.r.new_zeros(())
@@ -104,8 +105,9 @@ def ngrpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
 def normalize_then_sum(columns, inv, num_groups, weights, base, **kw) -> torch.Tensor:
     """A_i = Σ_k w_k · base(r^k)_i (MixGRPO ``advantage_aggr``; G²RPO)."""
     fn = ADVANTAGES.get(base)
-    out = [w * fn(_Groups(columns[:, k], inv, num_groups), **kw) for k, w in enumerate(weights)]
-    return torch.stack(out, 0).sum(0)  # [K, B] -> [B]
+    per_column = [w * fn(_Groups(columns[:, k], inv, num_groups), **kw)
+                  for k, w in enumerate(weights)]
+    return torch.stack(per_column, 0).sum(0)  # [K, B] -> [B]
 
 
 @MULTI_REWARD.register("sum_then_normalize")
@@ -155,8 +157,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         adv_clip: clamp the result to ``[-adv_clip, adv_clip]`` (flow_grpo uses 5); None = no clip.
 
     Returns:
-        ``[B]`` advantages, float32 or the rewards' wider float dtype; no gradient flows to rewards
-        only because rewards normally have none (the math is differentiable).
+        ``[B]`` advantages in the rewards' dtype (float32 for half-precision rewards).
 
     Raises:
         TypeError: rewards not float / group_ids not integer / not tensors.

@@ -9,7 +9,9 @@ denoising steps; nothing here knows which.
   marks levels that need all of a row's tokens in one call (the T axis must not be chunked).
 - :data:`OBJECTIVES` ``(log_ratio, adv, *, spec, valid, group_ids) -> (loss, ratio, low, high)``:
   per-entry loss to minimize and the masks of the clipped, zero-gradient region.
-- :data:`AGGREGATIONS` ``(loss, mask, *, num_tokens, num_seqs, seq_lens, max_len) -> scalar``.
+- :data:`AGGREGATIONS` ``(loss, mask, *, num_tokens, num_seqs, seq_lens, max_len) -> scalar``
+  (each entry reads the keywords it needs). ``num_tokens`` / ``num_seqs`` are the optimizer
+  step's global counts, so micro-batch losses sum to the full-batch loss.
 - :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp``.
 
 Log-ratios are clamped to ±20 before every ``exp``: exp(20) ≈ 4.9e8 is finite in fp32/bf16
@@ -67,7 +69,7 @@ def sequence_log_ratio(logp, old_logp, mask) -> Tensor:
 
 @_entry(RATIO_LEVELS, "sequence_token", per_sequence=False, whole_sequence=True)
 def sequence_token_log_ratio(logp, old_logp, mask) -> Tensor:
-    """log s_i,t = logp − sg(logp) + sg(log s_i) -> ``[B, T]`` (GSPO-token, arXiv 2507.18071 eq. 13).
+    """log s_i,t = logp − sg(logp) + sg(log s_i) -> ``[B, T]`` (GSPO-token, 2507.18071 eq. 13).
 
     Same value as ``sequence`` on every token; the gradient flows per token.
     """
@@ -92,8 +94,9 @@ def clip_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
 
     PPO (arXiv 1707.06347) with asymmetric ε (DAPO clip-higher, arXiv 2503.14476); dual clip
     per Ye et al. (arXiv 1912.09729) and verl ``clip_ratio_c``.
-    Differs from ALGORITHMS.md: the dual clip there reads max(ℓ_clip, −c·A); as a *loss* that
-    would never bound anything, so mmrl takes the paper's cap, min(ℓ_clip, −c·A) for A < 0.
+    Differs from ALGORITHMS.md: it writes the dual clip as max(ℓ_clip, −c·A); on a loss that
+    would raise every A < 0 loss to at least c·|A| instead of bounding it, so mmrl takes the
+    paper's (and verl's) cap: ℓ = min(ℓ_clip, −c·A) for A < 0.
     """
     ratio = _ratio(log_ratio)
     clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
@@ -110,13 +113,13 @@ def clip_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
 
 @_entry(OBJECTIVES, "sapo", needs_groups=False, needs_per_sequence=False)
 def sapo_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
-    """ℓ = −f_τ(ρ)·A, f_τ(ρ) = (4/τ)·sigmoid(τ(ρ−1)), τ = τ_pos if A > 0 else τ_neg (arXiv 2511.20347).
+    """ℓ = −f_τ(ρ)·A, f_τ(ρ) = (4/τ)·sigmoid(τ(ρ−1)) (SAPO, arXiv 2511.20347).
 
-    f(1) = 2/τ and f′(1) = 1: at ρ = 1 the gradient is REINFORCE's. A soft gate has no
+    τ = τ_pos if A > 0 else τ_neg. f(1) = 2/τ and f′(1) = 1: at ρ = 1 the gradient is REINFORCE's. A soft gate has no
     zero-gradient region, so both clip fractions are 0.
     """
     ratio = _ratio(log_ratio)
-    tau = torch.where(adv > 0, torch.full_like(adv, spec.tau_pos), torch.full_like(adv, spec.tau_neg))
+    tau = torch.where(adv > 0, adv.new_tensor(spec.tau_pos), adv.new_tensor(spec.tau_neg))
     loss = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
     none = torch.zeros_like(loss, dtype=torch.bool)
     return loss, ratio, none, none
@@ -127,8 +130,11 @@ def reg_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
     """ℓ_i = (A_i − Â_i)², Â_i = ε_reg·(ℓr_i − mean_g ℓr) (Reg-GRPO, arXiv 2506.07464).
 
     From the KL-regularized optimum π* ∝ π_old·exp(A/ε): ε·log(π*/π_old) = A − ε·log Z, and the
-    group mean removes log Z. No clipping, no min. ``log_ratio`` is ``[B, 1]``; rows with an
-    empty mask (``valid`` False) are left out of the group mean.
+    group mean removes log Z. No clipping, no min. ``log_ratio`` is ``[B, 1]`` (``sequence_sum``,
+    or ``sequence`` for ``length_normalize=True``); rows with an empty mask (``valid`` False)
+    are left out of the group mean. Whole groups must be in the same call.
+    Unconfirmed against the paper: only its abstract was reachable when this was written; the
+    formula is ALGORITHMS.md's (the paper may also scale Â by the group std of ℓr).
     """
     lr = log_ratio[:, 0]  # [B, 1] -> [B]
     w = torch.ones_like(lr) if valid is None else valid[:, 0].to(lr.dtype)
@@ -144,20 +150,18 @@ def reg_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
 # ---------------------------------------------------------------- aggregations
 def _den(given, default: Tensor) -> Tensor:
     """A global normalizer passed in (number / 0-d tensor) or the local one."""
-    return default if given is None else torch.as_tensor(given, dtype=default.dtype,
-                                                         device=default.device)
+    return default if given is None else torch.as_tensor(given).to(default)
 
 
 @_entry(AGGREGATIONS, "token_mean", per_sequence=False)
-def token_mean(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=None, max_len=None):
-    """Σ_i,t m ℓ / Σ_i,t m, the sum over the *global* batch when ``num_tokens`` is given (DAPO)."""
+def token_mean(loss, mask, *, num_tokens=None, **_):
+    """Σ_i,t m ℓ / Σ_i,t m, over the *global* batch when ``num_tokens`` is given (DAPO)."""
     local = mask.sum().to(loss.dtype).clamp(min=1)
     return torch.where(mask, loss, 0.0).sum() / _den(num_tokens, local)
 
 
 @_entry(AGGREGATIONS, "seq_mean_token_mean", per_sequence=False)
-def seq_mean_token_mean(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=None,
-                        max_len=None):
+def seq_mean_token_mean(loss, mask, *, num_seqs=None, seq_lens=None, **_):
     """mean_i (Σ_t m ℓ / |o_i|) (original GRPO). |o_i| = ``seq_lens`` when the T axis is chunked.
 
     The mean is over all B rows (``num_seqs`` when global): an empty row contributes 0.
@@ -169,15 +173,14 @@ def seq_mean_token_mean(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=
 
 
 @_entry(AGGREGATIONS, "seq_mean_token_sum", per_sequence=False)
-def seq_mean_token_sum(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=None,
-                       max_len=None):
+def seq_mean_token_sum(loss, mask, *, num_seqs=None, **_):
     """mean_i Σ_t m ℓ."""
     den = _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1))
     return torch.where(mask, loss, 0.0).sum() / den
 
 
 @_entry(AGGREGATIONS, "fixed_norm", per_sequence=False)
-def fixed_norm(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=None, max_len=None):
+def fixed_norm(loss, mask, *, num_seqs=None, max_len=None, **_):
     """Σ_i,t m ℓ / (B · L_max), L_max a constant (Dr.GRPO, arXiv 2503.20783)."""
     if max_len is None:
         raise ValueError("aggregation 'fixed_norm' needs max_len (the max completion length); "
@@ -187,7 +190,7 @@ def fixed_norm(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=None, max
 
 
 @_entry(AGGREGATIONS, "seq_mean", per_sequence=True)
-def seq_mean(loss, mask, *, num_tokens=None, num_seqs=None, seq_lens=None, max_len=None):
+def seq_mean(loss, mask, *, num_seqs=None, **_):
     """mean_i ℓ_i over per-sequence losses ``[B, 1]``; ``mask [B, 1]`` marks non-empty rows."""
     den = _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1))
     return torch.where(mask, loss, 0.0).sum() / den
@@ -234,7 +237,6 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 def _kl(x: Tensor, kind: str) -> Tensor:
     # Clamp: exp(−x) overflows for x < −88 in fp32; ±20 keeps every estimator finite.
     return KL_ESTIMATORS.get(kind)(x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
 
 
 # ---------------------------------------------------------------- the policy loss
@@ -354,7 +356,9 @@ class PolicyLoss:
         spec, per_seq = self.spec, self._ratio.per_sequence
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,
                       group_ids, per_seq)
-        old_logp = old_logp.detach()
+        if logp.dtype in (torch.float16, torch.bfloat16):
+            logp = logp.float()  # bf16's 8-bit mantissa cannot resolve GSPO's 3e-4 clip range
+        old_logp = old_logp.detach().to(logp.dtype)
         log_ratio = self._ratio(logp, old_logp, mask)  # [B, T] or [B, 1]
         valid = mask.any(-1, keepdim=True) if per_seq else mask  # [B, 1] or [B, T]
         adv = advantages.detach().to(logp.dtype)

@@ -92,7 +92,8 @@ class AlgoSpec:
 
 
 PRESETS: Dict[str, AlgoSpec] = {
-    # GRPO, arXiv 2402.03300: A = (r − mean)/(std + eps); −min(ρA, clip(ρ, 0.8, 1.2)A), mean_i mean_t.
+    # GRPO, arXiv 2402.03300: A = (r − mean)/(std + eps); −min(ρA, clip(ρ, 0.8, 1.2)A);
+    # mean over sequences of the mean over tokens.
     "grpo": AlgoSpec(),
     # Dr.GRPO, arXiv 2503.20783: A = r − mean; Σ_i,t ℓ / (B·L_max). Needs max_len.
     "dr_grpo": AlgoSpec(advantage="mean_center", aggregation="fixed_norm"),
@@ -119,7 +120,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
 _AXES = {"advantage": ADVANTAGES, "ratio_level": RATIO_LEVELS, "objective": OBJECTIVES,
          "aggregation": AGGREGATIONS, "kl": KL_ESTIMATORS}
 _EXTRA_KEYS = ("length_normalize",)
-# (field, lower bound, inclusive?, optional) for numeric hyper-parameters.
+# (field, lower bound, bound allowed?) for the numeric hyper-parameters.
 _RANGES = [("eps_low", 0.0, True), ("eps_high", 0.0, True), ("tau_pos", 0.0, False),
            ("tau_neg", 0.0, False), ("eps_reg", 0.0, False), ("beta", 0.0, True),
            ("adv_eps", 0.0, True), ("tw_alpha", 0.0, True), ("adv_clip", 0.0, False),
@@ -175,8 +176,9 @@ def _axis_problems(spec: AlgoSpec) -> List[str]:
         elif name not in registry:
             problems.append(registry.unknown_message(name))
     if isinstance(spec.token_weighting, str) and spec.token_weighting not in TOKEN_WEIGHTINGS:
+        hint = did_you_mean(spec.token_weighting, TOKEN_WEIGHTINGS)
         problems.append(f"unknown token_weighting {spec.token_weighting!r} (expected one of "
-                        f"{', '.join(TOKEN_WEIGHTINGS)}){did_you_mean(spec.token_weighting, TOKEN_WEIGHTINGS)}")
+                        f"{', '.join(TOKEN_WEIGHTINGS)}){hint}")
     return problems
 
 
