@@ -110,12 +110,16 @@ def clip_tensor_preprocess(x: torch.Tensor, size: int, crop: Tuple[int, int],
     uint8 after resizing; this stays in float).
     """
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    # Output size and crop offsets rounded exactly as torchvision's Resize / CenterCrop do.
+    if h <= w:
+        new_h, new_w = size, int(size * w / h)
+    else:
+        new_h, new_w = int(size * h / w), size
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False,
                           antialias=True)
-    top, left = (new_h - crop[0]) // 2, (new_w - crop[1]) // 2
+    top = int(round((new_h - crop[0]) / 2.0))
+    left = int(round((new_w - crop[1]) / 2.0))
     x = x[..., top:top + crop[0], left:left + crop[1]]
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

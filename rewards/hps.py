@@ -3,8 +3,10 @@
 The checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` from the hub repo
 ``xswu/HPSv2``) is a state dict for open_clip's ``ViT-H-14``; it is loaded with
 ``weights_only=True``. Preprocessing is the HPSv2 repository's evaluation transform, in its order:
-``Resize(224, bicubic)`` of the shortest edge, ``CenterCrop(224)``, ``convert("RGB")``,
-``ToTensor``, ``Normalize(OpenAI mean, std)``.
+``Resize(224, bicubic)`` of the shortest edge, ``CenterCrop(224)``, ``ToTensor``,
+``Normalize(OpenAI mean, std)``, with ``convert("RGB")`` moved to the front (same result for RGB
+and grayscale images; for RGBA the alpha channel is dropped before resizing, see
+:func:`hps_transform`).
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ def hps_transform(image_size: int):
     """The HPSv2 evaluation transform for PIL images (see module docstring)."""
     from torchvision import transforms as T
     return T.Compose([
+        # RGB first: the reference converts after cropping, which for RGBA inputs resizes with
+        # premultiplied alpha; converting first makes RGBA score like its RGB (alpha dropped).
+        # Identical for RGB and grayscale inputs.
+        lambda im: im.convert("RGB"),
         T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
-        lambda im: im.convert("RGB"),
         T.ToTensor(),
         T.Normalize(OPENAI_MEAN, OPENAI_STD),
     ])

@@ -71,7 +71,9 @@ class ImageRewardScorer(Scorer):
         if isinstance(images, torch.Tensor):
             return clip_tensor_preprocess(images.to(self.device, torch.float32), 224, (224, 224),
                                           OPENAI_MEAN, OPENAI_STD)
-        return torch.stack([self.model.preprocess(im) for im in images]).to(self.device)
+        # RGB before the package's resize, as for HPS (RGBA: alpha dropped, not premultiplied).
+        return torch.stack([self.model.preprocess(im.convert("RGB"))
+                            for im in images]).to(self.device)
 
     def _score(self, images, prompts):
         m = self.model

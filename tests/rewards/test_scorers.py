@@ -1,0 +1,385 @@
+"""Scorers loaded from tiny saved checkpoints through ``mmrl.rewards.load``, against independent
+computations; plus a conformance suite over every registered scorer."""
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmrl.rewards as R
+from mmrl.reward_fn import evaluate_reward
+from mmrl.rewards.base import OPENAI_MEAN, OPENAI_STD, WeightsNotFoundError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import build_tiny_clip, make_images  # noqa: E402
+
+PROMPTS = ["a red cat", "a blue house at night", "two dogs", "an apple", "a photo of a boat"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def aesthetic_head(tmp_path_factory):
+    from mmrl.rewards.clip_hf import AestheticMLP
+    torch.manual_seed(3)
+    mlp = AestheticMLP(16)
+    path = tmp_path_factory.mktemp("aes") / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(mlp.state_dict(), path)
+    return str(path), mlp.eval()
+
+
+@pytest.fixture(scope="module")
+def fake_imagereward(tiny_clip_dir):
+    """A stand-in for the optional ``ImageReward`` package with its interface (BLIP parts, MLP,
+    mean/std), so the batched scoring path can be checked against the package's per-sample
+    formula without the package."""
+    from transformers import CLIPTokenizer
+    from mmrl.rewards.hps import hps_transform
+    torch.manual_seed(5)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(49408, 8)
+
+        def forward(self, ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                    return_dict):
+            h = self.emb(ids) * attention_mask[..., None] + encoder_hidden_states.mean(1, True)
+            return types.SimpleNamespace(last_hidden_state=h)
+
+    class FakeRM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blip = torch.nn.Module()
+            self.blip.tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+            self.blip.visual_encoder = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 56, 56), torch.nn.Flatten(2), _Transpose())
+            self.blip.text_encoder = TextEncoder()
+            self.mlp = torch.nn.Linear(8, 1)
+            self.mean, self.std = 0.16717362830052426, 1.0333394966054072
+            self.preprocess = hps_transform(224)
+
+        def score_one(self, prompt, image):  # the package's per-prompt formula
+            t = self.blip.tokenizer(prompt, padding="max_length", truncation=True, max_length=35,
+                                    return_tensors="pt")
+            e = self.blip.visual_encoder(self.preprocess(image)[None])
+            out = self.blip.text_encoder(t.input_ids, t.attention_mask, e,
+                                         torch.ones(e.shape[:-1], dtype=torch.long), True)
+            return (self.mlp(out.last_hidden_state[:, 0]).item() - self.mean) / self.std
+
+    model = FakeRM().eval()
+    module = types.ModuleType("ImageReward")
+    module.load = lambda src, device="cpu", download_root=None: model
+    return module, model
+
+
+class _Transpose(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+@pytest.fixture(scope="module")
+def scorers(tiny_clip_dir, tiny_open_clip, aesthetic_head, fake_imagereward):
+    arch, ckpt = tiny_open_clip
+    sys.modules["ImageReward"] = fake_imagereward[0]
+    try:
+        out = {
+            "pickscore": R.load("pickscore", path=tiny_clip_dir, batch_size=2),
+            "clip_score": R.load("clip_score", path=tiny_clip_dir, variant="cos_x100",
+                                 batch_size=2),
+            "aesthetic": R.load("aesthetic", path=aesthetic_head[0], clip_path=tiny_clip_dir,
+                                batch_size=2),
+            "hps_v2": R.load("hps_v2", path=ckpt, arch=arch, batch_size=2),
+            "hps_v2.1": R.load("hps_v2.1", path=os.path.dirname(ckpt), arch=arch, batch_size=2),
+            "imagereward": R.load("imagereward", batch_size=2),
+            "jpeg_compressibility": R.load("jpeg_compressibility", batch_size=2),
+            "brightness": R.load("brightness", batch_size=2),
+            "color": R.load("color", target=[1, 0, 0], batch_size=2),
+        }
+    finally:
+        del sys.modules["ImageReward"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_clip(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+    return (CLIPModel.from_pretrained(tiny_clip_dir).eval(),
+            CLIPProcessor.from_pretrained(tiny_clip_dir))
+
+
+def _reference_clip(ref_clip, images, prompts):
+    """(cos, logit_scale.exp()) through CLIPModel.forward, independent of the scorer's path."""
+    model, proc = ref_clip
+    inputs = proc(images=images, text=prompts, padding=True, truncation=True, max_length=77,
+                  return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalized by CLIPModel
+    return cos, model.logit_scale.exp()
+
+
+# --------------------------------------------------------------------------- reference values
+
+def test_pickscore_equals_logit_scale_exp_times_cosine(scorers, ref_clip):
+    images = make_images(5)
+    cos, scale = _reference_clip(ref_clip, images, PROMPTS)
+    got = scorers["pickscore"](images, PROMPTS)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, scale * cos, atol=1e-5, rtol=1e-5)
+    assert got.std() > 1e-4  # prompts/images actually change the score
+
+
+@pytest.mark.parametrize("normalize,fn", [
+    ("div26", lambda s, c: s / 26), ("shift18_div8", lambda s, c: (s - 18) / 8),
+    ("cosine", lambda s, c: c)])
+def test_pickscore_normalizations(tiny_clip_dir, ref_clip, normalize, fn):
+    images = make_images(3)
+    cos, scale = _reference_clip(ref_clip, images, PROMPTS[:3])
+    got = R.load("pickscore", path=tiny_clip_dir, normalize=normalize)(images, PROMPTS[:3])
+    torch.testing.assert_close(got, fn(scale * cos, cos), atol=1e-5, rtol=1e-5)
+
+
+def test_clip_score_variants(tiny_clip_dir, ref_clip, scorers):
+    images = make_images(5, seed=4)
+    cos, _ = _reference_clip(ref_clip, images, PROMPTS)
+    torch.testing.assert_close(scorers["clip_score"](images, PROMPTS), 100 * cos, atol=1e-4,
+                               rtol=1e-5)
+    hessel = R.load("clip_score", path=tiny_clip_dir, variant="hessel")(images, PROMPTS)
+    torch.testing.assert_close(hessel, 2.5 * cos.clamp_min(0), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="variant=None; choose one explicitly.*hessel"):
+        R.load("clip_score", path=tiny_clip_dir)
+
+
+def test_aesthetic_is_mlp_of_normalized_image_embedding(scorers, ref_clip, aesthetic_head):
+    images = make_images(4, seed=2)
+    model, proc = ref_clip
+    pv = proc(images=images, return_tensors="pt")
+    with torch.no_grad():
+        e = model(pixel_values=pv["pixel_values"], input_ids=torch.tensor([[49406, 49407]])
+                  ).image_embeds
+        want = aesthetic_head[1](e).squeeze(-1)
+    torch.testing.assert_close(scorers["aesthetic"](images, None), want, atol=1e-5, rtol=1e-5)
+
+
+def _hand_hps_pixels(im: Image.Image, size: int) -> torch.Tensor:
+    """HPS preprocessing by hand: RGB, bicubic shortest edge, center crop, /255, OpenAI mean/std."""
+    im = im.convert("RGB")
+    w, h = im.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    im = im.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]
+
+
+def test_hps_preprocessing_matches_hand_built_pipeline(scorers):
+    hps = scorers["hps_v2.1"]
+    images = make_images(2, size=(50, 37)) + make_images(1, size=(33, 61), mode="RGBA") \
+        + make_images(1, size=(45, 45), mode="L")
+    got = hps.preprocess(images)
+    want = torch.stack([_hand_hps_pixels(im, 32) for im in images])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_hps_score_is_open_clip_cosine(scorers, tiny_open_clip):
+    import open_clip
+    arch, ckpt = tiny_open_clip
+    model = open_clip.create_model(arch, pretrained=None).eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    images = make_images(5, size=(40, 36), seed=7)
+    x = torch.stack([_hand_hps_pixels(im, 32) for im in images])
+    with torch.no_grad():
+        img_f, txt_f, _ = model(x, open_clip.get_tokenizer(arch)(PROMPTS))
+    want = (img_f * txt_f).sum(-1)
+    for name in ("hps_v2", "hps_v2.1"):
+        torch.testing.assert_close(scorers[name](images, PROMPTS), want, atol=1e-5, rtol=1e-5)
+
+
+def test_imagereward_batched_equals_package_formula(scorers, fake_imagereward):
+    images = make_images(5, size=(64, 60), seed=9)
+    want = torch.tensor([fake_imagereward[1].score_one(p, im) for p, im in zip(PROMPTS, images)])
+    torch.testing.assert_close(scorers["imagereward"](images, PROMPTS), want, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_imagereward_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    with pytest.raises(ImportError, match="pip install image-reward.*mmrl reward serve"):
+        R.load("imagereward")
+
+
+def test_rule_rewards_hand_values():
+    white = torch.ones(1, 3, 8, 8)
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 1
+    half = torch.full((1, 3, 8, 8), 0.5)
+    x = torch.cat([white, red, half])
+    torch.testing.assert_close(R.load("brightness")(x, None), torch.tensor([1.0, 0.299, 0.5]))
+    torch.testing.assert_close(R.load("brightness", target=0.5)(x, None),
+                               torch.tensor([-0.5, -0.201, 0.0]))
+    color = R.load("color", target=[1, 0, 0])(x, None)
+    torch.testing.assert_close(color, torch.tensor([-np.sqrt(2 / 3), 0.0, -np.sqrt(0.75 / 3)],
+                                                   dtype=torch.float32))
+    import io
+    im = make_images(1, size=(64, 64))[0]
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95)
+    got = R.load("jpeg_compressibility")([im], None)
+    assert got.item() == pytest.approx(-buf.tell() / 1000 / 500)
+    flat = Image.new("RGB", (64, 64), (120, 120, 120))
+    assert R.load("jpeg_compressibility")([flat], None) > got  # flat compresses better
+
+
+def test_gradients_reach_pixels(tiny_clip_dir, tiny_open_clip):
+    x = torch.rand(2, 3, 40, 36, requires_grad=True)
+    arch, ckpt = tiny_open_clip
+    for s in (R.load("pickscore", path=tiny_clip_dir, grad=True),
+              R.load("hps_v2.1", path=ckpt, arch=arch, grad=True),
+              R.load("brightness", target=0.2, grad=True)):
+        x.grad = None
+        s(x, PROMPTS[:2]).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0, s.name
+    assert R.load("brightness")(x, None).requires_grad is False  # default: no_grad
+
+
+# --------------------------------------------------------------------------- conformance
+
+ALL = ["pickscore", "clip_score", "aesthetic", "hps_v2", "hps_v2.1", "imagereward",
+       "jpeg_compressibility", "brightness", "color"]
+
+
+def test_conformance_covers_every_registered_scorer():
+    assert sorted(ALL + ["remote"]) == R.SCORERS.names()  # remote: tests/rewards/test_server.py
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batching_is_invisible(scorers, name):
+    s = scorers[name]  # batch_size = 2
+    images = make_images(5, seed=11)
+    full = s(images, PROMPTS)
+    assert full.shape == (5,) and full.dtype == torch.float32 and torch.isfinite(full).all()
+    singles = torch.cat([s([im], [p]) for im, p in zip(images, PROMPTS)])
+    torch.testing.assert_close(full, singles, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grayscale_and_rgba_inputs(scorers, name):
+    s = scorers[name]
+    rgb = make_images(2, size=(32, 32), seed=12)
+    prompts = PROMPTS[:2]
+    base = s(rgb, prompts)
+    gray = [im.convert("L") for im in rgb]
+    torch.testing.assert_close(s(gray, prompts), s([g.convert("RGB") for g in gray], prompts))
+    rgba = [im.convert("RGBA") for im in rgb]
+    for im in rgba:
+        im.putalpha(128)  # alpha is dropped, as PIL's convert("RGB") does
+    torch.testing.assert_close(s(rgba, prompts), base, atol=1e-5, rtol=1e-5)
+    t = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in rgb])).permute(0, 3, 1, 2)
+    t = t / 255
+    # Tensor path == PIL path: exact up to float error when no resize happens (32 px models);
+    # imagereward upsamples to 224, where PIL rounds the resized pixels to uint8 and torch does not.
+    tol = 5e-3 if name == "imagereward" else 1e-4
+    torch.testing.assert_close(s(t, prompts), base, atol=tol, rtol=tol)
+    g = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in gray]))[:, None] / 255
+    torch.testing.assert_close(s(g, prompts), s(g.expand(-1, 3, -1, -1).contiguous(), prompts))
+    a = torch.cat([t, torch.full_like(t[:, :1], 0.5)], 1)
+    torch.testing.assert_close(s(a, prompts), s(t, prompts))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_core_reward_interface(scorers, name):
+    s = scorers[name]
+    images = make_images(3, seed=13)
+    batch = evaluate_reward(s, images, PROMPTS[:3], [{}] * 3, on_invalid="raise")
+    assert batch.names == [s.name]
+    torch.testing.assert_close(batch.values[:, 0], s(images, PROMPTS[:3]).cpu())
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("images,prompts,err,match", [
+    ([], [], ValueError, "empty image list"),
+    ("two", ["a"], TypeError, "expected a list of PIL images"),
+    ("pil3", ["a", "b"], ValueError, "got 3 images but 2 prompts"),
+    ("pil3", "a cat", TypeError, "one string"),
+    ("pil1", [3], TypeError, r"prompts\[0\] is int"),
+    (torch.zeros(0, 3, 8, 8), [], ValueError, "empty image batch"),
+    (torch.zeros(2, 3, 8), ["a", "b"], ValueError, r"expected \[B, C, H, W\]"),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), ["a"], TypeError, "float"),
+    (torch.full((1, 3, 8, 8), 2.0), ["a"], ValueError, "expected \\[0, 1\\]"),
+    ("one", ["a"], TypeError, "one PIL image"),
+])
+def test_rejects_bad_inputs(scorers, name, images, prompts, err, match):
+    if isinstance(images, str) and images.startswith("pil"):
+        images = make_images(int(images[3:]))
+    elif images == "one":
+        images = make_images(1)[0]
+    with pytest.raises(err, match=match):
+        scorers[name](images, prompts)
+
+
+# --------------------------------------------------------------------------- loading
+
+def test_offline_without_weights_names_what_to_download():
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)hf download yuvalkirstain/PickScore_v1.*"
+                                                    r"path=DIR"):
+        R.load("pickscore")
+    with pytest.raises(WeightsNotFoundError, match=r"hf download xswu/HPSv2 HPS_v2.1_compressed"):
+        R.load("hps_v2.1")
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        R.load("hps_v2", path="/no/such/HPS_v2_compressed.pt")
+
+
+def test_registry_and_option_errors(tiny_clip_dir):
+    with pytest.raises(ValueError, match="did you mean 'pickscore'"):
+        R.load("pickscor")
+    with pytest.raises(TypeError, match=r"'brightness' does not take 'device'.*it takes: target"):
+        R.load("brightness", device="cpu")
+    with pytest.raises(ValueError, match="normalize='x'.*div26"):
+        R.load("pickscore", path=tiny_clip_dir, normalize="x")
+    with pytest.raises(ValueError, match="unknown open_clip arch 'nope'"):
+        R.load("hps_v2", arch="nope")
+
+
+def test_hps_checkpoint_loads_without_pickle(tmp_path, tiny_open_clip):
+    arch, ckpt = tiny_open_clip
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": types.SimpleNamespace(a=1)}}, evil)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        R.load("hps_v2", path=str(evil), arch=arch)
+    from safetensors.torch import save_file
+    st = tmp_path / "hps.safetensors"
+    sd = torch.load(ckpt, weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    images = make_images(2)
+    torch.testing.assert_close(R.load("hps_v2", path=str(st), arch=arch)(images, PROMPTS[:2]),
+                               R.load("hps_v2", path=ckpt, arch=arch)(images, PROMPTS[:2]))
+
+
+def test_compose_returns_named_weighted_columns(tiny_clip_dir):
+    images = make_images(4, seed=21)
+    c = R.compose(f"pickscore:path={tiny_clip_dir}:weight=0.5,brightness,brightness:target=0.5")
+    cols = c(images, PROMPTS[:4])
+    assert list(cols) == ["pickscore", "brightness", "brightness#2"]
+    assert c.weights == {"pickscore": 0.5, "brightness": 1.0, "brightness#2": 1.0}
+    pick = R.load("pickscore", path=tiny_clip_dir)(images, PROMPTS[:4])
+    torch.testing.assert_close(cols["pickscore"], pick)
+    torch.testing.assert_close(c.weighted(images, PROMPTS[:4]),
+                               0.5 * pick + cols["brightness"] + cols["brightness#2"])
+    batch = evaluate_reward(c, images, PROMPTS[:4])
+    assert batch.names == ["pickscore", "brightness", "brightness#2"]
+    rules = R.compose({"brightness": 2.0, "jpeg_compressibility": {"weight": 1.0, "quality": 80}})
+    assert set(rules(images)) == {"brightness", "jpeg_compressibility"}  # prompt-free: no prompts
+
+
+def test_parse_spec():
+    assert R.parse_spec("remote:url=http://127.0.0.1:8000:timeout=5") == (
+        "remote", {"url": "http://127.0.0.1:8000", "timeout": 5})
+    assert R.parse_specs("color:target=[1,0,0],hps_v2.1:path=/a/b.pt:batch_size=8") == [
+        ("color", {"target": [1, 0, 0]}), ("hps_v2.1", {"path": "/a/b.pt", "batch_size": 8})]
