@@ -12,12 +12,13 @@ when first used.
 """
 from .io import SkipCounter, VideoClip, VideoError, read_video, smart_nframes, smart_resize, try_load_video
 from .qwen_inputs import (QwenVideoBatch, VideoEntry, build_qwen_video_inputs, plan_entries,
+                          qwen25_position_ids,
                           uniform_entries, uniform_size)
 from .slow_fast import FAST, SLOW, SlowFastPlan, choose_resolutions, slow_fast_plan
 
 __all__ = [
     "FAST", "SLOW", "QwenVideoBatch", "SkipCounter", "SlowFastPlan", "VideoClip", "VideoEntry",
     "VideoError", "build_qwen_video_inputs", "choose_resolutions", "plan_entries", "read_video",
-    "slow_fast_plan", "smart_nframes", "smart_resize", "try_load_video", "uniform_entries",
+    "qwen25_position_ids", "slow_fast_plan", "smart_nframes", "smart_resize", "try_load_video", "uniform_entries",
     "uniform_size",
 ]

@@ -69,11 +69,9 @@ def _pad_even(frames: torch.Tensor) -> torch.Tensor:
 
 
 def _run_fps(stamps: np.ndarray, default_fps: float) -> float:
-    """Sampling rate of a run: 1 / median frame spacing; ``default_fps`` for one frame."""
-    if stamps.size < 2:
-        return float(default_fps)
-    step = float(np.median(np.diff(stamps)))
-    return 1.0 / step if step > 0 else float(default_fps)
+    """Sampling rate of a run: ``(n − 1) / (t_last − t_first)``; ``default_fps`` for one frame."""
+    span = float(stamps[-1] - stamps[0]) if stamps.size >= 2 else 0.0
+    return (stamps.size - 1) / span if span > 0 else float(default_fps)
 
 
 def plan_entries(frames, plan: SlowFastPlan, *, sample_fps: float = 2.0) -> List[VideoEntry]:
@@ -313,3 +311,64 @@ def _call_processor(processor, texts, videos, metadata, padding_side, factor):
                      size={"shortest_edge": factor * factor, "longest_edge": largest},
                      cap_pixels_per_frame=False, padding=True, padding_side=padding_side,
                      return_tensors="pt")
+
+
+def qwen25_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        video_grid_thw: Optional[torch.Tensor],
+                        second_per_grid_ts: Optional[torch.Tensor], *, video_token_id: int,
+                        tokens_per_second: float, spatial_merge_size: int = 2,
+                        image_grid_thw: Optional[torch.Tensor] = None,
+                        image_token_id: Optional[int] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mRoPE position ids ``[3, B, L]`` and deltas ``[B, 1]`` as the Qwen2.5-VL release computes them.
+
+    A vision block of grid ``(t, h, w)`` starting after text position ``s`` gets
+    ``(s + ⌊i·second_per_grid·tokens_per_second⌋, s + j, s + k)``; the text after it resumes at
+    **the block's largest position + 1** (temporal included), as in Qwen2.5-VL's own code
+    (transformers 4.49–4.5x, Qwen2.5-VL report §2.1). Padding (``attention_mask == 0``) gets 1.
+
+    Differs from transformers 5.24's ``get_rope_index``: that version resumes text at
+    ``s + max(h, w) / merge``, ignoring the temporal extent, so text after a video with more than
+    one temporal grid re-uses positions of the video. Pass these ids as ``position_ids`` to the
+    model to keep the positions the model was trained with.
+
+    Args:
+        input_ids: ``[B, L]``; attention_mask: ``[B, L]`` (1 = real token) or None.
+        video_grid_thw: ``[V, 3]`` over the batch in order; second_per_grid_ts: ``[V]``.
+        video_token_id: the ``<|video_pad|>`` id; image_token_id, image_grid_thw: same for images.
+        tokens_per_second: ``config.vision_config.tokens_per_second``.
+        spatial_merge_size: ``config.vision_config.spatial_merge_size``.
+    """
+    b, length = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    pos = torch.ones(3, b, length, dtype=torch.long)
+    grids = {video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
+    if image_token_id is not None:
+        grids[image_token_id] = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    secs = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    deltas = []
+    for row in range(b):
+        keep = mask[row].bool()
+        ids = input_ids[row][keep].tolist()
+        out, nxt, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] in grids:
+                gt, gh, gw = next(grids[ids[i]])
+                gh, gw = gh // spatial_merge_size, gw // spatial_merge_size
+                step = next(secs) * tokens_per_second if ids[i] == video_token_id else 0.0
+                tt = (torch.arange(gt, dtype=torch.float64) * step).long()  # quantize after scaling
+                grid = torch.stack(torch.meshgrid(tt, torch.arange(gh), torch.arange(gw),
+                                                  indexing="ij")).reshape(3, -1) + nxt
+                out.append(grid)
+                i += grid.shape[1]
+                nxt = int(grid.max()) + 1
+            else:  # a run of text tokens: consecutive positions on all three axes
+                j = i
+                while j < len(ids) and ids[j] not in grids:
+                    j += 1
+                out.append((torch.arange(j - i) + nxt).expand(3, -1))
+                i, nxt = j, nxt + j - i
+        row_pos = torch.cat(out, dim=1)  # [3, real tokens]
+        pos[:, row, keep] = row_pos
+        deltas.append(int(row_pos.max()) + 1 - len(ids))
+    return pos, torch.tensor(deltas).unsqueeze(1)
