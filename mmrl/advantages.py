@@ -39,7 +39,10 @@ class _Groups:
         hi = hi.scatter_reduce(0, inv, r, reduce="amax")
         lo = lo.scatter_reduce(0, inv, r, reduce="amin")
         # Exact equality test: a mean of equal floats may differ from them in the last bit.
-        self.constant = hi == lo  # [G] bool, singletons included
+        self.constant, self.max = hi == lo, hi  # [G] bool (singletons included), [G]
+        # A constant group's advantage is 0 whatever its std; using 1 there keeps sqrt'(0) = inf
+        # out of the backward (0 * inf = NaN) when rewards carry gradients.
+        self.std = _safe_sqrt(self.var, self.constant)  # [G]
 
     def sum_by_group(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.G, dtype=x.dtype, device=x.device).index_add_(0, self.inv, x)
@@ -48,13 +51,18 @@ class _Groups:
         return torch.where(self.constant[self.inv], torch.zeros_like(adv), adv)
 
 
+def _safe_sqrt(var: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """sqrt(var), with 1 where ``zero`` marks a variance that is exactly 0 (value unused there)."""
+    return torch.where(zero, torch.ones_like(var), var).sqrt()
+
+
 @ADVANTAGES.register("grpo")
 def grpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """A_i = (r_i − mean_g) / (std_g + eps), std unbiased. arXiv 2402.03300 (DeepSeekMath) eq. 3.
 
     Size-1 and zero-std groups -> 0.
     """
-    return g.zero_where_constant((g.r - g.mean[g.inv]) / (g.var.sqrt()[g.inv] + eps))
+    return g.zero_where_constant((g.r - g.mean[g.inv]) / (g.std[g.inv] + eps))
 
 
 @ADVANTAGES.register("mean_center")
@@ -70,7 +78,9 @@ def batch_std_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tenso
     Lite-PPO; TRL ``scale_rewards="batch"``.
     Size-1 and zero-std groups -> 0; a batch of one sample has std 0 (and advantage 0).
     """
-    std = g.r.std(correction=1) if g.r.numel() > 1 else g.r.new_zeros(())
+    centered = g.r - g.r.mean()
+    var = (centered * centered).sum() / max(g.r.numel() - 1, 1)
+    std = _safe_sqrt(var, g.constant.all())  # all groups constant <=> batch std 0
     return g.zero_where_constant((g.r - g.mean[g.inv]) / (std + eps))
 
 
@@ -96,8 +106,8 @@ def ngrpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     mean = (g.sum_by_group(g.r) + r_max) / (n + 1)  # [G]
     centered = g.r - mean[g.inv]  # [B]
     var = (g.sum_by_group(centered * centered) + (r_max - mean) ** 2) / n  # [G]
-    adv = centered / (var.sqrt()[g.inv] + eps)
-    all_equal = g.constant & (g.mean == r_max)
+    all_equal = g.constant & (g.max == r_max)  # [G]: the N+1 values have std 0
+    adv = centered / (_safe_sqrt(var, all_equal)[g.inv] + eps)
     return torch.where(all_equal[g.inv], torch.zeros_like(adv), adv)
 
 

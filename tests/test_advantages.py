@@ -134,6 +134,15 @@ def test_permutation_invariance(method):
                                group_advantages(r, ids, method)[perm])
 
 
+@pytest.mark.parametrize("method", ADVANTAGES.names())
+def test_no_nan_gradients_through_constant_groups_and_batches(method):
+    for r in (_t([1.0, 1.0, 1.0, 0.2, 0.7]), _t([1.0] * 5)):  # r_max = 1: ngrpo's std 0 too
+        r.requires_grad_()
+        adv = group_advantages(r, _ids([0, 0, 0, 1, 2]), method)
+        grad, = torch.autograd.grad(adv.sum() + adv[3], r)
+        assert torch.isfinite(grad).all() and torch.all(adv[:3] == 0)
+
+
 def test_ids_need_not_be_contiguous():
     r = _t([1, 0, 0, 1])
     torch.testing.assert_close(group_advantages(r, _ids([-5, 10**12, -5, 10**12])),

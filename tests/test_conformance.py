@@ -46,13 +46,20 @@ def test_every_entry_documents_its_formula(registry):
 # ---------------------------------------------------------------- advantages
 @pytest.mark.parametrize("name", ADVANTAGES.names())
 def test_advantage_entry(name):
-    r = torch.tensor([0.2, 0.9, 0.0, 0.0, 1.0, 0.4], dtype=F64)
+    r = torch.tensor([0.3, 0.3, 0.0, 0.0, 1.0, 0.4], dtype=F64)  # constant group, singleton
     adv = group_advantages(r, GIDS, name)
     want = oracle(ref.ADVANTAGES, name)(r.tolist(), GIDS.tolist())
     torch.testing.assert_close(adv, torch.tensor(want, dtype=F64), rtol=1e-10, atol=1e-12)
     assert adv.shape == (B,) and torch.isfinite(adv).all()
     big = group_advantages(r * 1e6, GIDS, name)
     assert torch.isfinite(big).all()
+    # gradients w.r.t. the rewards (e.g. a differentiable reward model) match the oracle's
+    rg = r.clone().requires_grad_()
+    w = torch.linspace(-1, 2, B, dtype=F64)
+    g1, = torch.autograd.grad((group_advantages(rg, GIDS, name) * w).sum(), rg)
+    want = oracle(ref.ADVANTAGES, name)(list(rg.unbind()), GIDS.tolist())
+    g2, = torch.autograd.grad(sum(wi * a for wi, a in zip(w, want) if torch.is_tensor(a)), rg)
+    torch.testing.assert_close(g1, g2)
 
 
 @pytest.mark.parametrize("name", MULTI_REWARD.names())

@@ -218,6 +218,20 @@ def test_finite_under_extreme_log_ratios_and_empty_masks(name):
     assert all(torch.isfinite(v) for v in stats.values())
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_row_permutation_invariance(name):
+    d = make_batch(seed=14)
+    fn = PolicyLoss(name, beta=0.05, **ref.preset_kwargs(name, T))
+    kw = dict(ref_logp=d["ref"], **tw_kw(name, d))
+    loss, grad, _ = run(fn, d, **kw)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    pd = {k: v[perm] for k, v in d.items()}
+    logp = d["logp"].detach()[perm].requires_grad_()
+    ploss, pgrad, _ = run(fn, pd, logp=logp, **{k: v[perm] for k, v in kw.items()})
+    torch.testing.assert_close(ploss, loss)
+    torch.testing.assert_close(pgrad, grad[perm])
+
+
 # ---------------------------------------------------------------- micro-batching invariance
 def _split_run(fn, d, row_chunks, t_chunks, **kw):
     """Sum of micro-batch losses and gradients with global normalizers."""

@@ -12,14 +12,15 @@ import torch
 CLAMP = 20.0
 
 
-# ---------------------------------------------------------------- advantages (lists of floats)
+# ---------------------------------------------------------------- advantages (lists of scalars)
 def _members(rewards, gids, i):
     return [rewards[j] for j in range(len(rewards)) if gids[j] == gids[i]]
 
 
 def _std(values):
+    """Unbiased std; works on floats and on 0-d tensors (so autograd gives oracle gradients)."""
     m = sum(values) / len(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def adv_grpo(rewards, gids, eps=1e-4, r_max=1.0):
