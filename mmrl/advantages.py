@@ -96,7 +96,7 @@ def rloo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
 
 @ADVANTAGES.register("ngrpo")
 def ngrpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
-    """A_i = (r_i − mean′_g) / (std′_g + eps) over the N+1 values {r_g, r_max} (arXiv 2509.18851).
+    """A_i = (r_i − mean′_g) / (std′_g + eps) over the N+1 values {r_g, r_max} (NGRPO, 2509.18851).
 
     The virtual sample of reward ``r_max`` enters the mean and the unbiased std (N+1 values,
     denominator N) but gets no advantage. A size-1 group is defined (2 values). Only when all
@@ -144,7 +144,10 @@ def _validate(rewards, group_ids, multi: bool) -> None:
         raise ValueError(f"shape mismatch: rewards {tuple(rewards.shape)}, group_ids "
                          f"{tuple(group_ids.shape)}; expected {expected} and group_ids [B] "
                          f"with the same B (one group id per sample)")
-    if not torch.isfinite(rewards).all():
+    if rewards.device != group_ids.device:
+        raise ValueError(f"rewards are on {rewards.device} but group_ids on {group_ids.device}; "
+                         f"expected one device; move group_ids with .to(rewards.device)")
+    if not torch.isfinite(rewards).all():  # one boolean read back: the price of a clear error
         raise ValueError("rewards contain NaN or inf; expected finite rewards; drop the invalid "
                          "samples first (RewardBatch.valid marks them) and regroup")
 

@@ -115,8 +115,8 @@ def clip_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
 def sapo_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
     """ℓ = −f_τ(ρ)·A, f_τ(ρ) = (4/τ)·sigmoid(τ(ρ−1)) (SAPO, arXiv 2511.20347).
 
-    τ = τ_pos if A > 0 else τ_neg. f(1) = 2/τ and f′(1) = 1: at ρ = 1 the gradient is REINFORCE's. A soft gate has no
-    zero-gradient region, so both clip fractions are 0.
+    τ = τ_pos if A > 0 else τ_neg. f(1) = 2/τ and f′(1) = 1: at ρ = 1 the gradient is
+    REINFORCE's. A soft gate has no zero-gradient region, so both clip fractions are 0.
     """
     ratio = _ratio(log_ratio)
     tau = torch.where(adv > 0, adv.new_tensor(spec.tau_pos), adv.new_tensor(spec.tau_neg))
@@ -346,12 +346,12 @@ class PolicyLoss:
                 axis is split into chunks (other aggregations do not need it).
 
         Returns:
-            ``loss`` 0-d tensor; ``stats`` dict of detached 0-d tensors (loss, clipfrac_low,
-            clipfrac_high, ratio_mean/min/max, approx_kl, adv_mean, kl_ref when ref given).
+            ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
+            tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg),
+            ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given).
 
         Raises:
-            TypeError / ValueError: wrong dtypes or shapes, missing ref_logp / group_ids /
-            token_weights.
+            TypeError / ValueError: bad dtypes/shapes; missing ref_logp, group_ids or weights.
         """
         spec, per_seq = self.spec, self._ratio.per_sequence
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,

@@ -8,10 +8,11 @@ import torch
 
 def soft_overlong_penalty(lengths: Union[torch.Tensor, Sequence[int]], max_len: int,
                           cache_len: int) -> torch.Tensor:
-    """R_len(|y|): 0 if |y| ≤ L_max − L_cache; ((L_max − L_cache) − |y|)/L_cache if |y| ≤ L_max; −1 beyond.
+    """DAPO's length penalty R_len(|y|) ``[B]`` in [−1, 0] (arXiv 2503.14476 eq. 13).
 
-    DAPO, arXiv 2503.14476 eq. 13 (L_max 20480, L_cache 4096: length 18432 -> −0.5). The penalty
-    is added to the task reward before the advantages are computed.
+    0 if |y| ≤ L_max − L_cache; ((L_max − L_cache) − |y|)/L_cache if |y| ≤ L_max; −1 beyond.
+    L_max 20480, L_cache 4096: length 18432 -> −0.5. Add it to the task reward before the
+    advantages are computed.
 
     Args:
         lengths: ``[B]`` completion lengths |y| (int or float tensor, or a sequence of ints).

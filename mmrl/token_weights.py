@@ -34,8 +34,9 @@ def _chunk_divergence(lp: Tensor, mask: Tensor, vocab_chunk: Optional[int]) -> T
 
 def tw_token_weights(full_logp: LogpSource, mask: Tensor, *, alpha: float = 1.7,
                      chunk_size: int = 64, vocab_chunk: Optional[int] = None) -> Tensor:
-    """w_t = 1 + (α − 1)·ũ_t shared by one group's N samples -> ``[N, T]`` (TW-GRPO, arXiv 2505.24718).
+    """w_t = 1 + (α − 1)·ũ_t, shared by one group's N samples -> ``[N, T]`` (arXiv 2505.24718).
 
+    TW-GRPO's token weights:
     M_t = mean_i ℓp_i,t,· (full-vocabulary log-probs); d = clamp(M_t − ℓp_i,t, ±11);
     u_t = mean_i Σ_v (exp(d) − d − 1); ũ = min-max of u over valid positions (+1e-8).
     α = 1 gives all ones (plain GRPO). The weights carry no gradient.
@@ -73,8 +74,9 @@ def tw_token_weights(full_logp: LogpSource, mask: Tensor, *, alpha: float = 1.7,
             if lp.shape[:2] != (n, t1 - t0):
                 raise ValueError(f"full_logp({t0}, {t1}) returned {tuple(lp.shape)}; expected "
                                  f"[{n}, {t1 - t0}, V]")
-            parts.append(_chunk_divergence(lp.detach(), mask[:, t0:t1], vocab_chunk))
-        u = torch.cat(parts) if parts else torch.zeros(0)  # [T]
+            parts.append(_chunk_divergence(lp.detach(), mask[:, t0:t1].to(lp.device), vocab_chunk))
+        u = torch.cat(parts) if parts else torch.zeros(0, device=mask.device)  # [T]
+        mask = mask.to(u.device)  # the weights live where the log-probs were computed
         valid = mask.any(0)  # [T]
         lo = torch.where(valid, u, torch.inf).amin() if t else u.new_zeros(())
         hi = torch.where(valid, u, -torch.inf).amax() if t else u.new_zeros(())
