@@ -5,7 +5,8 @@ One registry, :data:`ADVANTAGES`, holds the single-reward estimators (``grpo``, 
 columns (``normalize_then_sum``, ``sum_then_normalize``), each built on a single-reward ``base``.
 
 Every estimator sees compacted group indices (``inv [B]`` in ``0..G-1``) and computes its group
-statistics with ``index_add_`` / ``scatter_reduce`` (no Python loop over groups, no host sync).
+statistics with ``index_add_`` / ``scatter_reduce``: no Python loop over groups and no
+``.item()``; the only host reads are ``torch.unique``'s output size and the NaN check.
 Edge cases are defined, not accidental:
 
 - a group of size 1 gets advantage 0 (there is nothing to compare with), except ``ngrpo``, whose
@@ -36,8 +37,8 @@ class _Groups:
         self.var = self.sum_by_group(centered * centered) / (self.count - 1).clamp(min=1)
         hi = torch.full((num_groups,), -torch.inf, dtype=r.dtype, device=r.device)
         lo = torch.full((num_groups,), torch.inf, dtype=r.dtype, device=r.device)
-        hi = hi.scatter_reduce(0, inv, r, reduce="amax")
-        lo = lo.scatter_reduce(0, inv, r, reduce="amin")
+        hi = hi.scatter_reduce(0, inv, r.detach(), reduce="amax")  # only compared, never used
+        lo = lo.scatter_reduce(0, inv, r.detach(), reduce="amin")  # as a value: no gradient
         # Exact equality test: a mean of equal floats may differ from them in the last bit.
         self.constant, self.max = hi == lo, hi  # [G] bool (singletons included), [G]
         # A constant group's advantage is 0 whatever its std; using 1 there keeps sqrt'(0) = inf

@@ -222,6 +222,9 @@ def _apply_length_normalize(base: AlgoSpec, overrides: dict, problems: List[str]
     elif level not in ("sequence", "sequence_sum"):
         problems.append(f"length_normalize applies to a sequence log-ratio (reg_grpo, gspo); "
                         f"got ratio_level {level!r}; drop length_normalize")
+    elif "ratio_level" in overrides and level != ("sequence" if flag else "sequence_sum"):
+        problems.append(f"length_normalize={flag} contradicts ratio_level={level!r}; "
+                        f"pass only one of them")
     else:
         overrides["ratio_level"] = "sequence" if flag else "sequence_sum"
     return overrides

@@ -63,6 +63,10 @@ def test_reg_grpo_length_normalize():
     with pytest.raises(ValueError, match="length_normalize applies"):
         resolve_algo("grpo", length_normalize=True)
     assert any("True or False" in p for p in algo_problems("reg_grpo", length_normalize="yes"))
+    assert any("contradicts" in p for p in algo_problems(
+        "reg_grpo", length_normalize=True, ratio_level="sequence_sum"))
+    assert resolve_algo("reg_grpo", length_normalize=True, ratio_level="sequence").ratio_level \
+        == "sequence"
 
 
 def test_every_problem_is_reported_at_once():
