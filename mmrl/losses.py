@@ -14,9 +14,9 @@ denoising steps; nothing here knows which.
   step's global counts, so micro-batch losses sum to the full-batch loss.
 - :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp``.
 
-Log-ratios are clamped to ±20 before every ``exp``: exp(20) ≈ 4.9e8 is finite in fp32/bf16
-products, and a ratio that far from 1 is deep in the clipped (or saturated) region anyway, so
-the clamp only removes inf/NaN, never a useful gradient.
+Log-ratios are clamped to ±20 before every ``exp``: exp(20) ≈ 4.9e8 keeps products finite in
+fp32, and a ratio that far from 1 is either in a clipped/saturated region (zero gradient anyway)
+or would give a ~1e8·|A| gradient no optimizer step should take; the clamp removes inf/NaN.
 """
 from __future__ import annotations
 
@@ -166,8 +166,7 @@ def seq_mean_token_mean(loss, mask, *, num_seqs=None, seq_lens=None, **_):
 
     The mean is over all B rows (``num_seqs`` when global): an empty row contributes 0.
     """
-    row_len = mask.sum(-1).to(loss.dtype) if seq_lens is None else \
-        torch.as_tensor(seq_lens, dtype=loss.dtype, device=loss.device)
+    row_len = torch.as_tensor(mask.sum(-1) if seq_lens is None else seq_lens).to(loss)  # [B]
     per_row = torch.where(mask, loss, 0.0).sum(-1) / row_len.clamp(min=1)  # [B, T] -> [B]
     return per_row.sum() / _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1))
 
@@ -370,8 +369,9 @@ class PolicyLoss:
         kl_ref = None
         if ref_logp is not None:
             # Mask x *before* the estimator: exp of padding garbage would poison the backward.
-            kl_ref = torch.where(mask, _kl(_masked_log_ratio(logp, ref_logp.detach(), mask),
-                                           spec.kl), 0.0)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and spec.beta > 0):  # stat only
+                kl_ref = torch.where(mask, _kl(_masked_log_ratio(logp, ref_logp.detach(), mask),
+                                               spec.kl), 0.0)
             if spec.beta > 0:
                 # Sequence-level objectives add the sequence's token-mean KL.
                 kl = kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(kl_ref.dtype) \
