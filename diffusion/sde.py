@@ -47,14 +47,15 @@ class SDEStepOutput:
 
 
 class SDEKind(NamedTuple):
-    """One stochastic step kind.
+    """One stochastic step kind. Every kind's mean is linear in (x, v): μ = c_x·x + c_v·v.
 
-    ``mean_std(x, v, sigma, sigma_next, a, sigma_1) -> (mean, std)`` with sigma, sigma_next, a
-    already broadcast to x's rank; ``gaussian_logp``: True for a normalized Gaussian log-density,
-    False for −‖x′ − μ‖² (constants dropped, usable only inside ratios).
+    ``coefs(sigma, sigma_next, a, sigma_1) -> (c_x, c_v, std)``, all per row (broadcast to x's
+    rank), so a step costs two passes over the latent for the mean instead of one per term of the
+    formula; ``gaussian_logp``: True for a normalized Gaussian log-density, False for −‖x′ − μ‖²
+    (constants dropped, usable only inside ratios).
     """
 
-    mean_std: Callable
+    coefs: Callable
     gaussian_logp: bool
     doc: str
 
@@ -62,32 +63,32 @@ class SDEKind(NamedTuple):
 SDE_KINDS: Registry[SDEKind] = Registry("sde kind")
 
 
-def _drift_sde(x, v, sigma, dt, s):
-    # μ = x + [v + s²/(2σ)·(x + (1−σ)v)]·dt, written as the Euler step plus a correction so that
-    # s = 0 gives exactly x + v·dt (the correction is an exact +0).
-    return x + dt * v + (s * s / (2.0 * sigma)) * (x + (1.0 - sigma) * v) * dt
+def _drift_coefs(sigma, dt, s):
+    # μ = x + [v + s²/(2σ)·(x + (1−σ)v)]·dt = x·(1 + c) + v·(dt + c·(1−σ)), c = s²·dt/(2σ)
+    # (flow_grpo's own factored form).
+    c = s * s * dt / (2.0 * sigma)
+    return 1.0 + c, dt + c * (1.0 - sigma)
 
 
-def _flow_grpo(x, v, sigma, sigma_next, a, sigma_1):
+def _flow_grpo(sigma, sigma_next, a, sigma_1):
     dt = sigma_next - sigma
     # s = a·sqrt(σ/(1−σ)); at σ = 1 the ratio is infinite, flow_grpo uses σ_1 in the denominator.
-    denom = 1.0 - torch.where(sigma == 1.0, sigma_1, sigma)
-    s = a * torch.sqrt(sigma / denom)
-    return _drift_sde(x, v, sigma, dt, s), s * torch.sqrt(-dt)
+    s = a * torch.sqrt(sigma / (1.0 - torch.where(sigma == 1.0, sigma_1, sigma)))
+    return (*_drift_coefs(sigma, dt, s), s * torch.sqrt(-dt))
 
 
-def _dance(x, v, sigma, sigma_next, a, sigma_1):
+def _dance(sigma, sigma_next, a, sigma_1):
     dt = sigma_next - sigma
     # DanceGRPO's flux_step: the same drift with a constant diffusion coefficient s = η.
-    return _drift_sde(x, v, sigma, dt, a), a * torch.sqrt(-dt)
+    return (*_drift_coefs(sigma, dt, a), a * torch.sqrt(-dt))
 
 
-def _cps(x, v, sigma, sigma_next, a, sigma_1):
-    std = sigma_next * torch.sin(a * (math.pi / 2))
-    x0_hat = x - sigma * v
-    x1_hat = x + (1.0 - sigma) * v
-    # sqrt(σ′² − std²) = σ′·cos(aπ/2) exactly; the cos form cannot go negative by rounding.
-    return (1.0 - sigma_next) * x0_hat + sigma_next * torch.cos(a * (math.pi / 2)) * x1_hat, std
+def _cps(sigma, sigma_next, a, sigma_1):
+    # μ = (1−σ′)·x̂0 + sqrt(σ′² − std²)·x̂1 with x̂0 = x − σv, x̂1 = x + (1−σ)v, std = σ′·sin(aπ/2);
+    # sqrt(σ′² − std²) = σ′·cos(aπ/2) exactly, and the cos form cannot go negative by rounding.
+    c1 = sigma_next * torch.cos(a * (math.pi / 2))
+    return ((1.0 - sigma_next) + c1, -sigma * (1.0 - sigma_next) + c1 * (1.0 - sigma),
+            sigma_next * torch.sin(a * (math.pi / 2)))
 
 
 SDE_KINDS.register("flow_grpo", SDEKind(
@@ -205,25 +206,28 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
     idx = _check_step_index(i, sig, x.shape[0])
     a_row = torch.as_tensor(noise_level, dtype=dtype, device=x.device).expand(x.shape[0])
     sigma, sigma_next, a = (_rows(t, x.dim()) for t in (sig[idx], sig[idx + 1], a_row))
-    mean, std = spec.mean_std(x, v, sigma, sigma_next, a, sig[1])
-    euler = x + (sigma_next - sigma) * v
+    c_x, c_v, std = spec.coefs(sigma, sigma_next, a, sig[1])
+    mean = torch.addcmul(c_x * x, c_v, v)  # c_x·x + c_v·v
     deterministic = a == 0
-    mean = torch.where(deterministic, euler, mean)
-    std = torch.where(deterministic, torch.zeros_like(std), std)
+    if bool(deterministic.any()):  # rows at level 0 take exactly the Euler step
+        mean = torch.where(deterministic, x + (sigma_next - sigma) * v, mean)
+        std = torch.where(deterministic, torch.zeros_like(std), std)
     if prev_sample is None:
-        prev_sample = mean + std * _noise(x.shape, dtype, x.device, generator)
+        prev_sample = torch.addcmul(mean, std, _noise(x.shape, dtype, x.device, generator))
     else:
         prev_sample = prev_sample.to(dtype)
-    # The stored sample is data, not a function of θ: no gradient through it.
-    sq = (prev_sample.detach() - mean) ** 2
+    # The stored sample is data, not a function of θ: no gradient through it. std is constant per
+    # row, so the average over the non-batch dims is taken before dividing by 2·std².
+    diff = (prev_sample.detach() - mean).flatten(1)  # [B, *L] -> [B, L]
+    msq = torch.linalg.vecdot(diff, diff) / diff.shape[1]  # mean of squares per row
+    std = std.reshape(-1)
     if spec.gaussian_logp:
         safe = torch.where(std > 0, std, torch.ones_like(std))
-        logp = -sq / (2 * safe ** 2) - torch.log(safe) - _LOG_SQRT_2PI
+        logp = -msq / (2 * safe ** 2) - torch.log(safe) - _LOG_SQRT_2PI
         logp = torch.where(std > 0, logp, torch.zeros_like(logp))
     else:
-        logp = -sq
-    logp = logp.mean(dim=tuple(range(1, x.dim())))  # [B, *L] -> [B]
-    return SDEStepOutput(prev_sample, logp, mean, std.reshape(-1))
+        logp = -msq
+    return SDEStepOutput(prev_sample, logp, mean, std)
 
 
 def sde_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
