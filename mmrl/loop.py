@@ -168,8 +168,7 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
                         token_weights[rows, t0:t1].to(logp),
                         group_ids=rollout.group_ids[rows], seq_lens=seq_lens[rows], **norm)
                     loss.backward()
-                    for k, v in stats.items():
-                        totals[k] = totals.get(k, 0.0) + v.detach().float().cpu()
+                    _accumulate(totals, stats)
                     n_updates += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
@@ -179,7 +178,8 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
                 continue
             optimizer.step()
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach().cpu()
-    out = {k: v / max(n_updates, 1) for k, v in totals.items() if k != "grad_norm"}
+    out = {k: v if k.endswith(("_min", "_max")) else v / max(n_updates, 1)
+           for k, v in totals.items() if k != "grad_norm"}
     out["loss"] = totals.get("loss", torch.tensor(0.0))  # micro losses sum to the step loss
     steps = s.inner_epochs * s.num_mini_batches
     out["loss"] = out["loss"] / steps
@@ -187,6 +187,18 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
         steps - skipped, 1)
     out["skipped_updates"] = torch.tensor(float(skipped))
     return out
+
+
+def _accumulate(totals: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor]) -> None:
+    """Running sums of micro-batch stats; extremes (``*_min``/``*_max``) keep the extreme."""
+    for k, v in stats.items():
+        v = v.detach().float().cpu()
+        if k in totals and k.endswith("_min"):
+            totals[k] = torch.minimum(totals[k], v)
+        elif k in totals and k.endswith("_max"):
+            totals[k] = torch.maximum(totals[k], v)
+        else:
+            totals[k] = totals.get(k, 0.0) + v
 
 
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,

@@ -99,6 +99,7 @@ def test_off_policy_epochs_use_recomputed_old_logp():
     # epoch 1 starts at ratio 1 (old_logp recomputed by the same forward), epoch 2 moves away
     _, stats = _delta("grpo", LoopSettings(group_size=4, inner_epochs=2, num_mini_batches=2))
     assert float(stats["ratio_max"]) > 1.0 or float(stats["ratio_min"]) < 1.0
+    assert float(stats["ratio_min"]) <= float(stats["ratio_mean"]) <= float(stats["ratio_max"])
 
 
 class DigitPolicy(LinearPolicy):
