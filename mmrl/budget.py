@@ -80,9 +80,12 @@ def knapsack_allocate(success_probs: torch.Tensor, budget: int, n_min: int = 2,
     Tests check optimality against brute-force enumeration. Cost: one sort of
     ``P·(n_max − n_min)`` gains.
 
-    Differs from paper: the paper estimates p from the previous epoch and has a fallback rule
-    for prompts with p̂ ∈ {0, 1}, whose value is 0 at every n; mmrl expects smoothed estimates
-    (``PromptSelector.success_probs()`` never returns 0 or 1) and spreads ties evenly.
+    A prompt with p̂ ∈ {0, 1} has value 0 at every n, so it gets ``n_min`` unless the budget is
+    larger than the valued prompts can use; then ties spread the rest evenly.
+
+    Differs from paper: the paper adds special handling for prompts whose previous-epoch rate is
+    exactly 0 or 1; its exact rule could not be checked here (the paper's text was not
+    reachable), so mmrl does not reproduce it: such prompts get ``n_min``.
 
     Args:
         success_probs: ``[P]`` estimated success rates in [0, 1].

@@ -160,12 +160,14 @@ class PromptSelector:
         self.num_updates += 1
 
     def success_probs(self) -> torch.Tensor:
-        """Estimated success rate per prompt, ``(k_last + 1) / (n_last + 2)`` -> float64 ``[P]``.
+        """Estimated success rate per prompt, ``k_last / n_last`` -> float64 ``[num_items]``.
 
-        The last visit's rate with one pseudo-success and one pseudo-failure (Laplace), so it is
-        never exactly 0 or 1 and an unseen prompt reads 0.5.
+        The rate observed at the prompt's most recent visit (Knapsack RL's "previous epoch"
+        estimate, arXiv 2509.25849); 0.5 for a prompt never rolled out. It can be exactly 0 or
+        1; :func:`mmrl.budget.knapsack_allocate` then gives that prompt ``n_min`` rollouts.
         """
-        return (self.last_successes + 1.0) / (self.last_trials + 2.0)
+        seen = self.last_trials > 0
+        return torch.where(seen, self.last_successes / self.last_trials.clamp(min=1), 0.5)
 
     def state_dict(self) -> dict:
         """Plain numbers and cloned tensors; no RNG state (all randomness is the caller's)."""

@@ -142,8 +142,8 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
     Returns:
         dict with ``groups``, ``effective_groups``, ``trained_groups``, ``trained_effective``,
         ``rollouts``, ``effective_rollouts``, ``steps``, ``tries``, ``success_start``,
-        ``success_end`` and ``history`` (per step: rollouts spent, step effective ratio, mean
-        success).
+        ``success_end`` and ``history`` (per step: rollouts spent so far, the step's effective
+        ratio over groups and over rollouts, mean success).
     """
     spec = STRATEGIES.get(name)
     s.validate()
@@ -177,14 +177,14 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
         else:
             produce(0)
             kept = [None]
-        step_groups = step_eff = 0
+        step_groups = step_eff = step_rollouts = step_eff_rollouts = 0
         train = []
         for (sample_prompts, rewards, group_ids), keep in zip(tries, kept):
             ids, informative = informative_groups(rewards, group_ids)
             in_eff = torch.isin(group_ids, ids[informative])
             step_groups, step_eff = step_groups + ids.numel(), step_eff + int(informative.sum())
-            tot["rollouts"] += rewards.numel()
-            tot["effective_rollouts"] += int(in_eff.sum())
+            step_rollouts += rewards.numel()
+            step_eff_rollouts += int(in_eff.sum())
             rows = torch.ones_like(in_eff) if keep is None else torch.isin(group_ids, keep)
             tot["trained_groups"] += int(torch.unique(group_ids[rows]).numel())
             tot["trained_effective"] += int(torch.unique(group_ids[rows & in_eff]).numel())
@@ -192,12 +192,14 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
             train.append((sample_prompts[rows], rewards[rows], group_ids[rows] + offset))
         pop.train(*(torch.cat(parts) for parts in zip(*train)))
         pop.drift(roll_gen)
+        tot["rollouts"] += step_rollouts
+        tot["effective_rollouts"] += step_eff_rollouts
         tot["groups"] += step_groups
         tot["effective_groups"] += step_eff
         tot["steps"] += 1
         tot["tries"] += len(tries)
         history.append((tot["rollouts"], step_eff / step_groups,
-                        float(pop.success_probs().mean())))
+                        step_eff_rollouts / step_rollouts, float(pop.success_probs().mean())))
     tot["success_end"] = float(pop.success_probs().mean())
     return {**tot, "history": history}
 
@@ -250,36 +252,41 @@ def format_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _trailing_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at each step (fewer at the start)."""
+    sums = np.convolve(y, np.ones(window), mode="full")[:len(y)]
+    return sums / np.minimum(np.arange(1, len(y) + 1), window)
+
+
 def plot(results: Dict[str, List[Dict]], path: str, window: int = 10) -> str:
-    """PNG: effective-gradient ratio and mean success vs rollouts spent (seed mean)."""
+    """PNG: effective ratios (groups, rollouts) and mean success vs rollouts spent (seed mean)."""
     import matplotlib  # lazily: the core does not need matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     runs_all = [r for runs in results.values() for r in runs]
     grid = np.linspace(max(r["history"][0][0] for r in runs_all),
                        min(r["history"][-1][0] for r in runs_all), 200)
     for name, runs in results.items():
-        for col, ax in ((1, axes[0]), (2, axes[1])):
+        for col, ax in enumerate(axes, start=1):
             curves = []
             for r in runs:
                 h = np.array(r["history"], dtype=float)
-                y = h[:, col]
-                if col == 1 and len(y) >= window:  # moving average of the per-step ratio
-                    y = np.convolve(y, np.ones(window) / window, mode="same")
-                curves.append(np.interp(grid, h[:, 0], y, left=np.nan, right=np.nan))
-            ax.plot(grid, np.nanmean(np.array(curves), axis=0), label=name)
-    axes[0].set(xlabel="rollouts spent", ylabel=f"effective-gradient ratio ({window}-step avg)",
-                title="groups with non-equal rewards")
-    axes[1].set(xlabel="rollouts spent", ylabel="mean success over all prompts",
-                title="simulated progress")
-    for ax in axes:
+                y = h[:, col] if col == 3 else _trailing_mean(h[:, col], window)
+                curves.append(np.interp(grid, h[:, 0], y))
+            ax.plot(grid, np.mean(curves, axis=0), label=name)
+    titles = ("share of groups with non-equal rewards", "share of rollouts in such groups",
+              "simulated progress")
+    ylabels = (f"effective ratio, groups ({window}-step mean)",
+               f"effective ratio, rollouts ({window}-step mean)", "mean success over all prompts")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
+        ax.set(xlabel="rollouts spent", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-    axes[1].legend()
+    axes[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -107,6 +107,16 @@ def test_uniform_selector_covers_every_prompt_once_per_epoch():
     assert all(picks.count(i) == 2 for i in range(10))
 
 
+def test_last_visit_success_estimate():
+    sel = make_selector("uniform", 4)
+    sel.update(torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([1.0, 1, 0, 0, 1, 1]),
+               torch.tensor([0, 0, 0, 0, 1, 1]))
+    sel.update(torch.tensor([0, 0, 2, 2]), torch.tensor([0.0, 0, 1, 0]), torch.tensor([0, 0, 1, 1]))
+    # prompt 0: newest visit 0/2 replaces 2/4; prompt 1: 2/2; 2: 1/2; 3: never seen -> 0.5
+    assert sel.success_probs().tolist() == [0.0, 1.0, 0.5, 0.5]
+    assert sel.last_trials.tolist() == [2.0, 2.0, 2.0, 0.0]
+
+
 def test_variance_aware_draws_from_high_variance_prompts():
     sel = VarianceAwareSelector(10, mix=1.0, floor=1e-9)
     rewards = torch.tensor([1.0, 0.0] * 5 + [1.0, 1.0] * 5)  # prompts 0-4: p = 0.5; 5-9: p = 1
@@ -151,7 +161,8 @@ def test_selector_conformance_and_exact_resume(name):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
-    assert ((sel.success_probs() > 0) & (sel.success_probs() < 1)).all()
+    probs = sel.success_probs()
+    assert probs.dtype == torch.float64 and ((probs >= 0) & (probs <= 1)).all()
 
 
 def test_load_state_dict_mismatch_errors():
