@@ -1,0 +1,713 @@
+"""Verifiable rewards for video/image question answering (Video-R1, TW-GRPO, DAPO).
+
+Every reward here is a callable in the core interface ``fn(samples, prompts, metadata) -> [B]``
+(float32 tensor) and composes with :class:`mmrl.reward_fn.CombinedReward` as a named column.
+``samples`` are completions: strings, ``None``, bytes, or chat messages
+(``[{"role": "assistant", "content": ...}]``); ``metadata[i]`` carries the ground truth:
+
+- ``solution``: ``"<answer>B</answer>"`` (Video-R1) or ``"B"``; letters ``"A,C"`` for a
+  multi-answer question; a number; a ``[start, end]`` pair for temporal grounding;
+- ``problem_type``: Video-R1's ``"multiple choice"``, ``"numerical"``, ``"regression"``,
+  ``"OCR"``, ``"free-form"``, or ``"temporal grounding"`` (case, ``-`` and ``_`` ignored);
+- ``options``: ``["A. red", "B. blue"]`` (used to read an answer that quotes an option's text);
+- ``completion_length``: tokens in the completion (for :class:`SoftOverlong`).
+
+Parsing never raises on model output: empty text, missing/duplicated/nested tags, prose, unicode
+and megabyte strings score 0 or a partial value, in time linear in the output's length (the
+quadratic parts, WER and LCS, are bounded by the ground truth's length). A ground truth that
+cannot be read is a data error: it gives NaN (``on_bad_label="nan"``, which the loop drops and
+counts) or raises (``"raise"``). Registered names (``VL_REWARDS``): ``think_answer_format``,
+``choice_subset``, ``choice_exact``, ``number_exact``, ``relative_error``, ``word_error``,
+``rouge_f``, ``temporal_iou``, ``accuracy`` (dispatch on ``problem_type``), ``soft_overlong``.
+Formulas: ../shared/ALGORITHMS.md, "Rewards for VLM tasks".
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from mmrl.registry import Registry
+from mmrl.reward_fn import CombinedReward
+from mmrl.shaping import soft_overlong_penalty
+
+__all__ = [
+    "VL_REWARDS", "PROBLEM_TYPES", "completion_text", "extract_tag", "extract_answer",
+    "solution_text", "option_table", "parse_choice_letters", "parse_number", "parse_interval",
+    "think_answer_format_score", "choice_subset_score", "choice_exact_score",
+    "number_exact_score", "relative_error_score", "word_error_rate", "lcs_length", "rouge_n_f",
+    "rouge_f", "interval_iou", "ThinkAnswerFormat", "ChoiceSubset", "ChoiceExact", "NumberExact",
+    "RelativeError", "WordError", "RougeF", "TemporalIoU", "Accuracy", "SoftOverlong",
+    "build_vl_reward", "normalize_problem_type",
+]
+
+# ----------------------------------------------------------------------------- text access
+
+
+def completion_text(sample: Any) -> str:
+    """The text of one completion: ``str`` as is, ``None`` -> "", bytes decoded (UTF-8,
+    invalid bytes replaced), chat messages -> the last message's ``content``, else ``str(x)``."""
+    if sample is None:
+        return ""
+    if isinstance(sample, str):
+        return sample
+    if isinstance(sample, (bytes, bytearray)):
+        return bytes(sample).decode("utf-8", errors="replace")
+    if isinstance(sample, Mapping):
+        return completion_text(sample.get("content"))
+    if isinstance(sample, (list, tuple)):
+        if not sample:
+            return ""
+        if all(isinstance(m, Mapping) for m in sample):
+            return completion_text(sample[-1])
+        if all(isinstance(m, Mapping) or isinstance(m, str) for m in sample):
+            return "".join(m if isinstance(m, str) else str(m.get("text", "")) for m in sample)
+    return str(sample)
+
+
+def extract_tag(text: str, tag: str) -> Optional[str]:
+    """The inside of the **last** complete ``<tag>…</tag>`` block, stripped; None when there is none.
+
+    Linear time (``str.rfind``), so a megabyte of unclosed tags costs one scan. The last block is
+    the final answer when a model drafts one inside its reasoning.
+    Differs from Video-R1/TW-GRPO: they take the first block (``re.search``).
+    """
+    close = text.rfind(f"</{tag}>")
+    if close < 0:
+        return None
+    start = text.rfind(f"<{tag}>", 0, close)
+    if start < 0:
+        return None
+    return text[start + len(tag) + 2:close].strip()
+
+
+def extract_answer(sample: Any, answer_source: str = "tag") -> Optional[str]:
+    """The model's answer: the last ``<answer>…</answer>`` block of the completion.
+
+    Args:
+        sample: a completion (see :func:`completion_text`).
+        answer_source: ``"tag"`` (no block -> None, scored 0) or ``"tag_or_text"`` (no block ->
+            the whole completion, stripped; TW-GRPO's fallback).
+    """
+    text = completion_text(sample)
+    inside = extract_tag(text, "answer")
+    if inside is None and answer_source == "tag_or_text":
+        return text.strip()
+    return inside
+
+
+def solution_text(solution: Any) -> str:
+    """Ground truth as text: ``"<answer>B</answer>"`` -> ``"B"``; numbers and lists via ``str``."""
+    text = completion_text(solution)
+    inside = extract_tag(text, "answer")
+    return (inside if inside is not None else text).strip()
+
+
+def normalize_problem_type(problem_type: Any) -> str:
+    """``"Multiple-Choice"`` -> ``"multiple choice"``; ``"OCR"`` -> ``"ocr"``."""
+    return re.sub(r"[\s_\-]+", " ", str(problem_type)).strip().lower()
+
+
+# ----------------------------------------------------------------------------- parsers
+
+_OPTION_HEAD = re.compile(r"^\s*[(\[]?\s*([A-Z])\s*(?:[)\].:：]|\s-)\s*(.*)$", re.S)
+_ITEM = re.compile(r"^([(\[{])?\s*([A-Za-z])\s*([)\]}])?\s*([.:：\-]\s*)?(.*)$", re.S)
+MAX_CHOICE_CHARS = 4096  # longer than any list of letters plus an option's text
+_SPLIT = re.compile(r"\s*(?:[,;，、；/&]|\band\b)\s*", re.I)
+
+
+def option_table(options: Optional[Sequence[Any]]) -> List[Tuple[str, str]]:
+    """``["A. red", "(B) blue", "green"]`` -> ``[("A", "red"), ("B", "blue"), ("C", "green")]``.
+
+    A leading letter (``A.``, ``A)``, ``(A)``, ``A:``) is read; an option without one gets the
+    letter of its position.
+    """
+    table = []
+    for i, opt in enumerate(options or []):
+        text = completion_text(opt)
+        head = _OPTION_HEAD.match(text)
+        if head:
+            table.append((head.group(1), head.group(2).strip()))
+        else:
+            table.append((chr(ord("A") + i) if i < 26 else f"#{i}", text.strip()))
+    return table
+
+
+def _item_letter(item: str, by_text: Mapping[str, str]) -> Optional[str]:
+    m = _ITEM.match(item)
+    if m:
+        opened, letter, closed, punct, rest = m.groups()
+        if not rest or closed or punct:
+            if not (opened and not closed):  # "(A" is not a letter item
+                return letter.upper()
+    key = item.strip().rstrip(".").strip().lower()
+    return by_text.get(key) if key else None
+
+
+def parse_choice_letters(answer: Optional[str],
+                         options: Optional[Sequence[Any]] = None) -> Optional[frozenset]:
+    """The set of option letters in an answer, or None when it is not a list of options.
+
+    Accepted: letters separated by ``,`` ``;`` ``/`` ``&`` ``and`` or spaces (``"A, C"``,
+    ``"A and C"``, ``"A C"``), each optionally bracketed or followed by its text (``"(A)"``,
+    ``"A. red"``, ``"B) blue"``), or an option's exact text (``"red"`` -> its letter, when
+    ``options`` are given). Anything else (prose such as ``"I think A"``, hedges such as
+    ``"A or B"``, empty text, more than ``MAX_CHOICE_CHARS`` characters) is None, which every
+    choice reward scores 0.
+    """
+    if answer is None or len(answer) > MAX_CHOICE_CHARS:
+        return None
+    answer = answer.strip()
+    if not answer:
+        return None
+    by_text = {t.lower(): letter for letter, t in option_table(options) if t}
+    whole = _item_letter(answer, by_text)  # "A. salt and pepper" is one item, not two
+    if whole is not None:
+        return frozenset(whole)
+    letters = set()
+    for item in _SPLIT.split(answer):
+        if not item:
+            continue
+        letter = _item_letter(item, by_text)
+        if letter is None:
+            words = item.split()
+            if len(words) < 2:
+                return None
+            sub = [_item_letter(w, {}) for w in words]
+            if any(s is None or len(w.strip("()[]{}.:")) != 1 for s, w in zip(sub, words)):
+                return None
+            letters.update(sub)
+        else:
+            letters.add(letter)
+    return frozenset(letters) if letters else None
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+",
+                     re.ASCII)
+
+
+def _to_float(token: str) -> Optional[float]:
+    try:
+        value = float(token.replace(",", ""))
+    except (ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _numbers(text: str, limit: int):
+    out = []
+    for m in _NUMBER.finditer(text.replace("−", "-")):
+        out.append(m.group(0))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def parse_number(answer: Any) -> Optional[float]:
+    """A finite float from an answer: the whole text if it is a number (``"1,234.5"``), else the
+    only number in it (``"42 meters"``); None when there is none, several (``"3 or 4"``), or it
+    is not finite. Numbers pass through (``True``/``False`` do not)."""
+    if isinstance(answer, bool) or answer is None:
+        return None
+    if isinstance(answer, (int, float)):
+        return float(answer) if math.isfinite(answer) else None
+    text = completion_text(answer).strip()
+    if not text:
+        return None
+    whole = _to_float(text) if _NUMBER.fullmatch(text.replace("−", "-")) else None
+    if whole is not None:
+        return whole
+    found = _numbers(text, limit=2)
+    if len(found) != 1:
+        return None
+    return _to_float(found[0])
+
+
+def parse_interval(answer: Any) -> Optional[Tuple[float, float]]:
+    """``[start, end]`` from ``"[12.5, 20]"``, ``"12.5 - 20 s"``, ``"from 12.5 to 20"`` or a pair of
+    numbers: the first two numbers; None with fewer than two or non-finite values. A reversed
+    pair is returned as given (:func:`interval_iou` scores it 0)."""
+    if isinstance(answer, (list, tuple)) and len(answer) == 2:
+        a, b = parse_number(answer[0]), parse_number(answer[1])
+        return None if a is None or b is None else (a, b)
+    text = completion_text(answer)
+    # "12.5-20": split a range dash from a sign before reading numbers
+    found = _numbers(re.sub(r"(?<=\d)\s*-\s*(?=[\d.])", " to ", text, count=1), limit=2)
+    if len(found) < 2:
+        return None
+    a, b = _to_float(found[0]), _to_float(found[1])
+    return None if a is None or b is None else (a, b)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def think_answer_format_score(sample: Any) -> float:
+    """1.0 iff the completion is exactly one ``<think>…</think>`` then one ``<answer>…</answer>``.
+
+    Whitespace is allowed before, between and after the two blocks; any other text, a second or
+    nested tag, or a missing tag gives 0.0. Linear time.
+    Differs from Video-R1: its ``re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>")``
+    accepts a second ``<think>`` inside the first block; here every tag must occur once.
+    """
+    text = completion_text(sample).strip()
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    if any(text.count(t) != 1 for t in tags):
+        return 0.0
+    pos = [text.find(t) for t in tags]
+    if pos[0] != 0 or not pos[0] < pos[1] < pos[2] < pos[3]:
+        return 0.0
+    between = text[pos[1] + len(tags[1]):pos[2]]
+    if between.strip() or pos[3] + len(tags[3]) != len(text):
+        return 0.0
+    return 1.0
+
+
+def choice_subset_score(pred: Optional[frozenset], truth: frozenset) -> float:
+    """TW-GRPO soft multi-choice (arXiv 2505.24718): |P|/|S| if ∅ ≠ P ⊆ S else 0."""
+    if not pred or not truth or not pred <= truth:
+        return 0.0
+    return len(pred) / len(truth)
+
+
+def choice_exact_score(pred: Optional[frozenset], truth: frozenset) -> float:
+    """Strict multi-choice: 1 iff P = S (a single-answer question: the one right letter)."""
+    return 1.0 if pred and pred == truth else 0.0
+
+
+def number_exact_score(pred: Optional[float], truth: float, decimals: int = 2) -> float:
+    """Video-R1 numerical: 1 iff round(pred, 2) == round(truth, 2).
+
+    Differs from Video-R1: it also scores 0 when only one of the two strings has a decimal point
+    (``"3.0"`` vs ``"3"``); here the values decide."""
+    if pred is None:
+        return 0.0
+    return 1.0 if round(pred, decimals) == round(truth, decimals) else 0.0
+
+
+def relative_error_score(pred: Optional[float], truth: float) -> float:
+    """Video-R1 regression: 1 − min(1, |pred − truth| / |truth|); truth 0 -> 1 iff pred == 0.
+
+    Differs from Video-R1: it adds 1e-9 to both sides of the ratio; the limit is the same."""
+    if pred is None:
+        return 0.0
+    if truth == 0.0:
+        return 1.0 if pred == 0.0 else 0.0
+    diff = abs(pred - truth)
+    if not math.isfinite(diff):
+        return 0.0
+    return 1.0 - min(1.0, diff / abs(truth))
+
+
+def _edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = prev[j - 1] if r == h else 1 + min(prev[j], cur[j - 1], prev[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance / max(1, words in the reference) (whitespace words,
+    case-sensitive, as Video-R1's ``wer``). O(m·n) time, O(n) memory."""
+    return _edit_distance(reference.split(), hypothesis.split()) / max(1, len(reference.split()))
+
+
+def _ocr_score(reference: str, hypothesis: str) -> float:
+    """1 − min(1, WER); the edit distance is ≥ |n − m|, so a hypothesis of ≥ 2m words is 0
+    without the O(m·n) table (a megabyte of output costs one split)."""
+    ref, hyp = reference.split(), hypothesis.split()
+    m = max(1, len(ref))
+    if abs(len(hyp) - len(ref)) >= m:
+        return 0.0
+    return max(0.0, 1.0 - _edit_distance(ref, hyp) / m)
+
+
+def _rouge_tokens(text: str) -> List[str]:
+    """Lower-cased runs of letters/digits (rouge_score's tokenizer, extended to unicode)."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common subsequence, bit-parallel (Allison & Dix 1986).
+
+    O(len(long) · len(short)/64) word operations with Python ints as bit vectors; tokens of the
+    longer sequence absent from the shorter one cost one dict lookup."""
+    if len(a) < len(b):
+        a, b = b, a
+    masks: Dict[Any, int] = {}
+    for i, tok in enumerate(b):
+        masks[tok] = masks.get(tok, 0) | (1 << i)
+    full = (1 << len(b)) - 1
+    v = full
+    for tok in a:
+        m = masks.get(tok)
+        if m is None:
+            continue
+        u = v & m
+        v = ((v + u) | (v - u)) & full
+    return len(b) - bin(v).count("1")
+
+
+def _f1(overlap: float, n_pred: int, n_ref: int) -> float:
+    if overlap <= 0 or n_pred == 0 or n_ref == 0:
+        return 0.0
+    p, r = overlap / n_pred, overlap / n_ref
+    return 2 * p * r / (p + r)
+
+
+def rouge_n_f(ref_tokens: Sequence[str], hyp_tokens: Sequence[str], n: int) -> float:
+    """ROUGE-N F-measure: clipped n-gram overlap, F = 2PR/(P+R) (0 when either side is empty)."""
+    ref = Counter(zip(*[ref_tokens[k:] for k in range(n)]))
+    hyp = Counter(zip(*[hyp_tokens[k:] for k in range(n)]))
+    overlap = sum((ref & hyp).values())
+    return _f1(overlap, sum(hyp.values()), sum(ref.values()))
+
+
+def rouge_f(reference: str, hypothesis: str) -> float:
+    """Video-R1 free-form: mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measures.
+
+    Differs from Video-R1: no Porter stemming (it uses ``rouge_score`` with ``use_stemmer=True``,
+    an extra dependency), and unicode letters count as word characters.
+    """
+    ref, hyp = _rouge_tokens(reference), _rouge_tokens(hypothesis)
+    if not ref or not hyp:
+        return 0.0
+    rouge_l = _f1(lcs_length(ref, hyp), len(hyp), len(ref))
+    return (rouge_n_f(ref, hyp, 1) + rouge_n_f(ref, hyp, 2) + rouge_l) / 3.0
+
+
+def interval_iou(pred: Optional[Tuple[float, float]], truth: Tuple[float, float]) -> float:
+    """Temporal IoU of ``[start, end]`` intervals; a missing or reversed prediction is 0; two
+    identical points are 1."""
+    if pred is None or pred[0] > pred[1]:
+        return 0.0
+    inter = max(0.0, min(pred[1], truth[1]) - max(pred[0], truth[0]))
+    union = max(pred[1], truth[1]) - min(pred[0], truth[0])
+    if not math.isfinite(union) or union <= 0.0:
+        return 1.0 if tuple(pred) == tuple(truth) else 0.0
+    return inter / union
+
+
+# ----------------------------------------------------------------------------- rewards
+
+ANSWER_SOURCES = ("tag", "tag_or_text")
+BAD_LABEL_POLICIES = ("nan", "raise")
+
+
+class _BadLabel(ValueError):
+    """A ground truth that cannot be read (data error, not a model error)."""
+
+
+def _check_batch(samples, metadata, who: str) -> None:
+    if metadata is None or len(metadata) != len(samples):
+        got = "None" if metadata is None else f"{len(metadata)} dicts"
+        raise ValueError(f"reward {who!r} got {len(samples)} samples and metadata {got}; pass one "
+                         f"metadata dict per sample (with 'solution', 'problem_type', ...)")
+
+
+class VLReward:
+    """Base of the answer rewards: ``fn(samples, prompts, metadata) -> float32 [B]``.
+
+    Subclasses define ``truth(meta)`` (read the ground truth, raising ``_BadLabel``) and
+    ``score(answer, truth, meta)`` (a float for one extracted answer, which may be None).
+
+    Args:
+        answer_source: ``"tag"`` (the answer must be inside ``<answer>…</answer>``) or
+            ``"tag_or_text"`` (fall back to the whole completion, as TW-GRPO does).
+        on_bad_label: ``"nan"`` (an unreadable ground truth gives NaN: the loop drops and counts
+            that sample) or ``"raise"`` (``ValueError`` naming the sample).
+    """
+
+    name = "vl_reward"
+    needs: Tuple[str, ...] = ("solution",)
+
+    def __init__(self, answer_source: str = "tag", on_bad_label: str = "nan"):
+        for arg, value, allowed in (("answer_source", answer_source, ANSWER_SOURCES),
+                                    ("on_bad_label", on_bad_label, BAD_LABEL_POLICIES)):
+            if value not in allowed:
+                raise ValueError(f"{type(self).__name__}: {arg}={value!r}; expected one of "
+                                 f"{', '.join(map(repr, allowed))}")
+        self.answer_source, self.on_bad_label = answer_source, on_bad_label
+
+    def truth(self, meta: Mapping[str, Any]) -> Any:
+        return solution_text(meta["solution"])
+
+    def score(self, answer: Optional[str], truth: Any, meta: Mapping[str, Any]) -> float:
+        raise NotImplementedError
+
+    def score_one(self, sample: Any, meta: Mapping[str, Any], index: int = 0) -> float:
+        """The reward of one completion (NaN for an unreadable ground truth)."""
+        if not isinstance(meta, Mapping):
+            raise TypeError(f"reward {self.name!r}: metadata[{index}] is {type(meta).__name__}; "
+                            f"expected a dict with keys {list(self.needs)}")
+        missing = [k for k in self.needs if k not in meta]
+        if missing:
+            raise ValueError(f"reward {self.name!r}: metadata[{index}] has no {missing} (keys: "
+                             f"{sorted(meta)[:10]}); add them to each sample's metadata, e.g. "
+                             f"from mmrl.video.data records")
+        try:
+            truth = self.truth(meta)
+        except _BadLabel as err:
+            if self.on_bad_label == "raise":
+                raise ValueError(f"reward {self.name!r}: metadata[{index}]: {err}; fix the record "
+                                 f"or use on_bad_label='nan' to drop such samples") from None
+            return math.nan
+        return float(self.score(extract_answer(sample, self.answer_source), truth, meta))
+
+    def __call__(self, samples: Sequence[Any], prompts: Sequence[Any],
+                 metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        _check_batch(samples, metadata, self.name)
+        return torch.tensor([self.score_one(s, m, i) for i, (s, m) in
+                             enumerate(zip(samples, metadata))], dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(answer_source={self.answer_source!r})"
+
+
+class ThinkAnswerFormat(VLReward):
+    """Format reward: :func:`think_answer_format_score` (needs no metadata)."""
+
+    name = "think_answer_format"
+    needs = ()
+
+    def __init__(self):
+        super().__init__()
+
+    def score_one(self, sample: Any, meta: Mapping[str, Any], index: int = 0) -> float:
+        return think_answer_format_score(sample)
+
+    def __call__(self, samples, prompts, metadata=None) -> torch.Tensor:
+        return torch.tensor([think_answer_format_score(s) for s in samples], dtype=torch.float32)
+
+
+class ChoiceSubset(VLReward):
+    """TW-GRPO soft multi-choice: :func:`choice_subset_score` on the parsed letter sets."""
+
+    name = "choice_subset"
+
+    def truth(self, meta):
+        letters = parse_choice_letters(solution_text(meta["solution"]), meta.get("options"))
+        if not letters:
+            raise _BadLabel(f"solution {str(meta['solution'])[:60]!r} is not a list of option "
+                            f"letters (expected e.g. '<answer>B</answer>' or 'A,C')")
+        return letters
+
+    def score(self, answer, truth, meta):
+        return choice_subset_score(parse_choice_letters(answer, meta.get("options")), truth)
+
+
+class ChoiceExact(ChoiceSubset):
+    """Strict multi-choice (Video-R1 "multiple choice"): :func:`choice_exact_score`."""
+
+    name = "choice_exact"
+
+    def score(self, answer, truth, meta):
+        return choice_exact_score(parse_choice_letters(answer, meta.get("options")), truth)
+
+
+class NumberExact(VLReward):
+    """Video-R1 numerical: :func:`number_exact_score` (``decimals`` = 2)."""
+
+    name = "number_exact"
+
+    def __init__(self, decimals: int = 2, answer_source: str = "tag", on_bad_label: str = "nan"):
+        super().__init__(answer_source, on_bad_label)
+        self.decimals = int(decimals)
+
+    def truth(self, meta):
+        value = parse_number(solution_text(meta["solution"]))
+        if value is None:
+            raise _BadLabel(f"solution {str(meta['solution'])[:60]!r} is not one finite number")
+        return value
+
+    def score(self, answer, truth, meta):
+        return number_exact_score(parse_number(answer), truth, self.decimals)
+
+
+class RelativeError(NumberExact):
+    """Video-R1 regression: :func:`relative_error_score`."""
+
+    name = "relative_error"
+
+    def __init__(self, answer_source: str = "tag", on_bad_label: str = "nan"):
+        super().__init__(2, answer_source, on_bad_label)
+
+    def score(self, answer, truth, meta):
+        return relative_error_score(parse_number(answer), truth)
+
+
+class WordError(VLReward):
+    """Video-R1 OCR: 1 − min(1, WER) with whitespace words (:func:`word_error_rate`)."""
+
+    name = "word_error"
+
+    def score(self, answer, truth, meta):
+        return 0.0 if answer is None else _ocr_score(truth, answer)
+
+
+class RougeF(VLReward):
+    """Video-R1 free-form: :func:`rouge_f`, the mean ROUGE-1/2/L F-measure."""
+
+    name = "rouge_f"
+
+    def truth(self, meta):
+        text = solution_text(meta["solution"])
+        if not _rouge_tokens(text):
+            raise _BadLabel(f"solution {str(meta['solution'])[:60]!r} has no words to compare")
+        return text
+
+    def score(self, answer, truth, meta):
+        return 0.0 if answer is None else rouge_f(truth, answer)
+
+
+class TemporalIoU(VLReward):
+    """Temporal grounding: :func:`interval_iou` of the predicted and true ``[start, end]``."""
+
+    name = "temporal_iou"
+
+    def truth(self, meta):
+        sol = meta["solution"]
+        interval = parse_interval(sol if isinstance(sol, (list, tuple)) else solution_text(sol))
+        if interval is None or interval[0] > interval[1]:
+            raise _BadLabel(f"solution {str(sol)[:60]!r} is not an interval [start, end] with "
+                            f"start <= end")
+        return interval
+
+    def score(self, answer, truth, meta):
+        return interval_iou(parse_interval(answer) if answer is not None else None, truth)
+
+
+PROBLEM_TYPES: Dict[str, type] = {
+    "multiple choice": ChoiceExact, "numerical": NumberExact, "regression": RelativeError,
+    "ocr": WordError, "free form": RougeF, "temporal grounding": TemporalIoU,
+}
+
+
+class Accuracy(VLReward):
+    """Video-R1 accuracy: per sample, the reward of its ``problem_type`` (mixed batches allowed).
+
+    ``multiple choice`` -> :class:`ChoiceExact` (``choice="exact"``, Video-R1) or
+    :class:`ChoiceSubset` (``choice="subset"``, TW-GRPO partial credit); ``numerical`` ->
+    :class:`NumberExact`; ``regression`` -> :class:`RelativeError`; ``OCR`` ->
+    :class:`WordError`; ``free-form`` -> :class:`RougeF`; ``temporal grounding`` ->
+    :class:`TemporalIoU`. An unknown type is a bad label (NaN or ``ValueError``).
+    Differs from Video-R1: it reads the type of the batch's first sample only.
+    """
+
+    name = "accuracy"
+    needs = ("solution", "problem_type")
+
+    def __init__(self, choice: str = "exact", decimals: int = 2, answer_source: str = "tag",
+                 on_bad_label: str = "nan"):
+        super().__init__(answer_source, on_bad_label)
+        if choice not in ("exact", "subset"):
+            raise ValueError(f"Accuracy: choice={choice!r}; expected 'exact' (Video-R1) or "
+                             f"'subset' (TW-GRPO partial credit)")
+        self.choice = choice
+        common = dict(answer_source=answer_source, on_bad_label=on_bad_label)
+        self.by_type: Dict[str, VLReward] = {
+            k: cls(**common) for k, cls in PROBLEM_TYPES.items() if cls is not NumberExact}
+        self.by_type["numerical"] = NumberExact(decimals, **common)
+        if choice == "subset":
+            self.by_type["multiple choice"] = ChoiceSubset(**common)
+
+    def _reward_for(self, meta) -> VLReward:
+        kind = normalize_problem_type(meta["problem_type"])
+        if kind not in self.by_type:
+            raise _BadLabel(f"problem_type {meta['problem_type']!r} is not one of "
+                            f"{sorted(self.by_type)}")
+        return self.by_type[kind]
+
+    def truth(self, meta):
+        reward = self._reward_for(meta)
+        return reward, reward.truth(meta)
+
+    def score(self, answer, truth, meta):
+        reward, value = truth
+        return reward.score(answer, value, meta)
+
+
+class SoftOverlong(VLReward):
+    """DAPO soft overlong penalty in [−1, 0] from ``metadata[i][length_key]`` (token counts);
+    the formula is :func:`mmrl.shaping.soft_overlong_penalty`.
+
+    Args:
+        max_len: L_max, the generation limit (DAPO 20480).
+        cache_len: L_cache, the ramp width (DAPO 4096).
+        length_key: the metadata key holding each completion's length in tokens.
+    """
+
+    name = "soft_overlong"
+
+    def __init__(self, max_len: int, cache_len: int, length_key: str = "completion_length"):
+        super().__init__()
+        soft_overlong_penalty([0], max_len, cache_len)  # validates the two lengths
+        self.max_len, self.cache_len, self.length_key = int(max_len), int(cache_len), length_key
+        self.needs = (length_key,)
+
+    def __call__(self, samples, prompts, metadata) -> torch.Tensor:
+        _check_batch(samples, metadata, self.name)
+        lengths = []
+        for i, meta in enumerate(metadata):
+            value = meta.get(self.length_key) if isinstance(meta, Mapping) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"reward 'soft_overlong': metadata[{i}][{self.length_key!r}] is "
+                                 f"{value!r}; expected the completion's length in tokens (the "
+                                 f"trainer fills it; set length_key= if yours uses another key)")
+            lengths.append(float(value))
+        return soft_overlong_penalty(torch.tensor(lengths), self.max_len, self.cache_len)
+
+    def __repr__(self) -> str:
+        return f"SoftOverlong(max_len={self.max_len}, cache_len={self.cache_len})"
+
+
+VL_REWARDS: Registry[Callable[..., VLReward]] = Registry("vl reward")
+for _cls in (ThinkAnswerFormat, ChoiceSubset, ChoiceExact, NumberExact, RelativeError, WordError,
+             RougeF, TemporalIoU, Accuracy, SoftOverlong):
+    VL_REWARDS.register(_cls.name, _cls)
+
+
+def _construct(name: str, options: Mapping[str, Any]) -> VLReward:
+    cls = VL_REWARDS.get(name)
+    try:
+        return cls(**options)
+    except TypeError as err:
+        import inspect
+        accepted = [p for p in inspect.signature(cls).parameters]
+        raise TypeError(f"vl reward {name!r}: bad options {dict(options)} ({err}); it accepts "
+                        f"{accepted or 'no options'}") from None
+
+
+def build_vl_reward(spec: Union[Sequence[str], Mapping[str, Any]]) -> CombinedReward:
+    """A :class:`~mmrl.reward_fn.CombinedReward` of registered rewards, one column each.
+
+    ``spec`` is a list of names (weight 1 each) or ``{name: weight}`` or
+    ``{name: {"weight": w, **options}}``, e.g.
+    ``{"think_answer_format": 0.5, "accuracy": {"weight": 1.0, "choice": "subset"},
+    "soft_overlong": {"max_len": 1024, "cache_len": 256}}``. ``.weights`` of the result feeds the
+    multi-reward advantages.
+
+    Raises:
+        ValueError: an unknown name (with the closest registered one) or an empty spec.
+        TypeError: options a reward does not take, or a weight that is not a number.
+    """
+    if isinstance(spec, str):
+        spec = [spec]
+    items = spec.items() if isinstance(spec, Mapping) else [(n, 1.0) for n in spec]
+    rewards: Dict[str, Any] = {}
+    for name, entry in items:
+        options = dict(entry) if isinstance(entry, Mapping) else {"weight": entry}
+        weight = options.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"vl reward {name!r}: weight {weight!r} is not a number")
+        rewards[name] = (_construct(name, options), float(weight))
+    if not rewards:
+        raise ValueError(f"build_vl_reward got an empty spec; name at least one of "
+                         f"{', '.join(VL_REWARDS.names())}")
+    return CombinedReward(rewards)
