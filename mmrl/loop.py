@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -201,21 +201,67 @@ def _accumulate(totals: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor])
             totals[k] = totals.get(k, 0.0) + v
 
 
+def _call(fn, timeout: Optional[float], *args):
+    if not timeout:
+        return fn(*args)
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, *args).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False)  # a hung reward thread is abandoned, not waited for
+
+
+def robust_reward(reward_fn, rollout: Rollout, retries: int = 2,
+                  timeout: Optional[float] = None) -> Tuple[RewardBatch, Optional[str]]:
+    """Rewards for a rollout; a reward that raises or times out never stops the run.
+
+    The batch call is tried ``1 + retries`` times; if it still fails, each sample is scored on
+    its own so that only the samples that fail get NaN (and are then dropped and counted).
+
+    Returns:
+        the :class:`RewardBatch` and the last error message (None when nothing failed).
+    """
+    args = (reward_fn, rollout.samples, rollout.prompts, rollout.metadata)
+    error = None
+    for _ in range(retries + 1):
+        try:
+            return _call(evaluate_reward, timeout, *args), error
+        except Exception as err:  # noqa: BLE001 - any reward failure is retried, then isolated
+            error = f"{type(err).__name__}: {err}" or "timeout"
+    rows, names = [], None
+    for i in range(len(rollout)):
+        try:
+            one = _call(evaluate_reward, timeout, reward_fn, rollout.samples[i:i + 1],
+                        rollout.prompts[i:i + 1], rollout.metadata[i:i + 1])
+            names = names or one.names
+            rows.append(one.values[0])
+        except Exception as err:  # noqa: BLE001
+            error, rows = f"{type(err).__name__}: {err}", rows + [None]
+    names = names or [getattr(reward_fn, "name", "reward")]
+    nan = torch.full((len(names),), float("nan"))
+    values = torch.stack([nan if r is None or r.shape != nan.shape else r for r in rows]) \
+        if rows else torch.zeros(0, len(names))
+    return RewardBatch(values, names, torch.isfinite(values).all(1)), error
+
+
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
                reward_fn, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
                s: LoopSettings, generator: torch.Generator, *,
                multi_reward: str = "sum_then_normalize",
-               reward_weights: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+               reward_weights: Optional[Dict[str, float]] = None, reward_retries: int = 2,
+               reward_timeout: Optional[float] = None) -> Dict[str, Any]:
     """One GRPO iteration; returns metrics (python floats) and the rewards for selectors."""
     with torch.no_grad():
         rollout = policy.rollout(list(prompts), list(metadata), s.group_size, generator)
-    rewards = evaluate_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata)
+    rewards, error = robust_reward(reward_fn, rollout, reward_retries, reward_timeout)
     dropped = rewards.num_invalid
-    if dropped:  # NaN/inf rewards: drop those samples, count them, carry on
+    if dropped:  # NaN/inf or failed rewards: drop those samples, count them, carry on
         rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
     metrics: Dict[str, Any] = {"dropped_samples": float(dropped), "samples": float(len(rollout))}
+    extra = {"rollout": rollout, "rewards": rewards, "reward_error": error}
     if len(rollout) == 0:
-        return {**metrics, "skipped_updates": 1.0, "rollout": rollout, "rewards": rewards}
+        return {**metrics, "skipped_updates": 1.0, **extra}
     adv = compute_advantages(rewards, rollout.group_ids, loss_fn, multi_reward, reward_weights)
     tw = policy.token_weights(rollout) if loss_fn.spec.needs_token_weights else None
     stats = update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw)
@@ -227,4 +273,4 @@ def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: P
     metrics.update(stats)
     metrics = {k: float(v) for k, v in metrics.items()}  # one host sync, here, per step
     metrics["tokens"] = float(rollout.mask.sum())
-    return {**metrics, "rollout": rollout, "rewards": rewards}
+    return {**metrics, **extra}

@@ -1,8 +1,16 @@
-"""Drive the shared loop for a whole run: seeding, prompt order, metrics, progress, final weights."""
+"""Drive the shared loop for a whole run: seeding, prompt order, checkpoints and exact resume,
+signals, metrics, progress, final weights.
+
+Checkpoints (``mmrl.checkpoint``) hold the trainable weights, the optimizer, every RNG and the
+prompt selector's state, so a run resumed from step k ends with the same weights, bit for bit
+on CPU, as a run that was never interrupted. SIGTERM/SIGINT finish the current step, write a
+checkpoint and exit cleanly (a second SIGINT stops at once).
+"""
 from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from mmrl import checkpoint as ckpt
 from mmrl.loop import LoopSettings, train_step
 from mmrl.losses import PolicyLoss
 
@@ -24,16 +33,20 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 class MetricsLog:
-    """Append one JSON object per step to ``metrics.jsonl`` (and TensorBoard when installed)."""
+    """One JSON object per step in ``metrics.jsonl`` (and TensorBoard when installed)."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, start_step: int = 0, tensorboard: bool = True):
         self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():  # on resume, drop lines of steps that will be redone
+            keep = [l for l in self.path.read_text().splitlines()
+                    if l.strip() and _step_of(l) < start_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
         self.file = self.path.open("a")
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tb"))
+                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step)
             except Exception:  # tensorboard is optional
                 self.tb = None
 
@@ -50,79 +63,213 @@ class MetricsLog:
             self.tb.close()
 
 
-def _progress(total: int, enabled: bool):
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+class StopRequest:
+    """SIGTERM/SIGINT -> finish the step, checkpoint, exit; a second SIGINT raises at once."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def policy_weights(policy) -> Dict[str, torch.Tensor]:
+    """The policy's trainable state (``policy.state_dict()`` or its ``.model``'s)."""
+    if hasattr(policy, "state_dict"):
+        return policy.state_dict()
+    return policy.model.state_dict()
+
+
+def load_policy_weights(policy, weights: Dict[str, torch.Tensor]) -> None:
+    target = policy if hasattr(policy, "load_state_dict") else policy.model
+    target.load_state_dict(weights)
+
+
+def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
     try:
         from tqdm import tqdm
-        return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=total, initial=initial, desc="train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
     except ImportError:
         return None
 
 
+class Run:
+    """The state of one training run (built by :func:`run_training`)."""
+
+    def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
+                 selector=None):
+        t = self.t = config.train
+        if not prompts:
+            raise ValueError("no prompts to train on; check the job's prompt source")
+        self.config, self.policy, self.reward_fn = config, policy, reward_fn
+        self.prompts = list(prompts)
+        self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
+        self.out = Path(t.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.gen = seed_everything(t.seed)  # rollouts and mini-batch order
+        self.prompt_gen = torch.Generator().manual_seed(t.seed + 1)  # prompt order
+        self.loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt = optimizer or torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.selector = selector
+        self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
+                                     t.micro_batch_size, t.t_chunk, t.max_grad_norm)
+        self.step, self.history, self.bad_in_row = 0, [], 0
+        self.gens = {"loop": self.gen, "prompts": self.prompt_gen}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Optional[Path]:
+        state = {"step": self.step, "rng": ckpt.rng_state(self.gens),
+                 "bad_in_row": self.bad_in_row,
+                 "selector": self.selector.state_dict() if self.selector else None}
+        try:
+            return ckpt.save_checkpoint(self.out / "checkpoints", self.step,
+                                        policy_weights(self.policy), self.opt.state_dict(),
+                                        state, keep_last=self.t.keep_last)
+        except OSError as err:  # e.g. disk full: the previous checkpoint is intact; go on
+            print(f"warning: checkpoint at step {self.step} failed ({err}); the previous "
+                  f"checkpoint is kept", file=sys.stderr, flush=True)
+            return None
+
+    def resume(self) -> Optional[Path]:
+        mode = self.t.resume
+        if mode == "never":
+            return None
+        folder = ckpt.latest_checkpoint(self.out / "checkpoints") if mode == "auto" \
+            else Path(mode)
+        if folder is None:
+            return None
+        data = ckpt.load_checkpoint(folder)
+        load_policy_weights(self.policy, data["weights"])
+        self.opt.load_state_dict(data["optimizer"])
+        state = data["state"]
+        ckpt.set_rng_state(state["rng"], self.gens)
+        self.step, self.bad_in_row = int(state["step"]), int(state["bad_in_row"])
+        if self.selector is not None and state.get("selector") is not None:
+            self.selector.load_state_dict(state["selector"])
+        return folder
+
+    # ------------------------------------------------------------------ one step
+    def next_prompts(self) -> List[int]:
+        n = self.t.prompts_per_step
+        if self.selector is not None:
+            return self.selector.select(n, self.prompt_gen).tolist()
+        return torch.randint(0, len(self.prompts), (n,), generator=self.prompt_gen).tolist()
+
+    def run_step(self) -> Dict[str, float]:
+        idx = self.next_prompts()
+        tic = time.time()
+        res = train_step(self.policy, self.opt, self.loss_fn, self.reward_fn,
+                         [self.prompts[i] for i in idx], [self.metadata[i] for i in idx],
+                         self.settings, self.gen, multi_reward=self.config.algo.multi_reward,
+                         reward_weights=self.config.algo.reward_weights,
+                         reward_retries=self.t.reward_retries,
+                         reward_timeout=self.t.reward_timeout or None)
+        if self.selector is not None and len(res["rollout"]):
+            self.selector.update(torch.tensor(idx)[res["rollout"].group_ids],
+                                 res["rewards"].weighted_sum(self.config.algo.reward_weights),
+                                 res["rollout"].group_ids)
+        m = {k: v for k, v in res.items() if isinstance(v, float)}
+        m["step_time"] = time.time() - tic
+        if res.get("reward_error"):
+            print(f"warning: step {self.step}: the reward failed ({res['reward_error']}); "
+                  f"{int(m['dropped_samples'])} sample(s) dropped", file=sys.stderr, flush=True)
+        return m
+
+
 def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                  metadata: Optional[Sequence[Dict[str, Any]]] = None,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 selector=None) -> Dict[str, Any]:
     """Train ``policy`` for ``config.train.steps`` iterations; returns a summary dict.
 
-    Writes ``config.yaml``, ``metrics.jsonl`` and ``final.pt`` (the policy's trainable weights)
-    under ``config.train.output_dir``.
+    Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final.pt`` under
+    ``config.train.output_dir``; resumes from the newest complete checkpoint there when
+    ``train.resume=auto``.
     """
-    t = config.train
-    if not prompts:
-        raise ValueError("no prompts to train on; check the job's prompt source")
-    metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     from mmrl.schema import save_config
-    save_config(config, out / "config.yaml")
-    gen = seed_everything(t.seed)
-    loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = optimizer or torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
-                            t.micro_batch_size, t.t_chunk, t.max_grad_norm)
-    log, bar = MetricsLog(out), _progress(t.steps, t.progress)
-    history: List[Dict[str, float]] = []
-    bad_in_row = 0
-    start = time.time()
+    r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector)
+    t = r.t
+    save_config(config, r.out / "config.yaml")
+    resumed = r.resume()
+    if resumed is not None:
+        print(f"resumed from {resumed} (step {r.step})"
+              + (f"; the run is already complete ({t.steps} steps): nothing to do. Use "
+                 f"train.resume=never or another train.output_dir to start over"
+                 if r.step >= t.steps else ""), flush=True)
+    log, bar = MetricsLog(r.out, r.step), _progress(t.steps, r.step, t.progress)
+    start, stopped = time.time(), None
     try:
-        for step in range(t.steps):
-            idx = torch.randint(0, len(prompts), (t.prompts_per_step,), generator=gen).tolist()
-            tic = time.time()
-            res = train_step(policy, opt, loss_fn, reward_fn, [prompts[i] for i in idx],
-                             [metadata[i] for i in idx], settings, gen,
-                             multi_reward=config.algo.multi_reward,
-                             reward_weights=config.algo.reward_weights)
-            m = {k: v for k, v in res.items() if isinstance(v, float)}
-            m["step_time"] = time.time() - tic
-            log.write(step, m)
-            history.append(m)
-            bad_in_row = bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
-            if bad_in_row >= t.max_bad_steps:
-                raise RuntimeError(f"{bad_in_row} consecutive steps had a non-finite loss or "
-                                   f"gradient (last step {step}); lower train.lr or check the "
-                                   f"reward. Metrics so far: {log.path}")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
-            if step % t.log_every == 0 or step == t.steps - 1:
-                line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
-                        f"loss {m.get('loss', float('nan')):+.4f}  "
-                        f"grad {m.get('grad_norm', float('nan')):.3f}  "
-                        f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
-                        f"dropped {int(m.get('dropped_samples', 0))}")
-                (bar.write(line) if bar is not None else print(line, flush=True))
+        with StopRequest() as stop:
+            while r.step < t.steps and stopped is None:
+                m = r.run_step()
+                log.write(r.step, m)
+                r.history.append(m)
+                r.bad_in_row = r.bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
+                _report(bar, r.step, m, t)
+                r.step += 1
+                if r.bad_in_row >= t.max_bad_steps:
+                    r.save()
+                    raise RuntimeError(
+                        f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
+                        f"(last step {r.step - 1}); a checkpoint was written. Lower train.lr or "
+                        f"check the reward; metrics so far: {log.path}")
+                if stop.signal is not None:
+                    stopped = stop.signal
+                if (t.save_every and r.step % t.save_every == 0) or stopped is not None:
+                    r.save()
     finally:
         log.close()
         if bar is not None:
             bar.close()
-    model = getattr(policy, "model", None)
-    if isinstance(model, torch.nn.Module):
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   out / "final.pt")
-    rewards = [h.get("reward_mean", float("nan")) for h in history]
+    if stopped is not None:
+        print(f"stopped by signal {stopped} after step {r.step - 1}; checkpoint written; "
+              f"resume with train.resume=auto", flush=True)
+    else:
+        r.save()
+        torch.save({k: v.detach().cpu() for k, v in policy_weights(policy).items()},
+                   r.out / "final.pt")
+    rewards = [h.get("reward_mean", float("nan")) for h in r.history]
     k = max(1, min(5, len(rewards) // 4))
-    return {"steps": len(history), "seconds": time.time() - start,
-            "reward_first": float(np.mean(rewards[:k])), "reward_last": float(np.mean(rewards[-k:])),
-            "output_dir": str(out), "history": history}
+    return {"steps": r.step, "seconds": time.time() - start, "stopped": stopped,
+            "reward_first": float(np.mean(rewards[:k])) if rewards else float("nan"),
+            "reward_last": float(np.mean(rewards[-k:])) if rewards else float("nan"),
+            "output_dir": str(r.out), "history": r.history}
+
+
+def _report(bar, step: int, m: Dict[str, float], t) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
+    if step % t.log_every == 0 or step == t.steps - 1:
+        line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
+                f"loss {m.get('loss', float('nan')):+.4f}  "
+                f"grad {m.get('grad_norm', float('nan')):.3f}  "
+                f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
+                f"dropped {int(m.get('dropped_samples', 0))}")
+        (bar.write(line) if bar is not None else print(line, flush=True))

@@ -134,6 +134,17 @@ class TrainConfig:
     output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
                           "are written.")
     progress: bool = cfg(True, "Show a tqdm progress bar.")
+    save_every: int = cfg(0, "Write a checkpoint every N steps (0 = only at the end and on "
+                          "SIGTERM/SIGINT or a fatal error).", minimum=0)
+    keep_last: int = cfg(3, "Keep the newest N complete checkpoints.", minimum=1)
+    resume: str = cfg("auto", "auto: continue from the newest complete checkpoint in "
+                      "output_dir/checkpoints (torn ones are skipped); never: start fresh; or "
+                      "a checkpoint folder path.")
+    reward_retries: int = cfg(2, "Retries of a reward call that raises or times out; then "
+                              "samples are scored one by one and the failing ones dropped.",
+                              minimum=0)
+    reward_timeout: float = cfg(0.0, "Seconds before a reward call counts as failed (0 = no "
+                                "limit).", minimum=0.0)
 
     def problems(self) -> List[str]:
         out = []

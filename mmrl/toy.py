@@ -76,6 +76,12 @@ class ToyPolicy:
     def parameters(self):
         return self.model.parameters()
 
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
     def enable_reference(self):
         import copy
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)

@@ -117,7 +117,7 @@ def test_train_step_drops_nan_rewards_and_counts_them():
                      LoopSettings(group_size=4), torch.Generator().manual_seed(0))
     assert res["dropped_samples"] == 1.0 and res["samples"] == 7.0
     assert res["skipped_updates"] == 0.0
-    assert all(isinstance(v, float) for k, v in res.items() if k not in ("rollout", "rewards"))
+    assert all(isinstance(v, float) for k, v in res.items() if k not in ("rollout", "rewards", "reward_error"))
 
 
 def test_non_finite_gradient_skips_the_update():
