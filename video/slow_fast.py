@@ -13,10 +13,11 @@ merges pairs of frames (temporal patch 2), so the language model sees about half
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .io import FACTOR, smart_resize
 
@@ -104,69 +105,86 @@ def as_uint8_thwc(frames) -> torch.Tensor:
 def resize_frames(frames: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, h, w, 3]``, bilinear with antialiasing.
 
-    PIL's uint8 bilinear filter widens its kernel by the downscale factor (the antialiasing
-    torchvision's ``antialias=True`` reproduces) and runs several times faster than float torch.
+    torch's uint8 channels-last kernel (the one torchvision uses; within 1 of PIL's bilinear)
+    is about 5x faster than PIL and than float interpolation.
     """
-    from PIL import Image
     if tuple(frames.shape[1:3]) == tuple(hw):
         return frames
-    size = (int(hw[1]), int(hw[0]))  # PIL takes (width, height)
-    out = [np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames.numpy()]
-    return torch.from_numpy(np.stack(out))
+    x = frames.permute(0, 3, 1, 2)  # [T, H, W, 3] -> [T, 3, H, W] view, channels-last memory
+    x = F.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous()  # [T, 3, h, w] -> [T, h, w, 3]
 
 
-def hsv_patch_vectors(frames: torch.Tensor, hw: Tuple[int, int], patch: int = FACTOR) -> torch.Tensor:
+def hsv_patch_vectors(frames: torch.Tensor, hw: Tuple[int, int], patch: int = FACTOR) -> np.ndarray:
     """float32 ``[T, P, patch·patch·3]``: each frame resized to ``hw``, converted to HSV exactly as
-    OpenCV does for uint8 RGB (H in 0–179, S, V in 0–255), scaled by 1/255, cut into patches."""
+    OpenCV does for uint8 RGB (H in 0–179, S, V in 0–255), scaled by 1/255, cut into patches.
+
+    NumPy rather than torch: these are small single-threaded kernels, and torch's thread pool
+    made them 10–30x slower on a busy machine.
+    """
     import cv2
     small = resize_frames(frames, hw).numpy()
     hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in small])  # [T, h, w, 3] uint8
     t, h, w, _ = hsv.shape
-    x = torch.from_numpy(hsv)
     # [T, h, w, 3] -> [T, h/p, p, w/p, p, 3] -> [T, h/p, w/p, p, p, 3] -> [T, P, p·p·3]
-    x = x.view(t, h // patch, patch, w // patch, patch, 3).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(t, (h // patch) * (w // patch), patch * patch * 3).float().div_(255.0)
+    x = hsv.reshape(t, h // patch, patch, w // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    out = x.reshape(t, (h // patch) * (w // patch), patch * patch * 3).astype(np.float32)
+    return np.multiply(out, np.float32(1 / 255), out=out)  # in place: no second [T, P, D] copy
 
 
-def patch_similarity(a: torch.Tensor, b: torch.Tensor, patch_cos: float = 0.7,
+def patch_similarity(a: np.ndarray, b: np.ndarray, patch_cos: float = 0.7,
                      norm_eps: float = NORM_EPS, norms=None) -> float:
     """Fraction of patches with cosine > ``patch_cos``, over patches not dark in both frames.
 
     Args:
-        a, b: float ``[P, D]`` patch vectors of two frames.
+        a, b: float ``[P, D]`` patch vectors of two frames (NumPy, or tensors).
         norms: optional precomputed ``(‖a‖, ‖b‖)``, each ``[P]``.
     Returns:
         similarity in [0, 1]; 1.0 when every patch is dark in both frames.
     """
-    na, nb = norms if norms is not None else (a.norm(dim=1), b.norm(dim=1))
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if norms is None:
+        norms = (np.sqrt(np.einsum("pd,pd->p", a, a)), np.sqrt(np.einsum("pd,pd->p", b, b)))
+    na, nb = norms
     keep = (na >= norm_eps) | (nb >= norm_eps)
-    if not bool(keep.any()):
+    if not keep.any():
         return 1.0
-    dots = torch.linalg.vecdot(a, b)  # [P]
-    cos = dots / (na * nb).clamp_min(1e-12)
-    return float((cos[keep] > patch_cos).float().mean())
+    cos = np.einsum("pd,pd->p", a, b) / np.maximum(na * nb, 1e-12)  # [P]
+    return float((cos[keep] > patch_cos).mean())
 
 
-def frame_similarities(vectors: torch.Tensor, threshold: float, patch_cos: float
+def frame_similarities(vectors: Iterable[np.ndarray], threshold: float, patch_cos: float
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy slow/fast labels: ``(frame_types [T], similarity [T])``.
 
     Frame 0 is slow; frame t is compared with the latest slow frame and becomes slow when its
     similarity is below ``threshold``.
+
+    Args:
+        vectors: per frame, float ``[P, D]`` patch vectors — a ``[T, P, D]`` array or any
+            iterable (a generator keeps one frame in memory at a time).
     """
-    t = vectors.shape[0]
-    norms = vectors.norm(dim=2)  # [T, P]
-    types = torch.zeros(t, dtype=torch.long)
-    sims = torch.ones(t, dtype=torch.float32)
-    ref = 0
-    for i in range(1, t):
-        s = patch_similarity(vectors[i], vectors[ref], patch_cos, norms=(norms[i], norms[ref]))
-        sims[i] = s
-        if s < threshold:
-            ref = i
+    types, sims = [], []
+    ref = ref_norm = None
+    for vec in vectors:
+        vec = np.asarray(vec, np.float32)
+        norm = np.sqrt(np.einsum("pd,pd->p", vec, vec))  # [P]
+        if ref is None:
+            s = 1.0
         else:
-            types[i] = FAST
-    return types, sims
+            s = patch_similarity(vec, ref, patch_cos, norms=(norm, ref_norm))
+        sims.append(s)
+        types.append(FAST if ref is not None and s >= threshold else SLOW)
+        if types[-1] == SLOW:
+            ref, ref_norm = vec, norm
+    return torch.tensor(types, dtype=torch.long), torch.tensor(sims, dtype=torch.float32)
+
+
+def _vectors_per_frame(frames: torch.Tensor, hw: Tuple[int, int], patch: int, chunk: int = 16):
+    """Yield each frame's ``[P, D]`` HSV patch vectors, converting ``chunk`` frames at a time
+    (a 2-minute video would otherwise hold ~0.6 GB of float vectors)."""
+    for start in range(0, frames.shape[0], chunk):
+        yield from hsv_patch_vectors(frames[start:start + chunk], hw, patch)
 
 
 def _hw_for_tokens(h: int, w: int, tokens: int, min_tokens: int, factor: int) -> Tuple[int, int]:
@@ -265,7 +283,7 @@ def slow_fast_plan(frames, *, threshold: float = 0.9, patch_cos: float = 0.7,
         raise ValueError(f"timestamps has {stamps.size} entries for {t} frames; pass one per frame")
     sim_hw = smart_resize(h, w, factor, min_pixels=min_tokens * factor * factor,
                           max_pixels=SIM_MAX_TOKENS * factor * factor)
-    types, sims = frame_similarities(hsv_patch_vectors(frames, sim_hw, factor), threshold,
+    types, sims = frame_similarities(_vectors_per_frame(frames, sim_hw, factor), threshold,
                                      patch_cos)
     num_slow = int((types == SLOW).sum())
     slow_hw, fast_hw, slow_tok, fast_tok, total = choose_resolutions(
