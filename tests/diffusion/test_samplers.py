@@ -246,3 +246,14 @@ def test_sampler_errors():
         sample_singular(vf, _noise(1), SIG, group_size=2, steps=[9])
     with pytest.raises(ValueError, match="same shape"):
         sample_sde(lambda x, s, c: x[:, :2], _noise(1), SIG)
+
+
+def test_samplers_import_without_diffusers():
+    import subprocess
+    import sys
+
+    code = ("import sys, mmrl.diffusion as d; d.sample_tree; d.SD3Policy; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,62 @@
+"""A tiny SD3 pipeline built offline from config and saved the way a user's checkpoint is.
+
+Transformer / VAE / text encoders follow ../shared/TINY_MODELS.md. The two CLIP tokenizers are
+real ``CLIPTokenizer`` objects over a byte-level vocabulary without merges (every character is a
+token), which keeps the fixture fast; ``model_max_length=77`` as the pipeline requires.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+
+def _write_byte_tokenizer(dirname: str) -> int:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(dirname, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(dirname, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return len(vocab)
+
+
+def build_tiny_sd3(tok_dir: str, seed: int = 0):
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = _write_byte_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+        pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4,),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=1,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                        scaling_factor=1.5035)
+    text_cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                              num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                              max_position_embeddings=77, bos_token_id=vocab - 2,
+                              eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    encoders = [CLIPTextModelWithProjection(text_cfg) for _ in range(2)]
+    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"),
+                              os.path.join(tok_dir, "merges.txt"), model_max_length=77)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A directory written by ``StableDiffusion3Pipeline.save_pretrained`` (tiny, random)."""
+    tok_dir = str(tmp_path_factory.mktemp("byte_tok"))
+    out = str(tmp_path_factory.mktemp("tiny_sd3"))
+    build_tiny_sd3(tok_dir).save_pretrained(out)
+    return out
