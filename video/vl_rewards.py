@@ -136,15 +136,38 @@ def option_table(options: Optional[Sequence[Any]]) -> List[Tuple[str, str]]:
     return table
 
 
+def _bare_letter(text: str) -> bool:
+    m = _ITEM.match(text.strip())
+    return bool(m) and not m.group(5)
+
+
 def _item_letter(item: str, by_text: Mapping[str, str]) -> Optional[str]:
     m = _ITEM.match(item)
     if m:
         opened, letter, closed, punct, rest = m.groups()
-        if not rest or closed or punct:
-            if not (opened and not closed):  # "(A" is not a letter item
-                return letter.upper()
+        # "A", "(A)", "A.", "A. red", "B) blue" are letters; "I think", "(A" and "(A) (C)"
+        # (whose rest is another letter) are not
+        if (not rest or closed or punct) and not (opened and not closed) and not (
+                rest and _bare_letter(rest)):
+            return letter.upper()
     key = item.strip().rstrip(".").strip().lower()
     return by_text.get(key) if key else None
+
+
+def _split_letters(answer: str, by_text: Mapping[str, str]) -> Optional[set]:
+    letters = set()
+    for item in _SPLIT.split(answer):
+        if not item:
+            continue
+        letter = _item_letter(item, by_text)
+        if letter is not None:
+            letters.add(letter)
+            continue
+        words = item.split()  # "A C": letters separated by spaces only
+        if len(words) < 2 or not all(_bare_letter(w) for w in words):
+            return None
+        letters.update(_item_letter(w, {}) for w in words)
+    return letters or None
 
 
 def parse_choice_letters(answer: Optional[str],
@@ -154,9 +177,9 @@ def parse_choice_letters(answer: Optional[str],
     Accepted: letters separated by ``,`` ``;`` ``/`` ``&`` ``and`` or spaces (``"A, C"``,
     ``"A and C"``, ``"A C"``), each optionally bracketed or followed by its text (``"(A)"``,
     ``"A. red"``, ``"B) blue"``), or an option's exact text (``"red"`` -> its letter, when
-    ``options`` are given). Anything else (prose such as ``"I think A"``, hedges such as
-    ``"A or B"``, empty text, more than ``MAX_CHOICE_CHARS`` characters) is None, which every
-    choice reward scores 0.
+    ``options`` are given; an option text containing a separator is read whole). Anything else
+    (prose such as ``"I think A"``, hedges such as ``"A or B"``, empty text, more than
+    ``MAX_CHOICE_CHARS`` characters) is None, which every choice reward scores 0.
     """
     if answer is None or len(answer) > MAX_CHOICE_CHARS:
         return None
@@ -164,24 +187,10 @@ def parse_choice_letters(answer: Optional[str],
     if not answer:
         return None
     by_text = {t.lower(): letter for letter, t in option_table(options) if t}
-    whole = _item_letter(answer, by_text)  # "A. salt and pepper" is one item, not two
-    if whole is not None:
-        return frozenset(whole)
-    letters = set()
-    for item in _SPLIT.split(answer):
-        if not item:
-            continue
-        letter = _item_letter(item, by_text)
-        if letter is None:
-            words = item.split()
-            if len(words) < 2:
-                return None
-            sub = [_item_letter(w, {}) for w in words]
-            if any(s is None or len(w.strip("()[]{}.:")) != 1 for s, w in zip(sub, words)):
-                return None
-            letters.update(sub)
-        else:
-            letters.add(letter)
+    letters = _split_letters(answer, by_text)
+    if letters is None:  # "A. salt and pepper", "salt and pepper": one item, not two
+        whole = _item_letter(answer, by_text)
+        letters = {whole} if whole else None
     return frozenset(letters) if letters else None
 
 
