@@ -111,17 +111,20 @@ def _check_step_index(i, sigmas: Tensor, batch: int) -> Tensor:
         raise TypeError(f"step index i={i!r} is a float; expected an int or a LongTensor[B] of "
                         f"step indices in [0, {num_steps - 1}]. If it is a timestep (1000·σ) or a "
                         f"sigma, pass its position in `sigmas` instead")
-    idx = torch.as_tensor(i, dtype=torch.long, device=sigmas.device)
+    # The range check reads the indices on the host: free for ints and CPU tensors (what the
+    # samplers pass); a CUDA index tensor costs one sync.
+    idx = torch.as_tensor(i, dtype=torch.long)
     if idx.dim() > 1 or (idx.dim() == 1 and idx.shape[0] != batch):
         raise ValueError(f"step index i has shape {tuple(idx.shape)}; expected an int or a "
                          f"LongTensor of shape [{batch}] (one step per row of x)")
-    lo, hi = int(idx.min()), int(idx.max())
+    lo, hi = (int(i), int(i)) if isinstance(i, int) else (int(idx.min()), int(idx.max()))
     if lo < 0 or hi >= num_steps:
         hint = (" It looks like a timestep (1000·σ); pass the step's position in `sigmas`"
                 if hi > num_steps else "")
         raise ValueError(f"step index out of range: got values in [{lo}, {hi}] for a schedule of "
                          f"{num_steps} steps (sigmas has {num_steps + 1} entries); expected "
                          f"0 <= i <= {num_steps - 1}.{hint}")
+    idx = idx.to(sigmas.device)
     return idx.expand(batch) if idx.dim() == 0 else idx
 
 
@@ -140,7 +143,7 @@ def _check_inputs(x, v, sigmas, prev_sample, noise_level, kind):
         shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
         raise ValueError(f"sigmas is {shape}; expected a 1-D tensor [T+1] from σ_0 ≈ 1 to σ_T = 0 "
                          f"(see mmrl.diffusion.flow_sigmas)")
-    a = torch.as_tensor(noise_level)
+    a = noise_level.detach() if isinstance(noise_level, Tensor) else torch.tensor(noise_level)
     if a.dim() > 1 or (a.dim() == 1 and a.shape[0] != x.shape[0]):
         raise ValueError(f"noise_level has shape {tuple(a.shape)}; expected a float or a tensor "
                          f"[{x.shape[0]}] (one level per row)")
@@ -148,6 +151,7 @@ def _check_inputs(x, v, sigmas, prev_sample, noise_level, kind):
         top = "1 for 'cps'" if kind == "cps" else "inf"
         raise ValueError(f"noise_level {noise_level!r} is out of range; expected 0 <= level <= "
                          f"{top} (0 gives the deterministic Euler step)")
+    return bool((a == 0).any())  # some rows take the exact Euler step
 
 
 def _noise(shape, dtype, device, generator: Generator) -> Tensor:
@@ -199,7 +203,7 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
         TypeError: non-tensor inputs or a float step index.
     """
     spec = SDE_KINDS.get(kind)
-    _check_inputs(x, v, sigmas, prev_sample, noise_level, kind)
+    any_deterministic = _check_inputs(x, v, sigmas, prev_sample, noise_level, kind)
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, v = x.to(dtype), v.to(dtype)
     sig = sigmas.to(device=x.device, dtype=dtype)
@@ -208,8 +212,8 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
     sigma, sigma_next, a = (_rows(t, x.dim()) for t in (sig[idx], sig[idx + 1], a_row))
     c_x, c_v, std = spec.coefs(sigma, sigma_next, a, sig[1])
     mean = torch.addcmul(c_x * x, c_v, v)  # c_x·x + c_v·v
-    deterministic = a == 0
-    if bool(deterministic.any()):  # rows at level 0 take exactly the Euler step
+    if any_deterministic:  # rows at level 0 take exactly the Euler step
+        deterministic = a == 0
         mean = torch.where(deterministic, x + (sigma_next - sigma) * v, mean)
         std = torch.where(deterministic, torch.zeros_like(std), std)
     if prev_sample is None:
