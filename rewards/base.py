@@ -94,6 +94,11 @@ def check_prompts(prompts: Any, n: int) -> List[str]:
     return prompts
 
 
+def as_rgb(im: Image.Image) -> Image.Image:
+    """``im`` in RGB; RGB images pass through uncopied (``convert`` would copy every pixel)."""
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def to_rgb_tensor(images: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` with C in (1, 3, 4) -> ``[B, 3, H, W]`` (gray repeated, alpha dropped)."""
     if images.shape[1] == 1:

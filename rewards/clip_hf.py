@@ -15,8 +15,9 @@ from typing import List, Optional
 
 import torch
 
-from mmrl.rewards.base import (Images, Scorer, check_path, clip_tensor_preprocess, default_device,
-                               load_state_dict_file, parse_dtype, weights_error, hub_file)
+from mmrl.rewards.base import (Images, Scorer, as_rgb, check_path, clip_tensor_preprocess,
+                               default_device, load_state_dict_file, parse_dtype, weights_error,
+                               hub_file)
 
 
 def _pooled(out) -> torch.Tensor:
@@ -71,7 +72,7 @@ class HFClip:
             x = images.to(self.device, torch.float32)
             return clip_tensor_preprocess(x, self._size, self._crop, self._mean,
                                           self._std).to(self.dtype)
-        rgb = [im.convert("RGB") for im in images]
+        rgb = [as_rgb(im) for im in images]
         pv = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pv.to(self.device, self.dtype)
 
@@ -119,8 +120,8 @@ class PickScore(Scorer):
     def __init__(self, path=None, device=None, dtype=None, normalize: str = "none",
                  processor_path=None, batch_size: int = 32, grad: bool = False):
         if normalize not in PICKSCORE_NORMALIZE:
-            raise ValueError(f"pickscore normalize={normalize!r}; expected one of "
-                             f"{list(PICKSCORE_NORMALIZE)} ({'; '.join(f'{k}: {v}' for k, v in PICKSCORE_NORMALIZE.items())})")
+            choices = "; ".join(f"{k!r}: {v}" for k, v in PICKSCORE_NORMALIZE.items())
+            raise ValueError(f"pickscore normalize={normalize!r}; expected one of: {choices}")
         super().__init__(batch_size, grad)
         self.normalize = normalize
         self.scale = PICKSCORE_NORMALIZE[normalize]

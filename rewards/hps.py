@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
-from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, check_path, clip_tensor_preprocess,
-                               default_device, hub_file, load_state_dict_file, parse_dtype)
+from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, as_rgb, check_path,
+                               clip_tensor_preprocess, default_device, hub_file,
+                               load_state_dict_file, parse_dtype)
 
 HPS_FILES = {"hps_v2": "HPS_v2_compressed.pt", "hps_v2.1": "HPS_v2.1_compressed.pt"}
 HPS_REPO = "xswu/HPSv2"
@@ -29,7 +30,7 @@ def hps_transform(image_size: int):
         # RGB first: the reference converts after cropping, which for RGBA inputs resizes with
         # premultiplied alpha; converting first makes RGBA score like its RGB (alpha dropped).
         # Identical for RGB and grayscale inputs.
-        lambda im: im.convert("RGB"),
+        as_rgb,
         T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
         T.ToTensor(),

@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, WeightsNotFoundError, check_path,
-                               clip_tensor_preprocess, default_device, weights_error)
+from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, as_rgb, WeightsNotFoundError,
+                               check_path, clip_tensor_preprocess, default_device, weights_error)
 
 EXTRA_HINT = ("imagereward needs the optional package 'image-reward' (imports as ImageReward), "
               "which pins its own transformers/timm versions: install it with "
@@ -72,7 +72,7 @@ class ImageRewardScorer(Scorer):
             return clip_tensor_preprocess(images.to(self.device, torch.float32), 224, (224, 224),
                                           OPENAI_MEAN, OPENAI_STD)
         # RGB before the package's resize, as for HPS (RGBA: alpha dropped, not premultiplied).
-        return torch.stack([self.model.preprocess(im.convert("RGB"))
+        return torch.stack([self.model.preprocess(as_rgb(im))
                             for im in images]).to(self.device)
 
     def _score(self, images, prompts):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmrl.rewards.base import Scorer
+from mmrl.rewards.base import Scorer, as_rgb
 
 # ITU-R BT.601 luma weights (what PIL's convert("L") uses).
 LUMA = (0.299, 0.587, 0.114)
@@ -23,13 +23,13 @@ def _as_tensor(images) -> torch.Tensor:
     """PIL list -> float ``[b, 3, H, W]`` in [0, 1] (tensors pass through)."""
     if isinstance(images, torch.Tensor):
         return images.float()
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
+    return torch.stack([torch.from_numpy(np.asarray(as_rgb(im), dtype=np.float32))
                         .permute(2, 0, 1) / 255.0 for im in images])
 
 
 def _as_pil(images):
     if not isinstance(images, torch.Tensor):
-        return [im.convert("RGB") for im in images]
+        return [as_rgb(im) for im in images]
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
 

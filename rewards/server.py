@@ -109,6 +109,7 @@ class RewardServer:
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
+        self._served = False  # shutdown() blocks forever on a server that never served
 
     @property
     def url(self) -> str:
@@ -126,15 +127,21 @@ class RewardServer:
 
     def start(self) -> "RewardServer":
         """Serve in a daemon thread; returns self (use ``stop()`` to end)."""
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._served = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
+                                        kwargs={"poll_interval": 0.1})
         self._thread.start()
         return self
 
     def serve_forever(self):
+        """Serve in this thread until ``stop()`` from another thread or KeyboardInterrupt."""
+        self._served = True
         self.httpd.serve_forever()
 
     def stop(self):
-        self.httpd.shutdown()
+        """Stop serving and close the socket (safe to call on a server never started)."""
+        if self._served:
+            self.httpd.shutdown()
         self.httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)

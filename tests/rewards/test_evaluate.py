@@ -182,3 +182,44 @@ def test_evaluate_end_to_end_with_images_on_disk(tmp_path):
     assert rep["scorers"]["dark"]["accuracy"] == pytest.approx(2 / 6)
     png = bar_chart(rep, str(tmp_path / "acc.png"))
     assert Image.open(png).size[0] > 100
+
+
+def test_convert_pickapic_parquet_and_imagerewarddb(tmp_path):
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from mmrl.rewards.convert import convert
+
+    def jpg(v):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), (v, v, v)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    src = tmp_path / "pick"
+    src.mkdir()
+    rows = {"caption": ["c0", "c1", "c2"], "jpg_0": [jpg(10), jpg(20), jpg(30)],
+            "jpg_1": [jpg(40), jpg(50), jpg(10)], "label_0": [1.0, 0.5, 0.0],
+            "label_1": [0.0, 0.5, 1.0]}
+    pq.write_table(pa.table(rows), src / "test_unique-00000.parquet")
+    pq.write_table(pa.table({k: v[:1] for k, v in rows.items()}),
+                   src / "validation_unique-00000.parquet")
+    out = tmp_path / "out" / "pairs.jsonl"
+    out.parent.mkdir()
+    assert convert("pickapic", str(src), str(out)) == 4
+    recs = read_records(str(out), "pairs")
+    assert [(r["label"], r["split"]) for r in recs] == [
+        ("a", "test"), ("tie", "test"), ("b", "test"), ("a", "validation")]
+    assert recs[2]["image_b"] == recs[0]["image_a"]  # identical bytes share one file
+    assert (out.parent / recs[1]["image_a"]).exists()
+
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    (ir / "test.json").write_text(json.dumps([{"id": 1, "prompt": "p", "generations":
+                                               ["g/0.png", "g/1.png"], "ranking": [2, 1]}]))
+    out2 = tmp_path / "ir.jsonl"
+    assert convert("imagerewarddb", str(ir / "test.json"), str(out2)) == 1
+    rec = read_records(str(out2), "ranked")[0]
+    assert rec["images"] == ["ir/g/0.png", "ir/g/1.png"] and rec["ranks"] == [2, 1]
+    with pytest.raises(ValueError, match="keys.*expected 'prompt', 'image_path', 'rank'"):
+        convert("hpdv2", str(ir / "test.json"), str(out2))
