@@ -7,7 +7,9 @@
   normalized per depth within each tree.
 
 All return advantages aligned with a trajectory's owners: transition m trains with
-``adv[traj.owner[m]]``. Rewards must be finite: drop NaN/inf samples first (the core raises).
+``adv[traj.owner[m]]``. Non-finite rewards (a scorer that failed on an image) are left out of
+every mean and std and their rows get advantage 0, so one bad image neither poisons its group nor
+stops the run; count them with ``(~torch.isfinite(rewards)).sum()`` for the logs.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ from mmrl.diffusion.g2rpo import SingularTrajectory
 from mmrl.diffusion.samplers import TreeTrajectory
 
 Tensor = torch.Tensor
+
+
+def _finite_group_advantages(values: Tensor, groups: Tensor, method: str, **kw) -> Tensor:
+    """``group_advantages`` over the finite entries only; non-finite entries get 0."""
+    ok = torch.isfinite(values)
+    out = torch.zeros_like(values)
+    if bool(ok.any()):
+        out[ok] = group_advantages(values[ok], groups[ok], method, **kw)
+    return out
 
 
 def prompt_ids(prompts: Sequence[str]) -> Tensor:
@@ -48,8 +59,8 @@ def prompt_advantages(rewards: Tensor, prompts: Union[Sequence[str], Tensor], *,
     if ids.shape[0] != rewards.shape[0]:
         raise ValueError(f"got {rewards.shape[0]} rewards but {ids.shape[0]} prompts; pass one "
                          f"prompt per sample")
-    return group_advantages(rewards, ids.to(rewards.device), "batch_std", eps=eps,
-                            adv_clip=adv_clip)
+    return _finite_group_advantages(rewards, ids.to(rewards.device), "batch_std", eps=eps,
+                                    adv_clip=adv_clip)
 
 
 def g2rpo_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 1e-8,
@@ -57,8 +68,9 @@ def g2rpo_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 
     """A_m = Σ_g (r_{m,g} − mean_{group,g}) / (std_{group,g} + eps): G²RPO's integrated advantage.
 
     G²RPO (arXiv 2510.01982) Eq. 11: each (prompt, k, g) group of N members is normalized on its
-    own (unbiased std, eps 1e-8 as the authors' code) and the granularities are summed
-    (the core's ``normalize_then_sum`` with base ``grpo``).
+    own (unbiased std, eps 1e-8 as the authors' code) and the granularities are summed (the
+    core's ``normalize_then_sum`` with base ``grpo``, here one column at a time so that a
+    non-finite reward drops only its own (member, g) entry).
 
     Args:
         rewards: ``[M·G]`` in the trajectory's output order, or ``[M, G]``.
@@ -73,12 +85,15 @@ def g2rpo_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 
         raise ValueError(f"got {tuple(rewards.shape)} rewards for {M} members x {G} granularities;"
                          f" expected [{M * G}] in output order (or [{M}, {G}])")
     columns = rewards.reshape(M, G)  # output o = m·G + g -> [M, G]
-    return group_advantages(columns, traj.group_ids.to(rewards.device), "normalize_then_sum",
-                            base="grpo", eps=eps, adv_clip=adv_clip)
+    groups = traj.group_ids.to(rewards.device)
+    adv = sum(_finite_group_advantages(columns[:, g], groups, "grpo", eps=eps) for g in range(G))
+    return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
 
 
 def tree_node_rewards(leaf_rewards: Tensor, traj: TreeTrajectory) -> Tensor:
     """``[Nn]`` reward of every node = mean of the rewards of the leaves below it (a leaf: its own).
+
+    Non-finite leaf rewards are left out; a node with no finite leaf gets NaN.
 
     Args:
         leaf_rewards: ``[B]`` reward of each output (``traj.leaves`` order).
@@ -88,6 +103,8 @@ def tree_node_rewards(leaf_rewards: Tensor, traj: TreeTrajectory) -> Tensor:
         raise ValueError(f"leaf_rewards has shape {tuple(leaf_rewards.shape)}; expected "
                          f"[{traj.leaves.shape[0]}] (one reward per leaf, in traj.leaves order)")
     r = leaf_rewards.float() if not leaf_rewards.is_floating_point() else leaf_rewards
+    ok = torch.isfinite(r)
+    r = torch.where(ok, r, torch.zeros_like(r))
     total = torch.zeros(traj.num_nodes, dtype=r.dtype, device=r.device)
     count = torch.zeros_like(total)
     node, parent = traj.leaves.to(r.device), traj.parent.to(r.device)
@@ -95,10 +112,10 @@ def tree_node_rewards(leaf_rewards: Tensor, traj: TreeTrajectory) -> Tensor:
     # Walk every leaf up to its root (as many hops as splits), adding it to each ancestor.
     while bool(alive.any()):
         total.index_add_(0, node[alive], r[alive])
-        count.index_add_(0, node[alive], torch.ones_like(r[alive]))
+        count.index_add_(0, node[alive], ok[alive].to(r.dtype))
         node = torch.where(alive, parent[node.clamp(min=0)], node)
         alive = alive & (node >= 0)
-    return total / count.clamp(min=1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, torch.nan))
 
 
 def tree_advantages(leaf_rewards: Tensor, traj: TreeTrajectory, *, eps: float = 1e-4,
@@ -115,8 +132,9 @@ def tree_advantages(leaf_rewards: Tensor, traj: TreeTrajectory, *, eps: float = 
 
     Returns:
         ``(advantages [Nn], node_rewards [Nn])``; transition m uses ``advantages[traj.owner[m]]``.
+        A node with no finite leaf reward has reward NaN and advantage 0.
     """
     node_r = tree_node_rewards(leaf_rewards, traj)
     depth, tree = traj.depth.to(node_r.device), traj.node_cond.to(node_r.device)
     group = tree * (int(depth.max()) + 1) + depth  # one group per (tree, depth)
-    return group_advantages(node_r, group, "grpo", eps=eps, adv_clip=adv_clip), node_r
+    return _finite_group_advantages(node_r, group, "grpo", eps=eps, adv_clip=adv_clip), node_r

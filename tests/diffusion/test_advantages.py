@@ -87,3 +87,35 @@ def test_tree_advantages_match_loop_oracle_per_tree_and_depth():
             assert abs(float(adv[sel].mean())) < 1e-6
     with pytest.raises(ValueError, match="one reward per leaf"):
         tree_node_rewards(leaf_r[:-1], traj)
+
+
+def test_g2rpo_equals_the_core_normalize_then_sum():
+    from mmrl.advantages import group_advantages
+
+    traj = sample_singular(_vf, torch.randn(2, 2, 2, 2), SIG, group_size=4, steps=[0, 3],
+                           granularities=[1, 2])
+    r = torch.rand(traj.final.shape[0], generator=torch.Generator().manual_seed(3))
+    core = group_advantages(r.reshape(-1, 2), traj.group_ids, "normalize_then_sum", eps=1e-8)
+    torch.testing.assert_close(g2rpo_advantages(r, traj), core)
+
+
+def test_non_finite_rewards_are_left_out_and_get_zero():
+    rewards = torch.tensor([1.0, float("nan"), 2.0, 3.0, 5.0])
+    adv = prompt_advantages(rewards, ["a", "a", "a", "b", "b"])
+    expected = prompt_advantages(rewards[[0, 2, 3, 4]], ["a", "a", "b", "b"])
+    assert float(adv[1]) == 0.0
+    torch.testing.assert_close(adv[[0, 2, 3, 4]], expected)
+    # G²RPO: a NaN drops only its own (member, g) entry.
+    traj = sample_singular(_vf, torch.randn(1, 2, 2, 2), SIG, group_size=3, steps=[1],
+                           granularities=[1, 2])
+    r = torch.tensor([1.0, 0.0, 2.0, float("inf"), 4.0, 1.0])  # [member, g] = [[1,0],[2,inf],[4,1]]
+    g1 = ref.group_normalize([1.0, 2.0, 4.0], [0, 0, 0], 1e-8)
+    g2 = ref.group_normalize([0.0, 1.0], [0, 0], 1e-8)
+    torch.testing.assert_close(g2rpo_advantages(r, traj),
+                               torch.tensor([g1[0] + g2[0], g1[1], g1[2] + g2[1]]))
+    # Tree: ancestors average the finite leaves; a node with none gets NaN reward and A = 0.
+    traj = sample_tree(_vf, torch.randn(1, 2, 2, 2), SIG, split_steps=[1, 3], branching=2)
+    adv, node_r = tree_advantages(torch.tensor([1.0, 3.0, float("nan"), float("nan")]), traj)
+    torch.testing.assert_close(node_r[:3], torch.tensor([2.0, 2.0, float("nan")]), equal_nan=True)
+    assert bool(torch.isnan(node_r[5:]).all()) and bool(torch.isfinite(adv).all())
+    assert torch.equal(adv[[0, 1, 2, 5, 6]], torch.zeros(5))  # lone finite node at depth 1 -> 0
