@@ -219,7 +219,8 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
 
     Args:
         path: a video file, or a list of image paths read as frames sampled at ``fps``
-            (padded to an even count by repeating the last one, as qwen-vl-utils does).
+            (padded to an even count by repeating the last one, as qwen-vl-utils does; no
+            minimum count; ``max_frames`` keeps an evenly spread subset).
         fps: frames to keep per second of video (qwen-vl-utils default 2.0).
         max_frames: at most this many frames (rounded down to even; default 768).
         start, end: the time range in seconds (default: the whole video).
@@ -239,7 +240,10 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
     if max_frames is not None and max_frames < FRAME_FACTOR:
         raise ValueError(f"max_frames must be >= {FRAME_FACTOR}, got {max_frames}")
     if isinstance(path, (list, tuple)):
-        return _read_image_list(list(path), fps)
+        if start is not None or end is not None:
+            raise ValueError("start/end select a time range of a video file; for a list of "
+                             "images, pass only the images you want")
+        return _read_image_list(list(path), fps, max_frames)
     path = os.fspath(path)
     if path.startswith("file://"):
         path = path[7:]
@@ -268,11 +272,14 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
                      total_frames=n_range, path=path)
 
 
-def _read_image_list(paths: List, fps: float) -> VideoClip:
+def _read_image_list(paths: List, fps: float, max_frames: Optional[int]) -> VideoClip:
     from PIL import Image, UnidentifiedImageError
     if not paths:
         raise VideoError("<image list>", "no_frames", "the image list is empty",
                          "pass at least one image path")
+    if max_frames is not None and len(paths) > max_frames:  # keep an even, evenly spread subset
+        keep = torch.linspace(0, len(paths) - 1, floor_by_factor(max_frames, FRAME_FACTOR))
+        paths = [paths[i] for i in keep.round().long().tolist()]
     frames = []
     for p in paths:
         p = os.fspath(p)

@@ -73,6 +73,10 @@ def test_image_list_is_a_video(tmp_path, synth):
     assert torch.equal(clip.frames[3], clip.frames[2])            # by repeating the last
     assert torch.equal(clip.frames[:3], torch.from_numpy(frames))  # PNG is lossless
     np.testing.assert_allclose(clip.timestamps, [0, 1, 2, 3])
+    assert read_video(paths, max_frames=2).frame_indices == [0, 1]  # images 0 and 2, re-indexed
+    assert torch.equal(read_video(paths, max_frames=2).frames[1], torch.from_numpy(frames[2]))
+    with pytest.raises(ValueError, match="start/end select a time range"):
+        read_video(paths, start=1.0)
 
 
 def _truncated(make_video, synth, tmp_path):
