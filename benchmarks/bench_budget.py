@@ -2,7 +2,8 @@
 
 Runs ``mmrl.sim`` for the default settings and a few one-at-a-time changes, and prints, per
 setting, each strategy's effective-gradient ratio (over groups and over rollouts) relative to
-uniform allocation at equal rollout budget. Seeded and deterministic; about a minute on 2 cores.
+uniform allocation at equal rollout budget. Seeded and deterministic; about 20 s on 2 idle
+cores (3 seeds).
 
     .venv/bin/python benchmarks/bench_budget.py [--seeds 3]
 """

@@ -63,6 +63,22 @@ def _check_int(name: str, value, low: int) -> int:
     return value
 
 
+def _check_allocation(success_probs, budget: int, n_min: int, n_max: int) -> torch.Tensor:
+    p = _as_probs(success_probs)
+    if p.dim() != 1 or p.numel() == 0:
+        raise ValueError(f"success_probs must be a non-empty 1-D tensor [P], got shape "
+                         f"{tuple(p.shape)}")
+    _check_int("n_min", n_min, 1)
+    _check_int("n_max", n_max, n_min)
+    _check_int("budget", budget, 0)
+    num = p.numel()
+    if not num * n_min <= budget <= num * n_max:
+        raise ValueError(f"budget {budget} cannot be split over {num} prompts with {n_min} <= "
+                         f"N_i <= {n_max}: it must lie in [{num * n_min}, {num * n_max}]; change "
+                         "budget, n_min or n_max")
+    return p
+
+
 def knapsack_allocate(success_probs: torch.Tensor, budget: int, n_min: int = 2,
                       n_max: int = 128, value: str = "knapsack_rl") -> torch.Tensor:
     """Rollouts per prompt ``N [P]`` maximizing ``Σ_i v(p_i, N_i)`` s.t. ``Σ N_i = budget``.
@@ -102,19 +118,8 @@ def knapsack_allocate(success_probs: torch.Tensor, budget: int, n_min: int = 2,
         ValueError: budget outside ``[P·n_min, P·n_max]``, bad bounds or probabilities, a value
             that is not concave in n.
     """
-    p = _as_probs(success_probs)
-    if p.dim() != 1 or p.numel() == 0:
-        raise ValueError(f"success_probs must be a non-empty 1-D tensor [P], got shape "
-                         f"{tuple(p.shape)}")
-    _check_int("n_min", n_min, 1)
-    _check_int("n_max", n_max, n_min)
-    _check_int("budget", budget, 0)
-    num = p.numel()
-    if not num * n_min <= budget <= num * n_max:
-        raise ValueError(f"budget {budget} cannot be split over {num} prompts with {n_min} <= "
-                         f"N_i <= {n_max}: it must lie in [{num * n_min}, {num * n_max}]; change "
-                         "budget, n_min or n_max")
-    fn = VALUES.get(value)
+    p = _check_allocation(success_probs, budget, n_min, n_max)
+    num, fn = p.numel(), VALUES.get(value)
     n = torch.arange(n_min, n_max + 1, dtype=torch.float64)
     gains = torch.diff(fn(p[:, None], n[None, :]), dim=1)  # [P, n_max - n_min]
     if (torch.diff(gains, dim=1) > 1e-12).any():

@@ -15,7 +15,9 @@ comes from the ``generator`` passed to :meth:`PromptSelector.select`; the state 
 
 :class:`DynamicSampling` (DAPO, arXiv 2503.14476; defined in :mod:`mmrl.budget`, re-exported
 here) is the complementary *filter*: it keeps rolling out until the batch holds enough groups
-with non-equal rewards, with a bounded number of tries. Formulas: ALGORITHMS.md, "Rollout budget and prompt selection".
+with non-equal rewards, with a bounded number of tries.
+
+Formulas: ALGORITHMS.md, "Rollout budget and prompt selection".
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def _check_1d(name: str, x, dtype_kind: str) -> torch.Tensor:
 def group_success_counts(prompt_idx: torch.Tensor, rewards: torch.Tensor,
                          group_ids: torch.Tensor, num_items: int,
                          success_threshold: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per dataset prompt: successes k and rollouts n in one batch -> ``([num_items], [num_items])``.
+    """Per dataset prompt: successes k and rollouts n in one batch -> ``[num_items]`` each.
 
     Args:
         prompt_idx: ``[B]`` long, the dataset index of each rollout's prompt.

@@ -8,12 +8,10 @@ so it improves only on prompts whose group had non-equal rewards. Every step eve
 drifts by ``N(0, drift²)`` (forgetting, transfer), so estimates go stale.
 
 Per strategy (:data:`STRATEGIES`: a selector, a per-prompt allocation, DAPO filtering or not)
-it reports at an equal total rollout budget: the effective-gradient ratio (share of generated
-groups with non-equal rewards), the share of trained groups with signal, rollouts spent,
-optimizer steps and the mean success rate over all prompts (simulated progress); as a table,
-a JSON file and a PNG plot. Seeded and deterministic: the same seed gives every strategy the
-same initial population.
-
+it reports at an equal total rollout budget: the effective-gradient ratio over groups and over
+rollouts (share of groups / rollouts with non-equal rewards), rollouts spent, optimizer steps
+and the mean success over all prompts (simulated progress); as a table, a JSON file and a PNG.
+Seeded and deterministic: a seed gives every strategy the same initial population.
 CLI: ``mmrl sim budget --help``.
 """
 from __future__ import annotations
@@ -37,8 +35,7 @@ from mmrl.selection import make_selector
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """One way to spend rollouts: a selector, an allocation (``fixed`` or ``knapsack``), DAPO."""
-
+    """A selector, an allocation (``fixed``, ``knapsack``, ``knapsack_oracle``), DAPO or not."""
     selector: str
     allocation: str = "fixed"
     dynamic: bool = False
@@ -136,6 +133,32 @@ class PromptPopulation:
             self.logits.shape, generator=generator, dtype=torch.float64)
 
 
+_COUNTS = ("groups", "effective_groups", "rollouts", "effective_rollouts", "trained_groups",
+           "trained_effective")
+
+
+def _account_step(tries: List[tuple], kept: List[Optional[torch.Tensor]], batch_prompts: int):
+    """Count one step's groups and rollouts; gather the rows to train on.
+
+    ``tries[t] = (sample_prompts, rewards, group_ids)``; ``kept[t]``: group ids to train on
+    from try t (None: all). Returns ``({count: int}, (sample_prompts, rewards, group_ids))``.
+    """
+    counts = dict.fromkeys(_COUNTS, 0)
+    train = []
+    for (sample_prompts, rewards, group_ids), keep in zip(tries, kept):
+        ids, informative = informative_groups(rewards, group_ids)
+        in_eff = torch.isin(group_ids, ids[informative])
+        rows = torch.ones_like(in_eff) if keep is None else torch.isin(group_ids, keep)
+        for key, val in (("groups", ids.numel()), ("effective_groups", informative.sum()),
+                         ("rollouts", rewards.numel()), ("effective_rollouts", in_eff.sum()),
+                         ("trained_groups", torch.unique(group_ids[rows]).numel()),
+                         ("trained_effective", torch.unique(group_ids[rows & in_eff]).numel())):
+            counts[key] += int(val)
+        offset = len(train) * (batch_prompts + 1)  # keep group ids distinct across tries
+        train.append((sample_prompts[rows], rewards[rows], group_ids[rows] + offset))
+    return counts, tuple(torch.cat(parts) for parts in zip(*train))
+
+
 def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
     """Simulate one strategy until ``total_rollouts`` are spent -> totals and a per-step history.
 
@@ -152,10 +175,9 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
     sel_gen = torch.Generator().manual_seed(seed + 2_000_003)
     selector = make_selector(spec.selector, s.num_prompts)
     filt = DynamicSampling(s.batch_prompts, s.max_tries) if spec.dynamic else None
-    tot = dict.fromkeys(("groups", "effective_groups", "trained_groups", "trained_effective",
-                         "rollouts", "effective_rollouts", "steps", "tries"), 0)
+    tot = dict.fromkeys(_COUNTS + ("steps", "tries"), 0)
     tot["success_start"] = float(pop.success_probs().mean())
-    history: List[tuple] = []
+    history: List[tuple] = []  # (rollouts so far, eff. ratio groups, rollouts, mean success)
     while tot["rollouts"] < s.total_rollouts:
         tries: List[tuple] = []
 
@@ -177,29 +199,16 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
         else:
             produce(0)
             kept = [None]
-        step_groups = step_eff = step_rollouts = step_eff_rollouts = 0
-        train = []
-        for (sample_prompts, rewards, group_ids), keep in zip(tries, kept):
-            ids, informative = informative_groups(rewards, group_ids)
-            in_eff = torch.isin(group_ids, ids[informative])
-            step_groups, step_eff = step_groups + ids.numel(), step_eff + int(informative.sum())
-            step_rollouts += rewards.numel()
-            step_eff_rollouts += int(in_eff.sum())
-            rows = torch.ones_like(in_eff) if keep is None else torch.isin(group_ids, keep)
-            tot["trained_groups"] += int(torch.unique(group_ids[rows]).numel())
-            tot["trained_effective"] += int(torch.unique(group_ids[rows & in_eff]).numel())
-            offset = len(train) * (s.batch_prompts + 1)  # keep group ids distinct across tries
-            train.append((sample_prompts[rows], rewards[rows], group_ids[rows] + offset))
-        pop.train(*(torch.cat(parts) for parts in zip(*train)))
+        step, batch = _account_step(tries, kept, s.batch_prompts)
+        pop.train(*batch)
         pop.drift(roll_gen)
-        tot["rollouts"] += step_rollouts
-        tot["effective_rollouts"] += step_eff_rollouts
-        tot["groups"] += step_groups
-        tot["effective_groups"] += step_eff
+        for key, val in step.items():
+            tot[key] += val
         tot["steps"] += 1
         tot["tries"] += len(tries)
-        history.append((tot["rollouts"], step_eff / step_groups,
-                        step_eff_rollouts / step_rollouts, float(pop.success_probs().mean())))
+        history.append((tot["rollouts"], step["effective_groups"] / step["groups"],
+                        step["effective_rollouts"] / step["rollouts"],
+                        float(pop.success_probs().mean())))
     tot["success_end"] = float(pop.success_probs().mean())
     return {**tot, "history": history}
 
@@ -298,28 +307,40 @@ def run_budget_sim(s: SimSettings, strategies: Sequence[str], seeds: Sequence[in
     for name in strategies:
         STRATEGIES.get(name)  # fail on a typo before running anything
     results: Dict[str, List[Dict]] = {}
-    for name in strategies:
-        for seed in seeds:
-            t0 = time.perf_counter()
-            results.setdefault(name, []).append(run_strategy(name, s, seed))
-            if log:
-                r = results[name][-1]
-                log(f"  {name:<18} seed {seed}: {r['steps']} steps, eff. ratio "
-                    f"{r['effective_groups'] / r['groups']:.3f} "
-                    f"({time.perf_counter() - t0:.1f}s)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few hundred entries: thread wake-ups cost more
+    try:
+        for name in strategies:
+            for seed in seeds:
+                t0 = time.perf_counter()
+                results.setdefault(name, []).append(run_strategy(name, s, seed))
+                if log:
+                    r = results[name][-1]
+                    log(f"  {name:<18} seed {seed}: {r['steps']} steps, eff. ratio "
+                        f"{r['effective_groups'] / r['groups']:.3f} "
+                        f"({time.perf_counter() - t0:.1f}s)")
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 
-_FLAGS = {"prompts": "num_prompts", "batch_prompts": "batch_prompts",
-          "group_size": "group_size", "budget": "total_rollouts",
-          "difficulty_mean": "difficulty_mean", "difficulty_std": "difficulty_std",
-          "drift_std": "drift_std", "lr": "lr", "n_min": "n_min", "n_max": "n_max",
-          "max_tries": "max_tries"}
+# --flag -> SimSettings field, help
+_OPTIONS = (("--prompts", "num_prompts", "dataset size"),
+            ("--batch-prompts", "batch_prompts", "prompts per step"),
+            ("--group-size", "group_size", "rollouts per prompt at uniform allocation"),
+            ("--budget", "total_rollouts", "total rollouts per run, equal for every strategy"),
+            ("--difficulty-mean", "difficulty_mean", "mean initial logit (success = sigmoid)"),
+            ("--difficulty-std", "difficulty_std", "std of the initial logits"),
+            ("--drift-std", "drift_std", "per-step random-walk std of every logit"),
+            ("--lr", "lr", "policy step size on the logits"),
+            ("--n-min", "n_min", "Knapsack minimum rollouts per prompt"),
+            ("--n-max", "n_max", "Knapsack maximum rollouts per prompt"),
+            ("--max-tries", "max_tries", "DAPO dynamic sampling tries per step"))
 
 
 def _cmd_budget(args) -> int:
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    s = SimSettings(**{field: getattr(args, flag) for flag, field in _FLAGS.items()})
+    s = SimSettings(**{field: getattr(args, field) for _, field, _ in _OPTIONS})
     try:
         s.validate()
         for name in strategies:
@@ -328,13 +349,11 @@ def _cmd_budget(args) -> int:
         print(f"mmrl sim budget: {err}", file=sys.stderr)
         return 2
     seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"simulating {len(strategies)} strategies x {len(seeds)} seeds, "
-          f"{s.total_rollouts} rollouts each ({s.num_prompts} prompts, "
-          f"{s.batch_prompts} x {s.group_size} rollouts per step)", flush=True)
+    print(f"simulating {len(strategies)} strategies x {len(seeds)} seeds, {s.total_rollouts} "
+          f"rollouts each ({s.batch_prompts} x {s.group_size} per step)", flush=True)
     results = run_budget_sim(s, strategies, seeds, log=lambda m: print(m, flush=True))
     rows = summarize(results)
-    table = format_table(rows)
-    print("\n" + table)
+    print("\n" + (table := format_table(rows)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "budget_sim.json"), "w") as f:
         json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "table": rows}, f,
@@ -350,8 +369,7 @@ def _cmd_budget(args) -> int:
 def add_commands(subparsers) -> None:
     """Add ``mmrl sim budget`` to the top-level ``mmrl`` parser."""
     sim = subparsers.add_parser("sim", help="simulators (rollout budget strategies)",
-                                description="Simulators that measure training strategies "
-                                            "without a model.")
+                                description="Simulators that measure strategies without a model.")
     sim.set_defaults(func=lambda _a: (sim.print_help(), 2)[1])
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM")
     d = SimSettings()
@@ -369,25 +387,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                    help="comma-separated, from: " + ", ".join(STRATEGIES.names())
                    + " (default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--prompts", type=int, default=d.num_prompts, help="dataset size")
-    p.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="prompts per step")
-    p.add_argument("--group-size", type=int, default=d.group_size,
-                   help="rollouts per prompt at uniform allocation")
-    p.add_argument("--budget", type=int, default=d.total_rollouts,
-                   help="total rollouts per run, equal for every strategy")
-    p.add_argument("--difficulty-mean", type=float, default=d.difficulty_mean,
-                   help="mean initial logit (success = sigmoid(logit))")
-    p.add_argument("--difficulty-std", type=float, default=d.difficulty_std,
-                   help="std of initial logits")
-    p.add_argument("--drift-std", type=float, default=d.drift_std,
-                   help="per-step random-walk std of every logit")
-    p.add_argument("--lr", type=float, default=d.lr, help="policy step size on the logits")
-    p.add_argument("--n-min", type=int, default=d.n_min, help="Knapsack minimum per prompt")
-    p.add_argument("--n-max", type=int, default=d.n_max, help="Knapsack maximum per prompt")
-    p.add_argument("--max-tries", type=int, default=d.max_tries,
-                   help="DAPO dynamic sampling tries per step")
-    p.add_argument("--out", default="budget_sim", help="output folder (table, JSON, PNG)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds (default 3)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="first seed (default 0)")
+    for flag, field, text in _OPTIONS:
+        default = getattr(d, field)
+        p.add_argument(flag, dest=field, type=type(default), default=default, help=f"{text} "
+                       f"(default {default})", metavar="N" if type(default) is int else "X")
+    p.add_argument("--out", default="budget_sim", metavar="DIR",
+                   help="output folder for budget_sim.{md,json,png} (default ./budget_sim)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.set_defaults(func=_cmd_budget)

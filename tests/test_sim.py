@@ -46,7 +46,8 @@ def test_runs_are_deterministic_and_spend_equal_budgets():
     assert uni["steps"] == a["steps"] == 12 and uni["success_start"] == a["success_start"]
     dyn = run_strategy("dynamic_sampling", SMALL, seed=3)
     per_try = SMALL.batch_prompts * SMALL.group_size
-    assert SMALL.total_rollouts <= dyn["rollouts"] < SMALL.total_rollouts + SMALL.max_tries * per_try
+    budget = SMALL.total_rollouts
+    assert budget <= dyn["rollouts"] < budget + SMALL.max_tries * per_try
     assert dyn["tries"] >= dyn["steps"] and dyn["trained_effective"] == dyn["trained_groups"]
 
 
