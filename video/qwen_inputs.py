@@ -304,6 +304,8 @@ def _metadata(entry: VideoEntry):
 
 
 def _call_processor(processor, texts, videos, metadata, padding_side, factor):
+    if not videos:  # text-only conversations
+        return processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt")
     # Frames are already at their final multiple-of-factor size: let the processor's own resize
     # keep every size (bounds from one token to the largest entry) and not sample frames again.
     largest = max(v.shape[-2] * v.shape[-1] for v in videos)

@@ -128,8 +128,9 @@ def hsv_patch_vectors(frames: torch.Tensor, hw: Tuple[int, int], patch: int = FA
     t, h, w, _ = hsv.shape
     # [T, h, w, 3] -> [T, h/p, p, w/p, p, 3] -> [T, h/p, w/p, p, p, 3] -> [T, P, p·p·3]
     x = hsv.reshape(t, h // patch, patch, w // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-    out = x.reshape(t, (h // patch) * (w // patch), patch * patch * 3).astype(np.float32)
-    return np.multiply(out, np.float32(1 / 255), out=out)  # in place: no second [T, P, D] copy
+    out = x.astype(np.float32)  # one pass: gathers the transposed view into a fresh C array
+    np.multiply(out, np.float32(1 / 255), out=out)  # in place: no second [T, P, D] copy
+    return out.reshape(t, (h // patch) * (w // patch), patch * patch * 3)
 
 
 def patch_similarity(a: np.ndarray, b: np.ndarray, patch_cos: float = 0.7,

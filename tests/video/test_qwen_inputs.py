@@ -197,3 +197,9 @@ def test_two_videos_in_one_conversation_and_frames_input(tiny_processor, videos)
     assert len(batch.plans[0]) == 2 and len(batch.entries[0]) > n_cuts
     assert batch.texts[0].count("<|video_pad|>") == len(batch.entries[0])
     assert batch.inputs["video_grid_thw"].shape[0] == len(batch.entries[0])
+
+
+def test_text_only_conversation(tiny_processor):
+    batch = build_qwen_video_inputs([[{"role": "user", "content": "hi"}]], tiny_processor)
+    assert batch.kept == [0] and batch.entries == [[]] and "pixel_values_videos" not in batch.inputs
+    assert tiny_processor.decode(batch.inputs["input_ids"][0]).startswith("<|im_start|>user\nhi")
