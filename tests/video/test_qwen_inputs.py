@@ -182,6 +182,9 @@ def test_bad_videos_are_skipped_and_counted(tiny_processor, videos, tmp_path):
     assert batch.inputs["input_ids"].shape[0] == 1 and counter.total == 2
     empty = build_qwen_video_inputs(convs[:1], tiny_processor, counter=counter, **SMALL)
     assert empty.inputs is None and empty.kept == [] and counter.total == 3
+    over = build_qwen_video_inputs([conv(videos["cuts"])], tiny_processor, token_budget=50,
+                                  counter=counter, **SMALL)
+    assert over.skipped == {0: "over_budget"} and counter.by_reason["over_budget"] == 1
     with pytest.raises(VideoError, match="missing.mp4'.*file not found"):
         build_qwen_video_inputs(convs, tiny_processor, on_error="raise")
     with pytest.raises(ValueError, match="mode='fast' is not one of slow_fast, uniform"):
