@@ -25,8 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from mmrl.registry import Registry, did_you_mean
 
-from .vl_rewards import (Accuracy, _BadLabel, normalize_problem_type, option_table,
-                         parse_choice_letters, solution_text)
+from .vl_rewards import Accuracy, _BadLabel, normalize_problem_type, option_table
 
 __all__ = ["PROBLEM_TYPES", "DATA_TYPES", "PROMPT_TEMPLATES", "PromptTemplate", "VLRecord",
            "VLDataset", "SkippedRecord", "RecordError", "parse_record", "load_vl_dataset",
@@ -76,7 +75,7 @@ class VLRecord:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def metadata(self) -> Dict[str, Any]:
-        """The per-sample dict the rewards read (``solution``, ``problem_type``, ``options``, ...)."""
+        """The per-sample dict the rewards read (``solution``, ``problem_type``, ``options``...)."""
         return {**self.extra, "solution": self.solution, "problem_type": self.problem_type,
                 "options": list(self.options), "data_type": self.data_type, "path": self.path,
                 "source": self.source}

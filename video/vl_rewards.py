@@ -69,7 +69,7 @@ def completion_text(sample: Any) -> str:
 
 
 def extract_tag(text: str, tag: str) -> Optional[str]:
-    """The inside of the **last** complete ``<tag>…</tag>`` block, stripped; None when there is none.
+    """The inside of the **last** complete ``<tag>…</tag>`` block, stripped (None if there is none).
 
     Linear time (``str.rfind``), so a megabyte of unclosed tags costs one scan. The last block is
     the final answer when a model drafts one inside its reasoning.

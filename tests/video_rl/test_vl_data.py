@@ -67,7 +67,8 @@ BAD = [
      "bad_problem_type", "did you mean 'multiple choice'"),
     ({"problem": "q", "solution": "B", "problem_type": "multiple choice", "options": "A. x B. y"},
      "bad_options", "list of at least two"),
-    ({"problem": "q", "solution": "E", "problem_type": "multiple choice", "options": ["A. x", "B. y"]},
+    ({"problem": "q", "solution": "E", "problem_type": "multiple choice",
+      "options": ["A. x", "B. y"]},
      "bad_solution", "not all among the options"),
     ({"problem": "q", "solution": "maybe", "problem_type": "multiple choice",
       "options": ["A. x", "B. y"]}, "bad_solution", "not a list of option letters"),
@@ -146,7 +147,8 @@ def test_video_r1_prompt_text_for_multiple_choice(data_dir):
         "final answer inside <answer> </answer> tags. In <answer> </answer> give only the letter "
         "of the chosen option (for example A, B, C or D).")
     tw = format_question(record, "tw_grpo", hint="the square is not moving up")
-    assert "letters separated by commas" in tw and tw.endswith("\nHint: the square is not moving up")
+    assert "letters separated by commas" in tw
+    assert tw.endswith("\nHint: the square is not moving up")
     assert format_question(record, "plain").startswith("Which way does the red square move?\n")
 
 

@@ -213,8 +213,8 @@ def test_registry_and_combined_reward_columns():
                                    "soft_overlong": {"max_len": 100, "cache_len": 20}})
     assert combined.weights == {"think_answer_format": 0.5, "accuracy": 1.0, "soft_overlong": 1.0}
     md = [dict(meta("A,C"), completion_length=n) for n in (10, 90)]
-    batch = evaluate_reward(combined, ["<think>x</think><answer>A</answer>", "<answer>A,C</answer>"],
-                            [None, None], md)
+    samples = ["<think>x</think><answer>A</answer>", "<answer>A,C</answer>"]
+    batch = evaluate_reward(combined, samples, [None, None], md)
     assert batch.names == ["think_answer_format", "accuracy", "soft_overlong"]
     assert torch.allclose(batch.values, torch.tensor([[1, 0.5, 0], [0, 1, -0.5]]))
     assert batch.weighted_sum(combined.weights).tolist() == pytest.approx([1.0, 0.5])
@@ -238,7 +238,8 @@ PIECES = ["<think>", "</think>", "<answer>", "</answer>", "<answer", "answer>", 
           "\n", " ", "\t", "é", "答案", "🙂", "\u200b", "\x00", "\ud800", "<think><think>",
           "the cat sat", "−5", "%", "0x1F", "{", "}", "<|im_end|>", "\\", "..."]
 FUZZ_META = [meta("<answer>A,C</answer>", options=["A. red", "B. blue", "C. the cat sat"]),
-             meta("B"), meta("3.14", "numerical"), meta("10", "regression"), meta("0", "regression"),
+             meta("B"), meta("3.14", "numerical"), meta("10", "regression"),
+             meta("0", "regression"),
              meta("the cat sat on the mat", "OCR"), meta("the cat sat", "free-form"),
              meta([2, 6], "temporal grounding")]
 
@@ -248,7 +249,8 @@ def _fuzz_outputs(seed: int, n: int):
     specials = [None, b"\xff\xfe<answer>A</answer>", 17, 3.5, [], [{"content": None}],
                 [{"role": "assistant", "content": "<answer>B</answer>"}], {"content": "x"},
                 "<answer>" * 50_000, "x" * 1_000_000, "<think>" + "y" * 500_000 + "</think>",
-                "<answer>" + "A, " * 100_000 + "</answer>", "<answer>" + "9" * 400_000 + "</answer>"]
+                "<answer>" + "A, " * 100_000 + "</answer>",
+                "<answer>" + "9" * 400_000 + "</answer>"]
     for _ in range(n):
         yield "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 30)))
     yield from specials
