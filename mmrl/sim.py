@@ -304,8 +304,7 @@ def run_budget_sim(s: SimSettings, strategies: Sequence[str], seeds: Sequence[in
                    log=None) -> Dict[str, List[Dict]]:
     """Run every strategy for every seed -> ``{strategy: [run per seed]}``."""
     s.validate()
-    for name in strategies:
-        STRATEGIES.get(name)  # fail on a typo before running anything
+    list(map(STRATEGIES.get, strategies))  # fail on a typo before running anything
     results: Dict[str, List[Dict]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors of a few hundred entries: thread wake-ups cost more
@@ -343,8 +342,7 @@ def _cmd_budget(args) -> int:
     s = SimSettings(**{field: getattr(args, field) for _, field, _ in _OPTIONS})
     try:
         s.validate()
-        for name in strategies:
-            STRATEGIES.get(name)
+        list(map(STRATEGIES.get, strategies))  # unknown names: did-you-mean errors
     except ValueError as err:
         print(f"mmrl sim budget: {err}", file=sys.stderr)
         return 2
@@ -356,12 +354,15 @@ def _cmd_budget(args) -> int:
     print("\n" + (table := format_table(rows)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "budget_sim.json"), "w") as f:
-        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "table": rows}, f,
-                  indent=1)
+        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "table": rows}, f, indent=1)
     with open(os.path.join(args.out, "budget_sim.md"), "w") as f:
         f.write(table + "\n")
     if not args.no_plot:
-        print(f"plot: {plot(results, os.path.join(args.out, 'budget_sim.png'))}")
+        try:
+            print(f"plot: {plot(results, os.path.join(args.out, 'budget_sim.png'))}")
+        except ModuleNotFoundError as err:  # matplotlib is optional for the core
+            print(f"plot skipped: {err.name} is not installed (pip install matplotlib)",
+                  file=sys.stderr)
     print(f"table and settings: {os.path.join(args.out, 'budget_sim.json')}")
     return 0
 

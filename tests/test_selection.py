@@ -194,3 +194,30 @@ def test_factory_and_select_errors():
 def test_dynamic_sampling_is_reexported():
     from mmrl import budget
     assert DynamicSampling is budget.DynamicSampling
+
+
+def test_vade_in_the_shared_runner_resumes_exactly(tmp_path):
+    """The lead's runner feeds the selector and checkpoints it; resume gives the same state."""
+    from mmrl.runner import run_training
+    from mmrl.schema import config_from_dict
+    from mmrl.toy import TASKS, ToyPolicy, digit_reward, make_prompts
+
+    def train(out, steps):
+        cfg = config_from_dict({"job": "toy", "train": {
+            "steps": steps, "prompts_per_step": 3, "group_size": 2, "save_every": 2,
+            "progress": False, "output_dir": str(out), "log_every": 100},
+            "toy": {"d_model": 16, "layers": 1, "heads": 2}})
+        prompts = make_prompts(cfg.task, cfg.train.seed)
+        metadata = [{"target": TASKS[cfg.task.task](p)} for p in prompts]
+        selector = make_selector("vade", len(prompts))
+        run_training(cfg, ToyPolicy(cfg.task), digit_reward, prompts, metadata,
+                     selector=selector)
+        return selector
+
+    straight = train(tmp_path / "a", 4).state_dict()
+    train(tmp_path / "b", 2)
+    resumed = train(tmp_path / "b", 4).state_dict()  # a fresh selector, restored at step 2
+    assert straight["num_updates"] == resumed["num_updates"] == 4
+    for key in ("alpha", "beta", "last_successes", "last_trials"):
+        assert torch.equal(straight[key], resumed[key])
+    assert float(straight["last_trials"].sum()) > 0

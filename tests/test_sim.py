@@ -109,3 +109,12 @@ def test_console_script(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| vade |" in proc.stdout and (tmp_path / "budget_sim.json").exists()
+
+
+def test_cli_without_matplotlib_still_writes_the_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["sim", "budget", "--strategies", "uniform", "--seeds", "1", "--prompts", "16",
+                 "--batch-prompts", "4", "--group-size", "2", "--budget", "16",
+                 "--out", str(tmp_path)]) == 0
+    assert "plot skipped: matplotlib" in capsys.readouterr().err
+    assert (tmp_path / "budget_sim.md").exists() and not (tmp_path / "budget_sim.png").exists()
