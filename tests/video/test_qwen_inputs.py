@@ -146,9 +146,13 @@ def test_model_runs_on_the_batch_with_our_positions(tiny_processor, tiny_model, 
     pos, _ = qwen25_position_ids(x["input_ids"], x["attention_mask"], x["video_grid_thw"],
                                  x["second_per_grid_ts"], video_token_id=cfg.video_token_id,
                                  tokens_per_second=cfg.vision_config.tokens_per_second)
-    with torch.no_grad():
-        logits = tiny_model(**x, position_ids=pos).logits
-    assert logits.shape[:2] == x["input_ids"].shape and torch.isfinite(logits).all()
+    labels = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    out = tiny_model(**x, position_ids=pos, labels=labels)
+    assert out.logits.shape[:2] == x["input_ids"].shape and torch.isfinite(out.loss)
+    out.loss.backward()  # gradients reach the vision tower through every video entry
+    grad = tiny_model.model.visual.patch_embed.proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    tiny_model.zero_grad(set_to_none=True)
 
 
 def test_uniform_mode_equals_qwen_vl_utils(tiny_processor, videos):
