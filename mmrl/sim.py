@@ -230,10 +230,10 @@ def summarize(results: Dict[str, List[Dict]]) -> List[Dict]:
                "rollouts": stat(lambda r: r["rollouts"]), "steps": stat(lambda r: r["steps"]),
                "success_start": stat(lambda r: r["success_start"]),
                "success_end": stat(lambda r: r["success_end"])}
-        if base:
-            for key, num, den in (("eff_ratio", "effective_groups", "groups"),
-                                  ("eff_rollout_share", "effective_rollouts", "rollouts")):
-                ref = np.mean([r[num] / r[den] for r in base])
+        for key, num, den in (("eff_ratio", "effective_groups", "groups"),
+                              ("eff_rollout_share", "effective_rollouts", "rollouts")):
+            ref = np.mean([r[num] / r[den] for r in base]) if base else 0.0
+            if ref > 0:  # no uniform run, or one without any signal: no relative number
                 row[key + "_vs_uniform"] = row[key][0] / ref - 1
         rows.append(row)
     return rows
