@@ -1,7 +1,7 @@
 """mmrl.diffusion — GRPO for flow-matching image models: SDE steps with log-probs, samplers over a
 velocity function (full / windowed SDE, G²RPO singular sampling, tree sampling) and their
 advantages. Pure torch; diffusers is only needed by the model adapters (``SD3Policy``,
-``load_sd3_pipeline``), which are imported on first use. See docs/diffusion.md.
+``FluxPolicy``, ``load_pipeline``), which are imported on first use. See docs/diffusion.md.
 """
 from mmrl.diffusion.advantages import (g2rpo_advantages, prompt_advantages, prompt_ids,
                                        tree_advantages, tree_node_rewards)
@@ -18,10 +18,12 @@ __all__ = [
     "initial_noise", "prompt_advantages", "prompt_ids", "random_window", "rescore",
     "sample_sde", "sample_singular", "sample_tree", "sde_kl", "sde_step", "shift_sigmas",
     "sliding_window", "take_cond", "tree_advantages", "tree_node_rewards",
-    "SD3Policy", "SD3_LORA_TARGETS", "load_sd3_pipeline",
+    "FLUX_LORA_TARGETS", "FluxPolicy", "SD3Policy", "SD3_LORA_TARGETS", "load_pipeline",
+    "load_sd3_pipeline",
 ]
 
-_LAZY = {"SD3Policy", "SD3_LORA_TARGETS", "load_sd3_pipeline"}
+_LAZY = {"FLUX_LORA_TARGETS", "FluxPolicy", "SD3Policy", "SD3_LORA_TARGETS", "load_pipeline",
+         "load_sd3_pipeline"}
 
 
 def __getattr__(name):

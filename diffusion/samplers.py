@@ -320,8 +320,10 @@ def rescore(traj: Trajectory, velocity_fn: VelocityFn, cond=None, *,
     """Recompute the log-prob of stored transitions under the current velocity_fn.
 
     Runs with gradients enabled (call it inside ``torch.no_grad()`` for the reference policy).
-    With the sampling-time weights it returns ``traj.logp`` (ratio exactly 1 before the first
-    update, up to batch-composition effects inside the model).
+    Transitions that leave the same state (tree siblings, G²RPO group members) share one
+    velocity evaluation. With the sampling-time weights it returns ``traj.logp`` — bit for bit
+    when the model sees the same rows per call as during sampling (e.g. one step's transitions
+    per call); otherwise up to the model's batch-composition rounding (~1e-7).
 
     Args:
         traj: a sampler's :class:`Trajectory`.
@@ -334,8 +336,14 @@ def rescore(traj: Trajectory, velocity_fn: VelocityFn, cond=None, *,
         :class:`SDEStepOutput` for the selected transitions (logp ``[m]``, mean, std ``[m]``).
     """
     idx = torch.arange(traj.num_transitions) if index is None else torch.as_tensor(index)
-    x, prev = traj.states[traj.src[idx]], traj.states[traj.dst[idx]]
-    step = traj.step[idx]
-    v = call_velocity(velocity_fn, x, traj.sigmas.to(x)[step], take_cond(cond, traj.cond_index[idx]))
-    return sde_step(x, v, traj.sigmas, step, kind=kind or traj.kind,
-                    noise_level=traj.noise_level[idx], prev_sample=prev)
+    # Transitions leaving the same state (tree siblings, G²RPO members) share one evaluation:
+    # [m] -> [u] unique start states, and back with inv.
+    src_u, inv = torch.unique(traj.src[idx], return_inverse=True)
+    pos = torch.zeros_like(src_u).scatter_reduce(0, inv, torch.arange(idx.shape[0]), "amin",
+                                                 include_self=False)  # first row of each state
+    first = idx[pos]
+    x_u = traj.states[src_u]
+    v_u = call_velocity(velocity_fn, x_u, traj.sigmas.to(x_u)[traj.step[first]],
+                        take_cond(cond, traj.cond_index[first]))
+    return sde_step(x_u[inv], v_u[inv], traj.sigmas, traj.step[idx], kind=kind or traj.kind,
+                    noise_level=traj.noise_level[idx], prev_sample=traj.states[traj.dst[idx]])

@@ -146,8 +146,11 @@ def test_tree_structure_levels_and_rescoring():
         assert torch.equal(traj.noise_level[traj.step == step], torch.full((8 if step > 3 else 4,),
                                                                            level))
     assert torch.equal(traj.owner[traj.step == 7], traj.leaves)
+    vf.calls.clear()
     again = rescore(traj, vf, torch.tensor([0.5, -0.5]))
-    assert torch.equal(again.logp, traj.logp)  # same batch composition per call -> exact
+    assert torch.equal(again.logp, traj.logp)
+    # Siblings share their parent's evaluation: 2 + 4 split parents + 8 nodes at step 7.
+    assert vf.calls == [14] and len(set(traj.src.tolist())) == 14
 
 
 def test_tree_5d_latents_and_dict_cond():
