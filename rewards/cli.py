@@ -188,30 +188,38 @@ def _guarded(fn):
 
 EPILOG = """examples:
   mmrl reward list
-  mmrl reward score --scorer pickscore:path=/ckpt/PickScore_v1 --images out/ --prompts prompts.txt --out scores.csv
-  mmrl reward eval --scorer hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt,pickscore:path=/ckpt/PickScore_v1 \\
-      --data /data/hpdv2/test.jsonl --format ranked --out reports/hpdv2
+  mmrl reward score --scorer pickscore:path=/ckpt/PickScore_v1 --images out/ \\
+      --prompts prompts.txt --out scores.csv
+  mmrl reward eval --data /data/hpdv2/test.jsonl --format ranked --out reports/hpdv2 \\
+      --scorer hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt,pickscore:path=/ckpt/PickScore_v1
   MMRL_REWARD_TOKEN=secret mmrl reward serve imagereward:path=/ckpt/ImageReward --port 8765
   mmrl reward convert hpdv2 /data/HPDv2/test.json --out /data/HPDv2/test.jsonl
 """
 
 
+FMT = argparse.RawDescriptionHelpFormatter
+
+
 def add_commands(subparsers) -> None:
     """Add ``mmrl reward ...`` to the top-level ``mmrl`` parser."""
-    fmt = argparse.RawDescriptionHelpFormatter
     top = subparsers.add_parser("reward", help="score, evaluate and serve image reward models",
                                 description="Image reward models: PickScore, HPS v2/v2.1, "
                                 "ImageReward, CLIP score, aesthetic and rule rewards.",
-                                epilog=EPILOG, formatter_class=fmt)
+                                epilog=EPILOG, formatter_class=FMT)
     sub = top.add_subparsers(dest="reward_command", metavar="SUBCOMMAND")
     top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
-
     p = sub.add_parser("list", help="registered scorers and their options")
     p.set_defaults(func=_guarded(cmd_list))
+    _add_score(sub)
+    _add_eval(sub)
+    _add_serve(sub)
+    _add_convert(sub)
 
+
+def _add_score(sub):
     p = sub.add_parser("score", help="score images with prompts, write a CSV",
                        description="Score image files; prompts come one line per image (sorted "
-                       "file order) or one line for all.", epilog=EPILOG, formatter_class=fmt)
+                       "file order) or one line for all.", epilog=EPILOG, formatter_class=FMT)
     p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
     p.add_argument("--images", nargs="+", required=True, help="a folder and/or image files")
     p.add_argument("--prompts", help="text file: one prompt per image or a single line")
@@ -220,12 +228,14 @@ def add_commands(subparsers) -> None:
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_score))
 
+
+def _add_eval(sub):
     p = sub.add_parser("eval", help="pairwise accuracy on preference data",
                        description="Evaluate scorers on JSONL preference data with the published "
                        "protocols (pairs: Pick-a-Pic tie threshold + half credit; ranked: "
                        "ImageRewardDB pair accuracy and HPDv2 inversion score), with bootstrap "
                        "95%% intervals, a per-prompt breakdown, a JSON report and a bar chart.",
-                       epilog=EPILOG, formatter_class=fmt)
+                       epilog=EPILOG, formatter_class=FMT)
     p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
     p.add_argument("--data", required=True, help="JSONL file (see docs/rewards.md)")
     p.add_argument("--format", required=True, choices=["pairs", "ranked"])
@@ -241,10 +251,12 @@ def add_commands(subparsers) -> None:
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_eval))
 
+
+def _add_serve(sub):
     p = sub.add_parser("serve", help="serve one scorer over HTTP (for clashing dependencies)",
                        description="Serve a scorer over HTTP on loopback; train with "
                        "load('remote', url=...). Non-loopback hosts need a token.",
-                       epilog=EPILOG, formatter_class=fmt)
+                       epilog=EPILOG, formatter_class=FMT)
     p.add_argument("scorer", help=SPEC_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free)")
@@ -256,8 +268,10 @@ def add_commands(subparsers) -> None:
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_serve))
 
+
+def _add_convert(sub):
     p = sub.add_parser("convert", help="convert HPDv2 / ImageRewardDB / Pick-a-Pic to JSONL",
-                       epilog=EPILOG, formatter_class=fmt)
+                       epilog=EPILOG, formatter_class=FMT)
     p.add_argument("dataset", choices=["hpdv2", "imagerewarddb", "pickapic"])
     p.add_argument("source", help="test.json (hpdv2, imagerewarddb) or parquet file/folder/glob "
                    "(pickapic)")

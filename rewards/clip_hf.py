@@ -15,9 +15,9 @@ from typing import List, Optional
 
 import torch
 
-from mmrl.rewards.base import (Images, Scorer, as_rgb, check_path, clip_tensor_preprocess,
-                               default_device, load_state_dict_file, parse_dtype, weights_error,
-                               hub_file)
+from mmrl.rewards.base import (Images, Scorer, WeightsNotFoundError, as_rgb, check_path,
+                               clip_tensor_preprocess, default_device, hub_file,
+                               load_state_dict_file, parse_dtype, weights_error)
 
 
 def _pooled(out) -> torch.Tensor:
@@ -200,8 +200,10 @@ class Aesthetic(Scorer):
     Output scale: the predictor's 1–10 rating scale (typical SD images ≈ 4.5–7).
 
     Args:
-        path: the MLP head (``sac+logos+ava1-l14-linearMSE.pth`` or ``.safetensors``), a file or
-            a directory holding it (default: hub ``camenduru/improved-aesthetic-predictor``).
+        path: the MLP head file (``.pth`` state dict or ``.safetensors``), or a directory holding
+            ``sac+logos+ava1-l14-linearMSE.pth`` or ``aesthetic-model.pth``; default: the hub
+            repo ``trl-lib/ddpo-aesthetic-predictor`` (``aesthetic-model.pth``, the same head
+            as used by TRL's DDPO).
         clip_path: directory of the CLIP model (default hub id ``openai/clip-vit-large-patch14``).
     """
 
@@ -209,19 +211,13 @@ class Aesthetic(Scorer):
     scale = "LAION aesthetic rating, 1–10 scale (typical ≈ 4.5–7)"
     uses_prompts = False
     clip_repo = "openai/clip-vit-large-patch14"
-    head_repo, head_file = "camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth"
+    head_repo, head_file = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
+    head_files = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth")
 
     def __init__(self, path=None, device=None, dtype=None, clip_path=None,
                  batch_size: int = 32, grad: bool = False):
         super().__init__(batch_size, grad)
-        path = check_path(self.name, path)
-        if path is None:
-            head = hub_file(self.name, self.head_repo, self.head_file,
-                            "wget https://github.com/christophschuhmann/improved-aesthetic-predictor"
-                            f"/raw/main/{self.head_file}")
-        else:
-            head = os.path.join(path, self.head_file) if os.path.isdir(path) else path
-            check_path(self.name, head)
+        head = self._head_file(check_path(self.name, path))
         self.clip = HFClip(self.name, clip_path, self.clip_repo, self.clip_repo, None, device,
                            dtype)
         sd = load_state_dict_file(head)
@@ -231,6 +227,18 @@ class Aesthetic(Scorer):
         self.mlp = AestheticMLP(sd["layers.0.weight"].shape[1])
         self.mlp.load_state_dict(sd)
         self.mlp.to(self.clip.device).eval().requires_grad_(False)
+
+    def _head_file(self, path):
+        if path is None:
+            return hub_file(self.name, self.head_repo, self.head_file,
+                            f"hf download {self.head_repo} {self.head_file} --local-dir DIR")
+        if not os.path.isdir(path):
+            return path
+        for f in self.head_files:
+            if os.path.exists(os.path.join(path, f)):
+                return os.path.join(path, f)
+        raise WeightsNotFoundError(f"aesthetic: no head file in {path}; expected one of "
+                                   f"{list(self.head_files)} (or pass the file itself as path=)")
 
     def _score(self, images, prompts):
         return self.mlp(self.clip.image_embeds(images)).squeeze(-1)

@@ -61,7 +61,11 @@ def _pick_label(l0: float, l1: float) -> str:
 
 def convert_pickapic(source: str, out: str, limit: Optional[int] = None) -> int:
     """Convert Pick-a-Pic parquet shard(s) (a file, a folder or a glob) to pairs JSONL."""
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise ImportError("converting Pick-a-Pic reads parquet files: pip install pyarrow") \
+            from None
     files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True)
                    if os.path.isdir(source) else glob.glob(source))
     if not files:

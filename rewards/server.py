@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmrl.rewards.base import Scorer
 
@@ -70,7 +70,10 @@ def decode_images(entries: List[Dict[str, Any]]):
         raise ValueError("'images' must be a non-empty list")
     formats = {e.get("format") if isinstance(e, dict) else None for e in entries}
     if formats == {"png"}:
-        return [Image.open(io.BytesIO(base64.b64decode(e["data"]))) for e in entries]
+        try:
+            return [Image.open(io.BytesIO(base64.b64decode(e["data"]))) for e in entries]
+        except UnidentifiedImageError as err:
+            raise ValueError(f"a 'png' image could not be decoded ({err})") from None
     if formats == {"f32"}:
         shapes = {tuple(e["shape"]) for e in entries}
         if len(shapes) != 1:

@@ -1,4 +1,4 @@
-"""``mmrl reward score|eval|serve|convert|list`` through ``mmrl.cli.main`` and the console script."""
+"""``mmrl reward score|eval|serve|convert|list`` via ``mmrl.cli.main`` and the console script."""
 from __future__ import annotations
 
 import csv

@@ -336,6 +336,14 @@ def test_offline_without_weights_names_what_to_download():
         R.load("hps_v2", path="/no/such/HPS_v2_compressed.pt")
 
 
+def test_aesthetic_head_from_directory(tmp_path, aesthetic_head, tiny_clip_dir, scorers):
+    images = make_images(2)
+    by_dir = R.load("aesthetic", path=os.path.dirname(aesthetic_head[0]), clip_path=tiny_clip_dir)
+    torch.testing.assert_close(by_dir(images, None), scorers["aesthetic"](images, None))
+    with pytest.raises(WeightsNotFoundError, match="no head file.*aesthetic-model.pth"):
+        R.load("aesthetic", path=str(tmp_path), clip_path=tiny_clip_dir)
+
+
 def test_registry_and_option_errors(tiny_clip_dir):
     with pytest.raises(ValueError, match="did you mean 'pickscore'"):
         R.load("pickscor")

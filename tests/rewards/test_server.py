@@ -93,6 +93,12 @@ def test_token_size_limits_and_bad_requests(server):
     assert _post(srv.url, many, token="s3cret")[0] == 413
     code, out = _post(srv.url, {"prompts": [""], "images": [{"format": "gif"}]}, token="s3cret")
     assert code == 400 and "expected all 'png' or all 'f32'" in out["error"]
+    code, out = _post(srv.url, {"prompts": [""], "images": [{"format": "png", "data": "AAAA"}]},
+                      token="s3cret")
+    assert code == 400 and "could not be decoded" in out["error"]
+    code, out = _post(srv.url, {"prompts": ["", ""], "images": body["images"][:1]},
+                      token="s3cret")
+    assert code == 400 and "1 images but 2 prompts" in out["error"]
     with pytest.raises(ValueError, match="401.*token"):
         R.load("remote", url=srv.url, retries=0)
     ok = R.load("remote", url=srv.url, token="s3cret")
