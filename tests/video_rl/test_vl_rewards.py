@@ -288,3 +288,64 @@ def test_fuzz_soft_credit_dominates_strict_and_format_is_binary():
     f = vr.ThinkAnswerFormat()(outputs, [None] * 500)
     assert ((f == 0) | (f == 1)).all()
     assert s.sum() > 0 and f.sum() >= 0  # the fuzzer does produce some correct answers
+
+
+# ----------------------------------------------------------------------------- reference parity
+# Slow restatements of the reference rules (TW-GRPO's string-matching branch, Video-R1's
+# numerical/regression/OCR branches), compared on canonical outputs where they are defined the
+# same way; the documented differences (first vs last block, decimal-point check) are avoided.
+
+def _first_block(text):
+    start, end = text.find("<answer>"), text.find("</answer>")
+    return text[start + 8:end].strip() if 0 <= start < end else text.strip()
+
+
+def _twgrpo_soft_oracle(content, solution):
+    truth = {o for o in _first_block(solution).replace(" ", "").split(",")}
+    pred = {o for o in _first_block(content).replace(" ", "").split(",")}
+    return len(pred) / len(truth) if pred <= truth else 0.0
+
+
+def _video_r1_oracle(content, solution, kind):
+    out, gt = _first_block(content), _first_block(solution)
+    if kind == "numerical":
+        return 1.0 if round(float(out), 2) == round(float(gt), 2) else 0.0
+    if kind == "regression":
+        rel = (abs(float(out) - float(gt)) + 1e-9) / (abs(float(gt)) + 1e-9)
+        return 1 - min(1.0, max(0.0, rel))
+    ref, hyp = gt.split(), out.split()
+    d = [[i + j if i * j == 0 else 0 for j in range(len(hyp) + 1)] for i in range(len(ref) + 1)]
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            d[i][j] = d[i - 1][j - 1] if ref[i - 1] == hyp[j - 1] else 1 + min(
+                d[i - 1][j], d[i][j - 1], d[i - 1][j - 1])
+    return max(0.0, min(1.0, 1 - d[-1][-1] / max(1, len(ref))))
+
+
+def test_soft_choice_matches_tw_grpo_rule_on_canonical_answers():
+    rng = random.Random(5)
+    for _ in range(500):
+        truth = rng.sample("ABCDE", rng.randint(1, 4))
+        pred = rng.sample("ABCDE", rng.randint(1, 5))
+        sep = rng.choice([",", ", "])
+        content = f"<think>t</think><answer>{sep.join(pred)}</answer>"
+        solution = f"<answer>{','.join(truth)}</answer>"
+        want = _twgrpo_soft_oracle(content, solution)
+        assert one(vr.ChoiceSubset(), content, meta(solution)) == pytest.approx(want)
+
+
+def test_video_r1_types_match_the_reference_rules_on_canonical_answers():
+    rng = random.Random(6)
+    vocab = ["stop", "exit", "open", "24h", "cafe", "north"]
+    for _ in range(300):
+        kind = rng.choice(["numerical", "regression", "OCR"])
+        if kind == "OCR":
+            gt = " ".join(rng.choices(vocab, k=rng.randint(1, 6)))
+            out = " ".join(rng.choices(vocab, k=rng.randint(0, 8)))
+        else:
+            gt = f"{rng.uniform(-50, 50):.{rng.choice([1, 2, 3])}f}"
+            out = f"{float(gt) + rng.choice([0, 0.001, 0.004, 0.01, 0.3, 7]):.3f}"
+        content, solution = f"<answer>{out}</answer>", f"<answer>{gt}</answer>"
+        want = _video_r1_oracle(content, solution, kind)
+        got = one(vr.Accuracy(), content, meta(solution, kind))
+        assert got == pytest.approx(want), (kind, out, gt)
