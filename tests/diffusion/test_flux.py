@@ -53,9 +53,8 @@ def test_lora_reference_and_ratio_one_on_packed_latents(flux, tiny_flux_dir):
     assert torch.equal(torch.exp(out.logp - traj.logp).detach(), torch.ones(2))
 
 
-def test_flux_resolution_error(tiny_flux_dir, flux):
-    with pytest.raises(ValueError, match=r"20x16 is not a positive multiple of 2 .* use 20x16|"
-                                         r"multiple of 2"):
+def test_flux_resolution_error(flux):
+    with pytest.raises(ValueError, match=r"21x16 is not a positive multiple of 2 .*use 20x16"):
         FluxPolicy(flux.pipe, height=21, width=16, finetune="none")
     with pytest.raises(FileNotFoundError, match="FluxPipeline"):
         FluxPolicy.from_pretrained("org/missing-flux")
