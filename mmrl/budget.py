@@ -12,6 +12,7 @@ Formulas: ALGORITHMS.md, "Rollout budget and prompt selection".
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable, List, Tuple
 
 import torch
@@ -58,9 +59,10 @@ def _nonzero_value(p, n) -> torch.Tensor:
 
 
 def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, (bool, float)) or not isinstance(value, numbers.Integral) \
+            or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_allocation(success_probs, budget: int, n_min: int, n_max: int) -> torch.Tensor:
@@ -68,7 +70,7 @@ def _check_allocation(success_probs, budget: int, n_min: int, n_max: int) -> tor
     if p.dim() != 1 or p.numel() == 0:
         raise ValueError(f"success_probs must be a non-empty 1-D tensor [P], got shape "
                          f"{tuple(p.shape)}")
-    _check_int("n_min", n_min, 1)
+    n_min = _check_int("n_min", n_min, 1)
     _check_int("n_max", n_max, n_min)
     _check_int("budget", budget, 0)
     num = p.numel()
@@ -119,6 +121,7 @@ def knapsack_allocate(success_probs: torch.Tensor, budget: int, n_min: int = 2,
             that is not concave in n.
     """
     p = _check_allocation(success_probs, budget, n_min, n_max)
+    budget, n_min, n_max = int(budget), int(n_min), int(n_max)
     num, fn = p.numel(), VALUES.get(value)
     n = torch.arange(n_min, n_max + 1, dtype=torch.float64)
     gains = torch.diff(fn(p[:, None], n[None, :]), dim=1)  # [P, n_max - n_min]

@@ -1,6 +1,7 @@
 """Knapsack rollout allocation and DAPO dynamic sampling (mmrl.budget)."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,10 @@ def test_knapsack_errors_say_how_to_fix():
         knapsack_allocate(torch.tensor([0.5, 1.5]), 8)
     with pytest.raises(ValueError, match="n_min"):
         knapsack_allocate(torch.tensor([0.5]), 8, n_min=0)
+    with pytest.raises(ValueError, match="budget must be an int"):
+        knapsack_allocate(torch.tensor([0.5]), 8.0)
+    # numpy / torch integers are fine
+    assert knapsack_allocate(torch.tensor([0.5, 0.5]), np.int64(6)).tolist() == [3, 3]
     with pytest.raises(ValueError, match="did you mean 'knapsack_rl'"):
         knapsack_allocate(torch.tensor([0.5]), 8, value="knapsack_r")
 
