@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, as_rgb, WeightsNotFoundError,
-                               check_path, clip_tensor_preprocess, default_device, weights_error)
+from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, as_rgb, check_path,
+                               clip_tensor_preprocess, default_device, parse_dtype, weights_error)
 
 EXTRA_HINT = ("imagereward needs the optional package 'image-reward' (imports as ImageReward), "
               "which pins its own transformers/timm versions: install it with "
@@ -63,7 +63,7 @@ class ImageRewardScorer(Scorer):
                                 "hf download THUDM/ImageReward ImageReward.pt "
                                 "med_config.json --local-dir DIR", err) from None
         if dtype is not None:
-            self.model.to(dtype)
+            self.model.to(parse_dtype(dtype))
         self.model.eval().requires_grad_(False)
 
     def preprocess(self, images) -> torch.Tensor:
@@ -89,4 +89,4 @@ class ImageRewardScorer(Scorer):
         return (raw - m.mean) / m.std
 
 
-__all__ = ["ImageRewardScorer", "import_imagereward", "WeightsNotFoundError"]
+__all__ = ["ImageRewardScorer", "import_imagereward"]

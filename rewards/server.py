@@ -5,7 +5,7 @@ from training with ``load("remote", url="http://127.0.0.1:8765")``.
 
 Wire format (JSON over HTTP, stdlib only):
 
-- ``GET /health`` -> ``{"name", "scale", "uses_prompts", "max_batch"}``.
+- ``GET /health`` -> ``{"name", "scale", "uses_prompts", "max_batch", "max_request_bytes"}``.
 - ``POST /score`` with ``{"prompts": [B str], "images": [B image]}`` where an image is
   ``{"format": "png", "data": base64 PNG}`` (PIL inputs; lossless for 8-bit images) or
   ``{"format": "f32", "shape": [C, H, W], "data": base64 little-endian float32}`` (tensor inputs,
@@ -121,7 +121,8 @@ class RewardServer:
     def health(self) -> Dict[str, Any]:
         s = self.scorer
         return {"name": getattr(s, "name", type(s).__name__), "scale": getattr(s, "scale", ""),
-                "uses_prompts": getattr(s, "uses_prompts", True), "max_batch": self.max_batch}
+                "uses_prompts": getattr(s, "uses_prompts", True), "max_batch": self.max_batch,
+                "max_request_bytes": self.max_request_bytes}
 
     def score(self, body: Dict[str, Any]) -> List[float]:
         prompts, images = body.get("prompts"), decode_images(body.get("images"))
@@ -237,6 +238,7 @@ class RemoteScorer(Scorer):
         self.scale = info.get("scale", "")
         self.uses_prompts = bool(info.get("uses_prompts", True))
         self.batch_size = min(self.batch_size, int(info.get("max_batch", self.batch_size)))
+        self.max_request_bytes = int(info.get("max_request_bytes", MAX_REQUEST_BYTES))
 
     def _request(self, method: str, route: str, body: Optional[dict] = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -264,9 +266,29 @@ class RemoteScorer(Scorer):
                               f"attempt(s): {last}; is `mmrl reward serve` running there?")
 
     def _score(self, images, prompts):
-        out = self._request("POST", "/score", {"prompts": prompts,
-                                               "images": encode_images(images)})
-        return torch.tensor(out["scores"], dtype=torch.float32)
+        entries, scores = encode_images(images), []
+        for lo, hi in _pack(entries, prompts, self.max_request_bytes):
+            out = self._request("POST", "/score", {"prompts": prompts[lo:hi],
+                                                   "images": entries[lo:hi]})
+            scores += out["scores"]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def _pack(entries, prompts, limit: int):
+    """``[(lo, hi)]`` runs of entries whose JSON body stays under ``limit`` bytes."""
+    budget = int(limit * 0.95) - 64  # room for the JSON wrapping
+    runs, lo, size = [], 0, 0
+    for i, (e, p) in enumerate(zip(entries, prompts)):
+        n = len(e["data"]) + len(p.encode()) * 2 + 64
+        if n > budget:
+            raise ValueError(f"image {i} needs {n} bytes, over the server's request limit of "
+                             f"{limit}; send smaller images or raise --max-request-mb")
+        if i > lo and size + n > budget:
+            runs.append((lo, i))
+            lo, size = i, 0
+        size += n
+    runs.append((lo, len(entries)))
+    return runs
 
 
 def _error_text(err: urllib.error.HTTPError) -> str:

@@ -249,6 +249,18 @@ def test_gradients_reach_pixels(tiny_clip_dir, tiny_open_clip):
     assert R.load("brightness")(x, None).requires_grad is False  # default: no_grad
 
 
+def test_bf16_runs_and_returns_float32(tiny_clip_dir, tiny_open_clip, scorers):
+    arch, ckpt = tiny_open_clip
+    images = make_images(3, seed=8)
+    for name, s in (("pickscore", R.load("pickscore", path=tiny_clip_dir, dtype="bf16")),
+                    ("hps_v2.1", R.load("hps_v2.1", path=ckpt, arch=arch,
+                                        dtype=torch.bfloat16))):
+        got = s(images, PROMPTS[:3])
+        assert got.dtype == torch.float32
+        want = scorers[name](images, PROMPTS[:3])
+        torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)
+
+
 # --------------------------------------------------------------------------- conformance
 
 ALL = ["pickscore", "clip_score", "aesthetic", "hps_v2", "hps_v2.1", "imagereward",

@@ -68,6 +68,17 @@ def test_batches_respect_server_limit(server):
     assert scorer.calls == [2, 2, 1]
 
 
+def test_requests_are_split_to_fit_the_size_limit(server):
+    scorer = _Counting()
+    srv = server(scorer, max_request_bytes=30_000)
+    remote = R.load("remote", url=srv.url, batch_size=16)
+    x = torch.rand(6, 3, 32, 32)  # 12 KiB of float32 each -> ~16 KB base64: 1 per request
+    torch.testing.assert_close(remote(x, None), R.load("brightness")(x, None))
+    assert scorer.calls == [1] * 6
+    with pytest.raises(ValueError, match="over the server's request limit"):
+        remote(torch.rand(1, 3, 64, 64), None)
+
+
 def _post(url, body, token=None):
     req = urllib.request.Request(url + "/score", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json",
