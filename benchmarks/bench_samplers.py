@@ -1,4 +1,4 @@
-"""Sampler costs, side by side in one process: tree vs independent, singular vs full SDE, SDE vs Euler.
+"""Sampler costs side by side in one process: tree vs independent, singular vs full, SDE vs Euler.
 
 Velocity network: a small random SD3 transformer (diffusers ``SD3Transformer2DModel`` built from
 config, no weights downloaded), so NFE translate into real transformer forward passes.
@@ -128,7 +128,8 @@ def bench_step(args, sigmas):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=10, help="denoising steps T (flow_grpo: 10)")
     p.add_argument("--latent", type=int, default=32, help="latent side length")

@@ -81,10 +81,11 @@ def load_pipeline(pipeline_class: str, name_or_path: str, *, dtype: torch.dtype 
             fix = "point to the directory that pipeline.save_pretrained() wrote"
         else:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            note = " (HF_HUB_OFFLINE=1: the hub is not contacted)" if offline else ""
             where = (f"{name_or_path!r} is not a local directory and its weights are not in the "
-                     f"hub cache{' (HF_HUB_OFFLINE=1: the hub is not contacted)' if offline else ''}")
-            fix = (f"run `huggingface-cli download {name_or_path} --local-dir DIR` where the hub is "
-                   f"reachable and pass DIR (or unset HF_HUB_OFFLINE)")
+                     f"hub cache{note}")
+            fix = (f"run `huggingface-cli download {name_or_path} --local-dir DIR` where the hub "
+                   f"is reachable and pass DIR (or unset HF_HUB_OFFLINE)")
         raise FileNotFoundError(
             f"could not load a {pipeline_class}: {where}. Expected a hub id available on this "
             f"machine or a local pipeline directory. To fix: {fix} (original error: "

@@ -204,7 +204,8 @@ def _rollout(velocity_fn, noise, sigmas, cond, *, splits: Dict[int, int], sde_st
     all_depth, all_cond = depth[0], node_cond[0]
     for t in range(sigmas.shape[0] - 1):
         rows = x.shape[0]
-        v = call_velocity(velocity_fn, x, sigmas[t].expand(rows).to(x), take_cond(cond, all_cond[node]))
+        v = call_velocity(velocity_fn, x, sigmas[t].expand(rows).to(x),
+                          take_cond(cond, all_cond[node]))
         nfe += rows
         if t not in splits and t not in sde_steps:
             x, cur = euler_step(x, v, sigmas, t), None
@@ -218,7 +219,7 @@ def _rollout(velocity_fn, noise, sigmas, cond, *, splits: Dict[int, int], sde_st
             depth.append(all_depth[node].repeat_interleave(b) + 1)
             node_cond.append(all_cond[node].repeat_interleave(b))
             num_nodes += rows * b
-        a = torch.tensor(levels, dtype=x.dtype)[all_depth[node]]  # level of the stepping node's depth
+        a = torch.tensor(levels, dtype=x.dtype)[all_depth[node]]  # the stepping node's depth
         a = a.repeat_interleave(b) if b > 1 else a
         out = sde_step(x, v, sigmas, t, kind=kind, noise_level=a, generator=generator)
         x, cur = out.prev_sample, store.add(out.prev_sample)

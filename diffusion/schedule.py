@@ -1,4 +1,4 @@
-"""Schedules and small helpers shared by the samplers: σ schedule, CFG, SDE windows, initial noise."""
+"""Helpers shared by the samplers: σ schedule, CFG, SDE windows, initial noise."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -16,7 +16,7 @@ def shift_sigmas(s, shift: float):
 
 def flow_sigmas(num_steps: int, shift: float = 3.0, *, num_train_timesteps: int = 1000) -> Tensor:
     """The flow-matching schedule ``[T+1]`` fp32, equal to diffusers'
-    ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`` followed by its σ_T = 0.
+    ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`` (σ_T = 0 included).
 
     σ_t = shift(linspace(1, σ_min, T))_t with σ_min = shift(1/num_train_timesteps) (the scheduler
     builds its σ range from the shifted training grid, then shifts again). With T = 10 and
@@ -41,7 +41,8 @@ def flow_sigmas(num_steps: int, shift: float = 3.0, *, num_train_timesteps: int 
                                         dtype=np.float32)[::-1].copy()) / num_train_timesteps
     grid = shift_sigmas(grid, shift)
     sigma_min, sigma_max = grid[-1].item(), grid[0].item()
-    t = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, int(num_steps))
+    t = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps,
+                    int(num_steps))
     s = shift_sigmas(t / num_train_timesteps, shift)
     return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
 

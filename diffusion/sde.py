@@ -96,7 +96,7 @@ SDE_KINDS.register("flow_grpo", SDEKind(
 SDE_KINDS.register("dance", SDEKind(
     _dance, True, "DanceGRPO (arXiv 2505.07818): constant s = η, η = 0.3 in the paper"))
 SDE_KINDS.register("cps", SDEKind(
-    _cps, False, "Coefficients-preserving sampling (arXiv 2509.05952): std = σ′·sin(aπ/2), a = 0.8"))
+    _cps, False, "Coefficients-preserving (arXiv 2509.05952): std = σ′·sin(aπ/2), a = 0.8"))
 
 
 def _rows(t: Tensor, ndim: int) -> Tensor:
@@ -132,10 +132,11 @@ def _check_inputs(x, v, sigmas, prev_sample, noise_level, kind):
     if not isinstance(x, Tensor) or not isinstance(v, Tensor):
         raise TypeError(f"x and v must be tensors; got {type(x).__name__} and {type(v).__name__}")
     if x.dim() < 2:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, *latent] with at least 2 dims")
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, *latent] (at least 2 dims)")
     if v.shape != x.shape:
         raise ValueError(f"velocity v has shape {tuple(v.shape)} but x has {tuple(x.shape)}; "
-                         f"expected the same shape (did the model return a tuple or packed tokens?)")
+                         f"expected the same shape (did the model return a tuple or packed "
+                         f"tokens?)")
     if prev_sample is not None and prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)} but x has "
                          f"{tuple(x.shape)}; pass the stored next latent of the same transition")
@@ -176,9 +177,9 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
     - ``dance``: the same with a constant s = a (the paper's η).
     - ``cps``: std = σ′·sin(aπ/2); μ = (1−σ′)(x − σv) + σ′cos(aπ/2)(x + (1−σ)v).
 
-    ``logp`` is averaged (not summed) over the non-batch dims, which is why flow_grpo's clip range is
-    1e-4. ``noise_level = 0`` returns exactly the Euler step ``x + dt·v`` (bit-equal to diffusers'
-    ``FlowMatchEulerDiscreteScheduler.step``) with ``std = 0`` and ``logp = 0``.
+    ``logp`` is averaged (not summed) over the non-batch dims, which is why flow_grpo's clip range
+    is 1e-4. ``noise_level = 0`` returns exactly the Euler step ``x + dt·v`` (bit-equal to
+    diffusers' ``FlowMatchEulerDiscreteScheduler.step``) with ``std = 0`` and ``logp = 0``.
 
     Everything is computed in at least fp32: in bf16 the drift term s²/(2σ) reaches ~10³ near σ = 1
     and the squared residual of logp loses the 1e-4-scale differences the clipped ratio needs
@@ -186,7 +187,8 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
 
     Args:
         x: ``[B, *L]`` current latent at σ_i, any rank.
-        v: ``[B, *L]`` velocity predicted at (x, σ_i); gradients flow through it into ``mean``/``logp``.
+        v: ``[B, *L]`` velocity predicted at (x, σ_i); gradients flow through it into ``mean``
+            and ``logp``.
         sigmas: ``[T+1]`` the schedule (e.g. :func:`mmrl.diffusion.flow_sigmas`).
         i: step index, an int or a LongTensor ``[B]`` (rows at different steps in one batch).
         kind: a name in :data:`SDE_KINDS`.

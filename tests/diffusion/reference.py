@@ -22,7 +22,7 @@ def step_reference(x, v, sigmas, i, kind, a, x_next):
 
     Args:
         x, v, x_next: [B, *L] (any float dtype; computed in float64).
-        sigmas: [T+1]. i: list of B step indices. kind: flow_grpo | dance | cps. a: list of B levels.
+        sigmas: [T+1]. i: B step indices. kind: flow_grpo | dance | cps. a: B noise levels.
     """
     x, v, x_next, sig = (t.double() for t in (x, v, x_next, sigmas))
     means, stds, logps = [], [], []
@@ -34,7 +34,8 @@ def step_reference(x, v, sigmas, i, kind, a, x_next):
             # flow_grpo sde_step_with_logprob: σ = 1 uses σ_1 = sigmas[1] in the denominator.
             denom_sigma = float(sig[1]) if s == 1.0 else s
             std_t = math.sqrt(s / (1 - denom_sigma)) * lvl
-            mean = xb * (1 + std_t ** 2 / (2 * s) * dt) + vb * (1 + std_t ** 2 * (1 - s) / (2 * s)) * dt
+            mean = (xb * (1 + std_t ** 2 / (2 * s) * dt)
+                    + vb * (1 + std_t ** 2 * (1 - s) / (2 * s)) * dt)
             std = std_t * math.sqrt(-dt)
         elif kind == "dance":
             # DanceGRPO flux_step: Euler mean plus the score-function drift.

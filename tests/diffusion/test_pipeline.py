@@ -1,4 +1,4 @@
-"""SD3Policy on a tiny SD3 pipeline saved to a temp dir and loaded by path (as a user's checkpoint)."""
+"""SD3Policy on a tiny SD3 pipeline saved to a temp dir and loaded by path, as a user's would be."""
 import warnings
 
 import pytest

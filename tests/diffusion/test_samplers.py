@@ -94,7 +94,8 @@ def test_windows():
     assert sliding_window(10, 4, 25) == [1, 2, 3, 4]
     assert sliding_window(10, 4, 25 * 5) == [5, 6, 7, 8]  # last start that keeps step 9 out
     assert sliding_window(10, 4, 25 * 6) == [0, 1, 2, 3]  # wraps
-    starts = {random_window(10, 2, generator=torch.Generator().manual_seed(s))[0] for s in range(60)}
+    starts = {random_window(10, 2, generator=torch.Generator().manual_seed(s))[0]
+              for s in range(60)}
     assert starts == set(range(8))
     with pytest.raises(ValueError, match="window"):
         random_window(10, 10)
@@ -223,7 +224,8 @@ def test_ratio_is_one_before_the_first_update_with_a_tiny_sd3_transformer():
 
     noise = initial_noise(1, 2, (4, 8, 8), shared=True, generator=torch.Generator().manual_seed(0))
     sig = flow_sigmas(4, 3.0)
-    traj = sample_sde(velocity, noise, sig, (emb, pooled), generator=torch.Generator().manual_seed(1))
+    traj = sample_sde(velocity, noise, sig, (emb, pooled),
+                      generator=torch.Generator().manual_seed(1))
     for t in range(3):  # re-score each step as the trainer does, with gradients on
         idx = (traj.step == t).nonzero().flatten()
         out = rescore(traj, velocity, (emb, pooled), index=idx)
