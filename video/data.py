@@ -244,28 +244,36 @@ def parse_record(raw: Any, source: str = "", base_dir: str = ".",
 
 
 def _raw_records(path: str):
-    """Yield ``(source, raw or RecordError)`` for every record of a JSONL or JSON-array file."""
+    """Yield ``(source, raw or RecordError)`` for every record of a JSONL or JSON-array file.
+
+    JSONL lines are decoded one by one, so a line with invalid UTF-8 is one bad record.
+    """
     name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         f.seek(0)
-        if head.startswith("["):
+        if head.startswith(b"["):
             try:
-                items = json.load(f)
-            except json.JSONDecodeError as err:
+                items = json.loads(f.read().decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ValueError(f"{path}: not valid JSON ({err}); a JSON-array file must parse "
                                  f"whole (or write one record per line as JSONL)") from None
             for i, item in enumerate(items):
                 yield f"{name}[{i}]", item
             return
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            source = f"{name}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield source, RecordError(source, "invalid_utf8", f"not UTF-8 ({err})")
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"{name}:{lineno}", json.loads(line)
+                yield source, json.loads(line)
             except json.JSONDecodeError as err:
-                yield f"{name}:{lineno}", RecordError(f"{name}:{lineno}", "invalid_json",
-                                                      f"invalid JSON ({err})")
+                yield source, RecordError(source, "invalid_json", f"invalid JSON ({err})")
 
 
 def load_vl_dataset(path: Union[str, os.PathLike], *, root: Optional[str] = None,

@@ -187,3 +187,29 @@ def test_messages_decode_through_qwen_vl_utils(tmp_path):
     msgs = build_messages(record, media_options={"fps": 2.0})
     images, videos = qwen_vl_utils.process_vision_info(msgs)
     assert images is None and len(videos) == 1 and videos[0].shape[0] == 4  # 2 s at 2 fps
+
+
+def test_fuzzed_records_are_skipped_never_raised(tmp_path):
+    import random
+    rng = random.Random(3)
+    values = [None, "", " ", "A", "<answer>B</answer>", "3.5", "x\x00y", "é" * 5, 0, -1.5, True,
+              [], ["A. x"], ["A. x", "B. y"], [1, 2], [6, 2], {"a": 1}, "video", "image",
+              "multiple choice", "numerical", "OCR", "temporal grounding", "../" * 50 + "x.mp4"]
+    keys = ["problem", "options", "solution", "problem_type", "data_type", "path", "hint"]
+    lines = []
+    for _ in range(600):
+        if rng.random() < 0.1:
+            lines.append(rng.choice(["{", "null", "42", '"text"', "[1, 2]", "{'a': 1}", "\ud800"]))
+        else:
+            lines.append({k: rng.choice(values) for k in keys if rng.random() < 0.8})
+    lines.append({"problem": "q", "solution": "1", "problem_type": "numerical"})
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines),
+                    encoding="utf-8", errors="surrogatepass")
+    data = load_vl_dataset(path)
+    assert len(data) + len(data.skipped) == len(lines) and len(data) >= 1
+    assert {"invalid_json", "invalid_utf8", "not_an_object", "bad_solution",
+            "bad_problem_type"} <= set(data.skip_counts())
+    strict = vr.Accuracy(on_bad_label="raise")
+    for r in data:   # every record that loads can be scored
+        assert r.problem.strip() and strict.score_one("", r.metadata()) >= 0
