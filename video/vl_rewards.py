@@ -48,8 +48,12 @@ __all__ = [
 
 
 def completion_text(sample: Any) -> str:
-    """The text of one completion: ``str`` as is, ``None`` -> "", bytes decoded (UTF-8,
-    invalid bytes replaced), chat messages -> the last message's ``content``, else ``str(x)``."""
+    """The text of one completion.
+
+    ``str`` as is; ``None`` -> ""; bytes decoded (UTF-8, invalid bytes replaced); chat messages
+    (``[{"role": "assistant", "content": ...}]``) -> the last message's content; content parts
+    (``[{"type": "text", "text": ...}]``) and lists of strings -> joined; anything else ``str(x)``.
+    """
     if sample is None:
         return ""
     if isinstance(sample, str):
@@ -57,14 +61,11 @@ def completion_text(sample: Any) -> str:
     if isinstance(sample, (bytes, bytearray)):
         return bytes(sample).decode("utf-8", errors="replace")
     if isinstance(sample, Mapping):
-        return completion_text(sample.get("content"))
-    if isinstance(sample, (list, tuple)):
-        if not sample:
-            return ""
-        if all(isinstance(m, Mapping) for m in sample):
+        return completion_text(sample["content"] if "content" in sample else sample.get("text"))
+    if isinstance(sample, (list, tuple)) and all(isinstance(m, (str, Mapping)) for m in sample):
+        if sample and all(isinstance(m, Mapping) and "role" in m for m in sample):
             return completion_text(sample[-1])
-        if all(isinstance(m, Mapping) or isinstance(m, str) for m in sample):
-            return "".join(m if isinstance(m, str) else str(m.get("text", "")) for m in sample)
+        return "".join(completion_text(m) for m in sample)
     return str(sample)
 
 

@@ -40,6 +40,16 @@ def test_format_hand_values(text, want):
     assert one(vr.ThinkAnswerFormat(), text, {}) == want
 
 
+def test_completion_text_shapes():
+    assert vr.completion_text([{"role": "user", "content": "q"},
+                               {"role": "assistant", "content": "a"}]) == "a"
+    parts = [{"type": "text", "text": "<answer>"}, {"type": "text", "text": "B</answer>"}]
+    assert vr.completion_text([{"role": "assistant", "content": parts}]) == "<answer>B</answer>"
+    assert vr.completion_text(["<answer>", "B", "</answer>"]) == "<answer>B</answer>"
+    assert vr.completion_text([2, 6]) == "[2, 6]" and vr.completion_text(None) == ""
+    assert vr.completion_text(b"\xffB") == "\ufffdB"
+
+
 def test_format_reads_chat_messages_and_bytes():
     msgs = [{"role": "assistant", "content": "<think>a</think><answer>B</answer>"}]
     assert vr.think_answer_format_score(msgs) == 1.0
