@@ -116,6 +116,18 @@ def test_convert_hpdv2_then_eval_ranked(tmp_path, capsys):
     assert "accuracy 50.00%" in capsys.readouterr().out
 
 
+def test_import_and_list_stay_light():
+    """The registry is lazy: importing mmrl.rewards loads no model library."""
+    code = ("import sys, mmrl.rewards, mmrl.rewards.cli as c; c.cmd_list(None); "
+            "print(sorted(m for m in ('transformers', 'open_clip', 'diffusers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr
+    assert "hps_v2.1" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def _read_line(proc, timeout):
     line = []
     t = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
