@@ -99,6 +99,9 @@ def bench_singular(args, velocity, cond1, sigmas):
     per_img = (sing.nfe / sing.final.shape[0]) / (full.nfe / full.final.shape[0])
     print(f"{'  per image':<44} {sing.final.shape[0]} vs {full.final.shape[0]} images; "
           f"NFE per image {per_img:4.2f}x")
+    per_tr = (sing.nfe / sing.num_transitions) / (full.nfe / full.num_transitions)
+    print(f"{'  per trained transition':<44} {sing.num_transitions} vs {full.num_transitions} "
+          f"transitions; NFE per transition {per_tr:4.2f}x")
 
 
 def bench_step(args, sigmas):
