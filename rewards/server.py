@@ -181,7 +181,13 @@ def _make_handler(server: RewardServer):
                 return self._reply(404, {"error": f"no route POST {self.path}; try /score"})
             if not self._authorized():
                 return self._reply(401, {"error": "missing or wrong token"})
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                return self._reply(400, {"error": "bad Content-Length header"})
             if length > server.max_request_bytes:
                 self.close_connection = True
                 return self._reply(413, {"error": f"request of {length} bytes exceeds "
@@ -189,6 +195,9 @@ def _make_handler(server: RewardServer):
                                                   f"batches (remote batch_size=...)"})
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError(f"body is a JSON {type(body).__name__}; expected an object "
+                                     f"{{'prompts': [...], 'images': [...]}}")
                 n = len(body.get("images") or [])
                 if n > server.max_batch:
                     return self._reply(413, {"error": f"{n} images exceed max_batch "

@@ -104,6 +104,8 @@ def test_token_size_limits_and_bad_requests(server):
     assert _post(srv.url, many, token="s3cret")[0] == 413
     code, out = _post(srv.url, {"prompts": [""], "images": [{"format": "gif"}]}, token="s3cret")
     assert code == 400 and "expected all 'png' or all 'f32'" in out["error"]
+    code, out = _post(srv.url, [1, 2], token="s3cret")
+    assert code == 400 and "expected an object" in out["error"]
     code, out = _post(srv.url, {"prompts": [""], "images": [{"format": "png", "data": "AAAA"}]},
                       token="s3cret")
     assert code == 400 and "could not be decoded" in out["error"]
