@@ -359,3 +359,40 @@ def test_video_r1_types_match_the_reference_rules_on_canonical_answers():
         want = _video_r1_oracle(content, solution, kind)
         got = one(vr.Accuracy(), content, meta(solution, kind))
         assert got == pytest.approx(want), (kind, out, gt)
+
+
+# ----------------------------------------------------------------------------- conformance
+# Every registered reward: constructible from its name, named after its key, float32 [B] in
+# range, the right answer scores its maximum and a wrong one less. A new entry needs a case here.
+
+CASES = {  # name: (options, metadata, right completion, wrong completion, max value)
+    "think_answer_format": ({}, {}, "<think>x</think><answer>B</answer>", "<answer>B</answer>", 1),
+    "choice_subset": ({}, meta("A,C"), "<answer>C, A</answer>", "<answer>B</answer>", 1),
+    "choice_exact": ({}, meta("B"), "<answer>B</answer>", "<answer>A</answer>", 1),
+    "number_exact": ({}, meta("2.5", "numerical"), "<answer>2.50</answer>", "<answer>3</answer>", 1),
+    "relative_error": ({}, meta("4", "regression"), "<answer>4</answer>", "<answer>5</answer>", 1),
+    "word_error": ({}, meta("no entry", "OCR"), "<answer>no entry</answer>", "<answer>no</answer>",
+                   1),
+    "rouge_f": ({}, meta("a red ball", "free-form"), "<answer>A red ball.</answer>",
+                "<answer>a ball</answer>", 1),
+    "temporal_iou": ({}, meta([1, 3], "temporal grounding"), "<answer>[1, 3]</answer>",
+                     "<answer>[2, 5]</answer>", 1),
+    "accuracy": ({"choice": "subset"}, meta("A,C"), "<answer>A,C</answer>", "<answer>A</answer>",
+                 1),
+    "soft_overlong": ({"max_len": 10, "cache_len": 4}, {"completion_length": 3}, "short", "long",
+                      0),
+}
+
+
+@pytest.mark.parametrize("name", vr.VL_REWARDS.names())
+def test_conformance_of_every_registered_reward(name):
+    options, m, right, wrong, best = CASES[name]
+    reward = vr.VL_REWARDS.get(name)(**options)
+    assert reward.name == name and repr(reward)
+    md = [m, dict(m, completion_length=9) if name == "soft_overlong" else m]
+    out = reward([right, wrong], [None, None], md)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (2,)
+    assert out[0] == best and out[1] < best
+    batch = evaluate_reward(vr.build_vl_reward({name: {"weight": 2.0, **options}}), [right, wrong],
+                            [None, None], md, on_invalid="raise")
+    assert batch.names == [name] and torch.equal(batch.values[:, 0], out)
