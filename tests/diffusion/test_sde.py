@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from mmrl.diffusion import SDE_KINDS, euler_step, flow_sigmas, sde_kl, sde_step
+from mmrl.diffusion import SDE_KINDS, cfg_combine, euler_step, flow_sigmas, sde_kl, sde_step
 
 # importlib import mode: load the oracle module by path under a name no other test folder uses.
 _SPEC = importlib.util.spec_from_file_location("mmrl_tests_diffusion_reference",
@@ -15,7 +15,8 @@ _SPEC = importlib.util.spec_from_file_location("mmrl_tests_diffusion_reference",
 ref = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(ref)
 
-KINDS = ["flow_grpo", "dance", "cps"]
+KINDS = ["flow_grpo", "dance", "cps"]  # the kinds tests/diffusion/reference.py knows
+REGISTERED = SDE_KINDS.names()  # property tests run on every registered kind
 SHAPES = {"image4d": (3, 4, 6, 5), "video5d": (3, 4, 2, 5, 3), "tokens3d": (3, 7, 8)}
 
 
@@ -27,8 +28,8 @@ def _inputs(shape, dtype=torch.float32, seed=0):
     return x, v, nxt
 
 
-def test_all_kinds_registered():
-    assert SDE_KINDS.names() == sorted(KINDS)
+def test_every_registered_kind_has_a_reference_oracle():
+    assert REGISTERED == sorted(KINDS), "add the new kind to tests/diffusion/reference.py"
 
 
 def test_schedule_matches_algorithms_test_vector_and_diffusers():
@@ -83,7 +84,7 @@ def test_gradient_of_logp_matches_reference(kind):
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", REGISTERED)
 def test_noise_level_zero_is_exactly_diffusers_euler(kind):
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(10)
@@ -97,7 +98,7 @@ def test_noise_level_zero_is_exactly_diffusers_euler(kind):
         x = expected
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", REGISTERED)
 @pytest.mark.parametrize("shape", ["image4d", "video5d"])
 def test_rescoring_a_sampled_transition_gives_the_same_logp(kind, shape):
     sig = flow_sigmas(10, 3.0)
@@ -178,3 +179,11 @@ def test_errors_teach():
         sde_step(x, v, sig[None], 0)
     with pytest.raises(ValueError, match="num_steps"):
         flow_sigmas(0)
+
+
+def test_cfg_combine_hand_value():
+    v_u, v_c = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
+    assert torch.equal(cfg_combine(v_u, v_c, 2.0), torch.tensor([5.0, 2.0]))  # v_u + 2(v_c − v_u)
+    assert torch.equal(cfg_combine(v_u, v_c, 1.0), v_c)
+    with pytest.raises(ValueError, match="same CFG batch"):
+        cfg_combine(v_u, v_c[:1], 2.0)
