@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from mmrl.registry import Registry, did_you_mean
 
-from .vl_rewards import Accuracy, _BadLabel, normalize_problem_type, option_table
+from .vl_rewards import Accuracy, LabelError, normalize_problem_type, option_table
 
 __all__ = ["PROBLEM_TYPES", "DATA_TYPES", "PROMPT_TEMPLATES", "PromptTemplate", "VLRecord",
            "VLDataset", "SkippedRecord", "RecordError", "parse_record", "load_vl_dataset",
@@ -210,7 +210,7 @@ def _check_solution(raw: Mapping, problem_type: str, options: List[str], source:
     meta = {"solution": raw["solution"], "problem_type": problem_type, "options": options}
     try:
         truth = _CHECKER._reward_for(meta).truth(meta)
-    except _BadLabel as err:
+    except LabelError as err:
         raise RecordError(source, "bad_solution", str(err)) from None
     if problem_type == "multiple choice":
         letters = {letter for letter, _ in option_table(options)}

@@ -41,7 +41,7 @@ __all__ = [
     "number_exact_score", "relative_error_score", "word_error_rate", "lcs_length", "rouge_n_f",
     "rouge_f", "interval_iou", "ThinkAnswerFormat", "ChoiceSubset", "ChoiceExact", "NumberExact",
     "RelativeError", "WordError", "RougeF", "TemporalIoU", "Accuracy", "SoftOverlong",
-    "build_vl_reward", "normalize_problem_type",
+    "build_vl_reward", "normalize_problem_type", "LabelError", "VLReward",
 ]
 
 # ----------------------------------------------------------------------------- text access
@@ -410,8 +410,8 @@ ANSWER_SOURCES = ("tag", "tag_or_text")
 BAD_LABEL_POLICIES = ("nan", "raise")
 
 
-class _BadLabel(ValueError):
-    """A ground truth that cannot be read (data error, not a model error)."""
+class LabelError(ValueError):
+    """A ground truth that cannot be read: a data error, not a model error (``VLReward.truth``)."""
 
 
 def _check_batch(samples, metadata, who: str) -> None:
@@ -424,7 +424,7 @@ def _check_batch(samples, metadata, who: str) -> None:
 class VLReward:
     """Base of the answer rewards: ``fn(samples, prompts, metadata) -> float32 [B]``.
 
-    Subclasses define ``truth(meta)`` (read the ground truth, raising ``_BadLabel``) and
+    Subclasses define ``truth(meta)`` (read the ground truth, raising ``LabelError``) and
     ``score(answer, truth, meta)`` (a float for one extracted answer, which may be None).
 
     Args:
@@ -463,7 +463,7 @@ class VLReward:
                              f"from mmrl.video.data records")
         try:
             truth = self.truth(meta)
-        except _BadLabel as err:
+        except LabelError as err:
             if self.on_bad_label == "raise":
                 raise ValueError(f"reward {self.name!r}: metadata[{index}]: {err}; fix the record "
                                  f"or use on_bad_label='nan' to drop such samples") from None
@@ -504,7 +504,7 @@ class ChoiceSubset(VLReward):
     def truth(self, meta):
         letters = parse_choice_letters(solution_text(meta["solution"]), meta.get("options"))
         if not letters:
-            raise _BadLabel(f"solution {str(meta['solution'])[:60]!r} is not a list of option "
+            raise LabelError(f"solution {str(meta['solution'])[:60]!r} is not a list of option "
                             f"letters (expected e.g. '<answer>B</answer>' or 'A,C')")
         return letters
 
@@ -533,7 +533,7 @@ class NumberExact(VLReward):
     def truth(self, meta):
         value = parse_number(solution_text(meta["solution"]))
         if value is None:
-            raise _BadLabel(f"solution {str(meta['solution'])[:60]!r} is not one finite number")
+            raise LabelError(f"solution {str(meta['solution'])[:60]!r} is not one finite number")
         return value
 
     def score(self, answer, truth, meta):
@@ -569,7 +569,7 @@ class RougeF(VLReward):
     def truth(self, meta):
         text = solution_text(meta["solution"])
         if not _rouge_tokens(text):
-            raise _BadLabel(f"solution {str(meta['solution'])[:60]!r} has no words to compare")
+            raise LabelError(f"solution {str(meta['solution'])[:60]!r} has no words to compare")
         return text
 
     def score(self, answer, truth, meta):
@@ -585,7 +585,7 @@ class TemporalIoU(VLReward):
         sol = meta["solution"]
         interval = parse_interval(sol if isinstance(sol, (list, tuple)) else solution_text(sol))
         if interval is None or interval[0] > interval[1]:
-            raise _BadLabel(f"solution {str(sol)[:60]!r} is not an interval [start, end] with "
+            raise LabelError(f"solution {str(sol)[:60]!r} is not an interval [start, end] with "
                             f"start <= end")
         return interval
 
@@ -630,7 +630,7 @@ class Accuracy(VLReward):
     def _reward_for(self, meta) -> VLReward:
         kind = normalize_problem_type(meta["problem_type"])
         if kind not in self.by_type:
-            raise _BadLabel(f"problem_type {meta['problem_type']!r} is not one of "
+            raise LabelError(f"problem_type {meta['problem_type']!r} is not one of "
                             f"{sorted(self.by_type)}")
         return self.by_type[kind]
 
