@@ -65,14 +65,18 @@ def cmd_train(args) -> int:
     if err:
         print(err, file=sys.stderr)
         return 1
+    import os
     from mmrl.jobs import get_job
     job = get_job(run.job)
-    print(f"mmrl train: job={run.job} preset={run.algo.preset} steps={run.train.steps} "
-          f"-> {run.train.output_dir}", flush=True)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main:
+        print(f"mmrl train: job={run.job} preset={run.algo.preset} steps={run.train.steps} "
+              f"-> {run.train.output_dir}", flush=True)
     summary = job.run(run)
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; reward "
-          f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f}; outputs in "
-          f"{summary['output_dir']}")
+    if main and summary.get("stopped") is None:
+        print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; reward "
+              f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f}; outputs in "
+              f"{summary['output_dir']}")
     return 0
 
 

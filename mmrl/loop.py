@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 
 from mmrl.advantages import group_advantages, group_stats
+from mmrl.distributed import Dist
 from mmrl.losses import PolicyLoss
 from mmrl.reward_fn import RewardBatch, evaluate_reward
 
@@ -104,18 +105,21 @@ def compute_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: P
 
 
 def _chunks(n: int, size: int):
-    size = size if size > 0 else n
+    size = size if size > 0 else max(n, 1)
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def _mini_batches(rollout: Rollout, k: int, needs_groups: bool, gen: torch.Generator):
-    """Split row indices into k mini-batches (whole groups when the objective needs them)."""
-    if not needs_groups:
-        return list(torch.randperm(len(rollout), generator=gen).chunk(k))
+    """Exactly k mini-batches of row indices (some may be empty on a small data-parallel shard,
+    so every rank runs the same number of optimizer steps); whole groups when needed."""
+    if not needs_groups or len(rollout) == 0:
+        perm = torch.randperm(len(rollout), generator=gen)
+        return [perm[i * len(perm) // k:(i + 1) * len(perm) // k] for i in range(k)]
     _, inv = torch.unique(rollout.group_ids, return_inverse=True)
     order = torch.randperm(int(inv.max()) + 1, generator=gen)
     groups = [(inv == g).nonzero().flatten() for g in order.tolist()]
-    return [torch.cat(part) for part in _split_list(groups, k) if part]
+    return [torch.cat(part) if part else torch.zeros(0, dtype=torch.long)
+            for part in _split_list(groups, k)]
 
 
 def _split_list(items, k):
@@ -137,9 +141,15 @@ def _score_all(fn, rollout: Rollout, micro: int, t_chunk: int) -> torch.Tensor:
 
 def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
            rollout: Rollout, advantages: torch.Tensor, s: LoopSettings,
-           generator: torch.Generator, token_weights: Optional[torch.Tensor] = None
-           ) -> Dict[str, torch.Tensor]:
-    """K epochs of mini-batch updates on one rollout; returns detached averaged stats."""
+           generator: torch.Generator, token_weights: Optional[torch.Tensor] = None,
+           dist: Optional[Dist] = None) -> Dict[str, torch.Tensor]:
+    """K epochs of mini-batch updates on one rollout; returns detached averaged stats.
+
+    With ``dist`` (data parallel), each rank holds its shard of every mini-batch: the loss is
+    normalized by the mini-batch's global token/sequence counts and gradients are summed across
+    ranks before clipping, so the step equals the single-process step on the global batch.
+    """
+    d = dist or Dist()
     spec = loss_fn.spec
     on_policy = s.inner_epochs == 1 and s.num_mini_batches == 1
     t_chunk = 0 if spec.sequence_level else s.t_chunk
@@ -154,7 +164,9 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     for _ in range(s.inner_epochs):
         for mb in _mini_batches(rollout, s.num_mini_batches, spec.needs_groups, generator):
             optimizer.zero_grad(set_to_none=True)
-            norm = dict(num_tokens=rollout.mask[mb].sum(), num_seqs=len(mb))
+            counts = d.all_reduce_sum(torch.stack([rollout.mask[mb].sum(),
+                                                   torch.tensor(len(mb))]).float())
+            norm = dict(num_tokens=counts[0], num_seqs=counts[1])  # global counts
             for a, b in _chunks(len(mb), s.micro_batch_size):
                 rows = mb[a:b]
                 for t0, t1 in _chunks(T, t_chunk):
@@ -170,6 +182,7 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
                     loss.backward()
                     _accumulate(totals, stats)
                     n_updates += 1
+            d.sum_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
             if not torch.isfinite(grad_norm):
@@ -180,9 +193,9 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach().cpu()
     out = {k: v if k.endswith(("_min", "_max")) else v / max(n_updates, 1)
            for k, v in totals.items() if k != "grad_norm"}
-    out["loss"] = totals.get("loss", torch.tensor(0.0))  # micro losses sum to the step loss
     steps = s.inner_epochs * s.num_mini_batches
-    out["loss"] = out["loss"] / steps
+    # micro-batch losses sum to their mini-batch's loss (local share of it under data parallel)
+    out["loss"] = d.all_reduce_sum(totals.get("loss", torch.tensor(0.0))) / steps
     out["grad_norm"] = totals.get("grad_norm", torch.tensor(float("nan"))) / max(
         steps - skipped, 1)
     out["skipped_updates"] = torch.tensor(float(skipped))
@@ -245,32 +258,66 @@ def robust_reward(reward_fn, rollout: Rollout, retries: int = 2,
     return RewardBatch(values, names, torch.isfinite(values).all(1)), error
 
 
+def _global_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: PolicyLoss,
+                       d: Dist, multi_reward: str, reward_weights) -> Tuple[torch.Tensor, Dict]:
+    """Advantages of this rank's valid rows, computed on the rewards gathered from every rank
+    (a group may span ranks), and the global reward metrics."""
+    n_local = torch.tensor([len(rewards.valid)])
+    offset = int(d.all_gather_rows(n_local)[:d.rank].sum())
+    values = d.all_gather_rows(rewards.values)  # [B_global, K]
+    valid = d.all_gather_rows(rewards.valid)
+    gids = d.all_gather_rows(group_ids)
+    full = RewardBatch(values[valid], rewards.names, valid[valid])
+    adv = torch.zeros(len(valid))
+    if len(full.values):
+        adv[valid] = compute_advantages(full, gids[valid], loss_fn, multi_reward,
+                                        reward_weights).float()
+    local = adv[offset:offset + len(rewards.valid)][rewards.valid]
+    total = full.weighted_sum(reward_weights)
+    metrics = {"dropped_samples": (~valid).sum().float(), "samples": valid.sum().float()}
+    if len(total):
+        gstats = group_stats(total, gids[valid])
+        metrics.update({"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
+                        "zero_std_frac": gstats["zero_std_frac"],
+                        "adv_abs_mean": adv[valid].abs().mean(),
+                        **{f"reward/{n}": full.column(n).mean() for n in full.names}})
+    return local, metrics
+
+
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
                reward_fn, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
                s: LoopSettings, generator: torch.Generator, *,
                multi_reward: str = "sum_then_normalize",
                reward_weights: Optional[Dict[str, float]] = None, reward_retries: int = 2,
-               reward_timeout: Optional[float] = None) -> Dict[str, Any]:
-    """One GRPO iteration; returns metrics (python floats) and the rewards for selectors."""
+               reward_timeout: Optional[float] = None,
+               group_sizes: Optional[Sequence[int]] = None,
+               group_ids: Optional[Sequence[int]] = None,
+               dist: Optional[Dist] = None) -> Dict[str, Any]:
+    """One GRPO iteration; returns metrics (python floats), the rollout and its rewards.
+
+    Args:
+        prompts, metadata: this rank's prompts (all of them in a single process).
+        group_sizes: samples per prompt (default ``s.group_size`` each); a data-parallel shard
+            may hold part of a group.
+        group_ids: the global group id of each prompt (default 0..P-1).
+        dist: the data-parallel context (None: single process).
+    """
+    d = dist or Dist()
+    sizes = list(group_sizes) if group_sizes is not None else [s.group_size] * len(prompts)
     with torch.no_grad():
-        rollout = policy.rollout(list(prompts), list(metadata), s.group_size, generator)
+        rollout = policy.rollout(list(prompts), list(metadata),
+                                 sizes if group_sizes is not None else s.group_size, generator)
+    if group_ids is not None:  # local prompt index -> global group id
+        rollout.group_ids = torch.as_tensor(list(group_ids))[rollout.group_ids]
     rewards, error = robust_reward(reward_fn, rollout, reward_retries, reward_timeout)
-    dropped = rewards.num_invalid
-    if dropped:  # NaN/inf or failed rewards: drop those samples, count them, carry on
+    adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
+                                      reward_weights)
+    if rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
         rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
-    metrics: Dict[str, Any] = {"dropped_samples": float(dropped), "samples": float(len(rollout))}
     extra = {"rollout": rollout, "rewards": rewards, "reward_error": error}
-    if len(rollout) == 0:
-        return {**metrics, "skipped_updates": 1.0, **extra}
-    adv = compute_advantages(rewards, rollout.group_ids, loss_fn, multi_reward, reward_weights)
+    if float(metrics["samples"]) == 0:
+        return {**{k: float(v) for k, v in metrics.items()}, "skipped_updates": 1.0, **extra}
     tw = policy.token_weights(rollout) if loss_fn.spec.needs_token_weights else None
-    stats = update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw)
-    total = rewards.weighted_sum(reward_weights)
-    gstats = group_stats(total, rollout.group_ids)
-    metrics.update({"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
-                    "adv_abs_mean": adv.abs().mean(), "zero_std_frac": gstats["zero_std_frac"],
-                    **{f"reward/{n}": rewards.column(n).mean() for n in rewards.names}})
-    metrics.update(stats)
-    metrics = {k: float(v) for k, v in metrics.items()}  # one host sync, here, per step
-    metrics["tokens"] = float(rollout.mask.sum())
-    return {**metrics, **extra}
+    metrics.update(update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw, d))
+    metrics["tokens"] = d.all_reduce_sum(rollout.mask.sum().float())
+    return {**{k: float(v) for k, v in metrics.items()}, **extra}  # one host sync per step

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmrl import checkpoint as ckpt
+from mmrl.distributed import init_distributed, shard_samples
 from mmrl.loop import LoopSettings, train_step
 from mmrl.losses import PolicyLoss
 
@@ -140,13 +141,28 @@ class Run:
         self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
                                      t.micro_batch_size, t.t_chunk, t.max_grad_norm)
         self.step, self.history, self.bad_in_row = 0, [], 0
+        self.dist = init_distributed()
+        # Every rank draws the same prompts; each samples with its own stream, so identical
+        # prompts on different ranks never get identical noise.
+        self.gen.manual_seed(t.seed + 7919 * self.dist.rank)
+        self.dist.broadcast_parameters(params)
         self.gens = {"loop": self.gen, "prompts": self.prompt_gen}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:
-        state = {"step": self.step, "rng": ckpt.rng_state(self.gens),
+        rngs = self.dist.all_gather_object(ckpt.rng_state(self.gens))  # one per rank
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        state = {"step": self.step, "rng": rngs[0], "rng_per_rank": rngs,
                  "bad_in_row": self.bad_in_row,
                  "selector": self.selector.state_dict() if self.selector else None}
+        try:
+            return self._write(state)
+        finally:
+            self.dist.barrier()
+
+    def _write(self, state) -> Optional[Path]:
         try:
             return ckpt.save_checkpoint(self.out / "checkpoints", self.step,
                                         policy_weights(self.policy), self.opt.state_dict(),
@@ -168,32 +184,59 @@ class Run:
         load_policy_weights(self.policy, data["weights"])
         self.opt.load_state_dict(data["optimizer"])
         state = data["state"]
-        ckpt.set_rng_state(state["rng"], self.gens)
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if len(per_rank) != self.dist.world:
+            raise ValueError(f"{folder} was written by {len(per_rank)} rank(s) but this run has "
+                             f"{self.dist.world}; resume with the same number of processes")
+        ckpt.set_rng_state(per_rank[self.dist.rank], self.gens)
         self.step, self.bad_in_row = int(state["step"]), int(state["bad_in_row"])
         if self.selector is not None and state.get("selector") is not None:
             self.selector.load_state_dict(state["selector"])
         return folder
 
     # ------------------------------------------------------------------ one step
+    def _update_selector(self, idx: List[int], res) -> None:
+        """Feed the gathered (prompt, reward) pairs of the whole step to the selector."""
+        rollout = res["rollout"]
+        gids = self.dist.all_gather_rows(rollout.group_ids)
+        total = self.dist.all_gather_rows(
+            res["rewards"].weighted_sum(self.config.algo.reward_weights))
+        if len(gids):
+            self.selector.update(torch.tensor(idx)[gids], total, gids)
+
     def next_prompts(self) -> List[int]:
         n = self.t.prompts_per_step
         if self.selector is not None:
             return self.selector.select(n, self.prompt_gen).tolist()
         return torch.randint(0, len(self.prompts), (n,), generator=self.prompt_gen).tolist()
 
+    def shard(self, idx: List[int]):
+        """This rank's (dataset index, sample count, global group id) triples for a step."""
+        counts = [self.t.group_size] * len(idx)
+        spec = self.loss_fn.spec
+        if spec.needs_groups or spec.needs_token_weights:  # these need whole groups per rank
+            mine = [(i, c, g) for g, (i, c) in enumerate(zip(idx, counts))
+                    if g % self.dist.world == self.dist.rank]
+        else:
+            local = shard_samples(counts, self.dist)
+            mine = [(i, c, g) for g, (i, c) in enumerate(zip(idx, local)) if c > 0]
+        return mine
+
     def run_step(self) -> Dict[str, float]:
         idx = self.next_prompts()
+        mine = self.shard(idx)
         tic = time.time()
         res = train_step(self.policy, self.opt, self.loss_fn, self.reward_fn,
-                         [self.prompts[i] for i in idx], [self.metadata[i] for i in idx],
+                         [self.prompts[i] for i, _, _ in mine],
+                         [self.metadata[i] for i, _, _ in mine],
                          self.settings, self.gen, multi_reward=self.config.algo.multi_reward,
                          reward_weights=self.config.algo.reward_weights,
                          reward_retries=self.t.reward_retries,
-                         reward_timeout=self.t.reward_timeout or None)
-        if self.selector is not None and len(res["rollout"]):
-            self.selector.update(torch.tensor(idx)[res["rollout"].group_ids],
-                                 res["rewards"].weighted_sum(self.config.algo.reward_weights),
-                                 res["rollout"].group_ids)
+                         reward_timeout=self.t.reward_timeout or None,
+                         group_sizes=[c for _, c, _ in mine],
+                         group_ids=[g for _, _, g in mine], dist=self.dist)
+        if self.selector is not None:
+            self._update_selector(idx, res)
         m = {k: v for k, v in res.items() if isinstance(v, float)}
         m["step_time"] = time.time() - tic
         if res.get("reward_error"):
@@ -214,46 +257,53 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
     """
     from mmrl.schema import save_config
     r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector)
-    t = r.t
-    save_config(config, r.out / "config.yaml")
+    t, main = r.t, r.dist.is_main
+    say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    if main:
+        save_config(config, r.out / "config.yaml")
     resumed = r.resume()
     if resumed is not None:
-        print(f"resumed from {resumed} (step {r.step})"
-              + (f"; the run is already complete ({t.steps} steps): nothing to do. Use "
-                 f"train.resume=never or another train.output_dir to start over"
-                 if r.step >= t.steps else ""), flush=True)
-    log, bar = MetricsLog(r.out, r.step), _progress(t.steps, r.step, t.progress)
+        say(f"resumed from {resumed} (step {r.step})"
+            + (f"; the run is already complete ({t.steps} steps): nothing to do. Use "
+               f"train.resume=never or another train.output_dir to start over"
+               if r.step >= t.steps else ""))
+    log = MetricsLog(r.out, r.step) if main else None
+    bar = _progress(t.steps, r.step, t.progress and main)
     start, stopped = time.time(), None
     try:
         with StopRequest() as stop:
             while r.step < t.steps and stopped is None:
                 m = r.run_step()
-                log.write(r.step, m)
+                if log is not None:
+                    log.write(r.step, m)
+                    _report(bar, r.step, m, t)
                 r.history.append(m)
                 r.bad_in_row = r.bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
-                _report(bar, r.step, m, t)
                 r.step += 1
                 if r.bad_in_row >= t.max_bad_steps:
                     r.save()
                     raise RuntimeError(
                         f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
                         f"(last step {r.step - 1}); a checkpoint was written. Lower train.lr or "
-                        f"check the reward; metrics so far: {log.path}")
-                if stop.signal is not None:
-                    stopped = stop.signal
+                        f"check the reward; metrics so far: {r.out / 'metrics.jsonl'}")
+                # every rank must agree to stop after the same step (collectives follow)
+                if float(r.dist.all_reduce_sum(torch.tensor(float(stop.signal is not None)))):
+                    stopped = stop.signal or signal.SIGTERM
                 if (t.save_every and r.step % t.save_every == 0) or stopped is not None:
                     r.save()
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
     if stopped is not None:
-        print(f"stopped by signal {stopped} after step {r.step - 1}; checkpoint written; "
-              f"resume with train.resume=auto", flush=True)
+        say(f"stopped by signal {int(stopped)} after step {r.step - 1}; checkpoint written; "
+            f"resume with train.resume=auto")
     else:
         r.save()
-        torch.save({k: v.detach().cpu() for k, v in policy_weights(policy).items()},
-                   r.out / "final.pt")
+        if main:
+            torch.save({k: v.detach().cpu() for k, v in policy_weights(policy).items()},
+                       r.out / "final.pt")
     rewards = [h.get("reward_mean", float("nan")) for h in r.history]
     k = max(1, min(5, len(rewards) // 4))
     return {"steps": r.step, "seconds": time.time() - start, "stopped": stopped,

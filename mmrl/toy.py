@@ -87,7 +87,10 @@ class ToyPolicy:
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def rollout(self, prompts, metadata, group_size, generator) -> Rollout:
-        P = torch.tensor([list(p) for p in prompts]).repeat_interleave(group_size, 0)  # [B, L]
+        """``group_size`` samples per prompt (an int, or one count per prompt)."""
+        counts = torch.as_tensor([group_size] * len(prompts) if isinstance(group_size, int)
+                                 else list(group_size))
+        P = torch.tensor([list(p) for p in prompts]).repeat_interleave(counts, 0)  # [B, L]
         ids = torch.cat([P, torch.full((len(P), 1), self.sep)], 1).to(self.device)
         for _ in range(self.T):  # no KV cache: the sequences are a dozen tokens long
             logits = self.model(ids)[:, -1].float() / self.c.temperature
@@ -99,8 +102,8 @@ class ToyPolicy:
         mask = (ended == 0) | ((ended == 1) & (resp == self.eos))  # up to and incl. first <eos>
         samples = [[int(t) for t, m in zip(r, mk) if m and t < self.sep] for r, mk in
                    zip(resp, mask)]
-        groups = torch.arange(len(prompts)).repeat_interleave(group_size)
-        rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731
+        groups = torch.arange(len(prompts)).repeat_interleave(counts)
+        rep = lambda xs: [x for x, n in zip(xs, counts.tolist()) for _ in range(n)]  # noqa: E731
         return Rollout(samples, rep(list(prompts)), rep(list(metadata)), groups, mask,
                        {"ids": ids.cpu()})
 

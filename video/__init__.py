@@ -7,18 +7,26 @@
 - Bad input raises :class:`VideoError`; training skips it with :func:`try_load_video` /
   :class:`SkipCounter` (or ``build_qwen_video_inputs(on_error="skip")``).
 
+- Training data (Video-R1 JSONL), verifiable rewards and augmentations: :mod:`.data`,
+  :mod:`.vl_rewards`, :mod:`.augment` (see docs/video_rl.md).
+
 Importing this package loads only numpy and torch; decord, OpenCV and transformers are imported
 when first used.
 """
-from .io import SkipCounter, VideoClip, VideoError, read_video, smart_nframes, smart_resize, try_load_video
+from .augment import DifficultyAugmenter, qa_inversion, temporal_contrast_bonus
+from .data import PROMPT_TEMPLATES, VLDataset, VLRecord, build_messages, load_vl_dataset
+from .io import (SkipCounter, VideoClip, VideoError, read_video, smart_nframes, smart_resize,
+                 try_load_video)
 from .qwen_inputs import (QwenVideoBatch, VideoEntry, build_qwen_video_inputs, plan_entries,
-                          qwen25_position_ids,
-                          uniform_entries, uniform_size)
+                          qwen25_position_ids, uniform_entries, uniform_size)
 from .slow_fast import FAST, SLOW, SlowFastPlan, choose_resolutions, slow_fast_plan
+from .vl_rewards import VL_REWARDS, build_vl_reward
 
 __all__ = [
     "FAST", "SLOW", "QwenVideoBatch", "SkipCounter", "SlowFastPlan", "VideoClip", "VideoEntry",
     "VideoError", "build_qwen_video_inputs", "choose_resolutions", "plan_entries", "read_video",
     "qwen25_position_ids", "slow_fast_plan", "smart_nframes", "smart_resize", "try_load_video", "uniform_entries",
-    "uniform_size",
+    "uniform_size", "VL_REWARDS", "build_vl_reward", "PROMPT_TEMPLATES", "VLDataset", "VLRecord",
+    "build_messages", "load_vl_dataset", "DifficultyAugmenter", "qa_inversion",
+    "temporal_contrast_bonus",
 ]

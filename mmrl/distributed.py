@@ -1,0 +1,145 @@
+"""Data parallelism for the shared loop: torchrun / accelerate launch, gloo or NCCL.
+
+The loop shards a step's samples across ranks (a prompt's group may span ranks), gathers rewards
+before computing advantages, normalizes the loss by the **global** token/sequence counts and sums
+gradients across ranks, so a step on W ranks equals the same global batch on one process.
+
+Gradient synchronization modes:
+
+- ``ddp``: after the micro-batches of an optimizer step, every gradient is summed across ranks
+  with one flattened all-reduce (DDP's result, without its hooks: works for any policy object,
+  LoRA or full weights, with no wrapper around the model).
+- ``fsdp``: the policy's model is sharded with FSDP2 ``fully_shard``; FSDP reduce-scatters the
+  gradients itself and the loop sets its divide factor to 1 (the loss is already globally
+  normalized).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (``world == 1``: a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    grad_sync: str = "ddp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over ranks (a new tensor; the input is not modified)."""
+        if not self.active:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``t`` (any number of rows per rank) over ranks along dim 0, rank order."""
+        if not self.active:
+            return t
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        longest = int(max(s.item() for s in sizes))
+        pad = torch.zeros((longest - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype,
+                          device=t.device)
+        padded = torch.cat([t, pad])
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        if not self.active:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum ``.grad`` across ranks in place (one flattened all-reduce; ``ddp`` mode)."""
+        if not self.active or self.grad_sync != "ddp":
+            return
+        params = [p for p in params if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).clone()
+            offset += n
+
+    def broadcast_parameters(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Copy rank 0's parameters to every rank (identical starting weights)."""
+        if not self.active or self.grad_sync != "ddp":
+            return
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_distributed(grad_sync: str = "ddp") -> Dist:
+    """Join the process group that torchrun / accelerate launch describe in the environment.
+
+    Single process when ``WORLD_SIZE`` is unset or 1. Backend: NCCL on CUDA, gloo on CPU.
+
+    Raises:
+        ValueError: unknown ``grad_sync``.
+    """
+    if grad_sync not in ("ddp", "fsdp"):
+        raise ValueError(f"grad_sync={grad_sync!r}; expected 'ddp' or 'fsdp'")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(grad_sync=grad_sync)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    return Dist(rank, world, local, grad_sync)
+
+
+def shard_samples(counts: List[int], d: Dist) -> List[int]:
+    """This rank's share of each prompt's samples, from the global per-prompt ``counts``.
+
+    The B = Σ counts samples, laid out prompt after prompt, are cut into W contiguous, nearly
+    equal slices; a group may therefore span two ranks. Returns per-prompt local counts (0 for
+    prompts this rank does not touch).
+    """
+    total = sum(counts)
+    lo, hi = total * d.rank // d.world, total * (d.rank + 1) // d.world
+    out, start = [], 0
+    for c in counts:
+        out.append(max(0, min(hi, start + c) - max(lo, start)))
+        start += c
+    return out
+
+
+def shard_whole_groups(num_prompts: int, d: Dist) -> List[bool]:
+    """Which prompts this rank owns when groups must stay whole (round-robin by prompt)."""
+    return [i % d.world == d.rank for i in range(num_prompts)]
+
+
+def maybe_destroy(d: Optional[Dist]) -> None:
+    if d is not None and d.active and dist.is_initialized():
+        dist.destroy_process_group()
