@@ -10,6 +10,7 @@ and grayscale images; for RGBA the alpha channel is dropped before resizing, see
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -36,6 +37,17 @@ def hps_transform(image_size: int):
         T.ToTensor(),
         T.Normalize(OPENAI_MEAN, OPENAI_STD),
     ])
+
+
+class _quiet_open_clip(logging.Filter):  # noqa: N801 (used as a context manager)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
 
 
 class HPS(Scorer):
@@ -65,7 +77,8 @@ class HPS(Scorer):
                              f"registered with open_clip.add_model_config")
         ckpt = self._checkpoint(version, path)
         self.device, self.dtype = default_device(device), parse_dtype(dtype)
-        model = open_clip.create_model(arch, pretrained=None)
+        with _quiet_open_clip():  # its "no pretrained weights" warning: the HPS file follows
+            model = open_clip.create_model(arch, pretrained=None)
         sd = load_state_dict_file(ckpt)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
