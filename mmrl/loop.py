@@ -43,7 +43,9 @@ class Rollout:
     data: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        """Training rows (``mask.shape[0]``); equal to ``len(samples)`` unless the policy
+        trains rows that are not reward rows (tree edges, see ``GroupPolicy.advantages``)."""
+        return int(self.mask.shape[0])
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The rollout restricted to ``rows`` (a ``[B]`` bool mask or a LongTensor of indices)."""
@@ -77,6 +79,13 @@ class GroupPolicy(Protocol):
         """The same under the reference policy (only called when beta > 0)."""
 
     def parameters(self): ...
+
+    # Optional hooks:
+    #   token_weights(rollout) -> [B, T]     (token_weighting "tw", e.g. TW-GRPO)
+    #   advantages(rollout, rewards) -> [R]  advantages of the training rows when they are not
+    #       the reward rows (tree edges, G2RPO branches); the policy then handles invalid
+    #       (NaN) rewards itself, e.g. by giving their rows advantage 0.
+    #   state_dict() / load_state_dict(sd)   the trainable state for checkpoints
 
 
 @dataclass
@@ -243,7 +252,7 @@ def robust_reward(reward_fn, rollout: Rollout, retries: int = 2,
         except Exception as err:  # noqa: BLE001 - any reward failure is retried, then isolated
             error = f"{type(err).__name__}: {err}" or "timeout"
     rows, names = [], None
-    for i in range(len(rollout)):
+    for i in range(len(rollout.samples)):
         try:
             one = _call(evaluate_reward, timeout, reward_fn, rollout.samples[i:i + 1],
                         rollout.prompts[i:i + 1], rollout.metadata[i:i + 1])
@@ -284,6 +293,30 @@ def _global_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: P
     return local, metrics
 
 
+def _hook_advantages(policy, rollout: Rollout, rewards: RewardBatch, d: Dist,
+                     reward_weights) -> Tuple[torch.Tensor, Dict]:
+    """Advantages from ``policy.advantages`` (whole groups live on one rank) + reward metrics."""
+    adv = policy.advantages(rollout, rewards).float()  # [R]
+    if adv.shape != (len(rollout),):
+        raise ValueError(f"policy.advantages returned {tuple(adv.shape)}; expected "
+                         f"[{len(rollout)}] (one per training row of the rollout)")
+    total = d.all_gather_rows(rewards.weighted_sum(reward_weights))
+    valid = torch.isfinite(total)
+    metrics = {"dropped_samples": (~valid).sum().float(), "samples": valid.sum().float()}
+    if valid.any():
+        metrics.update({"reward_mean": total[valid].mean(),
+                        "reward_std": total[valid].std(unbiased=False),
+                        "adv_abs_mean": d.all_gather_rows(adv).abs().mean(),
+                        **{f"reward/{n}": _finite_mean(d.all_gather_rows(rewards.column(n)))
+                           for n in rewards.names}})
+    return adv, metrics
+
+
+def _finite_mean(x: torch.Tensor) -> torch.Tensor:
+    ok = torch.isfinite(x)
+    return x[ok].mean() if ok.any() else torch.tensor(float("nan"))
+
+
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
                reward_fn, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
                s: LoopSettings, generator: torch.Generator, *,
@@ -310,10 +343,13 @@ def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: P
     if group_ids is not None:  # local prompt index -> global group id
         rollout.group_ids = torch.as_tensor(list(group_ids))[rollout.group_ids]
     rewards, error = robust_reward(reward_fn, rollout, reward_retries, reward_timeout)
-    adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
-                                      reward_weights)
-    if rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
-        rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
+    if getattr(policy, "advantages", None) is not None:  # rows != reward rows (trees, G2RPO)
+        adv, metrics = _hook_advantages(policy, rollout, rewards, d, reward_weights)
+    else:
+        adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
+                                          reward_weights)
+        if rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
+            rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
     extra = {"rollout": rollout, "rewards": rewards, "reward_error": error}
     if float(metrics["samples"]) == 0:
         return {**{k: float(v) for k, v in metrics.items()}, "skipped_updates": 1.0, **extra}

@@ -214,7 +214,9 @@ class Run:
         """This rank's (dataset index, sample count, global group id) triples for a step."""
         counts = [self.t.group_size] * len(idx)
         spec = self.loss_fn.spec
-        if spec.needs_groups or spec.needs_token_weights:  # these need whole groups per rank
+        whole = spec.needs_groups or spec.needs_token_weights or \
+            getattr(self.policy, "advantages", None) is not None
+        if whole:  # these need whole groups per rank
             mine = [(i, c, g) for g, (i, c) in enumerate(zip(idx, counts))
                     if g % self.dist.world == self.dist.rank]
         else:

@@ -129,3 +129,45 @@ def test_non_finite_gradient_skips_the_update():
                    LoopSettings(group_size=4), torch.Generator().manual_seed(0))
     assert float(stats["skipped_updates"]) == 1.0
     torch.testing.assert_close(pol.W.detach(), before)
+
+
+class TwoRowsPerSample(LinearPolicy):
+    """Trains two rows per rewarded sample (like tree edges): uses the advantages hook."""
+
+    def rollout(self, prompts, metadata, group_size, generator):
+        r = super().rollout(prompts, metadata, group_size, generator)
+        rows = torch.arange(len(r.samples)).repeat_interleave(2)
+        return Rollout(r.samples, r.prompts, r.metadata, r.group_ids[rows], r.mask[rows],
+                       {k: v[rows] for k, v in r.data.items()})
+
+    def advantages(self, rollout, rewards):
+        from mmrl.advantages import group_advantages
+        total = rewards.values[:, 0]
+        ok = torch.isfinite(total)
+        adv = torch.zeros(len(total))
+        gids = rollout.group_ids[::2]
+        adv[ok] = group_advantages(total[ok], gids[ok])
+        return adv.repeat_interleave(2)
+
+
+def test_advantages_hook_trains_rows_that_are_not_reward_rows():
+    pol = TwoRowsPerSample()
+    before = pol.W.detach().clone()
+
+    def reward(samples, prompts, metadata):
+        return [float("nan") if i == 1 else float(s) for i, s in enumerate(samples)]
+    res = train_step(pol, torch.optim.SGD(pol.parameters(), lr=1.0), PolicyLoss("grpo"), reward,
+                     ["a", "b"], [{}, {}], LoopSettings(group_size=4),
+                     torch.Generator().manual_seed(0))
+    assert len(res["rollout"]) == 16 and len(res["rollout"].samples) == 8
+    assert res["dropped_samples"] == 1.0 and res["samples"] == 7.0
+    assert not torch.equal(pol.W.detach(), before)
+
+
+def test_advantages_hook_with_wrong_shape_is_a_clear_error():
+    pol = TwoRowsPerSample()
+    pol.advantages = lambda rollout, rewards: torch.zeros(3)
+    with pytest.raises(ValueError, match="one per training row"):
+        train_step(pol, torch.optim.SGD(pol.parameters(), lr=1.0), PolicyLoss("grpo"),
+                   lambda s, p, m: [1.0] * len(s), ["a"], [{}], LoopSettings(group_size=2),
+                   torch.Generator().manual_seed(0))
