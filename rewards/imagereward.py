@@ -37,9 +37,9 @@ class ImageRewardScorer(Scorer):
     over the ImageRewardDB training images; good images ≈ 0.5–2).
 
     Args:
-        path: an ``ImageReward.pt`` file, or a directory used as the package's
-            ``download_root`` (holding ``ImageReward.pt`` and ``med_config.json``); default: the
-            package downloads ``ImageReward-v1.0`` from the hub ``THUDM/ImageReward``.
+        path: an ``ImageReward.pt`` file (with ``med_config.json`` beside it), or a directory
+            holding both, used as the package's ``download_root``; default: the package
+            downloads ``ImageReward-v1.0`` from the hub ``THUDM/ImageReward``.
     """
 
     name = "imagereward"
@@ -51,13 +51,16 @@ class ImageRewardScorer(Scorer):
         super().__init__(batch_size, grad)
         path = check_path(self.name, path)
         self.device = default_device(device)
-        src, root = "ImageReward-v1.0", None
-        if path is not None and os.path.isfile(path):
-            src = path
-        elif path is not None:
-            root = path
+        src, root, extra = "ImageReward-v1.0", None, {}
+        if path is not None:
+            # A checkpoint file or a folder: med_config.json is looked up beside it, so the
+            # package does not try to download it.
+            src = path if os.path.isfile(path) else src
+            root = os.path.dirname(path) if os.path.isfile(path) else path
+            if os.path.exists(os.path.join(root, "med_config.json")):
+                extra["med_config"] = os.path.join(root, "med_config.json")
         try:
-            self.model = rm.load(src, device=str(self.device), download_root=root)
+            self.model = rm.load(src, device=str(self.device), download_root=root, **extra)
         except (OSError, RuntimeError) as err:
             raise weights_error(self.name, "ImageReward-v1.0", repr(path or "THUDM/ImageReward"),
                                 "hf download THUDM/ImageReward ImageReward.pt "

@@ -74,7 +74,7 @@ def fake_imagereward(tiny_clip_dir):
 
     model = FakeRM().eval()
     module = types.ModuleType("ImageReward")
-    module.load = lambda src, device="cpu", download_root=None: model
+    module.load = lambda src, device="cpu", download_root=None, med_config=None: model
     return module, model
 
 
@@ -207,6 +207,24 @@ def test_imagereward_batched_equals_package_formula(scorers, fake_imagereward):
     want = torch.tensor([fake_imagereward[1].score_one(p, im) for p, im in zip(PROMPTS, images)])
     torch.testing.assert_close(scorers["imagereward"](images, PROMPTS), want, atol=1e-5,
                                rtol=1e-5)
+
+
+def test_imagereward_local_files_are_passed_to_the_package(monkeypatch, tmp_path,
+                                                           fake_imagereward):
+    seen = []
+    module = types.ModuleType("ImageReward")
+    module.load = lambda src, **kw: seen.append((src, kw)) or fake_imagereward[1]
+    monkeypatch.setitem(sys.modules, "ImageReward", module)
+    (tmp_path / "ImageReward.pt").write_bytes(b"")
+    (tmp_path / "med_config.json").write_text("{}")
+    R.load("imagereward", path=str(tmp_path), device="cpu")
+    R.load("imagereward", path=str(tmp_path / "ImageReward.pt"), device="cpu")
+    cfg = str(tmp_path / "med_config.json")
+    assert seen == [("ImageReward-v1.0", dict(device="cpu", download_root=str(tmp_path),
+                                              med_config=cfg)),
+                    (str(tmp_path / "ImageReward.pt"), dict(device="cpu",
+                                                            download_root=str(tmp_path),
+                                                            med_config=cfg))]
 
 
 def test_imagereward_missing_package_names_the_extra(monkeypatch):
