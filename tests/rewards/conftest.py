@@ -9,62 +9,24 @@
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
+import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reward_testlib import build_tiny_clip, make_images, write_clip_bpe  # noqa: E402
 
 TINY_OPEN_CLIP = "mmrl-tiny-vit"
-
-
-def _write_clip_bpe(dirname: str):
-    import open_clip
-    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    from tokenizers.pre_tokenizers import ByteLevel
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    alphabet = sorted(ByteLevel.alphabet(), key=lambda c: ord(c))
-    # open_clip orders the byte alphabet by bytes_to_unicode; rebuild that order exactly.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_chars = [chr(c) for c in cs]
-    assert sorted(byte_chars) == sorted(alphabet)
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(dirname, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(dirname, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("clip_bpe"))
-    _write_clip_bpe(d)
+    write_clip_bpe(d)
     return d
-
-
-def build_tiny_clip(seed: int = 0):
-    from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                           num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=16)
-    return CLIPModel(cfg).eval()
 
 
 @pytest.fixture(scope="session")
@@ -102,16 +64,6 @@ def tiny_open_clip(tmp_path_factory):
     ckpt = d / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": model.state_dict()}, ckpt)
     return TINY_OPEN_CLIP, str(ckpt)
-
-
-def make_images(n: int, size=(40, 48), seed: int = 0, mode: str = "RGB"):
-    """n random PIL images (W, H) = size."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-        out.append(Image.fromarray(arr).convert(mode))
-    return out
 
 
 @pytest.fixture

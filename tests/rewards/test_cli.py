@@ -17,7 +17,7 @@ import mmrl.rewards as R
 from mmrl.cli import main
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_images  # noqa: E402
+from reward_testlib import make_images  # noqa: E402
 
 MMRL = os.path.join(os.path.dirname(sys.executable), "mmrl")
 

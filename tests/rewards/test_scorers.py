@@ -16,7 +16,7 @@ from mmrl.reward_fn import evaluate_reward
 from mmrl.rewards.base import OPENAI_MEAN, OPENAI_STD, WeightsNotFoundError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import build_tiny_clip, make_images  # noqa: E402
+from reward_testlib import make_images  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue house at night", "two dogs", "an apple", "a photo of a boat"]
 
@@ -125,6 +125,15 @@ def _reference_clip(ref_clip, images, prompts):
 
 
 # --------------------------------------------------------------------------- reference values
+
+def test_tiny_clip_tokenizer_is_the_real_clip_bpe(ref_clip):
+    """The test tokenizer (built offline from open_clip's merges) gives open_clip's ids."""
+    import open_clip
+    texts = ["a photo of a cat, sitting!", "Hello Wörld 123 ☃ 🙂", "two dogs"]
+    ids = ref_clip[1].tokenizer(texts)["input_ids"]
+    ref = open_clip.get_tokenizer("ViT-H-14")(texts).tolist()
+    assert all(a == r[:len(a)] and r[len(a)] == 0 for a, r in zip(ids, ref))
+
 
 def test_pickscore_equals_logit_scale_exp_times_cosine(scorers, ref_clip):
     images = make_images(5)

@@ -15,7 +15,7 @@ import mmrl.rewards as R
 from mmrl.rewards.server import RewardServer, decode_images, encode_images, is_loopback
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_images  # noqa: E402
+from reward_testlib import make_images  # noqa: E402
 
 
 class _Counting:
