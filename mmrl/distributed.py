@@ -141,5 +141,8 @@ def shard_whole_groups(num_prompts: int, d: Dist) -> List[bool]:
 
 
 def maybe_destroy(d: Optional[Dist]) -> None:
+    """Leave the process group cleanly: wait for every rank first (a rank that tears down while
+    a peer is still in a collective makes gloo abort the peer)."""
     if d is not None and d.active and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from mmrl.advantages import group_advantages, group_stats
 from mmrl.distributed import Dist
@@ -317,6 +318,80 @@ def _finite_mean(x: torch.Tensor) -> torch.Tensor:
     return x[ok].mean() if ok.any() else torch.tensor(float("nan"))
 
 
+def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],
+            metadata: Sequence[Dict[str, Any]], s: LoopSettings, generator: torch.Generator, *,
+            group_sizes: Optional[Sequence[int]] = None,
+            group_ids: Optional[Sequence[int]] = None, reward_retries: int = 2,
+            reward_timeout: Optional[float] = None
+            ) -> Tuple[Rollout, RewardBatch, Optional[str]]:
+    """Roll out this rank's prompts and score them -> ``(rollout, rewards, reward error)``.
+
+    Args:
+        group_sizes: samples per prompt (default ``s.group_size`` each); a data-parallel shard
+            or a Knapsack budget may give any count.
+        group_ids: the global group id of each prompt (default 0..P-1).
+    """
+    with torch.no_grad():
+        rollout = policy.rollout(list(prompts), list(metadata),
+                                 list(group_sizes) if group_sizes is not None else s.group_size,
+                                 generator)
+    if group_ids is not None:  # local prompt index -> global group id
+        rollout.group_ids = torch.as_tensor(list(group_ids))[rollout.group_ids]
+    rewards, error = robust_reward(reward_fn, rollout, reward_retries, reward_timeout)
+    return rollout, rewards, error
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """One rollout from several (dynamic sampling's tries): rows stacked; ``mask`` and 2-D+
+    ``data`` tensors right-padded along dim 1 to the longest. Policies whose payload needs
+    something else (left padding, ...) provide ``policy.concat_rollouts``."""
+    if len(parts) == 1:
+        return parts[0]
+    T = max(p.mask.shape[1] for p in parts)
+    mask = torch.cat([F.pad(p.mask, (0, T - p.mask.shape[1])) for p in parts])
+    data = {}
+    for k, v in parts[0].data.items():
+        vals = [p.data[k] for p in parts]
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(parts[0]):
+            if v.dim() >= 2:
+                L = max(x.shape[1] for x in vals)
+                vals = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, L - x.shape[1])) for x in vals]
+            data[k] = torch.cat(vals)
+        elif isinstance(v, list) and len(v) == len(parts[0]):
+            data[k] = [x for val in vals for x in val]
+        else:
+            data[k] = v
+    return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
+                   [x for p in parts for x in p.metadata],
+                   torch.cat([p.group_ids for p in parts]), mask, data)
+
+
+def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
+          rollout: Rollout, rewards: RewardBatch, s: LoopSettings, generator: torch.Generator,
+          *, multi_reward: str = "sum_then_normalize",
+          reward_weights: Optional[Dict[str, float]] = None, dist: Optional[Dist] = None,
+          reward_error: Optional[str] = None) -> Dict[str, Any]:
+    """Advantages (gathered over ranks) and K epochs of updates on a scored rollout.
+
+    Returns metrics (python floats; one host sync per step) plus the rollout and its rewards.
+    """
+    d = dist or Dist()
+    if getattr(policy, "advantages", None) is not None:  # rows != reward rows (trees, G2RPO)
+        adv, metrics = _hook_advantages(policy, rollout, rewards, d, reward_weights)
+    else:
+        adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
+                                          reward_weights)
+        if rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
+            rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
+    extra = {"rollout": rollout, "rewards": rewards, "reward_error": reward_error}
+    if float(metrics["samples"]) == 0:
+        return {**{k: float(v) for k, v in metrics.items()}, "skipped_updates": 1.0, **extra}
+    tw = policy.token_weights(rollout) if loss_fn.spec.needs_token_weights else None
+    metrics.update(update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw, d))
+    metrics["tokens"] = d.all_reduce_sum(rollout.mask.sum().float())
+    return {**{k: float(v) for k, v in metrics.items()}, **extra}
+
+
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
                reward_fn, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
                s: LoopSettings, generator: torch.Generator, *,
@@ -326,34 +401,15 @@ def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: P
                group_sizes: Optional[Sequence[int]] = None,
                group_ids: Optional[Sequence[int]] = None,
                dist: Optional[Dist] = None) -> Dict[str, Any]:
-    """One GRPO iteration; returns metrics (python floats), the rollout and its rewards.
+    """One GRPO iteration = :func:`collect` then :func:`learn` (see both for the arguments).
 
-    Args:
-        prompts, metadata: this rank's prompts (all of them in a single process).
-        group_sizes: samples per prompt (default ``s.group_size`` each); a data-parallel shard
-            may hold part of a group.
-        group_ids: the global group id of each prompt (default 0..P-1).
-        dist: the data-parallel context (None: single process).
+    ``prompts``/``metadata`` are this rank's share (all of them in a single process);
+    ``dist`` is the data-parallel context (None: single process).
     """
-    d = dist or Dist()
-    sizes = list(group_sizes) if group_sizes is not None else [s.group_size] * len(prompts)
-    with torch.no_grad():
-        rollout = policy.rollout(list(prompts), list(metadata),
-                                 sizes if group_sizes is not None else s.group_size, generator)
-    if group_ids is not None:  # local prompt index -> global group id
-        rollout.group_ids = torch.as_tensor(list(group_ids))[rollout.group_ids]
-    rewards, error = robust_reward(reward_fn, rollout, reward_retries, reward_timeout)
-    if getattr(policy, "advantages", None) is not None:  # rows != reward rows (trees, G2RPO)
-        adv, metrics = _hook_advantages(policy, rollout, rewards, d, reward_weights)
-    else:
-        adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
-                                          reward_weights)
-        if rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
-            rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
-    extra = {"rollout": rollout, "rewards": rewards, "reward_error": error}
-    if float(metrics["samples"]) == 0:
-        return {**{k: float(v) for k, v in metrics.items()}, "skipped_updates": 1.0, **extra}
-    tw = policy.token_weights(rollout) if loss_fn.spec.needs_token_weights else None
-    metrics.update(update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw, d))
-    metrics["tokens"] = d.all_reduce_sum(rollout.mask.sum().float())
-    return {**{k: float(v) for k, v in metrics.items()}, **extra}  # one host sync per step
+    rollout, rewards, error = collect(policy, reward_fn, prompts, metadata, s, generator,
+                                      group_sizes=group_sizes, group_ids=group_ids,
+                                      reward_retries=reward_retries,
+                                      reward_timeout=reward_timeout)
+    return learn(policy, optimizer, loss_fn, rollout, rewards, s, generator,
+                 multi_reward=multi_reward, reward_weights=reward_weights, dist=dist,
+                 reward_error=error)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmrl import checkpoint as ckpt
-from mmrl.distributed import init_distributed, shard_samples
+from mmrl.distributed import init_distributed, maybe_destroy, shard_samples
 from mmrl.loop import LoopSettings, train_step
 from mmrl.losses import PolicyLoss
 
@@ -137,6 +137,13 @@ class Run:
         self.loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = optimizer or torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.prompts_per_step > len(self.prompts):
+            raise ValueError(f"train.prompts_per_step={t.prompts_per_step} but there are only "
+                             f"{len(self.prompts)} prompt(s); lower prompts_per_step (a batch "
+                             f"holds distinct prompts) or add prompts")
+        if selector is None:
+            from mmrl.selection import make_selector
+            selector = make_selector(t.selector, len(self.prompts), **t.selector_hparams)
         self.selector = selector
         self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
                                      t.micro_batch_size, t.t_chunk, t.max_grad_norm)
@@ -195,56 +202,123 @@ class Run:
         return folder
 
     # ------------------------------------------------------------------ one step
-    def _update_selector(self, idx: List[int], res) -> None:
-        """Feed the gathered (prompt, reward) pairs of the whole step to the selector."""
-        rollout = res["rollout"]
-        gids = self.dist.all_gather_rows(rollout.group_ids)
+    def _update_selector(self, idx: List[int], rollout, rewards) -> None:
+        """Feed the gathered (prompt, reward) pairs of a rollout round to the selector."""
+        ok = rewards.valid
+        gids = self.dist.all_gather_rows(rollout.group_ids[:len(ok)][ok] % len(idx))
         total = self.dist.all_gather_rows(
-            res["rewards"].weighted_sum(self.config.algo.reward_weights))
+            rewards.weighted_sum(self.config.algo.reward_weights)[ok])
         if len(gids):
             self.selector.update(torch.tensor(idx)[gids], total, gids)
 
     def next_prompts(self) -> List[int]:
-        n = self.t.prompts_per_step
-        if self.selector is not None:
-            return self.selector.select(n, self.prompt_gen).tolist()
-        return torch.randint(0, len(self.prompts), (n,), generator=self.prompt_gen).tolist()
+        return self.selector.select(self.t.prompts_per_step, self.prompt_gen).tolist()
 
-    def shard(self, idx: List[int]):
-        """This rank's (dataset index, sample count, global group id) triples for a step."""
-        counts = [self.t.group_size] * len(idx)
+    def counts(self, idx: List[int]) -> List[int]:
+        """Samples per prompt: group_size each, or a Knapsack split of the same total."""
+        t = self.t
+        if t.rollout_allocation == "fixed":
+            return [t.group_size] * len(idx)
+        from mmrl.budget import knapsack_allocate
+        probs = self.selector.success_probs()[torch.tensor(idx)]
+        return knapsack_allocate(probs, len(idx) * t.group_size, t.knapsack_n_min,
+                                 t.knapsack_n_max).tolist()
+
+    def shard(self, idx: List[int], offset: int = 0):
+        """This rank's (dataset index, sample count, global group id) triples for a round."""
+        counts = self.counts(idx)
         spec = self.loss_fn.spec
         whole = spec.needs_groups or spec.needs_token_weights or \
             getattr(self.policy, "advantages", None) is not None
         if whole:  # these need whole groups per rank
-            mine = [(i, c, g) for g, (i, c) in enumerate(zip(idx, counts))
+            return [(i, c, g + offset) for g, (i, c) in enumerate(zip(idx, counts))
                     if g % self.dist.world == self.dist.rank]
-        else:
-            local = shard_samples(counts, self.dist)
-            mine = [(i, c, g) for g, (i, c) in enumerate(zip(idx, local)) if c > 0]
-        return mine
+        local = shard_samples(counts, self.dist)
+        return [(i, c, g + offset) for g, (i, c) in enumerate(zip(idx, local)) if c > 0]
+
+    def collect_round(self, k: int = 0):
+        """Draw prompts, roll out this rank's share, score, update the selector."""
+        from mmrl.loop import collect
+        idx = self.next_prompts()
+        mine = self.shard(idx, offset=k * len(idx))
+        rollout, rewards, error = collect(
+            self.policy, self.reward_fn, [self.prompts[i] for i, _, _ in mine],
+            [self.metadata[i] for i, _, _ in mine], self.settings, self.gen,
+            group_sizes=[c for _, c, _ in mine], group_ids=[g for _, _, g in mine],
+            reward_retries=self.t.reward_retries, reward_timeout=self.t.reward_timeout or None)
+        self._update_selector(idx, rollout, rewards)
+        return rollout, rewards, error
+
+    def collect_dynamic(self):
+        """DAPO dynamic sampling: rounds until prompts_per_step informative groups are kept.
+
+        Every rank sees the gathered rewards, so all ranks keep the same groups and stop after
+        the same round. Returns (rollout, rewards, error, report).
+        """
+        from mmrl.budget import DynamicSampling
+        from mmrl.loop import concat_rollouts
+        parts = []
+
+        def produce(k):
+            rollout, rewards, error = self.collect_round(k)
+            parts.append((rollout, rewards, error))
+            ok = rewards.valid
+            total = rewards.weighted_sum(self.config.algo.reward_weights)[ok]
+            return (self.dist.all_gather_rows(total),
+                    self.dist.all_gather_rows(rollout.group_ids[:len(ok)][ok]))
+        kept, report = DynamicSampling(self.t.prompts_per_step,
+                                       self.t.dynamic_sampling_tries).collect(produce)
+        rows = [(r, w, torch.isin(r.group_ids, keep) & w.valid) for (r, w, _), keep
+                in zip(parts, kept)]
+        concat = getattr(self.policy, "concat_rollouts", None) or concat_rollouts
+        rollout = concat([r.select(m) for r, _, m in rows])
+        rewards = _concat_rewards([w.select(m) for _, w, m in rows])
+        return rollout, rewards, next((e for *_, e in parts if e), None), report
 
     def run_step(self) -> Dict[str, float]:
-        idx = self.next_prompts()
-        mine = self.shard(idx)
+        from mmrl.loop import learn
         tic = time.time()
-        res = train_step(self.policy, self.opt, self.loss_fn, self.reward_fn,
-                         [self.prompts[i] for i, _, _ in mine],
-                         [self.metadata[i] for i, _, _ in mine],
-                         self.settings, self.gen, multi_reward=self.config.algo.multi_reward,
-                         reward_weights=self.config.algo.reward_weights,
-                         reward_retries=self.t.reward_retries,
-                         reward_timeout=self.t.reward_timeout or None,
-                         group_sizes=[c for _, c, _ in mine],
-                         group_ids=[g for _, _, g in mine], dist=self.dist)
-        if self.selector is not None:
-            self._update_selector(idx, res)
+        report = None
+        if self.t.dynamic_sampling_tries:
+            rollout, rewards, error, report = self.collect_dynamic()
+        else:
+            rollout, rewards, error = self.collect_round()
+        res = learn(self.policy, self.opt, self.loss_fn, rollout, rewards, self.settings,
+                    self.gen, multi_reward=self.config.algo.multi_reward,
+                    reward_weights=self.config.algo.reward_weights, dist=self.dist,
+                    reward_error=error)
         m = {k: v for k, v in res.items() if isinstance(v, float)}
+        if report is not None:
+            m.update({"dynamic_tries": float(report.tries),
+                      "dynamic_groups_kept": float(report.groups_kept),
+                      "dynamic_groups_dropped": float(report.groups_dropped)})
         m["step_time"] = time.time() - tic
         if res.get("reward_error"):
             print(f"warning: step {self.step}: the reward failed ({res['reward_error']}); "
                   f"{int(m['dropped_samples'])} sample(s) dropped", file=sys.stderr, flush=True)
+        if self.t.sample_log_every and self.step % self.t.sample_log_every == 0 and \
+                self.dist.is_main:
+            _log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
         return m
+
+
+def _concat_rewards(parts):
+    from mmrl.reward_fn import RewardBatch
+    return RewardBatch(torch.cat([p.values for p in parts]), list(parts[0].names),
+                       torch.cat([p.valid for p in parts]))
+
+
+def _log_samples(path: Path, step: int, rollout, rewards) -> None:
+    """Append this step's (prompt, completion, rewards) rows; non-text samples are omitted."""
+    with path.open("a") as f:
+        for i, (prompt, sample) in enumerate(zip(rollout.prompts, rollout.samples)):
+            row = {"step": step, "group": int(rollout.group_ids[i]) if i < len(
+                rollout.group_ids) else None,
+                   "prompt": prompt if isinstance(prompt, str) else repr(prompt)[:2000],
+                   "sample": sample if isinstance(sample, (str, int, float, list)) else None,
+                   "rewards": {n: float(rewards.values[i, k]) for k, n in
+                               enumerate(rewards.names)} if i < len(rewards.values) else None}
+            f.write(json.dumps(row) + "\n")
 
 
 def run_training(config, policy, reward_fn, prompts: Sequence[Any],
@@ -306,6 +380,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
         if main:
             torch.save({k: v.detach().cpu() for k, v in policy_weights(policy).items()},
                        r.out / "final.pt")
+    maybe_destroy(r.dist)
     rewards = [h.get("reward_mean", float("nan")) for h in r.history]
     k = max(1, min(5, len(rewards) // 4))
     return {"steps": r.step, "seconds": time.time() - start, "stopped": stopped,

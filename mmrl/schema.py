@@ -134,6 +134,28 @@ class TrainConfig:
     output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
                           "are written.")
     progress: bool = cfg(True, "Show a tqdm progress bar.")
+    selector: str = cfg("uniform", "Prompt selection: uniform (shuffled epochs), vade (Beta "
+                        "posteriors + Thompson sampling), variance_aware.",
+                        choices=lambda: __import__("mmrl.selection", fromlist=["x"]).SELECTORS
+                        .names(), source="VADE arXiv 2511.18902; MMR1 variance-aware sampling")
+    selector_hparams: Dict[str, float] = cfg(doc="Keyword arguments of the selector (see "
+                                             "docs/budget.md), e.g. {decay: 0.99}.",
+                                             default_factory=dict)
+    rollout_allocation: str = cfg("fixed", "Samples per prompt: fixed (group_size each) or "
+                                  "knapsack (the same total, prompts_per_step * group_size, "
+                                  "split by estimated success rates).",
+                                  choices=["fixed", "knapsack"],
+                                  source="Knapsack RL arXiv 2509.25849")
+    knapsack_n_min: int = cfg(2, "Knapsack: fewest samples any prompt gets.", minimum=1)
+    knapsack_n_max: int = cfg(128, "Knapsack: most samples any prompt gets.", minimum=1)
+    dynamic_sampling_tries: int = cfg(0, "DAPO dynamic sampling: keep only groups whose rewards "
+                                      "differ and roll out more prompts until prompts_per_step "
+                                      "such groups are found, at most this many rollout rounds "
+                                      "per step (0 = off).", minimum=0,
+                                      source="DAPO arXiv 2503.14476 (max_num_gen_batches)")
+    sample_log_every: int = cfg(0, "Write the step's prompts, completions (text samples) and "
+                                "reward columns to samples.jsonl every N steps (0 = never).",
+                                minimum=0)
     save_every: int = cfg(0, "Write a checkpoint every N steps (0 = only at the end and on "
                           "SIGTERM/SIGINT or a fatal error).", minimum=0)
     keep_last: int = cfg(3, "Keep the newest N complete checkpoints.", minimum=1)
@@ -149,6 +171,14 @@ class TrainConfig:
     def problems(self) -> List[str]:
         out = []
         batch = self.prompts_per_step * self.group_size
+        if self.rollout_allocation == "knapsack":
+            if self.knapsack_n_min > self.knapsack_n_max:
+                out.append(f"knapsack_n_min: got {self.knapsack_n_min} > knapsack_n_max="
+                           f"{self.knapsack_n_max}; expected n_min <= n_max")
+            if self.knapsack_n_min * self.prompts_per_step > batch:
+                out.append(f"knapsack_n_min: {self.knapsack_n_min} per prompt x "
+                           f"{self.prompts_per_step} prompts exceeds the budget prompts_per_step"
+                           f" * group_size = {batch}; lower knapsack_n_min")
         if self.num_mini_batches > batch:
             out.append(f"num_mini_batches: got {self.num_mini_batches}; expected at most "
                        f"prompts_per_step * group_size = {batch}")

@@ -191,6 +191,6 @@ def test_all_nan_rewards_stop_the_run_with_a_checkpoint(tmp_path):
         "toy": {"d_model": 16, "layers": 1, "heads": 2}})
     pol = ToyPolicy(cfg.task)
     with pytest.raises(RuntimeError, match="3 consecutive steps"):
-        run_training(cfg, pol, lambda s, p, m: [float("nan")] * len(s), [[1, 2, 3, 4]],
-                     [{"target": [4, 3, 2, 1]}])
+        run_training(cfg, pol, lambda s, p, m: [float("nan")] * len(s),
+                     [[1, 2, 3, 4], [2, 2, 1, 1]], [{"target": [4, 3, 2, 1]}] * 2)
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000003"

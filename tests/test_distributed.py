@@ -41,13 +41,15 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path, preset, 
         assert r0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-7), key
 
 
-def test_toy_job_on_two_ranks_keeps_parameters_identical(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.selector=vade", "train.dynamic_sampling_tries=2",
+                                         "train.rollout_allocation=knapsack"]])
+def test_toy_job_on_two_ranks_keeps_parameters_identical(tmp_path, extra):
     root = HERE.parent
     out = tmp_path / "run"
     cmd = TORCHRUN + ["-m", "mmrl.cli", "train", str(root / "configs/demo/toy.yaml"),
                       "train.steps=3", "train.progress=false", f"train.output_dir={out}",
                       "train.prompts_per_step=3", "train.group_size=4", "toy.d_model=16",
-                      "toy.layers=1", "toy.heads=2", "train.save_every=1"]
+                      "toy.layers=1", "toy.heads=2", "train.save_every=1", *extra]
     proc = _run(cmd)
     assert proc.stdout.count("done: 3 steps") == 1  # only rank 0 reports
     assert (out / "final.pt").exists()

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from mmrl.distributed import init_distributed, shard_samples
+from mmrl.distributed import init_distributed, maybe_destroy, shard_samples
 from mmrl.loop import LoopSettings, Rollout, train_step
 from mmrl.losses import PolicyLoss
 
@@ -66,8 +66,7 @@ def main(out, preset, micro):
                      group_ids=[k for k, _ in mine], dist=d)
     metrics = {k: v for k, v in res.items() if isinstance(v, float)}
     torch.save({"W": pol.W.detach(), "metrics": metrics}, f"{out}/rank{d.rank}.pt")
-    if d.active:
-        torch.distributed.destroy_process_group()
+    maybe_destroy(d)
 
 
 if __name__ == "__main__":
