@@ -20,6 +20,11 @@ pytestmark = pytest.mark.slow
 
 def _run(cmd, timeout=300):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen only while other torchrun jobs ran on the same machine at the same time (a gloo
+        # peer connection crossing jobs aborts in C++ before any Python runs); one retry, and a
+        # second failure fails the test with the full output.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
