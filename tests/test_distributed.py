@@ -65,3 +65,19 @@ def test_toy_job_on_two_ranks_keeps_parameters_identical(tmp_path, extra):
     assert len(state["rng_per_rank"]) == 2
     assert not torch.equal(state["rng_per_rank"][0]["generators"]["loop"],
                            state["rng_per_rank"][1]["generators"]["loop"])
+
+
+def test_accelerate_launch_runs_the_same_job(tmp_path):
+    root = HERE.parent
+    out = tmp_path / "acc"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmrl.cli", "train",
+           str(root / "configs/demo/toy.yaml"), "train.steps=2", "train.progress=false",
+           f"train.output_dir={out}", "toy.d_model=16", "toy.layers=1", "toy.heads=2",
+           "train.prompts_per_step=4", "train.save_every=1"]
+    proc = _run(cmd)
+    assert proc.stdout.count("done: 2 steps") == 1
+    from mmrl.checkpoint import latest_checkpoint, load_checkpoint
+    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))["state"]
+    assert len(state["rng_per_rank"]) == 2  # really two ranks
