@@ -71,7 +71,7 @@ def test_accelerate_launch_runs_the_same_job(tmp_path):
     root = HERE.parent
     out = tmp_path / "acc"
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmrl.cli", "train",
            str(root / "configs/demo/toy.yaml"), "train.steps=2", "train.progress=false",
            f"train.output_dir={out}", "toy.d_model=16", "toy.layers=1", "toy.heads=2",
