@@ -1,0 +1,160 @@
+"""Evaluation for the diffusion job: ODE sampling on held-out prompts, rewards, PNG grids.
+
+The evaluation sampler is the deterministic ODE (Euler) sampler on its own schedule (flow_grpo
+evaluates with 40 steps while training with 10), from a fixed noise per prompt, so grids of
+different steps show the same seeds and differ only by the weights. Results go to
+``<output_dir>/eval.jsonl`` (one line per evaluation) and ``<output_dir>/eval/step_NNNNNN.png``.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class ImageReward:
+    """Adapts an image scorer ``scorer(images [B,3,H,W], prompts, metadata)`` to the core reward
+    interface ``fn(samples, prompts, metadata)`` where samples are B ``[3, H, W]`` tensors."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.name = getattr(scorer, "name", "reward")
+        self.weights = dict(getattr(scorer, "weights", {}) or {})
+
+    def __call__(self, samples: Sequence[Tensor], prompts, metadata=None):
+        images = samples if isinstance(samples, Tensor) else torch.stack(list(samples))
+        return self.scorer(images, list(prompts), metadata)
+
+
+def reward_columns(reward_fn, images: Tensor, prompts: Sequence[str]) -> Dict[str, Tensor]:
+    """``{column: [B]}`` float32 CPU rewards of ``images`` (one column for a plain scorer)."""
+    out = reward_fn(images, list(prompts), [{} for _ in prompts])
+    if isinstance(out, dict):
+        return {k: torch.as_tensor(v).float().cpu() for k, v in out.items()}
+    return {getattr(reward_fn, "name", "reward"): torch.as_tensor(out).float().cpu()}
+
+
+def weighted(columns: Dict[str, Tensor], weights: Dict[str, float]) -> Tensor:
+    """``Σ_k w_k r_k`` over the columns (missing weights are 1) -> ``[B]``."""
+    return sum(float(weights.get(k, 1.0)) * v for k, v in columns.items())
+
+
+def save_grid(images: Tensor, captions: Sequence[str], path, *, cols: int = 4,
+              min_cell: int = 128) -> Path:
+    """Write ``images`` ``[B, 3, H, W]`` in [0, 1] as one PNG with a caption under each image.
+
+    Small images (tiny test models) are upscaled with nearest-neighbour to ``min_cell`` pixels so
+    the pixels stay visible.
+
+    Raises:
+        ValueError: images not ``[B, 3, H, W]`` or a caption count that differs from B.
+    """
+    from PIL import Image, ImageDraw
+
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images has shape {got}; expected a float tensor [B, 3, H, W] in [0, 1]")
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images; pass one "
+                         f"caption per image")
+    B, _, H, W = images.shape
+    scale = max(1, -(-min_cell // max(H, W)))  # ceil: the smallest integer zoom reaching min_cell
+    cw, ch = W * scale, H * scale
+    line_chars = max(12, cw // 7)
+    wrapped = [textwrap.wrap(c, line_chars)[:4] or [""] for c in captions]
+    text_h = 12 * max(len(w) for w in wrapped) + 6
+    cols = max(1, min(cols, B))
+    rows = -(-B // cols)
+    canvas = Image.new("RGB", (cols * cw, rows * (ch + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    for i in range(B):
+        x, y = (i % cols) * cw, (i // cols) * (ch + text_h)
+        tile = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize((cw, ch), Image.NEAREST)
+        canvas.paste(tile, (x, y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((x + 3, y + ch + 3 + 12 * j), line, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+class Evaluator:
+    """Periodic ODE evaluation on held-out prompts.
+
+    Args:
+        policy: the :class:`~mmrl.diffusion.train.DiffusionGroupPolicy` (its ``sample_ode``).
+        prompts: held-out prompts (one image each).
+        reward_fn: the training reward (called on ``[B, 3, H, W]`` images).
+        weights: reward column weights for the reported ``reward_mean``.
+        out_dir: the run's output directory.
+        seed: the evaluation noise seed (fixed, so every evaluation uses the same noise).
+        batch_size: images per sampling call.
+    """
+
+    def __init__(self, policy, prompts: Sequence[str], reward_fn, weights: Dict[str, float],
+                 out_dir, *, seed: int = 0, batch_size: int = 8):
+        if not prompts:
+            raise ValueError("no evaluation prompts; set diffusion.eval_prompts, "
+                             "diffusion.eval_prompt_file or diffusion.eval_holdout > 0")
+        self.policy, self.prompts, self.reward_fn = policy, list(prompts), reward_fn
+        self.weights, self.out = dict(weights), Path(out_dir)
+        self.seed, self.batch_size = seed, max(1, batch_size)
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> Dict[str, Any]:
+        """Evaluate now; write the grid and one ``eval.jsonl`` line; return the record."""
+        gen = torch.Generator().manual_seed(self.seed)
+        noise = self.policy.noise(len(self.prompts), gen)  # the same noise at every evaluation
+        images = torch.cat([self.policy.sample_ode(self.prompts[a:a + self.batch_size],
+                                                   noise[a:a + self.batch_size])
+                            for a in range(0, len(self.prompts), self.batch_size)])
+        cols = reward_columns(self.reward_fn, images, self.prompts)
+        total = weighted(cols, self.weights)
+        captions = [f"{p} | r={float(r):.4f}" for p, r in zip(self.prompts, total)]
+        grid = save_grid(images, captions, self.out / "eval" / f"step_{step:06d}.png")
+        finite = total[torch.isfinite(total)]
+        record = {"step": step, "reward_mean": float(finite.mean()) if len(finite) else None,
+                  "num_images": len(self.prompts), "grid": str(grid),
+                  **{f"reward/{k}": float(v.mean()) for k, v in cols.items()}}
+        with open(self.out / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+
+def read_prompts(path: Optional[str], inline: Optional[List[str]], what: str) -> List[str]:
+    """Prompts from a file (``.txt``: one per line; ``.jsonl``: ``{"prompt": ...}`` per line)
+    and/or an inline list; blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file (and the inline list) hold no prompt.
+    """
+    out = [p for p in (inline or []) if str(p).strip()]
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{what}: prompt file {str(p)!r} does not exist; expected a "
+                                    f".txt file with one prompt per line (or .jsonl with a "
+                                    f"'prompt' field)")
+        for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            if p.suffix == ".jsonl":
+                try:
+                    out.append(str(json.loads(line)["prompt"]))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{what}: {p}:{n} is not a JSON object with a 'prompt' "
+                                     f"field: {line[:80]!r}") from None
+            else:
+                out.append(line.strip())
+        if not out:
+            raise ValueError(f"{what}: prompt file {str(p)!r} holds no prompt (it is empty or "
+                             f"blank); put one prompt per line")
+    return out
