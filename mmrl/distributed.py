@@ -140,6 +140,52 @@ def shard_whole_groups(num_prompts: int, d: Dist) -> List[bool]:
     return [i % d.world == d.rank for i in range(num_prompts)]
 
 
+def shard_policy(policy) -> torch.nn.Module:
+    """FSDP2-shard the policy's model (``policy.apply_fsdp()`` if it has one, else
+    ``fully_shard(policy.model)``) and return the root FSDP module.
+
+    The loss is normalized by global counts, so FSDP must sum gradients, not average them:
+    the divide factor is set to 1.
+
+    Raises:
+        ValueError: the policy exposes no module to shard.
+    """
+    from torch.distributed.fsdp import fully_shard
+    hook = getattr(policy, "apply_fsdp", None)
+    module = hook() if hook is not None else None
+    if module is None:
+        module = getattr(policy, "model", None)
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"train.parallel=fsdp needs the policy's trainable model as "
+                             f"`policy.model` (an nn.Module) or a `policy.apply_fsdp()` method; "
+                             f"{type(policy).__name__} has neither. Use train.parallel=ddp")
+        fully_shard(module)
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return module
+
+
+def full_state(module: torch.nn.Module, optimizer) -> tuple:
+    """(model, optimizer) full state dicts of an FSDP module, on CPU (collective: every rank
+    calls it; rank 0 receives the tensors)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(module, options=opts),
+            get_optimizer_state_dict(module, optimizer, options=opts))
+
+
+def load_full_state(module: torch.nn.Module, optimizer, weights, optim_state) -> None:
+    """Load full (unsharded) state dicts into an FSDP module and its optimizer on every rank."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, weights, options=opts)
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state, options=opts)
+
+
 def maybe_destroy(d: Optional[Dist]) -> None:
     """Leave the process group cleanly: wait for every rank first (a rank that tears down while
     a peer is still in a collective makes gloo abort the peer)."""

@@ -174,8 +174,9 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     for _ in range(s.inner_epochs):
         for mb in _mini_batches(rollout, s.num_mini_batches, spec.needs_groups, generator):
             optimizer.zero_grad(set_to_none=True)
-            counts = d.all_reduce_sum(torch.stack([rollout.mask[mb].sum(),
-                                                   torch.tensor(len(mb))]).float())
+            keep = rollout.data.get("row_keep")
+            n_seqs = torch.tensor(len(mb)) if keep is None else keep[mb].sum()
+            counts = d.all_reduce_sum(torch.stack([rollout.mask[mb].sum(), n_seqs]).float())
             norm = dict(num_tokens=counts[0], num_seqs=counts[1])  # global counts
             for a, b in _chunks(len(mb), s.micro_batch_size):
                 rows = mb[a:b]
@@ -381,7 +382,14 @@ def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Policy
     else:
         adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
                                           reward_weights)
-        if rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
+        if rewards.num_invalid and d.active and d.grad_sync == "fsdp":
+            # FSDP needs the same forwards on every rank: keep the rows, mask them out
+            keep = rewards.valid
+            full = torch.zeros(len(keep))
+            full[keep] = adv
+            adv, rollout.mask = full, rollout.mask & keep[:, None]
+            rollout.data["row_keep"] = keep  # dropped rows do not count as sequences
+        elif rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
             rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
     extra = {"rollout": rollout, "rewards": rewards, "reward_error": reward_error}
     if float(metrics["samples"]) == 0:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from mmrl import checkpoint as ckpt
-from mmrl.distributed import init_distributed, maybe_destroy, shard_samples
+from mmrl.distributed import (full_state, init_distributed, load_full_state, maybe_destroy,
+                              shard_policy, shard_samples)
 from mmrl.loop import LoopSettings, train_step
 from mmrl.losses import PolicyLoss
 
@@ -135,6 +136,11 @@ class Run:
         self.gen = seed_everything(t.seed)  # rollouts and mini-batch order
         self.prompt_gen = torch.Generator().manual_seed(t.seed + 1)  # prompt order
         self.loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
+        self.dist = init_distributed(t.parallel)
+        self.fsdp = None
+        if self.dist.active and t.parallel == "fsdp":
+            self._check_fsdp()
+            self.fsdp = shard_policy(policy)  # before the optimizer sees the parameters
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = optimizer or torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         if t.prompts_per_step > len(self.prompts):
@@ -148,16 +154,30 @@ class Run:
         self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
                                      t.micro_batch_size, t.t_chunk, t.max_grad_norm)
         self.step, self.history, self.bad_in_row = 0, [], 0
-        self.dist = init_distributed()
         # Every rank draws the same prompts; each samples with its own stream, so identical
         # prompts on different ranks never get identical noise.
         self.gen.manual_seed(t.seed + 7919 * self.dist.rank)
         self.dist.broadcast_parameters(params)
         self.gens = {"loop": self.gen, "prompts": self.prompt_gen}
 
+    def _check_fsdp(self) -> None:
+        t, world = self.t, self.dist.world
+        if (t.prompts_per_step * t.group_size) % world:
+            raise ValueError(f"train.parallel=fsdp runs the same number of forwards on every "
+                             f"rank: prompts_per_step * group_size = "
+                             f"{t.prompts_per_step * t.group_size} must be divisible by the "
+                             f"{world} ranks")
+        if t.dynamic_sampling_tries:
+            raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries (ranks "
+                             "would keep different numbers of rows); use parallel=ddp")
+
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:
         rngs = self.dist.all_gather_object(ckpt.rng_state(self.gens))  # one per rank
+        if self.fsdp is not None:  # collective: every rank takes part, rank 0 gets it all
+            weights, optim = full_state(self.fsdp, self.opt)
+        else:
+            weights, optim = policy_weights(self.policy), self.opt.state_dict()
         if not self.dist.is_main:
             self.dist.barrier()
             return None
@@ -165,14 +185,13 @@ class Run:
                  "bad_in_row": self.bad_in_row,
                  "selector": self.selector.state_dict() if self.selector else None}
         try:
-            return self._write(state)
+            return self._write(weights, optim, state)
         finally:
             self.dist.barrier()
 
-    def _write(self, state) -> Optional[Path]:
+    def _write(self, weights, optim, state) -> Optional[Path]:
         try:
-            return ckpt.save_checkpoint(self.out / "checkpoints", self.step,
-                                        policy_weights(self.policy), self.opt.state_dict(),
+            return ckpt.save_checkpoint(self.out / "checkpoints", self.step, weights, optim,
                                         state, keep_last=self.t.keep_last)
         except OSError as err:  # e.g. disk full: the previous checkpoint is intact; go on
             print(f"warning: checkpoint at step {self.step} failed ({err}); the previous "
@@ -188,8 +207,11 @@ class Run:
         if folder is None:
             return None
         data = ckpt.load_checkpoint(folder)
-        load_policy_weights(self.policy, data["weights"])
-        self.opt.load_state_dict(data["optimizer"])
+        if self.fsdp is not None:
+            load_full_state(self.fsdp, self.opt, data["weights"], data["optimizer"])
+        else:
+            load_policy_weights(self.policy, data["weights"])
+            self.opt.load_state_dict(data["optimizer"])
         state = data["state"]
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         if len(per_rank) != self.dist.world:
@@ -376,10 +398,11 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
         say(f"stopped by signal {int(stopped)} after step {r.step - 1}; checkpoint written; "
             f"resume with train.resume=auto")
     else:
-        r.save()
-        if main:
-            torch.save({k: v.detach().cpu() for k, v in policy_weights(policy).items()},
-                       r.out / "final.pt")
+        folder = r.save()
+        if main:  # the final weights, unsharded, as a plain state dict
+            final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
+                {k: v.detach().cpu() for k, v in policy_weights(policy).items()}
+            torch.save(final, r.out / "final.pt")
     maybe_destroy(r.dist)
     rewards = [h.get("reward_mean", float("nan")) for h in r.history]
     k = max(1, min(5, len(rewards) // 4))

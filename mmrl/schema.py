@@ -134,6 +134,12 @@ class TrainConfig:
     output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
                           "are written.")
     progress: bool = cfg(True, "Show a tqdm progress bar.")
+    parallel: str = cfg("ddp", "Data parallelism under torchrun/accelerate: ddp (gradients "
+                        "summed across ranks; any policy, LoRA or full) or fsdp (FSDP2 "
+                        "fully_shard of the policy's model, for full fine-tuning; needs "
+                        "prompts_per_step * group_size divisible by the number of ranks). "
+                        "Ignored in a single process.", choices=["ddp", "fsdp"],
+                        source="PyTorch FSDP2 (torch.distributed.fsdp.fully_shard)")
     selector: str = cfg("uniform", "Prompt selection: uniform (shuffled epochs), vade (Beta "
                         "posteriors + Thompson sampling), variance_aware.",
                         choices=lambda: __import__("mmrl.selection", fromlist=["x"]).SELECTORS
