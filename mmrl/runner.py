@@ -37,7 +37,8 @@ def seed_everything(seed: int) -> torch.Generator:
 class MetricsLog:
     """One JSON object per step in ``metrics.jsonl`` (and TensorBoard when installed)."""
 
-    def __init__(self, out_dir: Path, start_step: int = 0, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, start_step: int = 0, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():  # on resume, drop lines of steps that will be redone
             keep = [l for l in self.path.read_text().splitlines()
@@ -51,6 +52,15 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step)
             except Exception:  # tensorboard is optional
                 self.tb = None
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(f"train.wandb_project={wandb_project!r} needs the wandb "
+                                 f"package: pip install wandb (or unset wandb_project)") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, resume="allow",
+                                    dir=str(out_dir))
 
     def write(self, step: int, metrics: Dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -58,11 +68,15 @@ class MetricsLog:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _step_of(line: str) -> int:
@@ -315,6 +329,7 @@ class Run:
                       "dynamic_groups_kept": float(report.groups_kept),
                       "dynamic_groups_dropped": float(report.groups_dropped)})
         m["step_time"] = time.time() - tic
+        m.update(_throughput(m, res["rollout"], self.dist))
         if res.get("reward_error"):
             print(f"warning: step {self.step}: the reward failed ({res['reward_error']}); "
                   f"{int(m['dropped_samples'])} sample(s) dropped", file=sys.stderr, flush=True)
@@ -322,6 +337,22 @@ class Run:
                 self.dist.is_main:
             _log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
         return m
+
+
+def _throughput(m: Dict[str, float], rollout, d) -> Dict[str, float]:
+    """Tokens (or trained steps) per second, model evaluations per second when the policy
+    reports them (``rollout.data["nfe"]``), and peak memory of this process."""
+    out = {"tokens_per_sec": m.get("tokens", 0.0) / max(m["step_time"], 1e-9)}
+    nfe = rollout.data.get("nfe") if hasattr(rollout, "data") else None
+    if isinstance(nfe, (int, float)):
+        total = float(d.all_reduce_sum(torch.tensor(float(nfe))))
+        out.update({"nfe": total, "nfe_per_sec": total / max(m["step_time"], 1e-9)})
+    if torch.cuda.is_available():
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+    return out
 
 
 def _concat_rewards(parts):
@@ -365,7 +396,8 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
             + (f"; the run is already complete ({t.steps} steps): nothing to do. Use "
                f"train.resume=never or another train.output_dir to start over"
                if r.step >= t.steps else ""))
-    log = MetricsLog(r.out, r.step) if main else None
+    log = MetricsLog(r.out, r.step, wandb_project=t.wandb_project,
+                     config=config.to_dict()) if main else None
     bar = _progress(t.steps, r.step, t.progress and main)
     start, stopped = time.time(), None
     try:

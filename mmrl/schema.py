@@ -134,6 +134,8 @@ class TrainConfig:
     output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
                           "are written.")
     progress: bool = cfg(True, "Show a tqdm progress bar.")
+    wandb_project: Optional[str] = cfg(None, "Also log metrics to this Weights & Biases project "
+                                       "(needs the wandb package); null = off.")
     parallel: str = cfg("ddp", "Data parallelism under torchrun/accelerate: ddp (gradients "
                         "summed across ranks; any policy, LoRA or full) or fsdp (FSDP2 "
                         "fully_shard of the policy's model, for full fine-tuning; needs "

@@ -64,10 +64,21 @@ def test_train_through_the_console_script(tmp_path):
     assert "done: 4 steps" in proc.stdout
     rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert {"reward_mean", "loss", "grad_norm", "zero_std_frac", "ratio_mean"} <= set(rows[0])
+    assert {"reward_mean", "loss", "grad_norm", "zero_std_frac", "ratio_mean", "clipfrac_low",
+            "clipfrac_high", "approx_kl", "adv_abs_mean", "tokens_per_sec", "peak_mem_mb",
+            "step_time", "dropped_samples"} <= set(rows[0])
+    assert rows[0]["tokens_per_sec"] > 0 and rows[0]["peak_mem_mb"] > 10
     assert (out_dir / "config.yaml").exists() and (out_dir / "final.pt").exists()
 
 
 def test_train_with_bad_override_fails_cleanly(capsys):
     assert main(["train", str(ROOT / "configs/demo/toy.yaml"), "train.lr=fast"]) == 1
     assert "train.lr: got 'fast'" in capsys.readouterr().err
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # unimportable, whatever is installed
+    with pytest.raises(ValueError, match="pip install wandb"):
+        main(["train", str(ROOT / "configs/demo/toy.yaml"), "train.steps=1",
+              "train.progress=false", f"train.output_dir={tmp_path}",
+              "train.wandb_project=demo"])
