@@ -296,8 +296,12 @@ class DiffusionGroupPolicy:
                                granularities=self.c.granularities, kind=self.c.kind,
                                noise_level=self.c.noise_level,
                                generator=self._device_generator(generator))
-        index, _, mask = traj.per_owner(traj.num_transitions)  # [M, 1]
-        return self._pack(traj, cond, traj.cond_index, index, mask, traj.output_cond, prompts,
+        # One training row per reward row (member m, granularity g), each owning m's transition
+        # and trained with the (k, prompt, g) group's advantage A_{m,g}: Σ_g A_{m,g}·∇logp_m is
+        # G²RPO's integrated advantage times ∇logp_m (see _singular_advantages).
+        index = traj.output_owner[:, None]  # [M·G, 1]
+        mask = torch.ones(index.shape, dtype=torch.bool)
+        return self._pack(traj, cond, traj.output_cond, index, mask, traj.output_cond, prompts,
                           metadata)
 
     def _rollout_tree(self, prompts, metadata, counts, generator) -> Rollout:
@@ -315,8 +319,14 @@ class DiffusionGroupPolicy:
                            sde_steps=self.c.tree_sde_steps, kind=self.c.kind,
                            generator=self._device_generator(generator))
         index, _, mask = traj.per_owner(traj.num_nodes)  # [Nn, K]
-        return self._pack(traj, cond, traj.node_cond, index, mask, traj.output_cond, prompts,
-                          metadata)
+        # Rows: the leaves first, in output order (row i < B is reward row i), then inner nodes.
+        inner = torch.ones(traj.num_nodes, dtype=torch.bool)
+        inner[traj.leaves] = False
+        order = torch.cat([traj.leaves, inner.nonzero().flatten()])  # [Nn] node of each row
+        rollout = self._pack(traj, cond, traj.node_cond[order], index[order], mask[order],
+                             traj.output_cond, prompts, metadata)
+        rollout.data["node_of_row"] = order
+        return rollout
 
     def _equal_counts(self, counts) -> int:
         if len(set(counts)) != 1:
@@ -362,14 +372,31 @@ class DiffusionGroupPolicy:
         return rewards.weighted_sum(self.reward_weights)  # [B_out], NaN where a reward failed
 
     def _singular_advantages(self, rollout: Rollout, rewards) -> torch.Tensor:
-        from mmrl.diffusion.advantages import g2rpo_advantages
-        return g2rpo_advantages(self._rewards(rewards), rollout.data["trajectory"].traj,
-                                eps=self.adv_eps, adv_clip=self.adv_clip)
+        """``[M·G]`` A_{m,g} = (r_{m,g} − mean) / (std + eps) within each (k, prompt, g) group.
+
+        G²RPO (arXiv 2510.01982) Eq. 11 trains member m with Σ_g A_{m,g}; here m's transition
+        appears in G rows, one per granularity, so the summed gradient is the same at ratio 1.
+        Differs from paper: the PPO clip acts on each (m, g) row (identical to the paper while
+        the update is on-policy) and the loss normalizer counts M·G rows instead of M.
+        A NaN/inf reward gives its own row advantage 0.
+        """
+        from mmrl.diffusion.advantages import _finite_group_advantages
+
+        traj = rollout.data["trajectory"].traj
+        G = len(traj.granularities)
+        groups = traj.group_ids[traj.output_owner] * G + traj.output_granularity.new_tensor(
+            [traj.granularities.index(g) for g in traj.output_granularity.tolist()])
+        adv = _finite_group_advantages(self._rewards(rewards).float(), groups, "grpo",
+                                       eps=self.adv_eps)
+        return adv if self.adv_clip is None else adv.clamp(-self.adv_clip, self.adv_clip)
 
     def _tree_advantages(self, rollout: Rollout, rewards) -> torch.Tensor:
+        """Per-node advantages (BranchGRPO: node reward = mean of its leaves, normalized per
+        tree and depth), in row order; a node without a finite leaf reward gets 0."""
         from mmrl.diffusion.advantages import tree_advantages
-        return tree_advantages(self._rewards(rewards), rollout.data["trajectory"].traj,
-                               eps=self.adv_eps, adv_clip=self.adv_clip)[0]
+        adv = tree_advantages(self._rewards(rewards), rollout.data["trajectory"].traj,
+                              eps=self.adv_eps, adv_clip=self.adv_clip)[0]
+        return adv[rollout.data["node_of_row"]]
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
