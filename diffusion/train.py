@@ -466,6 +466,7 @@ def run(config) -> Dict[str, Any]:
     reward = ImageReward(compose(c.reward, device=device))
     config.algo.reward_weights = {**reward.weights, **config.algo.reward_weights}
     spec = config.algo.resolve()
+    torch.manual_seed(config.train.seed)  # the LoRA init draws from the global RNG
     policy = build_policy(c, device, spec, config.algo.reward_weights)
     if c.eval_every:
         if not eval_prompts:

@@ -143,3 +143,137 @@ def test_a_few_steps_per_sampler_train_the_lora_with_pinned_values(tiny_sd3_path
     assert all(torch.isfinite(torch.tensor([h["loss"] for h in summary["history"]])))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(PINNED[sampler]), rtol=1e-4,
                                atol=1e-7)
+
+
+def _grads_after_update(policy, rollout, adv, loss_fn, **settings):
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)  # a step that keeps the weights and leaves .grad
+    s = LoopSettings(group_size=2, max_grad_norm=0.0, **settings)
+    update(policy, opt, loss_fn, rollout, adv, s, torch.Generator().manual_seed(0))
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("sampler", ["full", "tree"])
+def test_t_chunked_and_micro_batched_gradients_equal_the_unsplit_gradient(tiny_sd3_path,
+                                                                          tmp_path, sampler):
+    cfg = tiny_config(tiny_sd3_path, str(tmp_path), sampler=sampler, algo={"beta": 0.05})
+    policy = _policy(cfg)
+    with torch.no_grad():
+        rollout = policy.rollout(PROMPTS[:2], [{}, {}], 2, torch.Generator().manual_seed(0))
+    adv = torch.linspace(-1.5, 1.3, len(rollout))
+    loss_fn = PolicyLoss("grpo", beta=0.05)  # the KL term runs ref_logp (adapter disabled) too
+    whole = _grads_after_update(policy, rollout, adv, loss_fn)
+    chunked = _grads_after_update(policy, rollout, adv, loss_fn, t_chunk=1, micro_batch_size=3)
+    assert whole.abs().sum() > 0
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-9)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_sd3_path, tmp_path):
+    straight = tiny_config(tiny_sd3_path, str(tmp_path / "a"), sampler="sliding",
+                           sliding_shift_every=1, train={"steps": 3})
+    _run(straight)
+    first = tiny_config(tiny_sd3_path, str(tmp_path / "b"), sampler="sliding",
+                        sliding_shift_every=1, train={"steps": 2, "save_every": 1})
+    _run(first)
+    rest = tiny_config(tiny_sd3_path, str(tmp_path / "b"), sampler="sliding",
+                       sliding_shift_every=1, train={"steps": 3, "resume": "auto"})
+    summary = _run(rest)
+    assert summary["steps"] == 3 and len(summary["history"]) == 1
+    a, b = torch.load(tmp_path / "a" / "final.pt"), torch.load(tmp_path / "b" / "final.pt")
+    assert a.keys() == b.keys() and int(b["mmrl_rollout_iteration"]) == 3
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("sampler", ["singular", "tree"])
+def test_non_finite_rewards_are_dropped_counted_and_training_goes_on(tiny_sd3_path, tmp_path,
+                                                                     sampler):
+    from mmrl.loop import learn
+
+    cfg = tiny_config(tiny_sd3_path, str(tmp_path), sampler=sampler)
+    policy = _policy(cfg)
+    with torch.no_grad():
+        rollout = policy.rollout(PROMPTS[:2], [{}, {}], 2, torch.Generator().manual_seed(0))
+    B = len(rollout.samples)
+    values = torch.linspace(0.0, 1.0, B)
+    values[0], values[3] = float("nan"), float("inf")
+    rewards = RewardBatch(values[:, None], ["r"], torch.isfinite(values))
+    adv = policy.advantages(rollout, rewards)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    out = learn(policy, torch.optim.AdamW(params, lr=1e-2), PolicyLoss("grpo"), rollout, rewards,
+                LoopSettings(group_size=2), torch.Generator().manual_seed(0))
+    assert out["dropped_samples"] == 2 and out["samples"] == B - 2
+    assert torch.isfinite(adv).all() and torch.isfinite(torch.tensor(out["loss"]))
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    if sampler == "singular":  # rows are reward rows (m·G + g); groups (k, prompt, g) of 2
+        # rows 0 and 3 failed; rows 2 and 1 are then alone in their groups: all four get 0
+        assert torch.equal(adv[:4], torch.zeros(4)) and bool((adv[4:] != 0).all())
+
+
+def test_singular_advantages_sum_to_the_g2rpo_integrated_advantage(tiny_sd3_path, tmp_path):
+    from mmrl.diffusion import g2rpo_advantages
+
+    cfg = tiny_config(tiny_sd3_path, str(tmp_path), sampler="singular", algo={"adv_eps": 1e-8})
+    policy = _policy(cfg)
+    with torch.no_grad():
+        rollout = policy.rollout(PROMPTS[:2], [{}, {}], 3, torch.Generator().manual_seed(1))
+    traj = rollout.data["trajectory"].traj
+    r = torch.rand(len(rollout.samples), generator=torch.Generator().manual_seed(2))
+    rows = policy.advantages(rollout, RewardBatch(r[:, None], ["r"], torch.ones(len(r), dtype=bool)))
+    per_member = torch.zeros(traj.num_transitions).index_add_(0, traj.output_owner, rows)
+    torch.testing.assert_close(per_member, g2rpo_advantages(r, traj, eps=1e-8))
+
+
+def test_periodic_evaluation_writes_grids_and_eval_jsonl(tiny_sd3_path, tmp_path):
+    cfg = tiny_config(tiny_sd3_path, str(tmp_path), train={"steps": 3},
+                      eval_every=2, eval_prompts=["a red apple", "a dark night", "a cat"],
+                      eval_batch_size=2)
+    summary = _run(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 2, 3]  # first step, every 2, after the last
+    assert summary["eval"]["step"] == 3
+    from PIL import Image
+    grid = Image.open(tmp_path / "eval" / "step_000000.png")
+    assert grid.size[0] == 3 * 128 and grid.size[1] > 128  # 8 px upscaled x16, captions below
+    # fixed noise: the base weights (LoRA B = 0 before training) evaluate to step 0's numbers
+    from mmrl.diffusion.evaluate import Evaluator, ImageReward
+    from mmrl.rewards import compose
+    again = Evaluator(_policy(cfg), cfg.task.eval_prompts, ImageReward(compose("brightness")),
+                      {}, tmp_path / "again", seed=cfg.train.seed, batch_size=3)(0)
+    assert again["reward_mean"] == lines[0]["reward_mean"]
+    assert lines[2]["reward_mean"] != lines[0]["reward_mean"]
+
+
+def test_save_grid_rejects_bad_input(tmp_path):
+    from mmrl.diffusion.evaluate import save_grid
+
+    with pytest.raises(ValueError, match="expected a float tensor"):
+        save_grid(torch.rand(2, 8, 8), ["a", "b"], tmp_path / "g.png")
+    with pytest.raises(ValueError, match="one caption per image"):
+        save_grid(torch.rand(2, 3, 8, 8), ["a"], tmp_path / "g.png")
+    path = save_grid(torch.rand(5, 3, 8, 8), list("abcde"), tmp_path / "g.png", cols=2)
+    assert path.exists()
+
+
+def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
+    import subprocess
+
+    import yaml
+
+    from mmrl.cli import main
+
+    model = tmp_path / "tiny"
+    assert main(["diffusion", "tiny-pipeline", str(model), "--size", "8"]) == 0
+    assert (model / "model_index.json").exists()
+    cfg = yaml.safe_load((REPO / "configs/demo/diffusion_tiny.yaml").read_text())
+    cfg["diffusion"].update(model=str(model), height=8, width=8, num_steps=3, eval_every=0)
+    cfg["train"].update(steps=1, prompts_per_step=2, group_size=2, progress=False,
+                        output_dir=str(tmp_path / "run"))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert (tmp_path / "run" / "final.pt").exists()
+    exe = Path(sys.executable).parent / "mmrl"
+    out = subprocess.run([str(exe), "diffusion", "tiny-pipeline", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "mmrl train configs/demo/diffusion_tiny.yaml" in out.stdout
