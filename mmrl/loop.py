@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mmrl.advantages import group_advantages, group_stats
 from mmrl.distributed import Dist
 from mmrl.losses import PolicyLoss
-from mmrl.reward_fn import RewardBatch, evaluate_reward
+from mmrl.reward_fn import RewardBatch, robust_reward
 
 
 @dataclass
@@ -225,50 +225,6 @@ def _accumulate(totals: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor])
             totals[k] = totals.get(k, 0.0) + v
 
 
-def _call(fn, timeout: Optional[float], *args):
-    if not timeout:
-        return fn(*args)
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn, *args).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False)  # a hung reward thread is abandoned, not waited for
-
-
-def robust_reward(reward_fn, rollout: Rollout, retries: int = 2,
-                  timeout: Optional[float] = None) -> Tuple[RewardBatch, Optional[str]]:
-    """Rewards for a rollout; a reward that raises or times out never stops the run.
-
-    The batch call is tried ``1 + retries`` times; if it still fails, each sample is scored on
-    its own so that only the samples that fail get NaN (and are then dropped and counted).
-
-    Returns:
-        the :class:`RewardBatch` and the last error message (None when nothing failed).
-    """
-    args = (reward_fn, rollout.samples, rollout.prompts, rollout.metadata)
-    error = None
-    for _ in range(retries + 1):
-        try:
-            return _call(evaluate_reward, timeout, *args), error
-        except Exception as err:  # noqa: BLE001 - any reward failure is retried, then isolated
-            error = f"{type(err).__name__}: {err}" or "timeout"
-    rows, names = [], None
-    for i in range(len(rollout.samples)):
-        try:
-            one = _call(evaluate_reward, timeout, reward_fn, rollout.samples[i:i + 1],
-                        rollout.prompts[i:i + 1], rollout.metadata[i:i + 1])
-            names = names or one.names
-            rows.append(one.values[0])
-        except Exception as err:  # noqa: BLE001
-            error, rows = f"{type(err).__name__}: {err}", rows + [None]
-    names = names or [getattr(reward_fn, "name", "reward")]
-    nan = torch.full((len(names),), float("nan"))
-    values = torch.stack([nan if r is None or r.shape != nan.shape else r for r in rows]) \
-        if rows else torch.zeros(0, len(names))
-    return RewardBatch(values, names, torch.isfinite(values).all(1)), error
-
-
 def _global_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: PolicyLoss,
                        d: Dist, multi_reward: str, reward_weights) -> Tuple[torch.Tensor, Dict]:
     """Advantages of this rank's valid rows, computed on the rewards gathered from every rank
@@ -338,7 +294,8 @@ def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],
                                  generator)
     if group_ids is not None:  # local prompt index -> global group id
         rollout.group_ids = torch.as_tensor(list(group_ids))[rollout.group_ids]
-    rewards, error = robust_reward(reward_fn, rollout, reward_retries, reward_timeout)
+    rewards, error = robust_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata,
+                                   reward_retries, reward_timeout)
     return rollout, rewards, error
 
 

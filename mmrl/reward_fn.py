@@ -15,7 +15,7 @@ columns and reports NaN/inf entries instead of letting them reach the advantages
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -180,3 +180,48 @@ class CombinedReward:
             for k, col in zip(sub.names, sub.values.unbind(1)):
                 out[name if len(sub.names) == 1 else f"{name}.{k}"] = col
         return out
+
+
+def _call(fn, timeout: Optional[float], *args):
+    if not timeout:
+        return fn(*args)
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, *args).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False)  # a hung reward thread is abandoned, not waited for
+
+
+def robust_reward(reward_fn, samples: Sequence[Any], prompts: Sequence[Any],
+                  metadata: Sequence[Mapping[str, Any]], retries: int = 2,
+                  timeout: Optional[float] = None) -> Tuple[RewardBatch, Optional[str]]:
+    """Rewards of a batch as a :class:`RewardBatch`; a reward that raises or times out never stops the run.
+
+    The batch call is tried ``1 + retries`` times; if it still fails, each sample is scored on
+    its own so that only the samples that fail get NaN (and are then dropped and counted).
+
+    Returns:
+        the :class:`RewardBatch` and the last error message (None when nothing failed).
+    """
+    args = (reward_fn, samples, prompts, metadata)
+    error = None
+    for _ in range(retries + 1):
+        try:
+            return _call(evaluate_reward, timeout, *args), error
+        except Exception as err:  # noqa: BLE001 - any reward failure is retried, then isolated
+            error = f"{type(err).__name__}: {err}" or "timeout"
+    rows, names = [], None
+    for i in range(len(samples)):
+        try:
+            one = _call(evaluate_reward, timeout, reward_fn, samples[i:i + 1], prompts[i:i + 1],
+                        metadata[i:i + 1])
+            names = names or one.names
+            rows.append(one.values[0])
+        except Exception as err:  # noqa: BLE001
+            error, rows = f"{type(err).__name__}: {err}", rows + [None]
+    names = names or [getattr(reward_fn, "name", "reward")]
+    nan = torch.full((len(names),), float("nan"))
+    values = torch.stack([nan if r is None or r.shape != nan.shape else r for r in rows]) \
+        if rows else torch.zeros(0, len(names))
+    return RewardBatch(values, names, torch.isfinite(values).all(1)), error

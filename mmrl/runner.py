@@ -8,7 +8,6 @@ checkpoint and exit cleanly (a second SIGINT stops at once).
 """
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
@@ -22,7 +21,9 @@ import torch
 from mmrl import checkpoint as ckpt
 from mmrl.distributed import (full_state, init_distributed, load_full_state, maybe_destroy,
                               shard_policy, shard_samples)
-from mmrl.loop import LoopSettings, train_step
+from mmrl.loop import LoopSettings
+from mmrl.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
+                          throughput)
 from mmrl.losses import PolicyLoss
 
 
@@ -32,83 +33,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-class MetricsLog:
-    """One JSON object per step in ``metrics.jsonl`` (and TensorBoard when installed)."""
-
-    def __init__(self, out_dir: Path, start_step: int = 0, tensorboard: bool = True,
-                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
-        self.path = out_dir / "metrics.jsonl"
-        if self.path.exists():  # on resume, drop lines of steps that will be redone
-            keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and _step_of(l) < start_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
-        self.file = self.path.open("a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step)
-            except Exception:  # tensorboard is optional
-                self.tb = None
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError(f"train.wandb_project={wandb_project!r} needs the wandb "
-                                 f"package: pip install wandb (or unset wandb_project)") from None
-            self.wandb = wandb.init(project=wandb_project, config=config, resume="allow",
-                                    dir=str(out_dir))
-
-    def write(self, step: int, metrics: Dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62
-
-
-class StopRequest:
-    """SIGTERM/SIGINT -> finish the step, checkpoint, exit; a second SIGINT raises at once."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def policy_weights(policy) -> Dict[str, torch.Tensor]:
@@ -121,17 +45,6 @@ def policy_weights(policy) -> Dict[str, torch.Tensor]:
 def load_policy_weights(policy, weights: Dict[str, torch.Tensor]) -> None:
     target = policy if hasattr(policy, "load_state_dict") else policy.model
     target.load_state_dict(weights)
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc="train", unit="step",
-                    dynamic_ncols=True, file=sys.stderr)
-    except ImportError:
-        return None
 
 
 class Run:
@@ -329,49 +242,20 @@ class Run:
                       "dynamic_groups_kept": float(report.groups_kept),
                       "dynamic_groups_dropped": float(report.groups_dropped)})
         m["step_time"] = time.time() - tic
-        m.update(_throughput(m, res["rollout"], self.dist))
+        m.update(throughput(m, res["rollout"], self.dist))
         if res.get("reward_error"):
             print(f"warning: step {self.step}: the reward failed ({res['reward_error']}); "
                   f"{int(m['dropped_samples'])} sample(s) dropped", file=sys.stderr, flush=True)
         if self.t.sample_log_every and self.step % self.t.sample_log_every == 0 and \
                 self.dist.is_main:
-            _log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
+            log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
         return m
-
-
-def _throughput(m: Dict[str, float], rollout, d) -> Dict[str, float]:
-    """Tokens (or trained steps) per second, model evaluations per second when the policy
-    reports them (``rollout.data["nfe"]``), and peak memory of this process."""
-    out = {"tokens_per_sec": m.get("tokens", 0.0) / max(m["step_time"], 1e-9)}
-    nfe = rollout.data.get("nfe") if hasattr(rollout, "data") else None
-    if isinstance(nfe, (int, float)):
-        total = float(d.all_reduce_sum(torch.tensor(float(nfe))))
-        out.update({"nfe": total, "nfe_per_sec": total / max(m["step_time"], 1e-9)})
-    if torch.cuda.is_available():
-        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        import resource
-        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-    return out
 
 
 def _concat_rewards(parts):
     from mmrl.reward_fn import RewardBatch
     return RewardBatch(torch.cat([p.values for p in parts]), list(parts[0].names),
                        torch.cat([p.valid for p in parts]))
-
-
-def _log_samples(path: Path, step: int, rollout, rewards) -> None:
-    """Append this step's (prompt, completion, rewards) rows; non-text samples are omitted."""
-    with path.open("a") as f:
-        for i, (prompt, sample) in enumerate(zip(rollout.prompts, rollout.samples)):
-            row = {"step": step, "group": int(rollout.group_ids[i]) if i < len(
-                rollout.group_ids) else None,
-                   "prompt": prompt if isinstance(prompt, str) else repr(prompt)[:2000],
-                   "sample": sample if isinstance(sample, (str, int, float, list)) else None,
-                   "rewards": {n: float(rewards.values[i, k]) for k, n in
-                               enumerate(rewards.names)} if i < len(rewards.values) else None}
-            f.write(json.dumps(row) + "\n")
 
 
 def run_training(config, policy, reward_fn, prompts: Sequence[Any],
@@ -398,7 +282,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                if r.step >= t.steps else ""))
     log = MetricsLog(r.out, r.step, wandb_project=t.wandb_project,
                      config=config.to_dict()) if main else None
-    bar = _progress(t.steps, r.step, t.progress and main)
+    bar = progress_bar(t.steps, r.step, t.progress and main)
     start, stopped = time.time(), None
     try:
         with StopRequest() as stop:
@@ -406,7 +290,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                 m = r.run_step()
                 if log is not None:
                     log.write(r.step, m)
-                    _report(bar, r.step, m, t)
+                    report_step(bar, r.step, m, t)
                 r.history.append(m)
                 r.bad_in_row = r.bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
                 r.step += 1
@@ -442,16 +326,3 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
             "reward_first": float(np.mean(rewards[:k])) if rewards else float("nan"),
             "reward_last": float(np.mean(rewards[-k:])) if rewards else float("nan"),
             "output_dir": str(r.out), "history": r.history}
-
-
-def _report(bar, step: int, m: Dict[str, float], t) -> None:
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
-    if step % t.log_every == 0 or step == t.steps - 1:
-        line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
-                f"loss {m.get('loss', float('nan')):+.4f}  "
-                f"grad {m.get('grad_norm', float('nan')):.3f}  "
-                f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
-                f"dropped {int(m.get('dropped_samples', 0))}")
-        (bar.write(line) if bar is not None else print(line, flush=True))

@@ -5,7 +5,7 @@ the reference and ``docs/config.md`` is generated from it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 

@@ -1,7 +1,6 @@
 """Checkpoints: atomic, verified, torn ones skipped, disk-full safe; exact resume after SIGKILL;
 SIGTERM checkpoints and exits cleanly; failing rewards are retried, isolated and counted."""
 import errno
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +13,8 @@ import pytest
 import torch
 
 from mmrl import checkpoint as ckpt
-from mmrl.loop import Rollout, robust_reward
+from mmrl.loop import Rollout
+from mmrl.reward_fn import robust_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 MMRL = Path(sys.executable).parent / "mmrl"
@@ -147,6 +147,10 @@ def _rollout(n=4):
                    torch.zeros(n, dtype=torch.long), torch.ones(n, 2, dtype=torch.bool))
 
 
+def _args(r):
+    return r.samples, r.prompts, r.metadata
+
+
 def test_reward_that_fails_once_is_retried():
     calls = []
 
@@ -155,7 +159,7 @@ def test_reward_that_fails_once_is_retried():
         if len(calls) == 1:
             raise ConnectionError("reward server hiccup")
         return [float(s) for s in samples]
-    rb, err = robust_reward(flaky, _rollout(), retries=2)
+    rb, err = robust_reward(flaky, *_args(_rollout()), retries=2)
     assert rb.valid.all() and rb.values[:, 0].tolist() == [0, 1, 2, 3]
     assert "hiccup" in err and len(calls) == 2
 
@@ -165,7 +169,7 @@ def test_reward_failing_on_one_sample_drops_only_that_sample():
         if 2 in samples:
             raise ValueError("cannot parse sample 2")
         return [float(s) for s in samples]
-    rb, err = robust_reward(picky, _rollout(), retries=1)
+    rb, err = robust_reward(picky, *_args(_rollout()), retries=1)
     assert rb.valid.tolist() == [True, True, False, True]
     assert rb.values[[0, 1, 3], 0].tolist() == [0, 1, 3] and "cannot parse" in err
 
@@ -175,7 +179,7 @@ def test_reward_timeout_drops_samples_and_returns():
         time.sleep(5)
         return [1.0] * len(samples)
     t0 = time.time()
-    rb, err = robust_reward(slow, _rollout(2), retries=0, timeout=0.05)
+    rb, err = robust_reward(slow, *_args(_rollout(2)), retries=0, timeout=0.05)
     assert not rb.valid.any() and rb.num_invalid == 2
     assert "Timeout" in err
     assert time.time() - t0 < 4  # did not wait for the hung calls
@@ -184,7 +188,7 @@ def test_reward_timeout_drops_samples_and_returns():
 def test_all_nan_rewards_stop_the_run_with_a_checkpoint(tmp_path):
     from mmrl.schema import config_from_dict
     from mmrl.runner import run_training
-    from mmrl.toy import ToyConfig, ToyPolicy
+    from mmrl.toy import ToyPolicy
     cfg = config_from_dict({"job": "toy", "train": {
         "steps": 20, "prompts_per_step": 2, "group_size": 2, "max_bad_steps": 3,
         "progress": False, "output_dir": str(tmp_path), "log_every": 100},

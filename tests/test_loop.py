@@ -1,5 +1,4 @@
 """The shared loop: split invariance, on-policy ratio 1, off-policy old_logp, NaN handling."""
-import copy
 
 import pytest
 import torch

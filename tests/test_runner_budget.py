@@ -50,7 +50,7 @@ def test_knapsack_counts_keep_the_budget(tmp_path):
 
 
 def test_resume_restores_the_selector_exactly(tmp_path):
-    full = _run(_cfg(tmp_path / "a", selector="vade", rollout_allocation="knapsack"))
+    _run(_cfg(tmp_path / "a", selector="vade", rollout_allocation="knapsack"))
     _run(_cfg(tmp_path / "b", selector="vade", rollout_allocation="knapsack", steps=2))
     resumed = _run(_cfg(tmp_path / "b", selector="vade", rollout_allocation="knapsack"))
     assert resumed["steps"] == 4

@@ -1,5 +1,4 @@
 """TW-GRPO token weights: oracle parity, chunking, bounded memory, α = 1, errors."""
-import math
 
 import pytest
 import torch

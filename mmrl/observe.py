@@ -1,0 +1,141 @@
+"""Observability for a run: the metrics stream (JSONL, TensorBoard, W&B), progress, sample logs,
+throughput and memory, and the SIGTERM/SIGINT stop request."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+
+class MetricsLog:
+    """One JSON object per step in ``metrics.jsonl`` (and TensorBoard when installed)."""
+
+    def __init__(self, out_dir: Path, start_step: int = 0, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():  # on resume, drop lines of steps that will be redone
+            keep = [l for l in self.path.read_text().splitlines()
+                    if l.strip() and _step_of(l) < start_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step)
+            except Exception:  # tensorboard is optional
+                self.tb = None
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(f"train.wandb_project={wandb_project!r} needs the wandb "
+                                 f"package: pip install wandb (or unset wandb_project)") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, resume="allow",
+                                    dir=str(out_dir))
+
+    def write(self, step: int, metrics: Dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+class StopRequest:
+    """SIGTERM/SIGINT -> finish the step, checkpoint, exit; a second SIGINT raises at once."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc="train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+    except ImportError:
+        return None
+
+
+def throughput(m: Dict[str, float], rollout, d) -> Dict[str, float]:
+    """Tokens (or trained steps) per second, model evaluations per second when the policy
+    reports them (``rollout.data["nfe"]``), and peak memory of this process."""
+    out = {"tokens_per_sec": m.get("tokens", 0.0) / max(m["step_time"], 1e-9)}
+    nfe = rollout.data.get("nfe") if hasattr(rollout, "data") else None
+    if isinstance(nfe, (int, float)):
+        total = float(d.all_reduce_sum(torch.tensor(float(nfe))))
+        out.update({"nfe": total, "nfe_per_sec": total / max(m["step_time"], 1e-9)})
+    if torch.cuda.is_available():
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+    return out
+
+
+def log_samples(path: Path, step: int, rollout, rewards) -> None:
+    """Append this step's (prompt, completion, rewards) rows; non-text samples are omitted."""
+    with path.open("a") as f:
+        for i, (prompt, sample) in enumerate(zip(rollout.prompts, rollout.samples)):
+            row = {"step": step, "group": int(rollout.group_ids[i]) if i < len(
+                rollout.group_ids) else None,
+                   "prompt": prompt if isinstance(prompt, str) else repr(prompt)[:2000],
+                   "sample": sample if isinstance(sample, (str, int, float, list)) else None,
+                   "rewards": {n: float(rewards.values[i, k]) for k, n in
+                               enumerate(rewards.names)} if i < len(rewards.values) else None}
+            f.write(json.dumps(row) + "\n")
+
+
+def report_step(bar, step: int, m: Dict[str, float], t) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
+    if step % t.log_every == 0 or step == t.steps - 1:
+        line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
+                f"loss {m.get('loss', float('nan')):+.4f}  "
+                f"grad {m.get('grad_norm', float('nan')):.3f}  "
+                f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
+                f"dropped {int(m.get('dropped_samples', 0))}")
+        (bar.write(line) if bar is not None else print(line, flush=True))
