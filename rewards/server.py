@@ -161,7 +161,10 @@ def _make_handler(server: RewardServer):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (its timeout); it will retry or drop the samples
 
         def _authorized(self) -> bool:
             if not server.token:
