@@ -1,0 +1,428 @@
+"""Qwen2.5-VL as a :class:`mmrl.loop.GroupPolicy`: group rollouts, per-token logp, reference, TW.
+
+Vision is encoded once per prompt. A rollout tokenizes each prompt once (video through
+:func:`~mmrl.video.qwen_inputs.build_qwen_video_inputs`, positions through
+:func:`~mmrl.video.qwen_inputs.qwen25_position_ids`) and keeps ONE copy of its pixel values;
+every forward (sampling, ``logp``, ``ref_logp``, TW weights) runs the vision tower on the unique
+prompts of its rows only and expands the merged visual embeddings to the rows by indexing. HF
+``generate`` with ``num_return_sequences=G`` instead copies every prompt's pixel values G times
+and re-encodes them per row, and its 3-D positions come from transformers 5.24's
+``get_rope_index``, wrong for text after a video of more than one temporal grid; so sampling is
+a KV-cached loop here (temperature, top-p, ``max_new_tokens``, stop strings, an optional
+``allowed_answers`` restriction) with the release's positions.
+
+Log-probs are of the temperature-scaled distribution (restricted to ``allowed_answers`` when set),
+the one tokens are sampled from before top-p truncation, as TRL and verl do.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mmrl.loop import Rollout
+
+from .io import SkipCounter, VideoError
+from .qwen_inputs import build_qwen_video_inputs, qwen25_position_ids
+
+FINETUNE = ("lora", "full")
+
+
+def load_qwen_vl(path: str, *, dtype: str = "float32", device: str = "cpu",
+                 finetune: str = "lora", lora_rank: int = 16, lora_alpha: int = 32,
+                 lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                 freeze_vision: bool = True, gradient_checkpointing: bool = False):
+    """``(model, processor)`` from a hub id or a local folder (``from_pretrained``).
+
+    ``finetune="lora"`` wraps the model in a peft LoRA on the language model's ``lora_targets``
+    (the vision tower is never LoRA'd); ``"full"`` trains every weight. ``freeze_vision`` stops
+    gradients into the vision tower and its merger.
+
+    Raises:
+        ValueError: unknown ``finetune``/``dtype``.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    if finetune not in FINETUNE:
+        raise ValueError(f"finetune={finetune!r}; expected one of {FINETUNE}")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(dtypes)}")
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype]).to(device)
+    model.requires_grad_(True)
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+        targets = "|".join(lora_targets)
+        model = get_peft_model(model, LoraConfig(
+            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+            target_modules=rf".*language_model.*\.({targets})"))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if finetune == "lora":
+            model.enable_input_require_grads()
+    return model, processor
+
+
+@dataclass
+class PromptCache:
+    """The rollout's prompts, once each (shared by their rows; never sliced per row).
+
+    Attributes:
+        ids, attn: ``[U, P]`` left-padded prompt ids and attention mask.
+        pos: ``[3, U, P]`` mRoPE positions; next_pos: ``[U]`` the first response position.
+        vision: per prompt, its processor tensors (``pixel_values_videos``, ``video_grid_thw``,
+            ``pixel_values``, ``image_grid_thw``); one copy per prompt, whatever G is.
+    """
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    pos: torch.Tensor
+    next_pos: torch.Tensor
+    vision: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+class QwenVLPolicy:
+    """GroupPolicy over a Qwen2.5-VL(-class) model (plain or peft-wrapped).
+
+    Prompts are strings (logged); ``metadata[i]["messages"]`` is the prompt's conversation in
+    qwen-vl-utils format (as :func:`~mmrl.video.data.build_messages` makes it). Samples are the
+    decoded completions; each row's metadata gains ``completion_length`` (tokens).
+    A prompt whose video cannot be read is skipped (no rows) and counted in ``skips``.
+    """
+
+    def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 256, stop: Sequence[str] = (),
+                 allowed_answers: Sequence[str] = (), video: Optional[Dict[str, Any]] = None,
+                 tw_alpha: float = 1.7, tw_chunk: int = 64, device: str = "cpu"):
+        if temperature <= 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}, max_new_tokens="
+                             f"{max_new_tokens}; expected temperature > 0, 0 < top_p <= 1, "
+                             f"max_new_tokens >= 1")
+        self.model, self.processor, self.device = model, processor, torch.device(device)
+        self.tok = processor.tokenizer
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.stop = [s for s in stop if s]
+        self.video = dict(video or {})
+        self.tw_alpha, self.tw_chunk = tw_alpha, tw_chunk
+        self.is_peft = hasattr(model, "disable_adapter")
+        self.base = model.get_base_model() if self.is_peft else model
+        self.cfg = self.base.config
+        self.eos = sorted({i for i in (self.tok.convert_tokens_to_ids("<|im_end|>"),
+                                       self.tok.convert_tokens_to_ids("<|endoftext|>"),
+                                       self.tok.eos_token_id) if isinstance(i, int) and i >= 0})
+        self.allowed = self._allowed_ids(allowed_answers)
+        self.ref = None
+        self.skips = SkipCounter()
+
+    # ------------------------------------------------------------------ plumbing
+    def _allowed_ids(self, answers: Sequence[str]) -> Optional[torch.Tensor]:
+        """Token ids decoding may use: the answers' tokens and the end tokens (None = all)."""
+        if not answers:
+            return None
+        ids = set(self.eos)
+        for a in answers:
+            ids.update(self.tok(a, add_special_tokens=False)["input_ids"])
+        return torch.tensor(sorted(ids), device=self.device)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def state_dict(self):
+        if self.is_peft:
+            from peft import get_peft_model_state_dict
+            return get_peft_model_state_dict(self.model)
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        if self.is_peft:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(self.model, state)
+        else:
+            self.model.load_state_dict(state)
+
+    def enable_reference(self) -> None:
+        """LoRA: the reference is the model with its adapter disabled (no copy). Full
+        fine-tuning: a frozen copy of the current weights."""
+        if not self.is_peft:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ prompts
+    def _encode_one(self, messages) -> Dict[str, torch.Tensor]:
+        kinds = {item.get("type") for m in messages if isinstance(m.get("content"), list)
+                 for item in m["content"] if isinstance(item, dict)}
+        if "video" in kinds:
+            batch = build_qwen_video_inputs([messages], self.processor, on_error="raise",
+                                            **self.video)
+            return dict(batch.inputs)
+        text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        images = None
+        if "image" in kinds:
+            from PIL import Image
+            src = next(item["image"] for m in messages if isinstance(m.get("content"), list)
+                       for item in m["content"] if isinstance(item, dict) and
+                       item.get("type") == "image")
+            try:
+                images = [src if isinstance(src, Image.Image) else Image.open(src).convert("RGB")]
+            except (OSError, ValueError) as err:
+                raise VideoError(str(src), "unreadable_image", str(err)) from None
+        return dict(self.processor(text=[text], images=images, return_tensors="pt"))
+
+    def encode_prompts(self, conversations) -> tuple:
+        """``(PromptCache, kept prompt indices)``; unreadable media are skipped and counted."""
+        rows, kept = [], []
+        for i, messages in enumerate(conversations):
+            try:
+                rows.append(self._encode_one(messages))
+            except VideoError as err:
+                self.skips.add(err)
+                continue
+            kept.append(i)
+        P = max((r["input_ids"].shape[1] for r in rows), default=0)
+        ids = torch.full((len(rows), P), self.tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros(len(rows), P, dtype=torch.long)
+        pos = torch.ones(3, len(rows), P, dtype=torch.long)
+        next_pos, vision = torch.zeros(len(rows), dtype=torch.long), []
+        for u, r in enumerate(rows):
+            n = r["input_ids"].shape[1]
+            ids[u, P - n:], attn[u, P - n:] = r["input_ids"][0], 1
+            p, _ = qwen25_position_ids(
+                r["input_ids"], None, r.get("video_grid_thw"), r.get("second_per_grid_ts"),
+                video_token_id=self.cfg.video_token_id, image_token_id=self.cfg.image_token_id,
+                image_grid_thw=r.get("image_grid_thw"),
+                tokens_per_second=getattr(self.cfg.vision_config, "tokens_per_second", 2),
+                spatial_merge_size=self.cfg.vision_config.spatial_merge_size)
+            pos[:, u, P - n:] = p[:, 0]
+            next_pos[u] = int(p.max()) + 1
+            vision.append({k: v for k, v in r.items() if k in (
+                "pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw")})
+        return PromptCache(ids, attn, pos, next_pos, vision), kept
+
+    def _prompt_embeds(self, model, cache: PromptCache, uniq: torch.Tensor) -> torch.Tensor:
+        """``[U', P, H]`` input embeddings of prompts ``uniq``, vision encoded once each."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = base.model
+        ids = cache.ids[uniq].to(self.device)
+        emb = inner.get_input_embeddings()(ids)
+        for key, grid_key, token_id, fn in (
+                ("pixel_values_videos", "video_grid_thw", self.cfg.video_token_id,
+                 inner.get_video_features),
+                ("pixel_values", "image_grid_thw", self.cfg.image_token_id,
+                 inner.get_image_features)):
+            parts = [cache.vision[u] for u in uniq.tolist() if key in cache.vision[u]]
+            if not parts:
+                continue
+            pix = torch.cat([p[key] for p in parts]).to(self.device)
+            grid = torch.cat([p[grid_key] for p in parts]).to(self.device)
+            feats = torch.cat(fn(pix, grid, return_dict=True).pooler_output).to(emb.dtype)
+            slots = (ids == token_id).unsqueeze(-1).expand_as(emb)
+            emb = emb.masked_scatter(slots, feats)
+        return emb
+
+    def _hidden(self, model, cache: PromptCache, pidx: torch.Tensor, resp: torch.Tensor):
+        """Last hidden states ``[b, P + t, H]`` of prompts ``pidx`` followed by ``resp``."""
+        uniq, inv = torch.unique(pidx, return_inverse=True)
+        emb_p = self._prompt_embeds(model, cache, uniq)[inv.to(self.device)]  # [U', P, H] -> [b, P, H]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        resp = resp.to(self.device)
+        emb = torch.cat([emb_p, base.model.get_input_embeddings()(resp)], 1)
+        t = resp.shape[1]
+        attn = torch.cat([cache.attn[pidx], torch.ones(len(pidx), t, dtype=torch.long)], 1)
+        rpos = cache.next_pos[pidx][:, None] + torch.arange(t)  # [b, t]
+        pos = torch.cat([cache.pos[:, pidx], rpos.expand(3, -1, -1)], 2)
+        out = base.model.language_model(inputs_embeds=emb, attention_mask=attn.to(self.device),
+                                        position_ids=pos.to(self.device), use_cache=False)
+        return out.last_hidden_state, base.lm_head
+
+    def _logprobs(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled log-softmax ``[..., V]`` (fp32), restricted to the allowed ids."""
+        logits = head(hidden).float() / self.temperature
+        if self.allowed is not None:
+            keep = torch.full_like(logits, float("-inf"))
+            keep[..., self.allowed] = 0.0
+            logits = logits + keep
+        return torch.log_softmax(logits, -1)
+
+    # ------------------------------------------------------------------ rollout
+    def _sample(self, logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One token per row from ``logp [b, V]`` with top-p (nucleus) truncation -> ``[b]``."""
+        probs = logp.exp().cpu()
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest head >= top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    @torch.no_grad()
+    def _generate(self, cache: PromptCache, pidx: torch.Tensor, generator: torch.Generator):
+        """KV-cached sampling -> ``(tokens [B, T], mask [B, T], logp [B, T])``."""
+        from transformers import DynamicCache
+        base = self.base
+        was_training = self.model.training
+        self.model.eval()
+        uniq, inv = torch.unique(pidx, return_inverse=True)
+        emb = self._prompt_embeds(self.model, cache, uniq)[inv.to(self.device)]  # [B, P, H]
+        attn = cache.attn[pidx].to(self.device)
+        pos = cache.pos[:, pidx].to(self.device)
+        kv = DynamicCache(config=base.config.get_text_config())
+        B = len(pidx)
+        tokens, logps = [], []
+        done = torch.zeros(B, dtype=torch.bool)
+        ends = torch.tensor(self.eos)
+        texts = [""] * B
+        for t in range(self.max_new_tokens):
+            h = base.model.language_model(inputs_embeds=emb, attention_mask=attn,
+                                          position_ids=pos, cache=kv,
+                                          use_cache=True).last_hidden_state[:, -1]
+            lp = self._logprobs(base.lm_head, h)  # [B, V]
+            nxt = self._sample(lp, generator)  # [B]
+            tokens.append(nxt)
+            logps.append(lp.gather(-1, nxt[:, None].to(lp.device))[:, 0].cpu())
+            stopped = torch.isin(nxt, ends)
+            if self.stop:
+                for i in (~done & ~stopped).nonzero().flatten().tolist():
+                    texts[i] += self.tok.decode([int(nxt[i])])
+                    stopped[i] = any(texts[i].endswith(s) for s in self.stop)
+            done |= stopped
+            if bool(done.all()):
+                break
+            emb = base.model.get_input_embeddings()(nxt[:, None].to(self.device))
+            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=self.device)], 1)
+            pos = (cache.next_pos[pidx] + t).view(1, B, 1).expand(3, B, 1).to(self.device)
+        self.model.train(was_training)
+        tokens, logps = torch.stack(tokens, 1), torch.stack(logps, 1)  # [B, T]
+        ended = torch.isin(tokens, ends).cumsum(1)
+        # up to and including the first end token (stop strings end after their last token)
+        mask = (ended == 0) | ((ended == 1) & torch.isin(tokens, ends))
+        if self.stop:
+            mask = _cut_at_stop_strings(self.tok, tokens, mask, self.stop)
+        return tokens, mask, logps
+
+    def rollout(self, prompts, metadata, group_size, generator) -> Rollout:
+        """``group_size`` completions per prompt (an int, or one count per prompt)."""
+        counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
+        if len(counts) != len(prompts):
+            raise ValueError(f"group_size has {len(counts)} counts for {len(prompts)} prompts; "
+                             f"pass an int or one count per prompt")
+        convs = []
+        for i, meta in enumerate(metadata):
+            if not isinstance(meta, dict) or "messages" not in meta:
+                raise ValueError(f"metadata[{i}] has no 'messages'; expected the prompt's "
+                                 f"conversation (mmrl.video.data.build_messages(record))")
+            convs.append(meta["messages"])
+        cache, kept = self.encode_prompts(convs)
+        n = torch.tensor([counts[i] for i in kept], dtype=torch.long)
+        pidx = torch.arange(len(kept)).repeat_interleave(n)  # [B] row -> cached prompt
+        groups = torch.tensor(kept, dtype=torch.long).repeat_interleave(n)  # local prompt index
+        if len(pidx) == 0:
+            return Rollout([], [], [], groups, torch.zeros(0, 1, dtype=torch.bool),
+                           {"prompt_index": pidx, "response": torch.zeros(0, 1, dtype=torch.long),
+                            "sample_logp": torch.zeros(0, 1), "prompt_cache": cache})
+        tokens, mask, logps = self._generate(cache, pidx, generator)
+        samples = [self.tok.decode(r[m].tolist(), skip_special_tokens=True)
+                   for r, m in zip(tokens, mask)]
+        lengths = mask.sum(1).tolist()
+        rows = groups.tolist()
+        meta = [{**{k: v for k, v in metadata[g].items() if k != "messages"},
+                 "completion_length": int(L)} for g, L in zip(rows, lengths)]
+        return Rollout(samples, [prompts[g] for g in rows], meta, groups, mask,
+                       {"prompt_index": pidx, "response": tokens, "sample_logp": logps,
+                        "prompt_cache": cache})
+
+    # ------------------------------------------------------------------ scoring
+    def _logp(self, model, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
+        cache: PromptCache = rollout.data["prompt_cache"]
+        pidx = rollout.data["prompt_index"][rows]
+        resp = rollout.data["response"][rows, :t1]
+        hidden, head = self._hidden(model, cache, pidx, resp)
+        P = cache.ids.shape[1]
+        lp = self._logprobs(head, hidden[:, P - 1 + t0:P - 1 + t1])  # [b, t, V]
+        return lp.gather(-1, resp[:, t0:t1, None].to(lp.device))[..., 0]
+
+    def logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
+        """``[len(rows), t1 - t0]`` log-probs of the sampled tokens, with gradient."""
+        return self._logp(self.model, rollout, rows, t0, t1)
+
+    def ref_logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
+        """The same under the reference: LoRA disabled, or the frozen copy."""
+        if self.is_peft:
+            with torch.no_grad(), self.model.disable_adapter():
+                return self._logp(self.model, rollout, rows, t0, t1)
+        if self.ref is None:
+            raise ValueError("beta > 0 with full fine-tuning needs a reference copy; call "
+                             "policy.enable_reference() first (the video job does)")
+        with torch.no_grad():
+            return self._logp(self.ref, rollout, rows, t0, t1)
+
+    @torch.no_grad()
+    def token_weights(self, rollout: Rollout) -> torch.Tensor:
+        """TW-GRPO weights ``[B, T]``, one group at a time; the group's hidden states are
+        computed once and the lm head + log-softmax run ``tw_chunk`` positions at a time, so
+        ``[N, T, V]`` is never held."""
+        from mmrl.token_weights import tw_token_weights
+        cache: PromptCache = rollout.data["prompt_cache"]
+        P = cache.ids.shape[1]
+        out = torch.ones(rollout.mask.shape)
+        for g in rollout.group_ids.unique():
+            rows = (rollout.group_ids == g).nonzero().flatten()
+            hidden, head = self._hidden(self.model, cache, rollout.data["prompt_index"][rows],
+                                        rollout.data["response"][rows])
+            cols = self.allowed
+
+            def chunk(t0, t1, hidden=hidden, head=head, cols=cols):
+                lp = self._logprobs(head, hidden[:, P - 1 + t0:P - 1 + t1])  # [N, c, V]
+                return lp if cols is None else lp[..., cols]  # only the tokens that can occur
+
+            out[rows] = tw_token_weights(chunk, rollout.mask[rows].to(self.device),
+                                         alpha=self.tw_alpha, chunk_size=self.tw_chunk).cpu()
+        return out
+
+    def concat_rollouts(self, parts: Sequence[Rollout]) -> Rollout:
+        """Dynamic sampling's tries as one rollout: prompt caches merged (left padding kept),
+        responses right-padded."""
+        if len(parts) == 1:
+            return parts[0]
+        caches = [p.data["prompt_cache"] for p in parts]
+        P = max(c.ids.shape[1] for c in caches)
+        T = max(p.mask.shape[1] for p in parts)
+        lp = lambda x, v: F.pad(x, (P - x.shape[-1], 0), value=v)  # noqa: E731
+        cache = PromptCache(torch.cat([lp(c.ids, self.tok.pad_token_id) for c in caches]),
+                            torch.cat([lp(c.attn, 0) for c in caches]),
+                            torch.cat([lp(c.pos, 1) for c in caches], 1),
+                            torch.cat([c.next_pos for c in caches]),
+                            [v for c in caches for v in c.vision])
+        offsets = torch.tensor([0] + [len(c.next_pos) for c in caches]).cumsum(0)
+        rp = lambda x, v: F.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+        data = {"prompt_cache": cache,
+                "prompt_index": torch.cat([p.data["prompt_index"] + o
+                                           for p, o in zip(parts, offsets.tolist())]),
+                "response": torch.cat([rp(p.data["response"], self.tok.pad_token_id)
+                                       for p in parts]),
+                "sample_logp": torch.cat([rp(p.data["sample_logp"], 0.0) for p in parts])}
+        return Rollout([s for p in parts for s in p.samples], [s for p in parts for s in p.prompts],
+                       [m for p in parts for m in p.metadata],
+                       torch.cat([p.group_ids for p in parts]),
+                       torch.cat([rp(p.mask, False) for p in parts]), data)
+
+
+def _cut_at_stop_strings(tok, tokens: torch.Tensor, mask: torch.Tensor, stop: Sequence[str]):
+    """Mask after the token that completes the first stop string (inclusive)."""
+    out = mask.clone()
+    for i in range(tokens.shape[0]):
+        text = ""
+        for t in range(tokens.shape[1]):
+            if not out[i, t]:
+                break
+            text += tok.decode([int(tokens[i, t])])
+            if any(text.endswith(s) for s in stop):
+                out[i, t + 1:] = False
+                break
+    return out
+
+

@@ -1,0 +1,96 @@
+"""A tiny Qwen2.5-VL (≈190k parameters) and its processor, built offline and saved to a folder.
+
+The demo and the tests load the result BY PATH, through :func:`mmrl.video.policy.load_qwen_vl`,
+the same code a user's checkpoint takes. Recipe: ../shared/TINY_MODELS.md — a byte-level
+``Qwen2Tokenizer`` (the 256 ByteLevel characters, no merges, the Qwen specials) built in code, the
+Qwen2-VL image/video processors at a few hundred pixels per frame, a two-layer text model of
+width 64 and a two-block vision tower. transformers is imported inside the function.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|video_pad|>"]
+
+
+def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                       max_pixels: int = 28 * 28 * 16, overwrite: bool = False) -> str:
+    """Save a tiny Qwen2.5-VL processor + model to ``folder`` (``save_pretrained``) -> folder.
+
+    Args:
+        folder: target folder (created). An existing tiny model there is kept unless
+            ``overwrite`` (so a demo re-run does not rebuild it).
+        seed: torch seed of the random initialization (same seed, same weights).
+        hidden_size: text width (a multiple of 16: 4 heads whose head_dim/2 splits 2+3+3 in
+            mRoPE sections scaled accordingly).
+        layers: text decoder layers.
+        max_pixels: the processors' per-frame pixel cap (min is 28·28·4).
+
+    Raises:
+        ValueError: a hidden size that is not a multiple of 16.
+    """
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor)
+
+    if hidden_size % 16:
+        raise ValueError(f"hidden_size={hidden_size}; expected a multiple of 16 (4 heads, "
+                         f"mRoPE sections in the ratio 2:3:3)")
+    if not overwrite and os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tok = Qwen2Tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", additional_special_tokens=SPECIALS)
+    pix = dict(min_pixels=28 * 28 * 4, max_pixels=max_pixels, patch_size=14, merge_size=2,
+               temporal_patch_size=2)
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pix), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**pix),
+                               chat_template=CHAT_TEMPLATE)
+    proc.save_pretrained(folder)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    half = hidden_size // 4 // 2  # head_dim / 2, split over (t, h, w) as 2:3:3
+    section = [half * 2 // 8, half * 3 // 8, half - half * 2 // 8 - half * 3 // 8]
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "mrope_section": section},
+                         bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        **ids)
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
+    return folder
+
+
+def default_tiny_dir(output_dir: Optional[str] = None) -> str:
+    """Where the demo keeps its tiny model: ``<output_dir>/tiny_qwen_vl``."""
+    return os.path.join(output_dir or ".", "tiny_qwen_vl")
