@@ -35,9 +35,13 @@ def test_editable_install_maps_the_user_layout(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_install_imports_all_four_and_no_bare_top_level(tmp_path):
-    wheel_dir = tmp_path / "wheel"
+    wheel_dir, src = tmp_path / "wheel", tmp_path / "src"
+    # build from a clean copy: an in-tree build/ folder could carry stale modules into the wheel
+    import shutil
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+                            "--no-build-isolation", "-q", "-w", str(wheel_dir), str(src)],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheel_dir.glob("mmrl-*.whl")
