@@ -1,0 +1,131 @@
+"""QwenVLPolicy on the tiny Qwen2.5-VL loaded by path: logp parity, masks, reference, TW."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from vt_helpers import make_policy, rollout  # noqa: E402
+
+from mmrl.token_weights import tw_token_weights  # noqa: E402
+
+
+def test_recomputed_logp_equals_the_rollouts_and_ratio_is_exactly_one(tiny_vl_dir, vt_batch):
+    from mmrl.loop import LoopSettings, learn
+    from mmrl.losses import PolicyLoss
+    from mmrl.reward_fn import RewardBatch
+    pol = make_policy(tiny_vl_dir)
+    ro = rollout(pol, vt_batch)
+    assert len(ro) == 6 and ro.data["prompt_cache"].ids.shape[0] == 2  # one copy per prompt
+    with torch.no_grad():
+        lp = pol.logp(ro, torch.arange(len(ro)), 0, ro.mask.shape[1])
+    diff = (lp - ro.data["sample_logp"]).abs()[ro.mask]
+    assert float(diff.max()) < 1e-5
+    # chunked along T and split along rows: the same numbers
+    with torch.no_grad():
+        parts = torch.cat([torch.cat([pol.logp(ro, torch.arange(a, a + 2), t, t + 1)
+                                      for t in range(ro.mask.shape[1])], 1)
+                           for a in (0, 2, 4)])
+    torch.testing.assert_close(parts, lp, atol=1e-5, rtol=0)
+    loss_fn = PolicyLoss("grpo")
+    rewards = RewardBatch(torch.tensor([[1.0], [0.0], [0.5], [0.0], [1.0], [1.0]]), ["acc"],
+                          torch.ones(6, dtype=torch.bool))
+    opt = torch.optim.SGD([p for p in pol.parameters() if p.requires_grad], lr=0.0)
+    m = learn(pol, opt, loss_fn, ro, rewards, LoopSettings(group_size=3), torch.Generator())
+    assert m["ratio_min"] == 1.0 and m["ratio_max"] == 1.0
+
+
+def test_masks_end_at_the_first_end_token_and_stop_string(tiny_vl_dir, vt_batch):
+    pol = make_policy(tiny_vl_dir, max_new_tokens=6, stop=["B"])
+    ro = rollout(pol, vt_batch, group=4, seed=1)
+    ends = torch.tensor(pol.eos)
+    for toks, mask, text in zip(ro.data["response"], ro.mask, ro.samples):
+        n = int(mask.sum())
+        assert bool(mask[:n].all()) and not bool(mask[n:].any())  # a prefix
+        kept = toks[:n]
+        assert int(torch.isin(kept, ends).sum()) <= 1  # at most the one end token, last
+        if torch.isin(kept, ends).any():
+            assert bool(torch.isin(kept[-1:], ends).all())
+        assert text.count("B") <= 1 and ("B" not in text or text.endswith("B"))
+        if n < len(toks):  # ended early: by an end token or the stop string
+            assert torch.isin(kept[-1:], ends).any() or text.endswith("B")
+    assert [m["completion_length"] for m in ro.metadata] == ro.mask.sum(1).tolist()
+
+
+def test_left_padding_changes_nothing(tiny_vl_dir, vt_batch):
+    """A row's logp is the same in a batch with a longer prompt (padding masked out)."""
+    pol = make_policy(tiny_vl_dir)
+    prompts, meta = vt_batch
+    long_meta = [dict(meta[0]), meta[1]]
+    msgs = [dict(m) for m in meta[0]["messages"]]
+    msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"][:-1] + [
+        {"type": "text", "text": msgs[-1]["content"][-1]["text"] + " Think carefully!!"}]}
+    long_meta[0]["messages"] = msgs
+    ro_pair = rollout(pol, (prompts, long_meta), group=2)
+    ro_one = rollout(pol, ([prompts[1]], [meta[1]]), group=2)
+    assert ro_pair.data["prompt_cache"].ids.shape[1] > ro_one.data["prompt_cache"].ids.shape[1]
+    ro_one.data["response"] = ro_pair.data["response"][2:4].clone()
+    ro_one.mask = ro_pair.mask[2:4].clone()
+    with torch.no_grad():
+        a = pol.logp(ro_pair, torch.tensor([2, 3]), 0, 4)
+        b = pol.logp(ro_one, torch.tensor([0, 1]), 0, 4)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_lora_reference_equals_the_base_model(tiny_vl_dir, vt_batch):
+    pol = make_policy(tiny_vl_dir, finetune="lora")
+    base = make_policy(tiny_vl_dir, finetune="full")
+    ro = rollout(pol, vt_batch)
+    rows = torch.arange(len(ro))
+    with torch.no_grad():
+        for p in pol.model.parameters():  # move the adapter away from its zero init
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+        ref, cur = pol.ref_logp(ro, rows, 0, 4), pol.logp(ro, rows, 0, 4)
+        torch.testing.assert_close(ref, base.logp(ro, rows, 0, 4), atol=1e-5, rtol=0)
+    assert float((cur - ref).abs().max()) > 1e-3
+    trainable = {n for n, p in pol.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
+    assert set(pol.state_dict()) and all("lora_" in k for k in pol.state_dict())
+
+
+def test_tw_weights_match_the_full_vocabulary_reference(tiny_vl_dir, vt_batch):
+    pol = make_policy(tiny_vl_dir, max_new_tokens=5, tw_chunk=2)
+    ro = rollout(pol, vt_batch, group=3, seed=2)
+    got = pol.token_weights(ro)
+    model = pol.model
+    for g in range(2):
+        rows = (ro.group_ids == g).nonzero().flatten()
+        cache, T = ro.data["prompt_cache"], ro.mask.shape[1]
+        u = int(ro.data["prompt_index"][rows[0]])
+        v = cache.vision[u]
+        P = cache.ids.shape[1]
+        ids = torch.cat([cache.ids[[u] * len(rows)], ro.data["response"][rows]], 1)
+        attn = torch.cat([cache.attn[[u] * len(rows)], torch.ones(len(rows), T, dtype=torch.long)], 1)
+        pos = torch.cat([cache.pos[:, [u] * len(rows)],
+                         (cache.next_pos[u] + torch.arange(T)).expand(3, len(rows), -1)], 2)
+        with torch.no_grad():  # the plain HF forward, vision copied per row: the oracle
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                           pixel_values_videos=torch.cat([v["pixel_values_videos"]] * len(rows)),
+                           video_grid_thw=torch.cat([v["video_grid_thw"]] * len(rows))).logits
+        full = torch.log_softmax(logits[:, P - 1:P - 1 + T].float(), -1)  # [N, T, V]
+        want = tw_token_weights(full, ro.mask[rows], alpha=pol.tw_alpha)
+        torch.testing.assert_close(got[rows], want, atol=1e-4, rtol=0)
+    assert float(got.max()) > 1.0 and bool((got[~ro.mask] == 1.0).all())
+
+
+def test_a_bad_video_is_skipped_and_counted(tiny_vl_dir, vt_batch, tmp_path):
+    prompts, meta = vt_batch
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    broken = dict(meta[0])
+    msgs = [dict(m) for m in meta[0]["messages"]]
+    msgs[-1] = {**msgs[-1], "content": [{**msgs[-1]["content"][0], "video": str(bad)}] +
+                msgs[-1]["content"][1:]}
+    broken["messages"] = msgs
+    pol = make_policy(tiny_vl_dir)
+    ro = rollout(pol, (prompts, [broken, meta[1]]), group=2)
+    assert ro.group_ids.tolist() == [1, 1] and pol.skips.total == 1
+    assert "1 skipped" in pol.skips.summary()
