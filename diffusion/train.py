@@ -15,6 +15,7 @@ stored transitions of those rows and steps, so splitting T (``train.t_chunk``) o
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -194,6 +195,11 @@ class DiffusionGroupPolicy:
         c: the job's config section.
         adv_eps, adv_clip: the preset's advantage epsilon / clip (tree and singular hooks).
         reward_weights: reward column weights (tree and singular hooks).
+
+    Attributes:
+        iteration: rollout rounds so far (positions MixGRPO's window; saved in checkpoints).
+        last_nfe: per-sample model evaluations the last rollout spent (the samplers' ``nfe``).
+        evaluator, eval_every: the periodic ODE evaluation, run at the start of a rollout.
     """
 
     def __init__(self, flow, c: DiffusionConfig, *, adv_eps: float = 1e-4,
@@ -468,7 +474,7 @@ def run(config) -> Dict[str, Any]:
     spec = config.algo.resolve()
     torch.manual_seed(config.train.seed)  # the LoRA init draws from the global RNG
     policy = build_policy(c, device, spec, config.algo.reward_weights)
-    if c.eval_every:
+    if c.eval_every and int(os.environ.get("RANK", "0")) == 0:  # evaluate on the main rank
         if not eval_prompts:
             warnings.warn("diffusion.eval_every is set but there are no eval prompts; "
                           "evaluation is off (set eval_prompts or eval_holdout)", stacklevel=2)
