@@ -106,6 +106,18 @@ class Evaluator:
         self.policy, self.prompts, self.reward_fn = policy, list(prompts), reward_fn
         self.weights, self.out = dict(weights), Path(out_dir)
         self.seed, self.batch_size = seed, max(1, batch_size)
+        self._trimmed = False
+
+    def _trim(self, step: int) -> None:
+        """Drop ``eval.jsonl`` lines at or after ``step`` (a fresh run, or a resumed one that
+        redoes steps), once per run, so the file never holds two histories."""
+        path = self.out / "eval.jsonl"
+        self._trimmed = True
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) < step]
+        path.write_text("".join(line + "\n" for line in keep))
 
     @torch.no_grad()
     def __call__(self, step: int) -> Dict[str, Any]:
@@ -123,6 +135,8 @@ class Evaluator:
         record = {"step": step, "reward_mean": float(finite.mean()) if len(finite) else None,
                   "num_images": len(self.prompts), "grid": str(grid),
                   **{f"reward/{k}": float(v.mean()) for k, v in cols.items()}}
+        if not self._trimmed:
+            self._trim(step)
         with open(self.out / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         return record

@@ -88,6 +88,7 @@ def test_periodic_evaluation_writes_grids_and_eval_jsonl(tiny_sd3_path, tmp_path
     cfg = tiny_config(tiny_sd3_path, str(tmp_path), train={"steps": 3},
                       eval_every=2, eval_prompts=["a red apple", "a dark night", "a cat"],
                       eval_batch_size=2)
+    (tmp_path / "eval.jsonl").write_text('{"step": 5, "reward_mean": 0.0}\n')  # an old run's
     summary = _run(cfg)
     lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 2, 3]  # first step, every 2, after the last
