@@ -175,6 +175,14 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
     if c.sampler in ("singular", "tree") and train.rollout_allocation != "fixed":
         out.append(f"train.rollout_allocation: {train.rollout_allocation!r} needs a variable "
                    f"group size, which sampler={c.sampler} does not support; use fixed")
+    try:
+        spec = algo.resolve()
+    except ValueError:
+        spec = None  # the algo section reports its own problems
+    if spec is not None and spec.needs_token_weights:
+        out.append(f"algo: preset {algo.preset!r} weighs tokens by the policy's vocabulary "
+                   f"distribution (TW-GRPO), which a denoising step does not have; pick another "
+                   f"preset or set algo.token_weighting=none")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")

@@ -1,6 +1,7 @@
 """The diffusion job's GroupPolicy on a tiny SD3 pipeline: log-probs, gradients, advantages."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmrl.config import ConfigError
 from mmrl.loop import LoopSettings, update
 from mmrl.losses import PolicyLoss
 from mmrl.reward_fn import RewardBatch
@@ -115,3 +117,31 @@ def test_singular_advantages_sum_to_the_g2rpo_integrated_advantage(tiny_sd3_path
     rows = policy.advantages(rollout, RewardBatch(r[:, None], ["r"], valid))
     per_member = torch.zeros(traj.num_transitions).index_add_(0, traj.output_owner, rows)
     torch.testing.assert_close(per_member, g2rpo_advantages(r, traj, eps=1e-8))
+
+
+def test_every_preset_is_selectable_or_rejected_with_a_reason(tiny_sd3_path, tmp_path):
+    """No code branches on preset names: each preset trains one update through the job's
+    policy (KL presets use the reference = adapter disabled), or the config says why not."""
+    from mmrl.loop import learn
+    from mmrl.presets import PRESETS
+
+    policy = None
+    for name in sorted(PRESETS):
+        try:
+            cfg = tiny_config(tiny_sd3_path, str(tmp_path), algo={"preset": name})
+        except ConfigError as err:
+            assert PRESETS[name].needs_token_weights and "vocabulary" in str(err), name
+            continue
+        if policy is None:
+            policy = _policy(cfg)
+            with torch.no_grad():
+                rollout = policy.rollout(PROMPTS[:2], [{}, {}], 2,
+                                         torch.Generator().manual_seed(0))
+            r = torch.tensor([0.1, 0.4, 0.9, 0.3])
+            rewards = RewardBatch(r[:, None], ["r"], torch.ones(4, dtype=torch.bool))
+        params = [p for p in policy.parameters() if p.requires_grad]
+        out = learn(policy, torch.optim.SGD(params, lr=0.0), PolicyLoss(name, max_len=3),
+                    rollout, rewards, LoopSettings(group_size=2, inner_epochs=2),
+                    torch.Generator().manual_seed(0))
+        assert out["skipped_updates"] == 0 and math.isfinite(out["loss"]), name
+        assert out["grad_norm"] > 0, name
