@@ -54,7 +54,8 @@ def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, lay
     if not overwrite and os.path.exists(os.path.join(folder, "config.json")):
         return folder
     os.makedirs(folder, exist_ok=True)
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # alphabet() is a set: sort it, or token ids change with PYTHONHASHSEED from run to run
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
