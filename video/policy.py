@@ -116,6 +116,11 @@ class QwenVLPolicy:
                                        self.tok.convert_tokens_to_ids("<|endoftext|>"),
                                        self.tok.eos_token_id) if isinstance(i, int) and i >= 0})
         self.allowed = self._allowed_ids(allowed_answers)
+        # vision placeholders are never sampled: one in a completion would shift the features
+        self.banned = torch.tensor([i for i in (self.cfg.image_token_id, self.cfg.video_token_id,
+                                                self.cfg.vision_start_token_id,
+                                                self.cfg.vision_end_token_id) if i is not None],
+                                   dtype=torch.long, device=self.device)
         self.ref = None
         self.skips = SkipCounter()
 
@@ -240,8 +245,10 @@ class QwenVLPolicy:
         return out.last_hidden_state, base.lm_head
 
     def _logprobs(self, head, hidden: torch.Tensor) -> torch.Tensor:
-        """Temperature-scaled log-softmax ``[..., V]`` (fp32), restricted to the allowed ids."""
+        """Temperature-scaled log-softmax ``[..., V]`` (fp32), restricted to the allowed ids
+        (the vision placeholder tokens excluded)."""
         logits = head(hidden).float() / self.temperature
+        logits[..., self.banned] = float("-inf")
         if self.allowed is not None:
             keep = torch.full_like(logits, float("-inf"))
             keep[..., self.allowed] = 0.0
@@ -374,10 +381,14 @@ class QwenVLPolicy:
             hidden, head = self._hidden(self.model, cache, rollout.data["prompt_index"][rows],
                                         rollout.data["response"][rows])
             cols = self.allowed
+            if cols is None:  # every token but the (never sampled) vision placeholders
+                keep = torch.ones(head.out_features, dtype=torch.bool, device=self.device)
+                keep[self.banned] = False
+                cols = keep.nonzero().flatten()
 
             def chunk(t0, t1, hidden=hidden, head=head, cols=cols):
                 lp = self._logprobs(head, hidden[:, P - 1 + t0:P - 1 + t1])  # [N, c, V]
-                return lp if cols is None else lp[..., cols]  # only the tokens that can occur
+                return lp[..., cols]  # only the tokens that can occur
 
             out[rows] = tw_token_weights(chunk, rollout.mask[rows].to(self.device),
                                          alpha=self.tw_alpha, chunk_size=self.tw_chunk).cpu()

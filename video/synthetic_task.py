@@ -50,13 +50,13 @@ def moving_square(direction: str, color: str = "red", *, size: int = 56, frames:
 
 
 def make_record(i: int, kind: str, rng: np.random.Generator, video_dir: str, *, size: int,
-                frames: int, fps: float) -> Dict:
+                frames: int, fps: float, square: int) -> Dict:
     direction = str(rng.choice(list(DIRECTIONS)))
     color = "red" if kind == "direction" else str(rng.choice(list(COLORS)))
     names = list(DIRECTIONS) if kind == "direction" else list(COLORS)
     answer = LETTERS[names.index(direction if kind == "direction" else color)]
     path = os.path.join(video_dir, f"{i:05d}.mp4")
-    write_mp4(path, moving_square(direction, color, size=size, frames=frames, rng=rng), fps)
+    write_mp4(path, moving_square(direction, color, size=size, frames=frames, square=square, rng=rng), fps)
     problem = ("Which way does the red square move?" if kind == "direction"
                else "What colour is the moving square?")
     return {"problem_id": i, "problem": problem, "data_type": "video",
@@ -68,8 +68,12 @@ def make_record(i: int, kind: str, rng: np.random.Generator, video_dir: str, *, 
 
 
 def write_synthetic_task(folder: str, num: int = 64, *, kind: str = "direction", seed: int = 0,
-                         size: int = 56, frames: int = 8, fps: float = 4.0) -> str:
+                         size: int = 56, frames: int = 8, fps: float = 4.0,
+                         square: int = 0) -> str:
     """Write ``num`` videos under ``folder/videos`` and ``folder/train.jsonl`` -> the JSONL path.
+
+    ``square`` is the square's side in pixels (0 = ``size // 2``: a large target, so that even a
+    tiny random vision tower's features depend on it).
 
     An existing JSONL with the same ``num``/``kind``/``seed``/geometry is reused.
 
@@ -80,7 +84,9 @@ def write_synthetic_task(folder: str, num: int = 64, *, kind: str = "direction",
         raise ValueError(f"kind={kind!r}, num={num}, size={size}; expected kind in {KINDS}, "
                          f"num >= 1 and size >= 28")
     jsonl = os.path.join(folder, "train.jsonl")
-    stamp = {"num": num, "kind": kind, "seed": seed, "size": size, "frames": frames, "fps": fps}
+    square = square or size // 2
+    stamp = {"num": num, "kind": kind, "seed": seed, "size": size, "frames": frames, "fps": fps,
+             "square": square}
     stamp_path = os.path.join(folder, "task.json")
     if os.path.exists(jsonl) and os.path.exists(stamp_path):
         with open(stamp_path) as f:
@@ -89,7 +95,8 @@ def write_synthetic_task(folder: str, num: int = 64, *, kind: str = "direction",
     video_dir = os.path.join(folder, "videos")
     os.makedirs(video_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    records: List[Dict] = [make_record(i, kind, rng, video_dir, size=size, frames=frames, fps=fps)
+    records: List[Dict] = [make_record(i, kind, rng, video_dir, size=size, frames=frames, fps=fps,
+                                       square=square)
                            for i in range(num)]
     with open(jsonl, "w") as f:
         for r in records:

@@ -27,7 +27,8 @@ SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", 
 
 
 def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                       max_pixels: int = 28 * 28 * 16, overwrite: bool = False) -> str:
+                       max_pixels: int = 28 * 28 * 16, vision_init_std: float = 0.5,
+                       overwrite: bool = False) -> str:
     """Save a tiny Qwen2.5-VL processor + model to ``folder`` (``save_pretrained``) -> folder.
 
     Args:
@@ -38,6 +39,10 @@ def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, lay
             mRoPE sections scaled accordingly).
         layers: text decoder layers.
         max_pixels: the processors' per-frame pixel cap (min is 28·28·4).
+        vision_init_std: the vision tower's ``initializer_range``. With Qwen's 0.02, a random
+            two-block tower maps every frame to nearly the same features (their spread across
+            colours is ~1 % of their norm), so a tiny model cannot learn anything visual; 0.5
+            gives features that differ with the content, as a pretrained tower's do.
 
     Raises:
         ValueError: a hidden size that is not a multiple of 16.
@@ -85,7 +90,8 @@ def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, lay
                          pad_token_id=tok.pad_token_id),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                           initializer_range=vision_init_std),
         **ids)
     torch.manual_seed(seed)
     Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)

@@ -110,7 +110,11 @@ def test_tw_weights_match_the_full_vocabulary_reference(tiny_vl_dir, vt_batch):
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
                            pixel_values_videos=torch.cat([v["pixel_values_videos"]] * len(rows)),
                            video_grid_thw=torch.cat([v["video_grid_thw"]] * len(rows))).logits
-        full = torch.log_softmax(logits[:, P - 1:P - 1 + T].float(), -1)  # [N, T, V]
+        logits = logits[:, P - 1:P - 1 + T].float()
+        logits[..., pol.banned] = float("-inf")  # vision placeholders are never sampled
+        keep = torch.ones(logits.shape[-1], dtype=torch.bool)
+        keep[pol.banned] = False
+        full = torch.log_softmax(logits, -1)[..., keep]  # [N, T, V - 4]
         want = tw_token_weights(full, ro.mask[rows], alpha=pol.tw_alpha)
         torch.testing.assert_close(got[rows], want, atol=1e-4, rtol=0)
     assert float(got.max()) > 1.0 and bool((got[~ro.mask] == 1.0).all())
