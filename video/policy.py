@@ -232,7 +232,8 @@ class QwenVLPolicy:
     def _hidden(self, model, cache: PromptCache, pidx: torch.Tensor, resp: torch.Tensor):
         """Last hidden states ``[b, P + t, H]`` of prompts ``pidx`` followed by ``resp``."""
         uniq, inv = torch.unique(pidx, return_inverse=True)
-        emb_p = self._prompt_embeds(model, cache, uniq)[inv.to(self.device)]  # [U', P, H] -> [b, P, H]
+        # [U', P, H] -> [b, P, H]: vision once per unique prompt, expanded by indexing
+        emb_p = self._prompt_embeds(model, cache, uniq)[inv.to(self.device)]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         resp = resp.to(self.device)
         emb = torch.cat([emb_p, base.model.get_input_embeddings()(resp)], 1)

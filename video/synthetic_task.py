@@ -56,7 +56,8 @@ def make_record(i: int, kind: str, rng: np.random.Generator, video_dir: str, *, 
     names = list(DIRECTIONS) if kind == "direction" else list(COLORS)
     answer = LETTERS[names.index(direction if kind == "direction" else color)]
     path = os.path.join(video_dir, f"{i:05d}.mp4")
-    write_mp4(path, moving_square(direction, color, size=size, frames=frames, square=square, rng=rng), fps)
+    frames_ = moving_square(direction, color, size=size, frames=frames, square=square, rng=rng)
+    write_mp4(path, frames_, fps)
     problem = ("Which way does the red square move?" if kind == "direction"
                else "What colour is the moving square?")
     return {"problem_id": i, "problem": problem, "data_type": "video",

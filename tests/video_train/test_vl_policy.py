@@ -103,7 +103,8 @@ def test_tw_weights_match_the_full_vocabulary_reference(tiny_vl_dir, vt_batch):
         v = cache.vision[u]
         P = cache.ids.shape[1]
         ids = torch.cat([cache.ids[[u] * len(rows)], ro.data["response"][rows]], 1)
-        attn = torch.cat([cache.attn[[u] * len(rows)], torch.ones(len(rows), T, dtype=torch.long)], 1)
+        attn = torch.cat([cache.attn[[u] * len(rows)],
+                          torch.ones(len(rows), T, dtype=torch.long)], 1)
         pos = torch.cat([cache.pos[:, [u] * len(rows)],
                          (cache.next_pos[u] + torch.arange(T)).expand(3, len(rows), -1)], 2)
         with torch.no_grad():  # the plain HF forward, vision copied per row: the oracle
