@@ -123,6 +123,9 @@ class QwenVLPolicy:
                                    dtype=torch.long, device=self.device)
         self.ref = None
         self.skips = SkipCounter()
+        # train mode for scoring (activation checkpointing only runs in it; Qwen has no dropout);
+        # sampling switches to eval for its KV cache and back
+        self.model.train()
 
     # ------------------------------------------------------------------ plumbing
     def _allowed_ids(self, answers: Sequence[str]) -> Optional[torch.Tensor]:

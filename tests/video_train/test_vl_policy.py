@@ -134,3 +134,30 @@ def test_a_bad_video_is_skipped_and_counted(tiny_vl_dir, vt_batch, tmp_path):
     ro = rollout(pol, (prompts, [broken, meta[1]]), group=2)
     assert ro.group_ids.tolist() == [1, 1] and pol.skips.total == 1
     assert "1 skipped" in pol.skips.summary()
+
+
+def test_image_and_video_prompts_mix_and_checkpointing_keeps_gradients(tiny_vl_dir, vt_batch):
+    import numpy as np
+    from PIL import Image
+
+    from mmrl.video.policy import QwenVLPolicy, load_qwen_vl
+    from vt_helpers import VIDEO
+    prompts, meta = vt_batch
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    image_meta = {"messages": [{"role": "user", "content": [
+        {"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]}
+    batch = ([prompts[0], "What is it?"], [meta[0], image_meta])
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model, proc = load_qwen_vl(tiny_vl_dir, finetune="full", gradient_checkpointing=ckpt)
+        pol = QwenVLPolicy(model, proc, max_new_tokens=3, video=VIDEO)
+        assert model.training and model.model.language_model.gradient_checkpointing == ckpt
+        ro = rollout(pol, batch, group=2)
+        assert "pixel_values" in ro.data["prompt_cache"].vision[1]
+        lp = pol.logp(ro, torch.arange(4), 0, 3)
+        assert float((lp - ro.data["sample_logp"]).abs()[ro.mask].max()) < 1e-5
+        (lp * ro.mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
