@@ -42,6 +42,17 @@ class Rollout:
     group_ids: torch.Tensor
     mask: torch.Tensor
     data: Dict[str, Any] = field(default_factory=dict)
+    # Group id of each *sample* (reward row) when training rows are not the reward rows
+    # (policies with an ``advantages`` hook); None = the same as ``group_ids``.
+    reward_group_ids: Optional[torch.Tensor] = None
+
+    @property
+    def sample_group_ids(self) -> torch.Tensor:
+        """``[len(samples)]`` group ids of the rewarded samples: ``reward_group_ids``, or else
+        the first ``len(samples)`` training rows' (reward rows laid out first, e.g. tree leaves)."""
+        if self.reward_group_ids is not None:
+            return self.reward_group_ids
+        return self.group_ids[:len(self.samples)]
 
     def __len__(self) -> int:
         """Training rows (``mask.shape[0]``); equal to ``len(samples)`` unless the policy
@@ -293,7 +304,10 @@ def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],
                                  list(group_sizes) if group_sizes is not None else s.group_size,
                                  generator)
     if group_ids is not None:  # local prompt index -> global group id
-        rollout.group_ids = torch.as_tensor(list(group_ids))[rollout.group_ids]
+        table = torch.as_tensor(list(group_ids))
+        rollout.group_ids = table[rollout.group_ids]
+        if rollout.reward_group_ids is not None:
+            rollout.reward_group_ids = table[rollout.reward_group_ids]
     rewards, error = robust_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata,
                                    reward_retries, reward_timeout)
     return rollout, rewards, error

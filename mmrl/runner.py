@@ -154,7 +154,7 @@ class Run:
     def _update_selector(self, idx: List[int], rollout, rewards) -> None:
         """Feed the gathered (prompt, reward) pairs of a rollout round to the selector."""
         ok = rewards.valid
-        gids = self.dist.all_gather_rows(rollout.group_ids[:len(ok)][ok] % len(idx))
+        gids = self.dist.all_gather_rows(rollout.sample_group_ids[ok] % len(idx))
         total = self.dist.all_gather_rows(
             rewards.weighted_sum(self.config.algo.reward_weights)[ok])
         if len(gids):
@@ -214,7 +214,7 @@ class Run:
             ok = rewards.valid
             total = rewards.weighted_sum(self.config.algo.reward_weights)[ok]
             return (self.dist.all_gather_rows(total),
-                    self.dist.all_gather_rows(rollout.group_ids[:len(ok)][ok]))
+                    self.dist.all_gather_rows(rollout.sample_group_ids[ok]))
         kept, report = DynamicSampling(self.t.prompts_per_step,
                                        self.t.dynamic_sampling_tries).collect(produce)
         rows = [(r, w, torch.isin(r.group_ids, keep) & w.valid) for (r, w, _), keep

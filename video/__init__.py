@@ -22,6 +22,16 @@ from .qwen_inputs import (QwenVideoBatch, VideoEntry, build_qwen_video_inputs, p
 from .slow_fast import FAST, SLOW, SlowFastPlan, choose_resolutions, slow_fast_plan
 from .vl_rewards import VL_REWARDS, build_vl_reward
 
+
+def __getattr__(name):  # the policy pulls in transformers: import it only when asked for
+    if name in ("QwenVLPolicy", "load_qwen_vl"):
+        from . import policy
+        return getattr(policy, name)
+    if name == "build_tiny_qwen_vl":
+        from .tiny import build_tiny_qwen_vl
+        return build_tiny_qwen_vl
+    raise AttributeError(f"module 'mmrl.video' has no attribute {name!r}")
+
 __all__ = [
     "FAST", "SLOW", "QwenVideoBatch", "SkipCounter", "SlowFastPlan", "VideoClip", "VideoEntry",
     "VideoError", "build_qwen_video_inputs", "choose_resolutions", "plan_entries", "read_video",

@@ -43,7 +43,7 @@ def build_tiny_qwen(folder: str):
                               Qwen2VLVideoProcessor)
 
     os.makedirs(folder, exist_ok=True)
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
