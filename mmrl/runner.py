@@ -258,6 +258,18 @@ def _concat_rewards(parts):
                        torch.cat([p.valid for p in parts]))
 
 
+def _check_ranks_agree(r: Run, say) -> None:
+    """Data parallel keeps every rank's weights identical; verify it once at the end."""
+    with torch.no_grad():
+        total = sum(float(p.detach().double().sum() + p.detach().double().square().sum())
+                    for p in r.policy.parameters() if p.requires_grad)
+    sums = r.dist.all_gather_object(total)
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"ranks diverged: parameter checksums {sums}; every rank must build "
+                           f"the same initial weights and run the same updates")
+    say(f"parameters identical on {r.dist.world} ranks (checksum {sums[0]:.6e})")
+
+
 def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                  metadata: Optional[Sequence[Dict[str, Any]]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
@@ -319,6 +331,8 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
             final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
                 {k: v.detach().cpu() for k, v in policy_weights(policy).items()}
             torch.save(final, r.out / "final.pt")
+    if r.dist.active and r.fsdp is None:
+        _check_ranks_agree(r, say)
     maybe_destroy(r.dist)
     rewards = [h.get("reward_mean", float("nan")) for h in r.history]
     k = max(1, min(5, len(rewards) // 4))
