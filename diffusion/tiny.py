@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 
-def _byte_vocab(dirname: str) -> int:
+def write_byte_clip_vocab(dirname: str) -> int:
+    """Write a byte-level CLIP ``vocab.json`` + empty ``merges.txt`` to ``dirname`` -> vocab size.
+
+    Every character is a token (no merges); ids are stable (the alphabet is sorted).
+    """
     from tokenizers.pre_tokenizers import ByteLevel
 
     chars = sorted(ByteLevel.alphabet())
@@ -41,7 +45,7 @@ def build_tiny_sd3(size: int = 16, seed: int = 0):
     if int(size) < 2:
         raise ValueError(f"size={size!r}; expected an int >= 2 (pixels per side)")
     with tempfile.TemporaryDirectory() as tok_dir:
-        vocab = _byte_vocab(tok_dir)
+        vocab = write_byte_clip_vocab(tok_dir)
         tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"),
                                   os.path.join(tok_dir, "merges.txt"), model_max_length=77)
     torch.manual_seed(seed)

@@ -8,24 +8,13 @@ tokenizer is a real ``T5TokenizerFast`` over a small Unigram vocabulary (charact
 """
 from __future__ import annotations
 
-import json
 import os
 import string
 
 import pytest
 import torch
 
-
-def _write_byte_tokenizer(dirname: str) -> int:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    chars = sorted(ByteLevel.alphabet())
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(dirname, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(dirname, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return len(vocab)
+from mmrl.diffusion.tiny import write_byte_clip_vocab
 
 
 def build_tiny_sd3(tok_dir: str, seed: int = 0):
@@ -33,7 +22,7 @@ def build_tiny_sd3(tok_dir: str, seed: int = 0):
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    vocab = _write_byte_tokenizer(tok_dir)
+    vocab = write_byte_clip_vocab(tok_dir)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
@@ -66,7 +55,7 @@ def build_tiny_flux(tok_dir: str, seed: int = 0):
                            FluxTransformer2DModel)
     from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    vocab = _write_byte_tokenizer(tok_dir)
+    vocab = write_byte_clip_vocab(tok_dir)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
     pieces += [("\u2581" + c, -4.0) for c in string.ascii_letters]
