@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 CHAT_TEMPLATE = (
@@ -58,7 +60,12 @@ def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, lay
                          f"mRoPE sections in the ratio 2:3:3)")
     if not overwrite and os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    os.makedirs(folder, exist_ok=True)
+    # Build in a private folder and rename it into place: several ranks of one torchrun job may
+    # build the same (seeded, identical) model at once, and none may load a half-written one.
+    final = folder.rstrip(os.sep)
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
     # alphabet() is a set: sort it, or token ids change with PYTHONHASHSEED from run to run
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
@@ -95,7 +102,13 @@ def build_tiny_qwen_vl(folder: str, *, seed: int = 0, hidden_size: int = 64, lay
         **ids)
     torch.manual_seed(seed)
     Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
-    return folder
+    if overwrite:
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(folder, final)  # atomic; replaces an empty folder
+    except OSError:  # another process finished first: its model is the same one
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
 
 
 def default_tiny_dir(output_dir: Optional[str] = None) -> str:

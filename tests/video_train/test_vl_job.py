@@ -82,3 +82,29 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_vl_dir, task_jsonl, tmp_pa
     full, resumed = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert len(full) == 4 and resumed == full
     assert any(g > 0 for _, g in full)  # the run really trained
+
+
+def test_tiny_model_built_concurrently_into_one_folder_is_complete(tmp_path):
+    """Ranks of one torchrun job build `model: tiny` at the same time: never a torn folder."""
+    import threading
+
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from mmrl.video.tiny import build_tiny_qwen_vl
+    target, errors = str(tmp_path / "tiny"), []
+
+    def build():
+        try:
+            build_tiny_qwen_vl(target)
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temporary folder left
+    AutoProcessor.from_pretrained(target)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(target)
+    assert model.config.text_config.hidden_size == 64
