@@ -12,8 +12,9 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +36,30 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@dataclass
+class Round:
+    """One collection round, as the job's round augmenters see and rework it.
+
+    Attributes:
+        prompts, metadata: the round's groups; group ``group_ids[j]`` is ``prompts[j]``.
+        counts: samples per group (all ranks together).
+        group_ids: the global group id of each group.
+        rollout, rewards, error: this rank's rows, their rewards, a reward failure (or None).
+    """
+
+    prompts: List[Any]
+    metadata: List[Dict[str, Any]]
+    counts: List[int]
+    group_ids: List[int]
+    rollout: Any
+    rewards: Any
+    error: Optional[str] = None
+
+
+#: A round augmenter: ``aug(run, round) -> round`` (re-roll some groups, add a reward column).
+RoundAugmenter = Callable[["Run", Round], Round]
+
+
 def policy_weights(policy) -> Dict[str, torch.Tensor]:
     """The policy's trainable state (``policy.state_dict()`` or its ``.model``'s)."""
     if hasattr(policy, "state_dict"):
@@ -51,11 +76,12 @@ class Run:
     """The state of one training run (built by :func:`run_training`)."""
 
     def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
-                 selector=None):
+                 selector=None, augmenters: Sequence[RoundAugmenter] = ()):
         t = self.t = config.train
         if not prompts:
             raise ValueError("no prompts to train on; check the job's prompt source")
         self.config, self.policy, self.reward_fn = config, policy, reward_fn
+        self.augmenters = list(augmenters)
         self.prompts = list(prompts)
         self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
         self.out = Path(t.output_dir)
@@ -81,6 +107,7 @@ class Run:
         self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
                                      t.micro_batch_size, t.t_chunk, t.max_grad_norm)
         self.step, self.history, self.bad_in_row = 0, [], 0
+        self.round_metrics: Dict[str, float] = {}
         # Every rank draws the same prompts; each samples with its own stream, so identical
         # prompts on different ranks never get identical noise.
         self.gen.manual_seed(t.seed + 7919 * self.dist.rank)
@@ -94,9 +121,11 @@ class Run:
                              f"rank: prompts_per_step * group_size = "
                              f"{t.prompts_per_step * t.group_size} must be divisible by the "
                              f"{world} ranks")
-        if t.dynamic_sampling_tries:
-            raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries (ranks "
-                             "would keep different numbers of rows); use parallel=ddp")
+        if t.dynamic_sampling_tries or self.augmenters:
+            raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries or the "
+                             "job's round augmenters (difficulty augmentation, temporal "
+                             "contrast): ranks would run different numbers of forwards; use "
+                             "parallel=ddp")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:
@@ -110,7 +139,9 @@ class Run:
             return None
         state = {"step": self.step, "rng": rngs[0], "rng_per_rank": rngs,
                  "bad_in_row": self.bad_in_row,
-                 "selector": self.selector.state_dict() if self.selector else None}
+                 "selector": self.selector.state_dict() if self.selector else None,
+                 "augmenters": [a.state_dict() if hasattr(a, "state_dict") else None
+                                for a in self.augmenters]}
         try:
             return self._write(weights, optim, state)
         finally:
@@ -148,6 +179,9 @@ class Run:
         self.step, self.bad_in_row = int(state["step"]), int(state["bad_in_row"])
         if self.selector is not None and state.get("selector") is not None:
             self.selector.load_state_dict(state["selector"])
+        for aug, saved in zip(self.augmenters, state.get("augmenters") or []):
+            if saved is not None and hasattr(aug, "load_state_dict"):
+                aug.load_state_dict(saved)
         return folder
 
     # ------------------------------------------------------------------ one step
@@ -173,30 +207,73 @@ class Run:
         return knapsack_allocate(probs, len(idx) * t.group_size, t.knapsack_n_min,
                                  t.knapsack_n_max).tolist()
 
-    def shard(self, idx: List[int], offset: int = 0):
-        """This rank's (dataset index, sample count, global group id) triples for a round."""
-        counts = self.counts(idx)
+    def shard(self, counts: Sequence[int], group_ids: Sequence[int]):
+        """This rank's (position, sample count, global group id) triples for a round's groups."""
         spec = self.loss_fn.spec
         whole = spec.needs_groups or spec.needs_token_weights or \
             getattr(self.policy, "advantages", None) is not None
         if whole:  # these need whole groups per rank
-            return [(i, c, g + offset) for g, (i, c) in enumerate(zip(idx, counts))
-                    if g % self.dist.world == self.dist.rank]
-        local = shard_samples(counts, self.dist)
-        return [(i, c, g + offset) for g, (i, c) in enumerate(zip(idx, local)) if c > 0]
+            return [(j, c, g) for j, (c, g) in enumerate(zip(counts, group_ids))
+                    if j % self.dist.world == self.dist.rank]
+        local = shard_samples(list(counts), self.dist)
+        return [(j, c, g) for j, (c, g) in enumerate(zip(local, group_ids)) if c > 0]
 
-    def collect_round(self, k: int = 0):
-        """Draw prompts, roll out this rank's share, score, update the selector."""
+    def collect_groups(self, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
+                       counts: Sequence[int], group_ids: Sequence[int]) -> Round:
+        """Roll out and score this rank's share of the given groups (every rank calls it with
+        the same arguments)."""
         from mmrl.loop import collect
-        idx = self.next_prompts()
-        mine = self.shard(idx, offset=k * len(idx))
+        mine = self.shard(counts, group_ids)
         rollout, rewards, error = collect(
-            self.policy, self.reward_fn, [self.prompts[i] for i, _, _ in mine],
-            [self.metadata[i] for i, _, _ in mine], self.settings, self.gen,
+            self.policy, self.reward_fn, [prompts[j] for j, _, _ in mine],
+            [metadata[j] for j, _, _ in mine], self.settings, self.gen,
             group_sizes=[c for _, c, _ in mine], group_ids=[g for _, _, g in mine],
             reward_retries=self.t.reward_retries, reward_timeout=self.t.reward_timeout or None)
-        self._update_selector(idx, rollout, rewards)
-        return rollout, rewards, error
+        return Round(list(prompts), list(metadata), list(counts), list(group_ids), rollout,
+                     rewards, error)
+
+    def gathered(self, rollout, values: torch.Tensor):
+        """``(values, group ids)`` of every rank's rows (the same on all ranks)."""
+        return (self.dist.all_gather_rows(values),
+                self.dist.all_gather_rows(rollout.sample_group_ids))
+
+    def add_round_metrics(self, values: Dict[str, float]) -> None:
+        """Augmenters' counters for this step's metrics (summed over the step's rounds)."""
+        for k, v in values.items():
+            self.round_metrics[k] = self.round_metrics.get(k, 0.0) + float(v)
+
+    def round_seed(self, *keys: int) -> int:
+        """A seed that is the same on every rank for (run seed, step, *keys): augmentations of a
+        group spread over ranks must agree, and a resumed run redraws the same ones."""
+        return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
+            hash((self.t.seed, self.step) + tuple(int(k) for k in keys)) % 2**63)).item())
+
+    def replace_groups(self, rnd: Round, new: Round) -> Round:
+        """``rnd`` with the rows of ``new``'s groups replaced by ``new``'s rows."""
+        from mmrl.loop import concat_rollouts
+        if rnd.rollout.reward_group_ids is not None:
+            raise ValueError("replace_groups needs reward rows = training rows")
+        drop = torch.isin(rnd.rollout.group_ids, torch.tensor(new.group_ids, dtype=torch.long))
+        concat = getattr(self.policy, "concat_rollouts", None) or concat_rollouts
+        rollout = concat([rnd.rollout.select(~drop), new.rollout])
+        rewards = _concat_rewards([rnd.rewards.select(~drop), new.rewards])
+        pos = {g: j for j, g in enumerate(rnd.group_ids)}
+        prompts, metadata = list(rnd.prompts), list(rnd.metadata)
+        for j, g in enumerate(new.group_ids):
+            prompts[pos[g]], metadata[pos[g]] = new.prompts[j], new.metadata[j]
+        return Round(prompts, metadata, rnd.counts, rnd.group_ids, rollout, rewards,
+                     rnd.error or new.error)
+
+    def collect_round(self, k: int = 0):
+        """Draw prompts, roll out this rank's share, score, update the selector, then let the
+        job's augmenters rework the round."""
+        idx = self.next_prompts()
+        rnd = self.collect_groups([self.prompts[i] for i in idx], [self.metadata[i] for i in idx],
+                                  self.counts(idx), [g + k * len(idx) for g in range(len(idx))])
+        self._update_selector(idx, rnd.rollout, rnd.rewards)
+        for augment in self.augmenters:
+            rnd = augment(self, rnd)
+        return rnd.rollout, rnd.rewards, rnd.error
 
     def collect_dynamic(self):
         """DAPO dynamic sampling: rounds until prompts_per_step informative groups are kept.
@@ -228,6 +305,7 @@ class Run:
         from mmrl.loop import learn
         tic = time.time()
         report = None
+        self.round_metrics = {}
         if self.t.dynamic_sampling_tries:
             rollout, rewards, error, report = self.collect_dynamic()
         else:
@@ -241,6 +319,7 @@ class Run:
             m.update({"dynamic_tries": float(report.tries),
                       "dynamic_groups_kept": float(report.groups_kept),
                       "dynamic_groups_dropped": float(report.groups_dropped)})
+        m.update(self.round_metrics)
         m["step_time"] = time.time() - tic
         m.update(throughput(m, res["rollout"], self.dist))
         if res.get("reward_error"):
@@ -273,15 +352,15 @@ def _check_ranks_agree(r: Run, say) -> None:
 def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                  metadata: Optional[Sequence[Dict[str, Any]]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 selector=None) -> Dict[str, Any]:
+                 selector=None, augmenters: Sequence[RoundAugmenter] = ()) -> Dict[str, Any]:
     """Train ``policy`` for ``config.train.steps`` iterations; returns a summary dict.
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final.pt`` under
     ``config.train.output_dir``; resumes from the newest complete checkpoint there when
-    ``train.resume=auto``.
+    ``train.resume=auto``. ``augmenters`` rework each collected round (see :class:`Round`).
     """
     from mmrl.schema import save_config
-    r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector)
+    r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters)
     t, main = r.t, r.dist.is_main
     say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     if main:

@@ -76,6 +76,25 @@ class VideoConfig:
     max_tokens: int = cfg(768, "slow_fast: most tokens per slow frame.", minimum=1)
     tw_chunk: int = cfg(64, "TW-GRPO: positions per chunk of full-vocabulary log-probs.",
                         minimum=1)
+    difficulty_augmentation: bool = cfg(
+        False, "Re-roll each group whose rewards are all equal once as a harder variant "
+        "(frames dropped and noised) when its mean is above the moving reference, or an easier "
+        "one (a hint) when below; the variant replaces the group.",
+        source="DeepVideo-R1 arXiv 2506.07464")
+    difficulty_momentum: float = cfg(0.9, "Momentum of the moving reference of group-mean "
+                                     "reward.", minimum=0.0, maximum=0.999)
+    harder_noise_std: float = cfg(25.0, "Harder variant: Gaussian pixel noise (uint8 units).",
+                                  minimum=0.0)
+    harder_drop_ratio: float = cfg(0.25, "Harder variant: fraction of frames dropped.",
+                                   minimum=0.0, maximum=0.9)
+    hint_eliminate: int = cfg(1, "Easier variant of a multiple-choice question: wrong options "
+                              "ruled out in the hint.", minimum=1)
+    temporal_contrast: bool = cfg(
+        False, "T-GRPO: also roll out every video group on shuffled frames (scored, not "
+        "trained); correct samples of a group with accuracy p >= temporal_mu * p(shuffled) get "
+        "+temporal_alpha in a 'temporal' reward column.", source="Video-R1 arXiv 2503.21776")
+    temporal_alpha: float = cfg(0.3, "T-GRPO bonus α.", minimum=0.0, source="Video-R1 (0.3)")
+    temporal_mu: float = cfg(0.8, "T-GRPO ratio μ.", minimum=0.0, source="Video-R1 (0.8)")
 
     def problems(self) -> List[str]:
         out = []
@@ -84,6 +103,8 @@ class VideoConfig:
                        f"'synthetic'")
         if not self.rewards:
             out.append("video.rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
+        if self.temporal_contrast and "accuracy" not in self.rewards:
+            out.append("video.temporal_contrast needs the 'accuracy' reward in video.rewards")
         if self.min_tokens > self.max_tokens:
             out.append(f"video.min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
         return out
@@ -97,8 +118,8 @@ def _video_kwargs(c: VideoConfig) -> Dict[str, Any]:
 
 
 def build_data(c: VideoConfig, output_dir: str, seed: int):
-    """``(prompts, metadata, dataset)``: question strings, and per prompt the record's metadata
-    plus its ``messages``."""
+    """``(prompts, metadata, dataset, records)``: question strings, and per prompt the record's
+    metadata plus its ``messages`` and ``record_index`` (into ``records``)."""
     from .augment import qa_inversion
     from .data import build_messages, format_question, load_vl_dataset
     path = c.data
@@ -111,10 +132,26 @@ def build_data(c: VideoConfig, output_dir: str, seed: int):
     if c.qa_inversion > 0:
         records = list(qa_inversion(records, prob=c.qa_inversion, seed=seed))
     prompts = [format_question(r, c.template) for r in records]
-    metadata = [{**r.metadata(), "messages": build_messages(r, c.template,
-                                                            system_prompt=c.system_prompt)}
-                for r in records]
-    return prompts, metadata, ds
+    metadata = [{**r.metadata(), "record_index": j,
+                 "messages": build_messages(r, c.template, system_prompt=c.system_prompt)}
+                for j, r in enumerate(records)]
+    return prompts, metadata, ds, records
+
+
+def build_augmenters(c: VideoConfig, records, reward_weights) -> list:
+    """The round augmenters the config asks for (difficulty first, then temporal contrast, so
+    a re-rolled variant is the one contrasted)."""
+    from .augment import DifficultyAugmenter
+    from .rounds import DifficultyRounds, TemporalContrast, _Media
+    media = _Media(records, c.template, c.system_prompt, c.fps, c.max_frames)
+    out = []
+    if c.difficulty_augmentation:
+        out.append(DifficultyRounds(DifficultyAugmenter(
+            momentum=c.difficulty_momentum, noise_std=c.harder_noise_std,
+            drop_ratio=c.harder_drop_ratio, eliminate=c.hint_eliminate), media, reward_weights))
+    if c.temporal_contrast:
+        out.append(TemporalContrast(media, alpha=c.temporal_alpha, mu=c.temporal_mu))
+    return out
 
 
 def build_policy(c: VideoConfig, output_dir: str, device: str, spec=None):
@@ -150,14 +187,18 @@ def run(config) -> Dict[str, Any]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     torch.manual_seed(config.train.seed)
     spec = config.algo.resolve()
-    prompts, metadata, ds = build_data(c, out, config.train.seed)
+    prompts, metadata, ds, records = build_data(c, out, config.train.seed)
     if ds.skipped:
         print(f"video: {ds.skip_report()}", flush=True)
     reward = build_vl_reward(c.rewards)
     if not config.algo.reward_weights:
         config.algo.reward_weights = dict(reward.weights)
+        if c.temporal_contrast:
+            from .rounds import TEMPORAL_COLUMN
+            config.algo.reward_weights[TEMPORAL_COLUMN] = 1.0
     policy = build_policy(c, out, device, spec)
-    summary = run_training(config, policy, reward, prompts, metadata)
+    summary = run_training(config, policy, reward, prompts, metadata,
+                           augmenters=build_augmenters(c, records, config.algo.reward_weights))
     summary["skipped_records"] = len(ds.skipped)
     summary["skipped_videos"] = policy.skips.total
     if policy.skips.total:
