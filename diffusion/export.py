@@ -1,0 +1,238 @@
+"""Export a trained SD3 / FLUX policy as a folder diffusers loads with its public API.
+
+:func:`export_flow_policy` writes one of two layouts plus a small ``mmrl_export.json`` that records
+what the folder holds and how to load it (``Pipeline`` = ``StableDiffusion3Pipeline`` or
+``FluxPipeline``, as ``pipeline_class`` in the manifest says):
+
+- LoRA -> the transformer's adapter as a diffusers LoRA file
+  (``pytorch_lora_weights.safetensors``, written by ``Pipeline.save_lora_weights`` with the
+  adapter's rank and alpha in its metadata), to load onto the base pipeline it was trained from
+  (``base_model`` in the manifest)::
+
+      pipe = Pipeline.from_pretrained(BASE_MODEL)
+      pipe.load_lora_weights(path)
+
+- full fine-tuning, no fine-tuning, or LoRA with ``merge_lora=True`` -> the whole pipeline
+  (``model_index.json`` and one folder per component, ``save_pretrained``); a merged LoRA is
+  folded into the transformer's weights (W + (α/r)·B·A), so no peft is needed to load it::
+
+      pipe = Pipeline.from_pretrained(path)
+      # a pipeline saved without some text encoders (SD3 without T5) records them as absent;
+      # pass them as None: Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+      # mmrl.diffusion.pipeline.load_pipeline("Pipeline", path) does that for you.
+
+The merge never touches the live transformer: merged weights go into a new CPU state dict and a
+new transformer built around it (one transformer's worth of host memory, no second copy on the
+accelerator), so training goes on after an export exactly as before. The folder is written under
+a temporary sibling name and renamed into place; an existing export at ``path`` is replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import torch
+
+MANIFEST = "mmrl_export.json"
+
+
+def export_flow_policy(policy, path: str, *, merge_lora: bool = False) -> str:
+    """Write ``policy``'s pipeline (or its LoRA adapter) to the folder ``path`` -> ``path``.
+
+    Args:
+        policy: an :class:`~mmrl.diffusion.pipeline.SD3Policy` or
+            :class:`~mmrl.diffusion.pipeline.FluxPolicy` (uses ``.pipe``, ``.transformer``,
+            ``.finetune``).
+        path: the export folder. Created (with its parents); an earlier export there (a folder
+            holding ``mmrl_export.json``) or an empty folder is replaced.
+        merge_lora: LoRA only: write the whole pipeline with the adapter merged into the
+            transformer instead of the adapter file.
+
+    Returns:
+        The absolute path of the export folder.
+
+    Raises:
+        ValueError: ``path`` is a file, or a non-empty folder that is not an mmrl export;
+            ``merge_lora=True`` on a policy without LoRA; several adapters on the transformer;
+            an adapter that cannot be merged (DoRA).
+    """
+    target = _check_target(path)
+    lora = policy.finetune == "lora"
+    if merge_lora and not lora:
+        raise ValueError(f"merge_lora=True but the policy has no LoRA adapter "
+                         f"(finetune={policy.finetune!r}); export without merge_lora (the whole "
+                         f"pipeline is written as it is)")
+    pipe, cls = policy.pipe, type(policy.pipe).__name__
+    adapter = lora and not merge_lora
+    absent = sorted(k for k, v in pipe.components.items() if v is None)
+    if adapter:
+        load = f"pipe = {cls}.from_pretrained(BASE_MODEL)\npipe.load_lora_weights(PATH)"
+    else:
+        nones = "".join(f", {k}=None" for k in absent if k.startswith(("text_encoder",
+                                                                       "tokenizer")))
+        load = f"pipe = {cls}.from_pretrained(PATH{nones})"
+    manifest = {"format": "mmrl_export", "version": 1, "kind": "flow_pipeline",
+                "pipeline_class": cls,
+                "layout": "diffusers_lora" if adapter else "diffusers_pipeline",
+                "finetune": policy.finetune, "merged": bool(merge_lora),
+                "base_model": _base_name(pipe),
+                "dtype": str(policy.transformer.dtype).split(".")[-1], "load": load}
+
+    def write(tmp: str) -> None:
+        if adapter:
+            _save_lora(pipe, policy.transformer, tmp)
+        elif merge_lora:
+            merged = _merged_transformer(policy.transformer)
+            type(pipe)(**{**pipe.components, "transformer": merged}).save_pretrained(tmp)
+        else:
+            pipe.save_pretrained(tmp)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+
+    return _write_atomically(target, write)
+
+
+def _adapter_name(transformer) -> str:
+    names = list(getattr(transformer, "peft_config", {}) or {})
+    if len(names) != 1:
+        raise ValueError(f"the transformer carries adapters {names}; expected exactly one "
+                         f"(the policy's LoRA); delete the others with "
+                         f"transformer.delete_adapters(name) before exporting")
+    return names[0]
+
+
+def _save_lora(pipe, transformer, folder: str) -> None:
+    """The adapter via ``save_lora_weights``, its LoraConfig (rank, alpha, targets) as metadata.
+
+    Without the metadata diffusers infers the rank from the shapes and takes alpha = rank, which
+    is a different scale whenever alpha != rank (flow_grpo: r 32, alpha 64).
+    """
+    from peft import get_peft_model_state_dict
+
+    name = _adapter_name(transformer)
+    type(pipe).save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=name),
+        transformer_lora_adapter_metadata=transformer.peft_config[name].to_dict())
+
+
+def _merged_transformer(transformer):
+    """A new transformer of the same class holding the merged weights (on CPU, same dtype)."""
+    from accelerate import init_empty_weights
+
+    _adapter_name(transformer)
+    state = merged_state_dict(transformer)
+    # parameters on the meta device (no init, no memory), replaced by the merged tensors below
+    with init_empty_weights(include_buffers=False):
+        fresh = type(transformer).from_config(transformer.config)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    return fresh.eval()
+
+
+def _base_name(pipe) -> Optional[str]:
+    """The base pipeline's hub id or folder, when diffusers recorded one."""
+    name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+def merged_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``model``'s state dict with every active LoRA folded in: W + ΔW, adapter keys dropped.
+
+    Works on a module carrying peft tuner layers (a diffusers model after ``add_adapter``);
+    keys are those of the un-adapted model (``...to_q.weight``, not ``...to_q.base_layer.weight``).
+    Tensors are detached CPU copies in the weight's dtype; the sum is done in fp32 so a bf16
+    model rounds once. ``model`` is not modified.
+
+    Raises:
+        ValueError: an adapter the simple sum cannot express (DoRA, ``modules_to_save``).
+    """
+    tuners = {name: module for name, module in model.named_modules()
+              if hasattr(module, "get_base_layer") and hasattr(module, "get_delta_weight")}
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if ".modules_to_save." in key or ".original_module." in key:
+            raise ValueError(f"cannot merge {key!r}: adapters with modules_to_save are not "
+                             f"supported; export without merge_lora")
+        owner = next((n for n in _prefixes(key) if n in tuners), None)
+        if owner is None:
+            out[key] = value.detach().cpu().clone()
+            continue
+        rest = key[len(owner) + 1:]
+        if not rest.startswith("base_layer."):
+            continue  # lora_A / lora_B: folded into the weight below
+        new_key = f"{owner}.{rest[len('base_layer.'):]}"
+        out[new_key] = value.detach().cpu().clone()
+        if rest == "base_layer.weight":
+            out[new_key] = _fold(tuners[owner], value, owner)
+    return out
+
+
+def _prefixes(key: str):
+    """Module names that may own ``key``, longest first (``a.b.c.weight`` -> a.b.c, a.b, a)."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        yield ".".join(parts[:i])
+
+
+def _fold(layer, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """W + Σ ΔW over the layer's active, not yet merged adapters (fp32 sum, W's dtype)."""
+    total = weight.detach().float().cpu().clone()
+    if getattr(layer, "disable_adapters", False):
+        return total.to(weight.dtype)
+    for adapter in layer.active_adapters:
+        if adapter in getattr(layer, "merged_adapters", ()):
+            continue  # already inside W
+        if getattr(layer, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"cannot merge the DoRA adapter {adapter!r} of {name!r} as W + BA; "
+                             f"export without merge_lora")
+        total += layer.get_delta_weight(adapter).detach().float().cpu()
+    return total.to(weight.dtype)
+
+
+def _check_target(path: str) -> str:
+    """The absolute export folder, refusing paths an export must not replace."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"path={path!r}; expected a folder path (str) for the export")
+    target = os.path.abspath(os.fspath(path))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"path {target!r} is an existing file; expected a folder (new, empty, "
+                         f"or an earlier export); choose another path or remove the file")
+    if os.path.isdir(target) and os.listdir(target) and \
+            not os.path.isfile(os.path.join(target, MANIFEST)):
+        raise ValueError(f"path {target!r} is a non-empty folder without {MANIFEST}, so it is "
+                         f"not an earlier export and will not be replaced; choose a new or empty "
+                         f"folder")
+    return target
+
+
+def _write_atomically(target: str, write) -> str:
+    """Run ``write(tmp)`` on a temporary sibling folder, then rename it to ``target``.
+
+    An existing ``target`` is first renamed aside and deleted only after the new folder is in
+    place; on any error the temporary folder is removed and ``target`` is left as it was.
+    """
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an export is an ordinary folder
+    old = None
+    try:
+        write(tmp)
+        if os.path.isdir(target):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not os.path.exists(target):
+            os.rename(old, target)  # put the earlier export back
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
