@@ -1,15 +1,19 @@
-"""Qwen2.5-VL as a :class:`mmrl.loop.GroupPolicy`: group rollouts, per-token logp, reference, TW.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL as a :class:`mmrl.loop.GroupPolicy`: group rollouts,
+per-token logp, reference, TW.
 
 Vision is encoded once per prompt. A rollout tokenizes each prompt once (video through
 :func:`~mmrl.video.qwen_inputs.build_qwen_video_inputs`, positions through
-:func:`~mmrl.video.qwen_inputs.qwen25_position_ids`) and keeps ONE copy of its pixel values;
+:func:`~mmrl.video.qwen_inputs.mrope_position_ids`, per architecture) and keeps ONE copy of its
+pixel values;
 every forward (sampling, ``logp``, ``ref_logp``, TW weights) runs the vision tower on the unique
 prompts of its rows only and expands the merged visual embeddings to the rows by indexing. HF
 ``generate`` with ``num_return_sequences=G`` instead copies every prompt's pixel values G times
 and re-encodes them per row, and its 3-D positions come from transformers 5.24's
 ``get_rope_index``, wrong for text after a video of more than one temporal grid; so sampling is
 a KV-cached loop here (temperature, top-p, ``max_new_tokens``, stop strings, an optional
-``allowed_answers`` restriction) with the release's positions.
+``allowed_answers`` restriction) with the release's positions. Qwen3-VL's DeepStack features
+(vision-tower blocks added to the first decoder layers' hidden states at the visual positions)
+are expanded to the rows the same way and passed with the prompt's tokens only.
 
 Log-probs are of the temperature-scaled distribution (restricted to ``allowed_answers`` when set),
 the one tokens are sampled from before top-p truncation, as TRL and verl do.
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from mmrl.loop import Rollout
 
 from .io import SkipCounter, VideoError
-from .qwen_inputs import build_qwen_video_inputs, qwen25_position_ids
+from .qwen_inputs import build_qwen_video_inputs, check_model_type, mrope_position_ids
 
 FINETUNE = ("lora", "full")
 
@@ -43,13 +47,16 @@ def load_qwen_vl(path: str, *, dtype: str = "float32", device: str = "cpu",
 
     Raises:
         ValueError: unknown ``finetune``/``dtype``.
+        NotImplementedError: a checkpoint whose ``model_type`` is not qwen2_vl, qwen2_5_vl or
+            qwen3_vl (checked from its config, before the weights load).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     if finetune not in FINETUNE:
         raise ValueError(f"finetune={finetune!r}; expected one of {FINETUNE}")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(dtypes)}")
+    check_model_type(AutoConfig.from_pretrained(path).model_type)
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype]).to(device)
     model.requires_grad_(True)
@@ -87,12 +94,15 @@ class PromptCache:
 
 
 class QwenVLPolicy:
-    """GroupPolicy over a Qwen2.5-VL(-class) model (plain or peft-wrapped).
+    """GroupPolicy over a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (plain or peft-wrapped).
 
     Prompts are strings (logged); ``metadata[i]["messages"]`` is the prompt's conversation in
     qwen-vl-utils format (as :func:`~mmrl.video.data.build_messages` makes it). Samples are the
     decoded completions; each row's metadata gains ``completion_length`` (tokens).
     A prompt whose video cannot be read is skipped (no rows) and counted in ``skips``.
+
+    Raises:
+        NotImplementedError: a model of another ``config.model_type``.
     """
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -112,6 +122,7 @@ class QwenVLPolicy:
         self.is_peft = hasattr(model, "disable_adapter")
         self.base = model.get_base_model() if self.is_peft else model
         self.cfg = self.base.config
+        check_model_type(self.cfg.model_type)
         self.eos = sorted({i for i in (self.tok.convert_tokens_to_ids("<|im_end|>"),
                                        self.tok.convert_tokens_to_ids("<|endoftext|>"),
                                        self.tok.eos_token_id) if isinstance(i, int) and i >= 0})
@@ -199,24 +210,23 @@ class QwenVLPolicy:
         for u, r in enumerate(rows):
             n = r["input_ids"].shape[1]
             ids[u, P - n:], attn[u, P - n:] = r["input_ids"][0], 1
-            p, _ = qwen25_position_ids(
-                r["input_ids"], None, r.get("video_grid_thw"), r.get("second_per_grid_ts"),
-                video_token_id=self.cfg.video_token_id, image_token_id=self.cfg.image_token_id,
-                image_grid_thw=r.get("image_grid_thw"),
-                tokens_per_second=getattr(self.cfg.vision_config, "tokens_per_second", 2),
-                spatial_merge_size=self.cfg.vision_config.spatial_merge_size)
+            p, _ = mrope_position_ids(self.base.model, {k: v for k, v in r.items()
+                                                        if k != "attention_mask"})
             pos[:, u, P - n:] = p[:, 0]
             next_pos[u] = int(p.max()) + 1
             vision.append({k: v for k, v in r.items() if k in (
                 "pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw")})
         return PromptCache(ids, attn, pos, next_pos, vision), kept
 
-    def _prompt_embeds(self, model, cache: PromptCache, uniq: torch.Tensor) -> torch.Tensor:
-        """``[U', P, H]`` input embeddings of prompts ``uniq``, vision encoded once each."""
+    def _prompt_embeds(self, model, cache: PromptCache, uniq: torch.Tensor) -> tuple:
+        """``([U', P, H] input embeddings, DeepStack)`` of prompts ``uniq``, vision encoded once
+        each. DeepStack (Qwen3-VL) is one ``[U', P, H]`` tensor per injected decoder layer, the
+        tower's features at the visual slots and zeros elsewhere; None for other models."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner = base.model
         ids = cache.ids[uniq].to(self.device)
         emb = inner.get_input_embeddings()(ids)
+        deep = None
         for key, grid_key, token_id, fn in (
                 ("pixel_values_videos", "video_grid_thw", self.cfg.video_token_id,
                  inner.get_video_features),
@@ -227,16 +237,36 @@ class QwenVLPolicy:
                 continue
             pix = torch.cat([p[key] for p in parts]).to(self.device)
             grid = torch.cat([p[grid_key] for p in parts]).to(self.device)
-            feats = torch.cat(fn(pix, grid, return_dict=True).pooler_output).to(emb.dtype)
+            out = fn(pix, grid, return_dict=True)
             slots = (ids == token_id).unsqueeze(-1).expand_as(emb)
-            emb = emb.masked_scatter(slots, feats)
-        return emb
+            emb = emb.masked_scatter(slots, torch.cat(out.pooler_output).to(emb.dtype))
+            stack = getattr(out, "deepstack_features", None)
+            if stack:
+                deep = deep or [torch.zeros_like(emb) for _ in stack]
+                deep = [d.masked_scatter(slots, torch.cat(f).to(emb.dtype))
+                        for d, f in zip(deep, stack)]
+        return emb, deep
+
+    def _deepstack_kwargs(self, cache: PromptCache, pidx: torch.Tensor, inv: torch.Tensor,
+                          deep, extra: int) -> Dict[str, Any]:
+        """Qwen3-VL language-model kwargs for rows ``pidx`` (``inv`` indexes the unique prompts'
+        DeepStack): ``visual_pos_masks [b, P + extra]`` (response positions are never visual)
+        and the features at those slots in row-major order; ``{}`` without DeepStack."""
+        if deep is None:
+            return {}
+        vision_ids = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id])
+        vis = torch.isin(cache.ids[pidx], vision_ids).to(self.device)  # [b, P]
+        r, c = vis.nonzero(as_tuple=True)
+        inv = inv.to(self.device)
+        return {"visual_pos_masks": F.pad(vis, (0, extra), value=False),
+                "deepstack_visual_embeds": [d[inv[r], c] for d in deep]}
 
     def _hidden(self, model, cache: PromptCache, pidx: torch.Tensor, resp: torch.Tensor):
         """Last hidden states ``[b, P + t, H]`` of prompts ``pidx`` followed by ``resp``."""
         uniq, inv = torch.unique(pidx, return_inverse=True)
         # [U', P, H] -> [b, P, H]: vision once per unique prompt, expanded by indexing
-        emb_p = self._prompt_embeds(model, cache, uniq)[inv.to(self.device)]
+        emb_p, deep = self._prompt_embeds(model, cache, uniq)
+        emb_p = emb_p[inv.to(self.device)]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         resp = resp.to(self.device)
         emb = torch.cat([emb_p, base.model.get_input_embeddings()(resp)], 1)
@@ -245,7 +275,8 @@ class QwenVLPolicy:
         rpos = cache.next_pos[pidx][:, None] + torch.arange(t)  # [b, t]
         pos = torch.cat([cache.pos[:, pidx], rpos.expand(3, -1, -1)], 2)
         out = base.model.language_model(inputs_embeds=emb, attention_mask=attn.to(self.device),
-                                        position_ids=pos.to(self.device), use_cache=False)
+                                        position_ids=pos.to(self.device), use_cache=False,
+                                        **self._deepstack_kwargs(cache, pidx, inv, deep, t))
         return out.last_hidden_state, base.lm_head
 
     def _logprobs(self, head, hidden: torch.Tensor) -> torch.Tensor:
@@ -278,7 +309,9 @@ class QwenVLPolicy:
         was_training = self.model.training
         self.model.eval()
         uniq, inv = torch.unique(pidx, return_inverse=True)
-        emb = self._prompt_embeds(self.model, cache, uniq)[inv.to(self.device)]  # [B, P, H]
+        emb, deep = self._prompt_embeds(self.model, cache, uniq)
+        emb = emb[inv.to(self.device)]  # [B, P, H]
+        extra = self._deepstack_kwargs(cache, pidx, inv, deep, 0)  # prompt (prefill) step only
         attn = cache.attn[pidx].to(self.device)
         pos = cache.pos[:, pidx].to(self.device)
         kv = DynamicCache(config=base.config.get_text_config())
@@ -289,8 +322,8 @@ class QwenVLPolicy:
         texts = [""] * B
         for t in range(self.max_new_tokens):
             h = base.model.language_model(inputs_embeds=emb, attention_mask=attn,
-                                          position_ids=pos, cache=kv,
-                                          use_cache=True).last_hidden_state[:, -1]
+                                          position_ids=pos, cache=kv, use_cache=True,
+                                          **(extra if t == 0 else {})).last_hidden_state[:, -1]
             lp = self._logprobs(base.lm_head, h)  # [B, V]
             nxt = self._sample(lp, generator)  # [B]
             tokens.append(nxt)

@@ -308,11 +308,72 @@ def _call_processor(processor, texts, videos, metadata, padding_side, factor):
         return processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt")
     # Frames are already at their final multiple-of-factor size: let the processor's own resize
     # keep every size (bounds from one token to the largest entry) and not sample frames again.
-    largest = max(v.shape[-2] * v.shape[-1] for v in videos)
+    # (t·h·w: Qwen3-VL's video processor bounds a whole video's pixels, Qwen2/2.5-VL's a frame's)
+    largest = max(v.shape[0] * v.shape[-2] * v.shape[-1] for v in videos)
     return processor(text=texts, videos=videos, video_metadata=metadata, do_sample_frames=False,
                      size={"shortest_edge": factor * factor, "longest_edge": largest},
                      cap_pixels_per_frame=False, padding=True, padding_side=padding_side,
                      return_tensors="pt")
+
+
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def check_model_type(model_type: str) -> None:
+    """Raise ``NotImplementedError`` for a model type whose positions this package cannot make.
+
+    Raises:
+        NotImplementedError: ``model_type`` is not one of :data:`MROPE_MODEL_TYPES`.
+    """
+    if model_type not in MROPE_MODEL_TYPES:
+        raise NotImplementedError(
+            f"model_type={model_type!r} is not supported by the video policy (supported: "
+            f"{', '.join(MROPE_MODEL_TYPES)}); load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint")
+
+
+def mrope_position_ids(vl_model, inputs: Mapping[str, torch.Tensor]
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mRoPE positions ``[3, B, L]`` and deltas ``[B, 1]`` of processor ``inputs``, per architecture.
+
+    ``vl_model`` is the inner multimodal model (``model.model`` of a ``*ForConditionalGeneration``);
+    its ``config.model_type`` picks the rule:
+
+    - ``qwen2_5_vl``: :func:`qwen25_position_ids` (time scaled by ``second_per_grid_ts``).
+    - ``qwen2_vl``: :func:`qwen2_position_ids` (one temporal position per temporal grid).
+    - ``qwen3_vl``: the model's own ``get_rope_index``. Its processor splits a video into one
+      block per temporal grid (each behind a ``<t seconds>`` timestamp), so every block has
+      ``t = 1`` and transformers' rule (text resumes at ``s + max(h, w) / merge``) equals the
+      block's largest position + 1: correct here, unlike for Qwen2/2.5-VL videos.
+
+    Args:
+        vl_model: the inner model (has ``config`` and, for Qwen3-VL, ``get_rope_index``).
+        inputs: ``input_ids [B, L]`` and optional ``attention_mask``, ``image_grid_thw``,
+            ``video_grid_thw``, ``second_per_grid_ts`` (as the processor returns them).
+
+    Raises:
+        NotImplementedError: another ``model_type`` (see :func:`check_model_type`).
+    """
+    cfg = vl_model.config
+    check_model_type(cfg.model_type)
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    tokens = dict(video_token_id=cfg.video_token_id, image_token_id=cfg.image_token_id,
+                  video_grid_thw=inputs.get("video_grid_thw"),
+                  image_grid_thw=inputs.get("image_grid_thw"),
+                  spatial_merge_size=cfg.vision_config.spatial_merge_size)
+    if cfg.model_type == "qwen3_vl":
+        # text 0, image 1, video 2: computed from the ids, whatever the processor returned
+        types = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
+        grid = tokens["video_grid_thw"]
+        return vl_model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=tokens["image_grid_thw"],
+            video_grid_thw=None if grid is None else grid.clone(),  # it writes into the grid
+            attention_mask=mask)
+    if cfg.model_type == "qwen2_vl":
+        return qwen2_position_ids(ids, mask, **tokens)
+    return qwen25_position_ids(ids, mask, tokens.pop("video_grid_thw"),
+                               inputs.get("second_per_grid_ts"),
+                               tokens_per_second=getattr(cfg.vision_config, "tokens_per_second",
+                                                         2), **tokens)
 
 
 def qwen25_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -340,24 +401,69 @@ def qwen25_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.
         video_token_id: the ``<|video_pad|>`` id; image_token_id, image_grid_thw: same for images.
         tokens_per_second: ``config.vision_config.tokens_per_second``.
         spatial_merge_size: ``config.vision_config.spatial_merge_size``.
+
+    Raises:
+        ValueError: videos without one ``second_per_grid_ts`` each.
     """
+    n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
+    secs = [] if second_per_grid_ts is None else second_per_grid_ts.tolist()
+    if len(secs) != n_videos:
+        raise ValueError(f"{n_videos} videos but {len(secs)} second_per_grid_ts; pass the "
+                         f"processor's second_per_grid_ts (a Qwen2.5-VL processor returns one "
+                         f"per video), or use qwen2_position_ids for Qwen2-VL")
+    steps = {video_token_id: [s * tokens_per_second for s in secs]}
+    return _mrope_positions(input_ids, attention_mask, _grids(
+        video_token_id, video_grid_thw, image_token_id, image_grid_thw), steps,
+        spatial_merge_size)
+
+
+def qwen2_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       video_grid_thw: Optional[torch.Tensor], *, video_token_id: int,
+                       spatial_merge_size: int = 2, image_grid_thw: Optional[torch.Tensor] = None,
+                       image_token_id: Optional[int] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mRoPE position ids ``[3, B, L]`` and deltas ``[B, 1]`` as the Qwen2-VL release computes them.
+
+    As :func:`qwen25_position_ids` with the temporal index advancing by 1 per temporal grid
+    (Qwen2-VL has no ``second_per_grid_ts`` time scaling, arXiv:2409.12191 §2.1): a block
+    ``(t, h, w)`` after text position ``s`` gets ``(s + i, s + j, s + k)`` and the text after it
+    resumes at the block's largest position + 1. For a single temporal grid (every image) this
+    equals transformers 5.24's ``get_rope_index``; for longer videos that version resumes text
+    inside the video's positions (see :func:`qwen25_position_ids`).
+    """
+    n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
+    return _mrope_positions(input_ids, attention_mask, _grids(
+        video_token_id, video_grid_thw, image_token_id, image_grid_thw),
+        {video_token_id: [1.0] * n_videos}, spatial_merge_size)
+
+
+def _grids(video_token_id, video_grid_thw, image_token_id, image_grid_thw) -> Dict[int, list]:
+    grids = {video_token_id: video_grid_thw.tolist() if video_grid_thw is not None else []}
+    if image_token_id is not None:
+        grids[image_token_id] = image_grid_thw.tolist() if image_grid_thw is not None else []
+    return grids
+
+
+def _mrope_positions(input_ids, attention_mask, grids: Dict[int, list],
+                     steps: Dict[int, List[float]], spatial_merge_size: int):
+    """The shared rule: vision block ``(t, h, w)`` after text position ``s`` gets
+    ``(s + ⌊i·step⌋, s + j, s + k)`` (``step`` per block from ``steps``, 0 for blocks without),
+    text resumes at the block's largest position + 1. -> ``([3, B, L], [B, 1])``."""
     b, length = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     pos = torch.ones(3, b, length, dtype=torch.long)
-    grids = {video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
-    if image_token_id is not None:
-        grids[image_token_id] = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-    secs = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    grid_iter = {k: iter(v) for k, v in grids.items()}
+    step_iter = {k: iter(v) for k, v in steps.items()}
     deltas = []
     for row in range(b):
         keep = mask[row].bool()
         ids = input_ids[row][keep].tolist()
         out, nxt, i = [], 0, 0
         while i < len(ids):
-            if ids[i] in grids:
-                gt, gh, gw = next(grids[ids[i]])
+            if ids[i] in grid_iter:
+                gt, gh, gw = next(grid_iter[ids[i]])
                 gh, gw = gh // spatial_merge_size, gw // spatial_merge_size
-                step = next(secs) * tokens_per_second if ids[i] == video_token_id else 0.0
+                step = next(step_iter[ids[i]]) if ids[i] in step_iter else 0.0
                 tt = (torch.arange(gt, dtype=torch.float64) * step).long()  # quantize after scaling
                 grid = torch.stack(torch.meshgrid(tt, torch.arange(gh), torch.arange(gw),
                                                   indexing="ij")).reshape(3, -1) + nxt
@@ -366,7 +472,7 @@ def qwen25_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.
                 nxt = int(grid.max()) + 1
             else:  # a run of text tokens: consecutive positions on all three axes
                 j = i
-                while j < len(ids) and ids[j] not in grids:
+                while j < len(ids) and ids[j] not in grid_iter:
                     j += 1
                 out.append((torch.arange(j - i) + nxt).expand(3, -1))
                 i, nxt = j, nxt + j - i
