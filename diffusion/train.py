@@ -251,6 +251,27 @@ class DiffusionGroupPolicy:
                              f"mode ({self.c.finetune}) and LoRA rank")
         self.flow.transformer.load_state_dict(state, strict=False)
 
+    def load_extra_state(self, extras: Dict[str, torch.Tensor]) -> None:
+        """The non-weight entries of :meth:`state_dict` (FSDP resume loads weights apart)."""
+        self.iteration = int(extras.get("mmrl_rollout_iteration", 0))
+
+    def apply_fsdp(self) -> torch.nn.Module:
+        """FSDP2 for full fine-tuning: each transformer block is a unit, the transformer the
+        root (``train.parallel=fsdp``). Rollouts run with the weights gathered (the runner's
+        ``gathered_parameters``); the log-prob passes call the transformer, whose hooks gather
+        and reduce-scatter."""
+        from torch.distributed.fsdp import fully_shard
+        if self.c.finetune != "full":
+            raise ValueError(f"train.parallel=fsdp shards full fine-tuning; diffusion.finetune="
+                             f"{self.c.finetune!r}: use train.parallel=ddp (a LoRA adapter is "
+                             f"small enough to replicate)")
+        tr = self.flow.transformer
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for block in getattr(tr, name, None) or []:
+                fully_shard(block)
+        fully_shard(tr)
+        return tr
+
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``[n, *latent]`` fp32 standard normal on the policy's device (drawn on the CPU)."""
         return torch.randn((n, *self.latent), generator=generator).to(self.flow.device)

@@ -15,9 +15,10 @@ Gradient synchronization modes:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -160,9 +161,51 @@ def shard_policy(policy) -> torch.nn.Module:
                              f"`policy.model` (an nn.Module) or a `policy.apply_fsdp()` method; "
                              f"{type(policy).__name__} has neither. Use train.parallel=ddp")
         fully_shard(module)
-    module.set_gradient_divide_factor(1.0)
-    module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    for unit in fsdp_units(module):  # not recursive: every unit (blocks too) must sum
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return module
+
+
+def fsdp_units(root: torch.nn.Module) -> list:
+    """The FSDP2 modules under ``root`` (itself included), root first."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered_parameters(root: Optional[torch.nn.Module]):
+    """Every FSDP2 unit under ``root`` holds its full parameters inside the block.
+
+    For rollouts and other no-grad passes: one all-gather per unit on entry (collective: every
+    rank enters at the same point), then any number of forwards, on any submodule, with no
+    collective, so ranks may generate different lengths; resharded on exit. ``root=None``: no-op.
+    The memory of the full weights is held meanwhile (as verl does for its rollout engine).
+    """
+    if root is None:
+        yield
+        return
+    units = fsdp_units(root)
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:  # FSDP2's defaults: the root keeps its parameters after forward
+            unit.set_reshard_after_forward(unit is not root, recurse=False)
+            unit.reshard()
+
+
+def root_forward(root: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run as ``root``'s forward, so FSDP2's hooks gather the root unit's parameters
+    before it and reduce-scatter their gradients in backward, even when ``fn`` calls submodules
+    (embeddings, lm head) directly. Submodules that are FSDP units gather their own."""
+    root.forward = fn  # instance attribute: nn.Module.__call__ runs the hooks around it
+    try:
+        return root()
+    finally:
+        del root.forward
 
 
 def full_state(module: torch.nn.Module, optimizer) -> tuple:

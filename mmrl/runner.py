@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from mmrl import checkpoint as ckpt
-from mmrl.distributed import (full_state, init_distributed, load_full_state, maybe_destroy,
-                              shard_policy, shard_samples)
+from mmrl.distributed import (full_state, gathered_parameters, init_distributed,
+                              load_full_state, maybe_destroy, shard_policy, shard_samples)
 from mmrl.loop import LoopSettings
 from mmrl.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
                           throughput)
@@ -121,6 +121,13 @@ class Run:
                              f"rank: prompts_per_step * group_size = "
                              f"{t.prompts_per_step * t.group_size} must be divisible by the "
                              f"{world} ranks")
+        spec = self.loss_fn.spec
+        whole = spec.needs_groups or spec.needs_token_weights or \
+            getattr(self.policy, "advantages", None) is not None
+        if whole and t.prompts_per_step % world:
+            raise ValueError(f"train.parallel=fsdp with whole groups per rank (this preset or "
+                             f"sampler): train.prompts_per_step={t.prompts_per_step} must be "
+                             f"divisible by the {world} ranks")
         if t.dynamic_sampling_tries or self.augmenters:
             raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries or the "
                              "job's round augmenters (difficulty augmentation, temporal "
@@ -132,6 +139,7 @@ class Run:
         rngs = self.dist.all_gather_object(ckpt.rng_state(self.gens))  # one per rank
         if self.fsdp is not None:  # collective: every rank takes part, rank 0 gets it all
             weights, optim = full_state(self.fsdp, self.opt)
+            weights.update(_extras(policy_weights(self.policy)))  # e.g. a rollout counter
         else:
             weights, optim = policy_weights(self.policy), self.opt.state_dict()
         if not self.dist.is_main:
@@ -166,7 +174,13 @@ class Run:
             return None
         data = ckpt.load_checkpoint(folder)
         if self.fsdp is not None:
-            load_full_state(self.fsdp, self.opt, data["weights"], data["optimizer"])
+            weights = dict(data["weights"])
+            extras = _extras(weights)
+            for k in extras:
+                del weights[k]
+            load_full_state(self.fsdp, self.opt, weights, data["optimizer"])
+            if extras:
+                self.policy.load_extra_state(extras)
         else:
             load_policy_weights(self.policy, data["weights"])
             self.opt.load_state_dict(data["optimizer"])
@@ -224,11 +238,13 @@ class Run:
         the same arguments)."""
         from mmrl.loop import collect
         mine = self.shard(counts, group_ids)
-        rollout, rewards, error = collect(
-            self.policy, self.reward_fn, [prompts[j] for j, _, _ in mine],
-            [metadata[j] for j, _, _ in mine], self.settings, self.gen,
-            group_sizes=[c for _, c, _ in mine], group_ids=[g for _, _, g in mine],
-            reward_retries=self.t.reward_retries, reward_timeout=self.t.reward_timeout or None)
+        with gathered_parameters(self.fsdp):  # FSDP: ranks may generate different lengths
+            rollout, rewards, error = collect(
+                self.policy, self.reward_fn, [prompts[j] for j, _, _ in mine],
+                [metadata[j] for j, _, _ in mine], self.settings, self.gen,
+                group_sizes=[c for _, c, _ in mine], group_ids=[g for _, _, g in mine],
+                reward_retries=self.t.reward_retries,
+                reward_timeout=self.t.reward_timeout or None)
         return Round(list(prompts), list(metadata), list(counts), list(group_ids), rollout,
                      rewards, error)
 
@@ -329,6 +345,11 @@ class Run:
                 self.dist.is_main:
             log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
         return m
+
+
+def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
+    """Entries of a policy's state dict that are not module weights (``mmrl_*`` keys)."""
+    return {k: v for k, v in weights.items() if k.startswith("mmrl_")}
 
 
 def _concat_rewards(parts):

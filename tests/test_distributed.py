@@ -161,3 +161,35 @@ def test_real_trainer_runs_under_torchrun(tmp_path, tiny_sd3, job):
     assert "parameters identical on 2 ranks" in proc.stdout
     assert proc.stdout.count("done: 2 steps") == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_diffusion_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
+    """FSDP2 on the real diffusion trainer (each transformer block a unit, rollouts with the
+    weights gathered): the same weights as DDP after 3 steps, and a run resumed at step 2 too.
+    (A unit other than the root used to average its gradients instead of summing them.)"""
+    opts = _job_options("diffusion", tiny_sd3)
+
+    def cmd(out, *extra):
+        return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
+                           "train.progress=false", f"train.output_dir={out}",
+                           "train.resume=auto", *extra]
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    _run(cmd(ddp, "train.steps=3", "train.parallel=ddp"))
+    _run(cmd(fsdp, "train.steps=3", "train.parallel=fsdp"))
+    _run(cmd(resumed, "train.steps=2", "train.parallel=fsdp"))
+    proc = _run(cmd(resumed, "train.steps=3", "train.parallel=fsdp"))
+    assert "resumed from" in proc.stdout
+    a, b, c = (torch.load(p / "final.pt") for p in (ddp, fsdp, resumed))
+    assert a.keys() == b.keys() == c.keys() and int(c["mmrl_rollout_iteration"]) == 3
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_refuses_lora_with_a_clear_message(tmp_path, tiny_sd3):
+    opts = _job_options("diffusion", tiny_sd3)
+    proc = subprocess.run(TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]),
+                                      *opts[1:], "train.steps=1", "train.parallel=fsdp",
+                                      "diffusion.finetune=lora", f"train.output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode != 0 and "use train.parallel=ddp" in proc.stderr

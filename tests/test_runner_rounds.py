@@ -95,7 +95,9 @@ def test_fsdp_refuses_augmenters(tmp_path):
     cfg = _cfg(tmp_path, parallel="fsdp")
     prompts, meta = _data(cfg)
     run = Run.__new__(Run)
-    run.t, run.augmenters = cfg.train, [RerollOdd()]
+    from mmrl.losses import PolicyLoss
+    run.t, run.augmenters, run.policy = cfg.train, [RerollOdd()], None
+    run.loss_fn = PolicyLoss("grpo")
     run.dist = type("D", (), {"world": 2})()
     import pytest
     with pytest.raises(ValueError, match="augmenters"):
