@@ -145,6 +145,11 @@ class _FlowPolicy:
     def device(self) -> torch.device:
         return self.transformer.device
 
+    def export_pretrained(self, path: str, merge_lora: bool = False) -> str:
+        """The policy in diffusers format (see :func:`mmrl.diffusion.export.export_flow_policy`)."""
+        from mmrl.diffusion.export import export_flow_policy
+        return export_flow_policy(self, path, merge_lora=merge_lora)
+
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
         """The parameters the optimizer should update (LoRA weights, or the whole transformer)."""
         return [p for p in self.transformer.parameters() if p.requires_grad]

@@ -251,6 +251,10 @@ class DiffusionGroupPolicy:
                              f"mode ({self.c.finetune}) and LoRA rank")
         self.flow.transformer.load_state_dict(state, strict=False)
 
+    def export_pretrained(self, path: str, merge_lora: bool = False) -> str:
+        """The trained pipeline (or LoRA file) in diffusers format."""
+        return self.flow.export_pretrained(path, merge_lora=merge_lora)
+
     def load_extra_state(self, extras: Dict[str, torch.Tensor]) -> None:
         """The non-weight entries of :meth:`state_dict` (FSDP resume loads weights apart)."""
         self.iteration = int(extras.get("mmrl_rollout_iteration", 0))

@@ -161,6 +161,10 @@ def shard_policy(policy) -> torch.nn.Module:
                              f"`policy.model` (an nn.Module) or a `policy.apply_fsdp()` method; "
                              f"{type(policy).__name__} has neither. Use train.parallel=ddp")
         fully_shard(module)
+    # FSDP2 picks its root at the first forward; make it this module even when a policy's first
+    # call goes to a submodule (a decoder layer during sampling)
+    root_forward(module, lambda: None)
+    module.reshard()  # the optimizer must see the sharded parameters
     for unit in fsdp_units(module):  # not recursive: every unit (blocks too) must sum
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)

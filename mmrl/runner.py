@@ -358,6 +358,26 @@ def _concat_rewards(parts):
                        torch.cat([p.valid for p in parts]))
 
 
+def _export(r: Run, say) -> None:
+    """The final model in Hugging Face format under output_dir/hf (rank 0 writes; under FSDP
+    every rank takes part in gathering the weights)."""
+    if not r.t.export or not hasattr(r.policy, "export_pretrained"):
+        return
+    if r.fsdp is not None:
+        say(f"export: skipped under train.parallel=fsdp (the live weights are sharded); the "
+            f"full weights are in {r.out / 'final.pt'}: load them into the base model "
+            f"(policy.load_state_dict) in one process and call policy.export_pretrained(path)")
+        return
+    if r.dist.is_main:
+        try:
+            path = r.policy.export_pretrained(str(r.out / "hf"), merge_lora=r.t.export_merge_lora)
+            say(f"exported the final model (Hugging Face format) to {path}")
+        except (OSError, ValueError) as err:  # the checkpoint and final.pt are written
+            print(f"warning: export to {r.out / 'hf'} failed ({err}); the weights are in "
+                  f"final.pt and {r.out / 'checkpoints'}", file=sys.stderr, flush=True)
+    r.dist.barrier()
+
+
 def _check_ranks_agree(r: Run, say) -> None:
     """Data parallel keeps every rank's weights identical; verify it once at the end."""
     with torch.no_grad():
@@ -431,6 +451,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
             final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
                 {k: v.detach().cpu() for k, v in policy_weights(policy).items()}
             torch.save(final, r.out / "final.pt")
+        _export(r, say)
     if r.dist.active and r.fsdp is None:
         _check_ranks_agree(r, say)
     maybe_destroy(r.dist)

@@ -167,6 +167,11 @@ class TrainConfig:
     save_every: int = cfg(0, "Write a checkpoint every N steps (0 = only at the end and on "
                           "SIGTERM/SIGINT or a fatal error).", minimum=0)
     keep_last: int = cfg(3, "Keep the newest N complete checkpoints.", minimum=1)
+    export: bool = cfg(True, "At the end, write the final model in Hugging Face format to "
+                       "output_dir/hf (from_pretrained loads it; a LoRA run writes the adapter "
+                       "in peft/diffusers format), for jobs whose policy supports it.")
+    export_merge_lora: bool = cfg(False, "export: merge a LoRA adapter into a full model "
+                                  "instead of writing the adapter.")
     resume: str = cfg("auto", "auto: continue from the newest complete checkpoint in "
                       "output_dir/checkpoints (torn ones are skipped); never: start fresh; or "
                       "a checkpoint folder path.")

@@ -27,8 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mmrl.distributed import gathered_parameters, root_forward
 from mmrl.loop import Rollout
 
+from .export import export_qwen_vl
 from .io import SkipCounter, VideoError
 from .qwen_inputs import build_qwen_video_inputs, check_model_type, mrope_position_ids
 
@@ -133,6 +135,7 @@ class QwenVLPolicy:
                                                 self.cfg.vision_end_token_id) if i is not None],
                                    dtype=torch.long, device=self.device)
         self.ref = None
+        self._fsdp = None  # the FSDP2 root once apply_fsdp ran
         self.skips = SkipCounter()
         # train mode for scoring (activation checkpointing only runs in it; Qwen has no dropout);
         # sampling switches to eval for its KV cache and back
@@ -163,6 +166,27 @@ class QwenVLPolicy:
             set_peft_model_state_dict(self.model, state)
         else:
             self.model.load_state_dict(state)
+
+    def export_pretrained(self, path: str, merge_lora: bool = False) -> str:
+        """The model in Hugging Face format (see :func:`mmrl.video.export.export_qwen_vl`)."""
+        return export_qwen_vl(self, path, merge_lora=merge_lora)
+
+    def apply_fsdp(self):
+        """FSDP2 for full fine-tuning (``train.parallel=fsdp``): each decoder layer of the
+        language model is a unit; the root (the model) holds the rest, the vision tower
+        included, so ranks whose prompts mix images and videos differently still run the same
+        collectives. ``logp`` runs as the root's forward (:func:`mmrl.distributed.root_forward`);
+        rollouts and TW weights run with the weights gathered."""
+        from torch.distributed.fsdp import fully_shard
+        if self.is_peft:
+            raise ValueError("train.parallel=fsdp shards full fine-tuning; video.finetune=lora: "
+                             "use train.parallel=ddp (a LoRA adapter is small enough to "
+                             "replicate)")
+        for layer in self.base.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(self.model)
+        self._fsdp = self.model
+        return self.model
 
     def enable_reference(self) -> None:
         """LoRA: the reference is the model with its adapter disabled (no copy). Full
@@ -391,6 +415,8 @@ class QwenVLPolicy:
 
     def logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
         """``[len(rows), t1 - t0]`` log-probs of the sampled tokens, with gradient."""
+        if self._fsdp is not None:
+            return root_forward(self._fsdp, lambda: self._logp(self.model, rollout, rows, t0, t1))
         return self._logp(self.model, rollout, rows, t0, t1)
 
     def ref_logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
@@ -404,11 +430,14 @@ class QwenVLPolicy:
         with torch.no_grad():
             return self._logp(self.ref, rollout, rows, t0, t1)
 
-    @torch.no_grad()
     def token_weights(self, rollout: Rollout) -> torch.Tensor:
         """TW-GRPO weights ``[B, T]``, one group at a time; the group's hidden states are
         computed once and the lm head + log-softmax run ``tw_chunk`` positions at a time, so
         ``[N, T, V]`` is never held."""
+        with torch.no_grad(), gathered_parameters(self._fsdp):
+            return self._token_weights(rollout)
+
+    def _token_weights(self, rollout: Rollout) -> torch.Tensor:
         from mmrl.token_weights import tw_token_weights
         cache: PromptCache = rollout.data["prompt_cache"]
         P = cache.ids.shape[1]
