@@ -12,20 +12,23 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 from mmrl import checkpoint as ckpt
-from mmrl.distributed import (full_state, gathered_parameters, init_distributed,
-                              load_full_state, maybe_destroy, shard_policy, shard_samples)
+from mmrl.distributed import (full_state, init_distributed, load_full_state, maybe_destroy,
+                              shard_policy)
 from mmrl.loop import LoopSettings
 from mmrl.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
                           throughput)
 from mmrl.losses import PolicyLoss
+from mmrl.rounds import Round, RoundAugmenter, RoundsMixin
+
+__all__ = ["Run", "run_training", "Round", "RoundAugmenter", "seed_everything",
+           "policy_weights", "load_policy_weights"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -34,30 +37,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-@dataclass
-class Round:
-    """One collection round, as the job's round augmenters see and rework it.
-
-    Attributes:
-        prompts, metadata: the round's groups; group ``group_ids[j]`` is ``prompts[j]``.
-        counts: samples per group (all ranks together).
-        group_ids: the global group id of each group.
-        rollout, rewards, error: this rank's rows, their rewards, a reward failure (or None).
-    """
-
-    prompts: List[Any]
-    metadata: List[Dict[str, Any]]
-    counts: List[int]
-    group_ids: List[int]
-    rollout: Any
-    rewards: Any
-    error: Optional[str] = None
-
-
-#: A round augmenter: ``aug(run, round) -> round`` (re-roll some groups, add a reward column).
-RoundAugmenter = Callable[["Run", Round], Round]
 
 
 def policy_weights(policy) -> Dict[str, torch.Tensor]:
@@ -72,8 +51,9 @@ def load_policy_weights(policy, weights: Dict[str, torch.Tensor]) -> None:
     target.load_state_dict(weights)
 
 
-class Run:
-    """The state of one training run (built by :func:`run_training`)."""
+class Run(RoundsMixin):
+    """The state of one training run (built by :func:`run_training`); the collection of
+    rollout rounds lives in :class:`mmrl.rounds.RoundsMixin`."""
 
     def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
                  selector=None, augmenters: Sequence[RoundAugmenter] = ()):
@@ -198,125 +178,6 @@ class Run:
                 aug.load_state_dict(saved)
         return folder
 
-    # ------------------------------------------------------------------ one step
-    def _update_selector(self, idx: List[int], rollout, rewards) -> None:
-        """Feed the gathered (prompt, reward) pairs of a rollout round to the selector."""
-        ok = rewards.valid
-        gids = self.dist.all_gather_rows(rollout.sample_group_ids[ok] % len(idx))
-        total = self.dist.all_gather_rows(
-            rewards.weighted_sum(self.config.algo.reward_weights)[ok])
-        if len(gids):
-            self.selector.update(torch.tensor(idx)[gids], total, gids)
-
-    def next_prompts(self) -> List[int]:
-        return self.selector.select(self.t.prompts_per_step, self.prompt_gen).tolist()
-
-    def counts(self, idx: List[int]) -> List[int]:
-        """Samples per prompt: group_size each, or a Knapsack split of the same total."""
-        t = self.t
-        if t.rollout_allocation == "fixed":
-            return [t.group_size] * len(idx)
-        from mmrl.budget import knapsack_allocate
-        probs = self.selector.success_probs()[torch.tensor(idx)]
-        return knapsack_allocate(probs, len(idx) * t.group_size, t.knapsack_n_min,
-                                 t.knapsack_n_max).tolist()
-
-    def shard(self, counts: Sequence[int], group_ids: Sequence[int]):
-        """This rank's (position, sample count, global group id) triples for a round's groups."""
-        spec = self.loss_fn.spec
-        whole = spec.needs_groups or spec.needs_token_weights or \
-            getattr(self.policy, "advantages", None) is not None
-        if whole:  # these need whole groups per rank
-            return [(j, c, g) for j, (c, g) in enumerate(zip(counts, group_ids))
-                    if j % self.dist.world == self.dist.rank]
-        local = shard_samples(list(counts), self.dist)
-        return [(j, c, g) for j, (c, g) in enumerate(zip(local, group_ids)) if c > 0]
-
-    def collect_groups(self, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
-                       counts: Sequence[int], group_ids: Sequence[int]) -> Round:
-        """Roll out and score this rank's share of the given groups (every rank calls it with
-        the same arguments)."""
-        from mmrl.loop import collect
-        mine = self.shard(counts, group_ids)
-        with gathered_parameters(self.fsdp):  # FSDP: ranks may generate different lengths
-            rollout, rewards, error = collect(
-                self.policy, self.reward_fn, [prompts[j] for j, _, _ in mine],
-                [metadata[j] for j, _, _ in mine], self.settings, self.gen,
-                group_sizes=[c for _, c, _ in mine], group_ids=[g for _, _, g in mine],
-                reward_retries=self.t.reward_retries,
-                reward_timeout=self.t.reward_timeout or None)
-        return Round(list(prompts), list(metadata), list(counts), list(group_ids), rollout,
-                     rewards, error)
-
-    def gathered(self, rollout, values: torch.Tensor):
-        """``(values, group ids)`` of every rank's rows (the same on all ranks)."""
-        return (self.dist.all_gather_rows(values),
-                self.dist.all_gather_rows(rollout.sample_group_ids))
-
-    def add_round_metrics(self, values: Dict[str, float]) -> None:
-        """Augmenters' counters for this step's metrics (summed over the step's rounds)."""
-        for k, v in values.items():
-            self.round_metrics[k] = self.round_metrics.get(k, 0.0) + float(v)
-
-    def round_seed(self, *keys: int) -> int:
-        """A seed that is the same on every rank for (run seed, step, *keys): augmentations of a
-        group spread over ranks must agree, and a resumed run redraws the same ones."""
-        return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(
-            hash((self.t.seed, self.step) + tuple(int(k) for k in keys)) % 2**63)).item())
-
-    def replace_groups(self, rnd: Round, new: Round) -> Round:
-        """``rnd`` with the rows of ``new``'s groups replaced by ``new``'s rows."""
-        from mmrl.loop import concat_rollouts
-        if rnd.rollout.reward_group_ids is not None:
-            raise ValueError("replace_groups needs reward rows = training rows")
-        drop = torch.isin(rnd.rollout.group_ids, torch.tensor(new.group_ids, dtype=torch.long))
-        concat = getattr(self.policy, "concat_rollouts", None) or concat_rollouts
-        rollout = concat([rnd.rollout.select(~drop), new.rollout])
-        rewards = _concat_rewards([rnd.rewards.select(~drop), new.rewards])
-        pos = {g: j for j, g in enumerate(rnd.group_ids)}
-        prompts, metadata = list(rnd.prompts), list(rnd.metadata)
-        for j, g in enumerate(new.group_ids):
-            prompts[pos[g]], metadata[pos[g]] = new.prompts[j], new.metadata[j]
-        return Round(prompts, metadata, rnd.counts, rnd.group_ids, rollout, rewards,
-                     rnd.error or new.error)
-
-    def collect_round(self, k: int = 0):
-        """Draw prompts, roll out this rank's share, score, update the selector, then let the
-        job's augmenters rework the round."""
-        idx = self.next_prompts()
-        rnd = self.collect_groups([self.prompts[i] for i in idx], [self.metadata[i] for i in idx],
-                                  self.counts(idx), [g + k * len(idx) for g in range(len(idx))])
-        self._update_selector(idx, rnd.rollout, rnd.rewards)
-        for augment in self.augmenters:
-            rnd = augment(self, rnd)
-        return rnd.rollout, rnd.rewards, rnd.error
-
-    def collect_dynamic(self):
-        """DAPO dynamic sampling: rounds until prompts_per_step informative groups are kept.
-
-        Every rank sees the gathered rewards, so all ranks keep the same groups and stop after
-        the same round. Returns (rollout, rewards, error, report).
-        """
-        from mmrl.budget import DynamicSampling
-        from mmrl.loop import concat_rollouts
-        parts = []
-
-        def produce(k):
-            rollout, rewards, error = self.collect_round(k)
-            parts.append((rollout, rewards, error))
-            ok = rewards.valid
-            total = rewards.weighted_sum(self.config.algo.reward_weights)[ok]
-            return (self.dist.all_gather_rows(total),
-                    self.dist.all_gather_rows(rollout.sample_group_ids[ok]))
-        kept, report = DynamicSampling(self.t.prompts_per_step,
-                                       self.t.dynamic_sampling_tries).collect(produce)
-        rows = [(r, w, torch.isin(r.group_ids, keep) & w.valid) for (r, w, _), keep
-                in zip(parts, kept)]
-        concat = getattr(self.policy, "concat_rollouts", None) or concat_rollouts
-        rollout = concat([r.select(m) for r, _, m in rows])
-        rewards = _concat_rewards([w.select(m) for _, w, m in rows])
-        return rollout, rewards, next((e for *_, e in parts if e), None), report
-
     def run_step(self) -> Dict[str, float]:
         from mmrl.loop import learn
         tic = time.time()
@@ -350,12 +211,6 @@ class Run:
 def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
     """Entries of a policy's state dict that are not module weights (``mmrl_*`` keys)."""
     return {k: v for k, v in weights.items() if k.startswith("mmrl_")}
-
-
-def _concat_rewards(parts):
-    from mmrl.reward_fn import RewardBatch
-    return RewardBatch(torch.cat([p.values for p in parts]), list(parts[0].names),
-                       torch.cat([p.valid for p in parts]))
 
 
 def _export(r: Run, say) -> None:
