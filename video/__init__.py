@@ -17,8 +17,10 @@ from .augment import DifficultyAugmenter, qa_inversion, temporal_contrast_bonus
 from .data import PROMPT_TEMPLATES, VLDataset, VLRecord, build_messages, load_vl_dataset
 from .io import (SkipCounter, VideoClip, VideoError, read_video, smart_nframes, smart_resize,
                  try_load_video)
-from .qwen_inputs import (QwenVideoBatch, VideoEntry, build_qwen_video_inputs, plan_entries,
+from .qwen_inputs import (QwenVideoBatch, VideoEntry, build_qwen_video_inputs,
+                          mrope_position_ids, plan_entries, qwen2_position_ids,
                           qwen25_position_ids, uniform_entries, uniform_size)
+from .rounds import DifficultyRounds, TemporalContrast
 from .slow_fast import FAST, SLOW, SlowFastPlan, choose_resolutions, slow_fast_plan
 from .vl_rewards import VL_REWARDS, build_vl_reward
 
@@ -27,9 +29,12 @@ def __getattr__(name):  # the policy pulls in transformers: import it only when 
     if name in ("QwenVLPolicy", "load_qwen_vl"):
         from . import policy
         return getattr(policy, name)
-    if name == "build_tiny_qwen_vl":
-        from .tiny import build_tiny_qwen_vl
-        return build_tiny_qwen_vl
+    if name in ("build_tiny_qwen_vl", "build_tiny_qwen2_vl", "build_tiny_qwen3_vl"):
+        from . import tiny
+        return getattr(tiny, name)
+    if name == "export_qwen_vl":
+        from .export import export_qwen_vl
+        return export_qwen_vl
     raise AttributeError(f"module 'mmrl.video' has no attribute {name!r}")
 
 __all__ = [
@@ -38,5 +43,6 @@ __all__ = [
     "qwen25_position_ids", "slow_fast_plan", "smart_nframes", "smart_resize", "try_load_video", "uniform_entries",
     "uniform_size", "VL_REWARDS", "build_vl_reward", "PROMPT_TEMPLATES", "VLDataset", "VLRecord",
     "build_messages", "load_vl_dataset", "DifficultyAugmenter", "qa_inversion",
-    "temporal_contrast_bonus",
+    "temporal_contrast_bonus", "mrope_position_ids", "qwen2_position_ids", "DifficultyRounds",
+    "TemporalContrast",
 ]
