@@ -187,6 +187,30 @@ def _model(arch: str, tok, hidden_size: int, layers: int, vision_init_std: float
     return Qwen3VLForConditionalGeneration(cfg)
 
 
-def default_tiny_dir(output_dir: Optional[str] = None) -> str:
-    """Where the demo keeps its tiny model: ``<output_dir>/tiny_qwen_vl``."""
-    return os.path.join(output_dir or ".", "tiny_qwen_vl")
+# The video job's ``model:`` names that build a tiny model -> (builder, folder in output_dir).
+TINY_MODELS = {"tiny": (build_tiny_qwen_vl, "tiny_qwen_vl"),
+               "tiny_qwen2": (build_tiny_qwen2_vl, "tiny_qwen2_vl"),
+               "tiny_qwen3": (build_tiny_qwen3_vl, "tiny_qwen3_vl")}
+
+
+def default_tiny_dir(output_dir: Optional[str] = None, name: str = "tiny") -> str:
+    """Where the demo keeps the tiny model ``name``: ``<output_dir>/tiny_qwen_vl`` (Qwen2.5-VL),
+    ``tiny_qwen2_vl`` or ``tiny_qwen3_vl``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`TINY_MODELS`.
+    """
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r} (known: {', '.join(TINY_MODELS)}); pass "
+                         "one of these names, or a checkpoint folder as video.model")
+    return os.path.join(output_dir or ".", TINY_MODELS[name][1])
+
+
+def build_default_tiny(name: str, output_dir: Optional[str] = None) -> str:
+    """Build (or keep) the tiny model ``name`` in :func:`default_tiny_dir` -> its folder.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`TINY_MODELS`.
+    """
+    folder = default_tiny_dir(output_dir, name)  # checks the name
+    return TINY_MODELS[name][0](folder)

@@ -23,9 +23,12 @@ _REWARDS = {"accuracy": 1.0, "think_answer_format": 0.5}
 class VideoConfig:
     """Model, data, decoding and video inputs of the video trainer."""
 
-    model: str = cfg("Qwen/Qwen2.5-VL-7B-Instruct", "Hub id or local folder of a Qwen2.5-VL "
-                     "checkpoint (model + processor); 'tiny' builds a ~190k-parameter one in "
-                     "<output_dir>/tiny_qwen_vl (the demo).", source="Video-R1 arXiv 2503.21776")
+    model: str = cfg("Qwen/Qwen2.5-VL-7B-Instruct", "Hub id or local folder of a Qwen2-VL, "
+                     "Qwen2.5-VL or Qwen3-VL checkpoint (model + processor); 'tiny' builds a "
+                     "~190k-parameter Qwen2.5-VL in <output_dir>/tiny_qwen_vl (the demo), "
+                     "'tiny_qwen2' / 'tiny_qwen3' a tiny Qwen2-VL / Qwen3-VL in "
+                     "<output_dir>/tiny_qwen2_vl / tiny_qwen3_vl.",
+                     source="Video-R1 arXiv 2503.21776")
     data: str = cfg("synthetic", "Video-R1-style JSONL (problem, options, solution, "
                     "problem_type, data_type, path), or 'synthetic' for the generated "
                     "moving-square task in <output_dir>/synthetic.")
@@ -155,12 +158,12 @@ def build_augmenters(c: VideoConfig, records, reward_weights) -> list:
 
 
 def build_policy(c: VideoConfig, output_dir: str, device: str, spec=None):
-    """The :class:`~mmrl.video.policy.QwenVLPolicy` of a config (``model: tiny`` is built)."""
+    """The :class:`~mmrl.video.policy.QwenVLPolicy` of a config (``model: tiny*`` is built)."""
     from .policy import QwenVLPolicy, load_qwen_vl
+    from .tiny import TINY_MODELS, build_default_tiny
     path = c.model
-    if path == "tiny":
-        from .tiny import build_tiny_qwen_vl, default_tiny_dir
-        path = build_tiny_qwen_vl(default_tiny_dir(output_dir))
+    if path in TINY_MODELS:
+        path = build_default_tiny(path, output_dir)
     model, processor = load_qwen_vl(
         path, dtype=c.dtype, device=device, finetune=c.finetune, lora_rank=c.lora_rank,
         lora_alpha=c.lora_alpha, lora_targets=c.lora_targets, freeze_vision=c.freeze_vision,
