@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from mmrl.export_io import (MANIFEST, check_target, merged_state_dict,  # noqa: F401
                              write_atomically)
 
 
 
-def export_flow_policy(policy, path: str, *, merge_lora: bool = False) -> str:
+def export_flow_policy(policy, path: str, *, merge_lora: bool = False,
+                       state_dict: Optional[Dict[str, Any]] = None) -> str:
     """Write ``policy``'s pipeline (or its LoRA adapter) to the folder ``path`` -> ``path``.
 
     Args:
@@ -48,6 +49,8 @@ def export_flow_policy(policy, path: str, *, merge_lora: bool = False) -> str:
             holding ``mmrl_export.json``) or an empty folder is replaced.
         merge_lora: LoRA only: write the whole pipeline with the adapter merged into the
             transformer instead of the adapter file.
+        state_dict: full fine-tuning: the transformer's full weights to write instead of the
+            live ones (an FSDP-sharded transformer: the runner passes the gathered weights).
 
     Returns:
         The absolute path of the export folder.
@@ -82,9 +85,14 @@ def export_flow_policy(policy, path: str, *, merge_lora: bool = False) -> str:
     def write(tmp: str) -> None:
         if adapter:
             _save_lora(pipe, policy.transformer, tmp)
-        elif merge_lora:
-            merged = _merged_transformer(policy.transformer)
-            type(pipe)(**{**pipe.components, "transformer": merged}).save_pretrained(tmp)
+        elif merge_lora or (state_dict is not None and not lora):
+            if merge_lora:
+                _adapter_name(policy.transformer)
+                weights = merged_state_dict(policy.transformer)
+            else:
+                weights = state_dict
+            fresh = _fresh_transformer(policy.transformer, weights)
+            type(pipe)(**{**pipe.components, "transformer": fresh}).save_pretrained(tmp)
         else:
             pipe.save_pretrained(tmp)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -116,15 +124,16 @@ def _save_lora(pipe, transformer, folder: str) -> None:
         transformer_lora_adapter_metadata=transformer.peft_config[name].to_dict())
 
 
-def _merged_transformer(transformer):
-    """A new transformer of the same class holding the merged weights (on CPU, same dtype)."""
+def _fresh_transformer(transformer, state):
+    """A new transformer of the same class (FSDP2's wrapper class unwrapped) holding ``state``."""
     from accelerate import init_empty_weights
 
-    _adapter_name(transformer)
-    state = merged_state_dict(transformer)
-    # parameters on the meta device (no init, no memory), replaced by the merged tensors below
+    cls = type(transformer)
+    if cls.__name__.startswith("FSDP"):
+        cls = next(c for c in cls.__mro__[1:] if c.__name__ == cls.__name__[len("FSDP"):])
+    # parameters on the meta device (no init, no memory), replaced by the given tensors below
     with init_empty_weights(include_buffers=False):
-        fresh = type(transformer).from_config(transformer.config)
+        fresh = cls.from_config(transformer.config)
     fresh.load_state_dict(state, strict=True, assign=True)
     return fresh.eval()
 

@@ -145,10 +145,10 @@ class _FlowPolicy:
     def device(self) -> torch.device:
         return self.transformer.device
 
-    def export_pretrained(self, path: str, merge_lora: bool = False) -> str:
+    def export_pretrained(self, path: str, merge_lora: bool = False, state_dict=None) -> str:
         """The policy in diffusers format (see :func:`mmrl.diffusion.export.export_flow_policy`)."""
         from mmrl.diffusion.export import export_flow_policy
-        return export_flow_policy(self, path, merge_lora=merge_lora)
+        return export_flow_policy(self, path, merge_lora=merge_lora, state_dict=state_dict)
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
         """The parameters the optimizer should update (LoRA weights, or the whole transformer)."""

@@ -251,9 +251,12 @@ class DiffusionGroupPolicy:
                              f"mode ({self.c.finetune}) and LoRA rank")
         self.flow.transformer.load_state_dict(state, strict=False)
 
-    def export_pretrained(self, path: str, merge_lora: bool = False) -> str:
-        """The trained pipeline (or LoRA file) in diffusers format."""
-        return self.flow.export_pretrained(path, merge_lora=merge_lora)
+    def export_pretrained(self, path: str, merge_lora: bool = False, state_dict=None) -> str:
+        """The trained pipeline (or LoRA file) in diffusers format; ``state_dict``: full weights
+        to write instead of the live (FSDP-sharded) ones."""
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mmrl_")}
+        return self.flow.export_pretrained(path, merge_lora=merge_lora, state_dict=state_dict)
 
     def load_extra_state(self, extras: Dict[str, torch.Tensor]) -> None:
         """The non-weight entries of :meth:`state_dict` (FSDP resume loads weights apart)."""

@@ -213,19 +213,16 @@ def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in weights.items() if k.startswith("mmrl_")}
 
 
-def _export(r: Run, say) -> None:
-    """The final model in Hugging Face format under output_dir/hf (rank 0 writes; under FSDP
-    every rank takes part in gathering the weights)."""
+def _export(r: Run, say, final: Optional[Dict[str, torch.Tensor]]) -> None:
+    """The final model in Hugging Face format under output_dir/hf, written by rank 0; under FSDP
+    from ``final`` (the gathered full weights), as the live ones are sharded."""
     if not r.t.export or not hasattr(r.policy, "export_pretrained"):
-        return
-    if r.fsdp is not None:
-        say(f"export: skipped under train.parallel=fsdp (the live weights are sharded); the "
-            f"full weights are in {r.out / 'final.pt'}: load them into the base model "
-            f"(policy.load_state_dict) in one process and call policy.export_pretrained(path)")
         return
     if r.dist.is_main:
         try:
-            path = r.policy.export_pretrained(str(r.out / "hf"), merge_lora=r.t.export_merge_lora)
+            path = r.policy.export_pretrained(
+                str(r.out / "hf"), merge_lora=r.t.export_merge_lora,
+                **({"state_dict": final} if r.fsdp is not None else {}))
             say(f"exported the final model (Hugging Face format) to {path}")
         except (OSError, ValueError) as err:  # the checkpoint and final.pt are written
             print(f"warning: export to {r.out / 'hf'} failed ({err}); the weights are in "
@@ -301,12 +298,12 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
         say(f"stopped by signal {int(stopped)} after step {r.step - 1}; checkpoint written; "
             f"resume with train.resume=auto")
     else:
-        folder = r.save()
+        folder, final = r.save(), None
         if main:  # the final weights, unsharded, as a plain state dict
             final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
                 {k: v.detach().cpu() for k, v in policy_weights(policy).items()}
             torch.save(final, r.out / "final.pt")
-        _export(r, say)
+        _export(r, say, final)
     if r.dist.active and r.fsdp is None:
         _check_ranks_agree(r, say)
     maybe_destroy(r.dist)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from mmrl.export_io import (MANIFEST, check_target, merged_state_dict,  # noqa: F401
                              write_atomically)
@@ -46,7 +46,8 @@ _LOAD_LORA = ("from peft import PeftModel\n"
               "processor = AutoProcessor.from_pretrained(PATH)")
 
 
-def export_qwen_vl(policy, path: str, *, merge_lora: bool = False) -> str:
+def export_qwen_vl(policy, path: str, *, merge_lora: bool = False,
+                   state_dict: Optional[Dict[str, Any]] = None) -> str:
     """Write ``policy``'s model and processor to the folder ``path`` -> ``path`` (absolute).
 
     Args:
@@ -55,6 +56,8 @@ def export_qwen_vl(policy, path: str, *, merge_lora: bool = False) -> str:
         path: the export folder. Created (with its parents); an earlier export there (a folder
             holding ``mmrl_export.json``) or an empty folder is replaced.
         merge_lora: LoRA only: write a merged full model instead of the adapter.
+        state_dict: full fine-tuning: the full weights to write instead of the live model's
+            (an FSDP-sharded model: the runner passes the gathered final weights).
 
     Returns:
         The absolute path of the export folder.
@@ -78,6 +81,9 @@ def export_qwen_vl(policy, path: str, *, merge_lora: bool = False) -> str:
     def write(tmp: str) -> None:
         if merge_lora:
             policy.base.save_pretrained(tmp, state_dict=merged_state_dict(policy.base))
+        elif state_dict is not None and not policy.is_peft:
+            policy.model.save_pretrained(tmp, state_dict=state_dict)
+            _plain_architecture(tmp, policy.model)
         else:  # PeftModel.save_pretrained writes the adapter only, in peft's format
             policy.model.save_pretrained(tmp)
         policy.processor.save_pretrained(tmp)
@@ -85,6 +91,19 @@ def export_qwen_vl(policy, path: str, *, merge_lora: bool = False) -> str:
             json.dump(manifest, f, indent=2)
 
     return write_atomically(target, write)
+
+
+def _plain_architecture(folder: str, model) -> None:
+    """config.json names the model's own class, not FSDP2's wrapper class (``FSDP<name>``)."""
+    name = type(model).__name__
+    if not name.startswith("FSDP"):
+        return
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["architectures"] = [name[len("FSDP"):]]
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def _base_name(policy) -> Optional[str]:

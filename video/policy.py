@@ -167,9 +167,9 @@ class QwenVLPolicy:
         else:
             self.model.load_state_dict(state)
 
-    def export_pretrained(self, path: str, merge_lora: bool = False) -> str:
+    def export_pretrained(self, path: str, merge_lora: bool = False, state_dict=None) -> str:
         """The model in Hugging Face format (see :func:`mmrl.video.export.export_qwen_vl`)."""
-        return export_qwen_vl(self, path, merge_lora=merge_lora)
+        return export_qwen_vl(self, path, merge_lora=merge_lora, state_dict=state_dict)
 
     def apply_fsdp(self):
         """FSDP2 for full fine-tuning (``train.parallel=fsdp``): each decoder layer of the
