@@ -231,3 +231,17 @@ def test_video_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
         assert model.config.architectures == ["Qwen2_5_VLForConditionalGeneration"]
         state, final = model.state_dict(), torch.load(run / "final.pt")
         assert all(torch.equal(state[k], final[k]) for k in final)
+
+
+def test_video_augmenters_on_two_ranks_keep_ranks_identical(tmp_path, tiny_sd3):
+    """Difficulty re-rolls and T-GRPO with groups split across 2 ranks: every rank sees the
+    gathered rewards and draws the same variants, so the weights stay identical."""
+    opts = _job_options("video", tiny_sd3)
+    out = tmp_path / "run"
+    proc = _run(TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
+                            "train.steps=3", "train.progress=false", f"train.output_dir={out}",
+                            "video.difficulty_augmentation=true", "video.temporal_contrast=true"])
+    assert "parameters identical on 2 ranks" in proc.stdout
+    import json
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(m["temporal_groups"] == 2.0 for m in metrics)
