@@ -3,9 +3,8 @@ per-token logp, reference, TW.
 
 Vision is encoded once per prompt. A rollout tokenizes each prompt once (video through
 :func:`~mmrl.video.qwen_inputs.build_qwen_video_inputs`, positions through
-:func:`~mmrl.video.qwen_inputs.mrope_position_ids`, per architecture) and keeps ONE copy of its
-pixel values;
-every forward (sampling, ``logp``, ``ref_logp``, TW weights) runs the vision tower on the unique
+:func:`~mmrl.video.mrope.mrope_position_ids`, per architecture) and keeps ONE copy of its pixel
+values; every forward (sampling, ``logp``, ``ref_logp``, TW weights) runs the vision tower on the unique
 prompts of its rows only and expands the merged visual embeddings to the rows by indexing. HF
 ``generate`` with ``num_return_sequences=G`` instead copies every prompt's pixel values G times
 and re-encodes them per row, and its 3-D positions come from transformers 5.24's
@@ -32,7 +31,8 @@ from mmrl.loop import Rollout
 
 from .export import export_qwen_vl
 from .io import SkipCounter, VideoError
-from .qwen_inputs import build_qwen_video_inputs, check_model_type, mrope_position_ids
+from .mrope import check_model_type, mrope_position_ids
+from .qwen_inputs import build_qwen_video_inputs
 
 FINETUNE = ("lora", "full")
 
