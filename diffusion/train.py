@@ -226,6 +226,8 @@ class DiffusionGroupPolicy:
         self.evaluator: Optional[Evaluator] = None
         self.eval_every = 0
         self.last_nfe = 0
+        # one initial noise per group: its samples must be drawn on one rank (data parallel)
+        self.whole_groups = c.shared_noise
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
                            "tree": self._tree_advantages}.get(c.sampler)

@@ -68,12 +68,18 @@ class RoundsMixin:
         return knapsack_allocate(probs, len(idx) * t.group_size, t.knapsack_n_min,
                                  t.knapsack_n_max).tolist()
 
+    def whole_groups(self) -> bool:
+        """Must a group's samples stay on one rank? Yes for presets that normalize within the
+        group or weight its tokens together, policies with an ``advantages`` hook, and policies
+        that say so (``policy.whole_groups``, e.g. a group sharing one initial noise)."""
+        spec = self.loss_fn.spec
+        return bool(spec.needs_groups or spec.needs_token_weights or
+                    getattr(self.policy, "advantages", None) is not None or
+                    getattr(self.policy, "whole_groups", False))
+
     def shard(self, counts: Sequence[int], group_ids: Sequence[int]):
         """This rank's (position, sample count, global group id) triples for a round's groups."""
-        spec = self.loss_fn.spec
-        whole = spec.needs_groups or spec.needs_token_weights or \
-            getattr(self.policy, "advantages", None) is not None
-        if whole:  # these need whole groups per rank
+        if self.whole_groups():
             return [(j, c, g) for j, (c, g) in enumerate(zip(counts, group_ids))
                     if j % self.dist.world == self.dist.rank]
         local = shard_samples(list(counts), self.dist)

@@ -101,10 +101,7 @@ class Run(RoundsMixin):
                              f"rank: prompts_per_step * group_size = "
                              f"{t.prompts_per_step * t.group_size} must be divisible by the "
                              f"{world} ranks")
-        spec = self.loss_fn.spec
-        whole = spec.needs_groups or spec.needs_token_weights or \
-            getattr(self.policy, "advantages", None) is not None
-        if whole and t.prompts_per_step % world:
+        if self.whole_groups() and t.prompts_per_step % world:
             raise ValueError(f"train.parallel=fsdp with whole groups per rank (this preset or "
                              f"sampler): train.prompts_per_step={t.prompts_per_step} must be "
                              f"divisible by the {world} ranks")

@@ -102,3 +102,23 @@ def test_fsdp_refuses_augmenters(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="augmenters"):
         run._check_fsdp()
+
+
+def test_policies_can_ask_for_whole_groups_per_rank(tmp_path):
+    """A group whose samples share one initial noise (diffusion shared_noise) must not be split
+    over ranks; other groups are split sample by sample."""
+    cfg = _cfg(tmp_path)
+    prompts, meta = _data(cfg)
+    pol = ToyPolicy(cfg.task, seed=3)
+    run = Run(cfg, pol, digit_reward, prompts, meta)
+    shards = {}
+    for whole in (False, True):
+        pol.whole_groups = whole
+        for rank in (0, 1):
+            run.dist = type("D", (), {"world": 2, "rank": rank, "active": True})()
+            shards[whole, rank] = run.shard([4, 4, 4], [10, 11, 12])
+    # 12 samples in two contiguous halves: group 11 is split 2 + 2
+    assert shards[False, 0] == [(0, 4, 10), (1, 2, 11)]
+    assert shards[False, 1] == [(1, 2, 11), (2, 4, 12)]
+    assert shards[True, 0] == [(0, 4, 10), (2, 4, 12)]
+    assert shards[True, 1] == [(1, 4, 11)]
