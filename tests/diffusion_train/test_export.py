@@ -18,22 +18,11 @@ FLUX_NONE = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokeniz
 
 @pytest.fixture(scope="module")
 def tiny_flux_path(tmp_path_factory):
-    """A FluxPipeline of transformer + VAE + scheduler only (the text encoders saved as absent:
-    cond rows are given directly), written by save_pretrained; 16x16 images."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           FluxTransformer2DModel)
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=1,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    out = str(tmp_path_factory.mktemp("tiny_flux_export"))
-    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
-                 **FLUX_NONE).save_pretrained(out)
-    return out
+    """A tiny FluxPipeline without text encoders (saved as absent: cond rows are given
+    directly), written by save_pretrained; 16x16 images."""
+    from mmrl.diffusion.tiny import save_tiny_flux
+    return str(save_tiny_flux(tmp_path_factory.mktemp("tiny_flux_export"), size=16,
+                              with_text_encoders=False))
 
 
 def _policy(kind, base, finetune, **kw):
