@@ -6,16 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmrl.diffusion.tiny import build_tiny_flux as _library_build_tiny_flux
 from mmrl.diffusion.tiny import save_tiny_flux, save_tiny_sd3
-
-
-def build_tiny_flux(tok_dir: str, seed: int = 0):
-    """:func:`mmrl.diffusion.tiny.build_tiny_flux` at 16x16; ``tok_dir`` is unused.
-
-    tests/diffusion_train/test_job_training.py loads this module by path and calls this name.
-    """
-    return _library_build_tiny_flux(16, seed)
 
 
 @pytest.fixture(scope="session")

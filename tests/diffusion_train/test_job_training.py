@@ -107,14 +107,8 @@ def test_periodic_evaluation_writes_grids_and_eval_jsonl(tiny_sd3_path, tmp_path
 
 def test_flux_g2rpo_path_trains_on_a_tiny_flux_pipeline(tmp_path):
     """The FLUX recipe's code path (packed latents, FLUX schedule, singular sampling)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "diffusion_tests_conftest", REPO / "tests" / "diffusion" / "conftest.py")
-    builders = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builders)  # the tiny FLUX builder of tests/diffusion
-    (tmp_path / "tok").mkdir()
-    builders.build_tiny_flux(str(tmp_path / "tok")).save_pretrained(str(tmp_path / "flux"))
+    from mmrl.diffusion.tiny import save_tiny_flux
+    save_tiny_flux(str(tmp_path / "flux"), size=16)
     cfg = tiny_config(str(tmp_path / "flux"), str(tmp_path / "run"), sampler="singular",
                       pipeline="flux", height=16, width=16, guidance_scale=3.5, kind="dance",
                       noise_level=0.3, train={"steps": 1, "group_size": 2})
