@@ -212,6 +212,32 @@ def root_forward(root: torch.nn.Module, fn: Callable[[], Any]) -> Any:
         del root.forward
 
 
+def fsdp_lockstep(d: Dist, n_rows: int, t_chunk: int) -> Optional[Dist]:
+    """``d`` when FSDP needs every rank to run the same forwards (each is a collective), else
+    None. Ranks may hold different row counts (a skipped video, Knapsack budgets); the update
+    pads the shorter ranks with idle forwards."""
+    if not (d.active and d.grad_sync == "fsdp"):
+        return None
+    if t_chunk:
+        raise ValueError("train.parallel=fsdp needs train.t_chunk=0 (ranks' responses differ "
+                         "in length, so T chunks would differ in number)")
+    if most_over_ranks(-n_rows, d) == 0:  # some rank has no row to run an idle pass on
+        raise RuntimeError("train.parallel=fsdp: a rank has no rows this step (every prompt it "
+                           "drew was skipped); raise prompts_per_step or use parallel=ddp")
+    return d
+
+
+def most_over_ranks(n: int, d: Dist) -> int:
+    """The largest ``n`` over the ranks."""
+    return int(d.all_gather_rows(torch.tensor([n])).max())
+
+
+def idle_pass(policy, rollout) -> None:
+    """A forward and backward that change no gradient (FSDP: keeps this rank's collectives in
+    step with ranks that have more micro-batches)."""
+    (policy.logp(rollout, torch.arange(1), 0, rollout.mask.shape[1]).sum() * 0.0).backward()
+
+
 def full_state(module: torch.nn.Module, optimizer) -> tuple:
     """(model, optimizer) full state dicts of an FSDP module, on CPU (collective: every rank
     calls it; rank 0 receives the tensors)."""

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from mmrl.advantages import group_advantages, group_stats
-from mmrl.distributed import Dist
+from mmrl.distributed import Dist, fsdp_lockstep, idle_pass, most_over_ranks
 from mmrl.losses import PolicyLoss
 from mmrl.reward_fn import RewardBatch, robust_reward
+from mmrl.rounds import concat_rollouts
+
+__all__ = ["Rollout", "GroupPolicy", "LoopSettings", "compute_advantages", "update", "collect",
+           "concat_rollouts", "learn", "train_step"]
 
 
 @dataclass
@@ -149,14 +152,20 @@ def _split_list(items, k):
 
 
 @torch.no_grad()
-def _score_all(fn, rollout: Rollout, micro: int, t_chunk: int) -> torch.Tensor:
-    """Concatenate a no-grad ``fn(rollout, rows, t0, t1)`` over the whole rollout -> [B, T]."""
+def _score_all(fn, rollout: Rollout, micro: int, t_chunk: int,
+               lockstep: Optional[Dist] = None) -> torch.Tensor:
+    """No-grad ``fn(rollout, rows, t0, t1)`` over the whole rollout -> [B, T]; ``lockstep``
+    (FSDP): idle calls up to the most calls any rank makes."""
     T = rollout.mask.shape[1]
     rows_out = []
-    for a, b in _chunks(len(rollout), micro):
+    chunks = _chunks(len(rollout), micro)
+    idle = 0 if lockstep is None else most_over_ranks(len(chunks), lockstep) - len(chunks)
+    for a, b in chunks:
         rows = torch.arange(a, b)
         rows_out.append(torch.cat([fn(rollout, rows, t0, t1).detach().float()
                                    for t0, t1 in _chunks(T, t_chunk)], dim=1))
+    for _ in range(idle):
+        fn(rollout, torch.arange(1), 0, T)
     return torch.cat(rows_out, dim=0)
 
 
@@ -174,12 +183,15 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     spec = loss_fn.spec
     on_policy = s.inner_epochs == 1 and s.num_mini_batches == 1
     t_chunk = 0 if spec.sequence_level else s.t_chunk
-    old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size, t_chunk)
+    lockstep = fsdp_lockstep(d, len(rollout), t_chunk)
+    old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size,
+                                                 t_chunk, lockstep)
     ref_logp = (_score_all(policy.ref_logp, rollout, s.micro_batch_size, t_chunk)
                 if spec.needs_ref else None)
     seq_lens = rollout.mask.sum(-1)  # [B] full lengths, exact under T chunking
     T = rollout.mask.shape[1]
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # not policy.parameters(): under FSDP2 it may list a unit's temporary unsharded tensors
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     totals: Dict[str, torch.Tensor] = {}
     n_updates, skipped = 0, 0
     for _ in range(s.inner_epochs):
@@ -189,7 +201,9 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
             n_seqs = torch.tensor(len(mb)) if keep is None else keep[mb].sum()
             counts = d.all_reduce_sum(torch.stack([rollout.mask[mb].sum(), n_seqs]).float())
             norm = dict(num_tokens=counts[0], num_seqs=counts[1])  # global counts
-            for a, b in _chunks(len(mb), s.micro_batch_size):
+            micro = _chunks(len(mb), s.micro_batch_size)
+            idle = 0 if lockstep is None else most_over_ranks(len(micro), d) - len(micro)
+            for a, b in micro:
                 rows = mb[a:b]
                 for t0, t1 in _chunks(T, t_chunk):
                     logp = policy.logp(rollout, rows, t0, t1)
@@ -204,6 +218,8 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
                     loss.backward()
                     _accumulate(totals, stats)
                     n_updates += 1
+            for _ in range(idle):
+                idle_pass(policy, rollout)
             d.sum_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
@@ -311,31 +327,6 @@ def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],
     rewards, error = robust_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata,
                                    reward_retries, reward_timeout)
     return rollout, rewards, error
-
-
-def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
-    """One rollout from several (dynamic sampling's tries): rows stacked; ``mask`` and 2-D+
-    ``data`` tensors right-padded along dim 1 to the longest. Policies whose payload needs
-    something else (left padding, ...) provide ``policy.concat_rollouts``."""
-    if len(parts) == 1:
-        return parts[0]
-    T = max(p.mask.shape[1] for p in parts)
-    mask = torch.cat([F.pad(p.mask, (0, T - p.mask.shape[1])) for p in parts])
-    data = {}
-    for k, v in parts[0].data.items():
-        vals = [p.data[k] for p in parts]
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(parts[0]):
-            if v.dim() >= 2:
-                L = max(x.shape[1] for x in vals)
-                vals = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, L - x.shape[1])) for x in vals]
-            data[k] = torch.cat(vals)
-        elif isinstance(v, list) and len(v) == len(parts[0]):
-            data[k] = [x for val in vals for x in val]
-        else:
-            data[k] = v
-    return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
-                   [x for p in parts for x in p.metadata],
-                   torch.cat([p.group_ids for p in parts]), mask, data)
 
 
 def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,

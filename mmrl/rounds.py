@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mmrl.distributed import gathered_parameters, shard_samples
 
-__all__ = ["Round", "RoundAugmenter", "RoundsMixin"]
+__all__ = ["Round", "RoundAugmenter", "RoundsMixin", "concat_rollouts"]
 
 
 @dataclass
@@ -119,7 +120,6 @@ class RoundsMixin:
 
     def replace_groups(self, rnd: Round, new: Round) -> Round:
         """``rnd`` with the rows of ``new``'s groups replaced by ``new``'s rows."""
-        from mmrl.loop import concat_rollouts
         if rnd.rollout.reward_group_ids is not None:
             raise ValueError("replace_groups needs reward rows = training rows")
         drop = torch.isin(rnd.rollout.group_ids, torch.tensor(new.group_ids, dtype=torch.long))
@@ -151,7 +151,6 @@ class RoundsMixin:
         the same round. Returns (rollout, rewards, error, report).
         """
         from mmrl.budget import DynamicSampling
-        from mmrl.loop import concat_rollouts
         parts = []
 
         def produce(k):
@@ -175,3 +174,29 @@ def _concat_rewards(parts):
     from mmrl.reward_fn import RewardBatch
     return RewardBatch(torch.cat([p.values for p in parts]), list(parts[0].names),
                        torch.cat([p.valid for p in parts]))
+
+
+def concat_rollouts(parts: Sequence[Any]) -> Any:
+    """One rollout from several (dynamic sampling's tries): rows stacked; ``mask`` and 2-D+
+    ``data`` tensors right-padded along dim 1 to the longest. Policies whose payload needs
+    something else (left padding, ...) provide ``policy.concat_rollouts``."""
+    from mmrl.loop import Rollout
+    if len(parts) == 1:
+        return parts[0]
+    T = max(p.mask.shape[1] for p in parts)
+    mask = torch.cat([F.pad(p.mask, (0, T - p.mask.shape[1])) for p in parts])
+    data = {}
+    for k, v in parts[0].data.items():
+        vals = [p.data[k] for p in parts]
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(parts[0]):
+            if v.dim() >= 2:
+                L = max(x.shape[1] for x in vals)
+                vals = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, L - x.shape[1])) for x in vals]
+            data[k] = torch.cat(vals)
+        elif isinstance(v, list) and len(v) == len(parts[0]):
+            data[k] = [x for val in vals for x in val]
+        else:
+            data[k] = v
+    return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
+                   [x for p in parts for x in p.metadata],
+                   torch.cat([p.group_ids for p in parts]), mask, data)

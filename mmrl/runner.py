@@ -96,6 +96,10 @@ class Run(RoundsMixin):
 
     def _check_fsdp(self) -> None:
         t, world = self.t, self.dist.world
+        if t.t_chunk:
+            raise ValueError(f"train.parallel=fsdp needs train.t_chunk=0 (got {t.t_chunk}): "
+                             f"ranks' responses differ in length, so their T chunks would "
+                             f"differ in number; bound memory with micro_batch_size instead")
         if (t.prompts_per_step * t.group_size) % world:
             raise ValueError(f"train.parallel=fsdp runs the same number of forwards on every "
                              f"rank: prompts_per_step * group_size = "

@@ -245,3 +245,38 @@ def test_video_augmenters_on_two_ranks_keep_ranks_identical(tmp_path, tiny_sd3):
     import json
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(m["temporal_groups"] == 2.0 for m in metrics)
+
+
+def test_fsdp_keeps_ranks_in_step_with_uneven_rows_and_clips_like_ddp(tmp_path, tiny_sd3):
+    """A skipped (unreadable) video leaves one rank with fewer rows and micro-batches: FSDP pads
+    it with idle forwards instead of hanging, and with 2 epochs x 2 mini-batches and a tight
+    max_grad_norm (clipping active, old logp scored first) it ends where DDP does."""
+    import json
+    from mmrl.video.synthetic_task import write_synthetic_task
+    task = write_synthetic_task(str(tmp_path / "task"), 4, seed=0)
+    rows = [json.loads(line) for line in open(task)]
+    (tmp_path / "bad.mp4").write_bytes(b"\x00 not a video")
+    rows[3]["path"] = str(tmp_path / "bad.mp4")
+    for r in rows[:3]:
+        r["path"] = os.path.join(os.path.dirname(task), r["path"])
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = _job_options("video", tiny_sd3)
+
+    def cmd(out, par):
+        return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]),
+                           "train.prompts_per_step=4", "train.group_size=2", f"video.data={data}",
+                           "train.steps=2", "train.progress=false", f"train.output_dir={out}",
+                           "train.micro_batch_size=1", "train.inner_epochs=2",
+                           "train.num_mini_batches=2", "train.max_grad_norm=0.05",
+                           "train.log_every=1", f"train.parallel={par}", "train.export=false"]
+    _run(cmd(tmp_path / "ddp", "ddp"), timeout=400)
+    proc = _run(cmd(tmp_path / "fsdp", "fsdp"), timeout=400)
+    assert "skipped" in proc.stdout + proc.stderr
+    a, b = (torch.load(tmp_path / p / "final.pt") for p in ("ddp", "fsdp"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    norms = [[json.loads(line)["grad_norm"] for line in
+              (tmp_path / p / "metrics.jsonl").read_text().splitlines()] for p in ("ddp", "fsdp")]
+    assert max(norms[0]) > 0.05  # clipping was active (a step of flat groups has norm 0)
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
