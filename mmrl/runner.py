@@ -109,11 +109,10 @@ class Run(RoundsMixin):
             raise ValueError(f"train.parallel=fsdp with whole groups per rank (this preset or "
                              f"sampler): train.prompts_per_step={t.prompts_per_step} must be "
                              f"divisible by the {world} ranks")
-        if t.dynamic_sampling_tries or self.augmenters:
-            raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries or the "
-                             "job's round augmenters (difficulty augmentation, temporal "
-                             "contrast): ranks would run different numbers of forwards; use "
-                             "parallel=ddp")
+        if t.dynamic_sampling_tries:
+            raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries (a rank "
+                             "may keep no group at all, and every rank must run the same "
+                             "forwards); use parallel=ddp")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:
