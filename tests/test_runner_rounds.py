@@ -91,17 +91,25 @@ def test_metrics_logged_and_resume_restores_augmenter_state_bit_for_bit(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp_refuses_augmenters(tmp_path):
-    cfg = _cfg(tmp_path, parallel="fsdp")
-    prompts, meta = _data(cfg)
-    run = Run.__new__(Run)
-    from mmrl.losses import PolicyLoss
-    run.t, run.augmenters, run.policy = cfg.train, [RerollOdd()], None
-    run.loss_fn = PolicyLoss("grpo")
-    run.dist = type("D", (), {"world": 2})()
+def test_fsdp_accepts_augmenters_and_refuses_what_would_desynchronize_ranks(tmp_path):
     import pytest
-    with pytest.raises(ValueError, match="augmenters"):
+
+    from mmrl.losses import PolicyLoss
+
+    def check(**train):
+        run = Run.__new__(Run)
+        run.t, run.augmenters, run.policy = _cfg(tmp_path, parallel="fsdp", **train).train, \
+            [RerollOdd()], None
+        run.loss_fn = PolicyLoss("grpo")
+        run.dist = type("D", (), {"world": 2})()
         run._check_fsdp()
+    check()  # augmenters are fine: ranks with fewer rows run idle passes
+    with pytest.raises(ValueError, match="dynamic_sampling_tries"):
+        check(dynamic_sampling_tries=2)
+    with pytest.raises(ValueError, match="t_chunk=0"):
+        check(t_chunk=4)
+    with pytest.raises(ValueError, match="divisible by the 2 ranks"):
+        check(prompts_per_step=3, group_size=3)
 
 
 def test_policies_can_ask_for_whole_groups_per_rank(tmp_path):
