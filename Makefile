@@ -18,11 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Three tiny runs, each a few minutes at most on 2 CPU cores: the pure-torch toy task, a video
 # QA task on a tiny Qwen2.5-VL, and text-to-image GRPO on a tiny SD3 (grids in runs/demo-diffusion/eval).
-# The video run is single-threaded: bit-reproducible, so its rewards match the README (several
-# CPU threads reorder float sums and this tiny run is sensitive to that).
 demo: $(STAMP)
 	$(VENV)/bin/mmrl train configs/demo/toy.yaml
-	OMP_NUM_THREADS=1 $(VENV)/bin/mmrl train configs/demo/video_tiny.yaml
+	$(VENV)/bin/mmrl train configs/demo/video_tiny.yaml
 	$(VENV)/bin/mmrl diffusion tiny-pipeline runs/tiny-sd3 --overwrite
 	$(VENV)/bin/mmrl train configs/demo/diffusion_tiny.yaml
 
