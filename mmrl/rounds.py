@@ -10,7 +10,7 @@ selector, settings, generators and data-parallel context). A round augmenter is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,10 +107,26 @@ class RoundsMixin:
         return (self.dist.all_gather_rows(values),
                 self.dist.all_gather_rows(rollout.sample_group_ids))
 
-    def add_round_metrics(self, values: Dict[str, float]) -> None:
-        """Augmenters' counters for this step's metrics (summed over the step's rounds)."""
+    def add_round_metrics(self, values: Dict[str, float],
+                          means: Optional[Dict[str, Tuple[float, float]]] = None) -> None:
+        """Augmenters' metrics for this step: ``values`` are counters (summed over the step's
+        rounds); ``means`` maps a name to (sum, count), reported as sum / count over the step."""
         for k, v in values.items():
             self.round_metrics[k] = self.round_metrics.get(k, 0.0) + float(v)
+        for k, (total, n) in (means or {}).items():
+            t0, n0 = self.round_means.get(k, (0.0, 0.0))
+            self.round_means[k] = (t0 + float(total), n0 + float(n))
+
+    def step_round_metrics(self) -> Dict[str, float]:
+        """This step's augmenter metrics (counters, and means where any count was given)."""
+        return {**self.round_metrics, **{k: t / n for k, (t, n) in self.round_means.items()
+                                         if n > 0}}
+
+    def all_agree(self, flags: Sequence[bool]) -> List[bool]:
+        """Element-wise AND of ``flags`` over the ranks (every rank passes one flag per item):
+        e.g. keep only the variants every rank could build, so ranks make the same calls."""
+        every = self.dist.all_gather_object([bool(f) for f in flags])
+        return [all(f[i] for f in every) for i in range(len(flags))]
 
     def round_seed(self, *keys: int) -> int:
         """A seed that is the same on every rank for (run seed, step, *keys): augmentations of a
@@ -121,7 +137,16 @@ class RoundsMixin:
     def replace_groups(self, rnd: Round, new: Round) -> Round:
         """``rnd`` with the rows of ``new``'s groups replaced by ``new``'s rows."""
         if rnd.rollout.reward_group_ids is not None:
-            raise ValueError("replace_groups needs reward rows = training rows")
+            raise ValueError("replace_groups needs reward rows = training rows (this policy's "
+                             "rollouts train rows that are not rewarded samples)")
+        unknown = sorted(set(new.group_ids) - set(rnd.group_ids))
+        if unknown:
+            raise ValueError(f"replace_groups: group ids {unknown} are not in the round "
+                             f"(its groups: {rnd.group_ids}); re-roll with the round's ids")
+        if list(new.rewards.names) != list(rnd.rewards.names):
+            raise ValueError(f"replace_groups: the re-rolled rows have reward columns "
+                             f"{new.rewards.names}, the round {rnd.rewards.names}; run "
+                             f"augmenters that add columns after the ones that re-roll")
         drop = torch.isin(rnd.rollout.group_ids, torch.tensor(new.group_ids, dtype=torch.long))
         concat = getattr(self.policy, "concat_rollouts", None) or concat_rollouts
         rollout = concat([rnd.rollout.select(~drop), new.rollout])

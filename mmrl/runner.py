@@ -88,6 +88,7 @@ class Run(RoundsMixin):
                                      t.micro_batch_size, t.t_chunk, t.max_grad_norm)
         self.step, self.history, self.bad_in_row = 0, [], 0
         self.round_metrics: Dict[str, float] = {}
+        self.round_means: Dict[str, tuple] = {}
         # Every rank draws the same prompts; each samples with its own stream, so identical
         # prompts on different ranks never get identical noise.
         self.gen.manual_seed(t.seed + 7919 * self.dist.rank)
@@ -182,7 +183,7 @@ class Run(RoundsMixin):
         from mmrl.loop import learn
         tic = time.time()
         report = None
-        self.round_metrics = {}
+        self.round_metrics, self.round_means = {}, {}
         if self.t.dynamic_sampling_tries:
             rollout, rewards, error, report = self.collect_dynamic()
         else:
@@ -196,7 +197,7 @@ class Run(RoundsMixin):
             m.update({"dynamic_tries": float(report.tries),
                       "dynamic_groups_kept": float(report.groups_kept),
                       "dynamic_groups_dropped": float(report.groups_dropped)})
-        m.update(self.round_metrics)
+        m.update(self.step_round_metrics())
         m["step_time"] = time.time() - tic
         m.update(throughput(m, res["rollout"], self.dist))
         if res.get("reward_error"):
@@ -218,16 +219,17 @@ def _export(r: Run, say, final: Optional[Dict[str, torch.Tensor]]) -> None:
     from ``final`` (the gathered full weights), as the live ones are sharded."""
     if not r.t.export or not hasattr(r.policy, "export_pretrained"):
         return
-    if r.dist.is_main:
-        try:
+    try:
+        if r.dist.is_main:
             path = r.policy.export_pretrained(
                 str(r.out / "hf"), merge_lora=r.t.export_merge_lora,
                 **({"state_dict": final} if r.fsdp is not None else {}))
             say(f"exported the final model (Hugging Face format) to {path}")
-        except (OSError, ValueError) as err:  # the checkpoint and final.pt are written
-            print(f"warning: export to {r.out / 'hf'} failed ({err}); the weights are in "
-                  f"final.pt and {r.out / 'checkpoints'}", file=sys.stderr, flush=True)
-    r.dist.barrier()
+    except Exception as err:  # noqa: BLE001 - training is done and saved; report, go on
+        print(f"warning: export to {r.out / 'hf'} failed ({type(err).__name__}: {err}); the "
+              f"weights are in final.pt and {r.out / 'checkpoints'}", file=sys.stderr, flush=True)
+    finally:
+        r.dist.barrier()
 
 
 def _check_ranks_agree(r: Run, say) -> None:

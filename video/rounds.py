@@ -104,6 +104,20 @@ class DifficultyRounds:
             media = Image.fromarray(np.asarray(v.media))
         return v.kind, media, v.hint
 
+    def _informative(self, run, rnd) -> Dict[int, bool]:
+        """Per group (gathered over ranks): does it carry an advantage? It does when it has
+        fewer than 2 valid samples (nothing to re-roll for) or any reward column varies in it
+        (with normalize_then_sum a constant weighted sum can still hide varying columns)."""
+        cols = torch.where(rnd.rewards.valid[:, None], rnd.rewards.values.double(),
+                           torch.full_like(rnd.rewards.values, float("nan")).double())
+        values, gids = run.gathered(rnd.rollout, cols)
+        out = {}
+        for g in gids.unique().tolist():
+            v = values[gids == g]
+            v = v[torch.isfinite(v).all(1)]
+            out[g] = len(v) < 2 or bool((v.amax(0) - v.amin(0) > self.aug.tol).any())
+        return out
+
     def __call__(self, run, rnd):
         total = rnd.rewards.weighted_sum(self.weights)
         total = torch.where(rnd.rewards.valid, total, torch.full_like(total, float("nan")))
@@ -111,16 +125,22 @@ class DifficultyRounds:
         ok = torch.isfinite(values)
         if not bool(ok.any()):
             return rnd
-        decisions = self.aug.decide(values[ok], gids[ok])
-        redo = {"prompts": [], "metadata": [], "counts": [], "group_ids": []}
-        made = {"harder": 0, "easier": 0}
+        decisions = self.aug.decide(values[ok], gids[ok])  # moves the reference too
+        informative = self._informative(run, rnd)
+        built = []
         for j, g in enumerate(rnd.group_ids):
             kind = decisions.get(g, "keep")
-            if kind == "keep":
+            if kind == "keep" or informative.get(g, True):
                 continue
             record = self.media.record(rnd.metadata[j])
             out = self._variant(record, kind, random.Random(run.round_seed(1, g)))
-            if out is None:
+            built.append((j, g, record, out))
+        # a variant every rank could build (a file readable on one node only is skipped)
+        agreed = run.all_agree([out is not None for *_, out in built])
+        redo = {"prompts": [], "metadata": [], "counts": [], "group_ids": []}
+        made = {"harder": 0, "easier": 0}
+        for (j, g, record, out), ok_everywhere in zip(built, agreed):
+            if not ok_everywhere:
                 continue
             kind, media, hint = out
             prompt, meta = self.media.prompt(record, rnd.metadata[j], media=media, hint=hint,
@@ -152,31 +172,39 @@ class TemporalContrast:
         acc = rewards.column(self.accuracy).double()
         return torch.where(rewards.valid, acc, torch.full_like(acc, float("nan")))
 
+    def _shuffled_group(self, run, rnd, j: int, g: int):
+        """(prompt, metadata) of group ``g``'s shuffled-frame copy, or None (not a video, or
+        unreadable here)."""
+        record = self.media.record(rnd.metadata[j])
+        if record.data_type != "video":
+            return None
+        src = rnd.metadata[j]["messages"]
+        clip = _video_item(src)
+        if not hasattr(clip, "frames"):  # the record's path: decode it as the policy would
+            clip = self.media.clip(record)
+        if clip is None or clip.num_frames < 2:
+            return None
+        frames, _ = shuffle_frames(clip.frames, random.Random(run.round_seed(2, g)))
+        media = dataclasses.replace(clip, frames=frames)
+        # the same text (an easier variant's hint included), the frames out of order
+        return rnd.prompts[j], {**rnd.metadata[j], "messages": _with_video(src, media),
+                                "augmented": "shuffled"}
+
     def __call__(self, run, rnd):
+        built = [(j, g, self._shuffled_group(run, rnd, j, g)) for j, g in enumerate(rnd.group_ids)]
+        agreed = run.all_agree([out is not None for *_, out in built])  # same calls on all ranks
         shuffled = {"prompts": [], "metadata": [], "counts": [], "group_ids": []}
-        for j, g in enumerate(rnd.group_ids):
-            record = self.media.record(rnd.metadata[j])
-            if record.data_type != "video":
-                continue
-            src = rnd.metadata[j]["messages"]
-            clip = _video_item(src)
-            if not hasattr(clip, "frames"):  # the record's path: decode it as the policy would
-                clip = self.media.clip(record)
-            if clip is None or clip.num_frames < 2:
-                continue
-            frames, _ = shuffle_frames(clip.frames, random.Random(run.round_seed(2, g)))
-            media = dataclasses.replace(clip, frames=frames)
-            prompt = rnd.prompts[j]  # same text (an easier variant's hint included)
-            meta = {**rnd.metadata[j], "messages": _with_video(src, media),
-                    "augmented": "shuffled"}
-            for key, value in (("prompts", prompt), ("metadata", meta),
-                               ("counts", rnd.counts[j]), ("group_ids", g)):
-                shuffled[key].append(value)
+        for (j, g, out), ok_everywhere in zip(built, agreed):
+            if ok_everywhere:
+                for key, value in (("prompts", out[0]), ("metadata", out[1]),
+                                   ("counts", rnd.counts[j]), ("group_ids", g)):
+                    shuffled[key].append(value)
         acc = self._accuracy(rnd.rewards)
         bonus = torch.zeros(len(acc))
-        applied = {}
+        applied, error = {}, rnd.error
         if shuffled["prompts"]:
             sh = run.collect_groups(**shuffled)
+            error = error or sh.error
             s_acc, s_gid = run.gathered(sh.rollout, self._accuracy(sh.rewards))
             keep = torch.isfinite(s_acc)
             a_all, g_all = run.gathered(rnd.rollout, acc)
@@ -188,17 +216,16 @@ class TemporalContrast:
             on = torch.tensor([applied.get(g, False) for g in gids], dtype=torch.bool)
             bonus = torch.where(on & (acc.nan_to_num(0.0) > self.threshold),
                                 torch.tensor(float(self.alpha)), torch.tensor(0.0))
-            run.add_round_metrics({"shuffled_accuracy": float(s_acc[keep].mean())
-                                   if bool(keep.any()) else float("nan")})
-        n_video = len(shuffled["prompts"])
-        run.add_round_metrics({"temporal_groups": n_video,
+            run.add_round_metrics({}, means={"shuffled_accuracy": (
+                float(s_acc[keep].sum()), float(keep.sum()))})
+        run.add_round_metrics({"temporal_groups": len(shuffled["prompts"]),
                                "temporal_applied": sum(bool(applied.get(g)) for g in
                                                        shuffled["group_ids"])})
         from mmrl.reward_fn import RewardBatch
         rewards = RewardBatch(torch.cat([rnd.rewards.values, bonus[:, None].to(
             rnd.rewards.values.dtype)], 1), list(rnd.rewards.names) + [TEMPORAL_COLUMN],
             rnd.rewards.valid)
-        return dataclasses.replace(rnd, rewards=rewards)
+        return dataclasses.replace(rnd, rewards=rewards, error=error)
 
 
 def _video_item(messages) -> Any:

@@ -2,6 +2,7 @@
 contrast (Video-R1), on real synthetic videos; then both through `mmrl train` on the tiny model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -28,15 +29,21 @@ class FakeRun:
 
     def __init__(self, answer):
         self.answer, self.requests, self.metrics, self.step = answer, [], {}, 0
+        self.round_means = {}
         self.t = type("T", (), {"seed": 0})
 
     round_seed = Run.round_seed
     replace_groups = Run.replace_groups
     add_round_metrics = Run.add_round_metrics
+    step_round_metrics = Run.step_round_metrics
+    round_means: dict
 
     @property
     def round_metrics(self):
         return self.metrics
+
+    def all_agree(self, flags):
+        return [bool(f) for f in flags]
 
     def gathered(self, rollout, values):
         return values, rollout.sample_group_ids
@@ -141,7 +148,7 @@ def test_temporal_contrast_bonus_column(records):
     expect = torch.tensor([[.3, .3, .3, .3], [.3, .3, 0, 0], [0, 0, 0, 0]])
     assert torch.allclose(bonus, expect)
     assert run.metrics["temporal_groups"] == 3 and run.metrics["temporal_applied"] == 2
-    assert run.metrics["shuffled_accuracy"] == pytest.approx(10 / 12)
+    assert run.step_round_metrics()["shuffled_accuracy"] == pytest.approx(10 / 12)
 
 
 def test_temporal_contrast_skips_images_and_needs_accuracy(records, tmp_path):
@@ -179,3 +186,88 @@ def test_video_job_trains_with_both_augmenters(tiny_vl_dir, task_jsonl, tmp_path
     import yaml
     saved = yaml.safe_load(open(out / "config.yaml"))
     assert saved["algo"]["reward_weights"]["temporal"] == 1.0
+
+
+def test_variants_do_not_depend_on_which_rows_a_rank_holds(records):
+    """Two ranks holding different halves of the same groups see the same gathered rewards and
+    build the same variants (prompts, frames), so a split group is re-rolled consistently."""
+    prompts, meta = _groups(records)
+    full = make_round(prompts, meta, [4, 4, 4], [0, 1, 2], [[1] * 4, [0] * 4, [1, 0, 1, 0]])
+
+    class RankRun(FakeRun):
+        def gathered(self, rollout, values):  # every rank sees all rows (an all_gather)
+            return self.all_values(values), full.rollout.sample_group_ids
+
+    requests = []
+    for rank in (0, 1):
+        rows = torch.arange(12) // 6 == rank
+        local = Round(full.prompts, full.metadata, full.counts, full.group_ids,
+                      full.rollout.select(rows), full.rewards.select(rows))
+        run = RankRun(lambda g, m: [0.5] * 4)
+        # the local values are a function of local rewards: rebuild the global ones the same way
+        run.all_values = lambda v, rows=rows: _global_like(v, rows, full)
+        DifficultyRounds(DifficultyAugmenter(reference=0.5), _media(records))(run, local)
+        requests.append(run.requests[0])
+    (p0, m0, c0, g0), (p1, m1, c1, g1) = requests
+    assert p0 == p1 and c0 == c1 and g0 == g1 == [0, 1]
+    f0 = m0[0]["messages"][-1]["content"][0]["video"].frames
+    f1 = m1[0]["messages"][-1]["content"][0]["video"].frames
+    assert torch.equal(f0, f1)
+
+
+def _global_like(local_values, rows, full):
+    """The all_gather of ``local_values`` when the other rank computed the same quantity on its
+    rows: recomputed from the full round (weighted sums or reward columns)."""
+    if local_values.dim() == 2:  # reward columns
+        return full.rewards.values.double()
+    return full.rewards.weighted_sum(None)
+
+
+def test_difficulty_skips_groups_with_varying_columns_or_one_sample(records):
+    prompts, meta = _groups(records)
+    # group 0: weighted sum constant (1 + 0 = 0 + 1) but the columns vary -> has an advantage
+    # group 1: a single valid sample -> nothing to compare; group 2: flat, all correct
+    rnd = make_round(prompts, meta, [2, 2, 2], [0, 1, 2], [[1, 0], [1, 1], [1, 1]])
+    rnd.rewards.values[:2, 1] = torch.tensor([0.0, 1.0])
+    rnd.rewards.valid[3] = False
+    run = FakeRun(lambda g, m: [0.5, 0.5])
+    DifficultyRounds(DifficultyAugmenter(reference=0.2), _media(records))(run, rnd)
+    assert run.requests[0][3] == [2]
+
+
+def test_a_variant_some_rank_cannot_build_is_skipped_everywhere(records):
+    prompts, meta = _groups(records)
+    rnd = make_round(prompts, meta, [2, 2, 2], [0, 1, 2], [[1, 1], [1, 1], [1, 1]])
+    run = FakeRun(lambda g, m: [1, 1])
+    run.all_agree = lambda flags: [False] + [bool(f) for f in flags[1:]]  # rank 1 lacks group 0
+    DifficultyRounds(DifficultyAugmenter(reference=0.2), _media(records))(run, rnd)
+    assert run.requests[0][3] == [1, 2]
+    run = FakeRun(lambda g, m: [1, 1])
+    run.all_agree = lambda flags: [False] + [bool(f) for f in flags[1:]]
+    out = TemporalContrast(_media(records))(run, rnd)
+    assert run.requests[0][3] == [1, 2] and out.rewards.column("temporal")[:2].tolist() == [0, 0]
+
+
+def test_temporal_contrast_reports_a_failed_shuffled_reward(records):
+    prompts, meta = _groups(records)
+    rnd = make_round(prompts, meta, [2], [0], [[1, 0]])
+
+    class Failing(FakeRun):
+        def collect_groups(self, *a, **kw):
+            out = super().collect_groups(*a, **kw)
+            return dataclasses.replace(out, error="reward server down")
+    out = TemporalContrast(_media(records[:1]))(Failing(lambda g, m: [1, 1]), rnd)
+    assert out.error == "reward server down"
+
+
+def test_replace_groups_says_what_is_wrong(records):
+    prompts, meta = _groups(records)
+    rnd = make_round(prompts, meta, [2, 2], [0, 1], [[1, 0], [0, 1]])
+    run = FakeRun(lambda g, m: [1, 1])
+    with pytest.raises(ValueError, match=r"group ids \[7\] are not in the round"):
+        run.replace_groups(rnd, make_round(prompts[:1], meta[:1], [2], [7], [[1, 1]]))
+    other = make_round(prompts[:1], meta[:1], [2], [0], [[1, 1]])
+    other = dataclasses.replace(other, rewards=RewardBatch(other.rewards.values[:, :1],
+                                                           ["accuracy"], other.rewards.valid))
+    with pytest.raises(ValueError, match="reward columns"):
+        run.replace_groups(rnd, other)
