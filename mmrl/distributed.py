@@ -185,6 +185,8 @@ def gathered_parameters(root: Optional[torch.nn.Module]):
     rank enters at the same point), then any number of forwards, on any submodule, with no
     collective, so ranks may generate different lengths; resharded on exit. ``root=None``: no-op.
     The memory of the full weights is held meanwhile (as verl does for its rollout engine).
+    On exit every unit gets FSDP2's default back (reshard after forward, except the root), so a
+    policy's own per-unit ``reshard_after_forward`` choice does not survive a rollout.
     """
     if root is None:
         yield
