@@ -271,7 +271,11 @@ def test_fsdp_keeps_ranks_in_step_with_uneven_rows_and_clips_like_ddp(tmp_path, 
                            "train.steps=2", "train.progress=false", f"train.output_dir={out}",
                            "train.micro_batch_size=1", "train.inner_epochs=2",
                            "train.num_mini_batches=2", "train.max_grad_norm=0.05",
-                           "train.log_every=1", f"train.parallel={par}", "train.export=false"]
+                           "train.log_every=1", f"train.parallel={par}", "train.export=false",
+                           # no KL term: never-sampled tokens then get exactly zero gradient, so
+                           # AdamW cannot amplify float-order noise there (with SGD the two
+                           # runs agree to 1e-8 either way)
+                           "algo.beta=0.0"]
     _run(cmd(tmp_path / "ddp", "ddp"), timeout=400)
     proc = _run(cmd(tmp_path / "fsdp", "fsdp"), timeout=400)
     assert "skipped" in proc.stdout + proc.stderr
