@@ -163,16 +163,17 @@ def test_real_trainer_runs_under_torchrun(tmp_path, tiny_sd3, job):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_diffusion_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
-    """FSDP2 on the real diffusion trainer (each transformer block a unit, rollouts with the
-    weights gathered): the same weights as DDP after 3 steps, and a run resumed at step 2 too.
-    (A unit other than the root used to average its gradients instead of summing them.)"""
-    opts = _job_options("diffusion", tiny_sd3)
+def _train(job, tiny_sd3, out, *extra):
+    """torchrun (2 ranks) of `mmrl train` on a job's tiny setup, output in ``out``."""
+    opts = _job_options(job, tiny_sd3)
+    return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
+                       "train.progress=false", f"train.output_dir={out}", *extra]
 
+
+def _fsdp_vs_ddp_and_resume(job, tiny_sd3, tmp_path):
+    """final.pt of DDP, FSDP and an FSDP run resumed at step 2 (3 steps each), equal to 1e-4."""
     def cmd(out, *extra):
-        return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
-                           "train.progress=false", f"train.output_dir={out}",
-                           "train.resume=auto", *extra]
+        return _train(job, tiny_sd3, out, "train.resume=auto", *extra)
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     _run(cmd(ddp, "train.steps=3", "train.parallel=ddp"))
     _run(cmd(fsdp, "train.steps=3", "train.parallel=fsdp"))
@@ -180,15 +181,24 @@ def test_diffusion_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
     proc = _run(cmd(resumed, "train.steps=3", "train.parallel=fsdp"))
     assert "resumed from" in proc.stdout
     a, b, c = (torch.load(p / "final.pt") for p in (ddp, fsdp, resumed))
-    assert a.keys() == b.keys() == c.keys() and int(c["mmrl_rollout_iteration"]) == 3
-    from diffusers import StableDiffusion3Pipeline  # the FSDP run exported the whole pipeline
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(fsdp / "hf"), text_encoder_3=None,
-                                                    tokenizer_3=None)
-    exported = pipe.transformer.state_dict()
-    assert all(torch.equal(exported[k], b[k]) for k in b if not k.startswith("mmrl_"))
+    assert a.keys() == b.keys() == c.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
+    return a, b, c
+
+
+def test_diffusion_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
+    """FSDP2 on the real diffusion trainer (each transformer block a unit, rollouts with the
+    weights gathered): the same weights as DDP after 3 steps, and a run resumed at step 2 too.
+    (A unit other than the root used to average its gradients instead of summing them.)"""
+    _, b, c = _fsdp_vs_ddp_and_resume("diffusion", tiny_sd3, tmp_path)
+    assert int(c["mmrl_rollout_iteration"]) == 3
+    from diffusers import StableDiffusion3Pipeline  # the FSDP run exported the whole pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "fsdp" / "hf"),
+                                                    text_encoder_3=None, tokenizer_3=None)
+    exported = pipe.transformer.state_dict()
+    assert all(torch.equal(exported[k], b[k]) for k in b if not k.startswith("mmrl_"))
 
 
 def test_fsdp_refuses_lora_with_a_clear_message(tmp_path, tiny_sd3):
@@ -204,26 +214,11 @@ def test_video_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
     """FSDP2 on the real video trainer (decoder layers as units, logp as the root's forward,
     sampling with the weights gathered so ranks may stop at different lengths): the weights
     equal DDP's after 3 steps, and a run resumed at step 2 equals the uninterrupted one."""
-    opts = _job_options("video", tiny_sd3)
-
-    def cmd(out, *extra):
-        return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
-                           "train.progress=false", f"train.output_dir={out}",
-                           "train.resume=auto", *extra]
-    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    _run(cmd(ddp, "train.steps=3", "train.parallel=ddp"))
-    _run(cmd(fsdp, "train.steps=3", "train.parallel=fsdp"))
-    _run(cmd(resumed, "train.steps=2", "train.parallel=fsdp"))
-    proc = _run(cmd(resumed, "train.steps=3", "train.parallel=fsdp"))
-    assert "resumed from" in proc.stdout
-    a, b, c = (torch.load(p / "final.pt") for p in (ddp, fsdp, resumed))
-    assert a.keys() == b.keys() == c.keys()
+    _, b, _ = _fsdp_vs_ddp_and_resume("video", tiny_sd3, tmp_path)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     from safetensors.torch import load_file
     initial = load_file(str(fsdp / "tiny_qwen_vl" / "model.safetensors"))
     assert max(float((b[k] - initial[k]).abs().max()) for k in initial if k in b) > 0
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
     # both export the final model; under FSDP from the gathered weights
     from transformers import AutoModelForImageTextToText
     for run in (ddp, fsdp):
@@ -237,11 +232,9 @@ def test_video_augmenters_on_two_ranks_keep_ranks_identical(tmp_path, tiny_sd3):
     """Difficulty re-rolls and T-GRPO with groups split across 2 ranks run to the end with the
     weights identical on both ranks (the variants' rank independence is unit-tested in
     tests/video_train/test_vl_rounds.py)."""
-    opts = _job_options("video", tiny_sd3)
     out = tmp_path / "run"
-    proc = _run(TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
-                            "train.steps=3", "train.progress=false", f"train.output_dir={out}",
-                            "video.difficulty_augmentation=true", "video.temporal_contrast=true"])
+    proc = _run(_train("video", tiny_sd3, out, "train.steps=3",
+                       "video.difficulty_augmentation=true", "video.temporal_contrast=true"))
     assert "parameters identical on 2 ranks" in proc.stdout
     import json
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -294,13 +287,10 @@ def test_video_augmenters_under_fsdp_follow_ddp(tmp_path, tiny_sd3):
     AdamW's amplification of float-order noise in near-zero gradients (with SGD the two agree
     to 6e-8)."""
     import json
-    opts = _job_options("video", tiny_sd3)
-
     def cmd(out, par):
-        return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
-                           "train.steps=3", "train.progress=false", f"train.output_dir={out}",
-                           f"train.parallel={par}", "video.difficulty_augmentation=true",
-                           "video.temporal_contrast=true", "train.export=false"]
+        return _train("video", tiny_sd3, out, "train.steps=3", f"train.parallel={par}",
+                      "video.difficulty_augmentation=true", "video.temporal_contrast=true",
+                      "train.export=false")
     _run(cmd(tmp_path / "ddp", "ddp"))
     _run(cmd(tmp_path / "fsdp", "fsdp"))
     keys = ("reward_mean", "grad_norm", "aug_harder", "aug_easier", "temporal_applied",
