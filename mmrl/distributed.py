@@ -207,11 +207,15 @@ def root_forward(root: torch.nn.Module, fn: Callable[[], Any]) -> Any:
     """``fn()`` run as ``root``'s forward, so FSDP2's hooks gather the root unit's parameters
     before it and reduce-scatter their gradients in backward, even when ``fn`` calls submodules
     (embeddings, lm head) directly. Submodules that are FSDP units gather their own."""
+    own = root.__dict__.get("forward")  # an instance-level forward someone else set, if any
     root.forward = fn  # instance attribute: nn.Module.__call__ runs the hooks around it
     try:
         return root()
     finally:
-        del root.forward
+        if own is None:
+            del root.forward
+        else:
+            root.forward = own
 
 
 def fsdp_lockstep(d: Dist, n_rows: int, t_chunk: int) -> Optional[Dist]:

@@ -92,17 +92,8 @@ def _toy_cmd(out, *extra):
 
 
 def test_fsdp2_matches_ddp_and_resumes(tmp_path):
-    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    _run(_toy_cmd(ddp, "train.steps=3", "train.parallel=ddp"))
-    _run(_toy_cmd(fsdp, "train.steps=3", "train.parallel=fsdp"))
-    _run(_toy_cmd(resumed, "train.steps=2", "train.parallel=fsdp"))
-    proc = _run(_toy_cmd(resumed, "train.steps=3", "train.parallel=fsdp"))
-    assert "resumed from" in proc.stdout
-    a, b, c = (torch.load(p / "final.pt") for p in (ddp, fsdp, resumed))
-    assert a.keys() == b.keys() == c.keys()
-    for k in a:  # same math; only the order of float reductions differs
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-6)
+    # same math; only the order of float reductions differs
+    _fsdp_vs_ddp_and_resume(_toy_cmd, tmp_path, atol=1e-6)
 
 
 def test_fsdp_rejects_a_batch_it_cannot_split_evenly(tmp_path):
@@ -170,10 +161,9 @@ def _train(job, tiny_sd3, out, *extra):
                        "train.progress=false", f"train.output_dir={out}", *extra]
 
 
-def _fsdp_vs_ddp_and_resume(job, tiny_sd3, tmp_path):
-    """final.pt of DDP, FSDP and an FSDP run resumed at step 2 (3 steps each), equal to 1e-4."""
-    def cmd(out, *extra):
-        return _train(job, tiny_sd3, out, "train.resume=auto", *extra)
+def _fsdp_vs_ddp_and_resume(cmd, tmp_path, atol=1e-5):
+    """final.pt of DDP, FSDP and an FSDP run resumed at step 2 (3 steps each; ``cmd(out,
+    *overrides)`` builds the torchrun command with train.resume=auto), equal to rtol 1e-4."""
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     _run(cmd(ddp, "train.steps=3", "train.parallel=ddp"))
     _run(cmd(fsdp, "train.steps=3", "train.parallel=fsdp"))
@@ -183,16 +173,20 @@ def _fsdp_vs_ddp_and_resume(job, tiny_sd3, tmp_path):
     a, b, c = (torch.load(p / "final.pt") for p in (ddp, fsdp, resumed))
     assert a.keys() == b.keys() == c.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=atol)
+        torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=atol)
     return a, b, c
+
+
+def _job_cmd(job, tiny_sd3):
+    return lambda out, *extra: _train(job, tiny_sd3, out, "train.resume=auto", *extra)
 
 
 def test_diffusion_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
     """FSDP2 on the real diffusion trainer (each transformer block a unit, rollouts with the
     weights gathered): the same weights as DDP after 3 steps, and a run resumed at step 2 too.
     (A unit other than the root used to average its gradients instead of summing them.)"""
-    _, b, c = _fsdp_vs_ddp_and_resume("diffusion", tiny_sd3, tmp_path)
+    _, b, c = _fsdp_vs_ddp_and_resume(_job_cmd("diffusion", tiny_sd3), tmp_path)
     assert int(c["mmrl_rollout_iteration"]) == 3
     from diffusers import StableDiffusion3Pipeline  # the FSDP run exported the whole pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "fsdp" / "hf"),
@@ -214,7 +208,7 @@ def test_video_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
     """FSDP2 on the real video trainer (decoder layers as units, logp as the root's forward,
     sampling with the weights gathered so ranks may stop at different lengths): the weights
     equal DDP's after 3 steps, and a run resumed at step 2 equals the uninterrupted one."""
-    _, b, _ = _fsdp_vs_ddp_and_resume("video", tiny_sd3, tmp_path)
+    _, b, _ = _fsdp_vs_ddp_and_resume(_job_cmd("video", tiny_sd3), tmp_path)
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     from safetensors.torch import load_file
     initial = load_file(str(fsdp / "tiny_qwen_vl" / "model.safetensors"))

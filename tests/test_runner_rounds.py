@@ -130,3 +130,18 @@ def test_policies_can_ask_for_whole_groups_per_rank(tmp_path):
     assert shards[False, 1] == [(1, 2, 11), (2, 4, 12)]
     assert shards[True, 0] == [(0, 4, 10), (2, 4, 12)]
     assert shards[True, 1] == [(1, 4, 11)]
+
+
+def test_root_forward_runs_the_modules_hooks_and_restores_forward():
+    from mmrl.distributed import root_forward
+    lin = torch.nn.Linear(2, 2)
+    calls = []
+    lin.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    lin.register_forward_hook(lambda m, args, out: calls.append(("post", out)))
+    assert root_forward(lin, lambda: 7) == 7 and calls == ["pre", ("post", 7)]
+    x = torch.ones(1, 2)
+    assert torch.equal(lin(x), x @ lin.weight.T + lin.bias)  # the class forward is back
+    own = lambda x: x * 0  # noqa: E731  (an instance-level forward set by someone else)
+    lin.forward = own
+    root_forward(lin, lambda: None)
+    assert lin.forward is own

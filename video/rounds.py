@@ -104,29 +104,31 @@ class DifficultyRounds:
             media = Image.fromarray(np.asarray(v.media))
         return v.kind, media, v.hint
 
-    def _informative(self, run, rnd) -> Dict[int, bool]:
-        """Per group (gathered over ranks): does it carry an advantage? It does when it has
-        fewer than 2 valid samples (nothing to re-roll for) or any reward column varies in it
-        (with normalize_then_sum a constant weighted sum can still hide varying columns)."""
-        cols = torch.where(rnd.rewards.valid[:, None], rnd.rewards.values.double(),
-                           torch.full_like(rnd.rewards.values, float("nan")).double())
-        values, gids = run.gathered(rnd.rollout, cols)
+    def _informative(self, values: torch.Tensor, gids: torch.Tensor) -> Dict[int, bool]:
+        """Per group, from the gathered valid rows' reward columns: does it carry an advantage?
+        It does when it has fewer than 2 valid samples (nothing to re-roll for) or any reward
+        column varies in it (with normalize_then_sum a constant weighted sum can still hide
+        varying columns)."""
         out = {}
         for g in gids.unique().tolist():
             v = values[gids == g]
-            v = v[torch.isfinite(v).all(1)]
             out[g] = len(v) < 2 or bool((v.amax(0) - v.amin(0) > self.aug.tol).any())
         return out
 
     def __call__(self, run, rnd):
-        total = rnd.rewards.weighted_sum(self.weights)
-        total = torch.where(rnd.rewards.valid, total, torch.full_like(total, float("nan")))
-        values, gids = run.gathered(rnd.rollout, total)
-        ok = torch.isfinite(values)
+        from mmrl.reward_fn import RewardBatch
+        r = rnd.rewards
+        cols = torch.where(r.valid[:, None], r.values.double(),
+                           torch.full_like(r.values, float("nan")).double())
+        values, gids = run.gathered(rnd.rollout, cols)  # one gather: columns, every rank's rows
+        ok = torch.isfinite(values).all(1)
         if not bool(ok.any()):
             return rnd
-        decisions = self.aug.decide(values[ok], gids[ok])  # moves the reference too
-        informative = self._informative(run, rnd)
+        values, gids = values[ok], gids[ok]
+        every = torch.ones(len(values), dtype=torch.bool)
+        total = RewardBatch(values.float(), list(r.names), every).weighted_sum(self.weights)
+        decisions = self.aug.decide(total, gids)  # moves the reference too
+        informative = self._informative(values, gids)
         built = []
         for j, g in enumerate(rnd.group_ids):
             kind = decisions.get(g, "keep")
