@@ -4,16 +4,19 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mmrl-installed
+PEERS  := .peers
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test install clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt peers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c constraints.txt torch torchvision
 	$(PY) -m pip install -c constraints.txt -e '.[all,dev]'
+	rm -rf $(PEERS)
+	$(PY) -m pip install -q --no-deps --target $(PEERS) -r peers.txt
 	touch $(STAMP)
 
 # Three tiny runs, each a few minutes at most on 2 CPU cores: the pure-torch toy task, a video
@@ -28,4 +31,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(PEERS) runs build *.egg-info
