@@ -1,15 +1,23 @@
 """The reward server, started for real on 127.0.0.1 (ephemeral port), and the remote scorer."""
 from __future__ import annotations
 
+import http.client
+import io
 import json
+import math
 import os
+import socket
+import struct
 import sys
 import threading
+import time
+import zlib
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
+from PIL import Image
 
 import mmrl.rewards as R
 from mmrl.rewards.server import RewardServer, decode_images, encode_images, is_loopback
@@ -24,12 +32,13 @@ class _Counting:
 
     def __init__(self, fail=False):
         self.inner = R.load("brightness")
-        self.calls, self.fail = [], fail
+        self.calls = []
+        self.fail_with = RuntimeError("model exploded") if fail else None
 
     def __call__(self, images, prompts, metadata=None):
         self.calls.append(len(images))
-        if self.fail:
-            raise RuntimeError("model exploded")
+        if self.fail_with is not None:
+            raise self.fail_with
         return self.inner(images, prompts)
 
 
@@ -108,7 +117,7 @@ def test_token_size_limits_and_bad_requests(server):
     assert code == 400 and "expected an object" in out["error"]
     code, out = _post(srv.url, {"prompts": [""], "images": [{"format": "png", "data": "AAAA"}]},
                       token="s3cret")
-    assert code == 400 and "could not be decoded" in out["error"]
+    assert code == 400 and "declared 'png' but is not a PNG" in out["error"]
     code, out = _post(srv.url, {"prompts": ["", ""], "images": body["images"][:1]},
                       token="s3cret")
     assert code == 400 and "1 images but 2 prompts" in out["error"]
@@ -165,3 +174,200 @@ def test_wire_format_round_trip():
     assert [b.tobytes() for b in back] == [i.tobytes() for i in ims]
     with pytest.raises(ValueError, match="non-empty list"):
         decode_images([])
+
+
+def _raw(srv, method, path, body=b"", headers=None):
+    """``(status, parsed JSON)`` for a request with exactly these headers (Host included)."""
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _png_header(w, h):
+    """A PNG whose header claims w x h RGB pixels, with no pixel data (a few dozen bytes)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def _entry(data: bytes, fmt="png"):
+    import base64
+    return {"format": fmt, "data": base64.b64encode(data).decode()}
+
+
+def _encoded(im, fmt):
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_only_png_is_decoded_from_png_entries(server):
+    srv = server(R.load("brightness"))
+    im = make_images(1, size=(8, 8))[0]
+    for fmt in ("BMP", "TIFF", "GIF", "JPEG"):
+        data = _encoded(im, fmt)
+        assert Image.open(io.BytesIO(data)).format == fmt  # PIL alone would decode it
+        code, out = _post(srv.url, {"prompts": [""], "images": [_entry(data)]})
+        assert code == 400, (fmt, out)
+        assert "declared 'png' but is not a PNG" in out["error"] and "no other format" in out["error"]
+    code, out = _post(srv.url, {"prompts": [""], "images": [_entry(_encoded(im, "PNG"))]})
+    assert code == 200 and out["scores"] == pytest.approx([float(R.load("brightness")([im], None))])
+
+
+def test_pixel_caps_are_checked_before_decoding(server):
+    srv = server(R.load("brightness"), max_request_pixels=1000)
+    # 9000^2 from a header of 57 bytes: 413 (not the 400 a decode of the empty data would give)
+    code, out = _post(srv.url, {"prompts": [""], "images": [_entry(_png_header(9000, 9000))]})
+    assert code == 413
+    assert out["error"].startswith("image 0 is 9000x9000 = 81000000 pixels, over the server's "
+                                   "max_image_pixels 16777216")
+    code, out = _post(srv.url, {"prompts": [""], "images": [_entry(_png_header(20000, 20000))]})
+    assert code == 413 and "decompression bomb" in out["error"]  # PIL's own guard, at open
+    three = encode_images(make_images(3, size=(20, 20)))  # 400 pixels each
+    code, out = _post(srv.url, {"prompts": [""] * 3, "images": three})
+    assert code == 413
+    assert out["error"].startswith("images 0..2 hold 1200 pixels, over the server's "
+                                   "max_request_pixels 1000")
+    assert _post(srv.url, {"prompts": [""] * 2, "images": three[:2]})[0] == 200
+    # f32: the shape is checked before its (here bogus) data is decoded
+    f32 = {"format": "f32", "shape": [3, 40, 30], "data": "not base64"}
+    code, out = _post(srv.url, {"prompts": [""], "images": [f32]})
+    assert code == 413 and out["error"].startswith("image 0 holds 1200 pixels, over the "
+                                                   "server's max_request_pixels 1000")
+    # the client reads the cap from /health and splits its requests to fit it
+    scorer = _Counting()
+    srv2 = server(scorer, max_request_pixels=1000)
+    remote = R.load("remote", url=srv2.url, batch_size=8)
+    assert remote.max_request_pixels == 1000
+    images = make_images(5, size=(20, 20))
+    torch.testing.assert_close(remote(images, None), R.load("brightness")(images, None))
+    assert scorer.calls == [2, 2, 1]
+
+
+def test_malformed_inputs_are_4xx_with_the_reason(server):
+    scorer = _Counting()
+    srv = server(scorer)
+    png = _encoded(make_images(1, size=(64, 64))[0], "PNG")
+    cases = [
+        ({"prompts": [""], "images": [_entry(png[: len(png) // 2])]}, 400,
+         "image 0: the PNG could not be decoded (OSError: image file is truncated"),
+        ({"prompts": [""], "images": [{"format": "f32", "shape": [3, 0, 0], "data": ""}]}, 400,
+         "image 0 is empty (0x0 pixels)"),
+        ({"prompts": [""], "images": [{"format": "f32", "shape": [3, 2, 2], "data": "AAAA"}]},
+         400, "image 0 has 3 bytes of data for shape [3, 2, 2]; expected 48"),
+        ({"prompts": [""], "images": [{"format": "png", "data": "%%%"}]}, 400,
+         "image 0: 'data' is not valid base64"),
+        ({"prompts": [""], "images": None}, 400, "'images' is NoneType; expected a non-empty"),
+    ]
+    for body, code, message in cases:
+        got, out = _post(srv.url, body)
+        assert (got, out["error"][:len(message)]) == (code, message)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    code, out = _raw(srv, "POST", "/score", deep, {"Content-Type": "application/json"})
+    assert code == 400 and out["error"].startswith("the JSON is nested too deeply")
+    code, out = _raw(srv, "POST", "/score", b"{nope", {"Content-Type": "application/json"})
+    assert code == 400 and out["error"].startswith("the body is not JSON")
+    assert scorer.calls == []  # nothing reached the model
+    # a 4xx is the request's fault: the client raises at once, no retry
+    scorer.fail_with = ValueError("prompts are required")
+    remote = R.load("remote", url=srv.url, retries=3, backoff=5.0)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="answered 400: ValueError: prompts are required"):
+        remote(make_images(1), None)
+    assert scorer.calls == [1] and time.monotonic() - t0 < 4
+
+
+def test_nonfinite_scores_are_null_in_valid_json(server):
+    srv = server(R.load("brightness"))
+    x = torch.rand(3, 3, 4, 4)
+    x[1, 0, 0, 0] = float("nan")
+    body = {"prompts": [""] * 3, "images": encode_images(x)}
+    req = urllib.request.Request(srv.url + "/score", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+
+    def strict(name):
+        raise ValueError(f"invalid JSON constant {name}")
+
+    out = json.loads(text, parse_constant=strict)
+    local = R.load("brightness")(x, None)
+    assert out["nonfinite"] == [1] and out["scores"][1] is None
+    assert out["scores"][0] == pytest.approx(float(local[0]))
+    remote = R.load("remote", url=srv.url)
+    got = remote(x, None)
+    assert math.isnan(got[1]) and math.isnan(local[1])  # the remote scorer returns what local does
+    torch.testing.assert_close(got, local, equal_nan=True, rtol=0, atol=0)
+
+
+def test_requests_from_browsers_are_refused(server):
+    srv = server(R.load("brightness"), allowed_hosts=["trainer-box"])
+    body = json.dumps({"prompts": [""], "images": encode_images(make_images(1, size=(4, 4)))})
+    port = srv.port
+    json_ct = {"Content-Type": "application/json"}
+    cases = [  # (method, headers, status, start of the error)
+        ("POST", {"Content-Type": "text/plain"}, 415, "Content-Type 'text/plain'; expected "
+                                                      "application/json"),
+        ("POST", {}, 415, "Content-Type None; expected application/json"),
+        ("POST", {**json_ct, "Host": f"evil.example:{port}"}, 403,
+         f"Host 'evil.example:{port}' is not this server"),
+        ("GET", {"Host": f"evil.example:{port}"}, 403, "Host 'evil.example"),
+        ("POST", {**json_ct, "Origin": "http://evil.example"}, 403,
+         "requests from web pages are refused"),
+    ]
+    for method, headers, status, message in cases:
+        code, out = _raw(srv, method, "/score" if method == "POST" else "/health",
+                         body.encode(), headers)
+        assert (code, out["error"][:len(message)]) == (status, message)
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "trainer-box"):
+        code, out = _raw(srv, "POST", "/score", body.encode(), {**json_ct, "Host": host})
+        assert code == 200 and len(out["scores"]) == 1, host
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
+    conn.putrequest("POST", "/score")
+    conn.putheader("Content-Type", "application/json")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 411 and "no Content-Length" in json.loads(resp.read())["error"]
+    conn.close()
+
+
+def test_connections_and_active_requests_are_bounded(server):
+    gate, entered = threading.Event(), threading.Event()
+
+    class Gated(_Counting):
+        def __call__(self, images, prompts, metadata=None):
+            entered.set()
+            gate.wait(10)
+            return super().__call__(images, prompts)
+
+    srv = server(Gated(), max_connections=2, max_active=1, queue_timeout=0.3)
+    idle = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both accepted: each holds a connection slot, sending nothing
+        extra = socket.create_connection((srv.host, srv.port), timeout=10)
+        reply = extra.recv(4096).decode()
+        extra.close()
+        assert reply.startswith("HTTP/1.1 503") and "2 connections are open" in reply
+    finally:
+        for s in idle:
+            s.close()
+    body = {"prompts": [""], "images": encode_images(make_images(1, size=(4, 4)))}
+    first = []
+    t = threading.Thread(target=lambda: first.append(_post(srv.url, body)))
+    t.start()
+    try:
+        for _ in range(100):  # the closed idle connections free their slots
+            if entered.wait(0.1):
+                break
+        assert entered.is_set()
+        code, out = _post(srv.url, body)  # the only active slot is busy scoring
+        assert code == 503 and out["error"].startswith("1 requests are being scored")
+    finally:
+        gate.set()
+        t.join(10)
+    assert first[0][0] == 200
