@@ -9,11 +9,11 @@ import argparse
 import csv
 import json
 import os
+import secrets
 import sys
 from typing import List
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-TOKEN_ENV = "MMRL_REWARD_TOKEN"
 
 SPEC_HELP = ("scorer spec NAME[:key=value...], e.g. 'pickscore:path=/ckpt/PickScore_v1', "
              "'clip_score:variant=hessel', 'color:target=[1,0,0]'; see 'mmrl reward list'")
@@ -149,23 +149,74 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from mmrl.rewards.server import RewardServer
+def _serve_token(args):
+    """``(token or None, how it was chosen)`` for ``serve``; ``(new token, None)`` when the
+    token is generated (its file is named after the bound port, known once the server binds)."""
+    from mmrl.rewards.server import TOKEN_ENV, read_token_file, write_token_file
+    if args.no_token:
+        return None, "no token: any local process may score"
+    if args.token is not None:
+        if not args.token.strip():
+            raise ValueError("--token ''; expected a non-empty secret (or --no-token)")
+        print("warning: --token is visible to every user of this machine (ps, /proc); prefer "
+              "--token-file PATH or $" + TOKEN_ENV, file=sys.stderr)
+        return args.token, "token from --token"
+    if args.token_file is not None:
+        if os.path.exists(args.token_file):
+            return read_token_file(args.token_file), f"token from {args.token_file}"
+        token = secrets.token_urlsafe(32)
+        write_token_file(args.token_file, token)
+        return token, f"new token written to {args.token_file} (mode 0600)"
+    env = args.token_env or TOKEN_ENV
+    if os.environ.get(env):
+        return os.environ[env], f"token from ${env}"
+    if args.token_env is not None:
+        raise ValueError(f"--token-env {env}: the variable is unset or empty; export it, or "
+                         f"drop --token-env to have a token generated")
+    return secrets.token_urlsafe(32), None
+
+
+def build_server(args):
+    """``(server, banner, generated token file or None)`` for parsed ``serve`` arguments.
+
+    Without --token, --token-file, --no-token or the token variable, a random token is written
+    to :func:`mmrl.rewards.server.default_token_file` (0600), where ``load("remote")`` on this
+    machine finds it; the caller deletes that file when the server stops.
+    """
+    from mmrl.rewards.server import RewardServer, default_token_file, write_token_file
     scorers = _load_all(args.scorer, args)
     if len(scorers) != 1:
         raise ValueError(f"serve takes one scorer; got {list(scorers)} (start one server each)")
-    token = os.environ.get(args.token_env) or None
+    token, auth = _serve_token(args)
     server = RewardServer(next(iter(scorers.values())), host=args.host, port=args.port,
                           token=token, max_request_bytes=int(args.max_request_mb * 2**20),
-                          max_batch=args.max_batch, log=not args.quiet)
-    auth = f"token from ${args.token_env}" if token else "no token"
-    print(f"serving {args.scorer} on {server.url} ({auth}; Ctrl-C to stop)", flush=True)
+                          max_batch=args.max_batch, max_image_pixels=args.max_image_pixels,
+                          max_request_pixels=args.max_request_pixels,
+                          max_connections=args.max_connections, max_active=args.max_active,
+                          allowed_hosts=args.allow_host, log=not args.quiet)
+    path = None
+    if auth is None:
+        path = default_token_file(server.port)
+        try:
+            write_token_file(path, token)
+        except OSError:
+            server.stop()
+            raise
+        auth = f"new token in {path} (mode 0600; load('remote') on this machine reads it)"
+    return server, f"serving {args.scorer} on {server.url} ({auth}; Ctrl-C to stop)", path
+
+
+def cmd_serve(args) -> int:
+    server, banner, path = build_server(args)
+    print(banner, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        if path is not None and os.path.exists(path):
+            os.remove(path)
     return 0
 
 
@@ -192,7 +243,7 @@ EPILOG = """examples:
       --prompts prompts.txt --out scores.csv
   mmrl reward eval --data /data/hpdv2/test.jsonl --format ranked --out reports/hpdv2 \\
       --scorer hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt,pickscore:path=/ckpt/PickScore_v1
-  MMRL_REWARD_TOKEN=secret mmrl reward serve imagereward:path=/ckpt/ImageReward --port 8765
+  mmrl reward serve imagereward:path=/ckpt/ImageReward --port 8765 --token-file ~/.rm.token
   mmrl reward convert hpdv2 /data/HPDv2/test.json --out /data/HPDv2/test.jsonl
 """
 
@@ -205,10 +256,10 @@ def add_commands(subparsers) -> None:
     top = subparsers.add_parser("reward", help="score, evaluate and serve image reward models",
                                 description="Image reward models: PickScore, HPS v2/v2.1, "
                                 "ImageReward, CLIP score, aesthetic and rule rewards.",
-                                epilog=EPILOG, formatter_class=FMT)
+                                epilog=EPILOG, formatter_class=FMT, allow_abbrev=False)
     sub = top.add_subparsers(dest="reward_command", metavar="SUBCOMMAND")
     top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
-    p = sub.add_parser("list", help="registered scorers and their options")
+    p = sub.add_parser("list", help="registered scorers and their options", allow_abbrev=False)
     p.set_defaults(func=_guarded(cmd_list))
     _add_score(sub)
     _add_eval(sub)
@@ -219,7 +270,8 @@ def add_commands(subparsers) -> None:
 def _add_score(sub):
     p = sub.add_parser("score", help="score images with prompts, write a CSV",
                        description="Score image files; prompts come one line per image (sorted "
-                       "file order) or one line for all.", epilog=EPILOG, formatter_class=FMT)
+                       "file order) or one line for all.", epilog=EPILOG, formatter_class=FMT,
+                       allow_abbrev=False)
     p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
     p.add_argument("--images", nargs="+", required=True, help="a folder and/or image files")
     p.add_argument("--prompts", help="text file: one prompt per image or a single line")
@@ -235,7 +287,7 @@ def _add_eval(sub):
                        "protocols (pairs: Pick-a-Pic tie threshold + half credit; ranked: "
                        "ImageRewardDB pair accuracy and HPDv2 inversion score), with bootstrap "
                        "95%% intervals, a per-prompt breakdown, a JSON report and a bar chart.",
-                       epilog=EPILOG, formatter_class=FMT)
+                       epilog=EPILOG, formatter_class=FMT, allow_abbrev=False)
     p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
     p.add_argument("--data", required=True, help="JSONL file (see docs/rewards.md)")
     p.add_argument("--format", required=True, choices=["pairs", "ranked"])
@@ -253,17 +305,42 @@ def _add_eval(sub):
 
 
 def _add_serve(sub):
+    from mmrl.rewards import server as srv
     p = sub.add_parser("serve", help="serve one scorer over HTTP (for clashing dependencies)",
                        description="Serve a scorer over HTTP on loopback; train with "
-                       "load('remote', url=...). Non-loopback hosts need a token.",
-                       epilog=EPILOG, formatter_class=FMT)
+                       "load('remote', url=...). A token is required by default: from "
+                       "--token-file, $MMRL_REWARD_TOKEN, or generated into a 0600 file the "
+                       "remote scorer on this machine reads. See docs/rewards.md.",
+                       epilog=EPILOG, formatter_class=FMT, allow_abbrev=False)
     p.add_argument("scorer", help=SPEC_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; "
+                   "any other address needs a token)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free)")
-    p.add_argument("--token-env", default=TOKEN_ENV, help=f"environment variable holding the "
-                   f"shared token (default {TOKEN_ENV}; unset = no token)")
-    p.add_argument("--max-request-mb", type=float, default=64.0, help="request size limit")
-    p.add_argument("--max-batch", type=int, default=256, help="images per request limit")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token-file", help="file holding the shared token; created with a new "
+                      "random token (mode 0600) when missing")
+    auth.add_argument("--token", help="the shared token itself; visible to other users in ps: "
+                      "prefer --token-file or the environment variable")
+    auth.add_argument("--no-token", action="store_true", help="serve without a token "
+                      "(loopback only; any local user or process can then score)")
+    p.add_argument("--token-env", help=f"environment variable holding the token (default "
+                   f"{srv.TOKEN_ENV}; when unset, a token is generated into "
+                   f"~/.cache/mmrl/reward-HOST-PORT.token)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use in the URL besides IP addresses and "
+                   "localhost (repeatable); other names get 403 (DNS rebinding)")
+    p.add_argument("--max-request-mb", type=float, default=srv.MAX_REQUEST_BYTES / 2**20,
+                   help="request body limit in MiB (default %(default)g)")
+    p.add_argument("--max-batch", type=int, default=srv.MAX_BATCH, help="images per request "
+                   "(default %(default)d)")
+    p.add_argument("--max-image-pixels", type=int, default=srv.MAX_IMAGE_PIXELS,
+                   help="pixels per image, checked before decoding (default %(default)d)")
+    p.add_argument("--max-request-pixels", type=int, default=srv.MAX_REQUEST_PIXELS,
+                   help="pixels per request, checked before decoding (default %(default)d)")
+    p.add_argument("--max-connections", type=int, default=srv.MAX_CONNECTIONS,
+                   help="open connections; more get 503 (default %(default)d)")
+    p.add_argument("--max-active", type=int, default=srv.MAX_ACTIVE, help="requests read, "
+                   "decoded and scored at once; bounds memory (default %(default)d)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_serve))
@@ -271,7 +348,7 @@ def _add_serve(sub):
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert HPDv2 / ImageRewardDB / Pick-a-Pic to JSONL",
-                       epilog=EPILOG, formatter_class=FMT)
+                       epilog=EPILOG, formatter_class=FMT, allow_abbrev=False)
     p.add_argument("dataset", choices=["hpdv2", "imagerewarddb", "pickapic"])
     p.add_argument("source", help="test.json (hpdv2, imagerewarddb) or parquet file/folder/glob "
                    "(pickapic)")

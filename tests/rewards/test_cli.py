@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -136,8 +137,106 @@ def _read_line(proc, timeout):
     return line[0] if line else ""
 
 
+def _serve_args(*extra):
+    from mmrl.cli import build_parser
+    return build_parser().parse_args(["reward", "serve", "brightness", "--port", "0", "--quiet",
+                                      *extra])
+
+
+def _health(url, token=None):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url + "/health",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.fixture
+def no_token_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("MMRL_REWARD_TOKEN", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def _serving(args):
+    from mmrl.rewards.cli import build_server
+    server, banner, path = build_server(args)
+    return server.start(), banner, path
+
+
+def test_serve_token_option_is_required_and_never_abbreviated(no_token_env, capsys):
+    args = _serve_args("--token", "X")
+    assert (args.token, args.token_env) == ("X", None)
+    server, banner, path = _serving(args)
+    try:
+        assert "(token from --token;" in banner and path is None
+        assert "--token is visible to every user" in capsys.readouterr().err
+        assert [_health(server.url), _health(server.url, "Y"), _health(server.url, "X")] == \
+            [401, 401, 200]
+    finally:
+        server.stop()
+    for argv, message in (
+            (["serve", "brightness", "--tok", "X"], "unrecognized arguments: --tok X"),
+            (["serve", "brightness", "--token-e", "V"], "unrecognized arguments: --token-e V"),
+            (["score", "--scor", "b", "--images", "."], "required: --scorer"),
+            (["convert", "hpdv2", "a.json", "--ou", "b"], "required: --out")):
+        with pytest.raises(SystemExit) as e:
+            main(["reward", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reward", "serve", "brightness", "--token", "X", "--no-token"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_serve_generates_a_token_file_by_default(no_token_env, tmp_path):
+    server, banner, path = _serving(_serve_args())
+    try:
+        assert path == os.path.join(str(tmp_path / "cache"), "mmrl",
+                                    f"reward-{socket.gethostname()}-{server.port}.token")
+        assert f"(new token in {path} (mode 0600;" in banner
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        token = open(path).read().strip()
+        assert len(token) >= 40 and server.token == token
+        assert _health(server.url) == 401
+        remote = R.load("remote", url=server.url)  # finds the file for this port
+        assert remote.token == token
+        x = torch.rand(2, 3, 4, 4)
+        torch.testing.assert_close(remote(x, None), R.load("brightness")(x, None))
+    finally:
+        server.stop()
+    # --token-file: created (0600) when missing, read when present
+    tf = tmp_path / "rm.token"
+    server, banner, _ = _serving(_serve_args("--token-file", str(tf)))
+    server.stop()
+    assert f"new token written to {tf}" in banner and os.stat(tf).st_mode & 0o777 == 0o600
+    tf.write_text("from-file\n")
+    server, banner, path = _serving(_serve_args("--token-file", str(tf)))
+    try:
+        assert server.token == "from-file" and path is None
+        assert R.load("remote", url=server.url, token_file=str(tf)).token == "from-file"
+    finally:
+        server.stop()
+    server, banner, path = _serving(_serve_args("--no-token"))
+    try:
+        assert server.token is None and "no token" in banner and _health(server.url) == 200
+    finally:
+        server.stop()
+    from mmrl.rewards.cli import build_server
+    with pytest.raises(ValueError, match="--token-env NOPE_UNSET: the variable is unset"):
+        build_server(_serve_args("--token-env", "NOPE_UNSET"))
+    with pytest.raises(ValueError, match="non-loopback host '0.0.0.0' without a token"):
+        build_server(_serve_args("--no-token", "--host", "0.0.0.0"))
+    with pytest.raises(ValueError, match="--token ''; expected a non-empty secret"):
+        build_server(_serve_args("--token", ""))
+
+
 def test_serve_through_console_script(tmp_path):
-    env = dict(os.environ, MMRL_REWARD_TOKEN="tok")
+    """The real command: a generated token file the client finds, deleted on Ctrl-C."""
+    env = {k: v for k, v in os.environ.items() if k != "MMRL_REWARD_TOKEN"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     proc = subprocess.Popen([MMRL, "reward", "serve", "brightness:target=0.5", "--port", "0",
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -146,7 +245,9 @@ def test_serve_through_console_script(tmp_path):
         assert "serving brightness:target=0.5 on http://127.0.0.1:" in line, \
             (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         url = line.split(" on ")[1].split(" ")[0]
-        remote = R.load("remote", url=url, token="tok", retries=1, backoff=0.1)
+        path = line.split("new token in ")[1].split(" ")[0]
+        assert os.path.isfile(path) and _health(url) == 401
+        remote = R.load("remote", url=url, token_file=path, retries=1, backoff=0.1)
         x = torch.rand(3, 3, 8, 8)
         torch.testing.assert_close(remote(x, None), R.load("brightness", target=0.5)(x, None))
     finally:
@@ -157,3 +258,4 @@ def test_serve_through_console_script(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+    assert not os.path.exists(path)  # the generated token does not outlive the server

@@ -190,7 +190,8 @@ def _raw(srv, method, path, body=b"", headers=None):
 def _png_header(w, h):
     """A PNG whose header claims w x h RGB pixels, with no pixel data (a few dozen bytes)."""
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
@@ -214,7 +215,8 @@ def test_only_png_is_decoded_from_png_entries(server):
         assert Image.open(io.BytesIO(data)).format == fmt  # PIL alone would decode it
         code, out = _post(srv.url, {"prompts": [""], "images": [_entry(data)]})
         assert code == 400, (fmt, out)
-        assert "declared 'png' but is not a PNG" in out["error"] and "no other format" in out["error"]
+        assert out["error"].startswith("image 0 is declared 'png' but is not a PNG")
+        assert out["error"].endswith("send PNG bytes, no other format is decoded")
     code, out = _post(srv.url, {"prompts": [""], "images": [_entry(_encoded(im, "PNG"))]})
     assert code == 200 and out["scores"] == pytest.approx([float(R.load("brightness")([im], None))])
 
