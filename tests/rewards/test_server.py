@@ -348,9 +348,9 @@ def test_connections_and_active_requests_are_bounded(server):
             return super().__call__(images, prompts)
 
     srv = server(Gated(), max_connections=2, max_active=1, queue_timeout=0.3)
+    # accepted in order, each holds a connection slot (and a thread) while sending nothing
     idle = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(2)]
     try:
-        time.sleep(0.3)  # both accepted: each holds a connection slot, sending nothing
         extra = socket.create_connection((srv.host, srv.port), timeout=10)
         reply = extra.recv(4096).decode()
         extra.close()
@@ -358,15 +358,20 @@ def test_connections_and_active_requests_are_bounded(server):
     finally:
         for s in idle:
             s.close()
+    for _ in range(100):  # the idle connections' threads see EOF and free their slots
+        try:
+            with urllib.request.urlopen(srv.url + "/health", timeout=10) as r:
+                if r.status == 200:
+                    break
+        except urllib.error.HTTPError as e:
+            assert e.code == 503
+        time.sleep(0.05)
     body = {"prompts": [""], "images": encode_images(make_images(1, size=(4, 4)))}
     first = []
     t = threading.Thread(target=lambda: first.append(_post(srv.url, body)))
     t.start()
     try:
-        for _ in range(100):  # the closed idle connections free their slots
-            if entered.wait(0.1):
-                break
-        assert entered.is_set()
+        assert entered.wait(10)
         code, out = _post(srv.url, body)  # the only active slot is busy scoring
         assert code == 503 and out["error"].startswith("1 requests are being scored")
     finally:
