@@ -520,19 +520,19 @@ class RemoteScorer(Scorer):
             ``MMRL_REWARD_TOKEN`` environment variable, else (loopback URLs) the file
             ``mmrl reward serve`` wrote for that port on this machine
             (:func:`default_token_file`), else no token.
-        token_file: a file holding the token (e.g. the server's ``--token-file``).
         timeout: seconds per HTTP request.
         retries: extra attempts after a connection error, timeout or 5xx (never after 4xx:
             the request itself is wrong), with exponential backoff starting at ``backoff`` s.
         batch_size: images per request; requests are also split to stay within the server's
             ``max_request_bytes`` and ``max_request_pixels``.
+        token_file: a file holding the token (e.g. the server's ``--token-file``).
     """
 
     name = "remote"
 
     def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None,
-                 token_file: Optional[str] = None, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.5, batch_size: int = 32):
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
+                 batch_size: int = 32, token_file: Optional[str] = None):
         if int(retries) < 0 or float(timeout) <= 0:
             raise ValueError(f"remote retries={retries!r}, timeout={timeout!r}; expected "
                              f"retries >= 0 and timeout > 0")
