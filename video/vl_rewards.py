@@ -46,7 +46,8 @@ __all__ = [
     "number_exact_score", "relative_error_score", "word_error_rate", "lcs_length", "rouge_n_f",
     "rouge_f", "interval_iou", "ThinkAnswerFormat", "ChoiceSubset", "ChoiceExact", "NumberExact",
     "RelativeError", "WordError", "RougeF", "TemporalIoU", "Accuracy", "SoftOverlong",
-    "build_vl_reward", "normalize_problem_type", "LabelError", "VLReward",
+    "build_vl_reward", "normalize_problem_type", "LabelError", "VLReward", "MODES",
+    "rouge_tokens", "reference_solution_text",
 ]
 
 # ----------------------------------------------------------------------------- text access
