@@ -85,7 +85,8 @@ def test_choice_modes_hand_table(text, solution, exact, subset, video_r1, tw_sub
 
 def test_tw_grpo_accuracy_ignores_the_problem_type():
     md = [{"solution": "<answer>A,C</answer>"}, {"solution": "3", "problem_type": "numerical"}]
-    out = vr.Accuracy(mode="tw_grpo")(["<answer>C</answer>", "<answer>3.0</answer>"], [None] * 2, md)
+    texts = ["<answer>C</answer>", "<answer>3.0</answer>"]
+    out = vr.Accuracy(mode="tw_grpo")(texts, [None] * 2, md)
     assert out.tolist() == [0.5, 0.0]   # "3.0" is not the string "3"
 
 
