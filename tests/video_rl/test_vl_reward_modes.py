@@ -5,6 +5,7 @@ longmalongma/TW-GRPO grpo.py; see mmrl.video.vl_reference). The side-by-side run
 references' own functions on generated cases is reported in the commit, not repeated here.
 """
 import math
+import random
 
 import pytest
 from rouge_score import rouge_scorer
@@ -12,6 +13,8 @@ from rouge_score import rouge_scorer
 from mmrl.video import vl_reference as ref
 from mmrl.video import vl_rewards as vr
 from mmrl.video.train import VideoConfig
+
+ref_rouge = ref.video_r1_rouge
 
 OPTIONS = ["A. red", "B. blue", "C. green", "D. pink"]
 
@@ -160,6 +163,20 @@ def test_rouge_stems_like_rouge_score():
     # lenient keeps letters of every script; rouge_score keeps [a-z0-9] only
     assert vr.rouge_f("猫 sat", "猫 sat") == 1.0
     assert score(vr.RougeF(mode="video_r1"), "<answer>猫 ran</answer>", "猫 sat", "free-form") == 0
+
+
+def test_rouge_equals_rouge_score_on_random_ascii_text():
+    lib = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    words = ["running", "run", "runs", "dogs", "dog", "the", "cat", "cats", "sitting", "sat",
+             "studies", "studying", "well-known", "dog's", "42", "A", "Quickly", "fences."]
+    rng = random.Random(11)
+    for _ in range(200):
+        ref = " ".join(rng.choices(words, k=rng.randint(1, 8)))
+        hyp = " ".join(rng.choices(words, k=rng.randint(0, 12)))
+        s = lib.score(ref, hyp)
+        want = (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
+        assert vr.rouge_f(ref, hyp) == want                       # lenient: ASCII agrees
+        assert ref_rouge(ref, hyp) == want                        # video_r1: bit for bit
 
 
 # ----------------------------------------------------------------------------- choosing a mode
