@@ -1,9 +1,9 @@
 """Verifiable rewards for video/image question answering (Video-R1, TW-GRPO, DAPO).
 
-Every reward here is a callable in the core interface ``fn(samples, prompts, metadata) -> [B]``
-(float32 tensor) and composes with :class:`mmrl.reward_fn.CombinedReward` as a named column.
-``samples`` are completions: strings, ``None``, bytes, or chat messages
-(``[{"role": "assistant", "content": ...}]``); ``metadata[i]`` carries the ground truth:
+Every reward is a callable ``fn(samples, prompts, metadata) -> [B]`` (float32) and composes
+with :class:`mmrl.reward_fn.CombinedReward` as a named column. ``samples`` are completions:
+strings, ``None``, bytes, or chat messages (``[{"role": "assistant", "content": ...}]``);
+``metadata[i]`` carries the ground truth:
 
 - ``solution``: ``"<answer>B</answer>"`` (Video-R1) or ``"B"``; letters ``"A,C"`` for a
   multi-answer question; a number; a ``[start, end]`` pair for temporal grounding;
@@ -12,20 +12,19 @@ Every reward here is a callable in the core interface ``fn(samples, prompts, met
 - ``options``: ``["A. red", "B. blue"]`` (used to read an answer that quotes an option's text);
 - ``completion_length``: tokens in the completion (for :class:`SoftOverlong`).
 
+``mode``: ``"lenient"`` (default) reads answers generously (``"b"``, ``"(B)"``, ``"42 m"``);
+``"video_r1"`` / ``"tw_grpo"`` score exactly as the reference code (:mod:`.vl_reference`).
 Parsing never raises on model output: empty text, missing/duplicated/nested tags, prose, unicode
 and megabyte strings score 0 or a partial value, in time linear in the output's length (the
-quadratic parts, WER and LCS, are bounded by the ground truth's length). A ground truth that
-cannot be read is a data error: it gives NaN (``on_bad_label="nan"``, which the loop drops and
-counts) or raises (``"raise"``). Registered names (``VL_REWARDS``): ``think_answer_format``,
-``choice_subset``, ``choice_exact``, ``number_exact``, ``relative_error``, ``word_error``,
-``rouge_f``, ``temporal_iou``, ``accuracy`` (dispatch on ``problem_type``), ``soft_overlong``.
-Formulas: ../shared/ALGORITHMS.md, "Rewards for VLM tasks".
+quadratic parts, WER and LCS in :mod:`.text_metrics`, are bounded by the ground truth's length).
+A ground truth that cannot be read is a data error: NaN (``on_bad_label="nan"``, which the loop
+drops and counts) or ``ValueError`` (``"raise"``). Registered names: ``VL_REWARDS``.
+Formulas: ../shared/ALGORITHMS.md, "Rewards for VLM tasks"; documentation: docs/video_rl.md.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,6 +33,13 @@ from mmrl.registry import Registry
 from mmrl.reward_fn import CombinedReward
 from mmrl.shaping import soft_overlong_penalty
 
+from .text_metrics import (_ocr_score, _rouge_tokens, lcs_length, rouge_f, rouge_n_f,
+                           rouge_tokens, word_error_rate)
+from .vl_reference import (MODES, reference_solution, tw_grpo_answer, tw_grpo_choice_score,
+                           tw_grpo_format_score, video_r1_answer, video_r1_choice_score,
+                           video_r1_float, video_r1_format_score, video_r1_numerical_score,
+                           video_r1_regression_score, video_r1_rouge)
+
 __all__ = [
     "VL_REWARDS", "PROBLEM_TYPES", "completion_text", "extract_tag", "extract_answer",
     "solution_text", "option_table", "parse_choice_letters", "parse_number", "parse_interval",
@@ -41,7 +47,8 @@ __all__ = [
     "number_exact_score", "relative_error_score", "word_error_rate", "lcs_length", "rouge_n_f",
     "rouge_f", "interval_iou", "ThinkAnswerFormat", "ChoiceSubset", "ChoiceExact", "NumberExact",
     "RelativeError", "WordError", "RougeF", "TemporalIoU", "Accuracy", "SoftOverlong",
-    "build_vl_reward", "normalize_problem_type", "LabelError", "VLReward",
+    "build_vl_reward", "normalize_problem_type", "LabelError", "VLReward", "MODES",
+    "rouge_tokens", "reference_solution_text",
 ]
 
 # ----------------------------------------------------------------------------- text access
@@ -216,16 +223,21 @@ def _numbers(text: str, limit: int):
     return out
 
 
+# a plus-minus hedge: "±3", "3 ± 1", "+-2", "+/- 2", "-/+2"
+_HEDGE = re.compile(r"[±∓]|\+\s*/?\s*-|-\s*/\s*\+")
+
+
 def parse_number(answer: Any) -> Optional[float]:
     """A finite float from an answer: the whole text if it is a number (``"1,234.5"``), else the
-    only number in it (``"42 meters"``); None when there is none, several (``"3 or 4"``), or it
-    is not finite. Numbers pass through (``True``/``False`` do not)."""
+    only number in it (``"42 meters"``); None when there is none, several (``"3 or 4"``), a
+    plus-minus hedge (``"±3"``, ``"+-2"``, ``"3 ± 1"``), or it is not finite. Numbers pass
+    through (``True``/``False`` do not)."""
     if isinstance(answer, bool) or answer is None:
         return None
     if isinstance(answer, (int, float)):
         return float(answer) if math.isfinite(answer) else None
     text = completion_text(answer).strip()
-    if not text:
+    if not text or _HEDGE.search(text):
         return None
     whole = _to_float(text) if _NUMBER.fullmatch(text.replace("−", "-")) else None
     if whole is not None:
@@ -238,12 +250,15 @@ def parse_number(answer: Any) -> Optional[float]:
 
 def parse_interval(answer: Any) -> Optional[Tuple[float, float]]:
     """``[start, end]`` from ``"[12.5, 20]"``, ``"12.5 - 20 s"``, ``"from 12.5 to 20"`` or a pair of
-    numbers: the first two numbers; None with fewer than two or non-finite values. A reversed
-    pair is returned as given (:func:`interval_iou` scores it 0)."""
+    numbers: the first two numbers; None with fewer than two, non-finite values or a plus-minus
+    hedge (``"3 ± 1"``). A reversed pair is returned as given (:func:`interval_iou` scores it
+    0)."""
     if isinstance(answer, (list, tuple)) and len(answer) == 2:
         a, b = parse_number(answer[0]), parse_number(answer[1])
         return None if a is None or b is None else (a, b)
     text = completion_text(answer)
+    if _HEDGE.search(text):
+        return None
     # "12.5-20": split a range dash from a sign before reading numbers
     found = _numbers(re.sub(r"(?<=\d)\s*-\s*(?=[\d.])", " to ", text, count=1), limit=2)
     if len(found) < 2:
@@ -260,8 +275,13 @@ def think_answer_format_score(sample: Any) -> float:
 
     Whitespace is allowed before, between and after the two blocks; any other text, a second or
     nested tag, or a missing tag gives 0.0. Linear time.
-    Differs from Video-R1: its ``re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>")``
-    accepts a second ``<think>`` inside the first block; here every tag must occur once.
+    Differs from Video-R1 (``re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>")``):
+    it rejects whitespace before ``<think>`` or after ``</answer>`` and accepts a second
+    ``<think>`` or ``<answer>`` block (``"<think>a</think><answer>B</answer><answer>C</answer>"``
+    scores 1 there); here every tag must occur once.
+    Differs from TW-GRPO: it accepts text before ``<think>``, ``!`` after ``</answer>`` and a
+    repeated ``</think>`` or ``</answer>``. ``mode="video_r1"`` / ``"tw_grpo"`` of
+    :class:`ThinkAnswerFormat` score as they do.
     """
     text = completion_text(sample).strip()
     tags = ("<think>", "</think>", "<answer>", "</answer>")
@@ -291,8 +311,10 @@ def choice_exact_score(pred: Optional[frozenset], truth: frozenset) -> float:
 def number_exact_score(pred: Optional[float], truth: float, decimals: int = 2) -> float:
     """Video-R1 numerical: 1 iff round(pred, 2) == round(truth, 2).
 
-    Differs from Video-R1: it also scores 0 when only one of the two strings has a decimal point
-    (``"3.0"`` vs ``"3"``); here the values decide."""
+    Differs from Video-R1 (whose rule ``mode="video_r1"`` keeps): it scores 0 when only one of
+    the two strings contains ``.`` or ``,`` (``"3.0"`` vs ``"3"``, ``"1,234"`` vs ``"1234"``),
+    and its answer must be one number as a whole (``"42 meters"``, ``"$42"`` score 0; here the
+    only number of a short answer is read by :func:`parse_number`); here the values decide."""
     if pred is None:
         return 0.0
     return 1.0 if round(pred, decimals) == round(truth, decimals) else 0.0
@@ -301,7 +323,9 @@ def number_exact_score(pred: Optional[float], truth: float, decimals: int = 2) -
 def relative_error_score(pred: Optional[float], truth: float) -> float:
     """Video-R1 regression: 1 − min(1, |pred − truth| / |truth|); truth 0 -> 1 iff pred == 0.
 
-    Differs from Video-R1: it adds 1e-9 to both sides of the ratio; the limit is the same."""
+    Differs from Video-R1 (whose rule ``mode="video_r1"`` keeps): it adds 1e-9 to both sides of
+    the ratio, so an exact answer scores 1 − 1e-9/(|truth| + 1e-9) (just below 1) and at truth 0
+    every answer, 0 included, scores 0; an answer ``"nan"`` scores 1 there."""
     if pred is None:
         return 0.0
     if truth == 0.0:
@@ -310,86 +334,6 @@ def relative_error_score(pred: Optional[float], truth: float) -> float:
     if not math.isfinite(diff):
         return 0.0
     return 1.0 - min(1.0, diff / abs(truth))
-
-
-def _edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = prev[j - 1] if r == h else 1 + min(prev[j], cur[j - 1], prev[j - 1])
-        prev = cur
-    return prev[-1]
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance / max(1, words in the reference) (whitespace words,
-    case-sensitive, as Video-R1's ``wer``). O(m·n) time, O(n) memory."""
-    return _edit_distance(reference.split(), hypothesis.split()) / max(1, len(reference.split()))
-
-
-def _ocr_score(reference: str, hypothesis: str) -> float:
-    """1 − min(1, WER); the edit distance is ≥ |n − m|, so a hypothesis of ≥ 2m words is 0
-    without the O(m·n) table (a megabyte of output costs one split)."""
-    ref, hyp = reference.split(), hypothesis.split()
-    m = max(1, len(ref))
-    if abs(len(hyp) - len(ref)) >= m:
-        return 0.0
-    return max(0.0, 1.0 - _edit_distance(ref, hyp) / m)
-
-
-def _rouge_tokens(text: str) -> List[str]:
-    """Lower-cased runs of letters/digits (rouge_score's tokenizer, extended to unicode)."""
-    return re.findall(r"[^\W_]+", text.lower())
-
-
-def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """Length of the longest common subsequence, bit-parallel (Allison & Dix 1986).
-
-    O(len(long) · len(short)/64) word operations with Python ints as bit vectors; tokens of the
-    longer sequence absent from the shorter one cost one dict lookup."""
-    if len(a) < len(b):
-        a, b = b, a
-    masks: Dict[Any, int] = {}
-    for i, tok in enumerate(b):
-        masks[tok] = masks.get(tok, 0) | (1 << i)
-    full = (1 << len(b)) - 1
-    v = full
-    for tok in a:
-        m = masks.get(tok)
-        if m is None:
-            continue
-        u = v & m
-        v = ((v + u) | (v - u)) & full
-    return len(b) - bin(v).count("1")
-
-
-def _f1(overlap: float, n_pred: int, n_ref: int) -> float:
-    if overlap <= 0 or n_pred == 0 or n_ref == 0:
-        return 0.0
-    p, r = overlap / n_pred, overlap / n_ref
-    return 2 * p * r / (p + r)
-
-
-def rouge_n_f(ref_tokens: Sequence[str], hyp_tokens: Sequence[str], n: int) -> float:
-    """ROUGE-N F-measure: clipped n-gram overlap, F = 2PR/(P+R) (0 when either side is empty)."""
-    ref = Counter(zip(*[ref_tokens[k:] for k in range(n)]))
-    hyp = Counter(zip(*[hyp_tokens[k:] for k in range(n)]))
-    overlap = sum((ref & hyp).values())
-    return _f1(overlap, sum(hyp.values()), sum(ref.values()))
-
-
-def rouge_f(reference: str, hypothesis: str) -> float:
-    """Video-R1 free-form: mean of ROUGE-1, ROUGE-2 and ROUGE-L F-measures.
-
-    Differs from Video-R1: no Porter stemming (it uses ``rouge_score`` with ``use_stemmer=True``,
-    an extra dependency), and unicode letters count as word characters.
-    """
-    ref, hyp = _rouge_tokens(reference), _rouge_tokens(hypothesis)
-    if not ref or not hyp:
-        return 0.0
-    rouge_l = _f1(lcs_length(ref, hyp), len(hyp), len(ref))
-    return (rouge_n_f(ref, hyp, 1) + rouge_n_f(ref, hyp, 2) + rouge_l) / 3.0
 
 
 def interval_iou(pred: Optional[Tuple[float, float]], truth: Tuple[float, float]) -> float:
@@ -421,32 +365,68 @@ def _check_batch(samples, metadata, who: str) -> None:
                          f"metadata dict per sample (with 'solution', 'problem_type', ...)")
 
 
+def reference_solution_text(solution: Any) -> str:
+    """Ground truth as the references read it: :func:`.vl_reference.reference_solution`."""
+    return reference_solution(completion_text(solution))
+
+
 class VLReward:
     """Base of the answer rewards: ``fn(samples, prompts, metadata) -> float32 [B]``.
 
     Subclasses define ``truth(meta)`` (read the ground truth, raising ``LabelError``) and
-    ``score(answer, truth, meta)`` (a float for one extracted answer, which may be None).
+    ``score(answer, truth, meta)`` (a float for one extracted answer, which may be None), and
+    list the ``modes`` they have.
 
     Args:
-        answer_source: ``"tag"`` (the answer must be inside ``<answer>…</answer>``) or
-            ``"tag_or_text"`` (fall back to the whole completion, as TW-GRPO does).
+        answer_source: lenient mode only: ``"tag"`` (default; the answer must be inside
+            ``<answer>…</answer>``) or ``"tag_or_text"`` (fall back to the whole completion).
         on_bad_label: ``"nan"`` (an unreadable ground truth gives NaN: the loop drops and counts
             that sample) or ``"raise"`` (``ValueError`` naming the sample).
+        mode: ``"lenient"`` (mmrl's reading, default), ``"video_r1"`` or ``"tw_grpo"`` (the
+            reference code's rules exactly, for paper reproduction: :mod:`.vl_reference`; the
+            answer is then read as that reference does, so ``answer_source`` is not taken).
+
+    Raises:
+        ValueError: an unknown option value, a mode this reward does not have, or
+            ``answer_source`` with a reference mode.
     """
 
     name = "vl_reward"
     needs: Tuple[str, ...] = ("solution",)
+    modes: Tuple[str, ...] = ("lenient",)
 
-    def __init__(self, answer_source: str = "tag", on_bad_label: str = "nan"):
-        for arg, value, allowed in (("answer_source", answer_source, ANSWER_SOURCES),
-                                    ("on_bad_label", on_bad_label, BAD_LABEL_POLICIES)):
+    def __init__(self, answer_source: Optional[str] = None, on_bad_label: str = "nan",
+                 mode: str = "lenient"):
+        for arg, value, allowed in (("answer_source", answer_source, (None,) + ANSWER_SOURCES),
+                                    ("on_bad_label", on_bad_label, BAD_LABEL_POLICIES),
+                                    ("mode", mode, MODES)):
             if value not in allowed:
                 raise ValueError(f"{type(self).__name__}: {arg}={value!r}; expected one of "
                                  f"{', '.join(map(repr, allowed))}")
-        self.answer_source, self.on_bad_label = answer_source, on_bad_label
+        if mode not in self.modes:
+            raise ValueError(f"{type(self).__name__}: mode={mode!r} is not one of its modes "
+                             f"{', '.join(map(repr, self.modes))} (the reference has no such "
+                             f"reward); use one of those or another reward")
+        if mode != "lenient" and answer_source is not None:
+            raise ValueError(f"{type(self).__name__}: answer_source={answer_source!r} with "
+                             f"mode={mode!r}; a reference mode reads answers as the reference "
+                             f"does (Video-R1: the first block; TW-GRPO: the first block or the "
+                             f"whole text); drop answer_source or use mode='lenient'")
+        self.mode, self.on_bad_label = mode, on_bad_label
+        self.answer_source = answer_source or "tag"
+
+    def answer(self, sample: Any) -> Optional[str]:
+        """The answer text this reward scores (None: no answer, in lenient mode)."""
+        if self.mode == "video_r1":
+            return video_r1_answer(completion_text(sample))
+        if self.mode == "tw_grpo":
+            return tw_grpo_answer(completion_text(sample))
+        return extract_answer(sample, self.answer_source)
 
     def truth(self, meta: Mapping[str, Any]) -> Any:
-        return solution_text(meta["solution"])
+        if self.mode == "lenient":
+            return solution_text(meta["solution"])
+        return reference_solution_text(meta["solution"])
 
     def score(self, answer: Optional[str], truth: Any, meta: Mapping[str, Any]) -> float:
         raise NotImplementedError
@@ -468,7 +448,7 @@ class VLReward:
                 raise ValueError(f"reward {self.name!r}: metadata[{index}]: {err}; fix the record "
                                  f"or use on_bad_label='nan' to drop such samples") from None
             return math.nan
-        return float(self.score(extract_answer(sample, self.answer_source), truth, meta))
+        return float(self.score(self.answer(sample), truth, meta))
 
     def __call__(self, samples: Sequence[Any], prompts: Sequence[Any],
                  metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
@@ -477,107 +457,182 @@ class VLReward:
                              enumerate(zip(samples, metadata))], dtype=torch.float32)
 
     def __repr__(self) -> str:
+        if self.mode != "lenient":
+            return f"{type(self).__name__}(mode={self.mode!r})"
         return f"{type(self).__name__}(answer_source={self.answer_source!r})"
 
 
+_FORMAT_RULES = {"lenient": think_answer_format_score, "video_r1": video_r1_format_score,
+                 "tw_grpo": tw_grpo_format_score}
+
+
 class ThinkAnswerFormat(VLReward):
-    """Format reward: :func:`think_answer_format_score` (needs no metadata)."""
+    """Format reward (needs no metadata): :func:`think_answer_format_score` (lenient),
+    :func:`~.vl_reference.video_r1_format_score` or :func:`~.vl_reference.tw_grpo_format_score`
+    of the completion's text, by ``mode``."""
 
     name = "think_answer_format"
     needs = ()
+    modes = MODES
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, mode: str = "lenient"):
+        super().__init__(mode=mode)
+        self._rule = _FORMAT_RULES[mode]
 
     def score_one(self, sample: Any, meta: Mapping[str, Any], index: int = 0) -> float:
-        return think_answer_format_score(sample)
+        return self._rule(completion_text(sample))
 
     def __call__(self, samples, prompts, metadata=None) -> torch.Tensor:
-        return torch.tensor([think_answer_format_score(s) for s in samples], dtype=torch.float32)
+        return torch.tensor([self.score_one(s, {}) for s in samples], dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        return f"ThinkAnswerFormat(mode={self.mode!r})"
+
+
+def _letters_or_label_error(meta) -> frozenset:
+    letters = parse_choice_letters(solution_text(meta["solution"]), meta.get("options"))
+    if not letters:
+        raise LabelError(f"solution {str(meta['solution'])[:60]!r} is not a list of option "
+                         f"letters (expected e.g. '<answer>B</answer>' or 'A,C')")
+    return letters
 
 
 class ChoiceSubset(VLReward):
-    """TW-GRPO soft multi-choice: :func:`choice_subset_score` on the parsed letter sets."""
+    """TW-GRPO soft multi-choice: :func:`choice_subset_score` on the parsed letter sets
+    (lenient), or TW-GRPO's string-set rule :func:`~.vl_reference.tw_grpo_choice_score`
+    (``mode="tw_grpo"``).
+
+    Differs from TW-GRPO (lenient mode): lower-case letters (``"a"``), ``"B."``, ``"(B)"``,
+    ``"A and C"`` and an option's text (``"red"``) are read as letters (TW-GRPO compares the
+    raw strings between commas, so they score 0), and an empty or unreadable answer scores 0
+    whatever the truth.
+    """
 
     name = "choice_subset"
+    modes = ("lenient", "tw_grpo")
 
     def truth(self, meta):
-        letters = parse_choice_letters(solution_text(meta["solution"]), meta.get("options"))
-        if not letters:
-            raise LabelError(f"solution {str(meta['solution'])[:60]!r} is not a list of option "
-                            f"letters (expected e.g. '<answer>B</answer>' or 'A,C')")
-        return letters
+        if self.mode == "lenient":
+            return _letters_or_label_error(meta)
+        text = reference_solution_text(meta["solution"])
+        if not text:
+            raise LabelError(f"solution {str(meta['solution'])[:60]!r} is empty")
+        return text
 
     def score(self, answer, truth, meta):
+        if self.mode == "tw_grpo":
+            return tw_grpo_choice_score(answer, truth, partial=True)
         return choice_subset_score(parse_choice_letters(answer, meta.get("options")), truth)
 
 
 class ChoiceExact(ChoiceSubset):
-    """Strict multi-choice (Video-R1 "multiple choice"): :func:`choice_exact_score`."""
+    """Strict multi-choice (Video-R1 "multiple choice"): :func:`choice_exact_score` (lenient),
+    :func:`~.vl_reference.video_r1_choice_score` (``mode="video_r1"``: string equality) or
+    TW-GRPO's all-or-nothing ``origin_accuracy_reward`` (``mode="tw_grpo"``).
+
+    Differs from Video-R1 (lenient mode): lower-case letters (``"b"``), ``"B."``, ``"(B)"``,
+    ``"B. blue"``, an option's text (``"blue"``) and any order or separator of several letters
+    (``"C, A"``) score 1; Video-R1 compares the two strings exactly.
+    """
 
     name = "choice_exact"
+    modes = MODES
+
+    def truth(self, meta):
+        if self.mode == "video_r1":
+            _letters_or_label_error(meta)  # the label must be letters; the string is compared
+            return reference_solution_text(meta["solution"])
+        return super().truth(meta)
 
     def score(self, answer, truth, meta):
+        if self.mode == "video_r1":
+            return video_r1_choice_score(answer, truth)
+        if self.mode == "tw_grpo":
+            return tw_grpo_choice_score(answer, truth, partial=False)
         return choice_exact_score(parse_choice_letters(answer, meta.get("options")), truth)
 
 
 class NumberExact(VLReward):
-    """Video-R1 numerical: :func:`number_exact_score` (``decimals`` = 2)."""
+    """Video-R1 numerical: :func:`number_exact_score` (``decimals`` = 2) of
+    :func:`parse_number` values (lenient), or Video-R1's string rule
+    :func:`~.vl_reference.video_r1_numerical_score` (``mode="video_r1"``, 2 decimals)."""
 
     name = "number_exact"
+    modes = ("lenient", "video_r1")
 
-    def __init__(self, decimals: int = 2, answer_source: str = "tag", on_bad_label: str = "nan"):
-        super().__init__(answer_source, on_bad_label)
+    def __init__(self, decimals: int = 2, answer_source: Optional[str] = None,
+                 on_bad_label: str = "nan", mode: str = "lenient"):
+        super().__init__(answer_source, on_bad_label, mode)
         self.decimals = int(decimals)
+        if mode == "video_r1" and self.decimals != 2:
+            raise ValueError(f"{type(self).__name__}: decimals={decimals} with mode='video_r1'; "
+                             f"Video-R1 rounds to 2 decimals; drop decimals or use "
+                             f"mode='lenient'")
 
     def truth(self, meta):
-        value = parse_number(solution_text(meta["solution"]))
-        if value is None:
+        text = super().truth(meta)
+        value = parse_number(text) if self.mode == "lenient" else video_r1_float(text)
+        if value is None or not math.isfinite(value):
             raise LabelError(f"solution {str(meta['solution'])[:60]!r} is not one finite number")
-        return value
+        return value if self.mode == "lenient" else text
 
     def score(self, answer, truth, meta):
+        if self.mode == "video_r1":
+            return video_r1_numerical_score(answer, truth)
         return number_exact_score(parse_number(answer), truth, self.decimals)
 
 
 class RelativeError(NumberExact):
-    """Video-R1 regression: :func:`relative_error_score`."""
+    """Video-R1 regression: :func:`relative_error_score` (lenient) or Video-R1's rule with its
+    1e-9 terms, :func:`~.vl_reference.video_r1_regression_score` (``mode="video_r1"``)."""
 
     name = "relative_error"
 
-    def __init__(self, answer_source: str = "tag", on_bad_label: str = "nan"):
-        super().__init__(2, answer_source, on_bad_label)
+    def __init__(self, answer_source: Optional[str] = None, on_bad_label: str = "nan",
+                 mode: str = "lenient"):
+        super().__init__(2, answer_source, on_bad_label, mode)
 
     def score(self, answer, truth, meta):
+        if self.mode == "video_r1":
+            return video_r1_regression_score(answer, truth)
         return relative_error_score(parse_number(answer), truth)
 
 
 class WordError(VLReward):
-    """Video-R1 OCR: 1 − min(1, WER) with whitespace words (:func:`word_error_rate`)."""
+    """Video-R1 OCR: 1 − min(1, WER) with whitespace words (:func:`word_error_rate`); the same
+    rule in both modes, which differ in how the answer is read (``mode="video_r1"``: a
+    completion without a block is the answer ``""``, which scores 1 against an empty truth)."""
 
     name = "word_error"
+    modes = ("lenient", "video_r1")
 
     def score(self, answer, truth, meta):
         return 0.0 if answer is None else _ocr_score(truth, answer)
 
 
 class RougeF(VLReward):
-    """Video-R1 free-form: :func:`rouge_f`, the mean ROUGE-1/2/L F-measure."""
+    """Video-R1 free-form: :func:`rouge_f`, the mean ROUGE-1/2/L F-measure of stemmed words
+    (lenient), or ``rouge_score`` itself (:func:`~.vl_reference.video_r1_rouge`,
+    ``mode="video_r1"``)."""
 
     name = "rouge_f"
+    modes = ("lenient", "video_r1")
 
     def truth(self, meta):
-        text = solution_text(meta["solution"])
+        text = super().truth(meta)
         if not _rouge_tokens(text):
             raise LabelError(f"solution {str(meta['solution'])[:60]!r} has no words to compare")
         return text
 
     def score(self, answer, truth, meta):
+        if self.mode == "video_r1":
+            return video_r1_rouge(truth, answer)
         return 0.0 if answer is None else rouge_f(truth, answer)
 
 
 class TemporalIoU(VLReward):
-    """Temporal grounding: :func:`interval_iou` of the predicted and true ``[start, end]``."""
+    """Temporal grounding: :func:`interval_iou` of the predicted and true ``[start, end]``
+    (lenient only: neither reference has this reward)."""
 
     name = "temporal_iou"
 
@@ -607,31 +662,50 @@ class Accuracy(VLReward):
     :class:`NumberExact`; ``regression`` -> :class:`RelativeError`; ``OCR`` ->
     :class:`WordError`; ``free-form`` -> :class:`RougeF`; ``temporal grounding`` ->
     :class:`TemporalIoU`. An unknown type is a bad label (NaN or ``ValueError``).
-    Differs from Video-R1: it reads the type of the batch's first sample only.
+
+    ``mode="video_r1"``: the same dispatch with every reward in Video-R1's mode (``choice``
+    must be ``"exact"``; ``temporal grounding``, which Video-R1 lacks, is a bad label).
+    ``mode="tw_grpo"``: TW-GRPO's accuracy for every sample, whatever its type (no
+    ``problem_type`` needed): partial credit (``choice="subset"``, the default there,
+    ``accuracy_reward``) or all or nothing (``"exact"``, ``origin_accuracy_reward``).
+    Differs from Video-R1: each sample's type is read (Video-R1 uses the batch's first sample's
+    type for the whole batch, and only its exact spellings).
     """
 
     name = "accuracy"
     needs = ("solution", "problem_type")
+    modes = MODES
 
-    def __init__(self, choice: str = "exact", decimals: int = 2, answer_source: str = "tag",
-                 on_bad_label: str = "nan"):
-        super().__init__(answer_source, on_bad_label)
-        if choice not in ("exact", "subset"):
-            raise ValueError(f"Accuracy: choice={choice!r}; expected 'exact' (Video-R1) or "
-                             f"'subset' (TW-GRPO partial credit)")
+    def __init__(self, choice: Optional[str] = None, decimals: int = 2,
+                 answer_source: Optional[str] = None, on_bad_label: str = "nan",
+                 mode: str = "lenient"):
+        super().__init__(answer_source, on_bad_label, mode)
+        choice = choice or ("subset" if mode == "tw_grpo" else "exact")
+        allowed = ("exact",) if mode == "video_r1" else ("exact", "subset")
+        if choice not in allowed:
+            raise ValueError(f"Accuracy: choice={choice!r} with mode={mode!r}; expected "
+                             f"{' or '.join(map(repr, allowed))} ('exact': all or nothing, "
+                             f"'subset': TW-GRPO partial credit, which Video-R1 does not have)")
         self.choice = choice
-        common = dict(answer_source=answer_source, on_bad_label=on_bad_label)
-        self.by_type: Dict[str, VLReward] = {
-            k: cls(**common) for k, cls in PROBLEM_TYPES.items() if cls is not NumberExact}
+        common = dict(answer_source=answer_source, on_bad_label=on_bad_label, mode=mode)
+        if mode == "tw_grpo":
+            self.needs = ("solution",)
+            self.by_type: Dict[str, VLReward] = {}
+            self.tw_grpo = (ChoiceSubset if choice == "subset" else ChoiceExact)(**common)
+            return
+        self.by_type = {k: cls(**common) for k, cls in PROBLEM_TYPES.items()
+                        if mode in cls.modes and cls is not NumberExact}
         self.by_type["numerical"] = NumberExact(decimals, **common)
         if choice == "subset":
             self.by_type["multiple choice"] = ChoiceSubset(**common)
 
     def _reward_for(self, meta) -> VLReward:
+        if self.mode == "tw_grpo":
+            return self.tw_grpo
         kind = normalize_problem_type(meta["problem_type"])
         if kind not in self.by_type:
             raise LabelError(f"problem_type {meta['problem_type']!r} is not one of "
-                            f"{sorted(self.by_type)}")
+                            f"{sorted(self.by_type)} (mode {self.mode!r})")
         return self.by_type[kind]
 
     def truth(self, meta):
@@ -641,6 +715,9 @@ class Accuracy(VLReward):
     def score(self, answer, truth, meta):
         reward, value = truth
         return reward.score(answer, value, meta)
+
+    def __repr__(self) -> str:
+        return f"Accuracy(choice={self.choice!r}, mode={self.mode!r})"
 
 
 class SoftOverlong(VLReward):

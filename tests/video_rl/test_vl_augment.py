@@ -134,8 +134,10 @@ def test_drop_and_shuffle_frames():
     frames = clip(10)
     out, kept = drop_frames(frames, 0.25, rng=0)
     assert len(kept) == 8 and kept == sorted(kept) and np.array_equal(out, frames[kept])
-    assert len(drop_frames(frames, 0.5, rng=0)[1]) == 4           # 5 -> even count 4
-    assert len(drop_frames(clip(3), 0.9, rng=0)[1]) == 2          # at least min_frames
+    half, kept_half = drop_frames(frames, 0.5, rng=0)
+    assert len(kept_half) == 4 and np.array_equal(half, frames[kept_half])  # 5 -> even count 4
+    few, kept_few = drop_frames(clip(3), 0.9, rng=0)
+    assert len(kept_few) == 2 and np.array_equal(few, clip(3)[kept_few])   # at least min_frames
     shuffled, order = shuffle_frames(frames, rng=0)
     assert sorted(order) == list(range(10)) and order != list(range(10))
     assert np.array_equal(shuffled, frames[order])
@@ -208,11 +210,22 @@ def test_difficulty_variants():
     video = record(data_type="video", path="v.mp4")
     easy = aug.variant(video, "easier", rng=0)
     assert easy.kind == "easier" and easy.hint.startswith("option ") and easy.media is None
-    hard = aug.variant(video, "harder", rng=0, frames=clip(8))
-    assert hard.kind == "harder" and hard.media.shape == (4, 6, 8, 3) and len(hard.frame_index) == 4
-    assert np.array_equal(hard.media, aug.variant(video, "harder", rng=0, frames=clip(8)).media)
+    frames = clip(8) + 50                    # frame t is all 50 + 20 t: noise never clips
+    hard = aug.variant(video, "harder", rng=0, frames=frames)
+    idx = hard.frame_index
+    assert hard.kind == "harder" and hard.media.shape == (4, 6, 8, 3)
+    assert len(set(idx)) == 4 and idx == sorted(idx) and set(idx) <= set(range(8))
+    # out[j] is frames[idx[j]] plus N(0, 10) noise: per-frame means within 3 (3.6 sigma of a
+    # 144-pixel mean) of the source frame's value, residual std ~10
+    residual = hard.media.astype(float) - frames[idx].astype(float)
+    assert np.abs(residual.reshape(4, -1).mean(1)).max() < 3
+    assert abs(residual.std() - 10.0) < 1.5
+    assert np.array_equal(hard.media, aug.variant(video, "harder", rng=0, frames=frames).media)
     image = record(data_type="image", path="x.png")
-    assert aug.variant(image, "harder", 0, frames=clip(1)[0]).media.shape == (6, 8, 3)
+    still = clip(1, value=100)[0]
+    noisy = aug.variant(image, "harder", 0, frames=still).media
+    assert noisy.shape == still.shape and abs(float(noisy.astype(float).mean()) - 100) < 3
+    assert abs(float((noisy.astype(float) - 100).std()) - 10.0) < 2
     assert aug.variant(record(), "harder", 0).kind == "keep"     # text only: nothing to perturb
     with pytest.raises(ValueError, match="needs the decoded frames"):
         aug.variant(video, "harder", 0)

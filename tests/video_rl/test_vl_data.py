@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from mmrl.video import vl_rewards as vr
 from mmrl.video.data import (PROMPT_TEMPLATES, PromptTemplate, build_messages, format_question,
@@ -187,6 +188,11 @@ def test_messages_decode_through_qwen_vl_utils(tmp_path):
     msgs = build_messages(record, media_options={"fps": 2.0})
     images, videos = qwen_vl_utils.process_vision_info(msgs)
     assert images is None and len(videos) == 1 and videos[0].shape[0] == 4  # 2 s at 2 fps
+    # the frames are the file's, in order: round(linspace(0, 7, 4)) = [0, 2, 5, 7], red 30 t
+    # (lossy H.264: within 5 of the written value; green and blue stay ~0)
+    means = videos[0].float().mean(dim=(2, 3))          # [T, C, H, W] -> [T, C]
+    assert torch.allclose(means[:, 0], torch.tensor([0.0, 60.0, 150.0, 210.0]), atol=5)
+    assert means[:, 1:].abs().max() < 5
 
 
 def test_fuzzed_records_are_skipped_never_raised(tmp_path):

@@ -71,6 +71,19 @@ def test_choice_rewards_hand_values(answer, subset, exact):
     assert one(vr.ChoiceExact(), text, m) == exact
 
 
+@pytest.mark.parametrize("answer, truth, want", [
+    ("a", "A", 1.0), ("(b), c", "B,C", 1.0), ("c, (b)", "B,C", 1.0), ("b. blue", "B", 1.0),
+    ("BLUE", "B", 1.0), ("b", "A", 0.0), ("(b)", "B,C", 0.0),
+])
+def test_choice_answers_are_case_folded(answer, truth, want):
+    m = meta(f"<answer>{truth}</answer>", options=["A. red", "B. blue", "C. green"])
+    text = f"<think>.</think><answer>{answer}</answer>"
+    assert one(vr.ChoiceExact(), text, m) == want
+    assert one(vr.Accuracy(), text, m) == want
+    assert vr.parse_choice_letters(answer, m["options"]) == (
+        frozenset(truth.split(",")) if want else vr.parse_choice_letters(answer.upper()))
+
+
 def test_choice_three_of_four_partial_credit():
     m = meta("B, C, D")
     got = [one(vr.ChoiceSubset(), f"<answer>{a}</answer>", m) for a in ("B", "B,D", "B,C,D")]
@@ -96,6 +109,7 @@ def test_option_table_reads_letter_styles():
     ("3.141", "3.14", 1.0), ("3.15", "3.14", 0.0), ("1,234", "1234", 1.0),
     ("42 meters", "42", 1.0), ("3 or 4", "3", 0.0), ("3.0", "3", 1.0), ("-2.5", "-2.50", 1.0),
     ("inf", "3", 0.0), ("1e999", "3", 0.0), ("", "3", 0.0), ("three", "3", 0.0),
+    ("±3", "3", 0.0), ("+-2", "-2", 0.0), ("3 ± 1", "3", 0.0), ("+/-3", "3", 0.0),
 ])
 def test_number_exact_hand_values(answer, truth, want):
     m = meta(f"<answer>{truth}</answer>", "numerical")
@@ -105,6 +119,7 @@ def test_number_exact_hand_values(answer, truth, want):
 @pytest.mark.parametrize("answer, truth, want", [
     ("8", "10", 0.8), ("12.5", "10", 0.75), ("25", "10", 0.0), ("-10", "10", 0.0),
     ("10", "10", 1.0), ("0", "0", 1.0), ("0.1", "0", 0.0), ("-4", "-5", 0.8), ("x", "10", 0.0),
+    ("±10", "10", 0.0), ("+-10", "-10", 0.0), ("10 ± 1", "10", 0.0),
 ])
 def test_relative_error_hand_values(answer, truth, want):
     m = meta(truth, "regression")
@@ -277,14 +292,19 @@ def test_fuzz_every_reward_never_crashes_and_stays_in_range():
     prompts = [None] * len(outputs)
     start = time.perf_counter()
     for name, k in FUZZ_PAIRS:
-        for options in ({}, {"answer_source": "tag_or_text"}):
-            if name == "think_answer_format" and options:
+        modes = vr.VL_REWARDS.get(name).modes
+        for options in ({}, {"answer_source": "tag_or_text"}, {"mode": "video_r1"},
+                        {"mode": "tw_grpo"}):
+            mode = options.get("mode", "lenient")
+            if (name == "think_answer_format" and "answer_source" in options) or (
+                    mode not in modes) or (mode == "video_r1" and k == 7):  # no temporal there
                 continue
             reward = vr.build_vl_reward({name: {"weight": 1.0, **options}})
             batch = evaluate_reward(reward, outputs, prompts, [FUZZ_META[k]] * len(outputs),
                                     on_invalid="raise")
             assert ((batch.values >= 0) & (batch.values <= 1)).all(), (name, k)
-    assert time.perf_counter() - start < 60  # 13 megabyte-scale outputs x 38 reward-label pairs
+    # 13 megabyte-scale outputs x (38 lenient + 27 reference) reward-label-mode triples
+    assert time.perf_counter() - start < 90
 
 
 def test_fuzz_soft_credit_dominates_strict_and_format_is_binary():
