@@ -268,6 +268,10 @@ def sde_kl(out: SDEStepOutput, ref_mean: Tensor, form: str = "transition") -> Te
       means the same thing in this form. For ``cps`` flow_grpo's std_dev_t is the transition std
       and the two forms are equal.
 
+    Differs from flow_grpo: nothing for the ``flow_grpo`` and ``cps`` kinds (tested against a
+    transcription of its code). flow_grpo has no ``dance`` kind (DanceGRPO has no KL term); the
+    ``flow_grpo`` form uses its s = η.
+
     Args:
         out: the policy's :class:`SDEStepOutput` (``mean`` carries the gradient).
         ref_mean: ``[B, *L]`` the reference's transition mean (computed under ``no_grad``).

@@ -431,7 +431,8 @@ class DiffusionGroupPolicy:
 
     @torch.no_grad()
     def ref_logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
-        """The same under the reference policy (base weights)."""
+        """The same under the reference policy (base weights). The loop's KL term does not use
+        it: :meth:`logp_and_kl` gives the closed form instead."""
         out, mask = self._rescore(self.flow.reference, rollout, rows, t0, t1)
         return self._scatter(None if out is None else out.logp, mask)
 

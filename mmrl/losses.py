@@ -12,8 +12,7 @@ denoising steps; nothing here knows which.
 - :data:`AGGREGATIONS` ``(loss, mask, *, num_tokens, num_seqs, seq_lens, max_len) -> scalar``
   (each entry reads the keywords it needs). ``num_tokens`` / ``num_seqs`` are the optimizer
   step's global counts, so micro-batch losses sum to the full-batch loss.
-- :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp``; or the policy passes
-  its own per-token ``kl`` (a closed form, e.g. the Gaussian KL of a flow-matching step).
+- :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp`` (or the policy's ``kl``).
 
 Log-ratios are clamped to ±20 before every ``exp``: exp(20) ≈ 4.9e8 keeps products finite in
 fp32, and a ratio that far from 1 is either in a clipped/saturated region (zero gradient anyway)
@@ -267,13 +266,11 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
     if spec.needs_token_weights and token_weights is None:
         raise ValueError("token_weighting 'tw' needs token_weights [B, T]; compute them per "
                          "group with mmrl.token_weights.tw_token_weights")
-    if ref_logp is not None and kl is not None:
-        raise ValueError("got both ref_logp and kl; pass ref_logp (the loss estimates the KL with "
-                         "the preset's estimator) or kl (the policy's own per-token KL), not both")
-    if spec.beta > 0 and ref_logp is None and kl is None:
-        raise ValueError(f"beta={spec.beta} > 0 needs ref_logp [B, T] (reference-policy "
-                         f"log-probs) or kl [B, T] (a per-token KL to the reference); pass one "
-                         f"or set beta=0")
+    given = (ref_logp is not None) + (kl is not None)
+    if given > 1 or (spec.beta > 0 and not given):
+        got = "both" if given else "neither"
+        raise ValueError(f"beta={spec.beta} needs ref_logp [B, T] (reference log-probs) or kl "
+                         f"[B, T] (the policy's own KL), one of them; got {got}")
     if OBJECTIVES.get(spec.objective).needs_groups:
         if group_ids is None or group_ids.shape != (B,):
             got = None if group_ids is None else tuple(group_ids.shape)
@@ -348,9 +345,7 @@ class PolicyLoss:
                 (numbers or 0-d tensors): the micro-batch losses then sum to the full-batch loss.
             seq_lens: ``[B]`` full per-row token counts for ``seq_mean_token_mean`` when the T
                 axis is split into chunks (other aggregations do not need it).
-            kl: ``[B, T]`` the policy's own per-token KL to the reference, with gradient (e.g.
-                :func:`mmrl.diffusion.sde_kl`, closed form), added as β·kl instead of the
-                estimator on ``ref_logp``; pass one of the two when beta > 0.
+            kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
@@ -374,19 +369,15 @@ class PolicyLoss:
         adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, 0.0)
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids)
-        kl_ref = None
-        if kl is not None:
-            kl_ref = torch.where(mask, kl.to(logp.dtype), 0.0)
-        elif ref_logp is not None:
+        kl_ref = None if kl is None else torch.where(mask, kl.to(logp.dtype), 0.0)
+        if ref_logp is not None:
             # Mask x *before* the estimator: exp of padding garbage would poison the backward.
             with torch.set_grad_enabled(torch.is_grad_enabled() and spec.beta > 0):  # stat only
                 kl_ref = torch.where(mask, _kl(_masked_log_ratio(logp, ref_logp.detach(), mask),
                                                spec.kl), 0.0)
-        if kl_ref is not None and spec.beta > 0:
-            # Sequence-level objectives add the sequence's token-mean KL.
-            kl_term = kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(kl_ref.dtype) \
-                if per_seq else kl_ref
-            loss = loss + spec.beta * kl_term
+        if kl_ref is not None and spec.beta > 0:  # sequence-level objectives: token-mean KL
+            loss = loss + spec.beta * (kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(
+                kl_ref.dtype) if per_seq else kl_ref)
         loss = loss.expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)

@@ -88,7 +88,8 @@ def flow_grpo_kl_reference(x, v, v_ref, sigmas, i, a, sde_type):
                 std_dev_t = sigma_prev * math.sin(lvl * math.pi / 2)
                 x0 = sample - sigma * model_output
                 x1 = sample + model_output * (1 - sigma)
-                means.append(x0 * (1 - sigma_prev) + x1 * math.sqrt(sigma_prev ** 2 - std_dev_t ** 2))
+                means.append(x0 * (1 - sigma_prev)
+                             + x1 * math.sqrt(sigma_prev ** 2 - std_dev_t ** 2))
         sq = ((means[0] - means[1]) ** 2).mean(dim=tuple(range(1, x.dim())))
         out.append(sq / (2 * std_dev_t ** 2))
     return torch.cat(out)
