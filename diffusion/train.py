@@ -196,9 +196,10 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
                    f"preset or set algo.token_weighting=none")
     if algo.kl is not None:
         out.append(f"algo.kl: got {algo.kl!r}, a log-prob estimator; the diffusion job computes "
-                   f"the KL to the reference in closed form from the transition means (an "
-                   f"estimator on log-probs averaged over the latent dims is ~1/L of it); remove "
-                   f"algo.kl and pick the form with diffusion.kl (transition or flow_grpo)")
+                   f"the KL to the reference in closed form from the transition means (on "
+                   f"log-probs averaged over the L latent dims k2/k3 come to ~KL/L and k1's "
+                   f"gradient is 0 on-policy); remove algo.kl and pick the form with "
+                   f"diffusion.kl (transition or flow_grpo)")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")
