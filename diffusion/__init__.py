@@ -10,10 +10,11 @@ from mmrl.diffusion.samplers import (Trajectory, TreeTrajectory, rescore, sample
                                      take_cond)
 from mmrl.diffusion.schedule import (cfg_combine, flow_sigmas, initial_noise, random_window,
                                      shift_sigmas, sliding_window)
-from mmrl.diffusion.sde import SDE_KINDS, SDEStepOutput, euler_step, sde_kl, sde_step
+from mmrl.diffusion.sde import (SDE_KINDS, SDE_KL_FORMS, SDEStepOutput, euler_step, sde_kl,
+                                sde_step)
 
 __all__ = [
-    "SDE_KINDS", "SDEStepOutput", "SingularTrajectory", "Trajectory", "TreeTrajectory",
+    "SDE_KINDS", "SDE_KL_FORMS", "SDEStepOutput", "SingularTrajectory", "Trajectory", "TreeTrajectory",
     "cfg_combine", "completion_sigmas", "euler_step", "flow_sigmas", "g2rpo_advantages",
     "initial_noise", "prompt_advantages", "prompt_ids", "random_window", "rescore",
     "sample_sde", "sample_singular", "sample_tree", "sde_kl", "sde_step", "shift_sigmas",

@@ -9,7 +9,9 @@ log-probability used at sampling time and the one used in the loss come from the
 is what makes the importance ratio exactly 1 before the first update. It works on latents of any
 rank (``[B, C, H, W]`` images, ``[B, C, F, H, W]`` video, ``[B, L, D]`` packed FLUX tokens).
 
-The stochastic kinds live in the registry :data:`SDE_KINDS` (``flow_grpo``, ``dance``, ``cps``).
+The stochastic kinds live in the registry :data:`SDE_KINDS` (``flow_grpo``, ``dance``, ``cps``);
+the closed-form KL to a reference policy, :func:`sde_kl`, in two forms (:data:`SDE_KL_FORMS`:
+the exact ``transition`` KL and flow_grpo's ``kl_loss``).
 """
 from __future__ import annotations
 
@@ -38,21 +40,27 @@ class SDEStepOutput:
             (``cps``: −‖x′ − mean‖² averaged, constants dropped). 0 where ``std`` is 0.
         mean: ``[B, *L]`` the transition mean μ (carries the gradient of the velocity).
         std: ``[B]`` the transition's noise standard deviation (0 for a deterministic step).
+        noise_scale: ``[B]`` the kind's noise coefficient, what flow_grpo's
+            ``sde_step_with_logprob`` returns as ``std_dev_t`` (and its KL divides by): the
+            diffusion coefficient s for ``flow_grpo`` and ``dance`` (std = s·sqrt(−dt)), std itself
+            for ``cps``. 0 for a deterministic step.
     """
 
     prev_sample: Tensor
     logp: Tensor
     mean: Tensor
     std: Tensor
+    noise_scale: Tensor
 
 
 class SDEKind(NamedTuple):
     """One stochastic step kind. Every kind's mean is linear in (x, v): μ = c_x·x + c_v·v.
 
-    ``coefs(sigma, sigma_next, a, sigma_1) -> (c_x, c_v, std)``, all per row (broadcast to x's
-    rank), so a step costs two passes over the latent for the mean instead of one per term of the
-    formula; ``gaussian_logp``: True for a normalized Gaussian log-density, False for −‖x′ − μ‖²
-    (constants dropped, usable only inside ratios).
+    ``coefs(sigma, sigma_next, a, sigma_1) -> (c_x, c_v, std, noise_scale)``, all per row
+    (broadcast to x's rank), so a step costs two passes over the latent for the mean instead of one
+    per term of the formula (``noise_scale``: see :class:`SDEStepOutput`); ``gaussian_logp``:
+    True for a normalized Gaussian log-density, False for −‖x′ − μ‖² (constants dropped, usable
+    only inside ratios).
     """
 
     coefs: Callable
@@ -74,21 +82,21 @@ def _flow_grpo(sigma, sigma_next, a, sigma_1):
     dt = sigma_next - sigma
     # s = a·sqrt(σ/(1−σ)); at σ = 1 the ratio is infinite, flow_grpo uses σ_1 in the denominator.
     s = a * torch.sqrt(sigma / (1.0 - torch.where(sigma == 1.0, sigma_1, sigma)))
-    return (*_drift_coefs(sigma, dt, s), s * torch.sqrt(-dt))
+    return (*_drift_coefs(sigma, dt, s), s * torch.sqrt(-dt), s)
 
 
 def _dance(sigma, sigma_next, a, sigma_1):
     dt = sigma_next - sigma
     # DanceGRPO's flux_step: the same drift with a constant diffusion coefficient s = η.
-    return (*_drift_coefs(sigma, dt, a), a * torch.sqrt(-dt))
+    return (*_drift_coefs(sigma, dt, a), a * torch.sqrt(-dt), a)
 
 
 def _cps(sigma, sigma_next, a, sigma_1):
     # μ = (1−σ′)·x̂0 + sqrt(σ′² − std²)·x̂1 with x̂0 = x − σv, x̂1 = x + (1−σ)v, std = σ′·sin(aπ/2);
     # sqrt(σ′² − std²) = σ′·cos(aπ/2) exactly, and the cos form cannot go negative by rounding.
     c1 = sigma_next * torch.cos(a * (math.pi / 2))
-    return ((1.0 - sigma_next) + c1, -sigma * (1.0 - sigma_next) + c1 * (1.0 - sigma),
-            sigma_next * torch.sin(a * (math.pi / 2)))
+    std = sigma_next * torch.sin(a * (math.pi / 2))
+    return (1.0 - sigma_next) + c1, -sigma * (1.0 - sigma_next) + c1 * (1.0 - sigma), std, std
 
 
 SDE_KINDS.register("flow_grpo", SDEKind(
@@ -212,12 +220,13 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
     idx = _check_step_index(i, sig, x.shape[0])
     a_row = torch.as_tensor(noise_level, dtype=dtype, device=x.device).expand(x.shape[0])
     sigma, sigma_next, a = (_rows(t, x.dim()) for t in (sig[idx], sig[idx + 1], a_row))
-    c_x, c_v, std = spec.coefs(sigma, sigma_next, a, sig[1])
+    c_x, c_v, std, scale = spec.coefs(sigma, sigma_next, a, sig[1])
     mean = torch.addcmul(c_x * x, c_v, v)  # c_x·x + c_v·v
     if any_deterministic:  # rows at level 0 take exactly the Euler step
         deterministic = a == 0
         mean = torch.where(deterministic, x + (sigma_next - sigma) * v, mean)
         std = torch.where(deterministic, torch.zeros_like(std), std)
+        scale = torch.where(deterministic, torch.zeros_like(scale), scale)
     if prev_sample is None:
         prev_sample = torch.addcmul(mean, std, _noise(x.shape, dtype, x.device, generator))
     else:
@@ -233,39 +242,59 @@ def sde_step(x: Tensor, v: Tensor, sigmas: Tensor, i, *, kind: str = "flow_grpo"
         logp = torch.where(std > 0, logp, torch.zeros_like(logp))
     else:
         logp = -msq
-    return SDEStepOutput(prev_sample, logp, mean, std)
+    return SDEStepOutput(prev_sample, logp, mean, std, scale.reshape(-1))
 
 
-def sde_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """KL(N(μ_θ, std²) ‖ N(μ_ref, std²)) = ‖μ_θ − μ_ref‖² / (2·std²), averaged over dims -> ``[B]``.
+# KL forms: which per-row std the closed-form Gaussian KL divides by (see sde_kl).
+SDE_KL_FORMS: Registry[Callable[[SDEStepOutput], Tensor]] = Registry("flow KL form")
+SDE_KL_FORMS.register("transition", lambda out: out.std)
+SDE_KL_FORMS.register("flow_grpo", lambda out: out.noise_scale)
 
-    The KL between the policy's and the reference policy's (e.g. LoRA disabled) transitions from
-    the same x, as in Flow-GRPO's ``kl_loss``; both means come from :func:`sde_step` with the same
-    step, kind and noise level, so they share ``std``.
+
+def sde_kl(out: SDEStepOutput, ref_mean: Tensor, form: str = "transition") -> Tensor:
+    """``[B]`` ‖μ_θ − μ_ref‖² / (2·d²), the squared difference averaged over the latent dims.
+
+    The KL to the reference policy (e.g. LoRA disabled) of one step from the same x, in closed
+    form: both transitions are Gaussians with the same std, so only their means differ. ``out`` is
+    the policy's :func:`sde_step` output, ``ref_mean`` the reference's mean for the same step,
+    kind and noise level. ``form`` picks d:
+
+    - ``transition``: d = ``out.std``, the exact KL(N(μ_θ, std²) ‖ N(μ_ref, std²)) per latent
+      dimension (ALGORITHMS.md "Flow-matching SDE").
+    - ``flow_grpo``: d = ``out.noise_scale``, flow_grpo's ``kl_loss`` (train_sd3.py:
+      ``((prev_sample_mean − prev_sample_mean_ref)²).mean(dims) / (2·std_dev_t²)``). For the
+      ``flow_grpo`` and ``dance`` kinds std = s·sqrt(−dt), so this is ``transition``·(−dt): with
+      10 steps and shift 3, 1/25 to 1/3.7 of it, which is why flow_grpo's β (0.01, 0.04) only
+      means the same thing in this form. For ``cps`` flow_grpo's std_dev_t is the transition std
+      and the two forms are equal.
+
+    Differs from flow_grpo: nothing for the ``flow_grpo`` and ``cps`` kinds (tested against a
+    transcription of its code). flow_grpo has no ``dance`` kind (DanceGRPO has no KL term); the
+    ``flow_grpo`` form uses its s = η.
 
     Args:
-        mean: ``[B, *L]`` the policy's transition mean.
+        out: the policy's :class:`SDEStepOutput` (``mean`` carries the gradient).
         ref_mean: ``[B, *L]`` the reference's transition mean (computed under ``no_grad``).
-        std: ``[B]`` the transition std (:attr:`SDEStepOutput.std`).
+        form: a name in :data:`SDE_KL_FORMS`.
 
     Returns:
-        ``[B]`` in the compute dtype; 0 for rows with ``std = 0`` (deterministic steps carry no KL
-        term; mask them out of the loss).
+        ``[B]`` in the compute dtype (≥ fp32); 0 for rows with ``std = 0`` (deterministic steps
+        carry no KL term; mask them out of the loss).
 
     Raises:
-        ValueError: mismatched shapes.
+        ValueError: unknown form, mismatched shapes.
     """
+    d = SDE_KL_FORMS.get(form)(out)
+    mean = out.mean
     if mean.shape != ref_mean.shape:
-        raise ValueError(f"mean has shape {tuple(mean.shape)} but ref_mean has "
-                         f"{tuple(ref_mean.shape)}; pass both transition means of the same batch")
-    if std.dim() != 1 or std.shape[0] != mean.shape[0]:
-        raise ValueError(f"std has shape {tuple(std.shape)}; expected [{mean.shape[0]}] "
-                         f"(SDEStepOutput.std of the same step)")
+        raise ValueError(f"out.mean has shape {tuple(mean.shape)} but ref_mean has "
+                         f"{tuple(ref_mean.shape)}; pass the reference's mean of the same "
+                         f"transitions (sde_step on the same x, step, kind and noise level)")
     dtype = torch.promote_types(mean.dtype, torch.float32)
-    sq = ((mean.to(dtype) - ref_mean.to(dtype)) ** 2).mean(dim=tuple(range(1, mean.dim())))
-    std = std.to(dtype)
-    safe = torch.where(std > 0, std, torch.ones_like(std))
-    return torch.where(std > 0, sq / (2 * safe ** 2), torch.zeros_like(sq))
+    sq = ((mean.to(dtype) - ref_mean.to(dtype)) ** 2).flatten(1).mean(1)  # [B, *L] -> [B]
+    d = d.to(dtype)
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    return torch.where(d > 0, sq / (2 * safe ** 2), torch.zeros_like(sq))
 
 
 def euler_step(x: Tensor, v: Tensor, sigmas: Tensor, i) -> Tensor:

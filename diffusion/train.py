@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mmrl.config import cfg
 from mmrl.diffusion.evaluate import Evaluator, ImageReward, read_prompts
 from mmrl.diffusion.schedule import flow_sigmas, random_window, sliding_window
+from mmrl.diffusion.sde import SDE_KL_FORMS, sde_kl
 from mmrl.jobs import Job, register_job
 from mmrl.loop import Rollout
 
@@ -80,6 +81,16 @@ class DiffusionConfig:
                     .SDE_KINDS.names())
     noise_level: float = cfg(0.7, "SDE noise level a (flow_grpo 0.7, dance eta 0.3, cps 0.8).",
                              minimum=0.0)
+    kl: str = cfg("transition", "KL to the reference policy, added as algo.beta * KL per trained "
+                  "step when beta > 0, in closed form from the policy's and the reference's "
+                  "transition means: transition = the exact KL of the Gaussian step, "
+                  "(mu - mu_ref)^2 / (2 std^2) averaged over the latent dims; flow_grpo = "
+                  "flow_grpo's kl_loss, (mu - mu_ref)^2 / (2 s^2) with s its std_dev_t, i.e. "
+                  "transition * (-dt) for the flow_grpo and dance kinds (1/25 to 1/3.7 of it at "
+                  "10 steps, shift 3) and transition for cps. flow_grpo's beta values (0.01, "
+                  "0.04) mean the same here only with flow_grpo.",
+                  choices=lambda: __import__("mmrl.diffusion.sde", fromlist=["x"])
+                  .SDE_KL_FORMS.names(), source="flow_grpo scripts/train_sd3.py (kl_loss)")
     shared_noise: bool = cfg(False, "Give every member of a group the same initial noise "
                              "(DanceGRPO init_same_noise). singular/tree always share it.",
                              source="DanceGRPO")
@@ -183,6 +194,12 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
         out.append(f"algo: preset {algo.preset!r} weighs tokens by the policy's vocabulary "
                    f"distribution (TW-GRPO), which a denoising step does not have; pick another "
                    f"preset or set algo.token_weighting=none")
+    if algo.kl is not None:
+        out.append(f"algo.kl: got {algo.kl!r}, a log-prob estimator; the diffusion job computes "
+                   f"the KL to the reference in closed form from the transition means (on "
+                   f"log-probs averaged over the L latent dims k2/k3 come to ~KL/L and k1's "
+                   f"gradient is 0 on-policy); remove algo.kl and pick the form with "
+                   f"diffusion.kl (transition or flow_grpo)")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")
@@ -231,6 +248,7 @@ class DiffusionGroupPolicy:
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
                            "tree": self._tree_advantages}.get(c.sampler)
+        SDE_KL_FORMS.get(c.kl)  # an unknown form fails here, before any sampling
 
     # ---------------------------------------------------------------- GroupPolicy plumbing
     def parameters(self):
@@ -389,27 +407,51 @@ class DiffusionGroupPolicy:
                                                                                        cond)})
 
     # ---------------------------------------------------------------- scoring
-    def _rescore(self, velocity_fn, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
+    def _rescore(self, velocity_fn, rollout: Rollout, rows, t0: int, t1: int):
+        """``(out, mask)``: the :class:`SDEStepOutput` of the stored transitions of ``rows`` and
+        steps ``[t0, t1)`` where ``mask [b, t]`` is True (``out`` None when there are none)."""
         from mmrl.diffusion.samplers import rescore
 
         shared = rollout.data["trajectory"]
         index = rollout.data["index"][rows, t0:t1]  # [b, t] transition ids
         mask = rollout.mask[rows, t0:t1]
-        out = torch.zeros(index.shape, device=self.flow.device)
-        if bool(mask.any()):
-            lp = rescore(shared.traj, velocity_fn, shared.cond, index=index[mask]).logp
-            out = out.masked_scatter(mask.to(out.device), lp.float())  # [m] -> [b, t]
-        return out
+        if not bool(mask.any()):
+            return None, mask
+        return rescore(shared.traj, velocity_fn, shared.cond, index=index[mask]), mask
+
+    def _scatter(self, values: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``[m] -> [b, t]`` at the mask's True entries, 0 elsewhere (keeps the gradient)."""
+        out = torch.zeros(mask.shape, device=self.flow.device)
+        return out if values is None else out.masked_scatter(mask.to(out.device), values.float())
 
     def logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
         """``[len(rows), t1 − t0]`` log-probs of the stored transitions, with gradient (0 where
         the mask is False)."""
-        return self._rescore(self.flow, rollout, rows, t0, t1)
+        out, mask = self._rescore(self.flow, rollout, rows, t0, t1)
+        return self._scatter(None if out is None else out.logp, mask)
 
     @torch.no_grad()
     def ref_logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
-        """The same under the reference policy (base weights)."""
-        return self._rescore(self.flow.reference, rollout, rows, t0, t1)
+        """The same under the reference policy (base weights). The loop's KL term does not use
+        it: :meth:`logp_and_kl` gives the closed form instead."""
+        out, mask = self._rescore(self.flow.reference, rollout, rows, t0, t1)
+        return self._scatter(None if out is None else out.logp, mask)
+
+    def logp_and_kl(self, rollout: Rollout, rows: torch.Tensor, t0: int,
+                    t1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logp, kl)``, each ``[len(rows), t1 − t0]`` with gradient: :meth:`logp` and the
+        closed-form KL of the same transitions to the reference, ``sde_kl(out, ref.mean,
+        diffusion.kl)`` (the loop's hook when beta > 0; 0 where the mask is False).
+
+        The reference mean is computed here, from the same stored x, step and noise level, as
+        flow_grpo does per training step (one extra no-grad forward per transition and epoch).
+        """
+        out, mask = self._rescore(self.flow, rollout, rows, t0, t1)
+        if out is None:
+            return self._scatter(None, mask), self._scatter(None, mask)
+        ref, _ = self._rescore(self.flow.reference, rollout, rows, t0, t1)  # no_grad inside
+        return (self._scatter(out.logp, mask),
+                self._scatter(sde_kl(out, ref.mean.detach(), self.c.kl), mask))
 
     # ---------------------------------------------------------------- advantage hooks
     def _rewards(self, rewards) -> torch.Tensor:

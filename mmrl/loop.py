@@ -97,6 +97,10 @@ class GroupPolicy(Protocol):
 
     # Optional hooks:
     #   token_weights(rollout) -> [B, T]     (token_weighting "tw", e.g. TW-GRPO)
+    #   logp_and_kl(rollout, rows, t0, t1) -> (logp, kl), each [len(rows), t1 - t0] with
+    #       gradient: the policy's own per-token KL to the reference (a closed form, e.g. the
+    #       Gaussian KL of a flow-matching step), used when beta > 0 instead of ref_logp and
+    #       the preset's estimator; None when the policy uses the estimator.
     #   advantages(rollout, rewards) -> [R]  advantages of the training rows when they are not
     #       the reward rows (tree edges, G2RPO branches); the policy then handles invalid
     #       (NaN) rewards itself, e.g. by giving their rows advantage 0.
@@ -186,8 +190,9 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     lockstep = fsdp_lockstep(d, len(rollout), t_chunk)
     old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size,
                                                  t_chunk, lockstep)
+    own_kl = getattr(policy, "logp_and_kl", None) if spec.needs_ref else None
     ref_logp = (_score_all(policy.ref_logp, rollout, s.micro_batch_size, t_chunk)
-                if spec.needs_ref else None)
+                if spec.needs_ref and own_kl is None else None)
     seq_lens = rollout.mask.sum(-1)  # [B] full lengths, exact under T chunking
     T = rollout.mask.shape[1]
     # not policy.parameters(): under FSDP2 it may list a unit's temporary unsharded tensors
@@ -206,7 +211,8 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
             for a, b in micro:
                 rows = mb[a:b]
                 for t0, t1 in _chunks(T, t_chunk):
-                    logp = policy.logp(rollout, rows, t0, t1)
+                    logp, kl = ((policy.logp(rollout, rows, t0, t1), None) if own_kl is None
+                                else own_kl(rollout, rows, t0, t1))
                     old = logp.detach() if on_policy else old_logp[rows, t0:t1].to(logp)
                     loss, stats = loss_fn(
                         logp, old, advantages[rows].to(logp), rollout.mask[rows, t0:t1].to(
@@ -214,7 +220,8 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
                         ref_logp=None if ref_logp is None else ref_logp[rows, t0:t1].to(logp),
                         token_weights=None if token_weights is None else
                         token_weights[rows, t0:t1].to(logp),
-                        group_ids=rollout.group_ids[rows], seq_lens=seq_lens[rows], **norm)
+                        group_ids=rollout.group_ids[rows], seq_lens=seq_lens[rows],
+                        kl=None if kl is None else kl.to(logp), **norm)
                     loss.backward()
                     _accumulate(totals, stats)
                     n_updates += 1

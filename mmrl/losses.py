@@ -12,7 +12,7 @@ denoising steps; nothing here knows which.
 - :data:`AGGREGATIONS` ``(loss, mask, *, num_tokens, num_seqs, seq_lens, max_len) -> scalar``
   (each entry reads the keywords it needs). ``num_tokens`` / ``num_seqs`` are the optimizer
   step's global counts, so micro-batch losses sum to the full-batch loss.
-- :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp``.
+- :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp`` (or the policy's ``kl``).
 
 Log-ratios are clamped to ±20 before every ``exp``: exp(20) ≈ 4.9e8 keeps products finite in
 fp32, and a ratio that far from 1 is either in a clipped/saturated region (zero gradient anyway)
@@ -240,7 +240,7 @@ def _kl(x: Tensor, kind: str) -> Tensor:
 
 # ---------------------------------------------------------------- the policy loss
 def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights, group_ids,
-                  per_sequence: bool) -> None:
+                  per_sequence: bool, kl=None) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool tensor [B, T] (True = counts), got {got}; "
@@ -249,7 +249,7 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
         raise ValueError(f"logp must be float [B, T], got {logp.dtype} {tuple(logp.shape)}; "
                          f"gather the sampled tokens' log-probs into [B, T]")
     for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp),
-                    ("token_weights", token_weights)):
+                    ("token_weights", token_weights), ("kl", kl)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has "
                              f"{tuple(logp.shape)}; expected the same [B, T]")
@@ -266,9 +266,11 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
     if spec.needs_token_weights and token_weights is None:
         raise ValueError("token_weighting 'tw' needs token_weights [B, T]; compute them per "
                          "group with mmrl.token_weights.tw_token_weights")
-    if spec.beta > 0 and ref_logp is None:
-        raise ValueError(f"beta={spec.beta} > 0 needs ref_logp [B, T] (reference-policy "
-                         f"log-probs); pass ref_logp or set beta=0")
+    given = (ref_logp is not None) + (kl is not None)
+    if given > 1 or (spec.beta > 0 and not given):
+        got = "both" if given else "neither"
+        raise ValueError(f"beta={spec.beta} needs ref_logp [B, T] (reference log-probs) or kl "
+                         f"[B, T] (the policy's own KL), one of them; got {got}")
     if OBJECTIVES.get(spec.objective).needs_groups:
         if group_ids is None or group_ids.shape != (B,):
             got = None if group_ids is None else tuple(group_ids.shape)
@@ -328,7 +330,7 @@ class PolicyLoss:
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                  ref_logp: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
                  group_ids: Optional[Tensor] = None, num_tokens=None, num_seqs=None,
-                 seq_lens=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                 seq_lens=None, kl: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """(loss, stats): the aggregated loss to minimize and detached statistics.
 
         Args:
@@ -343,6 +345,7 @@ class PolicyLoss:
                 (numbers or 0-d tensors): the micro-batch losses then sum to the full-batch loss.
             seq_lens: ``[B]`` full per-row token counts for ``seq_mean_token_mean`` when the T
                 axis is split into chunks (other aggregations do not need it).
+            kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
@@ -354,7 +357,7 @@ class PolicyLoss:
         """
         spec, per_seq = self.spec, self._ratio.per_sequence
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,
-                      group_ids, per_seq)
+                      group_ids, per_seq, kl)
         if logp.dtype in (torch.float16, torch.bfloat16):
             logp = logp.float()  # bf16's 8-bit mantissa cannot resolve GSPO's 3e-4 clip range
         old_logp = old_logp.detach().to(logp.dtype)
@@ -366,17 +369,15 @@ class PolicyLoss:
         adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, 0.0)
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids)
-        kl_ref = None
+        kl_ref = None if kl is None else torch.where(mask, kl.to(logp.dtype), 0.0)
         if ref_logp is not None:
             # Mask x *before* the estimator: exp of padding garbage would poison the backward.
             with torch.set_grad_enabled(torch.is_grad_enabled() and spec.beta > 0):  # stat only
                 kl_ref = torch.where(mask, _kl(_masked_log_ratio(logp, ref_logp.detach(), mask),
                                                spec.kl), 0.0)
-            if spec.beta > 0:
-                # Sequence-level objectives add the sequence's token-mean KL.
-                kl = kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(kl_ref.dtype) \
-                    if per_seq else kl_ref
-                loss = loss + spec.beta * kl
+        if kl_ref is not None and spec.beta > 0:  # sequence-level objectives: token-mean KL
+            loss = loss + spec.beta * (kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(
+                kl_ref.dtype) if per_seq else kl_ref)
         loss = loss.expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)

@@ -63,6 +63,38 @@ def step_reference(x, v, sigmas, i, kind, a, x_next):
     return torch.cat(means), torch.tensor(stds, dtype=torch.float64), torch.cat(logps)
 
 
+def flow_grpo_kl_reference(x, v, v_ref, sigmas, i, a, sde_type):
+    """float64 ``[B]`` flow_grpo's ``kl_loss`` (before its batch mean), row by row.
+
+    A transcription of flow_grpo (scripts/train_sd3.py and sd3_sde_with_logprob.py): both means
+    from its own mean formula for ``sde_type`` 'sde' or 'cps', then
+    ``((prev_sample_mean − prev_sample_mean_ref)²).mean(dims) / (2·std_dev_t²)`` with its
+    ``std_dev_t`` (no sqrt(−dt) for 'sde').
+    """
+    x, v, v_ref, sig = (t.double() for t in (x, v, v_ref, sigmas))
+    out = []
+    for b in range(x.shape[0]):
+        sigma, sigma_prev, lvl = float(sig[i[b]]), float(sig[i[b] + 1]), float(a[b])
+        dt = sigma_prev - sigma
+        means = []
+        for model_output in (v[b:b + 1], v_ref[b:b + 1]):
+            sample = x[b:b + 1]
+            if sde_type == "sde":
+                sigma_max = float(sig[1])
+                std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * lvl
+                means.append(sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
+                             + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+            else:
+                std_dev_t = sigma_prev * math.sin(lvl * math.pi / 2)
+                x0 = sample - sigma * model_output
+                x1 = sample + model_output * (1 - sigma)
+                means.append(x0 * (1 - sigma_prev)
+                             + x1 * math.sqrt(sigma_prev ** 2 - std_dev_t ** 2))
+        sq = ((means[0] - means[1]) ** 2).mean(dim=tuple(range(1, x.dim())))
+        out.append(sq / (2 * std_dev_t ** 2))
+    return torch.cat(out)
+
+
 def tree_nfe(num_roots, num_steps, splits):
     """Σ_t nodes alive at t: the count a tree sampler must spend ({step: branching})."""
     alive, total = num_roots, 0

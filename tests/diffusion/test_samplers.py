@@ -140,8 +140,8 @@ def test_tree_structure_levels_and_rescoring():
     assert torch.equal(traj.node_cond, torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]))
     split1 = traj.step == 3
     assert torch.equal(traj.owner[split1], torch.arange(2, 6))
-    # Siblings start from their parent's single state and land on different states.
-    assert traj.src[split1][0] == traj.src[split1][1] and traj.dst[split1][0] != traj.dst[split1][1]
+    # Siblings start from their parent's single stored state (their values and noises: below).
+    assert torch.equal(traj.src[split1], torch.tensor([0, 0, 1, 1]))
     # Each step uses the level of the depth of the node taking it.
     for step, level in [(3, 0.9), (6, 0.6), (7, 0.3)]:
         assert torch.equal(traj.noise_level[traj.step == step], torch.full((8 if step > 3 else 4,),
@@ -152,6 +152,57 @@ def test_tree_structure_levels_and_rescoring():
     assert torch.equal(again.logp, traj.logp)
     # Siblings share their parent's evaluation: 2 + 4 split parents + 8 nodes at step 7.
     assert vf.calls == [14] and len(set(traj.src.tolist())) == 14
+
+
+def _realized_noise(traj, vf, cond):
+    """``[M, *L]`` ε = (x′ − μ)/std of every stored transition, μ and std re-computed."""
+    out = rescore(traj, vf, cond)
+    with torch.no_grad():
+        diff = traj.states[traj.dst] - out.mean
+        return diff / out.std.reshape(-1, *[1] * (diff.dim() - 1))
+
+
+def _assert_distinct_states_and_independent_noise(states, eps):
+    """Every pair of rows: states apart, noises uncorrelated (|corr| < 0.4: ~5 standard errors
+    at these sizes; one noise shared by two rows gives corr 1)."""
+    n = states.shape[0]
+    gap = (states[:, None] - states[None]).flatten(2).abs().amax(-1)  # [n, n]
+    assert float(gap[~torch.eye(n, dtype=torch.bool)].min()) > 1e-2
+    e = eps.flatten(1)
+    e = (e - e.mean(1, keepdim=True)) / e.std(1, keepdim=True)
+    corr = e @ e.T / (e.shape[1] - 1)  # [n, n]
+    assert float(corr[~torch.eye(n, dtype=torch.bool)].abs().max()) < 0.4
+    torch.testing.assert_close(eps.std(), torch.tensor(1.0), rtol=0, atol=0.1)
+
+
+def test_tree_siblings_get_their_own_noise_and_share_their_prefix():
+    """Values, not indices: after a split the siblings' noises and states differ; before it,
+    and between splits, every node's path is its parent's (the ODE on the shared prefix)."""
+    vf, noise, cond = CountingVelocity(), _noise(2), torch.tensor([0.5, -0.5])
+    traj = sample_tree(vf, noise, SIG, cond, split_steps=[3, 6], branching=2,
+                       noise_levels=[0.9, 0.6, 0.3], sde_steps=[7],
+                       generator=torch.Generator().manual_seed(1))
+    eps = _realized_noise(traj, vf, cond)
+    _assert_distinct_states_and_independent_noise(traj.states[traj.dst], eps)
+    x = noise.clone()  # the shared prefix of each tree: the ODE from its root up to step 3
+    with torch.no_grad():
+        for t in range(3):
+            x = euler_step(x, vf(x, SIG[t].expand(2), cond), SIG, t)
+    split1, split2 = traj.step == 3, traj.step == 6
+    assert torch.equal(traj.states[traj.src[split1]], x.repeat_interleave(2, 0))
+    # between the splits each depth-1 node follows the ODE from its own state, and both of its
+    # children start from exactly that state
+    x = traj.states[traj.dst[split1]]  # [4] depth-1 nodes, in node order
+    with torch.no_grad():
+        for t in (4, 5):
+            x = euler_step(x, vf(x, SIG[t].expand(4), cond.repeat_interleave(2)), SIG, t)
+    torch.testing.assert_close(traj.states[traj.src[split2]], x.repeat_interleave(2, 0),
+                               rtol=0, atol=1e-6)
+    for sel in (split1, split2):  # siblings: same start, their own noise, different landings
+        starts, lands, e = traj.states[traj.src[sel]], traj.states[traj.dst[sel]], eps[sel]
+        assert torch.equal(starts[0::2], starts[1::2])
+        assert bool(((lands[0::2] - lands[1::2]).flatten(1).abs().amax(1) > 1e-2).all())
+        assert bool(((e[0::2] - e[1::2]).flatten(1).abs().amax(1) > 1.0).all())
 
 
 def test_tree_5d_latents_and_dict_cond():
@@ -176,6 +227,7 @@ def test_singular_sampling_structure_and_nfe():
     traj = sample_singular(vf, noise, SIG, cond, group_size=N, steps=ks, granularities=grans,
                            generator=torch.Generator().manual_seed(0))
     spent = sum(vf.calls)
+    eps = _realized_noise(traj, vf, cond)
     M = len(ks) * 2 * N
     assert traj.num_transitions == M and traj.final.shape[0] == M * 2
     # Anchor: the ODE from the shared noise; members at k all start from the anchor's x_k.
@@ -189,7 +241,9 @@ def test_singular_sampling_structure_and_nfe():
         rows = slice(kp * 2 * N, (kp + 1) * 2 * N)
         starts = traj.states[traj.src[rows]]
         assert torch.equal(starts, anchor[k].repeat_interleave(N, 0))
-        assert len(set(traj.dst[rows].tolist())) == 2 * N  # N different SDE steps per prompt
+        # N different SDE steps per prompt: different states, independent noises
+        _assert_distinct_states_and_independent_noise(traj.states[traj.dst[rows]],
+                                                      eps[rows])
         assert torch.equal(traj.step[rows], torch.full((2 * N,), k))
     assert torch.equal(traj.group_ids, torch.arange(6).repeat_interleave(N))
     assert torch.equal(traj.output_granularity[:4], torch.tensor([1, 2, 1, 2]))

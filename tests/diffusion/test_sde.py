@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from mmrl.diffusion import SDE_KINDS, cfg_combine, euler_step, flow_sigmas, sde_kl, sde_step
+from mmrl.diffusion import (SDE_KINDS, SDE_KL_FORMS, cfg_combine, euler_step, flow_sigmas, sde_kl,
+                            sde_step)
 
 # importlib import mode: load the oracle module by path under a name no other test folder uses.
 _SPEC = importlib.util.spec_from_file_location("mmrl_tests_diffusion_reference",
@@ -143,19 +144,87 @@ def test_gaussian_logp_at_the_mean_is_the_normalizer():
     assert not torch.equal(out.mean, det)  # the SDE drift moves the mean off the Euler step
 
 
-def test_kl_hand_value_and_gaussian_kl():
-    mean = torch.zeros(2, 3, 4, 4)
-    ref_mean = mean + 0.1
-    std = torch.tensor([0.5, 0.0])
-    kl = sde_kl(mean, ref_mean, std)
-    torch.testing.assert_close(kl, torch.tensor([0.01 / (2 * 0.25), 0.0]))
-    g = torch.Generator().manual_seed(0)
-    m1, m2 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
-    s = torch.tensor([0.3, 0.9])
-    sb = s.view(-1, 1, 1, 1).expand_as(m1)
-    exact = torch.distributions.kl_divergence(torch.distributions.Normal(m1, sb),
-                                              torch.distributions.Normal(m2, sb))
-    torch.testing.assert_close(sde_kl(m1, m2, s), exact.flatten(1).mean(1))
+def _kl_case(kind, sigmas, i, level, delta, shape=(2, 1, 2, 2)):
+    """Both KL forms of one step whose two velocities differ by ``delta`` everywhere; row 1 takes
+    the deterministic step (level 0). Returns (forms, grads w.r.t. the policy velocity)."""
+    x = torch.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape)
+    v_ref = torch.linspace(0.5, -0.5, math.prod(shape)).reshape(shape)
+    a = torch.tensor([level, 0.0])
+    ref = sde_step(x, v_ref, sigmas, i, kind=kind, noise_level=a)
+    out = {}
+    for form in SDE_KL_FORMS.names():
+        v = (v_ref + delta).requires_grad_(True)
+        kl = sde_kl(sde_step(x, v, sigmas, i, kind=kind, noise_level=a), ref.mean, form)
+        out[form] = (kl.detach(), torch.autograd.grad(kl.sum(), v)[0])
+    return out
+
+
+def test_kl_forms_hand_values_and_gradients():
+    # σ = [1, 0.5, 0], step 1 (σ 0.5 -> 0, dt = −0.5), flow_grpo kind, a = 0.5:
+    # s = 0.5·sqrt(0.5/0.5) = 0.5, std² = s²·0.5 = 0.125, c_v = dt + s²dt/(2σ)·(1 − σ) = −0.5625,
+    # Δμ = c_v·0.2 = −0.1125, Δμ² = 0.01265625 -> transition 0.01265625/0.25 = 0.050625,
+    # flow_grpo 0.01265625/0.5 = 0.0253125 (= transition·(−dt)).
+    # ∂/∂v of the dim-mean: c_v²·δ/(d²·L), L = 4 -> 0.50625/4 and 0.253125/4 per element.
+    sig = torch.tensor([1.0, 0.5, 0.0])
+    got = _kl_case("flow_grpo", sig, 1, 0.5, 0.2)
+    for form, value, grad in [("transition", 0.050625, 0.50625 / 4),
+                              ("flow_grpo", 0.0253125, 0.253125 / 4)]:
+        kl, g = got[form]
+        torch.testing.assert_close(kl, torch.tensor([value, 0.0]))  # deterministic row: 0
+        torch.testing.assert_close(g[0], torch.full((1, 2, 2), grad))
+        assert torch.equal(g[1], torch.zeros(1, 2, 2))
+    # dance, η = 0.5 at the same step: s = 0.5 too, so the same numbers.
+    got = _kl_case("dance", sig, 1, 0.5, 0.2)
+    torch.testing.assert_close(got["transition"][0], torch.tensor([0.050625, 0.0]))
+    torch.testing.assert_close(got["flow_grpo"][0], torch.tensor([0.0253125, 0.0]))
+    # cps, step 0 (σ 1 -> 0.5), a = 0.5: std = 0.5·sin(π/4), std² = 0.125; c_v = −σ(1 − σ′) +
+    # σ′cos(π/4)(1 − σ) = −0.5; Δμ² = 0.01 -> 0.04 in both forms (flow_grpo's std_dev_t is std).
+    got = _kl_case("cps", sig, 0, 0.5, 0.2)
+    for form in ("transition", "flow_grpo"):
+        torch.testing.assert_close(got[form][0], torch.tensor([0.04, 0.0]))
+        torch.testing.assert_close(got[form][1][0], torch.full((1, 2, 2), 0.25 * 0.2 / 0.125 / 4))
+
+
+def test_transition_kl_is_the_exact_gaussian_kl():
+    sig = flow_sigmas(10, 3.0)
+    x, v, v_ref = _inputs((3, 4, 6, 5), dtype=torch.float64)
+    steps = torch.tensor([0, 4, 8])
+    for kind in REGISTERED:
+        out = sde_step(x, v, sig, steps, kind=kind, noise_level=0.5)
+        ref = sde_step(x, v_ref, sig, steps, kind=kind, noise_level=0.5)
+        sb = out.std.view(-1, 1, 1, 1).expand_as(x)
+        exact = torch.distributions.kl_divergence(torch.distributions.Normal(out.mean, sb),
+                                                  torch.distributions.Normal(ref.mean, sb))
+        torch.testing.assert_close(sde_kl(out, ref.mean), exact.flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("kind, sde_type", [("flow_grpo", "sde"), ("cps", "cps")])
+def test_flow_grpo_kl_form_equals_flow_grpo_formula(kind, sde_type):
+    # the same tensors through mmrl and through the transcription of flow_grpo's code
+    sig = flow_sigmas(10, 3.0)
+    x, v, v_ref = _inputs((4, 4, 6, 5), dtype=torch.float64, seed=3)
+    steps, a = torch.tensor([0, 3, 6, 8]), torch.tensor([0.7, 0.7, 0.5, 0.9], dtype=torch.float64)
+    out = sde_step(x, v, sig, steps, kind=kind, noise_level=a)
+    ref_mean = sde_step(x, v_ref, sig, steps, kind=kind, noise_level=a).mean
+    expected = ref.flow_grpo_kl_reference(x, v, v_ref, sig, steps, a, sde_type)
+    torch.testing.assert_close(sde_kl(out, ref_mean, "flow_grpo"), expected)
+    if kind == "flow_grpo":  # and it is the transition KL times −dt, 1/25 .. 1/3.7 of it
+        dt = (sig[steps + 1] - sig[steps]).double()
+        torch.testing.assert_close(sde_kl(out, ref_mean, "flow_grpo"),
+                                   sde_kl(out, ref_mean, "transition") * -dt)
+        ratio = sde_kl(out, ref_mean, "transition") / sde_kl(out, ref_mean, "flow_grpo")
+        assert [round(float(r), 1) for r in ratio] == [25.1, 14.9, 7.3, 3.7]
+    else:
+        torch.testing.assert_close(sde_kl(out, ref_mean, "flow_grpo"), sde_kl(out, ref_mean))
+
+
+def test_kl_errors_teach():
+    x, v, _ = _inputs((2, 4, 4, 4))
+    out = sde_step(x, v, flow_sigmas(10, 3.0), 0)
+    with pytest.raises(ValueError, match="did you mean 'flow_grpo'"):
+        sde_kl(out, out.mean, "flow_grpo2")
+    with pytest.raises(ValueError, match="same transitions"):
+        sde_kl(out, out.mean[:, :2], "transition")
 
 
 def test_errors_teach():

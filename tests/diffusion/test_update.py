@@ -49,7 +49,7 @@ def test_kl_to_the_reference_is_zero_before_and_positive_after_a_step(policy):
     with torch.no_grad():
         out = rescore(traj, policy, cond, index=idx)
         ref = rescore(traj, policy.reference, cond, index=idx)
-    assert float(sde_kl(out.mean, ref.mean, out.std).max()) < 1e-10  # LoRA B starts at 0
+    assert float(sde_kl(out, ref.mean).abs().max()) == 0.0  # LoRA B starts at 0: same velocity
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.5)
     index, old_logp, mask = traj.per_owner()
     logp = rescore(traj, policy, cond, index=index.flatten()).logp.reshape(6, 2)
@@ -59,5 +59,8 @@ def test_kl_to_the_reference_is_zero_before_and_positive_after_a_step(policy):
     opt.zero_grad()
     with torch.no_grad():
         after = rescore(traj, policy, cond, index=idx)
-    assert float(sde_kl(after.mean, ref.mean, after.std).max()) > 0
+    kl, kl_fg = sde_kl(after, ref.mean, "transition"), sde_kl(after, ref.mean, "flow_grpo")
+    assert float(kl.min()) > 0
+    sig = traj.sigmas[traj.step]  # flow_grpo's form is the transition KL times −dt
+    torch.testing.assert_close(kl_fg, kl * (sig - traj.sigmas[traj.step + 1]))
     assert not torch.equal(after.logp, traj.logp)  # the policy moved
