@@ -7,8 +7,8 @@
 ``jpeg_compressibility``, ``brightness``, ``color``, ``remote``. See docs/rewards.md.
 """
 from mmrl.rewards.base import Scorer, WeightsNotFoundError
-from mmrl.rewards.scorers import (SCORERS, ComposedScorer, compose, load, parse_spec,
-                                  parse_specs)
+from mmrl.rewards.scorers import (SCORERS, ComposedScorer, candidate_probs, compose, load,
+                                  parse_spec, parse_specs)
 
-__all__ = ["SCORERS", "Scorer", "WeightsNotFoundError", "ComposedScorer", "compose", "load",
-           "parse_spec", "parse_specs"]
+__all__ = ["SCORERS", "Scorer", "WeightsNotFoundError", "ComposedScorer", "candidate_probs",
+           "compose", "load", "parse_spec", "parse_specs"]
