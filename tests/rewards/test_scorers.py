@@ -147,6 +147,22 @@ def test_pickscore_equals_logit_scale_exp_times_cosine(scorers, ref_clip):
     assert got.std() > 1e-4  # prompts/images actually change the score
 
 
+def test_pickscore_probabilities_over_a_prompts_candidates(scorers, ref_clip):
+    """PickScore's README: ``probs = softmax(logit_scale.exp() * text_emb @ image_embs.T)`` over
+    the images of one prompt; here CLIPModel's ``logits_per_text`` for two prompts' groups."""
+    model, proc = ref_clip
+    images = make_images(5, seed=6)
+    prompts = ["a red cat"] * 3 + ["two dogs"] * 2
+    want = []
+    for text, ims in (("a red cat", images[:3]), ("two dogs", images[3:])):
+        inputs = proc(images=ims, text=[text], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            want.append(model(**inputs).logits_per_text[0].softmax(-1))  # [1, n] -> [n]
+    got = R.candidate_probs(scorers["pickscore"](images, prompts), prompts)
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-5)
+    assert got[:3].sum().item() == pytest.approx(1.0) and got.std() > 1e-4
+
+
 @pytest.mark.parametrize("normalize,fn", [
     ("div26", lambda s, c: s / 26), ("shift18_div8", lambda s, c: (s - 18) / 8),
     ("cosine", lambda s, c: c)])
