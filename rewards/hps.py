@@ -5,12 +5,12 @@ The checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` from the h
 ``weights_only=True``.
 
 Preprocessing is the one the hpsv2 package (1.2.0) scores and evaluates with, its
-``light_augmentation`` validation transform (also flow_grpo's HPS reward): pixels to a float
-tensor in [0, 1] first, then the **longest** edge resized to 224 on that float tensor (bicubic,
-antialiased, no uint8 rounding, no clamp; sizes rounded with Python's ``round``), zero padding to a
-224 × 224 square (the short side's extra pixel on the right / bottom), then OpenAI mean/std. PIL
-and tensor inputs take the same path (:func:`hps_preprocess`), so both equal the package to float
-precision and tensor inputs are differentiable. Nothing is cropped.
+``light_augmentation`` validation transform: pixels to a float tensor in [0, 1] first, then the
+**longest** edge resized to 224 on that float tensor (bicubic, antialiased, no uint8 rounding, no
+clamp; sizes rounded with Python's ``round``), zero padding to a 224 × 224 square (the short
+side's extra pixel on the right / bottom), then OpenAI mean/std. PIL and tensor inputs take the
+same path (:func:`hps_preprocess`), so both equal the package to float precision and tensor
+inputs are differentiable. Nothing is cropped.
 
 Differs from hpsv2:
     - RGBA: hpsv2 keeps the alpha as a 4th channel, which its 3-channel model then rejects (a
