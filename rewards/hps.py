@@ -136,17 +136,14 @@ class HPS(Scorer):
     def preprocess(self, images) -> torch.Tensor:
         """``[b, 3, S, S]`` normalized pixels (S = 224 for ViT-H-14) on the scorer's device.
 
-        PIL images become float tensors on the CPU first (as hpsv2's transform does); images of
-        one size are resized together.
+        PIL images become float tensors and are resized one at a time on the CPU, as hpsv2's
+        transform does (on the CPU, faster than resizing a stacked batch of large images).
         """
         if isinstance(images, torch.Tensor):
             x = hps_preprocess(images.to(self.device, torch.float32), self.image_size)
         else:
-            pixels = [pil_to_float(im) for im in images]
-            if len({p.shape for p in pixels}) == 1:
-                x = hps_preprocess(torch.stack(pixels), self.image_size)
-            else:
-                x = torch.cat([hps_preprocess(p[None], self.image_size) for p in pixels])
+            x = torch.cat([hps_preprocess(pil_to_float(im)[None], self.image_size)
+                           for im in images])
         return x.to(self.device, self.dtype)
 
     def _score(self, images, prompts):
