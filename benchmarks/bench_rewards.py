@@ -5,7 +5,9 @@ Builds small random-weight models (no downloads), saves them, loads them through
 
 - ``pickscore``: the scorer vs ``CLIPProcessor`` + ``CLIPModel.get_image/text_features`` +
   ``logit_scale.exp() * cos`` written out by hand;
-- ``hps_v2.1``: the scorer vs the HPS transform + ``open_clip`` ``encode_image/encode_text``.
+- ``hps_v2.1``: the scorer vs hpsv2's evaluation transform written with torchvision (``ToTensor``,
+  longest edge to 224 on the float tensor, zero padding, mean/std) + ``open_clip``
+  ``encode_image/encode_text``.
 
 Both get the same PIL images and prompts and the same batch size and must give the same scores;
 the ratio is wrapper images/s ÷ direct images/s, best of ``--repeats`` interleaved runs (goal
@@ -107,6 +109,24 @@ def direct_pickscore(model, proc, device, bs):
     return run
 
 
+def hpsv2_transform(size: int):
+    """hpsv2 1.2.0's ``preprocess_val`` (light_augmentation) for RGB PIL images, by hand."""
+    import torchvision.transforms.functional as TF
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def transform(im):
+        x = TF.to_tensor(im)
+        h, w = x.shape[1:]
+        scale = size / float(max(h, w))
+        if scale != 1.0:
+            h, w = round(h * scale), round(w * scale)
+            x = TF.resize(x, [h, w], TF.InterpolationMode.BICUBIC, antialias=True)
+        ph, pw = size - h, size - w
+        x = TF.pad(x, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0)
+        return TF.normalize(x, mean, std)
+    return transform
+
+
 def direct_hps(model, tokenizer, transform, device, bs):
     @torch.no_grad()
     def run(images, prompts):
@@ -163,7 +183,6 @@ def main(argv=None) -> int:
     import open_clip
     from transformers import CLIPModel, CLIPProcessor
     import mmrl.rewards as R
-    from mmrl.rewards.hps import hps_transform
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))
@@ -185,7 +204,7 @@ def main(argv=None) -> int:
         model = open_clip.create_model(arch, pretrained=None)
         model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
         direct = direct_hps(model.to(device).eval(), open_clip.get_tokenizer(arch),
-                            hps_transform(224), device, args.batch_size)
+                            hpsv2_transform(224), device, args.batch_size)
         compare("hps_v2.1", wrapper, direct, images, prompts, device, args.repeats)
     return 0
 

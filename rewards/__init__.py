@@ -4,11 +4,13 @@
 ``scorer(images, prompts) -> Tensor[B]`` (float32); scorers also satisfy the core reward interface
 ``fn(samples, prompts, metadata)`` and can be passed to a trainer directly. Registered names:
 ``pickscore``, ``hps_v2``, ``hps_v2.1``, ``clip_score``, ``aesthetic``, ``imagereward``,
-``jpeg_compressibility``, ``brightness``, ``color``, ``remote``. See docs/rewards.md.
+``jpeg_compressibility``, ``brightness``, ``color``, ``remote``.
+``candidate_probs(scores, prompts)`` turns logits (PickScore's) into probabilities over each
+prompt's candidates. See docs/rewards.md.
 """
 from mmrl.rewards.base import Scorer, WeightsNotFoundError
-from mmrl.rewards.scorers import (SCORERS, ComposedScorer, compose, load, parse_spec,
-                                  parse_specs)
+from mmrl.rewards.scorers import (SCORERS, ComposedScorer, candidate_probs, compose, load,
+                                  parse_spec, parse_specs)
 
-__all__ = ["SCORERS", "Scorer", "WeightsNotFoundError", "ComposedScorer", "compose", "load",
-           "parse_spec", "parse_specs"]
+__all__ = ["SCORERS", "Scorer", "WeightsNotFoundError", "ComposedScorer", "candidate_probs",
+           "compose", "load", "parse_spec", "parse_specs"]

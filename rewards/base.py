@@ -7,9 +7,10 @@ with C = 1 (grayscale), 3 (RGB) or 4 (RGBA). The third argument is the core rewa
 ``metadata`` (:mod:`mmrl.reward_fn`); scorers ignore it, so a scorer can be passed to a trainer as
 its reward directly.
 
-Tensor inputs go through a differentiable torch copy of the model's preprocessing (bicubic resize of
-the shortest edge with antialiasing, center crop, mean/std), so ``grad=True`` scorers back-propagate
-to the pixels. PIL inputs go through the model's reference preprocessing exactly.
+Tensor inputs go through a differentiable torch copy of the model's preprocessing (CLIP scorers:
+bicubic resize of the shortest edge with antialiasing, center crop, mean/std; HPS: hpsv2's longest
+edge + zero padding, see :mod:`mmrl.rewards.hps`), so ``grad=True`` scorers back-propagate to the
+pixels. PIL inputs go through the model's reference preprocessing exactly.
 """
 from __future__ import annotations
 

@@ -124,18 +124,23 @@ def cmd_score(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mmrl.rewards.evaluate import bar_chart, evaluate
+    from mmrl.rewards.evaluate import bar_chart, check_protocol, evaluate
+    check_protocol(args.protocol, args.format)  # before loading any model
     scorers = _load_all(args.scorer, args)
     report = evaluate(scorers, args.data, args.format, image_root=args.image_root,
                       tie_threshold=args.tie_threshold, n_boot=args.bootstrap, seed=args.seed,
-                      progress=not args.quiet)
+                      progress=not args.quiet, protocol=args.protocol, probs=args.probs)
     for name, rep in report["scorers"].items():
         lo, hi = rep["ci95"]
-        line = f"{name:20s} accuracy {100 * rep['accuracy']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
+        line = (f"{name:20s} accuracy {100 * rep['accuracy']:.2f}% [{100 * lo:.2f}, "
+                f"{100 * hi:.2f}] ({rep['protocol']})")
         if "inversion_score" in rep:
             line += f"  inversion score {100 * rep['inversion_score']:.2f}%"
         if "tie_threshold" in rep:
             line += f"  tie threshold {rep['tie_threshold']:.4g} ({rep['tie_threshold_source']})"
+        for key, label in (("mean_prob_best", "p(best)"), ("mean_prob_preferred", "p(chosen)")):
+            if rep.get(key) is not None:
+                line += f"  mean {label} {rep[key]:.4f}"
         print(line)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -282,6 +287,7 @@ def _add_score(sub):
 
 
 def _add_eval(sub):
+    from mmrl.rewards.evaluate import RANKED_PROTOCOLS
     p = sub.add_parser("eval", help="pairwise accuracy on preference data",
                        description="Evaluate scorers on JSONL preference data with the published "
                        "protocols (pairs: Pick-a-Pic tie threshold + half credit; ranked: "
@@ -299,6 +305,14 @@ def _add_eval(sub):
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default "
                    "1000; 0 disables)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--protocol", default="pairwise_pooled",
+                   choices=list(RANKED_PROTOCOLS),
+                   help="ranked: how pair accuracies combine: pooled over all lists (default; "
+                   "ImageReward paper) or the mean of per-list accuracies (hpsv2's evaluation, "
+                   "the HPS v2 paper's ImageRewardDB numbers); both are in report.json")
+    p.add_argument("--probs", action="store_true", help="also report the mean softmax "
+                   "probability of the human's choice over each prompt's candidates (meaningful "
+                   "for logits, e.g. pickscore with normalize=none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_eval))

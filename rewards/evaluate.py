@@ -14,8 +14,15 @@ Protocols (ALGORITHMS.md "Reward-model evaluation"):
   a tie, else 0. ``τ`` maximizes the mean credit on the ``validation`` records and is then applied
   to the ``test`` records (with no validation records, ``τ = 0``: only exactly equal scores tie).
 - Ranked (ImageRewardDB test, arXiv 2304.05977; HPDv2 test, arXiv 2306.09341): pair accuracy over
-  all pairs with different human ranks, pooled over lists, a model tie counting as wrong; and
-  HPDv2's inversion score, the mean over lists of ``1 − inversions / (n(n−1)/2)``.
+  the pairs with different human ranks, a model tie counting as wrong, in one of two
+  :data:`RANKED_PROTOCOLS`: ``pairwise_pooled`` (correct / pairs summed over all lists; the
+  ImageReward paper's) or ``per_list_mean`` (each list's accuracy, then the mean over lists; the
+  hpsv2 package's ``evaluation.py``, behind the HPS v2 paper's ImageRewardDB column). Both are
+  always in the report; ``accuracy`` is the chosen one. And HPDv2's inversion score, the mean over
+  lists of ``1 − inversions / (n(n−1)/2)``.
+- Optional preference probabilities (``probs=True``): ``p = softmax(scores)`` over the candidates
+  of one prompt (:func:`mmrl.rewards.candidate_probs`; PickScore's paper reads its logits this way,
+  arXiv 2305.01569 §3), reported as the mean probability of the human's choice.
 - 95 % percentile bootstrap intervals resample records (pairs or lists) with a fixed seed.
 """
 from __future__ import annotations
@@ -30,6 +37,13 @@ import numpy as np
 
 LABELS = ("a", "b", "tie")
 FORMATS = ("pairs", "ranked")
+#: How ranked lists' pair accuracies become one number (``protocol=`` / ``--protocol``).
+RANKED_PROTOCOLS = {
+    "pairwise_pooled": "sum of correct pairs / sum of human-ordered pairs over all lists "
+                       "(ImageReward paper)",
+    "per_list_mean": "mean over lists of each list's correct / human-ordered pairs; lists with "
+                     "no human-ordered pair are left out (hpsv2 evaluation.py, HPS v2 paper)",
+}
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,10 +199,13 @@ def bootstrap_ci(num: np.ndarray, den: Optional[np.ndarray] = None, n_boot: int 
 
 def pairs_report(records: Sequence[Mapping], scores: Mapping[Tuple[str, str], float],
                  tie_threshold: Optional[float] = None, n_boot: int = 1000,
-                 seed: int = 0) -> Dict[str, Any]:
+                 seed: int = 0, probs: bool = False) -> Dict[str, Any]:
     """Pick-a-Pic protocol on ``records`` given ``scores[(prompt, image)]``.
 
     ``tie_threshold`` fixes τ; None tunes it on the validation records (0 when there are none).
+    ``probs`` adds ``mean_prob_preferred``: the mean over test pairs with a human choice of
+    ``p = softmax(s_a, s_b)`` of the chosen image (PickScore's probability when the scores are
+    its logits, ``normalize="none"``).
     """
     val = [r for r in records if r.get("split", "test") == "validation"]
     test = [r for r in records if r.get("split", "test") == "test"]
@@ -205,12 +222,14 @@ def pairs_report(records: Sequence[Mapping], scores: Mapping[Tuple[str, str], fl
         how = "tuned on validation" if val else "0 (no validation split)"
     else:
         tau, how = float(tie_threshold), "given"
-    credits = pair_credits(*arrays(test), tau)
+    s_a, s_b, labels = arrays(test)
+    credits = pair_credits(s_a, s_b, labels, tau)
     per_prompt: Dict[str, List[float]] = OrderedDict()
     for r, c in zip(test, credits):
         per_prompt.setdefault(r["prompt"], []).append(float(c))
-    return {
-        "metric": "pair_accuracy", "accuracy": float(credits.mean()),
+    rep = {
+        "metric": "pair_accuracy", "protocol": "pairwise_pooled",
+        "accuracy": float(credits.mean()),
         "ci95": list(bootstrap_ci(credits, n_boot=n_boot, seed=seed)),
         "n_pairs": len(test), "n_validation": len(val),
         "n_ties": int(sum(r["label"] == "tie" for r in test)),
@@ -218,11 +237,44 @@ def pairs_report(records: Sequence[Mapping], scores: Mapping[Tuple[str, str], fl
         "per_prompt": {p: {"n": len(v), "accuracy": float(np.mean(v))}
                        for p, v in per_prompt.items()},
     }
+    if probs:
+        import torch
+        from mmrl.rewards.scorers import candidate_probs
+        n = len(test)
+        s = torch.tensor(np.stack([s_a, s_b], 1), dtype=torch.float64).reshape(-1)  # [n, 2] -> [2n]
+        p = candidate_probs(s, torch.arange(n).repeat_interleave(2)).view(n, 2).numpy()
+        chosen = [(i, LABELS.index(lab)) for i, lab in enumerate(labels) if lab != "tie"]
+        rep["mean_prob_preferred"] = (float(np.mean([p[i, k] for i, k in chosen])) if chosen
+                                      else None)
+    return rep
+
+
+def check_protocol(protocol: str, fmt: str) -> str:
+    """``protocol`` if it applies to ``fmt``; a ValueError naming the choices otherwise."""
+    if protocol not in RANKED_PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}; expected one of {list(RANKED_PROTOCOLS)}")
+    if fmt == "pairs" and protocol != "pairwise_pooled":
+        raise ValueError(f"protocol {protocol!r} averages ranked lists; pairs data is scored "
+                         f"pair by pair (Pick-a-Pic): drop the protocol or use --format ranked")
+    return protocol
 
 
 def ranked_report(records: Sequence[Mapping], scores: Mapping[Tuple[str, str], float],
-                  n_boot: int = 1000, seed: int = 0) -> Dict[str, Any]:
-    """ImageRewardDB pair accuracy and HPDv2 inversion score on ranked ``records``."""
+                  n_boot: int = 1000, seed: int = 0, protocol: str = "pairwise_pooled",
+                  probs: bool = False) -> Dict[str, Any]:
+    """Pair accuracy (``protocol``, see :data:`RANKED_PROTOCOLS`) and HPDv2 inversion score.
+
+    Args:
+        records: ranked records (``prompt``, ``images``, ``ranks``; rank 1 = best).
+        scores: ``{(prompt, image): score}``.
+        protocol: ``"pairwise_pooled"`` or ``"per_list_mean"``; ``accuracy`` and ``ci95`` follow
+            it, ``accuracy_by_protocol`` holds both.
+        probs: also report ``mean_prob_best``, the mean over lists of the softmax probability
+            (over the list's candidates) of the human's rank-1 image(s).
+    Raises:
+        ValueError: unknown protocol, or every list fully tied by the humans.
+    """
+    check_protocol(protocol, "ranked")
     correct, pairs, inv, per_prompt = [], [], [], OrderedDict()
     for r in records:
         c, p, v = ranked_list_stats([scores[(r["prompt"], im)] for im in r["images"]], r["ranks"])
@@ -234,17 +286,42 @@ def ranked_report(records: Sequence[Mapping], scores: Mapping[Tuple[str, str], f
     correct, pairs, inv = map(np.asarray, (correct, pairs, inv))
     if pairs.sum() == 0:
         raise ValueError("every ranked list is fully tied; no pair has a human preference")
-    return {
-        "metric": "pair_accuracy", "accuracy": float(correct.sum() / pairs.sum()),
-        "ci95": list(bootstrap_ci(correct, pairs, n_boot=n_boot, seed=seed)),
+    ordered = pairs > 0
+    list_acc = correct[ordered] / pairs[ordered]  # [lists with a human-ordered pair]
+    by_protocol = {"pairwise_pooled": float(correct.sum() / pairs.sum()),
+                   "per_list_mean": float(list_acc.mean())}
+    ci = (bootstrap_ci(correct, pairs, n_boot=n_boot, seed=seed) if protocol == "pairwise_pooled"
+          else bootstrap_ci(list_acc, n_boot=n_boot, seed=seed))
+    rep = {
+        "metric": "pair_accuracy", "protocol": protocol, "accuracy": by_protocol[protocol],
+        "ci95": list(ci), "accuracy_by_protocol": by_protocol,
         "inversion_score": float(inv.mean()),
         "inversion_score_ci95": list(bootstrap_ci(inv, n_boot=n_boot, seed=seed)),
-        "n_lists": len(records), "n_pairs": int(pairs.sum()),
+        "n_lists": len(records), "n_lists_fully_tied": int((~ordered).sum()),
+        "n_pairs": int(pairs.sum()),
         "per_prompt": {p: {"n_pairs": e["pairs"],
                            "accuracy": e["correct"] / e["pairs"] if e["pairs"] else None,
                            "inversion_score": float(np.mean(e["inv"]))}
                        for p, e in per_prompt.items()},
     }
+    if probs:
+        rep["mean_prob_best"] = _mean_prob_best(records, scores)
+    return rep
+
+
+def _mean_prob_best(records, scores) -> float:
+    """Mean over lists of ``Σ softmax(list scores)`` over the images with the best human rank."""
+    import torch
+    from mmrl.rewards.scorers import candidate_probs
+    s, ids, best = [], [], []
+    for k, r in enumerate(records):
+        top = min(r["ranks"])
+        for im, rank in zip(r["images"], r["ranks"]):
+            s.append(scores[(r["prompt"], im)]), ids.append(k), best.append(rank == top)
+    p = candidate_probs(torch.tensor(s, dtype=torch.float64), torch.tensor(ids))  # [images]
+    mass = torch.zeros(len(records), dtype=torch.float64).index_add_(
+        0, torch.tensor(ids), p * torch.tensor(best, dtype=torch.float64))  # [lists]
+    return float(mass.mean())
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -286,22 +363,29 @@ def score_keys(scorer, keys: Sequence[Tuple[str, str]], image_root: str, chunk: 
 
 def evaluate(scorers: Mapping[str, Any], data: str, fmt: str, image_root: Optional[str] = None,
              tie_threshold: Optional[float] = None, n_boot: int = 1000, seed: int = 0,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, protocol: str = "pairwise_pooled",
+             probs: bool = False) -> Dict[str, Any]:
     """Score ``data`` with every scorer and report the protocol's metrics per scorer.
 
+    Args:
+        protocol: ranked data: ``"pairwise_pooled"`` or ``"per_list_mean"``
+            (:data:`RANKED_PROTOCOLS`); pairs data takes only ``"pairwise_pooled"``.
+        probs: add the mean softmax probability of the human's choice (see the module doc).
     Returns:
-        ``{"data", "format", "n_records", "n_boot", "seed", "scorers": {name: report}}`` where
-        ``report`` is :func:`pairs_report` or :func:`ranked_report` output.
+        ``{"data", "format", "protocol", "n_records", "n_boot", "seed", "scorers": {name:
+        report}}`` where ``report`` is :func:`pairs_report` or :func:`ranked_report` output.
     """
+    check_protocol(protocol, fmt)
     records = read_records(data, fmt)
     root = image_root or os.path.dirname(os.path.abspath(data))
     keys = needed_images(records, fmt)
-    result = {"data": os.path.abspath(data), "format": fmt, "n_records": len(records),
+    result = {"data": os.path.abspath(data), "format": fmt, "protocol": protocol,
+              "n_records": len(records),
               "n_boot": n_boot, "seed": seed, "scorers": OrderedDict()}
     for name, scorer in scorers.items():
         scores = score_keys(scorer, keys, root, progress=progress, label=name)
-        rep = (pairs_report(records, scores, tie_threshold, n_boot, seed) if fmt == "pairs"
-               else ranked_report(records, scores, n_boot, seed))
+        rep = (pairs_report(records, scores, tie_threshold, n_boot, seed, probs) if fmt == "pairs"
+               else ranked_report(records, scores, n_boot, seed, protocol, probs))
         rep["scale"] = getattr(scorer, "scale", "")
         result["scorers"][name] = rep
     return result
@@ -320,7 +404,7 @@ def bar_chart(report: Mapping[str, Any], path: str) -> str:
     ax.bar(names, acc, yerr=err, capsize=4, color="#4C72B0")
     for x, a in enumerate(acc):
         ax.text(x, a + 1, f"{a:.1f}", ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("pairwise accuracy (%)")
+    ax.set_ylabel(f"pair accuracy, {report.get('protocol', 'pairwise_pooled')} (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"{os.path.basename(report['data'])} ({report['format']})")
     fig.tight_layout()

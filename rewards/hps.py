@@ -2,11 +2,22 @@
 
 The checkpoint (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` from the hub repo
 ``xswu/HPSv2``) is a state dict for open_clip's ``ViT-H-14``; it is loaded with
-``weights_only=True``. Preprocessing is the HPSv2 repository's evaluation transform, in its order:
-``Resize(224, bicubic)`` of the shortest edge, ``CenterCrop(224)``, ``ToTensor``,
-``Normalize(OpenAI mean, std)``, with ``convert("RGB")`` moved to the front (same result for RGB
-and grayscale images; for RGBA the alpha channel is dropped before resizing, see
-:func:`hps_transform`).
+``weights_only=True``.
+
+Preprocessing is the one the hpsv2 package (1.2.0) scores and evaluates with, its
+``light_augmentation`` validation transform: pixels to a float tensor in [0, 1] first, then the
+**longest** edge resized to 224 on that float tensor (bicubic, antialiased, no uint8 rounding, no
+clamp; sizes rounded with Python's ``round``), zero padding to a 224 × 224 square (the short
+side's extra pixel on the right / bottom), then OpenAI mean/std. PIL and tensor inputs take the
+same path (:func:`hps_preprocess`), so both equal the package to float precision and tensor
+inputs are differentiable. Nothing is cropped.
+
+Differs from hpsv2:
+    - RGBA: hpsv2 keeps the alpha as a 4th channel, which its 3-channel model then rejects (a
+      RuntimeError); mmrl drops the alpha and scores the RGB channels as stored (straight, not
+      premultiplied), i.e. exactly hpsv2's first three channels.
+    - An image whose longest edge is already 224 but is not square: hpsv2 neither resizes nor pads
+      it, and its model fails on the non-square input; mmrl pads it to the square.
 """
 from __future__ import annotations
 
@@ -15,28 +26,49 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, as_rgb, check_path,
-                               clip_tensor_preprocess, default_device, hub_file,
-                               load_state_dict_file, parse_dtype)
+                               default_device, hub_file, load_state_dict_file, parse_dtype)
 
 HPS_FILES = {"hps_v2": "HPS_v2_compressed.pt", "hps_v2.1": "HPS_v2.1_compressed.pt"}
 HPS_REPO = "xswu/HPSv2"
 
 
+def hps_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
+    """hpsv2's evaluation preprocessing: ``[b, 3, H, W]`` in [0, 1] -> normalized ``[b, 3, S, S]``.
+
+    Longest edge to ``size`` (bicubic, antialiased, in float: torchvision's ``resize`` of a float
+    tensor, which hpsv2's ``ResizeMaxSize`` calls), zeros padded to the square (black before
+    normalizing), then ``(x - OpenAI mean) / std``. Differentiable.
+    """
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))  # the same float expression as hpsv2, so sizes round alike
+    nh, nw = h, w
+    if scale != 1.0:
+        # Python's round (half to even), as hpsv2; at least 1 px for extreme aspect ratios.
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    ph, pw = size - nh, size - nw
+    if ph or pw:  # (left, right, top, bottom): the odd pixel goes right / bottom
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    m = torch.tensor(OPENAI_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(OPENAI_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def pil_to_float(im: Image.Image) -> torch.Tensor:
+    """``[3, H, W]`` float32 in [0, 1] (torchvision's ``ToTensor``), after RGB conversion."""
+    from torchvision.transforms.functional import to_tensor
+    return to_tensor(as_rgb(im))
+
+
 def hps_transform(image_size: int):
-    """The HPSv2 evaluation transform for PIL images (see module docstring)."""
-    from torchvision import transforms as T
-    return T.Compose([
-        # RGB first: the reference converts after cropping, which for RGBA inputs resizes with
-        # premultiplied alpha; converting first makes RGBA score like its RGB (alpha dropped).
-        # Identical for RGB and grayscale inputs.
-        as_rgb,
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(OPENAI_MEAN, OPENAI_STD),
-    ])
+    """One PIL image -> normalized ``[3, S, S]``: :func:`pil_to_float`, :func:`hps_preprocess`."""
+    def transform(im: Image.Image) -> torch.Tensor:
+        return hps_preprocess(pil_to_float(im)[None], image_size)[0]
+    return transform
 
 
 class _quiet_open_clip(logging.Filter):  # noqa: N801 (used as a context manager)
@@ -89,7 +121,6 @@ class HPS(Scorer):
         self.tokenizer = open_clip.get_tokenizer(arch)
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.transform = hps_transform(self.image_size)
 
     @staticmethod
     def _checkpoint(version: str, path: Optional[str]) -> str:
@@ -103,12 +134,16 @@ class HPS(Scorer):
         return path
 
     def preprocess(self, images) -> torch.Tensor:
-        """``[b, 3, S, S]`` normalized pixels (S = 224 for ViT-H-14) on the scorer's device."""
+        """``[b, 3, S, S]`` normalized pixels (S = 224 for ViT-H-14) on the scorer's device.
+
+        PIL images become float tensors and are resized one at a time on the CPU, as hpsv2's
+        transform does (on the CPU, faster than resizing a stacked batch of large images).
+        """
         if isinstance(images, torch.Tensor):
-            x = clip_tensor_preprocess(images.to(self.device, torch.float32), self.image_size,
-                                       (self.image_size, self.image_size), OPENAI_MEAN, OPENAI_STD)
+            x = hps_preprocess(images.to(self.device, torch.float32), self.image_size)
         else:
-            x = torch.stack([self.transform(im) for im in images])
+            x = torch.cat([hps_preprocess(pil_to_float(im)[None], self.image_size)
+                           for im in images])
         return x.to(self.device, self.dtype)
 
     def _score(self, images, prompts):

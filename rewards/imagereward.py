@@ -15,18 +15,48 @@ import torch
 from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, Scorer, as_rgb, check_path,
                                clip_tensor_preprocess, default_device, parse_dtype, weights_error)
 
+SERVE_HINT = ("serve it from its own environment: `pip install mmrl image-reward openai-clip "
+              "'transformers<5'` there (mmrl without its [rewards] extra, which requires "
+              "transformers 5), run `mmrl reward serve imagereward:path=DIR` in it, and score "
+              "from training with the 'remote' scorer (docs/rewards.md, \"Reward server\")")
 EXTRA_HINT = ("imagereward needs the optional package 'image-reward' (imports as ImageReward), "
               "which pins its own transformers/timm versions: install it with "
-              "`pip install image-reward`, or run it in its own environment with "
-              "`mmrl reward serve imagereward` and use the 'remote' scorer from training")
+              "`pip install image-reward`, or " + SERVE_HINT)
 
 
 def import_imagereward():
-    """The ``ImageReward`` module, or an ImportError naming the package to install."""
+    """The ``ImageReward`` module, or an ImportError saying why it cannot be imported here.
+
+    Three failures have their own message: the package missing; its undeclared dependency
+    ``clip`` (OpenAI CLIP, imported by ``ImageReward/models/CLIPScore.py`` and
+    ``AestheticScore.py`` but absent from its requirements) missing; and transformers >= 5,
+    whose ``transformers.modeling_utils`` no longer has ``apply_chunking_to_forward`` (and
+    friends), which the package's BLIP text encoder (``ImageReward/models/BLIP/med.py``)
+    imports. Other missing modules name themselves and the package.
+    """
     try:
         import ImageReward  # noqa: N813 (the package's own name)
     except ModuleNotFoundError as err:
-        raise ImportError(f"{EXTRA_HINT} ({err})") from None
+        if err.name in ("ImageReward", None):
+            raise ImportError(f"{EXTRA_HINT} ({err})") from None
+        if err.name == "clip":
+            raise ImportError(
+                f"imagereward: the image-reward package imports OpenAI's CLIP as `clip`, which it "
+                f"does not declare as a dependency, and `clip` is not installed ({err}). Install "
+                f"it with `pip install openai-clip` (PyPI's `clip` is an unrelated clipboard "
+                f"tool), or {SERVE_HINT}") from None
+        raise ImportError(f"imagereward: the image-reward package needs the module {err.name!r}, "
+                          f"which is not installed ({err}); install the package's requirements "
+                          f"(`pip install image-reward` pulls them), or {SERVE_HINT}") from None
+    except ImportError as err:
+        if "apply_chunking_to_forward" in str(err) or "modeling_utils" in str(err):
+            import transformers
+            raise ImportError(
+                f"imagereward: the image-reward package does not work with transformers "
+                f"{transformers.__version__}: its BLIP code imports `apply_chunking_to_forward` "
+                f"(and other helpers) from transformers.modeling_utils, which transformers 5 "
+                f"removed ({err}). mmrl pins transformers 5, so {SERVE_HINT}") from None
+        raise
     return ImageReward
 
 

@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
+
 from mmrl.registry import Registry
 from mmrl.reward_fn import CombinedReward
 
@@ -177,5 +179,42 @@ def compose(spec: Union[str, Mapping[str, Any], Sequence[Tuple[str, Dict[str, An
     return ComposedScorer(parts)
 
 
+def candidate_probs(scores: torch.Tensor,
+                    groups: Union[torch.Tensor, Sequence[str]]) -> torch.Tensor:
+    """``p_i = exp(s_i) / Σ_{j in i's group} exp(s_j)``: softmax over each prompt's candidates.
+
+    PickScore (arXiv 2305.01569 §3) reads its scores this way: with ``normalize="none"`` the
+    score is ``logit_scale.exp() · cos``, and ``p_i`` is the predicted probability that image i
+    is preferred among the images generated for its prompt. Other scales change the temperature
+    (``"div26"`` divides the logits by 26), so pass logits. Differentiable.
+
+    Args:
+        scores: ``[B]`` float scores (logits).
+        groups: ``[B]`` group ids (LongTensor) or B prompts; images with equal prompts are one
+            prompt's candidates.
+    Returns:
+        ``[B]`` probabilities in ``scores``' dtype (at least float32); each group sums to 1.
+    Raises:
+        ValueError: ``scores`` not 1-D, or ``groups`` of another length.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected [B]")
+    if not isinstance(groups, torch.Tensor):
+        first: Dict[str, int] = {}
+        groups = torch.tensor([first.setdefault(g, len(first)) for g in groups])
+    if groups.shape != scores.shape:
+        raise ValueError(f"{len(groups)} groups for {len(scores)} scores; pass one group id or "
+                         f"prompt per score")
+    s = scores if scores.dtype == torch.float64 else scores.float()
+    g = groups.to(s.device, torch.long)
+    n = int(g.max()) + 1
+    # Subtract each group's max before exp (no overflow at logit_scale ≈ 100).
+    top = torch.full((n,), float("-inf"), dtype=s.dtype, device=s.device)
+    top = top.scatter_reduce(0, g, s.detach(), "amax")
+    e = (s - top[g]).exp()
+    z = torch.zeros(n, dtype=s.dtype, device=s.device).index_add(0, g, e)
+    return e / z[g]
+
+
 __all__ = ["SCORERS", "load", "compose", "ComposedScorer", "parse_spec", "parse_specs",
-           "accepted_options", "scorer_class"]
+           "accepted_options", "scorer_class", "candidate_probs"]

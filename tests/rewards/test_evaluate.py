@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmrl.rewards import candidate_probs
 from mmrl.rewards.evaluate import (bar_chart, bootstrap_ci, evaluate, pair_credits, pairs_report,
                                    ranked_list_stats, ranked_report, read_records,
                                    tune_tie_threshold)
@@ -132,6 +133,97 @@ def test_ranked_report_pools_pairs_and_averages_inversions():
     assert rep["n_pairs"] == 4 and rep["n_lists"] == 2
 
 
+def test_ranked_protocols_hand_values():
+    # x: ranks 1, 2, 3; the model orders (a, c, b): 2 of 3 pairs right.
+    # y: 2 of 2 human-ordered pairs right (d and e tie for the humans: not a pair).
+    # z: fully tied by the humans: no pair; left out of per_list_mean, counted.
+    records = [{"prompt": "x", "images": ["a", "b", "c"], "ranks": [1, 2, 3]},
+               {"prompt": "y", "images": ["d", "e", "f"], "ranks": [1, 1, 2]},
+               {"prompt": "z", "images": ["g", "h"], "ranks": [1, 1]}]
+    scores = {("x", "a"): 3, ("x", "b"): 1, ("x", "c"): 2, ("y", "d"): 5, ("y", "e"): 4,
+              ("y", "f"): 0, ("z", "g"): 1, ("z", "h"): 2}
+    pooled = ranked_report(records, scores, n_boot=0)
+    mean = ranked_report(records, scores, n_boot=200, protocol="per_list_mean")
+    assert pooled["protocol"] == "pairwise_pooled" and mean["protocol"] == "per_list_mean"
+    assert pooled["accuracy"] == pytest.approx((2 + 2) / (3 + 2))  # 0.8
+    assert mean["accuracy"] == pytest.approx((2 / 3 + 2 / 2) / 2)  # 0.8333
+    assert pooled["accuracy_by_protocol"] == mean["accuracy_by_protocol"] == {
+        "pairwise_pooled": pytest.approx(0.8), "per_list_mean": pytest.approx(5 / 6)}
+    assert mean["n_lists_fully_tied"] == 1 and mean["n_lists"] == 3
+    lo, hi = mean["ci95"]  # resamples the two lists' accuracies (2/3 and 1)
+    assert 2 / 3 - 1e-12 <= lo <= 5 / 6 <= hi <= 1 + 1e-12
+
+
+def test_protocol_errors():
+    records = [{"prompt": "x", "images": ["a", "b"], "ranks": [1, 2]}]
+    with pytest.raises(ValueError, match=r"protocol 'per_prompt'; expected one of "
+                                         r"\['pairwise_pooled', 'per_list_mean'\]"):
+        ranked_report(records, {("x", "a"): 1, ("x", "b"): 0}, protocol="per_prompt")
+    with pytest.raises(ValueError, match="'per_list_mean' averages ranked lists.*--format ranked"):
+        evaluate({}, "unused.jsonl", "pairs", protocol="per_list_mean")
+
+
+def test_candidate_probs_hand_values_and_gradient():
+    s = torch.tensor([0.0, math.log(3.0), 7.0, 100.0, 100.0 + math.log(4.0)],
+                     requires_grad=True)
+    p = candidate_probs(s, ["a", "a", "b", "c", "c"])
+    torch.testing.assert_close(p, torch.tensor([0.25, 0.75, 1.0, 0.2, 0.8]))  # no overflow
+    torch.testing.assert_close(candidate_probs(s.detach(), torch.tensor([0, 0, 1, 2, 2])),
+                               p.detach())
+    # d p_1 / d s_j = p_1 (1[j = 1] - p_j) within the group, 0 outside it.
+    p[1].backward()
+    torch.testing.assert_close(s.grad, torch.tensor([-0.75 * 0.25, 0.75 * 0.25, 0, 0, 0]))
+    with pytest.raises(ValueError, match="2 groups for 5 scores"):
+        candidate_probs(s.detach(), ["a", "b"])
+
+
+def test_reports_probs_hand_values():
+    ln = math.log
+    pairs = [{"prompt": "p", "image_a": "a1", "image_b": "b1", "label": "a"},
+             {"prompt": "q", "image_a": "a2", "image_b": "b2", "label": "b"},
+             {"prompt": "r", "image_a": "a3", "image_b": "b3", "label": "tie"}]
+    scores = {("p", "a1"): ln(3), ("p", "b1"): 0.0, ("q", "a2"): 0.0, ("q", "b2"): ln(4),
+              ("r", "a3"): 5.0, ("r", "b3"): -5.0}
+    rep = pairs_report(pairs, scores, n_boot=0, probs=True)
+    assert rep["mean_prob_preferred"] == pytest.approx((3 / 4 + 4 / 5) / 2)  # tie left out
+    assert "mean_prob_preferred" not in pairs_report(pairs, scores, n_boot=0)
+    ranked = [{"prompt": "x", "images": ["a", "b", "c"], "ranks": [2, 1, 1]},
+              {"prompt": "y", "images": ["d", "e"], "ranks": [1, 2]}]
+    scores = {("x", "a"): 0.0, ("x", "b"): ln(2), ("x", "c"): ln(5), ("y", "d"): 1.0,
+              ("y", "e"): 1.0}
+    rep = ranked_report(ranked, scores, n_boot=0, probs=True)
+    assert rep["mean_prob_best"] == pytest.approx((7 / 8 + 1 / 2) / 2)  # x: b and c tie for 1st
+
+
+def test_cli_eval_protocol_and_probs(tmp_path, capsys):
+    from mmrl.cli import main
+    from PIL import Image
+    # Two lists scored by brightness: x (3 images) all right, y (2 images) wrong.
+    recs = [{"prompt": "x", "images": ["x0.png", "x1.png", "x2.png"], "ranks": [1, 2, 3]},
+            {"prompt": "y", "images": ["y0.png", "y1.png"], "ranks": [1, 2]}]
+    for name, v in (("x0", 200), ("x1", 100), ("x2", 0), ("y0", 0), ("y1", 255)):
+        Image.new("RGB", (4, 4), (v, v, v)).save(tmp_path / f"{name}.png")
+    data = tmp_path / "ranked.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = ["reward", "eval", "--scorer", "brightness", "--data", str(data), "--format",
+            "ranked", "--bootstrap", "0", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "r")]) == 0
+    assert "accuracy 75.00%" in capsys.readouterr().out  # 3 of 4 pairs
+    rep = json.load(open(tmp_path / "r" / "report.json"))
+    assert rep["protocol"] == "pairwise_pooled"
+    assert rep["scorers"]["brightness"]["accuracy_by_protocol"] == {
+        "pairwise_pooled": pytest.approx(0.75), "per_list_mean": pytest.approx(0.5)}
+    assert main(base + ["--protocol", "per_list_mean", "--probs"]) == 0
+    out = capsys.readouterr().out
+    # p(best) over brightness logits: x: e^.784 / (e^.784 + e^.392 + 1), y: 1 / (1 + e)
+    xs = np.array([200, 100, 0]) / 255
+    p_best = (np.exp(xs[0]) / np.exp(xs).sum() + 1 / (1 + np.exp(1.0))) / 2
+    assert "accuracy 50.00%" in out and "(per_list_mean)" in out
+    assert f"mean p(best) {p_best:.4f}" in out
+    assert main(base[:6] + ["--format", "pairs", "--protocol", "per_list_mean"]) == 2
+    assert "averages ranked lists" in capsys.readouterr().err
+
+
 def test_bootstrap_is_seeded_and_brackets_the_estimate():
     x = (np.arange(200) % 4 != 0).astype(float)  # mean 0.75
     a, b = bootstrap_ci(x, n_boot=500, seed=3), bootstrap_ci(x, n_boot=500, seed=3)
@@ -210,8 +302,15 @@ def test_convert_pickapic_parquet_and_imagerewarddb(tmp_path):
     recs = read_records(str(out), "pairs")
     assert [(r["label"], r["split"]) for r in recs] == [
         ("a", "test"), ("tie", "test"), ("b", "test"), ("a", "validation")]
+
+    def grey(rel):  # the written image's mean pixel (JPEG keeps a flat grey within ±2)
+        return float(np.asarray(Image.open(out.parent / rel), np.float32).mean())
+
+    # image_a is jpg_0 and image_b is jpg_1, row by row (the shards' order: test, validation).
+    want = [(10, 40), (20, 50), (30, 10), (10, 40)]
+    got = [(grey(r["image_a"]), grey(r["image_b"])) for r in recs]
+    np.testing.assert_allclose(got, want, atol=2)
     assert recs[2]["image_b"] == recs[0]["image_a"]  # identical bytes share one file
-    assert (out.parent / recs[1]["image_a"]).exists()
 
     ir = tmp_path / "ir"
     ir.mkdir()

@@ -38,8 +38,8 @@ def fake_imagereward(tiny_clip_dir):
     """A stand-in for the optional ``ImageReward`` package with its interface (BLIP parts, MLP,
     mean/std), so the batched scoring path can be checked against the package's per-sample
     formula without the package."""
+    from torchvision import transforms as T
     from transformers import CLIPTokenizer
-    from mmrl.rewards.hps import hps_transform
     torch.manual_seed(5)
 
     class TextEncoder(torch.nn.Module):
@@ -62,7 +62,10 @@ def fake_imagereward(tiny_clip_dir):
             self.blip.text_encoder = TextEncoder()
             self.mlp = torch.nn.Linear(8, 1)
             self.mean, self.std = 0.16717362830052426, 1.0333394966054072
-            self.preprocess = hps_transform(224)
+            # The package's transform (ImageReward/ImageReward.py `_transform(224)`).
+            self.preprocess = T.Compose([
+                T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
 
         def score_one(self, prompt, image):  # the package's per-prompt formula
             t = self.blip.tokenizer(prompt, padding="max_length", truncation=True, max_length=35,
@@ -144,6 +147,22 @@ def test_pickscore_equals_logit_scale_exp_times_cosine(scorers, ref_clip):
     assert got.std() > 1e-4  # prompts/images actually change the score
 
 
+def test_pickscore_probabilities_over_a_prompts_candidates(scorers, ref_clip):
+    """PickScore's README: ``probs = softmax(logit_scale.exp() * text_emb @ image_embs.T)`` over
+    the images of one prompt; here CLIPModel's ``logits_per_text`` for two prompts' groups."""
+    model, proc = ref_clip
+    images = make_images(5, seed=6)
+    prompts = ["a red cat"] * 3 + ["two dogs"] * 2
+    want = []
+    for text, ims in (("a red cat", images[:3]), ("two dogs", images[3:])):
+        inputs = proc(images=ims, text=[text], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            want.append(model(**inputs).logits_per_text[0].softmax(-1))  # [1, n] -> [n]
+    got = R.candidate_probs(scorers["pickscore"](images, prompts), prompts)
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-5)
+    assert got[:3].sum().item() == pytest.approx(1.0) and got.std() > 1e-4
+
+
 @pytest.mark.parametrize("normalize,fn", [
     ("div26", lambda s, c: s / 26), ("shift18_div8", lambda s, c: (s - 18) / 8),
     ("cosine", lambda s, c: c)])
@@ -177,24 +196,44 @@ def test_aesthetic_is_mlp_of_normalized_image_embedding(scorers, ref_clip, aesth
 
 
 def _hand_hps_pixels(im: Image.Image, size: int) -> torch.Tensor:
-    """HPS preprocessing by hand: RGB, bicubic shortest edge, center crop, /255, OpenAI mean/std."""
-    im = im.convert("RGB")
-    w, h = im.size
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    im = im.resize((nw, nh), Image.BICUBIC)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-    im = im.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]
+    """hpsv2's transform by hand with torchvision: RGB, ToTensor, the longest edge to ``size`` on
+    the float tensor (bicubic), zero padding to the square (odd pixel right / bottom), mean/std."""
+    import torchvision.transforms.functional as TF
+    x = TF.to_tensor(im.convert("RGB"))
+    h, w = x.shape[1:]
+    nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+    if (h, w) != (nh, nw):
+        x = TF.resize(x, [nh, nw], TF.InterpolationMode.BICUBIC, antialias=True)
+    x = TF.pad(x, [(size - nw) // 2, (size - nh) // 2, size - nw - (size - nw) // 2,
+                   size - nh - (size - nh) // 2], fill=0)
+    return TF.normalize(x, OPENAI_MEAN, OPENAI_STD)
 
 
 def test_hps_preprocessing_matches_hand_built_pipeline(scorers):
     hps = scorers["hps_v2.1"]
     images = make_images(2, size=(50, 37)) + make_images(1, size=(33, 61), mode="RGBA") \
-        + make_images(1, size=(45, 45), mode="L")
+        + make_images(1, size=(45, 45), mode="L") + make_images(1, size=(32, 20))
     got = hps.preprocess(images)
     want = torch.stack([_hand_hps_pixels(im, 32) for im in images])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # Longest edge 50 -> 32, 37 -> round(23.68) = 24: 4 black rows above, 4 below.
+    black = (torch.zeros(3) - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    torch.testing.assert_close(got[0, :, :4], black[:, None, None].expand(3, 4, 32))
+    torch.testing.assert_close(got[0, :, 28:], black[:, None, None].expand(3, 4, 32))
+    assert (got[0, :, 4:28] - black[:, None, None]).abs().amin(dim=0).gt(0).float().mean() > 0.9
+    # Already 32 on the longest edge: no resize, only padding (hpsv2 would skip the padding).
+    torch.testing.assert_close(got[4, :, 6:26], _hand_hps_pixels(images[4], 32)[:, 6:26])
+
+
+def test_hps_tensor_path_equals_pil_path_and_has_gradients(scorers):
+    hps = scorers["hps_v2.1"]
+    images = make_images(3, size=(50, 37), seed=4)
+    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
+                     for im in images])
+    torch.testing.assert_close(hps.preprocess(x), hps.preprocess(images), atol=1e-6, rtol=0)
+    x.requires_grad_(True)
+    hps.preprocess(x).sum().backward()
+    assert x.grad.abs().min() > 0  # every pixel reaches the model input
 
 
 def test_hps_score_is_open_clip_cosine(scorers, tiny_open_clip):
@@ -239,6 +278,43 @@ def test_imagereward_local_files_are_passed_to_the_package(monkeypatch, tmp_path
 def test_imagereward_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ImageReward", None)
     with pytest.raises(ImportError, match="pip install image-reward.*mmrl reward serve"):
+        R.load("imagereward")
+
+
+class _FakePackage:
+    """A meta-path finder serving an ``ImageReward`` package whose import runs ``code`` (the
+    import line of the real package that fails)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.util
+        return importlib.util.spec_from_loader(name, self) if name == "ImageReward" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        exec(self.code, module.__dict__)
+
+
+@pytest.mark.parametrize("code,match", [
+    # ImageReward/models/CLIPScore.py: OpenAI CLIP, not among the package's requirements.
+    ("import clip", r"(?s)imports OpenAI's CLIP as `clip`, which it does not declare.*"
+                    r"pip install openai-clip.*mmrl reward serve imagereward"),
+    # ImageReward/models/BLIP/med.py, under the pinned transformers 5.
+    ("from transformers.modeling_utils import PreTrainedModel, apply_chunking_to_forward",
+     r"(?s)does not work with transformers 5\..*apply_chunking_to_forward.*transformers 5 "
+     r"removed.*own environment.*transformers<5.*mmrl reward serve imagereward.*'remote'"),
+    ("import fairscale_missing_for_the_test",
+     r"needs the module 'fairscale_missing_for_the_test'.*mmrl reward serve"),
+])
+def test_imagereward_import_failures_say_why(monkeypatch, code, match):
+    monkeypatch.delitem(sys.modules, "ImageReward", raising=False)
+    monkeypatch.setitem(sys.modules, "clip", None)  # absent, whatever this machine has
+    monkeypatch.setattr(sys, "meta_path", [_FakePackage(code)] + sys.meta_path)
+    with pytest.raises(ImportError, match=match):
         R.load("imagereward")
 
 
