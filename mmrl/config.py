@@ -170,9 +170,10 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, RecursionError) as err:
-        detail = str(err) if isinstance(err, AliasBudgetError) else \
-            str(getattr(err, "problem", None) or type(err).__name__)
-        raise ConfigError([f"value {show(text)} is not a YAML value ({detail}); quote a "
+        if isinstance(err, AliasBudgetError):
+            raise ConfigError([str(err)], "override") from None
+        detail = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError([f"value {show(text, 60)} is not a YAML value ({detail}); quote a "
                            f"string, write a list as [a, b]"], "override") from None
 
 
@@ -241,7 +242,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> List[str]
         try:
             value = parse_value(text)
         except ConfigError as err:
-            problems.append(f"override {show(item)}: {err.problems[0]}")
+            problems.append(f"override {show(key)}: {err.problems[0]}")
             continue
         node = data
         for part in parts[:-1]:

@@ -292,7 +292,7 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
         except ValueError as err:
             problems.append(f"job: {err}")
     allowed = {"job", "algo", "train"} | ({job_name} if job else set())
-    for key in data:
+    for key in data if job else ():  # an unknown job: its section cannot be judged either
         if key not in allowed:
             name = key if isinstance(key, str) else show(key)
             problems.append(f"{name}: unknown section (known: {', '.join(sorted(allowed))})")
