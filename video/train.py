@@ -102,27 +102,27 @@ class VideoConfig:
     def problems(self) -> List[str]:
         out = []
         if self.data != "synthetic" and not self.data.endswith((".jsonl", ".json")):
-            out.append(f"video.data: got {self.data!r}; expected a .jsonl/.json file or "
+            out.append(f"data: got {self.data!r}; expected a .jsonl/.json file or "
                        f"'synthetic'")
         if not self.rewards:
-            out.append("video.rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
+            out.append("rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
         if self.temporal_contrast and "accuracy" not in self.rewards:
-            out.append("video.temporal_contrast needs the 'accuracy' reward in video.rewards")
+            out.append("temporal_contrast needs the 'accuracy' reward in video.rewards")
         if self.min_tokens > self.max_tokens:
-            out.append(f"video.min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+            out.append(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
         if self.rewards:
             out.extend(reward_spec_problems(self.rewards))
         return out
 
 
 def reward_spec_problems(spec) -> List[str]:
-    """``video.rewards`` problems: the spec is built (cheap: rule rewards, no model) and any
+    """``video.rewards`` problems (keys relative to the section): the spec is built (cheap: rule rewards, no model) and any
     ``ValueError``/``TypeError`` it raises (unknown name, bad option, bad weight) is reported."""
     from .vl_rewards import build_vl_reward
     try:
         build_vl_reward(spec)
     except (ValueError, TypeError) as err:
-        return [f"video.rewards: {err}"]
+        return [f"rewards: {err}"]
     return []
 
 
