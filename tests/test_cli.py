@@ -83,3 +83,59 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch, capsy
                  "train.wandb_project=demo"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmrl train: error: ") and "pip install wandb" in err
+
+
+def _all_parsers(parser, path="mmrl"):
+    import argparse
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, f"{path} {name}")
+
+
+def test_no_parser_in_the_tree_accepts_abbreviated_options(capsys):
+    from mmrl.cli import build_parser
+    tree = dict(_all_parsers(build_parser()))
+    # every plugin's commands are in the walk (rewards, video, diffusion, sim, core)
+    assert {"mmrl train", "mmrl config validate", "mmrl reward serve", "mmrl video inspect",
+            "mmrl diffusion tiny-pipeline", "mmrl sim"} <= set(tree)
+    assert [path for path, p in tree.items() if p.allow_abbrev] == []
+    with pytest.raises(SystemExit) as e:  # --se is not --set (nor --schema-only)
+        main(["config", "validate", str(ROOT / "configs/demo/toy.yaml"), "--se", "x=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --se" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_paragraph_and_bugs_keep_their_traceback(monkeypatch, capsys,
+                                                                      tmp_path):
+    """The rule of mmrl.cli.main: ValueError/TypeError/OSError/ImportError -> message, exit 2
+    (with where it was raised unless it is a UserError); anything else -> traceback."""
+    import dataclasses
+
+    from mmrl.config import UserError
+    from mmrl.jobs import JOBS, get_job
+    argv = ["train", str(ROOT / "configs/demo/toy.yaml"), f"train.output_dir={tmp_path}"]
+    job = get_job("toy")
+
+    def job_raising(exc):
+        def run(config):
+            raise exc
+        monkeypatch.setitem(JOBS._entries, "toy", dataclasses.replace(job, run=run))
+
+    for exc, located in [(UserError("toy.x: bad; fix it"), False),
+                         (ValueError("lr went bad"), True),
+                         (FileNotFoundError(2, "No such file or directory", "/x/prompts.txt"),
+                          True)]:
+        job_raising(exc)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmrl train: error: ") and "Traceback" not in err
+        assert (f"{type(exc).__name__} raised at tests/test_cli.py:" in err) == located, err
+    assert "/x/prompts.txt" in err
+    job_raising(KeyError("k"))
+    with pytest.raises(KeyError):  # not a user error: the traceback is the report
+        main(argv)
+    monkeypatch.setenv("MMRL_TRACEBACK", "1")
+    job_raising(ValueError("x"))
+    with pytest.raises(ValueError):
+        main(argv)
