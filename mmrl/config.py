@@ -205,9 +205,10 @@ def load_yaml(path) -> Dict[str, Any]:
 
 def parse_yaml(text: str, source: str = "config") -> Dict[str, Any]:
     """Parse config ``text`` (see :func:`load_yaml` for what is refused)."""
-    loader = _Loader(text)
-    loader.name = source  # error marks name the file, not "<unicode string>"
+    loader = None
     try:
+        loader = _Loader(text)  # the reader refuses control characters here already
+        loader.name = source  # error marks name the file, not "<unicode string>"
         data = loader.get_single_data()
     except AliasBudgetError as err:
         raise ConfigError([str(err)], source) from None
@@ -217,7 +218,8 @@ def parse_yaml(text: str, source: str = "config") -> Dict[str, Any]:
         raise ConfigError(["nested too deeply to be a config (Python's recursion limit); "
                            "a config is a few levels of sections and values"], source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -296,10 +296,12 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
         if key not in allowed:
             name = key if isinstance(key, str) else show(key)
             problems.append(f"{name}: unknown section (known: {', '.join(sorted(allowed))})")
+    before = len(problems)
     task = build(job.section, _section(data, job_name, problems), job_name, problems) if job \
         else None
+    task_ok = task is not None and len(problems) == before  # defaults read typed fields only
     algo_data = dict(_section(data, "algo", problems))
-    if job and job.algo_defaults is not None and task is not None:
+    if job and job.algo_defaults is not None and task_ok:
         for key, value in job.algo_defaults(task).items():
             if algo_data.get(key) is None:
                 algo_data[key] = value

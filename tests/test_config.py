@@ -135,7 +135,7 @@ def test_files_that_are_not_configs_are_one_clear_problem(tmp_path):
     from mmrl.config import MAX_ALIAS_NODES
     cases = {"random.yaml": bytes(range(256)) * 2, "bomb.yaml": _bomb(8).encode(),
              "cycle.yaml": b"a: &a [1, [*a]]\n", "deep.yaml": b"[" * 5000 + b"]" * 5000,
-             "list.yaml": b"- 1\n- 2\n"}
+             "list.yaml": b"- 1\n- 2\n", "nul.yaml": b"\x00job: toy\n"}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
     (tmp_path / "folder.yaml").mkdir()
@@ -151,6 +151,7 @@ def test_files_that_are_not_configs_are_one_clear_problem(tmp_path):
     assert "(a cycle)" in got["cycle.yaml"][0]
     assert "nested too deeply" in got["deep.yaml"][0]
     assert "top level is list" in got["list.yaml"][0]
+    assert "unacceptable character #x0000" in got["nul.yaml"][0]
     assert "is a directory" in got["folder.yaml"][0]
     # the same budget guards overrides; a few aliases stay fine
     flow = "[&a0 [x, x, x, x, x, x, x, x, x]" + "".join(
@@ -167,6 +168,7 @@ def test_values_train_cannot_use_are_refused_by_validation():
     toy = ROOT / "configs/demo/toy.yaml"
     cases = {
         "train.lr=.nan": "train.lr: got nan; expected a finite number",
+        "toy.length=[[1]]": "toy.length: got [[1]] (list); expected int",  # no algo cascade
         "train.max_grad_norm=.inf": "train.max_grad_norm: got inf; expected a finite number",
         "train.lr=1e999": "train.lr: got inf; expected a finite number",
         "train.seed=9223372036854775808": "train.seed: got 9223372036854775808; expected a "
@@ -218,6 +220,8 @@ def test_video_and_diffusion_sections_check_reward_specs_files_and_models(tmp_pa
     assert len(bad) == 1 and bad[0].startswith("video.rewards: ") and "accuracy" in bad[0]
     bad = _problems(path=video, overrides=["video.rewards={accuracy: {weight: x}}"])
     assert "video.rewards: vl reward 'accuracy': weight 'x' is not a number" in bad[0]
+    bad = _problems(path=video, overrides=["video.rewards={accuracy: .nan}"])
+    assert bad == ["video.rewards: accuracy weight=nan; expected a finite number"]
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "model").mkdir()
     got = _problems(path=video, here=True, overrides=[

@@ -118,12 +118,15 @@ class VideoConfig:
 def reward_spec_problems(spec) -> List[str]:
     """``video.rewards`` problems (keys relative to the section): the spec is built (cheap: rule rewards, no model) and any
     ``ValueError``/``TypeError`` it raises (unknown name, bad option, bad weight) is reported."""
+    import math
+
     from .vl_rewards import build_vl_reward
     try:
-        build_vl_reward(spec)
+        weights = build_vl_reward(spec).weights
     except (ValueError, TypeError) as err:
         return [f"rewards: {err}"]
-    return []
+    return [f"rewards: {name} weight={w!r}; expected a finite number"
+            for name, w in weights.items() if not math.isfinite(w)]
 
 
 def check(algo, train, c: VideoConfig) -> List[str]:
