@@ -208,6 +208,15 @@ def test_preflight_checks_files_device_and_checkpoint_on_this_machine(tmp_path, 
     assert len(got) == 1 and got[0].startswith("train.resume: got 'sometimes', which is not "
                                                "auto, never or an existing folder")
     assert _problems(path=toy, here=True) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _problems(path=toy, here=True, overrides=["train.device=cuda:0"]) == []
+    assert _problems(path=toy, here=True, overrides=["train.device=cuda:1"]) == [
+        "train.device: 'cuda:1' but this machine has 1 cuda device(s) (indices 0..0); pick one "
+        "of those"]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: "cuda" means GPU 1
+    assert "has 1 cuda device(s)" in _problems(path=toy, here=True,
+                                               overrides=["train.device=cuda"])[0]
     # the shipped configs hold placeholders for another machine: values valid, files missing
     assert _problems(path=ROOT / "configs/diffusion/sd35m_pickscore_flow_grpo.yaml") == []
 
