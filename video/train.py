@@ -116,8 +116,9 @@ class VideoConfig:
 
 
 def reward_spec_problems(spec) -> List[str]:
-    """``video.rewards`` problems (keys relative to the section): the spec is built (cheap: rule rewards, no model) and any
-    ``ValueError``/``TypeError`` it raises (unknown name, bad option, bad weight) is reported."""
+    """``video.rewards`` problems (keys relative to the section): the spec is built (cheap:
+    rule rewards, no model); a ``ValueError``/``TypeError`` it raises (unknown name, bad option,
+    bad weight) or a weight that is not finite is reported."""
     import math
 
     from .vl_rewards import build_vl_reward
