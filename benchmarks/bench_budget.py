@@ -24,7 +24,7 @@ STRATEGIES = ("uniform", "vade", "knapsack", "vade_knapsack", "knapsack_oracle")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     print("| setting | strategy | eff. ratio, groups (vs uniform) | eff. ratio, rollouts "

@@ -131,7 +131,7 @@ def bench_step(args, sigmas):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=10, help="denoising steps T (flow_grpo: 10)")

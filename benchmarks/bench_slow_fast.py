@@ -86,7 +86,7 @@ def measure(name: str, path: str, h: int, w: int, repeats: int, budgets) -> dict
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--seconds", type=int, default=60, help="length of each video (60)")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (5)")
     ap.add_argument("--size", default="640x360", help="WxH of the videos (640x360)")

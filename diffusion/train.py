@@ -172,7 +172,31 @@ class DiffusionConfig:
         if not self.prompts and not self.prompt_file:
             out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
                        "prompt per line) or prompts: [...]")
+        out.extend(reward_spec_problems(self.reward))
         return out
+
+
+def reward_spec_problems(spec: str) -> List[str]:
+    """``diffusion.reward`` problems found without loading a model: the spec parses, every
+    scorer name is registered and every ``weight=`` is a finite number."""
+    import math
+
+    from mmrl.rewards.scorers import SCORERS, parse_specs
+    try:
+        items = parse_specs(spec)
+    except (ValueError, TypeError) as err:
+        return [f"reward: {err}"]
+    out = []
+    for name, options in items:
+        if name not in SCORERS:
+            from mmrl.registry import did_you_mean
+            out.append(f"reward: unknown scorer {name!r} (registered: "
+                       f"{', '.join(SCORERS.names())}){did_you_mean(name, SCORERS.names())}")
+        weight = options.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                not math.isfinite(weight):
+            out.append(f"reward: {name} weight={weight!r}; expected a finite number")
+    return out
 
 
 def check(algo, train, c: DiffusionConfig) -> List[str]:
@@ -203,6 +227,24 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")
+    return out
+
+
+def preflight(config) -> List[str]:
+    """The pipeline folder (or cached hub id) and the prompt files exist on this machine."""
+    from mmrl.jobs import file_problems, model_problems
+    c: DiffusionConfig = config.task
+    out = model_problems("diffusion.model", c.model, "model_index.json")
+    for key in ("prompt_file", "eval_prompt_file"):
+        if getattr(c, key):
+            out.extend(file_problems(f"diffusion.{key}", getattr(c, key), "prompt file"))
+    if not reward_spec_problems(c.reward):
+        from mmrl.rewards.scorers import parse_specs
+        for name, options in parse_specs(c.reward):
+            path = options.get("path")
+            if isinstance(path, str) and not os.path.exists(os.path.expanduser(path)):
+                out.append(f"diffusion.reward: {name} path={path!r} not found; fix the path "
+                           f"(or leave path= out to use the scorer's hub weights)")
     return out
 
 
@@ -578,4 +620,5 @@ def _device(name: str) -> str:
 register_job(Job("diffusion", DiffusionConfig, run,
                  "GRPO for flow-matching text-to-image models (SD3/SD3.5, FLUX via diffusers): "
                  "Flow-GRPO, MixGRPO, G2RPO, tree sampling",
-                 check=check, algo_defaults=lambda c: {"max_len": c.trained_steps()}))
+                 check=check, preflight=preflight,
+                 algo_defaults=lambda c: {"max_len": c.trained_steps()}))

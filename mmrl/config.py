@@ -11,11 +11,18 @@ Validation collects every unknown key (with a did-you-mean), wrong type, out-of-
 invalid combination, and raises one :class:`ConfigError` listing them all, each naming the key,
 the value received and what was expected. Every field carries ``doc``/``source`` metadata, which
 ``mmrl config docs`` renders and a test checks.
+
+Reading is defensive: a file that is not UTF-8 text, a directory, a YAML document nested too
+deeply or one whose aliases expand to more than :data:`MAX_ALIAS_NODES` nodes (a "billion
+laughs" bomb) is one ``ConfigError``, decided while composing, before any Python object is built.
+Values are quoted in messages at most :data:`MAX_SHOWN` characters long.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
@@ -26,13 +33,37 @@ import yaml
 from mmrl.registry import did_you_mean
 
 
-class ConfigError(ValueError):
+MAX_ALIAS_NODES = 10_000
+"""Most YAML nodes that aliases (``*name``) may add to a config when expanded; a real config adds
+a few hundred at most, a 360-byte alias bomb billions."""
+
+MAX_SHOWN = 120
+"""Longest quoted value in a problem message (longer ones are cut, with their length)."""
+
+
+class UserError(ValueError):
+    """A problem the user can fix (a config value, a missing file, bad data). The CLI prints the
+    message alone, with no traceback, and exits 2 (see :mod:`mmrl.cli`). A ``ValueError``, so
+    code that catches ``ValueError`` keeps working."""
+
+
+class ConfigError(UserError):
     """A config with problems; ``.problems`` lists every one of them."""
 
     def __init__(self, problems: Sequence[str], source: str = "config"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+
+
+def show(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` in at most about ``limit`` characters: reprlib bounds the work on a huge
+    nested value too, so a giant value can never make a giant message."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 12
+    text = r.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def cfg(default: Any = MISSING, doc: str = "", *, source: str = "", choices: Any = None,
@@ -53,9 +84,72 @@ def cfg(default: Any = MISSING, doc: str = "", *, source: str = "", choices: Any
     return field(default=default, metadata=meta)
 
 
-# PyYAML (YAML 1.1) reads "1e-4" as a string; accept the scientific forms people write.
+class AliasBudgetError(yaml.YAMLError):
+    """Aliases that expand past the budget, or an alias inside its own anchor (a cycle)."""
+
+
+def _where(event) -> str:
+    return f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}"
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """PyYAML's safe loader with an alias expansion budget.
+
+    Each alias adds the expanded size of its target (nodes, counted once per node with a memo, so
+    the count itself is linear in the composed nodes) to a running total; past
+    ``alias_budget`` composing stops. An alias to a node still being composed (its own ancestor)
+    would make a cyclic value and is refused too. PyYAML (YAML 1.1) reads "1e-4" as a string;
+    the resolver below accepts the scientific forms people write.
+    """
+
+    alias_budget = MAX_ALIAS_NODES
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._expanded = 0
+        self._sizes: Dict[int, int] = {}
+        self._open: List[Any] = []  # the nodes being composed: ancestors of the current one
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                self._expanded += self._size(target, event, parent)
+                if self._expanded > self.alias_budget:
+                    raise AliasBudgetError(
+                        f"aliases expand to more than {self.alias_budget} nodes (the limit "
+                        f"mmrl.config.MAX_ALIAS_NODES; at *{event.anchor}, {_where(event)}); a "
+                        f"config needs far fewer: write the values out or use fewer aliases")
+        self._open.append(parent)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+
+    def _size(self, node, event, parent) -> int:
+        """Nodes in ``node`` with every alias expanded (memoized on finished nodes)."""
+        open_ids = {id(n) for n in self._open + [parent] if n is not None}
+        stack, order, seen = [node], [], set()
+        while stack:  # iterative: a deep document must not hit the recursion limit here
+            n = stack.pop()
+            if id(n) in open_ids:
+                raise AliasBudgetError(f"alias *{event.anchor} ({_where(event)}) refers to a "
+                                       f"node that contains it (a cycle); a config value must "
+                                       f"be finite")
+            if id(n) not in self._sizes and id(n) not in seen:
+                seen.add(id(n))
+                order.append(n)
+                stack.extend(_children(n))
+        for n in reversed(order):  # children before parents
+            self._sizes[id(n)] = 1 + sum(self._sizes[id(k)] for k in _children(n))
+        return self._sizes[id(node)]
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else []
 
 
 _Loader.add_implicit_resolver(
@@ -66,24 +160,71 @@ _Loader.add_implicit_resolver(
 
 
 def parse_value(text: str) -> Any:
-    """Parse one override value the way YAML would (``1e-4`` -> float, ``null`` -> None)."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+    """Parse one override value the way YAML would (``1e-4`` -> float, ``null`` -> None).
+
+    Raises:
+        ConfigError: text that is not a YAML value (e.g. ``[1, 2``), or an alias bomb.
+    """
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except (yaml.YAMLError, RecursionError) as err:
+        if isinstance(err, AliasBudgetError):
+            raise ConfigError([str(err)], "override") from None
+        detail = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError([f"value {show(text, 60)} is not a YAML value ({detail}); quote a "
+                           f"string, write a list as [a, b]"], "override") from None
 
 
 def load_yaml(path) -> Dict[str, Any]:
+    """The mapping in a YAML config file.
+
+    Raises:
+        ConfigError: no such file, a directory, unreadable, not UTF-8 text, not valid YAML,
+            aliases past :data:`MAX_ALIAS_NODES` or cyclic, nested too deeply, or a top level
+            that is not a mapping.
+    """
     p = Path(path)
+    fix = "pass a path to a YAML config file, e.g. configs/demo/toy.yaml"
     if not p.exists():
-        raise ConfigError([f"file not found: {p} (pass a path to a YAML config, e.g. "
-                           f"configs/demo/toy.yaml)"], str(p))
+        raise ConfigError([f"file not found: {p} ({fix})"], str(p))
+    if p.is_dir():
+        raise ConfigError([f"{p} is a directory; {fix}"], str(p))
     try:
-        data = yaml.load(p.read_text(), Loader=_Loader)
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ConfigError([f"cannot read {p}: {err.strerror or err}"], str(p)) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                           f"is it a binary file? {fix}"], str(p)) from None
+    return parse_yaml(text, str(p))
+
+
+def parse_yaml(text: str, source: str = "config") -> Dict[str, Any]:
+    """Parse config ``text`` (see :func:`load_yaml` for what is refused)."""
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader refuses control characters here already
+        loader.name = source  # error marks name the file, not "<unicode string>"
+        data = loader.get_single_data()
+    except AliasBudgetError as err:
+        raise ConfigError([str(err)], source) from None
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(p)) from None
+        raise ConfigError([f"not valid YAML: {str(err)[:600]}"], source) from None
+    except RecursionError:
+        raise ConfigError(["nested too deeply to be a config (Python's recursion limit); "
+                           "a config is a few levels of sections and values"], source) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"top level is {type(data).__name__}; expected a mapping of "
-                           f"sections (job:, algo:, train:, ...)"], str(p))
+                           f"sections (job:, algo:, train:, ...)"], source)
     return data
 
 
@@ -92,20 +233,29 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> List[str]
     problems = []
     for item in overrides:
         if "=" not in item:
-            problems.append(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+            problems.append(f"override {show(item)}: expected key=value, e.g. train.lr=1e-4")
             continue
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(f"override {show(item)}: empty key part in {key!r}; expected "
+                            f"section.field=value, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = parse_value(text)
+        except ConfigError as err:
+            problems.append(f"override {show(key)}: {err.problems[0]}")
+            continue
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {} if node.get(part) is None else node[part]
             if not isinstance(node[part], dict):
-                problems.append(f"override {item!r}: {part} is not a section")
+                problems.append(f"override {show(item)}: {part} is not a section")
                 break
             node = node[part]
         else:
-            node[parts[-1]] = parse_value(text)
+            node[parts[-1]] = value
     return problems
 
 
@@ -133,19 +283,19 @@ def _coerce(value, tp, key: str, problems: List[str]):
         return _coerce(value, inner[0], key, problems)
     if is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{key}: got {value!r}; expected a section (mapping)")
+            problems.append(f"{key}: got {show(value)}; expected a section (mapping)")
             return tp()
         return build(tp, value, key, problems)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected "
+            problems.append(f"{key}: got {show(value)} ({type(value).__name__}); expected "
                             f"{_type_name(tp)}")
             return value
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            problems.append(f"{key}: got {value!r}; expected {_type_name(tp)}")
+            problems.append(f"{key}: got {show(value)}; expected {_type_name(tp)}")
             return value
         inner = typing.get_args(tp)[1]
         return {str(k): _coerce(v, inner, f"{key}.{k}", problems) for k, v in value.items()}
@@ -154,9 +304,19 @@ def _coerce(value, tp, key: str, problems: List[str]):
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}.get(tp, lambda v: True)
     if not ok(value):
-        problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+        problems.append(f"{key}: got {show(value)} ({type(value).__name__}); expected "
+                        f"{_type_name(tp)}")
         return value
-    return float(value) if tp is float else value
+    if tp is float:
+        try:
+            value = float(value)
+        except OverflowError:  # an int too big for a float
+            problems.append(f"{key}: got {show(value)}; expected a float (at most ~1.8e308)")
+            return value
+        if not math.isfinite(value):
+            problems.append(f"{key}: got {value}; expected a finite number (nan and inf are "
+                            f"never usable settings)")
+    return value
 
 
 def _check_meta(value, f: dataclasses.Field, key: str, problems: List[str]):
@@ -164,15 +324,16 @@ def _check_meta(value, f: dataclasses.Field, key: str, problems: List[str]):
     choices = meta.get("choices")
     if choices is not None and value is not None:
         allowed = list(choices() if callable(choices) else choices)
-        if value not in allowed:
-            problems.append(f"{key}: got {value!r}; expected one of {', '.join(map(str, allowed))}"
-                            f"{did_you_mean(value, allowed)}")
+        if not isinstance(value, typing.Hashable) or value not in allowed:
+            hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
+            problems.append(f"{key}: got {show(value)}; expected one of "
+                            f"{', '.join(map(str, allowed))}{hint}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
-            problems.append(f"{key}: got {value!r}; expected a value >= {lo}")
+            problems.append(f"{key}: got {show(value)}; expected a value >= {lo}")
         if hi is not None and value > hi:
-            problems.append(f"{key}: got {value!r}; expected a value <= {hi}")
+            problems.append(f"{key}: got {show(value)}; expected a value <= {hi}")
 
 
 def build(cls, data: Dict[str, Any], prefix: str = "", problems: Optional[List[str]] = None):
@@ -187,8 +348,10 @@ def build(cls, data: Dict[str, Any], prefix: str = "", problems: Optional[List[s
     names = [f.name for f in fields(cls)]
     for key in data:
         if key not in names:
-            own.append(f"{prefix + '.' if prefix else ''}{key}: unknown key "
-                       f"(known: {', '.join(names)}){did_you_mean(key, names)}")
+            hint = did_you_mean(key, names) if isinstance(key, str) else ""
+            name = key if isinstance(key, str) and len(key) <= MAX_SHOWN else show(key)
+            own.append(f"{prefix + '.' if prefix else ''}{name}: unknown key "
+                       f"(known: {', '.join(names)}){hint}")
     kwargs = {}
     for f in fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name

@@ -36,6 +36,10 @@ def add_commands(sub) -> None:
     val.add_argument("configs", nargs="+")
     val.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="an override applied to every config")
+    val.add_argument("--schema-only", action="store_true",
+                     help="check the values only; skip the checks against this machine (files "
+                          "and folders exist, the device exists, the resume checkpoint), e.g. "
+                          "for a config meant for another machine")
     val.set_defaults(func=cmd_config_validate)
     docs = csub.add_parser("docs", help="print the reference of every config field (markdown)")
     docs.add_argument("--job", action="append", default=None,
@@ -51,20 +55,22 @@ def add_commands(sub) -> None:
     a.set_defaults(func=cmd_algos)
 
 
-def _load(path, overrides):
+def _load(path, overrides, here: bool = False):
     from mmrl.config import ConfigError
     from mmrl.schema import load_config
     try:
-        return load_config(path, overrides), None
+        return load_config(path, overrides, here=here), None
     except ConfigError as err:
         return None, err
 
 
 def cmd_train(args) -> int:
-    run, err = _load(args.config, args.overrides)
+    """``mmrl train``: every config problem, and every problem with running it here (files,
+    device, checkpoint), is reported before any work; exit 2 when there is one."""
+    run, err = _load(args.config, args.overrides, here=True)
     if err:
         print(err, file=sys.stderr)
-        return 1
+        return 2
     import os
     from mmrl.jobs import get_job
     job = get_job(run.job)
@@ -88,7 +94,7 @@ def cmd_config_show(args) -> int:
     run, err = _load(args.config, args.overrides)
     if err:
         print(err, file=sys.stderr)
-        return 1
+        return 2
     docs = {}
     for prefix, cls in (("algo", AlgoConfig), ("train", TrainConfig),
                         (run.job, get_job(run.job).section)):
@@ -116,15 +122,16 @@ def _print_with_doc(line: str, docs) -> None:
 
 
 def cmd_config_validate(args) -> int:
+    """Exit 0 when every config is valid, 2 when one is not (each problem is printed)."""
     bad = 0
     for path in args.configs:
-        run, err = _load(path, args.overrides)
+        run, err = _load(path, args.overrides, here=not args.schema_only)
         if err:
             bad += 1
             print(err, file=sys.stderr)
         else:
             print(f"ok: {path} (job={run.job}, preset={run.algo.preset})")
-    return 1 if bad else 0
+    return 2 if bad else 0
 
 
 def config_reference(jobs=None) -> str:

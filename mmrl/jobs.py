@@ -8,7 +8,10 @@ diffusers by itself.
 from __future__ import annotations
 
 import importlib
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from mmrl.registry import Registry
@@ -27,6 +30,9 @@ class Job:
         algo_defaults: optional ``algo_defaults(task) -> dict`` of algorithm settings the job
             knows better than a preset (e.g. ``max_len`` for ``fixed_norm``), used where the
             config leaves them null.
+        preflight: optional ``preflight(config: RunConfig) -> list[str]``: problems with running
+            on this machine (data, model and prompt files exist). Must be cheap: no model is
+            loaded; ``mmrl train`` and ``mmrl config validate`` call it before any work.
     """
 
     name: str
@@ -35,6 +41,7 @@ class Job:
     description: str = ""
     check: Optional[Callable[..., List[str]]] = None
     algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
+    preflight: Optional[Callable[[Any], List[str]]] = None
 
 
 JOBS: Registry[Job] = Registry("job")
@@ -58,6 +65,8 @@ def get_job(name: str) -> Job:
     Raises:
         ValueError: unknown job, or a known job whose module/extra is not installed.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"job name must be a string, got {type(name).__name__} {name!r}")
     if name not in JOBS and name in JOB_MODULES:
         try:
             importlib.import_module(JOB_MODULES[name])
@@ -77,3 +86,53 @@ def get_job(name: str) -> Job:
 
 def job_names() -> List[str]:
     return sorted(set(JOBS.names()) | set(JOB_MODULES))
+
+
+# ---------------------------------------------------------------------------- preflight helpers
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def file_problems(key: str, path: str, what: str = "file") -> List[str]:
+    """``[]`` when ``path`` is a readable, non-empty file; else one message naming ``key``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return [f"{key}: {what} {path!r} not found (looked at {p.resolve()}); fix the path "
+                f"(relative paths are resolved from {os.getcwd()})"]
+    if p.is_dir():
+        return [f"{key}: {path!r} is a directory; expected a {what}"]
+    if not os.access(p, os.R_OK):
+        return [f"{key}: {what} {path!r} is not readable (permissions)"]
+    if p.stat().st_size == 0:
+        return [f"{key}: {what} {path!r} is empty (0 bytes)"]
+    return []
+
+
+def model_problems(key: str, name: str, marker: str) -> List[str]:
+    """Problems with a model named by a local folder or a hub id (no download, no loading).
+
+    A local folder must hold ``marker`` (``config.json`` for transformers, ``model_index.json``
+    for a diffusers pipeline). A name that is not an existing path must look like a hub id
+    (``org/name``); with ``HF_HUB_OFFLINE=1`` it must also be in the local Hugging Face cache.
+    """
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            return [f"{key}: {name!r} is a file; expected a model folder (what save_pretrained "
+                    f"writes, with {marker}) or a hub id"]
+        if not (p / marker).is_file():
+            return [f"{key}: folder {name!r} has no {marker}, so it is not a saved model; "
+                    f"point it at the folder save_pretrained wrote"]
+        return []
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        return [f"{key}: model folder {name!r} not found (looked at {p.resolve()}) and it is "
+                f"not a hub id (org/name); fix the path"]
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return []
+        if not isinstance(try_to_load_from_cache(name, marker), str):
+            return [f"{key}: {name!r} is neither a local folder (no {p.resolve()}) nor in the "
+                    f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; give "
+                    f"the path of a saved model or download it first"]
+    return []

@@ -2,14 +2,28 @@
 
 Every field is documented here (type, default, meaning, source); ``mmrl config docs`` prints
 the reference and ``docs/config.md`` is generated from it.
+
+Two levels of checking. :func:`config_from_dict` / :func:`load_config` check the values
+themselves (types, ranges, finite numbers, device names, combinations) and hold anywhere.
+:func:`preflight` checks them against *this machine* (files and folders exist, the device
+exists, the resume checkpoint is there); ``mmrl train`` runs both before any work, and
+``mmrl config validate`` too unless ``--schema-only``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from mmrl.config import ConfigError, apply_overrides, build, cfg, load_yaml, to_dict
+from mmrl.config import ConfigError, apply_overrides, build, cfg, load_yaml, show, to_dict
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""The torch device types a run may use (``train.device``); plus ``auto``."""
+
+SEED_MAX = 2**63 - 1
+"""Largest ``train.seed``: torch seeds are 64-bit and the runner derives per-rank and per-stream
+seeds by adding small offsets, which must not overflow."""
 
 
 def _preset_names():
@@ -127,8 +141,10 @@ class TrainConfig:
                                minimum=0.0)
     max_bad_steps: int = cfg(5, "Stop after this many consecutive steps skipped for a "
                              "non-finite loss or gradient.", minimum=1)
-    seed: int = cfg(0, "Seed for python, numpy and torch (rollouts, prompt order, init).")
-    device: str = cfg("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    seed: int = cfg(0, "Seed for python, numpy and torch (rollouts, prompt order, init).",
+                    minimum=0, maximum=SEED_MAX)
+    device: str = cfg("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N, "
+                      "mps, xpu. Checked before the run: the device must exist.")
     log_every: int = cfg(1, "Print a metrics line every N steps (JSONL gets every step).",
                          minimum=1)
     output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
@@ -174,7 +190,8 @@ class TrainConfig:
                                   "instead of writing the adapter.")
     resume: str = cfg("auto", "auto: continue from the newest complete checkpoint in "
                       "output_dir/checkpoints (torn ones are skipped); never: start fresh; or "
-                      "a checkpoint folder path.")
+                      "the path of a checkpoint folder (checked before the run: it must hold a "
+                      "MANIFEST.json).")
     reward_retries: int = cfg(2, "Retries of a reward call that raises or times out; then "
                               "samples are scored one by one and the failing ones dropped.",
                               minimum=0)
@@ -195,7 +212,50 @@ class TrainConfig:
         if self.num_mini_batches > batch:
             out.append(f"num_mini_batches: got {self.num_mini_batches}; expected at most "
                        f"prompts_per_step * group_size = {batch}")
+        out.extend(device_problems(self.device))
+        if not self.resume.strip():
+            out.append("resume: empty; expected auto, never or a checkpoint folder path")
+        if not self.output_dir.strip():
+            out.append("output_dir: empty; expected a folder path, e.g. runs/my-run")
         return out
+
+
+def device_problems(device: str, key: str = "device") -> List[str]:
+    """Problems with a device name as torch reads it (existence is :func:`device_here`'s job)."""
+    if device == "auto":
+        return []
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return [f"{key}: got {show(device)}; expected auto, cpu, cuda, cuda:N (N = GPU index), "
+                f"mps or xpu"]
+    if dev.type not in DEVICE_TYPES:
+        return [f"{key}: got {show(device)} (torch type {dev.type!r}), which mmrl does not "
+                f"train on; expected auto, cpu, cuda, cuda:N, mps or xpu"]
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        return [f"{key}: got {show(device)}; the CPU has no index: use cpu"]
+    return []
+
+
+def device_here(device: str, key: str = "train.device") -> List[str]:
+    """Problems with using ``device`` on this machine (it must exist and be visible)."""
+    import torch
+    if device in ("auto", "cpu") or device_problems(device):
+        return []
+    dev = torch.device(device)
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None),
+               "mps": getattr(torch.backends, "mps", None)}[dev.type]
+    if backend is None or not backend.is_available():
+        return [f"{key}: {device!r} but torch sees no {dev.type} device on this machine; use "
+                f"auto (falls back to cpu) or cpu, or run where a {dev.type} device is visible"]
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    # under torchrun each process uses GPU LOCAL_RANK (cuda means "my GPU")
+    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= count:
+        return [f"{key}: {device!r} but this machine has {count} {dev.type} device(s) "
+                f"(indices 0..{count - 1}); pick one of those"]
+    return []
 
 
 @dataclass
@@ -222,18 +282,26 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
     problems: List[str] = []
     job_name = data.get("job", "toy")
     job = None
-    try:
-        job = get_job(job_name)
-    except ValueError as err:
-        problems.append(f"job: {err}")
+    if not isinstance(job_name, str):
+        from mmrl.jobs import job_names
+        problems.append(f"job: got {show(job_name)} ({type(job_name).__name__}); expected a job "
+                        f"name: {', '.join(job_names())}")
+    else:
+        try:
+            job = get_job(job_name)
+        except ValueError as err:
+            problems.append(f"job: {err}")
     allowed = {"job", "algo", "train"} | ({job_name} if job else set())
-    for key in data:
+    for key in data if job else ():  # an unknown job: its section cannot be judged either
         if key not in allowed:
-            problems.append(f"{key}: unknown section (known: {', '.join(sorted(allowed))})")
+            name = key if isinstance(key, str) else show(key)
+            problems.append(f"{name}: unknown section (known: {', '.join(sorted(allowed))})")
+    before = len(problems)
     task = build(job.section, _section(data, job_name, problems), job_name, problems) if job \
         else None
+    task_ok = task is not None and len(problems) == before  # defaults read typed fields only
     algo_data = dict(_section(data, "algo", problems))
-    if job and job.algo_defaults is not None and task is not None:
+    if job and job.algo_defaults is not None and task_ok:
         for key, value in job.algo_defaults(task).items():
             if algo_data.get(key) is None:
                 algo_data[key] = value
@@ -241,29 +309,84 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
     train = build(TrainConfig, _section(data, "train", problems), "train", problems)
     if job and job.check is not None and not problems:
         problems.extend(job.check(algo, train, task))
-    if not problems and train.t_chunk and algo.resolve().sequence_level:
-        problems.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "
-                        f"{algo.preset!r}; a sequence ratio needs whole sequences, set t_chunk=0")
+    if not problems:
+        problems.extend(_loop_problems(algo, train))
     if problems:
         raise ConfigError(problems, source)
     return RunConfig(job_name, algo, train, task)
 
 
+def _loop_problems(algo: AlgoConfig, train: TrainConfig) -> List[str]:
+    """Combinations of the algorithm and the loop that cannot train."""
+    spec = algo.resolve()
+    out = []
+    if train.t_chunk and spec.sequence_level:
+        out.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "
+                   f"{algo.preset!r}; a sequence ratio needs whole sequences, set t_chunk=0")
+    if train.group_size == 1 and spec.advantage != "ngrpo":
+        # mmrl.advantages: a group of one sample has nothing to compare with -> advantage 0
+        out.append(f"train.group_size: got 1 with advantage {spec.advantage!r}, which gives a "
+                   f"group of one sample advantage 0: every step would have zero gradient. Use "
+                   f"group_size >= 2 (GRPO uses 8-64), or algo.advantage=ngrpo, whose virtual "
+                   f"sample gives a single sample an advantage")
+    return out
+
+
 def _section(data, key, problems) -> Dict[str, Any]:
     value = data.get(key) or {}
     if not isinstance(value, dict):
-        problems.append(f"{key}: got {value!r}; expected a section (mapping)")
+        problems.append(f"{key}: got {show(value)}; expected a section (mapping)")
         return {}
     return value
 
 
-def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a YAML config file, apply ``key=value`` overrides, validate everything at once."""
+def preflight(run: RunConfig) -> List[str]:
+    """Problems with running ``run`` on this machine, all at once: the device exists, the resume
+    checkpoint and the output folder are usable, and the job's files exist (its
+    ``Job.preflight``). Cheap: nothing is loaded or hashed."""
+    from mmrl.jobs import get_job
+    t = run.train
+    out = device_here(t.device)
+    if t.resume not in ("auto", "never"):
+        folder = Path(t.resume).expanduser()
+        if not folder.is_dir():
+            out.append(f"train.resume: got {show(t.resume)}, which is not auto, never or an "
+                       f"existing folder ({folder.resolve()} does not exist); expected auto "
+                       f"(newest checkpoint in output_dir), never, or a checkpoint folder such "
+                       f"as {Path(t.output_dir) / 'checkpoints' / 'step-00000040'}")
+        elif not (folder / "MANIFEST.json").is_file():
+            out.append(f"train.resume: {folder} has no MANIFEST.json, so it is not a complete "
+                       f"checkpoint; pick a step-XXXXXXXX folder under output_dir/checkpoints, "
+                       f"or use resume=auto")
+    out_dir = Path(t.output_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        out.append(f"train.output_dir: {out_dir} exists and is a file; expected a folder "
+                   f"(pick another path)")
+    job = get_job(run.job)
+    if job.preflight is not None:
+        out.extend(job.preflight(run))
+    return out
+
+
+def load_config(path, overrides: Sequence[str] = (), *, here: bool = False) -> RunConfig:
+    """Load a YAML config file, apply ``key=value`` overrides, validate everything at once.
+
+    Args:
+        here: also run :func:`preflight` (files, device, checkpoint on this machine).
+
+    Raises:
+        ConfigError: every problem found.
+    """
     data = load_yaml(path)
     problems = apply_overrides(data, overrides)
     if problems:
         raise ConfigError(problems, str(path))
-    return config_from_dict(data, str(path))
+    run = config_from_dict(data, str(path))
+    if here:
+        problems = preflight(run)
+        if problems:
+            raise ConfigError(problems, str(path))
+    return run
 
 
 def save_config(run: RunConfig, path) -> None:

@@ -171,6 +171,15 @@ def _device(name: str) -> str:
     return name
 
 
+def check(algo, train, c: ToyConfig) -> List[str]:
+    """A step draws ``prompts_per_step`` distinct prompts from the ``num_prompts`` set."""
+    if c.num_prompts < train.prompts_per_step:
+        return [f"toy.num_prompts: got {c.num_prompts}, fewer than train.prompts_per_step="
+                f"{train.prompts_per_step} (a step draws that many distinct prompts); raise "
+                f"num_prompts or lower prompts_per_step"]
+    return []
+
+
 register_job(Job("toy", ToyConfig, run, "a tiny transformer learns to reverse/sort digits "
-                 "(pure torch; the demo)",
+                 "(pure torch; the demo)", check=check,
                  algo_defaults=lambda c: {"max_len": c.length + 1}))  # answer digits + <eos>

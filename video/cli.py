@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List
@@ -64,6 +65,10 @@ def inspect_command(args) -> int:
     from .qwen_inputs import uniform_size
     from .slow_fast import slow_fast_plan
 
+    problem = _out_problem(args.out) if args.out else None
+    if problem:  # before decoding: a long decode must not end in an unwritable path
+        print(f"mmrl video inspect: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     source = args.video[0] if len(args.video) == 1 else list(args.video)
     t0 = time.perf_counter()
     try:
@@ -88,6 +93,20 @@ def inspect_command(args) -> int:
         _contact_sheet(clip, plan, args.out, args.columns)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _out_problem(out: str) -> str:
+    """What keeps the contact sheet from being written to ``out`` ("" when nothing does)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        return "is a directory; expected an image file path such as sheet.png"
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist; create it first (mkdir -p {folder})"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    if os.path.splitext(out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        return "expected a .png, .jpg, .webp or .bmp file name"
+    return ""
 
 
 def _report(clip, plan, uniform_tokens: int, decode_s: float, plan_s: float) -> dict:

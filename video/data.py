@@ -255,8 +255,9 @@ def _raw_records(path: str):
         if head.startswith(b"["):
             try:
                 items = json.loads(f.read().decode("utf-8-sig"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}: not valid JSON ({err}); a JSON-array file must parse "
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+                why = str(err)[:200] or "nested too deeply"
+                raise ValueError(f"{path}: not valid JSON ({why}); a JSON-array file must parse "
                                  f"whole (or write one record per line as JSONL)") from None
             for i, item in enumerate(items):
                 yield f"{name}[{i}]", item
@@ -292,8 +293,9 @@ def load_vl_dataset(path: Union[str, os.PathLike], *, root: Optional[str] = None
 
     Raises:
         ValueError: unknown ``on_error``/``problem_types``; a JSON array that does not parse;
-            with ``"raise"``, the first bad record; with ``"skip"``, a file with no good record.
-        FileNotFoundError: no such file.
+            with ``"raise"``, the first bad record; a file with no usable record (empty, only
+            blank lines, every record malformed, or none of ``problem_types``).
+        FileNotFoundError: no such file (``IsADirectoryError`` for a folder).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error={on_error!r}; expected 'skip' or 'raise'")
@@ -322,8 +324,11 @@ def load_vl_dataset(path: Union[str, os.PathLike], *, root: Optional[str] = None
             if limit is not None and len(records) >= limit:
                 break
     data = VLDataset(records, skipped, path)
-    if not records and skipped:
-        raise ValueError(f"{path}: no usable record\n{data.skip_report()}")
+    if not records:
+        why = data.skip_report() if skipped else (
+            f"none of the records has problem_types {list(problem_types)}" if keep is not None
+            else "the file holds no record (it is empty or has only blank lines)")
+        raise ValueError(f"{path}: no usable record; {why}")
     return data
 
 

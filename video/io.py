@@ -5,7 +5,8 @@
 more than the clip has; indices ``linspace(first, last, n).round()``). A list of image paths is
 read as a video whose frames were sampled at ``fps``. Every failure a user's data can cause
 (missing, empty, corrupt or truncated file, a file that is not a video, no decodable frame, an
-aspect ratio over 200, a clip shorter than the minimum frame count) raises :class:`VideoError`,
+aspect ratio over 200 or a side under 28 px, read from the header before decoding, a clip shorter
+than the minimum frame count) raises :class:`VideoError`,
 a ``ValueError`` whose message names the file and the problem.
 
 Training never crashes on one bad sample: :func:`try_load_video` returns ``(clip, None)`` or
@@ -30,6 +31,7 @@ FPS = 2.0
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 MAX_RATIO = 200
+MIN_SIDE = FACTOR  # smallest frame side of a video file mmrl decodes (checked from the header)
 VIDEO_MIN_TOKENS = 128
 VIDEO_MAX_TOKENS = 768
 VIDEO_TOTAL_TOKENS = 128000  # MODEL_SEQ_LEN; qwen-vl-utils uses 90 % of it for all frames
@@ -44,7 +46,8 @@ class VideoError(ValueError):
     Attributes:
         path: the file (or the first file of an image list).
         problem: short machine-friendly reason ("missing", "corrupt", "not_a_video",
-            "no_frames", "aspect_ratio", "too_short", "bad_range"), used to count skips.
+            "no_frames", "aspect_ratio", "too_small", "unsupported_size", "too_short",
+            "bad_range"), used to count skips.
     """
 
     def __init__(self, path, problem: str, detail: str, fix: str = ""):
@@ -183,6 +186,32 @@ def _check_aspect(path, h: int, w: int) -> None:
                          "crop or pad the video to a ratio of at most 200")
 
 
+def _probe_size(path: str) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` of the first video stream from the container header (PyAV, no
+    decoding), or None when PyAV is missing or cannot tell (decord then reports the problem)."""
+    try:
+        import av
+        with av.open(path) as container:
+            streams = container.streams.video
+            if not streams:
+                return None
+            cc = streams[0].codec_context
+            return (int(cc.height), int(cc.width)) if cc.height and cc.width else None
+    except Exception:  # noqa: BLE001 - any failure: leave the diagnosis to decord
+        return None
+
+
+def _check_frame_size(path, h: int, w: int) -> None:
+    """Aspect ratio, then the smallest side, checked from the header before decord decodes:
+    decord fails on (and for some sizes corrupts memory with) frames a few pixels wide."""
+    _check_aspect(path, h, w)
+    if min(h, w) < MIN_SIDE:
+        raise VideoError(path, "too_small", f"frame size {w}x{h} is below the minimum side "
+                         f"{MIN_SIDE} px (one Qwen-VL visual token covers {FACTOR}x{FACTOR} px)",
+                         f"re-encode it larger, e.g. ffmpeg -i IN -vf scale={MIN_SIDE * 4}:-2 "
+                         f"OUT.mp4")
+
+
 def _decord_message(err: Exception) -> str:
     """decord's first error line without its "[hh:mm:ss] /src/file.cc:NN:" prefix."""
     line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -232,7 +261,8 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
 
     Raises:
         VideoError: missing, empty, corrupt, truncated or non-video file; zero frames; aspect
-            ratio over 200; fewer than ``min_frames`` frames; an empty ``[start, end]`` range.
+            ratio over 200 or a frame side under ``MIN_SIDE`` (28) px; a frame width decord
+            cannot convert; fewer than ``min_frames`` frames; an empty ``[start, end]`` range.
         ValueError: ``fps``/``max_frames`` out of range.
     """
     if not fps > 0:
@@ -248,6 +278,9 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
     if path.startswith("file://"):
         path = path[7:]
     _check_file(path)
+    size = _probe_size(path)
+    if size is not None:
+        _check_frame_size(path, *size)
     vr, total, native_fps = _open_decord(path)
     first, last = _frame_range(path, total, native_fps, start, end)
     n_range = last - first + 1
@@ -261,6 +294,13 @@ def read_video(path: VideoSource, *, fps: float = FPS, max_frames: Optional[int]
         frames = vr.get_batch(idx).asnumpy()
         stamps = vr.get_frame_timestamp(idx)[:, 0].astype(np.float64)
     except Exception as err:
+        if size is not None and "DECORDArrayCopyFromTo" in str(err):
+            # decord's converter cannot copy frames of some widths (its buffer size differs)
+            raise VideoError(path, "unsupported_size", f"decord cannot decode frames of size "
+                             f"{size[1]}x{size[0]} (a decord limitation with some widths under "
+                             f"64 px; the file itself may be fine)",
+                             "re-encode it at a width of 64 px or more, e.g. ffmpeg -i IN -vf "
+                             "scale=64:-2 OUT.mp4") from None
         raise VideoError(path, "corrupt", f"decoding failed part-way (truncated or corrupt "
                          f"stream): {_decord_message(err)}",
                          "re-encode the file") from None

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from mmrl.config import cfg
+from mmrl.config import UserError, cfg
 from mmrl.jobs import Job, register_job
 
 _REWARDS = {"accuracy": 1.0, "think_answer_format": 0.5}
@@ -102,15 +102,59 @@ class VideoConfig:
     def problems(self) -> List[str]:
         out = []
         if self.data != "synthetic" and not self.data.endswith((".jsonl", ".json")):
-            out.append(f"video.data: got {self.data!r}; expected a .jsonl/.json file or "
+            out.append(f"data: got {self.data!r}; expected a .jsonl/.json file or "
                        f"'synthetic'")
         if not self.rewards:
-            out.append("video.rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
+            out.append("rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
         if self.temporal_contrast and "accuracy" not in self.rewards:
-            out.append("video.temporal_contrast needs the 'accuracy' reward in video.rewards")
+            out.append("temporal_contrast needs the 'accuracy' reward in video.rewards")
         if self.min_tokens > self.max_tokens:
-            out.append(f"video.min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+            out.append(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+        if self.rewards:
+            out.extend(reward_spec_problems(self.rewards))
         return out
+
+
+def reward_spec_problems(spec) -> List[str]:
+    """``video.rewards`` problems (keys relative to the section): the spec is built (cheap:
+    rule rewards, no model); a ``ValueError``/``TypeError`` it raises (unknown name, bad option,
+    bad weight) or a weight that is not finite is reported."""
+    import math
+
+    from .vl_rewards import build_vl_reward
+    try:
+        weights = build_vl_reward(spec).weights
+    except (ValueError, TypeError) as err:
+        return [f"rewards: {err}"]
+    return [f"rewards: {name} weight={w!r}; expected a finite number"
+            for name, w in weights.items() if not math.isfinite(w)]
+
+
+def check(algo, train, c: VideoConfig) -> List[str]:
+    """Cross-section problems of a video config (prompt counts known before reading data)."""
+    out = []
+    if c.data == "synthetic" and c.synthetic_num < train.prompts_per_step:
+        out.append(f"video.synthetic_num: got {c.synthetic_num}, fewer than train."
+                   f"prompts_per_step={train.prompts_per_step} (a step draws that many distinct "
+                   f"prompts); raise synthetic_num or lower prompts_per_step")
+    if c.limit is not None and c.limit < train.prompts_per_step:
+        out.append(f"video.limit: got {c.limit}, fewer than train.prompts_per_step="
+                   f"{train.prompts_per_step}; raise the limit or lower prompts_per_step")
+    return out
+
+
+def preflight(config) -> List[str]:
+    """The data file and the model exist on this machine (nothing is read or loaded)."""
+    from mmrl.jobs import file_problems, model_problems
+
+    from .tiny import TINY_MODELS
+    c: VideoConfig = config.task
+    out = []
+    if c.data != "synthetic":
+        out.extend(file_problems("video.data", c.data, "data file"))
+    if c.model not in TINY_MODELS:
+        out.extend(model_problems("video.model", c.model, "config.json"))
+    return out
 
 
 def _video_kwargs(c: VideoConfig) -> Dict[str, Any]:
@@ -130,7 +174,10 @@ def build_data(c: VideoConfig, output_dir: str, seed: int):
         from .synthetic_task import write_synthetic_task
         path = write_synthetic_task(os.path.join(output_dir, "synthetic"), c.synthetic_num,
                                     kind=c.synthetic_kind, seed=seed)
-    ds = load_vl_dataset(path, limit=c.limit)
+    try:
+        ds = load_vl_dataset(path, limit=c.limit)
+    except (OSError, ValueError) as err:  # missing, unreadable, empty or all-malformed file
+        raise UserError(f"video.data: {err}") from None
     records = list(ds)
     if c.qa_inversion > 0:
         records = list(qa_inversion(records, prob=c.qa_inversion, seed=seed))
@@ -211,5 +258,5 @@ def run(config) -> Dict[str, Any]:
 
 register_job(Job("video", VideoConfig, run,
                  "Qwen2.5-VL GRPO-family training on video/image questions (Video-R1 data, "
-                 "verifiable rewards)",
+                 "verifiable rewards)", check=check, preflight=preflight,
                  algo_defaults=lambda c: {"max_len": c.max_new_tokens}))
