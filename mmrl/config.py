@@ -13,8 +13,9 @@ the value received and what was expected. Every field carries ``doc``/``source``
 ``mmrl config docs`` renders and a test checks.
 
 Reading is defensive: a file that is not UTF-8 text, a directory, a YAML document nested too
-deeply or one whose aliases expand to more than :data:`MAX_ALIAS_NODES` nodes (a "billion
-laughs" bomb) is one ``ConfigError``, decided while composing, before any Python object is built.
+deeply, one that names a key twice in a mapping, or one whose aliases expand to more than
+:data:`MAX_ALIAS_NODES` nodes (a "billion laughs" bomb; reading is in :mod:`mmrl.yaml_safe`) is
+one ``ConfigError``, decided while composing, before any Python object is built.
 Values are quoted in messages at most :data:`MAX_SHOWN` characters long.
 """
 from __future__ import annotations
@@ -31,11 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from mmrl.registry import did_you_mean
+from mmrl.yaml_safe import (MAX_ALIAS_NODES, AliasBudgetError, DuplicateKeyError,  # noqa: F401
+                            Loader as _Loader)
 
-
-MAX_ALIAS_NODES = 10_000
-"""Most YAML nodes that aliases (``*name``) may add to a config when expanded; a real config adds
-a few hundred at most, a 360-byte alias bomb billions."""
 
 MAX_SHOWN = 120
 """Longest quoted value in a problem message (longer ones are cut, with their length)."""
@@ -84,81 +83,6 @@ def cfg(default: Any = MISSING, doc: str = "", *, source: str = "", choices: Any
     return field(default=default, metadata=meta)
 
 
-class AliasBudgetError(yaml.YAMLError):
-    """Aliases that expand past the budget, or an alias inside its own anchor (a cycle)."""
-
-
-def _where(event) -> str:
-    return f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}"
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with an alias expansion budget.
-
-    Each alias adds the expanded size of its target (nodes, counted once per node with a memo, so
-    the count itself is linear in the composed nodes) to a running total; past
-    ``alias_budget`` composing stops. An alias to a node still being composed (its own ancestor)
-    would make a cyclic value and is refused too. PyYAML (YAML 1.1) reads "1e-4" as a string;
-    the resolver below accepts the scientific forms people write.
-    """
-
-    alias_budget = MAX_ALIAS_NODES
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._expanded = 0
-        self._sizes: Dict[int, int] = {}
-        self._open: List[Any] = []  # the nodes being composed: ancestors of the current one
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            target = self.anchors.get(event.anchor)
-            if target is not None:
-                self._expanded += self._size(target, event, parent)
-                if self._expanded > self.alias_budget:
-                    raise AliasBudgetError(
-                        f"aliases expand to more than {self.alias_budget} nodes (the limit "
-                        f"mmrl.config.MAX_ALIAS_NODES; at *{event.anchor}, {_where(event)}); a "
-                        f"config needs far fewer: write the values out or use fewer aliases")
-        self._open.append(parent)
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._open.pop()
-
-    def _size(self, node, event, parent) -> int:
-        """Nodes in ``node`` with every alias expanded (memoized on finished nodes)."""
-        open_ids = {id(n) for n in self._open + [parent] if n is not None}
-        stack, order, seen = [node], [], set()
-        while stack:  # iterative: a deep document must not hit the recursion limit here
-            n = stack.pop()
-            if id(n) in open_ids:
-                raise AliasBudgetError(f"alias *{event.anchor} ({_where(event)}) refers to a "
-                                       f"node that contains it (a cycle); a config value must "
-                                       f"be finite")
-            if id(n) not in self._sizes and id(n) not in seen:
-                seen.add(id(n))
-                order.append(n)
-                stack.extend(_children(n))
-        for n in reversed(order):  # children before parents
-            self._sizes[id(n)] = 1 + sum(self._sizes[id(k)] for k in _children(n))
-        return self._sizes[id(node)]
-
-
-def _children(node) -> list:
-    if isinstance(node, yaml.SequenceNode):
-        return node.value
-    return [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else []
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*(?:[eE][-+]?\d+)$|^[-+]?\d[\d_]*\.\d*$|"
-               r"^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
-
-
 def parse_value(text: str) -> Any:
     """Parse one override value the way YAML would (``1e-4`` -> float, ``null`` -> None).
 
@@ -170,7 +94,7 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, RecursionError) as err:
-        if isinstance(err, AliasBudgetError):
+        if isinstance(err, (AliasBudgetError, DuplicateKeyError)):
             raise ConfigError([str(err)], "override") from None
         detail = getattr(err, "problem", None) or type(err).__name__
         raise ConfigError([f"value {show(text, 60)} is not a YAML value ({detail}); quote a "
@@ -210,7 +134,7 @@ def parse_yaml(text: str, source: str = "config") -> Dict[str, Any]:
         loader = _Loader(text)  # the reader refuses control characters here already
         loader.name = source  # error marks name the file, not "<unicode string>"
         data = loader.get_single_data()
-    except AliasBudgetError as err:
+    except (AliasBudgetError, DuplicateKeyError) as err:
         raise ConfigError([str(err)], source) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {str(err)[:600]}"], source) from None

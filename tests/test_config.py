@@ -250,3 +250,17 @@ def test_video_and_diffusion_sections_check_reward_specs_files_and_models(tmp_pa
         f"diffusion.model={tmp_path / 'model'}", "diffusion.prompt_file=/no/prompts.txt"])
     assert "has no model_index.json" in got[0]
     assert got[1].startswith("diffusion.prompt_file: prompt file '/no/prompts.txt' not found")
+
+
+def test_a_key_written_twice_is_refused_but_merge_keys_may_be_overridden(tmp_path):
+    """YAML keeps the last of two equal keys silently; a config author reads the first."""
+    from mmrl.config import load_yaml
+    p = tmp_path / "dup.yaml"
+    p.write_text("job: toy\ntrain:\n  lr: 1.0e-4\n  steps: 3\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(p)
+    assert "key 'lr' appears twice in one mapping (line 3 and line 5" in str(err.value)
+    with pytest.raises(ConfigError, match="key 'a' appears twice"):
+        parse_value("{a: 1, a: 2}")
+    p.write_text("base: &b {lr: 1, steps: 2}\ntrain:\n  <<: *b\n  lr: 5\n")
+    assert load_yaml(p)["train"] == {"lr": 5, "steps": 2}
