@@ -288,7 +288,11 @@ def build(cls, data: Dict[str, Any], prefix: str = "", problems: Optional[List[s
     obj = cls(**kwargs)
     # Cross-field checks only make sense once every field of this section has the right type.
     if hasattr(obj, "problems") and len(own) == first:
-        own.extend(f"{prefix}.{p}" if prefix else p for p in obj.problems())
+        names = {f.name for f in fields(cls)}
+        for p in obj.problems():  # "field ..." reads as "section.field ...", the rest "section: ..."
+            head = re.match(r"[A-Za-z_]\w*", p)
+            sep = "." if head and head.group(0) in names else ": "
+            own.append(f"{prefix}{sep}{p}" if prefix else p)
     if problems is None and own:
         raise ConfigError(own, cls.__name__)
     return obj
