@@ -175,6 +175,10 @@ class TrainConfig:
     resume: str = cfg("auto", "auto: continue from the newest complete checkpoint in "
                       "output_dir/checkpoints (torn ones are skipped); never: start fresh; or "
                       "a checkpoint folder path.")
+    overwrite: bool = cfg(False, "With resume=never (or a checkpoint path): start even if "
+                          "output_dir holds another run (its run.json, metrics, checkpoints or "
+                          "final.pt), deleting that run's outputs first; without it such a "
+                          "folder is refused (README: Checkpoints, resume and faults).")
     reward_retries: int = cfg(2, "Retries of a reward call that raises or times out; then "
                               "samples are scored one by one and the failing ones dropped.",
                               minimum=0)
