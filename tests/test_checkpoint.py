@@ -1,6 +1,7 @@
 """Checkpoints: atomic, verified, torn ones skipped, disk-full safe; exact resume after SIGKILL;
 SIGTERM checkpoints and exits cleanly; failing rewards are retried, isolated and counted."""
 import errno
+import json
 import random
 import signal
 import subprocess
@@ -343,3 +344,78 @@ def test_disk_full_during_a_run_warns_keeps_going_and_changes_nothing(tmp_path, 
     assert sorted(names) == ["step-00000001", "step-00000003"]  # no partial step 2 left
     ref, got = _final(tmp_path / "ref"), _final(tmp_path / "run")
     assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_a_hung_reward_does_not_keep_the_process_from_exiting():
+    script = ("import time\n"
+              "from mmrl.reward_fn import robust_reward\n"
+              "def hang(s, p, m):\n"
+              "    time.sleep(600)\n"
+              "    return [1.0] * len(s)\n"
+              "rb, err = robust_reward(hang, [1, 2], ['p', 'p'], [{}, {}], retries=0, "
+              "timeout=0.05)\n"
+              "print(rb.num_invalid, err)\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # the stuck threads sleep 600 s
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("2 reward 'hang' raised TimeoutError: no result after "
+                                   "0.05s (train.reward_timeout)")
+    assert time.time() - t0 < 60
+
+
+def _toy_run_with(policy_or_reward, tmp_path, steps, max_bad_steps):
+    from mmrl.runner import run_training
+    from mmrl.toy import ToyPolicy, digit_reward
+    cfg = _toy_cfg(tmp_path, steps=steps, max_bad_steps=max_bad_steps)
+    pol = ToyPolicy(cfg.task)
+    if isinstance(policy_or_reward, type):
+        pol.__class__, reward = policy_or_reward, digit_reward
+    else:
+        reward = policy_or_reward
+    return run_training(cfg, pol, reward, [[1, 2, 3], [2, 2, 1]],
+                        [{"target": [3, 2, 1]}, {"target": [1, 2, 2]}])
+
+
+def test_an_always_raising_reward_stops_the_run_naming_the_reward_and_its_error(tmp_path):
+    def format_reward(samples, prompts, metadata):
+        raise KeyError("answer")
+    with pytest.raises(RuntimeError) as err:
+        _toy_run_with(format_reward, tmp_path, steps=10, max_bad_steps=2)
+    msg = str(err.value)
+    assert msg.startswith("2 consecutive step(s) had no valid sample to learn from (last step "
+                          "1): every sample was dropped because reward 'format_reward' raised "
+                          "KeyError: 'answer'. Fix the reward")
+    assert "non-finite loss or gradient" not in msg
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
+
+
+def test_a_run_in_which_no_input_was_usable_fails_instead_of_reporting_nan(tmp_path):
+    from mmrl.toy import ToyPolicy
+
+    class NoUsableInput(ToyPolicy):  # every prompt's input is skipped (all videos unreadable)
+        def rollout(self, prompts, metadata, group_size, generator):
+            r = super().rollout(prompts, metadata, group_size, generator)
+            return r.select(torch.zeros(len(r), dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"2 consecutive step\(s\) had no valid sample .*"
+                                           r"the policy returned no samples"):
+        _toy_run_with(NoUsableInput, tmp_path, steps=2, max_bad_steps=5)  # fewer than 5
+    assert not (tmp_path / "final.pt").exists()
+    metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["samples"], m["dropped_samples"]) for m in metrics] == \
+        [(0, 0.0, 0.0), (1, 0.0, 0.0)]
+
+
+def test_summary_rewards_skip_steps_without_samples(tmp_path):
+    from mmrl.toy import ToyPolicy
+    calls = []
+
+    class FirstStepEmpty(ToyPolicy):
+        def rollout(self, prompts, metadata, group_size, generator):
+            r = super().rollout(prompts, metadata, group_size, generator)
+            calls.append(1)
+            return r.select(torch.full((len(r),), len(calls) > 1))
+    summary = _toy_run_with(FirstStepEmpty, tmp_path, steps=3, max_bad_steps=5)
+    rewards = [h["reward_mean"] for h in summary["history"][1:]]
+    assert "reward_mean" not in summary["history"][0]
+    assert summary["reward_first"] == rewards[0] and summary["reward_last"] == rewards[-1]
