@@ -314,7 +314,8 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
     if resumed is not None:
         say(f"resumed from {resumed} (step {r.step})"
             + (f"; the run is already complete ({t.steps} steps): nothing to do. Use "
-               f"train.resume=never or another train.output_dir to start over"
+               f"train.resume=never train.overwrite=true or another train.output_dir to "
+               f"start over"
                if r.step >= t.steps else ""))
     log = MetricsLog(r.out, r.step, wandb_project=t.wandb_project,
                      config=config.to_dict()) if main else None
