@@ -26,6 +26,7 @@ from mmrl.observe import (MetricsLog, StopRequest, log_samples, progress_bar, re
                           throughput)
 from mmrl.losses import PolicyLoss
 from mmrl.rounds import Round, RoundAugmenter, RoundsMixin
+from mmrl.run_folder import claim_output_dir
 
 __all__ = ["Run", "run_training", "Round", "RoundAugmenter", "seed_everything",
            "policy_weights", "load_policy_weights"]
@@ -119,12 +120,12 @@ class Run(RoundsMixin):
 
     # ------------------------------------------------------------------ checkpoints
     def claim_output(self) -> None:
-        """Rank 0 makes sure output_dir is this run's (:func:`mmrl.checkpoint.claim_output_dir`);
+        """Rank 0 makes sure output_dir is this run's (:func:`mmrl.run_folder.claim_output_dir`);
         every rank gets the run id, or raises the same error."""
         claim: tuple = (None, None)
         if self.dist.is_main:
             try:
-                claim = (ckpt.claim_output_dir(self.out, self.t.resume, self.t.overwrite), None)
+                claim = (claim_output_dir(self.out, self.t.resume, self.t.overwrite), None)
             except ValueError as err:
                 claim = (None, str(err))
         self.run_id, error = self.dist.all_gather_object(claim)[0]

@@ -126,7 +126,8 @@ class TrainConfig:
     max_grad_norm: float = cfg(1.0, "Clip the global gradient norm to this; 0 disables.",
                                minimum=0.0)
     max_bad_steps: int = cfg(5, "Stop after this many consecutive steps skipped for a "
-                             "non-finite loss or gradient.", minimum=1)
+                             "non-finite loss or gradient or for having no valid sample (the "
+                             "message names the cause).", minimum=1)
     seed: int = cfg(0, "Seed for python, numpy and torch (rollouts, prompt order, init).")
     device: str = cfg("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     log_every: int = cfg(1, "Print a metrics line every N steps (JSONL gets every step).",

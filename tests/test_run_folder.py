@@ -8,6 +8,7 @@ import torch
 
 from mmrl import checkpoint as ckpt
 from mmrl import toy
+from mmrl.run_folder import read_run_id
 from mmrl.schema import config_from_dict
 
 
@@ -41,7 +42,7 @@ def runs(tmp_path_factory):
 
 def test_resume_never_refuses_a_folder_of_another_run(runs, tmp_path):
     old = runs / "old"
-    run_id = ckpt.read_run_id(old)
+    run_id = read_run_id(old)
     assert run_id and len(run_id) == 16
     before = {p.name: p.stat().st_mtime_ns for p in (old / "checkpoints").iterdir()}
     final = _final(old)
@@ -49,7 +50,7 @@ def test_resume_never_refuses_a_folder_of_another_run(runs, tmp_path):
                                          f"step-00000005.*train.overwrite=true"):
         toy.run(_cfg(old, steps=2, resume="never"))
     assert {p.name: p.stat().st_mtime_ns for p in (old / "checkpoints").iterdir()} == before
-    assert _same(_final(old), final) and ckpt.read_run_id(old) == run_id
+    assert _same(_final(old), final) and read_run_id(old) == run_id
     assert _steps(old) == [0, 1, 2, 3, 4]
 
 
@@ -59,9 +60,9 @@ def test_overwrite_deletes_the_old_run_and_never_mixes_it(runs, tmp_path):
     shutil.copytree(runs / "old", out)
     (out / "synthetic").mkdir()  # a job's input kept in output_dir (the video demo's clips)
     (out / "synthetic" / "clip.txt").write_text("input")
-    old_id = ckpt.read_run_id(out)
+    old_id = read_run_id(out)
     toy.run(_cfg(out, steps=2, resume="never", overwrite=True))
-    new_id = ckpt.read_run_id(out)
+    new_id = read_run_id(out)
     assert new_id != old_id
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-00000001", "step-00000002"]  # keep_last=2 kept the new run's own
@@ -72,15 +73,15 @@ def test_overwrite_deletes_the_old_run_and_never_mixes_it(runs, tmp_path):
     # a later resume=auto continues the new run (complete), not the old 5-step one
     summary = toy.run(_cfg(out, steps=2))
     assert summary["steps"] == 2 and _same(_final(out), _final(runs / "fresh"))
-    assert ckpt.read_run_id(out) == new_id
+    assert read_run_id(out) == new_id
 
 
 def test_auto_adopts_the_folder_and_refuses_overwrite(runs, tmp_path):
     out = tmp_path / "out"
     toy.run(_cfg(out, steps=1))
-    run_id = ckpt.read_run_id(out)
+    run_id = read_run_id(out)
     toy.run(_cfg(out, steps=2))  # resume=auto: the same run, one more step
-    assert ckpt.read_run_id(out) == run_id and _steps(out) == [0, 1]
+    assert read_run_id(out) == run_id and _steps(out) == [0, 1]
     assert _same(_final(out), _final(runs / "fresh"))  # == an uninterrupted 2-step run
     with pytest.raises(ValueError, match="would delete the checkpoints auto resumes from"):
         toy.run(_cfg(out, steps=2, overwrite=True))
@@ -95,7 +96,7 @@ def test_resume_from_an_older_checkpoint_of_the_same_run(runs, tmp_path):
         toy.run(_cfg(out, steps=5, seed=1, resume=str(older)))
     toy.run(_cfg(out, steps=5, seed=1, resume=str(older), overwrite=True))
     assert _same(_final(out), _final(runs / "old"))  # step 4 -> 5 redone, bit for bit
-    assert ckpt.read_run_id(out) == ckpt.read_run_id(runs / "old")
+    assert read_run_id(out) == read_run_id(runs / "old")
 
 
 def test_checkpoint_of_another_run_into_a_folder_of_a_third(runs, tmp_path):
@@ -106,5 +107,5 @@ def test_checkpoint_of_another_run_into_a_folder_of_a_third(runs, tmp_path):
     with pytest.raises(ValueError, match="not the run of train.resume"):
         toy.run(_cfg(out, steps=5, seed=1, resume=str(src)))
     toy.run(_cfg(tmp_path / "empty", steps=5, seed=1, resume=str(src)))  # a new folder: fine
-    assert ckpt.read_run_id(tmp_path / "empty") == ckpt.read_run_id(runs / "old")
+    assert read_run_id(tmp_path / "empty") == read_run_id(runs / "old")
     assert _same(_final(tmp_path / "empty"), _final(runs / "old"))
