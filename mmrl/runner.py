@@ -219,7 +219,8 @@ class Run(RoundsMixin):
                       "dynamic_groups_dropped": float(report.groups_dropped)})
         m.update(self.step_round_metrics())
         self.drop_cause = "" if m.get("samples", 1.0) > 0 else _drop_cause(
-            res.get("reward_error"), nonfinite, m.get("dropped_samples", 0.0))
+            res.get("reward_error"), nonfinite, m.get("dropped_samples", 0.0),
+            res["rollout"].skipped)
         m["step_time"] = time.time() - tic
         m.update(throughput(m, res["rollout"], self.dist))
         if res.get("reward_error"):
@@ -231,7 +232,8 @@ class Run(RoundsMixin):
         return m
 
 
-def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float) -> str:
+def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float,
+                skipped: Dict[str, int]) -> str:
     """Why a step had no valid sample, and what to do about it (for the stop message)."""
     if reward_error:
         return (f"every sample was dropped because {reward_error}. Fix the reward (call "
@@ -241,9 +243,9 @@ def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float) -> 
         return (f"the reward returned NaN/inf for every sample ({nonfinite}). Make it return "
                 f"finite numbers")
     if dropped == 0:
-        return ("the policy returned no samples: every prompt's input was skipped (e.g. "
-                "unreadable videos or images; the job's skip report names them). Check the "
-                "dataset")
+        why = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "reasons not given"
+        return (f"the policy returned no samples: every prompt's input was skipped ({why}; "
+                f"e.g. unreadable videos or images). Check the dataset")
     return f"all {int(dropped)} sample(s) were dropped. Check the reward and the inputs"
 
 

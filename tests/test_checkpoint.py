@@ -396,9 +396,11 @@ def test_a_run_in_which_no_input_was_usable_fails_instead_of_reporting_nan(tmp_p
     class NoUsableInput(ToyPolicy):  # every prompt's input is skipped (all videos unreadable)
         def rollout(self, prompts, metadata, group_size, generator):
             r = super().rollout(prompts, metadata, group_size, generator)
+            r.skipped = {"corrupt": len(prompts) - 1, "too_short": 1}
             return r.select(torch.zeros(len(r), dtype=torch.bool))
     with pytest.raises(RuntimeError, match=r"2 consecutive step\(s\) had no valid sample .*"
-                                           r"the policy returned no samples"):
+                                           r"the policy returned no samples: every prompt's "
+                                           r"input was skipped \(corrupt 1, too_short 1;"):
         _toy_run_with(NoUsableInput, tmp_path, steps=2, max_bad_steps=5)  # fewer than 5
     assert not (tmp_path / "final.pt").exists()
     metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
