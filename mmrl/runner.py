@@ -90,6 +90,7 @@ class Run(RoundsMixin):
         self.step, self.history, self.bad_in_row, self.empty_in_row = 0, [], 0, 0
         self.run_id: Optional[str] = None  # set by claim_output()
         self.drop_cause = ""  # why the last step had no valid sample
+        self.save_failed = False  # did the last checkpoint write fail (rank 0)?
         self.round_metrics: Dict[str, float] = {}
         self.round_means: Dict[str, tuple] = {}
         # Every rank draws the same prompts; each samples with its own stream, so identical
@@ -154,6 +155,7 @@ class Run(RoundsMixin):
             self.dist.barrier()
 
     def _write(self, weights, optim, state) -> Optional[Path]:
+        self.save_failed = False
         try:
             return ckpt.save_checkpoint(self.out / "checkpoints", self.step, weights, optim,
                                         state, keep_last=self.t.keep_last,
@@ -161,7 +163,13 @@ class Run(RoundsMixin):
         except OSError as err:  # e.g. disk full: the previous checkpoint is intact; go on
             print(f"warning: checkpoint at step {self.step} failed ({err}); the previous "
                   f"checkpoint is kept", file=sys.stderr, flush=True)
+            self.save_failed = True
             return None
+
+    def saved_note(self) -> str:
+        """What became of the checkpoint just written, for a stop message."""
+        return ("writing a checkpoint failed (see the warning above); the previous one is kept"
+                if self.save_failed else "a checkpoint was written")
 
     def resume(self) -> Optional[Path]:
         mode = self.t.resume
@@ -254,11 +262,11 @@ def _bad_steps_error(r: "Run") -> RuntimeError:
     last, where = r.step - 1, f"metrics so far: {r.out / 'metrics.jsonl'}"
     if r.empty_in_row:
         return RuntimeError(f"{r.empty_in_row} consecutive step(s) had no valid sample to learn "
-                            f"from (last step {last}): {r.drop_cause}; a checkpoint was written; "
+                            f"from (last step {last}): {r.drop_cause}; {r.saved_note()}; "
                             f"{where}")
     return RuntimeError(f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
-                        f"(last step {last}); a checkpoint was written. Lower train.lr or check "
-                        f"the reward; {where}")
+                        f"(last step {last}); {r.saved_note()}. Lower train.lr or check the "
+                        f"reward; {where}")
 
 
 def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
@@ -349,7 +357,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
         if bar is not None:
             bar.close()
     if stopped is not None:
-        say(f"stopped by signal {int(stopped)} after step {r.step - 1}; checkpoint written; "
+        say(f"stopped by signal {int(stopped)} after step {r.step - 1}; {r.saved_note()}; "
             f"resume with train.resume=auto")
     else:
         folder, final = r.save(), None

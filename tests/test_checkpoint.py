@@ -421,3 +421,14 @@ def test_summary_rewards_skip_steps_without_samples(tmp_path):
     rewards = [h["reward_mean"] for h in summary["history"][1:]]
     assert "reward_mean" not in summary["history"][0]
     assert summary["reward_first"] == rewards[0] and summary["reward_last"] == rewards[-1]
+
+
+def test_the_stop_message_says_when_its_checkpoint_could_not_be_written(tmp_path, monkeypatch):
+    def disk_full(obj, path, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match=r"no valid sample .* writing a checkpoint failed "
+                                           r"\(see the warning above\); the previous one is kept"):
+        _toy_run_with(lambda s, p, m: [float("nan")] * len(s), tmp_path, steps=5,
+                      max_bad_steps=1)
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is None
