@@ -8,12 +8,13 @@ checkpoint and exit cleanly (a second SIGINT stops at once).
 """
 from __future__ import annotations
 
+import json
 import random
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -269,6 +270,17 @@ def _bad_steps_error(r: "Run") -> RuntimeError:
                         f"reward; {where}")
 
 
+def _step_rewards(r: "Run") -> List[float]:
+    """Mean reward of each step that had samples: this session's, or (a resumed run that had
+    nothing left to do) the ones metrics.jsonl recorded, so the summary never reports nan."""
+    rewards = [h["reward_mean"] for h in r.history if "reward_mean" in h]
+    path = r.out / "metrics.jsonl"
+    if not rewards and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
+    return rewards
+
+
 def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
     """Entries of a policy's state dict that are not module weights (``mmrl_*`` keys)."""
     return {k: v for k, v in weights.items() if k.startswith("mmrl_")}
@@ -371,7 +383,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
     if r.dist.active and r.fsdp is None:
         _check_ranks_agree(r, say)
     maybe_destroy(r.dist)
-    rewards = [h["reward_mean"] for h in r.history if "reward_mean" in h]  # steps with samples
+    rewards = _step_rewards(r)
     k = max(1, min(5, len(rewards) // 4))
     return {"steps": r.step, "seconds": time.time() - start, "stopped": stopped,
             "reward_first": float(np.mean(rewards[:k])) if rewards else float("nan"),

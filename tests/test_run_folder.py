@@ -27,6 +27,11 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _rewards(out):
+    return [json.loads(line)["reward_mean"]
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _steps(out):
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -73,6 +78,8 @@ def test_overwrite_deletes_the_old_run_and_never_mixes_it(runs, tmp_path):
     # a later resume=auto continues the new run (complete), not the old 5-step one
     summary = toy.run(_cfg(out, steps=2))
     assert summary["steps"] == 2 and _same(_final(out), _final(runs / "fresh"))
+    rewards = _rewards(out)  # nothing left to do: the summary is the recorded run's, not nan
+    assert (summary["reward_first"], summary["reward_last"]) == (rewards[0], rewards[-1])
     assert read_run_id(out) == new_id
 
 
