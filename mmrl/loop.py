@@ -37,6 +37,9 @@ class Rollout:
         group_ids: ``[B]`` long, equal for samples of the same prompt.
         mask: ``[B, T]`` bool, True where a token / trained step counts.
         data: policy payload; tensors / lists with leading dim B are sliced by :meth:`select`.
+        skipped: inputs the policy could not use in this rollout, counted by reason (e.g.
+            ``{"corrupt": 2}`` for unreadable videos); a run whose steps end up with no sample
+            names them when it stops.
     """
 
     samples: List[Any]
@@ -48,6 +51,7 @@ class Rollout:
     # Group id of each *sample* (reward row) when training rows are not the reward rows
     # (policies with an ``advantages`` hook); None = the same as ``group_ids``.
     reward_group_ids: Optional[torch.Tensor] = None
+    skipped: Dict[str, int] = field(default_factory=dict)
 
     @property
     def sample_group_ids(self) -> torch.Tensor:
@@ -69,7 +73,7 @@ class Rollout:
         data = {k: _take(v, idx, pick, len(self)) for k, v in self.data.items()}
         return Rollout([self.samples[i] for i in pick], [self.prompts[i] for i in pick],
                        [self.metadata[i] for i in pick], self.group_ids[idx], self.mask[idx],
-                       data)
+                       data, skipped=dict(self.skipped))
 
 
 def _take(value, idx, pick, n):

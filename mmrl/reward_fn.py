@@ -14,6 +14,7 @@ columns and reports NaN/inf entries instead of letting them reach the advantages
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
@@ -127,7 +128,7 @@ def evaluate_reward(fn: Callable, samples: Sequence[Any], prompts: Sequence[Any]
         raise ValueError(f"got {n} samples but {len(metadata)} metadata dicts; pass one per sample")
     if on_invalid not in ("drop", "raise"):
         raise ValueError(f"on_invalid={on_invalid!r}; expected 'drop' or 'raise'")
-    who = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
+    who = name or _name(fn)
     out = fn(samples, prompts, metadata)
     if isinstance(out, Mapping):
         names = [str(k) for k in out]
@@ -182,15 +183,30 @@ class CombinedReward:
         return out
 
 
+def _name(fn) -> str:
+    return str(getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__))
+
+
 def _call(fn, timeout: Optional[float], *args):
+    """``fn(*args)``, abandoned after ``timeout`` seconds (TimeoutError). The call runs in a
+    daemon thread: a reward that never returns cannot keep the process from exiting."""
     if not timeout:
         return fn(*args)
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn, *args).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False)  # a hung reward thread is abandoned, not waited for
+    box: Dict[str, Any] = {}
+
+    def target():
+        try:
+            box["out"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            box["err"] = err
+    thread = threading.Thread(target=target, name="mmrl-reward", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no result after {timeout:g}s (train.reward_timeout)")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def robust_reward(reward_fn, samples: Sequence[Any], prompts: Sequence[Any],
@@ -200,17 +216,23 @@ def robust_reward(reward_fn, samples: Sequence[Any], prompts: Sequence[Any],
 
     The batch call is tried ``1 + retries`` times; if it still fails, each sample is scored on
     its own so that only the samples that fail get NaN (and are then dropped and counted).
+    A call past ``timeout`` seconds is abandoned (it keeps running in a daemon thread, which
+    does not hold up the process's exit).
 
     Returns:
-        the :class:`RewardBatch` and the last error message (None when nothing failed).
+        the :class:`RewardBatch` and the last error as ``"reward 'name' raised Type: message"``
+        (None when nothing failed).
     """
+    who = _name(reward_fn)
+    if not len(samples):  # nothing to score (e.g. every input of the step was skipped)
+        return RewardBatch(torch.zeros(0, 1), [who], torch.zeros(0, dtype=torch.bool)), None
     args = (reward_fn, samples, prompts, metadata)
     error = None
     for _ in range(retries + 1):
         try:
             return _call(evaluate_reward, timeout, *args), error
         except Exception as err:  # noqa: BLE001 - any reward failure is retried, then isolated
-            error = f"{type(err).__name__}: {err}" or "timeout"
+            error = f"reward {who!r} raised {type(err).__name__}: {err}"
     rows, names = [], None
     for i in range(len(samples)):
         try:
@@ -219,7 +241,7 @@ def robust_reward(reward_fn, samples: Sequence[Any], prompts: Sequence[Any],
             names = names or one.names
             rows.append(one.values[0])
         except Exception as err:  # noqa: BLE001
-            error, rows = f"{type(err).__name__}: {err}", rows + [None]
+            error, rows = f"reward {who!r} raised {type(err).__name__}: {err}", rows + [None]
     names = names or [getattr(reward_fn, "name", "reward")]
     nan = torch.full((len(names),), float("nan"))
     values = torch.stack([nan if r is None or r.shape != nan.shape else r for r in rows]) \

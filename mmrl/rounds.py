@@ -222,6 +222,10 @@ def concat_rollouts(parts: Sequence[Any]) -> Any:
             data[k] = [x for val in vals for x in val]
         else:
             data[k] = v
+    skipped: Dict[str, int] = {}
+    for p in parts:
+        for reason, n in p.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
     return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
                    [x for p in parts for x in p.metadata],
-                   torch.cat([p.group_ids for p in parts]), mask, data)
+                   torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped)

@@ -8,12 +8,13 @@ checkpoint and exit cleanly (a second SIGINT stops at once).
 """
 from __future__ import annotations
 
+import json
 import random
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from mmrl.observe import (MetricsLog, StopRequest, log_samples, progress_bar, re
                           throughput)
 from mmrl.losses import PolicyLoss
 from mmrl.rounds import Round, RoundAugmenter, RoundsMixin
+from mmrl.run_folder import claim_output_dir
 
 __all__ = ["Run", "run_training", "Round", "RoundAugmenter", "seed_everything",
            "policy_weights", "load_policy_weights"]
@@ -86,7 +88,10 @@ class Run(RoundsMixin):
         self.selector = selector
         self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
                                      t.micro_batch_size, t.t_chunk, t.max_grad_norm)
-        self.step, self.history, self.bad_in_row = 0, [], 0
+        self.step, self.history, self.bad_in_row, self.empty_in_row = 0, [], 0, 0
+        self.run_id: Optional[str] = None  # set by claim_output()
+        self.drop_cause = ""  # why the last step had no valid sample
+        self.save_failed = False  # did the last checkpoint write fail (rank 0)?
         self.round_metrics: Dict[str, float] = {}
         self.round_means: Dict[str, tuple] = {}
         # Every rank draws the same prompts; each samples with its own stream, so identical
@@ -116,6 +121,19 @@ class Run(RoundsMixin):
                              "forwards); use parallel=ddp")
 
     # ------------------------------------------------------------------ checkpoints
+    def claim_output(self) -> None:
+        """Rank 0 makes sure output_dir is this run's (:func:`mmrl.run_folder.claim_output_dir`);
+        every rank gets the run id, or raises the same error."""
+        claim: tuple = (None, None)
+        if self.dist.is_main:
+            try:
+                claim = (claim_output_dir(self.out, self.t.resume, self.t.overwrite), None)
+            except ValueError as err:
+                claim = (None, str(err))
+        self.run_id, error = self.dist.all_gather_object(claim)[0]
+        if error:
+            raise ValueError(error)
+
     def save(self) -> Optional[Path]:
         rngs = self.dist.all_gather_object(ckpt.rng_state(self.gens))  # one per rank
         if self.fsdp is not None:  # collective: every rank takes part, rank 0 gets it all
@@ -127,7 +145,8 @@ class Run(RoundsMixin):
             self.dist.barrier()
             return None
         state = {"step": self.step, "rng": rngs[0], "rng_per_rank": rngs,
-                 "bad_in_row": self.bad_in_row,
+                 "bad_in_row": self.bad_in_row, "empty_in_row": self.empty_in_row,
+                 "run_id": self.run_id,
                  "selector": self.selector.state_dict() if self.selector else None,
                  "augmenters": [a.state_dict() if hasattr(a, "state_dict") else None
                                 for a in self.augmenters]}
@@ -137,20 +156,28 @@ class Run(RoundsMixin):
             self.dist.barrier()
 
     def _write(self, weights, optim, state) -> Optional[Path]:
+        self.save_failed = False
         try:
             return ckpt.save_checkpoint(self.out / "checkpoints", self.step, weights, optim,
-                                        state, keep_last=self.t.keep_last)
+                                        state, keep_last=self.t.keep_last,
+                                        run_id=self.run_id)
         except OSError as err:  # e.g. disk full: the previous checkpoint is intact; go on
             print(f"warning: checkpoint at step {self.step} failed ({err}); the previous "
                   f"checkpoint is kept", file=sys.stderr, flush=True)
+            self.save_failed = True
             return None
+
+    def saved_note(self) -> str:
+        """What became of the checkpoint just written, for a stop message."""
+        return ("writing a checkpoint failed (see the warning above); the previous one is kept"
+                if self.save_failed else "a checkpoint was written")
 
     def resume(self) -> Optional[Path]:
         mode = self.t.resume
         if mode == "never":
             return None
-        folder = ckpt.latest_checkpoint(self.out / "checkpoints") if mode == "auto" \
-            else Path(mode)
+        folder = ckpt.latest_checkpoint(self.out / "checkpoints", self.run_id) \
+            if mode == "auto" else Path(mode)
         if folder is None:
             return None
         data = ckpt.load_checkpoint(folder)
@@ -172,6 +199,7 @@ class Run(RoundsMixin):
                              f"{self.dist.world}; resume with the same number of processes")
         ckpt.set_rng_state(per_rank[self.dist.rank], self.gens)
         self.step, self.bad_in_row = int(state["step"]), int(state["bad_in_row"])
+        self.empty_in_row = int(state.get("empty_in_row", 0))
         if self.selector is not None and state.get("selector") is not None:
             self.selector.load_state_dict(state["selector"])
         for aug, saved in zip(self.augmenters, state.get("augmenters") or []):
@@ -188,6 +216,7 @@ class Run(RoundsMixin):
             rollout, rewards, error, report = self.collect_dynamic()
         else:
             rollout, rewards, error = self.collect_round()
+        nonfinite = rewards.invalid_report()  # learn() drops those rows
         res = learn(self.policy, self.opt, self.loss_fn, rollout, rewards, self.settings,
                     self.gen, multi_reward=self.config.algo.multi_reward,
                     reward_weights=self.config.algo.reward_weights, dist=self.dist,
@@ -198,6 +227,9 @@ class Run(RoundsMixin):
                       "dynamic_groups_kept": float(report.groups_kept),
                       "dynamic_groups_dropped": float(report.groups_dropped)})
         m.update(self.step_round_metrics())
+        self.drop_cause = "" if m.get("samples", 1.0) > 0 else _drop_cause(
+            res.get("reward_error"), nonfinite, m.get("dropped_samples", 0.0),
+            res["rollout"].skipped)
         m["step_time"] = time.time() - tic
         m.update(throughput(m, res["rollout"], self.dist))
         if res.get("reward_error"):
@@ -207,6 +239,46 @@ class Run(RoundsMixin):
                 self.dist.is_main:
             log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
         return m
+
+
+def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float,
+                skipped: Dict[str, int]) -> str:
+    """Why a step had no valid sample, and what to do about it (for the stop message)."""
+    if reward_error:
+        return (f"every sample was dropped because {reward_error}. Fix the reward (call "
+                f"mmrl.reward_fn.evaluate_reward(fn, samples, prompts, metadata) on a few "
+                f"samples to see the error; a TimeoutError: raise train.reward_timeout)")
+    if nonfinite:
+        return (f"the reward returned NaN/inf for every sample ({nonfinite}). Make it return "
+                f"finite numbers")
+    if dropped == 0:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "reasons not given"
+        return (f"the policy returned no samples: every prompt's input was skipped ({why}; "
+                f"e.g. unreadable videos or images). Check the dataset")
+    return f"all {int(dropped)} sample(s) were dropped. Check the reward and the inputs"
+
+
+def _bad_steps_error(r: "Run") -> RuntimeError:
+    """The error that stops a run after ``max_bad_steps`` skipped steps, naming the cause."""
+    last, where = r.step - 1, f"metrics so far: {r.out / 'metrics.jsonl'}"
+    if r.empty_in_row:
+        return RuntimeError(f"{r.empty_in_row} consecutive step(s) had no valid sample to learn "
+                            f"from (last step {last}): {r.drop_cause}; {r.saved_note()}; "
+                            f"{where}")
+    return RuntimeError(f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
+                        f"(last step {last}); {r.saved_note()}. Lower train.lr or check the "
+                        f"reward; {where}")
+
+
+def _step_rewards(r: "Run") -> List[float]:
+    """Mean reward of each step that had samples: this session's, or (a resumed run that had
+    nothing left to do) the ones metrics.jsonl recorded, so the summary never reports nan."""
+    rewards = [h["reward_mean"] for h in r.history if "reward_mean" in h]
+    path = r.out / "metrics.jsonl"
+    if not rewards and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
+    return rewards
 
 
 def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
@@ -258,13 +330,15 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
     r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters)
     t, main = r.t, r.dist.is_main
     say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    r.claim_output()
     if main:
         save_config(config, r.out / "config.yaml")
     resumed = r.resume()
     if resumed is not None:
         say(f"resumed from {resumed} (step {r.step})"
             + (f"; the run is already complete ({t.steps} steps): nothing to do. Use "
-               f"train.resume=never or another train.output_dir to start over"
+               f"train.resume=never train.overwrite=true or another train.output_dir to "
+               f"start over"
                if r.step >= t.steps else ""))
     log = MetricsLog(r.out, r.step, wandb_project=t.wandb_project,
                      config=config.to_dict()) if main else None
@@ -279,13 +353,11 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                     report_step(bar, r.step, m, t)
                 r.history.append(m)
                 r.bad_in_row = r.bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
+                r.empty_in_row = r.empty_in_row + 1 if r.drop_cause else 0
                 r.step += 1
-                if r.bad_in_row >= t.max_bad_steps:
+                if r.bad_in_row >= t.max_bad_steps or r.empty_in_row >= t.max_bad_steps:
                     r.save()
-                    raise RuntimeError(
-                        f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
-                        f"(last step {r.step - 1}); a checkpoint was written. Lower train.lr or "
-                        f"check the reward; metrics so far: {r.out / 'metrics.jsonl'}")
+                    raise _bad_steps_error(r)
                 # every rank must agree to stop after the same step (collectives follow)
                 if float(r.dist.all_reduce_sum(torch.tensor(float(stop.signal is not None)))):
                     stopped = stop.signal or signal.SIGTERM
@@ -297,19 +369,21 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
         if bar is not None:
             bar.close()
     if stopped is not None:
-        say(f"stopped by signal {int(stopped)} after step {r.step - 1}; checkpoint written; "
+        say(f"stopped by signal {int(stopped)} after step {r.step - 1}; {r.saved_note()}; "
             f"resume with train.resume=auto")
     else:
         folder, final = r.save(), None
+        if r.history and all(h.get("samples", 1.0) == 0 for h in r.history):
+            raise _bad_steps_error(r)  # not one valid sample in the whole run: nothing learned
         if main:  # the final weights, unsharded, as a plain state dict
             final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
                 {k: v.detach().cpu() for k, v in policy_weights(policy).items()}
-            torch.save(final, r.out / "final.pt")
+            ckpt.save_atomic(final, r.out / "final.pt")
         _export(r, say, final)
     if r.dist.active and r.fsdp is None:
         _check_ranks_agree(r, say)
     maybe_destroy(r.dist)
-    rewards = [h.get("reward_mean", float("nan")) for h in r.history]
+    rewards = _step_rewards(r)
     k = max(1, min(5, len(rewards) // 4))
     return {"steps": r.step, "seconds": time.time() - start, "stopped": stopped,
             "reward_first": float(np.mean(rewards[:k])) if rewards else float("nan"),

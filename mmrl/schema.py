@@ -6,8 +6,8 @@ the reference and ``docs/config.md`` is generated from it.
 Two levels of checking. :func:`config_from_dict` / :func:`load_config` check the values
 themselves (types, ranges, finite numbers, device names, combinations) and hold anywhere.
 :func:`preflight` checks them against *this machine* (files and folders exist, the device
-exists, the resume checkpoint is there); ``mmrl train`` runs both before any work, and
-``mmrl config validate`` too unless ``--schema-only``.
+exists, the resume checkpoint is there); ``mmrl train`` and ``mmrl config validate`` (unless
+``--schema-only``) run both.
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 """The torch device types a run may use (``train.device``); plus ``auto``."""
 
 SEED_MAX = 2**63 - 1
-"""Largest ``train.seed``: torch seeds are 64-bit and the runner derives per-rank and per-stream
-seeds by adding small offsets, which must not overflow."""
+"""Largest ``train.seed`` (torch seeds are 64-bit; per-rank seeds add small offsets)."""
 
 
 def _preset_names():
@@ -140,7 +139,8 @@ class TrainConfig:
     max_grad_norm: float = cfg(1.0, "Clip the global gradient norm to this; 0 disables.",
                                minimum=0.0)
     max_bad_steps: int = cfg(5, "Stop after this many consecutive steps skipped for a "
-                             "non-finite loss or gradient.", minimum=1)
+                             "non-finite loss or gradient or for having no valid sample (the "
+                             "message names the cause).", minimum=1)
     seed: int = cfg(0, "Seed for python, numpy and torch (rollouts, prompt order, init).",
                     minimum=0, maximum=SEED_MAX)
     device: str = cfg("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N, "
@@ -192,6 +192,10 @@ class TrainConfig:
                       "output_dir/checkpoints (torn ones are skipped); never: start fresh; or "
                       "the path of a checkpoint folder (checked before the run: it must hold a "
                       "MANIFEST.json).")
+    overwrite: bool = cfg(False, "With resume=never (or a checkpoint path): start even if "
+                          "output_dir holds another run (its run.json, metrics, checkpoints or "
+                          "final.pt), deleting that run's outputs first; without it such a "
+                          "folder is refused (README: Checkpoints, resume and faults).")
     reward_retries: int = cfg(2, "Retries of a reward call that raises or times out; then "
                               "samples are scored one by one and the failing ones dropped.",
                               minimum=0)
@@ -213,10 +217,13 @@ class TrainConfig:
             out.append(f"num_mini_batches: got {self.num_mini_batches}; expected at most "
                        f"prompts_per_step * group_size = {batch}")
         out.extend(device_problems(self.device))
-        if not self.resume.strip():
-            out.append("resume: empty; expected auto, never or a checkpoint folder path")
-        if not self.output_dir.strip():
-            out.append("output_dir: empty; expected a folder path, e.g. runs/my-run")
+        for key, fix in (("resume", "auto, never or a checkpoint folder path"),
+                         ("output_dir", "a folder path, e.g. runs/my-run")):
+            if not getattr(self, key).strip():
+                out.append(f"{key}: empty; expected {fix}")
+        if self.overwrite and self.resume.strip() == "auto":  # the runner would refuse it late
+            out.append("overwrite=true with resume=auto would delete the run auto resumes from; "
+                       "set resume=never to start over, or drop overwrite to continue")
         return out
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: atomic, verified, torn ones skipped, disk-full safe; exact resume after SIGKILL;
 SIGTERM checkpoints and exits cleanly; failing rewards are retried, isolated and counted."""
 import errno
+import json
 import random
 import signal
 import subprocess
@@ -194,7 +195,240 @@ def test_all_nan_rewards_stop_the_run_with_a_checkpoint(tmp_path):
         "progress": False, "output_dir": str(tmp_path), "log_every": 100},
         "toy": {"d_model": 16, "layers": 1, "heads": 2}})
     pol = ToyPolicy(cfg.task)
-    with pytest.raises(RuntimeError, match="3 consecutive steps"):
+    with pytest.raises(RuntimeError, match="3 consecutive step.s. had no valid sample"):
         run_training(cfg, pol, lambda s, p, m: [float("nan")] * len(s),
                      [[1, 2, 3, 4], [2, 2, 1, 1]], [{"target": [4, 3, 2, 1]}] * 2)
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000003"
+
+
+def test_same_size_byte_flip_is_caught_by_the_hash(tmp_path):
+    _save(tmp_path, 1, 1.0)
+    newest = _save(tmp_path, 2, 2.0)
+    for name in ("optimizer.pt", "state.pt",
+                 next(p.name for p in newest.iterdir() if p.name.startswith("weights"))):
+        path = newest / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01  # one bit, same size: only the sha256 can tell
+        path.write_bytes(bytes(data))
+        assert not ckpt.is_complete(newest)
+        assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
+        with pytest.raises(ValueError, match="not a complete checkpoint"):
+            ckpt.load_checkpoint(newest)
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        assert ckpt.is_complete(newest)  # restored: the hash, not the size, was the check
+    assert torch.equal(ckpt.load_checkpoint(newest)["weights"]["w"], torch.full((3,), 2.0))
+
+
+def test_disk_full_inside_torch_save_raises_runtime_error_and_is_handled(tmp_path, monkeypatch):
+    _save(tmp_path / "ck", 1)
+    full = tmp_path / "full"
+    full.symlink_to("/dev/full")  # every write there fails with ENOSPC, for real
+    real = torch.save
+
+    def onto_full_disk(obj, path, *a, **k):
+        return real(obj, full if str(path).endswith("optimizer.pt") else path, *a, **k)
+    with pytest.raises(RuntimeError):  # what torch itself raises on a full disk
+        real({"x": torch.zeros(1000)}, full)
+    monkeypatch.setattr(torch, "save", onto_full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError, match="is the disk full") as err:
+        _save(tmp_path / "ck", 2)
+    assert isinstance(err.value, OSError) and isinstance(err.value.__cause__, RuntimeError)
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-00000001"]
+    assert ckpt.latest_checkpoint(tmp_path / "ck").name == "step-00000001"
+
+
+class _Killed(BaseException):
+    """A simulated SIGKILL: raised at one file-system operation, after which nothing runs."""
+
+
+def _kill_at(mp, k):
+    """The k-th file-system operation of a save 'kills the process': it raises _Killed, and
+    every later operation (the save's own cleanup included) does nothing, as after SIGKILL."""
+    state = {"n": 0, "dead": False}
+
+    def wrap(fn):
+        def op(*a, **kw):
+            if state["dead"]:
+                return None
+            if state["n"] == k:
+                state["dead"] = True
+                raise _Killed
+            state["n"] += 1
+            return fn(*a, **kw)
+        return op
+    for owner, name in [(ckpt.os, "replace"), (ckpt.shutil, "rmtree"), (ckpt, "_write_tensors"),
+                        (torch, "save"), (ckpt, "_fsync_dir"), (ckpt.os, "fsync")]:
+        mp.setattr(owner, name, wrap(getattr(owner, name)))
+
+
+def _w(folder):
+    return float(ckpt.load_checkpoint(folder)["weights"]["w"][0])
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+@pytest.mark.parametrize("new_step", [2, 3], ids=["resave_same_step", "next_step"])
+def test_a_kill_at_every_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, keep, new_step):
+    kills = 0
+    for k in range(100):
+        root = tmp_path / f"kill{k}"
+        _save(root, 1, 1.0, keep)
+        _save(root, 2, 2.0, keep)
+        with pytest.MonkeyPatch.context() as mp:
+            _kill_at(mp, k)
+            try:
+                _save(root, new_step, 5.0, keep)
+                done = True
+            except _Killed:
+                done, kills = False, kills + 1
+        latest = ckpt.latest_checkpoint(root)
+        assert latest is not None, f"killed at operation {k}: no complete checkpoint left"
+        # the newest complete state is the old step 2 (2.0) or the new save (5.0), never less
+        assert (_w(latest), ckpt.manifest(latest)["step"]) in [(2.0, 2), (5.0, new_step)], k
+        if done:
+            assert (_w(latest), latest.name) == (5.0, f"step-{new_step:08d}")
+            break
+        # the next save (a resumed run's) recovers and leaves no stray folder
+        _save(root, 4, 6.0, keep)
+        assert ckpt.latest_checkpoint(root).name == "step-00000004"
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+    assert kills >= 8  # every operation of the save was a kill point once
+
+
+def test_kill_during_the_end_of_run_resave_then_resume_continues(tmp_path):
+    """keep_last=1: a run that is complete, resumed (auto), killed while re-saving its last
+    step at every point in turn, then resumed again, ends with the same final weights."""
+    from mmrl import toy
+    cfg = _toy_cfg(tmp_path / "run", steps=3, save_every=1, keep_last=1)
+    toy.run(cfg)
+    final = _final(tmp_path / "run")
+    for k in range(100):
+        with pytest.MonkeyPatch.context() as mp:
+            _kill_at(mp, k)
+            try:
+                toy.run(cfg)  # already complete: only the end-of-run re-save of step 3
+                break
+            except _Killed:
+                pass
+        summary = toy.run(cfg)
+        assert summary["steps"] == 3, k  # resumed from step 3: nothing redone, nothing lost
+        got = _final(tmp_path / "run")
+        assert got.keys() == final.keys() and all(torch.equal(got[n], final[n]) for n in final)
+    assert k >= 8
+
+
+def _toy_cfg(out, **train):
+    from mmrl.schema import config_from_dict
+    return config_from_dict({"job": "toy", "train": {
+        "prompts_per_step": 2, "group_size": 2, "progress": False, "output_dir": str(out),
+        "log_every": 100, "export": False, **train},
+        "toy": {"d_model": 16, "layers": 1, "heads": 2, "digits": 5, "length": 3}})
+
+
+def test_disk_full_during_a_run_warns_keeps_going_and_changes_nothing(tmp_path, monkeypatch,
+                                                                       capsys):
+    from mmrl import toy
+    toy.run(_toy_cfg(tmp_path / "ref", steps=3, save_every=1))
+    real, calls = torch.save, []
+
+    def full_once(obj, path, *a, **k):
+        calls.append(str(path))
+        if str(path).endswith("step-00000002/optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        return real(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_once)
+    toy.run(_toy_cfg(tmp_path / "run", steps=3, save_every=1))
+    err = capsys.readouterr().err
+    assert "warning: checkpoint at step 2 failed" in err and "is the disk full" in err
+    names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert sorted(names) == ["step-00000001", "step-00000003"]  # no partial step 2 left
+    ref, got = _final(tmp_path / "ref"), _final(tmp_path / "run")
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_a_hung_reward_does_not_keep_the_process_from_exiting():
+    script = ("import time\n"
+              "from mmrl.reward_fn import robust_reward\n"
+              "def hang(s, p, m):\n"
+              "    time.sleep(600)\n"
+              "    return [1.0] * len(s)\n"
+              "rb, err = robust_reward(hang, [1, 2], ['p', 'p'], [{}, {}], retries=0, "
+              "timeout=0.05)\n"
+              "print(rb.num_invalid, err)\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # the stuck threads sleep 600 s
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("2 reward 'hang' raised TimeoutError: no result after "
+                                   "0.05s (train.reward_timeout)")
+    assert time.time() - t0 < 60
+
+
+def _toy_run_with(policy_or_reward, tmp_path, steps, max_bad_steps):
+    from mmrl.runner import run_training
+    from mmrl.toy import ToyPolicy, digit_reward
+    cfg = _toy_cfg(tmp_path, steps=steps, max_bad_steps=max_bad_steps)
+    pol = ToyPolicy(cfg.task)
+    if isinstance(policy_or_reward, type):
+        pol.__class__, reward = policy_or_reward, digit_reward
+    else:
+        reward = policy_or_reward
+    return run_training(cfg, pol, reward, [[1, 2, 3], [2, 2, 1]],
+                        [{"target": [3, 2, 1]}, {"target": [1, 2, 2]}])
+
+
+def test_an_always_raising_reward_stops_the_run_naming_the_reward_and_its_error(tmp_path):
+    def format_reward(samples, prompts, metadata):
+        raise KeyError("answer")
+    with pytest.raises(RuntimeError) as err:
+        _toy_run_with(format_reward, tmp_path, steps=10, max_bad_steps=2)
+    msg = str(err.value)
+    assert msg.startswith("2 consecutive step(s) had no valid sample to learn from (last step "
+                          "1): every sample was dropped because reward 'format_reward' raised "
+                          "KeyError: 'answer'. Fix the reward")
+    assert "non-finite loss or gradient" not in msg
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"
+
+
+def test_a_run_in_which_no_input_was_usable_fails_instead_of_reporting_nan(tmp_path):
+    from mmrl.toy import ToyPolicy
+
+    class NoUsableInput(ToyPolicy):  # every prompt's input is skipped (all videos unreadable)
+        def rollout(self, prompts, metadata, group_size, generator):
+            r = super().rollout(prompts, metadata, group_size, generator)
+            r.skipped = {"corrupt": len(prompts) - 1, "too_short": 1}
+            return r.select(torch.zeros(len(r), dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"2 consecutive step\(s\) had no valid sample .*"
+                                           r"the policy returned no samples: every prompt's "
+                                           r"input was skipped \(corrupt 1, too_short 1;"):
+        _toy_run_with(NoUsableInput, tmp_path, steps=2, max_bad_steps=5)  # fewer than 5
+    assert not (tmp_path / "final.pt").exists()
+    metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["samples"], m["dropped_samples"]) for m in metrics] == \
+        [(0, 0.0, 0.0), (1, 0.0, 0.0)]
+
+
+def test_summary_rewards_skip_steps_without_samples(tmp_path):
+    from mmrl.toy import ToyPolicy
+    calls = []
+
+    class FirstStepEmpty(ToyPolicy):
+        def rollout(self, prompts, metadata, group_size, generator):
+            r = super().rollout(prompts, metadata, group_size, generator)
+            calls.append(1)
+            return r.select(torch.full((len(r),), len(calls) > 1))
+    summary = _toy_run_with(FirstStepEmpty, tmp_path, steps=3, max_bad_steps=5)
+    rewards = [h["reward_mean"] for h in summary["history"][1:]]
+    assert "reward_mean" not in summary["history"][0]
+    assert summary["reward_first"] == rewards[0] and summary["reward_last"] == rewards[-1]
+
+
+def test_the_stop_message_says_when_its_checkpoint_could_not_be_written(tmp_path, monkeypatch):
+    def disk_full(obj, path, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match=r"no valid sample .* writing a checkpoint failed "
+                                           r"\(see the warning above\); the previous one is kept"):
+        _toy_run_with(lambda s, p, m: [float("nan")] * len(s), tmp_path, steps=5,
+                      max_bad_steps=1)
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is None

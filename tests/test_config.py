@@ -264,3 +264,10 @@ def test_a_key_written_twice_is_refused_but_merge_keys_may_be_overridden(tmp_pat
         parse_value("{a: 1, a: 2}")
     p.write_text("base: &b {lr: 1, steps: 2}\ntrain:\n  <<: *b\n  lr: 5\n")
     assert load_yaml(p)["train"] == {"lr": 5, "steps": 2}
+
+
+def test_overwrite_with_resume_auto_is_refused_by_validation():
+    from mmrl.config import build
+    with pytest.raises(ConfigError, match="overwrite=true with resume=auto would delete"):
+        build(TrainConfig, {"overwrite": True, "resume": "auto"}, "train")
+    assert build(TrainConfig, {"overwrite": True, "resume": "never"}, "train").overwrite is True

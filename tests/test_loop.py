@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mmrl.advantages import group_advantages
 from mmrl.loop import LoopSettings, Rollout, train_step, update
 from mmrl.losses import PolicyLoss
 from mmrl.presets import PRESETS
@@ -117,6 +118,16 @@ def test_train_step_drops_nan_rewards_and_counts_them():
     assert res["dropped_samples"] == 1.0 and res["samples"] == 7.0
     assert res["skipped_updates"] == 0.0
     assert all(isinstance(v, float) for k, v in res.items() if k not in ("rollout", "rewards", "reward_error"))
+    # the same step by hand on the 7 valid samples only: the same weights, the same reward mean
+    ref, gen = LinearPolicy(), torch.Generator().manual_seed(0)
+    r = ref.rollout(["a", "b"], [{}, {}], 4, gen)
+    values = torch.tensor(reward(r.samples, None, None))
+    keep = torch.isfinite(values)
+    adv = group_advantages(values[keep], r.group_ids[keep], loss_fn.spec.advantage)
+    update(ref, torch.optim.SGD(ref.parameters(), lr=0.1), loss_fn, r.select(keep), adv,
+           LoopSettings(group_size=4), gen)
+    assert torch.equal(pol.W.detach(), ref.W.detach())
+    assert res["reward_mean"] == pytest.approx(float(values[keep].mean()), abs=1e-6)
 
 
 def test_non_finite_gradient_skips_the_update():
@@ -160,7 +171,17 @@ def test_advantages_hook_trains_rows_that_are_not_reward_rows():
                      torch.Generator().manual_seed(0))
     assert len(res["rollout"]) == 16 and len(res["rollout"].samples) == 8
     assert res["dropped_samples"] == 1.0 and res["samples"] == 7.0
-    assert not torch.equal(pol.W.detach(), before)
+    # the same update by hand: all 16 rows, each with its sample's advantage (0 for the NaN one)
+    ref, gen = TwoRowsPerSample(), torch.Generator().manual_seed(0)
+    r = ref.rollout(["a", "b"], [{}, {}], 4, gen)
+    values = torch.tensor(reward(r.samples, None, None))
+    ok = torch.isfinite(values)
+    adv = torch.zeros(8)
+    adv[ok] = group_advantages(values[ok], r.group_ids[::2][ok])
+    update(ref, torch.optim.SGD(ref.parameters(), lr=1.0), PolicyLoss("grpo"), r,
+           adv.repeat_interleave(2), LoopSettings(group_size=4), gen)
+    assert float(adv[1]) == 0.0 and not torch.equal(ref.W.detach(), before)
+    assert torch.equal(pol.W.detach(), ref.W.detach())
 
 
 def test_advantages_hook_with_wrong_shape_is_a_clear_error():
