@@ -240,9 +240,8 @@ def device_problems(device: str, key: str = "device") -> List[str]:
     if dev.type not in DEVICE_TYPES:
         return [f"{key}: got {show(device)} (torch type {dev.type!r}), which mmrl does not "
                 f"train on; expected auto, cpu, cuda, cuda:N, mps or xpu"]
-    if dev.type == "cpu" and dev.index not in (None, 0):
-        return [f"{key}: got {show(device)}; the CPU has no index: use cpu"]
-    return []
+    bad_cpu = dev.type == "cpu" and dev.index not in (None, 0)
+    return [f"{key}: got {show(device)}; the CPU has no index: use cpu"] if bad_cpu else []
 
 
 def device_here(device: str, key: str = "train.device") -> List[str]:
