@@ -3,6 +3,7 @@ throughput and memory, and the SIGTERM/SIGINT stop request."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -133,6 +134,11 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
     if step % t.log_every == 0 or step == t.steps - 1:
+        if not math.isfinite(m.get("reward_mean", float("nan"))):  # nothing was scored
+            line = (f"step {step:4d}  no valid sample: nothing learned  "
+                    f"dropped {int(m.get('dropped_samples', 0))}")
+            (bar.write(line) if bar is not None else print(line, flush=True))
+            return
         line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
                 f"loss {m.get('loss', float('nan')):+.4f}  "
                 f"grad {m.get('grad_norm', float('nan')):.3f}  "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmrl import checkpoint as ckpt
+from mmrl.config import UserError
 from mmrl.distributed import (full_state, init_distributed, load_full_state, maybe_destroy,
                               shard_policy)
 from mmrl.loop import LoopSettings
@@ -258,14 +259,19 @@ def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float,
     return f"all {int(dropped)} sample(s) were dropped. Check the reward and the inputs"
 
 
-def _bad_steps_error(r: "Run") -> RuntimeError:
+class RunStopped(UserError):
+    """A run stopped early for a cause the user fixes (no valid samples, a diverging loss); the
+    CLI prints the message without a traceback and exits 2. A checkpoint was written first."""
+
+
+def _bad_steps_error(r: "Run") -> RunStopped:
     """The error that stops a run after ``max_bad_steps`` skipped steps, naming the cause."""
     last, where = r.step - 1, f"metrics so far: {r.out / 'metrics.jsonl'}"
     if r.empty_in_row:
-        return RuntimeError(f"{r.empty_in_row} consecutive step(s) had no valid sample to learn "
+        return RunStopped(f"{r.empty_in_row} consecutive step(s) had no valid sample to learn "
                             f"from (last step {last}): {r.drop_cause}; {r.saved_note()}; "
                             f"{where}")
-    return RuntimeError(f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
+    return RunStopped(f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
                         f"(last step {last}); {r.saved_note()}. Lower train.lr or check the "
                         f"reward; {where}")
 

@@ -16,6 +16,7 @@ import torch
 from mmrl import checkpoint as ckpt
 from mmrl.loop import Rollout
 from mmrl.reward_fn import robust_reward
+from mmrl.runner import RunStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 MMRL = Path(sys.executable).parent / "mmrl"
@@ -195,7 +196,7 @@ def test_all_nan_rewards_stop_the_run_with_a_checkpoint(tmp_path):
         "progress": False, "output_dir": str(tmp_path), "log_every": 100},
         "toy": {"d_model": 16, "layers": 1, "heads": 2}})
     pol = ToyPolicy(cfg.task)
-    with pytest.raises(RuntimeError, match="3 consecutive step.s. had no valid sample"):
+    with pytest.raises(RunStopped, match="3 consecutive step.s. had no valid sample"):
         run_training(cfg, pol, lambda s, p, m: [float("nan")] * len(s),
                      [[1, 2, 3, 4], [2, 2, 1, 1]], [{"target": [4, 3, 2, 1]}] * 2)
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000003"
@@ -380,7 +381,7 @@ def _toy_run_with(policy_or_reward, tmp_path, steps, max_bad_steps):
 def test_an_always_raising_reward_stops_the_run_naming_the_reward_and_its_error(tmp_path):
     def format_reward(samples, prompts, metadata):
         raise KeyError("answer")
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(RunStopped) as err:
         _toy_run_with(format_reward, tmp_path, steps=10, max_bad_steps=2)
     msg = str(err.value)
     assert msg.startswith("2 consecutive step(s) had no valid sample to learn from (last step "
@@ -398,7 +399,7 @@ def test_a_run_in_which_no_input_was_usable_fails_instead_of_reporting_nan(tmp_p
             r = super().rollout(prompts, metadata, group_size, generator)
             r.skipped = {"corrupt": len(prompts) - 1, "too_short": 1}
             return r.select(torch.zeros(len(r), dtype=torch.bool))
-    with pytest.raises(RuntimeError, match=r"2 consecutive step\(s\) had no valid sample .*"
+    with pytest.raises(RunStopped, match=r"2 consecutive step\(s\) had no valid sample .*"
                                            r"the policy returned no samples: every prompt's "
                                            r"input was skipped \(corrupt 1, too_short 1;"):
         _toy_run_with(NoUsableInput, tmp_path, steps=2, max_bad_steps=5)  # fewer than 5
@@ -427,7 +428,7 @@ def test_the_stop_message_says_when_its_checkpoint_could_not_be_written(tmp_path
     def disk_full(obj, path, *a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(RuntimeError, match=r"no valid sample .* writing a checkpoint failed "
+    with pytest.raises(RunStopped, match=r"no valid sample .* writing a checkpoint failed "
                                            r"\(see the warning above\); the previous one is kept"):
         _toy_run_with(lambda s, p, m: [float("nan")] * len(s), tmp_path, steps=5,
                       max_bad_steps=1)

@@ -362,7 +362,7 @@ class SkipCounter:
     def add(self, err: Exception) -> str:
         reason = getattr(err, "problem", type(err).__name__)
         self.by_reason[reason] += 1
-        if len(self.examples) < self._keep:
+        if len(self.examples) < self._keep and str(err) not in self.examples:
             self.examples.append(str(err))
         return reason
 

@@ -20,6 +20,7 @@ the one tokens are sampled from before top-p truncation, as TRL and verl do.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -384,14 +385,18 @@ class QwenVLPolicy:
                 raise ValueError(f"metadata[{i}] has no 'messages'; expected the prompt's "
                                  f"conversation (mmrl.video.data.build_messages(record))")
             convs.append(meta["messages"])
+        before = dict(self.skips.by_reason)
         cache, kept = self.encode_prompts(convs)
+        skipped = {k: v - before.get(k, 0) for k, v in self.skips.by_reason.items()
+                   if v > before.get(k, 0)}  # this call's skips, by reason
         n = torch.tensor([counts[i] for i in kept], dtype=torch.long)
         pidx = torch.arange(len(kept)).repeat_interleave(n)  # [B] row -> cached prompt
         groups = torch.tensor(kept, dtype=torch.long).repeat_interleave(n)  # local prompt index
         if len(pidx) == 0:
             return Rollout([], [], [], groups, torch.zeros(0, 1, dtype=torch.bool),
                            {"prompt_index": pidx, "response": torch.zeros(0, 1, dtype=torch.long),
-                            "sample_logp": torch.zeros(0, 1), "prompt_cache": cache})
+                            "sample_logp": torch.zeros(0, 1), "prompt_cache": cache},
+                           skipped=skipped)
         tokens, mask, logps = self._generate(cache, pidx, generator)
         samples = [self.tok.decode(r[m].tolist(), skip_special_tokens=True)
                    for r, m in zip(tokens, mask)]
@@ -401,7 +406,7 @@ class QwenVLPolicy:
                  "completion_length": int(L)} for g, L in zip(rows, lengths)]
         return Rollout(samples, [prompts[g] for g in rows], meta, groups, mask,
                        {"prompt_index": pidx, "response": tokens, "sample_logp": logps,
-                        "prompt_cache": cache})
+                        "prompt_cache": cache}, skipped=skipped)
 
     # ------------------------------------------------------------------ scoring
     def _logp(self, model, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
@@ -485,7 +490,8 @@ class QwenVLPolicy:
         return Rollout([s for p in parts for s in p.samples], [s for p in parts for s in p.prompts],
                        [m for p in parts for m in p.metadata],
                        torch.cat([p.group_ids for p in parts]),
-                       torch.cat([rp(p.mask, False) for p in parts]), data)
+                       torch.cat([rp(p.mask, False) for p in parts]), data,
+                       skipped=dict(sum((Counter(p.skipped) for p in parts), Counter())))
 
 
 def _cut_at_stop_strings(tok, tokens: torch.Tensor, mask: torch.Tensor, stop: Sequence[str]):

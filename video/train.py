@@ -247,12 +247,15 @@ def run(config) -> Dict[str, Any]:
             from .rounds import TEMPORAL_COLUMN
             config.algo.reward_weights[TEMPORAL_COLUMN] = 1.0
     policy = build_policy(c, out, device, spec)
-    summary = run_training(config, policy, reward, prompts, metadata,
-                           augmenters=build_augmenters(c, records, config.algo.reward_weights))
+    try:
+        summary = run_training(config, policy, reward, prompts, metadata,
+                               augmenters=build_augmenters(c, records, config.algo.reward_weights))
+    finally:  # also when the run stops because every video was unreadable: say which ones
+        if policy.skips.total:
+            examples = "".join(f"\n  {e}" for e in policy.skips.examples)
+            print(f"video: skipped {policy.skips.summary()}; e.g.:{examples}", flush=True)
     summary["skipped_records"] = len(ds.skipped)
     summary["skipped_videos"] = policy.skips.total
-    if policy.skips.total:
-        print(f"video: skipped {policy.skips.summary()}", flush=True)
     return summary
 
 

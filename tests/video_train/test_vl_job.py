@@ -109,3 +109,23 @@ def test_tiny_model_built_concurrently_into_one_folder_is_complete(tmp_path):
     AutoProcessor.from_pretrained(target)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(target)
     assert model.config.text_config.hidden_size == 64
+
+
+def test_a_dataset_whose_videos_are_all_bad_stops_with_the_reasons(tiny_vl_dir, task_jsonl,
+                                                                   tmp_path, capsys):
+    """Every prompt skipped is no result: exit != 0, the reasons and files named, no nan."""
+    row = json.loads(open(task_jsonl).readline())
+    for name in ("bad1.mp4", "bad2.mp4"):
+        (tmp_path / name).write_bytes(b"\x00garbage, not an mp4")
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps({**row, "problem_id": i, "path": str(tmp_path / n)}) + "\n"
+                            for i, n in enumerate(("bad1.mp4", "bad2.mp4"))))
+    rc = main(["train", os.path.join(ROOT, "configs/demo/video_tiny.yaml"), *FAST,
+               "train.steps=3", "train.max_bad_steps=2", f"video.model={tiny_vl_dir}",
+               f"video.data={data}", f"train.output_dir={tmp_path / 'run'}"])
+    text = capsys.readouterr()
+    out = text.out + text.err
+    assert rc != 0
+    assert "the policy returned no samples" in out and "corrupt 2" in out  # per step, by reason
+    assert "bad1.mp4" in out  # the skip report names a file
+    assert "nan -> nan" not in out and "Traceback" not in out
