@@ -25,18 +25,18 @@ def keye_types(keye, frames, threshold=0.9):
 
 
 def dark_with_moving_objects(n, h, w, seed):
-    """A night scene: black with sparse grey specks of level 1-2 (a patch holding one or two has
-    raw HSV norm 1-3, under 0.01 on [0, 1]-scaled HSV, so mmrl used to drop it as "dark") and
-    three saturated squares moving at different speeds."""
+    """A night scene: a static lit window (left 40 %), black elsewhere with sparse grey specks of
+    level 1 that come and go (a patch holding one has raw HSV norm about 1, under 0.01 on
+    [0, 1]-scaled HSV, so mmrl used to drop it as "dark" where keye-vl-utils counts it), and a
+    saturated square moving 5 px a frame."""
     r = np.random.default_rng(seed)
     out = np.zeros((n, h, w, 3), np.uint8)
+    window = np.linspace(60, 250, h).astype(np.uint8)[:, None, None]
     for t in range(n):
-        specks = r.random((h, w)) < 0.003
-        out[t][specks] = r.integers(1, 3, (int(specks.sum()), 1), dtype=np.uint8)
-        for k in range(3):
-            y = (20 + 13 * t * (k + 1) + 40 * k) % (h - 30)
-            x = (30 + 17 * t * (k + 1)) % (w - 30)
-            out[t, y:y + 24, x:x + 24] = (255, 255 * (k % 2), 40 * k)
+        out[t][r.random((h, w)) < 0.0008] = 1
+        out[t, :, : 2 * w // 5] = window * np.array([1.0, 0.8, 0.3]).astype(np.uint8)
+        y, x = (10 + 5 * t) % (h - 30), (2 * w // 5 + 10 + 5 * t) % (w - 30)
+        out[t, y:y + 24, x:x + 24] = (255, 40, 200)
     return out
 
 
@@ -113,7 +113,20 @@ def test_similarity_exactly_at_the_threshold_is_slow_when_float32_rounds_below(k
         assert plan.frame_types.tolist() == keye_types(keye, frames, threshold)
 
 
-def test_patch_cosine_tie_follows_the_reference_float32_not_exact_maths(keye):
+@pytest.fixture
+def keye_step_calls(monkeypatch):
+    """Row counts of every call to the reference-float32 step (_keye_patch_similar)."""
+    calls, real = [], sf._keye_patch_similar
+
+    def spy(a, b, rows, patch, patch_cos):
+        calls.append(len(rows))
+        return real(a, b, rows, patch, patch_cos)
+
+    monkeypatch.setattr(sf, "_keye_patch_similar", spy)
+    return calls
+
+
+def test_patch_cosine_tie_follows_the_reference_float32_not_exact_maths(keye, keye_step_calls):
     # patch a = grey (142, 254), patch b = grey (121, 134, 175): exact cosine
     # 31912 / sqrt(84680 · 63162) = 0.70000006 > 0.7, but keye-vl-utils' float32 steps give
     # 0.69999999 (not > 0.7): not similar. mmrl decides such near-ties with those same steps.
@@ -126,23 +139,14 @@ def test_patch_cosine_tie_follows_the_reference_float32_not_exact_maths(keye):
     # 79 ties -> 1/80 -> slow
     assert plan.similarity.tolist() == [1.0, 0.0, np.float32(1 / 80)]
     assert plan.frame_types.tolist() == [SLOW, SLOW, SLOW] == keye_types(keye, frames)
-
-
-def test_near_ties_are_exactly_the_rows_the_reference_steps_decide(monkeypatch, synth):
-    # the exact integer path decides every patch outside the proven float32 error margin; only
-    # the rest go through the reference's float32 steps: on this video 3 patches of 11·80
-    calls = []
-    real = sf._keye_patch_similar
-
-    def spy(a, b, rows, patch, patch_cos):
-        calls.append(len(rows))
-        return real(a, b, rows, patch, patch_cos)
-
-    monkeypatch.setattr(sf, "_keye_patch_similar", spy)
-    frames = video("dark_moving", synth, 0)
-    slow_fast_plan(frames)
-    assert calls == [1, 1, 1]
+    assert keye_step_calls == [80, 79]          # exactly the tied patches took the float32 steps
     assert sf._cos_margin(28) == pytest.approx(4 * 2352 * 2 ** -24)   # 5.6e-4
+
+
+def test_patches_far_from_the_tie_never_take_the_float32_steps(keye_step_calls, synth):
+    # on grainy static footage every cosine is more than the proven margin from 0.7: all exact
+    plan = slow_fast_plan(video("static_grain", synth, 0))
+    assert keye_step_calls == [] and plan.num_slow == 1
 
 
 def test_gathered_reference_rows_equal_the_whole_frame_computation(synth):
