@@ -145,22 +145,28 @@ def hsv_frames(frames, hw: Tuple[int, int]) -> np.ndarray:
     else:
         small = F.interpolate(frames, size=tuple(hw), mode="bilinear", antialias=True).float()
         small = small.clamp_(0, 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)  # truncates
-    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in small])
+    t, h, w, _ = small.shape
+    # HSV is per pixel: one OpenCV call on the frames stacked as one [T·h, w, 3] image
+    return cv2.cvtColor(np.ascontiguousarray(small).reshape(t * h, w, 3),
+                        cv2.COLOR_RGB2HSV).reshape(t, h, w, 3)
 
 
 def _patch_sums(a: np.ndarray, b: np.ndarray, patch: int) -> np.ndarray:
-    """int64 ``[P]``: ``Σ a·b`` over each ``patch x patch x 3`` block of two uint8 ``[h, w, 3]``
-    frames, patches in row-major order.
+    """int64 ``[..., P]``: ``Σ a·b`` over each ``patch x patch x 3`` block of uint8
+    ``[..., h, w, 3]`` frames, patches in row-major order.
 
     Exact integers: a product is at most 255² = 65,025 (fits uint16), a patch sum at most
-    3·patch²·65,025 (fits uint32 up to patch 148, uint64 above).
+    3·patch²·65,025 (fits uint32 up to patch 148, uint64 above). Summing the patch's rows first
+    adds whole contiguous rows, faster than reducing both patch axes at once.
     """
-    h, w, _ = a.shape
-    prod = np.multiply(a, b, dtype=np.uint16)  # [h, w, 3]
+    *lead, h, w, _ = a.shape
     acc = np.uint32 if 3 * patch * patch * 65025 < 2 ** 32 else np.uint64
-    # [h, w, 3] -> [h/p, p, w/p, 3p]: patch (i, j) is block [i, :, j, :]
-    sums = prod.reshape(h // patch, patch, w // patch, 3 * patch).sum(axis=(1, 3), dtype=acc)
-    return sums.reshape(-1).astype(np.int64)
+    prod = np.multiply(a, b, dtype=np.uint16)                        # [..., h, w, 3]
+    # [..., h, w, 3] -> [..., h/p, p, 3w] -> sum the p rows -> [..., h/p, 3w]
+    rows = prod.reshape(*lead, h // patch, patch, 3 * w).sum(axis=-2, dtype=acc)
+    # [..., h/p, 3w] -> [..., h/p, w/p, 3p] -> sum each patch's 3p columns -> [..., P]
+    sums = rows.reshape(*lead, h // patch, w // patch, 3 * patch).sum(axis=-1, dtype=acc)
+    return sums.reshape(*lead, -1).astype(np.int64)
 
 
 def _cos_margin(patch: int) -> float:
@@ -243,25 +249,26 @@ def frame_similarities(hsv: Iterable[np.ndarray], threshold: float, patch_cos: f
     keye-vl-utils compares: at 0.9 a similarity of exactly 9/10 is float32 0.89999998, so slow).
 
     Args:
-        hsv: per frame, uint8 ``[h, w, 3]`` HSV — a ``[T, h, w, 3]`` array or any iterable (a
-            generator keeps few frames in memory).
+        hsv: uint8 HSV frames, ``[h, w, 3]`` each: a ``[T, h, w, 3]`` array, or an iterable of
+            such arrays (chunks of frames; a generator keeps one chunk in memory at a time).
     """
     types, sims = [], []
     ref = ref_sq = None
-    for frame in hsv:
-        sq = _patch_sums(frame, frame, patch)  # [P] Σx² of this frame's patches
-        s = 1.0 if ref is None else patch_similarity(frame, ref, patch_cos, patch, (sq, ref_sq))
-        sims.append(s)
-        types.append(FAST if ref is not None and not s < threshold else SLOW)
-        if types[-1] == SLOW:
-            ref, ref_sq = frame, sq
+    for chunk in ([hsv] if isinstance(hsv, np.ndarray) else hsv):
+        for frame in chunk:  # frame by frame: a [P]-sized sum of a cached frame beats a batch
+            sq = _patch_sums(frame, frame, patch)  # [P] Σx² of this frame's patches
+            s = 1.0 if ref is None else patch_similarity(frame, ref, patch_cos, patch, (sq, ref_sq))
+            sims.append(s)
+            types.append(FAST if ref is not None and not s < threshold else SLOW)
+            if types[-1] == SLOW:
+                ref, ref_sq = frame, sq
     return torch.tensor(types, dtype=torch.long), torch.tensor(sims, dtype=torch.float32)
 
 
-def _hsv_per_frame(frames: torch.Tensor, hw: Tuple[int, int], chunk: int = 16):
-    """Yield each frame's uint8 ``[h, w, 3]`` HSV, resizing ``chunk`` frames at a time."""
+def _hsv_chunks(frames: torch.Tensor, hw: Tuple[int, int], chunk: int = 16):
+    """Yield uint8 ``[c, h, w, 3]`` HSV frames, ``chunk`` frames at a time."""
     for start in range(0, frames.shape[0], chunk):
-        yield from hsv_frames(frames[start:start + chunk], hw)
+        yield hsv_frames(frames[start:start + chunk], hw)
 
 
 def _hw_for_tokens(h: int, w: int, tokens: int, min_tokens: int, factor: int) -> Tuple[int, int]:
@@ -361,7 +368,7 @@ def slow_fast_plan(frames, *, threshold: float = 0.9, patch_cos: float = 0.7,
         raise ValueError(f"timestamps has {stamps.size} entries for {t} frames; pass one per frame")
     sim_hw = smart_resize(h, w, factor, min_pixels=min_tokens * factor * factor,
                           max_pixels=SIM_MAX_TOKENS * factor * factor)
-    types, sims = frame_similarities(_hsv_per_frame(frames, sim_hw), threshold, patch_cos,
+    types, sims = frame_similarities(_hsv_chunks(frames, sim_hw), threshold, patch_cos,
                                      factor)
     num_slow = int((types == SLOW).sum())
     slow_hw, fast_hw, slow_tok, fast_tok, total = choose_resolutions(
