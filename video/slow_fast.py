@@ -4,7 +4,9 @@ Keye-VL 1.5 (arXiv 2509.01563, §2.2; reference code keye-vl-utils 1.5.2) splits
 frames into *slow* frames, kept at a high resolution, and *fast* frames, which look like the
 latest slow frame and get 30 % of its tokens. The test is cheap — HSV patches of a small copy of
 each frame — so static stretches cost a fraction of uniform sampling while cuts and motion keep
-full detail. See ``../shared/ALGORITHMS.md`` ("Keye-VL 1.5 slow-fast video encoding").
+full detail. The labels are keye-vl-utils' own, exactly (exact integer patch statistics; its
+float32 steps only for cosines within float32 error of the 0.7 cut). See
+``../shared/ALGORITHMS.md`` ("Keye-VL 1.5 slow-fast video encoding").
 
 Token accounting here is per frame at 28x28 pixels per token (the Keye convention). Qwen2.5-VL
 merges pairs of frames (temporal patch 2), so the language model sees about half of
@@ -129,9 +131,9 @@ def hsv_frames(frames, hw: Tuple[int, int]) -> np.ndarray:
     casts to uint8 by truncation: uint8 ``[T, H, W, 3]`` frames (decord's) go through torch's uint8
     kernel on their ``[T, 3, H, W]`` view (rounded, exactly what the reference computes on decord's
     frames); float ``[T, 3, H, W]`` frames go through the float kernel in their own dtype and memory
-    layout, then ``.float()`` and truncation. Differs from keye-vl-utils: float results are clamped
-    to [0, 255] before the cast (the reference's cast of out-of-range floats is undefined; in-range
-    input never produces them).
+    layout, then ``.float()`` and truncation.
+    Differs from keye-vl-utils: float results are clamped to [0, 255] before the cast (the
+    reference's cast of out-of-range floats is undefined; in-range input never produces them).
 
     Args:
         frames: uint8 ``[T, H, W, 3]`` or float ``[T, 3, H, W]`` in [0, 255], numpy or torch.
@@ -171,11 +173,15 @@ def _patch_sums(a: np.ndarray, b: np.ndarray, patch: int) -> np.ndarray:
 
 def _cos_margin(patch: int) -> float:
     """How far from ``patch_cos`` an exact cosine must be for keye-vl-utils' float32 cosine to fall
-    on the same side.
+    on the same side: ``4·D·u`` with ``D = 3·patch²`` values per patch and ``u = 2⁻²⁴``.
 
-    The reference sums D = 3·patch² non-negative float32 terms for the norms and the dot product;
-    any summation order of n non-negative terms has relative error ≤ γ_{n-1} ≈ (n-1)·u
-    (u = 2⁻²⁴), so its cosine (≤ 1) is off by at most ≈ 2·γ_{D-1} + 9u < 2·D·u. We take twice that.
+    The reference sums D non-negative float32 terms for each norm and for the dot product of the
+    normalised vectors; any summation order of n non-negative terms has relative error at most
+    γ_{n-1} ≈ (n-1)·u, the square roots, divisions and products add a few u, and adding 1e-8 to a
+    norm ≥ 1 rounds away. Its cosine (in [0, 1]) is therefore within 2·γ_{D-1} + 5u of the exact one
+    (2.8·10⁻⁴ at D = 2,352); the margin is twice that, and our exact-integer cosine is off by
+    ~10⁻¹⁵. Outside the margin both sides agree with exact maths; inside it the reference's own
+    float32 steps decide.
     """
     return 4.0 * 3 * patch * patch * 2.0 ** -24
 
@@ -335,8 +341,14 @@ def slow_fast_plan(frames, *, threshold: float = 0.9, patch_cos: float = 0.7,
     Keye-VL 1.5 slow-fast encoding (arXiv 2509.01563, §2.2): frame 0 is slow; frame t is slow when
     its patch similarity to the latest slow frame is below ``threshold``; slow frames get the
     largest T ∈ [min_tokens, max_tokens] with S·T + F·max(⌊fast_ratio·T⌋, min_tokens) ≤ budget.
+    Frame types equal keye-vl-utils 1.5.2's ``extract_slow_fast_frames`` on the same frames (its
+    resize and uint8 cast in :func:`hsv_frames`; its patch verdicts, all-zero rule and float32
+    similarity in :func:`patch_similarity`), at the default ``factor`` and ``min_tokens``, which
+    set the test frames' size (the reference fixes 28 and 48).
     Differs from paper: threshold default 0.9 (the released code), paper 0.95; budget 65,536 (code)
     vs 75K (paper); the budget search never returns a size over the budget.
+    Differs from keye-vl-utils: ``similarity`` is 1.0 where every patch is black in both frames
+    (NaN there; both label the frame fast).
 
     Args:
         frames: uint8 ``[T, H, W, 3]`` (decord) or float ``[T, 3, H, W]`` in [0, 255]

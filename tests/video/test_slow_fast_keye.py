@@ -174,3 +174,19 @@ def test_frame_similarity_is_the_float32_mean_the_reference_compares():
         k = np.arange(n + 1)
         means = torch.stack([(torch.arange(n) < kk).float().mean() for kk in k]).numpy()
         np.testing.assert_array_equal(means, k.astype(np.float32) / np.float32(n))
+
+
+def test_long_video_across_resize_chunks_gets_the_reference_labels(keye, synth):
+    # 40 frames: the plan resizes 16 at a time, the reference all at once
+    frames = np.concatenate([video("static_grain", synth, 1), video("dark_moving", synth, 1),
+                             video("cuts_and_pan", synth, 1), video("noise", synth, 1)[:5]])
+    assert len(frames) > 32
+    assert slow_fast_plan(frames).frame_types.tolist() == keye_types(keye, frames)
+
+
+def test_test_frame_size_is_the_references(keye):
+    from mmrl.video import smart_resize
+    for h, w in [(90, 160), (224, 320), (360, 640), (720, 1280), (1080, 1920), (480, 270),
+                 (57, 1000), (2000, 30), (333, 333)]:
+        assert smart_resize(h, w, 28, 48 * 784, 256 * 784) == keye.smart_resize(
+            h, w, 28, keye.VIDEO_MIN_PIXELS, 256 * 784)
