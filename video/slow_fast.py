@@ -255,8 +255,8 @@ def frame_similarities(hsv: Iterable[np.ndarray], threshold: float, patch_cos: f
     keye-vl-utils compares: at 0.9 a similarity of exactly 9/10 is float32 0.89999998, so slow).
 
     Args:
-        hsv: uint8 HSV frames, ``[h, w, 3]`` each: a ``[T, h, w, 3]`` array, or an iterable of
-            such arrays (chunks of frames; a generator keeps one chunk in memory at a time).
+        hsv: uint8 HSV frames (from :func:`hsv_frames`): one ``[T, h, w, 3]`` array, or an
+            iterable of ``[c, h, w, 3]`` chunks (a generator keeps one chunk in memory at a time).
     """
     types, sims = [], []
     ref = ref_sq = None
