@@ -83,7 +83,7 @@ def frames_covered(kinds: np.ndarray, budget: int, slow_tok: int, fast_tok: int)
 
 def keye_mismatches(frames: torch.Tensor, types: torch.Tensor) -> int:
     """Frames whose label differs from keye-vl-utils' on the same uint8 ``[T, H, W, 3]`` frames
-    (given to it as the ``[T, 3, H, W]`` view decord's frames get in its ``_read_video_decord``)."""
+    (given to it as the ``[T, 3, H, W]`` view decord's frames get in ``_read_video_decord``)."""
     peers = str(Path(__file__).resolve().parents[1] / ".peers")
     if peers not in sys.path:
         sys.path.append(peers)   # at the end: the pinned stack wins
@@ -135,7 +135,8 @@ def print_tables(results) -> None:
           "decode CPU | plan CPU | plan / decode (CPU) | keye mismatches |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        keye = "-" if r["keye_mismatches"] is None else f"{r['keye_mismatches']} / {r['sampled_frames']}"
+        keye = "-" if r["keye_mismatches"] is None else \
+            f"{r['keye_mismatches']} / {r['sampled_frames']}"
         print(f"| {r['video']} {r['native'].split('@')[0]}, {r['seconds']:.0f} s | "
               f"{r['sampled_frames']} ({r['slow']} / {r['fast']}) | {r['decode_s']:.3f} s | "
               f"{r['plan_s']:.3f} s | **{100 * r['plan_fraction']:.1f} %** | "

@@ -261,9 +261,10 @@ def frame_similarities(hsv: Iterable[np.ndarray], threshold: float, patch_cos: f
     types, sims = [], []
     ref = ref_sq = None
     for chunk in ([hsv] if isinstance(hsv, np.ndarray) else hsv):
-        for frame in chunk:  # frame by frame: a [P]-sized sum of a cached frame beats a batch
+        for frame in chunk:  # one frame at a time: its uint16 products stay in cache
             sq = _patch_sums(frame, frame, patch)  # [P] Σx² of this frame's patches
-            s = 1.0 if ref is None else patch_similarity(frame, ref, patch_cos, patch, (sq, ref_sq))
+            s = 1.0 if ref is None else patch_similarity(frame, ref, patch_cos, patch,
+                                                         (sq, ref_sq))
             sims.append(s)
             types.append(FAST if ref is not None and not s < threshold else SLOW)
             if types[-1] == SLOW:

@@ -51,14 +51,18 @@ def black_with_sparse_dim_pixels(n, h, w, seed):
     return out
 
 
+def grainy(frame, n, seed):
+    """``n`` copies of ``frame`` with independent grain in [-12, 12] (a static camera shot)."""
+    grain = np.random.default_rng(seed).integers(-12, 13, (n, *frame.shape))
+    return np.clip(frame[None].astype(int) + grain, 0, 255).astype(np.uint8)
+
+
 def video(kind, synth, seed=0):
     h, w = (90, 160) if seed % 2 else (224, 320)   # 90x160 is upscaled to 48 tokens, 224x320 not
     return {"dark_moving": lambda: dark_with_moving_objects(12, h, w, seed),
             "dim_pixels": lambda: black_with_sparse_dim_pixels(12, h, w, seed),
             "static": lambda: np.repeat(synth.texture(h, w, 30, seed)[None], 8, axis=0),
-            "static_grain": lambda: np.clip(synth.texture(h, w, 90, seed)[None].astype(int) +
-                                            np.random.default_rng(seed).integers(-12, 13, (10, h, w, 3)),
-                                            0, 255).astype(np.uint8),
+            "static_grain": lambda: grainy(synth.texture(h, w, 90, seed), 10, seed),
             "noise": lambda: synth.noise(8, h, w, seed=seed),
             "cuts_and_pan": lambda: np.concatenate([synth.scene_cuts([3, 2], h, w, seed=seed),
                                                     synth.slow_pan(8, h, w, 9, seed=seed)]),
