@@ -31,10 +31,10 @@ def dark_with_moving_objects(n, h, w, seed):
     saturated square moving 5 px a frame."""
     r = np.random.default_rng(seed)
     out = np.zeros((n, h, w, 3), np.uint8)
-    window = np.linspace(60, 250, h).astype(np.uint8)[:, None, None]
+    window = (np.linspace(60, 250, h)[:, None, None] * np.array([1.0, 0.8, 0.3])).astype(np.uint8)
     for t in range(n):
         out[t][r.random((h, w)) < 0.0008] = 1
-        out[t, :, : 2 * w // 5] = window * np.array([1.0, 0.8, 0.3]).astype(np.uint8)
+        out[t, :, : 2 * w // 5] = window
         y, x = (10 + 5 * t) % (h - 30), (2 * w // 5 + 10 + 5 * t) % (w - 30)
         out[t, y:y + 24, x:x + 24] = (255, 40, 200)
     return out
