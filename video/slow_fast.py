@@ -4,7 +4,9 @@ Keye-VL 1.5 (arXiv 2509.01563, §2.2; reference code keye-vl-utils 1.5.2) splits
 frames into *slow* frames, kept at a high resolution, and *fast* frames, which look like the
 latest slow frame and get 30 % of its tokens. The test is cheap — HSV patches of a small copy of
 each frame — so static stretches cost a fraction of uniform sampling while cuts and motion keep
-full detail. See ``../shared/ALGORITHMS.md`` ("Keye-VL 1.5 slow-fast video encoding").
+full detail. The labels are keye-vl-utils' own, exactly (exact integer patch statistics; its
+float32 steps only for cosines within float32 error of the 0.7 cut). See
+``../shared/ALGORITHMS.md`` ("Keye-VL 1.5 slow-fast video encoding").
 
 Token accounting here is per frame at 28x28 pixels per token (the Keye convention). Qwen2.5-VL
 merges pairs of frames (temporal patch 2), so the language model sees about half of
@@ -23,7 +25,6 @@ from .io import FACTOR, smart_resize
 
 SLOW, FAST = 0, 1
 SIM_MAX_TOKENS = 256  # the similarity test runs on frames of at most 256 tokens
-NORM_EPS = 0.01  # patches this dark (L2 norm on [0,1] HSV) in both frames are left out
 
 
 @dataclass
@@ -77,14 +78,8 @@ class SlowFastPlan:
         return out
 
 
-def as_uint8_thwc(frames) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` from uint8 ``[T, H, W, 3]`` (decord) or float ``[T, 3, H, W]`` in
-    [0, 255] (qwen-vl-utils), numpy or torch.
-
-    Raises:
-        TypeError: not an array or tensor.
-        ValueError: another rank or layout.
-    """
+def _layout(frames) -> torch.Tensor:
+    """``frames`` as a tensor, checked to be uint8 ``[T, H, W, 3]`` or float ``[T, 3, H, W]``."""
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(np.ascontiguousarray(frames))
     if not isinstance(frames, torch.Tensor):
@@ -93,13 +88,26 @@ def as_uint8_thwc(frames) -> torch.Tensor:
     if frames.ndim != 4:
         raise ValueError(f"frames must be 4-D, got shape {tuple(frames.shape)}; expected uint8 "
                          "[T, H, W, 3] or float [T, 3, H, W] in [0, 255]")
-    if frames.dtype == torch.uint8 and frames.shape[-1] == 3:
+    if (frames.dtype == torch.uint8 and frames.shape[-1] == 3) or \
+            (frames.dtype.is_floating_point and frames.shape[1] == 3):
         return frames
-    if frames.dtype.is_floating_point and frames.shape[1] == 3:
-        return frames.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     raise ValueError(f"frames of shape {tuple(frames.shape)} and dtype {frames.dtype} are neither "
                      "uint8 [T, H, W, 3] (decord) nor float [T, 3, H, W] in [0, 255] "
                      "(qwen-vl-utils); convert them to one of these layouts")
+
+
+def as_uint8_thwc(frames) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` from uint8 ``[T, H, W, 3]`` (decord) or float ``[T, 3, H, W]`` in
+    [0, 255] (qwen-vl-utils), numpy or torch; float values are clamped and rounded.
+
+    Raises:
+        TypeError: not an array or tensor.
+        ValueError: another rank or layout.
+    """
+    frames = _layout(frames)
+    if frames.dtype == torch.uint8:
+        return frames
+    return frames.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def resize_frames(frames: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -115,77 +123,159 @@ def resize_frames(frames: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()  # [T, 3, h, w] -> [T, h, w, 3]
 
 
-def hsv_patch_vectors(frames: torch.Tensor, hw: Tuple[int, int], patch: int = FACTOR) -> np.ndarray:
-    """float32 ``[T, P, patch·patch·3]``: each frame resized to ``hw``, converted to HSV exactly as
-    OpenCV does for uint8 RGB (H in 0–179, S, V in 0–255), scaled by 1/255, cut into patches.
+def hsv_frames(frames, hw: Tuple[int, int]) -> np.ndarray:
+    """uint8 ``[T, h, w, 3]``: the frames the similarity test compares — resized to ``hw`` and
+    converted to HSV exactly as keye-vl-utils 1.5.2 does (H in 0–179, S and V in 0–255).
 
-    NumPy rather than torch: these are small single-threaded kernels, and torch's thread pool
-    made them 10–30x slower on a busy machine.
-    """
-    import cv2
-    small = resize_frames(frames, hw).numpy()
-    hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in small])  # [T, h, w, 3] uint8
-    t, h, w, _ = hsv.shape
-    # [T, h, w, 3] -> [T, h/p, p, w/p, p, 3] -> [T, h/p, w/p, p, p, 3] -> [T, P, p·p·3]
-    x = hsv.reshape(t, h // patch, patch, w // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-    out = x.astype(np.float32)  # one pass: gathers the transposed view into a fresh C array
-    np.multiply(out, np.float32(1 / 255), out=out)  # in place: no second [T, P, D] copy
-    return out.reshape(t, (h // patch) * (w // patch), patch * patch * 3)
-
-
-def patch_similarity(a: np.ndarray, b: np.ndarray, patch_cos: float = 0.7,
-                     norm_eps: float = NORM_EPS, norms=None) -> float:
-    """Fraction of patches with cosine > ``patch_cos``, over patches not dark in both frames.
+    The reference resizes whatever tensor it is given with torch's antialiased bilinear kernel, then
+    casts to uint8 by truncation: uint8 ``[T, H, W, 3]`` frames (decord's) go through torch's uint8
+    kernel on their ``[T, 3, H, W]`` view (rounded, exactly what the reference computes on decord's
+    frames); float ``[T, 3, H, W]`` frames go through the float kernel in their own dtype and memory
+    layout, then ``.float()`` and truncation.
+    Differs from keye-vl-utils: float results are clamped to [0, 255] before the cast (the
+    reference's cast of out-of-range floats is undefined; in-range input never produces them).
 
     Args:
-        a, b: float ``[P, D]`` patch vectors of two frames (NumPy, or tensors).
-        norms: optional precomputed ``(‖a‖, ‖b‖)``, each ``[P]``.
-    Returns:
-        similarity in [0, 1]; 1.0 when every patch is dark in both frames.
+        frames: uint8 ``[T, H, W, 3]`` or float ``[T, 3, H, W]`` in [0, 255], numpy or torch.
+        hw: ``(h, w)`` of the compared frames, multiples of the patch size.
     """
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    if norms is None:
-        norms = (np.sqrt(np.einsum("pd,pd->p", a, a)), np.sqrt(np.einsum("pd,pd->p", b, b)))
-    na, nb = norms
-    keep = (na >= norm_eps) | (nb >= norm_eps)
-    if not keep.any():
+    import cv2
+    frames = _layout(frames)
+    if frames.dtype == torch.uint8:  # [T, H, W, 3] -> [T, 3, H, W] view, channels-last memory
+        small = F.interpolate(frames.permute(0, 3, 1, 2), size=tuple(hw), mode="bilinear",
+                              antialias=True).permute(0, 2, 3, 1).numpy()   # [T, h, w, 3] view
+    else:
+        small = F.interpolate(frames, size=tuple(hw), mode="bilinear", antialias=True).float()
+        small = small.clamp_(0, 255).permute(0, 2, 3, 1).numpy().astype(np.uint8)  # truncates
+    t, h, w, _ = small.shape
+    # HSV is per pixel: one OpenCV call on the frames stacked as one [T·h, w, 3] image
+    return cv2.cvtColor(np.ascontiguousarray(small).reshape(t * h, w, 3),
+                        cv2.COLOR_RGB2HSV).reshape(t, h, w, 3)
+
+
+def _patch_sums(a: np.ndarray, b: np.ndarray, patch: int) -> np.ndarray:
+    """int64 ``[..., P]``: ``Σ a·b`` over each ``patch x patch x 3`` block of uint8
+    ``[..., h, w, 3]`` frames, patches in row-major order.
+
+    Exact integers: a product is at most 255² = 65,025 (fits uint16), a patch sum at most
+    3·patch²·65,025 (fits uint32 up to patch 148, uint64 above). Summing the patch's rows first
+    adds whole contiguous rows, faster than reducing both patch axes at once.
+    """
+    *lead, h, w, _ = a.shape
+    acc = np.uint32 if 3 * patch * patch * 65025 < 2 ** 32 else np.uint64
+    prod = np.multiply(a, b, dtype=np.uint16)                        # [..., h, w, 3]
+    # [..., h, w, 3] -> [..., h/p, p, 3w] -> sum the p rows -> [..., h/p, 3w]
+    rows = prod.reshape(*lead, h // patch, patch, 3 * w).sum(axis=-2, dtype=acc)
+    # [..., h/p, 3w] -> [..., h/p, w/p, 3p] -> sum each patch's 3p columns -> [..., P]
+    sums = rows.reshape(*lead, h // patch, w // patch, 3 * patch).sum(axis=-1, dtype=acc)
+    return sums.reshape(*lead, -1).astype(np.int64)
+
+
+def _cos_margin(patch: int) -> float:
+    """How far from ``patch_cos`` an exact cosine must be for keye-vl-utils' float32 cosine to fall
+    on the same side: ``4·D·u`` with ``D = 3·patch²`` values per patch and ``u = 2⁻²⁴``.
+
+    The reference sums D non-negative float32 terms for each norm and for the dot product of the
+    normalised vectors; any summation order of n non-negative terms has relative error at most
+    γ_{n-1} ≈ (n-1)·u, the square roots, divisions and products add a few u, and adding 1e-8 to a
+    norm ≥ 1 rounds away. Its cosine (in [0, 1]) is therefore within 2·γ_{D-1} + 5u of the exact one
+    (2.8·10⁻⁴ at D = 2,352); the margin is twice that, and our exact-integer cosine is off by
+    ~10⁻¹⁵. Outside the margin both sides agree with exact maths; inside it the reference's own
+    float32 steps decide.
+    """
+    return 4.0 * 3 * patch * patch * 2.0 ** -24
+
+
+def _keye_patch_similar(a: np.ndarray, b: np.ndarray, rows: np.ndarray, patch: int,
+                        patch_cos: float) -> np.ndarray:
+    """bool ``[k]``: patches ``rows`` similar in keye-vl-utils' own float32 arithmetic.
+
+    The same torch operations on the same element order (channel-major, as its
+    ``rearrange("c (h p1) (w p2) -> h w (c p1 p2)")``): norm + 1e-8, divide, multiply, sum, ``>``.
+    Used only for patches whose exact cosine is within :func:`_cos_margin` of ``patch_cos``.
+    """
+    def vectors(x):  # uint8 [h, w, 3] -> float32 [k, 3·p·p], (c, p1, p2) order
+        h, w, _ = x.shape
+        blocks = x.reshape(h // patch, patch, w // patch, patch, 3)[rows // (w // patch), :,
+                                                                    rows % (w // patch)]
+        # [k, p1, p2, c] -> [k, c, p1, p2] -> [k, c·p1·p2]
+        return torch.from_numpy(np.ascontiguousarray(blocks.transpose(0, 3, 1, 2))
+                                .reshape(len(rows), -1)).float()
+
+    va, vb = vectors(a), vectors(b)
+    na = torch.norm(va, p=2, dim=-1, keepdim=True) + 1e-8
+    nb = torch.norm(vb, p=2, dim=-1, keepdim=True) + 1e-8
+    cos = ((va / na) * (vb / nb)).sum(dim=-1)
+    return (cos > patch_cos).numpy()
+
+
+def patch_similarity(a: np.ndarray, b: np.ndarray, patch_cos: float = 0.7, patch: int = FACTOR,
+                     sq_norms: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> float:
+    """Fraction of patches with cosine > ``patch_cos`` among patches not black in both frames,
+    as the float32 keye-vl-utils 1.5.2 compares with the threshold.
+
+    Two uint8 HSV frames ``[h, w, 3]`` (from :func:`hsv_frames`) are cut into ``patch x patch``
+    blocks; each block is a vector of 3·patch² raw HSV values. A patch is left out when it is zero
+    in both frames (the reference's ``norm < 0.01`` on raw 0–255 values: integer vectors have norm
+    0 or ≥ 1). Dot products and norms are exact integers; a cosine within :func:`_cos_margin` of
+    ``patch_cos`` is decided by :func:`_keye_patch_similar` (the reference's own float32 steps),
+    so every patch gets the reference's verdict. The result is float32(k / n), the value the
+    reference's ``mean()`` returns.
+    Differs from keye-vl-utils: 1.0 when no patch is left (the reference gets NaN); both make the
+    frame fast.
+
+    Args:
+        a, b: uint8 ``[h, w, 3]`` HSV frames, ``h`` and ``w`` multiples of ``patch``.
+        sq_norms: optional precomputed ``(Σa², Σb²)`` per patch, int64 ``[P]``.
+    Returns:
+        similarity in [0, 1] (a float32 value as a Python float).
+    """
+    na2, nb2 = sq_norms if sq_norms is not None else (_patch_sums(a, a, patch),
+                                                       _patch_sums(b, b, patch))
+    keep = (na2 > 0) | (nb2 > 0)
+    n = int(keep.sum())
+    if n == 0:
         return 1.0
-    cos = np.einsum("pd,pd->p", a, b) / np.maximum(na * nb, 1e-12)  # [P]
-    return float((cos[keep] > patch_cos).mean())
+    dot = _patch_sums(a, b, patch).astype(np.float64)
+    denom = np.sqrt(na2.astype(np.float64)) * np.sqrt(nb2.astype(np.float64))
+    cos = np.divide(dot, denom, out=np.zeros_like(dot), where=denom > 0)  # one side black: 0
+    similar = cos > patch_cos
+    near = np.flatnonzero(keep & (np.abs(cos - patch_cos) <= _cos_margin(patch)))
+    if near.size:
+        similar[near] = _keye_patch_similar(a, b, near, patch, patch_cos)
+    return float(np.float32(int((similar & keep).sum())) / np.float32(n))
 
 
-def frame_similarities(vectors: Iterable[np.ndarray], threshold: float, patch_cos: float
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+def frame_similarities(hsv: Iterable[np.ndarray], threshold: float, patch_cos: float,
+                       patch: int = FACTOR) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy slow/fast labels: ``(frame_types [T], similarity [T])``.
 
     Frame 0 is slow; frame t is compared with the latest slow frame and becomes slow when its
-    similarity is below ``threshold``.
+    similarity is below ``threshold`` (``sim < threshold`` on the float32 similarity, as
+    keye-vl-utils compares: at 0.9 a similarity of exactly 9/10 is float32 0.89999998, so slow).
 
     Args:
-        vectors: per frame, float ``[P, D]`` patch vectors — a ``[T, P, D]`` array or any
-            iterable (a generator keeps one frame in memory at a time).
+        hsv: uint8 HSV frames (from :func:`hsv_frames`): one ``[T, h, w, 3]`` array, or an
+            iterable of ``[c, h, w, 3]`` chunks (a generator keeps one chunk in memory at a time).
     """
     types, sims = [], []
-    ref = ref_norm = None
-    for vec in vectors:
-        vec = np.asarray(vec, np.float32)
-        norm = np.sqrt(np.einsum("pd,pd->p", vec, vec))  # [P]
-        if ref is None:
-            s = 1.0
-        else:
-            s = patch_similarity(vec, ref, patch_cos, norms=(norm, ref_norm))
-        sims.append(s)
-        types.append(FAST if ref is not None and s >= threshold else SLOW)
-        if types[-1] == SLOW:
-            ref, ref_norm = vec, norm
+    ref = ref_sq = None
+    for chunk in ([hsv] if isinstance(hsv, np.ndarray) else hsv):
+        for frame in chunk:  # one frame at a time: its uint16 products stay in cache
+            sq = _patch_sums(frame, frame, patch)  # [P] Σx² of this frame's patches
+            s = 1.0 if ref is None else patch_similarity(frame, ref, patch_cos, patch,
+                                                         (sq, ref_sq))
+            sims.append(s)
+            types.append(FAST if ref is not None and not s < threshold else SLOW)
+            if types[-1] == SLOW:
+                ref, ref_sq = frame, sq
     return torch.tensor(types, dtype=torch.long), torch.tensor(sims, dtype=torch.float32)
 
 
-def _vectors_per_frame(frames: torch.Tensor, hw: Tuple[int, int], patch: int, chunk: int = 16):
-    """Yield each frame's ``[P, D]`` HSV patch vectors, converting ``chunk`` frames at a time
-    (a 2-minute video would otherwise hold ~0.6 GB of float vectors)."""
+def _hsv_chunks(frames: torch.Tensor, hw: Tuple[int, int], chunk: int = 16):
+    """Yield uint8 ``[c, h, w, 3]`` HSV frames, ``chunk`` frames at a time."""
     for start in range(0, frames.shape[0], chunk):
-        yield from hsv_patch_vectors(frames[start:start + chunk], hw, patch)
+        yield hsv_frames(frames[start:start + chunk], hw)
 
 
 def _hw_for_tokens(h: int, w: int, tokens: int, min_tokens: int, factor: int) -> Tuple[int, int]:
@@ -252,8 +342,14 @@ def slow_fast_plan(frames, *, threshold: float = 0.9, patch_cos: float = 0.7,
     Keye-VL 1.5 slow-fast encoding (arXiv 2509.01563, §2.2): frame 0 is slow; frame t is slow when
     its patch similarity to the latest slow frame is below ``threshold``; slow frames get the
     largest T ∈ [min_tokens, max_tokens] with S·T + F·max(⌊fast_ratio·T⌋, min_tokens) ≤ budget.
+    Frame types equal keye-vl-utils 1.5.2's ``extract_slow_fast_frames`` on the same frames (its
+    resize and uint8 cast in :func:`hsv_frames`; its patch verdicts, all-zero rule and float32
+    similarity in :func:`patch_similarity`), at the default ``factor`` and ``min_tokens``, which
+    set the test frames' size (the reference fixes 28 and 48).
     Differs from paper: threshold default 0.9 (the released code), paper 0.95; budget 65,536 (code)
     vs 75K (paper); the budget search never returns a size over the budget.
+    Differs from keye-vl-utils: ``similarity`` is 1.0 where every patch is black in both frames
+    (NaN there; both label the frame fast).
 
     Args:
         frames: uint8 ``[T, H, W, 3]`` (decord) or float ``[T, 3, H, W]`` in [0, 255]
@@ -274,8 +370,9 @@ def slow_fast_plan(frames, *, threshold: float = 0.9, patch_cos: float = 0.7,
             timestamps, or a budget too small for the frames at ``min_tokens`` each.
     """
     _check_args(threshold, patch_cos, fast_ratio, token_budget, min_tokens, max_tokens, factor)
-    frames = as_uint8_thwc(frames)
-    t, h, w, _ = frames.shape
+    frames = _layout(frames)
+    t = frames.shape[0]
+    h, w = frames.shape[1:3] if frames.dtype == torch.uint8 else frames.shape[2:4]
     if t == 0:
         raise ValueError("slow_fast_plan got zero frames; read the video with read_video first")
     stamps = np.arange(t, dtype=np.float64) / 2.0 if timestamps is None else \
@@ -284,8 +381,8 @@ def slow_fast_plan(frames, *, threshold: float = 0.9, patch_cos: float = 0.7,
         raise ValueError(f"timestamps has {stamps.size} entries for {t} frames; pass one per frame")
     sim_hw = smart_resize(h, w, factor, min_pixels=min_tokens * factor * factor,
                           max_pixels=SIM_MAX_TOKENS * factor * factor)
-    types, sims = frame_similarities(_vectors_per_frame(frames, sim_hw, factor), threshold,
-                                     patch_cos)
+    types, sims = frame_similarities(_hsv_chunks(frames, sim_hw), threshold, patch_cos,
+                                     factor)
     num_slow = int((types == SLOW).sum())
     slow_hw, fast_hw, slow_tok, fast_tok, total = choose_resolutions(
         h, w, num_slow, t - num_slow, token_budget=token_budget, fast_ratio=fast_ratio,

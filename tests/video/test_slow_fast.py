@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmrl.video import SLOW, FAST, choose_resolutions, read_video, slow_fast_plan, smart_resize
-from mmrl.video.slow_fast import hsv_patch_vectors, patch_similarity
+from mmrl.video.slow_fast import hsv_frames, patch_similarity
 
 
 def test_slow_frames_land_on_the_cuts(make_video, synth):
@@ -60,27 +60,34 @@ def test_float_tchw_input_equals_uint8_thwc(synth):
 
 
 def test_patch_similarity_hand_worked():
-    p = 28 * 28 * 3
-    a = torch.zeros(4, p)
-    b = torch.zeros(4, p)
-    a[0], b[0] = 1.0, 2.0                      # same direction: cos 1 -> similar
-    a[1, : p // 2], b[1, p // 2:] = 1.0, 1.0   # orthogonal: cos 0 -> different
-    a[2, 0], b[2, 0] = 0.005, 0.0              # dark in both (norms < 0.01): left out
-    a[3, :2], b[3, 1:3] = 1.0, 1.0             # cos 0.5 < 0.7 -> different
+    # four 28x28 patches of raw HSV values (grey pixels: H = S = 0, V = the grey level)
+    a = np.zeros((28, 112, 3), np.uint8)
+    b = np.zeros((28, 112, 3), np.uint8)
+    a[:, :28, 2], b[:, :28, 2] = 10, 20          # same direction: cos 1 -> similar
+    a[:14, 28:56, 2], b[14:, 28:56, 2] = 50, 50  # disjoint pixels: cos 0 -> different
+    #                                              patch 3 black in both: left out
+    a[0, 84:86, 2], b[0, 85:87, 2] = 100, 100    # one pixel shared of two: cos 0.5 < 0.7 -> different
     assert patch_similarity(a, b) == pytest.approx(1 / 3)
-    assert patch_similarity(a[2:3], b[2:3]) == 1.0  # nothing left to compare
+    assert patch_similarity(a[:, 56:84], b[:, 56:84]) == 1.0  # nothing left to compare
+    # V = 1 in one pixel is not "dark": keye-vl-utils leaves out only all-zero patches (raw 0-255
+    # norm < 0.01); on [0, 1]-scaled HSV a 0.01 threshold would drop it and report 1.0
+    c = np.zeros((28, 28, 3), np.uint8)
+    c[5, 5, 2] = 1
+    assert patch_similarity(np.zeros_like(c), c) == 0.0
 
 
-def test_hsv_vectors_are_opencv_hsv():
+def test_hsv_frames_are_opencv_hsv_of_the_resized_frames():
     rgb = np.zeros((1, 56, 56, 3), np.uint8)
     rgb[0, :28, :28] = (255, 0, 0)   # red  -> H 0,   S 255, V 255
     rgb[0, :28, 28:] = (0, 0, 255)   # blue -> H 120, S 255, V 255
-    vec = hsv_patch_vectors(torch.from_numpy(rgb), (56, 56))
-    assert tuple(vec.shape) == (1, 4, 28 * 28 * 3)
-    hsv = cv2.cvtColor(rgb[0], cv2.COLOR_RGB2HSV)
-    np.testing.assert_allclose(vec[0, 1, :3], hsv[0, 28] / 255.0, rtol=1e-6)
-    np.testing.assert_allclose(vec[0, 1, :3] * 255, [120.0, 255.0, 255.0], rtol=1e-6)
-    assert np.abs(vec[0, 2]).max() == 0    # black patch
+    hsv = hsv_frames(torch.from_numpy(rgb), (56, 56))
+    assert hsv.dtype == np.uint8 and hsv.shape == (1, 56, 56, 3)
+    assert hsv[0, 0, 0].tolist() == [0, 255, 255] and hsv[0, 0, 28].tolist() == [120, 255, 255]
+    assert hsv[0, 28:].max() == 0    # black stays black
+    np.testing.assert_array_equal(hsv[0], cv2.cvtColor(rgb[0], cv2.COLOR_RGB2HSV))
+    # float input: resized in float, then truncated (not rounded) to uint8, as keye-vl-utils does
+    grey = torch.full((1, 3, 56, 56), 100.75)
+    assert hsv_frames(grey, (28, 28))[0, :, :, 2].tolist() == [[100] * 28] * 28
 
 
 @pytest.mark.parametrize("budget", [1100, 2500, 65536])
