@@ -90,7 +90,7 @@ def test_auto_adopts_the_folder_and_refuses_overwrite(runs, tmp_path):
     toy.run(_cfg(out, steps=2))  # resume=auto: the same run, one more step
     assert read_run_id(out) == run_id and _steps(out) == [0, 1]
     assert _same(_final(out), _final(runs / "fresh"))  # == an uninterrupted 2-step run
-    with pytest.raises(ValueError, match="would delete the checkpoints auto resumes from"):
+    with pytest.raises(ValueError, match="overwrite=true with resume=auto would delete"):
         toy.run(_cfg(out, steps=2, overwrite=True))
 
 
