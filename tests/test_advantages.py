@@ -153,6 +153,8 @@ def test_adv_clip_and_dtypes():
     r = _t([0, 0, 0, 0, 0, 0, 0, 1])
     adv = group_advantages(r, _ids([0] * 8), adv_clip=1.5)
     assert adv.max().item() == 1.5 and adv.min().item() > -1.5
+    low = group_advantages(1 - r, _ids([0] * 8), adv_clip=1.5)  # the clip is two-sided
+    assert low.min().item() == -1.5 and low.max().item() == pytest.approx(-adv.min().item())
     half = group_advantages(r.to(torch.bfloat16), _ids([0] * 8))
     assert half.dtype == torch.float32
 

@@ -321,3 +321,40 @@ def test_half_precision_log_probs_are_upcast():
     assert lp16.grad.dtype == torch.bfloat16 and torch.isfinite(lp16.grad.float()).all()
     # bf16 inputs round the log-probs themselves, so compare loosely
     assert got.item() == pytest.approx(want.item(), abs=0.05)
+
+
+# ---------------------------------------------------------------- padding and stats, by value
+def test_ratio_stats_ignore_padding():
+    # valid ratios e^0.5, e^0.25 and e^0.1 (all > 1); the padding's ratio would read as exactly 1
+    logp = torch.tensor([[0.5, 0.25], [0.1, 0.0]], dtype=F64)
+    mask = torch.tensor([[True, True], [True, False]])
+    _, stats = policy_loss(logp, torch.zeros(2, 2, dtype=F64), torch.ones(2, dtype=F64), mask,
+                           aggregation="token_mean")
+    assert stats["ratio_min"].item() == pytest.approx(math.exp(0.1))
+    assert stats["ratio_max"].item() == pytest.approx(math.exp(0.5))
+    assert stats["ratio_mean"].item() == pytest.approx(
+        (math.exp(0.5) + math.exp(0.25) + math.exp(0.1)) / 3)
+    _, stats = policy_loss(-logp, torch.zeros(2, 2, dtype=F64), torch.ones(2, dtype=F64), mask)
+    assert stats["ratio_max"].item() == pytest.approx(math.exp(-0.1))
+
+
+def test_zero_advantage_tokens_are_not_counted_as_clipped():
+    # A = 0 (a zero-std group): the clip changes nothing, so neither clip fraction counts it;
+    # A = -1 with the same ratio 0.5 is low-clipped, A = +1 with ratio 2 is high-clipped.
+    logp = torch.log(torch.tensor([[0.5, 2.0], [0.5, 2.0], [0.5, 2.0]], dtype=F64))
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    _, stats = policy_loss(logp, torch.zeros(3, 2, dtype=F64),
+                           torch.tensor([0.0, -1.0, 1.0], dtype=F64), mask,
+                           aggregation="token_mean")
+    assert stats["clipfrac_low"].item() == pytest.approx(1 / 6)
+    assert stats["clipfrac_high"].item() == pytest.approx(1 / 6)
+
+
+def test_reg_group_mean_leaves_out_empty_rows():
+    # group of 3: log-ratios 0.3, -0.1 and an empty row; the mean is 0.1 over the 2 real rows
+    logp = torch.tensor([[0.1, 0.2], [-0.1, 0.0], [5.0, 5.0]], dtype=F64)
+    mask = torch.tensor([[True, True], [True, False], [False, False]])
+    loss, _ = policy_loss(logp, torch.zeros(3, 2, dtype=F64),
+                          torch.tensor([1.0, -1.0, 0.5], dtype=F64), mask, algo="reg_grpo",
+                          group_ids=torch.tensor([0, 0, 0]))
+    assert loss.item() == pytest.approx(((1 - 0.2) ** 2 + (-1 + 0.2) ** 2) / 3)  # seq_mean over B

@@ -105,6 +105,10 @@ def test_uniform_selector_covers_every_prompt_once_per_epoch():
         picks += batch.tolist()
     assert sorted(picks[:10]) == list(range(10))
     assert all(picks.count(i) == 2 for i in range(10))
+    for seed in range(20):  # 3 of 4: the second batch takes 1 old + 2 fresh, never a repeat
+        sel, g = make_selector("uniform", 4), gen(seed)
+        sel.select(3, g)
+        assert sel.select(3, g).unique().numel() == 3, seed
 
 
 def test_last_visit_success_estimate():

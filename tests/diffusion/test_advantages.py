@@ -43,6 +43,8 @@ def test_g2rpo_advantages_hand_worked_and_oracle():
     rewards = torch.tensor([1.0, 3.0, 0.0, 1.0])
     adv = g2rpo_advantages(rewards, traj)
     torch.testing.assert_close(adv, torch.tensor([1.0, -1.0]) * 2 / (math.sqrt(0.5) * 2 + 2e-8))
+    clipped = g2rpo_advantages(rewards, traj, adv_clip=1.2)  # ±sqrt(2) -> ±1.2, after the sum
+    torch.testing.assert_close(clipped, torch.tensor([1.2, -1.2]))
     traj = sample_singular(_vf, torch.randn(2, 2, 2, 2), SIG, group_size=3, steps=[0, 2],
                            granularities=[1, 2])
     r = torch.randn(traj.final.shape[0], generator=torch.Generator().manual_seed(0)).double()

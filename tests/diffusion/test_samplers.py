@@ -104,6 +104,10 @@ def test_windows():
 def test_shared_initial_noise():
     z = initial_noise(2, 3, (4, 2, 2), shared=True, generator=torch.Generator().manual_seed(0))
     assert z.shape == (6, 4, 2, 2) and torch.equal(z[0], z[2]) and not torch.equal(z[0], z[3])
+    # rows are prompt-major: prompt p's 3 members are rows 3p..3p+2, all the p-th draw
+    draws = torch.randn((2, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, draws.repeat_interleave(3, dim=0), rtol=0, atol=0)
+    assert all(torch.equal(z[i], draws[i // 3]) for i in range(6))
     z = initial_noise(2, 3, (4, 2, 2), generator=torch.Generator().manual_seed(0))
     assert not torch.equal(z[0], z[1])
 

@@ -76,6 +76,22 @@ def test_save_grid_rejects_bad_input(tmp_path):
     assert path.exists()
 
 
+def test_save_grid_layout_and_weighted_columns(tmp_path):
+    from PIL import Image
+
+    from mmrl.diffusion.evaluate import save_grid, weighted
+
+    # 5 flat 8x8 images, 2 columns: zoom 16 -> 128 px cells, one caption line -> 18 px of text
+    levels = [0.0, 0.25, 0.5, 0.75, 1.0]
+    images = torch.tensor(levels)[:, None, None, None].expand(5, 3, 8, 8)
+    grid = Image.open(save_grid(images, list("abcde"), tmp_path / "g.png", cols=2))
+    assert grid.size == (2 * 128, 3 * (128 + 18))
+    cells = [grid.getpixel(((i % 2) * 128 + 64, (i // 2) * 146 + 64))[0] for i in range(5)]
+    assert cells == [round(v * 255) for v in levels]  # row-major, rounded to uint8
+    cols = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0, 20.0])}
+    assert weighted(cols, {"a": 2.0}).tolist() == [12.0, 24.0]  # a missing weight is 1
+
+
 def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
     import subprocess
 

@@ -57,6 +57,8 @@ def test_score_writes_csv_equal_to_the_python_api(tmp_path, image_dir, tiny_clip
     want = R.load("pickscore", path=tiny_clip_dir)(images, ["a cat", "a dog", "a boat"])
     got = torch.tensor([float(r["pickscore"]) for r in rows])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    bright = torch.tensor([float(r["brightness"]) for r in rows])
+    torch.testing.assert_close(bright, R.load("brightness")(images, None), atol=1e-6, rtol=1e-6)
     assert "3/3 images" in capsys.readouterr().err  # progress
 
 

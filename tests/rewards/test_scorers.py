@@ -9,11 +9,14 @@ import types
 import numpy as np
 import pytest
 import torch
+# the hand-built pipelines use open_clip's constants, not the library's (a typo there must show)
+from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN
+from open_clip.constants import OPENAI_DATASET_STD as OPENAI_STD
 from PIL import Image
 
 import mmrl.rewards as R
 from mmrl.reward_fn import evaluate_reward
-from mmrl.rewards.base import OPENAI_MEAN, OPENAI_STD, WeightsNotFoundError
+from mmrl.rewards.base import WeightsNotFoundError
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reward_testlib import make_images  # noqa: E402
@@ -180,6 +183,14 @@ def test_clip_score_variants(tiny_clip_dir, ref_clip, scorers):
                                rtol=1e-5)
     hessel = R.load("clip_score", path=tiny_clip_dir, variant="hessel")(images, PROMPTS)
     torch.testing.assert_close(hessel, 2.5 * cos.clamp_min(0), atol=1e-6, rtol=1e-5)
+    # the tiny CLIP's cosines are all positive: stub the embeddings to reach max(cos, 0)
+    stubbed = R.load("clip_score", path=tiny_clip_dir, variant="hessel")
+    e = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    stubbed.clip = types.SimpleNamespace(image_embeds=lambda images: e,
+                                         text_embeds=lambda prompts: torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(stubbed(images[:2], PROMPTS[:2]), torch.tensor([0.0, 2.0]))
+    stubbed.clip.text_embeds = lambda prompts: torch.tensor([[-0.6, 0.8]])  # cos -0.6 and 0.28
+    torch.testing.assert_close(stubbed(images[:2], PROMPTS[:2]), torch.tensor([0.0, 0.7]))
     with pytest.raises(ValueError, match="variant=None; choose one explicitly.*hessel"):
         R.load("clip_score", path=tiny_clip_dir)
 
@@ -338,6 +349,14 @@ def test_rule_rewards_hand_values():
     assert got.item() == pytest.approx(-buf.tell() / 1000 / 500)
     flat = Image.new("RGB", (64, 64), (120, 120, 120))
     assert R.load("jpeg_compressibility")([flat], None) > got  # flat compresses better
+    # tensors are rounded to uint8, not truncated: gray 128 + 0.4 or + 0.6 at random is the
+    # 128/129 noise image (about 1.7 KB); truncated it would be flat 128 (about 1.4 KB)
+    up = np.random.default_rng(0).random((64, 64, 3)) < 0.5
+    x = torch.from_numpy((128 + np.where(up, 0.6, 0.4)).astype(np.float32) / 255)
+    jpeg = R.load("jpeg_compressibility")
+    want = jpeg([Image.fromarray((128 + up).astype(np.uint8))], None)
+    assert jpeg(x.permute(2, 0, 1)[None], None).item() == want.item()
+    assert want.item() < jpeg([Image.new("RGB", (64, 64), (128, 128, 128))], None).item()
 
 
 def test_gradients_reach_pixels(tiny_clip_dir, tiny_open_clip):

@@ -101,11 +101,14 @@ def _post(url, body, token=None):
 
 def test_token_size_limits_and_bad_requests(server):
     srv = server(R.load("brightness"), token="s3cret", max_request_bytes=20_000, max_batch=3)
-    body = {"prompts": ["", ""], "images": encode_images(make_images(2, size=(8, 8)))}
+    images = make_images(2, size=(8, 8))
+    want = R.load("brightness")(images, None).tolist()  # PNG is lossless: the same pixels
+    assert want[0] != pytest.approx(want[1], abs=1e-6)  # two different values, in order
+    body = {"prompts": ["", ""], "images": encode_images(images)}
     assert _post(srv.url, body)[0] == 401
     assert _post(srv.url, body, token="wrong")[0] == 401
     code, out = _post(srv.url, body, token="s3cret")
-    assert code == 200 and len(out["scores"]) == 2
+    assert code == 200 and out["scores"] == pytest.approx(want, rel=1e-6)
     big = {"prompts": [""], "images": encode_images(make_images(1, size=(200, 200)))}
     code, out = _post(srv.url, big, token="s3cret")
     assert code == 413 and "exceeds 20000" in out["error"]
@@ -124,7 +127,7 @@ def test_token_size_limits_and_bad_requests(server):
     with pytest.raises(ValueError, match="401.*token"):
         R.load("remote", url=srv.url, retries=0)
     ok = R.load("remote", url=srv.url, token="s3cret")
-    assert ok(make_images(2, size=(8, 8)), None).shape == (2,)
+    torch.testing.assert_close(ok(images, None), torch.tensor(want))
 
 
 def test_scorer_errors_become_500_and_are_retried(server):
@@ -309,7 +312,9 @@ def test_nonfinite_scores_are_null_in_valid_json(server):
 
 def test_requests_from_browsers_are_refused(server):
     srv = server(R.load("brightness"), allowed_hosts=["trainer-box"])
-    body = json.dumps({"prompts": [""], "images": encode_images(make_images(1, size=(4, 4)))})
+    image = make_images(1, size=(4, 4))
+    want = [float(R.load("brightness")(image, None))]
+    body = json.dumps({"prompts": [""], "images": encode_images(image)})
     port = srv.port
     json_ct = {"Content-Type": "application/json"}
     cases = [  # (method, headers, status, start of the error)
@@ -328,7 +333,7 @@ def test_requests_from_browsers_are_refused(server):
         assert (code, out["error"][:len(message)]) == (status, message)
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "trainer-box"):
         code, out = _raw(srv, "POST", "/score", body.encode(), {**json_ct, "Host": host})
-        assert code == 200 and len(out["scores"]) == 1, host
+        assert code == 200 and out["scores"] == pytest.approx(want, rel=1e-6), host
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
     conn.putrequest("POST", "/score")
     conn.putheader("Content-Type", "application/json")

@@ -139,6 +139,22 @@ def test_hand_worked_positions():
     assert delta.tolist() == [[8 - 15]]
 
 
+def test_hand_worked_positions_qwen2_left_padded():
+    # Qwen2-VL: time advances 1 per temporal grid (no second_per_grid_ts); row 0 is left-padded
+    # by 2 and padding reads 1 on every axis (as transformers' get_rope_index writes it).
+    from mmrl.video import qwen2_position_ids
+    v = 9
+    ids = torch.tensor([[0, 0, 1] + [v] * 12 + [3], [1, 2, 3] + [v] * 12 + [4]])
+    mask = torch.tensor([[0, 0] + [1] * 14, [1] * 16])
+    grid = torch.tensor([[2, 4, 6], [2, 4, 6]])
+    pos, delta = qwen2_position_ids(ids, mask, grid, video_token_id=v)
+    t, h, w = [1] * 6 + [2] * 6, [1, 1, 1, 2, 2, 2] * 2, [1, 2, 3] * 4  # start 1: after 1 token
+    assert pos[:, 0].tolist() == [[1, 1, 0] + t + [4], [1, 1, 0] + h + [4], [1, 1, 0] + w + [4]]
+    t, h, w = [i + 2 for i in t], [i + 2 for i in h], [i + 2 for i in w]  # start 3
+    assert pos[:, 1].tolist() == [[0, 1, 2] + t + [6], [0, 1, 2] + h + [6], [0, 1, 2] + w + [6]]
+    assert delta.tolist() == [[5 - 14], [7 - 16]]
+
+
 def test_model_runs_on_the_batch_with_our_positions(tiny_processor, tiny_model, videos):
     batch = build_qwen_video_inputs([conv(videos["cuts"]), conv(videos["pan"])], tiny_processor,
                                     **SMALL)
@@ -174,6 +190,26 @@ def test_uniform_mode_equals_qwen_vl_utils(tiny_processor, videos):
     np.testing.assert_allclose(x["second_per_grid_ts"], ref["second_per_grid_ts"], rtol=1e-6)
     # same pixels up to our uint8 rounding after the bicubic resize (1/255 / CLIP std ≈ 0.015)
     assert (x["pixel_values_videos"] - ref["pixel_values_videos"]).abs().max() < 0.04
+    # ...and before the processor our resized uint8 frames are exactly qwen-vl-utils' frames
+    ours = batch.entries[0][0].frames.permute(0, 3, 1, 2).float()  # [n, h, w, 3] -> [n, 3, h, w]
+    assert torch.equal(ours, frames[0])
+
+
+def test_uniform_size_total_token_bound():
+    # 1024 frames: 0.9 · 128000 tokens · 2 / 1024 = 225 tokens a frame = 176400 px (15 x 15)
+    from mmrl.video.qwen_inputs import uniform_size
+    assert uniform_size(448, 448, 1024) == (420, 420)
+    assert uniform_size(720, 1280, 1024) == (308, 560)  # 11 x 20 = 220 <= 225 tokens
+    assert uniform_size(720, 1280, 16) == (560, 1008)  # few frames: 768 tokens a frame bind
+
+
+def test_odd_frame_count_is_padded_with_the_last_frame(tiny_processor):
+    colors = [10, 120, 250]  # three flat frames: the resize keeps each value exactly
+    frames = torch.tensor(colors, dtype=torch.uint8)[:, None, None, None].expand(3, 56, 56, 3)
+    batch = build_qwen_video_inputs([conv(frames.clone())], tiny_processor, mode="uniform")
+    entry = batch.entries[0][0]
+    assert entry.num_real == 3 and entry.frames.shape[0] == 4
+    assert [int(f.float().mean()) for f in entry.frames] == colors + [250]
 
 
 def test_bad_videos_are_skipped_and_counted(tiny_processor, videos, tmp_path):

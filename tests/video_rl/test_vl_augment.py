@@ -49,6 +49,9 @@ def test_invert_choices_hand_example():
     assert right == {"Lied on", "Took", "Washed"}
     assert [o[:3] for o in options] == ["A. ", "B. ", "C. ", "D. "]
     assert [STAR["options"][i][3:] for i in order] == [o[3:] for o in options]
+    # keep=None: the number of kept wrong options is uniform in [1, 3], so all three occur
+    kept = {len(invert_choices(STAR["options"], ["C"], rng=seed)[1]) for seed in range(40)}
+    assert kept == {1, 2, 3}
 
 
 def test_qa_inversion_keeps_the_answer_set_consistent_over_many_seeds():
@@ -128,6 +131,9 @@ def test_frame_noise_statistics_clipping_and_determinism():
     assert not np.array_equal(noisy, add_frame_noise(gray, 25.0, rng=1))
     assert add_frame_noise(clip(2, value=255), 50.0, rng=0).max() == 255
     assert np.array_equal(add_frame_noise(gray, 0.0, rng=0), gray)
+    # rounded, not truncated: zero-mean noise keeps the mean (truncation would lower it by 0.5)
+    big = np.full((50, 64, 64, 3), 128, np.uint8)
+    assert abs(float(add_frame_noise(big, 25.0, rng=0).astype(float).mean()) - 128.0) < 0.15
 
 
 def test_drop_and_shuffle_frames():

@@ -128,6 +128,9 @@ def test_merged_state_dict_is_w_plus_scaled_ba(tiny_vl_dir):
                 @ layer.lora_A["default"].weight)
     torch.testing.assert_close(merged[key], expected.detach(), atol=1e-6, rtol=0)
     assert not any("lora_" in k or "base_layer" in k for k in merged)
+    policy.model.merge_adapter()  # W now holds BA already: it must not be added a second time
+    torch.testing.assert_close(merged_state_dict(policy.base)[key], expected.detach(), atol=1e-6,
+                               rtol=0)
     assert merged.keys() == make_policy(tiny_vl_dir, "full").model.state_dict().keys()
 
 

@@ -161,3 +161,36 @@ def test_image_and_video_prompts_mix_and_checkpointing_keeps_gradients(tiny_vl_d
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
                                 if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p(tiny_vl_dir):
+    # probabilities 0.35, 0.4, 0.25 and top_p 0.5: the head {0.4, 0.35} is the smallest with
+    # mass >= 0.5, so token 0 is drawn (0.35 / 0.75 ≈ 47 % of the time) and token 2 never
+    policy = make_policy(tiny_vl_dir, top_p=0.5)
+    logp = torch.tensor([[0.35, 0.4, 0.25]]).log().expand(400, 3)  # sorted order differs
+    draws = policy._sample(logp, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=3).tolist()
+    assert counts[2] == 0 and 140 < counts[0] < 260 and counts[0] + counts[1] == 400
+
+
+def test_temperature_divides_the_logits(tiny_vl_dir):
+    # log-prob differences are logit differences / T (tokens 0 and 1 are plain text ids)
+    policy = make_policy(tiny_vl_dir, temperature=2.0)
+    vocab = policy.model.get_output_embeddings().out_features
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    lp = policy._logprobs(lambda h: h, logits)  # identity head: hidden states are the logits
+    torch.testing.assert_close(lp[:, 0] - lp[:, 1], (logits[:, 0] - logits[:, 1]) / 2.0)
+
+
+def test_the_first_end_token_is_inside_the_mask(tiny_vl_dir, vt_batch):
+    # decoding restricted to "A" and the end tokens: most rows end early, and the end token
+    # itself is trained on (mask length = its index + 1), nothing after it
+    pol = make_policy(tiny_vl_dir, max_new_tokens=6, allowed_answers=["A"])
+    ro = rollout(pol, vt_batch, group=4, seed=0)
+    ends, early = torch.tensor(pol.eos), 0
+    for toks, mask in zip(ro.data["response"], ro.mask):
+        hit = torch.isin(toks, ends).nonzero().flatten()
+        want = int(hit[0]) + 1 if hit.numel() else toks.shape[0]
+        assert mask.tolist() == [True] * want + [False] * (toks.shape[0] - want)
+        early += hit.numel() > 0
+    assert early >= 4

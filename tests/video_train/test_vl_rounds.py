@@ -98,6 +98,10 @@ def test_difficulty_rerolls_flat_groups_harder_or_easier(records):
     clip = harder["messages"][-1]["content"][0]["video"]
     assert isinstance(clip, VideoClip) and clip.num_frames == 6  # 8 frames, a quarter dropped
     assert np.all(np.diff(clip.timestamps) > 0)  # the kept frames' times, in order
+    orig = _media(records).clip(records[0])
+    stamp = dict(zip(orig.frame_indices, np.asarray(orig.timestamps).tolist()))
+    assert np.asarray(clip.timestamps).tolist() == [stamp[i] for i in clip.frame_indices]
+    assert clip.sample_fps == pytest.approx(orig.sample_fps * 6 / 8)  # 6 of 8 frames kept
     assert new_prompts[0] == prompts[0]  # harder: same text, other frames
     assert "is not correct" in new_prompts[1] and new_prompts[1].startswith(prompts[1].split("\n")[0])
     assert easier["messages"][-1]["content"][-1]["text"] == new_prompts[1]
