@@ -1,7 +1,6 @@
 """The run config's sections: ``algo`` (what to optimize), ``train`` (the shared loop), ``job``.
 
-Every field is documented here (type, default, meaning, source); ``mmrl config docs`` prints
-the reference and ``docs/config.md`` is generated from it.
+Every field is documented here (type, default, meaning, source): ``docs/config.md`` is generated.
 
 Two levels of checking. :func:`config_from_dict` / :func:`load_config` check the values
 themselves (types, ranges, finite numbers, device names, combinations) and hold anywhere.
@@ -56,7 +55,8 @@ class AlgoConfig:
     aggregation: Optional[str] = cfg(None, "Loss aggregation override: seq_mean_token_mean, "
                                      "token_mean, seq_mean_token_sum, fixed_norm, seq_mean.",
                                      source="Dr.GRPO arXiv 2503.20783; DAPO arXiv 2503.14476")
-    kl: Optional[str] = cfg(None, "KL estimator to the reference policy: k1, k2, k3.",
+    kl: Optional[str] = cfg(None, "KL estimator to the reference policy: k1, k2, k3 (the "
+                            "diffusion job refuses it: see diffusion.kl).",
                             source="Schulman, 'Approximating KL divergence' (2020)")
     token_weighting: Optional[str] = cfg(None, "Token weighting: none, or tw (TW-GRPO weights "
                                          "from the group's full-vocabulary log-probs).",
