@@ -80,23 +80,25 @@ def test_reward_rises_with_grpo(tmp_path):
     assert last > first + 0.25, (first, last)
 
 
-def test_the_demo_configs_can_be_run_twice_into_the_same_folder(tmp_path, capsys):
-    """`make demo` twice: the demo configs start fresh (resume: never) and must say overwrite,
-    or the second run is refused as "a folder of another run"."""
+def test_make_demo_can_be_run_twice_into_the_same_folders(tmp_path, capsys):
+    """`make demo` twice: the demo configs start fresh (resume: never), so the Makefile must pass
+    train.overwrite=true, or the second run is refused as "a folder of another run"."""
     import json
     from pathlib import Path
 
     from mmrl.cli import main
     from mmrl.config import load_yaml
     root = Path(__file__).resolve().parents[1]
+    make = (root / "Makefile").read_text()
     for name in ("toy", "video_tiny", "diffusion_tiny"):
-        train = load_yaml(root / "configs" / "demo" / f"{name}.yaml")["train"]
-        assert train["resume"] == "never" and train["overwrite"] is True, name
+        assert load_yaml(root / "configs" / "demo" / f"{name}.yaml")["train"]["resume"] == "never"
+        assert f"train configs/demo/{name}.yaml train.overwrite=true" in make, name
     out = tmp_path / "demo-toy"
     args = ["train", str(root / "configs/demo/toy.yaml"), "train.steps=2", "train.log_every=1",
-            "train.progress=false", f"train.output_dir={out}"]
+            "train.progress=false", f"train.output_dir={out}", "train.overwrite=true"]
     assert main(args) == 0
     first = json.loads((out / "run.json").read_text())["run_id"]
+    assert main(args[:-1]) == 2 and "train.overwrite=true" in capsys.readouterr().err  # refused
     assert main(args) == 0, capsys.readouterr().err
     assert json.loads((out / "run.json").read_text())["run_id"] != first  # a fresh run
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # not 4: old run removed
