@@ -286,4 +286,3 @@ def load_checkpoint(folder) -> Dict[str, Any]:
     return {"weights": _read_tensors(folder),
             "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
             "state": torch.load(folder / "state.pt", weights_only=True)}
-

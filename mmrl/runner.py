@@ -269,11 +269,10 @@ def _bad_steps_error(r: "Run") -> RunStopped:
     last, where = r.step - 1, f"metrics so far: {r.out / 'metrics.jsonl'}"
     if r.empty_in_row:
         return RunStopped(f"{r.empty_in_row} consecutive step(s) had no valid sample to learn "
-                            f"from (last step {last}): {r.drop_cause}; {r.saved_note()}; "
-                            f"{where}")
+                          f"from (last step {last}): {r.drop_cause}; {r.saved_note()}; {where}")
     return RunStopped(f"{r.bad_in_row} consecutive steps had a non-finite loss or gradient "
-                        f"(last step {last}); {r.saved_note()}. Lower train.lr or check the "
-                        f"reward; {where}")
+                      f"(last step {last}); {r.saved_note()}. Lower train.lr or check the "
+                      f"reward; {where}")
 
 
 def _step_rewards(r: "Run") -> List[float]:

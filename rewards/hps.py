@@ -64,13 +64,6 @@ def pil_to_float(im: Image.Image) -> torch.Tensor:
     return to_tensor(as_rgb(im))
 
 
-def hps_transform(image_size: int):
-    """One PIL image -> normalized ``[3, S, S]``: :func:`pil_to_float`, :func:`hps_preprocess`."""
-    def transform(im: Image.Image) -> torch.Tensor:
-        return hps_preprocess(pil_to_float(im)[None], image_size)[0]
-    return transform
-
-
 class _quiet_open_clip(logging.Filter):  # noqa: N801 (used as a context manager)
     def filter(self, record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()

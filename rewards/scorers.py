@@ -206,6 +206,8 @@ def candidate_probs(scores: torch.Tensor,
         raise ValueError(f"{len(groups)} groups for {len(scores)} scores; pass one group id or "
                          f"prompt per score")
     s = scores if scores.dtype == torch.float64 else scores.float()
+    if s.numel() == 0:
+        return s
     g = groups.to(s.device, torch.long)
     n = int(g.max()) + 1
     # Subtract each group's max before exp (no overflow at logit_scale ≈ 100).

@@ -175,6 +175,7 @@ def test_candidate_probs_hand_values_and_gradient():
     torch.testing.assert_close(s.grad, torch.tensor([-0.75 * 0.25, 0.75 * 0.25, 0, 0, 0]))
     with pytest.raises(ValueError, match="2 groups for 5 scores"):
         candidate_probs(s.detach(), ["a", "b"])
+    assert candidate_probs(torch.zeros(0), []).shape == (0,)  # an empty batch, not an error
 
 
 def test_reports_probs_hand_values():
