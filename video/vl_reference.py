@@ -55,18 +55,15 @@ def video_r1_answer(text: str) -> str:
     return "" if inside is None else inside
 
 
-def reference_solution(text: str) -> str:
-    """The ground truth as the references read it: the first block, else the whole text,
-    stripped (TW-GRPO's reading; Video-R1 reads a solution without a block as ``""``, and its
-    data always has one)."""
-    inside = first_answer_block(text)
-    return text.strip() if inside is None else inside
-
-
 def tw_grpo_answer(text: str) -> str:
     """TW-GRPO's answer: the first block, or the whole text stripped without one."""
     inside = first_answer_block(text)
     return text.strip() if inside is None else inside
+
+
+#: The ground truth as the references read it: TW-GRPO's reading of an answer (Video-R1 reads a
+#: solution without a block as ``""``, and its data always has one).
+reference_solution = tw_grpo_answer
 
 
 # ----------------------------------------------------------------------------- format
