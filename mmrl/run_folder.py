@@ -15,9 +15,10 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from mmrl.checkpoint import list_checkpoints, manifest
+from mmrl.config import UserError
 
 RUN_FILE = "run.json"
 #: Everything a run writes under ``output_dir``; ``overwrite`` removes exactly these (inputs a
@@ -61,6 +62,27 @@ def _remove_outputs(out: Path) -> None:
             p.unlink()
 
 
+_FIX = (f"use another train.output_dir, train.resume=auto to continue the run there, or "
+        f"train.overwrite=true to delete its outputs ({', '.join(RUN_OUTPUTS)}) first")
+
+
+def _refused_never(out: Path) -> str:
+    return (f"train.output_dir={out} holds {_describe(out)} and train.resume=never starts a new "
+            f"run, whose checkpoints would be mixed with that run's; {_FIX}")
+
+
+def output_dir_problems(out, resume: str, overwrite: bool) -> List[str]:
+    """What :func:`claim_output_dir` would refuse, found before any work (no model loaded):
+    ``out`` is a file, or ``resume=never`` without ``overwrite`` into a folder holding a run."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        return [f"train.output_dir: {out} exists and is a file; expected a folder (pick another "
+                f"path)"]
+    if resume == "never" and not overwrite and _holds_a_run(out):
+        return [_refused_never(out)]
+    return []
+
+
 def claim_output_dir(out, resume: str, overwrite: bool = False) -> str:
     """The run id of the run starting in ``out``, after making sure ``out`` is its folder.
 
@@ -80,23 +102,21 @@ def claim_output_dir(out, resume: str, overwrite: bool = False) -> str:
     ``run.json`` is (re)written with the id. Call on one process only.
 
     Raises:
-        ValueError: the folder holds another run and ``overwrite`` is off, or a bad combination.
+        UserError: (a ValueError) the folder holds another run and ``overwrite`` is off, or a
+            bad combination.
     """
     out = Path(out)
     held, folder_id = _holds_a_run(out), read_run_id(out)
-    fix = (f"use another train.output_dir, train.resume=auto to continue the run there, or "
-           f"train.overwrite=true to delete its outputs ({', '.join(RUN_OUTPUTS)}) first")
+    fix = _FIX
     if resume == "auto":
         if overwrite:
-            raise ValueError("train.overwrite=true with train.resume=auto would delete the "
+            raise UserError("train.overwrite=true with train.resume=auto would delete the "
                              "checkpoints auto resumes from; use train.resume=never with "
                              "train.overwrite=true to start over in this folder")
         run_id = folder_id or uuid.uuid4().hex[:16]
     elif resume == "never":
         if held and not overwrite:
-            raise ValueError(f"train.output_dir={out} holds {_describe(out)} and "
-                             f"train.resume=never starts a new run, whose checkpoints would be "
-                             f"mixed with that run's; {fix}")
+            raise UserError(_refused_never(out))
         if held:
             _remove_outputs(out)
         run_id = uuid.uuid4().hex[:16]
@@ -114,7 +134,7 @@ def _claim_for_checkpoint(out: Path, ckpt: Path, held: bool, folder_id: Optional
     inside = out.resolve() in ckpt.resolve().parents
     if held and not inside and folder_id != run_id:
         if not overwrite:
-            raise ValueError(f"train.output_dir={out} holds {_describe(out)}, not the run of "
+            raise UserError(f"train.output_dir={out} holds {_describe(out)}, not the run of "
                              f"train.resume={ckpt}; {fix}")
         _remove_outputs(out)
         return run_id
@@ -122,7 +142,7 @@ def _claim_for_checkpoint(out: Path, ckpt: Path, held: bool, folder_id: Optional
     newer = [p for p in list_checkpoints(out / "checkpoints")
              if step is not None and p.name > f"step-{int(step):08d}"]
     if newer and not overwrite:
-        raise ValueError(f"train.resume={ckpt} is older than checkpoint(s) "
+        raise UserError(f"train.resume={ckpt} is older than checkpoint(s) "
                          f"{', '.join(p.name for p in newer)} in {out / 'checkpoints'}: "
                          f"continuing from it would mix two histories; resume from the newest "
                          f"(train.resume=auto), use another train.output_dir, or "

@@ -133,7 +133,7 @@ class Run(RoundsMixin):
                 claim = (None, str(err))
         self.run_id, error = self.dist.all_gather_object(claim)[0]
         if error:
-            raise ValueError(error)
+            raise UserError(error)
 
     def save(self) -> Optional[Path]:
         rngs = self.dist.all_gather_object(ckpt.rng_state(self.gens))  # one per rank

@@ -364,10 +364,8 @@ def preflight(run: RunConfig) -> List[str]:
             out.append(f"train.resume: {folder} has no MANIFEST.json, so it is not a complete "
                        f"checkpoint; pick a step-XXXXXXXX folder under output_dir/checkpoints, "
                        f"or use resume=auto")
-    out_dir = Path(t.output_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        out.append(f"train.output_dir: {out_dir} exists and is a file; expected a folder "
-                   f"(pick another path)")
+    from mmrl.run_folder import output_dir_problems
+    out.extend(output_dir_problems(t.output_dir, t.resume, t.overwrite))
     job = get_job(run.job)
     if job.preflight is not None:
         out.extend(job.preflight(run))

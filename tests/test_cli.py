@@ -35,7 +35,8 @@ def test_algos_lists_every_preset_with_its_axes(capsys):
     assert "eps_low" in capsys.readouterr().out
 
 
-def test_config_validate_reports_all_problems(tmp_path, capsys):
+def test_config_validate_reports_all_problems(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative output_dir: never the runs/ a `make demo` left
     bad = tmp_path / "bad.yaml"
     bad.write_text("job: toy\nalgo: {preset: dapoo}\ntrain: {lr: fast, stepz: 3}\n")
     good = ROOT / "configs/demo/toy.yaml"

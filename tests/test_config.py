@@ -194,6 +194,7 @@ def test_values_train_cannot_use_are_refused_by_validation():
 
 def test_preflight_checks_files_device_and_checkpoint_on_this_machine(tmp_path, monkeypatch):
     import torch
+    monkeypatch.chdir(tmp_path)  # relative paths: never the runs/ a `make demo` left
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     toy = ROOT / "configs/demo/toy.yaml"
     (tmp_path / "ckpt").mkdir()
@@ -222,6 +223,7 @@ def test_preflight_checks_files_device_and_checkpoint_on_this_machine(tmp_path, 
 
 
 def test_video_and_diffusion_sections_check_reward_specs_files_and_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: never the runs/ a `make demo` left
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     video = ROOT / "configs/demo/video_tiny.yaml"

@@ -116,3 +116,19 @@ def test_checkpoint_of_another_run_into_a_folder_of_a_third(runs, tmp_path):
     toy.run(_cfg(tmp_path / "empty", steps=5, seed=1, resume=str(src)))  # a new folder: fine
     assert read_run_id(tmp_path / "empty") == read_run_id(runs / "old")
     assert _same(_final(tmp_path / "empty"), _final(runs / "old"))
+
+
+def test_validation_refuses_the_folder_of_another_run_before_any_work(runs, tmp_path):
+    """`mmrl config validate` / the start of `mmrl train` (preflight) find what the runner would
+    refuse, before a model is built; the same message as the runner's."""
+    from mmrl.run_folder import output_dir_problems
+    old = runs / "old"
+    got = output_dir_problems(old, "never", False)
+    assert len(got) == 1 and got[0].startswith(f"train.output_dir={old} holds run "
+                                               f"{read_run_id(old)} (")
+    assert output_dir_problems(old, "never", True) == []  # overwrite: allowed
+    assert output_dir_problems(old, "auto", False) == []  # auto continues it
+    assert output_dir_problems(tmp_path / "new", "never", False) == []  # nothing there yet
+    (tmp_path / "f").write_text("x")
+    assert output_dir_problems(tmp_path / "f", "auto", False)[0].startswith(
+        f"train.output_dir: {tmp_path / 'f'} exists and is a file")
