@@ -1,6 +1,6 @@
 """Sensitivity of the rollout-budget strategies to the simulator's settings.
 
-Runs ``mmrl.sim`` for the default settings and a few one-at-a-time changes, and prints, per
+Runs ``mmrl.budget.sim`` for the default settings and a few one-at-a-time changes, and prints, per
 setting, each strategy's effective-gradient ratio (over groups and over rollouts) relative to
 uniform allocation at equal rollout budget. Seeded and deterministic; about 20 s on 2 idle
 cores (3 seeds).
@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import time
 
-from mmrl.sim import SimSettings, run_budget_sim, summarize
+from mmrl.budget.sim import SimSettings, run_budget_sim, summarize
 
 VARIANTS = {
     "default": {},

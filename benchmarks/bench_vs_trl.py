@@ -76,8 +76,8 @@ def reward_letters(completions, **kw):
 def run_mmrl(a) -> dict:
     import torch
 
-    from mmrl.loop import LoopSettings, train_step
-    from mmrl.losses import PolicyLoss
+    from mmrl.train.loop import LoopSettings, train_step
+    from mmrl.algo.losses import PolicyLoss
     from mmrl.video.policy import QwenVLPolicy, load_qwen_vl
     torch.manual_seed(0)
     model, proc = load_qwen_vl(a.model, finetune="full", freeze_vision=False)

@@ -1,4 +1,4 @@
-"""Advantages for the diffusion samplers, built on :func:`mmrl.advantages.group_advantages`.
+"""Advantages for the diffusion samplers, built on :func:`mmrl.algo.advantages.group_advantages`.
 
 - :func:`prompt_advantages`: flow_grpo's per-prompt tracker with a global std (``batch_std`` with
   groups keyed by prompt text), for :func:`~mmrl.diffusion.sample_sde` batches.
@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from mmrl.advantages import group_advantages
+from mmrl.algo.advantages import group_advantages
 from mmrl.diffusion.g2rpo import SingularTrajectory
 from mmrl.diffusion.samplers import TreeTrajectory
 

@@ -32,7 +32,7 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-from mmrl.export_io import (MANIFEST, check_target, merged_state_dict,  # noqa: F401
+from mmrl.train.export_io import (MANIFEST, check_target, merged_state_dict,  # noqa: F401
                              write_atomically)
 
 

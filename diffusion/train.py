@@ -2,7 +2,7 @@
 
 ``mmrl train configs/diffusion/<recipe>.yaml`` builds a :class:`DiffusionGroupPolicy` around an
 ``SD3Policy`` / ``FluxPolicy`` (diffusers, LoRA or full fine-tuning), a reward from
-``mmrl.rewards`` and the prompts, and hands them to :func:`mmrl.runner.run_training` (seeding,
+``mmrl.rewards`` and the prompts, and hands them to :func:`mmrl.train.runner.run_training` (seeding,
 checkpoints and exact resume, metrics, progress bar, data parallel).
 
 Training rows and T. For the SDE samplers (``full``, ``window``, ``sliding``) a row is an image
@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmrl.config import cfg
+from mmrl.config.core import cfg
 from mmrl.diffusion.evaluate import Evaluator, ImageReward, read_prompts
 from mmrl.diffusion.schedule import flow_sigmas, random_window, sliding_window
 from mmrl.diffusion.sde import SDE_KL_FORMS, sde_kl
-from mmrl.jobs import Job, register_job
-from mmrl.loop import Rollout
+from mmrl.config.jobs import Job, register_job
+from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.rollout import Rollout
 
 SAMPLERS = ("full", "window", "sliding", "singular", "tree")
 PIPELINES = {"sd3": "SD3Policy", "flux": "FluxPolicy"}
@@ -232,7 +233,7 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
 
 def preflight(config) -> List[str]:
     """The pipeline folder (or cached hub id) and the prompt files exist on this machine."""
-    from mmrl.jobs import file_problems, model_problems
+    from mmrl.config.jobs import file_problems, model_problems
     c: DiffusionConfig = config.task
     out = model_problems("diffusion.model", c.model, "model_index.json")
     for key in ("prompt_file", "eval_prompt_file"):
@@ -254,8 +255,8 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-class DiffusionGroupPolicy:
-    """:class:`mmrl.loop.GroupPolicy` over an ``SD3Policy`` / ``FluxPolicy`` (``flow``).
+class DiffusionGroupPolicy(GroupPolicy):
+    """:class:`mmrl.train.loop.GroupPolicy` over an ``SD3Policy`` / ``FluxPolicy`` (``flow``).
 
     Args:
         flow: the adapter (velocity function, ``encode``, ``decode``, ``reference``).
@@ -285,8 +286,11 @@ class DiffusionGroupPolicy:
         self.evaluator: Optional[Evaluator] = None
         self.eval_every = 0
         self.last_nfe = 0
-        # one initial noise per group: its samples must be drawn on one rank (data parallel)
-        self.whole_groups = c.shared_noise
+        # one initial noise per group: its samples must be drawn on one rank (data parallel);
+        # tree / singular sampling train rows that are not the rewarded samples
+        self.capabilities = Capabilities(
+            own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
+            whole_groups=c.shared_noise, export=True, fsdp=True)
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
                            "tree": self._tree_advantages}.get(c.sampler)
@@ -586,7 +590,7 @@ def load_prompts(c: DiffusionConfig):
 def run(config) -> Dict[str, Any]:
     """Build policy, reward and prompts from ``config`` and train with the shared runner."""
     from mmrl.rewards import compose
-    from mmrl.runner import run_training
+    from mmrl.train.runner import run_training
 
     c: DiffusionConfig = config.task
     train_prompts, eval_prompts = load_prompts(c)  # bad prompt files fail before any loading

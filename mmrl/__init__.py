@@ -1,10 +1,20 @@
 """mmrl: group-relative RL (GRPO and its family) for video-language and flow-matching image models.
 
-The core (this package) depends on torch, numpy and pyyaml only. Domain packages:
-``mmrl.video`` (transformers / Qwen2.5-VL), ``mmrl.diffusion`` (diffusers / SD3, FLUX),
+The core (this package) depends on torch, numpy and pyyaml only, in layers (each imports only
+the ones above it)::
+
+    mmrl.registry            named choices with "did you mean" errors
+    mmrl.algo                the math: advantages, losses, presets, token weights, shaping
+    mmrl.budget              prompt selection, rollout budgets, their simulator
+    mmrl.config              config fields, YAML, the run config's sections, the job registry
+    mmrl.train               policy contract, loop, rounds, runner, checkpoints, data parallel
+    mmrl.demo                the pure-torch toy job
+    mmrl.cli                 the ``mmrl`` command
+
+Domain packages: ``mmrl.video`` (transformers VLMs), ``mmrl.diffusion`` (diffusers flow models),
 ``mmrl.rewards`` (reward models and their evaluation).
 
-Public core API::
+Public core API (imported on first use: ``import mmrl`` itself does not load torch)::
 
     group_advantages(rewards, group_ids, method="grpo", **hp) -> Tensor[B]
     policy_loss(logp, old_logp, advantages, mask, *, algo="grpo", ...) -> (loss, stats)
@@ -15,20 +25,20 @@ Public core API::
     PRESETS, resolve_algo(name, **overrides)
     evaluate_reward(fn, samples, prompts, metadata) -> RewardBatch
 """
-from mmrl.advantages import ADVANTAGES, group_advantages, group_stats
-from mmrl.losses import (AGGREGATIONS, KL_ESTIMATORS, OBJECTIVES, RATIO_LEVELS, PolicyLoss,
-                         kl_penalty, policy_loss)
-from mmrl.presets import PRESETS, AlgoSpec, algo_problems, resolve_algo
-from mmrl.registry import Registry
-from mmrl.reward_fn import CombinedReward, RewardBatch, RewardFn, evaluate_reward
-from mmrl.shaping import soft_overlong_penalty
-from mmrl.token_weights import tw_token_weights
+from mmrl import _moved
+from mmrl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "PRESETS",
-    "AlgoSpec", "CombinedReward", "PolicyLoss", "Registry", "RewardBatch", "RewardFn",
-    "algo_problems", "evaluate_reward", "group_advantages", "group_stats", "kl_penalty",
-    "policy_loss", "resolve_algo", "soft_overlong_penalty", "tw_token_weights",
-]
+_moved.install()  # old flat module paths (mmrl.losses, ...) still import, with a warning
+
+__getattr__, __dir__, __all__ = lazy_exports("mmrl", {
+    "mmrl.algo.advantages": ("ADVANTAGES", "group_advantages", "group_stats"),
+    "mmrl.algo.losses": ("AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS",
+                         "PolicyLoss", "kl_penalty", "policy_loss"),
+    "mmrl.algo.presets": ("PRESETS", "AlgoSpec", "algo_problems", "resolve_algo"),
+    "mmrl.registry": ("Registry",),
+    "mmrl.train.reward_fn": ("CombinedReward", "RewardBatch", "RewardFn", "evaluate_reward"),
+    "mmrl.algo.shaping": ("soft_overlong_penalty",),
+    "mmrl.algo.token_weights": ("tw_token_weights",),
+})

@@ -4,7 +4,7 @@ A scorer is called as ``scorer(images, prompts, metadata=None) -> Tensor[B]`` (f
 scorer's device). ``images`` are B PIL images (any mode: grayscale and RGBA are converted to RGB,
 alpha dropped the way PIL's ``convert("RGB")`` does) or a float tensor ``[B, C, H, W]`` in [0, 1]
 with C = 1 (grayscale), 3 (RGB) or 4 (RGBA). The third argument is the core reward interface's
-``metadata`` (:mod:`mmrl.reward_fn`); scorers ignore it, so a scorer can be passed to a trainer as
+``metadata`` (:mod:`mmrl.train.reward_fn`); scorers ignore it, so a scorer can be passed to a trainer as
 its reward directly.
 
 Tensor inputs go through a differentiable torch copy of the model's preprocessing (CLIP scorers:

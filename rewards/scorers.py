@@ -2,7 +2,7 @@
 
 ``load("pickscore", path="/ckpt/PickScore_v1", device="cuda", normalize="div26")`` builds a
 scorer; ``compose({"pickscore": 1.0, "hps_v2.1": 0.5})`` builds several as named columns with
-weights (an :class:`mmrl.reward_fn.CombinedReward`), so the core's multi-reward advantages
+weights (an :class:`mmrl.train.reward_fn.CombinedReward`), so the core's multi-reward advantages
 (``sum_then_normalize`` / ``normalize_then_sum``) see one column per scorer.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from mmrl.registry import Registry
-from mmrl.reward_fn import CombinedReward
+from mmrl.train.reward_fn import CombinedReward
 
 SCORERS: Registry = Registry("reward scorer")
 
@@ -126,7 +126,7 @@ def parse_specs(text: str) -> List[Tuple[str, Dict[str, Any]]]:
 class ComposedScorer(CombinedReward):
     """Several scorers as named columns ``{name: Tensor[B]}`` with ``.weights``.
 
-    Built on :class:`mmrl.reward_fn.CombinedReward`; adds the scorer call convention
+    Built on :class:`mmrl.train.reward_fn.CombinedReward`; adds the scorer call convention
     (``metadata`` optional, ``prompts=None`` when every part is prompt-free) and ``weighted``.
     Columns are float32 on the CPU (no gradient; compose gradients yourself with ``grad=True``
     scorers).

@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL as a :class:`mmrl.loop.GroupPolicy`: group rollouts,
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL as a :class:`mmrl.train.loop.GroupPolicy`: group rollouts,
 per-token logp, reference, TW.
 
 Vision is encoded once per prompt. A rollout tokenizes each prompt once (video through
@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mmrl.distributed import gathered_parameters, root_forward
-from mmrl.loop import Rollout
+from mmrl.train.distributed import gathered_parameters, root_forward
+from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.rollout import Rollout
 
 from .export import export_qwen_vl
 from .io import SkipCounter, VideoError
@@ -96,7 +97,7 @@ class PromptCache:
     vision: List[Dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-class QwenVLPolicy:
+class QwenVLPolicy(GroupPolicy):
     """GroupPolicy over a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (plain or peft-wrapped).
 
     Prompts are strings (logged); ``metadata[i]["messages"]`` is the prompt's conversation in
@@ -107,6 +108,9 @@ class QwenVLPolicy:
     Raises:
         NotImplementedError: a model of another ``config.model_type``.
     """
+
+    capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
+                                fsdp=True)
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -176,7 +180,7 @@ class QwenVLPolicy:
         """FSDP2 for full fine-tuning (``train.parallel=fsdp``): each decoder layer of the
         language model is a unit; the root (the model) holds the rest, the vision tower
         included, so ranks whose prompts mix images and videos differently still run the same
-        collectives. ``logp`` runs as the root's forward (:func:`mmrl.distributed.root_forward`);
+        collectives. ``logp`` runs as the root's forward (:func:`mmrl.train.distributed.root_forward`);
         rollouts and TW weights run with the weights gathered."""
         from torch.distributed.fsdp import fully_shard
         if self.is_peft:
@@ -443,7 +447,7 @@ class QwenVLPolicy:
             return self._token_weights(rollout)
 
     def _token_weights(self, rollout: Rollout) -> torch.Tensor:
-        from mmrl.token_weights import tw_token_weights
+        from mmrl.algo.token_weights import tw_token_weights
         cache: PromptCache = rollout.data["prompt_cache"]
         P = cache.ids.shape[1]
         out = torch.ones(rollout.mask.shape)

@@ -1,9 +1,9 @@
 """The video job's round augmenters: difficulty-aware re-rolls and T-GRPO temporal contrast.
 
-Both plug into the shared runner (:class:`mmrl.runner.Round`): after a round of group rollouts
+Both plug into the shared runner (:class:`mmrl.train.runner.Round`): after a round of group rollouts
 is collected and scored, an augmenter may re-roll some groups or add a reward column. Every
 rank sees the same gathered rewards and draws the same variants (seeds from
-:meth:`mmrl.runner.Run.round_seed`), so groups spread over ranks stay consistent and a resumed
+:meth:`mmrl.train.runner.Run.round_seed`), so groups spread over ranks stay consistent and a resumed
 run redraws the same variants.
 
 - :class:`DifficultyRounds` (DeepVideo-R1, arXiv 2506.07464): a group whose rewards are all
@@ -116,7 +116,7 @@ class DifficultyRounds:
         return out
 
     def __call__(self, run, rnd):
-        from mmrl.reward_fn import RewardBatch
+        from mmrl.train.reward_fn import RewardBatch
         r = rnd.rewards
         cols = torch.where(r.valid[:, None], r.values.double(),
                            torch.full_like(r.values, float("nan")).double())
@@ -223,7 +223,7 @@ class TemporalContrast:
         run.add_round_metrics({"temporal_groups": len(shuffled["prompts"]),
                                "temporal_applied": sum(bool(applied.get(g)) for g in
                                                        shuffled["group_ids"])})
-        from mmrl.reward_fn import RewardBatch
+        from mmrl.train.reward_fn import RewardBatch
         rewards = RewardBatch(torch.cat([rnd.rewards.values, bonus[:, None].to(
             rnd.rewards.values.dtype)], 1), list(rnd.rewards.names) + [TEMPORAL_COLUMN],
             rnd.rewards.valid)

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from mmrl.config import UserError, cfg
-from mmrl.jobs import Job, register_job
+from mmrl.config.core import UserError, cfg
+from mmrl.config.jobs import Job, register_job
 
 _REWARDS = {"accuracy": 1.0, "think_answer_format": 0.5}
 
@@ -145,7 +145,7 @@ def check(algo, train, c: VideoConfig) -> List[str]:
 
 def preflight(config) -> List[str]:
     """The data file and the model exist on this machine (nothing is read or loaded)."""
-    from mmrl.jobs import file_problems, model_problems
+    from mmrl.config.jobs import file_problems, model_problems
 
     from .tiny import TINY_MODELS
     c: VideoConfig = config.task
@@ -228,7 +228,7 @@ def build_policy(c: VideoConfig, output_dir: str, device: str, spec=None):
 def run(config) -> Dict[str, Any]:
     import torch
 
-    from mmrl.runner import run_training
+    from mmrl.train.runner import run_training
 
     from .vl_rewards import build_vl_reward
     c: VideoConfig = config.task

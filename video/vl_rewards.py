@@ -1,7 +1,7 @@
 """Verifiable rewards for video/image question answering (Video-R1, TW-GRPO, DAPO).
 
 Every reward is a callable ``fn(samples, prompts, metadata) -> [B]`` (float32) and composes
-with :class:`mmrl.reward_fn.CombinedReward` as a named column. ``samples`` are completions:
+with :class:`mmrl.train.reward_fn.CombinedReward` as a named column. ``samples`` are completions:
 strings, ``None``, bytes, or chat messages (``[{"role": "assistant", "content": ...}]``);
 ``metadata[i]`` carries the ground truth:
 
@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from mmrl.registry import Registry
-from mmrl.reward_fn import CombinedReward
-from mmrl.shaping import soft_overlong_penalty
+from mmrl.train.reward_fn import CombinedReward
+from mmrl.algo.shaping import soft_overlong_penalty
 
 from .text_metrics import (_ocr_score, _rouge_tokens, lcs_length, rouge_f, rouge_n_f,
                            rouge_tokens, word_error_rate)
@@ -722,7 +722,7 @@ class Accuracy(VLReward):
 
 class SoftOverlong(VLReward):
     """DAPO soft overlong penalty in [−1, 0] from ``metadata[i][length_key]`` (token counts);
-    the formula is :func:`mmrl.shaping.soft_overlong_penalty`.
+    the formula is :func:`mmrl.algo.shaping.soft_overlong_penalty`.
 
     Args:
         max_len: L_max, the generation limit (DAPO 20480).
@@ -772,7 +772,7 @@ def _construct(name: str, options: Mapping[str, Any]) -> VLReward:
 
 
 def build_vl_reward(spec: Union[Sequence[str], Mapping[str, Any]]) -> CombinedReward:
-    """A :class:`~mmrl.reward_fn.CombinedReward` of registered rewards, one column each.
+    """A :class:`~mmrl.train.reward_fn.CombinedReward` of registered rewards, one column each.
 
     ``spec`` is a list of names (weight 1 each) or ``{name: weight}`` or
     ``{name: {"weight": w, **options}}``, e.g.

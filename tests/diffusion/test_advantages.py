@@ -92,7 +92,7 @@ def test_tree_advantages_match_loop_oracle_per_tree_and_depth():
 
 
 def test_g2rpo_equals_the_core_normalize_then_sum():
-    from mmrl.advantages import group_advantages
+    from mmrl.algo.advantages import group_advantages
 
     traj = sample_singular(_vf, torch.randn(2, 2, 2, 2), SIG, group_size=4, steps=[0, 3],
                            granularities=[1, 2])

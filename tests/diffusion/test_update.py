@@ -7,7 +7,7 @@ import torch
 from mmrl.diffusion import (flow_sigmas, initial_noise, prompt_advantages, rescore, sample_sde,
                             sde_kl)
 from mmrl.diffusion.pipeline import SD3Policy
-from mmrl.losses import policy_loss
+from mmrl.algo.losses import policy_loss
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from open_clip.constants import OPENAI_DATASET_STD as OPENAI_STD
 from PIL import Image
 
 import mmrl.rewards as R
-from mmrl.reward_fn import evaluate_reward
+from mmrl.train.reward_fn import evaluate_reward
 from mmrl.rewards.base import WeightsNotFoundError
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,15 @@
+"""The math of group-relative RL, shared by every domain: advantages, policy losses (ratio level
+x objective x aggregation, KL), named presets, TW-GRPO token weights, reward shaping.
+
+Pure torch; names are imported on first use (``mmrl.algo.presets`` itself needs no torch).
+"""
+from mmrl._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports("mmrl.algo", {
+    ".advantages": ("ADVANTAGES", "MULTI_REWARD", "group_advantages", "group_stats"),
+    ".losses": ("AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "PolicyLoss",
+                "kl_penalty", "policy_loss"),
+    ".presets": ("PRESETS", "AlgoSpec", "algo_problems", "resolve_algo"),
+    ".shaping": ("soft_overlong_penalty",),
+    ".token_weights": ("tw_token_weights",),
+})

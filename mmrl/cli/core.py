@@ -1,0 +1,197 @@
+"""Core sub-commands: ``mmrl train``, ``mmrl config show|validate|docs``, ``mmrl algos``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List
+
+EXAMPLES_TRAIN = """examples:
+  mmrl train configs/demo/toy.yaml
+  mmrl train configs/demo/toy.yaml algo.preset=dapo train.steps=50 train.lr=3e-4
+  mmrl train configs/demo/toy.yaml algo.preset=grpo algo.beta=0.04 algo.kl=k3
+"""
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train with a YAML config (+ key=value overrides)",
+                       description="Run a training job described by a YAML config. Overrides "
+                                   "use dotted keys: section.field=value.",
+                       epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="path to a YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="show, validate or document configs",
+                       description="Inspect configs without running anything.")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved config with field docs",
+                           description="Print the config after defaults and overrides, each "
+                                       "field with its meaning, and what the preset resolves to.")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config_show)
+    val = csub.add_parser("validate", help="check one or more configs; report every problem",
+                          description="Validate configs: unknown keys, wrong types, bad values "
+                                      "and invalid combinations are all reported at once.")
+    val.add_argument("configs", nargs="+")
+    val.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="an override applied to every config")
+    val.add_argument("--schema-only", action="store_true",
+                     help="check the values only; skip the checks against this machine (files "
+                          "and folders exist, the device exists, the resume checkpoint), e.g. "
+                          "for a config meant for another machine")
+    val.set_defaults(func=cmd_config_validate)
+    docs = csub.add_parser("docs", help="print the reference of every config field (markdown)")
+    docs.add_argument("--job", action="append", default=None,
+                      help="include this job's section (default: every job that imports)")
+    docs.set_defaults(func=cmd_config_docs)
+    c.set_defaults(func=lambda a: (c.print_help(), 0)[1])
+
+    a = sub.add_parser("algos", help="list algorithm presets and what each picks on every axis",
+                       description="Presets are one choice per axis (advantage, ratio level, "
+                                   "objective, aggregation, KL, token weighting) plus "
+                                   "hyper-parameters; override any of them under algo:.")
+    a.add_argument("name", nargs="?", help="show one preset in full")
+    a.set_defaults(func=cmd_algos)
+
+
+def _load(path, overrides, here: bool = False):
+    from mmrl.config.core import ConfigError
+    from mmrl.config.schema import load_config
+    try:
+        return load_config(path, overrides, here=here), None
+    except ConfigError as err:
+        return None, err
+
+
+def cmd_train(args) -> int:
+    """``mmrl train``: every config problem, and every problem with running it here (files,
+    device, checkpoint), is reported before any work; exit 2 when there is one."""
+    run, err = _load(args.config, args.overrides, here=True)
+    if err:
+        print(err, file=sys.stderr)
+        return 2
+    import os
+    from mmrl.config.jobs import get_job
+    job = get_job(run.job)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main:
+        print(f"mmrl train: job={run.job} preset={run.algo.preset} steps={run.train.steps} "
+              f"-> {run.train.output_dir}", flush=True)
+    summary = job.run(run)
+    if main and summary.get("stopped") is None:
+        print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; reward "
+              f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f}; outputs in "
+              f"{summary['output_dir']}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    import yaml
+    from mmrl.config.core import field_docs
+    from mmrl.config.schema import AlgoConfig, TrainConfig
+    from mmrl.config.jobs import get_job
+    run, err = _load(args.config, args.overrides)
+    if err:
+        print(err, file=sys.stderr)
+        return 2
+    docs = {}
+    for prefix, cls in (("algo", AlgoConfig), ("train", TrainConfig),
+                        (run.job, get_job(run.job).section)):
+        docs.update({k: d for k, _, _, d, _ in field_docs(cls, prefix)})
+    for line in yaml.safe_dump(run.to_dict(), sort_keys=False).splitlines():
+        _print_with_doc(line, docs)
+    spec = run.algo.resolve()
+    print(f"# resolved algorithm ({run.algo.preset} + overrides):")
+    for k, v in vars(spec).items():
+        print(f"#   {k}: {v}")
+    return 0
+
+
+_section_stack: List[str] = []
+
+
+def _print_with_doc(line: str, docs) -> None:
+    indent = len(line) - len(line.lstrip())
+    key = line.strip().split(":", 1)[0]
+    depth = indent // 2
+    del _section_stack[depth:]
+    _section_stack.append(key)
+    doc = docs.get(".".join(_section_stack))
+    print(f"{line:<48} # {doc}" if doc else line)
+
+
+def cmd_config_validate(args) -> int:
+    """Exit 0 when every config is valid, 2 when one is not (each problem is printed)."""
+    bad = 0
+    for path in args.configs:
+        run, err = _load(path, args.overrides, here=not args.schema_only)
+        if err:
+            bad += 1
+            print(err, file=sys.stderr)
+        else:
+            print(f"ok: {path} (job={run.job}, preset={run.algo.preset})")
+    return 2 if bad else 0
+
+
+def config_reference(jobs=None) -> str:
+    """Markdown reference of every config field (the content of docs/config.md)."""
+    from mmrl.config.core import field_docs
+    from mmrl.config.jobs import get_job, job_names
+    from mmrl.config.schema import AlgoConfig, TrainConfig
+    sections = [("algo", AlgoConfig), ("train", TrainConfig)]
+    for name in jobs or job_names():
+        try:
+            sections.append((name, get_job(name).section))
+        except ValueError:
+            continue
+    out = ["# Config reference", "", "Generated by `mmrl config docs`; every field of every "
+           "section, its type, default, meaning and source.", ""]
+    for prefix, cls in sections:
+        out += [f"## `{prefix}`", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                "| key | type | default | meaning | source |", "|---|---|---|---|---|"]
+        for key, tp, default, doc, source in field_docs(cls, prefix):
+            out.append(f"| `{key}` | {tp} | `{default!r}` | {doc} | {source} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def cmd_config_docs(args) -> int:
+    print(config_reference(args.job))
+    return 0
+
+
+AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "token_weighting")
+
+
+def relevant_hparams(spec) -> dict:
+    """The hyper-parameters that a spec's choices actually read (for display)."""
+    keys = ["adv_eps", "beta"]
+    keys += {"clip": ["eps_low", "eps_high", "dual_clip_c"], "sapo": ["tau_pos", "tau_neg"],
+             "reg": ["eps_reg"]}.get(spec.objective, [])
+    keys += ["r_max"] if spec.advantage == "ngrpo" else []
+    keys += ["max_len"] if spec.aggregation == "fixed_norm" else []
+    keys += ["tw_alpha"] if spec.token_weighting == "tw" else []
+    keys += ["adv_clip"]
+    return {k: getattr(spec, k) for k in keys if getattr(spec, k, None) is not None}
+
+
+def cmd_algos(args) -> int:
+    from mmrl.algo.presets import PRESETS, resolve_algo
+    if args.name:
+        spec = resolve_algo(args.name)
+        for k, v in vars(spec).items():
+            print(f"{k:18s} {v}")
+        return 0
+    rows = [("preset",) + AXES + ("hyper-parameters",)]
+    for name, spec in sorted(PRESETS.items()):
+        hp = relevant_hparams(spec)
+        rows.append((name,) + tuple(str(getattr(spec, a)) for a in AXES) +
+                    (", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in hp.items()),))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(AXES) + 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    print("\nOverride any axis or hyper-parameter under algo: in a config, e.g. "
+          "algo.preset=dapo algo.eps_high=0.3")
+    return 0

@@ -1,0 +1,138 @@
+"""Jobs: what ``mmrl train`` can run (the toy demo, the video trainer, the diffusion trainer).
+
+A job is a config section (a light dataclass, importable without the job's heavy dependencies)
+and a ``run(config) -> summary`` function. Job modules register themselves on import; the modules
+of known jobs are imported lazily, on first use, so the core never imports transformers or
+diffusers by itself.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from mmrl.registry import Registry
+
+
+@dataclass(frozen=True)
+class Job:
+    """A runnable job.
+
+    Attributes:
+        name: the ``job:`` value in a config, and the name of its config section.
+        section: the dataclass of the job's config section.
+        run: ``run(config: RunConfig) -> dict`` (a summary of the finished run).
+        description: one line for ``mmrl train --help``.
+        check: optional ``check(algo, train, task) -> list[str]`` for cross-section problems.
+        algo_defaults: optional ``algo_defaults(task) -> dict`` of algorithm settings the job
+            knows better than a preset (e.g. ``max_len`` for ``fixed_norm``), used where the
+            config leaves them null.
+        preflight: optional ``preflight(config: RunConfig) -> list[str]``: problems with running
+            on this machine (data, model and prompt files exist). Must be cheap: no model is
+            loaded; ``mmrl train`` and ``mmrl config validate`` call it before any work.
+    """
+
+    name: str
+    section: type
+    run: Callable[[Any], Dict[str, Any]]
+    description: str = ""
+    check: Optional[Callable[..., List[str]]] = None
+    algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
+    preflight: Optional[Callable[[Any], List[str]]] = None
+
+
+JOBS: Registry[Job] = Registry("job")
+
+# job name -> module that registers it (imported on first use)
+JOB_MODULES = {
+    "toy": "mmrl.demo.toy",
+    "video": "mmrl.video.train",
+    "diffusion": "mmrl.diffusion.train",
+}
+
+
+def register_job(job: Job) -> Job:
+    JOBS.register(job.name, job)
+    return job
+
+
+def get_job(name: str) -> Job:
+    """The job called ``name``, importing its module if needed.
+
+    Raises:
+        ValueError: unknown job, or a known job whose module/extra is not installed.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"job name must be a string, got {type(name).__name__} {name!r}")
+    if name not in JOBS and name in JOB_MODULES:
+        try:
+            importlib.import_module(JOB_MODULES[name])
+        except ModuleNotFoundError as err:
+            if (err.name or "").startswith("mmrl"):
+                raise ValueError(f"job {name!r} is not available in this version of mmrl "
+                                 f"({JOB_MODULES[name]} is missing)") from None
+            raise ValueError(f"job {name!r} needs {err.name}, which is not installed; install "
+                             f"it with: pip install 'mmrl[{name}]'") from None
+    if name not in JOBS:
+        known = sorted(set(JOBS.names()) | set(JOB_MODULES))
+        from mmrl.registry import did_you_mean
+        raise ValueError(f"unknown job {name!r} (known: {', '.join(known)})"
+                         f"{did_you_mean(name, known)}")
+    return JOBS.get(name)
+
+
+def job_names() -> List[str]:
+    return sorted(set(JOBS.names()) | set(JOB_MODULES))
+
+
+# ---------------------------------------------------------------------------- preflight helpers
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def file_problems(key: str, path: str, what: str = "file") -> List[str]:
+    """``[]`` when ``path`` is a readable, non-empty file; else one message naming ``key``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return [f"{key}: {what} {path!r} not found (looked at {p.resolve()}); fix the path "
+                f"(relative paths are resolved from {os.getcwd()})"]
+    if p.is_dir():
+        return [f"{key}: {path!r} is a directory; expected a {what}"]
+    if not os.access(p, os.R_OK):
+        return [f"{key}: {what} {path!r} is not readable (permissions)"]
+    if p.stat().st_size == 0:
+        return [f"{key}: {what} {path!r} is empty (0 bytes)"]
+    return []
+
+
+def model_problems(key: str, name: str, marker: str) -> List[str]:
+    """Problems with a model named by a local folder or a hub id (no download, no loading).
+
+    A local folder must hold ``marker`` (``config.json`` for transformers, ``model_index.json``
+    for a diffusers pipeline). A name that is not an existing path must look like a hub id
+    (``org/name``); with ``HF_HUB_OFFLINE=1`` it must also be in the local Hugging Face cache.
+    """
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            return [f"{key}: {name!r} is a file; expected a model folder (what save_pretrained "
+                    f"writes, with {marker}) or a hub id"]
+        if not (p / marker).is_file():
+            return [f"{key}: folder {name!r} has no {marker}, so it is not a saved model; "
+                    f"point it at the folder save_pretrained wrote"]
+        return []
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        return [f"{key}: model folder {name!r} not found (looked at {p.resolve()}) and it is "
+                f"not a hub id (org/name); fix the path"]
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return []
+        if not isinstance(try_to_load_from_cache(name, marker), str):
+            return [f"{key}: {name!r} is neither a local folder (no {p.resolve()}) nor in the "
+                    f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; give "
+                    f"the path of a saved model or download it first"]
+    return []

@@ -1,0 +1,398 @@
+"""The run config's sections: ``algo`` (what to optimize), ``train`` (the shared loop), ``job``.
+
+Every field is documented here (type, default, meaning, source): ``docs/config.md`` is generated.
+
+Two levels of checking. :func:`config_from_dict` / :func:`load_config` check the values
+themselves (types, ranges, finite numbers, device names, combinations) and hold anywhere.
+:func:`preflight` checks them against *this machine* (files and folders exist, the device
+exists, the resume checkpoint is there); ``mmrl train`` and ``mmrl config validate`` (unless
+``--schema-only``) run both.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mmrl.config.core import ConfigError, apply_overrides, build, cfg, load_yaml, show, to_dict
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""The torch device types a run may use (``train.device``); plus ``auto``."""
+
+SEED_MAX = 2**63 - 1
+"""Largest ``train.seed`` (torch seeds are 64-bit; per-rank seeds add small offsets)."""
+
+
+def _preset_names():
+    from mmrl.algo.presets import PRESETS
+    return sorted(PRESETS)
+
+
+def _job_names():
+    from mmrl.config.jobs import job_names
+    return job_names()
+
+
+@dataclass
+class AlgoConfig:
+    """The algorithm: a named preset, plus overrides of any axis or hyper-parameter.
+
+    ``null`` (the default of every override) keeps the preset's value; ``mmrl algos`` shows what
+    each preset picks.
+    """
+
+    preset: str = cfg("grpo", "Named algorithm: one choice per axis plus hyper-parameters "
+                      "(see `mmrl algos`).", choices=_preset_names,
+                      source="GRPO arXiv 2402.03300; others in ALGORITHMS.md")
+    advantage: Optional[str] = cfg(None, "Advantage estimator override: grpo, mean_center, "
+                                   "batch_std, rloo, ngrpo.", source="mmrl.algo.advantages")
+    ratio_level: Optional[str] = cfg(None, "Importance-ratio level override: token, sequence "
+                                     "(GSPO), sequence_token (GSPO-token), sequence_sum "
+                                     "(Reg-GRPO).", source="GSPO arXiv 2507.18071")
+    objective: Optional[str] = cfg(None, "Per-token objective override: clip, sapo, reg.",
+                                   source="mmrl.algo.losses")
+    aggregation: Optional[str] = cfg(None, "Loss aggregation override: seq_mean_token_mean, "
+                                     "token_mean, seq_mean_token_sum, fixed_norm, seq_mean.",
+                                     source="Dr.GRPO arXiv 2503.20783; DAPO arXiv 2503.14476")
+    kl: Optional[str] = cfg(None, "KL estimator to the reference policy: k1, k2, k3 (the "
+                            "diffusion job refuses it: see diffusion.kl).",
+                            source="Schulman, 'Approximating KL divergence' (2020)")
+    token_weighting: Optional[str] = cfg(None, "Token weighting: none, or tw (TW-GRPO weights "
+                                         "from the group's full-vocabulary log-probs).",
+                                         source="TW-GRPO arXiv 2505.24718")
+    eps_low: Optional[float] = cfg(None, "Lower clip range: ratio clipped at 1 - eps_low.",
+                                   minimum=0.0, source="PPO arXiv 1707.06347; DAPO clip-higher")
+    eps_high: Optional[float] = cfg(None, "Upper clip range: ratio clipped at 1 + eps_high.",
+                                    minimum=0.0, source="DAPO arXiv 2503.14476 (0.28)")
+    beta: Optional[float] = cfg(None, "KL coefficient to the reference policy (0 = no reference "
+                                "model needed).", minimum=0.0, source="GRPO (0.04); most recent "
+                                "recipes 0")
+    tau_pos: Optional[float] = cfg(None, "SAPO temperature for positive advantages.",
+                                   minimum=0.0, source="SAPO arXiv 2511.20347 (1.0)")
+    tau_neg: Optional[float] = cfg(None, "SAPO temperature for non-positive advantages.",
+                                   minimum=0.0, source="SAPO arXiv 2511.20347 (1.05)")
+    eps_reg: Optional[float] = cfg(None, "Reg-GRPO scale: predicted advantage = eps_reg * "
+                                   "(centered sequence log-ratio).", minimum=0.0,
+                                   source="DeepVideo-R1 arXiv 2506.07464 (1.0)")
+    length_normalize: Optional[bool] = cfg(None, "Reg-GRPO: use the length-normalized sequence "
+                                           "log-ratio (same as ratio_level=sequence).",
+                                           source="DeepVideo-R1 arXiv 2506.07464")
+    max_len: Optional[int] = cfg(None, "Constant L for fixed_norm aggregation (the maximum "
+                                 "completion length / trained steps).", minimum=1,
+                                 source="Dr.GRPO arXiv 2503.20783")
+    dual_clip_c: Optional[float] = cfg(None, "Dual-clip constant c (> 1) bounding the loss for "
+                                       "negative advantages; null disables.", minimum=1.0,
+                                       source="Dual-clip PPO arXiv 1912.09729; verl clip_ratio_c")
+    r_max: Optional[float] = cfg(None, "NGRPO virtual sample's reward (the maximum reward).",
+                                 source="NGRPO arXiv 2509.18851 (1.0)")
+    adv_eps: Optional[float] = cfg(None, "Epsilon added to the std in advantage normalization.",
+                                   minimum=0.0, source="1e-4 (flow_grpo, TRL)")
+    adv_clip: Optional[float] = cfg(None, "Clip advantages to +-adv_clip; null disables.",
+                                    minimum=0.0, source="flow_grpo (5)")
+    tw_alpha: Optional[float] = cfg(None, "TW-GRPO maximum token weight alpha (1 = plain GRPO).",
+                                    minimum=1.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
+    multi_reward: str = cfg("sum_then_normalize", "How several reward columns become one "
+                            "advantage.", choices=["sum_then_normalize", "normalize_then_sum"],
+                            source="flow_grpo multi_score; MixGRPO advantage_aggr")
+    reward_weights: Dict[str, float] = cfg(doc="Weight per reward column (missing columns "
+                                           "weigh 1).", default_factory=dict)
+
+    def overrides(self) -> Dict[str, Any]:
+        """The non-null preset overrides, as keyword arguments for ``resolve_algo``."""
+        skip = {"preset", "multi_reward", "reward_weights"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
+
+    def resolve(self):
+        """The resolved :class:`mmrl.algo.presets.AlgoSpec` (raises on problems)."""
+        from mmrl.algo.presets import resolve_algo
+        return resolve_algo(self.preset, **self.overrides())
+
+    def problems(self) -> List[str]:
+        from mmrl.algo.presets import algo_problems
+        return [f"(preset {self.preset!r}) {p}" for p in algo_problems(self.preset,
+                                                                      **self.overrides())]
+
+
+@dataclass
+class TrainConfig:
+    """The shared GRPO loop: rollout -> rewards -> advantages -> K epochs of updates."""
+
+    steps: int = cfg(100, "Number of rollout/update iterations.", minimum=1)
+    prompts_per_step: int = cfg(8, "Prompts per iteration (groups per rollout batch).",
+                                minimum=1)
+    group_size: int = cfg(8, "Samples per prompt (G in GRPO).", minimum=1,
+                          source="GRPO arXiv 2402.03300 (64); DAPO (16); flow_grpo (24)")
+    inner_epochs: int = cfg(1, "Passes over each rollout batch (mu in GRPO). With 1 epoch and "
+                            "1 mini-batch the update is on-policy and old_logp is the detached "
+                            "current logp.", minimum=1, source="GRPO arXiv 2402.03300")
+    num_mini_batches: int = cfg(1, "Optimizer steps per epoch (the rollout batch is split into "
+                                "this many mini-batches).", minimum=1)
+    micro_batch_size: int = cfg(0, "Samples per forward/backward (gradient accumulation); 0 = "
+                                "the whole mini-batch. Never changes the gradient.", minimum=0)
+    t_chunk: int = cfg(0, "Split T (tokens / denoising steps) into chunks of this size per "
+                       "forward; 0 = no split. Token-level objectives only. Never changes the "
+                       "gradient.", minimum=0)
+    lr: float = cfg(1e-3, "AdamW learning rate.", minimum=0.0)
+    weight_decay: float = cfg(0.0, "AdamW weight decay.", minimum=0.0)
+    max_grad_norm: float = cfg(1.0, "Clip the global gradient norm to this; 0 disables.",
+                               minimum=0.0)
+    max_bad_steps: int = cfg(5, "Stop after this many consecutive steps skipped for a "
+                             "non-finite loss or gradient or for having no valid sample (the "
+                             "message names the cause).", minimum=1)
+    seed: int = cfg(0, "Seed for python, numpy and torch (rollouts, prompt order, init).",
+                    minimum=0, maximum=SEED_MAX)
+    device: str = cfg("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N, "
+                      "mps, xpu. Checked before the run: the device must exist.")
+    log_every: int = cfg(1, "Print a metrics line every N steps (JSONL gets every step).",
+                         minimum=1)
+    output_dir: str = cfg("runs/mmrl", "Where metrics.jsonl, the config and the final weights "
+                          "are written.")
+    progress: bool = cfg(True, "Show a tqdm progress bar.")
+    wandb_project: Optional[str] = cfg(None, "Also log metrics to this Weights & Biases project "
+                                       "(needs the wandb package); null = off.")
+    parallel: str = cfg("ddp", "Data parallelism under torchrun/accelerate: ddp (gradients "
+                        "summed across ranks; any policy, LoRA or full) or fsdp (FSDP2 "
+                        "fully_shard of the policy's model, for full fine-tuning; needs "
+                        "prompts_per_step * group_size divisible by the number of ranks). "
+                        "Ignored in a single process.", choices=["ddp", "fsdp"],
+                        source="PyTorch FSDP2 (torch.distributed.fsdp.fully_shard)")
+    selector: str = cfg("uniform", "Prompt selection: uniform (shuffled epochs), vade (Beta "
+                        "posteriors + Thompson sampling), variance_aware.",
+                        choices=lambda: __import__("mmrl.budget.selection", fromlist=["x"]).SELECTORS
+                        .names(), source="VADE arXiv 2511.18902; MMR1 variance-aware sampling")
+    selector_hparams: Dict[str, float] = cfg(doc="Keyword arguments of the selector (see "
+                                             "docs/budget.md), e.g. {decay: 0.99}.",
+                                             default_factory=dict)
+    rollout_allocation: str = cfg("fixed", "Samples per prompt: fixed (group_size each) or "
+                                  "knapsack (the same total, prompts_per_step * group_size, "
+                                  "split by estimated success rates).",
+                                  choices=["fixed", "knapsack"],
+                                  source="Knapsack RL arXiv 2509.25849")
+    knapsack_n_min: int = cfg(2, "Knapsack: fewest samples any prompt gets.", minimum=1)
+    knapsack_n_max: int = cfg(128, "Knapsack: most samples any prompt gets.", minimum=1)
+    dynamic_sampling_tries: int = cfg(0, "DAPO dynamic sampling: keep only groups whose rewards "
+                                      "differ and roll out more prompts until prompts_per_step "
+                                      "such groups are found, at most this many rollout rounds "
+                                      "per step (0 = off).", minimum=0,
+                                      source="DAPO arXiv 2503.14476 (max_num_gen_batches)")
+    sample_log_every: int = cfg(0, "Write the step's prompts, completions (text samples) and "
+                                "reward columns to samples.jsonl every N steps (0 = never).",
+                                minimum=0)
+    save_every: int = cfg(0, "Write a checkpoint every N steps (0 = only at the end and on "
+                          "SIGTERM/SIGINT or a fatal error).", minimum=0)
+    keep_last: int = cfg(3, "Keep the newest N complete checkpoints.", minimum=1)
+    export: bool = cfg(True, "At the end, write the final model in Hugging Face format to "
+                       "output_dir/hf (from_pretrained loads it; a LoRA run writes the adapter "
+                       "in peft/diffusers format), for jobs whose policy supports it.")
+    export_merge_lora: bool = cfg(False, "export: merge a LoRA adapter into a full model "
+                                  "instead of writing the adapter.")
+    resume: str = cfg("auto", "auto: continue from the newest complete checkpoint in "
+                      "output_dir/checkpoints (torn ones are skipped); never: start fresh; or "
+                      "the path of a checkpoint folder (checked before the run: it must hold a "
+                      "MANIFEST.json).")
+    overwrite: bool = cfg(False, "With resume=never (or a checkpoint path): start even if "
+                          "output_dir holds another run (its run.json, metrics, checkpoints or "
+                          "final.pt), deleting that run's outputs first; without it such a "
+                          "folder is refused (README: Checkpoints, resume and faults).")
+    reward_retries: int = cfg(2, "Retries of a reward call that raises or times out; then "
+                              "samples are scored one by one and the failing ones dropped.",
+                              minimum=0)
+    reward_timeout: float = cfg(0.0, "Seconds before a reward call counts as failed (0 = no "
+                                "limit).", minimum=0.0)
+
+    def problems(self) -> List[str]:
+        out = []
+        batch = self.prompts_per_step * self.group_size
+        if self.rollout_allocation == "knapsack":
+            if self.knapsack_n_min > self.knapsack_n_max:
+                out.append(f"knapsack_n_min: got {self.knapsack_n_min} > knapsack_n_max="
+                           f"{self.knapsack_n_max}; expected n_min <= n_max")
+            if self.knapsack_n_min * self.prompts_per_step > batch:
+                out.append(f"knapsack_n_min: {self.knapsack_n_min} per prompt x "
+                           f"{self.prompts_per_step} prompts exceeds the budget prompts_per_step"
+                           f" * group_size = {batch}; lower knapsack_n_min")
+        if self.num_mini_batches > batch:
+            out.append(f"num_mini_batches: got {self.num_mini_batches}; expected at most "
+                       f"prompts_per_step * group_size = {batch}")
+        out.extend(device_problems(self.device))
+        for key, fix in (("resume", "auto, never or a checkpoint folder path"),
+                         ("output_dir", "a folder path, e.g. runs/my-run")):
+            if not getattr(self, key).strip():
+                out.append(f"{key}: empty; expected {fix}")
+        if self.overwrite and self.resume.strip() == "auto":  # the runner would refuse it late
+            out.append("overwrite=true with resume=auto would delete the run auto resumes from; "
+                       "set resume=never to start over, or drop overwrite to continue")
+        return out
+
+
+def device_problems(device: str, key: str = "device") -> List[str]:
+    """Problems with a device name as torch reads it (existence is :func:`device_here`'s job)."""
+    if device == "auto":
+        return []
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return [f"{key}: got {show(device)}; expected auto, cpu, cuda, cuda:N (N = GPU index), "
+                f"mps or xpu"]
+    if dev.type not in DEVICE_TYPES:
+        return [f"{key}: got {show(device)} (torch type {dev.type!r}), which mmrl does not "
+                f"train on; expected auto, cpu, cuda, cuda:N, mps or xpu"]
+    bad_cpu = dev.type == "cpu" and dev.index not in (None, 0)
+    return [f"{key}: got {show(device)}; the CPU has no index: use cpu"] if bad_cpu else []
+
+
+def device_here(device: str, key: str = "train.device") -> List[str]:
+    """Problems with using ``device`` on this machine (it must exist and be visible)."""
+    import torch
+    if device in ("auto", "cpu") or device_problems(device):
+        return []
+    dev = torch.device(device)
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None),
+               "mps": getattr(torch.backends, "mps", None)}[dev.type]
+    if backend is None or not backend.is_available():
+        return [f"{key}: {device!r} but torch sees no {dev.type} device on this machine; use "
+                f"auto (falls back to cpu) or cpu, or run where a {dev.type} device is visible"]
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    # under torchrun each process uses GPU LOCAL_RANK (cuda means "my GPU")
+    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= count:
+        return [f"{key}: {device!r} but this machine has {count} {dev.type} device(s) "
+                f"(indices 0..{count - 1}); pick one of those"]
+    return []
+
+
+@dataclass
+class RunConfig:
+    """A whole run: which job, the algorithm, the loop, and the job's own section."""
+
+    job: str
+    algo: AlgoConfig
+    train: TrainConfig
+    task: Any  # the job's section (a dataclass registered with the job)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"job": self.job, "algo": to_dict(self.algo), "train": to_dict(self.train),
+                self.job: to_dict(self.task)}
+
+
+def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate ``data`` (a parsed YAML mapping) into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: listing every problem (unknown keys, types, ranges, combinations).
+    """
+    from mmrl.config.jobs import get_job
+    problems: List[str] = []
+    job_name = data.get("job", "toy")
+    job = None
+    if not isinstance(job_name, str):
+        from mmrl.config.jobs import job_names
+        problems.append(f"job: got {show(job_name)} ({type(job_name).__name__}); expected a job "
+                        f"name: {', '.join(job_names())}")
+    else:
+        try:
+            job = get_job(job_name)
+        except ValueError as err:
+            problems.append(f"job: {err}")
+    allowed = {"job", "algo", "train"} | ({job_name} if job else set())
+    for key in data if job else ():  # an unknown job: its section cannot be judged either
+        if key not in allowed:
+            name = key if isinstance(key, str) else show(key)
+            problems.append(f"{name}: unknown section (known: {', '.join(sorted(allowed))})")
+    before = len(problems)
+    task = build(job.section, _section(data, job_name, problems), job_name, problems) if job \
+        else None
+    task_ok = task is not None and len(problems) == before  # defaults read typed fields only
+    algo_data = dict(_section(data, "algo", problems))
+    if job and job.algo_defaults is not None and task_ok:
+        for key, value in job.algo_defaults(task).items():
+            if algo_data.get(key) is None:
+                algo_data[key] = value
+    algo = build(AlgoConfig, algo_data, "algo", problems)
+    train = build(TrainConfig, _section(data, "train", problems), "train", problems)
+    if job and job.check is not None and not problems:
+        problems.extend(job.check(algo, train, task))
+    if not problems:
+        problems.extend(_loop_problems(algo, train))
+    if problems:
+        raise ConfigError(problems, source)
+    return RunConfig(job_name, algo, train, task)
+
+
+def _loop_problems(algo: AlgoConfig, train: TrainConfig) -> List[str]:
+    """Combinations of the algorithm and the loop that cannot train."""
+    spec = algo.resolve()
+    out = []
+    if train.t_chunk and spec.sequence_level:
+        out.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "
+                   f"{algo.preset!r}; a sequence ratio needs whole sequences, set t_chunk=0")
+    if train.group_size == 1 and spec.advantage != "ngrpo":
+        # mmrl.algo.advantages: a group of one sample has nothing to compare with -> advantage 0
+        out.append(f"train.group_size: got 1 with advantage {spec.advantage!r}, which gives a "
+                   f"group of one sample advantage 0: every step would have zero gradient. Use "
+                   f"group_size >= 2 (GRPO uses 8-64), or algo.advantage=ngrpo, whose virtual "
+                   f"sample gives a single sample an advantage")
+    return out
+
+
+def _section(data, key, problems) -> Dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        problems.append(f"{key}: got {show(value)}; expected a section (mapping)")
+        return {}
+    return value
+
+
+def preflight(run: RunConfig) -> List[str]:
+    """Problems with running ``run`` on this machine, all at once: the device exists, the resume
+    checkpoint and the output folder are usable, and the job's files exist (its
+    ``Job.preflight``). Cheap: nothing is loaded or hashed."""
+    from mmrl.config.jobs import get_job
+    t = run.train
+    out = device_here(t.device)
+    if t.resume not in ("auto", "never"):
+        folder = Path(t.resume).expanduser()
+        if not folder.is_dir():
+            out.append(f"train.resume: got {show(t.resume)}, which is not auto, never or an "
+                       f"existing folder ({folder.resolve()} does not exist); expected auto "
+                       f"(newest checkpoint in output_dir), never, or a checkpoint folder such "
+                       f"as {Path(t.output_dir) / 'checkpoints' / 'step-00000040'}")
+        elif not (folder / "MANIFEST.json").is_file():
+            out.append(f"train.resume: {folder} has no MANIFEST.json, so it is not a complete "
+                       f"checkpoint; pick a step-XXXXXXXX folder under output_dir/checkpoints, "
+                       f"or use resume=auto")
+    from mmrl.train.run_folder import output_dir_problems
+    out.extend(output_dir_problems(t.output_dir, t.resume, t.overwrite))
+    job = get_job(run.job)
+    if job.preflight is not None:
+        out.extend(job.preflight(run))
+    return out
+
+
+def load_config(path, overrides: Sequence[str] = (), *, here: bool = False) -> RunConfig:
+    """Load a YAML config file, apply ``key=value`` overrides, validate everything at once.
+
+    Args:
+        here: also run :func:`preflight` (files, device, checkpoint on this machine).
+
+    Raises:
+        ConfigError: every problem found.
+    """
+    data = load_yaml(path)
+    problems = apply_overrides(data, overrides)
+    if problems:
+        raise ConfigError(problems, str(path))
+    run = config_from_dict(data, str(path))
+    if here:
+        problems = preflight(run)
+        if problems:
+            raise ConfigError(problems, str(path))
+    return run
+
+
+def save_config(run: RunConfig, path) -> None:
+    import yaml
+    Path(path).write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))

@@ -1,0 +1,160 @@
+"""The policy contract: what the loop, the rounds and the runner need from a model, a language
+model or a flow-matching model alike.
+
+A policy subclasses :class:`GroupPolicy` (or provides the same methods) and *declares* what it
+can do beyond the required methods in ``capabilities`` (a :class:`Capabilities`); the training
+code reads the declaration and never probes for methods. :func:`check_policy` verifies, before a
+run starts, that every declared capability has its methods and that the run's algorithm gets
+what it needs (e.g. ``token_weighting: tw`` needs ``token_weights``), and names what is missing.
+
+Required::
+
+    rollout(prompts, metadata, group_size, generator) -> Rollout    (under torch.no_grad)
+        group_size: an int, or one count per prompt
+    logp(rollout, rows, t0, t1) -> [len(rows), t1 - t0]            with gradient
+    parameters()                                                   the trainable parameters
+    state_dict() / load_state_dict(sd)                             the trainable state
+
+Needed by ``algo.beta > 0`` unless the policy declares ``own_kl``::
+
+    ref_logp(rollout, rows, t0, t1) -> [len(rows), t1 - t0]        the reference policy's
+
+Optional, each declared by a :class:`Capabilities` flag (the method names are in ``HOOKS``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from mmrl.train.rollout import Rollout
+
+__all__ = ["Capabilities", "GroupPolicy", "HOOKS", "capabilities_of", "check_policy"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a policy can do beyond the required methods. Every flag defaults to False.
+
+    Attributes:
+        token_weights: ``token_weights(rollout) -> [B, T]`` weights of each token in the loss
+            (``algo.token_weighting: tw``, TW-GRPO).
+        own_kl: ``logp_and_kl(rollout, rows, t0, t1) -> (logp, kl)``, each
+            ``[len(rows), t1 - t0]`` with gradient: the policy's own per-step KL to the
+            reference (a closed form, e.g. the Gaussian KL of a flow-matching step), used when
+            ``beta > 0`` instead of ``ref_logp`` and the preset's estimator.
+        row_advantages: ``advantages(rollout, rewards) -> [R]``: the advantages of the training
+            rows when they are not the reward rows (tree edges, G²RPO branches). The policy
+            handles invalid (NaN) rewards itself, e.g. by giving their rows advantage 0. Implies
+            whole groups per rank.
+        whole_groups: a group's samples must stay on one rank (e.g. they share one initial
+            noise).
+        concat_rollouts: ``concat_rollouts(parts) -> Rollout`` joins rollouts whose ``data``
+            needs more than :func:`mmrl.train.rollout.concat_rollouts` (left-padded prompts).
+        export: ``export_pretrained(path, merge_lora=False, state_dict=None) -> str`` writes the
+            model in its library's format (``train.export``).
+        fsdp: ``apply_fsdp() -> nn.Module`` shards the model with FSDP2 and returns the root;
+            without it ``policy.model`` is sharded whole.
+        extra_state: ``extra_state() -> dict`` / ``load_extra_state(dict)``: state that is not
+            weights (e.g. a rollout counter), saved in the checkpoint beside the weights.
+    """
+
+    token_weights: bool = False
+    own_kl: bool = False
+    row_advantages: bool = False
+    whole_groups: bool = False
+    concat_rollouts: bool = False
+    export: bool = False
+    fsdp: bool = False
+    extra_state: bool = False
+
+    def declared(self) -> List[str]:
+        """The names of the flags that are on."""
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+HOOKS: Dict[str, Sequence[str]] = {
+    "token_weights": ("token_weights",),
+    "own_kl": ("logp_and_kl",),
+    "row_advantages": ("advantages",),
+    "whole_groups": (),
+    "concat_rollouts": ("concat_rollouts",),
+    "export": ("export_pretrained",),
+    "fsdp": ("apply_fsdp",),
+    "extra_state": ("extra_state", "load_extra_state"),
+}
+"""capability -> the methods a policy declaring it must have."""
+
+REQUIRED = ("rollout", "logp", "parameters", "state_dict", "load_state_dict")
+
+
+class GroupPolicy:
+    """Base class of a policy (see the module docstring). Subclasses implement the required
+    methods and set ``capabilities`` (a class attribute, or an instance attribute when it
+    depends on the configuration)."""
+
+    capabilities: Capabilities = Capabilities()
+
+    def rollout(self, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
+                group_size, generator: torch.Generator) -> Rollout:
+        """Sample ``group_size`` completions per prompt (called under ``torch.no_grad``)."""
+        raise NotImplementedError
+
+    def logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """``[len(rows), t1 - t0]`` log-probs of the stored completions, with gradient."""
+        raise NotImplementedError
+
+    def ref_logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """The same under the reference policy (called when ``beta > 0`` without ``own_kl``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference policy; set "
+                                  f"algo.beta=0")
+
+    def parameters(self):
+        """The parameters (trainable ones have ``requires_grad``)."""
+        return self.model.parameters()
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The trainable state written to checkpoints (default: ``self.model``'s)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+def capabilities_of(policy) -> Capabilities:
+    """The policy's declared capabilities (none for an object that declares nothing)."""
+    caps = getattr(policy, "capabilities", None)
+    if caps is None:
+        return Capabilities()
+    if not isinstance(caps, Capabilities):
+        raise TypeError(f"{type(policy).__name__}.capabilities is a {type(caps).__name__}; "
+                        f"expected mmrl.train.policy.Capabilities(...)")
+    return caps
+
+
+def check_policy(policy, spec: Optional[Any] = None) -> Capabilities:
+    """The policy's capabilities, after checking that it has the required methods, the methods
+    of every declared capability, and what the algorithm ``spec`` (a resolved
+    :class:`mmrl.algo.presets.AlgoSpec`) needs from it.
+
+    Raises:
+        TypeError: a missing method or a capability the algorithm needs, named.
+    """
+    caps = capabilities_of(policy)
+    name = type(policy).__name__
+    missing = [m for m in REQUIRED if not callable(getattr(policy, m, None))]
+    for cap in caps.declared():
+        missing += [m for m in HOOKS[cap] if not callable(getattr(policy, m, None))]
+    if missing:
+        raise TypeError(f"policy {name} lacks {', '.join(missing)} (see mmrl.train.policy: "
+                        f"required methods, and those of its declared capabilities "
+                        f"{caps.declared()})")
+    if spec is not None:
+        if spec.needs_token_weights and not caps.token_weights:
+            raise TypeError(f"algo.token_weighting=tw needs token weights from the policy, and "
+                            f"{name} does not declare Capabilities(token_weights=True); use "
+                            f"token_weighting=none")
+        if spec.needs_ref and not caps.own_kl and not callable(getattr(policy, "ref_logp", None)):
+            raise TypeError(f"algo.beta > 0 needs {name}.ref_logp (or own_kl); set algo.beta=0")
+    return caps

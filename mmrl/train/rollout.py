@@ -1,0 +1,98 @@
+"""What a policy's rollout holds: :class:`Rollout` (B sampled completions and what is needed to
+re-score them) and :func:`concat_rollouts` (several rollouts as one)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Rollout", "concat_rollouts"]
+
+
+@dataclass
+class Rollout:
+    """B sampled completions (G groups of N) and what is needed to re-score them.
+
+    Attributes:
+        samples: B outputs handed to the reward (strings, images, ...).
+        prompts: B prompts (a group's samples repeat their prompt).
+        metadata: B dicts (ground truth etc.).
+        group_ids: ``[B]`` long, equal for samples of the same prompt.
+        mask: ``[B, T]`` bool, True where a token / trained step counts.
+        data: policy payload; tensors / lists with leading dim B are sliced by :meth:`select`.
+        skipped: inputs the policy could not use in this rollout, counted by reason (e.g.
+            ``{"corrupt": 2}`` for unreadable videos); a run whose steps end up with no sample
+            names them when it stops.
+    """
+
+    samples: List[Any]
+    prompts: List[Any]
+    metadata: List[Dict[str, Any]]
+    group_ids: torch.Tensor
+    mask: torch.Tensor
+    data: Dict[str, Any] = field(default_factory=dict)
+    # Group id of each *sample* (reward row) when training rows are not the reward rows
+    # (policies with an ``advantages`` hook); None = the same as ``group_ids``.
+    reward_group_ids: Optional[torch.Tensor] = None
+    skipped: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sample_group_ids(self) -> torch.Tensor:
+        """``[len(samples)]`` group ids of the rewarded samples: ``reward_group_ids``, or else
+        the first ``len(samples)`` training rows' (reward rows laid out first, e.g. tree leaves)."""
+        if self.reward_group_ids is not None:
+            return self.reward_group_ids
+        return self.group_ids[:len(self.samples)]
+
+    def __len__(self) -> int:
+        """Training rows (``mask.shape[0]``); equal to ``len(samples)`` unless the policy
+        trains rows that are not reward rows (tree edges, see ``GroupPolicy.advantages``)."""
+        return int(self.mask.shape[0])
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout restricted to ``rows`` (a ``[B]`` bool mask or a LongTensor of indices)."""
+        idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+        pick = idx.tolist()
+        data = {k: _take(v, idx, pick, len(self)) for k, v in self.data.items()}
+        return Rollout([self.samples[i] for i in pick], [self.prompts[i] for i in pick],
+                       [self.metadata[i] for i in pick], self.group_ids[idx], self.mask[idx],
+                       data, skipped=dict(self.skipped))
+
+
+def _take(value, idx, pick, n):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[idx.to(value.device)]
+    if isinstance(value, list) and len(value) == n:
+        return [value[i] for i in pick]
+    return value  # shared across samples (e.g. one prompt embedding table)
+
+
+def concat_rollouts(parts: Sequence[Any]) -> Any:
+    """One rollout from several (dynamic sampling's tries): rows stacked; ``mask`` and 2-D+
+    ``data`` tensors right-padded along dim 1 to the longest. Policies whose payload needs
+    something else (left padding, ...) provide ``policy.concat_rollouts``."""
+    if len(parts) == 1:
+        return parts[0]
+    T = max(p.mask.shape[1] for p in parts)
+    mask = torch.cat([F.pad(p.mask, (0, T - p.mask.shape[1])) for p in parts])
+    data = {}
+    for k, v in parts[0].data.items():
+        vals = [p.data[k] for p in parts]
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(parts[0]):
+            if v.dim() >= 2:
+                L = max(x.shape[1] for x in vals)
+                vals = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, L - x.shape[1])) for x in vals]
+            data[k] = torch.cat(vals)
+        elif isinstance(v, list) and len(v) == len(parts[0]):
+            data[k] = [x for val in vals for x in val]
+        else:
+            data[k] = v
+    skipped: Dict[str, int] = {}
+    for p in parts:
+        for reason, n in p.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
+                   [x for p in parts for x in p.metadata],
+                   torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped)

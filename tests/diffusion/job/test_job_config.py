@@ -1,0 +1,115 @@
+"""The diffusion job: recipes, config checks, prompt files, grids and the CLI."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmrl.config.core import ConfigError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from diffusion_train_helpers import tiny_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_recipes_validate_and_carry_the_paper_settings():
+    from mmrl.config.schema import load_config
+
+    flow = load_config(REPO / "configs/diffusion/sd35m_pickscore_flow_grpo.yaml")
+    d, a, t = flow.task, flow.algo, flow.train
+    assert (d.num_steps, d.eval_num_steps, t.group_size, a.eps_low, a.eps_high, a.beta,
+            a.adv_clip, d.lora_rank, d.lora_alpha, d.sampler) == (
+        10, 40, 24, 1e-4, 1e-4, 0.01, 5.0, 32, 64, "full")
+    g2 = load_config(REPO / "configs/diffusion/flux_hps_g2rpo.yaml")
+    assert (g2.task.pipeline, g2.task.reward, g2.task.sampler, g2.task.granularities,
+            g2.task.shared_noise) == ("flux", "hps_v2.1", "singular", [1, 2], True)
+    tree = load_config(REPO / "configs/diffusion/sd35m_pickscore_tree.yaml")
+    assert tree.train.group_size == 2 ** 3 and tree.task.sampler == "tree"
+    demo = load_config(REPO / "configs/demo/diffusion_tiny.yaml")
+    assert demo.task.reward == "brightness" and demo.algo.max_len == demo.task.num_steps - 1
+
+
+def test_config_reports_every_problem_before_any_work(tiny_sd3_path, tmp_path):
+    with pytest.raises(ConfigError) as err:  # section problems, all at once
+        tiny_config(tiny_sd3_path, str(tmp_path), sampler="tree", height=20,
+                    resolution_multiple=16, tree_noise_levels=[0.7], prompts=[])
+    text = str(err.value)
+    for needle in ("height/width: got 20x8; expected multiples of resolution_multiple=16; use "
+                   "16x16", "tree_noise_levels: got 1 levels", "no training prompts"):
+        assert needle.replace("; use", " (VAE factor x patch size); use") in text or \
+            needle in text, text
+    with pytest.raises(ConfigError) as err:  # then the cross-section checks, all at once
+        tiny_config(tiny_sd3_path, str(tmp_path), sampler="tree",
+                    train={"group_size": 3, "dynamic_sampling_tries": 2})
+    text = str(err.value)
+    assert "train.group_size: got 3; sampler=tree gives" in text and \
+        "dynamic_sampling_tries" in text, text
+
+
+def test_bad_prompt_files_fail_clearly(tmp_path):
+    from mmrl.diffusion.train import DiffusionConfig, load_prompts
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        load_prompts(DiffusionConfig(prompt_file=str(empty)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(DiffusionConfig(prompt_file=str(tmp_path / "nope.txt")))
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c"}\n')
+    train, evals = load_prompts(DiffusionConfig(prompt_file=str(good), eval_holdout=1))
+    assert (train, evals) == (["a", "b"], ["c"])
+
+
+def test_save_grid_rejects_bad_input(tmp_path):
+    from mmrl.diffusion.evaluate import save_grid
+
+    with pytest.raises(ValueError, match="expected a float tensor"):
+        save_grid(torch.rand(2, 8, 8), ["a", "b"], tmp_path / "g.png")
+    with pytest.raises(ValueError, match="one caption per image"):
+        save_grid(torch.rand(2, 3, 8, 8), ["a"], tmp_path / "g.png")
+    path = save_grid(torch.rand(5, 3, 8, 8), list("abcde"), tmp_path / "g.png", cols=2)
+    assert path.exists()
+
+
+def test_save_grid_layout_and_weighted_columns(tmp_path):
+    from PIL import Image
+
+    from mmrl.diffusion.evaluate import save_grid, weighted
+
+    # 5 flat 8x8 images, 2 columns: zoom 16 -> 128 px cells, one caption line -> 18 px of text
+    levels = [0.0, 0.25, 0.5, 0.75, 1.0]
+    images = torch.tensor(levels)[:, None, None, None].expand(5, 3, 8, 8)
+    grid = Image.open(save_grid(images, list("abcde"), tmp_path / "g.png", cols=2))
+    assert grid.size == (2 * 128, 3 * (128 + 18))
+    cells = [grid.getpixel(((i % 2) * 128 + 64, (i // 2) * 146 + 64))[0] for i in range(5)]
+    assert cells == [round(v * 255) for v in levels]  # row-major, rounded to uint8
+    cols = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0, 20.0])}
+    assert weighted(cols, {"a": 2.0}).tolist() == [12.0, 24.0]  # a missing weight is 1
+
+
+def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
+    import subprocess
+
+    import yaml
+
+    from mmrl.cli.main import main
+
+    model = tmp_path / "tiny"
+    assert main(["diffusion", "tiny-pipeline", str(model), "--size", "8"]) == 0
+    assert (model / "model_index.json").exists()
+    cfg = yaml.safe_load((REPO / "configs/demo/diffusion_tiny.yaml").read_text())
+    cfg["diffusion"].update(model=str(model), height=8, width=8, num_steps=3, eval_every=0)
+    cfg["train"].update(steps=1, prompts_per_step=2, group_size=2, progress=False,
+                        output_dir=str(tmp_path / "run"))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert (tmp_path / "run" / "final.pt").exists()
+    exe = Path(sys.executable).parent / "mmrl"
+    out = subprocess.run([str(exe), "diffusion", "tiny-pipeline", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "mmrl train configs/demo/diffusion_tiny.yaml" in out.stdout

@@ -1,0 +1,73 @@
+"""Run by tests/test_distributed.py, under torchrun (2 ranks) or alone (1 process).
+
+One GRPO train_step of a deterministic linear policy on a fixed global batch of 3 prompts x 4
+samples (12 samples: with 2 ranks, prompt 1's group spans both ranks). Saves this rank's weights
+and metrics to OUT/rank{r}.pt.
+"""
+import sys
+
+import torch
+
+from mmrl.train.distributed import init_distributed, maybe_destroy, shard_samples
+from mmrl.train.loop import LoopSettings, Rollout, train_step
+from mmrl.algo.losses import PolicyLoss
+
+T, V, D = 5, 6, 4
+
+
+class DeterministicPolicy:
+    """Sample (prompt p, member j) is fixed by (p, j): the same on any number of ranks."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(torch.randn(D, V, generator=g))
+
+    def parameters(self):
+        return [self.W]
+
+    def rollout(self, prompts, metadata, group_size, generator):
+        feats, toks, lens, gids, samples = [], [], [], [], []
+        for k, (p, m, n) in enumerate(zip(prompts, metadata, group_size)):
+            for j in range(m["first_member"], m["first_member"] + n):
+                g = torch.Generator().manual_seed(1000 * p + j)
+                feats.append(torch.randn(T, D, generator=g))
+                toks.append(torch.randint(0, V, (T,), generator=g))
+                lens.append(int(torch.randint(1, T + 1, (1,), generator=g)))
+                gids.append(k)
+                samples.append((p, j))
+        mask = torch.arange(T)[None] < torch.tensor(lens)[:, None]
+        rep = [metadata[k] for k in gids]
+        return Rollout(samples, [prompts[k] for k in gids], rep, torch.tensor(gids), mask,
+                       {"feats": torch.stack(feats), "tokens": torch.stack(toks)})
+
+    def logp(self, r, rows, t0, t1):
+        logits = r.data["feats"][rows, t0:t1] @ self.W
+        return torch.log_softmax(logits, -1).gather(-1, r.data["tokens"][rows, t0:t1, None])[..., 0]
+
+
+def reward(samples, prompts, metadata):
+    return [float((p * 7 + j * 3) % 5) for p, j in samples]
+
+
+def main(out, preset, micro):
+    d = init_distributed()
+    prompts, counts = [10, 11, 12], [4, 4, 4]
+    local = shard_samples(counts, d)
+    starts = [sum(counts[:k]) for k in range(3)]
+    lo = sum(counts) * d.rank // d.world
+    mine = [(k, c) for k, c in enumerate(local) if c > 0]
+    meta = [{"first_member": max(0, lo - starts[k])} for k, _ in mine]
+    pol = DeterministicPolicy()
+    opt = torch.optim.SGD(pol.parameters(), lr=1.0)
+    over = {"max_len": T} if preset == "dr_grpo" else {}
+    res = train_step(pol, opt, PolicyLoss(preset, **over), reward, [prompts[k] for k, _ in mine],
+                     meta, LoopSettings(group_size=4, micro_batch_size=micro, max_grad_norm=0),
+                     torch.Generator().manual_seed(0), group_sizes=[c for _, c in mine],
+                     group_ids=[k for k, _ in mine], dist=d)
+    metrics = {k: v for k, v in res.items() if isinstance(v, float)}
+    torch.save({"W": pol.W.detach(), "metrics": metrics}, f"{out}/rank{d.rank}.pt")
+    maybe_destroy(d)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

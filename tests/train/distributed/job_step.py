@@ -1,0 +1,65 @@
+"""Run by tests/test_distributed.py: one GRPO update of a REAL job's policy (video or diffusion)
+on the same global rollout, in 1 process or sharded over torchrun ranks.
+
+    python job_step.py OUT CONFIG key=value ...            # 1 process
+    torchrun --nproc_per_node=2 job_step.py OUT CONFIG ...  # 2 ranks
+
+The job builds its policy, reward and prompts as usual; `run_training` is replaced by a function
+that rolls out the first prompts_per_step prompts ONCE per process with a fixed generator (every
+rank gets the same full rollout), keeps this rank's contiguous shard of rows, and calls the shared
+loop's `learn` with the data-parallel context. Saves the trainable weights to OUT/rank{r}.pt.
+"""
+import os
+import sys
+
+import torch
+
+import mmrl.train.runner
+from mmrl.train.distributed import init_distributed, maybe_destroy
+from mmrl.train.loop import LoopSettings, collect, learn
+from mmrl.algo.losses import PolicyLoss
+from mmrl.config.schema import load_config
+
+
+def one_update(config, policy, reward_fn, prompts, metadata, **_):
+    d = init_distributed()
+    t = config.train
+    s = LoopSettings(t.group_size, 1, 1, t.micro_batch_size, t.t_chunk, 0.0)
+    P = t.prompts_per_step
+    rollout, rewards, _ = collect(policy, reward_fn, prompts[:P], metadata[:P], s,
+                                  torch.Generator().manual_seed(1234))
+    total = P * t.group_size  # rows laid out prompt after prompt, as shard_samples cuts them
+    lo, hi = total * d.rank // d.world, total * (d.rank + 1) // d.world
+    keep = torch.zeros(len(rollout), dtype=torch.bool)
+    keep[lo:hi] = True
+    rollout, rewards = rollout.select(keep), rewards.select(keep)
+    initial = {n: p.detach().clone() for n, p in _named(policy) if p.requires_grad}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=t.lr)
+    res = learn(policy, opt, PolicyLoss(config.algo.preset, **config.algo.overrides()), rollout,
+                rewards, s, torch.Generator().manual_seed(0),
+                reward_weights=config.algo.reward_weights, dist=d)
+    weights = {n: p.detach().clone() for n, p in _named(policy) if p.requires_grad}
+    torch.save({"weights": weights, "initial": initial, "loss": res["loss"], "reward_mean": res["reward_mean"]},
+               os.path.join(OUT, f"rank{d.rank}.pt"))
+    maybe_destroy(d)
+    return {}
+
+
+def _named(policy):
+    model = getattr(policy, "model", None) or getattr(getattr(policy, "flow", None),
+                                                      "transformer", None)
+    if isinstance(model, torch.nn.Module):
+        return list(model.named_parameters())
+    return [(str(i), p) for i, p in enumerate(policy.parameters())]
+
+
+if __name__ == "__main__":
+    OUT, path, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    os.makedirs(OUT, exist_ok=True)
+    rank = os.environ.get("RANK", "0")
+    # per-rank output folders: jobs write data/models there (identical, seeded) without races
+    config = load_config(path, list(overrides) + [f"train.output_dir={OUT}/work{rank}"])
+    from mmrl.config.jobs import get_job
+    mmrl.train.runner.run_training = one_update
+    get_job(config.job).run(config)

@@ -1,0 +1,74 @@
+"""Three training steps per preset on the tiny Qwen2.5-VL: parameters change, losses are pinned.
+
+The losses were recorded on CPU (torch 2.14.1, transformers 5.24) with the seeds below; a change
+in any of the policy's rollout/logp/TW code paths moves them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from vt_helpers import make_policy  # noqa: E402
+
+from mmrl.train.loop import LoopSettings, train_step  # noqa: E402
+from mmrl.algo.losses import PolicyLoss  # noqa: E402
+from mmrl.algo.presets import PRESETS  # noqa: E402
+
+CASES = sorted(PRESETS) + ["grpo+kl_full", "grpo+kl_lora"]
+PINNED = {
+    "dapo": [-0.388391, -0.212113, 0.0],
+    "dr_grpo": [-0.12037, -0.157407, 0.0],
+    "grpo": [-0.057716, -0.042385, -0.033042],
+    "gspo": [0.0, 0.0, 0.0],  # sequence ratio 1 on policy: the loss is -mean(A) = 0
+    "gspo_token": [0.0, 0.0, 0.0],
+    "lite_ppo": [-0.311387, -0.231312, 0.0],
+    "ngrpo": [-0.109391, -0.135298, 0.116408],
+    "reg_grpo": [0.666349, 0.333256, 0.666418],
+    "sapo": [-0.035639, -0.033186, -0.035639],
+    "tw_grpo": [-0.649965, -0.346338, 0.0],
+    "grpo+kl_full": [-0.055978, -0.039395, -0.028661],
+    "grpo+kl_lora": [-0.004699, -0.001951, -0.004127],
+}
+
+
+def letter_reward(samples, prompts, metadata):
+    """Dense and deterministic: 1 per 'A', 0.5 per 'B' -> [B]."""
+    return torch.tensor([s.count("A") + 0.5 * s.count("B") for s in samples])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_three_steps_change_the_parameters_and_match_pinned_losses(case, tiny_vl_dir, vt_batch):
+    preset, _, extra = case.partition("+")
+    overrides = {"beta": 0.04} if extra else {}
+    if PRESETS[preset].aggregation == "fixed_norm":
+        overrides["max_len"] = 3  # the job fills it from video.max_new_tokens
+    finetune = "lora" if extra == "kl_lora" else "full"
+    loss_fn = PolicyLoss(preset, **overrides)
+    pol = make_policy(tiny_vl_dir, finetune=finetune, max_new_tokens=3,
+                      allowed_answers=["A", "B", "C", "D"], tw_alpha=loss_fn.spec.tw_alpha)
+    if loss_fn.spec.needs_ref:
+        pol.enable_reference()
+    params = [p for p in pol.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    prompts, meta = vt_batch
+    settings = LoopSettings(group_size=3, inner_epochs=2 if preset == "grpo" else 1,
+                            micro_batch_size=4)
+    losses = []
+    for _ in range(3):
+        m = train_step(pol, opt, loss_fn, letter_reward, prompts, meta, settings, gen)
+        assert m["skipped_updates"] == 0.0 and torch.isfinite(torch.tensor(m["loss"]))
+        losses.append(round(m["loss"], 6))
+    moved = sum(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
+    assert moved > 0
+    if loss_fn.spec.needs_ref:
+        assert "kl_ref" in m
+    print(f"PINNED {case!r}: {losses}")
+    assert case in PINNED, f"no pinned losses for {case}: record {losses}"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED[case]), atol=2e-5,
+                               rtol=1e-4)
