@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from mmrl.train.policy import capabilities_of
+
 
 @dataclass
 class Dist:
@@ -141,6 +143,32 @@ def shard_whole_groups(num_prompts: int, d: Dist) -> List[bool]:
     return [i % d.world == d.rank for i in range(num_prompts)]
 
 
+def check_fsdp_settings(t, world: int, whole_groups: bool) -> None:
+    """Refuse train settings (``t``: a TrainConfig) under which FSDP ranks would not run the
+    same forwards.
+
+    Raises:
+        ValueError: naming the setting and what to change.
+    """
+    if t.t_chunk:
+        raise ValueError(f"train.parallel=fsdp needs train.t_chunk=0 (got {t.t_chunk}): "
+                         f"ranks' responses differ in length, so their T chunks would "
+                         f"differ in number; bound memory with micro_batch_size instead")
+    if (t.prompts_per_step * t.group_size) % world:
+        raise ValueError(f"train.parallel=fsdp runs the same number of forwards on every "
+                         f"rank: prompts_per_step * group_size = "
+                         f"{t.prompts_per_step * t.group_size} must be divisible by the "
+                         f"{world} ranks")
+    if whole_groups and t.prompts_per_step % world:
+        raise ValueError(f"train.parallel=fsdp with whole groups per rank (this preset or "
+                         f"sampler): train.prompts_per_step={t.prompts_per_step} must be "
+                         f"divisible by the {world} ranks")
+    if t.dynamic_sampling_tries:
+        raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries (a rank "
+                         "may keep no group at all, and every rank must run the same "
+                         "forwards); use parallel=ddp")
+
+
 def shard_policy(policy) -> torch.nn.Module:
     """FSDP2-shard the policy's model (``policy.apply_fsdp()`` if it has one, else
     ``fully_shard(policy.model)``) and return the root FSDP module.
@@ -152,7 +180,6 @@ def shard_policy(policy) -> torch.nn.Module:
         ValueError: the policy exposes no module to shard.
     """
     from torch.distributed.fsdp import fully_shard
-    from mmrl.train.policy import capabilities_of
     hook = policy.apply_fsdp if capabilities_of(policy).fsdp else None
     module = hook() if hook is not None else None
     if module is None:

@@ -1,35 +1,40 @@
 """The shared GRPO loop: rollout -> rewards -> advantages -> K epochs of micro-batched updates.
 
-Both domains drive it through :class:`GroupPolicy`: a policy rolls out a group per prompt and
+:func:`rollout_groups` and :func:`score` collect, :func:`mmrl.train.batch.batch_advantages`
+turns rewards into advantages, :func:`update` trains; :func:`learn` and :func:`train_step` chain
+them for one process or one rank (the runner drives the same pieces, see
+:meth:`mmrl.train.runner.Run.run_step`). Both domains drive it through :class:`GroupPolicy`: a policy rolls out a group per prompt and
 recomputes ``logp [b, t]`` for a slice of samples and of T (tokens for a language model, trained
 denoising steps for a flow-matching model). The loop never knows which.
 
 Micro-batches split along samples (``micro_batch_size``) and along T (``t_chunk``); the loss
 receives the mini-batch's global token and sequence counts (and each row's full length), so the
-accumulated gradient equals the unsplit step's (tests/test_loop.py checks it).
+accumulated gradient equals the unsplit step's (tests/train/test_loop.py checks it).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from mmrl.algo.advantages import group_advantages, group_stats
-from mmrl.train.distributed import Dist, fsdp_lockstep, idle_pass, most_over_ranks
 from mmrl.algo.losses import PolicyLoss
+from mmrl.train.batch import Batch, batch_advantages, compute_advantages
+from mmrl.train.distributed import Dist, fsdp_lockstep, idle_pass, most_over_ranks
+from mmrl.train.policy import GroupPolicy, capabilities_of
 from mmrl.train.reward_fn import RewardBatch, robust_reward
-from mmrl.train.policy import Capabilities, GroupPolicy, capabilities_of  # noqa: F401
-from mmrl.train.rollout import Rollout, concat_rollouts  # noqa: F401
+from mmrl.train.rollout import Rollout, concat_rollouts
 
-__all__ = ["Rollout", "GroupPolicy", "LoopSettings", "compute_advantages", "update", "collect",
+__all__ = ["Rollout", "GroupPolicy", "LoopSettings", "Batch", "compute_advantages", "update",
+           "rollout_groups", "score", "collect", "batch_advantages", "train_batch",
            "concat_rollouts", "learn", "train_step"]
 
 
 @dataclass
 class LoopSettings:
-    """The loop's knobs (a subset of :class:`mmrl.config.schema.TrainConfig`)."""
+    """The loop's knobs: fields of :class:`mmrl.config.schema.TrainConfig` with the same names
+    and defaults (documented there; a test keeps them equal)."""
 
     group_size: int = 8
     inner_epochs: int = 1
@@ -38,18 +43,16 @@ class LoopSettings:
     t_chunk: int = 0
     max_grad_norm: float = 1.0
 
+    @classmethod
+    def from_train(cls, train) -> "LoopSettings":
+        """The settings of a :class:`~mmrl.config.schema.TrainConfig`, field by name."""
+        return settings_from(cls, train)
 
-def compute_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: PolicyLoss,
-                       multi_reward: str = "sum_then_normalize",
-                       reward_weights: Optional[Dict[str, float]] = None) -> torch.Tensor:
-    """``[B]`` advantages from one or several reward columns with the preset's estimator."""
-    spec = loss_fn.spec
-    hp = dict(eps=spec.adv_eps, r_max=spec.r_max, adv_clip=spec.adv_clip)
-    if rewards.values.shape[1] == 1:
-        return group_advantages(rewards.values[:, 0], group_ids, spec.advantage, **hp)
-    weights = [float((reward_weights or {}).get(n, 1.0)) for n in rewards.names]
-    return group_advantages(rewards.values, group_ids, multi_reward, weights=weights,
-                            base=spec.advantage, **hp)
+
+def settings_from(cls, train):
+    """``cls`` (a dataclass whose fields are all TrainConfig fields) filled from ``train`` by
+    field name."""
+    return cls(**{f.name: getattr(train, f.name) for f in fields(cls)})
 
 
 def _chunks(n: int, size: int):
@@ -93,6 +96,85 @@ def _score_all(fn, rollout: Rollout, micro: int, t_chunk: int,
     return torch.cat(rows_out, dim=0)
 
 
+@dataclass
+class _Inputs:
+    """What every micro-batch of an update reads, row-aligned with the rollout."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B] full lengths, exact under T chunking
+    old_logp: Optional[torch.Tensor]  # [B, T]; None: on-policy (the detached logp is old)
+    ref_logp: Optional[torch.Tensor]  # [B, T]; None: no KL, or the policy's own KL
+    token_weights: Optional[torch.Tensor]  # [B, T]
+    own_kl: Optional[Callable] = None  # policy.logp_and_kl when the KL is the policy's own
+
+
+def _inputs(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout, advantages, s,
+            t_chunk: int, lockstep: Optional[Dist], token_weights) -> _Inputs:
+    """Score the old and reference log-probs an update needs (no grad), once per update."""
+    spec = loss_fn.spec
+    on_policy = s.inner_epochs == 1 and s.num_mini_batches == 1
+    old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size,
+                                                 t_chunk, lockstep)
+    own_kl = policy.logp_and_kl if spec.needs_ref and capabilities_of(policy).own_kl else None
+    ref_logp = (_score_all(policy.ref_logp, rollout, s.micro_batch_size, t_chunk)
+                if spec.needs_ref and own_kl is None else None)
+    return _Inputs(rollout, advantages, rollout.mask.sum(-1), old_logp, ref_logp, token_weights,
+                   own_kl)
+
+
+def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torch.Tensor,
+                t0: int, t1: int, norm: Dict[str, torch.Tensor]):
+    """``(loss, stats)`` of rows ``rows`` and steps ``[t0, t1)``, with gradient."""
+    logp, kl = ((policy.logp(x.rollout, rows, t0, t1), None) if x.own_kl is None
+                else x.own_kl(x.rollout, rows, t0, t1))
+    old = logp.detach() if x.old_logp is None else x.old_logp[rows, t0:t1].to(logp)
+    return loss_fn(
+        logp, old, x.advantages[rows].to(logp), x.rollout.mask[rows, t0:t1].to(logp.device),
+        ref_logp=None if x.ref_logp is None else x.ref_logp[rows, t0:t1].to(logp),
+        token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
+        group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],
+        kl=None if kl is None else kl.to(logp), **norm)
+
+
+def _backward_mini_batch(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs,
+                         mb: torch.Tensor, s: LoopSettings, t_chunk: int, d: Dist,
+                         lockstep: Optional[Dist], totals: Dict[str, torch.Tensor]) -> int:
+    """Accumulate the gradient of one mini-batch's loss, micro-batch by micro-batch (rows, then
+    T chunks); returns the number of micro-batches run. The loss is normalized by the
+    mini-batch's global token and sequence counts, so the pieces sum to the unsplit loss."""
+    keep = x.rollout.row_keep  # rows kept for FSDP's lockstep but dropped: no sequence
+    n_seqs = torch.tensor(len(mb)) if keep is None else keep[mb].sum()
+    counts = d.all_reduce_sum(torch.stack([x.rollout.mask[mb].sum(), n_seqs]).float())
+    norm = dict(num_tokens=counts[0], num_seqs=counts[1])  # global counts
+    micro = _chunks(len(mb), s.micro_batch_size)
+    idle = 0 if lockstep is None else most_over_ranks(len(micro), d) - len(micro)
+    n = 0
+    for a, b in micro:
+        for t0, t1 in _chunks(x.rollout.mask.shape[1], t_chunk):
+            loss, stats = _micro_loss(policy, loss_fn, x, mb[a:b], t0, t1, norm)
+            loss.backward()
+            _accumulate(totals, stats)
+            n += 1
+    for _ in range(idle):
+        idle_pass(policy, x.rollout)
+    return n
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params, max_grad_norm: float,
+                    d: Dist) -> Optional[torch.Tensor]:
+    """Sum gradients over ranks, clip, step; the gradient norm, or None when it was not finite
+    (the step is skipped: a NaN/inf gradient never reaches the weights)."""
+    d.sum_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return grad_norm
+
+
 def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
            rollout: Rollout, advantages: torch.Tensor, s: LoopSettings,
            generator: torch.Generator, token_weights: Optional[torch.Tensor] = None,
@@ -105,16 +187,9 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     """
     d = dist or Dist()
     spec = loss_fn.spec
-    on_policy = s.inner_epochs == 1 and s.num_mini_batches == 1
     t_chunk = 0 if spec.sequence_level else s.t_chunk
     lockstep = fsdp_lockstep(d, len(rollout), t_chunk)
-    old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size,
-                                                 t_chunk, lockstep)
-    own_kl = policy.logp_and_kl if spec.needs_ref and capabilities_of(policy).own_kl else None
-    ref_logp = (_score_all(policy.ref_logp, rollout, s.micro_batch_size, t_chunk)
-                if spec.needs_ref and own_kl is None else None)
-    seq_lens = rollout.mask.sum(-1)  # [B] full lengths, exact under T chunking
-    T = rollout.mask.shape[1]
+    x = _inputs(policy, loss_fn, rollout, advantages, s, t_chunk, lockstep, token_weights)
     # not policy.parameters(): under FSDP2 it may list a unit's temporary unsharded tensors
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     totals: Dict[str, torch.Tensor] = {}
@@ -122,43 +197,22 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     for _ in range(s.inner_epochs):
         for mb in _mini_batches(rollout, s.num_mini_batches, spec.needs_groups, generator):
             optimizer.zero_grad(set_to_none=True)
-            keep = rollout.data.get("row_keep")
-            n_seqs = torch.tensor(len(mb)) if keep is None else keep[mb].sum()
-            counts = d.all_reduce_sum(torch.stack([rollout.mask[mb].sum(), n_seqs]).float())
-            norm = dict(num_tokens=counts[0], num_seqs=counts[1])  # global counts
-            micro = _chunks(len(mb), s.micro_batch_size)
-            idle = 0 if lockstep is None else most_over_ranks(len(micro), d) - len(micro)
-            for a, b in micro:
-                rows = mb[a:b]
-                for t0, t1 in _chunks(T, t_chunk):
-                    logp, kl = ((policy.logp(rollout, rows, t0, t1), None) if own_kl is None
-                                else own_kl(rollout, rows, t0, t1))
-                    old = logp.detach() if on_policy else old_logp[rows, t0:t1].to(logp)
-                    loss, stats = loss_fn(
-                        logp, old, advantages[rows].to(logp), rollout.mask[rows, t0:t1].to(
-                            logp.device),
-                        ref_logp=None if ref_logp is None else ref_logp[rows, t0:t1].to(logp),
-                        token_weights=None if token_weights is None else
-                        token_weights[rows, t0:t1].to(logp),
-                        group_ids=rollout.group_ids[rows], seq_lens=seq_lens[rows],
-                        kl=None if kl is None else kl.to(logp), **norm)
-                    loss.backward()
-                    _accumulate(totals, stats)
-                    n_updates += 1
-            for _ in range(idle):
-                idle_pass(policy, rollout)
-            d.sum_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
-            if not torch.isfinite(grad_norm):
-                skipped += 1  # a NaN/inf gradient never reaches the weights
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.step()
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach().cpu()
+            n_updates += _backward_mini_batch(policy, loss_fn, x, mb, s, t_chunk, d, lockstep,
+                                              totals)
+            grad_norm = _optimizer_step(optimizer, params, s.max_grad_norm, d)
+            if grad_norm is None:
+                skipped += 1
+            else:
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.detach().cpu()
+    return _update_stats(totals, n_updates, skipped, s.inner_epochs * s.num_mini_batches, d)
+
+
+def _update_stats(totals: Dict[str, torch.Tensor], n_updates: int, skipped: int, steps: int,
+                  d: Dist) -> Dict[str, torch.Tensor]:
+    """Averages of the accumulated micro-batch stats (extremes kept), the mean loss per
+    optimizer step, the mean gradient norm of the steps taken and the skipped count."""
     out = {k: v if k.endswith(("_min", "_max")) else v / max(n_updates, 1)
            for k, v in totals.items() if k != "grad_norm"}
-    steps = s.inner_epochs * s.num_mini_batches
     # micro-batch losses sum to their mini-batch's loss (local share of it under data parallel)
     out["loss"] = d.all_reduce_sum(totals.get("loss", torch.tensor(0.0))) / steps
     out["grad_norm"] = totals.get("grad_norm", torch.tensor(float("nan"))) / max(
@@ -179,54 +233,27 @@ def _accumulate(totals: Dict[str, torch.Tensor], stats: Dict[str, torch.Tensor])
             totals[k] = totals.get(k, 0.0) + v
 
 
-def _global_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: PolicyLoss,
-                       d: Dist, multi_reward: str, reward_weights) -> Tuple[torch.Tensor, Dict]:
-    """Advantages of this rank's valid rows, computed on the rewards gathered from every rank
-    (a group may span ranks), and the global reward metrics."""
-    n_local = torch.tensor([len(rewards.valid)])
-    offset = int(d.all_gather_rows(n_local)[:d.rank].sum())
-    values = d.all_gather_rows(rewards.values)  # [B_global, K]
-    valid = d.all_gather_rows(rewards.valid)
-    gids = d.all_gather_rows(group_ids)
-    full = RewardBatch(values[valid], rewards.names, valid[valid])
-    adv = torch.zeros(len(valid))
-    if len(full.values):
-        adv[valid] = compute_advantages(full, gids[valid], loss_fn, multi_reward,
-                                        reward_weights).float()
-    local = adv[offset:offset + len(rewards.valid)][rewards.valid]
-    total = full.weighted_sum(reward_weights)
-    metrics = {"dropped_samples": (~valid).sum().float(), "samples": valid.sum().float()}
-    if len(total):
-        gstats = group_stats(total, gids[valid])
-        metrics.update({"reward_mean": total.mean(), "reward_std": total.std(unbiased=False),
-                        "zero_std_frac": gstats["zero_std_frac"],
-                        "adv_abs_mean": adv[valid].abs().mean(),
-                        **{f"reward/{n}": full.column(n).mean() for n in full.names}})
-    return local, metrics
+def rollout_groups(policy: GroupPolicy, prompts: Sequence[Any],
+                   metadata: Sequence[Dict[str, Any]], group_sizes, generator: torch.Generator,
+                   group_ids: Optional[Sequence[int]] = None) -> Rollout:
+    """``policy.rollout`` without gradient, its group ids mapped to ``group_ids`` (the global
+    id of each prompt; default: the local index 0..P-1)."""
+    with torch.no_grad():
+        rollout = policy.rollout(list(prompts), list(metadata), group_sizes, generator)
+    if group_ids is not None:  # local prompt index -> global group id
+        table = torch.as_tensor(list(group_ids))
+        rollout.group_ids = table[rollout.group_ids]
+        if rollout.reward_group_ids is not None:
+            rollout.reward_group_ids = table[rollout.reward_group_ids]
+    return rollout
 
 
-def _hook_advantages(policy, rollout: Rollout, rewards: RewardBatch, d: Dist,
-                     reward_weights) -> Tuple[torch.Tensor, Dict]:
-    """Advantages from ``policy.advantages`` (whole groups live on one rank) + reward metrics."""
-    adv = policy.advantages(rollout, rewards).float()  # [R]
-    if adv.shape != (len(rollout),):
-        raise ValueError(f"policy.advantages returned {tuple(adv.shape)}; expected "
-                         f"[{len(rollout)}] (one per training row of the rollout)")
-    total = d.all_gather_rows(rewards.weighted_sum(reward_weights))
-    valid = torch.isfinite(total)
-    metrics = {"dropped_samples": (~valid).sum().float(), "samples": valid.sum().float()}
-    if valid.any():
-        metrics.update({"reward_mean": total[valid].mean(),
-                        "reward_std": total[valid].std(unbiased=False),
-                        "adv_abs_mean": d.all_gather_rows(adv).abs().mean(),
-                        **{f"reward/{n}": _finite_mean(d.all_gather_rows(rewards.column(n)))
-                           for n in rewards.names}})
-    return adv, metrics
-
-
-def _finite_mean(x: torch.Tensor) -> torch.Tensor:
-    ok = torch.isfinite(x)
-    return x[ok].mean() if ok.any() else torch.tensor(float("nan"))
+def score(reward_fn, rollout: Rollout, reward_retries: int = 2,
+          reward_timeout: Optional[float] = None) -> Tuple[RewardBatch, Optional[str]]:
+    """``(rewards, reward error)`` of the rollout's samples (see
+    :func:`mmrl.train.reward_fn.robust_reward`: retries, a timeout, NaN rows on failure)."""
+    return robust_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata,
+                         reward_retries, reward_timeout)
 
 
 def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],
@@ -242,18 +269,26 @@ def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],
             or a Knapsack budget may give any count.
         group_ids: the global group id of each prompt (default 0..P-1).
     """
-    with torch.no_grad():
-        rollout = policy.rollout(list(prompts), list(metadata),
-                                 list(group_sizes) if group_sizes is not None else s.group_size,
-                                 generator)
-    if group_ids is not None:  # local prompt index -> global group id
-        table = torch.as_tensor(list(group_ids))
-        rollout.group_ids = table[rollout.group_ids]
-        if rollout.reward_group_ids is not None:
-            rollout.reward_group_ids = table[rollout.reward_group_ids]
-    rewards, error = robust_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata,
-                                   reward_retries, reward_timeout)
+    sizes = list(group_sizes) if group_sizes is not None else s.group_size
+    rollout = rollout_groups(policy, prompts, metadata, sizes, generator, group_ids)
+    rewards, error = score(reward_fn, rollout, reward_retries, reward_timeout)
     return rollout, rewards, error
+
+
+def train_batch(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
+                batch: Batch, s: LoopSettings, generator: torch.Generator,
+                dist: Optional[Dist] = None) -> Dict[str, float]:
+    """K epochs of updates on ``batch`` -> metrics as python floats (one host sync); a batch
+    without a valid sample on any rank is skipped (``skipped_updates`` 1)."""
+    d = dist or Dist()
+    metrics = dict(batch.metrics)
+    if not batch.has_samples:
+        return {**{k: float(v) for k, v in metrics.items()}, "skipped_updates": 1.0}
+    tw = policy.token_weights(batch.rollout) if loss_fn.spec.needs_token_weights else None
+    metrics.update(update(policy, optimizer, loss_fn, batch.rollout, batch.advantages, s,
+                          generator, tw, d))
+    metrics["tokens"] = d.all_reduce_sum(batch.rollout.mask.sum().float())
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
@@ -261,32 +296,16 @@ def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Policy
           *, multi_reward: str = "sum_then_normalize",
           reward_weights: Optional[Dict[str, float]] = None, dist: Optional[Dist] = None,
           reward_error: Optional[str] = None) -> Dict[str, Any]:
-    """Advantages (gathered over ranks) and K epochs of updates on a scored rollout.
+    """:func:`batch_advantages` then :func:`train_batch` on a scored rollout.
 
-    Returns metrics (python floats; one host sync per step) plus the rollout and its rewards.
+    Returns metrics (python floats) plus ``rollout``/``rewards`` (the rows trained on) and
+    ``reward_error``.
     """
-    d = dist or Dist()
-    if capabilities_of(policy).row_advantages:  # rows != reward rows (trees, G2RPO)
-        adv, metrics = _hook_advantages(policy, rollout, rewards, d, reward_weights)
-    else:
-        adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
-                                          reward_weights)
-        if rewards.num_invalid and d.active and d.grad_sync == "fsdp":
-            # FSDP needs the same forwards on every rank: keep the rows, mask them out
-            keep = rewards.valid
-            full = torch.zeros(len(keep))
-            full[keep] = adv
-            adv, rollout.mask = full, rollout.mask & keep[:, None]
-            rollout.data["row_keep"] = keep  # dropped rows do not count as sequences
-        elif rewards.num_invalid:  # NaN/inf or failed rewards: drop those samples, count them
-            rollout, rewards = rollout.select(rewards.valid), rewards.select(rewards.valid)
-    extra = {"rollout": rollout, "rewards": rewards, "reward_error": reward_error}
-    if float(metrics["samples"]) == 0:
-        return {**{k: float(v) for k, v in metrics.items()}, "skipped_updates": 1.0, **extra}
-    tw = policy.token_weights(rollout) if loss_fn.spec.needs_token_weights else None
-    metrics.update(update(policy, optimizer, loss_fn, rollout, adv, s, generator, tw, d))
-    metrics["tokens"] = d.all_reduce_sum(rollout.mask.sum().float())
-    return {**{k: float(v) for k, v in metrics.items()}, **extra}
+    batch = batch_advantages(policy, loss_fn, rollout, rewards, multi_reward=multi_reward,
+                             reward_weights=reward_weights, dist=dist)
+    metrics = train_batch(policy, optimizer, loss_fn, batch, s, generator, dist)
+    return {**metrics, "rollout": batch.rollout, "rewards": batch.rewards,
+            "reward_error": reward_error}
 
 
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,

@@ -25,6 +25,9 @@ class Rollout:
         skipped: inputs the policy could not use in this rollout, counted by reason (e.g.
             ``{"corrupt": 2}`` for unreadable videos); a run whose steps end up with no sample
             names them when it stops.
+        row_keep: ``[B]`` bool, or None (every row counts). Rows set False stay in the rollout
+            but count as no sequence in the loss's normalizer (their mask is all False too): FSDP
+            keeps rows whose reward failed so every rank runs the same forwards.
     """
 
     samples: List[Any]
@@ -37,6 +40,7 @@ class Rollout:
     # (policies with an ``advantages`` hook); None = the same as ``group_ids``.
     reward_group_ids: Optional[torch.Tensor] = None
     skipped: Dict[str, int] = field(default_factory=dict)
+    row_keep: Optional[torch.Tensor] = None
 
     @property
     def sample_group_ids(self) -> torch.Tensor:
@@ -58,7 +62,8 @@ class Rollout:
         data = {k: _take(v, idx, pick, len(self)) for k, v in self.data.items()}
         return Rollout([self.samples[i] for i in pick], [self.prompts[i] for i in pick],
                        [self.metadata[i] for i in pick], self.group_ids[idx], self.mask[idx],
-                       data, skipped=dict(self.skipped))
+                       data, skipped=dict(self.skipped),
+                       row_keep=None if self.row_keep is None else self.row_keep[idx])
 
 
 def _take(value, idx, pick, n):
@@ -93,6 +98,11 @@ def concat_rollouts(parts: Sequence[Any]) -> Any:
     for p in parts:
         for reason, n in p.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
+    keep = None
+    if any(p.row_keep is not None for p in parts):  # a part without one keeps every row
+        keep = torch.cat([p.row_keep if p.row_keep is not None else
+                          torch.ones(len(p), dtype=torch.bool) for p in parts])
     return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
                    [x for p in parts for x in p.metadata],
-                   torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped)
+                   torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped,
+                   row_keep=keep)

@@ -1,10 +1,18 @@
 """Drive the shared loop for a whole run: seeding, prompt order, checkpoints and exact resume,
 signals, metrics, progress, final weights.
 
-Checkpoints (``mmrl.train.checkpoint``) hold the trainable weights, the optimizer, every RNG and the
-prompt selector's state, so a run resumed from step k ends with the same weights, bit for bit
-on CPU, as a run that was never interrupted. SIGTERM/SIGINT finish the current step, write a
-checkpoint and exit cleanly (a second SIGINT stops at once).
+A step reads top to bottom in :meth:`Run.run_step`: :class:`mmrl.train.rounds.Rounds` collects
+(prompts -> rollouts -> rewards -> the job's round augmenters, or DAPO dynamic sampling's
+rounds), :func:`mmrl.train.batch.batch_advantages` turns the gathered rewards into advantages,
+:func:`mmrl.train.loop.train_batch` runs the K epochs of updates. :func:`run_training` reads the
+same way: start (claim the folder, resume), train (steps, checkpoints, signals), finish (final
+weights, export), summary.
+
+Checkpoints (``mmrl.train.checkpoint``) hold the trainable weights, the optimizer, the policy's
+extra state (:mod:`mmrl.train.state`), every RNG and the prompt selector's and augmenters'
+state, so a run resumed from step k ends with the same weights, bit for bit on CPU, as a run
+that was never interrupted. SIGTERM/SIGINT finish the current step, write a checkpoint and exit
+cleanly (a second SIGINT stops at once).
 """
 from __future__ import annotations
 
@@ -19,19 +27,25 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mmrl.train import checkpoint as ckpt
-from mmrl.config.core import UserError
-from mmrl.train.distributed import (full_state, init_distributed, load_full_state, maybe_destroy,
-                              shard_policy)
-from mmrl.train.loop import LoopSettings
-from mmrl.train.policy import capabilities_of, check_policy
-from mmrl.train.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
-                          throughput)
 from mmrl.algo.losses import PolicyLoss
-from mmrl.train.rounds import Round, RoundAugmenter, RoundsMixin
+from mmrl.budget.selection import make_selector
+from mmrl.config.core import UserError
+from mmrl.config.schema import save_config
+from mmrl.train import checkpoint as ckpt
+from mmrl.train.batch import batch_advantages
+from mmrl.train.distributed import (check_fsdp_settings, init_distributed, maybe_destroy,
+                                    shard_policy)
+from mmrl.train.loop import LoopSettings, train_batch
+from mmrl.train.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
+                                throughput)
+from mmrl.train.policy import check_policy
+from mmrl.train.rounds import (Round, RoundAugmenter, Rounds, RoundSettings, check_prompts,
+                               needs_whole_groups)
 from mmrl.train.run_folder import claim_output_dir
+from mmrl.train.state import (load_policy_state, load_policy_weights, policy_weights,
+                              save_policy_state)
 
-__all__ = ["Run", "run_training", "Round", "RoundAugmenter", "seed_everything",
+__all__ = ["Run", "run_training", "Round", "RoundAugmenter", "RunStopped", "seed_everything",
            "policy_weights", "load_policy_weights"]
 
 
@@ -43,84 +57,92 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def policy_weights(policy) -> Dict[str, torch.Tensor]:
-    """The policy's trainable state (``policy.state_dict()`` or its ``.model``'s)."""
-    if hasattr(policy, "state_dict"):
-        return policy.state_dict()
-    return policy.model.state_dict()
+class Run:
+    """The state of one training run (built by :func:`run_training`): the policy, its optimizer
+    and loss, the data-parallel context, the step counters, and ``rounds``, the
+    :class:`~mmrl.train.rounds.Rounds` that collects each step's rollouts.
 
-
-def load_policy_weights(policy, weights: Dict[str, torch.Tensor]) -> None:
-    target = policy if hasattr(policy, "load_state_dict") else policy.model
-    target.load_state_dict(weights)
-
-
-class Run(RoundsMixin):
-    """The state of one training run (built by :func:`run_training`); the collection of
-    rollout rounds lives in :class:`mmrl.train.rounds.RoundsMixin`."""
+    Raises:
+        TypeError: the policy lacks a method it needs (:func:`mmrl.train.policy.check_policy`).
+        ValueError: no prompts, too few for a step, or settings FSDP cannot run.
+    """
 
     def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
                  selector=None, augmenters: Sequence[RoundAugmenter] = ()):
         t = self.t = config.train
-        if not prompts:
-            raise ValueError("no prompts to train on; check the job's prompt source")
-        self.config, self.policy, self.reward_fn = config, policy, reward_fn
-        self.augmenters = list(augmenters)
-        self.prompts = list(prompts)
-        self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
+        check_prompts(prompts, t.prompts_per_step)
+        self.config, self.policy = config, policy
         self.out = Path(t.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.gen = seed_everything(t.seed)  # rollouts and mini-batch order
         self.prompt_gen = torch.Generator().manual_seed(t.seed + 1)  # prompt order
         self.loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
+        self.caps = check_policy(policy, self.loss_fn.spec)
+        whole_groups = needs_whole_groups(self.loss_fn.spec, self.caps)
         self.dist = init_distributed(t.parallel)
         self.fsdp = None
         if self.dist.active and t.parallel == "fsdp":
-            self._check_fsdp()
+            check_fsdp_settings(t, self.dist.world, whole_groups)
             self.fsdp = shard_policy(policy)  # before the optimizer sees the parameters
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = optimizer or torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        if t.prompts_per_step > len(self.prompts):
-            raise ValueError(f"train.prompts_per_step={t.prompts_per_step} but there are only "
-                             f"{len(self.prompts)} prompt(s); lower prompts_per_step (a batch "
-                             f"holds distinct prompts) or add prompts")
-        if selector is None:
-            from mmrl.budget.selection import make_selector
-            selector = make_selector(t.selector, len(self.prompts), **t.selector_hparams)
-        self.selector = selector
-        self.settings = LoopSettings(t.group_size, t.inner_epochs, t.num_mini_batches,
-                                     t.micro_batch_size, t.t_chunk, t.max_grad_norm)
+        self.selector = selector if selector is not None else make_selector(
+            t.selector, len(prompts), **t.selector_hparams)
+        self.settings = LoopSettings.from_train(t)
         self.step, self.history, self.bad_in_row, self.empty_in_row = 0, [], 0, 0
         self.run_id: Optional[str] = None  # set by claim_output()
         self.drop_cause = ""  # why the last step had no valid sample
         self.save_failed = False  # did the last checkpoint write fail (rank 0)?
-        self.round_metrics: Dict[str, float] = {}
-        self.round_means: Dict[str, tuple] = {}
         # Every rank draws the same prompts; each samples with its own stream, so identical
         # prompts on different ranks never get identical noise.
         self.gen.manual_seed(t.seed + 7919 * self.dist.rank)
         self.dist.broadcast_parameters(params)
         self.gens = {"loop": self.gen, "prompts": self.prompt_gen}
+        self.rounds = Rounds(policy, reward_fn, prompts, metadata,
+                             settings=RoundSettings.from_train(t), selector=self.selector,
+                             generator=self.gen, prompt_generator=self.prompt_gen,
+                             whole_groups=whole_groups, dist=self.dist, fsdp=self.fsdp,
+                             augmenters=augmenters, reward_weights=config.algo.reward_weights)
 
-    def _check_fsdp(self) -> None:
-        t, world = self.t, self.dist.world
-        if t.t_chunk:
-            raise ValueError(f"train.parallel=fsdp needs train.t_chunk=0 (got {t.t_chunk}): "
-                             f"ranks' responses differ in length, so their T chunks would "
-                             f"differ in number; bound memory with micro_batch_size instead")
-        if (t.prompts_per_step * t.group_size) % world:
-            raise ValueError(f"train.parallel=fsdp runs the same number of forwards on every "
-                             f"rank: prompts_per_step * group_size = "
-                             f"{t.prompts_per_step * t.group_size} must be divisible by the "
-                             f"{world} ranks")
-        if self.whole_groups() and t.prompts_per_step % world:
-            raise ValueError(f"train.parallel=fsdp with whole groups per rank (this preset or "
-                             f"sampler): train.prompts_per_step={t.prompts_per_step} must be "
-                             f"divisible by the {world} ranks")
-        if t.dynamic_sampling_tries:
-            raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries (a rank "
-                             "may keep no group at all, and every rank must run the same "
-                             "forwards); use parallel=ddp")
+    # ------------------------------------------------------------------ one step
+    def run_step(self) -> Dict[str, float]:
+        """One step, top to bottom: collect (rollouts, rewards, augmenters), advantages over
+        the gathered rewards, K epochs of updates; returns the step's metrics."""
+        tic = time.time()
+        got = self.rounds.collect(self.step)
+        nonfinite = got.rewards.invalid_report()  # batch_advantages drops those rows
+        batch = batch_advantages(self.policy, self.loss_fn, got.rollout, got.rewards,
+                                 multi_reward=self.config.algo.multi_reward,
+                                 reward_weights=self.config.algo.reward_weights, dist=self.dist)
+        m = train_batch(self.policy, self.opt, self.loss_fn, batch, self.settings, self.gen,
+                        self.dist)
+        m.update(got.metrics)
+        self.drop_cause = "" if m.get("samples", 1.0) > 0 else _drop_cause(
+            got.error, nonfinite, m.get("dropped_samples", 0.0), batch.rollout.skipped)
+        m["step_time"] = time.time() - tic
+        m.update(throughput(m, batch.rollout, self.dist))
+        if got.error:
+            print(f"warning: step {self.step}: the reward failed ({got.error}); "
+                  f"{int(m['dropped_samples'])} sample(s) dropped", file=sys.stderr, flush=True)
+        if self.t.sample_log_every and self.step % self.t.sample_log_every == 0 and \
+                self.dist.is_main:
+            log_samples(self.out / "samples.jsonl", self.step, batch.rollout, batch.rewards)
+        return m
+
+    def end_step(self, m: Dict[str, float]) -> None:
+        """Record a finished step's metrics and count it.
+
+        Raises:
+            RunStopped: ``max_bad_steps`` steps in a row had a non-finite update or no valid
+                sample (a checkpoint is written first).
+        """
+        self.history.append(m)
+        self.bad_in_row = self.bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
+        self.empty_in_row = self.empty_in_row + 1 if self.drop_cause else 0
+        self.step += 1
+        if self.bad_in_row >= self.t.max_bad_steps or self.empty_in_row >= self.t.max_bad_steps:
+            self.save()
+            raise _bad_steps_error(self)
 
     # ------------------------------------------------------------------ checkpoints
     def claim_output(self) -> None:
@@ -137,21 +159,20 @@ class Run(RoundsMixin):
             raise UserError(error)
 
     def save(self) -> Optional[Path]:
+        """Write a checkpoint of this step (collective; rank 0 writes); its folder, or None on
+        the other ranks and when the write failed (:meth:`saved_note`)."""
         rngs = self.dist.all_gather_object(ckpt.rng_state(self.gens))  # one per rank
-        if self.fsdp is not None:  # collective: every rank takes part, rank 0 gets it all
-            weights, optim = full_state(self.fsdp, self.opt)
-            weights.update(_extras(policy_weights(self.policy)))  # e.g. a rollout counter
-        else:
-            weights, optim = policy_weights(self.policy), self.opt.state_dict()
+        weights, optim, extra = save_policy_state(self.policy, self.caps, self.opt, self.fsdp)
         if not self.dist.is_main:
             self.dist.barrier()
             return None
+        augmenters = self.rounds.augmenters
         state = {"step": self.step, "rng": rngs[0], "rng_per_rank": rngs,
                  "bad_in_row": self.bad_in_row, "empty_in_row": self.empty_in_row,
-                 "run_id": self.run_id,
+                 "run_id": self.run_id, "policy_extra": extra,
                  "selector": self.selector.state_dict() if self.selector else None,
                  "augmenters": [a.state_dict() if hasattr(a, "state_dict") else None
-                                for a in self.augmenters]}
+                                for a in augmenters]}
         try:
             return self._write(weights, optim, state)
         finally:
@@ -175,6 +196,8 @@ class Run(RoundsMixin):
                 if self.save_failed else "a checkpoint was written")
 
     def resume(self) -> Optional[Path]:
+        """Load the checkpoint ``train.resume`` names (``auto``: this run's newest complete
+        one); its folder, or None when there is none."""
         mode = self.t.resume
         if mode == "never":
             return None
@@ -183,18 +206,9 @@ class Run(RoundsMixin):
         if folder is None:
             return None
         data = ckpt.load_checkpoint(folder)
-        if self.fsdp is not None:
-            weights = dict(data["weights"])
-            extras = _extras(weights)
-            for k in extras:
-                del weights[k]
-            load_full_state(self.fsdp, self.opt, weights, data["optimizer"])
-            if extras:
-                self.policy.load_extra_state(extras)
-        else:
-            load_policy_weights(self.policy, data["weights"])
-            self.opt.load_state_dict(data["optimizer"])
         state = data["state"]
+        load_policy_state(self.policy, self.caps, self.opt, data["weights"], data["optimizer"],
+                          state.get("policy_extra"), self.fsdp)
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         if len(per_rank) != self.dist.world:
             raise ValueError(f"{folder} was written by {len(per_rank)} rank(s) but this run has "
@@ -204,43 +218,10 @@ class Run(RoundsMixin):
         self.empty_in_row = int(state.get("empty_in_row", 0))
         if self.selector is not None and state.get("selector") is not None:
             self.selector.load_state_dict(state["selector"])
-        for aug, saved in zip(self.augmenters, state.get("augmenters") or []):
+        for aug, saved in zip(self.rounds.augmenters, state.get("augmenters") or []):
             if saved is not None and hasattr(aug, "load_state_dict"):
                 aug.load_state_dict(saved)
         return folder
-
-    def run_step(self) -> Dict[str, float]:
-        from mmrl.train.loop import learn
-        tic = time.time()
-        report = None
-        self.round_metrics, self.round_means = {}, {}
-        if self.t.dynamic_sampling_tries:
-            rollout, rewards, error, report = self.collect_dynamic()
-        else:
-            rollout, rewards, error = self.collect_round()
-        nonfinite = rewards.invalid_report()  # learn() drops those rows
-        res = learn(self.policy, self.opt, self.loss_fn, rollout, rewards, self.settings,
-                    self.gen, multi_reward=self.config.algo.multi_reward,
-                    reward_weights=self.config.algo.reward_weights, dist=self.dist,
-                    reward_error=error)
-        m = {k: v for k, v in res.items() if isinstance(v, float)}
-        if report is not None:
-            m.update({"dynamic_tries": float(report.tries),
-                      "dynamic_groups_kept": float(report.groups_kept),
-                      "dynamic_groups_dropped": float(report.groups_dropped)})
-        m.update(self.step_round_metrics())
-        self.drop_cause = "" if m.get("samples", 1.0) > 0 else _drop_cause(
-            res.get("reward_error"), nonfinite, m.get("dropped_samples", 0.0),
-            res["rollout"].skipped)
-        m["step_time"] = time.time() - tic
-        m.update(throughput(m, res["rollout"], self.dist))
-        if res.get("reward_error"):
-            print(f"warning: step {self.step}: the reward failed ({res['reward_error']}); "
-                  f"{int(m['dropped_samples'])} sample(s) dropped", file=sys.stderr, flush=True)
-        if self.t.sample_log_every and self.step % self.t.sample_log_every == 0 and \
-                self.dist.is_main:
-            log_samples(self.out / "samples.jsonl", self.step, res["rollout"], res["rewards"])
-        return m
 
 
 def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float,
@@ -287,15 +268,10 @@ def _step_rewards(r: "Run") -> List[float]:
     return rewards
 
 
-def _extras(weights: Dict[str, Any]) -> Dict[str, Any]:
-    """Entries of a policy's state dict that are not module weights (``mmrl_*`` keys)."""
-    return {k: v for k, v in weights.items() if k.startswith("mmrl_")}
-
-
 def _export(r: Run, say, final: Optional[Dict[str, torch.Tensor]]) -> None:
     """The final model in Hugging Face format under output_dir/hf, written by rank 0; under FSDP
     from ``final`` (the gathered full weights), as the live ones are sharded."""
-    if not r.t.export or not capabilities_of(r.policy).export:
+    if not r.t.export or not r.caps.export:
         return
     try:
         if r.dist.is_main:
@@ -332,13 +308,24 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
     ``config.train.output_dir``; resumes from the newest complete checkpoint there when
     ``train.resume=auto``. ``augmenters`` rework each collected round (see :class:`Round`).
     """
-    from mmrl.config.schema import save_config
     r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters)
-    t, main = r.t, r.dist.is_main
-    say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    say = (lambda msg: print(msg, flush=True)) if r.dist.is_main else (lambda msg: None)
+    _start(r, say)
+    start = time.time()
+    stopped = _train(r)
+    _finish(r, stopped, say)
+    if r.dist.active and r.fsdp is None:
+        _check_ranks_agree(r, say)
+    maybe_destroy(r.dist)
+    return _summary(r, time.time() - start, stopped)
+
+
+def _start(r: Run, say) -> None:
+    """Claim the output folder, write config.yaml, resume from a checkpoint when there is one."""
+    t = r.t
     r.claim_output()
-    if main:
-        save_config(config, r.out / "config.yaml")
+    if r.dist.is_main:
+        save_config(r.config, r.out / "config.yaml")
     resumed = r.resume()
     if resumed is not None:
         say(f"resumed from {resumed} (step {r.step})"
@@ -346,10 +333,16 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                f"train.resume=never train.overwrite=true or another train.output_dir to "
                f"start over"
                if r.step >= t.steps else ""))
+
+
+def _train(r: Run) -> Optional[int]:
+    """Steps until ``train.steps``, logging metrics and writing checkpoints every
+    ``save_every``; returns the stop signal that ended it early (None: all steps ran)."""
+    t, main = r.t, r.dist.is_main
     log = MetricsLog(r.out, r.step, wandb_project=t.wandb_project,
-                     config=config.to_dict()) if main else None
+                     config=r.config.to_dict()) if main else None
     bar = progress_bar(t.steps, r.step, t.progress and main)
-    start, stopped = time.time(), None
+    stopped = None
     try:
         with StopRequest() as stop:
             while r.step < t.steps and stopped is None:
@@ -357,13 +350,7 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                 if log is not None:
                     log.write(r.step, m)
                     report_step(bar, r.step, m, t)
-                r.history.append(m)
-                r.bad_in_row = r.bad_in_row + 1 if m.get("skipped_updates", 0) > 0 else 0
-                r.empty_in_row = r.empty_in_row + 1 if r.drop_cause else 0
-                r.step += 1
-                if r.bad_in_row >= t.max_bad_steps or r.empty_in_row >= t.max_bad_steps:
-                    r.save()
-                    raise _bad_steps_error(r)
+                r.end_step(m)
                 # every rank must agree to stop after the same step (collectives follow)
                 if float(r.dist.all_reduce_sum(torch.tensor(float(stop.signal is not None)))):
                     stopped = stop.signal or signal.SIGTERM
@@ -374,24 +361,32 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
             log.close()
         if bar is not None:
             bar.close()
+    return stopped
+
+
+def _finish(r: Run, stopped: Optional[int], say) -> None:
+    """After the last step: the final checkpoint, ``final.pt`` (the unsharded weights) and the
+    export; after a stop signal, only the note on how to resume."""
     if stopped is not None:
         say(f"stopped by signal {int(stopped)} after step {r.step - 1}; {r.saved_note()}; "
             f"resume with train.resume=auto")
-    else:
-        folder, final = r.save(), None
-        if r.history and all(h.get("samples", 1.0) == 0 for h in r.history):
-            raise _bad_steps_error(r)  # not one valid sample in the whole run: nothing learned
-        if main:  # the final weights, unsharded, as a plain state dict
-            final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
-                {k: v.detach().cpu() for k, v in policy_weights(policy).items()}
-            ckpt.save_atomic(final, r.out / "final.pt")
-        _export(r, say, final)
-    if r.dist.active and r.fsdp is None:
-        _check_ranks_agree(r, say)
-    maybe_destroy(r.dist)
+        return
+    folder, final = r.save(), None
+    if r.history and all(h.get("samples", 1.0) == 0 for h in r.history):
+        raise _bad_steps_error(r)  # not one valid sample in the whole run: nothing learned
+    if r.dist.is_main:  # the final weights, unsharded, as a plain state dict
+        final = ckpt.load_checkpoint(folder)["weights"] if folder is not None else \
+            {k: v.detach().cpu() for k, v in policy_weights(r.policy).items()}
+        ckpt.save_atomic(final, r.out / "final.pt")
+    _export(r, say, final)
+
+
+def _summary(r: Run, seconds: float, stopped: Optional[int]) -> Dict[str, Any]:
+    """What :func:`run_training` returns: steps, time, the stop signal, the mean reward of the
+    first and last few steps, the output folder and every step's metrics."""
     rewards = _step_rewards(r)
     k = max(1, min(5, len(rewards) // 4))
-    return {"steps": r.step, "seconds": time.time() - start, "stopped": stopped,
+    return {"steps": r.step, "seconds": seconds, "stopped": stopped,
             "reward_first": float(np.mean(rewards[:k])) if rewards else float("nan"),
             "reward_last": float(np.mean(rewards[-k:])) if rewards else float("nan"),
             "output_dir": str(r.out), "history": r.history}

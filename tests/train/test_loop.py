@@ -7,6 +7,7 @@ from mmrl.algo.advantages import group_advantages
 from mmrl.train.loop import LoopSettings, Rollout, train_step, update
 from mmrl.algo.losses import PolicyLoss
 from mmrl.algo.presets import PRESETS
+from mmrl.train.policy import Capabilities
 
 B, T, V, D = 8, 6, 5, 4
 
@@ -143,6 +144,8 @@ def test_non_finite_gradient_skips_the_update():
 
 class TwoRowsPerSample(LinearPolicy):
     """Trains two rows per rewarded sample (like tree edges): uses the advantages hook."""
+
+    capabilities = Capabilities(row_advantages=True)
 
     def rollout(self, prompts, metadata, group_size, generator):
         r = super().rollout(prompts, metadata, group_size, generator)

@@ -44,7 +44,7 @@ def test_knapsack_counts_keep_the_budget(tmp_path):
     run = Run(cfg, ToyPolicy(cfg.task), digit_reward, prompts, [{"target": p} for p in prompts])
     run.selector.update(torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 1.0, 0.0, 1.0]),
                         torch.tensor([0, 0, 1, 1]))
-    counts = run.counts([0, 1, 2, 3])
+    counts = run.rounds.counts([0, 1, 2, 3])
     assert sum(counts) == 16 and min(counts) >= 2 and max(counts) <= 8
     assert counts[1] >= counts[0]  # a 50% prompt is worth more rollouts than a solved one
 

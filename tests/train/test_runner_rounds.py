@@ -1,8 +1,14 @@
-"""Round augmenters in the shared runner: groups re-rolled in place, metrics, state in checkpoints
-(exact resume), and FSDP's refusal."""
+"""Round collection (:class:`mmrl.train.rounds.Rounds`, on its own and in the runner) and round
+augmenters: groups re-rolled in place, metrics, state in checkpoints (exact resume), and FSDP's
+refusal."""
+import pytest
 import torch
 
+from mmrl.algo.losses import PolicyLoss
+from mmrl.budget.selection import make_selector
+from mmrl.train.distributed import check_fsdp_settings
 from mmrl.train.policy import Capabilities
+from mmrl.train.rounds import Rounds, RoundSettings, needs_whole_groups
 from mmrl.train.runner import Run, run_training
 from mmrl.config.schema import config_from_dict
 from mmrl.demo.toy import ToyPolicy, digit_reward, make_prompts
@@ -49,7 +55,7 @@ def test_rerolled_groups_replace_their_rows_and_keep_their_ids(tmp_path):
     prompts, meta = _data(cfg)
     aug = RerollOdd()
     run = Run(cfg, ToyPolicy(cfg.task, seed=3), digit_reward, prompts, meta, augmenters=[aug])
-    rollout, rewards, error = run.collect_round()
+    rollout, rewards, error = run.rounds.collect_round()
     assert error is None and len(rollout) == 16 and len(rewards.values) == 16
     gids = rollout.group_ids
     assert sorted(gids.tolist()) == sorted([0, 1, 2, 3] * 4)
@@ -60,17 +66,69 @@ def test_rerolled_groups_replace_their_rows_and_keep_their_ids(tmp_path):
     fresh = torch.as_tensor(digit_reward(rollout.samples, rollout.prompts, rollout.metadata),
                             dtype=rewards.values.dtype)
     assert torch.equal(rewards.values[:, 0], fresh)
-    assert run.round_metrics == {"rerolled": 2.0}
+    assert run.rounds.round_metrics == {"rerolled": 2.0}
 
 
-def test_round_seed_depends_on_step_and_keys_only():
-    class T:
-        seed = 3
-    fake = type("R", (), {"t": T, "step": 2})()
-    a = Run.round_seed(fake, 1, 7)
-    assert a == Run.round_seed(fake, 1, 7) and a != Run.round_seed(fake, 1, 8)
-    fake.step = 3
-    assert a != Run.round_seed(fake, 1, 7)
+def _rounds(cfg, policy, **kw):
+    """A :class:`Rounds` built alone, without a Run: a toy policy, the digit reward, a uniform
+    selector and the config's settings."""
+    prompts, meta = _data(cfg)
+    return Rounds(policy, digit_reward, prompts, meta,
+                  settings=RoundSettings.from_train(cfg.train),
+                  selector=make_selector("uniform", len(prompts)),
+                  generator=torch.Generator().manual_seed(11),
+                  prompt_generator=torch.Generator().manual_seed(12), **kw)
+
+
+def test_rounds_collect_a_step_without_a_run(tmp_path):
+    """Rounds alone: a step's groups drawn by the selector, rolled out and scored, the
+    augmenter applied and its metrics returned; each step starts its metrics afresh."""
+    cfg = _cfg(tmp_path)
+    aug = RerollOdd()
+    rounds = _rounds(cfg, ToyPolicy(cfg.task, seed=3), augmenters=[aug])
+    got = rounds.collect(step=5)
+    assert got.error is None and got.metrics == {"rerolled": 2.0}
+    assert sorted(got.rollout.group_ids.tolist()) == sorted([0, 1, 2, 3] * 4)
+    prompts = {tuple(p) for p in got.rollout.prompts}
+    assert len(prompts) == 4 and prompts <= {tuple(p) for p in rounds.prompts}
+    fresh = torch.as_tensor(digit_reward(got.rollout.samples, got.rollout.prompts,
+                                         got.rollout.metadata), dtype=got.rewards.values.dtype)
+    assert torch.equal(got.rewards.values[:, 0], fresh)
+    assert aug.seen[0][1] == rounds.round_seed(5, aug.seen[0][0][0])  # step 5's seed
+    assert rounds.collect(step=6).metrics == {"rerolled": 2.0} and aug.calls == 2
+
+
+def test_rounds_dynamic_sampling_without_a_run(tmp_path):
+    cfg = _cfg(tmp_path, dynamic_sampling_tries=3)
+    got = _rounds(cfg, ToyPolicy(cfg.task, seed=3)).collect(step=0)
+    m = got.metrics
+    assert 1 <= m["dynamic_tries"] <= 3 and m["dynamic_groups_kept"] <= 4
+    assert len(got.rollout) == len(got.rewards.values) == 4 * m["dynamic_groups_kept"]
+
+
+def test_round_seed_depends_on_seed_step_and_keys_only(tmp_path):
+    cfg = _cfg(tmp_path)
+    rounds = _rounds(cfg, ToyPolicy(cfg.task, seed=3))
+    rounds.step = 2
+    a = rounds.round_seed(1, 7)
+    assert a == rounds.round_seed(1, 7) and a != rounds.round_seed(1, 8)
+    rounds.step = 3
+    assert a != rounds.round_seed(1, 7)
+    other = _rounds(_cfg(tmp_path, seed=4), ToyPolicy(cfg.task, seed=3))
+    other.step = 2
+    assert a != other.round_seed(1, 7)
+
+
+def test_round_settings_and_too_few_prompts(tmp_path):
+    cfg = _cfg(tmp_path, dynamic_sampling_tries=2, reward_timeout=1.5)
+    s = RoundSettings.from_train(cfg.train)
+    assert (s.prompts_per_step, s.group_size, s.dynamic_sampling_tries, s.reward_timeout,
+            s.seed) == (4, 4, 2, 1.5, 3)
+    prompts, meta = _data(cfg)
+    with pytest.raises(ValueError, match="prompts_per_step=30 but there are only 24"):
+        Rounds(ToyPolicy(cfg.task), digit_reward, prompts, meta,
+               settings=RoundSettings(prompts_per_step=30), selector=None,
+               generator=torch.Generator(), prompt_generator=torch.Generator())
 
 
 def test_metrics_logged_and_resume_restores_augmenter_state_bit_for_bit(tmp_path):
@@ -93,17 +151,9 @@ def test_metrics_logged_and_resume_restores_augmenter_state_bit_for_bit(tmp_path
 
 
 def test_fsdp_accepts_augmenters_and_refuses_what_would_desynchronize_ranks(tmp_path):
-    import pytest
-
-    from mmrl.algo.losses import PolicyLoss
-
     def check(**train):
-        run = Run.__new__(Run)
-        run.t, run.augmenters, run.policy = _cfg(tmp_path, parallel="fsdp", **train).train, \
-            [RerollOdd()], None
-        run.loss_fn = PolicyLoss("grpo")
-        run.dist = type("D", (), {"world": 2})()
-        run._check_fsdp()
+        whole = needs_whole_groups(PolicyLoss("grpo").spec, Capabilities())
+        check_fsdp_settings(_cfg(tmp_path, parallel="fsdp", **train).train, 2, whole)
     check()  # augmenters are fine: ranks with fewer rows run idle passes
     with pytest.raises(ValueError, match="dynamic_sampling_tries"):
         check(dynamic_sampling_tries=2)
@@ -117,15 +167,14 @@ def test_policies_can_ask_for_whole_groups_per_rank(tmp_path):
     """A group whose samples share one initial noise (diffusion shared_noise) must not be split
     over ranks; other groups are split sample by sample."""
     cfg = _cfg(tmp_path)
-    prompts, meta = _data(cfg)
-    pol = ToyPolicy(cfg.task, seed=3)
-    run = Run(cfg, pol, digit_reward, prompts, meta)
+    spec = PolicyLoss("grpo").spec
     shards = {}
     for whole in (False, True):
-        pol.capabilities = Capabilities(token_weights=True, whole_groups=whole)
+        whole_groups = needs_whole_groups(spec, Capabilities(whole_groups=whole))
         for rank in (0, 1):
-            run.dist = type("D", (), {"world": 2, "rank": rank, "active": True})()
-            shards[whole, rank] = run.shard([4, 4, 4], [10, 11, 12])
+            dist = type("D", (), {"world": 2, "rank": rank, "active": True})()
+            rounds = _rounds(cfg, ToyPolicy(cfg.task), whole_groups=whole_groups, dist=dist)
+            shards[whole, rank] = rounds.shard([4, 4, 4], [10, 11, 12])
     # 12 samples in two contiguous halves: group 11 is split 2 + 2
     assert shards[False, 0] == [(0, 4, 10), (1, 2, 11)]
     assert shards[False, 1] == [(1, 2, 11), (2, 4, 12)]
@@ -146,3 +195,14 @@ def test_root_forward_runs_the_modules_hooks_and_restores_forward():
     lin.forward = own
     root_forward(lin, lambda: None)
     assert lin.forward is own
+
+
+@pytest.mark.parametrize("preset, caps, whole", [
+    ("grpo", Capabilities(), False),
+    ("reg_grpo", Capabilities(), True),  # the objective normalizes within the group
+    ("tw_grpo", Capabilities(token_weights=True), True),  # a group's tokens weighted together
+    ("grpo", Capabilities(row_advantages=True), True),
+    ("grpo", Capabilities(whole_groups=True), True),
+])
+def test_whole_groups_rule(preset, caps, whole):
+    assert needs_whole_groups(PolicyLoss(preset).spec, caps) is whole

@@ -17,6 +17,6 @@ def test_shared_noise_keeps_groups_whole_on_each_rank(tiny_sd3_path, tmp_path):
         policy = build_policy(cfg.task, "cpu", cfg.algo.resolve())
         assert policy.capabilities.whole_groups is shared
         run = Run(cfg, policy, lambda *a: [0.0], cfg.task.prompts, None)
-        run.dist = type("D", (), {"world": 2, "rank": 0, "active": True})()
-        mine = run.shard([4, 4, 4], [0, 1, 2])
+        run.rounds.dist = type("D", (), {"world": 2, "rank": 0, "active": True})()
+        mine = run.rounds.shard([4, 4, 4], [0, 1, 2])
         assert mine == ([(0, 4, 0), (2, 4, 2)] if shared else [(0, 4, 0), (1, 2, 1)])

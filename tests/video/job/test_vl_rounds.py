@@ -12,7 +12,7 @@ import torch
 
 from mmrl.train.loop import Rollout
 from mmrl.train.reward_fn import RewardBatch
-from mmrl.train.runner import Round, Run
+from mmrl.train.rounds import Round, Rounds, RoundSettings
 from mmrl.video.augment import DifficultyAugmenter
 from mmrl.video.data import build_messages, format_question, load_vl_dataset
 from mmrl.video.io import VideoClip
@@ -21,26 +21,16 @@ from mmrl.video.rounds import DifficultyRounds, TemporalContrast, _Media
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-class FakeRun:
-    """What an augmenter uses of :class:`mmrl.train.runner.Run`, on one rank; ``collect_groups`` returns
-    rows whose accuracy comes from ``answer(group id, metadata)``."""
-
-    policy = None
+class FakeRun(Rounds):
+    """The :class:`mmrl.train.rounds.Rounds` an augmenter receives, on one rank;
+    ``collect_groups`` returns rows whose accuracy comes from ``answer(group id, metadata)``."""
 
     def __init__(self, answer):
-        self.answer, self.requests, self.metrics, self.step = answer, [], {}, 0
-        self.round_means = {}
-        self.t = type("T", (), {"seed": 0})
-
-    round_seed = Run.round_seed
-    replace_groups = Run.replace_groups
-    add_round_metrics = Run.add_round_metrics
-    step_round_metrics = Run.step_round_metrics
-    round_means: dict
-
-    @property
-    def round_metrics(self):
-        return self.metrics
+        super().__init__(None, None, ["p"], None, settings=RoundSettings(prompts_per_step=1),
+                         selector=None, generator=torch.Generator(),
+                         prompt_generator=torch.Generator())
+        self.answer, self.requests = answer, []
+        self.metrics = self.round_metrics
 
     def all_agree(self, flags):
         return [bool(f) for f in flags]
