@@ -1,10 +1,11 @@
 """The video job's round augmenters: difficulty-aware re-rolls and T-GRPO temporal contrast.
 
-Both plug into the shared runner (:class:`mmrl.train.runner.Round`): after a round of group rollouts
-is collected and scored, an augmenter may re-roll some groups or add a reward column. Every
-rank sees the same gathered rewards and draws the same variants (seeds from
-:meth:`mmrl.train.runner.Run.round_seed`), so groups spread over ranks stay consistent and a resumed
-run redraws the same variants.
+Both plug into the shared runner's round collection (:class:`mmrl.train.rounds.Rounds`, which
+calls ``aug(rounds, round)`` on every :class:`mmrl.train.rounds.Round`): after a round of group
+rollouts is collected and scored, an augmenter may re-roll some groups or add a reward column.
+Every rank sees the same gathered rewards and draws the same variants (seeds from
+:meth:`mmrl.train.rounds.Rounds.round_seed`), so groups spread over ranks stay consistent and a
+resumed run redraws the same variants.
 
 - :class:`DifficultyRounds` (DeepVideo-R1, arXiv 2506.07464): a group whose rewards are all
   equal (no advantage) is re-rolled once as a harder variant (frames dropped / noised) when its
@@ -115,12 +116,12 @@ class DifficultyRounds:
             out[g] = len(v) < 2 or bool((v.amax(0) - v.amin(0) > self.aug.tol).any())
         return out
 
-    def __call__(self, run, rnd):
+    def __call__(self, rounds, rnd):
         from mmrl.train.reward_fn import RewardBatch
         r = rnd.rewards
         cols = torch.where(r.valid[:, None], r.values.double(),
                            torch.full_like(r.values, float("nan")).double())
-        values, gids = run.gathered(rnd.rollout, cols)  # one gather: columns, every rank's rows
+        values, gids = rounds.gathered(rnd.rollout, cols)  # one gather: columns, all ranks' rows
         ok = torch.isfinite(values).all(1)
         if not bool(ok.any()):
             return rnd
@@ -135,10 +136,10 @@ class DifficultyRounds:
             if kind == "keep" or informative.get(g, True):
                 continue
             record = self.media.record(rnd.metadata[j])
-            out = self._variant(record, kind, random.Random(run.round_seed(1, g)))
+            out = self._variant(record, kind, random.Random(rounds.round_seed(1, g)))
             built.append((j, g, record, out))
         # a variant every rank could build (a file readable on one node only is skipped)
-        agreed = run.all_agree([out is not None for *_, out in built])
+        agreed = rounds.all_agree([out is not None for *_, out in built])
         redo = {"prompts": [], "metadata": [], "counts": [], "group_ids": []}
         made = {"harder": 0, "easier": 0}
         for (j, g, record, out), ok_everywhere in zip(built, agreed):
@@ -151,10 +152,10 @@ class DifficultyRounds:
                                ("counts", rnd.counts[j]), ("group_ids", g)):
                 redo[key].append(value)
             made[kind] += 1
-        run.add_round_metrics({"aug_harder": made["harder"], "aug_easier": made["easier"]})
+        rounds.add_round_metrics({"aug_harder": made["harder"], "aug_easier": made["easier"]})
         if not redo["prompts"]:
             return rnd
-        return run.replace_groups(rnd, run.collect_groups(**redo))
+        return rounds.replace_groups(rnd, rounds.collect_groups(**redo))
 
 
 class TemporalContrast:
@@ -174,7 +175,7 @@ class TemporalContrast:
         acc = rewards.column(self.accuracy).double()
         return torch.where(rewards.valid, acc, torch.full_like(acc, float("nan")))
 
-    def _shuffled_group(self, run, rnd, j: int, g: int):
+    def _shuffled_group(self, rounds, rnd, j: int, g: int):
         """(prompt, metadata) of group ``g``'s shuffled-frame copy, or None (not a video, or
         unreadable here)."""
         record = self.media.record(rnd.metadata[j])
@@ -186,15 +187,16 @@ class TemporalContrast:
             clip = self.media.clip(record)
         if clip is None or clip.num_frames < 2:
             return None
-        frames, _ = shuffle_frames(clip.frames, random.Random(run.round_seed(2, g)))
+        frames, _ = shuffle_frames(clip.frames, random.Random(rounds.round_seed(2, g)))
         media = dataclasses.replace(clip, frames=frames)
         # the same text (an easier variant's hint included), the frames out of order
         return rnd.prompts[j], {**rnd.metadata[j], "messages": _with_video(src, media),
                                 "augmented": "shuffled"}
 
-    def __call__(self, run, rnd):
-        built = [(j, g, self._shuffled_group(run, rnd, j, g)) for j, g in enumerate(rnd.group_ids)]
-        agreed = run.all_agree([out is not None for *_, out in built])  # same calls on all ranks
+    def __call__(self, rounds, rnd):
+        built = [(j, g, self._shuffled_group(rounds, rnd, j, g))
+                 for j, g in enumerate(rnd.group_ids)]
+        agreed = rounds.all_agree([out is not None for *_, out in built])  # same calls on all ranks
         shuffled = {"prompts": [], "metadata": [], "counts": [], "group_ids": []}
         for (j, g, out), ok_everywhere in zip(built, agreed):
             if ok_everywhere:
@@ -205,11 +207,11 @@ class TemporalContrast:
         bonus = torch.zeros(len(acc))
         applied, error = {}, rnd.error
         if shuffled["prompts"]:
-            sh = run.collect_groups(**shuffled)
+            sh = rounds.collect_groups(**shuffled)
             error = error or sh.error
-            s_acc, s_gid = run.gathered(sh.rollout, self._accuracy(sh.rewards))
+            s_acc, s_gid = rounds.gathered(sh.rollout, self._accuracy(sh.rewards))
             keep = torch.isfinite(s_acc)
-            a_all, g_all = run.gathered(rnd.rollout, acc)
+            a_all, g_all = rounds.gathered(rnd.rollout, acc)
             ok = torch.isfinite(a_all)
             _, applied = temporal_contrast_bonus(
                 a_all[ok], g_all[ok], s_acc[keep], s_gid[keep], alpha=self.alpha, mu=self.mu,
@@ -218,9 +220,9 @@ class TemporalContrast:
             on = torch.tensor([applied.get(g, False) for g in gids], dtype=torch.bool)
             bonus = torch.where(on & (acc.nan_to_num(0.0) > self.threshold),
                                 torch.tensor(float(self.alpha)), torch.tensor(0.0))
-            run.add_round_metrics({}, means={"shuffled_accuracy": (
+            rounds.add_round_metrics({}, means={"shuffled_accuracy": (
                 float(s_acc[keep].sum()), float(keep.sum()))})
-        run.add_round_metrics({"temporal_groups": len(shuffled["prompts"]),
+        rounds.add_round_metrics({"temporal_groups": len(shuffled["prompts"]),
                                "temporal_applied": sum(bool(applied.get(g)) for g in
                                                        shuffled["group_ids"])})
         from mmrl.train.reward_fn import RewardBatch

@@ -62,7 +62,7 @@ class ToyLM(nn.Module):
 
 
 class ToyPolicy(GroupPolicy):
-    """:class:`mmrl.train.loop.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
+    """:class:`mmrl.train.policy.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
 
     capabilities = Capabilities(token_weights=True)
 

@@ -5,8 +5,10 @@ from mmrl._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports("mmrl.train", {
     ".loop": ("Rollout", "GroupPolicy", "LoopSettings", "collect", "learn", "train_step",
-              "update", "compute_advantages"),
-    ".rounds": ("Round", "RoundAugmenter", "concat_rollouts"),
+              "update", "compute_advantages", "train_batch"),
+    ".batch": ("Batch", "batch_advantages"),
+    ".policy": ("Capabilities", "check_policy"),
+    ".rounds": ("Round", "RoundAugmenter", "Rounds", "RoundSettings", "concat_rollouts"),
     ".runner": ("Run", "run_training", "seed_everything", "RunStopped"),
     ".reward_fn": ("CombinedReward", "RewardBatch", "RewardFn", "evaluate_reward"),
 })

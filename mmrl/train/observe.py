@@ -104,7 +104,7 @@ def throughput(m: Dict[str, float], rollout, d) -> Dict[str, float]:
     """Tokens (or trained steps) per second, model evaluations per second when the policy
     reports them (``rollout.data["nfe"]``), and peak memory of this process."""
     out = {"tokens_per_sec": m.get("tokens", 0.0) / max(m["step_time"], 1e-9)}
-    nfe = rollout.data.get("nfe") if hasattr(rollout, "data") else None
+    nfe = rollout.data.get("nfe")
     if isinstance(nfe, (int, float)):
         total = float(d.all_reduce_sum(torch.tensor(float(nfe))))
         out.update({"nfe": total, "nfe_per_sec": total / max(m["step_time"], 1e-9)})

@@ -57,7 +57,9 @@ class Capabilities:
         fsdp: ``apply_fsdp() -> nn.Module`` shards the model with FSDP2 and returns the root;
             without it ``policy.model`` is sharded whole.
         extra_state: ``extra_state() -> dict`` / ``load_extra_state(dict)``: state that is not
-            weights (e.g. a rollout counter), saved in the checkpoint beside the weights.
+            weights (e.g. a rollout counter), JSON-able python scalars, saved in the
+            checkpoint's state as ``policy_extra`` and handed back on resume
+            (:mod:`mmrl.train.state`; ``state_dict`` then holds weights only).
     """
 
     token_weights: bool = False
