@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmrl.algo.advantages import group_advantages
-from mmrl.train.loop import LoopSettings, Rollout, train_step, update
+from mmrl.train.loop import LoopSettings, Rollout, concat_rollouts, train_step, update
 from mmrl.algo.losses import PolicyLoss
 from mmrl.algo.presets import PRESETS
 from mmrl.train.policy import Capabilities
@@ -88,6 +88,38 @@ def test_gradient_invariant_to_micro_batching_and_t_chunks(preset):
                                                  max_grad_norm=0), **over)
         torch.testing.assert_close(split_t, full, rtol=1e-5, atol=1e-6)
     assert full.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dapo"])
+def test_rows_kept_but_not_counted_equal_rows_dropped(preset):
+    """``Rollout.row_keep`` (FSDP keeps rows whose reward failed, masked out): the update equals
+    the one on the rollout without those rows, for per-sequence and per-token normalizers."""
+    keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    W = {}
+    for how in ("dropped", "kept", "kept_uncounted"):
+        pol, r, adv = _rollout()
+        if how == "dropped":
+            r, adv = r.select(keep), adv[keep]
+        else:
+            r.mask, adv = r.mask & keep[:, None], torch.where(keep, adv, 0.0)
+            r.row_keep = keep if how == "kept" else None
+        update(pol, torch.optim.SGD(pol.parameters(), lr=1.0), PolicyLoss(preset), r, adv,
+               LoopSettings(group_size=4, max_grad_norm=0), torch.Generator().manual_seed(1))
+        W[how] = pol.W.detach()
+    torch.testing.assert_close(W["kept"], W["dropped"], rtol=1e-6, atol=1e-7)
+    if preset == "grpo":  # per-sequence mean: 8 sequences counted instead of 6 is wrong
+        assert not torch.allclose(W["kept_uncounted"], W["dropped"], rtol=1e-4, atol=1e-6)
+
+
+def test_row_keep_follows_select_and_concat():
+    _, r, _ = _rollout()
+    r.row_keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    part = r.select(torch.tensor([1, 2, 5]))
+    assert part.row_keep.tolist() == [False, True, False]
+    _, plain, _ = _rollout(1)
+    joined = concat_rollouts([part, plain.select(torch.tensor([0, 1]))])
+    assert joined.row_keep.tolist() == [False, True, False, True, True]  # no row_keep: all kept
+    assert concat_rollouts([plain, plain]).row_keep is None
 
 
 def test_on_policy_ratio_is_exactly_one():
