@@ -38,9 +38,9 @@ def compute_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: P
 
 @dataclass
 class Batch:
-    """A step's scored rows, ready for :func:`mmrl.train.loop.update`: this rank's rollout (rows whose reward
-    failed dropped, or kept with ``row_keep`` False under FSDP), their rewards, ``[len(rollout)]``
-    advantages, and the reward metrics over every rank's rows."""
+    """A step's scored rows, ready for :func:`mmrl.train.loop.update`: this rank's rollout
+    (rows whose reward failed dropped, or under FSDP kept with ``row_keep`` False), their
+    rewards, ``[len(rollout)]`` advantages, and the reward metrics over every rank's rows."""
 
     rollout: Rollout
     rewards: RewardBatch

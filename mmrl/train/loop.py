@@ -3,7 +3,9 @@
 :func:`rollout_groups` and :func:`score` collect, :func:`mmrl.train.batch.batch_advantages`
 turns rewards into advantages, :func:`update` trains; :func:`learn` and :func:`train_step` chain
 them for one process or one rank (the runner drives the same pieces, see
-:meth:`mmrl.train.runner.Run.run_step`). Both domains drive it through :class:`GroupPolicy`: a policy rolls out a group per prompt and
+:meth:`mmrl.train.runner.Run.run_step`).
+
+Both domains drive it through :class:`GroupPolicy`: a policy rolls out a group per prompt and
 recomputes ``logp [b, t]`` for a slice of samples and of T (tokens for a language model, trained
 denoising steps for a flow-matching model). The loop never knows which.
 

@@ -146,8 +146,9 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def claim_output(self) -> None:
-        """Rank 0 makes sure output_dir is this run's (:func:`mmrl.train.run_folder.claim_output_dir`);
-        every rank gets the run id, or raises the same error."""
+        """Rank 0 makes sure output_dir is this run's
+        (:func:`mmrl.train.run_folder.claim_output_dir`); every rank gets the run id, or raises
+        the same error."""
         claim: tuple = (None, None)
         if self.dist.is_main:
             try:

@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py: one GRPO update of a REAL job's policy (video or diffusion)
-on the same global rollout, in 1 process or sharded over torchrun ranks.
+"""Run by tests/train/test_distributed.py: one GRPO update of a REAL job's policy (video or
+diffusion) on the same global rollout, in 1 process or sharded over torchrun ranks.
 
     python job_step.py OUT CONFIG key=value ...            # 1 process
     torchrun --nproc_per_node=2 job_step.py OUT CONFIG ...  # 2 ranks
@@ -9,6 +9,7 @@ that rolls out the first prompts_per_step prompts ONCE per process with a fixed 
 rank gets the same full rollout), keeps this rank's contiguous shard of rows, and calls the shared
 loop's `learn` with the data-parallel context. Saves the trainable weights to OUT/rank{r}.pt.
 """
+import dataclasses
 import os
 import sys
 
@@ -24,7 +25,8 @@ from mmrl.config.schema import load_config
 def one_update(config, policy, reward_fn, prompts, metadata, **_):
     d = init_distributed()
     t = config.train
-    s = LoopSettings(t.group_size, 1, 1, t.micro_batch_size, t.t_chunk, 0.0)
+    s = dataclasses.replace(LoopSettings.from_train(t), inner_epochs=1, num_mini_batches=1,
+                            max_grad_norm=0.0)
     P = t.prompts_per_step
     rollout, rewards, _ = collect(policy, reward_fn, prompts[:P], metadata[:P], s,
                                   torch.Generator().manual_seed(1234))
