@@ -161,6 +161,14 @@ def test_check_policy_names_missing_methods():
         check_policy(DeclaresTokenWeights())
 
 
+def test_capabilities_must_be_declared_with_the_dataclass():
+    class Dicty(DeclaresTokenWeights):
+        capabilities = {"token_weights": True}
+    with pytest.raises(TypeError, match=r"Dicty.capabilities is a dict; expected "
+                                        r"mmrl.train.policy.Capabilities\(...\)"):
+        check_policy(Dicty())
+
+
 def test_check_policy_names_what_the_algorithm_needs():
     class Plain(DeclaresTokenWeights):
         capabilities = Capabilities()
