@@ -12,6 +12,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # the repository (configs/ lives there)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -49,9 +50,8 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path, preset, 
 @pytest.mark.parametrize("extra", [[], ["train.selector=vade", "train.dynamic_sampling_tries=2",
                                          "train.rollout_allocation=knapsack"]])
 def test_toy_job_on_two_ranks_keeps_parameters_identical(tmp_path, extra):
-    root = HERE.parents[1]
     out = tmp_path / "run"
-    cmd = TORCHRUN + ["-m", "mmrl.cli", "train", str(root / "configs/demo/toy.yaml"),
+    cmd = TORCHRUN + ["-m", "mmrl.cli", "train", str(ROOT / "configs/demo/toy.yaml"),
                       "train.steps=3", "train.progress=false", f"train.output_dir={out}",
                       "train.prompts_per_step=3", "train.group_size=4", "toy.d_model=16",
                       "toy.layers=1", "toy.heads=2", "train.save_every=1", *extra]
@@ -68,12 +68,11 @@ def test_toy_job_on_two_ranks_keeps_parameters_identical(tmp_path, extra):
 
 
 def test_accelerate_launch_runs_the_same_job(tmp_path):
-    root = HERE.parents[1]
     out = tmp_path / "acc"
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmrl.cli", "train",
-           str(root / "configs/demo/toy.yaml"), "train.steps=2", "train.progress=false",
+    # the launcher as a module: a venv that shares its site-packages may lack the console script
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmrl.cli", "train",
+           str(ROOT / "configs/demo/toy.yaml"), "train.steps=2", "train.progress=false",
            f"train.output_dir={out}", "toy.d_model=16", "toy.layers=1", "toy.heads=2",
            "train.prompts_per_step=4", "train.save_every=1"]
     proc = _run(cmd)
@@ -84,8 +83,7 @@ def test_accelerate_launch_runs_the_same_job(tmp_path):
 
 
 def _toy_cmd(out, *extra):
-    root = HERE.parents[1]
-    return TORCHRUN + ["-m", "mmrl.cli", "train", str(root / "configs/demo/toy.yaml"),
+    return TORCHRUN + ["-m", "mmrl.cli", "train", str(ROOT / "configs/demo/toy.yaml"),
                        "train.progress=false", f"train.output_dir={out}",
                        "train.prompts_per_step=4", "train.group_size=4", "toy.d_model=16",
                        "toy.layers=1", "toy.heads=2", "train.resume=auto", *extra]
@@ -128,7 +126,7 @@ def test_real_trainer_update_on_two_ranks_equals_one_process(tmp_path, tiny_sd3,
     """The same global rollout (6 samples, a group split across the ranks) updated on 2 ranks
     and on 1 process: identical weights on both ranks, equal to the single-process update."""
     opts = _job_options(job, tiny_sd3)
-    opts[0] = str(HERE.parent / opts[0])
+    opts[0] = str(ROOT / opts[0])
     single, multi = tmp_path / "single", tmp_path / "multi"
     _run([sys.executable, JOB_STEP, str(single), *opts])
     _run(TORCHRUN + [JOB_STEP, str(multi), *opts])
@@ -146,7 +144,7 @@ def test_real_trainer_update_on_two_ranks_equals_one_process(tmp_path, tiny_sd3,
 def test_real_trainer_runs_under_torchrun(tmp_path, tiny_sd3, job):
     opts = _job_options(job, tiny_sd3)
     out = tmp_path / "run"
-    proc = _run(TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
+    proc = _run(TORCHRUN + ["-m", "mmrl.cli", "train", str(ROOT / opts[0]), *opts[1:],
                             "train.steps=2", "train.progress=false", f"train.output_dir={out}",
                             "train.save_every=1"])
     assert "parameters identical on 2 ranks" in proc.stdout
@@ -157,7 +155,7 @@ def test_real_trainer_runs_under_torchrun(tmp_path, tiny_sd3, job):
 def _train(job, tiny_sd3, out, *extra):
     """torchrun (2 ranks) of `mmrl train` on a job's tiny setup, output in ``out``."""
     opts = _job_options(job, tiny_sd3)
-    return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]), *opts[1:],
+    return TORCHRUN + ["-m", "mmrl.cli", "train", str(ROOT / opts[0]), *opts[1:],
                        "train.progress=false", f"train.output_dir={out}", *extra]
 
 
@@ -209,7 +207,7 @@ def _rollout_iteration(out: Path) -> int:
 
 def test_fsdp_refuses_lora_with_a_clear_message(tmp_path, tiny_sd3):
     opts = _job_options("diffusion", tiny_sd3)
-    proc = subprocess.run(TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]),
+    proc = subprocess.run(TORCHRUN + ["-m", "mmrl.cli", "train", str(ROOT / opts[0]),
                                       *opts[1:], "train.steps=1", "train.parallel=fsdp",
                                       "diffusion.finetune=lora", f"train.output_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=300, env=ENV)
@@ -265,7 +263,7 @@ def test_fsdp_keeps_ranks_in_step_with_uneven_rows_and_clips_like_ddp(tmp_path, 
     opts = _job_options("video", tiny_sd3)
 
     def cmd(out, par):
-        return TORCHRUN + ["-m", "mmrl.cli", "train", str(HERE.parent / opts[0]),
+        return TORCHRUN + ["-m", "mmrl.cli", "train", str(ROOT / opts[0]),
                            "train.prompts_per_step=4", "train.group_size=2", f"video.data={data}",
                            "train.steps=2", "train.progress=false", f"train.output_dir={out}",
                            "train.micro_batch_size=1", "train.inner_epochs=2",
