@@ -56,10 +56,18 @@ def add_commands(sub) -> None:
 
 
 def _load(path, overrides, here: bool = False):
+    """``(run, None)``, or ``(None, ConfigError)`` listing every problem; ``here``: also the
+    checks against this machine (:func:`mmrl.cli.preflight.preflight`)."""
     from mmrl.config.core import ConfigError
     from mmrl.config.schema import load_config
     try:
-        return load_config(path, overrides, here=here), None
+        run = load_config(path, overrides)
+        if here:
+            from mmrl.cli.preflight import preflight
+            problems = preflight(run)
+            if problems:
+                raise ConfigError(problems, str(path))
+        return run, None
     except ConfigError as err:
         return None, err
 

@@ -113,7 +113,7 @@ def test_generated_reference_is_up_to_date():
 
 def _problems(data=None, path=None, overrides=(), here=False):
     """The problem lines of a config (dict or file), [] when it is valid."""
-    from mmrl.config.schema import preflight
+    from mmrl.cli.preflight import preflight
     try:
         run = load_config(path, overrides) if path else config_from_dict(data)
         return preflight(run) if here else []
