@@ -1,9 +1,10 @@
 """Jobs: what ``mmrl train`` can run (the toy demo, the video trainer, the diffusion trainer).
 
 A job is a config section (a light dataclass, importable without the job's heavy dependencies)
-and a ``run(config) -> summary`` function. Job modules register themselves on import; the modules
-of known jobs are imported lazily, on first use, so the core never imports transformers or
-diffusers by itself.
+and a ``run(config) -> summary`` function. Each job registers itself from a torch-free module
+(:data:`JOB_MODULES`, ``<domain>/config.py``) whose ``run`` imports the heavy job module when the
+job starts; those modules are imported lazily, on first use, so validating a config loads no
+torch and the core never imports transformers or diffusers by itself.
 """
 from __future__ import annotations
 
@@ -46,12 +47,17 @@ class Job:
 
 JOBS: Registry[Job] = Registry("job")
 
-# job name -> module that registers it (imported on first use)
+# job name -> the torch-free module that registers it (imported on first use): the section,
+# its checks and a ``run`` that imports the heavy job module only when the job starts.
 JOB_MODULES = {
-    "toy": "mmrl.demo.toy",
-    "video": "mmrl.video.train",
-    "diffusion": "mmrl.diffusion.train",
+    "toy": "mmrl.demo.config",
+    "video": "mmrl.video.config",
+    "diffusion": "mmrl.diffusion.config",
 }
+
+# Where a job registered before its section moved to a torch-free module (used only while that
+# module does not exist yet).
+_OLD_JOB_MODULES = {"video": "mmrl.video.train", "diffusion": "mmrl.diffusion.train"}
 
 
 def register_job(job: Job) -> Job:
@@ -69,7 +75,7 @@ def get_job(name: str) -> Job:
         raise TypeError(f"job name must be a string, got {type(name).__name__} {name!r}")
     if name not in JOBS and name in JOB_MODULES:
         try:
-            importlib.import_module(JOB_MODULES[name])
+            _import_job_module(name)
         except ModuleNotFoundError as err:
             if (err.name or "").startswith("mmrl"):
                 raise ValueError(f"job {name!r} is not available in this version of mmrl "
@@ -82,6 +88,16 @@ def get_job(name: str) -> Job:
         raise ValueError(f"unknown job {name!r} (known: {', '.join(known)})"
                          f"{did_you_mean(name, known)}")
     return JOBS.get(name)
+
+
+def _import_job_module(name: str) -> None:
+    module = JOB_MODULES[name]
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module or name not in _OLD_JOB_MODULES:
+            raise
+        importlib.import_module(_OLD_JOB_MODULES[name])
 
 
 def job_names() -> List[str]:
