@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MMRL = [sys.executable, "-m", "mmrl.cli"]
+SCRIPT = Path(sys.executable).parent / "mmrl"  # the console script, as a user runs it
+MMRL = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "mmrl.cli"]
 
 
 def commands():

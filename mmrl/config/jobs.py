@@ -13,9 +13,28 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from mmrl.registry import Registry
+
+
+class Target:
+    """A function named ``"module:attribute"``, imported on its first call: a job's ``run``
+    given by name, so its config module neither imports the heavy job module nor forms an
+    import cycle with it (the job module imports the section from the config module)."""
+
+    def __init__(self, ref: str):
+        module, _, attr = ref.partition(":")
+        if not module or not attr.isidentifier():
+            raise ValueError(f"job run target {ref!r}: expected 'module:function', e.g. "
+                             f"'mmrl.demo.toy:run'")
+        self.module, self.attr = module, attr
+
+    def __call__(self, *args, **kwargs):
+        return getattr(importlib.import_module(self.module), self.attr)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Target('{self.module}:{self.attr}')"
 
 
 @dataclass(frozen=True)
@@ -25,7 +44,9 @@ class Job:
     Attributes:
         name: the ``job:`` value in a config, and the name of its config section.
         section: the dataclass of the job's config section.
-        run: ``run(config: RunConfig) -> dict`` (a summary of the finished run).
+        run: ``run(config: RunConfig) -> dict`` (a summary of the finished run), or its name
+            ``"module:function"`` (a :class:`Target`, imported when the job starts: the way a
+            torch-free ``<domain>/config.py`` names its heavy job module).
         description: one line for ``mmrl train --help``.
         check: optional ``check(algo, train, task) -> list[str]`` for cross-section problems.
         algo_defaults: optional ``algo_defaults(task) -> dict`` of algorithm settings the job
@@ -38,11 +59,15 @@ class Job:
 
     name: str
     section: type
-    run: Callable[[Any], Dict[str, Any]]
+    run: Union[Callable[[Any], Dict[str, Any]], str]
     description: str = ""
     check: Optional[Callable[..., List[str]]] = None
     algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
     preflight: Optional[Callable[[Any], List[str]]] = None
+
+    def __post_init__(self):
+        if isinstance(self.run, str):
+            object.__setattr__(self, "run", Target(self.run))
 
 
 JOBS: Registry[Job] = Registry("job")

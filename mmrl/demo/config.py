@@ -1,10 +1,11 @@
 """The toy job's config section and its registration, without torch: ``mmrl config validate``
-reads a toy config without importing the policy. Training imports :mod:`mmrl.demo.toy` (the
-policy, prompts, reward and ``run``) when the job starts."""
+reads a toy config without importing the policy. The job's ``run`` is named
+(``"mmrl.demo.toy:run"``) and imported when the job starts, with the policy, prompts and
+reward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import List
 
 from mmrl.config.core import cfg
 from mmrl.config.jobs import Job, register_job
@@ -42,11 +43,7 @@ def check(algo, train, c: ToyConfig) -> List[str]:
     return []
 
 
-def _run(config) -> Dict[str, Any]:
-    from mmrl.demo.toy import run  # torch and the policy: only when the job starts
-    return run(config)
-
-
-register_job(Job("toy", ToyConfig, _run, "a tiny transformer learns to reverse/sort digits "
-                 "(pure torch; the demo)", check=check,
+# run by name: imported when the job starts (torch, the policy); no import cycle with toy.py
+register_job(Job("toy", ToyConfig, "mmrl.demo.toy:run", "a tiny transformer learns to "
+                 "reverse/sort digits (pure torch; the demo)", check=check,
                  algo_defaults=lambda c: {"max_len": c.length + 1}))  # answer digits + <eos>
