@@ -326,3 +326,16 @@ def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
 def save_config(run: RunConfig, path) -> None:
     import yaml
     Path(path).write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+
+
+_MOVED_UP = {"preflight": "mmrl.cli.preflight", "device_here": "mmrl.cli.preflight"}
+
+
+def __getattr__(name: str):
+    """A clear message for the machine checks that moved above the config layer (an
+    ImportError, so ``from mmrl.config.schema import preflight`` shows it)."""
+    if name in _MOVED_UP:
+        raise ImportError(f"mmrl.config.schema.{name} moved to {_MOVED_UP[name]}.{name} (the "
+                             f"checks against this machine use the runner's run-folder rules); "
+                             f"import it from there")
+    raise AttributeError(f"module 'mmrl.config.schema' has no attribute {name!r}")

@@ -273,3 +273,9 @@ def test_overwrite_with_resume_auto_is_refused_by_validation():
     with pytest.raises(ConfigError, match="overwrite=true with resume=auto would delete"):
         build(TrainConfig, {"overwrite": True, "resume": "auto"}, "train")
     assert build(TrainConfig, {"overwrite": True, "resume": "never"}, "train").overwrite is True
+
+
+def test_the_machine_checks_moved_above_the_config_layer_with_a_clear_message():
+    from mmrl.cli.preflight import preflight  # noqa: F401
+    with pytest.raises(ImportError, match="moved to mmrl.cli.preflight.preflight"):
+        from mmrl.config.schema import preflight  # noqa: F401,F811
