@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,17 @@ SEED_MAX = 2**63 - 1
 def _job_names():
     from mmrl.config.jobs import job_names
     return job_names()
+
+
+BUILTIN_SELECTORS = ("uniform", "vade", "variance_aware")
+"""The prompt selectors of :mod:`mmrl.budget.selection` (a test checks they agree), so a config
+naming one validates without importing torch."""
+
+
+def selector_names() -> List[str]:
+    """``train.selector``'s choices: the live registry once imported (user entries too)."""
+    live = getattr(sys.modules.get("mmrl.budget.selection"), "SELECTORS", None)
+    return live.names() if live is not None else sorted(BUILTIN_SELECTORS)
 
 
 class _AlgoMethods:
@@ -135,8 +147,8 @@ class TrainConfig:
                         source="PyTorch FSDP2 (torch.distributed.fsdp.fully_shard)")
     selector: str = cfg("uniform", "Prompt selection: uniform (shuffled epochs), vade (Beta "
                         "posteriors + Thompson sampling), variance_aware.",
-                        choices=lambda: __import__("mmrl.budget.selection", fromlist=["x"]).SELECTORS
-                        .names(), source="VADE arXiv 2511.18902; MMR1 variance-aware sampling")
+                        choices=selector_names, source="VADE arXiv 2511.18902; MMR1 "
+                        "variance-aware sampling")
     selector_hparams: Dict[str, float] = cfg(doc="Keyword arguments of the selector (see "
                                              "docs/budget.md), e.g. {decay: 0.99}.",
                                              default_factory=dict)

@@ -279,3 +279,12 @@ def test_the_machine_checks_moved_above_the_config_layer_with_a_clear_message():
     from mmrl.cli.preflight import preflight  # noqa: F401
     with pytest.raises(ImportError, match="moved to mmrl.cli.preflight.preflight"):
         from mmrl.config.schema import preflight  # noqa: F401,F811
+
+
+def test_selector_choices_without_torch_match_the_registry():
+    from mmrl.budget.selection import SELECTORS
+    from mmrl.config.schema import BUILTIN_SELECTORS, selector_names
+    assert sorted(BUILTIN_SELECTORS) == SELECTORS.names() == selector_names()
+    assert _problems(path=ROOT / "configs/demo/toy.yaml", overrides=["train.selector=vad"]) == [
+        "train.selector: got 'vad'; expected one of uniform, vade, variance_aware; did you mean "
+        "'vade'?"]
