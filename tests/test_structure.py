@@ -252,8 +252,9 @@ RUN_CLI = "from mmrl.cli.main import main; main({argv!r})"
     RUN_CLI.format(argv=["--help"]),
     RUN_CLI.format(argv=["config", "validate", str(ROOT / "configs/demo/toy.yaml")]),
     RUN_CLI.format(argv=["reward", "--help"]),
+    RUN_CLI.format(argv=["sim", "budget", "--help"]),
 ], ids=["import mmrl", "import schema", "algo_problems", "mmrl --help",
-        "mmrl config validate toy", "mmrl reward --help"])
+        "mmrl config validate toy", "mmrl reward --help", "mmrl sim budget --help"])
 def test_the_light_paths_load_no_torch(code, tmp_path):
     probe = TORCH_PROBE.format(code=code)
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,

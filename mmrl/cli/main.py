@@ -41,7 +41,7 @@ class Plugin(NamedTuple):
 # The plugin commands, listed without importing them: ``mmrl --help`` and the core commands
 # (train, config, algos; :mod:`mmrl.cli.core`) load no plugin and no torch.
 PLUGINS = {
-    "sim": Plugin("simulators (rollout budget strategies)", "mmrl.budget.sim", None),
+    "sim": Plugin("simulators (rollout budget strategies)", "mmrl.budget.sim_cli", None),
     "reward": Plugin("score, evaluate and serve image reward models", "mmrl.rewards.cli",
                      "rewards"),
     "video": Plugin("inspect videos as mmrl feeds them to Video-LLMs", "mmrl.video.cli", "video"),
