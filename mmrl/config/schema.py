@@ -1,6 +1,9 @@
 """The run config's sections: ``algo`` (what to optimize), ``train`` (the shared loop), ``job``.
 
-Every field is documented here (type, default, meaning, source): ``docs/config.md`` is generated.
+Every field is declared once with :func:`mmrl.fields.cfg` (type, default, bounds, meaning,
+source) and ``docs/config.md`` is generated from the declarations. The ``algo`` section's
+overrides are derived from :class:`mmrl.algo.presets.AlgoSpec`, where they are declared; their
+names, bounds and combinations are checked by :func:`mmrl.algo.presets.algo_problems` alone.
 
 Two levels of checking. :func:`config_from_dict` / :func:`load_config` check the values
 themselves (types, ranges, finite numbers, device names, combinations) and hold anywhere.
