@@ -1,9 +1,10 @@
 """mmrl: group-relative RL (GRPO and its family) for video-language and flow-matching image models.
 
 The core (this package) depends on torch, numpy and pyyaml only, in layers (each imports only
-the ones above it)::
+the ones above it; tests/test_structure.py checks it, function-level imports included)::
 
     mmrl.registry            named choices with "did you mean" errors
+    mmrl.fields              a config field declared once: type, default, bounds, doc, source
     mmrl.algo                the math: advantages, losses, presets, token weights, shaping
     mmrl.budget              prompt selection, rollout budgets, their simulator
     mmrl.config              config fields, YAML, the run config's sections, the job registry

@@ -8,9 +8,12 @@
 ``candidate_probs(scores, prompts)`` turns logits (PickScore's) into probabilities over each
 prompt's candidates. See docs/rewards.md.
 """
-from mmrl.rewards.base import Scorer, WeightsNotFoundError
-from mmrl.rewards.scorers import (SCORERS, ComposedScorer, candidate_probs, compose, load,
-                                  parse_spec, parse_specs)
+from mmrl._lazy import lazy_exports
 
-__all__ = ["SCORERS", "Scorer", "WeightsNotFoundError", "ComposedScorer", "candidate_probs",
-           "compose", "load", "parse_spec", "parse_specs"]
+# Imported on first use (PEP 562): ``mmrl reward --help`` and the reward specs in a config are
+# read without torch or a reward model's stack.
+__getattr__, __dir__, __all__ = lazy_exports("mmrl.rewards", {
+    "mmrl.rewards.base": ("Scorer", "WeightsNotFoundError"),
+    "mmrl.rewards.scorers": ("SCORERS", "ComposedScorer", "candidate_probs", "compose", "load",
+                             "parse_spec", "parse_specs"),
+})

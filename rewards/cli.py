@@ -194,10 +194,12 @@ def build_server(args):
         raise ValueError(f"serve takes one scorer; got {list(scorers)} (start one server each)")
     token, auth = _serve_token(args)
     server = RewardServer(next(iter(scorers.values())), host=args.host, port=args.port,
-                          token=token, max_request_bytes=int(args.max_request_mb * 2**20),
-                          max_batch=args.max_batch, max_image_pixels=args.max_image_pixels,
-                          max_request_pixels=args.max_request_pixels,
-                          max_connections=args.max_connections, max_active=args.max_active,
+                          token=token, max_request_bytes=int(_limit(args.max_request_mb) * 2**20),
+                          max_batch=_limit(args.max_batch),
+                          max_image_pixels=_limit(args.max_image_pixels),
+                          max_request_pixels=_limit(args.max_request_pixels),
+                          max_connections=_limit(args.max_connections),
+                          max_active=_limit(args.max_active),
                           allowed_hosts=args.allow_host, log=not args.quiet)
     path = None
     if auth is None:
@@ -318,8 +320,32 @@ def _add_eval(sub):
     p.set_defaults(func=_guarded(cmd_eval))
 
 
+class _ServerDefault:
+    """A default of ``mmrl reward serve`` read from :mod:`mmrl.rewards.server` when first needed
+    (its ``--help`` or a run): importing the server loads torch, which ``mmrl reward --help``
+    and the other reward commands must not wait for."""
+
+    def __init__(self, name: str, scale: float = 1.0):
+        self.name, self.scale = name, scale
+
+    def value(self):
+        from mmrl.rewards import server
+        value = getattr(server, self.name)
+        return value / self.scale if self.scale != 1.0 else value
+
+    def __int__(self) -> int:  # argparse's "%(default)d" in the help
+        return int(self.value())
+
+    def __float__(self) -> float:  # "%(default)g"
+        return float(self.value())
+
+
+def _limit(value):
+    """An option's value, with a :class:`_ServerDefault` read from the server."""
+    return value.value() if isinstance(value, _ServerDefault) else value
+
+
 def _add_serve(sub):
-    from mmrl.rewards import server as srv
     p = sub.add_parser("serve", help="serve one scorer over HTTP (for clashing dependencies)",
                        description="Serve a scorer over HTTP on loopback; train with "
                        "load('remote', url=...). A token is required by default: from "
@@ -337,23 +363,23 @@ def _add_serve(sub):
                       "prefer --token-file or the environment variable")
     auth.add_argument("--no-token", action="store_true", help="serve without a token "
                       "(loopback only; any local user or process can then score)")
-    p.add_argument("--token-env", help=f"environment variable holding the token (default "
-                   f"{srv.TOKEN_ENV}; when unset, a token is generated into "
-                   f"~/.cache/mmrl/reward-HOST-PORT.token)")
+    p.add_argument("--token-env", help="environment variable holding the token (default "
+                   "MMRL_REWARD_TOKEN, mmrl.rewards.server.TOKEN_ENV; when unset, a token is "
+                   "generated into ~/.cache/mmrl/reward-HOST-PORT.token)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a host name clients may use in the URL besides IP addresses and "
                    "localhost (repeatable); other names get 403 (DNS rebinding)")
-    p.add_argument("--max-request-mb", type=float, default=srv.MAX_REQUEST_BYTES / 2**20,
+    p.add_argument("--max-request-mb", type=float, default=_ServerDefault("MAX_REQUEST_BYTES", 2**20),
                    help="request body limit in MiB (default %(default)g)")
-    p.add_argument("--max-batch", type=int, default=srv.MAX_BATCH, help="images per request "
+    p.add_argument("--max-batch", type=int, default=_ServerDefault("MAX_BATCH"), help="images per request "
                    "(default %(default)d)")
-    p.add_argument("--max-image-pixels", type=int, default=srv.MAX_IMAGE_PIXELS,
+    p.add_argument("--max-image-pixels", type=int, default=_ServerDefault("MAX_IMAGE_PIXELS"),
                    help="pixels per image, checked before decoding (default %(default)d)")
-    p.add_argument("--max-request-pixels", type=int, default=srv.MAX_REQUEST_PIXELS,
+    p.add_argument("--max-request-pixels", type=int, default=_ServerDefault("MAX_REQUEST_PIXELS"),
                    help="pixels per request, checked before decoding (default %(default)d)")
-    p.add_argument("--max-connections", type=int, default=srv.MAX_CONNECTIONS,
+    p.add_argument("--max-connections", type=int, default=_ServerDefault("MAX_CONNECTIONS"),
                    help="open connections; more get 503 (default %(default)d)")
-    p.add_argument("--max-active", type=int, default=srv.MAX_ACTIVE, help="requests read, "
+    p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"), help="requests read, "
                    "decoded and scored at once; bounds memory (default %(default)d)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     _add_model_args(p)

@@ -104,3 +104,86 @@ def test_core_imports_without_domain_stacks(tmp_path):
     out = _run(code, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok 0.8659"
+
+
+# ---------------------------------------------------------------------------- public names
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def _documented_imports():
+    """``(file, statement)`` for every mmrl import in the python code blocks of README/docs."""
+    import re
+    out = []
+    for doc in DOCS:
+        for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
+            for line in block.splitlines():
+                if re.match(r"\s*(from mmrl[\w.]* import |import mmrl)", line):
+                    out.append((doc.name, line.strip()))
+    return out
+
+
+def _documented_dotted_names():
+    """``(file, name)`` for every dotted mmrl name the README/docs write in backticks, e.g.
+    `mmrl.train.loop` or `mmrl.rewards.load`, and ``mmrl.X`` used in their python blocks."""
+    import re
+    out = set()
+    for doc in DOCS:
+        text = doc.read_text()
+        out |= {(doc.name, n.rstrip(".")) for n in re.findall(r"`(mmrl(?:\.\w+)+)", text)}
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            out |= {(doc.name, n) for n in re.findall(r"\b(mmrl(?:\.\w+)+)", block)}
+    return sorted(out)
+
+
+def test_every_documented_name_imports_from_where_the_docs_say(tmp_path):
+    imports, names = _documented_imports(), _documented_dotted_names()
+    assert len(imports) >= 15 and len(names) >= 20  # the scan found the docs' examples
+    code = f"""
+        import importlib
+        bad = []
+        for where, line in {imports!r}:
+            try:
+                exec(line, {{}})
+            except Exception as err:
+                bad.append(f"{{where}}: {{line}}: {{type(err).__name__}}: {{err}}")
+        for where, dotted in {names!r}:
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                    break
+                except ModuleNotFoundError:
+                    continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError as err:
+                bad.append(f"{{where}}: {{dotted}}: {{err}}")
+        print("BAD", bad)
+        """
+    out = _run(code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "BAD []", out.stdout[-3000:]
+
+
+def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning(tmp_path):
+    from mmrl._moved import MOVED
+    code = f"""
+        import importlib, warnings
+        rows = []
+        for old, new in {sorted(MOVED.items())!r}:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                module = importlib.import_module(old)
+            said = [str(w.message) for w in caught if w.category is DeprecationWarning]
+            rows.append((old, module is importlib.import_module(new),
+                         said == [f"{{old}} moved to {{new}}; import it from there"]))
+        print(rows)
+        import mmrl.losses, mmrl.algo.losses
+        print(mmrl.losses is mmrl.algo.losses, mmrl.losses.__name__)
+        """
+    out = _run(code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows_line, last = out.stdout.strip().splitlines()[-2:]
+    assert last == "True mmrl.algo.losses"
+    assert rows_line == repr([(old, True, True) for old in sorted(MOVED)])

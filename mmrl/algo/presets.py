@@ -4,64 +4,136 @@ Each preset below carries its paper's arXiv id and key formula. :func:`resolve_a
 preset name plus keyword overrides into a frozen :class:`AlgoSpec`; :func:`algo_problems` lists
 every problem with such a request at once (unknown names, wrong types, bad ranges, combinations
 that cannot work), so a config error is reported in one go.
+
+Every field of :class:`AlgoSpec` is declared once, with :func:`mmrl.fields.cfg` (type, default,
+bounds, meaning, source); the config's ``algo:`` section is derived from these declarations. This
+module imports no torch: the axis names and flags come from the registries once they are
+imported, and from a table of the built-in entries before that (:func:`axis_registry`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
+import typing
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from mmrl.algo.advantages import ADVANTAGES, MULTI_REWARD
-from mmrl.algo.losses import AGGREGATIONS, KL_ESTIMATORS, OBJECTIVES, RATIO_LEVELS
-from mmrl.registry import did_you_mean
+from mmrl.fields import cfg, range_problem
+from mmrl.registry import Registry, did_you_mean
 
 TOKEN_WEIGHTINGS = ("none", "tw")
+
+# The built-in entries of each axis and the flags the checks read, without torch: validating a
+# config (``mmrl config validate``) must not load it. The registries that hold the
+# implementations (mmrl.algo.losses, mmrl.algo.advantages) are used instead once they are
+# imported, so entries a user registers count too; tests/config/test_algo_fields.py checks that
+# this table equals the built-in registries.
+_BUILTIN = {
+    ("advantage", "mmrl.algo.advantages", "ADVANTAGES"): {
+        n: {} for n in ("batch_std", "grpo", "mean_center", "ngrpo", "rloo")},
+    ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
+        n: {} for n in ("normalize_then_sum", "sum_then_normalize")},
+    ("ratio level", "mmrl.algo.losses", "RATIO_LEVELS"): {
+        "token": dict(per_sequence=False, whole_sequence=False),
+        "sequence": dict(per_sequence=True, whole_sequence=True),
+        "sequence_token": dict(per_sequence=False, whole_sequence=True),
+        "sequence_sum": dict(per_sequence=True, whole_sequence=True)},
+    ("objective", "mmrl.algo.losses", "OBJECTIVES"): {
+        "clip": dict(needs_groups=False, needs_per_sequence=False),
+        "sapo": dict(needs_groups=False, needs_per_sequence=False),
+        "reg": dict(needs_groups=True, needs_per_sequence=True)},
+    ("aggregation", "mmrl.algo.losses", "AGGREGATIONS"): {
+        "token_mean": dict(per_sequence=False), "seq_mean_token_mean": dict(per_sequence=False),
+        "seq_mean_token_sum": dict(per_sequence=False), "fixed_norm": dict(per_sequence=False),
+        "seq_mean": dict(per_sequence=True)},
+    ("KL estimator", "mmrl.algo.losses", "KL_ESTIMATORS"): {n: {} for n in ("k1", "k2", "k3")},
+}
+_AXIS_OF = {"advantage": "ADVANTAGES", "multi_reward": "MULTI_REWARD",
+            "ratio_level": "RATIO_LEVELS", "objective": "OBJECTIVES",
+            "aggregation": "AGGREGATIONS", "kl": "KL_ESTIMATORS"}
+
+
+def _static(axis: str, entries: dict) -> Registry:
+    table: Registry = Registry(axis)
+    for name, flags in entries.items():
+        table.register(name, types.SimpleNamespace(**flags))
+    return table
+
+
+_STATIC = {key[2]: (key[1], _static(key[0], entries)) for key, entries in _BUILTIN.items()}
+
+
+def axis_registry(axis: str) -> Registry:
+    """The registry of ``axis`` (``"objective"``, ``"ratio_level"``, ...): the live one when its
+    module is imported (user entries included), else the torch-free table of built-in entries
+    (same names, flags and error messages)."""
+    module, table = _STATIC[_AXIS_OF[axis]]
+    live = getattr(sys.modules.get(module), _AXIS_OF[axis], None)
+    return live if live is not None else table
+
+
+def _axis_doc(axis: str) -> str:
+    return ", ".join(_STATIC[_AXIS_OF[axis]][1].names())
 
 
 @dataclass(frozen=True)
 class AlgoSpec:
     """One choice per axis and every hyper-parameter of a policy-gradient algorithm.
 
-    Attributes:
-        advantage: name in ``ADVANTAGES`` (single-reward: ``grpo``, ``mean_center``, ...); with
-            several reward columns it is the ``base`` of ``group_advantages``' multi-reward method.
-        ratio_level: name in ``RATIO_LEVELS``: ``token``, ``sequence`` (GSPO), ``sequence_token``
-            (GSPO-token), ``sequence_sum`` (Reg-GRPO).
-        objective: name in ``OBJECTIVES``: ``clip``, ``sapo``, ``reg``.
-        aggregation: name in ``AGGREGATIONS``; per-sequence ratio levels need ``seq_mean``.
-        kl: name in ``KL_ESTIMATORS`` (``k1``, ``k2``, ``k3``), used when ``beta > 0``.
-        token_weighting: ``none`` or ``tw`` (TW-GRPO weights passed as ``token_weights``).
-        eps_low, eps_high: clip range ``[1 − eps_low, 1 + eps_high]`` (``clip``).
-        dual_clip_c: dual-clip bound c > 1 for A < 0 (``clip``); None = off.
-        tau_pos, tau_neg: SAPO temperatures for A > 0 / A ≤ 0.
-        eps_reg: Reg-GRPO scale ε in Â = ε·(ℓr − mean_g ℓr).
-        beta: KL coefficient to the reference policy (0 = no reference needed).
-        max_len: L_max of ``fixed_norm`` (max completion length or trained steps).
-        r_max: virtual reward of ``ngrpo``.
-        adv_eps: eps added to the std in advantages.
-        adv_clip: clamp advantages to ±adv_clip; None = off.
-        tw_alpha: TW-GRPO α (1 = uniform weights).
+    Each field is declared once, here (type, default, bounds, meaning, source): the checks of
+    :func:`algo_problems`, the ``algo:`` config section (:class:`mmrl.config.schema.AlgoConfig`,
+    one optional override per field) and its rows in docs/config.md are derived from it.
     """
 
-    advantage: str = "grpo"
-    ratio_level: str = "token"
-    objective: str = "clip"
-    aggregation: str = "seq_mean_token_mean"
-    kl: str = "k3"
-    token_weighting: str = "none"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip_c: Optional[float] = None
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-    eps_reg: float = 1.0
-    beta: float = 0.0
-    max_len: Optional[int] = None
-    r_max: float = 1.0
-    adv_eps: float = 1e-4
-    adv_clip: Optional[float] = None
-    tw_alpha: float = 1.7
+    advantage: str = cfg("grpo", "Advantage estimator (single reward; with several reward "
+                         "columns the base of algo.multi_reward): " + _axis_doc("advantage")
+                         + ".", source="mmrl.algo.advantages")
+    ratio_level: str = cfg("token", "Importance-ratio level: token, sequence (GSPO), "
+                           "sequence_token (GSPO-token), sequence_sum (Reg-GRPO).",
+                           source="GSPO arXiv 2507.18071")
+    objective: str = cfg("clip", "Per-token objective: " + _axis_doc("objective") + ".",
+                         source="mmrl.algo.losses")
+    aggregation: str = cfg("seq_mean_token_mean", "Loss aggregation: "
+                           + _axis_doc("aggregation") + "; per-sequence ratio levels need "
+                           "seq_mean.", source="Dr.GRPO arXiv 2503.20783; DAPO arXiv 2503.14476")
+    kl: str = cfg("k3", "KL estimator to the reference policy, used when beta > 0: k1, k2, k3 "
+                  "(the diffusion job refuses it: see diffusion.kl).",
+                  source="Schulman, 'Approximating KL divergence' (2020)")
+    token_weighting: str = cfg("none", "Token weighting: none, or tw (TW-GRPO weights from the "
+                               "group's full-vocabulary log-probs).",
+                               source="TW-GRPO arXiv 2505.24718")
+    eps_low: float = cfg(0.2, "Lower clip range: ratio clipped at 1 - eps_low (eps_low >= 1 "
+                         "would let the clip range reach ratio <= 0).", minimum=0.0, below=1.0,
+                         source="PPO arXiv 1707.06347 (0.2); DAPO clip-higher")
+    eps_high: float = cfg(0.2, "Upper clip range: ratio clipped at 1 + eps_high.", minimum=0.0,
+                          source="DAPO arXiv 2503.14476 (0.28)")
+    dual_clip_c: Optional[float] = cfg(None, "Dual-clip constant c (> 1) bounding the loss for "
+                                       "negative advantages (objective clip); null disables.",
+                                       above=1.0,
+                                       source="Dual-clip PPO arXiv 1912.09729; verl clip_ratio_c")
+    tau_pos: float = cfg(1.0, "SAPO temperature for positive advantages.", above=0.0,
+                         source="SAPO arXiv 2511.20347 (1.0)")
+    tau_neg: float = cfg(1.05, "SAPO temperature for non-positive advantages.", above=0.0,
+                         source="SAPO arXiv 2511.20347 (1.05)")
+    eps_reg: float = cfg(1.0, "Reg-GRPO scale: predicted advantage = eps_reg * (centered "
+                         "sequence log-ratio).", above=0.0,
+                         source="DeepVideo-R1 arXiv 2506.07464 (1.0)")
+    beta: float = cfg(0.0, "KL coefficient to the reference policy (0 = no reference model "
+                      "needed).", minimum=0.0, source="GRPO (0.04); most recent recipes 0")
+    max_len: Optional[int] = cfg(None, "Constant L_max of fixed_norm aggregation (the maximum "
+                                 "completion length / trained steps).", minimum=1,
+                                 source="Dr.GRPO arXiv 2503.20783")
+    r_max: float = cfg(1.0, "NGRPO virtual sample's reward (the maximum reward).",
+                       source="NGRPO arXiv 2509.18851 (1.0)")
+    adv_eps: float = cfg(1e-4, "Epsilon added to the std in advantage normalization.",
+                         minimum=0.0, source="1e-4 (flow_grpo, TRL)")
+    adv_clip: Optional[float] = cfg(None, "Clip advantages to +-adv_clip; null disables.",
+                                    above=0.0, source="flow_grpo (5)")
+    tw_alpha: float = cfg(1.7, "TW-GRPO maximum token weight alpha (1 = uniform weights, as "
+                          "plain GRPO; below 1 weights high-divergence tokens down).",
+                          minimum=0.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
 
     @property
     def sequence_level(self) -> bool:
@@ -69,17 +141,17 @@ class AlgoSpec:
 
         Then every row's T tokens must reach the loss in one call: do not chunk the T axis.
         """
-        return RATIO_LEVELS.get(self.ratio_level).whole_sequence
+        return axis_registry("ratio_level").get(self.ratio_level).whole_sequence
 
     @property
     def per_sequence_loss(self) -> bool:
         """True when the loss is one value per sequence (``[B, 1]``, aggregated by ``seq_mean``)."""
-        return RATIO_LEVELS.get(self.ratio_level).per_sequence
+        return axis_registry("ratio_level").get(self.ratio_level).per_sequence
 
     @property
     def needs_groups(self) -> bool:
         """True when the loss itself needs ``group_ids`` (``reg``)."""
-        return OBJECTIVES.get(self.objective).needs_groups
+        return axis_registry("objective").get(self.objective).needs_groups
 
     @property
     def needs_ref(self) -> bool:
@@ -89,6 +161,15 @@ class AlgoSpec:
     @property
     def needs_token_weights(self) -> bool:
         return self.token_weighting == "tw"
+
+
+EXTRA_OVERRIDES = {
+    "length_normalize": (Optional[bool], cfg(
+        None, "Reg-GRPO: use the length-normalized sequence log-ratio (the same as "
+        "ratio_level=sequence; false: sequence_sum).", source="DeepVideo-R1 arXiv 2506.07464")),
+}
+"""Overrides that are not :class:`AlgoSpec` fields: ``name -> (type, field)``; each maps onto
+fields (see :func:`algo_problems`)."""
 
 
 PRESETS: Dict[str, AlgoSpec] = {
@@ -117,31 +198,33 @@ PRESETS: Dict[str, AlgoSpec] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
-_AXES = {"advantage": ADVANTAGES, "ratio_level": RATIO_LEVELS, "objective": OBJECTIVES,
-         "aggregation": AGGREGATIONS, "kl": KL_ESTIMATORS}
-_EXTRA_KEYS = ("length_normalize",)
-# (field, lower bound, bound allowed?) for the numeric hyper-parameters.
-_RANGES = [("eps_low", 0.0, True), ("eps_high", 0.0, True), ("tau_pos", 0.0, False),
-           ("tau_neg", 0.0, False), ("eps_reg", 0.0, False), ("beta", 0.0, True),
-           ("adv_eps", 0.0, True), ("tw_alpha", 0.0, True), ("adv_clip", 0.0, False),
-           ("dual_clip_c", 1.0, False), ("max_len", 0, False)]
+_HINTS = typing.get_type_hints(AlgoSpec)
+_AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl")
+_EXTRA_KEYS = tuple(EXTRA_OVERRIDES)
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _value_type(key: str) -> type:
+    """``str``, ``int`` or ``float``: the declared type of field ``key`` (None allowed aside)."""
+    tp = _HINTS[key]
+    return next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+
+
 def _type_problems(values: dict) -> Dict[str, str]:
-    """{key: problem} for overrides of the wrong type."""
+    """{key: problem} for overrides of the wrong type (per the field's declared type)."""
     problems = {}
     for key, v in values.items():
-        if _FIELDS[key].default is None and v is None:
+        tp = _value_type(key)
+        if v is None and typing.get_origin(_HINTS[key]) is typing.Union:
             continue
-        if isinstance(_FIELDS[key].default, str) and not isinstance(v, str):
+        if tp is str and not isinstance(v, str):
             problems[key] = f"{key} must be a name (str), got {type(v).__name__} {v!r}"
-        elif key == "max_len" and not (isinstance(v, int) and not isinstance(v, bool)):
-            problems[key] = f"max_len must be an int (max completion length), got {v!r}"
-        elif not isinstance(_FIELDS[key].default, str) and not _is_number(v):
+        elif tp is int and not (isinstance(v, int) and not isinstance(v, bool)):
+            problems[key] = f"{key} must be an int, got {type(v).__name__} {v!r}"
+        elif tp is not str and not _is_number(v):
             problems[key] = f"{key} must be a number, got {type(v).__name__} {v!r}"
         elif _is_number(v) and not math.isfinite(v):
             problems[key] = f"{key} must be finite, got {v!r}"
@@ -149,29 +232,20 @@ def _type_problems(values: dict) -> Dict[str, str]:
 
 
 def _range_problems(spec: AlgoSpec) -> List[str]:
-    problems = []
-    for key, low, inclusive in _RANGES:
-        v = getattr(spec, key)
-        if v is None or not _is_number(v):
-            continue
-        if (v < low) if inclusive else (v <= low):
-            problems.append(f"{key}={v!r} is out of range; expected {key} "
-                            f"{'>=' if inclusive else '>'} {low}")
-    if _is_number(spec.eps_low) and spec.eps_low >= 1:
-        problems.append(f"eps_low={spec.eps_low!r} would let the clip range reach ρ ≤ 0; "
-                        f"expected 0 <= eps_low < 1")
-    return problems
+    """Numbers outside their field's declared bounds (:func:`mmrl.fields.range_problem`)."""
+    problems = [range_problem(f.name, getattr(spec, f.name), f.metadata) for f in _FIELDS.values()]
+    return [p for p in problems if p is not None]
 
 
 def _axis_problems(spec: AlgoSpec) -> List[str]:
     problems = []
-    for axis, registry in _AXES.items():
-        name = getattr(spec, axis)
+    for axis in _AXES:
+        name, registry = getattr(spec, axis), axis_registry(axis)
         if not isinstance(name, str):
             continue
-        if axis == "advantage" and name in MULTI_REWARD:
+        if axis == "advantage" and name in axis_registry("multi_reward"):
             problems.append(f"advantage {name!r} combines reward columns; the advantage axis "
-                            f"takes a single-reward estimator ({', '.join(ADVANTAGES.names())}) "
+                            f"takes a single-reward estimator ({', '.join(registry.names())}) "
                             f"that the loop's multi-reward method uses as its base")
         elif name not in registry:
             problems.append(registry.unknown_message(name))
@@ -183,20 +257,22 @@ def _axis_problems(spec: AlgoSpec) -> List[str]:
 
 
 def _combination_problems(spec: AlgoSpec) -> List[str]:
-    if not (spec.ratio_level in RATIO_LEVELS and spec.aggregation in AGGREGATIONS
-            and spec.objective in OBJECTIVES):
+    levels, aggregations, objectives = (axis_registry(a) for a in
+                                        ("ratio_level", "aggregation", "objective"))
+    if not (spec.ratio_level in levels and spec.aggregation in aggregations
+            and spec.objective in objectives):
         return []  # already reported as unknown names
     problems = []
-    per_seq = RATIO_LEVELS.get(spec.ratio_level).per_sequence
-    if per_seq and not AGGREGATIONS.get(spec.aggregation).per_sequence:
+    per_seq = levels.get(spec.ratio_level).per_sequence
+    if per_seq and not aggregations.get(spec.aggregation).per_sequence:
         problems.append(f"ratio_level {spec.ratio_level!r} gives one loss per sequence but "
                         f"aggregation {spec.aggregation!r} averages tokens; use aggregation "
                         f"'seq_mean'")
-    if not per_seq and AGGREGATIONS.get(spec.aggregation).per_sequence:
+    if not per_seq and aggregations.get(spec.aggregation).per_sequence:
         problems.append(f"aggregation {spec.aggregation!r} needs a per-sequence ratio level "
                         f"(sequence, sequence_sum), got {spec.ratio_level!r}; use a token "
                         f"aggregation such as 'token_mean'")
-    if OBJECTIVES.get(spec.objective).needs_per_sequence and not per_seq:
+    if objectives.get(spec.objective).needs_per_sequence and not per_seq:
         problems.append(f"objective {spec.objective!r} regresses one value per sequence and "
                         f"needs ratio_level 'sequence_sum' or 'sequence', got {spec.ratio_level!r}")
     if spec.aggregation == "fixed_norm" and spec.max_len is None:

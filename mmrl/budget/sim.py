@@ -12,15 +12,11 @@ it reports at an equal total rollout budget: the effective-gradient ratio over g
 rollouts (share of groups / rollouts with non-equal rewards), rollouts spent, optimizer steps
 and the mean success over all prompts (simulated progress); as a table, a JSON file and a PNG.
 Seeded and deterministic: a seed gives every strategy the same initial population.
-CLI: ``mmrl sim budget --help``.
+The strategies and settings are in :mod:`mmrl.budget.sim_config`, the command line
+(``mmrl sim budget --help``) in :mod:`mmrl.budget.sim_cli`; both load no torch.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -29,75 +25,8 @@ import torch
 
 from mmrl.algo.advantages import group_advantages
 from mmrl.budget.allocate import DynamicSampling, expand_groups, informative_groups, knapsack_allocate
-from mmrl.registry import Registry
 from mmrl.budget.selection import make_selector
-
-
-@dataclasses.dataclass(frozen=True)
-class Strategy:
-    """A selector, an allocation (``fixed``, ``knapsack``, ``knapsack_oracle``), DAPO or not."""
-    selector: str
-    allocation: str = "fixed"
-    dynamic: bool = False
-
-
-STRATEGIES: Registry = Registry("budget strategy")
-STRATEGIES.register("uniform", Strategy("uniform"))
-STRATEGIES.register("dynamic_sampling", Strategy("uniform", dynamic=True))
-STRATEGIES.register("vade", Strategy("vade"))
-STRATEGIES.register("variance_aware", Strategy("variance_aware"))
-STRATEGIES.register("knapsack", Strategy("uniform", allocation="knapsack"))
-STRATEGIES.register("vade_knapsack", Strategy("vade", allocation="knapsack"))
-# Knapsack on the true success rates: the allocation's ceiling, without estimation error.
-STRATEGIES.register("knapsack_oracle", Strategy("uniform", allocation="knapsack_oracle"))
-DEFAULT_STRATEGIES = ("uniform", "dynamic_sampling", "vade", "variance_aware", "knapsack",
-                      "vade_knapsack", "knapsack_oracle")
-
-
-@dataclasses.dataclass
-class SimSettings:
-    """Simulator settings; defaults are the run reported in docs/budget.md.
-
-    Attributes:
-        num_prompts: dataset size P.
-        batch_prompts: prompts per step.
-        group_size: rollouts per prompt at uniform allocation; the per-step budget is
-            ``batch_prompts · group_size`` for every strategy.
-        total_rollouts: rollout budget of the whole run (equal for every strategy).
-        difficulty_mean, difficulty_std: initial logits ``θ ~ N(mean, std²)``.
-        drift_std: per-step random walk of every logit.
-        lr: step size on θ per GRPO update.
-        n_min, n_max: Knapsack bounds on rollouts per prompt.
-        max_tries: DAPO dynamic-sampling tries per step.
-    """
-
-    num_prompts: int = 512
-    batch_prompts: int = 64
-    group_size: int = 8
-    total_rollouts: int = 102_400
-    difficulty_mean: float = -1.0
-    difficulty_std: float = 2.0
-    drift_std: float = 0.05
-    lr: float = 0.5
-    n_min: int = 2
-    n_max: int = 128
-    max_tries: int = 4
-
-    def validate(self) -> None:
-        """Raise one ValueError listing every bad setting."""
-        errors = [f"{k} must be >= {low}, got {getattr(self, k)}" for k, low in (
-            ("num_prompts", 1), ("batch_prompts", 1), ("group_size", 1), ("total_rollouts", 1),
-            ("n_min", 1), ("max_tries", 1)) if getattr(self, k) < low]
-        if self.batch_prompts > self.num_prompts:
-            errors.append(f"batch_prompts ({self.batch_prompts}) must be <= num_prompts "
-                          f"({self.num_prompts})")
-        if not self.n_min <= self.group_size <= self.n_max:
-            errors.append(f"need n_min <= group_size <= n_max, got {self.n_min}, "
-                          f"{self.group_size}, {self.n_max}")
-        if self.difficulty_std < 0 or self.drift_std < 0 or self.lr < 0:
-            errors.append("difficulty_std, drift_std and lr must be >= 0")
-        if errors:
-            raise ValueError("invalid simulator settings:\n  " + "\n  ".join(errors))
+from mmrl.budget.sim_config import DEFAULT_STRATEGIES, STRATEGIES, SimSettings, Strategy  # noqa: F401
 
 
 class PromptPopulation:
@@ -321,80 +250,3 @@ def run_budget_sim(s: SimSettings, strategies: Sequence[str], seeds: Sequence[in
     finally:
         torch.set_num_threads(threads)
     return results
-
-
-# --flag -> SimSettings field, help
-_OPTIONS = (("--prompts", "num_prompts", "dataset size"),
-            ("--batch-prompts", "batch_prompts", "prompts per step"),
-            ("--group-size", "group_size", "rollouts per prompt at uniform allocation"),
-            ("--budget", "total_rollouts", "total rollouts per run, equal for every strategy"),
-            ("--difficulty-mean", "difficulty_mean", "mean initial logit (success = sigmoid)"),
-            ("--difficulty-std", "difficulty_std", "std of the initial logits"),
-            ("--drift-std", "drift_std", "per-step random-walk std of every logit"),
-            ("--lr", "lr", "policy step size on the logits"),
-            ("--n-min", "n_min", "Knapsack minimum rollouts per prompt"),
-            ("--n-max", "n_max", "Knapsack maximum rollouts per prompt"),
-            ("--max-tries", "max_tries", "DAPO dynamic sampling tries per step"))
-
-
-def _cmd_budget(args) -> int:
-    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    s = SimSettings(**{field: getattr(args, field) for _, field, _ in _OPTIONS})
-    try:
-        s.validate()
-        list(map(STRATEGIES.get, strategies))  # unknown names: did-you-mean errors
-    except ValueError as err:
-        print(f"mmrl sim budget: {err}", file=sys.stderr)
-        return 2
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"simulating {len(strategies)} strategies x {len(seeds)} seeds, {s.total_rollouts} "
-          f"rollouts each ({s.batch_prompts} x {s.group_size} per step)", flush=True)
-    results = run_budget_sim(s, strategies, seeds, log=lambda m: print(m, flush=True))
-    rows = summarize(results)
-    print("\n" + (table := format_table(rows)))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "budget_sim.json"), "w") as f:
-        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "table": rows}, f, indent=1)
-    with open(os.path.join(args.out, "budget_sim.md"), "w") as f:
-        f.write(table + "\n")
-    if not args.no_plot:
-        try:
-            print(f"plot: {plot(results, os.path.join(args.out, 'budget_sim.png'))}")
-        except ModuleNotFoundError as err:  # matplotlib is optional for the core
-            print(f"plot skipped: {err.name} is not installed (pip install matplotlib)",
-                  file=sys.stderr)
-    print(f"table and settings: {os.path.join(args.out, 'budget_sim.json')}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Add ``mmrl sim budget`` to the top-level ``mmrl`` parser."""
-    sim = subparsers.add_parser("sim", help="simulators (rollout budget strategies)",
-                                description="Simulators that measure strategies without a model.")
-    sim.set_defaults(func=lambda _a: (sim.print_help(), 2)[1])
-    sub = sim.add_subparsers(dest="sim_command", metavar="SIM")
-    d = SimSettings()
-    p = sub.add_parser(
-        "budget", help="compare prompt selection / rollout allocation strategies",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Simulate GRPO on prompts with known, drifting success rates and compare, "
-                    "at equal rollout budget, how often groups carry a gradient (non-equal "
-                    "rewards), and how fast the mean success rate rises. Strategies: "
-                    + ", ".join(STRATEGIES.names()) + ".",
-        epilog="examples:\n"
-               "  mmrl sim budget                      # all strategies, 3 seeds, ./budget_sim\n"
-               "  mmrl sim budget --strategies uniform,knapsack --seeds 5 --out /tmp/sim\n"
-               "  mmrl sim budget --difficulty-std 3 --drift-std 0 --no-plot")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                   help="comma-separated, from: " + ", ".join(STRATEGIES.names())
-                   + " (default: all)")
-    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds (default 3)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="first seed (default 0)")
-    for flag, field, text in _OPTIONS:
-        default = getattr(d, field)
-        p.add_argument(flag, dest=field, type=type(default), default=default, help=f"{text} "
-                       f"(default {default})", metavar="N" if type(default) is int else "X")
-    p.add_argument("--out", default="budget_sim", metavar="DIR",
-                   help="output folder for budget_sim.{md,json,png} (default ./budget_sim)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.set_defaults(func=_cmd_budget)

@@ -2,9 +2,11 @@
 
 Sub-commands live with the code they drive: the core adds ``train``, ``config`` and ``algos``;
 each domain package adds its own through a module with ``add_commands(subparsers)`` listed in
-``PLUGINS`` (imported lazily, so ``mmrl --help`` works without the optional extras and a missing
-extra becomes one clear message instead of a traceback). A command sets ``func`` (``args -> int``)
-with ``parser.set_defaults(func=...)``.
+:data:`PLUGINS` with its one-line help. A plugin module is imported only when its command is
+run (``mmrl video --help`` imports the video CLI, ``mmrl --help`` none), so the command answers
+at once, works without the optional extras, and a missing extra becomes one clear message
+instead of a traceback. A command sets ``func`` (``args -> int``) with
+``parser.set_defaults(func=...)``.
 
 Every parser in the tree is a :class:`Parser`: ``add_subparsers`` gives sub-parsers their
 parent's class, so a plugin's ``add_parser`` calls need nothing special. Abbreviated long options
@@ -26,15 +28,25 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
-# module -> (the top-level commands it adds, the pip extra it needs)
+class Plugin(NamedTuple):
+    """A top-level command added by a module's ``add_commands(subparsers)``."""
+
+    help: str  # the one line ``mmrl --help`` shows (the module's own parser says the same)
+    module: str  # imported only when the command is run (or a full parser is built)
+    extra: Optional[str]  # the pip extra it needs (None: the core's dependencies)
+
+
+# The plugin commands, listed without importing them: ``mmrl --help`` and the core commands
+# (train, config, algos; :mod:`mmrl.cli.core`) load no plugin and no torch.
 PLUGINS = {
-    "mmrl.cli.core": ((), None),
-    "mmrl.budget.sim": (("sim",), None),
-    "mmrl.rewards.cli": (("reward",), "rewards"),
-    "mmrl.video.cli": (("video",), "video"),
-    "mmrl.diffusion.cli": (("diffusion",), "diffusion"),
+    "sim": Plugin("simulators (rollout budget strategies)", "mmrl.budget.sim_cli", None),
+    "reward": Plugin("score, evaluate and serve image reward models", "mmrl.rewards.cli",
+                     "rewards"),
+    "video": Plugin("inspect videos as mmrl feeds them to Video-LLMs", "mmrl.video.cli", "video"),
+    "diffusion": Plugin("flow-matching text-to-image helpers (tiny demo pipeline, grids)",
+                        "mmrl.diffusion.cli", "diffusion"),
 }
 
 
@@ -59,7 +71,29 @@ def _missing_extra(command: str, extra: str, err: Exception):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_plugin(sub, command: str, plugin: Plugin) -> None:
+    """Import ``plugin.module`` and let it add its commands; a missing extra becomes a command
+    that says how to install it."""
+    try:
+        mod = importlib.import_module(plugin.module)
+    except ModuleNotFoundError as err:
+        missing = f"{plugin.module} is not in this version of mmrl" if err.name == plugin.module \
+            else f"{err.name} is missing"
+        p = sub.add_parser(command, help=f"(needs mmrl[{plugin.extra or 'all'}]: {missing})")
+        p.set_defaults(func=_missing_extra(command, plugin.extra or "all", err))
+        return
+    mod.add_commands(sub)
+
+
+def requested_command(argv: Sequence[str]) -> Optional[str]:
+    """The top-level command word in ``argv`` (the first that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(load: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The ``mmrl`` parser. ``load``: the plugin commands whose modules are imported to add
+    their sub-commands and options (default: all of them); every other plugin command is listed
+    by its one-line help only, so ``mmrl --help`` imports no plugin."""
     parser = Parser(
         prog="mmrl",
         description="Group-relative RL (GRPO, DAPO, GSPO, SAPO, Reg-GRPO, TW-GRPO, ...) for "
@@ -67,17 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'mmrl COMMAND --help' for the options of each command.")
     parser.add_argument("--version", action="version", version="mmrl 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module, (commands, extra) in PLUGINS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name == module:  # the plugin is not written yet: nothing to add
-                continue
-            for cmd in commands:
-                p = sub.add_parser(cmd, help=f"(needs mmrl[{extra}]: {err.name} is missing)")
-                p.set_defaults(func=_missing_extra(cmd, extra or "all", err))
-            continue
-        mod.add_commands(sub)
+    from mmrl.cli import core
+    core.add_commands(sub)
+    load = set(PLUGINS) if load is None else set(load)
+    for command, plugin in PLUGINS.items():
+        if command in load:
+            _add_plugin(sub, command, plugin)
+        else:
+            sub.add_parser(command, help=plugin.help)
     return parser
 
 
@@ -121,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     User errors (see the module docstring) are printed without a traceback; other exceptions
     propagate (exit 1 with a traceback from the interpreter).
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(load=[requested_command(argv)])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

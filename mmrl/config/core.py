@@ -9,8 +9,8 @@ A run config has three fixed sections and one per job::
 
 Validation collects every unknown key (with a did-you-mean), wrong type, out-of-range value and
 invalid combination, and raises one :class:`ConfigError` listing them all, each naming the key,
-the value received and what was expected. Every field carries ``doc``/``source`` metadata, which
-``mmrl config docs`` renders and a test checks.
+the value received and what was expected. Every field is declared once with :func:`mmrl.fields.cfg` (type, default, bounds, ``doc``,
+``source``): the checks here and what ``mmrl config docs`` renders are derived from it.
 
 Reading is defensive: a file that is not UTF-8 text, a directory, a YAML document nested too
 deeply, one that names a key twice in a mapping, or one whose aliases expand to more than
@@ -25,12 +25,13 @@ import math
 import re
 import reprlib
 import typing
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from mmrl.fields import bounds_text, cfg  # noqa: F401  (cfg: the field declaration, re-exported)
 from mmrl.registry import did_you_mean
 from mmrl.config.yaml_safe import (MAX_ALIAS_NODES, AliasBudgetError, DuplicateKeyError,  # noqa: F401
                             Loader as _Loader)
@@ -63,24 +64,6 @@ def show(value: Any, limit: int = MAX_SHOWN) -> str:
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = 12
     text = r.repr(value)
     return text if len(text) <= limit else f"{text[:limit]}..."
-
-
-def cfg(default: Any = MISSING, doc: str = "", *, source: str = "", choices: Any = None,
-        minimum: Optional[float] = None, maximum: Optional[float] = None,
-        default_factory: Any = MISSING):
-    """A documented dataclass field.
-
-    Args:
-        doc: what the field means (shown by ``mmrl config docs`` and ``config show``).
-        source: the paper/code the default comes from (e.g. "arXiv 2402.03300").
-        choices: allowed values: a list, or a zero-argument callable returning one (for
-            registries filled at import time).
-        minimum, maximum: inclusive bounds for numbers.
-    """
-    meta = {"doc": doc, "source": source, "choices": choices, "min": minimum, "max": maximum}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def parse_value(text: str) -> Any:
@@ -245,6 +228,8 @@ def _coerce(value, tp, key: str, problems: List[str]):
 
 def _check_meta(value, f: dataclasses.Field, key: str, problems: List[str]):
     meta = f.metadata
+    if not meta.get("check", True):  # another checker owns this field's choices and bounds
+        return
     choices = meta.get("choices")
     if choices is not None and value is not None:
         allowed = list(choices() if callable(choices) else choices)
@@ -258,6 +243,11 @@ def _check_meta(value, f: dataclasses.Field, key: str, problems: List[str]):
             problems.append(f"{key}: got {show(value)}; expected a value >= {lo}")
         if hi is not None and value > hi:
             problems.append(f"{key}: got {show(value)}; expected a value <= {hi}")
+        above, below = meta.get("above"), meta.get("below")
+        if above is not None and value <= above:
+            problems.append(f"{key}: got {show(value)}; expected a value > {above}")
+        if below is not None and value >= below:
+            problems.append(f"{key}: got {show(value)}; expected a value < {below}")
 
 
 def build(cls, data: Dict[str, Any], prefix: str = "", problems: Optional[List[str]] = None):
@@ -310,7 +300,8 @@ def to_dict(obj) -> Any:
 
 
 def field_docs(cls, prefix: str = "") -> List[Tuple[str, str, Any, str, str]]:
-    """Rows ``(key, type, default, doc, source)`` for every field of ``cls``, nested included."""
+    """Rows ``(key, type, default, doc, source)`` for every field of ``cls``, nested included;
+    the type names the field's bounds too (``float; eps_low >= 0``)."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -321,7 +312,9 @@ def field_docs(cls, prefix: str = "") -> List[Tuple[str, str, Any, str, str]]:
             continue
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
-        rows.append((key, _type_name(tp), default, f.metadata.get("doc", ""),
+        bounds = bounds_text(f.name, f.metadata)
+        rows.append((key, _type_name(tp) + (f"; {bounds}" if bounds else ""), default,
+                     f.metadata.get("doc", ""),
                      f.metadata.get("source", "")))
     return rows
 

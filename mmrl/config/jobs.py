@@ -1,9 +1,10 @@
 """Jobs: what ``mmrl train`` can run (the toy demo, the video trainer, the diffusion trainer).
 
 A job is a config section (a light dataclass, importable without the job's heavy dependencies)
-and a ``run(config) -> summary`` function. Job modules register themselves on import; the modules
-of known jobs are imported lazily, on first use, so the core never imports transformers or
-diffusers by itself.
+and a ``run(config) -> summary`` function. Each job registers itself from a torch-free module
+(:data:`JOB_MODULES`, ``<domain>/config.py``) whose ``run`` imports the heavy job module when the
+job starts; those modules are imported lazily, on first use, so validating a config loads no
+torch and the core never imports transformers or diffusers by itself.
 """
 from __future__ import annotations
 
@@ -12,9 +13,28 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from mmrl.registry import Registry
+
+
+class Target:
+    """A function named ``"module:attribute"``, imported on its first call: a job's ``run``
+    given by name, so its config module neither imports the heavy job module nor forms an
+    import cycle with it (the job module imports the section from the config module)."""
+
+    def __init__(self, ref: str):
+        module, _, attr = ref.partition(":")
+        if not module or not attr.isidentifier():
+            raise ValueError(f"job run target {ref!r}: expected 'module:function', e.g. "
+                             f"'mmrl.demo.toy:run'")
+        self.module, self.attr = module, attr
+
+    def __call__(self, *args, **kwargs):
+        return getattr(importlib.import_module(self.module), self.attr)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Target('{self.module}:{self.attr}')"
 
 
 @dataclass(frozen=True)
@@ -24,7 +44,9 @@ class Job:
     Attributes:
         name: the ``job:`` value in a config, and the name of its config section.
         section: the dataclass of the job's config section.
-        run: ``run(config: RunConfig) -> dict`` (a summary of the finished run).
+        run: ``run(config: RunConfig) -> dict`` (a summary of the finished run), or its name
+            ``"module:function"`` (a :class:`Target`, imported when the job starts: the way a
+            torch-free ``<domain>/config.py`` names its heavy job module).
         description: one line for ``mmrl train --help``.
         check: optional ``check(algo, train, task) -> list[str]`` for cross-section problems.
         algo_defaults: optional ``algo_defaults(task) -> dict`` of algorithm settings the job
@@ -37,21 +59,30 @@ class Job:
 
     name: str
     section: type
-    run: Callable[[Any], Dict[str, Any]]
+    run: Union[Callable[[Any], Dict[str, Any]], str]
     description: str = ""
     check: Optional[Callable[..., List[str]]] = None
     algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
     preflight: Optional[Callable[[Any], List[str]]] = None
 
+    def __post_init__(self):
+        if isinstance(self.run, str):
+            object.__setattr__(self, "run", Target(self.run))
+
 
 JOBS: Registry[Job] = Registry("job")
 
-# job name -> module that registers it (imported on first use)
+# job name -> the torch-free module that registers it (imported on first use): the section,
+# its checks and a ``run`` that imports the heavy job module only when the job starts.
 JOB_MODULES = {
-    "toy": "mmrl.demo.toy",
-    "video": "mmrl.video.train",
-    "diffusion": "mmrl.diffusion.train",
+    "toy": "mmrl.demo.config",
+    "video": "mmrl.video.config",
+    "diffusion": "mmrl.diffusion.config",
 }
+
+# Where a job registered before its section moved to a torch-free module (used only while that
+# module does not exist yet).
+_OLD_JOB_MODULES = {"video": "mmrl.video.train", "diffusion": "mmrl.diffusion.train"}
 
 
 def register_job(job: Job) -> Job:
@@ -69,7 +100,7 @@ def get_job(name: str) -> Job:
         raise TypeError(f"job name must be a string, got {type(name).__name__} {name!r}")
     if name not in JOBS and name in JOB_MODULES:
         try:
-            importlib.import_module(JOB_MODULES[name])
+            _import_job_module(name)
         except ModuleNotFoundError as err:
             if (err.name or "").startswith("mmrl"):
                 raise ValueError(f"job {name!r} is not available in this version of mmrl "
@@ -82,6 +113,16 @@ def get_job(name: str) -> Job:
         raise ValueError(f"unknown job {name!r} (known: {', '.join(known)})"
                          f"{did_you_mean(name, known)}")
     return JOBS.get(name)
+
+
+def _import_job_module(name: str) -> None:
+    module = JOB_MODULES[name]
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module or name not in _OLD_JOB_MODULES:
+            raise
+        importlib.import_module(_OLD_JOB_MODULES[name])
 
 
 def job_names() -> List[str]:

@@ -1,20 +1,28 @@
 """The run config's sections: ``algo`` (what to optimize), ``train`` (the shared loop), ``job``.
 
-Every field is documented here (type, default, meaning, source): ``docs/config.md`` is generated.
+Every field is declared once with :func:`mmrl.fields.cfg` (type, default, bounds, meaning,
+source) and ``docs/config.md`` is generated from the declarations. The ``algo`` section's
+overrides are derived from :class:`mmrl.algo.presets.AlgoSpec`, where they are declared; their
+names, bounds and combinations are checked by :func:`mmrl.algo.presets.algo_problems` alone.
 
 Two levels of checking. :func:`config_from_dict` / :func:`load_config` check the values
 themselves (types, ranges, finite numbers, device names, combinations) and hold anywhere.
-:func:`preflight` checks them against *this machine* (files and folders exist, the device
-exists, the resume checkpoint is there); ``mmrl train`` and ``mmrl config validate`` (unless
-``--schema-only``) run both.
+:func:`mmrl.cli.preflight.preflight` checks them against *this machine* (files and folders
+exist, the device exists, the resume checkpoint is there); ``mmrl train`` and ``mmrl config
+validate`` (unless ``--schema-only``) run both. Importing this module loads no torch.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+import dataclasses
+import re
+import sys
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from mmrl.algo.presets import (EXTRA_OVERRIDES, PRESETS, AlgoSpec, algo_problems, axis_registry,
+                               resolve_algo)
 from mmrl.config.core import ConfigError, apply_overrides, build, cfg, load_yaml, show, to_dict
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -24,79 +32,24 @@ SEED_MAX = 2**63 - 1
 """Largest ``train.seed`` (torch seeds are 64-bit; per-rank seeds add small offsets)."""
 
 
-def _preset_names():
-    from mmrl.algo.presets import PRESETS
-    return sorted(PRESETS)
-
-
 def _job_names():
     from mmrl.config.jobs import job_names
     return job_names()
 
 
-@dataclass
-class AlgoConfig:
-    """The algorithm: a named preset, plus overrides of any axis or hyper-parameter.
+BUILTIN_SELECTORS = ("uniform", "vade", "variance_aware")
+"""The prompt selectors of :mod:`mmrl.budget.selection` (a test checks they agree), so a config
+naming one validates without importing torch."""
 
-    ``null`` (the default of every override) keeps the preset's value; ``mmrl algos`` shows what
-    each preset picks.
-    """
 
-    preset: str = cfg("grpo", "Named algorithm: one choice per axis plus hyper-parameters "
-                      "(see `mmrl algos`).", choices=_preset_names,
-                      source="GRPO arXiv 2402.03300; others in ALGORITHMS.md")
-    advantage: Optional[str] = cfg(None, "Advantage estimator override: grpo, mean_center, "
-                                   "batch_std, rloo, ngrpo.", source="mmrl.algo.advantages")
-    ratio_level: Optional[str] = cfg(None, "Importance-ratio level override: token, sequence "
-                                     "(GSPO), sequence_token (GSPO-token), sequence_sum "
-                                     "(Reg-GRPO).", source="GSPO arXiv 2507.18071")
-    objective: Optional[str] = cfg(None, "Per-token objective override: clip, sapo, reg.",
-                                   source="mmrl.algo.losses")
-    aggregation: Optional[str] = cfg(None, "Loss aggregation override: seq_mean_token_mean, "
-                                     "token_mean, seq_mean_token_sum, fixed_norm, seq_mean.",
-                                     source="Dr.GRPO arXiv 2503.20783; DAPO arXiv 2503.14476")
-    kl: Optional[str] = cfg(None, "KL estimator to the reference policy: k1, k2, k3 (the "
-                            "diffusion job refuses it: see diffusion.kl).",
-                            source="Schulman, 'Approximating KL divergence' (2020)")
-    token_weighting: Optional[str] = cfg(None, "Token weighting: none, or tw (TW-GRPO weights "
-                                         "from the group's full-vocabulary log-probs).",
-                                         source="TW-GRPO arXiv 2505.24718")
-    eps_low: Optional[float] = cfg(None, "Lower clip range: ratio clipped at 1 - eps_low.",
-                                   minimum=0.0, source="PPO arXiv 1707.06347; DAPO clip-higher")
-    eps_high: Optional[float] = cfg(None, "Upper clip range: ratio clipped at 1 + eps_high.",
-                                    minimum=0.0, source="DAPO arXiv 2503.14476 (0.28)")
-    beta: Optional[float] = cfg(None, "KL coefficient to the reference policy (0 = no reference "
-                                "model needed).", minimum=0.0, source="GRPO (0.04); most recent "
-                                "recipes 0")
-    tau_pos: Optional[float] = cfg(None, "SAPO temperature for positive advantages.",
-                                   minimum=0.0, source="SAPO arXiv 2511.20347 (1.0)")
-    tau_neg: Optional[float] = cfg(None, "SAPO temperature for non-positive advantages.",
-                                   minimum=0.0, source="SAPO arXiv 2511.20347 (1.05)")
-    eps_reg: Optional[float] = cfg(None, "Reg-GRPO scale: predicted advantage = eps_reg * "
-                                   "(centered sequence log-ratio).", minimum=0.0,
-                                   source="DeepVideo-R1 arXiv 2506.07464 (1.0)")
-    length_normalize: Optional[bool] = cfg(None, "Reg-GRPO: use the length-normalized sequence "
-                                           "log-ratio (same as ratio_level=sequence).",
-                                           source="DeepVideo-R1 arXiv 2506.07464")
-    max_len: Optional[int] = cfg(None, "Constant L for fixed_norm aggregation (the maximum "
-                                 "completion length / trained steps).", minimum=1,
-                                 source="Dr.GRPO arXiv 2503.20783")
-    dual_clip_c: Optional[float] = cfg(None, "Dual-clip constant c (> 1) bounding the loss for "
-                                       "negative advantages; null disables.", minimum=1.0,
-                                       source="Dual-clip PPO arXiv 1912.09729; verl clip_ratio_c")
-    r_max: Optional[float] = cfg(None, "NGRPO virtual sample's reward (the maximum reward).",
-                                 source="NGRPO arXiv 2509.18851 (1.0)")
-    adv_eps: Optional[float] = cfg(None, "Epsilon added to the std in advantage normalization.",
-                                   minimum=0.0, source="1e-4 (flow_grpo, TRL)")
-    adv_clip: Optional[float] = cfg(None, "Clip advantages to +-adv_clip; null disables.",
-                                    minimum=0.0, source="flow_grpo (5)")
-    tw_alpha: Optional[float] = cfg(None, "TW-GRPO maximum token weight alpha (1 = plain GRPO).",
-                                    minimum=1.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
-    multi_reward: str = cfg("sum_then_normalize", "How several reward columns become one "
-                            "advantage.", choices=["sum_then_normalize", "normalize_then_sum"],
-                            source="flow_grpo multi_score; MixGRPO advantage_aggr")
-    reward_weights: Dict[str, float] = cfg(doc="Weight per reward column (missing columns "
-                                           "weigh 1).", default_factory=dict)
+def selector_names() -> List[str]:
+    """``train.selector``'s choices: the live registry once imported (user entries too)."""
+    live = getattr(sys.modules.get("mmrl.budget.selection"), "SELECTORS", None)
+    return live.names() if live is not None else sorted(BUILTIN_SELECTORS)
+
+
+class _AlgoMethods:
+    """What :class:`AlgoConfig` does with its fields: the preset's overrides, resolved."""
 
     def overrides(self) -> Dict[str, Any]:
         """The non-null preset overrides, as keyword arguments for ``resolve_algo``."""
@@ -104,15 +57,52 @@ class AlgoConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 
-    def resolve(self):
+    def resolve(self) -> AlgoSpec:
         """The resolved :class:`mmrl.algo.presets.AlgoSpec` (raises on problems)."""
-        from mmrl.algo.presets import resolve_algo
         return resolve_algo(self.preset, **self.overrides())
 
     def problems(self) -> List[str]:
-        from mmrl.algo.presets import algo_problems
+        """Every problem of the preset with these overrides (names, types, bounds,
+        combinations), from :func:`mmrl.algo.presets.algo_problems`: one checker, one message."""
         return [f"(preset {self.preset!r}) {p}" for p in algo_problems(self.preset,
                                                                       **self.overrides())]
+
+
+def _override(tp, f) -> tuple:
+    """An ``algo:`` override field from a field declared in mmrl.algo.presets: the same type
+    (or null), doc, source and bounds; default null (keep the preset's value). Bounds and names
+    are checked by ``algo_problems`` (``check=False`` here), so a config and ``resolve_algo``
+    refuse the same values with the same message."""
+    meta = dict(f.metadata, check=False)
+    optional = tp if typing.get_origin(tp) is typing.Union else Optional[tp]
+    return optional, field(default=None, metadata=meta)
+
+
+def _algo_config() -> type:
+    hints = typing.get_type_hints(AlgoSpec)
+    declared = [(f.name, hints[f.name], f) for f in fields(AlgoSpec)]
+    declared += [(name, tp, f) for name, (tp, f) in EXTRA_OVERRIDES.items()]
+    rows = [("preset", str, cfg("grpo", "Named algorithm: one choice per axis plus "
+                                "hyper-parameters (see `mmrl algos`).", choices=lambda: sorted(PRESETS),
+                                source="GRPO arXiv 2402.03300; others in ALGORITHMS.md"))]
+    rows += [(name, *_override(tp, f)) for name, tp, f in declared]
+    rows += [("multi_reward", str, cfg("sum_then_normalize", "How several reward columns become "
+                                       "one advantage.",
+                                       choices=lambda: axis_registry("multi_reward").names(),
+                                       source="flow_grpo multi_score; MixGRPO advantage_aggr")),
+             ("reward_weights", Dict[str, float], cfg(doc="Weight per reward column (missing "
+                                                      "columns weigh 1).", default_factory=dict))]
+    doc = """The algorithm: a named preset, plus overrides of any axis or hyper-parameter.
+
+    ``null`` (the default of every override) keeps the preset's value; ``mmrl algos`` shows what
+    each preset picks. The override fields are derived from :class:`mmrl.algo.presets.AlgoSpec`
+    (declared there once: type, bounds, meaning, source).
+    """
+    return dataclasses.make_dataclass("AlgoConfig", rows, bases=(_AlgoMethods,),
+                                      namespace={"__doc__": doc, "__module__": __name__})
+
+
+AlgoConfig = _algo_config()
 
 
 @dataclass
@@ -160,8 +150,8 @@ class TrainConfig:
                         source="PyTorch FSDP2 (torch.distributed.fsdp.fully_shard)")
     selector: str = cfg("uniform", "Prompt selection: uniform (shuffled epochs), vade (Beta "
                         "posteriors + Thompson sampling), variance_aware.",
-                        choices=lambda: __import__("mmrl.budget.selection", fromlist=["x"]).SELECTORS
-                        .names(), source="VADE arXiv 2511.18902; MMR1 variance-aware sampling")
+                        choices=selector_names, source="VADE arXiv 2511.18902; MMR1 "
+                        "variance-aware sampling")
     selector_hparams: Dict[str, float] = cfg(doc="Keyword arguments of the selector (see "
                                              "docs/budget.md), e.g. {decay: 0.99}.",
                                              default_factory=dict)
@@ -227,10 +217,19 @@ class TrainConfig:
         return out
 
 
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(?::(\d+))?$")
+
+
 def device_problems(device: str, key: str = "device") -> List[str]:
-    """Problems with a device name as torch reads it (existence is :func:`device_here`'s job)."""
+    """Problems with a device name as torch reads it (existence is checked by
+    :func:`mmrl.cli.preflight.device_here`). The names mmrl trains on are read without torch;
+    anything else is read by ``torch.device`` so the message says what torch made of it."""
     if device == "auto":
         return []
+    plain = _DEVICE.match(device)
+    if plain:
+        bad_cpu = plain.group(1) == "cpu" and plain.group(2) not in (None, "0")
+        return [f"{key}: got {show(device)}; the CPU has no index: use cpu"] if bad_cpu else []
     import torch
     try:
         dev = torch.device(device)
@@ -240,28 +239,7 @@ def device_problems(device: str, key: str = "device") -> List[str]:
     if dev.type not in DEVICE_TYPES:
         return [f"{key}: got {show(device)} (torch type {dev.type!r}), which mmrl does not "
                 f"train on; expected auto, cpu, cuda, cuda:N, mps or xpu"]
-    bad_cpu = dev.type == "cpu" and dev.index not in (None, 0)
-    return [f"{key}: got {show(device)}; the CPU has no index: use cpu"] if bad_cpu else []
-
-
-def device_here(device: str, key: str = "train.device") -> List[str]:
-    """Problems with using ``device`` on this machine (it must exist and be visible)."""
-    import torch
-    if device in ("auto", "cpu") or device_problems(device):
-        return []
-    dev = torch.device(device)
-    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None),
-               "mps": getattr(torch.backends, "mps", None)}[dev.type]
-    if backend is None or not backend.is_available():
-        return [f"{key}: {device!r} but torch sees no {dev.type} device on this machine; use "
-                f"auto (falls back to cpu) or cpu, or run where a {dev.type} device is visible"]
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    # under torchrun each process uses GPU LOCAL_RANK (cuda means "my GPU")
-    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-    if index >= count:
-        return [f"{key}: {device!r} but this machine has {count} {dev.type} device(s) "
-                f"(indices 0..{count - 1}); pick one of those"]
-    return []
+    return []  # a spelling torch accepts for one of DEVICE_TYPES (e.g. "cuda:01")
 
 
 @dataclass
@@ -346,37 +324,9 @@ def _section(data, key, problems) -> Dict[str, Any]:
     return value
 
 
-def preflight(run: RunConfig) -> List[str]:
-    """Problems with running ``run`` on this machine, all at once: the device exists, the resume
-    checkpoint and the output folder are usable, and the job's files exist (its
-    ``Job.preflight``). Cheap: nothing is loaded or hashed."""
-    from mmrl.config.jobs import get_job
-    t = run.train
-    out = device_here(t.device)
-    if t.resume not in ("auto", "never"):
-        folder = Path(t.resume).expanduser()
-        if not folder.is_dir():
-            out.append(f"train.resume: got {show(t.resume)}, which is not auto, never or an "
-                       f"existing folder ({folder.resolve()} does not exist); expected auto "
-                       f"(newest checkpoint in output_dir), never, or a checkpoint folder such "
-                       f"as {Path(t.output_dir) / 'checkpoints' / 'step-00000040'}")
-        elif not (folder / "MANIFEST.json").is_file():
-            out.append(f"train.resume: {folder} has no MANIFEST.json, so it is not a complete "
-                       f"checkpoint; pick a step-XXXXXXXX folder under output_dir/checkpoints, "
-                       f"or use resume=auto")
-    from mmrl.train.run_folder import output_dir_problems
-    out.extend(output_dir_problems(t.output_dir, t.resume, t.overwrite))
-    job = get_job(run.job)
-    if job.preflight is not None:
-        out.extend(job.preflight(run))
-    return out
-
-
-def load_config(path, overrides: Sequence[str] = (), *, here: bool = False) -> RunConfig:
-    """Load a YAML config file, apply ``key=value`` overrides, validate everything at once.
-
-    Args:
-        here: also run :func:`preflight` (files, device, checkpoint on this machine).
+def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config file, apply ``key=value`` overrides, validate everything at once
+    (the checks against this machine are :func:`mmrl.cli.preflight.preflight`'s).
 
     Raises:
         ConfigError: every problem found.
@@ -385,14 +335,22 @@ def load_config(path, overrides: Sequence[str] = (), *, here: bool = False) -> R
     problems = apply_overrides(data, overrides)
     if problems:
         raise ConfigError(problems, str(path))
-    run = config_from_dict(data, str(path))
-    if here:
-        problems = preflight(run)
-        if problems:
-            raise ConfigError(problems, str(path))
-    return run
+    return config_from_dict(data, str(path))
 
 
 def save_config(run: RunConfig, path) -> None:
     import yaml
     Path(path).write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+
+
+_MOVED_UP = {"preflight": "mmrl.cli.preflight", "device_here": "mmrl.cli.preflight"}
+
+
+def __getattr__(name: str):
+    """A clear message for the machine checks that moved above the config layer (an
+    ImportError, so ``from mmrl.config.schema import preflight`` shows it)."""
+    if name in _MOVED_UP:
+        raise ImportError(f"mmrl.config.schema.{name} moved to {_MOVED_UP[name]}.{name} (the "
+                             f"checks against this machine use the runner's run-folder rules); "
+                             f"import it from there")
+    raise AttributeError(f"module 'mmrl.config.schema' has no attribute {name!r}")

@@ -131,7 +131,7 @@ def test_user_errors_are_one_paragraph_and_bugs_keep_their_traceback(monkeypatch
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("mmrl train: error: ") and "Traceback" not in err
-        assert (f"{type(exc).__name__} raised at tests/test_cli.py:" in err) == located, err
+        assert (f"{type(exc).__name__} raised at cli/test_cli.py:" in err) == located, err
     assert "/x/prompts.txt" in err
     job_raising(KeyError("k"))
     with pytest.raises(KeyError):  # not a user error: the traceback is the report
@@ -215,3 +215,32 @@ def test_video_data_that_cannot_train_exits_2_naming_the_file(tmp_path, capsys):
         assert main([*base, f"video.data={data}"]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+
+
+def test_the_static_plugin_table_says_what_each_plugin_module_adds():
+    """``mmrl --help`` lists plugin commands from PLUGINS without importing them; the one-line
+    help there is the one the module's own parser gives."""
+    import argparse
+
+    from mmrl.cli.main import PLUGINS, build_parser
+
+    def helps(parser):
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return {a.dest: a.help for a in sub._choices_actions}
+
+    full, light = helps(build_parser()), helps(build_parser(load=()))
+    assert full == light
+    assert {name: p.help for name, p in PLUGINS.items()} == \
+        {name: full[name] for name in PLUGINS}
+    assert list(full)[:3] == ["train", "config", "algos"]
+
+
+def test_a_plugin_command_builds_only_its_own_plugin():
+    from mmrl.cli.main import build_parser, requested_command
+    assert requested_command(["--version"]) is None
+    assert requested_command(["reward", "serve", "--help"]) == "reward"
+    parser = build_parser(load=["reward"])
+    args = parser.parse_args(["reward", "serve", "brightness", "--token", "x"])
+    assert args.reward_command == "serve" and args.token == "x"
+    with pytest.raises(SystemExit):  # the video plugin was not loaded: 'video' has no options
+        build_parser(load=["reward"]).parse_args(["video", "inspect", "x.mp4"])

@@ -113,7 +113,7 @@ def test_generated_reference_is_up_to_date():
 
 def _problems(data=None, path=None, overrides=(), here=False):
     """The problem lines of a config (dict or file), [] when it is valid."""
-    from mmrl.config.schema import preflight
+    from mmrl.cli.preflight import preflight
     try:
         run = load_config(path, overrides) if path else config_from_dict(data)
         return preflight(run) if here else []
@@ -273,3 +273,18 @@ def test_overwrite_with_resume_auto_is_refused_by_validation():
     with pytest.raises(ConfigError, match="overwrite=true with resume=auto would delete"):
         build(TrainConfig, {"overwrite": True, "resume": "auto"}, "train")
     assert build(TrainConfig, {"overwrite": True, "resume": "never"}, "train").overwrite is True
+
+
+def test_the_machine_checks_moved_above_the_config_layer_with_a_clear_message():
+    from mmrl.cli.preflight import preflight  # noqa: F401
+    with pytest.raises(ImportError, match="moved to mmrl.cli.preflight.preflight"):
+        from mmrl.config.schema import preflight  # noqa: F401,F811
+
+
+def test_selector_choices_without_torch_match_the_registry():
+    from mmrl.budget.selection import SELECTORS
+    from mmrl.config.schema import BUILTIN_SELECTORS, selector_names
+    assert sorted(BUILTIN_SELECTORS) == SELECTORS.names() == selector_names()
+    assert _problems(path=ROOT / "configs/demo/toy.yaml", overrides=["train.selector=vad"]) == [
+        "train.selector: got 'vad'; expected one of uniform, vade, variance_aware; did you mean "
+        "'vade'?"]
