@@ -14,8 +14,10 @@ prompts, ``b`` rows (samples), ``P`` the (left-padded) prompt length, ``n`` one 
 
 The surface (what the policy calls, in the order a rollout calls it)::
 
+    name: str                            the family's folder name (the export's ``kind``)
     model_types: Tuple[str, ...]         config.model_type values handled (the registry's key)
     position_dims: int                   D
+    check(model_type)                    NotImplementedError for a type not in model_types
 
     load(path, dtype, device) -> (model, processor)
         from_pretrained on a hub id or local folder; model on ``device`` in ``dtype``
