@@ -13,13 +13,14 @@ is :mod:`mmrl.video.config` (torch-free).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 import torch
 
 from mmrl.config.core import UserError
 
-from .config import VideoConfig
+if TYPE_CHECKING:  # annotations only: mmrl.video.config imports this module when the job runs
+    from .config import VideoConfig
 
 
 def _video_kwargs(c: VideoConfig) -> Dict[str, Any]:
