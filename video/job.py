@@ -13,24 +13,24 @@ is :mod:`mmrl.video.config` (torch-free).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
 import torch
 
 from mmrl.config.core import UserError
 
-if TYPE_CHECKING:  # annotations only: mmrl.video.config imports this module when the job runs
-    from .config import VideoConfig
+# ``c`` below is the job's :class:`mmrl.video.config.VideoConfig` (not imported: that module
+# imports this one when the job runs)
 
 
-def _video_kwargs(c: VideoConfig) -> Dict[str, Any]:
+def _video_kwargs(c) -> Dict[str, Any]:
     kw = dict(mode=c.video_mode, fps=c.fps, max_frames=c.max_frames)
     if c.video_mode == "slow_fast":
         kw.update(token_budget=c.token_budget, min_tokens=c.min_tokens, max_tokens=c.max_tokens)
     return kw
 
 
-def build_data(c: VideoConfig, output_dir: str, seed: int):
+def build_data(c, output_dir: str, seed: int):
     """``(prompts, metadata, dataset, records)``: question strings, and per prompt the record's
     metadata plus its ``messages`` and ``record_index`` (into ``records``)."""
     from .augment import qa_inversion
@@ -54,7 +54,7 @@ def build_data(c: VideoConfig, output_dir: str, seed: int):
     return prompts, metadata, ds, records
 
 
-def build_augmenters(c: VideoConfig, records, reward_weights) -> list:
+def build_augmenters(c, records, reward_weights) -> list:
     """The round augmenters the config asks for (difficulty first, then temporal contrast, so
     a re-rolled variant is the one contrasted)."""
     from .augment import DifficultyAugmenter
@@ -70,7 +70,7 @@ def build_augmenters(c: VideoConfig, records, reward_weights) -> list:
     return out
 
 
-def build_policy(c: VideoConfig, output_dir: str, device: str, spec=None):
+def build_policy(c, output_dir: str, device: str, spec=None):
     """The :class:`~mmrl.video.policy.VLMPolicy` of a config, its adapter picked by the
     checkpoint's ``config.model_type`` (``model: tiny*`` is built first)."""
     from .models import TINY_MODELS, build_default_tiny
@@ -98,7 +98,7 @@ def run(config) -> Dict[str, Any]:
     from mmrl.train.runner import run_training
 
     from .vl_rewards import build_vl_reward
-    c: VideoConfig = config.task
+    c = config.task
     out = config.train.output_dir
     device = config.train.device
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
