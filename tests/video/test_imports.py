@@ -56,3 +56,20 @@ def test_an_unknown_model_type_or_tiny_name_lists_the_supported_ones():
     with pytest.raises(ValueError, match="unknown tiny model 'tiny_x' .known: tiny, tiny_qwen2"):
         default_tiny_dir("out", "tiny_x")
     assert default_tiny_dir("out", "tiny_qwen3") == "out/tiny_qwen3_vl"
+
+
+@pytest.mark.parametrize("path", ["video/job.py", "video/policy.py", "video/models/base.py",
+                                  "video/config.py"])
+def test_the_generic_code_names_no_model_family(path):
+    """Family specifics live in video/models/<family>/: outside strings and comments, the job,
+    the policy and the adapter interface name no family (the old aliases aside)."""
+    import io
+    import os
+    import tokenize
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, path)) as f:
+        tokens = list(tokenize.generate_tokens(io.StringIO(f.read()).readline))
+    names = {t.string for t in tokens if t.type == tokenize.NAME}
+    families = ("qwen", "llava", "internvl", "gemma", "mrope", "deepstack")
+    assert {n for n in names if any(f in n.lower() for f in families)} <= {"QwenVLPolicy",
+                                                                            "load_qwen_vl"}
