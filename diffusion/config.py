@@ -80,7 +80,8 @@ class DiffusionConfig:
                   "transition * (-dt) for the flow_grpo and dance kinds (1/25 to 1/3.7 of it at "
                   "10 steps, shift 3) and transition for cps. flow_grpo's beta values (0.01, "
                   "0.04) mean the same here only with flow_grpo.",
-                  choices=list(SDE_KL_FORM_NAMES), source="flow_grpo scripts/train_sd3.py (kl_loss)")
+                  choices=list(SDE_KL_FORM_NAMES),
+                  source="flow_grpo scripts/train_sd3.py (kl_loss)")
     shared_noise: bool = cfg(False, "Give every member of a group the same initial noise "
                              "(DanceGRPO init_same_noise). singular/tree always share it.",
                              source="DanceGRPO")

@@ -50,8 +50,33 @@ def test_config_reports_every_problem_before_any_work(tiny_sd3_path, tmp_path):
         "dynamic_sampling_tries" in text, text
 
 
+def test_the_section_names_the_registries_choices_and_preflight_checks_the_family(
+        tiny_sd3_path, tmp_path):
+    from mmrl.diffusion.config import SDE_KIND_NAMES, SDE_KL_FORM_NAMES, preflight
+    from mmrl.diffusion.sde import SDE_KINDS, SDE_KL_FORMS
+
+    # the torch-free section lists the names of the registries in sde.py (which imports torch)
+    assert list(SDE_KIND_NAMES) == SDE_KINDS.names()
+    assert list(SDE_KL_FORM_NAMES) == SDE_KL_FORMS.names()
+    assert preflight(tiny_config(tiny_sd3_path, str(tmp_path), pipeline="auto")) == []
+    wrong = preflight(tiny_config(tiny_sd3_path, str(tmp_path), pipeline="flux"))
+    assert wrong == [f"diffusion.pipeline: diffusion.pipeline='flux' adapts FluxPipeline but "
+                     f"{tiny_sd3_path!r} is a StableDiffusion3Pipeline; set "
+                     f"diffusion.pipeline=auto (or sd3)"]
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    got = preflight(tiny_config(str(wan), str(tmp_path)))
+    assert len(got) == 1 and got[0].startswith(
+        "diffusion.pipeline: no flow adapter for the pipeline class 'WanPipeline'; supported: "
+        "sd3 (StableDiffusion3Pipeline), flux (FluxPipeline)")
+    with pytest.raises(ConfigError, match="pipeline: got 'sdxl'; expected one of"):
+        tiny_config(tiny_sd3_path, str(tmp_path), pipeline="sdxl")
+
+
 def test_bad_prompt_files_fail_clearly(tmp_path):
-    from mmrl.diffusion.train import DiffusionConfig, load_prompts
+    from mmrl.diffusion.config import DiffusionConfig
+    from mmrl.diffusion.job import load_prompts
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

@@ -9,7 +9,7 @@ from diffusion_train_helpers import tiny_config  # noqa: E402
 
 
 def test_shared_noise_keeps_groups_whole_on_each_rank(tiny_sd3_path, tmp_path):
-    from mmrl.diffusion.train import build_policy
+    from mmrl.diffusion.job import build_policy
     from mmrl.train.runner import Run
     for shared in (False, True):
         cfg = tiny_config(str(tiny_sd3_path), str(tmp_path), shared_noise=shared,
