@@ -99,7 +99,9 @@ def resolve_family(pipeline: str, model: str, download: bool = False) -> str:
     if pipeline == "auto":
         if found is None:
             raise ValueError(f"diffusion.pipeline=auto but the pipeline class of {model!r} cannot "
-                             f"be read (no model_index.json there or in the hub cache); set "
+                             f"be read (no model_index.json there, in the hub cache or on the "
+                             f"hub); point diffusion.model at a saved pipeline (`huggingface-cli "
+                             f"download ID --local-dir DIR` where the hub is reachable), or set "
                              f"diffusion.pipeline to one of: {supported()}")
         return family_of_class(found)
     if pipeline not in FAMILIES:

@@ -138,3 +138,21 @@ def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
     out = subprocess.run([str(exe), "diffusion", "tiny-pipeline", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "mmrl train configs/demo/diffusion_tiny.yaml" in out.stdout
+
+
+def test_evaluation_is_wired_on_the_main_rank_only(tmp_path):
+    from types import SimpleNamespace
+
+    from mmrl.diffusion.evaluate import Evaluator
+    from mmrl.diffusion.job import attach_evaluator
+
+    cfg = tiny_config(str(tmp_path), str(tmp_path), eval_every=2, eval_prompts=["a cat"])
+    for is_main in (False, True):
+        policy = SimpleNamespace(evaluator=None, eval_every=0)
+        attach_evaluator(policy, cfg, ["a cat"], reward=None, is_main=is_main)
+        assert isinstance(policy.evaluator, Evaluator) is is_main
+        assert policy.eval_every == (2 if is_main else 0)
+    policy = SimpleNamespace(evaluator=None, eval_every=0)
+    with pytest.warns(UserWarning, match="no eval prompts; evaluation is off"):
+        attach_evaluator(policy, cfg, [], reward=None, is_main=True)
+    assert policy.evaluator is None
