@@ -2,7 +2,8 @@
 
 - :func:`prompt_advantages`: flow_grpo's per-prompt tracker with a global std (``batch_std`` with
   groups keyed by prompt text), for :func:`~mmrl.diffusion.sample_sde` batches.
-- :func:`g2rpo_advantages`: G²RPO, group-normalized per (k, granularity), summed over granularities.
+- :func:`g2rpo_advantages`: G²RPO, group-normalized per (k, granularity)
+  (:func:`g2rpo_granular_advantages`), summed over granularities.
 - :func:`tree_advantages`: BranchGRPO / Dynamic-TreeRPO, node reward = mean of its leaves,
   normalized per depth within each tree.
 
@@ -63,22 +64,26 @@ def prompt_advantages(rewards: Tensor, prompts: Union[Sequence[str], Tensor], *,
                                     adv_clip=adv_clip)
 
 
-def g2rpo_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 1e-8,
-                     adv_clip: Optional[float] = None) -> Tensor:
-    """A_m = Σ_g (r_{m,g} − mean_{group,g}) / (std_{group,g} + eps): G²RPO's integrated advantage.
+def g2rpo_granular_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 1e-8,
+                              adv_clip: Optional[float] = None) -> Tensor:
+    """A_{m,g} = (r_{m,g} − mean_{group,g}) / (std_{group,g} + eps): G²RPO's per-granularity
+    advantages, before the sum over g (:func:`g2rpo_advantages`).
 
     G²RPO (arXiv 2510.01982) Eq. 11: each (prompt, k, g) group of N members is normalized on its
-    own (unbiased std, eps 1e-8 as the authors' code) and the granularities are summed (the
-    core's ``normalize_then_sum`` with base ``grpo``, here one column at a time so that a
-    non-finite reward drops only its own (member, g) entry).
+    own (unbiased std, eps 1e-8 as the authors' code). A non-finite reward (a scorer that failed)
+    is left out of its group's mean and std and its own entry gets 0; a group left with one
+    finite member gives it 0.
 
     Args:
-        rewards: ``[M·G]`` in the trajectory's output order, or ``[M, G]``.
+        rewards: ``[M·G]`` in the trajectory's output order (o = m·G + g), or ``[M, G]``.
         traj: the :class:`SingularTrajectory` the rewards belong to.
-        eps, adv_clip: as :func:`prompt_advantages`.
+        eps, adv_clip: as :func:`prompt_advantages` (the clip acts on each A_{m,g}).
 
     Returns:
-        ``[M]`` one advantage per member (= per trained transition, ``traj.owner`` is arange(M)).
+        ``[M, G]`` (``.reshape(-1)`` gives output order).
+
+    Raises:
+        ValueError: a reward count other than M·G.
     """
     M, G = traj.group_ids.shape[0], len(traj.granularities)
     if rewards.numel() != M * G:
@@ -86,7 +91,32 @@ def g2rpo_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 
                          f" expected [{M * G}] in output order (or [{M}, {G}])")
     columns = rewards.reshape(M, G)  # output o = m·G + g -> [M, G]
     groups = traj.group_ids.to(rewards.device)
-    adv = sum(_finite_group_advantages(columns[:, g], groups, "grpo", eps=eps) for g in range(G))
+    adv = torch.stack([_finite_group_advantages(columns[:, g], groups, "grpo", eps=eps)
+                       for g in range(G)], 1)  # G x [M] -> [M, G]
+    return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
+
+
+def g2rpo_advantages(rewards: Tensor, traj: SingularTrajectory, *, eps: float = 1e-8,
+                     adv_clip: Optional[float] = None) -> Tensor:
+    """A_m = Σ_g (r_{m,g} − mean_{group,g}) / (std_{group,g} + eps): G²RPO's integrated advantage.
+
+    G²RPO (arXiv 2510.01982) Eq. 11: the sum over granularities of
+    :func:`g2rpo_granular_advantages` (the core's ``normalize_then_sum`` with base ``grpo``, one
+    column at a time so that a non-finite reward drops only its own (member, g) entry).
+
+    Args:
+        rewards: ``[M·G]`` in the trajectory's output order, or ``[M, G]``; may hold NaN / inf.
+        traj: the :class:`SingularTrajectory` the rewards belong to.
+        eps, adv_clip: as :func:`prompt_advantages` (the clip acts on the sum).
+
+    Returns:
+        ``[M]`` one advantage per member (= per trained transition, ``traj.owner`` is arange(M)).
+
+    Raises:
+        ValueError: a reward count other than M·G.
+    """
+    per_g = g2rpo_granular_advantages(rewards, traj, eps=eps)  # [M, G]
+    adv = sum(per_g[:, g] for g in range(per_g.shape[1]))
     return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
 
 

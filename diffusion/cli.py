@@ -30,12 +30,13 @@ def add_commands(subparsers) -> None:
 
 
 def _tiny(args) -> int:
-    from mmrl.diffusion.tiny import save_tiny_sd3
+    from mmrl.diffusion.models.sd3 import SD3Adapter
 
     if args.size < 2:
         print(f"mmrl diffusion tiny-pipeline: --size {args.size}; expected >= 2",
               file=sys.stderr)
         return 2
-    out = save_tiny_sd3(args.out_dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    out = SD3Adapter.build_tiny(args.out_dir, size=args.size, seed=args.seed,
+                                overwrite=args.overwrite)
     print(f"tiny SD3 pipeline in {out}")
     return 0

@@ -1,4 +1,5 @@
-"""Export a trained SD3 / FLUX policy as a folder diffusers loads with its public API.
+"""Export a trained flow adapter (SD3, FLUX, any family of :mod:`mmrl.diffusion.models`) as a
+folder diffusers loads with its public API (``FlowAdapter.export`` calls this).
 
 :func:`export_flow_policy` writes one of two layouts plus a small ``mmrl_export.json`` that records
 what the folder holds and how to load it (``Pipeline`` = ``StableDiffusion3Pipeline`` or
@@ -19,7 +20,7 @@ what the folder holds and how to load it (``Pipeline`` = ``StableDiffusion3Pipel
       pipe = Pipeline.from_pretrained(path)
       # a pipeline saved without some text encoders (SD3 without T5) records them as absent;
       # pass them as None: Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
-      # mmrl.diffusion.pipeline.load_pipeline("Pipeline", path) does that for you.
+      # mmrl.diffusion.models.base.load_pipeline("Pipeline", path) does that for you.
 
 The merge never touches the live transformer: merged weights go into a new CPU state dict and a
 new transformer built around it (one transformer's worth of host memory, no second copy on the
@@ -42,9 +43,8 @@ def export_flow_policy(policy, path: str, *, merge_lora: bool = False,
     """Write ``policy``'s pipeline (or its LoRA adapter) to the folder ``path`` -> ``path``.
 
     Args:
-        policy: an :class:`~mmrl.diffusion.pipeline.SD3Policy` or
-            :class:`~mmrl.diffusion.pipeline.FluxPolicy` (uses ``.pipe``, ``.transformer``,
-            ``.finetune``).
+        policy: a :class:`~mmrl.diffusion.models.base.FlowAdapter` (uses ``.pipe``,
+            ``.transformer``, ``.finetune``).
         path: the export folder. Created (with its parents); an earlier export there (a folder
             holding ``mmrl_export.json``) or an empty folder is replaced.
         merge_lora: LoRA only: write the whole pipeline with the adapter merged into the

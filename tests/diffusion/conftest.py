@@ -1,4 +1,5 @@
-"""Tiny SD3 and FLUX pipelines (:mod:`mmrl.diffusion.tiny`) saved the way a user's checkpoint is.
+"""Tiny SD3 and FLUX pipelines (each family's builder in :mod:`mmrl.diffusion.models`), saved the
+way a user's checkpoint is.
 
 The SD3 pipeline here makes 8x8 images (the demo's default is 16), the FLUX one 16x16.
 """
@@ -6,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmrl.diffusion.tiny import save_tiny_flux, save_tiny_sd3
+from mmrl.diffusion.models.flux import save_tiny_flux
+from mmrl.diffusion.models.sd3 import save_tiny_sd3
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmrl.diffusion import (flow_sigmas, g2rpo_advantages, prompt_advantages, prompt_ids,
-                            sample_singular, sample_tree, tree_advantages, tree_node_rewards)
+from mmrl.diffusion import (flow_sigmas, g2rpo_advantages, g2rpo_granular_advantages,
+                            prompt_advantages, prompt_ids, sample_singular, sample_tree,
+                            tree_advantages, tree_node_rewards)
 
 _SPEC = importlib.util.spec_from_file_location("mmrl_tests_diffusion_reference",
                                                Path(__file__).with_name("reference.py"))
@@ -55,6 +56,26 @@ def test_g2rpo_advantages_hand_worked_and_oracle():
     torch.testing.assert_close(g2rpo_advantages(r, traj), torch.tensor(expected, dtype=r.dtype))
     with pytest.raises(ValueError, match="granularities"):
         g2rpo_advantages(r[:-1], traj)
+
+
+def test_g2rpo_granular_advantages_per_entry_non_finite_and_clip():
+    """The (member, g) advantages the diffusion job trains on: a NaN / inf reward is left out of
+    its (group, g) statistics and gets 0; the clip acts on every entry; the sum over g is
+    g2rpo_advantages."""
+    traj = sample_singular(_vf, torch.randn(1, 2, 2, 2), SIG, group_size=3, steps=[1],
+                           granularities=[1, 2])
+    r = torch.tensor([1.0, 0.0, 2.0, float("inf"), 4.0, float("nan")])  # [[1,0],[2,inf],[4,nan]]
+    adv = g2rpo_granular_advantages(r, traj)
+    g1 = ref.group_normalize([1.0, 2.0, 4.0], [0, 0, 0], 1e-8)
+    # column g=2 keeps one finite reward: a group of one gets 0, and so do the two failures
+    torch.testing.assert_close(adv, torch.tensor([[g1[0], 0.0], [g1[1], 0.0], [g1[2], 0.0]]))
+    torch.testing.assert_close(adv.sum(1), g2rpo_advantages(r, traj))
+    rr = torch.tensor([1.0, 3.0, 0.0, 1.0, 5.0, 8.0])
+    clipped = g2rpo_granular_advantages(rr, traj, adv_clip=0.5)
+    torch.testing.assert_close(clipped, g2rpo_granular_advantages(rr, traj).clamp(-0.5, 0.5))
+    assert float(clipped.abs().max()) == 0.5
+    with pytest.raises(ValueError, match="3 members x 2 granularities"):
+        g2rpo_granular_advantages(rr[:-1], traj)
 
 
 def test_tree_advantages_hand_worked():

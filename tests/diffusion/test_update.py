@@ -6,13 +6,13 @@ import torch
 
 from mmrl.diffusion import (flow_sigmas, initial_noise, prompt_advantages, rescore, sample_sde,
                             sde_kl)
-from mmrl.diffusion.pipeline import SD3Policy
+from mmrl.diffusion.models.sd3 import SD3Adapter
 from mmrl.algo.losses import policy_loss
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_sd3_dir):
-    return SD3Policy.from_pretrained(tiny_sd3_dir, guidance_scale=1.0, max_sequence_length=8)
+    return SD3Adapter.from_pretrained(tiny_sd3_dir, guidance_scale=1.0, max_sequence_length=8)
 
 
 def _rollout(policy):

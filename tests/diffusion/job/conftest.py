@@ -6,6 +6,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory):
-    from mmrl.diffusion.tiny import save_tiny_sd3
+    from mmrl.diffusion.models.sd3 import save_tiny_sd3
 
     return str(save_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3_job"), size=8))

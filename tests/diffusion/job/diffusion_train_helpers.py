@@ -14,7 +14,7 @@ def tiny_config(model: str, out: str, sampler: str = "full", train=None, algo=No
         "train": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "lr": 1e-2, "seed": 0,
                   "device": "cpu", "progress": False, "output_dir": out, "resume": "never",
                   "log_every": 100, **(train or {})},
-        "diffusion": {"model": model, "pipeline": "sd3", "dtype": "float32", "lora_rank": 4,
+        "diffusion": {"model": model, "pipeline": "auto", "dtype": "float32", "lora_rank": 4,
                       "lora_alpha": 8, "max_sequence_length": 8, "height": 8, "width": 8,
                       "resolution_multiple": 1, "guidance_scale": 1.0, "num_steps": 4,
                       "eval_num_steps": 4, "sampler": sampler, "window": 2,

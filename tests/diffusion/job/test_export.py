@@ -20,18 +20,19 @@ FLUX_NONE = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokeniz
 def tiny_flux_path(tmp_path_factory):
     """A tiny FluxPipeline without text encoders (saved as absent: cond rows are given
     directly), written by save_pretrained; 16x16 images."""
-    from mmrl.diffusion.tiny import save_tiny_flux
+    from mmrl.diffusion.models.flux import save_tiny_flux
     return str(save_tiny_flux(tmp_path_factory.mktemp("tiny_flux_export"), size=16,
                               with_text_encoders=False))
 
 
 def _policy(kind, base, finetune, **kw):
-    from mmrl.diffusion.pipeline import FluxPolicy, SD3Policy
+    from mmrl.diffusion.models.flux import FluxAdapter
+    from mmrl.diffusion.models.sd3 import SD3Adapter
     torch.manual_seed(0)
     if kind == "sd3":
-        return SD3Policy.from_pretrained(base, finetune=finetune, lora_rank=4, lora_alpha=8,
+        return SD3Adapter.from_pretrained(base, finetune=finetune, lora_rank=4, lora_alpha=8,
                                          guidance_scale=4.5, max_sequence_length=8, **kw)
-    return FluxPolicy.from_pretrained(base, pipeline_kwargs=FLUX_NONE, finetune=finetune,
+    return FluxAdapter.from_pretrained(base, pipeline_kwargs=FLUX_NONE, finetune=finetune,
                                       lora_rank=4, lora_alpha=8, height=16, width=16, **kw)
 
 
@@ -65,7 +66,8 @@ def _load(kind, path, base=None):
     """The export through diffusers' public API, wrapped (without fine-tuning) as a policy."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    from mmrl.diffusion.pipeline import FluxPolicy, SD3Policy
+    from mmrl.diffusion.models.flux import FluxAdapter
+    from mmrl.diffusion.models.sd3 import SD3Adapter
     if kind == "sd3":
         pipe = StableDiffusion3Pipeline.from_pretrained(base or path, text_encoder_3=None,
                                                         tokenizer_3=None)
@@ -74,8 +76,8 @@ def _load(kind, path, base=None):
     if base is not None:
         pipe.load_lora_weights(path)
     if kind == "sd3":
-        return SD3Policy(pipe, finetune="none", guidance_scale=4.5, max_sequence_length=8)
-    return FluxPolicy(pipe, finetune="none", height=16, width=16)
+        return SD3Adapter(pipe, finetune="none", guidance_scale=4.5, max_sequence_length=8)
+    return FluxAdapter(pipe, finetune="none", height=16, width=16)
 
 
 def _base(kind, tiny_sd3_path, tiny_flux_path):

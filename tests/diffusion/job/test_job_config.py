@@ -50,8 +50,33 @@ def test_config_reports_every_problem_before_any_work(tiny_sd3_path, tmp_path):
         "dynamic_sampling_tries" in text, text
 
 
+def test_the_section_names_the_registries_choices_and_preflight_checks_the_family(
+        tiny_sd3_path, tmp_path):
+    from mmrl.diffusion.config import SDE_KIND_NAMES, SDE_KL_FORM_NAMES, preflight
+    from mmrl.diffusion.sde import SDE_KINDS, SDE_KL_FORMS
+
+    # the torch-free section lists the names of the registries in sde.py (which imports torch)
+    assert list(SDE_KIND_NAMES) == SDE_KINDS.names()
+    assert list(SDE_KL_FORM_NAMES) == SDE_KL_FORMS.names()
+    assert preflight(tiny_config(tiny_sd3_path, str(tmp_path), pipeline="auto")) == []
+    wrong = preflight(tiny_config(tiny_sd3_path, str(tmp_path), pipeline="flux"))
+    assert wrong == [f"diffusion.pipeline: diffusion.pipeline='flux' adapts FluxPipeline but "
+                     f"{tiny_sd3_path!r} is a StableDiffusion3Pipeline; set "
+                     f"diffusion.pipeline=auto (or sd3)"]
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    got = preflight(tiny_config(str(wan), str(tmp_path)))
+    assert len(got) == 1 and got[0].startswith(
+        "diffusion.pipeline: no flow adapter for the pipeline class 'WanPipeline'; supported: "
+        "sd3 (StableDiffusion3Pipeline), flux (FluxPipeline)")
+    with pytest.raises(ConfigError, match="pipeline: got 'sdxl'; expected one of"):
+        tiny_config(tiny_sd3_path, str(tmp_path), pipeline="sdxl")
+
+
 def test_bad_prompt_files_fail_clearly(tmp_path):
-    from mmrl.diffusion.train import DiffusionConfig, load_prompts
+    from mmrl.diffusion.config import DiffusionConfig
+    from mmrl.diffusion.job import load_prompts
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -113,3 +138,21 @@ def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
     out = subprocess.run([str(exe), "diffusion", "tiny-pipeline", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "mmrl train configs/demo/diffusion_tiny.yaml" in out.stdout
+
+
+def test_evaluation_is_wired_on_the_main_rank_only(tmp_path):
+    from types import SimpleNamespace
+
+    from mmrl.diffusion.evaluate import Evaluator
+    from mmrl.diffusion.job import attach_evaluator
+
+    cfg = tiny_config(str(tmp_path), str(tmp_path), eval_every=2, eval_prompts=["a cat"])
+    for is_main in (False, True):
+        policy = SimpleNamespace(evaluator=None, eval_every=0)
+        attach_evaluator(policy, cfg, ["a cat"], reward=None, is_main=is_main)
+        assert isinstance(policy.evaluator, Evaluator) is is_main
+        assert policy.eval_every == (2 if is_main else 0)
+    policy = SimpleNamespace(evaluator=None, eval_every=0)
+    with pytest.warns(UserWarning, match="no eval prompts; evaluation is off"):
+        attach_evaluator(policy, cfg, [], reward=None, is_main=True)
+    assert policy.evaluator is None

@@ -14,7 +14,7 @@ from diffusion_train_helpers import tiny_config  # noqa: E402
 def test_lora_run_exports_an_adapter_that_diffusers_loads(tiny_sd3_path, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from mmrl.diffusion.train import run
+    from mmrl.diffusion.job import run
     out = tmp_path / "run"
     cfg = tiny_config(str(tiny_sd3_path), str(out))
     run(cfg)
@@ -33,7 +33,7 @@ def test_lora_run_exports_an_adapter_that_diffusers_loads(tiny_sd3_path, tmp_pat
 
 
 def test_export_can_be_turned_off(tiny_sd3_path, tmp_path):
-    from mmrl.diffusion.train import run
+    from mmrl.diffusion.job import run
     out = tmp_path / "run"
     run(tiny_config(str(tiny_sd3_path), str(out), train={"steps": 1, "export": False}))
     assert (out / "final.pt").exists() and not (out / "hf").exists()

@@ -21,7 +21,7 @@ BETA = 0.5
 
 def _moved_policy(cfg):
     """The job's policy with its LoRA B matrices moved off 0, so policy != reference."""
-    from mmrl.diffusion.train import build_policy
+    from mmrl.diffusion.job import build_policy
 
     torch.manual_seed(0)  # the LoRA A init draws from the global RNG
     policy = build_policy(cfg.task, "cpu", cfg.algo.resolve())

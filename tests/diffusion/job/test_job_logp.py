@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _policy(cfg):
-    from mmrl.diffusion.train import build_policy
+    from mmrl.diffusion.job import build_policy
 
     spec = cfg.algo.resolve()
     return build_policy(cfg.task, "cpu", spec)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _policy(cfg):
-    from mmrl.diffusion.train import build_policy
+    from mmrl.diffusion.job import build_policy
 
     spec = cfg.algo.resolve()
     return build_policy(cfg.task, "cpu", spec)
@@ -29,7 +29,7 @@ def _lora(policy):
 
 
 def _run(cfg):
-    from mmrl.diffusion.train import run
+    from mmrl.diffusion.job import run
 
     return run(cfg)
 
@@ -79,9 +79,47 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_sd3_path, tmp_path):
     summary = _run(rest)
     assert summary["steps"] == 3 and len(summary["history"]) == 1
     a, b = torch.load(tmp_path / "a" / "final.pt"), torch.load(tmp_path / "b" / "final.pt")
-    assert a.keys() == b.keys() and int(b["mmrl_rollout_iteration"]) == 3
+    assert a.keys() == b.keys() and _saved_rollout_iteration(tmp_path / "b") == 3
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _saved_rollout_iteration(out: Path) -> int:
+    """The policy's rollout counter in the newest checkpoint: its ``extra_state()`` under
+    ``policy_extra`` (the runner of branch i12-core), or the legacy key among the weights."""
+    from mmrl.diffusion.policy import LEGACY_COUNTER_KEY
+    from mmrl.train import checkpoint as ckpt
+    data = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
+    extra = data["state"].get("policy_extra")
+    if extra is not None:
+        return int(extra["rollout_iteration"])
+    return int(data["weights"][LEGACY_COUNTER_KEY])
+
+
+def test_the_rollout_counter_is_declared_extra_state(tiny_sd3_path, tmp_path):
+    from mmrl.diffusion.policy import COUNTER_IN_WEIGHTS, LEGACY_COUNTER_KEY
+    from mmrl.train.policy import check_policy
+
+    cfg = tiny_config(tiny_sd3_path, str(tmp_path), sampler="sliding", sliding_shift_every=1)
+    policy = _policy(cfg)
+    assert check_policy(policy, cfg.algo.resolve()).extra_state
+    with torch.no_grad():
+        for _ in range(2):
+            policy.rollout(["a"], [{}], 2, torch.Generator().manual_seed(0))
+    assert policy.extra_state() == {"rollout_iteration": 2}
+    weights = {k: v for k, v in policy.state_dict().items() if k != LEGACY_COUNTER_KEY}
+    assert weights and all("lora" in k for k in weights)  # weights only, besides the legacy key
+    assert (LEGACY_COUNTER_KEY in policy.state_dict()) is COUNTER_IN_WEIGHTS
+    fresh = _policy(cfg)
+    fresh.load_extra_state({"rollout_iteration": 5})
+    assert fresh.iteration == 5
+    fresh.load_extra_state({LEGACY_COUNTER_KEY: torch.tensor(7)})  # an FSDP checkpoint of old
+    assert fresh.iteration == 7
+    fresh.load_state_dict({**weights, LEGACY_COUNTER_KEY: torch.tensor(3)})  # an old checkpoint
+    assert fresh.iteration == 3 and fresh.extra_state() == {"rollout_iteration": 3}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(ValueError, match="checkpoint lacks .* trainable tensors"):
+        fresh.load_state_dict({})
 
 
 def test_periodic_evaluation_writes_grids_and_eval_jsonl(tiny_sd3_path, tmp_path):
@@ -107,7 +145,7 @@ def test_periodic_evaluation_writes_grids_and_eval_jsonl(tiny_sd3_path, tmp_path
 
 def test_flux_g2rpo_path_trains_on_a_tiny_flux_pipeline(tmp_path):
     """The FLUX recipe's code path (packed latents, FLUX schedule, singular sampling)."""
-    from mmrl.diffusion.tiny import save_tiny_flux
+    from mmrl.diffusion.models.flux import save_tiny_flux
     save_tiny_flux(str(tmp_path / "flux"), size=16)
     cfg = tiny_config(str(tmp_path / "flux"), str(tmp_path / "run"), sampler="singular",
                       pipeline="flux", height=16, width=16, guidance_scale=3.5, kind="dance",

@@ -1,0 +1,258 @@
+"""The ``diffusion`` job's config section, its cross-section checks and preflight, and the job's
+registration; torch-free (stdlib, ``mmrl.config`` and the family registry only), so
+``mmrl config validate`` and ``mmrl --help`` never import torch or diffusers. The job itself
+(:mod:`mmrl.diffusion.job`) is imported when a run starts.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+from mmrl.config.core import cfg
+from mmrl.config.jobs import Job, register_job
+from mmrl.diffusion.models import FAMILIES, pipeline_class_of, resolve_family
+
+SAMPLERS = ("full", "window", "sliding", "singular", "tree")
+SDE_KIND_NAMES = ("cps", "dance", "flow_grpo")
+"""``mmrl.diffusion.sde.SDE_KINDS.names()`` (a test keeps them equal; sde.py imports torch)."""
+SDE_KL_FORM_NAMES = ("flow_grpo", "transition")
+"""``mmrl.diffusion.sde.SDE_KL_FORMS.names()`` (a test keeps them equal)."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow-matching text-to-image GRPO: model, sampler, reward, prompts, evaluation."""
+
+    model: str = cfg("stabilityai/stable-diffusion-3.5-medium", "Hub id or local directory of "
+                     "a diffusers pipeline (what save_pretrained writes).")
+    pipeline: str = cfg("auto", "Generator family (the adapter under diffusion/models/): auto "
+                        "= the pipeline class in the model's model_index.json; sd3 "
+                        "(StableDiffusion3Pipeline: SD3 / SD3.5, CFG) or flux (FluxPipeline: "
+                        "FLUX.1, embedded guidance, packed latents), checked against that class.",
+                        choices=["auto", *FAMILIES])
+    dtype: str = cfg("auto", "Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                     "bfloat16, float16. The SDE math is always fp32.",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    finetune: str = cfg("lora", "lora (peft adapter, reference = adapter disabled) or full (all "
+                        "transformer weights; reference = a frozen copy).",
+                        choices=["lora", "full"], source="flow_grpo (LoRA)")
+    lora_rank: int = cfg(32, "LoRA rank r.", minimum=1, source="flow_grpo (32)")
+    lora_alpha: float = cfg(64.0, "LoRA alpha.", minimum=0.0, source="flow_grpo (64)")
+    max_sequence_length: int = cfg(256, "T5 prompt tokens (SD3 256, FLUX 512); CLIP always "
+                                   "takes 77 and longer prompts are truncated with a warning.",
+                                   minimum=1)
+    height: int = cfg(512, "Image height in pixels.", minimum=1)
+    width: int = cfg(512, "Image width in pixels.", minimum=1)
+    resolution_multiple: int = cfg(16, "Height and width must be multiples of this (VAE factor "
+                                   "x patch size: 16 for SD3/SD3.5/FLUX); checked before any "
+                                   "work. The loaded pipeline checks its own factor too.",
+                                   minimum=1)
+    guidance_scale: float = cfg(4.5, "SD3: classifier-free guidance w for sampling and training "
+                                "(<= 1 disables CFG: one model row per sample). FLUX: the "
+                                "embedded guidance.", minimum=0.0,
+                                source="flow_grpo SD3.5-M (4.5); DanceGRPO FLUX (3.5)")
+    eval_guidance_scale: Optional[float] = cfg(None, "Guidance for evaluation (null = "
+                                               "guidance_scale).", minimum=0.0)
+    num_steps: int = cfg(10, "Denoising steps T of training rollouts.", minimum=2,
+                         source="flow_grpo (10)")
+    eval_num_steps: int = cfg(40, "Denoising steps of the evaluation ODE sampler.", minimum=1,
+                              source="flow_grpo (40)")
+    shift: Optional[float] = cfg(None, "Schedule shift of families with a fixed one (SD3: null = "
+                                 "the scheduler config's, 3.0 for SD3 / SD3.5); FLUX shifts by "
+                                 "the resolution and needs null.", minimum=0.0)
+    sampler: str = cfg("full", "full: SDE on every step but the last (Flow-GRPO); window: a random"
+                       " window of SDE steps per rollout (Flow-GRPO-Fast); sliding: MixGRPO's "
+                       "progressive window; singular: G2RPO singular stochastic sampling; tree: "
+                       "BranchGRPO / Dynamic-TreeRPO tree sampling.", choices=list(SAMPLERS),
+                       source="arXiv 2505.05470, 2507.21802, 2510.01982, 2509.06040")
+    kind: str = cfg("flow_grpo", "SDE step kind: flow_grpo, dance (DanceGRPO), cps "
+                    "(coefficients-preserving).",
+                    choices=list(SDE_KIND_NAMES))
+    noise_level: float = cfg(0.7, "SDE noise level a (flow_grpo 0.7, dance eta 0.3, cps 0.8).",
+                             minimum=0.0)
+    kl: str = cfg("transition", "KL to the reference policy, added as algo.beta * KL per trained "
+                  "step when beta > 0, in closed form from the policy's and the reference's "
+                  "transition means: transition = the exact KL of the Gaussian step, "
+                  "(mu - mu_ref)^2 / (2 std^2) averaged over the latent dims; flow_grpo = "
+                  "flow_grpo's kl_loss, (mu - mu_ref)^2 / (2 s^2) with s its std_dev_t, i.e. "
+                  "transition * (-dt) for the flow_grpo and dance kinds (1/25 to 1/3.7 of it at "
+                  "10 steps, shift 3) and transition for cps. flow_grpo's beta values (0.01, "
+                  "0.04) mean the same here only with flow_grpo.",
+                  choices=list(SDE_KL_FORM_NAMES),
+                  source="flow_grpo scripts/train_sd3.py (kl_loss)")
+    shared_noise: bool = cfg(False, "Give every member of a group the same initial noise "
+                             "(DanceGRPO init_same_noise). singular/tree always share it.",
+                             source="DanceGRPO")
+    window: int = cfg(2, "window/sliding: SDE steps per rollout (the trained steps).",
+                      minimum=1, source="Flow-GRPO-Fast (2); MixGRPO (4)")
+    sliding_shift_every: int = cfg(25, "sliding: move the window every N rollouts.", minimum=1,
+                                   source="MixGRPO (25)")
+    sliding_stride: int = cfg(1, "sliding: steps the window moves each time.", minimum=1)
+    singular_steps: List[int] = cfg(doc="singular: the SDE steps k (one trained transition "
+                                    "each); group_size members per (prompt, k).",
+                                    default_factory=lambda: [0, 1, 2, 3],
+                                    source="G2RPO arXiv 2510.01982")
+    granularities: List[int] = cfg(doc="singular: ODE completion strides g (reward rows per "
+                                   "member).", default_factory=lambda: [1, 2],
+                                   source="G2RPO (1, 2)")
+    tree_split_steps: List[int] = cfg(doc="tree: steps where every node branches "
+                                      "(group_size = branching ** len(split_steps) leaves).",
+                                      default_factory=lambda: [2, 4, 6],
+                                      source="BranchGRPO arXiv 2509.06040")
+    tree_branching: int = cfg(2, "tree: children per split.", minimum=2)
+    tree_noise_levels: Optional[List[float]] = cfg(None, "tree: one noise level per depth "
+                                                   "(len(split_steps) + 1); null = noise_level "
+                                                   "at every depth.")
+    tree_sde_steps: List[int] = cfg(doc="tree: non-split steps also sampled with the SDE (and "
+                                    "trained); [] = ODE outside the splits (Dynamic-TreeRPO).",
+                                    default_factory=list)
+    prompts: List[str] = cfg(doc="Training prompts inline (added to prompt_file's).",
+                             default_factory=list)
+    prompt_file: str = cfg("", "Training prompts: a .txt (one per line) or .jsonl ('prompt' "
+                           "field) file.")
+    eval_prompts: List[str] = cfg(doc="Held-out evaluation prompts inline.",
+                                  default_factory=list)
+    eval_prompt_file: str = cfg("", "Held-out evaluation prompts file (.txt / .jsonl).")
+    eval_holdout: int = cfg(0, "When no eval prompts are given: hold out the last N training "
+                            "prompts for evaluation.", minimum=0)
+    eval_every: int = cfg(0, "Evaluate (ODE sampler, grid PNG, eval.jsonl) every N steps, at "
+                          "the first step and after the last (0 = never).", minimum=0)
+    eval_batch_size: int = cfg(8, "Images per evaluation sampling call.", minimum=1)
+    reward: str = cfg("pickscore", "Reward scorers of mmrl.rewards: NAME[:key=value][,NAME...] "
+                      "with weight= per scorer (e.g. 'pickscore', 'hps_v2.1:path=/ckpt.pt', "
+                      "'brightness,jpeg_compressibility:weight=0.5').")
+
+    def trained_steps(self) -> int:
+        """The most trained transitions of one training row (T of the loss)."""
+        if self.sampler == "full":
+            return self.num_steps - 1
+        if self.sampler in ("window", "sliding"):
+            return self.window
+        if self.sampler == "singular":
+            return 1
+        return 1 + len(self.tree_sde_steps)
+
+    def problems(self) -> List[str]:
+        out = []
+        m = self.resolution_multiple
+        if self.height % m or self.width % m:
+            out.append(f"height/width: got {self.height}x{self.width}; expected multiples of "
+                       f"resolution_multiple={m} (VAE factor x patch size); use "
+                       f"{max(m, self.height // m * m)}x{max(m, self.width // m * m)}")
+        T = self.num_steps
+        if self.sampler in ("window", "sliding") and not 1 <= self.window <= T - 1:
+            out.append(f"window: got {self.window} for num_steps={T}; expected 1..{T - 1}")
+        if self.sampler == "singular":
+            ks = self.singular_steps
+            if not ks or len(set(ks)) != len(ks) or min(ks) < 0 or max(ks) > T - 2:
+                out.append(f"singular_steps: got {ks}; expected distinct steps in [0, {T - 2}]")
+            if not self.granularities or min(self.granularities) < 1:
+                out.append(f"granularities: got {self.granularities}; expected ints >= 1")
+        if self.sampler == "tree":
+            s = self.tree_split_steps
+            if not s or len(set(s)) != len(s) or min(s) < 0 or max(s) > T - 1:
+                out.append(f"tree_split_steps: got {s}; expected distinct steps in [0, {T - 1}]")
+            if self.tree_noise_levels is not None and len(self.tree_noise_levels) != len(s) + 1:
+                out.append(f"tree_noise_levels: got {len(self.tree_noise_levels)} levels; "
+                           f"expected len(tree_split_steps) + 1 = {len(s) + 1} (one per depth)")
+            bad = [k for k in self.tree_sde_steps if k in s or not 0 <= k <= T - 2]
+            if bad:
+                out.append(f"tree_sde_steps: {bad} are split steps or outside [0, {T - 2}]")
+        if not self.prompts and not self.prompt_file:
+            out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
+                       "prompt per line) or prompts: [...]")
+        out.extend(reward_spec_problems(self.reward))
+        return out
+
+
+def reward_spec_problems(spec: str) -> List[str]:
+    """``diffusion.reward`` problems found without loading a model: the spec parses, every
+    scorer name is registered and every ``weight=`` is a finite number."""
+    from mmrl.rewards.scorers import SCORERS, parse_specs
+    try:
+        items = parse_specs(spec)
+    except (ValueError, TypeError) as err:
+        return [f"reward: {err}"]
+    out = []
+    for name, options in items:
+        if name not in SCORERS:
+            from mmrl.registry import did_you_mean
+            out.append(f"reward: unknown scorer {name!r} (registered: "
+                       f"{', '.join(SCORERS.names())}){did_you_mean(name, SCORERS.names())}")
+        weight = options.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                not math.isfinite(weight):
+            out.append(f"reward: {name} weight={weight!r}; expected a finite number")
+    return out
+
+
+def check(algo, train, c: DiffusionConfig) -> List[str]:
+    """Cross-section problems of a diffusion config."""
+    out = []
+    if c.sampler == "tree" and train.group_size != c.tree_branching ** len(c.tree_split_steps):
+        out.append(f"train.group_size: got {train.group_size}; sampler=tree gives "
+                   f"tree_branching ** len(tree_split_steps) = "
+                   f"{c.tree_branching ** len(c.tree_split_steps)} leaves per prompt; set "
+                   f"group_size to that")
+    if c.sampler in ("singular", "tree") and train.rollout_allocation != "fixed":
+        out.append(f"train.rollout_allocation: {train.rollout_allocation!r} needs a variable "
+                   f"group size, which sampler={c.sampler} does not support; use fixed")
+    try:
+        spec = algo.resolve()
+    except ValueError:
+        spec = None  # the algo section reports its own problems
+    if spec is not None and spec.needs_token_weights:
+        out.append(f"algo: preset {algo.preset!r} weighs tokens by the policy's vocabulary "
+                   f"distribution (TW-GRPO), which a denoising step does not have; pick another "
+                   f"preset or set algo.token_weighting=none")
+    if algo.kl is not None:
+        out.append(f"algo.kl: got {algo.kl!r}, a log-prob estimator; the diffusion job computes "
+                   f"the KL to the reference in closed form from the transition means (on "
+                   f"log-probs averaged over the L latent dims k2/k3 come to ~KL/L and k1's "
+                   f"gradient is 0 on-policy); remove algo.kl and pick the form with "
+                   f"diffusion.kl (transition or flow_grpo)")
+    if train.dynamic_sampling_tries:
+        out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
+                   "rollout round and does not merge rounds yet; set it to 0")
+    return out
+
+
+def preflight(config) -> List[str]:
+    """The pipeline folder (or cached hub id) and the prompt files exist on this machine."""
+    from mmrl.config.jobs import file_problems, model_problems
+    c: DiffusionConfig = config.task
+    out = model_problems("diffusion.model", c.model, "model_index.json")
+    if not out and (c.pipeline != "auto" or pipeline_class_of(c.model) is not None):
+        try:  # the family matches the checkpoint's pipeline class (when it can be read)
+            resolve_family(c.pipeline, c.model)
+        except ValueError as err:
+            out.append(f"diffusion.pipeline: {err}")
+    for key in ("prompt_file", "eval_prompt_file"):
+        if getattr(c, key):
+            out.extend(file_problems(f"diffusion.{key}", getattr(c, key), "prompt file"))
+    if not reward_spec_problems(c.reward):
+        from mmrl.rewards.scorers import parse_specs
+        for name, options in parse_specs(c.reward):
+            path = options.get("path")
+            if isinstance(path, str) and not os.path.exists(os.path.expanduser(path)):
+                out.append(f"diffusion.reward: {name} path={path!r} not found; fix the path "
+                           f"(or leave path= out to use the scorer's hub weights)")
+    return out
+
+
+def algo_defaults(c: DiffusionConfig) -> dict:
+    """``max_len`` = the most trained steps of a row (the ``fixed_norm`` aggregation's T)."""
+    return {"max_len": c.trained_steps()}
+
+
+def _run(config):
+    from mmrl.diffusion.job import run
+    return run(config)
+
+
+register_job(Job("diffusion", DiffusionConfig, _run,
+                 "GRPO for flow-matching text-to-image models (SD3/SD3.5, FLUX via diffusers): "
+                 "Flow-GRPO, MixGRPO, G2RPO, tree sampling",
+                 check=check, preflight=preflight, algo_defaults=algo_defaults))

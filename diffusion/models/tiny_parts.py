@@ -1,0 +1,65 @@
+"""Parts of the tiny, randomly initialised pipelines the families build offline (tests, demo).
+
+Sizes follow ../shared/TINY_MODELS.md: a one-block VAE (latent factor 1, so images are as large
+as the latents), small CLIP text encoders and a real ``CLIPTokenizer`` built in code over a
+byte-level vocabulary without merges (every character is a token). diffusers and transformers are
+imported inside the functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def write_byte_clip_vocab(dirname: str) -> int:
+    """Write a byte-level CLIP ``vocab.json`` + empty ``merges.txt`` to ``dirname`` -> vocab size.
+
+    Every character is a token (no merges); ids are stable (the alphabet is sorted).
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(dirname, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(dirname, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return len(vocab)
+
+
+def check_size(size) -> None:
+    """Raise ``ValueError`` unless ``size`` (pixels per side) is >= 2."""
+    if int(size) < 2:
+        raise ValueError(f"size={size!r}; expected an int >= 2 (pixels per side)")
+
+
+def byte_clip_tokenizer():
+    """A ``CLIPTokenizer`` over the byte-level vocabulary -> (tokenizer, vocab size)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        vocab = write_byte_clip_vocab(tok_dir)
+        tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"),
+                                  os.path.join(tok_dir, "merges.txt"), model_max_length=77)
+    return tokenizer, vocab
+
+
+def clip_text_config(vocab: int):
+    """The tiny CLIP text config; the specials are the vocabulary's last two entries."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                          max_position_embeddings=77, bos_token_id=vocab - 2,
+                          eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+
+
+def tiny_vae(size: int, shift_factor: float, scaling_factor: float):
+    """A one-block VAE with 4 latent channels (no down-sampling: latents are image-sized)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(4,),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=1,
+                         use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=shift_factor, scaling_factor=scaling_factor)

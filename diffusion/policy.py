@@ -1,0 +1,316 @@
+"""The generic flow-matching :class:`~mmrl.train.policy.GroupPolicy` of the diffusion job, over a
+flow adapter (:mod:`mmrl.diffusion.models`): the samplers, the log-probs of stored transitions,
+the closed-form KL to the reference, and the advantage hooks of the samplers whose training rows
+are not the reward rows. Nothing here knows a family.
+
+Training rows and T. For the SDE samplers (``full``, ``window``, ``sliding``) a row is an image
+and T its trained (stochastic) denoising steps. For ``singular`` (G²RPO) a row is a group member
+(one SDE step, its images at every granularity are the reward rows) and for ``tree``
+(BranchGRPO / Dynamic-TreeRPO) a row is a tree node (its incoming edge and its own SDE steps);
+their advantages come from the loop's ``advantages`` hook. ``logp(rows, t0, t1)`` re-scores the
+stored transitions of those rows and steps, so splitting T (``train.t_chunk``) or the rows
+(``train.micro_batch_size``) never changes the gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mmrl.diffusion.advantages import g2rpo_granular_advantages, tree_advantages
+from mmrl.diffusion.config import DiffusionConfig
+from mmrl.diffusion.g2rpo import sample_singular
+from mmrl.diffusion.samplers import rescore, sample_sde, sample_tree, take_cond
+from mmrl.diffusion.schedule import random_window, sliding_window
+from mmrl.diffusion.sde import SDE_KL_FORMS, sde_kl
+from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.rollout import Rollout
+
+LEGACY_COUNTER_KEY = "mmrl_rollout_iteration"
+"""Where checkpoints written before ``Capabilities(extra_state=True)`` kept the rollout counter
+(in the weights); :meth:`DiffusionGroupPolicy.load_state_dict` still reads it."""
+COUNTER_IN_WEIGHTS = True
+"""Also write the counter into :meth:`DiffusionGroupPolicy.state_dict` under
+:data:`LEGACY_COUNTER_KEY`, for a runner that does not save ``extra_state()`` yet (until the
+runner's ``policy_extra`` lands; then False)."""
+
+
+class DiffusionGroupPolicy(GroupPolicy):
+    """:class:`mmrl.train.policy.GroupPolicy` over a flow adapter (``flow``, any family).
+
+    Args:
+        flow: a :class:`~mmrl.diffusion.models.base.FlowAdapter` built for ``c.height x
+            c.width`` (velocity, ``encode_prompt``, ``decode``, ``reference``, ``sigmas``).
+        c: the job's config section.
+        adv_eps, adv_clip: the preset's advantage epsilon / clip (tree and singular hooks).
+        reward_weights: reward column weights (tree and singular hooks).
+
+    Attributes:
+        iteration: rollout rounds so far (positions MixGRPO's window; checkpointed as
+            ``extra_state()``).
+        last_nfe: per-sample model evaluations the last rollout spent (the samplers' ``nfe``).
+        evaluator, eval_every: the periodic ODE evaluation, run at the start of a rollout.
+    """
+
+    def __init__(self, flow, c: DiffusionConfig, *, adv_eps: float = 1e-4,
+                 adv_clip: Optional[float] = None,
+                 reward_weights: Optional[Dict[str, float]] = None):
+        self.flow, self.c = flow, c
+        self.adv_eps, self.adv_clip = adv_eps, adv_clip
+        self.reward_weights = dict(reward_weights or {})
+        self.latent = tuple(flow.latent_shape(c.height, c.width))  # checks the resolution
+        self.sigmas = flow.sigmas(c.num_steps)
+        self.eval_sigmas = flow.sigmas(c.eval_num_steps)
+        self.iteration = 0  # rollout rounds so far (MixGRPO's window position; checkpointed)
+        self.evaluator: Optional[Callable[[int], Dict[str, Any]]] = None
+        self.eval_every = 0
+        self.last_nfe = 0
+        # one initial noise per group: its samples must be drawn on one rank (data parallel);
+        # tree / singular sampling train rows that are not the rewarded samples
+        self.capabilities = Capabilities(
+            own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
+            whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True)
+        # The loop's advantages hook exists only where training rows are not reward rows.
+        self.advantages = {"singular": self._singular_advantages,
+                           "tree": self._tree_advantages}.get(c.sampler)
+        SDE_KL_FORMS.get(c.kl)  # an unknown form fails here, before any sampling
+
+    # ---------------------------------------------------------------- GroupPolicy plumbing
+    def parameters(self):
+        return self.flow.trainable_parameters()
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The trainable weights (LoRA adapter or transformer); see :data:`COUNTER_IN_WEIGHTS`."""
+        sd = self.flow.trainable_state_dict()
+        if COUNTER_IN_WEIGHTS:
+            sd[LEGACY_COUNTER_KEY] = torch.tensor(self.iteration)
+        return sd
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load the trainable weights; a checkpoint that kept the rollout counter among them
+        (:data:`LEGACY_COUNTER_KEY`) restores it too."""
+        state = dict(state)
+        if LEGACY_COUNTER_KEY in state:
+            self.iteration = int(state.pop(LEGACY_COUNTER_KEY))
+        self.flow.load_trainable_state_dict(state)
+
+    def extra_state(self) -> Dict[str, int]:
+        """The state that is not weights: ``{"rollout_iteration": n}``."""
+        return {"rollout_iteration": int(self.iteration)}
+
+    def load_extra_state(self, extras: Dict[str, Any]) -> None:
+        """Restore :meth:`extra_state` (the legacy ``mmrl_rollout_iteration`` key is read too)."""
+        value = extras.get("rollout_iteration", extras.get(LEGACY_COUNTER_KEY, 0))
+        self.iteration = int(value)
+
+    def export_pretrained(self, path: str, merge_lora: bool = False, state_dict=None) -> str:
+        """The trained pipeline (or LoRA file) in diffusers format; ``state_dict``: full weights
+        to write instead of the live (FSDP-sharded) ones."""
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mmrl_")}
+        return self.flow.export(path, merge_lora=merge_lora, state_dict=state_dict)
+
+    def apply_fsdp(self) -> torch.nn.Module:
+        """FSDP2 for full fine-tuning: each transformer block is a unit, the transformer the
+        root (``train.parallel=fsdp``). Rollouts run with the weights gathered (the runner's
+        ``gathered_parameters``); the log-prob passes call the transformer, whose hooks gather
+        and reduce-scatter."""
+        from torch.distributed.fsdp import fully_shard
+        if self.flow.finetune != "full":
+            raise ValueError(f"train.parallel=fsdp shards full fine-tuning; diffusion.finetune="
+                             f"{self.flow.finetune!r}: use train.parallel=ddp (a LoRA adapter "
+                             f"is small enough to replicate)")
+        for block in self.flow.fsdp_blocks():
+            fully_shard(block)
+        fully_shard(self.flow.transformer)
+        return self.flow.transformer
+
+    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``[n, *latent]`` fp32 standard normal on the policy's device (drawn on the CPU)."""
+        return torch.randn((n, *self.latent), generator=generator).to(self.flow.device)
+
+    def _device_generator(self, generator: torch.Generator) -> torch.Generator:
+        # The loop's generator lives on the CPU; the SDE noise is drawn on the latents' device
+        # from a generator seeded by it, so runs stay reproducible and resumable on any device.
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        return torch.Generator(self.flow.device).manual_seed(seed)
+
+    # ---------------------------------------------------------------- rollout
+    def rollout(self, prompts: Sequence[str], metadata: Sequence[Dict[str, Any]],
+                group_size, generator: torch.Generator) -> Rollout:
+        """Sample with log-probs; images are decoded for the reward (called under no_grad)."""
+        if self.evaluator is not None and self.eval_every and \
+                self.iteration % self.eval_every == 0:
+            self.evaluator(self.iteration)
+        counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
+        sample = {"singular": self._rollout_singular, "tree": self._rollout_tree}.get(
+            self.c.sampler, self._rollout_sde)
+        rollout = sample(list(prompts), list(metadata), counts, generator)
+        self.iteration += 1
+        return rollout
+
+    def _sde_steps(self, generator) -> List[int]:
+        c, T = self.c, self.c.num_steps
+        if c.sampler == "window":
+            return random_window(T, c.window, generator=generator)
+        if c.sampler == "sliding":
+            return sliding_window(T, c.window, self.iteration, shift_every=c.sliding_shift_every,
+                                  stride=c.sliding_stride)
+        return list(range(T - 1))
+
+    def _rollout_sde(self, prompts, metadata, counts, generator) -> Rollout:
+        P, n = len(prompts), torch.tensor(counts)
+        rows = torch.arange(P).repeat_interleave(n)  # [B] prompt of each sample
+        steps = self._sde_steps(generator)
+        noise = self.noise(P if self.c.shared_noise else int(n.sum()), generator)
+        if self.c.shared_noise:  # [P, *L] -> [B, *L]
+            noise = noise.repeat_interleave(n.to(noise.device), 0)
+        cond = take_cond(self.flow.encode_prompt(prompts), rows)
+        traj = sample_sde(self.flow, noise, self.sigmas, cond, sde_steps=steps, kind=self.c.kind,
+                          noise_level=self.c.noise_level,
+                          generator=self._device_generator(generator))
+        index, _, mask = traj.per_owner(len(rows))  # [B, K]
+        return self._pack(traj, cond, rows, index, mask, rows, prompts, metadata)
+
+    def _rollout_singular(self, prompts, metadata, counts, generator) -> Rollout:
+        N = self._equal_counts(counts)
+        cond = self.flow.encode_prompt(prompts)
+        traj = sample_singular(self.flow, self.noise(len(prompts), generator), self.sigmas, cond,
+                               group_size=N, steps=self.c.singular_steps,
+                               granularities=self.c.granularities, kind=self.c.kind,
+                               noise_level=self.c.noise_level,
+                               generator=self._device_generator(generator))
+        # One training row per reward row (member m, granularity g), each owning m's transition
+        # and trained with the (k, prompt, g) group's advantage A_{m,g}: Σ_g A_{m,g}·∇logp_m is
+        # G²RPO's integrated advantage times ∇logp_m (see _singular_advantages).
+        index = traj.output_owner[:, None]  # [M·G, 1]
+        mask = torch.ones(index.shape, dtype=torch.bool)
+        return self._pack(traj, cond, traj.output_cond, index, mask, traj.output_cond, prompts,
+                          metadata)
+
+    def _rollout_tree(self, prompts, metadata, counts, generator) -> Rollout:
+        leaves = self.c.tree_branching ** len(self.c.tree_split_steps)
+        if self._equal_counts(counts) != leaves:
+            raise ValueError(f"group size {counts[0]} but the tree gives {leaves} leaves per "
+                             f"prompt; set train.group_size={leaves}")
+        cond = self.flow.encode_prompt(prompts)
+        traj = sample_tree(self.flow, self.noise(len(prompts), generator), self.sigmas, cond,
+                           split_steps=self.c.tree_split_steps, branching=self.c.tree_branching,
+                           noise_levels=(self.c.tree_noise_levels if self.c.tree_noise_levels
+                                         is not None else self.c.noise_level),
+                           sde_steps=self.c.tree_sde_steps, kind=self.c.kind,
+                           generator=self._device_generator(generator))
+        index, _, mask = traj.per_owner(traj.num_nodes)  # [Nn, K]
+        # Rows: the leaves first, in output order (row i < B is reward row i), then inner nodes.
+        inner = torch.ones(traj.num_nodes, dtype=torch.bool)
+        inner[traj.leaves] = False
+        order = torch.cat([traj.leaves, inner.nonzero().flatten()])  # [Nn] node of each row
+        rollout = self._pack(traj, cond, traj.node_cond[order], index[order], mask[order],
+                             traj.output_cond, prompts, metadata)
+        rollout.data["node_of_row"] = order
+        return rollout
+
+    def _equal_counts(self, counts) -> int:
+        if len(set(counts)) != 1:
+            raise ValueError(f"sampler={self.c.sampler} needs the same group size for every "
+                             f"prompt; got {sorted(set(counts))} (use "
+                             f"train.rollout_allocation=fixed)")
+        return int(counts[0])
+
+    def _pack(self, traj, cond, row_prompt, index, mask, out_prompt, prompts, metadata):
+        """A :class:`Rollout`: training rows = trajectory owners, samples = decoded outputs."""
+        self.last_nfe = traj.nfe
+        images = self.flow.decode(traj.final).cpu()  # [B_out, 3, H, W] in [0, 1]
+        pick = out_prompt.tolist()
+        return Rollout(list(images), [prompts[i] for i in pick], [metadata[i] for i in pick],
+                       row_prompt.clone(), mask, {"index": index, "trajectory": _Shared(traj,
+                                                                                       cond)})
+
+    # ---------------------------------------------------------------- scoring
+    def _rescore(self, velocity_fn, rollout: Rollout, rows, t0: int, t1: int):
+        """``(out, mask)``: the :class:`SDEStepOutput` of the stored transitions of ``rows`` and
+        steps ``[t0, t1)`` where ``mask [b, t]`` is True (``out`` None when there are none)."""
+        shared = rollout.data["trajectory"]
+        index = rollout.data["index"][rows, t0:t1]  # [b, t] transition ids
+        mask = rollout.mask[rows, t0:t1]
+        if not bool(mask.any()):
+            return None, mask
+        return rescore(shared.traj, velocity_fn, shared.cond, index=index[mask]), mask
+
+    def _scatter(self, values: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``[m] -> [b, t]`` at the mask's True entries, 0 elsewhere (keeps the gradient)."""
+        out = torch.zeros(mask.shape, device=self.flow.device)
+        return out if values is None else out.masked_scatter(mask.to(out.device), values.float())
+
+    def logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """``[len(rows), t1 − t0]`` log-probs of the stored transitions, with gradient (0 where
+        the mask is False)."""
+        out, mask = self._rescore(self.flow, rollout, rows, t0, t1)
+        return self._scatter(None if out is None else out.logp, mask)
+
+    @torch.no_grad()
+    def ref_logp(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """The same under the reference policy (base weights). The loop's KL term does not use
+        it: :meth:`logp_and_kl` gives the closed form instead."""
+        out, mask = self._rescore(self.flow.reference, rollout, rows, t0, t1)
+        return self._scatter(None if out is None else out.logp, mask)
+
+    def logp_and_kl(self, rollout: Rollout, rows: torch.Tensor, t0: int,
+                    t1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logp, kl)``, each ``[len(rows), t1 − t0]`` with gradient: :meth:`logp` and the
+        closed-form KL of the same transitions to the reference, ``sde_kl(out, ref.mean,
+        diffusion.kl)`` (the loop's hook when beta > 0; 0 where the mask is False).
+
+        The reference mean is computed here, from the same stored x, step and noise level, as
+        flow_grpo does per training step (one extra no-grad forward per transition and epoch).
+        """
+        out, mask = self._rescore(self.flow, rollout, rows, t0, t1)
+        if out is None:
+            return self._scatter(None, mask), self._scatter(None, mask)
+        ref, _ = self._rescore(self.flow.reference, rollout, rows, t0, t1)  # no_grad inside
+        return (self._scatter(out.logp, mask),
+                self._scatter(sde_kl(out, ref.mean.detach(), self.c.kl), mask))
+
+    # ---------------------------------------------------------------- advantage hooks
+    def _rewards(self, rewards) -> torch.Tensor:
+        return rewards.weighted_sum(self.reward_weights)  # [B_out], NaN where a reward failed
+
+    def _singular_advantages(self, rollout: Rollout, rewards) -> torch.Tensor:
+        """``[M·G]`` A_{m,g} = (r_{m,g} − mean) / (std + eps) within each (k, prompt, g) group
+        (:func:`~mmrl.diffusion.advantages.g2rpo_granular_advantages`, in output order).
+
+        G²RPO (arXiv 2510.01982) Eq. 11 trains member m with Σ_g A_{m,g}
+        (:func:`~mmrl.diffusion.advantages.g2rpo_advantages`); here m's transition appears in G
+        rows, one per granularity, so the summed gradient is the same at ratio 1.
+        Differs from paper: the PPO clip acts on each (m, g) row (identical to the paper while
+        the update is on-policy) and the loss normalizer counts M·G rows instead of M.
+        A NaN/inf reward gives its own row advantage 0.
+        """
+        traj = rollout.data["trajectory"].traj
+        adv = g2rpo_granular_advantages(self._rewards(rewards).float(), traj, eps=self.adv_eps,
+                                        adv_clip=self.adv_clip)
+        return adv.reshape(-1)  # [M, G] -> [M·G], output o = m·G + g
+
+    def _tree_advantages(self, rollout: Rollout, rewards) -> torch.Tensor:
+        """Per-node advantages (BranchGRPO: node reward = mean of its leaves, normalized per
+        tree and depth), in row order; a node without a finite leaf reward gets 0."""
+        adv = tree_advantages(self._rewards(rewards), rollout.data["trajectory"].traj,
+                              eps=self.adv_eps, adv_clip=self.adv_clip)[0]
+        return adv[rollout.data["node_of_row"]]
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def sample_ode(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+        """Images ``[P, 3, H, W]`` from the deterministic ODE sampler on the eval schedule."""
+        flow = self.flow
+        with flow.guidance(self.c.eval_guidance_scale):
+            traj = sample_sde(flow, noise, self.eval_sigmas, flow.encode_prompt(list(prompts)),
+                              sde_steps=[])
+        return flow.decode(traj.final).cpu()
+
+
+class _Shared:
+    """The rollout's trajectory and cond: shared by every row (never sliced by ``select``)."""
+
+    def __init__(self, traj, cond):
+        self.traj, self.cond = traj, cond
