@@ -1,18 +1,20 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL as a :class:`mmrl.train.loop.GroupPolicy`: group rollouts,
-per-token logp, reference, TW.
+"""Any registered vision-language family as a :class:`mmrl.train.policy.GroupPolicy`: group
+rollouts, per-token logp, reference, TW weights, concatenated tries, export, FSDP.
 
-Vision is encoded once per prompt. A rollout tokenizes each prompt once (video through
-:func:`~mmrl.video.qwen_inputs.build_qwen_video_inputs`, positions through
-:func:`~mmrl.video.mrope.mrope_position_ids`, per architecture) and keeps ONE copy of its pixel
-values; every forward (sampling, ``logp``, ``ref_logp``, TW weights) runs the vision tower on the unique
-prompts of its rows only and expands the merged visual embeddings to the rows by indexing. HF
-``generate`` with ``num_return_sequences=G`` instead copies every prompt's pixel values G times
-and re-encodes them per row, and its 3-D positions come from transformers 5.24's
-``get_rope_index``, wrong for text after a video of more than one temporal grid; so sampling is
-a KV-cached loop here (temperature, top-p, ``max_new_tokens``, stop strings, an optional
-``allowed_answers`` restriction) with the release's positions. Qwen3-VL's DeepStack features
-(vision-tower blocks added to the first decoder layers' hidden states at the visual positions)
-are expanded to the rows the same way and passed with the prompt's tokens only.
+The family's specifics (processor inputs, positions, where the vision features go, the module
+layout, export) come from its :class:`~mmrl.video.models.base.VLMAdapter`, picked by
+``config.model_type`` (:mod:`mmrl.video.models`); nothing here names a family.
+
+Vision is encoded once per prompt. A rollout encodes each prompt once (the adapter's ``encode``
+and ``positions``) and keeps ONE copy of its vision tensors; every forward (sampling, ``logp``,
+``ref_logp``, TW weights) runs the vision tower on the unique prompts of its rows only and
+expands the embeddings (and any extra language-model inputs, e.g. Qwen3-VL's DeepStack) to the
+rows by indexing. HF ``generate`` with ``num_return_sequences=G`` instead copies every prompt's
+pixel values G times and re-encodes them per row, and takes its positions from the model (for
+Qwen2/2.5-VL transformers 5.24's ``get_rope_index``, wrong for text after a video of more than
+one temporal grid); so sampling is a KV-cached loop here (temperature, top-p,
+``max_new_tokens``, stop strings, an optional ``allowed_answers`` restriction) with the
+adapter's positions.
 
 Log-probs are of the temperature-scaled distribution (restricted to ``allowed_answers`` when set),
 the one tokens are sampled from before top-p truncation, as TRL and verl do.
@@ -31,52 +33,57 @@ from mmrl.train.distributed import gathered_parameters, root_forward
 from mmrl.train.policy import Capabilities, GroupPolicy
 from mmrl.train.rollout import Rollout
 
-from .export import export_qwen_vl
 from .io import SkipCounter, VideoError
-from .mrope import check_model_type, mrope_position_ids
-from .qwen_inputs import build_qwen_video_inputs
+from .models import adapter_for, adapter_for_path
 
 FINETUNE = ("lora", "full")
 
 
-def load_qwen_vl(path: str, *, dtype: str = "float32", device: str = "cpu",
-                 finetune: str = "lora", lora_rank: int = 16, lora_alpha: int = 32,
-                 lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                 freeze_vision: bool = True, gradient_checkpointing: bool = False):
-    """``(model, processor)`` from a hub id or a local folder (``from_pretrained``).
+def load_vlm(path: str, *, dtype: str = "float32", device: str = "cpu",
+             finetune: str = "lora", lora_rank: int = 16, lora_alpha: int = 32,
+             lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+             freeze_vision: bool = True, gradient_checkpointing: bool = False, adapter=None):
+    """``(model, processor)`` from a hub id or a local folder, through the family adapter of the
+    checkpoint's ``config.model_type`` (:func:`mmrl.video.models.adapter_for`).
 
     ``finetune="lora"`` wraps the model in a peft LoRA on the language model's ``lora_targets``
     (the vision tower is never LoRA'd); ``"full"`` trains every weight. ``freeze_vision`` stops
-    gradients into the vision tower and its merger.
+    gradients into the adapter's ``vision_modules`` (tower and projector/merger).
 
     Raises:
         ValueError: unknown ``finetune``/``dtype``.
-        NotImplementedError: a checkpoint whose ``model_type`` is not qwen2_vl, qwen2_5_vl or
-            qwen3_vl (checked from its config, before the weights load).
+        NotImplementedError: a checkpoint whose ``model_type`` no registered family handles
+            (checked from its config, before the weights load; the message lists the supported
+            ones).
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     if finetune not in FINETUNE:
         raise ValueError(f"finetune={finetune!r}; expected one of {FINETUNE}")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(dtypes)}")
-    check_model_type(AutoConfig.from_pretrained(path).model_type)
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtypes[dtype]).to(device)
+    if adapter is None:
+        adapter = adapter_for_path(path)
+    else:
+        from transformers import AutoConfig
+        adapter.check(AutoConfig.from_pretrained(path).model_type)
+    model, processor = adapter.load(path, dtypes[dtype], device)
     model.requires_grad_(True)
     if freeze_vision:
-        model.model.visual.requires_grad_(False)
+        for module in adapter.vision_modules(model):
+            module.requires_grad_(False)
     if finetune == "lora":
         from peft import LoraConfig, get_peft_model
-        targets = "|".join(lora_targets)
         model = get_peft_model(model, LoraConfig(
             r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
-            target_modules=rf".*language_model.*\.({targets})"))
+            target_modules=adapter.lora_target_regex(lora_targets)))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if finetune == "lora":
             model.enable_input_require_grads()
     return model, processor
+
+
+load_qwen_vl = load_vlm  # the old name (any registered family loads)
 
 
 @dataclass
@@ -85,9 +92,10 @@ class PromptCache:
 
     Attributes:
         ids, attn: ``[U, P]`` left-padded prompt ids and attention mask.
-        pos: ``[3, U, P]`` mRoPE positions; next_pos: ``[U]`` the first response position.
-        vision: per prompt, its processor tensors (``pixel_values_videos``, ``video_grid_thw``,
-            ``pixel_values``, ``image_grid_thw``); one copy per prompt, whatever G is.
+        pos: ``[D, U, P]`` positions (D = the adapter's ``position_dims``: 3 for mRoPE);
+            next_pos: ``[U]`` the first response position.
+        vision: per prompt, the adapter's ``vision_payload`` (e.g. ``pixel_values_videos``,
+            ``video_grid_thw``); one copy per prompt, whatever G is.
     """
 
     ids: torch.Tensor
@@ -97,16 +105,18 @@ class PromptCache:
     vision: List[Dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-class QwenVLPolicy(GroupPolicy):
-    """GroupPolicy over a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (plain or peft-wrapped).
+class VLMPolicy(GroupPolicy):
+    """GroupPolicy over a vision-language model (plain or peft-wrapped) of any registered family.
 
     Prompts are strings (logged); ``metadata[i]["messages"]`` is the prompt's conversation in
     qwen-vl-utils format (as :func:`~mmrl.video.data.build_messages` makes it). Samples are the
     decoded completions; each row's metadata gains ``completion_length`` (tokens).
     A prompt whose video cannot be read is skipped (no rows) and counted in ``skips``.
+    The family's specifics come from ``adapter`` (default: the registry's adapter of
+    ``model.config.model_type``, :mod:`mmrl.video.models`).
 
     Raises:
-        NotImplementedError: a model of another ``config.model_type``.
+        NotImplementedError: a model whose ``config.model_type`` no registered family handles.
     """
 
     capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
@@ -115,35 +125,34 @@ class QwenVLPolicy(GroupPolicy):
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
                  allowed_answers: Sequence[str] = (), video: Optional[Dict[str, Any]] = None,
-                 tw_alpha: float = 1.7, tw_chunk: int = 64, device: str = "cpu"):
+                 tw_alpha: float = 1.7, tw_chunk: int = 64, device: str = "cpu", adapter=None):
         if temperature <= 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
             raise ValueError(f"temperature={temperature}, top_p={top_p}, max_new_tokens="
                              f"{max_new_tokens}; expected temperature > 0, 0 < top_p <= 1, "
                              f"max_new_tokens >= 1")
+        self.is_peft = hasattr(model, "disable_adapter")
+        self.base = model.get_base_model() if self.is_peft else model
+        self.cfg = self.base.config
+        if adapter is None:
+            adapter = adapter_for(self.cfg.model_type)
+        adapter.check(self.cfg.model_type)
+        self.adapter = adapter
         self.model, self.processor, self.device = model, processor, torch.device(device)
         self.tok = processor.tokenizer
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.stop = [s for s in stop if s]
         self.video = dict(video or {})
         self.tw_alpha, self.tw_chunk = tw_alpha, tw_chunk
-        self.is_peft = hasattr(model, "disable_adapter")
-        self.base = model.get_base_model() if self.is_peft else model
-        self.cfg = self.base.config
-        check_model_type(self.cfg.model_type)
-        self.eos = sorted({i for i in (self.tok.convert_tokens_to_ids("<|im_end|>"),
-                                       self.tok.convert_tokens_to_ids("<|endoftext|>"),
-                                       self.tok.eos_token_id) if isinstance(i, int) and i >= 0})
+        self.eos = adapter.end_token_ids(self.tok)
         self.allowed = self._allowed_ids(allowed_answers)
         # vision placeholders are never sampled: one in a completion would shift the features
-        self.banned = torch.tensor([i for i in (self.cfg.image_token_id, self.cfg.video_token_id,
-                                                self.cfg.vision_start_token_id,
-                                                self.cfg.vision_end_token_id) if i is not None],
-                                   dtype=torch.long, device=self.device)
+        self.banned = torch.tensor(adapter.banned_token_ids(self.cfg), dtype=torch.long,
+                                   device=self.device)
         self.ref = None
         self._fsdp = None  # the FSDP2 root once apply_fsdp ran
         self.skips = SkipCounter()
-        # train mode for scoring (activation checkpointing only runs in it; Qwen has no dropout);
-        # sampling switches to eval for its KV cache and back
+        # train mode for scoring (activation checkpointing only runs in it; the supported
+        # families have no dropout); sampling switches to eval for its KV cache and back
         self.model.train()
 
     # ------------------------------------------------------------------ plumbing
@@ -173,21 +182,23 @@ class QwenVLPolicy(GroupPolicy):
             self.model.load_state_dict(state)
 
     def export_pretrained(self, path: str, merge_lora: bool = False, state_dict=None) -> str:
-        """The model in Hugging Face format (see :func:`mmrl.video.export.export_qwen_vl`)."""
-        return export_qwen_vl(self, path, merge_lora=merge_lora, state_dict=state_dict)
+        """The model in its library's format (the adapter's ``export``; for transformers
+        families :func:`mmrl.video.models.export.export_vlm`)."""
+        return self.adapter.export(self, path, merge_lora=merge_lora, state_dict=state_dict)
 
     def apply_fsdp(self):
         """FSDP2 for full fine-tuning (``train.parallel=fsdp``): each decoder layer of the
         language model is a unit; the root (the model) holds the rest, the vision tower
         included, so ranks whose prompts mix images and videos differently still run the same
-        collectives. ``logp`` runs as the root's forward (:func:`mmrl.train.distributed.root_forward`);
-        rollouts and TW weights run with the weights gathered."""
+        collectives. ``logp`` runs as the root's forward
+        (:func:`mmrl.train.distributed.root_forward`); rollouts and TW weights run with the
+        weights gathered."""
         from torch.distributed.fsdp import fully_shard
         if self.is_peft:
             raise ValueError("train.parallel=fsdp shards full fine-tuning; video.finetune=lora: "
                              "use train.parallel=ddp (a LoRA adapter is small enough to "
                              "replicate)")
-        for layer in self.base.model.language_model.layers:
+        for layer in self.adapter.decoder_layers(self.base):
             fully_shard(layer)
         fully_shard(self.model)
         self._fsdp = self.model
@@ -201,25 +212,8 @@ class QwenVLPolicy(GroupPolicy):
 
     # ------------------------------------------------------------------ prompts
     def _encode_one(self, messages) -> Dict[str, torch.Tensor]:
-        kinds = {item.get("type") for m in messages if isinstance(m.get("content"), list)
-                 for item in m["content"] if isinstance(item, dict)}
-        if "video" in kinds:
-            batch = build_qwen_video_inputs([messages], self.processor, on_error="raise",
-                                            **self.video)
-            return dict(batch.inputs)
-        text = self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-        images = None
-        if "image" in kinds:
-            from PIL import Image
-            src = next(item["image"] for m in messages if isinstance(m.get("content"), list)
-                       for item in m["content"] if isinstance(item, dict) and
-                       item.get("type") == "image")
-            try:
-                images = [src if isinstance(src, Image.Image) else Image.open(src).convert("RGB")]
-            except (OSError, ValueError) as err:
-                raise VideoError(str(src), "unreadable_image", str(err)) from None
-        return dict(self.processor(text=[text], images=images, return_tensors="pt"))
+        """One prompt's processor tensors (the adapter's ``encode``)."""
+        return self.adapter.encode(messages, self.processor, self.video)
 
     def encode_prompts(self, conversations) -> tuple:
         """``(PromptCache, kept prompt indices)``; unreadable media are skipped and counted."""
@@ -232,81 +226,46 @@ class QwenVLPolicy(GroupPolicy):
                 continue
             kept.append(i)
         P = max((r["input_ids"].shape[1] for r in rows), default=0)
+        D = self.adapter.position_dims
         ids = torch.full((len(rows), P), self.tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros(len(rows), P, dtype=torch.long)
-        pos = torch.ones(3, len(rows), P, dtype=torch.long)
+        pos = torch.ones(D, len(rows), P, dtype=torch.long)  # left padding gets position 1
         next_pos, vision = torch.zeros(len(rows), dtype=torch.long), []
         for u, r in enumerate(rows):
             n = r["input_ids"].shape[1]
             ids[u, P - n:], attn[u, P - n:] = r["input_ids"][0], 1
-            p, _ = mrope_position_ids(self.base.model, {k: v for k, v in r.items()
-                                                        if k != "attention_mask"})
+            p, next_pos[u] = self.adapter.positions(self.base, r)  # [D, 1, n], int
             pos[:, u, P - n:] = p[:, 0]
-            next_pos[u] = int(p.max()) + 1
-            vision.append({k: v for k, v in r.items() if k in (
-                "pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw")})
+            vision.append(self.adapter.vision_payload(r))
         return PromptCache(ids, attn, pos, next_pos, vision), kept
 
-    def _prompt_embeds(self, model, cache: PromptCache, uniq: torch.Tensor) -> tuple:
-        """``([U', P, H] input embeddings, DeepStack)`` of prompts ``uniq``, vision encoded once
-        each. DeepStack (Qwen3-VL) is one ``[U', P, H]`` tensor per injected decoder layer, the
-        tower's features at the visual slots and zeros elsewhere; None for other models."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        inner = base.model
-        ids = cache.ids[uniq].to(self.device)
-        emb = inner.get_input_embeddings()(ids)
-        deep = None
-        for key, grid_key, token_id, fn in (
-                ("pixel_values_videos", "video_grid_thw", self.cfg.video_token_id,
-                 inner.get_video_features),
-                ("pixel_values", "image_grid_thw", self.cfg.image_token_id,
-                 inner.get_image_features)):
-            parts = [cache.vision[u] for u in uniq.tolist() if key in cache.vision[u]]
-            if not parts:
-                continue
-            pix = torch.cat([p[key] for p in parts]).to(self.device)
-            grid = torch.cat([p[grid_key] for p in parts]).to(self.device)
-            out = fn(pix, grid, return_dict=True)
-            slots = (ids == token_id).unsqueeze(-1).expand_as(emb)
-            emb = emb.masked_scatter(slots, torch.cat(out.pooler_output).to(emb.dtype))
-            stack = getattr(out, "deepstack_features", None)
-            if stack:
-                deep = deep or [torch.zeros_like(emb) for _ in stack]
-                deep = [d.masked_scatter(slots, torch.cat(f).to(emb.dtype))
-                        for d, f in zip(deep, stack)]
-        return emb, deep
-
-    def _deepstack_kwargs(self, cache: PromptCache, pidx: torch.Tensor, inv: torch.Tensor,
-                          deep, extra: int) -> Dict[str, Any]:
-        """Qwen3-VL language-model kwargs for rows ``pidx`` (``inv`` indexes the unique prompts'
-        DeepStack): ``visual_pos_masks [b, P + extra]`` (response positions are never visual)
-        and the features at those slots in row-major order; ``{}`` without DeepStack."""
-        if deep is None:
-            return {}
-        vision_ids = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id])
-        vis = torch.isin(cache.ids[pidx], vision_ids).to(self.device)  # [b, P]
-        r, c = vis.nonzero(as_tuple=True)
+    def _prompt_embeds(self, base, cache: PromptCache, pidx: torch.Tensor, t: int) -> tuple:
+        """``([b, P, H] prompt embeddings, language-model kwargs)`` of rows ``pidx`` followed by
+        ``t`` response tokens: vision runs once per unique prompt and is expanded to the rows by
+        indexing."""
+        uniq, inv = torch.unique(pidx, return_inverse=True)
+        ids = cache.ids[uniq].to(self.device)  # [U', P]
+        emb, state = self.adapter.prompt_embeds(base, ids, [cache.vision[u]
+                                                            for u in uniq.tolist()])
         inv = inv.to(self.device)
-        return {"visual_pos_masks": F.pad(vis, (0, extra), value=False),
-                "deepstack_visual_embeds": [d[inv[r], c] for d in deep]}
+        return emb[inv], self.adapter.lm_kwargs(state, ids, inv, t)  # [U', P, H] -> [b, P, H]
 
     def _hidden(self, model, cache: PromptCache, pidx: torch.Tensor, resp: torch.Tensor):
-        """Last hidden states ``[b, P + t, H]`` of prompts ``pidx`` followed by ``resp``."""
-        uniq, inv = torch.unique(pidx, return_inverse=True)
-        # [U', P, H] -> [b, P, H]: vision once per unique prompt, expanded by indexing
-        emb_p, deep = self._prompt_embeds(model, cache, uniq)
-        emb_p = emb_p[inv.to(self.device)]
+        """``(last hidden states [b, P + t, H], lm head)`` of prompts ``pidx`` followed by
+        ``resp [b, t]``."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        ad = self.adapter
         resp = resp.to(self.device)
-        emb = torch.cat([emb_p, base.model.get_input_embeddings()(resp)], 1)
         t = resp.shape[1]
+        emb_p, kwargs = self._prompt_embeds(base, cache, pidx, t)
+        emb = torch.cat([emb_p, ad.embed_tokens(base)(resp)], 1)
         attn = torch.cat([cache.attn[pidx], torch.ones(len(pidx), t, dtype=torch.long)], 1)
         rpos = cache.next_pos[pidx][:, None] + torch.arange(t)  # [b, t]
-        pos = torch.cat([cache.pos[:, pidx], rpos.expand(3, -1, -1)], 2)
-        out = base.model.language_model(inputs_embeds=emb, attention_mask=attn.to(self.device),
-                                        position_ids=pos.to(self.device), use_cache=False,
-                                        **self._deepstack_kwargs(cache, pidx, inv, deep, t))
-        return out.last_hidden_state, base.lm_head
+        pos = torch.cat([cache.pos[:, pidx], rpos.expand(ad.position_dims, -1, -1)], 2)
+        out = ad.language_model(base)(inputs_embeds=emb, attention_mask=attn.to(self.device),
+                                      position_ids=ad.lm_positions(pos.to(self.device)),
+                                      use_cache=False, **kwargs)
+        return out.last_hidden_state, ad.lm_head(base)
 
     def _logprobs(self, head, hidden: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled log-softmax ``[..., V]`` (fp32), restricted to the allowed ids
@@ -334,26 +293,23 @@ class QwenVLPolicy(GroupPolicy):
     def _generate(self, cache: PromptCache, pidx: torch.Tensor, generator: torch.Generator):
         """KV-cached sampling -> ``(tokens [B, T], mask [B, T], logp [B, T])``."""
         from transformers import DynamicCache
-        base = self.base
+        base, ad = self.base, self.adapter
+        lm, embed, head = ad.language_model(base), ad.embed_tokens(base), ad.lm_head(base)
         was_training = self.model.training
         self.model.eval()
-        uniq, inv = torch.unique(pidx, return_inverse=True)
-        emb, deep = self._prompt_embeds(self.model, cache, uniq)
-        emb = emb[inv.to(self.device)]  # [B, P, H]
-        extra = self._deepstack_kwargs(cache, pidx, inv, deep, 0)  # prompt (prefill) step only
+        emb, extra = self._prompt_embeds(base, cache, pidx, 0)  # [B, P, H]; kwargs: prefill only
         attn = cache.attn[pidx].to(self.device)
         pos = cache.pos[:, pidx].to(self.device)
         kv = DynamicCache(config=base.config.get_text_config())
-        B = len(pidx)
+        B, D = len(pidx), ad.position_dims
         tokens, logps = [], []
         done = torch.zeros(B, dtype=torch.bool)
         ends = torch.tensor(self.eos)
         texts = [""] * B
         for t in range(self.max_new_tokens):
-            h = base.model.language_model(inputs_embeds=emb, attention_mask=attn,
-                                          position_ids=pos, cache=kv, use_cache=True,
-                                          **(extra if t == 0 else {})).last_hidden_state[:, -1]
-            lp = self._logprobs(base.lm_head, h)  # [B, V]
+            h = lm(inputs_embeds=emb, attention_mask=attn, position_ids=ad.lm_positions(pos),
+                   cache=kv, use_cache=True, **(extra if t == 0 else {})).last_hidden_state[:, -1]
+            lp = self._logprobs(head, h)  # [B, V]
             nxt = self._sample(lp, generator)  # [B]
             tokens.append(nxt)
             logps.append(lp.gather(-1, nxt[:, None].to(lp.device))[:, 0].cpu())
@@ -365,9 +321,9 @@ class QwenVLPolicy(GroupPolicy):
             done |= stopped
             if bool(done.all()):
                 break
-            emb = base.model.get_input_embeddings()(nxt[:, None].to(self.device))
+            emb = embed(nxt[:, None].to(self.device))
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=self.device)], 1)
-            pos = (cache.next_pos[pidx] + t).view(1, B, 1).expand(3, B, 1).to(self.device)
+            pos = (cache.next_pos[pidx] + t).view(1, B, 1).expand(D, B, 1).to(self.device)
         self.model.train(was_training)
         tokens, logps = torch.stack(tokens, 1), torch.stack(logps, 1)  # [B, T]
         ended = torch.isin(tokens, ends).cumsum(1)
@@ -513,3 +469,4 @@ def _cut_at_stop_strings(tok, tokens: torch.Tensor, mask: torch.Tensor, stop: Se
     return out
 
 
+QwenVLPolicy = VLMPolicy  # the old name (a Qwen model gets the Qwen adapter from the registry)

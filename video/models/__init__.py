@@ -7,16 +7,18 @@ the tiny-model names); adapters are imported when first asked for.
 
 - :func:`adapter_for` ``(model_type) -> VLMAdapter`` (raises with the supported list).
 - :func:`adapter_for_path` ``(path) -> VLMAdapter`` from a checkpoint's config.json.
-- :data:`TINY_MODELS` ``{job model name: (model_type, folder under output_dir)}``.
+- :data:`TINY_MODELS` ``{job model name: (model_type, folder under output_dir)}``;
+  :func:`build_default_tiny` builds one with its family's ``build_tiny``.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["FAMILIES", "Family", "TINY_MODELS", "adapter_for", "adapter_for_path",
-           "family_for", "supported_model_types"]
+           "build_default_tiny", "default_tiny_dir", "family_for", "supported_model_types"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,28 @@ def adapter_for_path(path: str):
     (no weights are read)."""
     from transformers import AutoConfig
     return adapter_for(AutoConfig.from_pretrained(path).model_type)
+
+
+def default_tiny_dir(output_dir: Optional[str] = None, name: str = "tiny") -> str:
+    """Where the job keeps the tiny model ``name``: ``<output_dir>/<its folder>`` (e.g.
+    ``tiny_qwen_vl`` for ``tiny``, a Qwen2.5-VL).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`TINY_MODELS`.
+    """
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r} (known: {', '.join(TINY_MODELS)}); pass "
+                         "one of these names, or a checkpoint folder as video.model")
+    return os.path.join(output_dir or ".", TINY_MODELS[name][1])
+
+
+def build_default_tiny(name: str, output_dir: Optional[str] = None) -> str:
+    """Build (or keep) the tiny model ``name`` in :func:`default_tiny_dir` -> its folder, with
+    its family's ``build_tiny``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`TINY_MODELS`.
+    """
+    folder = default_tiny_dir(output_dir, name)  # checks the name
+    model_type = TINY_MODELS[name][0]
+    return adapter_for(model_type).build_tiny(folder, model_type=model_type)

@@ -62,7 +62,7 @@ The surface (what the policy calls, in the order a rollout calls it)::
         save a tiny random model + processor (offline, seconds on CPU) with save_pretrained
     export(policy, path, merge_lora=False, state_dict=None) -> str
         the trained model in its library's format (default:
-        :func:`mmrl.video.export.export_vlm`, a transformers folder, kind = ``name``)
+        :func:`mmrl.video.models.export.export_vlm`, a transformers folder, kind = ``name``)
 
 The defaults below fit transformers' ``*ForConditionalGeneration`` VLMs with
 ``base.model.language_model``, ``base.lm_head`` and 1-D positions; a family overrides what
@@ -167,8 +167,8 @@ class VLMAdapter:
 
     def export(self, policy, path: str, merge_lora: bool = False,
                state_dict: Optional[Dict[str, Any]] = None) -> str:
-        """The model in transformers' format (:func:`mmrl.video.export.export_vlm`)."""
-        from mmrl.video.export import export_vlm
+        """The model in transformers' format (:func:`mmrl.video.models.export.export_vlm`)."""
+        from mmrl.video.models.export import export_vlm
         return export_vlm(policy, path, kind=self.name, merge_lora=merge_lora,
                           state_dict=state_dict)
 

@@ -1,0 +1,170 @@
+"""The "video" job's config section: :class:`VideoConfig`, its cross-checks (:func:`check`),
+the file checks before a run (:func:`preflight`), the ``algo`` defaults it implies, and the job's
+registration. Torch-free: module-level imports are the standard library and ``mmrl.config`` only;
+the run itself is :func:`mmrl.video.job.run`, imported when the job starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from mmrl.config.core import UserError, cfg
+from mmrl.config.jobs import Job, register_job
+
+_REWARDS = {"accuracy": 1.0, "think_answer_format": 0.5}
+
+
+@dataclass
+class VideoConfig:
+    """Model, data, decoding and video inputs of the video trainer."""
+
+    model: str = cfg("Qwen/Qwen2.5-VL-7B-Instruct", "Hub id or local folder of a checkpoint "
+                     "(model + processor) of a registered family (mmrl.video.models: Qwen2-VL, "
+                     "Qwen2.5-VL, Qwen3-VL, ...; picked by config.model_type); 'tiny' builds a "
+                     "~190k-parameter Qwen2.5-VL in <output_dir>/tiny_qwen_vl (the demo), "
+                     "'tiny_qwen2' / 'tiny_qwen3' a tiny Qwen2-VL / Qwen3-VL in "
+                     "<output_dir>/tiny_qwen2_vl / tiny_qwen3_vl.",
+                     source="Video-R1 arXiv 2503.21776")
+    data: str = cfg("synthetic", "Video-R1-style JSONL (problem, options, solution, "
+                    "problem_type, data_type, path), or 'synthetic' for the generated "
+                    "moving-square task in <output_dir>/synthetic.")
+    limit: Optional[int] = cfg(None, "Use only the first N good records (null = all).", minimum=1)
+    synthetic_kind: str = cfg("direction", "Synthetic task: direction (which way the square "
+                              "moves) or color (which colour it is).",
+                              choices=["direction", "color"])
+    synthetic_num: int = cfg(256, "Synthetic task: number of videos generated.", minimum=1)
+    template: str = cfg("video_r1", "Prompt template: video_r1, tw_grpo or plain.",
+                        choices=["video_r1", "tw_grpo", "plain"], source="mmrl.video.data")
+    system_prompt: Optional[str] = cfg(None, "Optional system message.")
+    rewards: Dict[str, Any] = cfg(doc="Reward spec for build_vl_reward: {name: weight} or "
+                                  "{name: {weight: w, **options}}; the weights become "
+                                  "algo.reward_weights unless those are set.",
+                                  default_factory=lambda: dict(_REWARDS),
+                                  source="Video-R1 (accuracy + format)")
+    qa_inversion: float = cfg(0.0, "Probability of adding a question-answer inverted copy of "
+                              "each multiple-choice record.", minimum=0.0, maximum=1.0,
+                              source="TW-GRPO arXiv 2505.24718")
+    finetune: str = cfg("lora", "lora (peft adapter on the language model; reference = adapter "
+                        "disabled) or full (reference = frozen copy).", choices=["lora", "full"])
+    lora_rank: int = cfg(64, "LoRA rank.", minimum=1)
+    lora_alpha: int = cfg(128, "LoRA alpha (scale alpha / rank).", minimum=1)
+    lora_targets: List[str] = cfg(doc="Language-model linear layers that get LoRA.",
+                                  default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                           "gate_proj", "up_proj", "down_proj"])
+    freeze_vision: bool = cfg(True, "Freeze the vision tower and merger (Video-R1 does).")
+    gradient_checkpointing: bool = cfg(False, "Recompute activations in backward (less memory).")
+    dtype: str = cfg("bfloat16", "Weights dtype: float32, bfloat16, float16.",
+                     choices=["float32", "bfloat16", "float16"])
+    temperature: float = cfg(1.0, "Sampling temperature (logp is of the scaled distribution).",
+                             minimum=1e-3, source="Video-R1 (1.0)")
+    top_p: float = cfg(1.0, "Nucleus sampling mass.", minimum=1e-3, maximum=1.0)
+    max_new_tokens: int = cfg(768, "Most tokens per completion.", minimum=1,
+                              source="Video-R1 (768)")
+    stop: List[str] = cfg(doc="Stop strings (a completion ends after the first one).",
+                          default_factory=list)
+    allowed_answers: List[str] = cfg(doc="Constrained decoding: sample only the tokens of these "
+                                     "strings and the end token (the demo's answer letters); "
+                                     "empty = the whole vocabulary.", default_factory=list)
+    video_mode: str = cfg("uniform", "Video tokens: uniform (qwen-vl-utils) or slow_fast "
+                          "(Keye-VL 1.5).", choices=["uniform", "slow_fast"])
+    fps: float = cfg(2.0, "Frames sampled per second.", minimum=0.01, source="Video-R1 (2)")
+    max_frames: Optional[int] = cfg(16, "Most frames per video.", minimum=2,
+                                    source="Video-R1 (16)")
+    token_budget: int = cfg(16384, "slow_fast: visual tokens per video.", minimum=1)
+    min_tokens: int = cfg(48, "slow_fast: fewest tokens per frame.", minimum=1)
+    max_tokens: int = cfg(768, "slow_fast: most tokens per slow frame.", minimum=1)
+    tw_chunk: int = cfg(64, "TW-GRPO: positions per chunk of full-vocabulary log-probs.",
+                        minimum=1)
+    difficulty_augmentation: bool = cfg(
+        False, "Re-roll each group whose rewards are all equal once as a harder variant "
+        "(frames dropped and noised) when its mean is above the moving reference, or an easier "
+        "one (a hint) when below; the variant replaces the group.",
+        source="DeepVideo-R1 arXiv 2506.07464")
+    difficulty_momentum: float = cfg(0.9, "Momentum of the moving reference of group-mean "
+                                     "reward.", minimum=0.0, maximum=0.999)
+    harder_noise_std: float = cfg(25.0, "Harder variant: Gaussian pixel noise (uint8 units).",
+                                  minimum=0.0)
+    harder_drop_ratio: float = cfg(0.25, "Harder variant: fraction of frames dropped.",
+                                   minimum=0.0, maximum=0.9)
+    hint_eliminate: int = cfg(1, "Easier variant of a multiple-choice question: wrong options "
+                              "ruled out in the hint.", minimum=1)
+    temporal_contrast: bool = cfg(
+        False, "T-GRPO: also roll out every video group on shuffled frames (scored, not "
+        "trained); correct samples of a group with accuracy p >= temporal_mu * p(shuffled) get "
+        "+temporal_alpha in a 'temporal' reward column.", source="Video-R1 arXiv 2503.21776")
+    temporal_alpha: float = cfg(0.3, "T-GRPO bonus α.", minimum=0.0, source="Video-R1 (0.3)")
+    temporal_mu: float = cfg(0.8, "T-GRPO ratio μ.", minimum=0.0, source="Video-R1 (0.8)")
+
+    def problems(self) -> List[str]:
+        out = []
+        if self.data != "synthetic" and not self.data.endswith((".jsonl", ".json")):
+            out.append(f"data: got {self.data!r}; expected a .jsonl/.json file or "
+                       f"'synthetic'")
+        if not self.rewards:
+            out.append("rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
+        if self.temporal_contrast and "accuracy" not in self.rewards:
+            out.append("temporal_contrast needs the 'accuracy' reward in video.rewards")
+        if self.min_tokens > self.max_tokens:
+            out.append(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+        if self.rewards:
+            out.extend(reward_spec_problems(self.rewards))
+        return out
+
+
+def reward_spec_problems(spec) -> List[str]:
+    """``video.rewards`` problems (keys relative to the section): the spec is built (cheap:
+    rule rewards, no model); a ``ValueError``/``TypeError`` it raises (unknown name, bad option,
+    bad weight) or a weight that is not finite is reported."""
+    import math
+
+    from .vl_rewards import build_vl_reward
+    try:
+        weights = build_vl_reward(spec).weights
+    except (ValueError, TypeError) as err:
+        return [f"rewards: {err}"]
+    return [f"rewards: {name} weight={w!r}; expected a finite number"
+            for name, w in weights.items() if not math.isfinite(w)]
+
+
+def check(algo, train, c: VideoConfig) -> List[str]:
+    """Cross-section problems of a video config (prompt counts known before reading data)."""
+    out = []
+    if c.data == "synthetic" and c.synthetic_num < train.prompts_per_step:
+        out.append(f"video.synthetic_num: got {c.synthetic_num}, fewer than train."
+                   f"prompts_per_step={train.prompts_per_step} (a step draws that many distinct "
+                   f"prompts); raise synthetic_num or lower prompts_per_step")
+    if c.limit is not None and c.limit < train.prompts_per_step:
+        out.append(f"video.limit: got {c.limit}, fewer than train.prompts_per_step="
+                   f"{train.prompts_per_step}; raise the limit or lower prompts_per_step")
+    return out
+
+
+def preflight(config) -> List[str]:
+    """The data file and the model exist on this machine (nothing is read or loaded)."""
+    from mmrl.config.jobs import file_problems, model_problems
+
+    from .models import TINY_MODELS
+    c: VideoConfig = config.task
+    out = []
+    if c.data != "synthetic":
+        out.extend(file_problems("video.data", c.data, "data file"))
+    if c.model not in TINY_MODELS:
+        out.extend(model_problems("video.model", c.model, "config.json"))
+    return out
+
+
+def algo_defaults(c: VideoConfig) -> Dict[str, Any]:
+    """The ``algo`` defaults this section implies: ``max_len`` = ``max_new_tokens``."""
+    return {"max_len": c.max_new_tokens}
+
+
+def _run(config) -> Dict[str, Any]:
+    from mmrl.video.job import run  # torch, transformers: only when the job runs
+    return run(config)
+
+
+register_job(Job("video", VideoConfig, _run,
+                 "GRPO-family training of a vision-language model (Qwen2-VL, Qwen2.5-VL, "
+                 "Qwen3-VL, ... : mmrl.video.models) on video/image questions (Video-R1 data, "
+                 "verifiable rewards)", check=check, preflight=preflight,
+                 algo_defaults=algo_defaults))
