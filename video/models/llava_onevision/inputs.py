@@ -5,8 +5,9 @@ for the released checkpoints, the tiny model's ``image_size`` here); each frame 
 ``ceil(p/2)²`` tokens after the 2×2 bilinear pooling (``p = image_size / patch_size``) and one
 learned newline token closes the video. So the token count depends only on the frame count:
 the job's ``fps`` and ``max_frames`` choose the frames (:func:`mmrl.video.io.read_video`, the
-same sampling as the Qwen family) and its Qwen-specific keys (``mode``, the slow-fast budgets)
-do not apply. Images go through the processor's anyres tiling (one image per prompt) or its
+same sampling as the Qwen family's ``uniform`` mode) and the slow-fast keys (``mode:
+slow_fast``, its token budgets) do not apply: ``mode: slow_fast`` warns once and samples
+uniformly. Images go through the processor's anyres tiling (one image per prompt) or its
 multi-image path (several).
 
 The released chat template reads each message's ``content`` as a list of typed items (a plain
@@ -16,6 +17,7 @@ transformers is imported inside the functions.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -108,7 +110,8 @@ def encode_conversation(messages: Sequence[Mapping], processor,
         messages: a conversation in qwen-vl-utils format
             (:func:`mmrl.video.data.build_messages`).
         processor: a ``LlavaOnevisionProcessor``.
-        video_options: the job's video keywords; ``fps`` and ``max_frames`` are used.
+        video_options: the job's video keywords; ``fps`` and ``max_frames`` are used
+            (``mode`` other than ``uniform`` warns).
 
     Raises:
         VideoError: unreadable media.
@@ -116,6 +119,11 @@ def encode_conversation(messages: Sequence[Mapping], processor,
             stacks a prompt's videos).
     """
     fps = float(video_options.get("fps", 2.0))
+    if video_options.get("mode", "uniform") != "uniform":
+        warnings.warn(f"video mode={video_options['mode']!r} does not apply to LLaVA-OneVision "
+                      f"(a fixed number of tokens per frame); frames are sampled uniformly by "
+                      f"fps and max_frames. Set video.video_mode=uniform to silence this.",
+                      UserWarning, stacklevel=2)
     max_frames = video_options.get("max_frames")
     videos, images = [], []
     for kind, item in media_items(messages):
