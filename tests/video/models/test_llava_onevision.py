@@ -77,9 +77,10 @@ def test_video_is_four_tokens_per_frame_plus_newline_and_string_contents_render(
         assert out["pixel_values_videos"].shape == (1, frames, 3, 56, 56)
         assert int((out["input_ids"] == vid).sum()) == 4 * frames + 1
     text = proc.tokenizer.decode(out["input_ids"][0])
-    assert text.startswith("<|im_start|>system\nAnswer with a letter.<|im_end|>\n"
-                           "<|im_start|>user\n<video>")
-    assert text.endswith("Which way does the square move?<|im_end|>\n<|im_start|>assistant\n")
+    # the release's template renders list contents only: the system string became a text item
+    assert text == ("<|im_start|>system \nAnswer with a letter.<|im_end|>\n<|im_start|>user "
+                    + "<video>" * (4 * 4 + 1) + "\nWhich way does the square move?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
     assert ad.end_token_ids(proc.tokenizer) == sorted(
         proc.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     with pytest.warns(UserWarning, match="slow_fast.*does not apply to LLaVA-OneVision"):

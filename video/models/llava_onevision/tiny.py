@@ -16,14 +16,14 @@ import os
 import shutil
 import tempfile
 
+# The release's layout: per message the images, then the videos, then each text after a newline;
+# list contents only (a string content renders nothing: inputs.py turns it into a text item).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}"
-    "{% elif item['type'] == 'image' %}<image>\n"
-    "{% elif item['type'] == 'video' %}<video>\n"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% for c in m['content'] if c['type'] == 'image' %}<image>{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'video' %}<video>{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ '\\n' ~ c['text'] }}{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
