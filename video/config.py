@@ -23,7 +23,8 @@ class VideoConfig:
                      "Qwen2.5-VL, Qwen3-VL, ...; picked by config.model_type); 'tiny' builds a "
                      "~190k-parameter Qwen2.5-VL in <output_dir>/tiny_qwen_vl (the demo), "
                      "'tiny_qwen2' / 'tiny_qwen3' a tiny Qwen2-VL / Qwen3-VL in "
-                     "<output_dir>/tiny_qwen2_vl / tiny_qwen3_vl.",
+                     "<output_dir>/tiny_qwen2_vl / tiny_qwen3_vl (every tiny name: "
+                     "mmrl.video.models.TINY_MODELS).",
                      source="Video-R1 arXiv 2503.21776")
     data: str = cfg("synthetic", "Video-R1-style JSONL (problem, options, solution, "
                     "problem_type, data_type, path), or 'synthetic' for the generated "

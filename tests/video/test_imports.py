@@ -1,0 +1,56 @@
+"""The video package's import shape: the job's config section, the CLI and the family registry
+load without torch; every public name (old module paths included) still imports."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "numpy", "transformers", "peft", "PIL")
+
+
+def _loaded_after(code: str) -> list:
+    """The heavy modules a fresh interpreter holds after running ``code``."""
+    probe = f"{code}; import sys; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    return eval(out[-1])  # noqa: S307 (our own print of a list of names)
+
+
+def test_config_cli_and_registry_import_without_torch():
+    assert _loaded_after("import mmrl.video, mmrl.video.config, mmrl.video.cli, "
+                         "mmrl.video.models") == []
+
+
+def test_the_video_job_registers_and_validates_without_loading_its_run():
+    code = ("from mmrl.video.config import VideoConfig; c = VideoConfig(); "
+            "from mmrl.config.jobs import get_job; job = get_job('video'); "
+            "assert job.algo_defaults(c) == {'max_len': 768}; "
+            "assert job.run.__module__ == 'mmrl.video.config'")
+    assert _loaded_after(code) == []
+
+
+def test_every_public_name_and_old_module_path_still_imports():
+    import mmrl.video as video
+    from mmrl.video.export import MANIFEST, export_qwen_vl, export_vlm  # noqa: F401
+    from mmrl.video.mrope import check_model_type, mrope_position_ids  # noqa: F401
+    from mmrl.video.policy import QwenVLPolicy, VLMPolicy, load_qwen_vl, load_vlm
+    from mmrl.video.qwen_inputs import build_qwen_video_inputs, qwen25_position_ids  # noqa
+    from mmrl.video.tiny import TINY_MODELS, build_default_tiny, build_tiny_qwen3_vl  # noqa
+    from mmrl.video.train import VideoConfig, build_policy, run  # noqa: F401
+    assert QwenVLPolicy is VLMPolicy and load_qwen_vl is load_vlm
+    for name in video.__all__:
+        assert getattr(video, name) is not None, name
+    assert set(TINY_MODELS) == {"tiny", "tiny_qwen2", "tiny_qwen3"}
+
+
+def test_an_unknown_model_type_or_tiny_name_lists_the_supported_ones():
+    from mmrl.video.models import adapter_for, default_tiny_dir, supported_model_types
+    assert supported_model_types()[:3] == ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+    with pytest.raises(NotImplementedError, match=r"model_type='llava' is not supported.*"
+                                                  r"\(supported: qwen2_vl, qwen2_5_vl, qwen3_vl"):
+        adapter_for("llava")
+    with pytest.raises(ValueError, match="unknown tiny model 'tiny_x' .known: tiny, tiny_qwen2"):
+        default_tiny_dir("out", "tiny_x")
+    assert default_tiny_dir("out", "tiny_qwen3") == "out/tiny_qwen3_vl"
