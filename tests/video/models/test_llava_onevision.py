@@ -5,7 +5,7 @@ The inherited conformance suite (tests/video/models/vlm_conformance.py), then wh
 to the family: the video token count (4 per frame + the newline), string contents rendered by a
 list-only chat template, log-probs of left-padded video prompts and of an anyres (3-tile) image
 prompt equal to transformers' own ``LlavaOnevisionForConditionalGeneration`` forward on each
-unpadded sequence, what ``freeze_vision`` and LoRA touch, and the job's ``tiny_llava_onevision``
+unpadded sequence, what ``freeze_vision`` and LoRA touch, and the job's ``tiny_llava_ov``
 model name."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from vlm_conformance import VLMAdapterConformance  # noqa: E402
 
-from mmrl.video.models.llava_onevision.adapter import LlavaOnevisionAdapter  # noqa: E402
+from mmrl.video.models.llava_onevision.adapter import LlavaOneVisionAdapter  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -31,7 +31,7 @@ VIDEO = {"mode": "uniform", "fps": 4.0, "max_frames": 4}
 class TestLlavaOnevision(VLMAdapterConformance):
     """The inherited conformance suite (tests/video/models/vlm_conformance.py)."""
 
-    adapter = LlavaOnevisionAdapter()
+    adapter = LlavaOneVisionAdapter()
     model_type = "llava_onevision"
 
 
@@ -160,14 +160,14 @@ def test_freeze_vision_freezes_tower_projector_and_newline_and_lora_is_text_only
     assert all(".language_model." in n and ".lora_" in n for n in names)
 
 
-def test_job_model_name_builds_the_tiny_llava_onevision_trains_and_exports_it(tmp_path):
-    """``video.model: tiny_llava_onevision`` (the registry's tiny name; the 3-step job on a
+def test_job_model_name_builds_the_tiny_llava_ov_trains_and_exports_it(tmp_path):
+    """``video.model: tiny_llava_ov`` (the registry's tiny name; the 3-step job on a
     model folder is the conformance suite's): built in its folder, trained, exported."""
     from transformers import AutoModelForImageTextToText
 
     from mmrl.cli.main import main
     out = tmp_path / "run"
-    rc = main(["train", os.path.join(ROOT, "configs/demo/video_tiny_llava_onevision.yaml"),
+    rc = main(["train", os.path.join(ROOT, "configs/demo/video_tiny_llava_ov.yaml"),
                "train.steps=2", "train.prompts_per_step=2", "train.group_size=4",
                "train.log_every=1", "train.progress=false", f"train.output_dir={out}",
                "video.synthetic_num=2"])
@@ -176,7 +176,7 @@ def test_job_model_name_builds_the_tiny_llava_onevision_trains_and_exports_it(tm
     assert [m["samples"] for m in metrics] == [8, 8]
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
     # both folders through the library's own loader: the built tiny model, the export
-    start = AutoModelForImageTextToText.from_pretrained(out / "tiny_llava_onevision")
+    start = AutoModelForImageTextToText.from_pretrained(out / "tiny_llava_ov")
     model = AutoModelForImageTextToText.from_pretrained(out / "hf")
     assert start.config.model_type == model.config.model_type == "llava_onevision"
     before, after = start.state_dict(), model.state_dict()

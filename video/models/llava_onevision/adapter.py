@@ -24,7 +24,7 @@ from mmrl.video.models.base import VLMAdapter
 
 from .inputs import encode_conversation
 
-__all__ = ["LlavaOnevisionAdapter"]
+__all__ = ["LlavaOneVisionAdapter"]
 
 
 class _Newline(nn.Module):
@@ -35,7 +35,7 @@ class _Newline(nn.Module):
         self.image_newline = param
 
 
-class LlavaOnevisionAdapter(VLMAdapter):
+class LlavaOneVisionAdapter(VLMAdapter):
     """LLaVA-OneVision behind :class:`~mmrl.video.models.base.VLMAdapter`."""
 
     name = "llava_onevision"
@@ -43,10 +43,12 @@ class LlavaOnevisionAdapter(VLMAdapter):
     position_dims = 1
 
     def vision_modules(self, base) -> List[nn.Module]:
+        """The SigLIP tower, the projector and ``image_newline`` (frozen by ``freeze_vision``)."""
         inner = base.model
         return [inner.vision_tower, inner.multi_modal_projector, _Newline(inner.image_newline)]
 
     def end_token_ids(self, tokenizer) -> List[int]:
+        """EOS, ``<|im_end|>`` and ``<|endoftext|>`` where the vocabulary has them."""
         ids = [tokenizer.eos_token_id]
         for token in ("<|im_end|>", "<|endoftext|>"):
             i = tokenizer.convert_tokens_to_ids(token)
@@ -110,7 +112,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return torch.cat(out)
 
     def build_tiny(self, folder: str, model_type: Optional[str] = None, **kw) -> str:
-        """A tiny LLaVA-OneVision (see :func:`~mmrl.video.models.llava_onevision.tiny.build_tiny_llava_onevision`)."""
+        """A tiny LLaVA-OneVision in ``folder`` -> folder (keywords: see
+        :func:`~mmrl.video.models.llava_onevision.tiny.build_tiny_llava_onevision`)."""
         from .tiny import build_tiny_llava_onevision
         self.check(model_type or self.model_types[0])
         return build_tiny_llava_onevision(folder, **kw)
