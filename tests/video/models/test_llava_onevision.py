@@ -138,6 +138,10 @@ def test_anyres_image_prompt_logp_equals_transformers_forward(llava_dir, tmp_pat
     assert inputs["pixel_values"].shape[:2] == (1, 3)
     img_id = policy.processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((inputs["input_ids"] == img_id).sum()) == 52
+    # the same pixels as an array (the difficulty augmenter's noised copy): the same inputs
+    pixels = [{**conv[0], "content": [{"type": "image", "image": img}, conv[0]["content"][1]]}]
+    same = policy.adapter.encode(pixels, policy.processor, VIDEO)
+    assert all(torch.equal(same[k], inputs[k]) for k in inputs)
     logp = policy.logp(roll, torch.arange(2), 0, roll.mask.shape[1]).detach()
     for row in range(2):
         n = int(roll.mask[row].sum())

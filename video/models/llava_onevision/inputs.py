@@ -85,7 +85,8 @@ def load_frames(item: Mapping, fps: float, max_frames: Optional[int]) -> torch.T
 
 
 def load_image(item: Mapping):
-    """The PIL image of an image item (a path or a PIL image), RGB.
+    """The RGB PIL image of an image item: a path, a PIL image, or uint8 ``[H, W, 3]`` /
+    ``[1, H, W, 3]`` pixels (a noised copy from the difficulty augmenter).
 
     Raises:
         VideoError: an unreadable file (problem ``unreadable_image``).
@@ -94,9 +95,12 @@ def load_image(item: Mapping):
     src = item.get("image")
     if isinstance(src, Image.Image):
         return src.convert("RGB")
+    if isinstance(src, (torch.Tensor, np.ndarray)):
+        pixels = np.asarray(src.cpu() if isinstance(src, torch.Tensor) else src)
+        return Image.fromarray(pixels[0] if pixels.ndim == 4 else pixels).convert("RGB")
     try:
         return Image.open(src).convert("RGB")
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, AttributeError) as err:
         raise VideoError(str(src), "unreadable_image", str(err)) from None
 
 
