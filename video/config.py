@@ -118,9 +118,9 @@ def reward_spec_problems(spec) -> List[str]:
     bad weight) or a weight that is not finite is reported."""
     import math
 
-    from .vl_rewards import build_vl_reward
+    from .vl_rewards import vl_reward_parts
     try:
-        weights = build_vl_reward(spec).weights
+        weights = {name: w for name, (_, w) in vl_reward_parts(spec).items()}
     except (ValueError, TypeError) as err:
         return [f"rewards: {err}"]
     return [f"rewards: {name} weight={w!r}; expected a finite number"

@@ -1,14 +1,16 @@
-"""Text metrics of the free-text rewards: word error rate (OCR) and ROUGE-1/2/L (free-form).
+"""Text metrics of the free-text rewards: word error rate (OCR) and ROUGE-1/2/L (free-form);
+and the scores of parsed answers (multiple choice, numbers, intervals).
 
-Pure functions of strings, used by :mod:`mmrl.video.vl_rewards` (which re-exports them). Time
+Pure functions, used by :mod:`mmrl.video.vl_rewards` (which re-exports them). Time
 is linear in the hypothesis for a fixed reference: WER stops early when the hypothesis has
 ≥ 2× the reference's words, and ROUGE-L's LCS is bit-parallel.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["word_error_rate", "lcs_length", "porter_stem", "rouge_tokens", "library_rouge_tokens",
            "rouge_n_f", "rouge_f"]
@@ -146,3 +148,55 @@ def rouge_f(reference: str, hypothesis: str,
         return 0.0
     rouge_l = _f1(lcs_length(ref, hyp), len(hyp), len(ref))
     return (rouge_n_f(ref, hyp, 1) + rouge_n_f(ref, hyp, 2) + rouge_l) / 3.0
+
+
+def choice_subset_score(pred: Optional[frozenset], truth: frozenset) -> float:
+    """TW-GRPO soft multi-choice (arXiv 2505.24718): |P|/|S| if ∅ ≠ P ⊆ S else 0."""
+    if not pred or not truth or not pred <= truth:
+        return 0.0
+    return len(pred) / len(truth)
+
+
+def choice_exact_score(pred: Optional[frozenset], truth: frozenset) -> float:
+    """Strict multi-choice: 1 iff P = S (a single-answer question: the one right letter)."""
+    return 1.0 if pred and pred == truth else 0.0
+
+
+def number_exact_score(pred: Optional[float], truth: float, decimals: int = 2) -> float:
+    """Video-R1 numerical: 1 iff round(pred, 2) == round(truth, 2).
+
+    Differs from Video-R1 (whose rule ``mode="video_r1"`` keeps): it scores 0 when only one of
+    the two strings contains ``.`` or ``,`` (``"3.0"`` vs ``"3"``, ``"1,234"`` vs ``"1234"``),
+    and its answer must be one number as a whole (``"42 meters"``, ``"$42"`` score 0; here the
+    only number of a short answer is read by :func:`parse_number`); here the values decide."""
+    if pred is None:
+        return 0.0
+    return 1.0 if round(pred, decimals) == round(truth, decimals) else 0.0
+
+
+def relative_error_score(pred: Optional[float], truth: float) -> float:
+    """Video-R1 regression: 1 − min(1, |pred − truth| / |truth|); truth 0 -> 1 iff pred == 0.
+
+    Differs from Video-R1 (whose rule ``mode="video_r1"`` keeps): it adds 1e-9 to both sides of
+    the ratio, so an exact answer scores 1 − 1e-9/(|truth| + 1e-9) (just below 1) and at truth 0
+    every answer, 0 included, scores 0; an answer ``"nan"`` scores 1 there."""
+    if pred is None:
+        return 0.0
+    if truth == 0.0:
+        return 1.0 if pred == 0.0 else 0.0
+    diff = abs(pred - truth)
+    if not math.isfinite(diff):
+        return 0.0
+    return 1.0 - min(1.0, diff / abs(truth))
+
+
+def interval_iou(pred: Optional[Tuple[float, float]], truth: Tuple[float, float]) -> float:
+    """Temporal IoU of ``[start, end]`` intervals; a missing or reversed prediction is 0; two
+    identical points are 1."""
+    if pred is None or pred[0] > pred[1]:
+        return 0.0
+    inter = max(0.0, min(pred[1], truth[1]) - max(pred[0], truth[0]))
+    union = max(pred[1], truth[1]) - min(pred[0], truth[0])
+    if not math.isfinite(union) or union <= 0.0:
+        return 1.0 if tuple(pred) == tuple(truth) else 0.0
+    return inter / union

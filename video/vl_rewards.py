@@ -20,6 +20,7 @@ quadratic parts, WER and LCS in :mod:`.text_metrics`, are bounded by the ground 
 A ground truth that cannot be read is a data error: NaN (``on_bad_label="nan"``, which the loop
 drops and counts) or ``ValueError`` (``"raise"``). Registered names: ``VL_REWARDS``.
 Formulas: ../shared/ALGORITHMS.md, "Rewards for VLM tasks"; documentation: docs/video_rl.md.
+Torch loads when a reward is called (config checks use :func:`vl_reward_parts`, torch-free).
 """
 from __future__ import annotations
 
@@ -27,21 +28,20 @@ import math
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
-
 from mmrl.registry import Registry
-from mmrl.train.reward_fn import CombinedReward
-from mmrl.algo.shaping import soft_overlong_penalty
 
-from .text_metrics import (_ocr_score, _rouge_tokens, lcs_length, rouge_f, rouge_n_f,
-                           rouge_tokens, word_error_rate)
+from .text_metrics import (_ocr_score, _rouge_tokens, choice_exact_score,  # noqa: F401
+                           choice_subset_score, interval_iou, lcs_length, number_exact_score,
+                           relative_error_score, rouge_f, rouge_n_f, rouge_tokens,
+                           word_error_rate)
 from .vl_reference import (MODES, reference_solution, tw_grpo_answer, tw_grpo_choice_score,
                            tw_grpo_format_score, video_r1_answer, video_r1_choice_score,
                            video_r1_float, video_r1_format_score, video_r1_numerical_score,
                            video_r1_regression_score, video_r1_rouge)
 
 __all__ = [
-    "VL_REWARDS", "PROBLEM_TYPES", "completion_text", "extract_tag", "extract_answer",
+    "VL_REWARDS", "PROBLEM_TYPES", "vl_reward_parts", "completion_text", "extract_tag",
+    "extract_answer",
     "solution_text", "option_table", "parse_choice_letters", "parse_number", "parse_interval",
     "think_answer_format_score", "choice_subset_score", "choice_exact_score",
     "number_exact_score", "relative_error_score", "word_error_rate", "lcs_length", "rouge_n_f",
@@ -296,58 +296,6 @@ def think_answer_format_score(sample: Any) -> float:
     return 1.0
 
 
-def choice_subset_score(pred: Optional[frozenset], truth: frozenset) -> float:
-    """TW-GRPO soft multi-choice (arXiv 2505.24718): |P|/|S| if ∅ ≠ P ⊆ S else 0."""
-    if not pred or not truth or not pred <= truth:
-        return 0.0
-    return len(pred) / len(truth)
-
-
-def choice_exact_score(pred: Optional[frozenset], truth: frozenset) -> float:
-    """Strict multi-choice: 1 iff P = S (a single-answer question: the one right letter)."""
-    return 1.0 if pred and pred == truth else 0.0
-
-
-def number_exact_score(pred: Optional[float], truth: float, decimals: int = 2) -> float:
-    """Video-R1 numerical: 1 iff round(pred, 2) == round(truth, 2).
-
-    Differs from Video-R1 (whose rule ``mode="video_r1"`` keeps): it scores 0 when only one of
-    the two strings contains ``.`` or ``,`` (``"3.0"`` vs ``"3"``, ``"1,234"`` vs ``"1234"``),
-    and its answer must be one number as a whole (``"42 meters"``, ``"$42"`` score 0; here the
-    only number of a short answer is read by :func:`parse_number`); here the values decide."""
-    if pred is None:
-        return 0.0
-    return 1.0 if round(pred, decimals) == round(truth, decimals) else 0.0
-
-
-def relative_error_score(pred: Optional[float], truth: float) -> float:
-    """Video-R1 regression: 1 − min(1, |pred − truth| / |truth|); truth 0 -> 1 iff pred == 0.
-
-    Differs from Video-R1 (whose rule ``mode="video_r1"`` keeps): it adds 1e-9 to both sides of
-    the ratio, so an exact answer scores 1 − 1e-9/(|truth| + 1e-9) (just below 1) and at truth 0
-    every answer, 0 included, scores 0; an answer ``"nan"`` scores 1 there."""
-    if pred is None:
-        return 0.0
-    if truth == 0.0:
-        return 1.0 if pred == 0.0 else 0.0
-    diff = abs(pred - truth)
-    if not math.isfinite(diff):
-        return 0.0
-    return 1.0 - min(1.0, diff / abs(truth))
-
-
-def interval_iou(pred: Optional[Tuple[float, float]], truth: Tuple[float, float]) -> float:
-    """Temporal IoU of ``[start, end]`` intervals; a missing or reversed prediction is 0; two
-    identical points are 1."""
-    if pred is None or pred[0] > pred[1]:
-        return 0.0
-    inter = max(0.0, min(pred[1], truth[1]) - max(pred[0], truth[0]))
-    union = max(pred[1], truth[1]) - min(pred[0], truth[0])
-    if not math.isfinite(union) or union <= 0.0:
-        return 1.0 if tuple(pred) == tuple(truth) else 0.0
-    return inter / union
-
-
 # ----------------------------------------------------------------------------- rewards
 
 ANSWER_SOURCES = ("tag", "tag_or_text")
@@ -453,8 +401,7 @@ class VLReward:
     def __call__(self, samples: Sequence[Any], prompts: Sequence[Any],
                  metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         _check_batch(samples, metadata, self.name)
-        return torch.tensor([self.score_one(s, m, i) for i, (s, m) in
-                             enumerate(zip(samples, metadata))], dtype=torch.float32)
+        return _floats([self.score_one(s, m, i) for i, (s, m) in enumerate(zip(samples, metadata))])
 
     def __repr__(self) -> str:
         if self.mode != "lenient":
@@ -483,7 +430,7 @@ class ThinkAnswerFormat(VLReward):
         return self._rule(completion_text(sample))
 
     def __call__(self, samples, prompts, metadata=None) -> torch.Tensor:
-        return torch.tensor([self.score_one(s, {}) for s in samples], dtype=torch.float32)
+        return _floats([self.score_one(s, {}) for s in samples])
 
     def __repr__(self) -> str:
         return f"ThinkAnswerFormat(mode={self.mode!r})"
@@ -733,12 +680,14 @@ class SoftOverlong(VLReward):
     name = "soft_overlong"
 
     def __init__(self, max_len: int, cache_len: int, length_key: str = "completion_length"):
+        from mmrl.algo.shaping import soft_overlong_penalty
         super().__init__()
         soft_overlong_penalty([0], max_len, cache_len)  # validates the two lengths
         self.max_len, self.cache_len, self.length_key = int(max_len), int(cache_len), length_key
         self.needs = (length_key,)
 
     def __call__(self, samples, prompts, metadata) -> torch.Tensor:
+        from mmrl.algo.shaping import soft_overlong_penalty
         _check_batch(samples, metadata, self.name)
         lengths = []
         for i, meta in enumerate(metadata):
@@ -748,10 +697,15 @@ class SoftOverlong(VLReward):
                                  f"{value!r}; expected the completion's length in tokens (the "
                                  f"trainer fills it; set length_key= if yours uses another key)")
             lengths.append(float(value))
-        return soft_overlong_penalty(torch.tensor(lengths), self.max_len, self.cache_len)
+        return soft_overlong_penalty(_floats(lengths), self.max_len, self.cache_len)
 
     def __repr__(self) -> str:
         return f"SoftOverlong(max_len={self.max_len}, cache_len={self.cache_len})"
+
+
+def _floats(values) -> torch.Tensor:
+    import torch
+    return torch.tensor(values, dtype=torch.float32)
 
 
 VL_REWARDS: Registry[Callable[..., VLReward]] = Registry("vl reward")
@@ -772,13 +726,19 @@ def _construct(name: str, options: Mapping[str, Any]) -> VLReward:
 
 
 def build_vl_reward(spec: Union[Sequence[str], Mapping[str, Any]]) -> CombinedReward:
-    """A :class:`~mmrl.train.reward_fn.CombinedReward` of registered rewards, one column each.
+    """A :class:`~mmrl.train.reward_fn.CombinedReward` of :func:`vl_reward_parts` ``(spec)``,
+    one column each; ``.weights`` of the result feeds the multi-reward advantages."""
+    from mmrl.train.reward_fn import CombinedReward
+    return CombinedReward(vl_reward_parts(spec))
+
+
+def vl_reward_parts(spec: Union[Sequence[str], Mapping[str, Any]]
+                    ) -> Dict[str, Tuple[VLReward, float]]:
+    """``{name: (reward, weight)}`` of registered rewards (no torch needed).
 
     ``spec`` is a list of names (weight 1 each) or ``{name: weight}`` or
-    ``{name: {"weight": w, **options}}``, e.g.
-    ``{"think_answer_format": 0.5, "accuracy": {"weight": 1.0, "choice": "subset"},
-    "soft_overlong": {"max_len": 1024, "cache_len": 256}}``. ``.weights`` of the result feeds the
-    multi-reward advantages.
+    ``{name: {"weight": w, **options}}``, e.g. ``{"think_answer_format": 0.5, "accuracy":
+    {"weight": 1.0, "choice": "subset"}, "soft_overlong": {"max_len": 1024, "cache_len": 256}}``.
 
     Raises:
         ValueError: an unknown name (with the closest registered one) or an empty spec.
@@ -797,4 +757,4 @@ def build_vl_reward(spec: Union[Sequence[str], Mapping[str, Any]]) -> CombinedRe
     if not rewards:
         raise ValueError(f"build_vl_reward got an empty spec; name at least one of "
                          f"{', '.join(VL_REWARDS.names())}")
-    return CombinedReward(rewards)
+    return rewards

@@ -27,6 +27,8 @@ def test_the_video_job_registers_and_validates_without_loading_its_run():
     code = ("from mmrl.video.config import VideoConfig; c = VideoConfig(); "
             "from mmrl.config.jobs import get_job; job = get_job('video'); "
             "assert job.algo_defaults(c) == {'max_len': 768}; "
+            "assert c.problems() == []; "
+            "assert 'unknown vl reward' in VideoConfig(rewards={'x': 1}).problems()[0]; "
             "assert job.run.__module__ == 'mmrl.video.config'")
     assert _loaded_after(code) == []
 

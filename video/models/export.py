@@ -1,8 +1,9 @@
 """Export a trained VLM policy as a Hugging Face folder that ``from_pretrained`` loads.
 
 The default of :meth:`mmrl.video.models.base.VLMAdapter.export` (any transformers
-``AutoModelForImageTextToText`` family). :func:`export_vlm` writes one of three layouts, always with the processor and a small
-``mmrl_export.json`` that records what the folder holds and how to load it:
+``AutoModelForImageTextToText`` family). :func:`export_vlm` writes one of three layouts, always
+with the processor and a small ``mmrl_export.json`` that records what the folder holds and how to
+load it:
 
 - full fine-tuning -> the whole model (``config.json`` + safetensors)::
 

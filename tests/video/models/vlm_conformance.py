@@ -17,12 +17,12 @@ user's checkpoint is.
 Inherited tests: the registry picks the adapter and refuses other types with the list; the family
 package imports without torch; rollout log-probs equal the recomputed ``logp`` (and the ratio is
 exactly 1 at step 0) for video, image and text prompts; our logits equal the library's own
-forward (``model(input_ids, pixel tensors...)``) for a video and an image prompt; ``logp`` and TW
-weights are invariant to time chunks and row micro-batches; the export round-trips through the
-library's own ``from_pretrained`` to the same logits (full, and LoRA merged); a 3-step video job
-changes the language model's weights. Two gloo ranks equal one process: not here (a torchrun per
-family is tens of seconds); tests/train/test_distributed.py runs the video job on 2 ranks (DDP
-and FSDP) with the default tiny model.
+forward (``model(input_ids, <vision tensors>)``) for a video, an image and a text prompt;
+``logp`` and TW weights are invariant to time chunks and row micro-batches; the export
+round-trips through the library's own ``from_pretrained`` to the same logits (full, and LoRA
+merged); a 3-step video job changes the language model's weights. Two gloo ranks equal one
+process: not here (a torchrun per family is tens of seconds); tests/train/test_distributed.py
+runs the video job on 2 ranks (DDP and FSDP) with the default tiny model.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ class VLMAdapterConformance:
         LM inputs expanded) equals the library's ``model(input_ids, <vision tensors>)`` with the
         vision tensors copied per row."""
         pol = self.policy(model_dir, video=self.library_video_options, max_new_tokens=3)
-        for conv in task[1][:2]:  # video, image
+        for conv in task[1]:  # video, image, text
             ro = self.rollout(pol, [conv], group=2, seed=3)
             cache, resp = ro.data["prompt_cache"], ro.data["response"]
             with torch.no_grad():
