@@ -44,6 +44,8 @@ FAMILIES: List[Family] = [
            ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
            {"tiny": ("qwen2_5_vl", "tiny_qwen_vl"), "tiny_qwen2": ("qwen2_vl", "tiny_qwen2_vl"),
             "tiny_qwen3": ("qwen3_vl", "tiny_qwen3_vl")}),
+    Family("llava_onevision", "mmrl.video.models.llava_onevision.adapter:LlavaOneVisionAdapter",
+           ("llava_onevision",), {"tiny_llava_ov": ("llava_onevision", "tiny_llava_ov")}),
 ]
 
 TINY_MODELS: Dict[str, Tuple[str, str]] = {k: v for f in FAMILIES for k, v in f.tiny.items()}
