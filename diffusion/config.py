@@ -247,12 +247,7 @@ def algo_defaults(c: DiffusionConfig) -> dict:
     return {"max_len": c.trained_steps()}
 
 
-def _run(config):
-    from mmrl.diffusion.job import run
-    return run(config)
-
-
-register_job(Job("diffusion", DiffusionConfig, _run,
+register_job(Job("diffusion", DiffusionConfig, "mmrl.diffusion.job:run",
                  "GRPO for flow-matching text-to-image models (SD3/SD3.5, FLUX via diffusers): "
                  "Flow-GRPO, MixGRPO, G2RPO, tree sampling",
                  check=check, preflight=preflight, algo_defaults=algo_defaults))

@@ -28,11 +28,8 @@ from mmrl.train.rollout import Rollout
 
 LEGACY_COUNTER_KEY = "mmrl_rollout_iteration"
 """Where checkpoints written before ``Capabilities(extra_state=True)`` kept the rollout counter
-(in the weights); :meth:`DiffusionGroupPolicy.load_state_dict` still reads it."""
-COUNTER_IN_WEIGHTS = True
-"""Also write the counter into :meth:`DiffusionGroupPolicy.state_dict` under
-:data:`LEGACY_COUNTER_KEY`, for a runner that does not save ``extra_state()`` yet (until the
-runner's ``policy_extra`` lands; then False)."""
+(in the weights); the runner turns it into ``{"rollout_iteration": n}`` on resume
+(:mod:`mmrl.train.state`)."""
 
 
 class DiffusionGroupPolicy(GroupPolicy):
@@ -80,18 +77,12 @@ class DiffusionGroupPolicy(GroupPolicy):
         return self.flow.trainable_parameters()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        """The trainable weights (LoRA adapter or transformer); see :data:`COUNTER_IN_WEIGHTS`."""
-        sd = self.flow.trainable_state_dict()
-        if COUNTER_IN_WEIGHTS:
-            sd[LEGACY_COUNTER_KEY] = torch.tensor(self.iteration)
-        return sd
+        """The trainable weights (LoRA adapter or transformer); the rollout counter is
+        :meth:`extra_state`."""
+        return self.flow.trainable_state_dict()
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Load the trainable weights; a checkpoint that kept the rollout counter among them
-        (:data:`LEGACY_COUNTER_KEY`) restores it too."""
-        state = dict(state)
-        if LEGACY_COUNTER_KEY in state:
-            self.iteration = int(state.pop(LEGACY_COUNTER_KEY))
+        """Load the trainable weights (what :meth:`state_dict` returns)."""
         self.flow.load_trainable_state_dict(state)
 
     def extra_state(self) -> Dict[str, int]:
@@ -99,15 +90,12 @@ class DiffusionGroupPolicy(GroupPolicy):
         return {"rollout_iteration": int(self.iteration)}
 
     def load_extra_state(self, extras: Dict[str, Any]) -> None:
-        """Restore :meth:`extra_state` (the legacy ``mmrl_rollout_iteration`` key is read too)."""
-        value = extras.get("rollout_iteration", extras.get(LEGACY_COUNTER_KEY, 0))
-        self.iteration = int(value)
+        """Restore :meth:`extra_state`."""
+        self.iteration = int(extras.get("rollout_iteration", 0))
 
     def export_pretrained(self, path: str, merge_lora: bool = False, state_dict=None) -> str:
         """The trained pipeline (or LoRA file) in diffusers format; ``state_dict``: full weights
         to write instead of the live (FSDP-sharded) ones."""
-        if state_dict is not None:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mmrl_")}
         return self.flow.export(path, merge_lora=merge_lora, state_dict=state_dict)
 
     def apply_fsdp(self) -> torch.nn.Module:

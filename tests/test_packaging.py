@@ -11,7 +11,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["mmrl", "mmrl.video", "mmrl.diffusion", "mmrl.rewards"]
+FOLDERS = {"mmrl": "mmrl", "video": "mmrl.video", "diffusion": "mmrl.diffusion",
+           "rewards": "mmrl.rewards"}
+
+
+def _packages():
+    """Every package of the distribution: each folder holding an ``__init__.py``."""
+    return sorted(".".join([name, *init.parent.relative_to(ROOT / top).parts])
+                  for top, name in FOLDERS.items() for init in (ROOT / top).rglob("__init__.py"))
+
+
+PACKAGES = _packages()
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """A new folder (a model family's) that pyproject does not list would be missing from the
+    wheel while the editable install still finds it."""
+    import tomllib
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert sorted(listed["packages"]) == PACKAGES
 
 
 def _run(code, cwd, env=None):

@@ -159,12 +159,7 @@ def algo_defaults(c: VideoConfig) -> Dict[str, Any]:
     return {"max_len": c.max_new_tokens}
 
 
-def _run(config) -> Dict[str, Any]:
-    from mmrl.video.job import run  # torch, transformers: only when the job runs
-    return run(config)
-
-
-register_job(Job("video", VideoConfig, _run,
+register_job(Job("video", VideoConfig, "mmrl.video.job:run",
                  "GRPO-family training of a vision-language model (Qwen2-VL, Qwen2.5-VL, "
                  "Qwen3-VL, ... : mmrl.video.models) on video/image questions (Video-R1 data, "
                  "verifiable rewards)", check=check, preflight=preflight,

@@ -82,9 +82,6 @@ JOB_MODULES = {
 
 # Where a job registered before its section moved to a torch-free module (used only while that
 # module does not exist yet).
-_OLD_JOB_MODULES = {"video": "mmrl.video.train", "diffusion": "mmrl.diffusion.train"}
-
-
 def register_job(job: Job) -> Job:
     JOBS.register(job.name, job)
     return job
@@ -116,13 +113,7 @@ def get_job(name: str) -> Job:
 
 
 def _import_job_module(name: str) -> None:
-    module = JOB_MODULES[name]
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module or name not in _OLD_JOB_MODULES:
-            raise
-        importlib.import_module(_OLD_JOB_MODULES[name])
+    importlib.import_module(JOB_MODULES[name])
 
 
 def job_names() -> List[str]:

@@ -12,9 +12,8 @@ They still load: the entries are taken out of the weights and, for a policy decl
 tensor turned into a python number (``mmrl_rollout_iteration: tensor(3)`` ->
 ``{"rollout_iteration": 3}``). A policy that does not declare ``extra_state`` and keeps
 ``mmrl_*`` entries in its own ``state_dict`` (the older convention) round-trips them through
-its ``state_dict``/``load_state_dict``; under FSDP the entries are read from its
-``state_dict()`` on save and given back to its ``load_extra_state`` (keys as they are) on
-resume.
+its ``state_dict``/``load_state_dict`` without FSDP (under FSDP only the module weights are
+gathered: declare ``extra_state``).
 """
 from __future__ import annotations
 
@@ -88,8 +87,6 @@ def save_policy_state(policy, caps: Capabilities, optimizer: torch.optim.Optimiz
     and rank 0 receives the tensors."""
     if fsdp is not None:
         weights, optim = full_state(fsdp, optimizer)
-        if not caps.extra_state:  # the older convention: mmrl_* entries in state_dict
-            weights.update(_split_legacy(policy.state_dict())[1])
     else:
         weights, optim = policy.state_dict(), optimizer.state_dict()
     extra = (check_extra_state(policy.extra_state(), type(policy).__name__)
@@ -116,5 +113,3 @@ def load_policy_state(policy, caps: Capabilities, optimizer: torch.optim.Optimiz
             extra = legacy_extra_state(legacy)
         if extra is not None:
             policy.load_extra_state(dict(extra))
-    elif legacy and fsdp is not None:  # the older convention under FSDP
-        policy.load_extra_state(legacy)

@@ -17,18 +17,15 @@ def test_a_job_run_given_by_name_is_imported_on_its_first_call():
             Job("bad", dict, bad)
 
 
-def test_a_job_module_not_written_yet_falls_back_to_the_old_one(monkeypatch, tmp_path):
-    """Until a domain's torch-free config module exists its job registers from the old one."""
-    (tmp_path / "old_later_job.py").write_text(
-        "from mmrl.config.jobs import Job, register_job\n"
-        "register_job(Job('later', dict, 'json:dumps'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(jobs.JOB_MODULES, "later", "mmrl.no_such_config")
-    monkeypatch.setitem(jobs._OLD_JOB_MODULES, "later", "old_later_job")
-    try:
-        assert get_job("later").run({"b": 2}) == '{"b": 2}'
-    finally:
-        jobs.JOBS._entries.pop("later", None)
+def test_every_domain_job_registers_from_its_torch_free_config_module():
+    assert jobs.JOB_MODULES == {"toy": "mmrl.demo.config", "video": "mmrl.video.config",
+                                "diffusion": "mmrl.diffusion.config"}
+    for name, target in (("video", "mmrl.video.job:run"),
+                         ("diffusion", "mmrl.diffusion.job:run")):
+        assert repr(get_job(name).run) == f"Target({target!r})"
+
+
+def test_a_missing_job_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(jobs.JOB_MODULES, "gone", "mmrl.no_such_config")
     with pytest.raises(ValueError, match="not available in this version"):
         get_job("gone")

@@ -29,7 +29,7 @@ def test_the_video_job_registers_and_validates_without_loading_its_run():
             "assert job.algo_defaults(c) == {'max_len': 768}; "
             "assert c.problems() == []; "
             "assert 'unknown vl reward' in VideoConfig(rewards={'x': 1}).problems()[0]; "
-            "assert job.run.__module__ == 'mmrl.video.config'")
+            "assert repr(job.run) == \"Target('mmrl.video.job:run')\"")
     assert _loaded_after(code) == []
 
 

@@ -85,19 +85,17 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_sd3_path, tmp_path):
 
 
 def _saved_rollout_iteration(out: Path) -> int:
-    """The policy's rollout counter in the newest checkpoint: its ``extra_state()`` under
-    ``policy_extra`` (the runner of branch i12-core), or the legacy key among the weights."""
-    from mmrl.diffusion.policy import LEGACY_COUNTER_KEY
+    """The policy's rollout counter in the newest checkpoint: its ``extra_state()``, saved
+    under ``policy_extra`` (never among the weights)."""
     from mmrl.train import checkpoint as ckpt
     data = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
-    extra = data["state"].get("policy_extra")
-    if extra is not None:
-        return int(extra["rollout_iteration"])
-    return int(data["weights"][LEGACY_COUNTER_KEY])
+    assert not any(k.startswith("mmrl_") for k in data["weights"])
+    return int(data["state"]["policy_extra"]["rollout_iteration"])
 
 
 def test_the_rollout_counter_is_declared_extra_state(tiny_sd3_path, tmp_path):
-    from mmrl.diffusion.policy import COUNTER_IN_WEIGHTS, LEGACY_COUNTER_KEY
+    from mmrl.diffusion.policy import LEGACY_COUNTER_KEY
+    from mmrl.train.state import legacy_extra_state
     from mmrl.train.policy import check_policy
 
     cfg = tiny_config(tiny_sd3_path, str(tmp_path), sampler="sliding", sliding_shift_every=1)
@@ -107,16 +105,15 @@ def test_the_rollout_counter_is_declared_extra_state(tiny_sd3_path, tmp_path):
         for _ in range(2):
             policy.rollout(["a"], [{}], 2, torch.Generator().manual_seed(0))
     assert policy.extra_state() == {"rollout_iteration": 2}
-    weights = {k: v for k, v in policy.state_dict().items() if k != LEGACY_COUNTER_KEY}
-    assert weights and all("lora" in k for k in weights)  # weights only, besides the legacy key
-    assert (LEGACY_COUNTER_KEY in policy.state_dict()) is COUNTER_IN_WEIGHTS
+    weights = policy.state_dict()
+    assert weights and all("lora" in k for k in weights)  # weights only
     fresh = _policy(cfg)
     fresh.load_extra_state({"rollout_iteration": 5})
     assert fresh.iteration == 5
-    fresh.load_extra_state({LEGACY_COUNTER_KEY: torch.tensor(7)})  # an FSDP checkpoint of old
-    assert fresh.iteration == 7
-    fresh.load_state_dict({**weights, LEGACY_COUNTER_KEY: torch.tensor(3)})  # an old checkpoint
+    # a checkpoint from before extra_state kept the counter among the weights
+    fresh.load_extra_state(legacy_extra_state({LEGACY_COUNTER_KEY: torch.tensor(3)}))
     assert fresh.iteration == 3 and fresh.extra_state() == {"rollout_iteration": 3}
+    fresh.load_state_dict(weights)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights.items())
     with pytest.raises(ValueError, match="checkpoint lacks .* trainable tensors"):
         fresh.load_state_dict({})
