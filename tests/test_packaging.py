@@ -134,9 +134,13 @@ def _documented_imports():
     out = []
     for doc in DOCS:
         for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
-            for line in block.splitlines():
-                if re.match(r"\s*(from mmrl[\w.]* import |import mmrl)", line):
-                    out.append((doc.name, line.strip()))
+            statement = ""
+            for line in block.splitlines():  # a parenthesized import spans lines
+                if statement or re.match(r"\s*(from mmrl[\w.]* import |import mmrl)", line):
+                    statement += " " + line.strip()
+                    if statement.count("(") == statement.count(")"):
+                        out.append((doc.name, statement.strip()))
+                        statement = ""
     return out
 
 
