@@ -26,7 +26,8 @@ MMRL = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "mmrl.cli"]
 def commands():
     """``[(label, argv)]``: the commands measured (a config that is not there is left out)."""
     out = [("mmrl --help", MMRL + ["--help"])]
-    for cfg in ("configs/demo/toy.yaml", "configs/demo/video_tiny.yaml"):
+    for cfg in ("configs/demo/toy.yaml", "configs/demo/video_tiny.yaml",
+                "configs/demo/diffusion_tiny.yaml"):
         if (ROOT / cfg).is_file():
             out.append((f"mmrl config validate {cfg}", MMRL + ["config", "validate", cfg]))
     out.append(('python -c "import mmrl"', [sys.executable, "-c", "import mmrl"]))

@@ -170,7 +170,7 @@ class DiffusionConfig:
 def reward_spec_problems(spec: str) -> List[str]:
     """``diffusion.reward`` problems found without loading a model: the spec parses, every
     scorer name is registered and every ``weight=`` is a finite number."""
-    from mmrl.rewards.scorers import SCORERS, parse_specs
+    from mmrl.rewards.specs import SCORERS, parse_specs
     try:
         items = parse_specs(spec)
     except (ValueError, TypeError) as err:
@@ -233,7 +233,7 @@ def preflight(config) -> List[str]:
         if getattr(c, key):
             out.extend(file_problems(f"diffusion.{key}", getattr(c, key), "prompt file"))
     if not reward_spec_problems(c.reward):
-        from mmrl.rewards.scorers import parse_specs
+        from mmrl.rewards.specs import parse_specs
         for name, options in parse_specs(c.reward):
             path = options.get("path")
             if isinstance(path, str) and not os.path.exists(os.path.expanduser(path)):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # package -> its folder: the user's layout (pyproject's package-dir)
@@ -262,3 +263,21 @@ def test_the_light_paths_load_no_torch(code, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "TORCH False", (code, done.stdout[-500:])
     assert "usage: mmrl" in done.stdout or "ok: " in done.stdout or "--help" not in code
+
+
+def test_validating_against_an_existing_run_folder_and_the_domain_jobs_loads_no_torch(tmp_path):
+    """Preflight reads a run folder's checkpoints (mmrl.train.checkpoint_files) and the domain
+    jobs' sections (video/config.py, diffusion/config.py) without torch."""
+    from mmrl.train import checkpoint as ckpt
+    out = tmp_path / "run"
+    ckpt.save_checkpoint(out / "checkpoints", 2, {"w": torch.zeros(2)}, {}, {"step": 2})
+    for cfg, extra in (("configs/demo/toy.yaml", [f"train.output_dir={out}",
+                                                  "train.resume=auto"]),
+                       ("configs/demo/video_tiny.yaml", []),
+                       ("configs/demo/diffusion_tiny.yaml", [])):
+        argv = ["config", "validate", str(ROOT / cfg), *extra]
+        probe = TORCH_PROBE.format(code=RUN_CLI.format(argv=argv))
+        done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.splitlines()[-1] == "TORCH False", (cfg, done.stdout[-800:])

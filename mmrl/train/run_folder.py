@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from mmrl.train.checkpoint import list_checkpoints, manifest
+from mmrl.train.checkpoint_files import list_checkpoints, manifest
 from mmrl.config.core import UserError
 
 RUN_FILE = "run.json"
