@@ -109,8 +109,8 @@ def test_core_imports_without_domain_stacks(tmp_path):
         import mmrl
         from mmrl import group_advantages, policy_loss, kl_penalty, tw_token_weights
         from mmrl import soft_overlong_penalty, PRESETS
-        import mmrl.train.loop, mmrl.config.core, mmrl.config.schema, mmrl.demo.toy, mmrl.train.runner, mmrl.cli.main
-        mmrl.cli.main.build_parser()
+        import mmrl.train.loop, mmrl.config.core, mmrl.config.schema, mmrl.demo.toy, mmrl.train.runner, mmrl.cli.app
+        mmrl.cli.app.build_parser()
         r = torch.tensor([1., 0., 0., 1.]); g = torch.tensor([0, 0, 0, 0])
         a = group_advantages(r, g)
         loss, _ = policy_loss(torch.zeros(4, 3), torch.zeros(4, 3), a, torch.ones(4, 3, dtype=torch.bool))

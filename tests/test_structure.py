@@ -11,7 +11,7 @@ Imports are read with ``ast``: every ``import`` / ``from ... import`` statement 
 module (inside functions too), relative ones resolved; those under ``if TYPE_CHECKING:`` never run
 and are left out. A name imported from a package counts as an import of its submodule when one
 of that name exists. Modules imported by name at run time (``importlib.import_module`` of the
-plugin table in mmrl.cli.main and of JOB_MODULES in mmrl.config.jobs) are plugins, not edges.
+plugin table in mmrl.cli.app and of JOB_MODULES in mmrl.config.jobs) are plugins, not edges.
 """
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ TORCH_PROBE = ("import sys\n"
                "except SystemExit:\n"
                "    pass\n"
                "print('TORCH', 'torch' in sys.modules)\n")
-RUN_CLI = "from mmrl.cli.main import main; main({argv!r})"
+RUN_CLI = "from mmrl.cli.app import main; main({argv!r})"
 
 
 @pytest.mark.parametrize("code", [

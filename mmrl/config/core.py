@@ -43,7 +43,7 @@ MAX_SHOWN = 120
 
 class UserError(ValueError):
     """A problem the user can fix (a config value, a missing file, bad data). The CLI prints the
-    message alone, with no traceback, and exits 2 (see :mod:`mmrl.cli.main`). A ``ValueError``, so
+    message alone, with no traceback, and exits 2 (see :mod:`mmrl.cli.app`). A ``ValueError``, so
     code that catches ``ValueError`` keeps working."""
 
 

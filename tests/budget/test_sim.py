@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 from mmrl.budget.sim import (STRATEGIES, PromptPopulation, SimSettings, format_table, run_strategy,
                       summarize)
 

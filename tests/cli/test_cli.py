@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[2]
 MMRL = Path(sys.executable).parent / "mmrl"
@@ -96,7 +96,7 @@ def _all_parsers(parser, path="mmrl"):
 
 
 def test_no_parser_in_the_tree_accepts_abbreviated_options(capsys):
-    from mmrl.cli.main import build_parser
+    from mmrl.cli.app import build_parser
     tree = dict(_all_parsers(build_parser()))
     # every plugin's commands are in the walk (rewards, video, diffusion, sim, core)
     assert {"mmrl train", "mmrl config validate", "mmrl reward serve", "mmrl video inspect",
@@ -109,7 +109,7 @@ def test_no_parser_in_the_tree_accepts_abbreviated_options(capsys):
 
 def test_user_errors_are_one_paragraph_and_bugs_keep_their_traceback(monkeypatch, capsys,
                                                                       tmp_path):
-    """The rule of mmrl.cli.main.main: ValueError/TypeError/OSError/ImportError -> message, exit 2
+    """The rule of mmrl.cli.app.main: ValueError/TypeError/OSError/ImportError -> message, exit 2
     (with where it was raised unless it is a UserError); anything else -> traceback."""
     import dataclasses
 
@@ -222,7 +222,7 @@ def test_the_static_plugin_table_says_what_each_plugin_module_adds():
     help there is the one the module's own parser gives."""
     import argparse
 
-    from mmrl.cli.main import PLUGINS, build_parser
+    from mmrl.cli.app import PLUGINS, build_parser
 
     def helps(parser):
         (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -236,7 +236,7 @@ def test_the_static_plugin_table_says_what_each_plugin_module_adds():
 
 
 def test_a_plugin_command_builds_only_its_own_plugin():
-    from mmrl.cli.main import build_parser, requested_command
+    from mmrl.cli.app import build_parser, requested_command
     assert requested_command(["--version"]) is None
     assert requested_command(["reward", "serve", "--help"]) == "reward"
     parser = build_parser(load=["reward"])
@@ -244,3 +244,12 @@ def test_a_plugin_command_builds_only_its_own_plugin():
     assert args.reward_command == "serve" and args.token == "x"
     with pytest.raises(SystemExit):  # the video plugin was not loaded: 'video' has no options
         build_parser(load=["reward"]).parse_args(["video", "inspect", "x.mp4"])
+
+
+def test_the_entry_point_is_importable_where_it_always_was():
+    """``from mmrl.cli import main`` (the console script's target) is the function, as in the
+    flat layout before the core was split into layers."""
+    import mmrl.cli
+    from mmrl.cli import app
+    assert mmrl.cli.main is app.main and callable(mmrl.cli.main)
+    assert mmrl.cli.build_parser is app.build_parser

@@ -86,7 +86,7 @@ def test_make_demo_can_be_run_twice_into_the_same_folders(tmp_path, capsys):
     import json
     from pathlib import Path
 
-    from mmrl.cli.main import main
+    from mmrl.cli.app import main
     from mmrl.config.core import load_yaml
     root = Path(__file__).resolve().parents[2]
     make = (root / "Makefile").read_text()

@@ -1,4 +1,4 @@
-"""``mmrl reward score|eval|serve|convert|list`` via ``mmrl.cli.main.main`` and the console script."""
+"""``mmrl reward score|eval|serve|convert|list`` via ``mmrl.cli.app.main`` and the console script."""
 from __future__ import annotations
 
 import csv
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import mmrl.rewards as R
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reward_testlib import make_images  # noqa: E402
@@ -140,7 +140,7 @@ def _read_line(proc, timeout):
 
 
 def _serve_args(*extra):
-    from mmrl.cli.main import build_parser
+    from mmrl.cli.app import build_parser
     return build_parser().parse_args(["reward", "serve", "brightness", "--port", "0", "--quiet",
                                       *extra])
 

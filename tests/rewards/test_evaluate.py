@@ -197,7 +197,7 @@ def test_reports_probs_hand_values():
 
 
 def test_cli_eval_protocol_and_probs(tmp_path, capsys):
-    from mmrl.cli.main import main
+    from mmrl.cli.app import main
     from PIL import Image
     # Two lists scored by brightness: x (3 images) all right, y (2 images) wrong.
     recs = [{"prompt": "x", "images": ["x0.png", "x1.png", "x2.png"], "ranks": [1, 2, 3]},

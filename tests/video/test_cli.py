@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 
 
 def test_inspect_table_and_sheet(make_video, synth, tmp_path, capsys):

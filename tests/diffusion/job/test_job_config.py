@@ -122,7 +122,7 @@ def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
 
     import yaml
 
-    from mmrl.cli.main import main
+    from mmrl.cli.app import main
 
     model = tmp_path / "tiny"
     assert main(["diffusion", "tiny-pipeline", str(model), "--size", "8"]) == 0

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 FAST = ["train.steps=2", "train.prompts_per_step=2", "train.group_size=2", "train.log_every=1",

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 FAST = ["train.steps=2", "train.prompts_per_step=2", "train.group_size=2", "train.progress=false",

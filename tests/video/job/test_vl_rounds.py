@@ -162,7 +162,7 @@ def test_temporal_contrast_skips_images_and_needs_accuracy(records, tmp_path):
 
 
 def test_video_job_trains_with_both_augmenters(tiny_vl_dir, task_jsonl, tmp_path):
-    from mmrl.cli.main import main
+    from mmrl.cli.app import main
     out = tmp_path / "run"
     rc = main(["train", os.path.join(ROOT, "configs/demo/video_tiny.yaml"), "train.steps=3",
                "train.prompts_per_step=3", "train.group_size=4", "train.progress=false",

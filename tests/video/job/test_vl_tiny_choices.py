@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mmrl.cli.main import main
+from mmrl.cli.app import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 

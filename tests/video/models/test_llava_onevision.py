@@ -169,7 +169,7 @@ def test_job_model_name_builds_the_tiny_llava_ov_trains_and_exports_it(tmp_path)
     model folder is the conformance suite's): built in its folder, trained, exported."""
     from transformers import AutoModelForImageTextToText
 
-    from mmrl.cli.main import main
+    from mmrl.cli.app import main
     out = tmp_path / "run"
     rc = main(["train", os.path.join(ROOT, "configs/demo/video_tiny_llava_ov.yaml"),
                "train.steps=2", "train.prompts_per_step=2", "train.group_size=4",

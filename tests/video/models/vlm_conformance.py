@@ -198,7 +198,7 @@ class VLMAdapterConformance:
     def test_a_three_step_video_job_changes_the_language_model(self, model_dir, task, tmp_path):
         from transformers import AutoModelForImageTextToText
 
-        from mmrl.cli.main import main
+        from mmrl.cli.app import main
         out = tmp_path / "run"
         rc = main(["train", os.path.join(ROOT, "configs/demo/video_tiny.yaml"), "train.steps=3",
                    "train.prompts_per_step=2", "train.group_size=4", "train.log_every=1",
