@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mmrl.cli.app import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 FAST = ["train.steps=2", "train.prompts_per_step=2", "train.group_size=2", "train.log_every=1",
         "train.progress=false", "train.device=cpu", "video.max_new_tokens=2",
         "video.fps=4.0", "video.max_frames=8", "video.token_budget=64", "video.min_tokens=4",
@@ -73,7 +75,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_vl_dir, task_jsonl, tmp_pa
             f"video.model={tiny_vl_dir}", f"video.data={task_jsonl}", "train.group_size=4"]
 
     def metrics(out):
-        return [(m["reward_mean"], round(m["grad_norm"], 6)) for m in
+        return [(m["reward_mean"], m["grad_norm"]) for m in
                 (json.loads(line) for line in open(out / "metrics.jsonl"))]
     assert main([*base, "train.steps=4", f"train.output_dir={tmp_path / 'a'}"]) == 0
     assert main([*base, "train.steps=2", "train.save_every=2",
@@ -81,7 +83,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_vl_dir, task_jsonl, tmp_pa
     assert main([*base, "train.steps=4", "train.save_every=2", "train.resume=auto",
                  f"train.output_dir={tmp_path / 'b'}"]) == 0
     full, resumed = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert len(full) == 4 and resumed == full
+    # Same samples and rewards; gradient norms to 1e-6 relative: the multithreaded CPU kernels
+    # do not fix their reduction order, so two identical runs (resumed or not, before and after
+    # the adapter split) differ in the 7th digit, and rounding to 6 places can split them.
+    assert len(full) == 4 and [r for r, _ in resumed] == [r for r, _ in full]
+    assert [g for _, g in resumed] == pytest.approx([g for _, g in full], rel=1e-6)
     assert any(g > 0 for _, g in full)  # the run really trained
 
 

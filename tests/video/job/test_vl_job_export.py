@@ -7,7 +7,7 @@ import torch
 
 from mmrl.cli.app import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 FAST = ["train.steps=2", "train.prompts_per_step=2", "train.group_size=2", "train.progress=false",
         "video.synthetic_num=4"]
 

@@ -18,7 +18,7 @@ from mmrl.video.data import build_messages, format_question, load_vl_dataset
 from mmrl.video.io import VideoClip
 from mmrl.video.rounds import DifficultyRounds, TemporalContrast, _Media
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 class FakeRun(Rounds):

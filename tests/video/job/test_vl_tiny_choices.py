@@ -10,7 +10,7 @@ import pytest
 
 from mmrl.cli.app import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 @pytest.mark.parametrize("name, folder, model_type", [("tiny_qwen2", "tiny_qwen2_vl", "qwen2_vl"),
