@@ -11,10 +11,7 @@ renamed into place (several ranks may build it at once). transformers is importe
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
+from mmrl.video.models.tiny_parts import byte_tokenizer, save_atomically
 
 # The release's layout: per message the images, then the videos, then each text after a newline;
 # list contents only (a string content renders nothing: inputs.py turns it into a text item).
@@ -54,39 +51,12 @@ def build_tiny_llava_onevision(folder: str, *, seed: int = 0, hidden_size: int =
     if image_size % PATCH or image_size <= 0:
         raise ValueError(f"image_size={image_size}; expected a positive multiple of the "
                          f"{PATCH}-pixel patch")
-    if not overwrite and os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    final = folder.rstrip(os.sep)
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
-    tok = _byte_tokenizer(tmp)
-    _processor(tok, image_size).save_pretrained(tmp)
-    torch.manual_seed(seed)
-    _model(tok, hidden_size, layers, image_size).save_pretrained(tmp)
-    if overwrite:
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        os.rename(tmp, final)  # atomic; replaces an empty folder
-    except OSError:  # another process finished first: its model is the same one
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _byte_tokenizer(folder: str):
-    """A ``Qwen2Tokenizer`` over the 256 ByteLevel characters (no merges) and the specials."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-    # alphabet() is a set: sort it, or token ids change with PYTHONHASHSEED from run to run
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return Qwen2Tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                          unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                          pad_token="<|endoftext|>", additional_special_tokens=SPECIALS)
+    def write(tmp: str) -> None:
+        tok = byte_tokenizer(tmp, SPECIALS)
+        _processor(tok, image_size).save_pretrained(tmp)
+        torch.manual_seed(seed)
+        _model(tok, hidden_size, layers, image_size).save_pretrained(tmp)
+    return save_atomically(folder, write, overwrite)
 
 
 def _pinpoints(image_size: int):

@@ -10,10 +10,7 @@ the builder by ``model_type`` (the adapter's ``build_tiny``).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
+from mmrl.video.models.tiny_parts import byte_tokenizer, save_atomically
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -105,41 +102,12 @@ def _build(arch: str, folder: str, *, seed: int, hidden_size: int, layers: int, 
     if hidden_size % 16:
         raise ValueError(f"hidden_size={hidden_size}; expected a multiple of 16 (4 heads, "
                          f"mRoPE sections in the ratio 2:3:3)")
-    if not overwrite and os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    # Build in a private folder and rename it into place: several ranks of one torchrun job may
-    # build the same (seeded, identical) model at once, and none may load a half-written one.
-    final = folder.rstrip(os.sep)
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
-    tok = _byte_tokenizer(folder)
-    _processor(arch, tok, max_pixels).save_pretrained(folder)
-    torch.manual_seed(seed)
-    _model(arch, tok, hidden_size, layers, vision_init_std).save_pretrained(folder)
-    if overwrite:
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        os.rename(folder, final)  # atomic; replaces an empty folder
-    except OSError:  # another process finished first: its model is the same one
-        shutil.rmtree(folder, ignore_errors=True)
-    return final
-
-
-def _byte_tokenizer(folder: str):
-    """A ``Qwen2Tokenizer`` over the 256 ByteLevel characters (no merges) and the Qwen specials."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-    # alphabet() is a set: sort it, or token ids change with PYTHONHASHSEED from run to run
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return Qwen2Tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                          unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                          pad_token="<|endoftext|>", additional_special_tokens=SPECIALS)
+    def write(tmp: str) -> None:
+        tok = byte_tokenizer(tmp, SPECIALS)
+        _processor(arch, tok, max_pixels).save_pretrained(tmp)
+        torch.manual_seed(seed)
+        _model(arch, tok, hidden_size, layers, vision_init_std).save_pretrained(tmp)
+    return save_atomically(folder, write, overwrite)
 
 
 def _processor(arch: str, tok, max_pixels: int):
