@@ -112,20 +112,37 @@ def tiny_sd3(tmp_path_factory):
     return out
 
 
-def _job_options(job, tiny_sd3):
-    if job == "video":
+def _job_options(job, tiny_sd3, tiny_flux=None):
+    """Options of a short run of ``job``: "video" (tiny Qwen2.5-VL), "diffusion" (tiny SD3), or
+    another model family of either job ("video/llava_onevision", "diffusion/flux")."""
+    if job.startswith("video"):
+        if job == "video/llava_onevision":  # seed 1: seed 0's 6 samples all score 0 (no update)
+            return ["configs/demo/video_tiny_llava_ov.yaml", "train.prompts_per_step=2",
+                    "train.group_size=3", "video.synthetic_num=4", "train.seed=1"]
         return ["configs/demo/video_tiny.yaml", "train.prompts_per_step=2",
                 "train.group_size=3", "video.synthetic_num=4"]
-    return ["configs/demo/diffusion_tiny.yaml", f"diffusion.model={tiny_sd3}",
-            "diffusion.eval_every=0", "train.prompts_per_step=2", "train.group_size=3",
-            "diffusion.num_steps=4", "diffusion.height=8", "diffusion.width=8"]
+    size = 16 if job == "diffusion/flux" else 8
+    return ["configs/demo/diffusion_tiny.yaml",
+            f"diffusion.model={tiny_flux if job == 'diffusion/flux' else tiny_sd3}",
+            "diffusion.pipeline=auto", "diffusion.eval_every=0", "train.prompts_per_step=2",
+            "train.group_size=3", "diffusion.num_steps=4", f"diffusion.height={size}",
+            f"diffusion.width={size}"]
 
 
-@pytest.mark.parametrize("job", ["video", "diffusion"])
-def test_real_trainer_update_on_two_ranks_equals_one_process(tmp_path, tiny_sd3, job):
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    from mmrl.diffusion.tiny import save_tiny_flux
+    return str(save_tiny_flux(tmp_path_factory.mktemp("flux") / "pipe", size=16))
+
+
+@pytest.mark.parametrize("job", ["video", "diffusion", "video/llava_onevision",
+                                 "diffusion/flux"])
+def test_real_trainer_update_on_two_ranks_equals_one_process(tmp_path, tiny_sd3, tiny_flux, job):
     """The same global rollout (6 samples, a group split across the ranks) updated on 2 ranks
-    and on 1 process: identical weights on both ranks, equal to the single-process update."""
-    opts = _job_options(job, tiny_sd3)
+    and on 1 process: identical weights on both ranks, equal to the single-process update. One
+    run per model family besides the defaults (the adapters' conformance suites leave the
+    2-rank check here)."""
+    opts = _job_options(job, tiny_sd3, tiny_flux)
     opts[0] = str(ROOT / opts[0])
     single, multi = tmp_path / "single", tmp_path / "multi"
     _run([sys.executable, JOB_STEP, str(single), *opts])
