@@ -212,7 +212,8 @@ class DiffusionGroupPolicy(GroupPolicy):
         pick = out_prompt.tolist()
         return Rollout(list(images), [prompts[i] for i in pick], [metadata[i] for i in pick],
                        row_prompt.clone(), mask, {"index": index, "trajectory": _Shared(traj,
-                                                                                       cond)})
+                                                                                       cond)},
+                       nfe=int(traj.nfe))
 
     # ---------------------------------------------------------------- scoring
     def _rescore(self, velocity_fn, rollout: Rollout, rows, t0: int, t1: int):

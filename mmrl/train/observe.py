@@ -102,11 +102,10 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 def throughput(m: Dict[str, float], rollout, d) -> Dict[str, float]:
     """Tokens (or trained steps) per second, model evaluations per second when the policy
-    reports them (``rollout.data["nfe"]``), and peak memory of this process."""
+    counts them (``rollout.nfe``), and peak memory of this process."""
     out = {"tokens_per_sec": m.get("tokens", 0.0) / max(m["step_time"], 1e-9)}
-    nfe = rollout.data.get("nfe")
-    if isinstance(nfe, (int, float)):
-        total = float(d.all_reduce_sum(torch.tensor(float(nfe))))
+    total = float(d.all_reduce_sum(torch.tensor(float(rollout.nfe))))  # every rank calls it
+    if total > 0:
         out.update({"nfe": total, "nfe_per_sec": total / max(m["step_time"], 1e-9)})
     if torch.cuda.is_available():
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20

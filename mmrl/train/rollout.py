@@ -28,6 +28,9 @@ class Rollout:
         row_keep: ``[B]`` bool, or None (every row counts). Rows set False stay in the rollout
             but count as no sequence in the loss's normalizer (their mask is all False too): FSDP
             keeps rows whose reward failed so every rank runs the same forwards.
+        nfe: model evaluations the rollout spent, counted per sample row (a flow sampler's
+            ``Trajectory.nfe``); 0 when the policy does not count them. The runner reports the
+            sum over ranks as ``nfe`` and ``nfe_per_sec``. A cost: :meth:`select` keeps it.
     """
 
     samples: List[Any]
@@ -41,6 +44,7 @@ class Rollout:
     reward_group_ids: Optional[torch.Tensor] = None
     skipped: Dict[str, int] = field(default_factory=dict)
     row_keep: Optional[torch.Tensor] = None
+    nfe: int = 0
 
     @property
     def sample_group_ids(self) -> torch.Tensor:
@@ -63,7 +67,8 @@ class Rollout:
         return Rollout([self.samples[i] for i in pick], [self.prompts[i] for i in pick],
                        [self.metadata[i] for i in pick], self.group_ids[idx], self.mask[idx],
                        data, skipped=dict(self.skipped),
-                       row_keep=None if self.row_keep is None else self.row_keep[idx])
+                       row_keep=None if self.row_keep is None else self.row_keep[idx],
+                       nfe=self.nfe)
 
 
 def _take(value, idx, pick, n):
@@ -105,4 +110,4 @@ def concat_rollouts(parts: Sequence[Any]) -> Any:
     return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
                    [x for p in parts for x in p.metadata],
                    torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped,
-                   row_keep=keep)
+                   row_keep=keep, nfe=sum(p.nfe for p in parts))

@@ -62,6 +62,11 @@ def test_a_few_steps_per_sampler_train_the_lora_with_pinned_values(tiny_sd3_path
     changed = [k for k in after if not torch.equal(after[k], before[k])]
     assert changed, "no LoRA weight changed"
     got = [(h["reward_mean"], h["grad_norm"]) for h in summary["history"]]
+    # the sampler's model evaluations reach the metrics (2 prompts x 2 samples, 4 steps: the
+    # full SDE run evaluates every sample at every step; the others spend their own counts)
+    assert all(h["nfe"] > 0 and h["nfe_per_sec"] > 0 for h in summary["history"])
+    if sampler in ("full", "window", "sliding"):
+        assert [h["nfe"] for h in summary["history"]] == [4 * 4, 4 * 4]
     assert all(torch.isfinite(torch.tensor([h["loss"] for h in summary["history"]])))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(PINNED[sampler]), rtol=1e-4,
                                atol=1e-7)
@@ -158,5 +163,6 @@ def test_flux_g2rpo_path_trains_on_a_tiny_flux_pipeline(tmp_path):
     # pinned on CPU (2 threads, the pinned stack), like the SD3 samplers above: a change in the
     # packed latents, the FLUX schedule or the singular advantages moves these
     got = [(h["reward_mean"], h["grad_norm"]) for h in summary["history"]]
+    assert all(h["nfe"] > 0 for h in summary["history"])  # G²RPO's sampler counts its own
     torch.testing.assert_close(torch.tensor(got), torch.tensor(
         [(0.49879834, 2.1871831e-3), (0.49744192, 1.6875452e-3)]), rtol=1e-4, atol=1e-7)
