@@ -150,8 +150,32 @@ def preflight(config) -> List[str]:
     if c.data != "synthetic":
         out.extend(file_problems("video.data", c.data, "data file"))
     if c.model not in TINY_MODELS:
-        out.extend(model_problems("video.model", c.model, "config.json"))
+        problems = model_problems("video.model", c.model, "config.json")
+        out.extend(problems or _model_type_problems(c.model))
     return out
+
+
+def _model_type_problems(model: str) -> List[str]:
+    """A local checkpoint whose ``config.json`` names a ``model_type`` no family handles (read
+    as JSON; a hub id is checked when it is loaded)."""
+    import json
+    import os
+
+    from .models import UnsupportedModelError, family_for
+    path = os.path.join(os.path.expanduser(model), "config.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        return [f"video.model: cannot read {path} ({err}); expected the config.json that "
+                f"save_pretrained writes"]
+    try:
+        family_for(model_type)
+    except UnsupportedModelError as err:
+        return [f"video.model: {err}"]
+    return []
 
 
 def algo_defaults(c: VideoConfig) -> Dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,26 @@ def test_the_generic_code_names_no_model_family(path):
     families = ("qwen", "llava", "internvl", "gemma", "mrope", "deepstack")
     assert {n for n in names if any(f in n.lower() for f in families)} <= {"QwenVLPolicy",
                                                                             "load_qwen_vl"}
+
+
+def test_an_unsupported_checkpoint_is_a_user_error_found_by_preflight(tmp_path):
+    """A local model folder of another family (e.g. a Llama) is reported by `mmrl config
+    validate` and `mmrl train` before loading anything, as one message with the supported types
+    (exit 2, no traceback)."""
+    from mmrl.cli.app import main
+    from mmrl.config.core import UserError
+    from mmrl.video.models import UnsupportedModelError, family_for
+    with pytest.raises(UnsupportedModelError) as err:
+        family_for("llama")
+    assert isinstance(err.value, UserError) and isinstance(err.value, NotImplementedError)
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    cfg = str(Path(__file__).resolve().parents[2] / "configs/demo/video_tiny.yaml")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from mmrl.cli.app import main; "
+                           f"sys.exit(main(['train', {cfg!r}, 'video.model={tmp_path}/llama', "
+                           f"'train.output_dir={tmp_path}/out']))"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model_type='llama' is not supported" in proc.stderr
+    assert "qwen2_5_vl" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["config", "validate", cfg, "--set", f"video.model={tmp_path}/llama"]) == 2

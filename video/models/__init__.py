@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from mmrl.config.core import UserError
+
 __all__ = ["FAMILIES", "Family", "TINY_MODELS", "adapter_for", "adapter_for_path",
            "build_default_tiny", "default_tiny_dir", "family_for", "supported_model_types"]
 
@@ -51,6 +53,12 @@ FAMILIES: List[Family] = [
 TINY_MODELS: Dict[str, Tuple[str, str]] = {k: v for f in FAMILIES for k, v in f.tiny.items()}
 
 
+class UnsupportedModelError(UserError, NotImplementedError):
+    """A checkpoint of a ``model_type`` no registered family handles: a user's choice of model
+    (the CLI prints the message, with the supported types, and exits 2), and still a
+    ``NotImplementedError`` for code that catches that."""
+
+
 def supported_model_types() -> List[str]:
     """Every registered ``model_type``, in registry order."""
     return [t for f in FAMILIES for t in f.model_types]
@@ -60,12 +68,12 @@ def family_for(model_type: str) -> Family:
     """The registry entry handling ``model_type``.
 
     Raises:
-        NotImplementedError: no family handles it (the message lists the supported ones).
+        UnsupportedModelError: no family handles it (the message lists the supported ones).
     """
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
-    raise NotImplementedError(
+    raise UnsupportedModelError(
         f"model_type={model_type!r} is not supported by the video policy (supported: "
         f"{', '.join(supported_model_types())}); load a checkpoint of one of these, or add a "
         f"family (docs/adding_a_model_family.md)")
@@ -79,7 +87,7 @@ def adapter_for(model_type: str):
     family, created on first use).
 
     Raises:
-        NotImplementedError: an unregistered ``model_type`` (see :func:`family_for`).
+        UnsupportedModelError: an unregistered ``model_type`` (see :func:`family_for`).
     """
     fam = family_for(model_type)
     if fam.name not in _ADAPTERS:

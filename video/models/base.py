@@ -93,10 +93,11 @@ class VLMAdapter:
         """Raise for a ``model_type`` this adapter does not handle.
 
         Raises:
-            NotImplementedError: ``model_type`` not in ``model_types``.
+            UnsupportedModelError: ``model_type`` not in ``model_types``.
         """
         if model_type not in self.model_types:
-            raise NotImplementedError(
+            from mmrl.video.models import UnsupportedModelError
+            raise UnsupportedModelError(
                 f"model_type={model_type!r} is not handled by {type(self).__name__} (handled: "
                 f"{', '.join(self.model_types)}); load a checkpoint of this family, or use "
                 f"mmrl.video.models.adapter_for(model_type) to pick the family")
