@@ -4,238 +4,32 @@ Contract: ``logp, old_logp, ref_logp [B, T]`` float, ``mask [B, T]`` bool (True 
 ``advantages [B]`` or ``[B, T]``. For video T is response tokens, for diffusion T is trained
 denoising steps; nothing here knows which.
 
-- :data:`RATIO_LEVELS` ``(logp, old_logp, mask) -> log_ratio`` of shape ``[B, T]`` (token levels)
-  or ``[B, 1]`` (per-sequence levels, attribute ``per_sequence = True``). ``whole_sequence = True``
-  marks levels that need all of a row's tokens in one call (the T axis must not be chunked).
-- :data:`OBJECTIVES` ``(log_ratio, adv, *, spec, valid, group_ids) -> (loss, ratio, low, high)``:
-  per-entry loss to minimize and the masks of the clipped, zero-gradient region.
-- :data:`AGGREGATIONS` ``(loss, mask, *, num_tokens, num_seqs, seq_lens, max_len) -> scalar``
-  (each entry reads the keywords it needs). ``num_tokens`` / ``num_seqs`` are the optimizer
-  step's global counts, so micro-batch losses sum to the full-batch loss.
-- :data:`KL_ESTIMATORS` ``x -> KL`` per token, ``x = logp − ref_logp`` (or the policy's ``kl``).
+Each axis is a registry in its own module, re-exported here:
 
-Log-ratios are clamped to ±20 before every ``exp``: exp(20) ≈ 4.9e8 keeps products finite in
-fp32, and a ratio that far from 1 is either in a clipped/saturated region (zero gradient anyway)
-or would give a ~1e8·|A| gradient no optimizer step should take; the clamp removes inf/NaN.
+- :data:`RATIO_LEVELS` (:mod:`mmrl.algo.ratios`) ``(logp, old_logp, mask) -> log_ratio``.
+- :data:`OBJECTIVES` (:mod:`mmrl.algo.objectives`) ``(log_ratio, adv, *, spec, ...) ->
+  (loss, ratio, low, high)``.
+- :data:`AGGREGATIONS` (:mod:`mmrl.algo.aggregations`) ``(loss, mask, *, num_tokens, num_seqs,
+  seq_lens, max_len) -> scalar``.
+- :data:`KL_ESTIMATORS` (:mod:`mmrl.algo.kl`) ``x -> KL`` per token.
+
+:class:`PolicyLoss` composes them; :mod:`mmrl.algo.common` holds the ±20 log-ratio clamp.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from mmrl.registry import Registry
+from mmrl.algo.aggregations import AGGREGATIONS
+from mmrl.algo.common import Tensor, masked_log_ratio, masked_mean
+from mmrl.algo.common import num_tokens as row_tokens
+from mmrl.algo.kl import KL_ESTIMATORS, _kl, kl_penalty
+from mmrl.algo.objectives import OBJECTIVES
+from mmrl.algo.ratios import RATIO_LEVELS
 
-RATIO_LEVELS: Registry[Callable] = Registry("ratio level")
-OBJECTIVES: Registry[Callable] = Registry("objective")
-AGGREGATIONS: Registry[Callable] = Registry("aggregation")
-KL_ESTIMATORS: Registry[Callable] = Registry("KL estimator")
-
-LOG_RATIO_CLAMP = 20.0
-Tensor = torch.Tensor
-
-
-def _entry(registry: Registry, name: str, **attrs):
-    """Register under ``name`` and attach metadata the presets validate against."""
-    def wrap(fn):
-        for key, value in attrs.items():
-            setattr(fn, key, value)
-        return registry.register(name, fn)
-    return wrap
-
-
-def _masked_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
-    # where, not multiply: padding may hold -inf log-probs and 0 * inf would be NaN.
-    return torch.where(mask, logp - old_logp, torch.zeros_like(logp))
-
-
-def _num_tokens(mask: Tensor) -> Tensor:
-    return mask.sum(-1, keepdim=True).to(torch.float32).clamp(min=1)  # [B, 1]; empty row -> 1
-
-
-# ---------------------------------------------------------------- ratio levels
-@_entry(RATIO_LEVELS, "token", per_sequence=False, whole_sequence=False)
-def token_log_ratio(logp, old_logp, mask) -> Tensor:
-    """x_i,t = logp − old_logp -> ``[B, T]`` (PPO / GRPO token ratio)."""
-    return _masked_log_ratio(logp, old_logp, mask)
-
-
-@_entry(RATIO_LEVELS, "sequence", per_sequence=True, whole_sequence=True)
-def sequence_log_ratio(logp, old_logp, mask) -> Tensor:
-    """log s_i = Σ_t m x / |o_i| -> ``[B, 1]`` (GSPO, arXiv 2507.18071 eq. 7)."""
-    x = _masked_log_ratio(logp, old_logp, mask)
-    return x.sum(-1, keepdim=True) / _num_tokens(mask).to(x.dtype)  # [B, T] -> [B, 1]
-
-
-@_entry(RATIO_LEVELS, "sequence_token", per_sequence=False, whole_sequence=True)
-def sequence_token_log_ratio(logp, old_logp, mask) -> Tensor:
-    """log s_i,t = logp − sg(logp) + sg(log s_i) -> ``[B, T]`` (GSPO-token, 2507.18071 eq. 13).
-
-    Same value as ``sequence`` on every token; the gradient flows per token.
-    """
-    seq = sequence_log_ratio(logp, old_logp, mask).detach()  # [B, 1]
-    return _masked_log_ratio(logp, logp.detach(), mask) + seq  # [B, T]
-
-
-@_entry(RATIO_LEVELS, "sequence_sum", per_sequence=True, whole_sequence=True)
-def sequence_sum_log_ratio(logp, old_logp, mask) -> Tensor:
-    """ℓr_i = Σ_t m x -> ``[B, 1]`` (Reg-GRPO's sequence log-ratio, arXiv 2506.07464)."""
-    return _masked_log_ratio(logp, old_logp, mask).sum(-1, keepdim=True)
-
-
-# ---------------------------------------------------------------- objectives
-def _ratio(log_ratio: Tensor) -> Tensor:
-    return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
-
-@_entry(OBJECTIVES, "clip", needs_groups=False, needs_per_sequence=False)
-def clip_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
-    """ℓ = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)·A); dual clip: ℓ = min(ℓ, −c·A) for A < 0.
-
-    PPO (arXiv 1707.06347) with asymmetric ε (DAPO clip-higher, arXiv 2503.14476); dual clip
-    per Ye et al. (arXiv 1912.09729) and verl ``clip_ratio_c``.
-    Differs from ALGORITHMS.md: it writes the dual clip as max(ℓ_clip, −c·A); on a loss that
-    would raise every A < 0 loss to at least c·|A| instead of bounding it, so mmrl takes the
-    paper's (and verl's) cap: ℓ = min(ℓ_clip, −c·A) for A < 0.
-    """
-    ratio = _ratio(log_ratio)
-    clipped = ratio.clamp(1.0 - spec.eps_low, 1.0 + spec.eps_high)
-    loss = torch.maximum(-adv * ratio, -adv * clipped)
-    high = (adv > 0) & (ratio > 1.0 + spec.eps_high)
-    low = (adv < 0) & (ratio < 1.0 - spec.eps_low)
-    if spec.dual_clip_c is not None:
-        cap = -spec.dual_clip_c * adv  # constant in θ: zero gradient in the dual-clipped region
-        dual = (adv < 0) & (loss > cap)
-        loss = torch.where(dual, cap.expand_as(loss), loss)
-        high = high | dual
-    return loss, ratio, low, high
-
-
-@_entry(OBJECTIVES, "sapo", needs_groups=False, needs_per_sequence=False)
-def sapo_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
-    """ℓ = −f_τ(ρ)·A, f_τ(ρ) = (4/τ)·sigmoid(τ(ρ−1)) (SAPO, arXiv 2511.20347).
-
-    τ = τ_pos if A > 0 else τ_neg. f(1) = 2/τ and f′(1) = 1: at ρ = 1 the gradient is
-    REINFORCE's. A soft gate has no zero-gradient region, so both clip fractions are 0.
-    """
-    ratio = _ratio(log_ratio)
-    tau = torch.where(adv > 0, adv.new_tensor(spec.tau_pos), adv.new_tensor(spec.tau_neg))
-    loss = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
-    none = torch.zeros_like(loss, dtype=torch.bool)
-    return loss, ratio, none, none
-
-
-@_entry(OBJECTIVES, "reg", needs_groups=True, needs_per_sequence=True)
-def reg_objective(log_ratio, adv, *, spec, valid=None, group_ids=None):
-    """ℓ_i = (A_i − Â_i)², Â_i = ε_reg·(ℓr_i − mean_g ℓr) (Reg-GRPO, arXiv 2506.07464).
-
-    From the KL-regularized optimum π* ∝ π_old·exp(A/ε): ε·log(π*/π_old) = A − ε·log Z, and the
-    group mean removes log Z. No clipping, no min. ``log_ratio`` is ``[B, 1]`` (``sequence_sum``,
-    or ``sequence`` for ``length_normalize=True``); rows with an empty mask (``valid`` False)
-    are left out of the group mean. Whole groups must be in the same call.
-    Unconfirmed against the paper: only its abstract was reachable when this was written; the
-    formula is ALGORITHMS.md's (the paper may also scale Â by the group std of ℓr).
-    """
-    lr = log_ratio[:, 0]  # [B, 1] -> [B]
-    w = torch.ones_like(lr) if valid is None else valid[:, 0].to(lr.dtype)
-    uniq, inv = torch.unique(group_ids, return_inverse=True)
-    zeros = torch.zeros(uniq.numel(), dtype=lr.dtype, device=lr.device)
-    mean = zeros.index_add(0, inv, lr * w) / zeros.index_add(0, inv, w).clamp(min=1)  # [G]
-    pred = spec.eps_reg * (lr - mean[inv])  # [B]
-    loss = (adv[:, 0] - pred).pow(2).unsqueeze(-1)  # [B, 1]
-    none = torch.zeros_like(loss, dtype=torch.bool)
-    return loss, _ratio(log_ratio), none, none
-
-
-# ---------------------------------------------------------------- aggregations
-def _den(given, default: Tensor) -> Tensor:
-    """A global normalizer passed in (number / 0-d tensor) or the local one."""
-    return default if given is None else torch.as_tensor(given).to(default)
-
-
-@_entry(AGGREGATIONS, "token_mean", per_sequence=False)
-def token_mean(loss, mask, *, num_tokens=None, **_):
-    """Σ_i,t m ℓ / Σ_i,t m, over the *global* batch when ``num_tokens`` is given (DAPO)."""
-    local = mask.sum().to(loss.dtype).clamp(min=1)
-    return torch.where(mask, loss, 0.0).sum() / _den(num_tokens, local)
-
-
-@_entry(AGGREGATIONS, "seq_mean_token_mean", per_sequence=False)
-def seq_mean_token_mean(loss, mask, *, num_seqs=None, seq_lens=None, **_):
-    """mean_i (Σ_t m ℓ / |o_i|) (original GRPO). |o_i| = ``seq_lens`` when the T axis is chunked.
-
-    The mean is over all B rows (``num_seqs`` when global): an empty row contributes 0.
-    """
-    row_len = torch.as_tensor(mask.sum(-1) if seq_lens is None else seq_lens).to(loss)  # [B]
-    per_row = torch.where(mask, loss, 0.0).sum(-1) / row_len.clamp(min=1)  # [B, T] -> [B]
-    return per_row.sum() / _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1))
-
-
-@_entry(AGGREGATIONS, "seq_mean_token_sum", per_sequence=False)
-def seq_mean_token_sum(loss, mask, *, num_seqs=None, **_):
-    """mean_i Σ_t m ℓ."""
-    den = _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1))
-    return torch.where(mask, loss, 0.0).sum() / den
-
-
-@_entry(AGGREGATIONS, "fixed_norm", per_sequence=False)
-def fixed_norm(loss, mask, *, num_seqs=None, max_len=None, **_):
-    """Σ_i,t m ℓ / (B · L_max), L_max a constant (Dr.GRPO, arXiv 2503.20783)."""
-    if max_len is None:
-        raise ValueError("aggregation 'fixed_norm' needs max_len (the max completion length); "
-                         "pass max_len=<int> to PolicyLoss / resolve_algo")
-    den = _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1)) * max_len
-    return torch.where(mask, loss, 0.0).sum() / den
-
-
-@_entry(AGGREGATIONS, "seq_mean", per_sequence=True)
-def seq_mean(loss, mask, *, num_seqs=None, **_):
-    """mean_i ℓ_i over per-sequence losses ``[B, 1]``; ``mask [B, 1]`` marks non-empty rows."""
-    den = _den(num_seqs, loss.new_tensor(float(mask.shape[0])).clamp(min=1))
-    return torch.where(mask, loss, 0.0).sum() / den
-
-
-# ---------------------------------------------------------------- KL
-@KL_ESTIMATORS.register("k1")
-def kl_k1(x: Tensor) -> Tensor:
-    """k1 = x (Schulman 2020, "Approximating KL divergence")."""
-    return x
-
-
-@KL_ESTIMATORS.register("k2")
-def kl_k2(x: Tensor) -> Tensor:
-    """k2 = ½x² (Schulman 2020; low variance, biased)."""
-    return 0.5 * x * x
-
-
-@KL_ESTIMATORS.register("k3")
-def kl_k3(x: Tensor) -> Tensor:
-    """k3 = exp(−x) + x − 1 ≥ 0 (GRPO, arXiv 2402.03300 eq. 4)."""
-    return torch.exp(-x) + x - 1.0
-
-
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token KL estimate KL(π‖π_ref) ``[B, T]`` with x = logp − ref_logp clamped to ±20.
-
-    Args:
-        logp, ref_logp: ``[B, T]`` float log-probs of the sampled tokens.
-        kind: ``k1`` | ``k2`` | ``k3`` (see :data:`KL_ESTIMATORS`).
-
-    Returns:
-        ``[B, T]`` per-token estimate (unmasked; callers mask).
-
-    Raises:
-        ValueError: unknown ``kind`` or shape mismatch.
-    """
-    if logp.shape != ref_logp.shape:
-        raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ; "
-                         f"pass both as [B, T] for the same tokens")
-    return _kl(logp - ref_logp, kind)
-
-
-def _kl(x: Tensor, kind: str) -> Tensor:
-    # Clamp: exp(−x) overflows for x < −88 in fp32; ±20 keeps every estimator finite.
-    return KL_ESTIMATORS.get(kind)(x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "PolicyLoss",
+           "kl_penalty", "policy_loss"]
 
 
 # ---------------------------------------------------------------- the policy loss
@@ -278,11 +72,6 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
                              f"{got}; pass the same group ids used for the advantages")
 
 
-def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
-    x = x.expand(valid.shape)
-    return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
-
-
 def _stats(loss, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref) -> Dict[str, Tensor]:
     with torch.no_grad():
         ratio = ratio.detach().expand(valid.shape)
@@ -290,17 +79,17 @@ def _stats(loss, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref) -> 
         one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
         stats = {
             "loss": loss.detach(),
-            "clipfrac_low": _masked_mean(low.to(ratio.dtype), valid),
-            "clipfrac_high": _masked_mean(high.to(ratio.dtype), valid),
-            "ratio_mean": torch.where(any_valid, _masked_mean(ratio, valid), one),
+            "clipfrac_low": masked_mean(low.to(ratio.dtype), valid),
+            "clipfrac_high": masked_mean(high.to(ratio.dtype), valid),
+            "ratio_mean": torch.where(any_valid, masked_mean(ratio, valid), one),
             "ratio_min": torch.where(any_valid, torch.where(valid, ratio, torch.inf).amin(), one),
             "ratio_max": torch.where(any_valid, torch.where(valid, ratio, -torch.inf).amax(), one),
-            "approx_kl": _masked_mean(_kl(_masked_log_ratio(logp.detach(), old_logp, mask),
+            "approx_kl": masked_mean(_kl(masked_log_ratio(logp.detach(), old_logp, mask),
                                           "k3"), mask),
-            "adv_mean": _masked_mean(adv.detach(), valid),
+            "adv_mean": masked_mean(adv.detach(), valid),
         }
         if kl_ref is not None:
-            stats["kl_ref"] = _masked_mean(kl_ref.detach(), mask)
+            stats["kl_ref"] = masked_mean(kl_ref.detach(), mask)
     return stats
 
 
@@ -330,7 +119,8 @@ class PolicyLoss:
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                  ref_logp: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
                  group_ids: Optional[Tensor] = None, num_tokens=None, num_seqs=None,
-                 seq_lens=None, kl: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                 seq_lens=None, kl: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """(loss, stats): the aggregated loss to minimize and detached statistics.
 
         Args:
@@ -346,6 +136,8 @@ class PolicyLoss:
             seq_lens: ``[B]`` full per-row token counts for ``seq_mean_token_mean`` when the T
                 axis is split into chunks (other aggregations do not need it).
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
+            generator: for objectives that draw at random (none of the built-in ones yet);
+                None = torch's global generator.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
@@ -368,22 +160,37 @@ class PolicyLoss:
         # garbage there (NaN) cannot reach the gradient through 0 * NaN.
         adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, 0.0)
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
-                                                 group_ids=group_ids)
-        kl_ref = None if kl is None else torch.where(mask, kl.to(logp.dtype), 0.0)
-        if ref_logp is not None:
-            # Mask x *before* the estimator: exp of padding garbage would poison the backward.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and spec.beta > 0):  # stat only
-                kl_ref = torch.where(mask, _kl(_masked_log_ratio(logp, ref_logp.detach(), mask),
-                                               spec.kl), 0.0)
-        if kl_ref is not None and spec.beta > 0:  # sequence-level objectives: token-mean KL
-            loss = loss + spec.beta * (kl_ref.sum(-1, keepdim=True) / _num_tokens(mask).to(
-                kl_ref.dtype) if per_seq else kl_ref)
-        loss = loss.expand(valid.shape)
+                                                 group_ids=group_ids, logp=logp, mask=mask,
+                                                 generator=generator)
+        kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask)
+        loss = _add_kl(spec, loss, kl_ref, mask, per_seq).expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)
         total = self._aggregate(loss, valid, num_tokens=num_tokens, num_seqs=num_seqs,
                                 seq_lens=seq_lens, max_len=spec.max_len)
         return total, _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
+
+
+def _kl_to_ref(spec, logp: Tensor, ref_logp: Optional[Tensor], kl: Optional[Tensor],
+               mask: Tensor) -> Optional[Tensor]:
+    """``[B, T]`` per-token KL to the reference (0 on padding): the policy's own ``kl``, or the
+    spec's estimator on ``logp − ref_logp``; None when neither is given. It carries a gradient
+    only when ``beta > 0`` (otherwise it is a statistic)."""
+    if ref_logp is None:
+        return None if kl is None else torch.where(mask, kl.to(logp.dtype), 0.0)
+    # Mask x *before* the estimator: exp of padding garbage would poison the backward.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and spec.beta > 0):
+        return torch.where(mask, _kl(masked_log_ratio(logp, ref_logp.detach(), mask), spec.kl),
+                           0.0)
+
+
+def _add_kl(spec, loss: Tensor, kl_ref: Optional[Tensor], mask: Tensor, per_seq: bool) -> Tensor:
+    """``loss + beta·KL``; per-sequence objectives (``[B, 1]``) add the row's token-mean KL."""
+    if kl_ref is None or spec.beta <= 0:
+        return loss
+    if per_seq:
+        return loss + spec.beta * kl_ref.sum(-1, keepdim=True) / row_tokens(mask).to(kl_ref.dtype)
+    return loss + spec.beta * kl_ref
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,

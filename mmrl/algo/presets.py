@@ -27,7 +27,7 @@ TOKEN_WEIGHTINGS = ("none", "tw")
 
 # The built-in entries of each axis and the flags the checks read, without torch: validating a
 # config (``mmrl config validate``) must not load it. The registries that hold the
-# implementations (mmrl.algo.losses, mmrl.algo.advantages) are used instead once they are
+# implementations (mmrl.algo.ratios, objectives, aggregations, kl, advantages) are used instead once they are
 # imported, so entries a user registers count too; tests/config/test_algo_fields.py checks that
 # this table equals the built-in registries.
 _BUILTIN = {
@@ -35,20 +35,20 @@ _BUILTIN = {
         n: {} for n in ("batch_std", "grpo", "mean_center", "ngrpo", "rloo")},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
         n: {} for n in ("normalize_then_sum", "sum_then_normalize")},
-    ("ratio level", "mmrl.algo.losses", "RATIO_LEVELS"): {
+    ("ratio level", "mmrl.algo.ratios", "RATIO_LEVELS"): {
         "token": dict(per_sequence=False, whole_sequence=False),
         "sequence": dict(per_sequence=True, whole_sequence=True),
         "sequence_token": dict(per_sequence=False, whole_sequence=True),
         "sequence_sum": dict(per_sequence=True, whole_sequence=True)},
-    ("objective", "mmrl.algo.losses", "OBJECTIVES"): {
+    ("objective", "mmrl.algo.objectives", "OBJECTIVES"): {
         "clip": dict(needs_groups=False, needs_per_sequence=False),
         "sapo": dict(needs_groups=False, needs_per_sequence=False),
         "reg": dict(needs_groups=True, needs_per_sequence=True)},
-    ("aggregation", "mmrl.algo.losses", "AGGREGATIONS"): {
+    ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
         "token_mean": dict(per_sequence=False), "seq_mean_token_mean": dict(per_sequence=False),
         "seq_mean_token_sum": dict(per_sequence=False), "fixed_norm": dict(per_sequence=False),
         "seq_mean": dict(per_sequence=True)},
-    ("KL estimator", "mmrl.algo.losses", "KL_ESTIMATORS"): {n: {} for n in ("k1", "k2", "k3")},
+    ("KL estimator", "mmrl.algo.kl", "KL_ESTIMATORS"): {n: {} for n in ("k1", "k2", "k3")},
 }
 _AXIS_OF = {"advantage": "ADVANTAGES", "multi_reward": "MULTI_REWARD",
             "ratio_level": "RATIO_LEVELS", "objective": "OBJECTIVES",
@@ -94,7 +94,7 @@ class AlgoSpec:
                            "sequence_token (GSPO-token), sequence_sum (Reg-GRPO).",
                            source="GSPO arXiv 2507.18071")
     objective: str = cfg("clip", "Per-token objective: " + _axis_doc("objective") + ".",
-                         source="mmrl.algo.losses")
+                         source="mmrl.algo.objectives")
     aggregation: str = cfg("seq_mean_token_mean", "Loss aggregation: "
                            + _axis_doc("aggregation") + "; per-sequence ratio levels need "
                            "seq_mean.", source="Dr.GRPO arXiv 2503.20783; DAPO arXiv 2503.14476")
