@@ -41,9 +41,15 @@ _BUILTIN = {
         "sequence_token": dict(per_sequence=False, whole_sequence=True),
         "sequence_sum": dict(per_sequence=True, whole_sequence=True)},
     ("objective", "mmrl.algo.objectives", "OBJECTIVES"): {
-        "clip": dict(needs_groups=False, needs_per_sequence=False),
-        "sapo": dict(needs_groups=False, needs_per_sequence=False),
-        "reg": dict(needs_groups=True, needs_per_sequence=True)},
+        "clip": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
+                     whole_sequence=False),
+        "sapo": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
+                     whole_sequence=False),
+        "reg": dict(needs_groups=True, needs_per_sequence=True, needs_token_ratio=False,
+                    whole_sequence=False),
+        **{n: dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True,
+                   whole_sequence=n in ("clip_cov", "kl_cov", "vespo"))
+           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")}},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
         "token_mean": dict(per_sequence=False), "seq_mean_token_mean": dict(per_sequence=False),
         "seq_mean_token_sum": dict(per_sequence=False), "fixed_norm": dict(per_sequence=False),
@@ -134,14 +140,51 @@ class AlgoSpec:
     tw_alpha: float = cfg(1.7, "TW-GRPO maximum token weight alpha (1 = uniform weights, as "
                           "plain GRPO; below 1 weights high-divergence tokens down).",
                           minimum=0.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
+    delta: Optional[float] = cfg(None, "Two-sided clip of objective clip: the unclipped term "
+                                 "uses min(ratio, delta), so A < 0 losses are capped at "
+                                 "delta*|A| and A > 0 ratios at min(delta, 1 + eps_high); null "
+                                 "disables. Equals dual_clip_c's value when delta = c >= 1 + "
+                                 "eps_high (pass one of them). delta <= 1 would stop learning "
+                                 "from A > 0 at ratio 1, so it must exceed 1 (TRL does not "
+                                 "check).", above=1.0,
+                                 source="INTELLECT-2 arXiv 2505.07291 (4); TRL GRPOConfig.delta")
+    cispo_cap: float = cfg(5.0, "Objective cispo_cap (TRL's CISPO): absolute cap on the "
+                           "stop-gradient importance weight, min(ratio, cap). TRL reads it from "
+                           "epsilon_high and silently falls back to epsilon = 0.2 when unset.",
+                           above=0.0, source="ScaleRL arXiv 2510.13786 (5.0); TRL docs")
+    cov_ratio: float = cfg(2e-4, "Objectives clip_cov / kl_cov: fraction of a call's valid "
+                           "tokens selected by covariance (at least 1): a fraction, not a "
+                           "percent (verl clip_cov_ratio / kl_cov_ratio).", above=0.0,
+                           maximum=1.0, source="verl 0.9 (2e-4); arXiv 2505.22617 recipes 2e-3 "
+                           "(7B) / 2e-4 (32B)")
+    clip_cov_lb: float = cfg(1.0, "Objective clip_cov: lower bound (exclusive) of the covariance "
+                             "of candidate tokens.", source="verl clip_cov_lb (1.0)")
+    clip_cov_ub: float = cfg(5.0, "Objective clip_cov: upper bound (exclusive) of the covariance "
+                             "of candidate tokens; must exceed clip_cov_lb.",
+                             source="verl clip_cov_ub (5.0)")
+    kl_cov_coef: float = cfg(1.0, "Objective kl_cov: coefficient of |logp - old_logp| on the "
+                             "selected tokens (verl ppo_kl_coef; its config default is 0.1, the "
+                             "paper's code and verl's recipes use 1).", minimum=0.0,
+                             source="arXiv 2505.22617 code and verl recipes (1.0)")
+    vespo_k_pos: float = cfg(2.0, "Objective vespo: exponent k of phi(W) = W^k exp(lambda(1 - W)) "
+                             "for A >= 0.", minimum=0.0, source="VESPO arXiv 2602.10693; TRL (2.0)")
+    vespo_lambda_pos: float = cfg(3.0, "Objective vespo: rate lambda for A >= 0 (TRL floors it "
+                                  "at 1e-4; mmrl needs > 0).", above=0.0,
+                                  source="VESPO arXiv 2602.10693; TRL (3.0)")
+    vespo_k_neg: float = cfg(3.0, "Objective vespo: exponent k for A < 0.", minimum=0.0,
+                             source="VESPO arXiv 2602.10693; TRL (3.0)")
+    vespo_lambda_neg: float = cfg(2.0, "Objective vespo: rate lambda for A < 0.", above=0.0,
+                                  source="VESPO arXiv 2602.10693; TRL (2.0)")
 
     @property
     def sequence_level(self) -> bool:
-        """True when the ratio is computed from whole sequences (GSPO, GSPO-token, Reg-GRPO).
+        """True when the ratio level (GSPO, GSPO-token, Reg-GRPO) or the objective (VESPO's
+        sequence weight, clip_cov / kl_cov's covariance) reads whole sequences.
 
         Then every row's T tokens must reach the loss in one call: do not chunk the T axis.
         """
-        return axis_registry("ratio_level").get(self.ratio_level).whole_sequence
+        return (axis_registry("ratio_level").get(self.ratio_level).whole_sequence
+                or axis_registry("objective").get(self.objective).whole_sequence)
 
     @property
     def per_sequence_loss(self) -> bool:
@@ -195,6 +238,21 @@ PRESETS: Dict[str, AlgoSpec] = {
     "ngrpo": AlgoSpec(advantage="ngrpo", eps_low=0.16, eps_high=0.24, aggregation="token_mean"),
     # Lite-PPO, arXiv 2508.08221: group mean, batch std; token-level mean.
     "lite_ppo": AlgoSpec(advantage="batch_std", aggregation="token_mean"),
+    # CISPO (MiniMax-M1), arXiv 2506.13585, verl's convention: −sg(clip(ρ, 0.8, 1.2))·A·logp,
+    # token mean. The paper leaves the lower bound effectively off; verl's defaults are 0.2/0.2.
+    "cispo": AlgoSpec(objective="cispo", aggregation="token_mean"),
+    # CISPO, TRL's convention: −sg(min(ρ, 5))·A·logp (cap 5 per ScaleRL, arXiv 2510.13786).
+    "cispo_trl": AlgoSpec(objective="cispo_cap", cispo_cap=5.0, aggregation="token_mean"),
+    # Clip-Cov, arXiv 2505.22617 (verl clip_cov): PPO clip, plus max(⌊2e-4·N⌋, 1) random tokens
+    # with 1 < Cov < 5 detached. verl's recipe widens the PPO clip to ε = 1 (eps_low < 1 here).
+    "clip_cov": AlgoSpec(objective="clip_cov", aggregation="token_mean"),
+    # KL-Cov, arXiv 2505.22617 (verl kl_cov): −ρA, + 1·|x| on the top 2e-3 of tokens by Cov
+    # (the paper's Qwen2.5-7B recipe; 2e-4 for 32B); no PPO clip.
+    "kl_cov": AlgoSpec(objective="kl_cov", cov_ratio=2e-3, kl_cov_coef=1.0,
+                       aggregation="token_mean"),
+    # VESPO, arXiv 2602.10693 (TRL): −sg(φ(W_i))·A·logp, φ(W) = W^k·e^(λ(1−W)), W_i = Π_t ρ_t;
+    # k/λ 2/3 (A ≥ 0), 3/2 (A < 0); token mean.
+    "vespo": AlgoSpec(objective="vespo", aggregation="token_mean"),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
@@ -284,6 +342,28 @@ def _combination_problems(spec: AlgoSpec) -> List[str]:
     if spec.dual_clip_c is not None and spec.objective != "clip":
         problems.append(f"dual_clip_c only applies to objective 'clip', got objective "
                         f"{spec.objective!r}; drop dual_clip_c")
+    return problems + _objective_problems(spec, per_seq)
+
+
+def _objective_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
+    """Combinations of the objectives added after the first three (CISPO, Clip/KL-Cov, VESPO,
+    GPG, TRL's delta)."""
+    problems = []
+    if axis_registry("objective").get(spec.objective).needs_token_ratio and per_seq:
+        problems.append(f"objective {spec.objective!r} weights each token's log-prob and needs a "
+                        f"token ratio level, got per-sequence {spec.ratio_level!r}; use "
+                        f"ratio_level 'token' (or 'sequence_token' for a sequence ratio)")
+    if spec.delta is not None and spec.objective != "clip":
+        problems.append(f"delta only applies to objective 'clip', got objective "
+                        f"{spec.objective!r}; drop delta")
+    if spec.delta is not None and spec.dual_clip_c is not None:
+        problems.append(f"delta={spec.delta} and dual_clip_c={spec.dual_clip_c} both cap the "
+                        f"A < 0 loss (they coincide when delta = c >= 1 + eps_high); pass one")
+    if _is_number(spec.clip_cov_lb) and _is_number(spec.clip_cov_ub) \
+            and spec.clip_cov_lb >= spec.clip_cov_ub:
+        problems.append(f"clip_cov_lb={spec.clip_cov_lb} must be below clip_cov_ub="
+                        f"{spec.clip_cov_ub} (candidates satisfy lb < Cov < ub); lower lb or "
+                        f"raise ub")
     return problems
 
 
