@@ -136,12 +136,13 @@ class PolicyLoss:
             seq_lens: ``[B]`` full per-row token counts for ``seq_mean_token_mean`` when the T
                 axis is split into chunks (other aggregations do not need it).
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
-            generator: for objectives that draw at random (none of the built-in ones yet);
-                None = torch's global generator.
+            generator: for objectives that draw at random (``clip_cov``'s pick); None =
+                torch's global generator.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
-            tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg),
+            tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg/gpg/vespo/
+            kl_cov; cispo/cispo_cap: truncated weights; clip_cov: + the detached tokens in high),
             ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given).
 
         Raises:
@@ -197,6 +198,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 algo: str = "grpo", ref_logp: Optional[Tensor] = None,
                 token_weights: Optional[Tensor] = None, group_ids: Optional[Tensor] = None,
                 num_tokens=None, num_seqs=None, seq_lens=None,
+                generator: Optional[torch.Generator] = None,
                 **overrides) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, stats) of ``PolicyLoss(algo, **overrides)`` on these tensors (functional form).
 
@@ -204,4 +206,5 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     """
     return PolicyLoss(algo, **overrides)(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, token_weights=token_weights,
-        group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens)
+        group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
+        generator=generator)

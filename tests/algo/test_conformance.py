@@ -10,6 +10,7 @@ from mmrl.algo.advantages import ADVANTAGES, MULTI_REWARD, group_advantages
 from mmrl.algo.losses import AGGREGATIONS, KL_ESTIMATORS, OBJECTIVES, RATIO_LEVELS, PolicyLoss
 from mmrl.algo.presets import PRESETS, algo_problems, resolve_algo
 from tests.reference import core_math as ref
+from tests.reference import objectives_ref as obj_ref
 
 F64 = torch.float64
 B, T = 6, 5
@@ -99,7 +100,16 @@ def _spec_for(name, **kw):
 def _objective_case(name, log_ratio, adv, spec):
     fn = OBJECTIVES.get(name)
     valid = torch.ones(log_ratio.shape, dtype=torch.bool)
-    loss, ratio, low, high = fn(log_ratio, adv, spec=spec, valid=valid, group_ids=GIDS)
+    # logp = old_logp + log_ratio: objectives that read logp get the same gradient path
+    old = -2 * torch.rand(log_ratio.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    logp = old + log_ratio
+    loss, ratio, low, high = fn(log_ratio, adv, spec=spec, valid=valid, group_ids=GIDS,
+                                logp=logp, mask=valid, generator=torch.Generator().manual_seed(7))
+    if name in obj_ref.OBJECTIVES:  # whole-call oracles (tests/reference/objectives_ref.py)
+        want = obj_ref.OBJECTIVES[name](nested(log_ratio), nested(adv.expand_as(log_ratio)),
+                                        nested(logp), nested(valid), spec,
+                                        torch.Generator().manual_seed(7))
+        return loss, torch.stack([torch.stack(row) for row in want]), ratio, low, high
     ora = oracle(ref.OBJECTIVES, name)
     if fn.needs_per_sequence:
         want = torch.stack(ora([x for x in log_ratio[:, 0]], [a for a in adv[:, 0]],
@@ -129,8 +139,10 @@ def test_objective_entry(name, dual):
     g1, = torch.autograd.grad((loss * w).sum(), log_ratio, retain_graph=True)
     g2, = torch.autograd.grad((want * w).sum(), log_ratio)
     torch.testing.assert_close(g1, g2)
-    # the clipped masks mark exactly where the gradient is zero (and A != 0)
-    assert torch.all(g1[(low | high).expand_as(g1)] == 0)
+    # the clipped masks mark exactly where the gradient is zero (and A != 0); CISPO's mark
+    # truncated weights instead (documented in objectives_ref.CLIP_MASKS_KEEP_GRADIENT)
+    if name not in obj_ref.CLIP_MASKS_KEEP_GRADIENT:
+        assert torch.all(g1[(low | high).expand_as(g1)] == 0)
     torch.testing.assert_close(ratio, torch.exp(log_ratio.detach()))
 
 
@@ -140,9 +152,10 @@ def test_objective_finite_under_extreme_log_ratios(name):
     cols = 1 if OBJECTIVES.get(name).needs_per_sequence else T
     log_ratio = (1e4 * torch.randn(B, cols, dtype=torch.float32).sign()).requires_grad_()
     adv = torch.randn(B, 1)
-    loss, ratio, low, high = OBJECTIVES.get(name)(log_ratio, adv, spec=spec,
-                                                  valid=torch.ones(B, cols, dtype=torch.bool),
-                                                  group_ids=GIDS)
+    valid = torch.ones(B, cols, dtype=torch.bool)
+    loss, ratio, low, high = OBJECTIVES.get(name)(log_ratio, adv, spec=spec, valid=valid,
+                                                  group_ids=GIDS, logp=log_ratio - 1.0,
+                                                  mask=valid)
     g, = torch.autograd.grad(loss.sum(), log_ratio)
     assert torch.isfinite(loss).all() and torch.isfinite(g).all() and torch.isfinite(ratio).all()
 

@@ -7,6 +7,7 @@ import torch
 from mmrl.algo.losses import PolicyLoss, kl_penalty, policy_loss
 from mmrl.algo.presets import PRESETS, resolve_algo
 from tests.reference import core_math as ref
+from tests.reference import objectives_ref as obj_ref
 
 F64 = torch.float64
 B, T = 6, 5
@@ -27,9 +28,14 @@ def make_batch(seed=0, scale=0.3, dtype=F64, adv_per_token=False):
     return dict(logp=logp, old=old, ref=ref_logp, mask=mask, adv=adv, w=weights, gids=gids)
 
 
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
 def run(name_or_fn, d, logp=None, **kw):
     logp = d["logp"] if logp is None else logp
     fn = name_or_fn if callable(name_or_fn) else PolicyLoss(name_or_fn, **ref.preset_kwargs(name_or_fn, T))
+    kw.setdefault("generator", gen())  # clip_cov's random pick: the oracles draw the same keys
     loss, stats = fn(logp, d["old"], d["adv"], d["mask"], group_ids=d["gids"], **kw)
     grad, = torch.autograd.grad(loss, logp, allow_unused=True)
     return loss, (torch.zeros_like(logp) if grad is None else grad), stats
@@ -104,7 +110,8 @@ def test_preset_matches_oracle(name, beta):
     fn = PolicyLoss(name, beta=beta, **ref.preset_kwargs(name, T))
     loss, grad, stats = run(fn, d, **kw)
     want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], ref_logp=d["ref"],
-                           token_weights=kw.get("token_weights"), group_ids=d["gids"])
+                           token_weights=kw.get("token_weights"), group_ids=d["gids"],
+                           generator=gen())
     want_grad, = torch.autograd.grad(want, d["logp"])
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
@@ -117,7 +124,8 @@ def test_token_advantages_and_weights_match_oracle(name):
     fn = PolicyLoss(name, dual_clip_c=2.0, **ref.preset_kwargs(name, T)) \
         if PRESETS[name].objective == "clip" else PolicyLoss(name, **ref.preset_kwargs(name, T))
     loss, grad, _ = run(fn, d, token_weights=d["w"])
-    want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], token_weights=d["w"])
+    want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], token_weights=d["w"],
+                           generator=gen())
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, torch.autograd.grad(want, d["logp"])[0], rtol=1e-10, atol=1e-12)
 
@@ -249,7 +257,10 @@ def _split_run(fn, d, row_chunks, t_chunks, **kw):
     return total, grad
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# clip_cov / kl_cov select tokens by covariance over the call's tokens (as verl): not invariant
+# by design; tests/algo/test_objectives_new.py checks that a split equals per-call selection.
+@pytest.mark.parametrize("name", [n for n in sorted(PRESETS)
+                                  if PRESETS[n].objective not in obj_ref.CALL_DEPENDENT])
 def test_gradients_invariant_to_micro_batching(name):
     d = make_batch(seed=10)
     fn = PolicyLoss(name, beta=0.05, **ref.preset_kwargs(name, T))

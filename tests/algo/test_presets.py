@@ -20,6 +20,14 @@ TABLE = {
     "ngrpo": ("ngrpo", "token", "clip", "token_mean", "none",
               dict(eps_low=0.16, eps_high=0.24, r_max=1.0)),
     "lite_ppo": ("batch_std", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    # ALGORITHMS-peers.md (issue 17)
+    "cispo": ("grpo", "token", "cispo", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "cispo_trl": ("grpo", "token", "cispo_cap", "token_mean", "none", dict(cispo_cap=5.0)),
+    "clip_cov": ("grpo", "token", "clip_cov", "token_mean", "none",
+                 dict(eps_low=0.2, eps_high=0.2, cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0)),
+    "kl_cov": ("grpo", "token", "kl_cov", "token_mean", "none", dict(cov_ratio=2e-3, kl_cov_coef=1.0)),
+    "vespo": ("grpo", "token", "vespo", "token_mean", "none",
+              dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)),
 }
 
 
@@ -44,7 +52,8 @@ def test_spec_properties():
     assert resolve_algo("grpo", beta=0.04).needs_ref and not resolve_algo("grpo").needs_ref
     assert resolve_algo("tw_grpo").needs_token_weights
     seq = {n for n in PRESETS if PRESETS[n].sequence_level}
-    assert seq == {"gspo", "gspo_token", "reg_grpo"}  # T may not be chunked for these
+    # T may not be chunked for these (a sequence ratio, VESPO's W_i, the call's covariance)
+    assert seq == {"gspo", "gspo_token", "reg_grpo", "clip_cov", "kl_cov", "vespo"}
     assert {n for n in PRESETS if PRESETS[n].per_sequence_loss} == {"gspo", "reg_grpo"}
 
 

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from tests.reference import objectives_ref
+
 CLAMP = 20.0
 
 
@@ -136,7 +138,8 @@ RATIO_LEVELS = {"token": ratio_token, "sequence": ratio_sequence,
 def obj_clip(x, a, spec):
     rho = torch.exp(_clamp(x))
     clipped = torch.clamp(rho, 1 - spec.eps_low, 1 + spec.eps_high)
-    loss = -torch.minimum(rho * a, clipped * a)
+    capped = rho if spec.delta is None else torch.clamp(rho, max=spec.delta)  # TRL's delta
+    loss = -torch.minimum(capped * a, clipped * a)
     if spec.dual_clip_c is not None and a < 0:
         loss = torch.minimum(loss, -spec.dual_clip_c * a * torch.ones_like(loss))
     return loss
@@ -226,7 +229,7 @@ PER_SEQUENCE_LEVELS = ("sequence", "sequence_sum")
 
 # ---------------------------------------------------------------- full policy loss
 def policy_loss(spec, logp, old_logp, advantages, mask, ref_logp=None, token_weights=None,
-                group_ids=None, num_tokens=None, num_seqs=None, seq_lens=None):
+                group_ids=None, num_tokens=None, num_seqs=None, seq_lens=None, generator=None):
     """The whole loss of ``spec`` written out entry by entry (value carries autograd)."""
     B, T = logp.shape
     old_logp = old_logp.detach()
@@ -239,6 +242,10 @@ def policy_loss(spec, logp, old_logp, advantages, mask, ref_logp=None, token_wei
         seq = obj_reg([row[0] for row in lr], [advantages[i] for i in range(B)],
                       [int(g) for g in group_ids], [v[0] for v in valid], spec)
         loss = [[v] for v in seq]
+    elif spec.objective in objectives_ref.OBJECTIVES:  # whole-call objectives (read logp)
+        loss = objectives_ref.OBJECTIVES[spec.objective](
+            lr, [[adv(i, t) for t in range(T)] for i in range(B)],
+            [[logp[i, t] for t in range(T)] for i in range(B)], valid, spec, generator)
     else:
         fn = {"clip": obj_clip, "sapo": obj_sapo}[spec.objective]
         loss = [[fn(lr[i][t], adv(i, t), spec) for t in range(len(lr[i]))] for i in range(B)]
