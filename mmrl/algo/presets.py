@@ -142,7 +142,7 @@ class AlgoSpec:
                           minimum=0.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
     delta: Optional[float] = cfg(None, "Two-sided clip of objective clip: the unclipped term "
                                  "uses min(ratio, delta), so A < 0 losses are capped at "
-                                 "delta*|A| and A > 0 ratios at min(delta, 1 + eps_high); null "
+                                 "delta*abs(A) and A > 0 ratios at min(delta, 1 + eps_high); null "
                                  "disables. Equals dual_clip_c's value when delta = c >= 1 + "
                                  "eps_high (pass one of them). delta <= 1 would stop learning "
                                  "from A > 0 at ratio 1, so it must exceed 1 (TRL does not "
@@ -162,7 +162,7 @@ class AlgoSpec:
     clip_cov_ub: float = cfg(5.0, "Objective clip_cov: upper bound (exclusive) of the covariance "
                              "of candidate tokens; must exceed clip_cov_lb.",
                              source="verl clip_cov_ub (5.0)")
-    kl_cov_coef: float = cfg(1.0, "Objective kl_cov: coefficient of |logp - old_logp| on the "
+    kl_cov_coef: float = cfg(1.0, "Objective kl_cov: coefficient of abs(logp - old_logp) on the "
                              "selected tokens (verl ppo_kl_coef; its config default is 0.1, the "
                              "paper's code and verl's recipes use 1).", minimum=0.0,
                              source="arXiv 2505.22617 code and verl recipes (1.0)")

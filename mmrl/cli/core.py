@@ -177,8 +177,13 @@ AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "token_wei
 def relevant_hparams(spec) -> dict:
     """The hyper-parameters that a spec's choices actually read (for display)."""
     keys = ["adv_eps", "beta"]
-    keys += {"clip": ["eps_low", "eps_high", "dual_clip_c"], "sapo": ["tau_pos", "tau_neg"],
-             "reg": ["eps_reg"]}.get(spec.objective, [])
+    keys += {"clip": ["eps_low", "eps_high", "dual_clip_c", "delta"],
+             "sapo": ["tau_pos", "tau_neg"], "reg": ["eps_reg"],
+             "cispo": ["eps_low", "eps_high"], "cispo_cap": ["cispo_cap"],
+             "clip_cov": ["eps_low", "eps_high", "cov_ratio", "clip_cov_lb", "clip_cov_ub"],
+             "kl_cov": ["cov_ratio", "kl_cov_coef"],
+             "vespo": ["vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"],
+             }.get(spec.objective, [])
     keys += ["r_max"] if spec.advantage == "ngrpo" else []
     keys += ["max_len"] if spec.aggregation == "fixed_norm" else []
     keys += ["tw_alpha"] if spec.token_weighting == "tw" else []
