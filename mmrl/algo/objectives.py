@@ -169,7 +169,9 @@ def vespo_objective(log_ratio, adv, *, spec, valid=None, logp=None, **_):
     space, λ + k·log W − λ·W, and non-finite values become 0. φ(1) = 1: at ρ = 1 it is
     REINFORCE. Needs whole rows (the sum runs over the row). No zero-gradient region.
     Differs from TRL: λ ≤ 0 is refused (TRL floors λ at 1e-4); TRL's vLLM importance weights
-    enter log W there; mmrl's rollout correction is a separate axis.
+    enter log W there (mmrl's rollout correction is a separate axis); TRL holds k and λ in
+    float32 (``torch.where`` of Python floats), so a λ such as 0.7 differs from mmrl's float64
+    by ~1e-8 relative.
     """
     x = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     x = x if valid is None else torch.where(valid, x, torch.zeros_like(x))

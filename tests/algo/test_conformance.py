@@ -1,7 +1,8 @@
 """Conformance: every registered name on every axis, and every preset, meets the same contract.
 
 Parametrized over the registries themselves, so a new entry is tested for free — and fails
-with "add an oracle" until tests/reference/core_math.py restates its formula.
+with "add an oracle" until tests/reference/core_math.py (or, for objectives that read the whole
+call, tests/reference/objectives_ref.py) restates its formula.
 """
 import pytest
 import torch
