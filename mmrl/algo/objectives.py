@@ -167,7 +167,8 @@ def vespo_objective(log_ratio, adv, *, spec, valid=None, logp=None, **_):
     log W_i = clamp(Σ_t m·clamp(x, ±20), log 1e-8, 20) (a sum, not a mean); (k, λ) =
     (vespo_k_pos, vespo_lambda_pos) where A ≥ 0, else the ``_neg`` pair; φ is computed in log
     space, λ + k·log W − λ·W, and non-finite values become 0. φ(1) = 1: at ρ = 1 it is
-    REINFORCE. Needs whole rows (the sum runs over the row). No zero-gradient region.
+    REINFORCE. Needs whole rows (the sum runs over the row). No zero-gradient region. With
+    ratio level ``sequence_token`` every token holds log s_i = Σ_t x / |o_i|: the same sum.
     Differs from TRL: λ ≤ 0 is refused (TRL floors λ at 1e-4); TRL's vLLM importance weights
     enter log W there (mmrl's rollout correction is a separate axis); TRL holds k and λ in
     float32 (``torch.where`` of Python floats), so a λ such as 0.7 differs from mmrl's float64

@@ -95,6 +95,14 @@ def test_vespo_weight_is_1_at_ratio_1_and_vanishes_far_off_policy():
     assert grad == 0.0 and math.isfinite(loss)
 
 
+def test_vespo_with_the_sequence_token_level_sums_to_the_same_weight():
+    logp, old, adv, mask = random_batch(seed=12)
+    a, _ = policy_loss(logp, old, adv, mask, algo="vespo")
+    b, _ = policy_loss(logp, old, adv, mask, algo="vespo", ratio_level="sequence_token")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(a, logp)[0], torch.autograd.grad(b, logp)[0])
+
+
 # ---------------------------------------------------------------- Clip-Cov
 def cov_batch(log_ratio_00=0.0):
     # A = [2, −2] (mean 0), logp rows −1 and −3 (mean −2): Cov = A·(logp + 2) = 2 everywhere
