@@ -30,6 +30,13 @@ PINNED = {
     "reg_grpo": [0.666349, 0.333256, 0.666418],
     "sapo": [-0.035639, -0.033186, -0.035639],
     "tw_grpo": [-0.649965, -0.346338, 0.0],
+    # on policy (one inner epoch) the CISPO/VESPO weights are 1: the value is −mean(A·logp)
+    "cispo": [0.620901, 0.187007, 0.086811],
+    "cispo_trl": [0.620901, 0.187007, 0.086811],
+    "vespo": [0.620901, 0.187007, 0.086811],
+    # ratio 1: no covariance candidate in 1 < Cov < 5 here, and |x| = 0: dapo's values
+    "clip_cov": [-0.388391, -0.212113, 0.0],
+    "kl_cov": [-0.388391, -0.212113, 0.0],
     "grpo+kl_full": [-0.055978, -0.039395, -0.028661],
     "grpo+kl_lora": [-0.004699, -0.001951, -0.004127],
 }
