@@ -7,6 +7,7 @@ from mmrl.algo.advantages import group_advantages
 from mmrl.train.loop import LoopSettings, Rollout, concat_rollouts, train_step, update
 from mmrl.algo.losses import PolicyLoss
 from mmrl.algo.presets import PRESETS
+from tests.reference import objectives_ref as obj_ref
 from mmrl.train.policy import Capabilities
 
 B, T, V, D = 8, 6, 5, 4
@@ -70,7 +71,9 @@ def _delta(preset, settings, seed=0, **over):
 
 
 def _presets_for_split():
-    return [p for p in sorted(PRESETS)]
+    # clip_cov / kl_cov select tokens over the call's tokens (verl's micro-batch semantics, see
+    # tests/algo/test_objectives_new.py::test_cov_selection_is_per_call): not split-invariant
+    return [p for p in sorted(PRESETS) if PRESETS[p].objective not in obj_ref.CALL_DEPENDENT]
 
 
 @pytest.mark.parametrize("preset", _presets_for_split())
