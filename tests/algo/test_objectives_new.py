@@ -109,8 +109,8 @@ def cov_batch(log_ratio_00=0.0):
     logp = torch.tensor([[-1.0, -1.0], [-3.0, -3.0]], dtype=F64, requires_grad=True)
     x = torch.zeros(2, 2, dtype=F64)
     x[0, 0] = log_ratio_00
-    return logp, logp.detach() - x, torch.tensor([2.0, -2.0], dtype=F64), torch.ones(2, 2,
-                                                                                    dtype=torch.bool)
+    adv = torch.tensor([2.0, -2.0], dtype=F64)
+    return logp, logp.detach() - x, adv, torch.ones(2, 2, dtype=torch.bool)
 
 
 def clip_cov(logp, old, adv, mask, seed=0, **kw):
