@@ -20,6 +20,15 @@ TABLE = {
     "ngrpo": ("ngrpo", "token", "clip", "token_mean", "none",
               dict(eps_low=0.16, eps_high=0.24, r_max=1.0)),
     "lite_ppo": ("batch_std", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    # issue 17, advantage estimators (verl's token-mean aggregation)
+    "reinforce_pp": ("reinforce_pp", "token", "clip", "token_mean", "none",
+                     dict(eps_low=0.2, eps_high=0.2)),
+    "reinforce_pp_baseline": ("reinforce_pp_baseline", "token", "clip", "token_mean", "none",
+                              dict(eps_low=0.2, eps_high=0.2)),
+    "remax": ("remax", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "opo": ("opo", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "passk": ("passk", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "gdpo": ("grpo", "token", "clip", "token_mean", "none", dict(multi_reward="gdpo")),
 }
 
 
