@@ -151,14 +151,14 @@ class Rounds:
         self.concat = (policy.concat_rollouts if capabilities_of(policy).concat_rollouts
                        else concat_rollouts)
         self.step = 0  # the step being collected (round_seed's key)
+        self.groups: Dict[int, Tuple[Any, Dict[str, Any]]] = {}  # this step's group -> prompt
         self.round_metrics: Dict[str, float] = {}
         self.round_means: Dict[str, Tuple[float, float]] = {}
 
     def collect(self, step: int) -> Collected:
         """Step ``step``'s rows: one round, or DAPO dynamic sampling's rounds until
         ``prompts_per_step`` informative groups are kept."""
-        self.step, self.round_metrics, self.round_means = step, {}, {}
-        self.groups: Dict[int, Tuple[Any, Dict[str, Any]]] = {}
+        self.step, self.round_metrics, self.round_means, self.groups = step, {}, {}, {}
         metrics: Dict[str, float] = {}
         if self.s.dynamic_sampling_tries:
             rollout, rewards, error, report = self.collect_dynamic()
