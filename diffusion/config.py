@@ -207,6 +207,11 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
         out.append(f"algo: preset {algo.preset!r} weighs tokens by the policy's vocabulary "
                    f"distribution (TW-GRPO), which a denoising step does not have; pick another "
                    f"preset or set algo.token_weighting=none")
+    if spec is not None and spec.needs_baseline:
+        out.append(f"algo.advantage: {spec.advantage!r} needs the reward of a greedy completion "
+                   f"per prompt, and a flow-matching generator has none (an ODE sample from "
+                   f"random noise is one draw, not the distribution's mode); pick another "
+                   f"advantage (e.g. rloo or grpo)")
     if algo.kl is not None:
         out.append(f"algo.kl: got {algo.kl!r}, a log-prob estimator; the diffusion job computes "
                    f"the KL to the reference in closed form from the transition means (on "

@@ -120,7 +120,7 @@ class VLMPolicy(GroupPolicy):
     """
 
     capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
-                                fsdp=True)
+                                fsdp=True, greedy=True)
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -290,8 +290,10 @@ class VLMPolicy(GroupPolicy):
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     @torch.no_grad()
-    def _generate(self, cache: PromptCache, pidx: torch.Tensor, generator: torch.Generator):
-        """KV-cached sampling -> ``(tokens [B, T], mask [B, T], logp [B, T])``."""
+    def _generate(self, cache: PromptCache, pidx: torch.Tensor, generator: torch.Generator,
+                  greedy: bool = False):
+        """KV-cached sampling (``greedy``: the argmax token) -> ``(tokens [B, T], mask [B, T],
+        logp [B, T])``."""
         from transformers import DynamicCache
         base, ad = self.base, self.adapter
         lm, embed, head = ad.language_model(base), ad.embed_tokens(base), ad.lm_head(base)
@@ -310,7 +312,7 @@ class VLMPolicy(GroupPolicy):
             h = lm(inputs_embeds=emb, attention_mask=attn, position_ids=ad.lm_positions(pos),
                    cache=kv, use_cache=True, **(extra if t == 0 else {})).last_hidden_state[:, -1]
             lp = self._logprobs(head, h)  # [B, V]
-            nxt = self._sample(lp, generator)  # [B]
+            nxt = lp.argmax(-1).cpu() if greedy else self._sample(lp, generator)  # [B]
             tokens.append(nxt)
             logps.append(lp.gather(-1, nxt[:, None].to(lp.device))[:, 0].cpu())
             stopped = torch.isin(nxt, ends)
@@ -335,6 +337,15 @@ class VLMPolicy(GroupPolicy):
 
     def rollout(self, prompts, metadata, group_size, generator) -> Rollout:
         """``group_size`` completions per prompt (an int, or one count per prompt)."""
+        return self._rollout(prompts, metadata, group_size, generator, greedy=False)
+
+    def greedy_rollout(self, prompts, metadata, generator) -> Rollout:
+        """One greedy completion per prompt: the argmax of the same temperature-scaled,
+        restricted distribution the sampler draws from (ReMax's baseline; top-p cannot change
+        an argmax). A prompt whose input is unreadable has no row."""
+        return self._rollout(prompts, metadata, 1, generator, greedy=True)
+
+    def _rollout(self, prompts, metadata, group_size, generator, greedy: bool) -> Rollout:
         counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
         if len(counts) != len(prompts):
             raise ValueError(f"group_size has {len(counts)} counts for {len(prompts)} prompts; "
@@ -357,7 +368,7 @@ class VLMPolicy(GroupPolicy):
                            {"prompt_index": pidx, "response": torch.zeros(0, 1, dtype=torch.long),
                             "sample_logp": torch.zeros(0, 1), "prompt_cache": cache},
                            skipped=skipped)
-        tokens, mask, logps = self._generate(cache, pidx, generator)
+        tokens, mask, logps = self._generate(cache, pidx, generator, greedy)
         samples = [self.tok.decode(r[m].tolist(), skip_special_tokens=True)
                    for r, m in zip(tokens, mask)]
         lengths = mask.sum(1).tolist()

@@ -1,8 +1,16 @@
 """Group-relative advantages: rewards ``[B]`` + ``group_ids [B]`` -> advantages ``[B]``.
 
 One registry, :data:`ADVANTAGES`, holds the single-reward estimators (``grpo``, ``mean_center``,
-``batch_std``, ``rloo``, ``ngrpo``); :data:`MULTI_REWARD` holds the ways of combining K reward
-columns (``normalize_then_sum``, ``sum_then_normalize``), each built on a single-reward ``base``.
+``batch_std``, ``rloo``, ``ngrpo``; the batch-level ones ``reinforce_pp``,
+``reinforce_pp_baseline``, ``gpg``; ``opo``, ``passk``, ``remax``);
+:data:`MULTI_REWARD` holds the ways of combining K reward columns (``normalize_then_sum``,
+``sum_then_normalize``, ``gdpo``), each built on a single-reward ``base``.
+
+Each estimator declares what it reads besides the rewards (flags, read by the training code,
+never its name): ``needs_lengths`` (each row's token count ``lengths [B]``: token-weighted
+statistics) and ``needs_baseline`` (a per-row baseline reward ``baseline [B]``, e.g. ReMax's
+greedy completion's reward). Estimators whose statistics span the whole batch (not only the
+group) must see every rank's rows: the training code gathers them.
 
 Every estimator sees compacted group indices (``inv [B]`` in ``0..G-1``) and computes its group
 statistics with ``index_add_`` / ``scatter_reduce``: no Python loop over groups and no
@@ -10,8 +18,11 @@ statistics with ``index_add_`` / ``scatter_reduce``: no Python loop over groups 
 Edge cases are defined, not accidental:
 
 - a group of size 1 gets advantage 0 (there is nothing to compare with), except ``ngrpo``, whose
-  virtual sample makes every group at least 2 values large;
-- a group whose rewards are all equal ("zero-std") gets exactly 0, not ``0 / eps`` rounding noise.
+  virtual sample makes every group at least 2 values large, and ``remax``, whose baseline is not
+  a group statistic;
+- a group whose rewards are all equal ("zero-std") gets exactly 0, not ``0 / eps`` rounding noise,
+  before any batch whitening (``reinforce_pp_baseline`` and ``gdpo`` then shift every row by the
+  batch mean), and except ``remax``.
 """
 from __future__ import annotations
 
@@ -19,45 +30,15 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from mmrl.algo.common import entry
+from mmrl.algo.groups import Groups as _Groups, batch_whiten, safe_sqrt as _safe_sqrt, token_whiten
 from mmrl.registry import Registry, did_you_mean
 
 ADVANTAGES: Registry[Callable] = Registry("advantage")
 MULTI_REWARD: Registry[Callable] = Registry("multi-reward advantage")
 
 
-class _Groups:
-    """Vectorized per-group statistics of one reward column ``r [B]``."""
-
-    def __init__(self, r: torch.Tensor, inv: torch.Tensor, num_groups: int):
-        self.r, self.inv, self.G = r, inv, num_groups
-        self.count = self.sum_by_group(torch.ones_like(r))  # [G]
-        self.mean = self.sum_by_group(r) / self.count  # [G]
-        centered = r - self.mean[inv]  # [B]
-        # Unbiased (Bessel) variance; a singleton's denominator is clamped to 1 (its var is 0).
-        self.var = self.sum_by_group(centered * centered) / (self.count - 1).clamp(min=1)
-        hi = torch.full((num_groups,), -torch.inf, dtype=r.dtype, device=r.device)
-        lo = torch.full((num_groups,), torch.inf, dtype=r.dtype, device=r.device)
-        hi = hi.scatter_reduce(0, inv, r.detach(), reduce="amax")  # only compared, never used
-        lo = lo.scatter_reduce(0, inv, r.detach(), reduce="amin")  # as a value: no gradient
-        # Exact equality test: a mean of equal floats may differ from them in the last bit.
-        self.constant, self.max = hi == lo, hi  # [G] bool (singletons included), [G]
-        # A constant group's advantage is 0 whatever its std; using 1 there keeps sqrt'(0) = inf
-        # out of the backward (0 * inf = NaN) when rewards carry gradients.
-        self.std = _safe_sqrt(self.var, self.constant)  # [G]
-
-    def sum_by_group(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.G, dtype=x.dtype, device=x.device).index_add_(0, self.inv, x)
-
-    def zero_where_constant(self, adv: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.constant[self.inv], torch.zeros_like(adv), adv)
-
-
-def _safe_sqrt(var: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """sqrt(var), with 1 where ``zero`` marks a variance that is exactly 0 (value unused there)."""
-    return torch.where(zero, torch.ones_like(var), var).sqrt()
-
-
-@ADVANTAGES.register("grpo")
+@entry(ADVANTAGES, "grpo", needs_lengths=False, needs_baseline=False)
 def grpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """A_i = (r_i − mean_g) / (std_g + eps), std unbiased. arXiv 2402.03300 (DeepSeekMath) eq. 3.
 
@@ -66,13 +47,13 @@ def grpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     return g.zero_where_constant((g.r - g.mean[g.inv]) / (g.std[g.inv] + eps))
 
 
-@ADVANTAGES.register("mean_center")
+@entry(ADVANTAGES, "mean_center", needs_lengths=False, needs_baseline=False)
 def mean_center_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """A_i = r_i − mean_g (Dr.GRPO, arXiv 2503.20783). Size-1 and zero-std groups -> 0."""
     return g.zero_where_constant(g.r - g.mean[g.inv])
 
 
-@ADVANTAGES.register("batch_std")
+@entry(ADVANTAGES, "batch_std", needs_lengths=False, needs_baseline=False)
 def batch_std_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """A_i = (r_i − mean_g) / (std_batch + eps), unbiased std over all B (arXiv 2508.08221).
 
@@ -85,7 +66,7 @@ def batch_std_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tenso
     return g.zero_where_constant((g.r - g.mean[g.inv]) / (std + eps))
 
 
-@ADVANTAGES.register("rloo")
+@entry(ADVANTAGES, "rloo", needs_lengths=False, needs_baseline=False)
 def rloo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """A_i = r_i − mean of the other N−1 = N/(N−1)·(r_i − mean_g) (RLOO, arXiv 2402.14740).
 
@@ -95,7 +76,7 @@ def rloo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     return g.zero_where_constant(n / (n - 1).clamp(min=1) * (g.r - g.mean[g.inv]))
 
 
-@ADVANTAGES.register("ngrpo")
+@entry(ADVANTAGES, "ngrpo", needs_lengths=False, needs_baseline=False)
 def ngrpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """A_i = (r_i − mean′_g) / (std′_g + eps) over the N+1 values {r_g, r_max} (NGRPO, 2509.18851).
 
@@ -112,20 +93,126 @@ def ngrpo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     return torch.where(all_equal[g.inv], torch.zeros_like(adv), adv)
 
 
-@MULTI_REWARD.register("normalize_then_sum")
-def normalize_then_sum(columns, inv, num_groups, weights, base, **kw) -> torch.Tensor:
-    """A_i = Σ_k w_k · base(r^k)_i (MixGRPO ``advantage_aggr``; G²RPO)."""
+# ---------------------------------------------------------------- REINFORCE++, OPO, ReMax, ...
+@entry(ADVANTAGES, "reinforce_pp", needs_lengths=True, needs_baseline=False)
+def reinforce_pp_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
+    """A_i = token_whiten(r)_i: REINFORCE++ (arXiv 2501.03262) with γ = 1 and an outcome reward.
+
+    The return of every token of a sequence is its reward; the returns are whitened over all
+    valid tokens of the (gathered) batch (:func:`token_whiten`): no group baseline, so group
+    structure is ignored. verl ``reinforce_plus_plus`` (γ = ``algorithm.gamma`` = 1).
+    Differs from verl: no per-token rewards (KL-in-reward, γ < 1), so A is one value per row.
+    """
+    return token_whiten(g.r, g.lengths)
+
+
+@entry(ADVANTAGES, "reinforce_pp_baseline", needs_lengths=True, needs_baseline=False)
+def reinforce_pp_baseline_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
+    """A_i = token_whiten(v)_i, v_i = r_i − mean_g (REINFORCE++-baseline, arXiv 2501.03262).
+
+    verl ``reinforce_plus_plus_baseline``. Size-1 and zero-std groups have v = 0 and, like
+    every row, are shifted by the whitening: A = −μ/σ there (not 0).
+    Differs from verl: a singleton's v is 0 (verl: baseline 0, so v = r).
+    """
+    return token_whiten(g.zero_where_constant(g.r - g.mean[g.inv]), g.lengths)
+
+
+@entry(ADVANTAGES, "opo", needs_lengths=True, needs_baseline=False)
+def opo_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
+    """A_i = r_i − Σ_g L_j r_j / Σ_g L_j: length-weighted group baseline (OPO, arXiv 2505.23585).
+
+    L = ``lengths``; no normalization. A group whose rows have no token uses the plain mean.
+    Size-1 and zero-std groups -> 0. Differs from verl ``opo``: a singleton gets 0 (verl: r).
+    """
+    w = g.lengths.to(g.r.dtype)
+    wsum = g.sum_by_group(w)  # [G]
+    weighted = g.sum_by_group(w * g.r) / wsum.clamp(min=torch.finfo(w.dtype).tiny)
+    baseline = torch.where(wsum > 0, weighted, g.mean)  # [G]
+    return g.zero_where_constant(g.r - baseline[g.inv])
+
+
+@entry(ADVANTAGES, "remax", needs_lengths=False, needs_baseline=True)
+def remax_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
+    """A_i = r_i − b_i, b_i = the reward of a greedy completion of i's prompt (ReMax, 2310.10505).
+
+    ``baseline [B]`` holds b per row (the training code rolls out and scores one greedy
+    completion per group: policy capability ``greedy``). No normalization, no group statistic:
+    a size-1 group is fine, and a zero-std group still differs from its greedy baseline.
+    verl ``remax``.
+    """
+    return g.r - g.baseline
+
+
+@entry(ADVANTAGES, "passk", needs_lengths=False, needs_baseline=False)
+def passk_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
+    """A = (r_max − r_2nd)/(std_g + eps) for the group's best row, 0 for the others (pass@k).
+
+    verl ``grpo_passk`` (arXiv 2503.19595) with ``norm_adv_by_std_in_grpo`` on; std unbiased.
+    Ties: the first row (in batch order) holding the maximum is the best one; with a tied
+    maximum r_max − r_2nd = 0. Size-1 and zero-std groups -> 0.
+    Differs from verl: a singleton gets 0 (verl raises); eps = adv_eps (verl 1e-6).
+    """
+    idx = torch.arange(len(g.r), device=g.r.device)
+    at_max = g.r.detach() == g.max[g.inv]
+    first = torch.full((g.G,), len(g.r), device=g.r.device).scatter_reduce(
+        0, g.inv, torch.where(at_max, idx, len(g.r)), reduce="amin")  # [G] best row
+    best = idx == first[g.inv]  # [B]
+    others = torch.where(best, -torch.inf, g.r)
+    second = torch.full((g.G,), -torch.inf, dtype=g.r.dtype, device=g.r.device).scatter_reduce(
+        0, g.inv, others, reduce="amax")  # [G]; -inf for a singleton (then constant: A = 0)
+    top = g.sum_by_group(torch.where(best, g.r, torch.zeros_like(g.r)))  # [G] r of the best
+    gap = (top - torch.where(g.constant, top, second)) / (g.std + eps)  # [G]
+    return g.zero_where_constant(torch.where(best, gap[g.inv], torch.zeros_like(g.r)))
+
+
+@entry(ADVANTAGES, "gpg", needs_lengths=False, needs_baseline=False)
+def gpg_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
+    """A_i = α·(r_i − mean_g)/F_norm, α = B / max(#{i: r_i ≠ 0}, 1), F_norm = 1 (GPG, 2504.02546).
+
+    α counts non-zero rewards over the whole (gathered) batch, as verl ``gpg``. Size-1 and
+    zero-std groups -> 0. Differs from verl: a singleton gets 0 (verl: α·r). Differs from the
+    paper: its α = B/(B − M) may count the samples of zero-variance groups as M (unconfirmed).
+    """
+    alpha = g.r.numel() / (g.r.detach() != 0).sum().clamp(min=1).to(g.r.dtype)
+    return g.zero_where_constant(alpha * (g.r - g.mean[g.inv]))
+
+
+@entry(MULTI_REWARD, "normalize_then_sum", one_column=False)
+def normalize_then_sum(columns, inv, num_groups, weights, base, *, lengths=None, baseline=None,
+                       **kw) -> torch.Tensor:
+    """A_i = Σ_k w_k · base(r^k)_i (MixGRPO ``advantage_aggr``; G²RPO).
+
+    Differs from TRL ``normalize_then_sum``: no final batch whitening (that is ``gdpo``).
+    """
     fn = ADVANTAGES.get(base)
-    per_column = [w * fn(_Groups(columns[:, k], inv, num_groups), **kw)
+    per_column = [w * fn(_Groups(columns[:, k], inv, num_groups, lengths,
+                                 None if baseline is None else baseline[:, k]), **kw)
                   for k, w in enumerate(weights)]
     return torch.stack(per_column, 0).sum(0)  # [K, B] -> [B]
 
 
-@MULTI_REWARD.register("sum_then_normalize")
-def sum_then_normalize(columns, inv, num_groups, weights, base, **kw) -> torch.Tensor:
-    """A = base(Σ_k w_k r^k) (flow_grpo ``multi_score``)."""
+@entry(MULTI_REWARD, "sum_then_normalize", one_column=False)
+def sum_then_normalize(columns, inv, num_groups, weights, base, *, lengths=None, baseline=None,
+                       **kw) -> torch.Tensor:
+    """A = base(Σ_k w_k r^k) (flow_grpo ``multi_score``; TRL's default)."""
     w = torch.as_tensor(list(weights), dtype=columns.dtype, device=columns.device)
-    return ADVANTAGES.get(base)(_Groups(columns @ w, inv, num_groups), **kw)  # [B, K] @ [K] -> [B]
+    b = None if baseline is None else baseline @ w  # [B, K] @ [K] -> [B]
+    return ADVANTAGES.get(base)(_Groups(columns @ w, inv, num_groups, lengths, b), **kw)
+
+
+@entry(MULTI_REWARD, "gdpo", one_column=True)
+def gdpo(columns, inv, num_groups, weights, base, *, eps, **kw) -> torch.Tensor:
+    """A = batch_whiten(Σ_k w_k · base(r^k)) (GDPO, arXiv 2601.05242; TRL ``normalize_then_sum``).
+
+    Each column normalized in its group (``base``; grpo with eps 1e-4 as TRL), weighted sum,
+    then whitened over the batch's sequences: (R − mean_B R)/(std_B R + eps), std unbiased.
+    Applies to a single reward column too (the whitening still changes it). The batch
+    statistic spans every rank's rows.
+    Differs from verl ``gdpo``: verl whitens per token (length-weighted, 1e-8 under the square
+    root) and uses eps 1e-6 in the per-column step; TRL and mmrl whiten per sequence.
+    """
+    return batch_whiten(normalize_then_sum(columns, inv, num_groups, weights, base, eps=eps, **kw),
+                        eps)
 
 
 def _validate(rewards, group_ids, multi: bool) -> None:
@@ -156,12 +243,13 @@ def _validate(rewards, group_ids, multi: bool) -> None:
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str = "grpo", *,
                      eps: float = 1e-4, r_max: float = 1.0,
                      weights: Optional[Sequence[float]] = None, base: str = "grpo",
-                     adv_clip: Optional[float] = None) -> torch.Tensor:
+                     adv_clip: Optional[float] = None, lengths: Optional[torch.Tensor] = None,
+                     baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Group-relative advantages A ``[B]`` (see :data:`ADVANTAGES` / :data:`MULTI_REWARD`).
 
     Args:
-        rewards: ``[B]`` float (single-reward methods) or ``[B, K]`` (``normalize_then_sum``,
-            ``sum_then_normalize``). Half precision is upcast to float32.
+        rewards: ``[B]`` float (single-reward methods) or ``[B, K]`` (:data:`MULTI_REWARD`
+            methods). Half precision is upcast to float32.
         group_ids: ``[B]`` integer; any ids (not necessarily contiguous), equal id = same prompt.
         method: a name in ``ADVANTAGES`` or ``MULTI_REWARD``.
         eps: added to the std (1e-4 as in GRPO / flow_grpo).
@@ -169,17 +257,23 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         weights: K column weights for multi-reward methods (default all ones).
         base: single-reward method used by the multi-reward methods.
         adv_clip: clamp the result to ``[-adv_clip, adv_clip]`` (flow_grpo uses 5); None = no clip.
+        lengths: ``[B]`` token counts per row, for estimators flagged ``needs_lengths``.
+        baseline: ``[B]`` (``[B, K]`` with several columns) baseline rewards, for estimators
+            flagged ``needs_baseline`` (ReMax's greedy rewards).
 
     Returns:
         ``[B]`` advantages in the rewards' dtype (float32 for half-precision rewards).
 
     Raises:
         TypeError: rewards not float / group_ids not integer / not tensors.
-        ValueError: unknown method, shape mismatch, non-finite rewards, bad weights / adv_clip.
+        ValueError: unknown method, shape mismatch, non-finite rewards, bad weights / adv_clip,
+            lengths or baseline missing (or of the wrong shape) for an estimator that needs them.
     """
     multi = method in MULTI_REWARD
     fn = MULTI_REWARD.get(method) if multi else _get_single(method)
     _validate(rewards, group_ids, multi)
+    _check_extras(ADVANTAGES.get(base) if multi else fn, base if multi else method, rewards,
+                  lengths, baseline)
     if adv_clip is not None and not adv_clip > 0:
         raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip!r}")
     r = rewards.float() if rewards.dtype in (torch.float16, torch.bfloat16) else rewards
@@ -192,13 +286,30 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         if len(weights) != k:
             raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
                              f"pass one weight per column of rewards [B, K]")
-        adv = fn(r, inv, num_groups, weights, base, eps=eps, r_max=r_max)
+        adv = fn(r, inv, num_groups, weights, base, eps=eps, r_max=r_max, lengths=lengths,
+                 baseline=baseline)
     else:
         if weights is not None:
             raise ValueError(f"weights are only used by {MULTI_REWARD.names()}, got method "
                              f"{method!r}; drop weights or pick a multi-reward method")
-        adv = fn(_Groups(r, inv, num_groups), eps=eps, r_max=r_max)
+        adv = fn(_Groups(r, inv, num_groups, lengths, baseline), eps=eps, r_max=r_max)
     return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
+
+
+def _check_extras(fn, name: str, rewards, lengths, baseline) -> None:
+    """``lengths`` / ``baseline`` present, of shape ``[B]`` / like rewards, when ``fn`` needs them."""
+    for flag, value, what, shape in (
+            ("needs_lengths", lengths, "lengths (each row's token count)", rewards.shape[:1]),
+            ("needs_baseline", baseline, "baseline (each row's baseline reward, e.g. the "
+             "greedy completion's: policy capability greedy)", rewards.shape)):
+        if not getattr(fn, flag, False):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"advantage {name!r} needs {what}; got {value!r}; pass "
+                             f"{flag[6:]}= a tensor of shape {tuple(shape)}")
+        if value.shape != shape or (flag == "needs_baseline" and not torch.isfinite(value).all()):
+            raise ValueError(f"advantage {name!r}: {flag[6:]} has shape {tuple(value.shape)}; "
+                             f"expected {tuple(shape)}, finite, one per row of rewards")
 
 
 def _get_single(method: str) -> Callable:

@@ -32,9 +32,14 @@ TOKEN_WEIGHTINGS = ("none", "tw")
 # this table equals the built-in registries.
 _BUILTIN = {
     ("advantage", "mmrl.algo.advantages", "ADVANTAGES"): {
-        n: {} for n in ("batch_std", "grpo", "mean_center", "ngrpo", "rloo")},
+        **{n: dict(needs_lengths=False, needs_baseline=False) for n in (
+            "batch_std", "grpo", "mean_center", "ngrpo", "rloo", "passk", "gpg")},
+        **{n: dict(needs_lengths=True, needs_baseline=False) for n in (
+            "reinforce_pp", "reinforce_pp_baseline", "opo")},
+        "remax": dict(needs_lengths=False, needs_baseline=True)},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
-        n: {} for n in ("normalize_then_sum", "sum_then_normalize")},
+        "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
+        "gdpo": dict(one_column=True)},
     ("ratio level", "mmrl.algo.ratios", "RATIO_LEVELS"): {
         "token": dict(per_sequence=False, whole_sequence=False),
         "sequence": dict(per_sequence=True, whole_sequence=True),
@@ -137,6 +142,11 @@ class AlgoSpec:
                          minimum=0.0, source="1e-4 (flow_grpo, TRL)")
     adv_clip: Optional[float] = cfg(None, "Clip advantages to +-adv_clip; null disables.",
                                     above=0.0, source="flow_grpo (5)")
+    multi_reward: str = cfg("sum_then_normalize", "How several reward columns become one "
+                            "advantage (each built on `advantage`): " + _axis_doc("multi_reward")
+                            + "; gdpo also applies to a single column.",
+                            source="flow_grpo multi_score; MixGRPO advantage_aggr; GDPO arXiv "
+                            "2601.05242 (TRL normalize_then_sum)")
     tw_alpha: float = cfg(1.7, "TW-GRPO maximum token weight alpha (1 = uniform weights, as "
                           "plain GRPO; below 1 weights high-divergence tokens down).",
                           minimum=0.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
@@ -205,6 +215,18 @@ class AlgoSpec:
     def needs_token_weights(self) -> bool:
         return self.token_weighting == "tw"
 
+    @property
+    def needs_lengths(self) -> bool:
+        """True when the advantage estimator reads each row's token count (token-weighted
+        statistics: REINFORCE++, OPO)."""
+        return axis_registry("advantage").get(self.advantage).needs_lengths
+
+    @property
+    def needs_baseline(self) -> bool:
+        """True when the advantage estimator needs a baseline reward per row: the reward of one
+        greedy completion per group (ReMax; policy capability ``greedy``)."""
+        return axis_registry("advantage").get(self.advantage).needs_baseline
+
 
 EXTRA_OVERRIDES = {
     "length_normalize": (Optional[bool], cfg(
@@ -253,11 +275,27 @@ PRESETS: Dict[str, AlgoSpec] = {
     # VESPO, arXiv 2602.10693 (TRL): −sg(φ(W_i))·A·logp, φ(W) = W^k·e^(λ(1−W)), W_i = Π_t ρ_t;
     # k/λ 2/3 (A ≥ 0), 3/2 (A < 0); token mean.
     "vespo": AlgoSpec(objective="vespo", aggregation="token_mean"),
+    # REINFORCE++, arXiv 2501.03262: A = whiten(r) over the batch's tokens (γ = 1); PPO clip;
+    # token_mean (verl reinforce_plus_plus, loss_agg_mode token-mean).
+    "reinforce_pp": AlgoSpec(advantage="reinforce_pp", aggregation="token_mean"),
+    # REINFORCE++-baseline (the paper's variant for reasoning): A = whiten(r − mean_g) over tokens.
+    "reinforce_pp_baseline": AlgoSpec(advantage="reinforce_pp_baseline", aggregation="token_mean"),
+    # ReMax, arXiv 2310.10505: A = r − r(greedy completion of the prompt); needs a policy with
+    # the greedy capability. token_mean as verl.
+    "remax": AlgoSpec(advantage="remax", aggregation="token_mean"),
+    # OPO, arXiv 2505.23585: A = r − Σ_g L r / Σ_g L (length-weighted baseline); token_mean.
+    "opo": AlgoSpec(advantage="opo", aggregation="token_mean"),
+    # GDPO, arXiv 2601.05242 (TRL normalize_then_sum): each reward column normalized in its
+    # group, weighted sum, whitened over the batch; TRL's default aggregation (dapo: token_mean).
+    "gdpo": AlgoSpec(multi_reward="gdpo", aggregation="token_mean"),
+    # Pass@k training (verl grpo_passk, arXiv 2503.19595): only each group's best row gets
+    # (r_max − r_2nd)/(std_g + eps); token_mean.
+    "passk": AlgoSpec(advantage="passk", aggregation="token_mean"),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
 _HINTS = typing.get_type_hints(AlgoSpec)
-_AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl")
+_AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "multi_reward")
 _EXTRA_KEYS = tuple(EXTRA_OVERRIDES)
 
 

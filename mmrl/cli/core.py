@@ -171,7 +171,8 @@ def cmd_config_docs(args) -> int:
     return 0
 
 
-AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "token_weighting")
+AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "token_weighting",
+        "multi_reward")
 
 
 def relevant_hparams(spec) -> dict:

@@ -53,7 +53,7 @@ class _AlgoMethods:
 
     def overrides(self) -> Dict[str, Any]:
         """The non-null preset overrides, as keyword arguments for ``resolve_algo``."""
-        skip = {"preset", "multi_reward", "reward_weights"}
+        skip = {"preset", "reward_weights"}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 
@@ -86,11 +86,7 @@ def _algo_config() -> type:
                                 "hyper-parameters (see `mmrl algos`).", choices=lambda: sorted(PRESETS),
                                 source="GRPO arXiv 2402.03300; others in ALGORITHMS.md"))]
     rows += [(name, *_override(tp, f)) for name, tp, f in declared]
-    rows += [("multi_reward", str, cfg("sum_then_normalize", "How several reward columns become "
-                                       "one advantage.",
-                                       choices=lambda: axis_registry("multi_reward").names(),
-                                       source="flow_grpo multi_score; MixGRPO advantage_aggr")),
-             ("reward_weights", Dict[str, float], cfg(doc="Weight per reward column (missing "
+    rows += [("reward_weights", Dict[str, float], cfg(doc="Weight per reward column (missing "
                                                       "columns weigh 1).", default_factory=dict))]
     doc = """The algorithm: a named preset, plus overrides of any axis or hyper-parameter.
 

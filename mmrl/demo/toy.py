@@ -39,7 +39,7 @@ class ToyLM(nn.Module):
 class ToyPolicy(GroupPolicy):
     """:class:`mmrl.train.policy.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
 
-    capabilities = Capabilities(token_weights=True)
+    capabilities = Capabilities(token_weights=True, greedy=True)
 
     def __init__(self, c: ToyConfig, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
@@ -66,14 +66,24 @@ class ToyPolicy(GroupPolicy):
 
     def rollout(self, prompts, metadata, group_size, generator) -> Rollout:
         """``group_size`` samples per prompt (an int, or one count per prompt)."""
+        return self._generate(prompts, metadata, group_size, generator, greedy=False)
+
+    def greedy_rollout(self, prompts, metadata, generator) -> Rollout:
+        """One greedy (argmax) completion per prompt (ReMax's baseline); draws nothing."""
+        return self._generate(prompts, metadata, 1, generator, greedy=True)
+
+    def _generate(self, prompts, metadata, group_size, generator, greedy: bool) -> Rollout:
         counts = torch.as_tensor([group_size] * len(prompts) if isinstance(group_size, int)
                                  else list(group_size))
         P = torch.tensor([list(p) for p in prompts]).repeat_interleave(counts, 0)  # [B, L]
         ids = torch.cat([P, torch.full((len(P), 1), self.sep)], 1).to(self.device)
         for _ in range(self.T):  # no KV cache: the sequences are a dozen tokens long
             logits = self.model(ids)[:, -1].float() / self.c.temperature
-            probs = F.softmax(logits, -1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator).to(self.device)
+            if greedy:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                probs = F.softmax(logits, -1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=generator).to(self.device)
             ids = torch.cat([ids, nxt], 1)
         resp = ids[:, -self.T:].cpu()  # [B, T]
         ended = (resp == self.eos).cumsum(1)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from mmrl.algo.losses import PolicyLoss
-from mmrl.train.batch import Batch, batch_advantages, compute_advantages
+from mmrl.train.batch import Batch, batch_advantages, compute_advantages, greedy_baseline
 from mmrl.train.distributed import Dist, fsdp_lockstep, idle_pass, most_over_ranks
 from mmrl.train.policy import GroupPolicy, capabilities_of
 from mmrl.train.reward_fn import RewardBatch, robust_reward
@@ -295,16 +295,19 @@ def train_batch(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: 
 
 def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
           rollout: Rollout, rewards: RewardBatch, s: LoopSettings, generator: torch.Generator,
-          *, multi_reward: str = "sum_then_normalize",
+          *, multi_reward: Optional[str] = None,
           reward_weights: Optional[Dict[str, float]] = None, dist: Optional[Dist] = None,
-          reward_error: Optional[str] = None) -> Dict[str, Any]:
+          reward_error: Optional[str] = None,
+          baseline: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """:func:`batch_advantages` then :func:`train_batch` on a scored rollout.
 
+    ``multi_reward``: None = the spec's; ``baseline``: ``[B, K]`` baseline rewards for an
+    estimator that needs them (:func:`mmrl.train.batch.greedy_baseline`).
     Returns metrics (python floats) plus ``rollout``/``rewards`` (the rows trained on) and
     ``reward_error``.
     """
     batch = batch_advantages(policy, loss_fn, rollout, rewards, multi_reward=multi_reward,
-                             reward_weights=reward_weights, dist=dist)
+                             reward_weights=reward_weights, dist=dist, baseline=baseline)
     metrics = train_batch(policy, optimizer, loss_fn, batch, s, generator, dist)
     return {**metrics, "rollout": batch.rollout, "rewards": batch.rewards,
             "reward_error": reward_error}
@@ -313,7 +316,7 @@ def learn(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Policy
 def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: PolicyLoss,
                reward_fn, prompts: Sequence[Any], metadata: Sequence[Dict[str, Any]],
                s: LoopSettings, generator: torch.Generator, *,
-               multi_reward: str = "sum_then_normalize",
+               multi_reward: Optional[str] = None,
                reward_weights: Optional[Dict[str, float]] = None, reward_retries: int = 2,
                reward_timeout: Optional[float] = None,
                group_sizes: Optional[Sequence[int]] = None,
@@ -322,12 +325,20 @@ def train_step(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: P
     """One GRPO iteration = :func:`collect` then :func:`learn` (see both for the arguments).
 
     ``prompts``/``metadata`` are this rank's share (all of them in a single process);
-    ``dist`` is the data-parallel context (None: single process).
+    ``dist`` is the data-parallel context (None: single process). An estimator that needs a
+    baseline (ReMax) gets :func:`mmrl.train.batch.greedy_baseline` of these prompts.
     """
     rollout, rewards, error = collect(policy, reward_fn, prompts, metadata, s, generator,
                                       group_sizes=group_sizes, group_ids=group_ids,
                                       reward_retries=reward_retries,
                                       reward_timeout=reward_timeout)
+    baseline = None
+    if loss_fn.spec.needs_baseline:  # every rank shares its prompts: groups may span ranks
+        ids = list(group_ids) if group_ids is not None else list(range(len(prompts)))
+        shared = (dist or Dist()).all_gather_object(list(zip(ids, prompts, metadata)))
+        groups = {g: (p, m) for part in shared for g, p, m in part}
+        baseline = greedy_baseline(policy, reward_fn, rollout, groups, generator, dist=dist,
+                                   reward_retries=reward_retries, reward_timeout=reward_timeout)
     return learn(policy, optimizer, loss_fn, rollout, rewards, s, generator,
                  multi_reward=multi_reward, reward_weights=reward_weights, dist=dist,
-                 reward_error=error)
+                 reward_error=error, baseline=baseline)

@@ -60,6 +60,10 @@ class Capabilities:
             weights (e.g. a rollout counter), JSON-able python scalars, saved in the
             checkpoint's state as ``policy_extra`` and handed back on resume
             (:mod:`mmrl.train.state`; ``state_dict`` then holds weights only).
+        greedy: ``greedy_rollout(prompts, metadata, generator) -> Rollout``: one greedy (argmax)
+            completion per prompt, group ids 0..P-1 (a prompt the policy cannot use may have no
+            row), called under ``torch.no_grad``; its reward is the baseline of advantage
+            estimators flagged ``needs_baseline`` (ReMax).
     """
 
     token_weights: bool = False
@@ -70,6 +74,7 @@ class Capabilities:
     export: bool = False
     fsdp: bool = False
     extra_state: bool = False
+    greedy: bool = False
 
     def declared(self) -> List[str]:
         """The names of the flags that are on."""
@@ -85,6 +90,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "export": ("export_pretrained",),
     "fsdp": ("apply_fsdp",),
     "extra_state": ("extra_state", "load_extra_state"),
+    "greedy": ("greedy_rollout",),
 }
 """capability -> the methods a policy declaring it must have."""
 
@@ -159,4 +165,9 @@ def check_policy(policy, spec: Optional[Any] = None) -> Capabilities:
                             f"token_weighting=none")
         if spec.needs_ref and not caps.own_kl and not callable(getattr(policy, "ref_logp", None)):
             raise TypeError(f"algo.beta > 0 needs {name}.ref_logp (or own_kl); set algo.beta=0")
+        if spec.needs_baseline and not caps.greedy:
+            raise TypeError(f"algo.advantage={spec.advantage!r} needs a greedy completion per "
+                            f"prompt as its baseline, and {name} does not declare "
+                            f"Capabilities(greedy=True) with greedy_rollout(prompts, metadata, "
+                            f"generator); pick another advantage (e.g. rloo) or implement it")
     return caps

@@ -78,12 +78,15 @@ class RoundSettings:
 @dataclass
 class Collected:
     """A step's collected rows on this rank: the rollout, its rewards, a reward failure (or
-    None), and the collection's metrics (dynamic sampling's, the augmenters')."""
+    None), the collection's metrics (dynamic sampling's, the augmenters'), and ``groups``: the
+    (prompt, metadata) of every group id of the step's rounds (the same on every rank; a
+    greedy baseline's prompts)."""
 
     rollout: Rollout
     rewards: RewardBatch
     error: Optional[str] = None
     metrics: Dict[str, float] = field(default_factory=dict)
+    groups: Dict[int, Tuple[Any, Dict[str, Any]]] = field(default_factory=dict)
 
 
 def check_prompts(prompts: Sequence[Any], prompts_per_step: int) -> None:
@@ -148,13 +151,14 @@ class Rounds:
         self.concat = (policy.concat_rollouts if capabilities_of(policy).concat_rollouts
                        else concat_rollouts)
         self.step = 0  # the step being collected (round_seed's key)
+        self.groups: Dict[int, Tuple[Any, Dict[str, Any]]] = {}  # this step's group -> prompt
         self.round_metrics: Dict[str, float] = {}
         self.round_means: Dict[str, Tuple[float, float]] = {}
 
     def collect(self, step: int) -> Collected:
         """Step ``step``'s rows: one round, or DAPO dynamic sampling's rounds until
         ``prompts_per_step`` informative groups are kept."""
-        self.step, self.round_metrics, self.round_means = step, {}, {}
+        self.step, self.round_metrics, self.round_means, self.groups = step, {}, {}, {}
         metrics: Dict[str, float] = {}
         if self.s.dynamic_sampling_tries:
             rollout, rewards, error, report = self.collect_dynamic()
@@ -163,7 +167,8 @@ class Rounds:
                        "dynamic_groups_dropped": float(report.groups_dropped)}
         else:
             rollout, rewards, error = self.collect_round()
-        return Collected(rollout, rewards, error, {**metrics, **self.step_round_metrics()})
+        return Collected(rollout, rewards, error, {**metrics, **self.step_round_metrics()},
+                         self.groups)
 
     # ------------------------------------------------------------------ one round
     def next_prompts(self) -> List[int]:
@@ -211,6 +216,7 @@ class Rounds:
         self._update_selector(idx, rnd.rollout, rnd.rewards)
         for augment in self.augmenters:
             rnd = augment(self, rnd)
+        self.groups.update(zip(rnd.group_ids, zip(rnd.prompts, rnd.metadata)))
         return rnd.rollout, rnd.rewards, rnd.error
 
     def _update_selector(self, idx: List[int], rollout, rewards) -> None:

@@ -32,7 +32,7 @@ from mmrl.budget.selection import make_selector
 from mmrl.config.core import UserError
 from mmrl.config.schema import save_config
 from mmrl.train import checkpoint as ckpt
-from mmrl.train.batch import batch_advantages
+from mmrl.train.batch import batch_advantages, greedy_baseline
 from mmrl.train.distributed import (check_fsdp_settings, init_distributed, maybe_destroy,
                                     shard_policy)
 from mmrl.train.loop import LoopSettings, train_batch
@@ -111,9 +111,14 @@ class Run:
         tic = time.time()
         got = self.rounds.collect(self.step)
         nonfinite = got.rewards.invalid_report()  # batch_advantages drops those rows
+        baseline = greedy_baseline(
+            self.policy, self.rounds.reward_fn, got.rollout, got.groups, self.gen, dist=self.dist,
+            fsdp=self.fsdp, reward_retries=self.t.reward_retries,
+            reward_timeout=self.t.reward_timeout or None) if self.loss_fn.spec.needs_baseline \
+            else None  # ReMax: the reward of one greedy completion per group
         batch = batch_advantages(self.policy, self.loss_fn, got.rollout, got.rewards,
-                                 multi_reward=self.config.algo.multi_reward,
-                                 reward_weights=self.config.algo.reward_weights, dist=self.dist)
+                                 reward_weights=self.config.algo.reward_weights, dist=self.dist,
+                                 baseline=baseline)
         m = train_batch(self.policy, self.opt, self.loss_fn, batch, self.settings, self.gen,
                         self.dist)
         m.update(got.metrics)

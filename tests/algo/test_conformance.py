@@ -10,8 +10,8 @@ import torch
 from mmrl.algo.advantages import ADVANTAGES, MULTI_REWARD, group_advantages
 from mmrl.algo.losses import AGGREGATIONS, KL_ESTIMATORS, OBJECTIVES, RATIO_LEVELS, PolicyLoss
 from mmrl.algo.presets import PRESETS, algo_problems, resolve_algo
-from tests.reference import core_math as ref
 from tests.reference import objectives_ref as obj_ref
+from tests.reference import advantages_ref, core_math as ref
 
 F64 = torch.float64
 B, T = 6, 5
@@ -46,20 +46,31 @@ def test_every_entry_documents_its_formula(registry):
 
 
 # ---------------------------------------------------------------- advantages
+def _extras(fn):
+    """The inputs an estimator's flags ask for (token counts, a baseline reward per row)."""
+    assert isinstance(fn.needs_lengths, bool) and isinstance(fn.needs_baseline, bool)
+    extra = {"lengths": LENGTHS} if fn.needs_lengths else {}
+    if fn.needs_baseline:
+        extra["baseline"] = torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0, 0.0], dtype=F64)
+    return extra, {k: v.tolist() for k, v in extra.items()}
+
+
 @pytest.mark.parametrize("name", ADVANTAGES.names())
 def test_advantage_entry(name):
     r = torch.tensor([0.3, 0.3, 0.0, 0.0, 1.0, 0.4], dtype=F64)  # constant group, singleton
-    adv = group_advantages(r, GIDS, name)
-    want = oracle(ref.ADVANTAGES, name)(r.tolist(), GIDS.tolist())
+    extra, lists = _extras(ADVANTAGES.get(name))
+    table = {**ref.ADVANTAGES, **advantages_ref.ADVANTAGES}
+    adv = group_advantages(r, GIDS, name, **extra)
+    want = oracle(table, name)(r.tolist(), GIDS.tolist(), **lists)
     torch.testing.assert_close(adv, torch.tensor(want, dtype=F64), rtol=1e-10, atol=1e-12)
     assert adv.shape == (B,) and torch.isfinite(adv).all()
-    big = group_advantages(r * 1e6, GIDS, name)
+    big = group_advantages(r * 1e6, GIDS, name, **extra)
     assert torch.isfinite(big).all()
     # gradients w.r.t. the rewards (e.g. a differentiable reward model) match the oracle's
     rg = r.clone().requires_grad_()
     w = torch.linspace(-1, 2, B, dtype=F64)
-    g1, = torch.autograd.grad((group_advantages(rg, GIDS, name) * w).sum(), rg)
-    want = oracle(ref.ADVANTAGES, name)(list(rg.unbind()), GIDS.tolist())
+    g1, = torch.autograd.grad((group_advantages(rg, GIDS, name, **extra) * w).sum(), rg)
+    want = oracle(table, name)(list(rg.unbind()), GIDS.tolist(), **lists)
     g2, = torch.autograd.grad(sum(wi * a for wi, a in zip(w, want) if torch.is_tensor(a)), rg)
     torch.testing.assert_close(g1, g2)
 
@@ -68,7 +79,8 @@ def test_advantage_entry(name):
 def test_multi_reward_entry(name):
     cols = torch.tensor([[0.2, 1], [0.9, 0], [0, 0], [0, 1], [1, 1], [0.4, 0]], dtype=F64)
     got = group_advantages(cols, GIDS, name, weights=[1.0, 0.5])
-    want = oracle(ref.MULTI_REWARD, name)(cols.tolist(), GIDS.tolist(), [1.0, 0.5])
+    table = {**ref.MULTI_REWARD, **advantages_ref.MULTI_REWARD}
+    want = oracle(table, name)(cols.tolist(), GIDS.tolist(), [1.0, 0.5])
     torch.testing.assert_close(got, torch.tensor(want, dtype=F64), rtol=1e-10, atol=1e-12)
 
 

@@ -28,6 +28,15 @@ TABLE = {
     "kl_cov": ("grpo", "token", "kl_cov", "token_mean", "none", dict(cov_ratio=2e-3, kl_cov_coef=1.0)),
     "vespo": ("grpo", "token", "vespo", "token_mean", "none",
               dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)),
+    # issue 17, advantage estimators (verl's token-mean aggregation)
+    "reinforce_pp": ("reinforce_pp", "token", "clip", "token_mean", "none",
+                     dict(eps_low=0.2, eps_high=0.2)),
+    "reinforce_pp_baseline": ("reinforce_pp_baseline", "token", "clip", "token_mean", "none",
+                              dict(eps_low=0.2, eps_high=0.2)),
+    "remax": ("remax", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "opo": ("opo", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "passk": ("passk", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
+    "gdpo": ("grpo", "token", "clip", "token_mean", "none", dict(multi_reward="gdpo")),
 }
 
 

@@ -48,6 +48,9 @@ def test_config_reports_every_problem_before_any_work(tiny_sd3_path, tmp_path):
     text = str(err.value)
     assert "train.group_size: got 3; sampler=tree gives" in text and \
         "dynamic_sampling_tries" in text, text
+    with pytest.raises(ConfigError, match="algo.advantage: 'remax' needs the reward of a greedy "
+                       "completion per prompt, and a flow-matching generator has none"):
+        tiny_config(tiny_sd3_path, str(tmp_path), algo={"preset": "remax"})
 
 
 def test_the_section_names_the_registries_choices_and_preflight_checks_the_family(

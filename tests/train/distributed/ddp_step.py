@@ -11,12 +11,16 @@ import torch
 from mmrl.train.distributed import init_distributed, maybe_destroy, shard_samples
 from mmrl.train.loop import LoopSettings, Rollout, train_step
 from mmrl.algo.losses import PolicyLoss
+from mmrl.train.policy import Capabilities
 
 T, V, D = 5, 6, 4
 
 
 class DeterministicPolicy:
-    """Sample (prompt p, member j) is fixed by (p, j): the same on any number of ranks."""
+    """Sample (prompt p, member j) is fixed by (p, j): the same on any number of ranks; its
+    greedy completion is member 100."""
+
+    capabilities = Capabilities(greedy=True)
 
     def __init__(self):
         g = torch.Generator().manual_seed(0)
@@ -40,6 +44,10 @@ class DeterministicPolicy:
         return Rollout(samples, [prompts[k] for k in gids], rep, torch.tensor(gids), mask,
                        {"feats": torch.stack(feats), "tokens": torch.stack(toks)})
 
+    def greedy_rollout(self, prompts, metadata, generator):
+        meta = [{"first_member": 100} for _ in prompts]
+        return self.rollout(prompts, meta, [1] * len(prompts), generator)
+
     def logp(self, r, rows, t0, t1):
         logits = r.data["feats"][rows, t0:t1] @ self.W
         return torch.log_softmax(logits, -1).gather(-1, r.data["tokens"][rows, t0:t1, None])[..., 0]
@@ -49,8 +57,20 @@ def reward(samples, prompts, metadata):
     return [float((p * 7 + j * 3) % 5) for p, j in samples]
 
 
-def main(out, preset, micro):
+def main(out, preset, micro, runs=""):
+    """One step of ``preset``, saved as OUT/rank{r}.pt; or, with ``runs`` ("preset:k=v,k=v"
+    entries joined by "+"), one fresh step per entry, saved as OUT/rank{r}-{i}.pt."""
     d = init_distributed()
+    if not runs:
+        _step(d, f"{out}/rank{d.rank}.pt", preset, micro, {})
+    for i, entry in enumerate(runs.split("+") if runs else []):
+        name, _, kvs = entry.partition(":")
+        over = dict(kv.split("=") for kv in kvs.split(",") if kv)  # e.g. advantage=gpg
+        _step(d, f"{out}/rank{d.rank}-{i}.pt", name, micro, over)
+    maybe_destroy(d)
+
+
+def _step(d, path, preset, micro, over):
     prompts, counts = [10, 11, 12], [4, 4, 4]
     local = shard_samples(counts, d)
     starts = [sum(counts[:k]) for k in range(3)]
@@ -59,15 +79,14 @@ def main(out, preset, micro):
     meta = [{"first_member": max(0, lo - starts[k])} for k, _ in mine]
     pol = DeterministicPolicy()
     opt = torch.optim.SGD(pol.parameters(), lr=1.0)
-    over = {"max_len": T} if preset == "dr_grpo" else {}
+    over = {"max_len": T, **over} if preset == "dr_grpo" else over
     res = train_step(pol, opt, PolicyLoss(preset, **over), reward, [prompts[k] for k, _ in mine],
                      meta, LoopSettings(group_size=4, micro_batch_size=micro, max_grad_norm=0),
                      torch.Generator().manual_seed(0), group_sizes=[c for _, c in mine],
                      group_ids=[k for k, _ in mine], dist=d)
     metrics = {k: v for k, v in res.items() if isinstance(v, float)}
-    torch.save({"W": pol.W.detach(), "metrics": metrics}, f"{out}/rank{d.rank}.pt")
-    maybe_destroy(d)
+    torch.save({"W": pol.W.detach(), "metrics": metrics}, path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
