@@ -60,6 +60,8 @@ class Capabilities:
             weights (e.g. a rollout counter), JSON-able python scalars, saved in the
             checkpoint's state as ``policy_extra`` and handed back on resume
             (:mod:`mmrl.train.state`; ``state_dict`` then holds weights only).
+        rollout_logp: its rollouts carry ``Rollout.rollout_logp``, the sampler's log-probs of
+            what it sampled, under the distribution ``logp`` scores (``algo.rollout_is``).
     """
 
     token_weights: bool = False
@@ -70,6 +72,7 @@ class Capabilities:
     export: bool = False
     fsdp: bool = False
     extra_state: bool = False
+    rollout_logp: bool = False
 
     def declared(self) -> List[str]:
         """The names of the flags that are on."""
@@ -85,6 +88,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "export": ("export_pretrained",),
     "fsdp": ("apply_fsdp",),
     "extra_state": ("extra_state", "load_extra_state"),
+    "rollout_logp": (),
 }
 """capability -> the methods a policy declaring it must have."""
 
@@ -159,4 +163,9 @@ def check_policy(policy, spec: Optional[Any] = None) -> Capabilities:
                             f"token_weighting=none")
         if spec.needs_ref and not caps.own_kl and not callable(getattr(policy, "ref_logp", None)):
             raise TypeError(f"algo.beta > 0 needs {name}.ref_logp (or own_kl); set algo.beta=0")
+        if spec.needs_rollout_logp and not caps.rollout_logp:
+            raise TypeError(f"algo.rollout_is={spec.rollout_is!r} weights by the sampler's "
+                            f"log-probs, and {name} does not report them (it does not declare "
+                            f"Capabilities(rollout_logp=True)); set algo.rollout_is=none, or "
+                            f"set Rollout.rollout_logp in {name}.rollout and declare it")
     return caps
