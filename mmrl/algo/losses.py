@@ -142,19 +142,17 @@ class PolicyLoss:
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
             generator: for objectives that draw at random (none of the built-in ones yet);
                 None = torch's global generator.
-            rollout_logp: ``[B, T]`` the sampler's log-probs of the sampled tokens (detached);
-                required when ``rollout_is`` is not none, read by ``off_policy_mask`` when
-                given (:mod:`mmrl.algo.offpolicy`). Its weights multiply the objective only.
+            rollout_logp: ``[B, T]`` the sampler's log-probs (detached), for ``rollout_is`` and
+                ``off_policy_mask`` (:mod:`mmrl.algo.offpolicy`: weights on the objective only).
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
             tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg),
             ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given),
-            and the rollout correction's (see :func:`mmrl.algo.offpolicy.correct_objective`).
+            the rollout correction's (:func:`mmrl.algo.offpolicy.correct_objective`).
 
         Raises:
-            TypeError / ValueError: bad dtypes/shapes; missing ref_logp, group_ids, weights or
-                rollout_logp.
+            TypeError / ValueError: bad dtypes/shapes; missing ref_logp, group_ids, weights.
         """
         spec, per_seq = self.spec, self._ratio.per_sequence
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,
@@ -171,18 +169,16 @@ class PolicyLoss:
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids, logp=logp, mask=mask,
                                                  generator=generator)
-        # importance weights pi_old/pi_rollout and the off-policy mask: the objective only
-        loss, corrections = correct_objective(spec, loss, logp=logp, old_logp=old_logp,
-                                              rollout_logp=rollout_logp, advantages=advantages,
-                                              mask=mask)
+        loss, corrections = correct_objective(spec, loss, logp, old_logp, rollout_logp,
+                                              advantages, mask)  # weights the objective only
         kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask)
         loss = _add_kl(spec, loss, kl_ref, mask, per_seq).expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)
         total = self._aggregate(loss, valid, num_tokens=num_tokens, num_seqs=num_seqs,
                                 seq_lens=seq_lens, max_len=spec.max_len)
-        return total, {**_stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref),
-                       **corrections}
+        stats = _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
+        return total, {**stats, **corrections}
 
 
 def _kl_to_ref(spec, logp: Tensor, ref_logp: Optional[Tensor], kl: Optional[Tensor],

@@ -186,7 +186,7 @@ def off_policy_mask(advantages: Tensor, logp: Tensor, sample_logp: Tensor, mask:
     return ((adv >= 0) | (mean_kl <= threshold)).to(logp.dtype)
 
 
-def correct_objective(spec, loss: Tensor, *, logp: Tensor, old_logp: Tensor,
+def correct_objective(spec, loss: Tensor, logp: Tensor, old_logp: Tensor,
                       rollout_logp: Optional[Tensor], advantages: Tensor,
                       mask: Tensor) -> Tuple[Tensor, dict]:
     """``(loss·w·M, stats)``: the per-entry objective ``loss`` (``[B, T]`` or ``[B, 1]``) times
