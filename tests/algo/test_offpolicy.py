@@ -238,3 +238,11 @@ def test_every_entry_is_documented_and_equal_logps_give_weight_one(name):
     w, out = rollout_weights(old, old.clone(), mask, mode=name, low=0.5, high=2.0)
     assert w.shape == ((5, 1) if fn.per_sequence or name == "none" else (5, 4))
     assert torch.all(w == 1.0) and not out.any()
+
+
+def test_mmrl_algos_names_the_corrections(capsys):
+    from mmrl.cli.app import main
+    assert main(["algos"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "rollout_is=" in l)
+    assert all(name in line for name in ROLLOUT_CORRECTIONS.names())
+    assert "off_policy_mask" in line
