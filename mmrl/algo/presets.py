@@ -146,7 +146,9 @@ class AlgoSpec:
                           "KL, not the normalizers); sequence modes need whole rows.",
                           source="TRL vllm_importance_sampling_mode; verl rollout_correction")
     rollout_is_max: Optional[float] = cfg(3.0, "Upper bound C_max of the rollout correction's "
-                                          "weights (null: none).", above=0.0,
+                                          "weights (null: none; in a config, where null keeps "
+                                          "the preset's 3, any value >= 5e8 is none: weights "
+                                          "are at most e^20).", above=0.0,
                                           source="TRL vllm_importance_sampling_clip_max (3.0); "
                                           "verl rollout_is_threshold (2.0)")
     rollout_is_min: Optional[float] = cfg(None, "Lower bound C_min of the rollout correction's "
