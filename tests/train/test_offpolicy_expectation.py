@@ -1,4 +1,4 @@
-"""A deliberate rollout/training mismatch: the sampler draws from μ ≠ π_θ and reports log μ as
+"""A deliberate rollout/training mismatch: the sampler draws from μ ≠ π_θ, reports log μ as
 ``Rollout.rollout_logp``. Through the loop's ``update`` (float64, many samples), the corrected
 gradient equals the exact on-policy gradient E_{y~π}[−A(y)·Σ_t ∇log π(y_t)]/T (enumerated over
 every sequence) within a few standard errors; the uncorrected one is biased.
@@ -6,6 +6,8 @@ every sequence) within a few standard errors; the uncorrected one is biased.
 The policy is a product of categoricals, one per position (logits θ [T, V]); the reward depends
 on the whole sequence, so token-level weights (each token's own π/μ) do not correct it when
 T > 1: only sequence weights do, as TIS/MIS write-ups say (tokens: low variance, biased).
+Also: micro-batch / T-chunk invariance of the corrected update, and ``Rollout.rollout_logp``
+through ``select`` and ``concat_rollouts``.
 """
 import itertools
 
@@ -173,3 +175,22 @@ def test_the_loops_corrected_gradient_does_not_depend_on_micro_batches_or_t_chun
         update(policy, opt, loss_fn, ro, adv, LoopSettings(
             group_size=10, micro_batch_size=micro, t_chunk=t_chunk, max_grad_norm=0.0), gen)
         torch.testing.assert_close(policy.theta.grad, want, rtol=1e-12, atol=1e-14)
+
+
+def test_select_and_concat_carry_rollout_logp():
+    from mmrl.train.rollout import concat_rollouts
+    policy, _ = setup(2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        a, b = policy.rollout(["p"], [{}], 3, gen), policy.rollout(["p"], [{}], 2, gen)
+    b.mask, b.rollout_logp = b.mask[:, :1], b.rollout_logp[:, :1]  # a shorter T: padded
+    picked = a.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.rollout_logp, a.rollout_logp[[2, 0]])
+    assert torch.equal(a.select(torch.tensor([True, False, True])).rollout_logp,
+                       a.rollout_logp[[0, 2]])
+    both = concat_rollouts([a, b])
+    assert torch.equal(both.rollout_logp[:3], a.rollout_logp)
+    padded = torch.cat([b.rollout_logp, torch.zeros(2, 1, dtype=F64)], 1)  # [2, 1] -> [2, 2]
+    assert torch.equal(both.rollout_logp[3:], padded)
+    b.rollout_logp = None  # rows the correction could not weight: none for the whole
+    assert concat_rollouts([a, b]).rollout_logp is None
