@@ -20,8 +20,9 @@ Names and formulas are TRL 1.16's ``vllm_importance_sampling_mode`` (C_min = ``l
   low = None; ``rollout_is: sequence`` with u = ``sequence_truncate``.
 - verl string threshold ``"l_u"`` (IcePop: zero outside [l, u]) = ``token_mask`` /
   ``sequence_mask`` with low = l, high = u.
-- verl's ``rollout_is_batch_normalize`` (w / mean w) and its rejection sampling ``rollout_rs``
-  (which rewrites the response mask) have no equivalent here.
+- verl's ``rollout_is_batch_normalize`` (w / mean w), its rejection sampling ``rollout_rs``
+  (which rewrites the response mask) and its ``bypass_mode`` (old_logp := rollout_logp, no
+  weights) have no equivalent here.
 
 :func:`off_policy_mask` is TRL's ``off_policy_mask_threshold`` (DeepSeek-V3.2, arXiv 2512.02556,
 Eq. 9): a negative-advantage row whose sampler drifted from the current policy by more than δ
