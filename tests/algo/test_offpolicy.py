@@ -246,3 +246,14 @@ def test_mmrl_algos_names_the_corrections(capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if "rollout_is=" in l)
     assert all(name in line for name in ROLLOUT_CORRECTIONS.names())
     assert "off_policy_mask" in line
+
+
+def test_a_config_that_chunks_t_under_a_whole_row_correction_is_refused_with_the_reason():
+    from mmrl.config.core import ConfigError
+    from mmrl.config.schema import config_from_dict
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"job": "toy", "algo": {"rollout_is": "sequence_mask"},
+                          "train": {"t_chunk": 2}})
+    assert any("rollout_is='sequence_mask'" in p and "whole rows" in p
+               for p in info.value.problems)
+    config_from_dict({"job": "toy", "algo": {"rollout_is": "token_mask"}, "train": {"t_chunk": 2}})
