@@ -165,7 +165,8 @@ class AlgoSpec:
 
     @property
     def sequence_level(self) -> bool:
-        """True when the ratio is computed from whole sequences (GSPO, GSPO-token, Reg-GRPO).
+        """True when the ratio is computed from whole sequences (GSPO, GSPO-token, Reg-GRPO), or
+        the rollout correction reads whole rows (:attr:`rollout_correction_whole_rows`).
 
         Then every row's T tokens must reach the loss in one call: do not chunk the T axis.
         """
