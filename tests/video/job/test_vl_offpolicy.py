@@ -1,14 +1,20 @@
-"""The video job with the rollout correction on: the policy reports its sampled tokens'
-log-probs (the KV-cached sampling forward), so the weights are 1 up to numerics and nothing is
-masked; the toy job, whose policy reports none, is refused before it starts."""
+"""The video policy reports its sampled tokens' log-probs (the KV-cached sampling forward) under
+the distribution its ``logp`` scores; the video job with the rollout correction on trains with
+weights 1 up to numerics and nothing masked; the toy job, whose policy reports none, is refused
+before it starts."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
+import torch
 
 from mmrl.cli.app import main
+
+sys.path.insert(0, os.path.dirname(__file__))
+from vt_helpers import make_policy, rollout  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 FAST = ["train.steps=1", "train.prompts_per_step=2", "train.group_size=4", "train.log_every=1",
@@ -32,6 +38,20 @@ def test_the_video_job_trains_with_sequence_masked_rollout_correction(tiny_vl_di
     assert m["rollout_clipfrac"] == 0.0 and m["off_policy_masked"] == 0.0
     assert m["rollout_logp_diff"] < 1e-5
     assert m["grad_norm"] > 0
+
+
+def test_rollout_logp_is_logps_distribution_under_temperature_top_p_and_stop_strings(
+        tiny_vl_dir, vt_batch):
+    """Free decoding (no allowed answers), 6 tokens, temperature 0.6, top-p 0.8, a stop string:
+    the sampling forward's log-probs equal the training forward's on every kept token (both of
+    the temperature-scaled distribution before top-p truncation)."""
+    pol = make_policy(tiny_vl_dir, max_new_tokens=6, temperature=0.6, top_p=0.8, stop=["a"])
+    ro = rollout(pol, vt_batch, group=2)
+    assert ro.rollout_logp.shape == ro.mask.shape and int(ro.mask.sum()) > len(ro)
+    with torch.no_grad():
+        lp = pol.logp(ro, torch.arange(len(ro)), 0, ro.mask.shape[1])
+    assert float((lp - ro.rollout_logp).abs()[ro.mask].max()) < 1e-5
+    assert bool((ro.rollout_logp[~ro.mask] == 0).all())  # padding: 0
 
 
 def test_a_policy_that_reports_no_rollout_logp_is_refused(tmp_path, capsys):
