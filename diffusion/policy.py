@@ -66,7 +66,8 @@ class DiffusionGroupPolicy(GroupPolicy):
         # tree / singular sampling train rows that are not the rewarded samples
         self.capabilities = Capabilities(
             own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
-            whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True)
+            whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True,
+            rollout_logp=True)
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
                            "tree": self._tree_advantages}.get(c.sampler)
@@ -206,14 +207,17 @@ class DiffusionGroupPolicy(GroupPolicy):
         return int(counts[0])
 
     def _pack(self, traj, cond, row_prompt, index, mask, out_prompt, prompts, metadata):
-        """A :class:`Rollout`: training rows = trajectory owners, samples = decoded outputs."""
+        """A :class:`Rollout`: training rows = trajectory owners, samples = decoded outputs;
+        ``rollout_logp`` = each row's transitions' log-probs at sampling time (the SDE step's
+        Gaussian density, the one :meth:`logp` re-scores)."""
         self.last_nfe = traj.nfe
         images = self.flow.decode(traj.final).cpu()  # [B_out, 3, H, W] in [0, 1]
         pick = out_prompt.tolist()
+        sampled = traj.logp.detach().float().cpu()[index]  # [M] -> [rows, K]
         return Rollout(list(images), [prompts[i] for i in pick], [metadata[i] for i in pick],
                        row_prompt.clone(), mask, {"index": index, "trajectory": _Shared(traj,
                                                                                        cond)},
-                       nfe=int(traj.nfe))
+                       nfe=int(traj.nfe), rollout_logp=torch.where(mask, sampled, 0.0))
 
     # ---------------------------------------------------------------- scoring
     def _rescore(self, velocity_fn, rollout: Rollout, rows, t0: int, t1: int):

@@ -17,7 +17,11 @@ one temporal grid); so sampling is a KV-cached loop here (temperature, top-p,
 adapter's positions.
 
 Log-probs are of the temperature-scaled distribution (restricted to ``allowed_answers`` when set),
-the one tokens are sampled from before top-p truncation, as TRL and verl do.
+the one tokens are sampled from before top-p truncation, as TRL and verl do. The rollout reports
+the sampled tokens' log-probs under that same distribution, taken from the sampling forward (KV
+cache) as ``Rollout.rollout_logp``: with no engine or precision mismatch they equal ``logp``'s
+(``algo.rollout_is`` weights are then 1); top-p truncation is the sampler's choice, not a
+mismatch, and is not in them.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 from mmrl.train.distributed import gathered_parameters, root_forward
 from mmrl.train.policy import Capabilities, GroupPolicy
-from mmrl.train.rollout import Rollout
+from mmrl.train.rollout import Rollout, concat_rollout_logp
 
 from .io import SkipCounter, VideoError
 from .models import adapter_for, adapter_for_path
@@ -120,7 +124,7 @@ class VLMPolicy(GroupPolicy):
     """
 
     capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
-                                fsdp=True, greedy=True)
+                                fsdp=True, greedy=True, rollout_logp=True)
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -366,8 +370,8 @@ class VLMPolicy(GroupPolicy):
         if len(pidx) == 0:
             return Rollout([], [], [], groups, torch.zeros(0, 1, dtype=torch.bool),
                            {"prompt_index": pidx, "response": torch.zeros(0, 1, dtype=torch.long),
-                            "sample_logp": torch.zeros(0, 1), "prompt_cache": cache},
-                           skipped=skipped)
+                            "prompt_cache": cache}, skipped=skipped,
+                           rollout_logp=torch.zeros(0, 1))
         tokens, mask, logps = self._generate(cache, pidx, generator, greedy)
         samples = [self.tok.decode(r[m].tolist(), skip_special_tokens=True)
                    for r, m in zip(tokens, mask)]
@@ -376,8 +380,8 @@ class VLMPolicy(GroupPolicy):
         meta = [{**{k: v for k, v in metadata[g].items() if k != "messages"},
                  "completion_length": int(L)} for g, L in zip(rows, lengths)]
         return Rollout(samples, [prompts[g] for g in rows], meta, groups, mask,
-                       {"prompt_index": pidx, "response": tokens, "sample_logp": logps,
-                        "prompt_cache": cache}, skipped=skipped)
+                       {"prompt_index": pidx, "response": tokens, "prompt_cache": cache},
+                       skipped=skipped, rollout_logp=torch.where(mask, logps, 0.0))
 
     # ------------------------------------------------------------------ scoring
     def _logp(self, model, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
@@ -456,13 +460,13 @@ class VLMPolicy(GroupPolicy):
                 "prompt_index": torch.cat([p.data["prompt_index"] + o
                                            for p, o in zip(parts, offsets.tolist())]),
                 "response": torch.cat([rp(p.data["response"], self.tok.pad_token_id)
-                                       for p in parts]),
-                "sample_logp": torch.cat([rp(p.data["sample_logp"], 0.0) for p in parts])}
+                                       for p in parts])}
         return Rollout([s for p in parts for s in p.samples], [s for p in parts for s in p.prompts],
                        [m for p in parts for m in p.metadata],
                        torch.cat([p.group_ids for p in parts]),
                        torch.cat([rp(p.mask, False) for p in parts]), data,
-                       skipped=dict(sum((Counter(p.skipped) for p in parts), Counter())))
+                       skipped=dict(sum((Counter(p.skipped) for p in parts), Counter())),
+                       rollout_logp=concat_rollout_logp(parts, T))
 
 
 def _cut_at_stop_strings(tok, tokens: torch.Tensor, mask: torch.Tensor, stop: Sequence[str]):

@@ -9,6 +9,7 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl.algo", {
     ".advantages": ("ADVANTAGES", "MULTI_REWARD", "group_advantages", "group_stats"),
     ".losses": ("AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "PolicyLoss",
                 "kl_penalty", "policy_loss"),
+    ".offpolicy": ("ROLLOUT_CORRECTIONS", "off_policy_mask", "rollout_weights"),
     ".presets": ("PRESETS", "AlgoSpec", "algo_problems", "resolve_algo"),
     ".shaping": ("soft_overlong_penalty",),
     ".token_weights": ("tw_token_weights",),

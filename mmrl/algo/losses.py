@@ -12,6 +12,8 @@ Each axis is a registry in its own module, re-exported here:
 - :data:`AGGREGATIONS` (:mod:`mmrl.algo.aggregations`) ``(loss, mask, *, num_tokens, num_seqs,
   seq_lens, max_len) -> scalar``.
 - :data:`KL_ESTIMATORS` (:mod:`mmrl.algo.kl`) ``x -> KL`` per token.
+- :data:`ROLLOUT_CORRECTIONS` (:mod:`mmrl.algo.offpolicy`) importance weights π_old/π_rollout
+  for a sampler that is not the trainer (they multiply the objective only).
 
 :class:`PolicyLoss` composes them; :mod:`mmrl.algo.common` holds the ±20 log-ratio clamp.
 """
@@ -26,10 +28,11 @@ from mmrl.algo.common import Tensor, masked_log_ratio, masked_mean
 from mmrl.algo.common import num_tokens as row_tokens
 from mmrl.algo.kl import KL_ESTIMATORS, _kl, kl_penalty
 from mmrl.algo.objectives import OBJECTIVES
+from mmrl.algo.offpolicy import ROLLOUT_CORRECTIONS, correct_objective
 from mmrl.algo.ratios import RATIO_LEVELS
 
-__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "PolicyLoss",
-           "kl_penalty", "policy_loss"]
+__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "ROLLOUT_CORRECTIONS",
+           "PolicyLoss", "kl_penalty", "policy_loss"]
 
 
 # ---------------------------------------------------------------- the policy loss
@@ -120,7 +123,8 @@ class PolicyLoss:
                  ref_logp: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
                  group_ids: Optional[Tensor] = None, num_tokens=None, num_seqs=None,
                  seq_lens=None, kl: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                 generator: Optional[torch.Generator] = None,
+                 rollout_logp: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """(loss, stats): the aggregated loss to minimize and detached statistics.
 
         Args:
@@ -138,15 +142,18 @@ class PolicyLoss:
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
             generator: for objectives that draw at random (``clip_cov``'s pick); None =
                 torch's global generator.
+            rollout_logp: ``[B, T]`` the sampler's log-probs (detached), for ``rollout_is`` and
+                ``off_policy_mask`` (:mod:`mmrl.algo.offpolicy`: weights on the objective only).
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
             tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg/gpg/vespo/
             kl_cov; cispo/cispo_cap: truncated weights; clip_cov: + the detached tokens in high),
-            ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given).
+            ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given),
+            the rollout correction's (:func:`mmrl.algo.offpolicy.correct_objective`).
 
         Raises:
-            TypeError / ValueError: bad dtypes/shapes; missing ref_logp, group_ids or weights.
+            TypeError / ValueError: bad dtypes/shapes; missing ref_logp, group_ids, weights.
         """
         spec, per_seq = self.spec, self._ratio.per_sequence
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,
@@ -163,13 +170,16 @@ class PolicyLoss:
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids, logp=logp, mask=mask,
                                                  generator=generator)
+        loss, corrections = correct_objective(spec, loss, logp, old_logp, rollout_logp,
+                                              advantages, mask)  # weights the objective only
         kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask)
         loss = _add_kl(spec, loss, kl_ref, mask, per_seq).expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)
         total = self._aggregate(loss, valid, num_tokens=num_tokens, num_seqs=num_seqs,
                                 seq_lens=seq_lens, max_len=spec.max_len)
-        return total, _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
+        stats = _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
+        return total, {**stats, **corrections}
 
 
 def _kl_to_ref(spec, logp: Tensor, ref_logp: Optional[Tensor], kl: Optional[Tensor],
@@ -199,6 +209,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 token_weights: Optional[Tensor] = None, group_ids: Optional[Tensor] = None,
                 num_tokens=None, num_seqs=None, seq_lens=None,
                 generator: Optional[torch.Generator] = None,
+                rollout_logp: Optional[Tensor] = None,
                 **overrides) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, stats) of ``PolicyLoss(algo, **overrides)`` on these tensors (functional form).
 
@@ -207,4 +218,4 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     return PolicyLoss(algo, **overrides)(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, token_weights=token_weights,
         group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
-        generator=generator)
+        generator=generator, rollout_logp=rollout_logp)

@@ -60,10 +60,15 @@ _BUILTIN = {
         "seq_mean_token_sum": dict(per_sequence=False), "fixed_norm": dict(per_sequence=False),
         "seq_mean": dict(per_sequence=True)},
     ("KL estimator", "mmrl.algo.kl", "KL_ESTIMATORS"): {n: {} for n in ("k1", "k2", "k3")},
+    ("rollout correction", "mmrl.algo.offpolicy", "ROLLOUT_CORRECTIONS"): {
+        "none": dict(per_sequence=False, needs_rollout_logp=False),
+        **{n: dict(per_sequence=n.startswith("sequence"), needs_rollout_logp=True)
+           for n in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")}},
 }
 _AXIS_OF = {"advantage": "ADVANTAGES", "multi_reward": "MULTI_REWARD",
             "ratio_level": "RATIO_LEVELS", "objective": "OBJECTIVES",
-            "aggregation": "AGGREGATIONS", "kl": "KL_ESTIMATORS"}
+            "aggregation": "AGGREGATIONS", "kl": "KL_ESTIMATORS",
+            "rollout_is": "ROLLOUT_CORRECTIONS"}
 
 
 def _static(axis: str, entries: dict) -> Registry:
@@ -186,15 +191,53 @@ class AlgoSpec:
     vespo_lambda_neg: float = cfg(2.0, "Objective vespo: rate lambda for A < 0.", above=0.0,
                                   source="VESPO arXiv 2602.10693; TRL (2.0)")
 
+    rollout_is: str = cfg("none", "Rollout/training mismatch correction from the sampler's "
+                          "log-probs (Rollout.rollout_logp): " + _axis_doc("rollout_is")
+                          + ". Weights of pi_old/pi_rollout, truncated or masked outside "
+                          "[rollout_is_min, rollout_is_max], multiply the objective (not the "
+                          "KL, not the normalizers); sequence modes need whole rows.",
+                          source="TRL vllm_importance_sampling_mode; verl rollout_correction")
+    rollout_is_max: Optional[float] = cfg(3.0, "Upper bound C_max of the rollout correction's "
+                                          "weights (null: none; in a config, where null keeps "
+                                          "the preset's 3, any value >= 5e8 is none: weights "
+                                          "are at most e^20).", above=0.0,
+                                          source="TRL vllm_importance_sampling_clip_max (3.0); "
+                                          "verl rollout_is_threshold (2.0)")
+    rollout_is_min: Optional[float] = cfg(None, "Lower bound C_min of the rollout correction's "
+                                          "weights (null: none); both bounds are read only "
+                                          "when rollout_is is not none.", minimum=0.0,
+                                          source="TRL vllm_importance_sampling_clip_min; verl "
+                                          "IcePop 'l_u' threshold")
+    off_policy_mask: Optional[float] = cfg(None, "Off-policy sequence mask threshold delta: "
+                                           "drop a negative-advantage row whose mean per-token "
+                                           "log(pi_rollout/pi_theta) exceeds delta (null "
+                                           "disables; needs whole rows).", above=0.0,
+                                           source="DeepSeek-V3.2 arXiv 2512.02556 Eq. 9; TRL "
+                                           "off_policy_mask_threshold (docs: 0.5)")
+
     @property
     def sequence_level(self) -> bool:
-        """True when the ratio level (GSPO, GSPO-token, Reg-GRPO) or the objective (VESPO's
-        sequence weight, clip_cov / kl_cov's covariance) reads whole sequences.
+        """True when the ratio level (GSPO, GSPO-token, Reg-GRPO), the objective (VESPO's
+        sequence weight, clip_cov / kl_cov's covariance) or the rollout correction
+        (:attr:`rollout_correction_whole_rows`) reads whole sequences.
 
         Then every row's T tokens must reach the loss in one call: do not chunk the T axis.
         """
         return (axis_registry("ratio_level").get(self.ratio_level).whole_sequence
-                or axis_registry("objective").get(self.objective).whole_sequence)
+                or axis_registry("objective").get(self.objective).whole_sequence
+                or self.rollout_correction_whole_rows)
+
+    @property
+    def rollout_correction_whole_rows(self) -> bool:
+        """True when the rollout correction reads whole rows (a sequence weight, or the
+        off-policy sequence mask)."""
+        return (axis_registry("rollout_is").get(self.rollout_is).per_sequence
+                or self.off_policy_mask is not None)
+
+    @property
+    def needs_rollout_logp(self) -> bool:
+        """True when the loss needs the sampler's log-probs (``rollout_is`` other than none)."""
+        return axis_registry("rollout_is").get(self.rollout_is).needs_rollout_logp
 
     @property
     def per_sequence_loss(self) -> bool:
@@ -295,7 +338,8 @@ PRESETS: Dict[str, AlgoSpec] = {
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
 _HINTS = typing.get_type_hints(AlgoSpec)
-_AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "multi_reward")
+_AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "multi_reward",
+         "rollout_is")
 _EXTRA_KEYS = tuple(EXTRA_OVERRIDES)
 
 
@@ -380,7 +424,8 @@ def _combination_problems(spec: AlgoSpec) -> List[str]:
     if spec.dual_clip_c is not None and spec.objective != "clip":
         problems.append(f"dual_clip_c only applies to objective 'clip', got objective "
                         f"{spec.objective!r}; drop dual_clip_c")
-    return problems + _objective_problems(spec, per_seq)
+    return (problems + _objective_problems(spec, per_seq)
+            + _rollout_correction_problems(spec, per_seq))
 
 
 def _objective_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
@@ -402,6 +447,23 @@ def _objective_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
         problems.append(f"clip_cov_lb={spec.clip_cov_lb} must be below clip_cov_ub="
                         f"{spec.clip_cov_ub} (candidates satisfy lb < Cov < ub); lower lb or "
                         f"raise ub")
+    return problems
+
+
+def _rollout_correction_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
+    corrections = axis_registry("rollout_is")
+    if spec.rollout_is not in corrections:
+        return []  # already reported as an unknown name
+    problems = []
+    lo, hi = spec.rollout_is_min, spec.rollout_is_max
+    if _is_number(lo) and _is_number(hi) and lo >= hi:
+        problems.append(f"rollout_is_min={lo!r} must be below rollout_is_max={hi!r}; lower "
+                        f"rollout_is_min or raise rollout_is_max")
+    if per_seq and not corrections.get(spec.rollout_is).per_sequence and \
+            corrections.get(spec.rollout_is).needs_rollout_logp:
+        problems.append(f"rollout_is {spec.rollout_is!r} weights tokens but ratio_level "
+                        f"{spec.ratio_level!r} gives one loss per sequence; use "
+                        f"sequence_truncate or sequence_mask")
     return problems
 
 

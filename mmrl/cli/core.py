@@ -210,4 +210,8 @@ def cmd_algos(args) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     print("\nOverride any axis or hyper-parameter under algo: in a config, e.g. "
           "algo.preset=dapo algo.eps_high=0.3")
+    from mmrl.algo.presets import axis_registry
+    print("Rollout/training mismatch correction, with any preset (mmrl.algo.offpolicy; TRL, "
+          "verl): algo.rollout_is=" + "|".join(axis_registry("rollout_is").names())
+          + " (rollout_is_min/max), algo.off_policy_mask=<delta> (DeepSeek-V3.2)")
     return 0

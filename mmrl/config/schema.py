@@ -300,7 +300,12 @@ def _loop_problems(algo: AlgoConfig, train: TrainConfig) -> List[str]:
     """Combinations of the algorithm and the loop that cannot train."""
     spec = algo.resolve()
     out = []
-    if train.t_chunk and spec.sequence_level:
+    if train.t_chunk and spec.rollout_correction_whole_rows:
+        out.append(f"train.t_chunk: got {train.t_chunk} with algo.rollout_is="
+                   f"{spec.rollout_is!r} / off_policy_mask={spec.off_policy_mask!r}, which read "
+                   f"whole rows; set t_chunk=0, or use rollout_is token_truncate / token_mask "
+                   f"without off_policy_mask")
+    elif train.t_chunk and spec.sequence_level:
         out.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "
                    f"{algo.preset!r}; a sequence ratio needs whole sequences, set t_chunk=0")
     if train.group_size == 1 and spec.advantage != "ngrpo":

@@ -136,7 +136,9 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
         ref_logp=None if x.ref_logp is None else x.ref_logp[rows, t0:t1].to(logp),
         token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
         group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],
-        kl=None if kl is None else kl.to(logp), **norm)
+        kl=None if kl is None else kl.to(logp), **norm,
+        rollout_logp=None if x.rollout.rollout_logp is None
+        else x.rollout.rollout_logp[rows, t0:t1].to(logp))  # the sampler's (rollout_is)
 
 
 def _backward_mini_batch(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs,

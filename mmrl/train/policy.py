@@ -64,6 +64,8 @@ class Capabilities:
             completion per prompt, group ids 0..P-1 (a prompt the policy cannot use may have no
             row), called under ``torch.no_grad``; its reward is the baseline of advantage
             estimators flagged ``needs_baseline`` (ReMax).
+        rollout_logp: its rollouts carry ``Rollout.rollout_logp``, the sampler's log-probs of
+            what it sampled, under the distribution ``logp`` scores (``algo.rollout_is``).
     """
 
     token_weights: bool = False
@@ -75,6 +77,7 @@ class Capabilities:
     fsdp: bool = False
     extra_state: bool = False
     greedy: bool = False
+    rollout_logp: bool = False
 
     def declared(self) -> List[str]:
         """The names of the flags that are on."""
@@ -91,6 +94,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "fsdp": ("apply_fsdp",),
     "extra_state": ("extra_state", "load_extra_state"),
     "greedy": ("greedy_rollout",),
+    "rollout_logp": (),
 }
 """capability -> the methods a policy declaring it must have."""
 
@@ -170,4 +174,9 @@ def check_policy(policy, spec: Optional[Any] = None) -> Capabilities:
                             f"prompt as its baseline, and {name} does not declare "
                             f"Capabilities(greedy=True) with greedy_rollout(prompts, metadata, "
                             f"generator); pick another advantage (e.g. rloo) or implement it")
+        if spec.needs_rollout_logp and not caps.rollout_logp:
+            raise TypeError(f"algo.rollout_is={spec.rollout_is!r} weights by the sampler's "
+                            f"log-probs, and {name} does not report them (it does not declare "
+                            f"Capabilities(rollout_logp=True)); set algo.rollout_is=none, or "
+                            f"set Rollout.rollout_logp in {name}.rollout and declare it")
     return caps

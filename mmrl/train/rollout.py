@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Rollout", "concat_rollouts"]
+__all__ = ["Rollout", "concat_rollout_logp", "concat_rollouts"]
 
 
 @dataclass
@@ -31,6 +31,11 @@ class Rollout:
         nfe: model evaluations the rollout spent, counted per sample row (a flow sampler's
             ``Trajectory.nfe``); 0 when the policy does not count them. The runner reports the
             sum over ranks as ``nfe`` and ``nfe_per_sec``. A cost: :meth:`select` keeps it.
+        rollout_logp: ``[B, T]`` float, the sampler's log-probs of what it sampled (tokens, or
+            SDE transitions), under the distribution the policy's ``logp`` scores (0 on
+            padding); None when the policy does not report them. The rollout correction
+            (``algo.rollout_is``, :mod:`mmrl.algo.offpolicy`) weights by π_old/π_rollout.
+            Rows follow :meth:`select`; :func:`concat_rollouts` right-pads it like ``mask``.
     """
 
     samples: List[Any]
@@ -45,6 +50,7 @@ class Rollout:
     skipped: Dict[str, int] = field(default_factory=dict)
     row_keep: Optional[torch.Tensor] = None
     nfe: int = 0
+    rollout_logp: Optional[torch.Tensor] = None
 
     @property
     def sample_group_ids(self) -> torch.Tensor:
@@ -68,7 +74,8 @@ class Rollout:
                        [self.metadata[i] for i in pick], self.group_ids[idx], self.mask[idx],
                        data, skipped=dict(self.skipped),
                        row_keep=None if self.row_keep is None else self.row_keep[idx],
-                       nfe=self.nfe)
+                       nfe=self.nfe, rollout_logp=None if self.rollout_logp is None
+                       else self.rollout_logp[idx.to(self.rollout_logp.device)])
 
 
 def _take(value, idx, pick, n):
@@ -110,4 +117,13 @@ def concat_rollouts(parts: Sequence[Any]) -> Any:
     return Rollout([x for p in parts for x in p.samples], [x for p in parts for x in p.prompts],
                    [x for p in parts for x in p.metadata],
                    torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped,
-                   row_keep=keep, nfe=sum(p.nfe for p in parts))
+                   row_keep=keep, nfe=sum(p.nfe for p in parts),
+                   rollout_logp=concat_rollout_logp(parts, T))
+
+
+def concat_rollout_logp(parts: Sequence[Any], T: int) -> Optional[torch.Tensor]:
+    """The parts' ``rollout_logp`` stacked, right-padded with 0 to ``T``; None unless every part
+    has one (a part without would leave rows the correction cannot weight)."""
+    if any(p.rollout_logp is None for p in parts):
+        return None
+    return torch.cat([F.pad(p.rollout_logp, (0, T - p.rollout_logp.shape[1])) for p in parts])

@@ -45,6 +45,7 @@ def test_logp_before_the_first_update_equals_the_sampling_logp(tiny_sd3_path, tm
     # every sampled transition is trained (singular: once per granularity row)
     assert sorted(set(index[mask].tolist())) == list(range(traj.num_transitions))
     sampled = torch.where(mask, traj.logp[index], torch.zeros(()))
+    assert torch.equal(rollout.rollout_logp, sampled)  # what algo.rollout_is reads
     rows = torch.arange(len(rollout))
     T = mask.shape[1]
     by_step = torch.cat([policy.logp(rollout, rows, t, t + 1) for t in range(T)], 1)

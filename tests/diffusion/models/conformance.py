@@ -140,7 +140,8 @@ class FlowAdapterConformance:
         with torch.no_grad():
             rollout = policy.rollout(PROMPTS, [{}, {}], 2, torch.Generator().manual_seed(0))
         traj, index, mask = rollout.data["trajectory"].traj, rollout.data["index"], rollout.mask
-        sampled = torch.where(mask, traj.logp[index], torch.zeros(()))
+        sampled = rollout.rollout_logp  # what the policy reports for algo.rollout_is
+        assert torch.equal(sampled, torch.where(mask, traj.logp[index], torch.zeros(())))
         rows = torch.arange(len(rollout))
         for t in range(mask.shape[1]):  # one step's rows per call, as when sampling
             logp = policy.logp(rollout, rows, t, t + 1)

@@ -27,7 +27,7 @@ def test_greedy_rollout_takes_the_argmax_token_of_every_step(tiny_vl_dir, vt_bat
         hidden, head = pol._hidden(pol.model, cache, ro.data["prompt_index"], resp)
         full = pol._logprobs(head, hidden[:, P - 1:P - 1 + T])  # [2, T, V]
     assert torch.equal(full.argmax(-1)[ro.mask], resp[ro.mask])
-    torch.testing.assert_close(full.max(-1).values[ro.mask], ro.data["sample_logp"][ro.mask],
+    torch.testing.assert_close(full.max(-1).values[ro.mask], ro.rollout_logp[ro.mask],
                                atol=1e-5, rtol=0)
     with torch.no_grad():
         again = pol.greedy_rollout(prompts, meta, torch.Generator().manual_seed(4))

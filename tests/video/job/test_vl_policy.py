@@ -21,7 +21,7 @@ def test_recomputed_logp_equals_the_rollouts_and_ratio_is_exactly_one(tiny_vl_di
     assert len(ro) == 6 and ro.data["prompt_cache"].ids.shape[0] == 2  # one copy per prompt
     with torch.no_grad():
         lp = pol.logp(ro, torch.arange(len(ro)), 0, ro.mask.shape[1])
-    diff = (lp - ro.data["sample_logp"]).abs()[ro.mask]
+    diff = (lp - ro.rollout_logp).abs()[ro.mask]
     assert float(diff.max()) < 1e-5
     # chunked along T and split along rows: the same numbers
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_image_and_video_prompts_mix_and_checkpointing_keeps_gradients(tiny_vl_d
         ro = rollout(pol, batch, group=2)
         assert "pixel_values" in ro.data["prompt_cache"].vision[1]
         lp = pol.logp(ro, torch.arange(4), 0, 3)
-        assert float((lp - ro.data["sample_logp"]).abs()[ro.mask].max()) < 1e-5
+        assert float((lp - ro.rollout_logp).abs()[ro.mask].max()) < 1e-5
         (lp * ro.mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
                                 if p.grad is not None]))

@@ -114,7 +114,7 @@ def test_left_padded_video_logp_equals_transformers_forward(llava_dir, videos):
     assert cache.attn[0].sum() < cache.attn[1].sum() == cache.attn.shape[1]  # row 0 padded
     T = roll.mask.shape[1]
     logp = policy.logp(roll, torch.arange(4), 0, T).detach()
-    torch.testing.assert_close(logp[roll.mask], roll.data["sample_logp"][roll.mask],
+    torch.testing.assert_close(logp[roll.mask], roll.rollout_logp[roll.mask],
                                atol=1e-5, rtol=0)
     for row in range(4):
         inputs = policy.adapter.encode(convs[int(roll.group_ids[row])], policy.processor, VIDEO)

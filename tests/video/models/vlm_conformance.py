@@ -122,7 +122,7 @@ class VLMAdapterConformance:
         with torch.no_grad():
             lp = pol.logp(ro, torch.arange(6), 0, ro.mask.shape[1])
         assert ro.mask.sum(1).min() >= 1 and bool(torch.isfinite(lp[ro.mask]).all())
-        assert float((lp - ro.data["sample_logp"]).abs()[ro.mask].max()) < 1e-5
+        assert float((lp - ro.rollout_logp).abs()[ro.mask].max()) < 1e-5
         rewards = RewardBatch(torch.tensor([[1.0], [0.0], [0.5], [0.0], [1.0], [1.0]]), ["acc"],
                               torch.ones(6, dtype=torch.bool))
         opt = torch.optim.SGD([p for p in pol.parameters() if p.requires_grad], lr=0.0)
