@@ -137,7 +137,12 @@ def verl_config(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_
     return cls(clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
                clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
                global_batch_info=dict(global_batch_info or {}),
-               policy_loss=cls(**(policy_loss or {})), **algo)
+               policy_loss=cls(**{**_POLICY_LOSS_FIELDS, **(policy_loss or {})}), **algo)
+
+
+# PolicyLossConfig's fields the losses read; None = the fallback written in each loss function.
+_POLICY_LOSS_FIELDS = dict(clip_cov_ratio=None, clip_cov_lb=None, clip_cov_ub=None,
+                           kl_cov_ratio=None, ppo_kl_coef=None)
 
 
 def verl_algo_config(**fields):
@@ -290,13 +295,13 @@ def trl_vllm_is_ratio(old_logp, sampling_logp, mask, *, mode, clip_max=3.0, clip
                     vllm_importance_sampling_clip_min=clip_min)
     ns = _run_trl_lines("per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps)",
                         "# Compute the per-token log probabilities for the reference model", t,
-                        completion_mask=mask, tool_mask=None, old_per_token_logps=old_logp,
+                        mask=mask, old_per_token_logps=old_logp,  # the line before: no tool mask
                         sampling_per_token_logps=sampling_logp, math=math)
     return ns["vllm_importance_sampling_ratio"]
 
 
 def trl_high_entropy_mask(entropies, mask, threshold):
-    """``GRPOTrainer.get_high_entropy_mask`` (one process): True where H ≥ quantile(H, threshold)."""
+    """``GRPOTrainer.get_high_entropy_mask`` (one process): H ≥ quantile(H, threshold)."""
     return trl_trainer().get_high_entropy_mask(entropies, mask, threshold)
 
 

@@ -1,88 +1,27 @@
-"""mmrl against the peers' own code (verl 0.9.1, TRL 1.16.0 from .peers/, tests/peers_rl.py).
+"""mmrl against the peers' own code (verl 0.9.1, TRL 1.16.0 from .peers/, tests/peers_rl.py):
+the entries mmrl had before issue 17 (tests/algo/test_vs_peers_new.py: the ones it adds).
 
 float64, random inputs with right padding (finite garbage in the padding) and, where the peer
 defines it the same way, an empty row; values AND gradients with respect to ``logp``. Where mmrl
 deliberately differs, the test says so in a "Differs from" comment and asserts the difference
-exactly (both values), instead of skipping the case. This file covers the entries mmrl had before
-issue 17; tests/algo/test_vs_peers_new.py covers the entries added by it.
+exactly (both values), instead of skipping the case. Where a peer computes part of the math in
+float32 even on float64 inputs, the tolerance says so.
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from mmrl.algo.advantages import group_advantages
 from mmrl.algo.aggregations import AGGREGATIONS
-from mmrl.algo.losses import PolicyLoss, kl_penalty
+from mmrl.algo.losses import kl_penalty
 from tests import peers_rl as peers
-
-F64 = torch.float64
-B, T = 8, 7
-LENGTHS = [7, 3, 1, 5, 7, 2, 6, 4]  # every row non-empty
-LENGTHS_EMPTY = [7, 3, 0, 5, 7, 2, 6, 4]  # row 2 empty
-TOL = dict(rtol=1e-9, atol=1e-12)
-VERL_TOL = dict(rtol=1e-7, atol=1e-10)  # verl's masked means divide by (count + 1e-8)
-
-
-def batch(seed=0, lengths=LENGTHS, scale=0.3, adv_scale=1.0):
-    """logp (leaf), old/ref log-probs, bool mask, advantages [B]; garbage in the padding."""
-    g = torch.Generator().manual_seed(seed)
-    logp = -2 * torch.rand(B, T, generator=g, dtype=F64)
-    old = logp + scale * torch.randn(B, T, generator=g, dtype=F64)
-    ref = logp + scale * torch.randn(B, T, generator=g, dtype=F64)
-    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]  # [B, T]
-    garbage = 5 * torch.randn(B, T, generator=g, dtype=F64)
-    old, ref = (torch.where(mask, x, garbage) for x in (old, ref))
-    adv = adv_scale * torch.randn(B, generator=g, dtype=F64)
-    return dict(logp=logp, old=old, ref=ref, mask=mask, adv=adv)
-
-
-def value_and_grad(fn, logp):
-    """(loss, d loss / d logp) of ``fn(leaf)``."""
-    leaf = logp.detach().clone().requires_grad_()
-    loss = fn(leaf)
-    grad, = torch.autograd.grad(loss, leaf, allow_unused=True)
-    return loss.detach(), torch.zeros_like(leaf) if grad is None else grad
-
-
-def assert_same(got, want, tol=TOL):
-    (gv, gg), (wv, wg) = got, want
-    torch.testing.assert_close(gv, wv.to(F64), **tol)
-    torch.testing.assert_close(gg, wg, **tol)
-
-
-def mmrl_loss(d, algo="grpo", **kw):
-    """(value, grad) of mmrl's PolicyLoss; keywords for __call__ are split from overrides."""
-    call = {k: kw.pop(k) for k in ("num_tokens", "num_seqs", "ref_logp") if k in kw}
-    loss = PolicyLoss(algo, **kw)
-    return value_and_grad(lambda lp: loss(lp, d["old"], d["adv"], d["mask"], **call)[0], d["logp"])
-
-
-def verl_loss(d, mode, agg, **cfg):
-    """(value, grad) of verl's registered policy loss ``mode`` with ``loss_agg_mode=agg``."""
-    core = peers.verl_algos()
-    fn = core.get_policy_loss_fn(mode)
-    adv = d["adv"][:, None] * d["mask"]  # verl's estimators return A broadcast × mask
-    config = peers.verl_config(**cfg)
-    return value_and_grad(lambda lp: fn(d["old"], lp, adv, d["mask"].to(F64),
-                                        loss_agg_mode=agg, config=config)[0], d["logp"])
-
-
-def trl(d, **kw):
-    """(value, grad) of TRL's GRPOTrainer._compute_loss (mask passed as TRL's long mask)."""
-    ref = kw.pop("ref_logp", None)
-    num_items = kw.pop("num_items", None)
-    return value_and_grad(lambda lp: peers.trl_loss(lp, d["old"], d["adv"], d["mask"].long(),
-                                                    ref_logp=ref, num_items=num_items, **kw),
-                          d["logp"])
+from tests.algo.peer_cases import (F64, GIDS, LENGTHS, LENGTHS_EMPTY, T, TOL, TRL_ADV_TOL,
+                                   VERL_AGG, VERL_TOL, assert_same, batch, columns, loss_matrix,
+                                   mmrl_loss, rewards, trl, value_and_grad, verl_adv, verl_loss)
 
 
 # ---------------------------------------------------------------- clip objective vs verl
-VERL_AGG = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-token-mean",
-            "seq_mean_token_sum": "seq-mean-token-sum"}
-
-
 @pytest.mark.parametrize("agg", sorted(VERL_AGG))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_clip_asymmetric_matches_verl_vanilla(agg, seed):
@@ -188,6 +127,27 @@ def test_gspo_token_matches_verl_gspo():
     assert_same(mmrl_loss(d, "gspo_token"), want, VERL_TOL)
 
 
+# ---------------------------------------------------------------- SAPO
+def test_sapo_matches_verl_sapo():
+    d = batch(15, lengths=LENGTHS_EMPTY, scale=0.6)  # verl sapo: seq-mean-token-mean, forced
+    d["adv"][0] = 0.0  # A = 0 takes τ_neg in both
+    want = verl_loss(d, "sapo", "seq-mean-token-mean", tau_pos=1.0, tau_neg=1.05)
+    # Differs from verl in the empty row only: verl skips it in the row mean (7 rows), mmrl
+    # counts it (8 rows): mmrl = verl · 7/8 here.
+    assert_same(mmrl_loss(d, "sapo"), (want[0] * 7 / 8, want[1] * 7 / 8), VERL_TOL)
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, LENGTHS_EMPTY], ids=["full", "empty_row"])
+def test_sapo_matches_trl_sapo(lengths):
+    d = batch(16, lengths=lengths, scale=0.6)
+    want = trl(d, loss_type="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05)
+    # TRL builds τ with torch.where on Python floats: a float32 tensor, τ_neg = 1.05 rounded to
+    # 1.0499999523 (relative 3e-7 on this loss in float64); mmrl with that τ_neg is exact.
+    tau_neg32 = torch.tensor(1.05, dtype=torch.float32).item()
+    assert_same(mmrl_loss(d, "sapo", tau_neg=tau_neg32), want)
+    assert_same(mmrl_loss(d, "sapo"), want, dict(rtol=1e-6, atol=1e-9))
+
+
 # ---------------------------------------------------------------- KL estimators vs verl
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_kl_estimators_match_verl_kl_penalty(kind):
@@ -217,12 +177,6 @@ def test_kl_estimators_at_extreme_log_ratios_differ_from_verl_as_documented(kind
 
 
 # ---------------------------------------------------------------- aggregations vs verl agg_loss
-def _loss_matrix(seed, lengths):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
-    return torch.randn(B, T, generator=g, dtype=F64), mask
-
-
 @pytest.mark.parametrize("agg, verl_mode, kw", [
     ("token_mean", "token-mean", {}),
     ("seq_mean_token_mean", "seq-mean-token-mean", {}),
@@ -230,7 +184,7 @@ def _loss_matrix(seed, lengths):
     ("fixed_norm", "seq-mean-token-sum-norm", {"max_len": 11}),
 ])
 def test_aggregations_match_verl_agg_loss(agg, verl_mode, kw):
-    loss, mask = _loss_matrix(11, LENGTHS)
+    loss, mask = loss_matrix(11, LENGTHS)
     core = peers.verl_algos()
     want = value_and_grad(lambda x: core.agg_loss(x, mask.to(F64), verl_mode,
                                                   loss_scale_factor=kw.get("max_len")), loss)
@@ -247,7 +201,7 @@ def test_sequence_aggregations_with_an_empty_row_differ_from_verl_by_the_row_cou
                                                                                    kw):
     # Differs from verl: verl divides by the 7 non-empty rows, mmrl (empty_rows='count', the
     # default) by all 8 rows: mmrl = verl · 7/8 (values and gradients).
-    loss, mask = _loss_matrix(12, LENGTHS_EMPTY)
+    loss, mask = loss_matrix(12, LENGTHS_EMPTY)
     core = peers.verl_algos()
     wv, wg = value_and_grad(lambda x: core.agg_loss(x, mask.to(F64), verl_mode,
                                                     loss_scale_factor=kw.get("max_len")), loss)
@@ -256,34 +210,6 @@ def test_sequence_aggregations_with_an_empty_row_differ_from_verl_by_the_row_cou
 
 
 # ---------------------------------------------------------------- advantages vs verl
-GIDS = [3, 3, 3, 3, 8, 8, 8, 8, 5, 5, 5, 5]
-
-
-def _rewards(seed, n=12, ties=False):
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(n, generator=g, dtype=F64)
-    if ties:
-        r[4:8] = 0.5  # a zero-std group
-    return r
-
-
-def verl_adv(name, rewards, gids, lengths=None, **kw):
-    """verl's estimator ``name`` on outcome rewards placed at each row's last valid token; its
-    [B, T] output reduced to one value per row (checked constant over the row's tokens)."""
-    n = rewards.shape[0]
-    lengths = torch.full((n,), 4) if lengths is None else torch.as_tensor(lengths)
-    mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).to(F64)
-    token_rewards = torch.zeros_like(mask)
-    token_rewards[torch.arange(n), lengths - 1] = rewards
-    core = peers.verl_algos()
-    fn = core.get_adv_estimator_fn(name)
-    adv, _ = fn(token_level_rewards=token_rewards, response_mask=mask,
-                index=np.array(gids), **kw)
-    per_row = adv[:, 0]
-    torch.testing.assert_close(adv, per_row[:, None] * mask)  # one advantage per sequence
-    return per_row
-
-
 F32_TOL = dict(rtol=1e-6, atol=1e-7)  # verl's grpo_vectorized: group statistics in float32
 
 
@@ -296,7 +222,7 @@ F32_TOL = dict(rtol=1e-6, atol=1e-7)  # verl's grpo_vectorized: group statistics
 ])
 @pytest.mark.parametrize("ties", [False, True])
 def test_advantages_match_verl(verl_name, mmrl_name, kw, tol, ties):
-    r = _rewards(13, ties=ties)
+    r = rewards(13, ties=ties)
     want = verl_adv(verl_name, r, GIDS, config=peers.verl_algo_config(), **kw)
     got = group_advantages(r, torch.tensor(GIDS), mmrl_name, eps=1e-6)
     torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=max(tol["atol"], 1e-9))
@@ -310,8 +236,9 @@ def test_singleton_group_advantages_differ_from_verl():
     r = torch.tensor([0.3, 0.9, 2.0], dtype=F64)
     gids = [1, 1, 7]
     cfg = peers.verl_algo_config()
-    for verl_name, mmrl_name, singleton in [("grpo", "grpo", 2.0 / (1 + 1e-6)),
-                                            ("rloo", "rloo", 2.0), ("rloo_vectorized", "rloo", 0.0)]:
+    cases = [("grpo", "grpo", 2.0 / (1 + 1e-6)), ("rloo", "rloo", 2.0),
+             ("rloo_vectorized", "rloo", 0.0)]
+    for verl_name, mmrl_name, singleton in cases:
         want = verl_adv(verl_name, r, gids, config=cfg)
         got = group_advantages(r, torch.tensor(gids), mmrl_name, eps=1e-6)
         torch.testing.assert_close(got[:2], want[:2], rtol=1e-9, atol=1e-12)
@@ -319,30 +246,18 @@ def test_singleton_group_advantages_differ_from_verl():
 
 
 # ---------------------------------------------------------------- advantages vs TRL
-# TRL's nanstd computes its Bessel factor count / (count − 1) from integer counts in the default
-# float32 dtype (relative error ~1.5e-8 on every std): compared at rtol 1e-7.
-TRL_ADV_TOL = dict(rtol=1e-7, atol=1e-12)
-
-
 @pytest.mark.parametrize("scale, mmrl_name", [("group", "grpo"), ("batch", "batch_std"),
                                               ("none", "mean_center")])
 @pytest.mark.parametrize("ties", [False, True])
 def test_single_reward_advantages_match_trl_scale_rewards(scale, mmrl_name, ties):
-    r = _rewards(14, ties=ties)
+    r = rewards(14, ties=ties)
     want = peers.trl_advantages(r[:, None], 4, scale_rewards=scale)["advantages"]
     got = group_advantages(r, torch.tensor(GIDS), mmrl_name, eps=1e-4)
     torch.testing.assert_close(got, want, **TRL_ADV_TOL)
 
 
-def _columns(seed):
-    g = torch.Generator().manual_seed(seed)
-    cols = torch.randn(12, 3, generator=g, dtype=F64)
-    cols[:4, 1] = 1.0  # one column constant in one group
-    return cols
-
-
 def test_sum_then_normalize_matches_trl():
-    cols, w = _columns(15), [1.0, 0.5, 2.0]
+    cols, w = columns(15), [1.0, 0.5, 2.0]
     want = peers.trl_advantages(cols, 4, weights=w)["advantages"]
     got = group_advantages(cols, torch.tensor(GIDS), "sum_then_normalize", weights=w, eps=1e-4)
     torch.testing.assert_close(got, want, **TRL_ADV_TOL)
@@ -352,7 +267,7 @@ def test_normalize_then_sum_is_trls_before_its_batch_whitening():
     # Differs from TRL: TRL's normalize_then_sum (GDPO) whitens the weighted sum over the batch
     # ((R − mean)/(std + 1e-4)); mmrl's normalize_then_sum stops at the weighted sum R (the
     # GDPO variant is the separate entry 'gdpo'). Both steps asserted here.
-    cols, w = _columns(16), [1.0, 0.5, 2.0]
+    cols, w = columns(16), [1.0, 0.5, 2.0]
     ns = peers.trl_advantages(cols, 4, weights=w, multi_objective_aggregation="normalize_then_sum")
     got = group_advantages(cols, torch.tensor(GIDS), "normalize_then_sum", weights=w, eps=1e-4)
     torch.testing.assert_close(got, ns["rewards"], **TRL_ADV_TOL)
