@@ -148,6 +148,19 @@ def test_sapo_matches_trl_sapo(lengths):
     assert_same(mmrl_loss(d, "sapo"), want, dict(rtol=1e-6, atol=1e-9))
 
 
+# ---------------------------------------------------------------- TRL's LUSPO as a composition
+@pytest.mark.parametrize("lengths", [LENGTHS, LENGTHS_EMPTY], ids=["full", "empty_row"])
+def test_trl_luspo_at_sequence_level_is_gspo_token_with_seq_mean_token_sum(lengths):
+    # TRL luspo (arXiv 2602.05261): GSPO's clipped sequence objective, each row's loss scaled
+    # by its length (mean_i Σ_t m ℓ_i). mmrl composes it from existing axes: the GSPO-token
+    # ratio (value s_i on every token, gradient per token) with seq_mean_token_sum.
+    d = batch(17, lengths=lengths, scale=0.02)
+    want = trl(d, loss_type="luspo", importance_sampling_level="sequence", epsilon=3e-4,
+               epsilon_high=4e-4)
+    got = mmrl_loss(d, "gspo_token", aggregation="seq_mean_token_sum")
+    assert_same(got, want)
+
+
 # ---------------------------------------------------------------- KL estimators vs verl
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_kl_estimators_match_verl_kl_penalty(kind):

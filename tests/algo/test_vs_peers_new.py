@@ -9,6 +9,7 @@ float64, padding with garbage, values and gradients, every deviation asserted ex
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,6 +260,23 @@ def test_top_entropy_with_bonus_differs_from_trl_only_in_the_bonus_normalizer():
     torch.testing.assert_close(got_c[2], -c * keep.to(F64) / n, **TOL)
 
 
+def test_entropy_bonus_with_seq_mean_token_mean_differs_from_trl_grpo():
+    # Differs from TRL: TRL's bonus is always a token mean of the micro-batch, whatever the
+    # loss_type; mmrl aggregates it like the policy term (here seq_mean_token_mean, verl's
+    # convention). Same policy term, bonus c·mean_i(mean_t H) vs c·Σ H m/Σ m.
+    d, h, c = batch(39, lengths=LENGTHS_EMPTY), _entropies(39), 0.01
+    m = d["mask"].to(F64)
+    trl_c = peers.trl_loss(d["logp"], d["old"], d["adv"], d["mask"].long(), entropies=h,
+                           loss_type="grpo", entropy_coef=c)
+    trl_0 = peers.trl_loss(d["logp"], d["old"], d["adv"], d["mask"].long(), entropies=h,
+                           loss_type="grpo")
+    torch.testing.assert_close(trl_c, trl_0 - c * (h * m).sum() / m.sum(), **TOL)
+    got = PolicyLoss("grpo", entropy_coef=c)(d["logp"], d["old"], d["adv"], d["mask"],
+                                             entropy=h)[0]
+    per_row = (h * m).sum(-1) / m.sum(-1).clamp(min=1)
+    torch.testing.assert_close(got, trl_0 - c * per_row.sum() / B, **TOL)
+
+
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 def test_entropy_bonus_matches_verl_entropy_coeff(agg):
     d, h = batch(36), _entropies(36)
@@ -360,6 +378,29 @@ def test_gdpo_matches_trl_normalize_then_sum():
                                 multi_objective_aggregation="normalize_then_sum")["advantages"]
     got = group_advantages(cols, torch.tensor(GIDS), "gdpo", weights=w, eps=1e-4)
     torch.testing.assert_close(got, want, **TRL_ADV_TOL)
+
+
+def test_gdpo_differs_from_verl_gdpo_by_its_token_weighted_whitening():
+    # Differs from verl: verl's gdpo whitens Σ_k w_k grpo_k (ε = 1e-6) over the batch's valid
+    # tokens (a row counts |o_i| times, 1e-8 under the square root), mmrl's gdpo (TRL's) over the
+    # sequences with +1e-4 on the std. verl's = mmrl's token_whiten of that sum; verl reads the
+    # per-key scores as float32 (rewards here are float32 numbers; compared at rtol 1e-5).
+    from mmrl.algo.groups import token_whiten
+    cols, w = columns(55).float().to(F64), [1.0, 0.5, 2.0]
+    lengths = torch.tensor([4, 2, 7, 3, 5, 5, 1, 6, 2, 3, 7, 4])
+    mask = (torch.arange(7)[None] < lengths[:, None]).to(F64)
+    batch_in = {"prompts": torch.zeros(12, 2, dtype=torch.long),
+                "attention_mask": torch.cat([torch.ones(12, 2), mask], 1)}
+    scores = {f"r{k}": cols[:, k].numpy() for k in range(3)}
+    cfg = peers.verl_algo_config(gdpo_reward_keys=list(scores), gdpo_reward_weights=w)
+    adv, _ = peers.verl_algos().compute_gdpo_outcome_advantage(
+        token_level_rewards=torch.zeros_like(mask), response_mask=mask, index=np.array(GIDS),
+        config=cfg, non_tensor_batch=scores, batch=batch_in)
+    want = adv[torch.arange(12), lengths - 1].to(F64)
+    summed = group_advantages(cols, torch.tensor(GIDS), "normalize_then_sum", weights=w, eps=1e-6)
+    torch.testing.assert_close(token_whiten(summed, lengths), want, rtol=1e-5, atol=1e-6)
+    ours = group_advantages(cols, torch.tensor(GIDS), "gdpo", weights=w, eps=1e-4)
+    assert (ours - want).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("name, verl_name, verl_singleton", [
