@@ -390,7 +390,7 @@ def test_gdpo_differs_from_verl_gdpo_by_its_token_weighted_whitening():
     lengths = torch.tensor([4, 2, 7, 3, 5, 5, 1, 6, 2, 3, 7, 4])
     mask = (torch.arange(7)[None] < lengths[:, None]).to(F64)
     batch_in = {"prompts": torch.zeros(12, 2, dtype=torch.long),
-                "attention_mask": torch.cat([torch.ones(12, 2), mask], 1)}
+                "attention_mask": torch.cat([torch.ones(12, 2), mask], 1).long()}
     scores = {f"r{k}": cols[:, k].numpy() for k in range(3)}
     cfg = peers.verl_algo_config(gdpo_reward_keys=list(scores), gdpo_reward_weights=w)
     adv, _ = peers.verl_algos().compute_gdpo_outcome_advantage(
