@@ -95,6 +95,9 @@ def _modules() -> types.SimpleNamespace:
     if not (PEERS / "verl").is_dir() or not (PEERS / "trl").is_dir():
         raise RuntimeError(f"verl / trl are missing from {PEERS}: run `make install` (it installs "
                            f"peers.txt there)")
+    if (PEERS / "tests" / "__init__.py").exists():
+        raise RuntimeError(f"{PEERS}/tests is verl's test package, which would shadow this "
+                           f"repository's tests/: rerun `make install` (it removes it)")
     import accelerate  # noqa: F401  the real pinned stack first: its availability checks
     import transformers.utils.import_utils  # noqa: F401  must not see the stubs
     if str(PEERS) not in sys.path:

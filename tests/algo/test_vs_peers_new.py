@@ -298,9 +298,12 @@ def test_empty_rows_skip_matches_verl_agg_loss():
     loss, mask = loss_matrix(37, LENGTHS_EMPTY)
     core = peers.verl_algos()
     for agg, mode in [("seq_mean_token_mean", "seq-mean-token-mean"),
-                      ("seq_mean_token_sum", "seq-mean-token-sum")]:
-        want = value_and_grad(lambda x: core.agg_loss(x, mask.to(F64), mode), loss)
-        got = value_and_grad(lambda x: AGGREGATIONS.get(agg)(x, mask, empty_rows="skip"), loss)
+                      ("seq_mean_token_sum", "seq-mean-token-sum"),
+                      ("fixed_norm", "seq-mean-token-sum-norm")]:
+        want = value_and_grad(lambda x: core.agg_loss(x, mask.to(F64), mode,
+                                                      loss_scale_factor=11), loss)
+        got = value_and_grad(lambda x: AGGREGATIONS.get(agg)(x, mask, empty_rows="skip",
+                                                             max_len=11), loss)
         assert_same(got, want, VERL_TOL)
     d = batch(38, lengths=LENGTHS_EMPTY)
     want = verl_loss(d, "vanilla", "seq-mean-token-mean", clip_ratio_c=1e6)
@@ -501,6 +504,20 @@ def test_rollout_correction_and_off_policy_mask_in_the_loss_match_trl(mode):
                num_items=70)
     got = mmrl_loss(d, "dapo", eps_high=0.28, rollout_is=mode, rollout_is_max=3.0,
                     off_policy_mask=0.05, rollout_logp=d["rollout"], num_tokens=70)
+    assert_same(got, want)
+
+
+def test_sequence_level_rollout_correction_and_off_policy_mask_match_trl_gspo():
+    d = rollout_batch(54)
+    d["old"] = torch.where(d["mask"], d["logp"] + 0.01 * torch.randn(B, T, dtype=F64,
+                           generator=torch.Generator().manual_seed(154)), d["old"])
+    is_ratio = peers.trl_vllm_is_ratio(d["old"], d["rollout"], d["mask"].long(),
+                                       mode="sequence_truncate", clip_max=3.0)
+    want = trl(d, loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4,
+               epsilon_high=4e-4, use_vllm=True, vllm_importance_sampling_mode="sequence_truncate",
+               off_policy_mask_threshold=0.05, sampling_logp=d["rollout"], is_ratio=is_ratio)
+    got = mmrl_loss(d, "gspo", rollout_is="sequence_truncate", rollout_is_max=3.0,
+                    off_policy_mask=0.05, rollout_logp=d["rollout"])
     assert_same(got, want)
 
 
