@@ -353,6 +353,19 @@ def test_length_weighted_advantages_match_verl(verl_name, mmrl_name, ties):
     torch.testing.assert_close(got, want, **VERL_TOL)
 
 
+def test_reinforce_pp_of_equal_rewards_is_zero_where_verl_keeps_its_mean_bias():
+    # Differs from verl: verl's masked mean divides by Σm + 1e-8, so with all returns equal
+    # (σ² = 0) whiten gives (r − r·N/(N + 1e-8))/sqrt(1e-8) = r·1e-8/(N + 1e-8)·1e4 instead of 0;
+    # mmrl gives exactly 0 (no signal). Here r = 1 on N = 6 tokens: verl 1.6667e-5 per token.
+    r, lengths = torch.ones(3, dtype=F64), torch.tensor([2, 3, 1])
+    want = verl_adv("reinforce_plus_plus", r, [0, 0, 1], lengths=lengths,
+                    config=peers.verl_algo_config(gamma=1.0))
+    torch.testing.assert_close(want, torch.full((3,), 1e-8 / (6 + 1e-8) * 1e4, dtype=F64),
+                               rtol=1e-6, atol=0.0)
+    got = group_advantages(r, torch.tensor([0, 0, 1]), "reinforce_pp", lengths=lengths)
+    assert got.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_remax_matches_verl_remax():
     r, b = rewards(41), rewards(42)
     want = verl_adv("remax", r, GIDS, reward_baselines=b)
