@@ -78,6 +78,7 @@ VERL_AGG = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-token-m
 
 
 def loss_matrix(seed, lengths):
+    """A random per-token loss [B, T] (leaf for gradients) and its bool mask of ``lengths``."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
     return torch.randn(B, T, generator=g, dtype=F64), mask
@@ -87,6 +88,7 @@ GIDS = [3, 3, 3, 3, 8, 8, 8, 8, 5, 5, 5, 5]
 
 
 def rewards(seed, n=12, ties=False):
+    """[n] normal rewards for GIDS' three groups of 4; ``ties``: group 8 all 0.5 (zero std)."""
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(n, generator=g, dtype=F64)
     if ties:
@@ -94,14 +96,14 @@ def rewards(seed, n=12, ties=False):
     return r
 
 
-def verl_adv(name, rewards, gids, lengths=None, **kw):
+def verl_adv(name, r, gids, lengths=None, **kw):
     """verl's estimator ``name`` on outcome rewards placed at each row's last valid token; its
     [B, T] output reduced to one value per row (checked constant over the row's tokens)."""
-    n = rewards.shape[0]
+    n = r.shape[0]
     lengths = torch.full((n,), 4) if lengths is None else torch.as_tensor(lengths)
     mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).to(F64)
     token_rewards = torch.zeros_like(mask)
-    token_rewards[torch.arange(n), lengths - 1] = rewards
+    token_rewards[torch.arange(n), lengths - 1] = r
     core = peers.verl_algos()
     fn = core.get_adv_estimator_fn(name)
     adv, _ = fn(token_level_rewards=token_rewards, response_mask=mask,
@@ -117,6 +119,7 @@ TRL_ADV_TOL = dict(rtol=1e-7, atol=1e-12)
 
 
 def columns(seed):
+    """[12, 3] reward columns for GIDS; column 1 constant in the first group."""
     g = torch.Generator().manual_seed(seed)
     cols = torch.randn(12, 3, generator=g, dtype=F64)
     cols[:4, 1] = 1.0  # one column constant in one group
