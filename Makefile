@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt peers.txt
 	$(PY) -m pip install -c constraints.txt -e '.[all,dev]'
 	rm -rf $(PEERS)
 	$(PY) -m pip install -q --no-deps --target $(PEERS) -r peers.txt
+# verl's wheel also installs top-level packages named tests and scripts: drop them, so that
+# they can never shadow this repository's tests/ once .peers/ is on sys.path.
+	rm -rf $(PEERS)/tests $(PEERS)/scripts
 	touch $(STAMP)
 
 # Three tiny runs, each a few minutes at most on 2 CPU cores: the pure-torch toy task, a video
