@@ -24,6 +24,7 @@ from mmrl.fields import cfg, range_problem
 from mmrl.registry import Registry, did_you_mean
 
 TOKEN_WEIGHTINGS = ("none", "tw")
+EMPTY_ROWS = ("count", "skip")
 
 # The built-in entries of each axis and the flags the checks read, without torch: validating a
 # config (``mmrl config validate``) must not load it. The registries that hold the
@@ -45,9 +46,11 @@ _BUILTIN = {
         "sapo": dict(needs_groups=False, needs_per_sequence=False),
         "reg": dict(needs_groups=True, needs_per_sequence=True)},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
-        "token_mean": dict(per_sequence=False), "seq_mean_token_mean": dict(per_sequence=False),
-        "seq_mean_token_sum": dict(per_sequence=False), "fixed_norm": dict(per_sequence=False),
-        "seq_mean": dict(per_sequence=True)},
+        "token_mean": dict(per_sequence=False, averages_rows=False),
+        "seq_mean_token_mean": dict(per_sequence=False, averages_rows=True),
+        "seq_mean_token_sum": dict(per_sequence=False, averages_rows=True),
+        "fixed_norm": dict(per_sequence=False, averages_rows=True),
+        "seq_mean": dict(per_sequence=True, averages_rows=True)},
     ("KL estimator", "mmrl.algo.kl", "KL_ESTIMATORS"): {n: {} for n in ("k1", "k2", "k3")},
 }
 _AXIS_OF = {"advantage": "ADVANTAGES", "multi_reward": "MULTI_REWARD",
@@ -134,6 +137,32 @@ class AlgoSpec:
     tw_alpha: float = cfg(1.7, "TW-GRPO maximum token weight alpha (1 = uniform weights, as "
                           "plain GRPO; below 1 weights high-divergence tokens down).",
                           minimum=0.0, source="TW-GRPO arXiv 2505.24718 (1.7)")
+    kl_cap: Optional[float] = cfg(None, "Clamp the per-token KL term (beta > 0) to [-kl_cap, "
+                                  "kl_cap]; the gradient is 0 where it binds. verl clamps its "
+                                  "k3 (low_var_kl) at 10; null disables.", above=0.0,
+                                  source="verl kl_penalty low_var_kl (10)")
+    kl_bias_correction: bool = cfg(False, "Multiply the per-token KL term by the importance "
+                                   "ratio (not detached; s_i for per-sequence ratio levels): "
+                                   "an unbiased KL estimate for samples from the old policy. "
+                                   "TRL use_bias_correction_kl (its default is true).",
+                                   source="DeepSeek-V3.2 arXiv 2512.02556; TRL 1.16")
+    entropy_coef: float = cfg(0.0, "Entropy bonus: loss -= entropy_coef * agg(H), the "
+                              "temperature-scaled token entropy aggregated like the policy "
+                              "term (verl entropy_coeff). Needs a policy with per-token "
+                              "entropies (the VLM policy; refused for diffusion).", minimum=0.0,
+                              source="verl entropy_coeff; TRL entropy_coef (0)")
+    top_entropy_quantile: float = cfg(1.0, "Train only the tokens whose entropy (at the "
+                                      "update's start) is in the top quantile of the optimizer "
+                                      "mini-batch's valid tokens, all ranks together; 1 keeps "
+                                      "all, 0 only the maximum. Masks the policy term and the "
+                                      "entropy bonus, not KL or normalizers.",
+                                      minimum=0.0, maximum=1.0,
+                                      source="arXiv 2506.01939 (0.2); TRL top_entropy_quantile")
+    empty_rows: str = cfg("count", "Rows with no valid token in the sequence-averaging "
+                          "aggregations (seq_mean_token_mean, seq_mean_token_sum, seq_mean, "
+                          "fixed_norm): count (mmrl: they add 0 and count in the row total) or "
+                          "skip (verl: divide by the non-empty rows).",
+                          source="verl agg_loss (skip)")
 
     @property
     def sequence_level(self) -> bool:
@@ -161,6 +190,11 @@ class AlgoSpec:
     @property
     def needs_token_weights(self) -> bool:
         return self.token_weighting == "tw"
+
+    @property
+    def needs_entropy(self) -> bool:
+        """True when the loss reads per-token entropies (entropy bonus or top-entropy mask)."""
+        return self.entropy_coef > 0 or self.top_entropy_quantile < 1
 
 
 EXTRA_OVERRIDES = {
@@ -220,7 +254,10 @@ def _type_problems(values: dict) -> Dict[str, str]:
         tp = _value_type(key)
         if v is None and typing.get_origin(_HINTS[key]) is typing.Union:
             continue
-        if tp is str and not isinstance(v, str):
+        if tp is bool:
+            if not isinstance(v, bool):
+                problems[key] = f"{key} must be true or false, got {type(v).__name__} {v!r}"
+        elif tp is str and not isinstance(v, str):
             problems[key] = f"{key} must be a name (str), got {type(v).__name__} {v!r}"
         elif tp is int and not (isinstance(v, int) and not isinstance(v, bool)):
             problems[key] = f"{key} must be an int, got {type(v).__name__} {v!r}"
@@ -253,6 +290,10 @@ def _axis_problems(spec: AlgoSpec) -> List[str]:
         hint = did_you_mean(spec.token_weighting, TOKEN_WEIGHTINGS)
         problems.append(f"unknown token_weighting {spec.token_weighting!r} (expected one of "
                         f"{', '.join(TOKEN_WEIGHTINGS)}){hint}")
+    if isinstance(spec.empty_rows, str) and spec.empty_rows not in EMPTY_ROWS:
+        hint = did_you_mean(spec.empty_rows, EMPTY_ROWS)
+        problems.append(f"unknown empty_rows {spec.empty_rows!r} (expected one of "
+                        f"{', '.join(EMPTY_ROWS)}){hint}")
     return problems
 
 
@@ -284,6 +325,27 @@ def _combination_problems(spec: AlgoSpec) -> List[str]:
     if spec.dual_clip_c is not None and spec.objective != "clip":
         problems.append(f"dual_clip_c only applies to objective 'clip', got objective "
                         f"{spec.objective!r}; drop dual_clip_c")
+    return problems + _kl_entropy_problems(spec, per_seq)
+
+
+def _kl_entropy_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
+    """Options that would be silently ignored: KL options without a KL term, a top-entropy
+    mask on a per-sequence loss, ``empty_rows: skip`` with an aggregation that counts tokens."""
+    problems = []
+    for key, off in (("kl_cap", spec.kl_cap is None),
+                     ("kl_bias_correction", not spec.kl_bias_correction)):
+        if not off and not spec.beta > 0:
+            problems.append(f"{key} shapes the KL term, which beta={spec.beta} leaves out; set "
+                            f"beta > 0 or drop {key}")
+    if per_seq and spec.top_entropy_quantile < 1:
+        problems.append(f"top_entropy_quantile={spec.top_entropy_quantile} masks tokens but "
+                        f"ratio_level {spec.ratio_level!r} gives one loss per sequence; use a "
+                        f"token-level ratio (token, sequence_token) or top_entropy_quantile=1")
+    aggregation = axis_registry("aggregation").get(spec.aggregation)
+    if spec.empty_rows == "skip" and not aggregation.averages_rows:
+        problems.append(f"empty_rows='skip' changes how rows are counted, and aggregation "
+                        f"{spec.aggregation!r} counts tokens (an empty row adds nothing to it); "
+                        f"drop empty_rows or use a sequence-mean aggregation")
     return problems
 
 
