@@ -332,9 +332,9 @@ def _kl_entropy_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
     """Options that would be silently ignored: KL options without a KL term, a top-entropy
     mask on a per-sequence loss, ``empty_rows: skip`` with an aggregation that counts tokens."""
     problems = []
-    for key, off in (("kl_cap", spec.kl_cap is None),
-                     ("kl_bias_correction", not spec.kl_bias_correction)):
-        if not off and not spec.beta > 0:
+    for key, on in (("kl_cap", _is_number(spec.kl_cap) and spec.kl_cap > 0),  # else: range
+                    ("kl_bias_correction", spec.kl_bias_correction is True)):
+        if on and not spec.beta > 0:
             problems.append(f"{key} shapes the KL term, which beta={spec.beta} leaves out; set "
                             f"beta > 0 or drop {key}")
     if per_seq and spec.top_entropy_quantile < 1:

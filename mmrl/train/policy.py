@@ -23,8 +23,8 @@ Optional, each declared by a :class:`Capabilities` flag (the method names are in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -60,6 +60,12 @@ class Capabilities:
             weights (e.g. a rollout counter), JSON-able python scalars, saved in the
             checkpoint's state as ``policy_extra`` and handed back on resume
             (:mod:`mmrl.train.state`; ``state_dict`` then holds weights only).
+        entropy: ``logp_and_entropy(rollout, rows, t0, t1) -> (logp, entropy)``, each
+            ``[len(rows), t1 - t0]`` with gradient: the sampled tokens' log-probs and the
+            per-position entropy of the same (temperature-scaled) distribution, from one forward
+            (``algo.entropy_coef > 0``, ``algo.top_entropy_quantile < 1``).
+        why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
+            reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
 
     token_weights: bool = False
@@ -70,10 +76,19 @@ class Capabilities:
     export: bool = False
     fsdp: bool = False
     extra_state: bool = False
+    entropy: bool = False
+    why_not: Mapping[str, str] = field(default_factory=dict)
 
     def declared(self) -> List[str]:
         """The names of the flags that are on."""
-        return [f.name for f in fields(self) if getattr(self, f.name)]
+        return [f.name for f in fields(self) if f.name in HOOKS and getattr(self, f.name)]
+
+    def missing(self, capability: str, policy: str, needed_by: str) -> str:
+        """The error message for ``capability`` that ``needed_by`` needs and ``policy`` lacks
+        (with the policy's reason when it gives one)."""
+        reason = self.why_not.get(capability)
+        return (f"{needed_by} needs Capabilities({capability}=True), which {policy} does not "
+                f"declare" + (f": {reason}" if reason else ""))
 
 
 HOOKS: Dict[str, Sequence[str]] = {
@@ -85,6 +100,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "export": ("export_pretrained",),
     "fsdp": ("apply_fsdp",),
     "extra_state": ("extra_state", "load_extra_state"),
+    "entropy": ("logp_and_entropy",),
 }
 """capability -> the methods a policy declaring it must have."""
 
@@ -159,4 +175,19 @@ def check_policy(policy, spec: Optional[Any] = None) -> Capabilities:
                             f"token_weighting=none")
         if spec.needs_ref and not caps.own_kl and not callable(getattr(policy, "ref_logp", None)):
             raise TypeError(f"algo.beta > 0 needs {name}.ref_logp (or own_kl); set algo.beta=0")
+        _check_entropy(caps, name, spec)
     return caps
+
+
+def _check_entropy(caps: Capabilities, name: str, spec) -> None:
+    if not spec.needs_entropy:
+        return
+    if not caps.entropy:
+        raise TypeError(caps.missing("entropy", name, "algo.entropy_coef > 0 / "
+                                     "algo.top_entropy_quantile < 1")
+                        + "; set algo.entropy_coef=0 and algo.top_entropy_quantile=1")
+    if caps.own_kl and spec.needs_ref:
+        raise TypeError(f"{name} declares own_kl and entropy, and beta > 0 with the entropy "
+                        f"options would need logp, its KL and the entropy from one forward, "
+                        f"which the policy contract has no method for; drop beta or the "
+                        f"entropy options")
