@@ -160,21 +160,14 @@ class PolicyLoss:
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
             generator: for objectives that draw at random (none of the built-in ones yet);
                 None = torch's global generator.
-            entropy: ``[B, T]`` per-token entropy of the current policy (with gradient); needed
-                by ``entropy_coef > 0`` (the bonus −c·agg(H), aggregated like the policy term
-                with the same counts, verl's convention; reported as stat ``entropy``).
-            entropy_mask: ``[B, T]`` bool top-entropy mask for ``top_entropy_quantile < 1``
-                (see :func:`mmrl.algo.entropy.top_entropy_mask`; the loop computes it over the
-                optimizer mini-batch on all ranks). It multiplies the policy term and the bonus,
-                never the KL term or the normalizers. Missing: computed from ``entropy`` over
-                this call's valid tokens (TRL's per-micro-batch convention).
+            entropy, entropy_mask: ``[B, T]`` entropy (with gradient; bonus −c·agg(H)) and the
+                bool top-entropy mask (default: from ``entropy``); neither touches KL or counts.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
             tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg),
             ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given),
-            entropy (mean over valid tokens, when given), entropy_kept (share of valid tokens
-            the top-entropy mask keeps, when it applies).
+            entropy and entropy_kept (share of valid tokens the mask keeps) when they apply.
 
         Raises:
             TypeError / ValueError: bad dtypes/shapes; missing ref_logp, group_ids or weights.
@@ -194,22 +187,29 @@ class PolicyLoss:
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids, logp=logp, mask=mask,
                                                  generator=generator)
-        keep = _entropy_keep(spec, entropy, entropy_mask, mask)
-        if keep is not None:  # top-entropy tokens only: the policy term of the others is 0
-            loss = torch.where(keep, loss, 0.0)
+        keep = _entropy_keep(spec, entropy, entropy_mask, mask)  # top-entropy tokens only
+        loss = loss if keep is None else torch.where(keep, loss, 0.0)
         kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask, log_ratio)
         loss = _add_kl(spec, loss, kl_ref, mask, per_seq).expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)
-        counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
-                      max_len=spec.max_len, empty_rows=spec.empty_rows)
+        total = self._total(loss, valid, entropy, keep, mask, per_seq, num_tokens=num_tokens,
+                            num_seqs=num_seqs, seq_lens=seq_lens)
+        return total, _entropy_stats(_stats(total, ratio, low, high, adv, valid, logp, old_logp,
+                                            mask, kl_ref), entropy, keep, mask)
+
+
+    def _total(self, loss: Tensor, valid: Tensor, entropy: Optional[Tensor],
+               keep: Optional[Tensor], mask: Tensor, per_seq: bool, **counts) -> Tensor:
+        """agg(loss) − entropy_coef·agg(H on the kept tokens), with the same counts."""
+        spec = self.spec
+        counts.update(max_len=spec.max_len, empty_rows=spec.empty_rows)
         total = self._aggregate(loss, valid, **counts)
         if spec.entropy_coef > 0:
-            bonus = _entropy_term(entropy.to(logp.dtype), mask if keep is None else keep, mask,
+            bonus = _entropy_term(entropy.to(loss.dtype), mask if keep is None else keep, mask,
                                   per_seq)
             total = total - spec.entropy_coef * self._aggregate(bonus, valid, **counts)
-        stats = _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
-        return total, _entropy_stats(stats, entropy, keep, mask)
+        return total
 
 
 def _kl_to_ref(spec, logp: Tensor, ref_logp: Optional[Tensor], kl: Optional[Tensor],
