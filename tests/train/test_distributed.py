@@ -47,6 +47,22 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path, preset, 
         assert r0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-7), key
 
 
+def test_two_ranks_top_entropy_mask_and_bonus_equal_one_process(tmp_path):
+    """The top-entropy threshold is the quantile over both ranks' tokens, and skipped empty
+    rows are counted over both ranks: the step equals one process's."""
+    script = str(HERE / "distributed" / "ddp_step.py")
+    over = '{"entropy_coef": 0.2, "top_entropy_quantile": 0.3, "empty_rows": "skip"}'
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir(), multi.mkdir()
+    _run([sys.executable, script, str(single), "grpo", "2", over])
+    _run(TORCHRUN + [script, str(multi), "grpo", "2", over])
+    one = torch.load(single / "rank0.pt")
+    r0, r1 = torch.load(multi / "rank0.pt"), torch.load(multi / "rank1.pt")
+    assert torch.equal(r0["W"], r1["W"]), "ranks diverged"
+    torch.testing.assert_close(r0["W"], one["W"], rtol=1e-5, atol=1e-6)
+    assert 0.2 < one["metrics"]["entropy_kept"] < 0.45
+
+
 @pytest.mark.parametrize("extra", [[], ["train.selector=vade", "train.dynamic_sampling_tries=2",
                                          "train.rollout_allocation=knapsack"]])
 def test_toy_job_on_two_ranks_keeps_parameters_identical(tmp_path, extra):

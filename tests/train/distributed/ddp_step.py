@@ -2,21 +2,26 @@
 
 One GRPO train_step of a deterministic linear policy on a fixed global batch of 3 prompts x 4
 samples (12 samples: with 2 ranks, prompt 1's group spans both ranks). Saves this rank's weights
-and metrics to OUT/rank{r}.pt.
+and metrics to OUT/rank{r}.pt. An optional 4th argument is a JSON dict of algo overrides.
 """
+import json
 import sys
 
 import torch
 
 from mmrl.train.distributed import init_distributed, maybe_destroy, shard_samples
 from mmrl.train.loop import LoopSettings, Rollout, train_step
+from mmrl.algo.entropy import logp_and_entropy
 from mmrl.algo.losses import PolicyLoss
+from mmrl.train.policy import Capabilities
 
 T, V, D = 5, 6, 4
 
 
 class DeterministicPolicy:
     """Sample (prompt p, member j) is fixed by (p, j): the same on any number of ranks."""
+
+    capabilities = Capabilities(entropy=True)
 
     def __init__(self):
         g = torch.Generator().manual_seed(0)
@@ -41,15 +46,18 @@ class DeterministicPolicy:
                        {"feats": torch.stack(feats), "tokens": torch.stack(toks)})
 
     def logp(self, r, rows, t0, t1):
-        logits = r.data["feats"][rows, t0:t1] @ self.W
-        return torch.log_softmax(logits, -1).gather(-1, r.data["tokens"][rows, t0:t1, None])[..., 0]
+        return self.logp_and_entropy(r, rows, t0, t1)[0]
+
+    def logp_and_entropy(self, r, rows, t0, t1):
+        return logp_and_entropy(r.data["feats"][rows, t0:t1] @ self.W,
+                                r.data["tokens"][rows, t0:t1])
 
 
 def reward(samples, prompts, metadata):
     return [float((p * 7 + j * 3) % 5) for p, j in samples]
 
 
-def main(out, preset, micro):
+def main(out, preset, micro, over):
     d = init_distributed()
     prompts, counts = [10, 11, 12], [4, 4, 4]
     local = shard_samples(counts, d)
@@ -59,7 +67,7 @@ def main(out, preset, micro):
     meta = [{"first_member": max(0, lo - starts[k])} for k, _ in mine]
     pol = DeterministicPolicy()
     opt = torch.optim.SGD(pol.parameters(), lr=1.0)
-    over = {"max_len": T} if preset == "dr_grpo" else {}
+    over = {**over, "max_len": T} if preset == "dr_grpo" else over
     res = train_step(pol, opt, PolicyLoss(preset, **over), reward, [prompts[k] for k, _ in mine],
                      meta, LoopSettings(group_size=4, micro_batch_size=micro, max_grad_norm=0),
                      torch.Generator().manual_seed(0), group_sizes=[c for _, c in mine],
@@ -70,4 +78,5 @@ def main(out, preset, micro):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]),
+         json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})
