@@ -48,7 +48,8 @@ def top_entropy_mask(H, mask, q):
     if not vals:
         return [[False] * T for _ in range(B)]
     tau = quantile(vals, 1 - q)
-    return [[bool(mask[i][t]) and float(H[i][t].detach()) >= tau for t in range(T)] for i in range(B)]
+    return [[bool(mask[i][t]) and float(H[i][t].detach()) >= tau for t in range(T)]
+            for i in range(B)]
 
 
 # ---------------------------------------------------------------- KL term
