@@ -81,7 +81,8 @@ def bias_corrected_kl(kl: Tensor, log_ratio: Tensor) -> Tensor:
     policy; ρ keeps its gradient, which changes the KL gradient even where ρ = 1 (there
     ∇(ρ·k3) = (k3 + 1 − exp(−x))·∇logp instead of k3's (1 − exp(−x))·∇logp, x = logp − ref).
     ``log_ratio`` is the ratio level's: ``[B, T]`` per token, ``[B, 1]`` for a per-sequence
-    level (s_i broadcast, as TRL at sequence level; unbiased only per token).
+    level (s_i broadcast, as TRL at sequence level; unbiased only per token; for
+    ``sequence_sum``, Reg-GRPO's level, the whole-sequence ratio exp(Σ_t x)).
     Differs from TRL: the ratio is clamped at exp(±20) (mmrl's ratio everywhere).
 
     Args:

@@ -274,7 +274,8 @@ def _entropy_stats(stats: Dict[str, Tensor], entropy: Optional[Tensor], keep: Op
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                 algo: str = "grpo", ref_logp: Optional[Tensor] = None,
                 token_weights: Optional[Tensor] = None, group_ids: Optional[Tensor] = None,
-                num_tokens=None, num_seqs=None, seq_lens=None,
+                num_tokens=None, num_seqs=None, seq_lens=None, entropy: Optional[Tensor] = None,
+                entropy_mask: Optional[Tensor] = None,
                 **overrides) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, stats) of ``PolicyLoss(algo, **overrides)`` on these tensors (functional form).
 
@@ -282,4 +283,5 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     """
     return PolicyLoss(algo, **overrides)(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, token_weights=token_weights,
-        group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens)
+        group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
+        entropy=entropy, entropy_mask=entropy_mask)
