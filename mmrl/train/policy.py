@@ -77,7 +77,7 @@ class Capabilities:
     fsdp: bool = False
     extra_state: bool = False
     entropy: bool = False
-    why_not: Mapping[str, str] = field(default_factory=dict)
+    why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
         """The names of the flags that are on."""
