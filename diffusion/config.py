@@ -18,6 +18,9 @@ SAMPLERS = ("full", "window", "sliding", "singular", "tree")
 SDE_KIND_NAMES = ("cps", "dance", "flow_grpo")
 """``mmrl.diffusion.sde.SDE_KINDS.names()`` (a test keeps them equal; sde.py imports torch)."""
 SDE_KL_FORM_NAMES = ("flow_grpo", "transition")
+ENTROPY_REFUSAL = ("a trained denoising step is a Gaussian whose entropy depends on its noise "
+                   "level only, not on the weights, so an entropy bonus has zero gradient and "
+                   "a top-entropy mask would rank steps by the schedule")
 """``mmrl.diffusion.sde.SDE_KL_FORMS.names()`` (a test keeps them equal)."""
 
 
@@ -218,6 +221,10 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
                    f"log-probs averaged over the L latent dims k2/k3 come to ~KL/L and k1's "
                    f"gradient is 0 on-policy); remove algo.kl and pick the form with "
                    f"diffusion.kl (transition or flow_grpo)")
+    if spec is not None and spec.needs_entropy:
+        out.append(f"algo: entropy_coef={spec.entropy_coef}, top_entropy_quantile="
+                   f"{spec.top_entropy_quantile}: {ENTROPY_REFUSAL}; set entropy_coef=0 and "
+                   f"top_entropy_quantile=1")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mmrl.diffusion.advantages import g2rpo_granular_advantages, tree_advantages
-from mmrl.diffusion.config import DiffusionConfig
+from mmrl.diffusion.config import ENTROPY_REFUSAL, DiffusionConfig
 from mmrl.diffusion.g2rpo import sample_singular
 from mmrl.diffusion.samplers import rescore, sample_sde, sample_tree, take_cond
 from mmrl.diffusion.schedule import random_window, sliding_window
@@ -67,7 +67,8 @@ class DiffusionGroupPolicy(GroupPolicy):
         self.capabilities = Capabilities(
             own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
             whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True,
-            rollout_logp=True)
+            rollout_logp=True,
+            why_not={"entropy": ENTROPY_REFUSAL})
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
                            "tree": self._tree_advantages}.get(c.sampler)

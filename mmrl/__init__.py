@@ -22,6 +22,8 @@ Public core API (imported on first use: ``import mmrl`` itself does not load tor
     PolicyLoss(algo, **overrides)      # resolved once, called like policy_loss
     kl_penalty(logp, ref_logp, kind="k3") -> Tensor[B, T]
     tw_token_weights(full_logp, mask, *, alpha=1.7, chunk_size=64) -> Tensor[N, T]
+    logp_and_entropy(logits_or_chunk_fn, tokens, *, chunk_size=64) -> (Tensor[B, T], Tensor[B, T])
+    top_entropy_mask(entropy, mask, quantile) -> BoolTensor[B, T]
     soft_overlong_penalty(lengths, max_len, cache_len) -> Tensor[B]
     PRESETS, resolve_algo(name, **overrides)
     evaluate_reward(fn, samples, prompts, metadata) -> RewardBatch
@@ -42,4 +44,5 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl", {
     "mmrl.train.reward_fn": ("CombinedReward", "RewardBatch", "RewardFn", "evaluate_reward"),
     "mmrl.algo.shaping": ("soft_overlong_penalty",),
     "mmrl.algo.token_weights": ("tw_token_weights",),
+    "mmrl.algo.entropy": ("logp_and_entropy", "token_entropy", "top_entropy_mask"),
 })

@@ -74,8 +74,9 @@ class VideoConfig:
     token_budget: int = cfg(16384, "slow_fast: visual tokens per video.", minimum=1)
     min_tokens: int = cfg(48, "slow_fast: fewest tokens per frame.", minimum=1)
     max_tokens: int = cfg(768, "slow_fast: most tokens per slow frame.", minimum=1)
-    tw_chunk: int = cfg(64, "TW-GRPO: positions per chunk of full-vocabulary log-probs.",
-                        minimum=1)
+    tw_chunk: int = cfg(64, "TW-GRPO weights and the entropy options (algo.entropy_coef, "
+                        "algo.top_entropy_quantile): positions per chunk of full-vocabulary "
+                        "log-probs.", minimum=1)
     difficulty_augmentation: bool = cfg(
         False, "Re-roll each group whose rewards are all equal once as a harder variant "
         "(frames dropped and noised) when its mean is above the moving reference, or an easier "

@@ -124,7 +124,8 @@ class VLMPolicy(GroupPolicy):
     """
 
     capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
-                                fsdp=True, greedy=True, rollout_logp=True)
+                                fsdp=True, greedy=True, rollout_logp=True,
+                                entropy=True)
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -398,6 +399,26 @@ class VLMPolicy(GroupPolicy):
         if self._fsdp is not None:
             return root_forward(self._fsdp, lambda: self._logp(self.model, rollout, rows, t0, t1))
         return self._logp(self.model, rollout, rows, t0, t1)
+
+    def logp_and_entropy(self, rollout: Rollout, rows, t0: int, t1: int) -> tuple:
+        """``(logp, entropy)``, each ``[len(rows), t1 - t0]`` with gradient: the sampled tokens'
+        log-probs and the entropy of the distribution they were sampled from (temperature,
+        allowed answers; no top-p), from one forward. The lm head and softmax run ``tw_chunk``
+        positions at a time and (without FSDP) are recomputed in the backward pass, so
+        ``[b, t, V]`` is never held (:func:`mmrl.algo.entropy.logp_and_entropy`)."""
+        from mmrl.algo.entropy import logp_and_entropy
+        cache: PromptCache = rollout.data["prompt_cache"]
+        resp = rollout.data["response"][rows, :t1]
+
+        def run():
+            hidden, head = self._hidden(self.model, cache, rollout.data["prompt_index"][rows],
+                                        resp)
+            h = hidden[:, cache.ids.shape[1] - 1 + t0:cache.ids.shape[1] - 1 + t1]  # [b, t, H]
+            # log-probs as logits: log_softmax(log_softmax(z)) = log_softmax(z)
+            return logp_and_entropy(lambda a, b: self._logprobs(head, h[:, a:b]),
+                                    resp[:, t0:t1].to(h.device), chunk_size=self.tw_chunk,
+                                    recompute=self._fsdp is None)
+        return run() if self._fsdp is None else root_forward(self._fsdp, run)
 
     def ref_logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
         """The same under the reference: LoRA disabled, or the frozen copy."""

@@ -13,4 +13,5 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl.algo", {
     ".presets": ("PRESETS", "AlgoSpec", "algo_problems", "resolve_algo"),
     ".shaping": ("soft_overlong_penalty",),
     ".token_weights": ("tw_token_weights",),
+    ".entropy": ("logp_and_entropy", "token_entropy", "top_entropy_mask"),
 })

@@ -1,11 +1,13 @@
-"""KL estimators to the reference policy, per token, ``x = logp − ref_logp``."""
+"""KL estimators to the reference policy, per token, ``x = logp − ref_logp``, and the two
+options that shape the KL term: a cap (verl's ``low_var_kl`` clamp) and TRL's bias correction
+by the importance ratio."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from mmrl.algo.common import LOG_RATIO_CLAMP, Tensor
+from mmrl.algo.common import LOG_RATIO_CLAMP, Tensor, ratio
 from mmrl.registry import Registry
 
 KL_ESTIMATORS: Registry[Callable] = Registry("KL estimator")
@@ -29,12 +31,17 @@ def kl_k3(x: Tensor) -> Tensor:
     return torch.exp(-x) + x - 1.0
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3",
+               cap: Optional[float] = None) -> Tensor:
     """Per-token KL estimate KL(π‖π_ref) ``[B, T]`` with x = logp − ref_logp clamped to ±20.
+
+    With ``cap``: clamp(KL, −cap, cap) (verl ``low_var_kl`` caps k3 at 10; its gradient is 0
+    where the cap binds).
 
     Args:
         logp, ref_logp: ``[B, T]`` float log-probs of the sampled tokens.
         kind: ``k1`` | ``k2`` | ``k3`` (see :data:`KL_ESTIMATORS`).
+        cap: a bound > 0 on |KL|, or None.
 
     Returns:
         ``[B, T]`` per-token estimate (unmasked; callers mask).
@@ -45,7 +52,44 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ; "
                          f"pass both as [B, T] for the same tokens")
-    return _kl(logp - ref_logp, kind)
+    return cap_kl(_kl(logp - ref_logp, kind), cap)
+
+
+def cap_kl(kl: Tensor, cap: Optional[float]) -> Tensor:
+    """clamp(KL, −cap, cap); ``kl`` unchanged when ``cap`` is None.
+
+    verl ``kl_penalty`` (``low_var_kl``/``k3``) clamps k3 to [−10, 10]: a token whose policy
+    log-prob fell ~12 nats below the reference's no longer dominates the loss. Differs from
+    verl: mmrl applies the cap to any estimator (and to a policy's own KL) when asked, verl
+    always and only to k3.
+
+    Raises:
+        ValueError: ``cap`` ≤ 0.
+    """
+    if cap is None:
+        return kl
+    if not cap > 0:
+        raise ValueError(f"kl_cap={cap!r}; expected a number > 0 (verl uses 10) or None")
+    return kl.clamp(-cap, cap)
+
+
+def bias_corrected_kl(kl: Tensor, log_ratio: Tensor) -> Tensor:
+    """ρ·KL ``[B, T]``, ρ = exp(clamp(log_ratio, ±20)), *not* detached (TRL
+    ``use_bias_correction_kl``; DeepSeek-V3.2, arXiv 2512.02556).
+
+    The tokens were sampled from π_old, so E_old[ρ·KL_t] estimates the KL under the current
+    policy; ρ keeps its gradient, which changes the KL gradient even where ρ = 1 (there
+    ∇(ρ·k3) = (k3 + 1 − exp(−x))·∇logp instead of k3's (1 − exp(−x))·∇logp, x = logp − ref).
+    ``log_ratio`` is the ratio level's: ``[B, T]`` per token, ``[B, 1]`` for a per-sequence
+    level (s_i broadcast, as TRL at sequence level; unbiased only per token; for
+    ``sequence_sum``, Reg-GRPO's level, the whole-sequence ratio exp(Σ_t x)).
+    Differs from TRL: the ratio is clamped at exp(±20) (mmrl's ratio everywhere).
+
+    Args:
+        kl: ``[B, T]`` per-token KL (with gradient).
+        log_ratio: ``[B, T]`` or ``[B, 1]`` log importance ratio (with gradient).
+    """
+    return ratio(log_ratio).to(kl.dtype) * kl
 
 
 def _kl(x: Tensor, kind: str) -> Tensor:

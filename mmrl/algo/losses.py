@@ -11,11 +11,13 @@ Each axis is a registry in its own module, re-exported here:
   (loss, ratio, low, high)``.
 - :data:`AGGREGATIONS` (:mod:`mmrl.algo.aggregations`) ``(loss, mask, *, num_tokens, num_seqs,
   seq_lens, max_len) -> scalar``.
-- :data:`KL_ESTIMATORS` (:mod:`mmrl.algo.kl`) ``x -> KL`` per token.
+- :data:`KL_ESTIMATORS` (:mod:`mmrl.algo.kl`) ``x -> KL`` per token (optionally capped and
+  bias-corrected by the ratio).
 - :data:`ROLLOUT_CORRECTIONS` (:mod:`mmrl.algo.offpolicy`) importance weights π_old/π_rollout
   for a sampler that is not the trainer (they multiply the objective only).
 
-:class:`PolicyLoss` composes them; :mod:`mmrl.algo.common` holds the ±20 log-ratio clamp.
+:class:`PolicyLoss` composes them, plus an entropy bonus and a top-entropy token mask
+(:mod:`mmrl.algo.entropy`); :mod:`mmrl.algo.common` holds the ±20 log-ratio clamp.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from mmrl.algo.aggregations import AGGREGATIONS
 from mmrl.algo.common import Tensor, masked_log_ratio, masked_mean
 from mmrl.algo.common import num_tokens as row_tokens
-from mmrl.algo.kl import KL_ESTIMATORS, _kl, kl_penalty
+from mmrl.algo.kl import KL_ESTIMATORS, _kl, bias_corrected_kl, cap_kl, kl_penalty
 from mmrl.algo.objectives import OBJECTIVES
 from mmrl.algo.offpolicy import ROLLOUT_CORRECTIONS, correct_objective
 from mmrl.algo.ratios import RATIO_LEVELS
@@ -37,7 +39,7 @@ __all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "ROLLO
 
 # ---------------------------------------------------------------- the policy loss
 def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights, group_ids,
-                  per_sequence: bool, kl=None) -> None:
+                  per_sequence: bool, kl=None, entropy=None, entropy_mask=None) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool tensor [B, T] (True = counts), got {got}; "
@@ -46,7 +48,8 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
         raise ValueError(f"logp must be float [B, T], got {logp.dtype} {tuple(logp.shape)}; "
                          f"gather the sampled tokens' log-probs into [B, T]")
     for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp),
-                    ("token_weights", token_weights), ("kl", kl)):
+                    ("token_weights", token_weights), ("kl", kl), ("entropy", entropy),
+                    ("entropy_mask", entropy_mask)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has "
                              f"{tuple(logp.shape)}; expected the same [B, T]")
@@ -68,11 +71,29 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
         got = "both" if given else "neither"
         raise ValueError(f"beta={spec.beta} needs ref_logp [B, T] (reference log-probs) or kl "
                          f"[B, T] (the policy's own KL), one of them; got {got}")
+    _check_entropy(spec, entropy, entropy_mask)
     if OBJECTIVES.get(spec.objective).needs_groups:
         if group_ids is None or group_ids.shape != (B,):
             got = None if group_ids is None else tuple(group_ids.shape)
             raise ValueError(f"objective {spec.objective!r} needs group_ids [B]=({B},), got "
                              f"{got}; pass the same group ids used for the advantages")
+
+
+def _check_entropy(spec, entropy: Optional[Tensor], entropy_mask: Optional[Tensor]) -> None:
+    if spec.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"entropy_coef={spec.entropy_coef} needs entropy [B, T] (per-token "
+                         f"entropy with gradient, mmrl.algo.entropy.logp_and_entropy); pass "
+                         f"entropy= or set entropy_coef=0")
+    if spec.top_entropy_quantile < 1 and entropy is None and entropy_mask is None:
+        raise ValueError(f"top_entropy_quantile={spec.top_entropy_quantile} needs entropy_mask "
+                         f"[B, T] (mmrl.algo.entropy.top_entropy_mask) or entropy [B, T] to "
+                         f"compute it from this call's tokens; pass one")
+    if entropy_mask is not None and not (spec.top_entropy_quantile < 1):
+        raise ValueError("entropy_mask given but top_entropy_quantile is 1 (every token kept); "
+                         "set top_entropy_quantile < 1 or drop entropy_mask")
+    if entropy_mask is not None and entropy_mask.dtype != torch.bool:
+        raise TypeError(f"entropy_mask must be a bool tensor [B, T], got {entropy_mask.dtype}; "
+                        f"pass entropy_mask.bool()")
 
 
 def _stats(loss, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref) -> Dict[str, Tensor]:
@@ -124,7 +145,8 @@ class PolicyLoss:
                  group_ids: Optional[Tensor] = None, num_tokens=None, num_seqs=None,
                  seq_lens=None, kl: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
-                 rollout_logp: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                 rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
+                 entropy_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         """(loss, stats): the aggregated loss to minimize and detached statistics.
 
         Args:
@@ -140,16 +162,18 @@ class PolicyLoss:
             seq_lens: ``[B]`` full per-row token counts for ``seq_mean_token_mean`` when the T
                 axis is split into chunks (other aggregations do not need it).
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
-            generator: for objectives that draw at random (``clip_cov``'s pick); None =
-                torch's global generator.
+            generator: for objectives that draw at random (``clip_cov``); None: torch's global.
             rollout_logp: ``[B, T]`` the sampler's log-probs (detached), for ``rollout_is`` and
                 ``off_policy_mask`` (:mod:`mmrl.algo.offpolicy`: weights on the objective only).
+            entropy, entropy_mask: ``[B, T]`` entropy (with gradient; bonus −c·agg(H)) and the
+                bool top-entropy mask (default: from ``entropy``); neither touches KL or counts.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
             tokens, or sequences, in the clipped zero-gradient region; 0 for sapo/reg/gpg/vespo/
             kl_cov; cispo/cispo_cap: truncated weights; clip_cov: + the detached tokens in high),
             ratio_mean/min/max, approx_kl (k3 to old_logp), adv_mean, kl_ref (when ref given),
+            entropy and entropy_kept (share of valid tokens the mask keeps) when they apply,
             the rollout correction's (:func:`mmrl.algo.offpolicy.correct_objective`).
 
         Raises:
@@ -157,42 +181,67 @@ class PolicyLoss:
         """
         spec, per_seq = self.spec, self._ratio.per_sequence
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,
-                      group_ids, per_seq, kl)
-        if logp.dtype in (torch.float16, torch.bfloat16):
-            logp = logp.float()  # bf16's 8-bit mantissa cannot resolve GSPO's 3e-4 clip range
-        old_logp = old_logp.detach().to(logp.dtype)
+                      group_ids, per_seq, kl, entropy, entropy_mask)
+        logp, old_logp, adv = _prepare(logp, old_logp, advantages, mask)
         log_ratio = self._ratio(logp, old_logp, mask)  # [B, T] or [B, 1]
         valid = mask.any(-1, keepdim=True) if per_seq else mask  # [B, 1] or [B, T]
-        adv = advantages.detach().to(logp.dtype)
-        # [B] -> [B, 1] (broadcast over T); padding of [B, T] advantages is zeroed so that
-        # garbage there (NaN) cannot reach the gradient through 0 * NaN.
-        adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, 0.0)
         loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
                                                  group_ids=group_ids, logp=logp, mask=mask,
                                                  generator=generator)
         loss, corrections = correct_objective(spec, loss, logp, old_logp, rollout_logp,
                                               advantages, mask)  # weights the objective only
-        kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask)
+        keep = _entropy_keep(spec, entropy, entropy_mask, mask)  # top-entropy tokens only
+        loss = loss if keep is None else torch.where(keep, loss, 0.0)
+        kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask, log_ratio)
         loss = _add_kl(spec, loss, kl_ref, mask, per_seq).expand(valid.shape)
         if token_weights is not None:
             loss = loss * torch.where(mask, token_weights.detach(), 0.0)
-        total = self._aggregate(loss, valid, num_tokens=num_tokens, num_seqs=num_seqs,
-                                seq_lens=seq_lens, max_len=spec.max_len)
+        total = self._total(loss, valid, entropy, keep, mask, per_seq, num_tokens=num_tokens,
+                            num_seqs=num_seqs, seq_lens=seq_lens)
         stats = _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
-        return total, {**stats, **corrections}
+        return total, {**_entropy_stats(stats, entropy, keep, mask), **corrections}
+
+    def _total(self, loss: Tensor, valid: Tensor, entropy: Optional[Tensor],
+               keep: Optional[Tensor], mask: Tensor, per_seq: bool, **counts) -> Tensor:
+        """agg(loss) − entropy_coef·agg(H on the kept tokens), with the same counts."""
+        spec = self.spec
+        counts.update(max_len=spec.max_len, empty_rows=spec.empty_rows)
+        total = self._aggregate(loss, valid, **counts)
+        if spec.entropy_coef > 0:
+            bonus = _entropy_term(entropy.to(loss.dtype), mask if keep is None else keep, mask,
+                                  per_seq)
+            total = total - spec.entropy_coef * self._aggregate(bonus, valid, **counts)
+        return total
+
+
+def _prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor):
+    """``(logp, old_logp, adv)`` in one float dtype; ``adv`` ``[B, 1]`` or masked ``[B, T]``."""
+    if logp.dtype in (torch.float16, torch.bfloat16):
+        logp = logp.float()  # bf16's 8-bit mantissa cannot resolve GSPO's 3e-4 clip range
+    adv = advantages.detach().to(logp.dtype)
+    # [B] -> [B, 1] (broadcast over T); padding of [B, T] advantages is zeroed so that
+    # garbage there (NaN) cannot reach the gradient through 0 * NaN.
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, 0.0)
+    return logp, old_logp.detach().to(logp.dtype), adv
 
 
 def _kl_to_ref(spec, logp: Tensor, ref_logp: Optional[Tensor], kl: Optional[Tensor],
-               mask: Tensor) -> Optional[Tensor]:
+               mask: Tensor, log_ratio: Tensor) -> Optional[Tensor]:
     """``[B, T]`` per-token KL to the reference (0 on padding): the policy's own ``kl``, or the
     spec's estimator on ``logp − ref_logp``; None when neither is given. It carries a gradient
-    only when ``beta > 0`` (otherwise it is a statistic)."""
-    if ref_logp is None:
-        return None if kl is None else torch.where(mask, kl.to(logp.dtype), 0.0)
-    # Mask x *before* the estimator: exp of padding garbage would poison the backward.
+    only when ``beta > 0`` (otherwise it is a statistic); then ``kl_cap`` clamps it and
+    ``kl_bias_correction`` multiplies it by the ratio level's ratio (``log_ratio``)."""
+    if ref_logp is None and kl is None:
+        return None
     with torch.set_grad_enabled(torch.is_grad_enabled() and spec.beta > 0):
-        return torch.where(mask, _kl(masked_log_ratio(logp, ref_logp.detach(), mask), spec.kl),
-                           0.0)
+        if ref_logp is None:
+            out = kl.to(logp.dtype)
+        else:  # mask x *before* the estimator: exp of padding garbage would poison the backward
+            out = _kl(masked_log_ratio(logp, ref_logp.detach(), mask), spec.kl)
+        if spec.beta > 0:
+            out = cap_kl(out, spec.kl_cap)
+            out = bias_corrected_kl(out, log_ratio) if spec.kl_bias_correction else out
+        return torch.where(mask, out, 0.0)
 
 
 def _add_kl(spec, loss: Tensor, kl_ref: Optional[Tensor], mask: Tensor, per_seq: bool) -> Tensor:
@@ -204,12 +253,44 @@ def _add_kl(spec, loss: Tensor, kl_ref: Optional[Tensor], mask: Tensor, per_seq:
     return loss + spec.beta * kl_ref
 
 
+def _entropy_keep(spec, entropy: Optional[Tensor], entropy_mask: Optional[Tensor],
+                  mask: Tensor) -> Optional[Tensor]:
+    """``[B, T]`` bool: the tokens the top-entropy mask keeps (within ``mask``); None when
+    ``top_entropy_quantile`` is 1."""
+    if not spec.top_entropy_quantile < 1:
+        return None
+    if entropy_mask is not None:
+        return entropy_mask & mask
+    from mmrl.algo.entropy import top_entropy_mask
+    return top_entropy_mask(entropy.detach(), mask, spec.top_entropy_quantile)
+
+
+def _entropy_term(entropy: Tensor, keep: Tensor, mask: Tensor, per_seq: bool) -> Tensor:
+    """The per-entry entropy the bonus aggregates: H on the kept tokens ``[B, T]``, or each
+    row's token mean ``[B, 1]`` for a per-sequence loss (as :func:`_add_kl` does for KL)."""
+    h = torch.where(keep, entropy, 0.0)
+    if per_seq:
+        return h.sum(-1, keepdim=True) / row_tokens(mask).to(h.dtype)
+    return h
+
+
+def _entropy_stats(stats: Dict[str, Tensor], entropy: Optional[Tensor], keep: Optional[Tensor],
+                   mask: Tensor) -> Dict[str, Tensor]:
+    with torch.no_grad():
+        if entropy is not None:
+            stats["entropy"] = masked_mean(entropy.detach().float(), mask)
+        if keep is not None:
+            stats["entropy_kept"] = masked_mean(keep.float(), mask)
+    return stats
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                 algo: str = "grpo", ref_logp: Optional[Tensor] = None,
                 token_weights: Optional[Tensor] = None, group_ids: Optional[Tensor] = None,
                 num_tokens=None, num_seqs=None, seq_lens=None,
                 generator: Optional[torch.Generator] = None,
-                rollout_logp: Optional[Tensor] = None,
+                rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
+                entropy_mask: Optional[Tensor] = None,
                 **overrides) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, stats) of ``PolicyLoss(algo, **overrides)`` on these tensors (functional form).
 
@@ -218,4 +299,5 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     return PolicyLoss(algo, **overrides)(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, token_weights=token_weights,
         group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
-        generator=generator, rollout_logp=rollout_logp)
+        generator=generator, rollout_logp=rollout_logp, entropy=entropy,
+        entropy_mask=entropy_mask)

@@ -24,6 +24,7 @@ from mmrl.fields import cfg, range_problem
 from mmrl.registry import Registry, did_you_mean
 
 TOKEN_WEIGHTINGS = ("none", "tw")
+EMPTY_ROWS = ("count", "skip")
 
 # The built-in entries of each axis and the flags the checks read, without torch: validating a
 # config (``mmrl config validate``) must not load it. The registries that hold the
@@ -56,9 +57,11 @@ _BUILTIN = {
                    whole_sequence=n in ("clip_cov", "kl_cov", "vespo"))
            for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")}},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
-        "token_mean": dict(per_sequence=False), "seq_mean_token_mean": dict(per_sequence=False),
-        "seq_mean_token_sum": dict(per_sequence=False), "fixed_norm": dict(per_sequence=False),
-        "seq_mean": dict(per_sequence=True)},
+        "token_mean": dict(per_sequence=False, averages_rows=False),
+        "seq_mean_token_mean": dict(per_sequence=False, averages_rows=True),
+        "seq_mean_token_sum": dict(per_sequence=False, averages_rows=True),
+        "fixed_norm": dict(per_sequence=False, averages_rows=True),
+        "seq_mean": dict(per_sequence=True, averages_rows=True)},
     ("KL estimator", "mmrl.algo.kl", "KL_ESTIMATORS"): {n: {} for n in ("k1", "k2", "k3")},
     ("rollout correction", "mmrl.algo.offpolicy", "ROLLOUT_CORRECTIONS"): {
         "none": dict(per_sequence=False, needs_rollout_logp=False),
@@ -214,6 +217,32 @@ class AlgoSpec:
                                            "disables; needs whole rows).", above=0.0,
                                            source="DeepSeek-V3.2 arXiv 2512.02556 Eq. 9; TRL "
                                            "off_policy_mask_threshold (docs: 0.5)")
+    kl_cap: Optional[float] = cfg(None, "Clamp the per-token KL term (beta > 0) to [-kl_cap, "
+                                  "kl_cap]; the gradient is 0 where it binds. verl clamps its "
+                                  "k3 (low_var_kl) at 10; null disables.", above=0.0,
+                                  source="verl kl_penalty low_var_kl (10)")
+    kl_bias_correction: bool = cfg(False, "Multiply the per-token KL term by the importance "
+                                   "ratio (not detached; s_i for per-sequence ratio levels): "
+                                   "an unbiased KL estimate for samples from the old policy. "
+                                   "TRL use_bias_correction_kl (its default is true).",
+                                   source="DeepSeek-V3.2 arXiv 2512.02556; TRL 1.16")
+    entropy_coef: float = cfg(0.0, "Entropy bonus: loss -= entropy_coef * agg(H), the "
+                              "temperature-scaled token entropy aggregated like the policy "
+                              "term (verl entropy_coeff). Needs a policy with per-token "
+                              "entropies (the VLM policy; refused for diffusion).", minimum=0.0,
+                              source="verl entropy_coeff; TRL entropy_coef (0)")
+    top_entropy_quantile: float = cfg(1.0, "Train only the tokens whose entropy (at the "
+                                      "update's start) is in the top quantile of the optimizer "
+                                      "mini-batch's valid tokens, all ranks together; 1 keeps "
+                                      "all, 0 only the maximum. Masks the policy term and the "
+                                      "entropy bonus, not KL or normalizers.",
+                                      minimum=0.0, maximum=1.0,
+                                      source="arXiv 2506.01939 (0.2); TRL top_entropy_quantile")
+    empty_rows: str = cfg("count", "Rows with no valid token in the sequence-averaging "
+                          "aggregations (seq_mean_token_mean, seq_mean_token_sum, seq_mean, "
+                          "fixed_norm): count (mmrl: they add 0 and count in the row total) or "
+                          "skip (verl: divide by the non-empty rows).",
+                          source="verl agg_loss (skip)")
 
     @property
     def sequence_level(self) -> bool:
@@ -269,6 +298,11 @@ class AlgoSpec:
         """True when the advantage estimator needs a baseline reward per row: the reward of one
         greedy completion per group (ReMax; policy capability ``greedy``)."""
         return axis_registry("advantage").get(self.advantage).needs_baseline
+
+    @property
+    def needs_entropy(self) -> bool:
+        """True when the loss reads per-token entropies (entropy bonus or top-entropy mask)."""
+        return self.entropy_coef > 0 or self.top_entropy_quantile < 1
 
 
 EXTRA_OVERRIDES = {
@@ -334,6 +368,9 @@ PRESETS: Dict[str, AlgoSpec] = {
     # Pass@k training (verl grpo_passk, arXiv 2503.19595): only each group's best row gets
     # (r_max − r_2nd)/(std_g + eps); token_mean.
     "passk": AlgoSpec(advantage="passk", aggregation="token_mean"),
+    # GPG, arXiv 2504.02546 (verl gpg): −A·logp, no ratio, no clip; A = α·(r − mean_g) with
+    # α = B / #{non-zero rewards} over the batch (F_norm = 1); token_mean as verl.
+    "gpg": AlgoSpec(advantage="gpg", objective="gpg", aggregation="token_mean"),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
@@ -360,7 +397,10 @@ def _type_problems(values: dict) -> Dict[str, str]:
         tp = _value_type(key)
         if v is None and typing.get_origin(_HINTS[key]) is typing.Union:
             continue
-        if tp is str and not isinstance(v, str):
+        if tp is bool:
+            if not isinstance(v, bool):
+                problems[key] = f"{key} must be true or false, got {type(v).__name__} {v!r}"
+        elif tp is str and not isinstance(v, str):
             problems[key] = f"{key} must be a name (str), got {type(v).__name__} {v!r}"
         elif tp is int and not (isinstance(v, int) and not isinstance(v, bool)):
             problems[key] = f"{key} must be an int, got {type(v).__name__} {v!r}"
@@ -393,6 +433,10 @@ def _axis_problems(spec: AlgoSpec) -> List[str]:
         hint = did_you_mean(spec.token_weighting, TOKEN_WEIGHTINGS)
         problems.append(f"unknown token_weighting {spec.token_weighting!r} (expected one of "
                         f"{', '.join(TOKEN_WEIGHTINGS)}){hint}")
+    if isinstance(spec.empty_rows, str) and spec.empty_rows not in EMPTY_ROWS:
+        hint = did_you_mean(spec.empty_rows, EMPTY_ROWS)
+        problems.append(f"unknown empty_rows {spec.empty_rows!r} (expected one of "
+                        f"{', '.join(EMPTY_ROWS)}){hint}")
     return problems
 
 
@@ -425,7 +469,7 @@ def _combination_problems(spec: AlgoSpec) -> List[str]:
         problems.append(f"dual_clip_c only applies to objective 'clip', got objective "
                         f"{spec.objective!r}; drop dual_clip_c")
     return (problems + _objective_problems(spec, per_seq)
-            + _rollout_correction_problems(spec, per_seq))
+            + _rollout_correction_problems(spec, per_seq) + _kl_entropy_problems(spec, per_seq))
 
 
 def _objective_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
@@ -464,6 +508,27 @@ def _rollout_correction_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
         problems.append(f"rollout_is {spec.rollout_is!r} weights tokens but ratio_level "
                         f"{spec.ratio_level!r} gives one loss per sequence; use "
                         f"sequence_truncate or sequence_mask")
+    return problems
+
+
+def _kl_entropy_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
+    """Options that would be silently ignored: KL options without a KL term, a top-entropy
+    mask on a per-sequence loss, ``empty_rows: skip`` with an aggregation that counts tokens."""
+    problems = []
+    for key, on in (("kl_cap", _is_number(spec.kl_cap) and spec.kl_cap > 0),  # else: range
+                    ("kl_bias_correction", spec.kl_bias_correction is True)):
+        if on and not spec.beta > 0:
+            problems.append(f"{key} shapes the KL term, which beta={spec.beta} leaves out; set "
+                            f"beta > 0 or drop {key}")
+    if per_seq and spec.top_entropy_quantile < 1:
+        problems.append(f"top_entropy_quantile={spec.top_entropy_quantile} masks tokens but "
+                        f"ratio_level {spec.ratio_level!r} gives one loss per sequence; use a "
+                        f"token-level ratio (token, sequence_token) or top_entropy_quantile=1")
+    aggregation = axis_registry("aggregation").get(spec.aggregation)
+    if spec.empty_rows == "skip" and not aggregation.averages_rows:
+        problems.append(f"empty_rows='skip' changes how rows are counted, and aggregation "
+                        f"{spec.aggregation!r} counts tokens (an empty row adds nothing to it); "
+                        f"drop empty_rows or use a sequence-mean aggregation")
     return problems
 
 

@@ -11,7 +11,9 @@ denoising steps for a flow-matching model). The loop never knows which.
 
 Micro-batches split along samples (``micro_batch_size``) and along T (``t_chunk``); the loss
 receives the mini-batch's global token and sequence counts (and each row's full length), so the
-accumulated gradient equals the unsplit step's (tests/train/test_loop.py checks it).
+accumulated gradient equals the unsplit step's (tests/train/test_loop.py checks it). The
+top-entropy mask's threshold likewise comes from the whole mini-batch on all ranks, scored at the
+update's start (tests/train/test_loop_entropy.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from mmrl.algo.entropy import entropy_threshold, top_entropy_mask
 from mmrl.algo.losses import PolicyLoss
 from mmrl.train.batch import Batch, batch_advantages, compute_advantages, greedy_baseline
 from mmrl.train.distributed import Dist, fsdp_lockstep, idle_pass, most_over_ranks
@@ -82,20 +85,24 @@ def _split_list(items, k):
 
 @torch.no_grad()
 def _score_all(fn, rollout: Rollout, micro: int, t_chunk: int,
-               lockstep: Optional[Dist] = None) -> torch.Tensor:
-    """No-grad ``fn(rollout, rows, t0, t1)`` over the whole rollout -> [B, T]; ``lockstep``
-    (FSDP): idle calls up to the most calls any rank makes."""
+               lockstep: Optional[Dist] = None):
+    """No-grad ``fn(rollout, rows, t0, t1)`` over the whole rollout -> [B, T] (a tuple of
+    them when ``fn`` returns a tuple); ``lockstep`` (FSDP): idle calls up to the most calls
+    any rank makes."""
     T = rollout.mask.shape[1]
     rows_out = []
     chunks = _chunks(len(rollout), micro)
     idle = 0 if lockstep is None else most_over_ranks(len(chunks), lockstep) - len(chunks)
     for a, b in chunks:
         rows = torch.arange(a, b)
-        rows_out.append(torch.cat([fn(rollout, rows, t0, t1).detach().float()
-                                   for t0, t1 in _chunks(T, t_chunk)], dim=1))
+        parts = [fn(rollout, rows, t0, t1) for t0, t1 in _chunks(T, t_chunk)]
+        parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+        rows_out.append([torch.cat([p[k].detach().float() for p in parts], dim=1)
+                         for k in range(len(parts[0]))])
     for _ in range(idle):
         fn(rollout, torch.arange(1), 0, T)
-    return torch.cat(rows_out, dim=0)
+    out = tuple(torch.cat(col, dim=0) for col in zip(*rows_out))
+    return out if len(out) > 1 else out[0]
 
 
 @dataclass
@@ -109,6 +116,9 @@ class _Inputs:
     ref_logp: Optional[torch.Tensor]  # [B, T]; None: no KL, or the policy's own KL
     token_weights: Optional[torch.Tensor]  # [B, T]
     own_kl: Optional[Callable] = None  # policy.logp_and_kl when the KL is the policy's own
+    with_entropy: Optional[Callable] = None  # policy.logp_and_entropy for the entropy bonus
+    start_entropy: Optional[torch.Tensor] = None  # [B, T] no grad, for the top-entropy mask
+    generator: Optional[torch.Generator] = None  # the update's, for objectives that draw
 
 
 def _inputs(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout, advantages, s,
@@ -116,27 +126,60 @@ def _inputs(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout, advantag
     """Score the old and reference log-probs an update needs (no grad), once per update."""
     spec = loss_fn.spec
     on_policy = s.inner_epochs == 1 and s.num_mini_batches == 1
-    old_logp = None if on_policy else _score_all(policy.logp, rollout, s.micro_batch_size,
-                                                 t_chunk, lockstep)
+    old_logp = start_entropy = None
+    if spec.top_entropy_quantile < 1:  # one scoring pass gives both
+        old_logp, start_entropy = _score_all(policy.logp_and_entropy, rollout,
+                                             s.micro_batch_size, t_chunk, lockstep)
+        old_logp = None if on_policy else old_logp
+    elif not on_policy:
+        old_logp = _score_all(policy.logp, rollout, s.micro_batch_size, t_chunk, lockstep)
     own_kl = policy.logp_and_kl if spec.needs_ref and capabilities_of(policy).own_kl else None
     ref_logp = (_score_all(policy.ref_logp, rollout, s.micro_batch_size, t_chunk)
                 if spec.needs_ref and own_kl is None else None)
+    with_entropy = policy.logp_and_entropy if spec.entropy_coef > 0 else None
+    if with_entropy is not None and own_kl is not None:
+        raise ValueError("entropy_coef > 0 with a policy's own KL (beta > 0) needs logp, KL and "
+                         "entropy from one forward, which the policy contract lacks; drop one")
     return _Inputs(rollout, advantages, rollout.mask.sum(-1), old_logp, ref_logp, token_weights,
-                   own_kl)
+                   own_kl, with_entropy, start_entropy)
+
+
+def _entropy_keep(x: _Inputs, spec, mb: torch.Tensor, d: Dist) -> Optional[torch.Tensor]:
+    """``[B, T]`` bool top-entropy mask of mini-batch ``mb`` (False elsewhere), τ from the valid
+    tokens' start-of-update entropies of the whole mini-batch on every rank; None when off."""
+    if x.start_entropy is None:
+        return None
+    mask = x.rollout.mask[mb].to(x.start_entropy.device)
+    values = d.all_gather_rows(x.start_entropy[mb][mask])  # [n valid tokens, all ranks]
+    tau = entropy_threshold(values, spec.top_entropy_quantile)
+    keep = torch.zeros(x.rollout.mask.shape, dtype=torch.bool)
+    keep[mb] = top_entropy_mask(x.start_entropy[mb], mask, spec.top_entropy_quantile,
+                                tau).cpu()
+    return keep
 
 
 def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torch.Tensor,
-                t0: int, t1: int, norm: Dict[str, torch.Tensor]):
-    """``(loss, stats)`` of rows ``rows`` and steps ``[t0, t1)``, with gradient."""
-    logp, kl = ((policy.logp(x.rollout, rows, t0, t1), None) if x.own_kl is None
-                else x.own_kl(x.rollout, rows, t0, t1))
+                t0: int, t1: int, norm: Dict[str, torch.Tensor],
+                keep: Optional[torch.Tensor] = None):
+    """``(loss, stats)`` of rows ``rows`` and steps ``[t0, t1)``, with gradient; ``keep``: the
+    mini-batch's top-entropy mask ``[B, T]``."""
+    kl = entropy = None
+    if x.with_entropy is not None:
+        logp, entropy = x.with_entropy(x.rollout, rows, t0, t1)
+        entropy = entropy.to(logp)
+    elif x.own_kl is not None:
+        logp, kl = x.own_kl(x.rollout, rows, t0, t1)
+    else:
+        logp = policy.logp(x.rollout, rows, t0, t1)
+    if keep is not None:
+        norm = dict(norm, entropy_mask=keep[rows, t0:t1].to(logp.device))
     old = logp.detach() if x.old_logp is None else x.old_logp[rows, t0:t1].to(logp)
     return loss_fn(
         logp, old, x.advantages[rows].to(logp), x.rollout.mask[rows, t0:t1].to(logp.device),
         ref_logp=None if x.ref_logp is None else x.ref_logp[rows, t0:t1].to(logp),
         token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
         group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],
-        kl=None if kl is None else kl.to(logp), **norm,
+        kl=None if kl is None else kl.to(logp), entropy=entropy, generator=x.generator, **norm,
         rollout_logp=None if x.rollout.rollout_logp is None
         else x.rollout.rollout_logp[rows, t0:t1].to(logp))  # the sampler's (rollout_is)
 
@@ -148,15 +191,18 @@ def _backward_mini_batch(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs,
     T chunks); returns the number of micro-batches run. The loss is normalized by the
     mini-batch's global token and sequence counts, so the pieces sum to the unsplit loss."""
     keep = x.rollout.row_keep  # rows kept for FSDP's lockstep but dropped: no sequence
-    n_seqs = torch.tensor(len(mb)) if keep is None else keep[mb].sum()
-    counts = d.all_reduce_sum(torch.stack([x.rollout.mask[mb].sum(), n_seqs]).float())
+    rows = torch.ones(len(mb), dtype=torch.bool) if keep is None else keep[mb]
+    if loss_fn.spec.empty_rows == "skip":  # verl: rows without a valid token do not count
+        rows = rows & x.rollout.mask[mb].any(-1)
+    counts = d.all_reduce_sum(torch.stack([x.rollout.mask[mb].sum(), rows.sum()]).float())
     norm = dict(num_tokens=counts[0], num_seqs=counts[1])  # global counts
+    entropy_keep = _entropy_keep(x, loss_fn.spec, mb, d)
     micro = _chunks(len(mb), s.micro_batch_size)
     idle = 0 if lockstep is None else most_over_ranks(len(micro), d) - len(micro)
     n = 0
     for a, b in micro:
         for t0, t1 in _chunks(x.rollout.mask.shape[1], t_chunk):
-            loss, stats = _micro_loss(policy, loss_fn, x, mb[a:b], t0, t1, norm)
+            loss, stats = _micro_loss(policy, loss_fn, x, mb[a:b], t0, t1, norm, entropy_keep)
             loss.backward()
             _accumulate(totals, stats)
             n += 1
@@ -194,6 +240,7 @@ def update(policy: GroupPolicy, optimizer: torch.optim.Optimizer, loss_fn: Polic
     t_chunk = 0 if spec.sequence_level else s.t_chunk
     lockstep = fsdp_lockstep(d, len(rollout), t_chunk)
     x = _inputs(policy, loss_fn, rollout, advantages, s, t_chunk, lockstep, token_weights)
+    x.generator = generator  # clip_cov's random pick: reproducible, and saved on resume
     # not policy.parameters(): under FSDP2 it may list a unit's temporary unsharded tensors
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     totals: Dict[str, torch.Tensor] = {}

@@ -23,8 +23,8 @@ Optional, each declared by a :class:`Capabilities` flag (the method names are in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -66,6 +66,12 @@ class Capabilities:
             estimators flagged ``needs_baseline`` (ReMax).
         rollout_logp: its rollouts carry ``Rollout.rollout_logp``, the sampler's log-probs of
             what it sampled, under the distribution ``logp`` scores (``algo.rollout_is``).
+        entropy: ``logp_and_entropy(rollout, rows, t0, t1) -> (logp, entropy)``, each
+            ``[len(rows), t1 - t0]`` with gradient: the sampled tokens' log-probs and the
+            per-position entropy of the same (temperature-scaled) distribution, from one forward
+            (``algo.entropy_coef > 0``, ``algo.top_entropy_quantile < 1``).
+        why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
+            reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
 
     token_weights: bool = False
@@ -78,10 +84,19 @@ class Capabilities:
     extra_state: bool = False
     greedy: bool = False
     rollout_logp: bool = False
+    entropy: bool = False
+    why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
         """The names of the flags that are on."""
-        return [f.name for f in fields(self) if getattr(self, f.name)]
+        return [f.name for f in fields(self) if f.name in HOOKS and getattr(self, f.name)]
+
+    def missing(self, capability: str, policy: str, needed_by: str) -> str:
+        """The error message for ``capability`` that ``needed_by`` needs and ``policy`` lacks
+        (with the policy's reason when it gives one)."""
+        reason = self.why_not.get(capability)
+        return (f"{needed_by} needs Capabilities({capability}=True), which {policy} does not "
+                f"declare" + (f": {reason}" if reason else ""))
 
 
 HOOKS: Dict[str, Sequence[str]] = {
@@ -95,6 +110,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "extra_state": ("extra_state", "load_extra_state"),
     "greedy": ("greedy_rollout",),
     "rollout_logp": (),
+    "entropy": ("logp_and_entropy",),
 }
 """capability -> the methods a policy declaring it must have."""
 
@@ -163,20 +179,41 @@ def check_policy(policy, spec: Optional[Any] = None) -> Capabilities:
                         f"required methods, and those of its declared capabilities "
                         f"{caps.declared()})")
     if spec is not None:
-        if spec.needs_token_weights and not caps.token_weights:
-            raise TypeError(f"algo.token_weighting=tw needs token weights from the policy, and "
-                            f"{name} does not declare Capabilities(token_weights=True); use "
-                            f"token_weighting=none")
-        if spec.needs_ref and not caps.own_kl and not callable(getattr(policy, "ref_logp", None)):
-            raise TypeError(f"algo.beta > 0 needs {name}.ref_logp (or own_kl); set algo.beta=0")
-        if spec.needs_baseline and not caps.greedy:
-            raise TypeError(f"algo.advantage={spec.advantage!r} needs a greedy completion per "
-                            f"prompt as its baseline, and {name} does not declare "
-                            f"Capabilities(greedy=True) with greedy_rollout(prompts, metadata, "
-                            f"generator); pick another advantage (e.g. rloo) or implement it")
-        if spec.needs_rollout_logp and not caps.rollout_logp:
-            raise TypeError(f"algo.rollout_is={spec.rollout_is!r} weights by the sampler's "
-                            f"log-probs, and {name} does not report them (it does not declare "
-                            f"Capabilities(rollout_logp=True)); set algo.rollout_is=none, or "
-                            f"set Rollout.rollout_logp in {name}.rollout and declare it")
+        _check_algo(policy, caps, name, spec)
+        _check_entropy(caps, name, spec)
     return caps
+
+
+def _check_algo(policy, caps: Capabilities, name: str, spec) -> None:
+    """What the algorithm needs from the policy beyond the entropy (token weights, a
+    reference, a greedy completion, the sampler's log-probs)."""
+    if spec.needs_token_weights and not caps.token_weights:
+        raise TypeError(f"algo.token_weighting=tw needs token weights from the policy, and "
+                        f"{name} does not declare Capabilities(token_weights=True); use "
+                        f"token_weighting=none")
+    if spec.needs_ref and not caps.own_kl and not callable(getattr(policy, "ref_logp", None)):
+        raise TypeError(f"algo.beta > 0 needs {name}.ref_logp (or own_kl); set algo.beta=0")
+    if spec.needs_baseline and not caps.greedy:
+        raise TypeError(f"algo.advantage={spec.advantage!r} needs a greedy completion per "
+                        f"prompt as its baseline, and {name} does not declare "
+                        f"Capabilities(greedy=True) with greedy_rollout(prompts, metadata, "
+                        f"generator); pick another advantage (e.g. rloo) or implement it")
+    if spec.needs_rollout_logp and not caps.rollout_logp:
+        raise TypeError(f"algo.rollout_is={spec.rollout_is!r} weights by the sampler's "
+                        f"log-probs, and {name} does not report them (it does not declare "
+                        f"Capabilities(rollout_logp=True)); set algo.rollout_is=none, or "
+                        f"set Rollout.rollout_logp in {name}.rollout and declare it")
+
+
+def _check_entropy(caps: Capabilities, name: str, spec) -> None:
+    if not spec.needs_entropy:
+        return
+    if not caps.entropy:
+        raise TypeError(caps.missing("entropy", name, "algo.entropy_coef > 0 / "
+                                     "algo.top_entropy_quantile < 1")
+                        + "; set algo.entropy_coef=0 and algo.top_entropy_quantile=1")
+    if caps.own_kl and spec.needs_ref:
+        raise TypeError(f"{name} declares own_kl and entropy, and beta > 0 with the entropy "
+                        f"options would need logp, its KL and the entropy from one forward, "
+                        f"which the policy contract has no method for; drop beta or the "
+                        f"entropy options")

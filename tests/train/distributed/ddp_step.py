@@ -2,14 +2,16 @@
 
 One GRPO train_step of a deterministic linear policy on a fixed global batch of 3 prompts x 4
 samples (12 samples: with 2 ranks, prompt 1's group spans both ranks). Saves this rank's weights
-and metrics to OUT/rank{r}.pt.
+and metrics to OUT/rank{r}.pt. An optional 4th argument (JSON) lists several runs instead.
 """
+import json
 import sys
 
 import torch
 
 from mmrl.train.distributed import init_distributed, maybe_destroy, shard_samples
 from mmrl.train.loop import LoopSettings, Rollout, train_step
+from mmrl.algo.entropy import logp_and_entropy
 from mmrl.algo.losses import PolicyLoss
 from mmrl.train.policy import Capabilities
 
@@ -20,7 +22,7 @@ class DeterministicPolicy:
     """Sample (prompt p, member j) is fixed by (p, j): the same on any number of ranks; its
     greedy completion is member 100."""
 
-    capabilities = Capabilities(greedy=True)
+    capabilities = Capabilities(greedy=True, entropy=True)
 
     def __init__(self):
         g = torch.Generator().manual_seed(0)
@@ -49,24 +51,27 @@ class DeterministicPolicy:
         return self.rollout(prompts, meta, [1] * len(prompts), generator)
 
     def logp(self, r, rows, t0, t1):
-        logits = r.data["feats"][rows, t0:t1] @ self.W
-        return torch.log_softmax(logits, -1).gather(-1, r.data["tokens"][rows, t0:t1, None])[..., 0]
+        return self.logp_and_entropy(r, rows, t0, t1)[0]
+
+    def logp_and_entropy(self, r, rows, t0, t1):
+        return logp_and_entropy(r.data["feats"][rows, t0:t1] @ self.W,
+                                r.data["tokens"][rows, t0:t1])
 
 
 def reward(samples, prompts, metadata):
     return [float((p * 7 + j * 3) % 5) for p, j in samples]
 
 
-def main(out, preset, micro, runs=""):
-    """One step of ``preset``, saved as OUT/rank{r}.pt; or, with ``runs`` ("preset:k=v,k=v"
-    entries joined by "+"), one fresh step per entry, saved as OUT/rank{r}-{i}.pt."""
+def main(out, preset, micro, runs="[]"):
+    """One step of ``preset``, saved as OUT/rank{r}.pt; with ``runs`` (JSON: a list of
+    ``[preset, micro, {algo overrides}]``), one fresh step per entry instead, saved as
+    OUT/rank{r}-{i}.pt."""
     d = init_distributed()
-    if not runs:
+    entries = json.loads(runs)
+    if not entries:
         _step(d, f"{out}/rank{d.rank}.pt", preset, micro, {})
-    for i, entry in enumerate(runs.split("+") if runs else []):
-        name, _, kvs = entry.partition(":")
-        over = dict(kv.split("=") for kv in kvs.split(",") if kv)  # e.g. advantage=gpg
-        _step(d, f"{out}/rank{d.rank}-{i}.pt", name, micro, over)
+    for i, (name, mb, over) in enumerate(entries):
+        _step(d, f"{out}/rank{d.rank}-{i}.pt", name, mb, over)
     maybe_destroy(d)
 
 
