@@ -37,6 +37,7 @@ TABLE = {
     "opo": ("opo", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
     "passk": ("passk", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
     "gdpo": ("grpo", "token", "clip", "token_mean", "none", dict(multi_reward="gdpo")),
+    "gpg": ("gpg", "token", "gpg", "token_mean", "none", {}),
 }
 
 

@@ -34,9 +34,20 @@ PINNED = {
     "cispo": [0.620901, 0.187007, 0.086811],
     "cispo_trl": [0.620901, 0.187007, 0.086811],
     "vespo": [0.620901, 0.187007, 0.086811],
-    # ratio 1: no covariance candidate in 1 < Cov < 5 here, and |x| = 0: dapo's values
-    "clip_cov": [-0.388391, -0.212113, 0.0],
+    # ratio 1: no covariance candidate in 1 < Cov < 5 here, and |x| = 0: dapo's values (clip_cov:
+    # its pick draws from the run's generator, so the next rollouts differ from step 2 on)
+    "clip_cov": [-0.388391, -0.036078, 0.0],  # the pick draws from the run's generator
     "kl_cov": [-0.388391, -0.212113, 0.0],
+    # token-weighted whitening (REINFORCE++) and OPO's length-weighted baseline make Σ_t A = 0
+    # over the batch's tokens, so at ratio 1 the token-mean loss value is exactly 0 (the
+    # gradient is not: the parameters still move)
+    "reinforce_pp": [0.0, 0.0, 0.0],
+    "reinforce_pp_baseline": [0.0, 0.0, 0.0],
+    "opo": [0.0, 0.0, 0.0],
+    "remax": [-0.227273, 0.678571, 0.5625],
+    "passk": [-0.650732, -0.330874, -0.218189],
+    "gdpo": [-0.43429, -0.237162, 0.0],
+    "gpg": [0.622907, 0.321873, -0.003004],
     "grpo+kl_full": [-0.055978, -0.039395, -0.028661],
     "grpo+kl_lora": [-0.004699, -0.001951, -0.004127],
 }
