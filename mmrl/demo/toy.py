@@ -98,7 +98,8 @@ class ToyPolicy(GroupPolicy):
     def _logp(self, model, rollout, rows, t0, t1):
         ids = rollout.data["ids"][rows].to(self.device)  # [b, L + T]
         start = ids.shape[1] - self.T
-        logits = model(ids[:, :-1])[:, start - 1 + t0:start - 1 + t1].float()  # [b, t, V]
+        # the temperature-scaled distribution the rollout sampled from ([b, t, V])
+        logits = model(ids[:, :-1])[:, start - 1 + t0:start - 1 + t1].float() / self.c.temperature
         tgt = ids[:, start + t0:start + t1]
         return torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
 
@@ -114,7 +115,8 @@ class ToyPolicy(GroupPolicy):
             rows = (rollout.group_ids == g).nonzero().flatten()
             ids = rollout.data["ids"][rows].to(self.device)
             start = ids.shape[1] - self.T
-            full = torch.log_softmax(self.model(ids[:, :-1])[:, start - 1:].float(), -1)
+            full = torch.log_softmax(
+                self.model(ids[:, :-1])[:, start - 1:].float() / self.c.temperature, -1)
             out[rows] = tw_token_weights(full, rollout.mask[rows].to(self.device),
                                          alpha=self.tw_alpha).cpu()
         return out

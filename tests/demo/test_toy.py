@@ -43,6 +43,20 @@ def test_rollout_masks_stop_after_first_eos():
     assert torch.equal(a, b)
 
 
+def test_logp_scores_the_temperature_scaled_distribution_the_rollout_sampled_from():
+    """At a very high temperature the sampler draws uniformly over the V tokens, so every
+    re-scored log-prob is -log V; at temperature 1 it is not."""
+    c = dict(digits=5, length=3, d_model=16, layers=1, heads=2)
+    hot = ToyPolicy(ToyConfig(temperature=1e4, **c))
+    r = hot.rollout([[1, 2, 3]], [{}], 4, torch.Generator().manual_seed(0))
+    V = 5 + 2  # digits + <sep> + <eos>
+    with torch.no_grad():
+        logp = hot.logp(r, torch.arange(4), 0, hot.T)
+        cold = ToyPolicy(ToyConfig(temperature=1.0, **c)).logp(r, torch.arange(4), 0, hot.T)
+    torch.testing.assert_close(logp, torch.full_like(logp, -math.log(V)), atol=1e-3, rtol=0)
+    assert (cold + math.log(V)).abs().max() > 0.01
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_trains_three_steps(tmp_path, preset):
     summary = _run(tmp_path, preset)
