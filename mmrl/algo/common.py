@@ -44,3 +44,19 @@ def masked_mean(x: Tensor, valid: Tensor) -> Tensor:
     """Mean of ``x`` (broadcast to ``valid``) over the True entries of ``valid``; 0 if none."""
     x = x.expand(valid.shape)
     return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def chunk_source(source, rows: int, cols: int, name: str, dims: str):
+    """``(t0, t1) -> [rows, t1 − t0, V]``: a ``[rows, cols, V]`` tensor sliced along dim 1, or the
+    callable ``source`` itself (which computes each chunk on demand).
+
+    Raises:
+        ValueError: a tensor ``source`` whose shape is not ``[rows, cols, V]``.
+    """
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 3 or tuple(source.shape[:2]) != (rows, cols):
+            raise ValueError(f"{name} has shape {tuple(source.shape)}; expected [{dims}, V] "
+                             f"with {dims} = {rows, cols}")
+        return lambda t0, t1: source[:, t0:t1]
+    return source
+

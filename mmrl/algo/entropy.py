@@ -18,6 +18,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mmrl.algo.common import chunk_source
+
 Tensor = torch.Tensor
 LogitSource = Union[Tensor, Callable[[int, int], Tensor]]
 
@@ -73,10 +75,7 @@ def logp_and_entropy(logits: LogitSource, tokens: Tensor, *, chunk_size: int = 6
         raise ValueError(f"tokens {tuple(tokens.shape)}, chunk_size={chunk_size}; expected "
                          f"tokens [B, T] and chunk_size >= 1")
     B, T = tokens.shape
-    if isinstance(logits, Tensor) and (logits.dim() != 3 or logits.shape[:2] != (B, T)):
-        raise ValueError(f"logits have shape {tuple(logits.shape)}; expected [B, T, V] with "
-                         f"B, T = {B, T} from tokens")
-    get = logits if callable(logits) else (lambda t0, t1: logits[:, t0:t1])
+    get = chunk_source(logits, B, T, "logits", "B, T")  # B, T from tokens
     save_less = recompute and callable(logits) and torch.is_grad_enabled()
     lps, ents = [], []
     for t0 in range(0, T, chunk_size):

@@ -12,6 +12,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from mmrl.algo.common import chunk_source
+
 Tensor = torch.Tensor
 LogpSource = Union[Tensor, Callable[[int, int], Tensor]]
 _D_CLAMP = 11.0  # exp(11) ≈ 6e4: keeps Σ_v exp(d) finite in fp32 for vocabularies up to ~1e33
@@ -62,10 +64,7 @@ def tw_token_weights(full_logp: LogpSource, mask: Tensor, *, alpha: float = 1.7,
         raise ValueError(f"got chunk_size={chunk_size}, vocab_chunk={vocab_chunk}, alpha={alpha};"
                          f" expected chunk_size >= 1, vocab_chunk >= 1 or None, alpha >= 0")
     n, t = mask.shape
-    if isinstance(full_logp, Tensor) and (full_logp.dim() != 3 or full_logp.shape[:2] != (n, t)):
-        raise ValueError(f"full_logp has shape {tuple(full_logp.shape)}; expected [N, T, V] "
-                         f"with N, T = {n, t} from mask")
-    get = full_logp if callable(full_logp) else (lambda t0, t1: full_logp[:, t0:t1])
+    get = chunk_source(full_logp, n, t, "full_logp", "N, T")  # N, T from mask
     parts = []
     with torch.no_grad():
         for t0 in range(0, t, chunk_size):
