@@ -3,6 +3,7 @@
 - one step on 2 ranks (a group split across ranks) equals the same global batch on 1 process;
 - the toy job trained on 2 ranks keeps identical parameters on every rank.
 """
+import json
 import os
 import subprocess
 import sys
@@ -30,21 +31,34 @@ def _run(cmd, timeout=300):
     return proc
 
 
-@pytest.mark.parametrize("preset,micro", [("grpo", 0), ("dapo", 2), ("dr_grpo", 0),
-                                          ("lite_ppo", 3), ("gspo", 0)])
-def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path, preset, micro):
+# (preset, micro-batch size, algo overrides); one torchrun runs them all (a launch costs more
+# than the steps). The batch-global entries (REINFORCE++ whitens over every rank's tokens, GPG's
+# α counts every rank's rewards, GDPO whitens over every sequence, ReMax's greedy completions are
+# split over ranks and shared, the top-entropy threshold is the quantile over both ranks' tokens,
+# skipped empty rows are counted over both ranks) must see the gathered batch to match.
+RUNS = [["grpo", 0, {}], ["dapo", 2, {}], ["dr_grpo", 0, {}], ["lite_ppo", 3, {}],
+        ["gspo", 0, {}], ["reinforce_pp", 0, {}], ["grpo", 0, {"advantage": "gpg"}],
+        ["gdpo", 0, {}], ["remax", 0, {}],
+        ["grpo", 2, {"entropy_coef": 0.2, "top_entropy_quantile": 0.3, "empty_rows": "skip"}]]
+
+
+def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
     script = str(HERE / "distributed" / "ddp_step.py")
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
-    _run([sys.executable, script, str(single), preset, str(micro)])
-    _run(TORCHRUN + [script, str(multi), preset, str(micro)])
-    one = torch.load(single / "rank0.pt")
-    r0, r1 = torch.load(multi / "rank0.pt"), torch.load(multi / "rank1.pt")
-    assert torch.equal(r0["W"], r1["W"]), "ranks diverged"
-    torch.testing.assert_close(r0["W"], one["W"], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(one["W"], torch.load(single / "rank0.pt")["W"] * 0)
-    for key in ("reward_mean", "zero_std_frac", "samples", "loss", "grad_norm"):
-        assert r0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-7), key
+    _run([sys.executable, script, str(single), "-", "0", json.dumps(RUNS)])
+    _run(TORCHRUN + [script, str(multi), "-", "0", json.dumps(RUNS)])
+    for i, run in enumerate(RUNS):
+        one = torch.load(single / f"rank0-{i}.pt")
+        r0, r1 = torch.load(multi / f"rank0-{i}.pt"), torch.load(multi / f"rank1-{i}.pt")
+        assert torch.equal(r0["W"], r1["W"]), f"{run}: ranks diverged"
+        torch.testing.assert_close(r0["W"], one["W"], rtol=1e-5, atol=1e-6, msg=str(run))
+        assert one["metrics"]["adv_abs_mean"] > 0, run
+        for key in ("adv_abs_mean", "reward_mean", "zero_std_frac", "samples", "loss",
+                    "grad_norm"):
+            assert r0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5,
+                                                       abs=1e-7), (run, key)
+    assert 0.2 < torch.load(single / "rank0-9.pt")["metrics"]["entropy_kept"] < 0.45
 
 
 @pytest.mark.parametrize("extra", [[], ["train.selector=vade", "train.dynamic_sampling_tries=2",
