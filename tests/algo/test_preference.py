@@ -258,13 +258,18 @@ def test_swapping_the_pairs_flips_the_margin():
 
 @pytest.mark.parametrize("preset", ["ipo", "robust_dpo", "simpo", "sppo", "trpa"])
 def test_swapping_the_pairs_negates_the_margin_for_every_loss(preset):
-    # The loss of a swapped pair at margin −m equals the loss at m evaluated on swapped inputs:
-    # per pair the stats' margin changes sign.
     d = pairs(5)
     loss = PreferenceLoss(preset)
-    _, _, _, st = mmrl_value_grad(loss, d)
-    _, _, _, sts = mmrl_value_grad(loss, swapped(d))
+    v, gw, gl, st = mmrl_value_grad(loss, d)
+    vs, gws, gls, sts = mmrl_value_grad(loss, swapped(d))
     torch.testing.assert_close(sts["reward_margin"], -st["reward_margin"], **TOL)
+    margin, beta = st["reward_margin"], loss.spec.beta  # margin = mean β·m, m = s_w − s_l
+    if preset == "sppo":  # each side regresses to its own win rate: swapping changes nothing
+        torch.testing.assert_close((vs, gws, gls), (v, gl, gw), **TOL)
+    elif preset == "ipo":  # (−m − c)² − (m − c)² = 4mc, c = 1/(2β)
+        torch.testing.assert_close(vs - v, 2 * margin / beta ** 2, **TOL)
+    elif preset == "robust_dpo":  # rDPO(−z) − rDPO(z) = z / (1 − 2ε)
+        torch.testing.assert_close(vs - v, margin / (1 - 2 * loss.spec.label_smoothing), **TOL)
 
 
 @pytest.mark.parametrize("preset", sorted(PREF_PRESETS))
@@ -393,12 +398,20 @@ def test_presets_are_valid_frozen_and_declare_their_inputs():
     assert resolve_pref("dpo", beta=2).beta == 2  # an int is a number
 
 
-def test_the_spec_side_loads_no_torch():
+def test_the_spec_side_and_mmrl_algos_load_no_torch():
     code = ("import sys; from mmrl.algo.preference import PrefSpec, pref_problems, resolve_pref; "
-            "assert pref_problems('dpo', loss='ipo') == []; print('torch' in sys.modules)")
+            "assert pref_problems('dpo', loss='ipo') == []; "
+            "from mmrl.cli.app import main; main(['algos']); print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False"
+    assert "diffusion_dpo" in out.stdout and out.stdout.splitlines()[-1] == "TORCH False"
+
+
+def test_the_public_names_import_from_every_level():
+    import mmrl
+    import mmrl.algo
+    assert mmrl.PreferenceLoss is mmrl.algo.PreferenceLoss is PreferenceLoss
+    assert mmrl.best_worst_pairs is best_worst_pairs and mmrl.PREF_PRESETS is PREF_PRESETS
 
 
 def test_mmrl_algos_prints_the_preference_table(capsys):
