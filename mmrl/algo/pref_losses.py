@@ -11,8 +11,11 @@ its loss ``[P]``:
 
     fn(s_w [P], s_l [P], *, beta [P] or float, spec, chosen_win, rejected_win) -> loss [P]
 
-``beta`` is spec.beta times TRPA's per-pair scale. :class:`PreferenceLoss` adds SimPO's SFT
-term and returns Σ_pairs ℓ / num_pairs with detached statistics.
+``beta`` is spec.beta times TRPA's per-pair scale. Each entry carries the flags
+:mod:`mmrl.algo.pref_presets` validates against (``win``, ``smoothing``, ``margin``,
+``needs_ref``; that module's torch-free table repeats them, and a test checks both agree).
+:class:`PreferenceLoss` adds SimPO's SFT term and returns Σ_pairs ℓ / num_pairs with detached
+statistics.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmrl.algo.common import Tensor, entry
-from mmrl.algo.pref_presets import _BUILTIN_LOSSES, resolve_pref
+from mmrl.algo.pref_presets import resolve_pref
 from mmrl.registry import Registry
 
 __all__ = ["PREF_LOSSES", "PreferenceLoss", "side_scores"]
@@ -30,16 +33,12 @@ __all__ = ["PREF_LOSSES", "PreferenceLoss", "side_scores"]
 PREF_LOSSES: Registry = Registry("preference loss")
 
 
-def _flags(name: str) -> dict:
-    return _BUILTIN_LOSSES[name]
-
-
 def _margin(s_w: Tensor, s_l: Tensor, beta, spec) -> Tensor:
     """z = β·(s_w − s_l − γ/β): SimPO's margin γ/β (0 for DPO)."""
     return beta * (s_w - s_l - spec.gamma_beta_ratio)
 
 
-@entry(PREF_LOSSES, "sigmoid", **_flags("sigmoid"))
+@entry(PREF_LOSSES, "sigmoid", win=None, smoothing=True, margin=True, needs_ref=False)
 def sigmoid_loss(s_w: Tensor, s_l: Tensor, *, beta, spec, **_) -> Tensor:
     """−(1 − ε)·log σ(z) − ε·log σ(−z), z = β(s_w − s_l − γ/β).
 
@@ -51,13 +50,13 @@ def sigmoid_loss(s_w: Tensor, s_l: Tensor, *, beta, spec, **_) -> Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-@entry(PREF_LOSSES, "hinge", **_flags("hinge"))
+@entry(PREF_LOSSES, "hinge", win=None, smoothing=False, margin=True, needs_ref=False)
 def hinge_loss(s_w: Tensor, s_l: Tensor, *, beta, spec, **_) -> Tensor:
     """relu(1 − z), z = β(s_w − s_l − γ/β): SLiC (arXiv 2305.10425); SimPO's hinge option."""
     return torch.relu(1 - _margin(s_w, s_l, beta, spec))
 
 
-@entry(PREF_LOSSES, "robust", **_flags("robust"))
+@entry(PREF_LOSSES, "robust", win=None, smoothing=True, margin=True, needs_ref=False)
 def robust_loss(s_w: Tensor, s_l: Tensor, *, beta, spec, **_) -> Tensor:
     """[(1 − ε)·ℓ(z) − ε·ℓ(−z)] / (1 − 2ε), ℓ(z) = −log σ(z): robust DPO (arXiv 2403.00409),
     an unbiased DPO loss when labels are flipped with probability ε < ½ (TRL loss_type robust)."""
@@ -65,13 +64,13 @@ def robust_loss(s_w: Tensor, s_l: Tensor, *, beta, spec, **_) -> Tensor:
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
-@entry(PREF_LOSSES, "ipo", **_flags("ipo"))
+@entry(PREF_LOSSES, "ipo", win=None, smoothing=False, margin=False, needs_ref=False)
 def ipo_loss(s_w: Tensor, s_l: Tensor, *, beta, **_) -> Tensor:
     """(s_w − s_l − 1/(2β))²: IPO (arXiv 2310.12036 Eq. 17, β = τ)."""
     return (s_w - s_l - 1 / (2 * beta)) ** 2
 
 
-@entry(PREF_LOSSES, "sppo", **_flags("sppo"))
+@entry(PREF_LOSSES, "sppo", win="both", smoothing=False, margin=False, needs_ref=True)
 def sppo_loss(s_w: Tensor, s_l: Tensor, *, beta, chosen_win, rejected_win, **_) -> Tensor:
     """½[(s_w − (P̂_w − ½)/β)² + (s_l − (P̂_l − ½)/β)²]: SPPO (arXiv 2405.00675; uclaml/SPPO
     sppo_loss), s the summed log-ratios to π_t, P̂ each completion's win rate in its group.
@@ -79,7 +78,8 @@ def sppo_loss(s_w: Tensor, s_l: Tensor, *, beta, chosen_win, rejected_win, **_) 
     return 0.5 * ((s_w - (chosen_win - 0.5) / beta) ** 2 + (s_l - (rejected_win - 0.5) / beta) ** 2)
 
 
-@entry(PREF_LOSSES, "sppo_single", **_flags("sppo_single"))
+@entry(PREF_LOSSES, "sppo_single", win="chosen", smoothing=False, margin=False,
+       needs_ref=True)
 def sppo_single_loss(s_w: Tensor, s_l: Tensor, *, beta, chosen_win, **_) -> Tensor:
     """½[(s_w − (p − ½)/β)² + (s_l + (p − ½)/β)²], p = P(y_w ≻ y_l) (uclaml/SPPO sppo_single)."""
     target = (chosen_win - 0.5) / beta
