@@ -75,7 +75,8 @@ def sppo_loss(s_w: Tensor, s_l: Tensor, *, beta, chosen_win, rejected_win, **_) 
     """½[(s_w − (P̂_w − ½)/β)² + (s_l − (P̂_l − ½)/β)²]: SPPO (arXiv 2405.00675; uclaml/SPPO
     sppo_loss), s the summed log-ratios to π_t, P̂ each completion's win rate in its group.
     P̂_w = 1, P̂_l = 0 is TRL's ``sppo_hard`` up to its missing ½."""
-    return 0.5 * ((s_w - (chosen_win - 0.5) / beta) ** 2 + (s_l - (rejected_win - 0.5) / beta) ** 2)
+    target_w, target_l = (chosen_win - 0.5) / beta, (rejected_win - 0.5) / beta
+    return 0.5 * ((s_w - target_w) ** 2 + (s_l - target_l) ** 2)
 
 
 @entry(PREF_LOSSES, "sppo_single", win="chosen", smoothing=False, margin=False,

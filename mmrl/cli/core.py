@@ -211,7 +211,8 @@ def pref_table() -> List[str]:
             ("gamma_beta_ratio", flags.margin and spec.gamma_beta_ratio > 0),
             ("sft_weight", spec.sft_weight > 0), ("alpha", spec.token_guidance),
             ("kappa", spec.scaled_pairs)) if on})
-        rows.append((name, spec.loss, " ".join(score), ", ".join(f"{k}={v:g}" for k, v in hp.items())))
+        rows.append((name, spec.loss, " ".join(score),
+                     ", ".join(f"{k}={v:g}" for k, v in hp.items())))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
 

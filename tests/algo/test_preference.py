@@ -401,7 +401,8 @@ def test_presets_are_valid_frozen_and_declare_their_inputs():
 def test_the_spec_side_and_mmrl_algos_load_no_torch():
     code = ("import sys; from mmrl.algo.preference import PrefSpec, pref_problems, resolve_pref; "
             "assert pref_problems('dpo', loss='ipo') == []; "
-            "from mmrl.cli.app import main; main(['algos']); print('TORCH', 'torch' in sys.modules)")
+            "from mmrl.cli.app import main; main(['algos']); "
+            "print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "diffusion_dpo" in out.stdout and out.stdout.splitlines()[-1] == "TORCH False"
