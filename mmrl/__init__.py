@@ -26,6 +26,8 @@ Public core API (imported on first use: ``import mmrl`` itself does not load tor
     top_entropy_mask(entropy, mask, quantile) -> BoolTensor[B, T]
     soft_overlong_penalty(lengths, max_len, cache_len) -> Tensor[B]
     PRESETS, resolve_algo(name, **overrides)
+    PreferenceLoss(preset="dpo", **overrides)   # DPO family: (chosen, rejected) -> (loss, stats)
+    PREF_PRESETS, resolve_pref(name, **overrides); best_worst_pairs, win_rates, level_pairs
     evaluate_reward(fn, samples, prompts, metadata) -> RewardBatch
 """
 from mmrl import _moved
@@ -45,4 +47,7 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl", {
     "mmrl.algo.shaping": ("soft_overlong_penalty",),
     "mmrl.algo.token_weights": ("tw_token_weights",),
     "mmrl.algo.entropy": ("logp_and_entropy", "token_entropy", "top_entropy_mask"),
+    "mmrl.algo.pref_presets": ("PREF_PRESETS", "PrefSpec", "pref_problems", "resolve_pref"),
+    "mmrl.algo.pref_losses": ("PREF_LOSSES", "PreferenceLoss"),
+    "mmrl.algo.pref_pairs": ("best_worst_pairs", "level_pairs", "win_rates"),
 })

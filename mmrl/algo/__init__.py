@@ -1,5 +1,6 @@
 """The math of group-relative RL, shared by every domain: advantages, policy losses (ratio level
-x objective x aggregation, KL), named presets, TW-GRPO token weights, reward shaping.
+x objective x aggregation, KL), named presets, TW-GRPO token weights, reward shaping, and the
+preference losses (DPO family, :mod:`mmrl.algo.preference`).
 
 Pure torch; names are imported on first use (``mmrl.algo.presets`` itself needs no torch).
 """
@@ -14,4 +15,7 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl.algo", {
     ".shaping": ("soft_overlong_penalty",),
     ".token_weights": ("tw_token_weights",),
     ".entropy": ("logp_and_entropy", "token_entropy", "top_entropy_mask"),
+    ".pref_presets": ("PREF_PRESETS", "PrefSpec", "pref_problems", "resolve_pref"),
+    ".pref_losses": ("PREF_LOSSES", "PreferenceLoss"),
+    ".pref_pairs": ("best_worst_pairs", "level_pairs", "win_rates"),
 })

@@ -25,18 +25,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _value_type(key: str) -> type:
+def _value_type(key: str, hints: dict = _HINTS) -> type:
     """``str``, ``int`` or ``float``: the declared type of field ``key`` (None allowed aside)."""
-    tp = _HINTS[key]
+    tp = hints[key]
     return next((a for a in typing.get_args(tp) if a is not type(None)), tp)
 
 
-def _type_problems(values: dict) -> Dict[str, str]:
-    """{key: problem} for overrides of the wrong type (per the field's declared type)."""
+def _type_problems(values: dict, hints: dict = _HINTS) -> Dict[str, str]:
+    """{key: problem} for overrides of the wrong type (per the field's declared type in
+    ``hints``: AlgoSpec's, or another spec's such as :class:`mmrl.algo.pref_presets.PrefSpec`)."""
     problems = {}
     for key, v in values.items():
-        tp = _value_type(key)
-        if v is None and typing.get_origin(_HINTS[key]) is typing.Union:
+        tp = _value_type(key, hints)
+        if v is None and typing.get_origin(hints[key]) is typing.Union:
             continue
         if tp is bool:
             if not isinstance(v, bool):

@@ -47,7 +47,8 @@ def add_commands(sub) -> None:
     docs.set_defaults(func=cmd_config_docs)
     c.set_defaults(func=lambda a: (c.print_help(), 0)[1])
 
-    a = sub.add_parser("algos", help="list algorithm presets and what each picks on every axis",
+    a = sub.add_parser("algos", help="list algorithm presets and what each picks on every axis, "
+                                     "then the preference-loss presets",
                        description="Presets are one choice per axis (advantage, ratio level, "
                                    "objective, aggregation, KL, token weighting) plus "
                                    "hyper-parameters; override any of them under algo:.")
@@ -192,8 +193,37 @@ def relevant_hparams(spec) -> dict:
     return {k: getattr(spec, k) for k in keys if getattr(spec, k, None) is not None}
 
 
+def pref_table() -> List[str]:
+    """The lines of the "preference losses" table: each preset's loss, how a completion is
+    scored (reference or none, sum or mean, TGDPO guidance, TRPA pair scale) and the
+    hyper-parameters it reads."""
+    from mmrl.algo.preference import PREF_PRESETS
+    from mmrl.algo.pref_presets import loss_registry
+    rows = [("preset", "loss", "score", "hyper-parameters")]
+    for name, spec in sorted(PREF_PRESETS.items()):
+        flags = loss_registry().get(spec.loss)
+        score = ["logp" if spec.reference_free else "logp-ref",
+                 "mean" if spec.length_normalize else "sum"]
+        score += ["guided"] * spec.token_guidance + ["x pair_scale"] * spec.scaled_pairs
+        hp = {"beta": spec.beta}
+        hp.update({k: getattr(spec, k) for k, on in (
+            ("label_smoothing", flags.smoothing and spec.label_smoothing > 0),
+            ("gamma_beta_ratio", flags.margin and spec.gamma_beta_ratio > 0),
+            ("sft_weight", spec.sft_weight > 0), ("alpha", spec.token_guidance),
+            ("kappa", spec.scaled_pairs)) if on})
+        rows.append((name, spec.loss, " ".join(score),
+                     ", ".join(f"{k}={v:g}" for k, v in hp.items())))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+
+
 def cmd_algos(args) -> int:
     from mmrl.algo.presets import PRESETS, resolve_algo
+    from mmrl.algo.preference import PREF_PRESETS, resolve_pref
+    if args.name and args.name in PREF_PRESETS and args.name not in PRESETS:
+        for k, v in vars(resolve_pref(args.name)).items():
+            print(f"{k:18s} {v}")
+        return 0
     if args.name:
         spec = resolve_algo(args.name)
         for k, v in vars(spec).items():
@@ -214,4 +244,7 @@ def cmd_algos(args) -> int:
     print("Rollout/training mismatch correction, with any preset (mmrl.algo.offpolicy; TRL, "
           "verl): algo.rollout_is=" + "|".join(axis_registry("rollout_is").names())
           + " (rollout_is_min/max), algo.off_policy_mask=<delta> (DeepSeek-V3.2)")
+    print("\npreference losses (mmrl.algo.preference; score = what each completion is scored "
+          "with, summed or averaged over its tokens / steps; docs/algorithms.md):")
+    print("\n".join(pref_table()))
     return 0

@@ -70,6 +70,10 @@ class Capabilities:
             ``[len(rows), t1 - t0]`` with gradient: the sampled tokens' log-probs and the
             per-position entropy of the same (temperature-scaled) distribution, from one forward
             (``algo.entropy_coef > 0``, ``algo.top_entropy_quantile < 1``).
+        preference: ``pair_rollout(records) -> (Rollout, chosen_rows, rejected_rows)`` and
+            ``pair_scores(rollout, chosen_rows, rejected_rows, generator, with_ref) ->
+            PrefScores``: the scores preference losses (DPO family, Diffusion-DPO) train on
+            (:mod:`mmrl.train.preference`).
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -85,6 +89,7 @@ class Capabilities:
     greedy: bool = False
     rollout_logp: bool = False
     entropy: bool = False
+    preference: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -111,6 +116,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "greedy": ("greedy_rollout",),
     "rollout_logp": (),
     "entropy": ("logp_and_entropy",),
+    "preference": ("pair_rollout", "pair_scores"),
 }
 """capability -> the methods a policy declaring it must have."""
 
