@@ -208,3 +208,21 @@ def test_unreadable_media_are_skipped_and_counted(tiny_vl_dir, records, tmp_path
     empty, c, r = pol.pair_rollout(pairs.records[1:3])  # nothing readable: no rows
     assert len(empty) == 0 and c.numel() == r.numel() == 0
     assert empty.skipped == {"corrupt": 1, "unreadable_image": 1}
+
+
+def test_the_job_policy_builds_pair_prompts_with_the_jobs_template(tiny_vl_dir, records,
+                                                                    tmp_path):
+    """``build_policy`` hands ``video.template`` / ``video.system_prompt`` to the policy, so a
+    pair's prompt is the one the job's rollouts see."""
+    from mmrl.video.config import VideoConfig
+    from mmrl.video.data import build_messages
+    from mmrl.video.job import build_policy
+    c = VideoConfig(model=tiny_vl_dir, template="tw_grpo", system_prompt="Be brief.",
+                    dtype="float32", max_new_tokens=2)
+    pol = build_policy(c, str(tmp_path), "cpu")
+    ro, _, _ = pol.pair_rollout([_pair(records[0], "A", "B")])
+    cache, _ = pol.encode_prompts([build_messages(records[0], "tw_grpo",
+                                                  system_prompt="Be brief.")])
+    assert torch.equal(ro.data["prompt_cache"].ids, cache.ids)
+    text = pol.tok.decode(cache.ids[0])
+    assert "Be brief." in text and "or the letters separated by commas" in text

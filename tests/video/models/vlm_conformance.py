@@ -172,8 +172,8 @@ class VLMAdapterConformance:
 
     def test_pair_scores_equal_logp_for_video_image_and_text_prompts(self, model_dir, task):
         """``pair_scores`` (one forward for both completions of a pair, the lm head in
-        chunks) equals ``logp`` on the same rows; the appended end-of-turn token ends a
-        completion."""
+        chunks) equals ``logp`` on the same rows; a pair record's completions end with the
+        adapter's end-of-turn token, one of its end tokens."""
         pol = self.policy(model_dir, tw_chunk=2)
         assert pol.adapter.turn_end_id(pol.tok) in pol.eos
         ro = self.rollout(pol, task[1], group=2, seed=2)  # rows (0, 1) video, (2, 3) image, ...
@@ -186,6 +186,16 @@ class VLMAdapterConformance:
                              (scores.rejected_logp, scores.rejected_mask, [1, 3, 5])):
             assert torch.equal(m, ro.mask[rows, :T])
             torch.testing.assert_close(got[m], lp[rows, :T][m], atol=1e-5, rtol=0)
+        # a pair record of the job's data: its completions end with the end-of-turn token
+        from mmrl.video.data import load_vl_dataset
+        record = list(load_vl_dataset(task[0]))[0]
+        pairs, chosen, rejected = pol.pair_rollout([{**record.to_json(), "chosen": "A",
+                                                     "rejected": "B"}])
+        end = pol.adapter.turn_end_id(pol.tok)
+        want = [pol.tok(t, add_special_tokens=False)["input_ids"] + [end] for t in "AB"]
+        assert pairs.data["response"].tolist() == want and bool(pairs.mask.all())
+        s = pol.pair_scores(pairs, chosen, rejected, None, with_ref=False)
+        assert bool(torch.isfinite(s.chosen_logp).all() & torch.isfinite(s.rejected_logp).all())
 
     def test_export_round_trips_through_the_library_from_pretrained(self, model_dir, task,
                                                                       tmp_path):
