@@ -226,3 +226,20 @@ def test_the_job_policy_builds_pair_prompts_with_the_jobs_template(tiny_vl_dir, 
     assert torch.equal(ro.data["prompt_cache"].ids, cache.ids)
     text = pol.tok.decode(cache.ids[0])
     assert "Be brief." in text and "or the letters separated by commas" in text
+
+
+def test_a_file_without_usable_pairs_and_a_long_problem_list(records, tmp_path):
+    with pytest.raises(ValueError, match="no usable pair; the file holds no record"):
+        load_pairs(_write(tmp_path, []))
+    gone = {**_pair(records[0], "A", "B", tmp_path), "path": "gone.mp4"}
+    with pytest.raises(ValueError, match=r"no usable pair; all 2 records' media files are "
+                                         r"missing \(e.g. pairs.jsonl:1: video '.*gone.mp4'"):
+        load_pairs(_write(tmp_path, [gone, gone]))
+    assert len(load_pairs(_write(tmp_path, [gone, gone]), check_media=False)) == 2
+    bad = {**_pair(records[0], "A", "B", tmp_path), "chosen": ""}
+    with pytest.raises(PairRecordError) as err:
+        load_pairs(_write(tmp_path, [bad] * 60))
+    lines = str(err.value).splitlines()
+    assert len(err.value.problems) == 60 and len(lines) == 1 + 50 + 1
+    assert lines[50].startswith("  pairs.jsonl:50: 'chosen' must be a non-empty completion")
+    assert lines[-1] == "  ... and 10 more (bad_chosen: 10)"
