@@ -11,7 +11,7 @@
   :class:`SkipCounter` (or ``build_qwen_video_inputs(on_error="skip")``).
 - Training data (Video-R1 JSONL), verifiable rewards and augmentations: :mod:`.data`,
   :mod:`.vl_rewards`, :mod:`.augment` (see docs/video_rl.md); the job: :mod:`.config` (torch-free
-  section) and :mod:`.job`.
+  section) and :mod:`.job`. Preference pair files (chosen / rejected completions): :mod:`.pairs`.
 
 Importing this package loads nothing heavy (PEP 562): each name imports its module on first use,
 so ``import mmrl.video.config`` loads no torch.
@@ -32,6 +32,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".models.qwen_vl.positions": ["mrope_position_ids", "qwen2_position_ids",
                                   "qwen25_position_ids"],
     ".models.qwen_vl.tiny": ["build_tiny_qwen_vl", "build_tiny_qwen2_vl", "build_tiny_qwen3_vl"],
+    ".pairs": ["PairRecord", "PairRecordError", "PairSet", "load_pairs"],
     ".policy": ["QwenVLPolicy", "VLMPolicy", "load_qwen_vl", "load_vlm"],
     ".rounds": ["DifficultyRounds", "TemporalContrast"],
     ".slow_fast": ["FAST", "SLOW", "SlowFastPlan", "choose_resolutions", "slow_fast_plan"],

@@ -86,7 +86,8 @@ def build_policy(c, output_dir: str, device: str, spec=None):
                           max_new_tokens=c.max_new_tokens, stop=c.stop,
                           allowed_answers=c.allowed_answers, video=_video_kwargs(c),
                           tw_alpha=spec.tw_alpha if spec is not None else 1.7,
-                          tw_chunk=c.tw_chunk, device=device)
+                          tw_chunk=c.tw_chunk, device=device, template=c.template,
+                          system_prompt=c.system_prompt)
     if spec is not None and spec.needs_ref:
         policy.enable_reference()
     return policy

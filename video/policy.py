@@ -1,5 +1,6 @@
 """Any registered vision-language family as a :class:`mmrl.train.policy.GroupPolicy`: group
-rollouts, per-token logp, reference, TW weights, concatenated tries, export, FSDP.
+rollouts, per-token logp, reference, TW weights, concatenated tries, export, FSDP, and the
+scores of preference pairs (``pair_rollout`` / ``pair_scores``, :mod:`mmrl.train.preference`).
 
 The family's specifics (processor inputs, positions, where the vision features go, the module
 layout, export) come from its :class:`~mmrl.video.models.base.VLMAdapter`, picked by
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from mmrl.train.distributed import gathered_parameters, root_forward
 from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.preference import PrefScores
 from mmrl.train.rollout import Rollout, concat_rollout_logp
 
 from .io import SkipCounter, VideoError
@@ -125,12 +127,13 @@ class VLMPolicy(GroupPolicy):
 
     capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
                                 fsdp=True, greedy=True, rollout_logp=True,
-                                entropy=True)
+                                entropy=True, preference=True)
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
                  allowed_answers: Sequence[str] = (), video: Optional[Dict[str, Any]] = None,
-                 tw_alpha: float = 1.7, tw_chunk: int = 64, device: str = "cpu", adapter=None):
+                 tw_alpha: float = 1.7, tw_chunk: int = 64, device: str = "cpu", adapter=None,
+                 template: str = "video_r1", system_prompt: Optional[str] = None):
         if temperature <= 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
             raise ValueError(f"temperature={temperature}, top_p={top_p}, max_new_tokens="
                              f"{max_new_tokens}; expected temperature > 0, 0 < top_p <= 1, "
@@ -148,6 +151,7 @@ class VLMPolicy(GroupPolicy):
         self.stop = [s for s in stop if s]
         self.video = dict(video or {})
         self.tw_alpha, self.tw_chunk = tw_alpha, tw_chunk
+        self.template, self.system_prompt = template, system_prompt  # pair records' prompts
         self.eos = adapter.end_token_ids(self.tok)
         self.allowed = self._allowed_ids(allowed_answers)
         # vision placeholders are never sampled: one in a completion would shift the features
@@ -243,6 +247,14 @@ class VLMPolicy(GroupPolicy):
             pos[:, u, P - n:] = p[:, 0]
             vision.append(self.adapter.vision_payload(r))
         return PromptCache(ids, attn, pos, next_pos, vision), kept
+
+    def _encode_counted(self, conversations) -> tuple:
+        """``(PromptCache, kept prompt indices, {reason: this call's skips})``."""
+        before = dict(self.skips.by_reason)
+        cache, kept = self.encode_prompts(conversations)
+        skipped = {k: v - before.get(k, 0) for k, v in self.skips.by_reason.items()
+                   if v > before.get(k, 0)}
+        return cache, kept, skipped
 
     def _prompt_embeds(self, base, cache: PromptCache, pidx: torch.Tensor, t: int) -> tuple:
         """``([b, P, H] prompt embeddings, language-model kwargs)`` of rows ``pidx`` followed by
@@ -361,10 +373,7 @@ class VLMPolicy(GroupPolicy):
                 raise ValueError(f"metadata[{i}] has no 'messages'; expected the prompt's "
                                  f"conversation (mmrl.video.data.build_messages(record))")
             convs.append(meta["messages"])
-        before = dict(self.skips.by_reason)
-        cache, kept = self.encode_prompts(convs)
-        skipped = {k: v - before.get(k, 0) for k, v in self.skips.by_reason.items()
-                   if v > before.get(k, 0)}  # this call's skips, by reason
+        cache, kept, skipped = self._encode_counted(convs)
         n = torch.tensor([counts[i] for i in kept], dtype=torch.long)
         pidx = torch.arange(len(kept)).repeat_interleave(n)  # [B] row -> cached prompt
         groups = torch.tensor(kept, dtype=torch.long).repeat_interleave(n)  # local prompt index
@@ -422,14 +431,119 @@ class VLMPolicy(GroupPolicy):
 
     def ref_logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
         """The same under the reference: LoRA disabled, or the frozen copy."""
+        return self._under_reference(lambda m: self._logp(m, rollout, rows, t0, t1))
+
+    def _under_reference(self, fn):
+        """``fn(model)`` without gradient on the reference: the LoRA model with its adapter
+        disabled, or the frozen copy (full fine-tuning)."""
         if self.is_peft:
             with torch.no_grad(), self.model.disable_adapter():
-                return self._logp(self.model, rollout, rows, t0, t1)
+                return fn(self.model)
         if self.ref is None:
-            raise ValueError("beta > 0 with full fine-tuning needs a reference copy; call "
-                             "policy.enable_reference() first (the video job does)")
+            raise ValueError("the reference policy (algo.beta > 0, or a preference loss with a "
+                             "reference) with full fine-tuning needs a frozen copy, and none was "
+                             "made; call policy.enable_reference() first (the video job does "
+                             "when its algorithm needs one)")
         with torch.no_grad():
-            return self._logp(self.ref, rollout, rows, t0, t1)
+            return fn(self.ref)
+
+    # ------------------------------------------------------------------ preference pairs
+    def pair_rollout(self, records) -> tuple:
+        """``(Rollout, chosen_rows [P], rejected_rows [P])`` of preference pair records
+        (:class:`mmrl.video.pairs.PairRecord` s, or raw JSON objects: the job's record fields
+        plus ``"chosen"`` and ``"rejected"``), ready for :meth:`pair_scores`.
+
+        A pair's prompt is built as the job builds it (``template``, ``system_prompt``) and
+        encoded once for its two rows; its completions are tokenized (with the adapter's
+        end-of-turn token, :func:`mmrl.video.pairs.completion_tokens`) as ``response`` rows
+        ``2k`` (chosen) and ``2k + 1`` (rejected), masked up to and including the end token;
+        ``group_ids`` are the records' indices. A record whose video / image cannot be read
+        has no rows and is counted in ``Rollout.skipped`` (and ``skips``).
+
+        Raises:
+            PairRecordError: (a ``ValueError``) every malformed record and every completion
+                the policy cannot emit (vision placeholders, tokens outside
+                ``allowed_answers``), at once.
+        """
+        from .data import build_messages, format_question
+        from .pairs import as_pair_records, completion_tokens
+        pairs = as_pair_records(records)
+        allowed = None if self.allowed is None else self.allowed.tolist()
+        ids = completion_tokens(pairs, self.tok, self.adapter.turn_end_id(self.tok), self.eos,
+                                self.banned.tolist(), allowed)  # checked before any decoding
+        cache, kept, skipped = self._encode_counted(
+            [build_messages(p.record, self.template, system_prompt=self.system_prompt)
+             for p in pairs])
+        seqs = [s for i in kept for s in ids[i]]  # [2K] chosen, rejected, chosen, ...
+        T = max((len(s) for s in seqs), default=1)
+        resp = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            resp[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), True
+        meta = [{**pairs[i].record.metadata(), "completion_length": len(ids[i][k]),
+                 "pair_role": role} for i in kept for k, role in enumerate(("chosen",
+                                                                            "rejected"))]
+        samples = [text for i in kept for text in (pairs[i].chosen, pairs[i].rejected)]
+        prompts = [format_question(pairs[i].record, self.template)
+                   for i in kept for _ in range(2)]
+        K = len(kept)
+        ro = Rollout(samples, prompts, meta,
+                     torch.tensor(kept, dtype=torch.long).repeat_interleave(2), mask,
+                     {"prompt_index": torch.arange(K).repeat_interleave(2), "response": resp,
+                      "prompt_cache": cache}, skipped=skipped)
+        return ro, 2 * torch.arange(K), 2 * torch.arange(K) + 1
+
+    def pair_scores(self, rollout: Rollout, chosen_rows, rejected_rows, generator=None,
+                    with_ref: bool = False) -> PrefScores:
+        """The completion tokens' log-probs of P pairs: ``[P, T]`` each, with gradient, under
+        the distribution :meth:`logp` scores (temperature, ``allowed_answers``; vision once per
+        prompt); the reference's (:meth:`ref_logp`'s: LoRA disabled, or the frozen copy),
+        detached, when ``with_ref``. ``T`` is the longest of these rows' masks. One forward
+        for the 2P rows; the lm head and log-softmax run ``tw_chunk`` positions at a time and
+        (without FSDP) are recomputed in the backward pass, so ``[2P, T, V]`` is never held.
+        ``generator`` is unused (the scores are deterministic).
+
+        Raises:
+            ValueError: ``chosen_rows`` and ``rejected_rows`` of different lengths.
+        """
+        chosen_rows = torch.as_tensor(chosen_rows, dtype=torch.long).flatten()
+        rejected_rows = torch.as_tensor(rejected_rows, dtype=torch.long).flatten()
+        if len(chosen_rows) != len(rejected_rows):
+            raise ValueError(f"{len(chosen_rows)} chosen rows and {len(rejected_rows)} rejected "
+                             f"rows; expected one of each per pair (pair_rollout's output)")
+        P = len(chosen_rows)
+        rows = torch.cat([chosen_rows, rejected_rows])  # [2P]
+        used = rollout.mask[rows].any(0).nonzero()
+        T = int(used.max()) + 1 if len(used) else 0
+        mask = rollout.mask[rows, :T]
+
+        def run():
+            return self._chunked_logp(self.model, rollout, rows, T)
+        lp = run() if self._fsdp is None else root_forward(self._fsdp, run)  # [2P, T]
+        ref = (self._under_reference(lambda m: self._chunked_logp(m, rollout, rows, T))
+               if with_ref else None)
+        return PrefScores(lp[:P], lp[P:], mask[:P], mask[P:],
+                          None if ref is None else ref[:P], None if ref is None else ref[P:])
+
+    def _chunked_logp(self, model, rollout: Rollout, rows, T: int) -> torch.Tensor:
+        """``[len(rows), T]`` log-probs of the stored tokens: one forward, then the lm head
+        and log-softmax ``tw_chunk`` positions at a time (checkpointed under gradient without
+        FSDP: each ``[b, c, V]`` is recomputed in the backward pass instead of saved)."""
+        from torch.utils.checkpoint import checkpoint
+        cache: PromptCache = rollout.data["prompt_cache"]
+        resp = rollout.data["response"][rows, :T]
+        hidden, head = self._hidden(model, cache, rollout.data["prompt_index"][rows], resp)
+        P = cache.ids.shape[1]
+        h, tok = hidden[:, P - 1:P - 1 + T], resp.to(hidden.device)  # [b, T, H], [b, T]
+        recompute = self._fsdp is None and torch.is_grad_enabled()
+        parts = []
+        for a in range(0, T, self.tw_chunk):
+            b = min(T, a + self.tw_chunk)
+
+            def chunk(a=a, b=b):
+                return self._logprobs(head, h[:, a:b]).gather(-1, tok[:, a:b, None])[..., 0]
+            parts.append(checkpoint(chunk, use_reentrant=False) if recompute else chunk())
+        return torch.cat(parts, 1) if parts else h.new_zeros(len(rows), 0)
 
     def token_weights(self, rollout: Rollout) -> torch.Tensor:
         """TW-GRPO weights ``[B, T]``, one group at a time; the group's hidden states are

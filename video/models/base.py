@@ -33,6 +33,8 @@ The surface (what the policy calls, in the order a rollout calls it)::
     embed_tokens(base) -> nn.Module      ids [..] -> [.., H]
     lm_head(base) -> nn.Linear           [.., H] -> [.., V]
     end_token_ids(tokenizer) -> [int]    tokens that end a completion (kept in its mask)
+    turn_end_id(tokenizer) -> int        the end-of-turn token appended to a completion given
+                                         as text (a preference pair's, :mod:`mmrl.video.pairs`)
     banned_token_ids(config) -> [int]    never sampled (vision placeholders: one in a completion
                                          would shift the visual features)
 
@@ -78,7 +80,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["VLMAdapter"]
+__all__ = ["VLMAdapter", "chat_turn_end"]
 
 
 class VLMAdapter:
@@ -132,6 +134,20 @@ class VLMAdapter:
         """The tokenizer's EOS (sorted, unique, valid ids only)."""
         return _valid_ids([tokenizer.eos_token_id])
 
+    def turn_end_id(self, tokenizer) -> int:
+        """The token that ends an assistant turn, appended to a completion given as text (a
+        preference pair's): the tokenizer's EOS (a chat model's end of turn).
+
+        Raises:
+            ValueError: a tokenizer without an EOS token.
+        """
+        eos = tokenizer.eos_token_id
+        if not isinstance(eos, int) or eos < 0:
+            raise ValueError(f"{type(self).__name__}.turn_end_id: the tokenizer has no EOS token "
+                             f"(eos_token_id={eos!r}); set tokenizer.eos_token to the chat "
+                             f"template's end-of-turn token, or override turn_end_id")
+        return eos
+
     def banned_token_ids(self, config) -> List[int]:
         """The vision placeholder ids named in ``config`` (``image_token_id``,
         ``video_token_id``, and ``image_token_index``/``video_token_index`` spellings)."""
@@ -174,6 +190,14 @@ class VLMAdapter:
         from mmrl.video.models.export import export_vlm
         return export_vlm(policy, path, kind=self.name, merge_lora=merge_lora,
                           state_dict=state_dict)
+
+
+def chat_turn_end(tokenizer, token: str = "<|im_end|>") -> int:
+    """``token``'s id when the vocabulary has it (ChatML's end of turn), else the EOS."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id:
+        return i
+    return VLMAdapter().turn_end_id(tokenizer)
 
 
 def _valid_ids(ids) -> List[int]:

@@ -18,7 +18,8 @@ Inherited tests: the registry picks the adapter and refuses other types with the
 package imports without torch; rollout log-probs equal the recomputed ``logp`` (and the ratio is
 exactly 1 at step 0) for video, image and text prompts; our logits equal the library's own
 forward (``model(input_ids, <vision tensors>)``) for a video, an image and a text prompt;
-``logp`` and TW weights are invariant to time chunks and row micro-batches; the export
+``logp`` and TW weights are invariant to time chunks and row micro-batches; ``pair_scores``
+equals ``logp`` on the same rows; the export
 round-trips through the library's own ``from_pretrained`` to the same logits (full, and LoRA
 merged); a 3-step video job changes the language model's weights. Two gloo ranks equal one
 process: not here (a torchrun per family is tens of seconds); tests/train/test_distributed.py
@@ -168,6 +169,33 @@ class VLMAdapterConformance:
         pol.tw_chunk = 64
         torch.testing.assert_close(pol.token_weights(ro), one, atol=1e-5, rtol=0)
         assert float(one.max()) > 1.0 and bool((one[~ro.mask] == 1.0).all())
+
+    def test_pair_scores_equal_logp_for_video_image_and_text_prompts(self, model_dir, task):
+        """``pair_scores`` (one forward for both completions of a pair, the lm head in
+        chunks) equals ``logp`` on the same rows; a pair record's completions end with the
+        adapter's end-of-turn token, one of its end tokens."""
+        pol = self.policy(model_dir, tw_chunk=2)
+        assert pol.adapter.turn_end_id(pol.tok) in pol.eos
+        ro = self.rollout(pol, task[1], group=2, seed=2)  # rows (0, 1) video, (2, 3) image, ...
+        scores = pol.pair_scores(ro, torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), None,
+                                 with_ref=False)
+        T = scores.chosen_logp.shape[1]
+        with torch.no_grad():
+            lp = pol.logp(ro, torch.arange(6), 0, ro.mask.shape[1])
+        for got, m, rows in ((scores.chosen_logp, scores.chosen_mask, [0, 2, 4]),
+                             (scores.rejected_logp, scores.rejected_mask, [1, 3, 5])):
+            assert torch.equal(m, ro.mask[rows, :T])
+            torch.testing.assert_close(got[m], lp[rows, :T][m], atol=1e-5, rtol=0)
+        # a pair record of the job's data: its completions end with the end-of-turn token
+        from mmrl.video.data import load_vl_dataset
+        record = list(load_vl_dataset(task[0]))[0]
+        pairs, chosen, rejected = pol.pair_rollout([{**record.to_json(), "chosen": "A",
+                                                     "rejected": "B"}])
+        end = pol.adapter.turn_end_id(pol.tok)
+        want = [pol.tok(t, add_special_tokens=False)["input_ids"] + [end] for t in "AB"]
+        assert pairs.data["response"].tolist() == want and bool(pairs.mask.all())
+        s = pol.pair_scores(pairs, chosen, rejected, None, with_ref=False)
+        assert bool(torch.isfinite(s.chosen_logp).all() & torch.isfinite(s.rejected_logp).all())
 
     def test_export_round_trips_through_the_library_from_pretrained(self, model_dir, task,
                                                                       tmp_path):

@@ -10,7 +10,8 @@ What differs from the interface's defaults:
   at the ``<video>`` / ``<image>`` placeholder ids in order, as the model's own forward does.
 - frozen vision (``freeze_vision``): the tower, the projector and ``image_newline`` (a bare
   parameter of the inner model, held by a small module so it freezes with the rest).
-- end tokens: the tokenizer's EOS, ``<|im_end|>`` and ``<|endoftext|>`` (Qwen2's chat ends).
+- end tokens: the tokenizer's EOS, ``<|im_end|>`` and ``<|endoftext|>`` (Qwen2's chat ends);
+  a completion given as text (a preference pair's) ends with ``<|im_end|>``.
 - positions: 1-D ``0..n-1`` (the default): the model's forward takes ``arange`` positions.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from mmrl.video.models.base import VLMAdapter
+from mmrl.video.models.base import VLMAdapter, chat_turn_end
 
 from .inputs import encode_conversation
 
@@ -55,6 +56,10 @@ class LlavaOneVisionAdapter(VLMAdapter):
             if i is not None and i != tokenizer.unk_token_id:
                 ids.append(i)
         return sorted({i for i in ids if isinstance(i, int) and i >= 0})
+
+    def turn_end_id(self, tokenizer) -> int:
+        """``<|im_end|>`` (its Qwen2 chat template's end of turn), else the EOS."""
+        return chat_turn_end(tokenizer)
 
     def encode(self, messages: Sequence[Mapping], processor,
                video_options: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

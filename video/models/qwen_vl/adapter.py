@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmrl.video.io import VideoError
-from mmrl.video.models.base import VLMAdapter
+from mmrl.video.models.base import VLMAdapter, chat_turn_end
 
 from .positions import MROPE_MODEL_TYPES, mrope_position_ids
 
@@ -50,6 +50,11 @@ class QwenVLAdapter(VLMAdapter):
         ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         return sorted({i for i in ids + [tokenizer.eos_token_id]
                        if isinstance(i, int) and i >= 0})
+
+    def turn_end_id(self, tokenizer) -> int:
+        """``<|im_end|>`` (the chat template's end of turn; a base model's EOS is
+        ``<|endoftext|>``)."""
+        return chat_turn_end(tokenizer)
 
     def banned_token_ids(self, config) -> List[int]:
         return [i for i in (config.image_token_id, config.video_token_id,
