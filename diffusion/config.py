@@ -231,6 +231,38 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
     return out
 
 
+PREF_REFUSALS = {
+    "tgdpo": ("TGDPO guides each token by a token-level reward, and a flow sample has one "
+              "Diffusion-DPO score (T = 1), no tokens"),
+}
+"""Preference losses the diffusion job refuses, by registry name, with the reason."""
+
+
+def preference_problems(spec) -> List[str]:
+    """Problems of a resolved preference spec (``mmrl.algo.preference.PrefSpec``) for the
+    diffusion job, whose scores are Diffusion-DPO's −½·e at one shared (σ, ε) per pair.
+
+    Refused: reference-free losses (SimPO, ``needs_ref`` False): −½·e is a log-likelihood only
+    up to a σ-dependent weight and a constant, which cancel in e_θ − e_ref at the same σ and ε
+    and not in a policy-only margin; length normalization (a flow sample has T = 1, so it is
+    a no-op and SimPO's γ/β margin, in nats per token, has no unit here); the losses of
+    :data:`PREF_REFUSALS`.
+    """
+    out = []
+    if spec.loss in PREF_REFUSALS:
+        out.append(f"pref: loss {spec.loss!r}: {PREF_REFUSALS[spec.loss]}; use pref.preset="
+                   f"diffusion_dpo (or dpo, ipo, cdpo)")
+    if not spec.needs_ref:
+        out.append(f"pref: loss {spec.loss!r} is reference-free, and the diffusion job's "
+                   f"scores -e/2 are log-likelihoods only up to a weight and a constant that "
+                   f"depend on the sampled noise level and cancel only against the reference "
+                   f"at the same noise (e - e_ref); use pref.preset=diffusion_dpo")
+    if spec.length_normalize:
+        out.append(f"pref: length_normalize=true divides by the completion length, and a flow "
+                   f"sample has one score (T = 1); set pref.length_normalize=false")
+    return out
+
+
 def preflight(config) -> List[str]:
     """The pipeline folder (or cached hub id) and the prompt files exist on this machine."""
     from mmrl.config.jobs import file_problems, model_problems
