@@ -231,35 +231,28 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
     return out
 
 
-PREF_REFUSALS = {
-    "tgdpo": ("TGDPO guides each token by a token-level reward, and a flow sample has one "
-              "Diffusion-DPO score (T = 1), no tokens"),
-}
-"""Preference losses the diffusion job refuses, by registry name, with the reason."""
-
-
 def preference_problems(spec) -> List[str]:
     """Problems of a resolved preference spec (``mmrl.algo.preference.PrefSpec``) for the
-    diffusion job, whose scores are Diffusion-DPO's −½·e at one shared (σ, ε) per pair.
+    diffusion job, whose scores are Diffusion-DPO's −½·e at one shared (σ, ε) per pair (T = 1).
 
-    Refused: reference-free losses (SimPO, ``needs_ref`` False): −½·e is a log-likelihood only
-    up to a σ-dependent weight and a constant, which cancel in e_θ − e_ref at the same σ and ε
-    and not in a policy-only margin; length normalization (a flow sample has T = 1, so it is
-    a no-op and SimPO's γ/β margin, in nats per token, has no unit here); the losses of
-    :data:`PREF_REFUSALS`.
+    Refused: ``reference_free`` (SimPO): −½·e is a log-likelihood only up to a weight and a
+    constant that depend on the sampled σ; they cancel in e_θ − e_ref at the same σ and ε, not
+    in a policy-only margin. ``token_guidance`` (TGDPO): it weighs each token by a guide model's
+    per-token log-ratio, and a flow sample has one score and no guide model. Accepted as they
+    are: ``length_normalize`` (a no-op at T = 1), the sppo losses (win rates from the group's
+    rewards) and TRPA's pair scales.
     """
     out = []
-    if spec.loss in PREF_REFUSALS:
-        out.append(f"pref: loss {spec.loss!r}: {PREF_REFUSALS[spec.loss]}; use pref.preset="
-                   f"diffusion_dpo (or dpo, ipo, cdpo)")
-    if not spec.needs_ref:
-        out.append(f"pref: loss {spec.loss!r} is reference-free, and the diffusion job's "
-                   f"scores -e/2 are log-likelihoods only up to a weight and a constant that "
-                   f"depend on the sampled noise level and cancel only against the reference "
-                   f"at the same noise (e - e_ref); use pref.preset=diffusion_dpo")
-    if spec.length_normalize:
-        out.append(f"pref: length_normalize=true divides by the completion length, and a flow "
-                   f"sample has one score (T = 1); set pref.length_normalize=false")
+    if spec.reference_free:
+        out.append(f"pref: reference_free=true (SimPO): the diffusion job's scores -e/2 are "
+                   f"log-likelihoods only up to a weight and a constant that depend on the "
+                   f"sampled noise level, which cancel against the reference at the same noise "
+                   f"(e - e_ref) and not in a policy-only margin; use pref.preset=diffusion_dpo "
+                   f"(or dpo, ipo, cdpo) with the reference")
+    if spec.token_guidance:
+        out.append("pref: token_guidance=true (TGDPO) weighs each token by a guide model's "
+                   "per-token log-ratio, and a flow sample has one Diffusion-DPO score (T = 1) "
+                   "and no guide model; use pref.preset=diffusion_dpo")
     return out
 
 

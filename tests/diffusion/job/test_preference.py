@@ -4,53 +4,21 @@ sampled rollout's final latents, and the preference presets the job refuses; tin
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmrl.diffusion.config import DiffusionConfig, preference_problems
+from mmrl.diffusion.config import preference_problems
 from mmrl.diffusion.dpo import denoising_error, pair_noise
-from mmrl.diffusion.policy import DiffusionGroupPolicy
 from mmrl.train.policy import check_policy
 from mmrl.train.rollout import Rollout
 
-PROMPTS = ["a red cat", "a blue dog", "a green frog"]
-FAMILIES = {  # family: (tiny pipeline fixture, image side, adapter kwargs)
-    "sd3": ("tiny_sd3_dir", 8, {"guidance_scale": 4.5, "max_sequence_length": 8}),
-    "flux": ("tiny_flux_dir", 16, {"guidance_scale": 3.5, "max_sequence_length": 16}),
-}
-BETA = 100.0  # flow_grpo config/dpo.py
-
-
-def make_policy(request, family, finetune="lora", move=True, **section):
-    """A policy over the family's tiny pipeline; LoRA B (or the full weights) moved off the
-    base so the policy differs from its reference."""
-    from mmrl.diffusion.models import adapter_class
-    fixture, size, kwargs = FAMILIES[family]
-    torch.manual_seed(0)  # the LoRA A init draws from the global RNG
-    flow = adapter_class(family).from_pretrained(
-        request.getfixturevalue(fixture), height=size, width=size, finetune=finetune,
-        lora_rank=4, lora_alpha=8, **kwargs)
-    if move:
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in flow.transformer.named_parameters():
-                if p.requires_grad and ("lora_B" in name or finetune == "full"):
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-    c = DiffusionConfig(model="tiny", height=size, width=size, num_steps=3, eval_num_steps=3,
-                        guidance_scale=kwargs["guidance_scale"], **section)
-    return DiffusionGroupPolicy(flow, c)
-
-
-def pair_rollout_of(policy, P=3, seed=5):
-    """A pair rollout over random clean latents (rows 0..P−1 chosen, P..2P−1 rejected)."""
-    x0 = torch.randn((2 * P, *policy.latent), generator=torch.Generator().manual_seed(seed))
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(P)] * 2
-    rollout = Rollout([None] * 2 * P, prompts, [{}] * 2 * P, torch.arange(P).repeat(2),
-                      torch.ones(2 * P, 1, dtype=torch.bool), {"x0": x0})
-    return rollout, torch.arange(P), torch.arange(P, 2 * P)
+sys.path.insert(0, os.path.dirname(__file__))
+from flow_pref_helpers import BETA, FAMILIES, PROMPTS, make_policy, pair_rollout_of  # noqa: E402
 
 
 # ------------------------------------------------------------------ the pieces, by hand
@@ -315,19 +283,20 @@ def test_online_pairs_score_the_rollouts_final_latents(request, sampler):
 # ------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class Spec:
-    """The fields of mmrl.algo.preference.PrefSpec the diffusion check reads (Lane P1's)."""
-    loss: str = "dpo"
-    needs_ref: bool = True
+    """The fields of mmrl.algo.preference.PrefSpec (Lane P1's) the diffusion check reads;
+    tests/diffusion/job/test_preference_loss.py runs the check on the real presets."""
+    reference_free: bool = False
+    token_guidance: bool = False
     length_normalize: bool = False
 
 
 def test_reference_free_and_token_level_preference_losses_are_refused_with_the_reason():
     assert preference_problems(Spec()) == []
-    simpo = preference_problems(Spec("simpo", needs_ref=False, length_normalize=True))
-    assert len(simpo) == 2
-    assert "'simpo' is reference-free" in simpo[0] and "(e - e_ref)" in simpo[0]
-    assert "a flow sample has one score (T = 1)" in simpo[1]
-    tgdpo = preference_problems(Spec("tgdpo"))
-    assert tgdpo == ["pref: loss 'tgdpo': TGDPO guides each token by a token-level reward, and "
-                     "a flow sample has one Diffusion-DPO score (T = 1), no tokens; use "
-                     "pref.preset=diffusion_dpo (or dpo, ipo, cdpo)"]
+    assert preference_problems(Spec(length_normalize=True)) == []  # a no-op at T = 1
+    simpo = preference_problems(Spec(reference_free=True, length_normalize=True))
+    assert len(simpo) == 1 and simpo[0].startswith("pref: reference_free=true (SimPO)")
+    assert "cancel against the reference at the same noise (e - e_ref)" in simpo[0]
+    assert preference_problems(Spec(token_guidance=True)) == [
+        "pref: token_guidance=true (TGDPO) weighs each token by a guide model's per-token "
+        "log-ratio, and a flow sample has one Diffusion-DPO score (T = 1) and no guide model; "
+        "use pref.preset=diffusion_dpo"]
