@@ -31,7 +31,7 @@ def test_preference_loss_diffusion_dpo_is_flow_grpos_loss(request, family):
     loss, stats = pref(s.chosen_logp, s.rejected_logp, s.chosen_mask, s.rejected_mask,
                        chosen_ref=s.chosen_ref, rejected_ref=s.rejected_ref)
     params = policy.flow.trainable_parameters()
-    grads = torch.autograd.grad(loss, params)
+    grads = torch.autograd.grad(loss, params, retain_graph=True)  # `expected` shares the graph
     # flow_grpo's loss block, written on the errors e = −2·score of the same forwards
     e_w, e_l = -2 * s.chosen_logp[:, 0], -2 * s.rejected_logp[:, 0]
     r_w, r_l = -2 * s.chosen_ref[:, 0], -2 * s.rejected_ref[:, 0]
