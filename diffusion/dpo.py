@@ -12,7 +12,8 @@ with the same σ and ε for the two images of a pair, so that the difference of 
 measures the model and not the draw. The policy's score of an image is −½·e, its reference's
 −½·e_ref; DPO's loss on these scores,
 
-    −log σ(β·[(−½e_w + ½e_ref_w) − (−½e_l + ½e_ref_l)]) = −log σ(−½β·[(e_w − e_ref_w) − (e_l − e_ref_l)]),
+    −log σ(β·[(−½e_w + ½e_ref_w) − (−½e_l + ½e_ref_l)])
+        = −log σ(−½β·[(e_w − e_ref_w) − (e_l − e_ref_l)]),
 
 is flow_grpo's loss block (β = 100 there). :meth:`mmrl.diffusion.policy.DiffusionGroupPolicy.
 pair_scores` assembles it; this module holds the pieces (pure tensors) and the pair-image reader.
