@@ -231,6 +231,31 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
     return out
 
 
+def preference_problems(spec) -> List[str]:
+    """Problems of a resolved preference spec (``mmrl.algo.preference.PrefSpec``) for the
+    diffusion job, whose scores are Diffusion-DPO's −½·e at one shared (σ, ε) per pair (T = 1).
+
+    Refused: ``reference_free`` (SimPO): −½·e is a log-likelihood only up to a weight and a
+    constant that depend on the sampled σ; they cancel in e_θ − e_ref at the same σ and ε, not
+    in a policy-only margin. ``token_guidance`` (TGDPO): it weighs each token by a guide model's
+    per-token log-ratio, and a flow sample has one score and no guide model. Accepted as they
+    are: ``length_normalize`` (a no-op at T = 1), the sppo losses (win rates from the group's
+    rewards) and TRPA's pair scales.
+    """
+    out = []
+    if spec.reference_free:
+        out.append(f"pref: reference_free=true (SimPO): the diffusion job's scores -e/2 are "
+                   f"log-likelihoods only up to a weight and a constant that depend on the "
+                   f"sampled noise level, which cancel against the reference at the same noise "
+                   f"(e - e_ref) and not in a policy-only margin; use pref.preset=diffusion_dpo "
+                   f"(or dpo, ipo, cdpo) with the reference")
+    if spec.token_guidance:
+        out.append("pref: token_guidance=true (TGDPO) weighs each token by a guide model's "
+                   "per-token log-ratio, and a flow sample has one Diffusion-DPO score (T = 1) "
+                   "and no guide model; use pref.preset=diffusion_dpo")
+    return out
+
+
 def preflight(config) -> List[str]:
     """The pipeline folder (or cached hub id) and the prompt files exist on this machine."""
     from mmrl.config.jobs import file_problems, model_problems

@@ -10,6 +10,10 @@ and T its trained (stochastic) denoising steps. For ``singular`` (G²RPO) a row 
 their advantages come from the loop's ``advantages`` hook. ``logp(rows, t0, t1)`` re-scores the
 stored transitions of those rows and steps, so splitting T (``train.t_chunk``) or the rows
 (``train.micro_batch_size``) never changes the gradient.
+
+Preference (``Capabilities(preference=True)``): ``pair_scores`` gives Diffusion-DPO's scores
+−½·e of sample pairs (:mod:`mmrl.diffusion.dpo`), from a pair rollout of image files
+(``pair_rollout``) or from a sampled rollout's final latents (online pairs).
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ import torch
 
 from mmrl.diffusion.advantages import g2rpo_granular_advantages, tree_advantages
 from mmrl.diffusion.config import ENTROPY_REFUSAL, DiffusionConfig
+from mmrl.diffusion.dpo import check_pair_records, denoising_error, pair_noise, read_pair_images
 from mmrl.diffusion.g2rpo import sample_singular
 from mmrl.diffusion.samplers import rescore, sample_sde, sample_tree, take_cond
 from mmrl.diffusion.schedule import random_window, sliding_window
 from mmrl.diffusion.sde import SDE_KL_FORMS, sde_kl
 from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.preference import PrefScores
 from mmrl.train.rollout import Rollout
 
 LEGACY_COUNTER_KEY = "mmrl_rollout_iteration"
@@ -67,7 +73,7 @@ class DiffusionGroupPolicy(GroupPolicy):
         self.capabilities = Capabilities(
             own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
             whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True,
-            rollout_logp=True,
+            rollout_logp=True, preference=True,
             why_not={"entropy": ENTROPY_REFUSAL})
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
@@ -215,9 +221,13 @@ class DiffusionGroupPolicy(GroupPolicy):
         images = self.flow.decode(traj.final).cpu()  # [B_out, 3, H, W] in [0, 1]
         pick = out_prompt.tolist()
         sampled = traj.logp.detach().float().cpu()[index]  # [M] -> [rows, K]
+        # Row r < B_out is output r for every sampler (tree leaves come first); the row's output
+        # (-1: an inner tree node) follows select(), so pair_scores finds its final latent.
+        final_row = torch.arange(len(index))
+        final_row[len(images):] = -1
         return Rollout(list(images), [prompts[i] for i in pick], [metadata[i] for i in pick],
-                       row_prompt.clone(), mask, {"index": index, "trajectory": _Shared(traj,
-                                                                                       cond)},
+                       row_prompt.clone(), mask, {"index": index, "final_row": final_row,
+                                                  "trajectory": _Shared(traj, cond)},
                        nfe=int(traj.nfe), rollout_logp=torch.where(mask, sampled, 0.0))
 
     # ---------------------------------------------------------------- scoring
@@ -264,6 +274,83 @@ class DiffusionGroupPolicy(GroupPolicy):
         ref, _ = self._rescore(self.flow.reference, rollout, rows, t0, t1)  # no_grad inside
         return (self._scatter(out.logp, mask),
                 self._scatter(sde_kl(out, ref.mean.detach(), self.c.kl), mask))
+
+    # ---------------------------------------------------------------- preference
+    def pair_rollout(self, records: Sequence[Dict[str, Any]]):
+        """``(Rollout, chosen_rows, rejected_rows)`` of pair records ``{"prompt", "chosen":
+        image path, "rejected": image path}``: the images fitted to the run's resolution and
+        VAE-encoded (posterior mean) into ``data["x0"]``; rows 0..K−1 chosen, K..2K−1 rejected,
+        group id = the pair. Records with an unreadable image are left out, counted in
+        ``Rollout.skipped["unreadable_image"]``.
+
+        Raises:
+            ValueError: a record without the three string fields.
+        """
+        check_pair_records(records)
+        kept, images, skipped = read_pair_images(records, self.c.height, self.c.width)
+        K, chunk = len(kept), self.c.eval_batch_size
+        with torch.no_grad():  # [2K, 3, H, W] -> [2K, *L], eval_batch_size images per call
+            x0 = torch.cat([self.flow.encode_images(images[i:i + chunk])
+                            for i in range(0, 2 * K, chunk)]) if K else \
+                torch.zeros((0, *self.latent), device=self.flow.device)
+        meta = [dict(records[i], role=role) for role in ("chosen", "rejected") for i in kept]
+        rollout = Rollout(list(images), [m["prompt"] for m in meta], meta,
+                          torch.arange(K).repeat(2), torch.ones(2 * K, 1, dtype=torch.bool),
+                          {"x0": x0}, skipped=skipped)
+        return rollout, torch.arange(K), torch.arange(K, 2 * K)
+
+    def pair_scores(self, rollout: Rollout, chosen_rows: torch.Tensor,
+                    rejected_rows: torch.Tensor, generator: torch.Generator,
+                    with_ref: bool) -> PrefScores:
+        """Diffusion-DPO's scores −½·e ``[P, 1]`` of the pairs' clean latents
+        (:mod:`mmrl.diffusion.dpo`): one σ (logit-normal(0, 1) on the scheduler's training
+        grid, ``flow.training_sigmas()``) and one ε per pair from ``generator``, shared by its
+        two images; the unguided velocity (SD3: no CFG; FLUX: embedded guidance kept). The
+        reference (``with_ref``) is the adapter disabled (LoRA) or the frozen copy (full),
+        without gradient.
+
+        Rows are samples: a pair rollout's (:meth:`pair_rollout`), or an ordinary rollout's
+        whose final latents (σ = 0, any sampler) are the images; for online pairs from groups.
+        """
+        if chosen_rows.shape != rejected_rows.shape or chosen_rows.dim() != 1:
+            raise ValueError(f"chosen_rows {tuple(chosen_rows.shape)} and rejected_rows "
+                             f"{tuple(rejected_rows.shape)}; expected two [P] index tensors")
+        P, device = int(chosen_rows.shape[0]), self.flow.device
+        if P == 0:  # no pair on this rank: empty scores, no forward
+            none = torch.zeros(0, 1, device=device)
+            mask = torch.zeros(0, 1, dtype=torch.bool, device=device)
+            return PrefScores(none, none, mask, mask, *(none, none) if with_ref else ())
+        rows = torch.cat([chosen_rows, rejected_rows]).cpu()  # [2P]: chosen, then rejected
+        x0 = self._clean_latents(rollout, rows).to(device)
+        sigma, eps = pair_noise(P, self.latent, self.flow.training_sigmas(), generator)
+        # the pair's two images share σ and ε: [P] -> [2P], [P, *L] -> [2P, *L]
+        sigma, eps = sigma.repeat(2).to(device), eps.repeat(2, *[1] * len(self.latent)).to(device)
+        cond = self.flow.encode_prompt([rollout.prompts[i] for i in rows.tolist()])
+        with self.flow.unguided():
+            score = -0.5 * denoising_error(self.flow, x0, eps, sigma, cond)  # [2P]
+            ref = (-0.5 * denoising_error(self.flow.reference, x0, eps, sigma, cond).detach()
+                   if with_ref else None)  # the reference forwards under no_grad
+        mask = torch.ones(P, 1, dtype=torch.bool, device=device)
+        score = score.reshape(2, P, 1)  # [2P] -> [2, P, 1]: chosen, rejected
+        refs = () if ref is None else tuple(ref.reshape(2, P, 1))
+        return PrefScores(score[0], score[1], mask, mask.clone(), *refs)
+
+    def _clean_latents(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """``[len(rows), *L]`` fp32: a pair rollout's encoded images, or a sampled rollout's
+        final latents.
+
+        Raises:
+            ValueError: a row that is no sample (an inner tree node).
+        """
+        if "x0" in rollout.data:
+            x0 = rollout.data["x0"]
+            return x0[rows.to(x0.device)].float()
+        out = rollout.data["final_row"][rows]
+        if bool((out < 0).any()):
+            raise ValueError(f"rows {rows[out < 0].tolist()} are inner tree nodes, not samples; "
+                             f"pair rows index the rollout's samples (rewarded rows)")
+        final = rollout.data["trajectory"].traj.final
+        return final[out.to(final.device)].float()
 
     # ---------------------------------------------------------------- advantage hooks
     def _rewards(self, rewards) -> torch.Tensor:

@@ -12,7 +12,8 @@ An adapter wraps a diffusers pipeline at a fixed resolution and is itself the sa
 - ``sigmas(num_steps) -> [T+1]``: the family's noise schedule;
 - ``transformer_velocity(model, latents, sigma, cond)``: the velocity of ``model`` (the policy's
   transformer or the reference) in fp32, with the family's guidance (CFG or embedded);
-- ``decode(latents) -> [B, 3, H, W]`` in [0, 1];
+- ``decode(latents) -> [B, 3, H, W]`` in [0, 1]; ``encode_images`` (its inverse through the VAE)
+  and ``unguided()`` (the unguided prediction) where the shared defaults do not fit;
 - ``build_tiny_pipeline(size, seed)``: a tiny random pipeline built offline (tests, demo).
 
 Shared here: fine-tuning mode and LoRA (peft), the reference velocity (adapter disabled, or a
@@ -199,6 +200,31 @@ class FlowAdapter:
         """Images ``[B, 3, H, W]`` float32 in [0, 1] from final latents."""
         raise NotImplementedError
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Latents ``[B, *latent_shape()]`` fp32 of images ``[B, 3, H, W]`` in [0, 1] at the
+        adapter's resolution: the VAE posterior mean, shifted and scaled as :meth:`decode`
+        undoes (families whose latents are not the VAE's grid, e.g. FLUX's packed tokens,
+        override this)."""
+        return self._vae_encode(images)
+
+    def unguided(self):
+        """A context within which :meth:`velocity` and :meth:`reference` are the model's own
+        conditional prediction, the one the flow-matching loss trains (Diffusion-DPO). Families
+        with classifier-free guidance (SD3) switch it off; a guidance the model takes as an
+        input (FLUX's embedded guidance) stays: it is part of the model's conditioning."""
+        return contextlib.nullcontext()
+
+    def training_sigmas(self) -> Tensor:
+        """``[N]`` fp32: the σ grid the pipeline's scheduler is built with before any
+        ``set_timesteps`` (``N = num_train_timesteps``, σ from 1 down; shifted by the config's
+        shift unless the scheduler shifts dynamically), the grid flow-matching training samples
+        σ from (diffusers' training scripts, flow_grpo's ``train_sd3_dpo.py``). An adapter with
+        its own ``shift`` uses it for this grid too."""
+        config = dict(self.pipe.scheduler.config)
+        if self.shift is not None:
+            config["shift"] = float(self.shift)
+        return type(self.pipe.scheduler).from_config(config).sigmas.float().cpu()
+
     # ------------------------------------------------------------ shared
     def encode(self, prompts: Sequence[str]) -> Dict[str, Tensor]:
         """:meth:`encode_prompt` (the name before the adapter interface)."""
@@ -326,6 +352,13 @@ class FlowAdapter:
     def _check_frames(frames: Optional[int], family: str) -> None:
         if frames is not None:
             raise ValueError(f"frames={frames!r}; {family} makes images: pass frames=None")
+
+    @torch.no_grad()
+    def _vae_encode(self, images: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        x = (images.to(self.device, vae.dtype) * 2 - 1)  # [0, 1] -> the VAE's [-1, 1]
+        z = vae.encode(x, return_dict=False)[0].mode()  # posterior mean: deterministic
+        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor)
 
     def _vae_decode(self, z: Tensor) -> Tensor:
         vae = self.pipe.vae

@@ -123,6 +123,12 @@ class FluxAdapter(FlowAdapter):
         z = self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
         return self._vae_decode(z)
 
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Packed latents ``[B, L, 4C]`` of images ``[B, 3, H, W]`` in [0, 1] (the VAE
+        posterior mean, shifted and scaled, packed as the pipeline's ``_pack_latents``)."""
+        z = self._vae_encode(images)  # [B, C, h, w]
+        return self.pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
+
     @staticmethod
     def build_tiny_pipeline(size: int = 16, seed: int = 0):
         """:func:`build_tiny_flux` with its text encoders."""

@@ -46,6 +46,10 @@ class SD3Adapter(FlowAdapter):
     def cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
+    def unguided(self):
+        """CFG off within the block: the velocity is the conditional prediction alone."""
+        return self.guidance(1.0)
+
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None,
                      frames: Optional[int] = None) -> Tuple[int, int, int]:
         """``(C, height/f, width/f)`` for images of ``height × width`` (None: the adapter's).
