@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
 def cmd_config_show(args) -> int:
     import yaml
     from mmrl.config.core import field_docs
-    from mmrl.config.schema import AlgoConfig, TrainConfig
+    from mmrl.config.schema import AlgoConfig, PrefConfig, TrainConfig
     from mmrl.config.jobs import get_job
     run, err = _load(args.config, args.overrides)
     if err:
@@ -105,7 +105,7 @@ def cmd_config_show(args) -> int:
         return 2
     docs = {}
     for prefix, cls in (("algo", AlgoConfig), ("train", TrainConfig),
-                        (run.job, get_job(run.job).section)):
+                        (run.job, get_job(run.job).section), ("pref", PrefConfig)):
         docs.update({k: d for k, _, _, d, _ in field_docs(cls, prefix)})
     for line in yaml.safe_dump(run.to_dict(), sort_keys=False).splitlines():
         _print_with_doc(line, docs)
@@ -146,8 +146,8 @@ def config_reference(jobs=None) -> str:
     """Markdown reference of every config field (the content of docs/config.md)."""
     from mmrl.config.core import field_docs
     from mmrl.config.jobs import get_job, job_names
-    from mmrl.config.schema import AlgoConfig, TrainConfig
-    sections = [("algo", AlgoConfig), ("train", TrainConfig)]
+    from mmrl.config.schema import AlgoConfig, PrefConfig, TrainConfig
+    sections = [("algo", AlgoConfig), ("train", TrainConfig), ("pref", PrefConfig)]
     for name in jobs or job_names():
         try:
             sections.append((name, get_job(name).section))

@@ -7,7 +7,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -144,3 +144,15 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
                 f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
                 f"dropped {int(m.get('dropped_samples', 0))}")
         (bar.write(line) if bar is not None else print(line, flush=True))
+
+
+def step_rewards(history: List[Dict[str, float]], out: Path) -> List[float]:
+    """Mean reward of each step that had samples: this session's ``history``, or (a resumed run
+    that had nothing left to do) the ones ``out/metrics.jsonl`` recorded, so a run's summary
+    never reports nan."""
+    rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
+    path = Path(out) / "metrics.jsonl"
+    if not rewards and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
+    return rewards
