@@ -133,6 +133,13 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
     if step % t.log_every == 0 or step == t.steps - 1:
+        if m.get("pref_step"):  # a preference step (mmrl.train.pref_stage)
+            line = (f"step {step:4d}  pref  pairs {int(m.get('pairs', 0))}  "
+                    f"loss {m.get('loss', float('nan')):+.4f}  "
+                    f"grad {m.get('grad_norm', float('nan')):.3f}  "
+                    f"acc {m.get('pref_reward_accuracy', float('nan')):.2f}")
+            (bar.write(line) if bar is not None else print(line, flush=True))
+            return
         if not math.isfinite(m.get("reward_mean", float("nan"))):  # nothing was scored
             line = (f"step {step:4d}  no valid sample: nothing learned  "
                     f"dropped {int(m.get('dropped_samples', 0))}")

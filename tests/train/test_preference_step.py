@@ -28,7 +28,7 @@ def _unsplit(n_pairs=5, max_grad_norm=0.0):
                                chosen_ref=s.chosen_ref, rejected_ref=s.rejected_ref)
     (grad,) = torch.autograd.grad(loss, [pol.W])
     scale = 1.0 if max_grad_norm == 0 else min(1.0, max_grad_norm / float(grad.norm()))
-    return pol.W.detach() - 0.5 * scale * grad, float(loss), stats, float(grad.norm())
+    return pol.W.detach() - 0.5 * scale * grad, float(loss.detach()), stats, float(grad.norm())
 
 
 @pytest.mark.parametrize("micro", [0, 2, 4, 6, 100])
@@ -56,7 +56,7 @@ def test_the_gradient_is_clipped_and_the_norm_before_clipping_reported():
     assert gnorm > 0.05  # the clip is active
     torch.testing.assert_close(W, W_ref, rtol=1e-6, atol=1e-7)
     moved = float((W - LinearPairPolicy().W.detach()).norm())
-    assert moved == pytest.approx(0.5 * 0.01, rel=1e-5)
+    assert moved == pytest.approx(0.5 * 0.01, rel=1e-4)  # torch clips by max / (norm + 1e-6)
     assert m["grad_norm"] == pytest.approx(gnorm, rel=1e-5)
 
 
