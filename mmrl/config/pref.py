@@ -116,13 +116,16 @@ class _PrefMethods:
     def _input_problems(self) -> List[str]:
         """Losses that read inputs the runner's preference step does not build yet."""
         spec, out = self.resolve(), []
-        for needs, what in ((spec.needs_win, "win rates (SPPO)"),
-                            (spec.needs_guide, "a guide model's token log-ratios (TGDPO)"),
+        if spec.needs_win and self.pairs == "file":
+            out.append(f"preset: {self.preset!r} needs win rates, which come from a group's "
+                       f"rewards: set pref.pairs=online, or pick a pair loss (e.g. dpo)")
+        for needs, what in ((spec.needs_guide, "a guide model's token log-ratios (TGDPO)"),
                             (spec.needs_pair_scale, "reward-level pair scales (TRPA)")):
             if needs:
                 out.append(f"preset: {self.preset!r} needs {what}, which the runner's "
                            f"preference step does not build; call PreferenceLoss from your own "
-                           f"loop, or pick dpo, ipo, cdpo, robust_dpo, simpo or diffusion_dpo")
+                           f"loop, or pick dpo, ipo, cdpo, robust_dpo, simpo, sppo or "
+                           f"diffusion_dpo")
         return out
 
     def _source_problems(self) -> List[str]:

@@ -72,15 +72,28 @@ def step_records(num_records: int, per_step: int, index: int, seed: int) -> List
     return out
 
 
-def online_pairs(rollout, rewards: RewardBatch, weights: Optional[Dict[str, float]] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(chosen_rows, rejected_rows)`` of a scored rollout: per group, the best and the worst
-    valid sample by the weighted reward (rows with a non-finite reward take no part)."""
-    from mmrl.algo.preference import best_worst_pairs
+def online_pairs(rollout, rewards: RewardBatch, weights: Optional[Dict[str, float]] = None,
+                 needs_win: Optional[str] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(chosen_rows, rejected_rows, inputs)`` of a scored rollout: per group, the best and
+    the worst valid sample by the weighted reward (rows with a non-finite reward take no part).
+
+    ``needs_win`` (the spec's): ``"both"`` adds SPPO's ``chosen_win`` / ``rejected_win``, each
+    sample's win rate in its group (:func:`mmrl.algo.preference.win_rates` on the rewards);
+    ``"chosen"`` adds ``chosen_win`` = σ(r_w − r_l), the pair's own win probability under the
+    same Bradley-Terry reading of the rewards (mmrl's choice: SPPO's code takes it from PairRM).
+    """
+    from mmrl.algo.preference import best_worst_pairs, win_rates
     valid = rewards.valid.nonzero().flatten()
     total = rewards.weighted_sum(weights)[valid]
     chosen, rejected = best_worst_pairs(total, rollout.group_ids[valid])
-    return valid[chosen], valid[rejected]
+    inputs: Dict[str, torch.Tensor] = {}
+    if needs_win == "both":
+        rates = win_rates(total, rollout.group_ids[valid])
+        inputs = {"chosen_win": rates[chosen], "rejected_win": rates[rejected]}
+    elif needs_win == "chosen":
+        inputs = {"chosen_win": torch.sigmoid(total[chosen] - total[rejected])}
+    return valid[chosen], valid[rejected], inputs
 
 
 class PrefStage:
@@ -130,8 +143,9 @@ class PrefStage:
         """One preference step of ``run`` (a :class:`mmrl.train.runner.Run`) -> its metrics;
         sets ``run.drop_cause`` when a file step found no usable record on any rank."""
         tic = time.time()
+        inputs = None
         if self.pref.online:
-            rollout, chosen, rejected, extra = self._online(run)
+            rollout, chosen, rejected, inputs, extra = self._online(run)
         else:
             idx = step_records(len(self.records), self.per_step,
                                self.pref.pref_index(run.step), self.seed)
@@ -139,7 +153,7 @@ class PrefStage:
             extra = {"pair_records_skipped": float(run.dist.all_reduce_sum(
                 torch.tensor(float(sum(rollout.skipped.values())))))}
         m = preference_step(run.policy, run.opt, self.loss, rollout, chosen, rejected,
-                            run.settings, run.gen, run.dist)
+                            run.settings, run.gen, run.dist, pair_inputs=inputs)
         run.drop_cause = "" if self.pref.online or m["pairs"] > 0 else (
             f"no pair record of the step could be used ({rollout.skipped or 'none read'}); "
             f"check pref.pairs_file")
@@ -164,11 +178,12 @@ class PrefStage:
             weights = None
             ok = d.all_gather_rows(rewards.weighted_sum()[rewards.valid])
             extra["verifier_mean"] = float(ok.mean()) if len(ok) else float("nan")
-        chosen, rejected = online_pairs(rollout, rewards, weights)
+        chosen, rejected, inputs = online_pairs(rollout, rewards, weights,
+                                                self.loss.spec.needs_win)
         groups = d.all_gather_rows(rollout.group_ids.unique())
         extra["pair_groups_tied"] = float(len(groups)) - float(d.all_reduce_sum(
             torch.tensor(float(len(chosen)))))
-        return rollout, chosen, rejected, extra
+        return rollout, chosen, rejected, inputs, extra
 
     def evaluate(self, run) -> Optional[Dict[str, float]]:
         """Preference accuracy of the implicit reward on ``pref.eval_pairs`` (every rank

@@ -65,19 +65,24 @@ def pair_chunks(num_pairs: int, micro_batch_size: int) -> List[Tuple[int, int]]:
     return [(a, min(a + size, num_pairs)) for a in range(0, num_pairs, size)]
 
 
-def _pair_loss(policy, pref_loss, rollout, chosen_rows, rejected_rows, generator, num_pairs):
-    """``(loss, stats)`` of one micro-batch of pairs, with gradient."""
+def _pair_loss(policy, pref_loss, rollout, chosen_rows, rejected_rows, generator, num_pairs,
+               inputs):
+    """``(loss, stats)`` of one micro-batch of pairs, with gradient; ``inputs``: the loss's
+    per-pair ``[p]`` keyword inputs (win rates)."""
     s = policy.pair_scores(rollout, chosen_rows, rejected_rows, generator,
                            pref_loss.spec.needs_ref)
     ref = {} if not pref_loss.spec.needs_ref else dict(
         chosen_ref=s.chosen_ref.to(s.chosen_logp), rejected_ref=s.rejected_ref.to(s.rejected_logp))
+    inputs = {k: v.to(s.chosen_logp) for k, v in inputs.items()}
     return pref_loss(s.chosen_logp, s.rejected_logp, s.chosen_mask.to(s.chosen_logp.device),
-                     s.rejected_mask.to(s.rejected_logp.device), num_pairs=num_pairs, **ref)
+                     s.rejected_mask.to(s.rejected_logp.device), num_pairs=num_pairs, **ref,
+                     **inputs)
 
 
 def preference_step(policy, optimizer: torch.optim.Optimizer, pref_loss, rollout,
                     chosen_rows: torch.Tensor, rejected_rows: torch.Tensor, settings,
-                    generator: torch.Generator, dist: Optional[Dist] = None) -> Dict[str, float]:
+                    generator: torch.Generator, dist: Optional[Dist] = None,
+                    pair_inputs: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
     """One optimizer step of ``pref_loss`` on this rank's pairs -> metrics (python floats).
 
     The pairs are scored by ``policy.pair_scores`` in micro-batches of
@@ -95,6 +100,8 @@ def preference_step(policy, optimizer: torch.optim.Optimizer, pref_loss, rollout
         settings: :class:`mmrl.train.loop.LoopSettings` (``micro_batch_size``,
             ``max_grad_norm``).
         generator: handed to ``pair_scores`` (a flow policy draws its noise from it).
+        pair_inputs: further ``[P]`` keyword inputs of the loss, row p for pair p (SPPO's
+            ``chosen_win`` / ``rejected_win``), sliced with the micro-batches.
 
     Returns:
         ``loss`` (the step's loss, summed over ranks), ``grad_norm`` (nan when skipped),
@@ -118,7 +125,8 @@ def preference_step(policy, optimizer: torch.optim.Optimizer, pref_loss, rollout
     chunks = pair_chunks(P, settings.micro_batch_size) if P else []
     for a, b in chunks:
         loss, stats = _pair_loss(policy, pref_loss, rollout, chosen_rows[a:b],
-                                 rejected_rows[a:b], generator, num_pairs)
+                                 rejected_rows[a:b], generator, num_pairs,
+                                 {k: v[a:b] for k, v in (pair_inputs or {}).items()})
         loss.backward()
         loss_sum += loss.detach().float().cpu()
         stat_sums += torch.stack([stats[k].detach().float().cpu() for k in PAIR_STATS])

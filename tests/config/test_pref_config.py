@@ -103,9 +103,13 @@ def test_preset_and_overrides_are_checked_by_pref_problems():
 
 
 def test_losses_that_need_inputs_the_runner_does_not_build_are_refused():
-    for preset, what in (("sppo", "win rates"), ("tgdpo", "guide"), ("trpa", "pair scales")):
+    for preset, what in (("tgdpo", "guide"), ("trpa", "pair scales")):
         (p,) = _problems({"mode": "dpo", "preset": preset})
         assert p.startswith(f"pref.preset: '{preset}' needs") and what in p, p
+    assert _cfg({"mode": "dpo", "preset": "sppo"}).pref.resolve().loss == "sppo"  # online
+    (p,) = _problems({"mode": "dpo", "preset": "sppo_single", "pairs": "file",
+                      "pairs_file": "p.jsonl"})
+    assert "needs win rates" in p and "pref.pairs=online" in p
 
 
 def test_validating_a_config_without_preference_steps_loads_no_torch():

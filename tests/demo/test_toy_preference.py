@@ -93,6 +93,22 @@ def test_dpo_on_online_pairs_trains_on_each_groups_best_and_worst(tmp_path):
     assert _changed(tmp_path, "online") > 0
 
 
+def test_sppo_gets_each_pairs_group_win_rates_and_micro_batches_do_not_matter(tmp_path):
+    """SPPO's targets read the win rates of the pair's samples in their group (online pairs
+    only); one pair per micro-batch trains the same weights as the whole batch at once."""
+    a = _run(tmp_path, "sppo", {"mode": "dpo", "preset": "sppo", "beta": 0.1}, steps=2)
+    b = _run(tmp_path, "sppo_micro", {"mode": "dpo", "preset": "sppo", "beta": 0.1}, steps=2,
+             micro_batch_size=2)
+    trained = [h for h in a["history"] if h["pairs"] > 0]
+    assert trained and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in trained)
+    for ha, hb in zip(a["history"], b["history"]):
+        assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5), (ha, hb)
+    wa, wb = torch.load(tmp_path / "sppo" / "final.pt"), torch.load(tmp_path / "sppo_micro" /
+                                                                      "final.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
 def test_dpo_on_file_pairs_raises_the_held_out_accuracy(tmp_path):
     pairs = _pair_file(tmp_path / "train.jsonl", 64, seed=11)
     held = _pair_file(tmp_path / "held.jsonl", 32, seed=12)
