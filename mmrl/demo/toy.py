@@ -65,7 +65,10 @@ class ToyPolicy(GroupPolicy):
 
     def enable_reference(self):
         import copy
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # left in train mode (there is no dropout): the eval-mode fast path of
+        # nn.TransformerEncoderLayer sums in another order, and at the start the reference must
+        # score exactly as the policy does (KL 0, implicit rewards 0, accuracy 0.5)
+        self.ref = copy.deepcopy(self.model).requires_grad_(False)
 
     def rollout(self, prompts, metadata, group_size, generator) -> Rollout:
         """``group_size`` samples per prompt (an int, or one count per prompt)."""

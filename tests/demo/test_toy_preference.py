@@ -101,12 +101,11 @@ def test_sppo_gets_each_pairs_group_win_rates_and_micro_batches_do_not_matter(tm
              micro_batch_size=2)
     trained = [h for h in a["history"] if h["pairs"] > 0]
     assert trained and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in trained)
+    # (weights are not compared: AdamW's g / sqrt(v) turns rounding in near-zero gradient
+    # entries into whole steps; the losses after the first update show the same step)
     for ha, hb in zip(a["history"], b["history"]):
-        assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5), (ha, hb)
-    wa, wb = torch.load(tmp_path / "sppo" / "final.pt"), torch.load(tmp_path / "sppo_micro" /
-                                                                      "final.pt")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        for k in ("loss", "pairs", "pref_reward_margin", "grad_norm"):
+            assert hb[k] == pytest.approx(ha[k], rel=1e-5, abs=1e-7), (k, ha, hb)
 
 
 def test_dpo_on_file_pairs_raises_the_held_out_accuracy(tmp_path):
