@@ -21,14 +21,15 @@ TOY = {"digits": 5, "length": 3, "num_prompts": 32, "d_model": 16, "layers": 1, 
 
 
 def _pair_file(path: Path, n: int, seed: int) -> Path:
-    """n pairs of reverse-task prompts: chosen = the right answer, rejected = the prompt
-    copied (wrong unless a palindrome; those are left out)."""
+    """n pairs of reverse-task prompts: chosen = the right answer, rejected = the right answer
+    with every digit shifted by one (mod 5)."""
     g = torch.Generator().manual_seed(seed)
     lines = []
-    while len(lines) < n:
+    for _ in range(n):
         p = torch.randint(0, 5, (3,), generator=g).tolist()
-        if p != p[::-1]:
-            lines.append(json.dumps({"prompt": p, "chosen": TASKS["reverse"](p), "rejected": p}))
+        right = TASKS["reverse"](p)
+        lines.append(json.dumps({"prompt": p, "chosen": right,
+                                 "rejected": [(d + 1) % 5 for d in right]}))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -113,17 +114,17 @@ def test_dpo_on_file_pairs_raises_the_held_out_accuracy(tmp_path):
     held = _pair_file(tmp_path / "held.jsonl", 32, seed=12)
     summary = _run(tmp_path, "file", {"mode": "dpo", "pairs": "file",
                                       "pairs_file": str(pairs), "eval_pairs": str(held),
-                                      "beta": 0.5}, steps=12, lr=1e-2)
+                                      "beta": 0.5}, steps=20, lr=1e-2)
     start, end = summary["pref_eval"]
-    assert (start["step"], end["step"]) == (0, 12)
+    assert (start["step"], end["step"]) == (0, 20)
     assert start["accuracy"] == 0.5 and start["margin"] == 0.0  # the policy is the reference
     assert start["pairs"] == end["pairs"] == 32.0
-    assert end["accuracy"] >= 0.85 and end["margin"] > 0, end
+    assert end["accuracy"] >= 0.9 and end["margin"] > 0, end  # measured: 1.0
     hist = summary["history"]
     assert all(h["pairs"] == 4.0 and h["pair_records_skipped"] == 0.0 for h in hist)
     assert hist[-1]["pref_reward_accuracy"] > 0.5
     lines = (tmp_path / "file" / "pref_eval.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [0, 12]
+    assert [json.loads(x)["step"] for x in lines] == [0, 20]
 
 
 def test_veripo_alternates_grpo_and_verifier_ranked_dpo_steps(tmp_path):
