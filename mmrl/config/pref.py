@@ -177,8 +177,10 @@ class _PrefMethods:
 def _pref_config() -> type:
     hints = typing.get_type_hints(PrefSpec)
     rows = _OWN + [_override(f.name, hints[f.name], f) for f in fields(PrefSpec)] + _SOURCES
-    doc = """Preference steps: DPO-family losses on pairs built online or read from a file, and
-    VerIPO's GRPO -> verifier -> DPO cycles.
+    doc = """Preference steps: DPO-family losses on online or file pairs; VerIPO's cycles.
+
+    A preference step trains a preference loss on pairs built online from the step's groups or
+    read from a file; ``veripo`` alternates GRPO steps and such steps (docs/preference.md).
 
     The loss is a preset plus overrides, like the ``algo`` section: every override defaults to
     null (keep the preset's value); ``mmrl algos`` shows what each preference preset picks.
