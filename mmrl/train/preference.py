@@ -85,11 +85,10 @@ def preference_step(policy, optimizer: torch.optim.Optimizer, pref_loss, rollout
                     pair_inputs: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
     """One optimizer step of ``pref_loss`` on this rank's pairs -> metrics (python floats).
 
-    The pairs are scored by ``policy.pair_scores`` in micro-batches of
-    ``settings.micro_batch_size // 2`` pairs; each micro-batch's loss is normalized by the
-    **global** pair count (all ranks), so the accumulated gradient, summed over ranks, equals
-    the single-process gradient of the whole batch of pairs. Then the loop's optimizer step:
-    clip to ``settings.max_grad_norm``, and skip the step when the gradient is not finite.
+    ``policy.pair_scores`` in micro-batches of ``settings.micro_batch_size // 2`` pairs, each
+    loss normalized by the **global** pair count, so the gradient summed over micro-batches and
+    ranks is the single-process gradient of all pairs; then the loop's optimizer step (clip to
+    ``settings.max_grad_norm``; a non-finite gradient skips the step).
 
     Args:
         policy: declares ``Capabilities(preference=True)`` (:mod:`mmrl.train.preference`).
@@ -120,21 +119,19 @@ def preference_step(policy, optimizer: torch.optim.Optimizer, pref_loss, rollout
         return {"pairs": 0.0, "skipped_updates": 0.0}
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros(())
-    stat_sums = torch.zeros(len(PAIR_STATS))  # each already Σ_pairs / num_pairs
     chunks = pair_chunks(P, settings.micro_batch_size) if P else []
+    sums = torch.zeros(1 + len(PAIR_STATS))  # loss, then PAIR_STATS: each Σ_pairs / num_pairs
     for a, b in chunks:
         loss, stats = _pair_loss(policy, pref_loss, rollout, chosen_rows[a:b],
                                  rejected_rows[a:b], generator, num_pairs,
                                  {k: v[a:b] for k, v in (pair_inputs or {}).items()})
         loss.backward()
-        loss_sum += loss.detach().float().cpu()
-        stat_sums += torch.stack([stats[k].detach().float().cpu() for k in PAIR_STATS])
+        sums += torch.stack([loss.detach()] + [stats[k].detach() for k in PAIR_STATS]).float().cpu()
     if d.active and d.grad_sync == "fsdp" and len(rollout):  # same forwards on every rank
         for _ in range(most_over_ranks(len(chunks), d) - len(chunks)):
             idle_pass(policy, rollout)
     grad_norm = _optimizer_step(optimizer, params, settings.max_grad_norm, d)
-    totals = d.all_reduce_sum(torch.cat([loss_sum[None], stat_sums]))
+    totals = d.all_reduce_sum(sums)
     out = {"loss": totals[0], "pairs": num_pairs,
            "grad_norm": torch.tensor(float("nan")) if grad_norm is None else grad_norm,
            "skipped_updates": torch.tensor(float(grad_norm is None))}
@@ -164,12 +161,16 @@ def pair_accuracy(policy, rollout, chosen_rows: torch.Tensor, rejected_rows: tor
         if s.chosen_ref is None or s.rejected_ref is None:
             raise ValueError(f"{type(policy).__name__}.pair_scores(..., with_ref=True) returned "
                              f"no reference scores; pref.eval_pairs needs the reference policy")
-        ratio = lambda x, ref, m: ((x.double() - ref.double()) * m.to(x.device)).sum(-1)  # noqa: E731
-        margin = (ratio(s.chosen_logp, s.chosen_ref, s.chosen_mask)
-                  - ratio(s.rejected_logp, s.rejected_ref, s.rejected_mask)).cpu()  # [p]
+        margin = (_log_ratio_sum(s.chosen_logp, s.chosen_ref, s.chosen_mask)
+                  - _log_ratio_sum(s.rejected_logp, s.rejected_ref, s.rejected_mask)).cpu()
         acc = (margin > 0).double() + 0.5 * (margin == 0).double()
         sums += torch.stack([acc.sum(), margin.sum(), torch.tensor(float(b - a))]).double()
     sums = d.all_reduce_sum(sums)
     n = float(sums[2])
     return {"accuracy": float(sums[0]) / max(n, 1.0) if n else float("nan"),
             "margin": float(sums[1]) / n if n else float("nan"), "pairs": n}
+
+
+def _log_ratio_sum(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[p]`` Σ_t (log π − log π_ref) over the valid tokens / steps, in float64."""
+    return ((logp.double() - ref.double().to(logp.device)) * mask.to(logp.device)).sum(-1)
