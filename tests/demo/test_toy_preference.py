@@ -179,3 +179,33 @@ def test_sigkill_then_resume_is_bit_exact_across_stages(tmp_path):
     assert [r["step"] for r in rows] == list(range(7))
     assert [r["step"] for r in rows if r.get("pref_step")] == [2, 5]
     assert all(r["pairs"] > 0 for r in rows if r.get("pref_step"))  # the DPO steps trained
+
+
+@pytest.mark.slow
+def test_file_pairs_on_two_ranks_train_as_one_process(tmp_path):
+    """Each rank scores its share of a step's records; losses and the held-out accuracy equal
+    one process's (the runner also checks that both ranks end with identical weights)."""
+    from tests.train.test_distributed import TORCHRUN, _run as run_cmd
+    pairs = _pair_file(tmp_path / "train.jsonl", 16, seed=11)
+    held = _pair_file(tmp_path / "held.jsonl", 6, seed=12)
+    args = ["-m", "mmrl.cli", "train", str(ROOT / "configs/demo/toy.yaml"), "train.steps=3",
+            "train.progress=false", "train.prompts_per_step=5", "train.group_size=2",
+            "toy.d_model=16", "toy.layers=1", "toy.heads=2", "toy.digits=5", "toy.length=3",
+            "train.export=false", "train.lr=1e-2", "pref.mode=dpo", "pref.pairs=file",
+            f"pref.pairs_file={pairs}", f"pref.eval_pairs={held}", "train.micro_batch_size=2"]
+    one = run_cmd([sys.executable, *args, f"train.output_dir={tmp_path / 'one'}"])
+    two = run_cmd(TORCHRUN + [*args, f"train.output_dir={tmp_path / 'two'}"])
+    assert "parameters identical on 2 ranks" in two.stdout
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+            for k in ("one", "two")}
+    assert len(rows["one"]) == len(rows["two"]) == 3
+    for a, b in zip(rows["one"], rows["two"]):
+        assert b["pairs"] == a["pairs"] == 5.0
+        for k in ("loss", "grad_norm", "pref_reward_margin"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
+    evals = {k: [json.loads(x) for x in (tmp_path / k / "pref_eval.jsonl").read_text()
+                 .splitlines()] for k in ("one", "two")}
+    assert [e["pairs"] for e in evals["two"]] == [6.0, 6.0]
+    for a, b in zip(evals["one"], evals["two"]):
+        assert b["accuracy"] == a["accuracy"] and b["margin"] == pytest.approx(a["margin"],
+                                                                               rel=1e-4)
