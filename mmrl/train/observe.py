@@ -137,7 +137,9 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
             line = (f"step {step:4d}  pref  pairs {int(m.get('pairs', 0))}  "
                     f"loss {m.get('loss', float('nan')):+.4f}  "
                     f"grad {m.get('grad_norm', float('nan')):.3f}  "
-                    f"acc {m.get('pref_reward_accuracy', float('nan')):.2f}")
+                    f"acc {m.get('pref_reward_accuracy', float('nan')):.2f}"
+                    if m.get("pairs") else f"step {step:4d}  pref  no pair (every group tied "
+                    f"or no usable record): nothing learned")
             (bar.write(line) if bar is not None else print(line, flush=True))
             return
         if not math.isfinite(m.get("reward_mean", float("nan"))):  # nothing was scored
