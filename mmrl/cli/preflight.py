@@ -66,7 +66,19 @@ def preflight(run: RunConfig) -> List[str]:
     if Path(t.output_dir).expanduser().exists():  # a folder not there yet holds no run
         from mmrl.train.run_folder import output_dir_problems
         out.extend(output_dir_problems(t.output_dir, t.resume, t.overwrite))
+    out.extend(pref_file_problems(run))
     job = get_job(run.job)
     if job.preflight is not None:
         out.extend(job.preflight(run))
+    return out
+
+
+def pref_file_problems(run: RunConfig) -> List[str]:
+    """The ``pref`` section's pair files exist and are files."""
+    out = []
+    for key in ("pairs_file", "eval_pairs"):
+        path = getattr(run.pref, key, None)
+        if path is not None and not Path(path).expanduser().is_file():
+            out.append(f"pref.{key}: {path} is not a file; expected a JSONL file of pair "
+                       f"records (one {{..., chosen, rejected}} object per line)")
     return out

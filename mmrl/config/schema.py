@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from mmrl.algo.presets import (EXTRA_OVERRIDES, PRESETS, AlgoSpec, algo_problems, axis_registry,
                                resolve_algo)
 from mmrl.config.core import ConfigError, apply_overrides, build, cfg, load_yaml, show, to_dict
+from mmrl.config.pref import PrefConfig, pref_train_problems
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 """The torch device types a run may use (``train.device``); plus ``auto``."""
@@ -240,16 +241,18 @@ def device_problems(device: str, key: str = "device") -> List[str]:
 
 @dataclass
 class RunConfig:
-    """A whole run: which job, the algorithm, the loop, and the job's own section."""
+    """A whole run: which job, the algorithm, the loop, the job's own section and the
+    preference steps (:mod:`mmrl.config.pref`)."""
 
     job: str
     algo: AlgoConfig
     train: TrainConfig
     task: Any  # the job's section (a dataclass registered with the job)
+    pref: PrefConfig = field(default_factory=PrefConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"job": self.job, "algo": to_dict(self.algo), "train": to_dict(self.train),
-                self.job: to_dict(self.task)}
+                self.job: to_dict(self.task), "pref": to_dict(self.pref)}
 
 
 def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
@@ -271,7 +274,7 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
             job = get_job(job_name)
         except ValueError as err:
             problems.append(f"job: {err}")
-    allowed = {"job", "algo", "train"} | ({job_name} if job else set())
+    allowed = {"job", "algo", "train", "pref"} | ({job_name} if job else set())
     for key in data if job else ():  # an unknown job: its section cannot be judged either
         if key not in allowed:
             name = key if isinstance(key, str) else show(key)
@@ -287,13 +290,14 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
                 algo_data[key] = value
     algo = build(AlgoConfig, algo_data, "algo", problems)
     train = build(TrainConfig, _section(data, "train", problems), "train", problems)
+    pref = build(PrefConfig, _section(data, "pref", problems), "pref", problems)
     if job and job.check is not None and not problems:
         problems.extend(job.check(algo, train, task))
     if not problems:
-        problems.extend(_loop_problems(algo, train))
+        problems.extend(_loop_problems(algo, train) + pref_train_problems(pref, train))
     if problems:
         raise ConfigError(problems, source)
-    return RunConfig(job_name, algo, train, task)
+    return RunConfig(job_name, algo, train, task, pref)
 
 
 def _loop_problems(algo: AlgoConfig, train: TrainConfig) -> List[str]:

@@ -3,7 +3,9 @@
 Pure torch, seconds per hundred steps on a laptop CPU: the demo and the loop's end-to-end test.
 Prompt "3 1 4 2", task ``reverse`` -> the model should answer "2 4 1 3" then <eos>. The reward is
 the fraction of answer positions that are right (an answer of the wrong length is scored against
-the longer of the two), so GRPO gets a dense, verifiable signal.
+the longer of the two), so GRPO gets a dense, verifiable signal. The policy also declares the
+preference capability (pairs of answers from records ``{"prompt": [digits], "chosen": [digits],
+"rejected": [digits]}``), so the runner's preference steps are tested in seconds.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from mmrl.demo.config import TASKS, ToyConfig  # the section (importing it registers the job)
 from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.preference import PrefScores
 from mmrl.train.rollout import Rollout
 
 class ToyLM(nn.Module):
@@ -39,7 +42,7 @@ class ToyLM(nn.Module):
 class ToyPolicy(GroupPolicy):
     """:class:`mmrl.train.policy.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
 
-    capabilities = Capabilities(token_weights=True, greedy=True)
+    capabilities = Capabilities(token_weights=True, greedy=True, preference=True)
 
     def __init__(self, c: ToyConfig, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
@@ -62,7 +65,10 @@ class ToyPolicy(GroupPolicy):
 
     def enable_reference(self):
         import copy
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # left in train mode (there is no dropout): the eval-mode fast path of
+        # nn.TransformerEncoderLayer sums in another order, and at the start the reference must
+        # score exactly as the policy does (KL 0, implicit rewards 0, accuracy 0.5)
+        self.ref = copy.deepcopy(self.model).requires_grad_(False)
 
     def rollout(self, prompts, metadata, group_size, generator) -> Rollout:
         """``group_size`` samples per prompt (an int, or one count per prompt)."""
@@ -126,6 +132,53 @@ class ToyPolicy(GroupPolicy):
             raise ValueError("beta > 0 needs a reference policy; call enable_reference() first")
         return self._logp(self.ref, rollout, rows, t0, t1)
 
+    def pair_rollout(self, records):
+        """``(rollout, chosen_rows, rejected_rows)`` of pair records ``{"prompt": [digits],
+        "chosen": [digits], "rejected": [digits]}``: rows 0..P-1 the chosen answers, P..2P-1
+        the rejected ones (each followed by <eos>). A record whose prompt is not ``length``
+        digits or whose answers are not lists of at most ``length`` digits is left out and
+        counted in ``skipped["bad_record"]``."""
+        good = [r for r in records if self._usable(r)]
+        P, T = len(good), self.T
+        rows = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in good]
+        ids = torch.full((2 * P, self.c.length + 1 + T), self.eos, dtype=torch.long)
+        mask = torch.zeros(2 * P, T, dtype=torch.bool)
+        for i, (prompt, answer) in enumerate(rows):
+            ids[i, :self.c.length] = torch.tensor(prompt, dtype=torch.long)
+            ids[i, self.c.length] = self.sep
+            ids[i, self.c.length + 1:self.c.length + 1 + len(answer)] = torch.tensor(
+                answer, dtype=torch.long)
+            mask[i, :len(answer) + 1] = True  # the answer and its <eos>
+        rollout = Rollout([list(a) for _, a in rows], [list(p) for p, _ in rows],
+                          [{} for _ in rows], torch.arange(2 * P) % max(P, 1), mask, {"ids": ids},
+                          skipped={"bad_record": len(records) - P} if len(records) > P else {})
+        return rollout, torch.arange(P), torch.arange(P, 2 * P)
+
+    def _usable(self, record) -> bool:
+        digits = lambda xs, most: isinstance(xs, list) and len(xs) <= most and all(  # noqa: E731
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < self.c.digits for x in xs)
+        return (isinstance(record, dict) and digits(record.get("prompt"), self.c.length)
+                and len(record["prompt"]) == self.c.length
+                and digits(record.get("chosen"), self.c.length)
+                and digits(record.get("rejected"), self.c.length))
+
+    def pair_scores(self, rollout, chosen_rows, rejected_rows, generator, with_ref):
+        """The pairs' answer log-probs ``[P, T]`` (with gradient) and, with ``with_ref``, the
+        frozen reference's (:meth:`enable_reference`); draws nothing from ``generator``."""
+        if with_ref and self.ref is None:
+            raise ValueError("the preference loss needs a reference policy; call "
+                             "enable_reference() first")
+        both = torch.cat([chosen_rows, rejected_rows])
+        P = len(chosen_rows)
+        logp = self._logp(self.model, rollout, both, 0, self.T)  # [2P, T]
+        ref = None
+        if with_ref:
+            with torch.no_grad():
+                ref = self._logp(self.ref, rollout, both, 0, self.T)
+        mask = rollout.mask[both].to(logp.device)
+        return PrefScores(logp[:P], logp[P:], mask[:P], mask[P:],
+                          None if ref is None else ref[:P], None if ref is None else ref[P:])
+
 
 def make_prompts(c: ToyConfig, seed: int) -> List[List[int]]:
     g = torch.Generator().manual_seed(seed + 1)
@@ -142,17 +195,52 @@ def digit_reward(samples: Sequence[List[int]], prompts, metadata) -> torch.Tenso
     return torch.tensor(out)
 
 
+def exact_reward(samples: Sequence[List[int]], prompts, metadata) -> torch.Tensor:
+    """1 for an answer equal to the target, else 0 -> [B] (a stricter verifier)."""
+    return torch.tensor([float(list(s) == list(m["target"])) for s, m in zip(samples, metadata)])
+
+
 def run(config) -> Dict[str, Any]:
     from mmrl.train.runner import run_training
     c: ToyConfig = config.task
     policy = ToyPolicy(c, seed=config.train.seed, device=_device(config.train.device))
     spec = config.algo.resolve()
     policy.tw_alpha = spec.tw_alpha
-    if spec.needs_ref:
+    if spec.needs_ref or pref_needs_ref(config.pref):
         policy.enable_reference()
     prompts = make_prompts(c, config.train.seed)
     metadata = [{"target": TASKS[c.task](p)} for p in prompts]
-    return run_training(config, policy, digit_reward, prompts, metadata)
+    return run_training(config, policy, digit_reward, prompts, metadata,
+                        verifier=toy_verifier(config.pref.verifier))
+
+
+VERIFIERS = {"digits": digit_reward, "exact": exact_reward}
+"""``pref.verifier`` names the toy job knows."""
+
+
+def toy_verifier(name):
+    """The verifier reward ``pref.verifier`` names (None for null).
+
+    Raises:
+        UserError: a name the toy job does not know.
+    """
+    if name is None:
+        return None
+    if name not in VERIFIERS:
+        from mmrl.config.core import UserError
+        raise UserError(f"pref.verifier: got {name!r}; the toy job knows "
+                        f"{', '.join(sorted(VERIFIERS))}")
+    return VERIFIERS[name]
+
+
+def pref_needs_ref(pref) -> bool:
+    """Does the ``pref`` section need the reference policy (a loss with a reference, or
+    eval pairs)?"""
+    if pref.eval_pairs:
+        return True
+    if pref.mode == "off":
+        return False
+    return pref.resolve().needs_ref
 
 
 def _device(name: str) -> str:

@@ -11,4 +11,6 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl.train", {
     ".rounds": ("Round", "RoundAugmenter", "Rounds", "RoundSettings", "concat_rollouts"),
     ".runner": ("Run", "run_training", "seed_everything", "RunStopped"),
     ".reward_fn": ("CombinedReward", "RewardBatch", "RewardFn", "evaluate_reward"),
+    ".preference": ("PrefScores", "preference_step", "pair_accuracy"),
+    ".pref_stage": ("PrefStage", "read_pair_records"),
 })

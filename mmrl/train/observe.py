@@ -7,7 +7,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -133,6 +133,15 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
     if step % t.log_every == 0 or step == t.steps - 1:
+        if m.get("pref_step"):  # a preference step (mmrl.train.pref_stage)
+            line = (f"step {step:4d}  pref  pairs {int(m.get('pairs', 0))}  "
+                    f"loss {m.get('loss', float('nan')):+.4f}  "
+                    f"grad {m.get('grad_norm', float('nan')):.3f}  "
+                    f"acc {m.get('pref_reward_accuracy', float('nan')):.2f}"
+                    if m.get("pairs") else f"step {step:4d}  pref  no pair (every group tied "
+                    f"or no usable record): nothing learned")
+            (bar.write(line) if bar is not None else print(line, flush=True))
+            return
         if not math.isfinite(m.get("reward_mean", float("nan"))):  # nothing was scored
             line = (f"step {step:4d}  no valid sample: nothing learned  "
                     f"dropped {int(m.get('dropped_samples', 0))}")
@@ -144,3 +153,15 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
                 f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
                 f"dropped {int(m.get('dropped_samples', 0))}")
         (bar.write(line) if bar is not None else print(line, flush=True))
+
+
+def step_rewards(history: List[Dict[str, float]], out: Path) -> List[float]:
+    """Mean reward of each step that had samples: this session's ``history``, or (a resumed run
+    that had nothing left to do) the ones ``out/metrics.jsonl`` recorded, so a run's summary
+    never reports nan."""
+    rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
+    path = Path(out) / "metrics.jsonl"
+    if not rewards and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
+    return rewards

@@ -24,7 +24,7 @@ RUN_FILE = "run.json"
 #: Everything a run writes under ``output_dir``; ``overwrite`` removes exactly these (inputs a
 #: job keeps there, e.g. the video demo's tiny model and synthetic clips, are left alone).
 RUN_OUTPUTS = (RUN_FILE, "config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints",
-               "final.pt", "hf", "tb", "wandb", "eval.jsonl", "eval")
+               "final.pt", "hf", "tb", "wandb", "eval.jsonl", "eval", "pref_eval.jsonl")
 #: The outputs whose presence means a folder holds a run (config.yaml alone does not).
 _RUN_EVIDENCE = (RUN_FILE, "metrics.jsonl", "final.pt", "hf")
 

@@ -12,17 +12,17 @@ Checkpoints (``mmrl.train.checkpoint``) hold the trainable weights, the optimize
 extra state (:mod:`mmrl.train.state`), every RNG and the prompt selector's and augmenters'
 state, so a run resumed from step k ends with the same weights, bit for bit on CPU, as a run
 that was never interrupted. SIGTERM/SIGINT finish the current step, write a checkpoint and exit
-cleanly (a second SIGINT stops at once).
+cleanly (a second SIGINT stops at once). Preference steps (``pref.mode``) are
+:class:`mmrl.train.pref_stage.PrefStage`'s.
 """
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,9 @@ from mmrl.train.distributed import (check_fsdp_settings, init_distributed, maybe
                                     shard_policy)
 from mmrl.train.loop import LoopSettings, train_batch
 from mmrl.train.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
-                                throughput)
+                                step_rewards, throughput)
 from mmrl.train.policy import check_policy
+from mmrl.train.pref_stage import PrefStage, log_eval, pref_config
 from mmrl.train.rounds import (Round, RoundAugmenter, Rounds, RoundSettings, check_prompts,
                                needs_whole_groups)
 from mmrl.train.run_folder import claim_output_dir
@@ -68,7 +69,7 @@ class Run:
     """
 
     def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
-                 selector=None, augmenters: Sequence[RoundAugmenter] = ()):
+                 selector=None, augmenters: Sequence[RoundAugmenter] = (), verifier=None):
         t = self.t = config.train
         check_prompts(prompts, t.prompts_per_step)
         self.config, self.policy = config, policy
@@ -78,7 +79,10 @@ class Run:
         self.prompt_gen = torch.Generator().manual_seed(t.seed + 1)  # prompt order
         self.loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
         self.caps = check_policy(policy, self.loss_fn.spec)
-        whole_groups = needs_whole_groups(self.loss_fn.spec, self.caps)
+        self.pref = PrefStage(pref_config(config), policy, self.caps, verifier=verifier,
+                              seed=t.seed, per_step=t.prompts_per_step)
+        # online pairs: a pair's two samples must be on one rank
+        whole_groups = needs_whole_groups(self.loss_fn.spec, self.caps) or self.pref.pref.online
         self.dist = init_distributed(t.parallel)
         self.fsdp = None
         if self.dist.active and t.parallel == "fsdp":
@@ -107,7 +111,10 @@ class Run:
     # ------------------------------------------------------------------ one step
     def run_step(self) -> Dict[str, float]:
         """One step, top to bottom: collect (rollouts, rewards, augmenters), advantages over
-        the gathered rewards, K epochs of updates; returns the step's metrics."""
+        the gathered rewards, K epochs of updates; returns the step's metrics. A preference
+        step (``pref.mode``) is :meth:`PrefStage.run_step`'s."""
+        if self.pref.is_pref_step(self.step):
+            return self.pref.run_step(self)
         tic = time.time()
         got = self.rounds.collect(self.step)
         nonfinite = got.rewards.invalid_report()  # batch_advantages drops those rows
@@ -263,17 +270,6 @@ def _bad_steps_error(r: "Run") -> RunStopped:
                       f"reward; {where}")
 
 
-def _step_rewards(r: "Run") -> List[float]:
-    """Mean reward of each step that had samples: this session's, or (a resumed run that had
-    nothing left to do) the ones metrics.jsonl recorded, so the summary never reports nan."""
-    rewards = [h["reward_mean"] for h in r.history if "reward_mean" in h]
-    path = r.out / "metrics.jsonl"
-    if not rewards and path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
-    return rewards
-
-
 def _export(r: Run, say, final: Optional[Dict[str, torch.Tensor]]) -> None:
     """The final model in Hugging Face format under output_dir/hf, written by rank 0; under FSDP
     from ``final`` (the gathered full weights), as the live ones are sharded."""
@@ -307,14 +303,17 @@ def _check_ranks_agree(r: Run, say) -> None:
 def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                  metadata: Optional[Sequence[Dict[str, Any]]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 selector=None, augmenters: Sequence[RoundAugmenter] = ()) -> Dict[str, Any]:
+                 selector=None, augmenters: Sequence[RoundAugmenter] = (),
+                 verifier=None) -> Dict[str, Any]:
     """Train ``policy`` for ``config.train.steps`` iterations; returns a summary dict.
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final.pt`` under
     ``config.train.output_dir``; resumes from the newest complete checkpoint there when
-    ``train.resume=auto``. ``augmenters`` rework each collected round (see :class:`Round`).
+    ``train.resume=auto``. ``augmenters`` rework each collected round (see :class:`Round`);
+    ``verifier``: the reward built from ``pref.verifier`` that ranks online pairs.
     """
-    r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters)
+    r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters,
+            verifier)
     say = (lambda msg: print(msg, flush=True)) if r.dist.is_main else (lambda msg: None)
     _start(r, say)
     start = time.time()
@@ -339,6 +338,7 @@ def _start(r: Run, say) -> None:
                f"train.resume=never train.overwrite=true or another train.output_dir to "
                f"start over"
                if r.step >= t.steps else ""))
+    log_eval(r, say)
 
 
 def _train(r: Run) -> Optional[int]:
@@ -377,6 +377,7 @@ def _finish(r: Run, stopped: Optional[int], say) -> None:
         say(f"stopped by signal {int(stopped)} after step {r.step - 1}; {r.saved_note()}; "
             f"resume with train.resume=auto")
         return
+    log_eval(r, say)
     folder, final = r.save(), None
     if r.history and all(h.get("samples", 1.0) == 0 for h in r.history):
         raise _bad_steps_error(r)  # not one valid sample in the whole run: nothing learned
@@ -390,9 +391,9 @@ def _finish(r: Run, stopped: Optional[int], say) -> None:
 def _summary(r: Run, seconds: float, stopped: Optional[int]) -> Dict[str, Any]:
     """What :func:`run_training` returns: steps, time, the stop signal, the mean reward of the
     first and last few steps, the output folder and every step's metrics."""
-    rewards = _step_rewards(r)
+    rewards = step_rewards(r.history, r.out)
     k = max(1, min(5, len(rewards) // 4))
     return {"steps": r.step, "seconds": seconds, "stopped": stopped,
             "reward_first": float(np.mean(rewards[:k])) if rewards else float("nan"),
             "reward_last": float(np.mean(rewards[-k:])) if rewards else float("nan"),
-            "output_dir": str(r.out), "history": r.history}
+            "output_dir": str(r.out), "history": r.history, "pref_eval": r.pref.evals}
