@@ -256,6 +256,15 @@ def preference_problems(spec) -> List[str]:
     return out
 
 
+def check_pref(pref, c: DiffusionConfig) -> List[str]:
+    """The diffusion job's problems with an active ``pref`` section: the preset
+    (:func:`preference_problems`) and ``pref.verifier``, a scorer spec like ``reward``."""
+    out = preference_problems(pref.resolve())
+    if pref.verifier is not None:
+        out += [f"pref.verifier: {p.partition(': ')[2]}" for p in reward_spec_problems(pref.verifier)]
+    return out
+
+
 def preflight(config) -> List[str]:
     """The pipeline folder (or cached hub id) and the prompt files exist on this machine."""
     from mmrl.config.jobs import file_problems, model_problems
@@ -287,4 +296,5 @@ def algo_defaults(c: DiffusionConfig) -> dict:
 register_job(Job("diffusion", DiffusionConfig, "mmrl.diffusion.job:run",
                  "GRPO for flow-matching text-to-image models (SD3/SD3.5, FLUX via diffusers): "
                  "Flow-GRPO, MixGRPO, G2RPO, tree sampling",
-                 check=check, preflight=preflight, algo_defaults=algo_defaults))
+                 check=check, preflight=preflight, algo_defaults=algo_defaults,
+                 check_pref=check_pref))

@@ -89,7 +89,11 @@ def run(config) -> Dict[str, Any]:
     policy = build_policy(c, device, spec, config.algo.reward_weights)
     dist = init_distributed(config.train.parallel)  # the runner joins the same process group
     attach_evaluator(policy, config, eval_prompts, reward, dist.is_main)
-    summary = run_training(config, policy, reward, train_prompts, [{} for _ in train_prompts])
+    verifier = None  # VerIPO's verifier: the scorers named by pref.verifier
+    if config.pref.verifier is not None:
+        verifier = ImageReward(compose(config.pref.verifier, device=device))
+    summary = run_training(config, policy, reward, train_prompts, [{} for _ in train_prompts],
+                           verifier=verifier)
     if policy.evaluator is not None and summary.get("stopped") is None:
         summary["eval"] = policy.evaluator(summary["steps"])  # the grid after the last step
     return summary

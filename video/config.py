@@ -128,6 +128,35 @@ def reward_spec_problems(spec) -> List[str]:
             for name, w in weights.items() if not math.isfinite(w)]
 
 
+def verifier_spec(text: str) -> Dict[str, Dict[str, Any]]:
+    """``pref.verifier`` for the video job -> a ``video.rewards``-style spec: video reward
+    names with options, written as scorer specs are (``NAME[:key=value...][,NAME...]``), e.g.
+    ``accuracy:answer_source=tag_or_text,think_answer_format:weight=0.5``.
+
+    Raises:
+        ValueError: text that does not parse (the message says where).
+    """
+    from mmrl.rewards.specs import parse_specs
+    return {name: dict(options) for name, options in parse_specs(text)}
+
+
+def check_pref(pref, c: VideoConfig) -> List[str]:
+    """The video job's problems with an active ``pref`` section: ``pref.verifier`` must name
+    video rewards (the same registry as ``video.rewards``)."""
+    if pref.verifier is None:
+        return []
+    try:
+        spec = verifier_spec(pref.verifier)
+    except (ValueError, TypeError) as err:
+        spec, why = {}, str(err)
+    else:
+        why = "no reward named"
+    if not spec:
+        return [f"pref.verifier: got {pref.verifier!r} ({why}); expected video reward names "
+                f"with options, e.g. accuracy:answer_source=tag_or_text,think_answer_format"]
+    return [f"pref.verifier: {p.partition(': ')[2]}" for p in reward_spec_problems(spec)]
+
+
 def check(algo, train, c: VideoConfig) -> List[str]:
     """Cross-section problems of a video config (prompt counts known before reading data)."""
     out = []
@@ -188,4 +217,4 @@ register_job(Job("video", VideoConfig, "mmrl.video.job:run",
                  "GRPO-family training of a vision-language model (Qwen2-VL, Qwen2.5-VL, "
                  "Qwen3-VL, ... : mmrl.video.models) on video/image questions (Video-R1 data, "
                  "verifiable rewards)", check=check, preflight=preflight,
-                 algo_defaults=algo_defaults))
+                 algo_defaults=algo_defaults, check_pref=check_pref))

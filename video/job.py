@@ -70,9 +70,11 @@ def build_augmenters(c, records, reward_weights) -> list:
     return out
 
 
-def build_policy(c, output_dir: str, device: str, spec=None):
+def build_policy(c, output_dir: str, device: str, spec=None, pref=None):
     """The :class:`~mmrl.video.policy.VLMPolicy` of a config, its adapter picked by the
-    checkpoint's ``config.model_type`` (``model: tiny*`` is built first)."""
+    checkpoint's ``config.model_type`` (``model: tiny*`` is built first), with a reference
+    when the algorithm (``beta > 0``) or the preference section (a loss that reads the
+    reference, or held-out pairs to evaluate) needs one."""
     from .models import TINY_MODELS, build_default_tiny
     from .policy import VLMPolicy, load_vlm
     path = c.model
@@ -88,9 +90,14 @@ def build_policy(c, output_dir: str, device: str, spec=None):
                           tw_alpha=spec.tw_alpha if spec is not None else 1.7,
                           tw_chunk=c.tw_chunk, device=device, template=c.template,
                           system_prompt=c.system_prompt)
-    if spec is not None and spec.needs_ref:
+    if (spec is not None and spec.needs_ref) or (pref is not None and _pref_needs_ref(pref)):
         policy.enable_reference()
     return policy
+
+
+def _pref_needs_ref(pref) -> bool:
+    """Does the ``pref`` section score against the reference (its loss, or eval pairs)?"""
+    return pref.eval_pairs is not None or (pref.mode != "off" and pref.resolve().needs_ref)
 
 
 def run(config) -> Dict[str, Any]:
@@ -114,10 +121,15 @@ def run(config) -> Dict[str, Any]:
         if c.temporal_contrast:
             from .rounds import TEMPORAL_COLUMN
             config.algo.reward_weights[TEMPORAL_COLUMN] = 1.0
-    policy = build_policy(c, out, device, spec)
+    policy = build_policy(c, out, device, spec, config.pref)
+    verifier = None  # VerIPO's verifier: video rewards named by pref.verifier
+    if config.pref.verifier is not None:
+        from .config import verifier_spec
+        verifier = build_vl_reward(verifier_spec(config.pref.verifier))
     try:
         summary = run_training(config, policy, reward, prompts, metadata,
-                               augmenters=build_augmenters(c, records, config.algo.reward_weights))
+                               augmenters=build_augmenters(c, records, config.algo.reward_weights),
+                               verifier=verifier)
     finally:  # also when the run stops because every video was unreadable: say which ones
         if policy.skips.total:
             examples = "".join(f"\n  {e}" for e in policy.skips.examples)

@@ -52,6 +52,9 @@ class Job:
         algo_defaults: optional ``algo_defaults(task) -> dict`` of algorithm settings the job
             knows better than a preset (e.g. ``max_len`` for ``fixed_norm``), used where the
             config leaves them null.
+        check_pref: optional ``check_pref(pref, task) -> list[str]``: what the job cannot do
+            with an active ``pref`` section (a preset its scores cannot carry, a verifier it
+            cannot build); called when ``pref.mode`` is not ``off``.
         preflight: optional ``preflight(config: RunConfig) -> list[str]``: problems with running
             on this machine (data, model and prompt files exist). Must be cheap: no model is
             loaded; ``mmrl train`` and ``mmrl config validate`` call it before any work.
@@ -64,6 +67,7 @@ class Job:
     check: Optional[Callable[..., List[str]]] = None
     algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
     preflight: Optional[Callable[[Any], List[str]]] = None
+    check_pref: Optional[Callable[..., List[str]]] = None
 
     def __post_init__(self):
         if isinstance(self.run, str):

@@ -61,10 +61,13 @@ _SOURCES = [
                                      "steps (only with mode=veripo, where it is required).",
                                      minimum=1, source="unconfirmed (VerIPO's abstract gives "
                                      "no schedule)")),
-    ("verifier", Optional[str], cfg(None, "Reward spec, written as the job writes its rewards, "
-                                    "that ranks a group's samples for online pairs (VerIPO's "
-                                    "verifier); null = the run's reward. The toy job knows "
-                                    "digits (its reward) and exact (1 for a right answer).",
+    ("verifier", Optional[str], cfg(None, "Reward spec NAME[:key=value...][,NAME...] that "
+                                    "ranks a group's samples for online pairs (VerIPO's "
+                                    "verifier); null = the run's reward. Names: the diffusion "
+                                    "job's scorers (as diffusion.reward), the video job's "
+                                    "rewards (as video.rewards, e.g. accuracy:answer_source="
+                                    "tag_or_text), the toy job's digits (its reward) and exact "
+                                    "(1 for a right answer).",
                                     source="VerIPO arXiv 2505.19000 (a rollout-aware "
                                     "verifier; its criteria unconfirmed)")),
     ("eval_pairs", Optional[str], cfg(None, "Held-out JSONL pair file (the pairs_file "

@@ -295,6 +295,8 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
         problems.extend(job.check(algo, train, task))
     if not problems:
         problems.extend(_loop_problems(algo, train) + pref_train_problems(pref, train))
+    if job and job.check_pref is not None and not problems and pref.mode != "off":
+        problems.extend(job.check_pref(pref, task))
     if problems:
         raise ConfigError(problems, source)
     return RunConfig(job_name, algo, train, task, pref)

@@ -66,3 +66,22 @@ def test_file_pairs_learn_the_preference(tiny_sd3_path, tmp_path):
     first, last = result["pref_eval"][0], result["pref_eval"][-1]
     assert (first["accuracy"], first["pairs"]) == (0.5, 2.0)  # unreadable record left out
     assert last["accuracy"] == 1.0 and last["margin"] > 0
+
+
+def test_the_config_refuses_what_flow_scores_cannot_carry_and_checks_the_verifier(tiny_sd3_path,
+                                                                                 tmp_path):
+    """The job's check_pref runs with the config check: SimPO (reference-free) is refused with
+    its reason, and pref.verifier is parsed like diffusion.reward (an unknown scorer named)."""
+    import pytest
+
+    from mmrl.config.core import ConfigError
+    base = {"job": "diffusion", "train": {"output_dir": str(tmp_path)},
+            "diffusion": {"model": tiny_sd3_path, "reward": "brightness", "prompts": PROMPTS}}
+    with pytest.raises(ConfigError, match="reference_free=true"):
+        config_from_dict({**base, "pref": {"mode": "dpo", "preset": "simpo"}})
+    with pytest.raises(ConfigError, match="pref.verifier: unknown scorer 'brightnes'"):
+        config_from_dict({**base, "pref": {"mode": "veripo", "grpo_steps": 1, "dpo_steps": 1,
+                                           "verifier": "brightnes"}})
+    ok = config_from_dict({**base, "pref": {"mode": "veripo", "grpo_steps": 1, "dpo_steps": 1,
+                                            "verifier": "brightness:weight=2"}})
+    assert ok.pref.verifier == "brightness:weight=2"
