@@ -8,8 +8,8 @@ completions each method sampled. The pair files are offline preference data a us
 for the video task (which way does the red square move?) the right letter against a wrong one,
 for the image task (brightness reward) a light image against a dark one.
 
-    .venv/bin/python benchmarks/bench_preference.py [--seeds 3] [--video-steps 40]
-        [--image-steps 6] [--out runs/bench-preference]
+    .venv/bin/python benchmarks/bench_preference.py [--seeds 3] [--video-steps 80]
+        [--image-steps 20] [--out runs/bench-preference]
 
 About 12 minutes on 2 idle CPU cores with the defaults.
 """
@@ -72,6 +72,7 @@ def image_pairs(folder: str, prompts, seed: int) -> str:
 
 def video_eval(config, out: str, num: int = 32, group: int = 4) -> float:
     """Mean accuracy of ``group`` samples on each of the first ``num`` records, final weights."""
+    from mmrl.train.loop import score
     from mmrl.video.job import build_data, build_policy
     from mmrl.video.vl_rewards import build_vl_reward
     c = config.task
@@ -81,9 +82,8 @@ def video_eval(config, out: str, num: int = 32, group: int = 4) -> float:
     reward = build_vl_reward(c.rewards)
     with torch.no_grad():
         ro = policy.rollout(prompts[:num], metadata[:num], group, torch.Generator().manual_seed(7))
-    values = reward(ro.samples, ro.prompts, ro.metadata)
-    values = values.values[:, 0] if hasattr(values, "values") else torch.as_tensor(values)
-    return float(values.float().mean())
+    rewards, _ = score(reward, ro, 0, None)
+    return float(rewards.weighted_sum(dict(reward.weights)).mean())
 
 
 def run_video(method: str, seed: int, steps: int, root: str) -> dict:
@@ -118,7 +118,8 @@ def run_image(method: str, seed: int, steps: int, root: str) -> dict:
     data = {"job": "diffusion", "algo": {"preset": "grpo"},
             "train": {"steps": steps, "prompts_per_step": 4, "group_size": 8, "lr": 3e-3,
                       "seed": seed, "device": "cpu", "progress": False, "log_every": 1000,
-                      "output_dir": out, "overwrite": True, "max_grad_norm": 1.0},
+                      "output_dir": out, "overwrite": True, "resume": "never", "export": False,
+                      "max_grad_norm": 1.0},
             "diffusion": {**{k: getattr(base.task, k) for k in (
                 "model", "pipeline", "dtype", "finetune", "max_sequence_length", "height",
                 "width", "resolution_multiple", "guidance_scale", "num_steps", "eval_num_steps",
@@ -171,8 +172,8 @@ def plot(rows, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--video-steps", type=int, default=40)
-    parser.add_argument("--image-steps", type=int, default=6)
+    parser.add_argument("--video-steps", type=int, default=80)
+    parser.add_argument("--image-steps", type=int, default=20)
     parser.add_argument("--tasks", default="video,image")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-preference"))
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "preference_compare.png"))
