@@ -11,7 +11,7 @@ for the image task (brightness reward) a light image against a dark one.
     .venv/bin/python benchmarks/bench_preference.py [--seeds 3] [--video-steps 80]
         [--image-steps 20] [--out runs/bench-preference]
 
-About 12 minutes on 2 idle CPU cores with the defaults.
+About 20 minutes on 2 CPU cores with the defaults (the figures in docs/preference.md).
 """
 import argparse
 import json
