@@ -9,8 +9,9 @@ metrics, progress bar, data parallel). The config section is :mod:`mmrl.diffusio
 """
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -73,6 +74,17 @@ def attach_evaluator(policy: DiffusionGroupPolicy, config, eval_prompts, reward,
     policy.eval_every = c.eval_every
 
 
+def read_pair_file(path: str) -> List[Dict[str, Any]]:
+    """The diffusion job's pair files: :func:`mmrl.train.pref_stage.read_pair_records`, with
+    relative ``chosen`` / ``rejected`` image paths made relative to the file's folder (as the
+    video job's media paths are)."""
+    from mmrl.train.pref_stage import read_pair_records
+    base = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    return [{**rec, **{k: os.path.join(base, rec[k]) for k in ("chosen", "rejected")
+                       if isinstance(rec[k], str) and not os.path.isabs(rec[k])}}
+            for rec in read_pair_records(path)]
+
+
 def run(config) -> Dict[str, Any]:
     """Build policy, reward and prompts from ``config`` and train with the shared runner."""
     from mmrl.rewards import compose
@@ -93,7 +105,7 @@ def run(config) -> Dict[str, Any]:
     if config.pref.verifier is not None:
         verifier = ImageReward(compose(config.pref.verifier, device=device))
     summary = run_training(config, policy, reward, train_prompts, [{} for _ in train_prompts],
-                           verifier=verifier)
+                           verifier=verifier, read_pairs=read_pair_file)
     if policy.evaluator is not None and summary.get("stopped") is None:
         summary["eval"] = policy.evaluator(summary["steps"])  # the grid after the last step
     return summary

@@ -95,6 +95,21 @@ def build_policy(c, output_dir: str, device: str, spec=None, pref=None):
     return policy
 
 
+def read_pair_file(path: str):
+    """The video job's pair files (``pref.pairs_file``, ``pref.eval_pairs``):
+    :func:`mmrl.video.pairs.load_pairs` (every bad line at once, media relative to the file's
+    folder, missing media skipped and reported), its errors as the user's."""
+    from .pairs import load_pairs
+    try:
+        pairs = load_pairs(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"pair file: {err}") from None
+    if pairs.skipped:
+        print(f"video: {path}: skipped {len(pairs.skipped)} pair(s) "
+              f"({pairs.skip_counts()}), e.g. {pairs.skipped[0].message}", flush=True)
+    return pairs
+
+
 def _pref_needs_ref(pref) -> bool:
     """Does the ``pref`` section score against the reference (its loss, or eval pairs)?"""
     return pref.eval_pairs is not None or (pref.mode != "off" and pref.resolve().needs_ref)
@@ -129,7 +144,7 @@ def run(config) -> Dict[str, Any]:
     try:
         summary = run_training(config, policy, reward, prompts, metadata,
                                augmenters=build_augmenters(c, records, config.algo.reward_weights),
-                               verifier=verifier)
+                               verifier=verifier, read_pairs=read_pair_file)
     finally:  # also when the run stops because every video was unreadable: say which ones
         if policy.skips.total:
             examples = "".join(f"\n  {e}" for e in policy.skips.examples)

@@ -42,19 +42,24 @@ def read_pair_records(path) -> List[Dict[str, Any]]:
     if not p.is_file():
         raise UserError(f"pair file {p} not found; expected a JSONL file of "
                         f'{{..., "chosen": ..., "rejected": ...}} records')
-    records = []
+    records, problems = [], []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{p}:{n}: not JSON ({err.msg}); expected one pair record (a JSON "
-                            f"object) per line") from None
+            problems.append(f"{p}:{n}: not JSON ({err.msg}); expected one pair record (a JSON "
+                            f"object) per line")
+            continue
         if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
-            raise UserError(f"{p}:{n}: got {line[:80]!r}; expected a JSON object with "
+            problems.append(f"{p}:{n}: got {line[:80]!r}; expected a JSON object with "
                             f"'chosen' and 'rejected' (and the prompt fields)")
+            continue
         records.append(rec)
+    if problems:
+        raise UserError(f"{len(problems)} bad line(s) in the pair file:\n  "
+                        + "\n  ".join(problems[:50]))
     if not records:
         raise UserError(f"{p} holds no pair record; expected one JSON object per line")
     return records
@@ -106,6 +111,9 @@ class PrefStage:
             the run's reward).
         seed, per_step: the run's seed, and pairs read per step from a file
             (``train.prompts_per_step``).
+        read_pairs: ``read_pairs(path) -> records``, the job's reader of pair files (checks
+            its record format, resolves media paths against the file's folder); default
+            :func:`read_pair_records` (any JSON object with ``chosen`` and ``rejected``).
 
     Raises:
         TypeError: preference steps or eval pairs with a policy that does not declare
@@ -114,7 +122,8 @@ class PrefStage:
         UserError: an unreadable pair file; ``pref.verifier`` set but not built by the job.
     """
 
-    def __init__(self, pref, policy, caps, *, verifier=None, seed: int = 0, per_step: int = 1):
+    def __init__(self, pref, policy, caps, *, verifier=None, seed: int = 0, per_step: int = 1,
+                 read_pairs=None):
         self.pref, self.seed, self.per_step, self.verifier = pref, seed, per_step, verifier
         self.active = pref.mode != "off"
         name = type(policy).__name__
@@ -131,9 +140,9 @@ class PrefStage:
         if self.active:
             from mmrl.algo.preference import PreferenceLoss
             self.loss = PreferenceLoss(pref.preset, **pref.overrides())
-        self.records = read_pair_records(pref.pairs_file) \
-            if self.active and pref.pairs == "file" else None
-        self.eval_records = read_pair_records(pref.eval_pairs) if pref.eval_pairs else None
+        read = read_pairs or read_pair_records  # a job's own reader checks its record format
+        self.records = read(pref.pairs_file) if self.active and pref.pairs == "file" else None
+        self.eval_records = read(pref.eval_pairs) if pref.eval_pairs else None
         self.evals: List[Dict[str, float]] = []  # pref.eval_pairs results, start and end
 
     def is_pref_step(self, step: int) -> bool:

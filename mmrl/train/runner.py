@@ -69,7 +69,8 @@ class Run:
     """
 
     def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
-                 selector=None, augmenters: Sequence[RoundAugmenter] = (), verifier=None):
+                 selector=None, augmenters: Sequence[RoundAugmenter] = (), verifier=None,
+                 read_pairs=None):
         t = self.t = config.train
         check_prompts(prompts, t.prompts_per_step)
         self.config, self.policy = config, policy
@@ -80,7 +81,7 @@ class Run:
         self.loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
         self.caps = check_policy(policy, self.loss_fn.spec)
         self.pref = PrefStage(pref_config(config), policy, self.caps, verifier=verifier,
-                              seed=t.seed, per_step=t.prompts_per_step)
+                              seed=t.seed, per_step=t.prompts_per_step, read_pairs=read_pairs)
         # online pairs: a pair's two samples must be on one rank
         whole_groups = needs_whole_groups(self.loss_fn.spec, self.caps) or self.pref.pref.online
         self.dist = init_distributed(t.parallel)
@@ -304,16 +305,16 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                  metadata: Optional[Sequence[Dict[str, Any]]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  selector=None, augmenters: Sequence[RoundAugmenter] = (),
-                 verifier=None) -> Dict[str, Any]:
+                 verifier=None, read_pairs=None) -> Dict[str, Any]:
     """Train ``policy`` for ``config.train.steps`` iterations; returns a summary dict.
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final.pt`` under
     ``config.train.output_dir``; resumes from the newest complete checkpoint there when
     ``train.resume=auto``. ``augmenters`` rework each collected round (see :class:`Round`);
-    ``verifier``: the reward built from ``pref.verifier`` that ranks online pairs.
+    ``verifier`` / ``read_pairs``: see :class:`mmrl.train.pref_stage.PrefStage`.
     """
     r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters,
-            verifier)
+            verifier, read_pairs)
     say = (lambda msg: print(msg, flush=True)) if r.dist.is_main else (lambda msg: None)
     _start(r, say)
     start = time.time()

@@ -125,3 +125,18 @@ def test_step_records_are_shuffled_epochs_fixed_by_the_step():
     assert flat[:7] != flat[7:14]  # each epoch its own order
     assert step_records(7, 3, 4, seed=5) == first[4]  # a resumed run reads the same slice
     assert step_records(7, 3, 0, seed=6) != first[0]
+
+
+def test_read_pair_records_reports_every_bad_line_at_once(tmp_path):
+    from mmrl.config.core import UserError
+    from mmrl.train.pref_stage import read_pair_records
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": [1], "chosen": [2], "rejected": [3]}\nnot json\n\n'
+                    '{"prompt": [1], "chosen": [2]}\n[1, 2]\n')
+    with pytest.raises(UserError) as err:
+        read_pair_records(path)
+    msg = str(err.value)
+    assert msg.startswith("3 bad line(s)")
+    assert f"{path}:2: not JSON" in msg and f"{path}:4:" in msg and f"{path}:5:" in msg
+    path.write_text('{"prompt": [1], "chosen": [2], "rejected": [3]}\n\n')
+    assert read_pair_records(path) == [{"prompt": [1], "chosen": [2], "rejected": [3]}]

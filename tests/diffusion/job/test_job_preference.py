@@ -85,3 +85,14 @@ def test_the_config_refuses_what_flow_scores_cannot_carry_and_checks_the_verifie
     ok = config_from_dict({**base, "pref": {"mode": "veripo", "grpo_steps": 1, "dpo_steps": 1,
                                             "verifier": "brightness:weight=2"}})
     assert ok.pref.verifier == "brightness:weight=2"
+
+
+def test_the_jobs_pair_reader_resolves_image_paths_against_the_files_folder(tmp_path):
+    from mmrl.diffusion.job import read_pair_file
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "img/a.png",
+                                "rejected": "/abs/b.png"}) + "\n")
+    (rec,) = read_pair_file(str(path))
+    assert rec == {"prompt": "a", "chosen": str(tmp_path / "sub" / "img" / "a.png"),
+                   "rejected": "/abs/b.png"}

@@ -44,3 +44,22 @@ def test_an_unknown_verifier_reward_is_a_config_error(tiny_vl_dir, tmp_path, cap
     assert rc == 2
     err = capsys.readouterr().err
     assert "pref.verifier" in err and "accuracy" in err and "Traceback" not in err
+
+
+def test_the_jobs_pair_reader_checks_records_and_resolves_media_against_the_file(tmp_path):
+    """The job reads pair files with mmrl.video.pairs.load_pairs: media relative to the
+    file's folder; every malformed line at once, as the user's error (no traceback)."""
+    import pytest
+
+    from mmrl.config.core import UserError
+    from mmrl.video.job import read_pair_file
+    from mmrl.video.synthetic_task import write_synthetic_task
+    src = write_synthetic_task(str(tmp_path / "syn"), 2, seed=0)
+    recs = [json.loads(line) for line in open(src)]
+    path = tmp_path / "syn" / "pairs.jsonl"  # beside videos/, paths stay relative
+    path.write_text("\n".join(json.dumps({**r, "chosen": "A", "rejected": "B"}) for r in recs))
+    pairs = read_pair_file(str(path))
+    assert [p.record.path for p in pairs] == [str(tmp_path / "syn" / r["path"]) for r in recs]
+    path.write_text(json.dumps({**recs[0], "chosen": "A"}) + "\nnot json\n")
+    with pytest.raises(UserError, match=r"pairs.jsonl:1.*\n.*pairs.jsonl:2"):
+        read_pair_file(str(path))
