@@ -17,6 +17,12 @@ measures the model and not the draw. The policy's score of an image is −½·e,
 
 is flow_grpo's loss block (β = 100 there). :meth:`mmrl.diffusion.policy.DiffusionGroupPolicy.
 pair_scores` assembles it; this module holds the pieces (pure tensors) and the pair-image reader.
+
+Differs from flow_grpo: one (σ, ε) draw per pair per call (flow_grpo accumulates
+``num_train_timesteps`` draws over a batch); a group whose rewards are all equal gives no online
+pair (flow_grpo pairs indices 1 and 0); online pairs are sampled by the policy (flow_grpo: by the
+reference adapter); the reference stays frozen (no ``ref_update_step`` refresh); file images are
+encoded with the VAE posterior mean (Diffusion-DPO's ``train.py`` draws a posterior sample).
 """
 from __future__ import annotations
 
