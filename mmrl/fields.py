@@ -70,3 +70,11 @@ def range_problem(name: str, value: Any, meta: Mapping[str, Any]) -> Optional[st
     if not isinstance(value, (int, float)) or isinstance(value, bool) or in_bounds(value, meta):
         return None
     return f"{name}={value!r} is out of range; expected {bounds_text(name, meta)}"
+
+
+def problems_error(what: str, problems: "list[str]") -> ValueError:
+    """One ``ValueError`` listing every problem of a request, as the resolvers raise it:
+    ``"{what}: N problem(s):"`` then one ``  - problem`` line each."""
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return ValueError(f"{what}: {len(problems)} problem(s):\n{lines}")
+

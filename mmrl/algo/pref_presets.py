@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from mmrl.algo.checks import _type_problems
-from mmrl.fields import cfg, range_problem
+from mmrl.fields import cfg, problems_error, range_problem
 from mmrl.registry import Registry, did_you_mean
 
 # Built-in losses and the flags the checks read: ``win`` which win rates the loss reads
@@ -210,7 +210,6 @@ def resolve_pref(name: str, **overrides) -> PrefSpec:
     """
     problems = pref_problems(name, **overrides)
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ValueError(f"invalid preference loss {name!r} with overrides {overrides!r}: "
-                         f"{len(problems)} problem(s):\n{lines}")
+        raise problems_error(f"invalid preference loss {name!r} with overrides {overrides!r}",
+                             problems)
     return dataclasses.replace(PREF_PRESETS[name], **overrides)

@@ -18,6 +18,7 @@ from mmrl.algo.axes import _BUILTIN, _STATIC, EMPTY_ROWS, TOKEN_WEIGHTINGS, axis
 from mmrl.algo.checks import (_EXTRA_KEYS, _FIELDS, _apply_length_normalize, _axis_problems,
                               _combination_problems, _range_problems, _type_problems)
 from mmrl.algo.spec import EXTRA_OVERRIDES, AlgoSpec
+from mmrl.fields import problems_error
 from mmrl.registry import did_you_mean
 
 __all__ = ["AlgoSpec", "EXTRA_OVERRIDES", "PRESETS", "algo_problems", "axis_registry",
@@ -127,8 +128,7 @@ def resolve_algo(name: str, **overrides) -> AlgoSpec:
     """
     problems = algo_problems(name, **overrides)
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ValueError(f"invalid algorithm {name!r} with overrides {overrides!r}: "
-                         f"{len(problems)} problem(s):\n{lines}")
+        raise problems_error(f"invalid algorithm {name!r} with overrides {overrides!r}",
+                             problems)
     fixed = _apply_length_normalize(PRESETS[name], overrides, [])
     return dataclasses.replace(PRESETS[name], **fixed)

@@ -134,3 +134,17 @@ def test_multi_reward_method_is_not_an_advantage_axis_value():
 
 def test_default_spec_is_grpo():
     assert AlgoSpec() == PRESETS["grpo"]
+
+
+def test_resolve_errors_list_every_problem_in_one_message():
+    """resolve_algo and resolve_pref raise the same shape of error (mmrl.fields.problems_error)."""
+    from mmrl.algo.preference import resolve_pref
+    with pytest.raises(ValueError) as err:
+        resolve_algo("grpo", eps_low=2.0, objective="clipp")
+    head, *lines = str(err.value).split("\n")
+    assert head == ("invalid algorithm 'grpo' with overrides {'eps_low': 2.0, 'objective': "
+                    "'clipp'}: 2 problem(s):")
+    assert len(lines) == 2 and all(line.startswith("  - ") for line in lines)
+    with pytest.raises(ValueError, match=r"^invalid preference loss 'dpo' with overrides "
+                                         r"\{'beta': -1.0\}: 1 problem\(s\):\n  - "):
+        resolve_pref("dpo", beta=-1.0)
