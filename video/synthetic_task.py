@@ -57,7 +57,9 @@ def make_record(i: int, kind: str, rng: np.random.Generator, video_dir: str, *, 
     answer = LETTERS[names.index(direction if kind == "direction" else color)]
     path = os.path.join(video_dir, f"{i:05d}.mp4")
     frames_ = moving_square(direction, color, size=size, frames=frames, square=square, rng=rng)
-    write_mp4(path, frames_, fps)
+    tmp = f"{path}.{os.getpid()}.tmp.mp4"  # ranks of one job may write the same task at once:
+    write_mp4(tmp, frames_, fps)           # a reader sees a whole file or none (os.replace)
+    os.replace(tmp, path)
     problem = ("Which way does the red square move?" if kind == "direction"
                else "What colour is the moving square?")
     return {"problem_id": i, "problem": problem, "data_type": "video",
@@ -99,9 +101,15 @@ def write_synthetic_task(folder: str, num: int = 64, *, kind: str = "direction",
     records: List[Dict] = [make_record(i, kind, rng, video_dir, size=size, frames=frames, fps=fps,
                                        square=square)
                            for i in range(num)]
-    with open(jsonl, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    with open(stamp_path, "w") as f:
-        json.dump(stamp, f)
+    _write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    _write_atomic(stamp_path, json.dumps(stamp))
     return jsonl
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: ranks of one job
+    writing the same task never let another read a truncated file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -219,3 +219,26 @@ def test_fuzzed_records_are_skipped_never_raised(tmp_path):
     strict = vr.Accuracy(on_bad_label="raise")
     for r in data:   # every record that loads can be scored
         assert r.problem.strip() and strict.score_one("", r.metadata()) >= 0
+
+
+def test_two_processes_writing_the_same_synthetic_task_leave_whole_files(tmp_path):
+    """Ranks of one job write the synthetic task into the same folder at once; every file is
+    written through a temporary name and os.replace, so the task reads back whole (the same
+    records as one writer) and no temporary file is left behind."""
+    import json
+    import multiprocessing as mp
+
+    from mmrl.video.synthetic_task import write_synthetic_task
+    folder = str(tmp_path / "syn")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=write_synthetic_task, args=(folder, 6), kwargs={"seed": 3})
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = (tmp_path / "syn" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["problem_id"] for line in lines] == list(range(6))
+    assert not [f for f in (tmp_path / "syn").rglob("*") if ".tmp" in f.name]
+    assert all((tmp_path / "syn" / json.loads(line)["path"]).stat().st_size > 0 for line in lines)
