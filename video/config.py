@@ -54,6 +54,12 @@ class VideoConfig:
                                                            "gate_proj", "up_proj", "down_proj"])
     freeze_vision: bool = cfg(True, "Freeze the vision tower and merger (Video-R1 does).")
     gradient_checkpointing: bool = cfg(False, "Recompute activations in backward (less memory).")
+    shared_prefix: bool = cfg(
+        True, "Run each unique prompt once per forward: sampling prefills it once for its G "
+        "rows, and the training passes (logp, reference, TW weights, entropy, preference "
+        "scores) pack its rows' responses behind it under an explicit attention mask; equal "
+        "values and gradients to the repeated-prompt forward (false: the reference path). "
+        "Needs attn_implementation sdpa or eager.", source="Prefix Grouper arXiv 2506.05433")
     dtype: str = cfg("bfloat16", "Weights dtype: float32, bfloat16, float16.",
                      choices=["float32", "bfloat16", "float16"])
     temperature: float = cfg(1.0, "Sampling temperature (logp is of the scaled distribution).",

@@ -89,7 +89,7 @@ def build_policy(c, output_dir: str, device: str, spec=None, pref=None):
                           allowed_answers=c.allowed_answers, video=_video_kwargs(c),
                           tw_alpha=spec.tw_alpha if spec is not None else 1.7,
                           tw_chunk=c.tw_chunk, device=device, template=c.template,
-                          system_prompt=c.system_prompt)
+                          system_prompt=c.system_prompt, shared_prefix=c.shared_prefix)
     if (spec is not None and spec.needs_ref) or (pref is not None and _pref_needs_ref(pref)):
         policy.enable_reference()
     return policy

@@ -43,6 +43,7 @@ from .io import SkipCounter, VideoError
 from .models import adapter_for, adapter_for_path
 
 FINETUNE = ("lora", "full")
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")  # the kernels that take an explicit [U, 1, L, L] mask
 
 
 def load_vlm(path: str, *, dtype: str = "float32", device: str = "cpu",
@@ -133,7 +134,8 @@ class VLMPolicy(GroupPolicy):
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
                  allowed_answers: Sequence[str] = (), video: Optional[Dict[str, Any]] = None,
                  tw_alpha: float = 1.7, tw_chunk: int = 64, device: str = "cpu", adapter=None,
-                 template: str = "video_r1", system_prompt: Optional[str] = None):
+                 template: str = "video_r1", system_prompt: Optional[str] = None,
+                 shared_prefix: bool = True):
         if temperature <= 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
             raise ValueError(f"temperature={temperature}, top_p={top_p}, max_new_tokens="
                              f"{max_new_tokens}; expected temperature > 0, 0 < top_p <= 1, "
@@ -151,6 +153,13 @@ class VLMPolicy(GroupPolicy):
         self.stop = [s for s in stop if s]
         self.video = dict(video or {})
         self.tw_alpha, self.tw_chunk = tw_alpha, tw_chunk
+        self.shared_prefix = bool(shared_prefix)
+        impl = getattr(self.cfg.get_text_config(), "_attn_implementation", None) or "sdpa"
+        if self.shared_prefix and impl not in SHARED_PREFIX_ATTENTION:
+            raise ValueError(
+                f"video.shared_prefix=true runs the language model with an explicit attention "
+                f"mask, which attn_implementation={impl!r} does not take; load the model with "
+                f"one of {SHARED_PREFIX_ATTENTION}, or set video.shared_prefix: false")
         self.template, self.system_prompt = template, system_prompt  # pair records' prompts
         self.eos = adapter.end_token_ids(self.tok)
         self.allowed = self._allowed_ids(allowed_answers)
@@ -284,6 +293,51 @@ class VLMPolicy(GroupPolicy):
                                       use_cache=False, **kwargs)
         return out.last_hidden_state, ad.lm_head(base)
 
+    def _response_hidden(self, model, cache: PromptCache, pidx: torch.Tensor,
+                         resp: torch.Tensor) -> tuple:
+        """``(h [b, t, H], lm head)``: ``h[:, k]`` is the hidden state that predicts response
+        token ``k`` of rows ``pidx`` followed by ``resp [b, t]``. With ``shared_prefix`` each
+        unique prompt runs once and its rows' responses attend to it
+        (:mod:`mmrl.video.shared_prefix`); otherwise every row runs its own copy of the prompt
+        (the reference the shared forward equals)."""
+        t = resp.shape[1]
+        if self.shared_prefix and t > 0:
+            return self._shared_hidden(model, cache, pidx, resp)
+        hidden, head = self._hidden(model, cache, pidx, resp)
+        P = cache.ids.shape[1]
+        return hidden[:, P - 1:P - 1 + t], head
+
+    def _shared_hidden(self, model, cache: PromptCache, pidx: torch.Tensor, resp: torch.Tensor):
+        """The shared-prefix forward: one packed ``[prefix ; responses]`` sequence per unique
+        prompt under an explicit attention mask, the same result as :meth:`_hidden`'s rows."""
+        from .shared_prefix import grouped_layout, grouped_mask
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        ad, dev = self.adapter, self.device
+        resp = resp.to(dev)
+        (b, t), P = resp.shape, cache.ids.shape[1]
+        lay = grouped_layout(pidx, P, t)
+        U, L = len(lay.uniq), lay.L
+        ids = cache.ids[lay.uniq].to(dev)  # [U, P]
+        emb_p, state = ad.prompt_embeds(base, ids, [cache.vision[u] for u in lay.uniq.tolist()])
+        H = emb_p.shape[-1]
+        put = lay.put.flatten().to(dev)
+        emb = torch.cat([emb_p, emb_p.new_zeros(U, L - P, H)], 1).reshape(U * L, H)
+        emb = emb.index_copy(0, put, ad.embed_tokens(base)(resp[:, :t - 1]).reshape(-1, H))
+        pos = torch.ones(ad.position_dims, U * L, dtype=torch.long)  # unused slots: 1
+        pos.view(-1, U, L)[:, :, :P] = cache.pos[:, lay.uniq]
+        rpos = cache.next_pos[pidx][:, None] + torch.arange(t - 1)  # [b, t - 1]
+        pos[:, lay.put.flatten()] = rpos.flatten()
+        mask = grouped_mask(lay, cache.attn[lay.uniq].to(dev))
+        if getattr(self.cfg.get_text_config(), "_attn_implementation", None) == "eager":
+            mask = torch.zeros(mask.shape, dtype=emb.dtype, device=dev).masked_fill(
+                ~mask, torch.finfo(emb.dtype).min)
+        kwargs = ad.lm_kwargs(state, ids, torch.arange(U, device=dev), L - P)
+        out = ad.language_model(base)(
+            inputs_embeds=emb.view(U, L, H), attention_mask=mask,
+            position_ids=ad.lm_positions(pos.view(-1, U, L).to(dev)), use_cache=False, **kwargs)
+        h = out.last_hidden_state.reshape(U * L, H)[lay.take.to(dev)]  # [b, t, H]
+        return h, ad.lm_head(base)
+
     def _logprobs(self, head, hidden: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled log-softmax ``[..., V]`` (fp32), restricted to the allowed ids
         (the vision placeholder tokens excluded)."""
@@ -310,24 +364,37 @@ class VLMPolicy(GroupPolicy):
     def _generate(self, cache: PromptCache, pidx: torch.Tensor, generator: torch.Generator,
                   greedy: bool = False):
         """KV-cached sampling (``greedy``: the argmax token) -> ``(tokens [B, T], mask [B, T],
-        logp [B, T])``."""
+        logp [B, T])``.
+
+        With ``shared_prefix`` the prefill runs once per unique prompt and its cache is then
+        expanded to the rows by indexing (``DynamicCache.batch_select_indices``: one copy of the
+        prompt's keys and values per row, which the cache's per-step ``torch.cat`` would make
+        anyway); the decode steps are the same either way."""
         from transformers import DynamicCache
         base, ad = self.base, self.adapter
         lm, embed, head = ad.language_model(base), ad.embed_tokens(base), ad.lm_head(base)
         was_training = self.model.training
         self.model.eval()
-        emb, extra = self._prompt_embeds(base, cache, pidx, 0)  # [B, P, H]; kwargs: prefill only
-        attn = cache.attn[pidx].to(self.device)
-        pos = cache.pos[:, pidx].to(self.device)
+        uniq, inv = torch.unique(pidx, return_inverse=True)
+        first = uniq if self.shared_prefix else pidx  # the prompts the prefill runs
+        emb, extra = self._prompt_embeds(base, cache, first, 0)  # [U or B, P, H]
         kv = DynamicCache(config=base.config.get_text_config())
+        h = lm(inputs_embeds=emb, attention_mask=cache.attn[first].to(self.device),
+               position_ids=ad.lm_positions(cache.pos[:, first].to(self.device)), cache=kv,
+               use_cache=True, **extra).last_hidden_state[:, -1]
+        if self.shared_prefix:
+            kv.batch_select_indices(inv.to(self.device))
+            h = h[inv.to(self.device)]  # [U, H] -> [B, H]
+        attn = cache.attn[pidx].to(self.device)
         B, D = len(pidx), ad.position_dims
         tokens, logps = [], []
         done = torch.zeros(B, dtype=torch.bool)
         ends = torch.tensor(self.eos)
         texts = [""] * B
         for t in range(self.max_new_tokens):
-            h = lm(inputs_embeds=emb, attention_mask=attn, position_ids=ad.lm_positions(pos),
-                   cache=kv, use_cache=True, **(extra if t == 0 else {})).last_hidden_state[:, -1]
+            if t > 0:
+                h = lm(inputs_embeds=emb, attention_mask=attn, position_ids=ad.lm_positions(pos),
+                       cache=kv, use_cache=True).last_hidden_state[:, -1]
             lp = self._logprobs(head, h)  # [B, V]
             nxt = lp.argmax(-1).cpu() if greedy else self._sample(lp, generator)  # [B]
             tokens.append(nxt)
@@ -398,9 +465,8 @@ class VLMPolicy(GroupPolicy):
         cache: PromptCache = rollout.data["prompt_cache"]
         pidx = rollout.data["prompt_index"][rows]
         resp = rollout.data["response"][rows, :t1]
-        hidden, head = self._hidden(model, cache, pidx, resp)
-        P = cache.ids.shape[1]
-        lp = self._logprobs(head, hidden[:, P - 1 + t0:P - 1 + t1])  # [b, t, V]
+        hidden, head = self._response_hidden(model, cache, pidx, resp)
+        lp = self._logprobs(head, hidden[:, t0:t1])  # [b, t, V]
         return lp.gather(-1, resp[:, t0:t1, None].to(lp.device))[..., 0]
 
     def logp(self, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:
@@ -420,9 +486,9 @@ class VLMPolicy(GroupPolicy):
         resp = rollout.data["response"][rows, :t1]
 
         def run():
-            hidden, head = self._hidden(self.model, cache, rollout.data["prompt_index"][rows],
-                                        resp)
-            h = hidden[:, cache.ids.shape[1] - 1 + t0:cache.ids.shape[1] - 1 + t1]  # [b, t, H]
+            hidden, head = self._response_hidden(self.model, cache,
+                                                 rollout.data["prompt_index"][rows], resp)
+            h = hidden[:, t0:t1]  # [b, t, H]
             # log-probs as logits: log_softmax(log_softmax(z)) = log_softmax(z)
             return logp_and_entropy(lambda a, b: self._logprobs(head, h[:, a:b]),
                                     resp[:, t0:t1].to(h.device), chunk_size=self.tw_chunk,
@@ -532,9 +598,8 @@ class VLMPolicy(GroupPolicy):
         from torch.utils.checkpoint import checkpoint
         cache: PromptCache = rollout.data["prompt_cache"]
         resp = rollout.data["response"][rows, :T]
-        hidden, head = self._hidden(model, cache, rollout.data["prompt_index"][rows], resp)
-        P = cache.ids.shape[1]
-        h, tok = hidden[:, P - 1:P - 1 + T], resp.to(hidden.device)  # [b, T, H], [b, T]
+        h, head = self._response_hidden(model, cache, rollout.data["prompt_index"][rows], resp)
+        tok = resp.to(h.device)  # [b, T, H], [b, T]
         recompute = self._fsdp is None and torch.is_grad_enabled()
         parts = []
         for a in range(0, T, self.tw_chunk):
@@ -559,8 +624,9 @@ class VLMPolicy(GroupPolicy):
         out = torch.ones(rollout.mask.shape)
         for g in rollout.group_ids.unique():
             rows = (rollout.group_ids == g).nonzero().flatten()
-            hidden, head = self._hidden(self.model, cache, rollout.data["prompt_index"][rows],
-                                        rollout.data["response"][rows])
+            hidden, head = self._response_hidden(self.model, cache,
+                                                 rollout.data["prompt_index"][rows],
+                                                 rollout.data["response"][rows])
             cols = self.allowed
             if cols is None:  # every token but the (never sampled) vision placeholders
                 keep = torch.ones(head.out_features, dtype=torch.bool, device=self.device)
@@ -568,7 +634,7 @@ class VLMPolicy(GroupPolicy):
                 cols = keep.nonzero().flatten()
 
             def chunk(t0, t1, hidden=hidden, head=head, cols=cols):
-                lp = self._logprobs(head, hidden[:, P - 1 + t0:P - 1 + t1])  # [N, c, V]
+                lp = self._logprobs(head, hidden[:, t0:t1])  # [N, c, V]
                 return lp[..., cols]  # only the tokens that can occur
 
             out[rows] = tw_token_weights(chunk, rollout.mask[rows].to(self.device),
