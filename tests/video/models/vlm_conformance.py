@@ -197,6 +197,66 @@ class VLMAdapterConformance:
         s = pol.pair_scores(pairs, chosen, rejected, None, with_ref=False)
         assert bool(torch.isfinite(s.chosen_logp).all() & torch.isfinite(s.rejected_logp).all())
 
+    @pytest.mark.parametrize("finetune", ["full", "lora"])
+    def test_shared_prefix_equals_the_repeated_prompt_forward(self, model_dir, task, finetune):
+        """``video.shared_prefix`` (each unique prompt runs once, its rows' responses packed
+        behind it) against every row repeating its prompt, in float64 (tests/video/float64.py):
+        the same samples, and equal values AND gradients of ``logp`` (all rows; a row
+        micro-batch and a T chunk), ``logp_and_entropy`` and ``pair_scores``, equal
+        ``ref_logp`` and TW weights, for video, image and text prompts (groups of 3, so
+        left padding and several blocks per prompt). LoRA: ``logp`` over all rows and the
+        reference (the adapter disabled)."""
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from float64 import exact_float64
+        pol = self.policy(model_dir, finetune=finetune, max_new_tokens=5)
+        assert exact_float64(pol.model) > 0
+        pol.enable_reference()
+        if pol.ref is not None:
+            exact_float64(pol.ref)
+        rolls = {}
+        for shared in (False, True):
+            pol.shared_prefix = shared
+            rolls[shared] = self.rollout(pol, task[1], group=3, seed=4)
+        ro = rolls[True]
+        assert torch.equal(ro.data["response"], rolls[False].data["response"])
+        assert torch.equal(ro.mask, rolls[False].mask)
+        torch.testing.assert_close(ro.rollout_logp, rolls[False].rollout_logp, atol=1e-12, rtol=0)
+        T = ro.mask.shape[1]
+        params = [p for p in pol.parameters() if p.requires_grad]
+        w = torch.randn(9, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        cases = {
+            "logp": lambda: pol.logp(ro, torch.arange(9), 0, T) * w,
+            "rows_and_T_chunk": lambda: pol.logp(ro, torch.tensor([7, 0, 4, 5]), 1, T) * w[:4, 1:],
+            "logp_and_entropy": lambda: torch.stack(pol.logp_and_entropy(
+                ro, torch.tensor([2, 3, 8]), 0, T)) * w[:3],
+            "pair_scores": lambda: _pair_total(pol.pair_scores(ro, torch.tensor([0, 3, 6]),
+                                                               torch.tensor([1, 5, 7]))),
+        }
+        if finetune == "lora":  # the same forward with LoRA layers: all rows suffice
+            cases = {"logp": cases["logp"]}
+        for name, fn in cases.items():
+            got = {}
+            for shared in (False, True):
+                pol.shared_prefix = shared
+                for p in params:
+                    p.grad = None
+                value = fn()
+                value.sum().backward()
+                got[shared] = (value.detach(), [p.grad.clone() for p in params])
+            torch.testing.assert_close(got[True][0], got[False][0], atol=1e-12, rtol=0,
+                                       msg=lambda m: f"{name}: {m}")
+            for a, b in zip(got[True][1], got[False][1]):
+                torch.testing.assert_close(a, b, atol=1e-12 * max(1.0, float(b.abs().max())),
+                                           rtol=0, msg=lambda m: f"{name} gradient: {m}")
+            assert any(float(g.abs().max()) > 0 for g in got[True][1])
+        with torch.no_grad():
+            outs = {}
+            for shared in (False, True):
+                pol.shared_prefix = shared
+                outs[shared] = (pol.ref_logp(ro, torch.arange(9), 0, T), pol.token_weights(ro))
+        for a, b in zip(outs[True], outs[False]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
     def test_export_round_trips_through_the_library_from_pretrained(self, model_dir, task,
                                                                       tmp_path):
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -242,3 +302,9 @@ class VLMAdapterConformance:
         changed = [k for k in after if not torch.equal(after[k], before[k])]
         assert any(".language_model." in k for k in changed)
         assert all(bool(torch.isfinite(v).all()) for v in after.values())
+
+
+def _pair_total(scores) -> torch.Tensor:
+    """Both sides' log-probs of a :class:`~mmrl.train.preference.PrefScores`, masked, [2, P, T]."""
+    return torch.stack([scores.chosen_logp * scores.chosen_mask,
+                        scores.rejected_logp * scores.rejected_mask])
