@@ -105,3 +105,23 @@ def test_mixed_sampler_through_the_job_costs_its_nfe_and_resumes_bit_exactly(tin
     assert math.isfinite(rest["history"][0]["loss"])
     a, b = torch.load(tmp_path / "a" / "final.pt"), torch.load(tmp_path / "b" / "final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_flux_g2rpo_recipe_follows_the_authors_hps_code_and_keeps_the_old_as_options():
+    from pathlib import Path
+
+    from mmrl.config.schema import load_config
+
+    repo = Path(__file__).resolve().parents[3]
+    g2 = load_config(repo / "configs/diffusion/flux_hps_g2rpo.yaml")
+    d, a, t = g2.task, g2.algo, g2.train
+    assert (d.kind, d.noise_level, d.singular_steps, d.granularities, d.singular_end,
+            d.singular_rows, d.singular_cadence, d.num_steps) == (
+        "flow_grpo", 0.7, list(range(8)), [1, 2], "replace_last", "member", "per_step", 16)
+    assert (t.num_mini_batches, t.group_size, t.steps, a.adv_clip, a.adv_eps, a.eps_low) == (
+        8, 12, 301, 5.0, 1e-8, 1e-4)
+    from mmrl.diffusion.config import DiffusionConfig
+    old = DiffusionConfig()  # the defaults are mmrl's earlier behaviour
+    assert (old.singular_end, old.singular_rows, old.singular_cadence, old.sliding_schedule,
+            old.ode_solver, old.ode_compression) == (
+        "append_zero", "granularity", "per_iteration", "sliding", "euler", None)
