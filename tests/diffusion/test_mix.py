@@ -70,6 +70,22 @@ def test_dpm2_ode_equals_the_oracle_and_spends_one_evaluation_per_step(sigmas):
                        sample_sde(Velocity(), noise, sigmas, None, sde_steps=[]).final)
 
 
+def test_dpm2_is_second_order_on_an_exact_gaussian_flow():
+    # data x0 ~ N(0, c²): v(x, σ) = (σ − (1−σ)c²)/((1−σ)²c² + σ²)·x, and x(0) = c·x(1) exactly
+    c = 0.5
+
+    def gaussian(x, sigma, cond):
+        s = sigma.double().reshape(-1, 1)
+        return (s - (1 - s) * c * c) / ((1 - s) ** 2 * c * c + s * s) * x.double()
+
+    x1 = torch.ones(1, 1, dtype=torch.float64)
+    err = {(solver, T): float((sample_mixed(gaussian, x1, _shift_grid(T).double(),
+                                            solver=solver).final - c).abs())
+           for solver in ODE_SOLVERS for T in (20, 40)}
+    assert 1.8 < err["euler", 20] / err["euler", 40] < 2.2  # Euler: first order
+    assert err["dpm2", 20] < 0.25 * err["euler", 20] and err["dpm2", 40] < 0.15 * err["euler", 40]
+
+
 def test_post_grid_is_mixgrpo_flashs_formula_and_counts_steps():
     sig = _shift_grid(25)
     for c, n in ((0.4, 8), (0.2, 4)):  # T = 25, window 0–3: 7 resp. 3 ODE steps
