@@ -86,9 +86,10 @@ def post_sigmas(sigmas: Tensor, last: int, compression: float) -> Tensor:
     The shift s is the one through σ_{last+1}: s = σ(1−u*)/(u*(1−σ)); for a schedule
     σ_j = shift_s(1 − j/T) (MixGRPO's, FLUX's) this is MixGRPO's grid exactly.
 
-    Differs from MixGRPO: n is at least 2 (MixGRPO's n = 1 leaves the image at σ_{last+1});
-    on SD3's grid (σ_j = shift(linspace(1, shift(1/1000), T))_j, not quite shift(1 − j/T)) the
-    fitted s differs from 3 by under 1 %.
+    Differs from MixGRPO: n is at least 2 (MixGRPO's n = 1 leaves the image at σ_{last+1}).
+    SD3's grid is shift_3 of linspace(1, u_min, T) ⊕ 0, not of 1 − j/T, so the s through
+    σ_{last+1} is 2.0–2.9 there (lower for later windows): still a grid from σ_{last+1} to 0,
+    denser near 0 than a uniform one, but not shift_3's.
 
     Args:
         sigmas: ``[T+1]`` the schedule. last: the last SDE step (0 <= last <= T − 2).
