@@ -94,8 +94,10 @@ class DiffusionConfig:
                              source="DanceGRPO")
     window: int = cfg(2, "window/sliding: SDE steps per rollout (the trained steps).",
                       minimum=1, source="Flow-GRPO-Fast (2); MixGRPO (4)")
-    sliding_shift_every: int = cfg(25, "sliding: move the window every N rollouts.", minimum=1,
-                                   source="MixGRPO (25)")
+    sliding_shift_every: int = cfg(25, "sliding: move the window every N rollouts (MixGRPO's "
+                                   "iters_per_group: the dwell of progressive, the base of "
+                                   "exp_decay's).", minimum=1,
+                                   source="MixGRPO (25; Flash 20)")
     sliding_stride: int = cfg(1, "sliding: steps the window moves each time (MixGRPO's "
                               "prog_overlap_step; = window for no overlap; 0 freezes it, "
                               "progressive schedules only).", minimum=0,
