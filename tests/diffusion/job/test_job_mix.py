@@ -125,3 +125,17 @@ def test_the_flux_g2rpo_recipe_follows_the_authors_hps_code_and_keeps_the_old_as
     assert (old.singular_end, old.singular_rows, old.singular_cadence, old.sliding_schedule,
             old.ode_solver, old.ode_compression) == (
         "append_zero", "granularity", "per_iteration", "sliding", "euler", None)
+
+
+def test_the_mixgrpo_flash_recipe_carries_the_scripts_settings():
+    from pathlib import Path
+
+    from mmrl.config.schema import load_config
+
+    repo = Path(__file__).resolve().parents[3]
+    mix = load_config(repo / "configs/diffusion/flux_hps_mixgrpo_flash.yaml")
+    d = mix.task
+    assert (d.sampler, d.sliding_schedule, d.window, d.sliding_shift_every, d.sliding_stride,
+            d.ode_solver, d.ode_compression, d.num_steps, d.kind, d.noise_level) == (
+        "sliding", "progressive", 4, 20, 1, "dpm2", 0.4, 25, "flow_grpo", 0.7)
+    assert (mix.train.group_size, mix.train.num_mini_batches, mix.algo.eps_low) == (12, 4, 1e-4)
