@@ -15,6 +15,10 @@ from mmrl.config.jobs import Job, register_job
 from mmrl.diffusion.models import FAMILIES, pipeline_class_of, resolve_family
 
 SAMPLERS = ("full", "window", "sliding", "singular", "tree")
+ODE_SOLVER_NAMES = ("euler", "dpm2")
+"""``mmrl.diffusion.dpm.ODE_SOLVERS`` (a test keeps them equal; dpm.py imports torch)."""
+WINDOW_SCHEDULE_NAMES = ("sliding", "progressive", "decay", "exp_decay", "random")
+"""``mmrl.diffusion.schedule.WINDOW_SCHEDULES`` (a test keeps them equal)."""
 SDE_KIND_NAMES = ("cps", "dance", "flow_grpo")
 """``mmrl.diffusion.sde.SDE_KINDS.names()`` (a test keeps them equal; sde.py imports torch)."""
 SDE_KL_FORM_NAMES = ("flow_grpo", "transition")
@@ -90,9 +94,14 @@ class DiffusionConfig:
                              source="DanceGRPO")
     window: int = cfg(2, "window/sliding: SDE steps per rollout (the trained steps).",
                       minimum=1, source="Flow-GRPO-Fast (2); MixGRPO (4)")
-    sliding_shift_every: int = cfg(25, "sliding: move the window every N rollouts.", minimum=1,
-                                   source="MixGRPO (25)")
-    sliding_stride: int = cfg(1, "sliding: steps the window moves each time.", minimum=1)
+    sliding_shift_every: int = cfg(25, "sliding: move the window every N rollouts (MixGRPO's "
+                                   "iters_per_group: the dwell of progressive, the base of "
+                                   "exp_decay's).", minimum=1,
+                                   source="MixGRPO (25; Flash 20)")
+    sliding_stride: int = cfg(1, "sliding: steps the window moves each time (MixGRPO's "
+                              "prog_overlap_step; = window for no overlap; 0 freezes it, "
+                              "progressive schedules only).", minimum=0,
+                              source="MixGRPO (1; Flash* 0)")
     singular_steps: List[int] = cfg(doc="singular: the SDE steps k (one trained transition "
                                     "each); group_size members per (prompt, k).",
                                     default_factory=lambda: [0, 1, 2, 3],
@@ -127,6 +136,58 @@ class DiffusionConfig:
                       "with weight= per scorer (e.g. 'pickscore', 'hps_v2.1:path=/ckpt.pt', "
                       "'brightness,jpeg_compressibility:weight=0.5').")
 
+    ode_solver: str = cfg("euler", "ODE solver of the deterministic steps after the last SDE "
+                          "step (MixGRPO's 'post' part; every step of an ODE rollout): euler, "
+                          "or dpm2 = DPM-Solver++ 2M in flow form (first order at the first "
+                          "and the final step; the x0 predictions of the steps before it are "
+                          "its history). Samplers full, window, sliding.",
+                          choices=list(ODE_SOLVER_NAMES),
+                          source="MixGRPO-Flash arXiv 2507.21802; DiffusionNFT 2509.16117")
+    ode_compression: Optional[float] = cfg(None, "window/sliding: null keeps the schedule after "
+                                           "the window; c in (0, 1] replaces its T-1-last steps "
+                                           "by n-1, n = floor(max((T-last)*c, 1)) (at least 2) "
+                                           "points shifted like the schedule (MixGRPO-Flash).",
+                                           above=0.0, maximum=1.0,
+                                           source="MixGRPO-Flash (0.4; Flash* 0.2)")
+    sliding_schedule: str = cfg("sliding", "sliding: how the window moves. sliding = mmrl's "
+                                "original (start = stride*(iteration // shift_every) mod "
+                                "(T - window)); MixGRPO's progressive (dwell shift_every), "
+                                "decay (dwell max(n_min, floor(n_max*(1-cur/M) + "
+                                "n_min*cur/M))), exp_decay (dwell ceil(shift_every*exp(-k*"
+                                "max(0, cur-tau)))), all with M = T-2 and steps >= T-2 never "
+                                "trained; random (start uniform in [0, M - window] each "
+                                "rollout, from the run's generator).",
+                                choices=list(WINDOW_SCHEDULE_NAMES),
+                                source="MixGRPO grpo_states.py")
+    sliding_roll_back: bool = cfg(True, "progressive schedules: past M the window goes back to "
+                                  "0 (else it stays at the end).", source="MixGRPO roll_back")
+    sliding_decay_max: int = cfg(10, "decay: n_max, the dwell at the first start.", minimum=1,
+                                 source="MixGRPO scripts (10)")
+    sliding_decay_min: int = cfg(1, "decay: n_min, the dwell at the last start.", minimum=1,
+                                 source="MixGRPO scripts (1)")
+    sliding_exp_tau: float = cfg(13.0, "exp_decay: tau, the start after which the dwell "
+                                 "shrinks.", minimum=0.0, source="MixGRPO dataclass (13)")
+    sliding_exp_k: float = cfg(0.1, "exp_decay: k, the dwell's decay rate per step.",
+                               minimum=0.0, source="MixGRPO dataclass (0.1)")
+    singular_end: str = cfg("append_zero", "singular: end of a strided completion grid that "
+                            "misses sigma_T = 0. append_zero (mmrl's original) appends 0; "
+                            "replace_last replaces its last sigma by 0, i.e. the image is "
+                            "x0 = x - sigma*v of the last evaluated state (G2RPO's code: one "
+                            "evaluation fewer).", choices=["append_zero", "replace_last"],
+                            source="bcmi/Granular-GRPO train_g2rpo_hps.py")
+    singular_rows: str = cfg("granularity", "singular: training rows. granularity (mmrl's "
+                             "original) = one row per (member, g) with its own advantage "
+                             "A_{m,g} (algo.adv_clip clamps each); member = one row per member "
+                             "with A_m = clamp(sum_g A_{m,g}, +-algo.adv_clip), the loss a mean "
+                             "over members (G2RPO's code).", choices=["granularity", "member"],
+                             source="bcmi/Granular-GRPO train_g2rpo_hps.py")
+    singular_cadence: str = cfg("per_iteration", "singular: optimizer steps per rollout. "
+                                "per_iteration = one step on all k (G2RPO hps_clip @0e697991); "
+                                "per_step = one step per SDE step k, in order, each on that k's "
+                                "rows (G2RPO hps @ef6ec9f3); needs train.num_mini_batches = "
+                                "len(singular_steps).", choices=["per_iteration", "per_step"],
+                                source="bcmi/Granular-GRPO")
+
     def trained_steps(self) -> int:
         """The most trained transitions of one training row (T of the loss)."""
         if self.sampler == "full":
@@ -147,6 +208,7 @@ class DiffusionConfig:
         T = self.num_steps
         if self.sampler in ("window", "sliding") and not 1 <= self.window <= T - 1:
             out.append(f"window: got {self.window} for num_steps={T}; expected 1..{T - 1}")
+        out.extend(self._mix_problems())
         if self.sampler == "singular":
             ks = self.singular_steps
             if not ks or len(set(ks)) != len(ks) or min(ks) < 0 or max(ks) > T - 2:
@@ -167,6 +229,29 @@ class DiffusionConfig:
             out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
                        "prompt per line) or prompts: [...]")
         out.extend(reward_spec_problems(self.reward))
+        return out
+
+    def _mix_problems(self) -> List[str]:
+        """MixGRPO's window schedules and ODE solver options."""
+        out, T = [], self.num_steps
+        if self.sampler == "sliding" and self.sliding_schedule != "sliding" and \
+                not 1 <= self.window <= T - 2:
+            out.append(f"window: got {self.window} for sliding_schedule="
+                       f"{self.sliding_schedule} and num_steps={T}; MixGRPO's schedules train "
+                       f"steps < T - 2, so expected 1..{T - 2}")
+        if self.sampler == "sliding" and self.sliding_schedule == "sliding" and \
+                self.sliding_stride < 1:
+            out.append("sliding_stride: 0 freezes the window only under a progressive "
+                       "sliding_schedule (progressive, decay, exp_decay); set it >= 1")
+        if self.sliding_decay_min > self.sliding_decay_max:
+            out.append(f"sliding_decay_min: got {self.sliding_decay_min} > sliding_decay_max="
+                       f"{self.sliding_decay_max}; expected n_min <= n_max")
+        if self.ode_compression is not None and self.sampler not in ("window", "sliding"):
+            out.append(f"ode_compression: set for sampler={self.sampler}; it shortens the grid "
+                       f"after an SDE window, so use sampler window or sliding, or null")
+        if self.ode_solver != "euler" and self.sampler in ("singular", "tree"):
+            out.append(f"ode_solver: {self.ode_solver} for sampler={self.sampler}; the singular "
+                       f"and tree samplers' ODE parts are Euler, set ode_solver=euler")
         return out
 
 
@@ -199,6 +284,11 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
                    f"tree_branching ** len(tree_split_steps) = "
                    f"{c.tree_branching ** len(c.tree_split_steps)} leaves per prompt; set "
                    f"group_size to that")
+    if c.sampler == "singular" and c.singular_cadence == "per_step" and \
+            train.num_mini_batches != len(c.singular_steps):
+        out.append(f"train.num_mini_batches: got {train.num_mini_batches}; "
+                   f"singular_cadence=per_step takes one optimizer step per SDE step k, so set "
+                   f"it to len(diffusion.singular_steps) = {len(c.singular_steps)}")
     if c.sampler in ("singular", "tree") and train.rollout_allocation != "fixed":
         out.append(f"train.rollout_allocation: {train.rollout_allocation!r} needs a variable "
                    f"group size, which sampler={c.sampler} does not support; use fixed")

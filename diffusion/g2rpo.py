@@ -43,17 +43,33 @@ class SingularTrajectory(Trajectory):
     group_size: int = 0
 
 
-def completion_sigmas(sigmas: Tensor, k: int, g: int) -> Tensor:
-    """σ[0:k+2] ⊕ σ[k+2::g], with σ_T = 0 appended when the stride skips it.
+COMPLETION_ENDS = ("append_zero", "replace_last")
+
+
+def completion_sigmas(sigmas: Tensor, k: int, g: int, end: str = "append_zero") -> Tensor:
+    """σ[0:k+2] ⊕ σ[k+2::g], made to end at σ_T = 0 when the stride skips it.
 
     G²RPO's coarse completion after the SDE step at k (which lands on σ_{k+1}); g = 1 is the
-    original schedule. Differs from paper: the paper leaves the end of a strided schedule
-    implicit; mmrl always ends at σ_T so the completion produces a clean image.
+    original schedule. ``end`` says what happens when σ[k+2::g] misses σ_T:
+
+    - ``append_zero`` (mmrl's original): σ_T is appended (one more evaluation).
+    - ``replace_last`` (the authors' code, bcmi/Granular-GRPO train_g2rpo_hps.py): the last σ is
+      replaced by 0, so the image is x̂0 = x − σ·v of the last evaluated state (T = 16, odd k,
+      g = 2: the grid ends at σ_15 and the image is x̂0 from σ_13).
+
+    Raises:
+        ValueError: g < 1 or an unknown ``end``.
     """
     if g < 1:
         raise ValueError(f"granularity {g}; expected an int >= 1 (1 = every step, 2 = every other)")
+    if end not in COMPLETION_ENDS:
+        raise ValueError(f"end={end!r}; expected one of {', '.join(COMPLETION_ENDS)}")
     out = torch.cat([sigmas[:k + 2], sigmas[k + 2::g]])
-    return out if out[-1] == sigmas[-1] else torch.cat([out, sigmas[-1:]])
+    if out[-1] == sigmas[-1]:
+        return out
+    if end == "append_zero":
+        return torch.cat([out, sigmas[-1:]])
+    return torch.cat([out[:-1], sigmas[-1:]])
 
 
 @torch.no_grad()
@@ -84,7 +100,8 @@ def _complete(velocity_fn, x, sched: Tensor, start: int, cond):
 def sample_singular(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=None, *,
                     group_size: int, steps: Sequence[int], granularities: Sequence[int] = (1,),
                     kind: str = "flow_grpo", noise_level: float = 0.7,
-                    generator: Optional[torch.Generator] = None) -> SingularTrajectory:
+                    generator: Optional[torch.Generator] = None,
+                    end: str = "append_zero") -> SingularTrajectory:
     """G²RPO singular stochastic sampling: ODE anchor, one SDE step at each k, ODE completions.
 
     The anchor's velocity at x_k is reused for the SDE step (all members start from the same x_k),
@@ -98,6 +115,7 @@ def sample_singular(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond
         group_size: N members per (prompt, k).
         steps: the SDE steps k (distinct, in [0, T−2]; the paper uses early steps).
         granularities: completion strides g (G²RPO: [1, 2]).
+        end: how a strided completion reaches σ = 0 (:func:`completion_sigmas`).
 
     Returns:
         :class:`SingularTrajectory` (layout in its docstring).
@@ -106,6 +124,7 @@ def sample_singular(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond
         ValueError: bad shapes, steps out of range or repeated, group_size < 1, granularity < 1.
     """
     _check_common(noise, sigmas, cond, kind)
+    completion_sigmas(sigmas, 0, 1, end)  # an unknown end fails before any sampling
     num_steps = sigmas.shape[0] - 1
     ks = list(int(k) for k in steps)
     if not ks or len(set(ks)) != len(ks) or min(ks) < 0 or max(ks) > num_steps - 2:
@@ -130,8 +149,8 @@ def sample_singular(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond
         logp.append(out.logp)
         per_g = []
         for g in grans:
-            xg, spent = _complete(velocity_fn, out.prev_sample, completion_sigmas(sigmas, k, g),
-                                  k + 1, rows_cond)
+            sched = completion_sigmas(sigmas, k, g, end)
+            xg, spent = _complete(velocity_fn, out.prev_sample, sched, k + 1, rows_cond)
             per_g.append(xg)
             nfe += spent
         finals.append(torch.stack(per_g, 1))  # G x [P·N, *L] -> [P·N, G, *L]

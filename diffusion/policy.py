@@ -21,12 +21,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmrl.diffusion.advantages import g2rpo_granular_advantages, tree_advantages
+from mmrl.diffusion.advantages import (g2rpo_advantages, g2rpo_granular_advantages,
+                                       tree_advantages)
 from mmrl.diffusion.config import ENTROPY_REFUSAL, DiffusionConfig
 from mmrl.diffusion.dpo import check_pair_records, denoising_error, pair_noise, read_pair_images
 from mmrl.diffusion.g2rpo import sample_singular
 from mmrl.diffusion.samplers import rescore, sample_sde, sample_tree, take_cond
-from mmrl.diffusion.schedule import random_window, sliding_window
+from mmrl.diffusion.dpm import sample_mixed
+from mmrl.diffusion.schedule import mix_window, random_window
 from mmrl.diffusion.sde import SDE_KL_FORMS, sde_kl
 from mmrl.train.policy import Capabilities, GroupPolicy
 from mmrl.train.preference import PrefScores
@@ -150,9 +152,17 @@ class DiffusionGroupPolicy(GroupPolicy):
         if c.sampler == "window":
             return random_window(T, c.window, generator=generator)
         if c.sampler == "sliding":
-            return sliding_window(T, c.window, self.iteration, shift_every=c.sliding_shift_every,
-                                  stride=c.sliding_stride)
+            return mix_window(c.sliding_schedule, self.iteration, T, c.window, generator=generator,
+                              **self._window_params())
         return list(range(T - 1))
+
+    def _window_params(self) -> Dict[str, Any]:
+        c = self.c
+        if c.sliding_schedule == "sliding":
+            return {"every": c.sliding_shift_every, "stride": c.sliding_stride}
+        return {"every": c.sliding_shift_every, "stride": c.sliding_stride,
+                "roll_back": c.sliding_roll_back, "n_max": c.sliding_decay_max,
+                "n_min": c.sliding_decay_min, "tau": c.sliding_exp_tau, "k": c.sliding_exp_k}
 
     def _rollout_sde(self, prompts, metadata, counts, generator) -> Rollout:
         P, n = len(prompts), torch.tensor(counts)
@@ -162,27 +172,43 @@ class DiffusionGroupPolicy(GroupPolicy):
         if self.c.shared_noise:  # [P, *L] -> [B, *L]
             noise = noise.repeat_interleave(n.to(noise.device), 0)
         cond = take_cond(self.flow.encode_prompt(prompts), rows)
-        traj = sample_sde(self.flow, noise, self.sigmas, cond, sde_steps=steps, kind=self.c.kind,
-                          noise_level=self.c.noise_level,
-                          generator=self._device_generator(generator))
+        kw = dict(sde_steps=steps, kind=self.c.kind, noise_level=self.c.noise_level,
+                  generator=self._device_generator(generator))
+        if self.c.ode_solver == "euler" and self.c.ode_compression is None:
+            traj = sample_sde(self.flow, noise, self.sigmas, cond, **kw)
+        else:  # MixGRPO(-Flash): the ODE after the window by ode_solver, maybe regridded
+            traj = sample_mixed(self.flow, noise, self.sigmas, cond, solver=self.c.ode_solver,
+                                compression=self.c.ode_compression, **kw)
         index, _, mask = traj.per_owner(len(rows))  # [B, K]
         return self._pack(traj, cond, rows, index, mask, rows, prompts, metadata)
 
     def _rollout_singular(self, prompts, metadata, counts, generator) -> Rollout:
-        N = self._equal_counts(counts)
+        N, c = self._equal_counts(counts), self.c
         cond = self.flow.encode_prompt(prompts)
         traj = sample_singular(self.flow, self.noise(len(prompts), generator), self.sigmas, cond,
-                               group_size=N, steps=self.c.singular_steps,
-                               granularities=self.c.granularities, kind=self.c.kind,
-                               noise_level=self.c.noise_level,
-                               generator=self._device_generator(generator))
-        # One training row per reward row (member m, granularity g), each owning m's transition
-        # and trained with the (k, prompt, g) group's advantage A_{m,g}: Σ_g A_{m,g}·∇logp_m is
-        # G²RPO's integrated advantage times ∇logp_m (see _singular_advantages).
-        index = traj.output_owner[:, None]  # [M·G, 1]
-        mask = torch.ones(index.shape, dtype=torch.bool)
-        return self._pack(traj, cond, traj.output_cond, index, mask, traj.output_cond, prompts,
-                          metadata)
+                               group_size=N, steps=c.singular_steps,
+                               granularities=c.granularities, kind=c.kind,
+                               noise_level=c.noise_level,
+                               generator=self._device_generator(generator), end=c.singular_end)
+        G, per_k = len(traj.granularities), len(prompts) * N  # members per SDE step k
+        if c.singular_rows == "member":  # one row per member, trained with Σ_g A_{m,g}
+            index = torch.arange(traj.num_transitions)[:, None]  # [M, 1]
+            rollout = self._pack(traj, cond, traj.cond_index, index,
+                                 torch.ones(index.shape, dtype=torch.bool), traj.output_cond,
+                                 prompts, metadata)
+            rollout.reward_group_ids = traj.output_cond.clone()
+            rollout.data["final_row"] = torch.arange(traj.num_transitions) * G
+        else:
+            # One training row per reward row (member m, granularity g), each owning m's
+            # transition and trained with the (k, prompt, g) group's advantage A_{m,g}:
+            # Σ_g A_{m,g}·∇logp_m is G²RPO's integrated advantage times ∇logp_m.
+            index = traj.output_owner[:, None]  # [M·G, 1]
+            rollout = self._pack(traj, cond, traj.output_cond, index,
+                                 torch.ones(index.shape, dtype=torch.bool), traj.output_cond,
+                                 prompts, metadata)
+        if c.singular_cadence == "per_step":  # mini-batch j = the rows of the j-th k
+            rollout.mini_batch = index[:, 0] // per_k
+        return rollout
 
     def _rollout_tree(self, prompts, metadata, counts, generator) -> Rollout:
         leaves = self.c.tree_branching ** len(self.c.tree_split_steps)
@@ -357,19 +383,21 @@ class DiffusionGroupPolicy(GroupPolicy):
         return rewards.weighted_sum(self.reward_weights)  # [B_out], NaN where a reward failed
 
     def _singular_advantages(self, rollout: Rollout, rewards) -> torch.Tensor:
-        """``[M·G]`` A_{m,g} = (r_{m,g} − mean) / (std + eps) within each (k, prompt, g) group
-        (:func:`~mmrl.diffusion.advantages.g2rpo_granular_advantages`, in output order).
+        """G²RPO's advantages in row order (arXiv 2510.01982 Eq. 11; one group per
+        (k, prompt, g), :func:`~mmrl.diffusion.advantages.g2rpo_granular_advantages`).
 
-        G²RPO (arXiv 2510.01982) Eq. 11 trains member m with Σ_g A_{m,g}
-        (:func:`~mmrl.diffusion.advantages.g2rpo_advantages`); here m's transition appears in G
-        rows, one per granularity, so the summed gradient is the same at ratio 1.
-        Differs from paper: the PPO clip acts on each (m, g) row (identical to the paper while
-        the update is on-policy) and the loss normalizer counts M·G rows instead of M.
-        A NaN/inf reward gives its own row advantage 0.
+        ``singular_rows=granularity``: ``[M·G]`` A_{m,g}, each clamped to ±adv_clip. Member m's
+        transition appears in G rows, so the summed gradient at ratio 1 is Σ_g A_{m,g}·∇logp_m.
+        Differs from paper: the PPO clip acts on each (m, g) row (identical while the update is
+        on-policy) and the normalizer counts M·G rows instead of M.
+        ``singular_rows=member``: ``[M]`` clamp(Σ_g A_{m,g}, ±adv_clip), the authors' code.
+        A NaN/inf reward gives its own (m, g) entry 0.
         """
         traj = rollout.data["trajectory"].traj
-        adv = g2rpo_granular_advantages(self._rewards(rewards).float(), traj, eps=self.adv_eps,
-                                        adv_clip=self.adv_clip)
+        total = self._rewards(rewards).float()
+        if self.c.singular_rows == "member":
+            return g2rpo_advantages(total, traj, eps=self.adv_eps, adv_clip=self.adv_clip)
+        adv = g2rpo_granular_advantages(total, traj, eps=self.adv_eps, adv_clip=self.adv_clip)
         return adv.reshape(-1)  # [M, G] -> [M·G], output o = m·G + g
 
     def _tree_advantages(self, rollout: Rollout, rewards) -> torch.Tensor:

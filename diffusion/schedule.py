@@ -1,6 +1,7 @@
 """Helpers shared by the samplers: σ schedule, CFG, SDE windows, initial noise."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -106,3 +107,101 @@ def initial_noise(num_prompts: int, group_size: int, shape: Sequence[int], *, sh
     n = num_prompts if shared else num_prompts * group_size
     z = torch.randn((n, *shape), generator=generator, dtype=dtype, device=device)
     return z.repeat_interleave(group_size, dim=0) if shared else z  # [P, *L] -> [P·N, *L]
+
+
+WINDOW_SCHEDULES = ("sliding", "progressive", "decay", "exp_decay", "random")
+"""MixGRPO's window schedules (``diffusion.sliding_schedule``); ``sliding`` is mmrl's original."""
+
+
+def _dwell(schedule: str, cur: int, top: int, every: int, n_max: int, n_min: int, tau: float,
+           k: float) -> int:
+    """Iterations the window stays at start ``cur`` (MixGRPO GRPOTrainingStates)."""
+    if schedule == "decay":
+        return max(n_min, int(math.floor(n_max * (1 - cur / top) + n_min * cur / top)))
+    if schedule == "exp_decay":
+        return max(1, int(math.ceil(every * math.exp(-k * max(0.0, cur - tau)))))
+    return every
+
+
+def _advance(cur: int, stride: int, top: int, roll_back: bool) -> int:
+    nxt = cur + stride
+    return (0 if roll_back else top) if nxt > top else nxt
+
+
+def window_start(schedule: str, iteration: int, num_steps: int, window: int, *,
+                 every: int = 25, stride: int = 1, roll_back: bool = True, n_max: int = 10,
+                 n_min: int = 1, tau: float = 13.0, k: float = 0.1) -> int:
+    """The window start ``cur`` read at rollout ``iteration`` by MixGRPO's progressive schedules.
+
+    MixGRPO (arXiv 2507.21802; Tencent-Hunyuan/MixGRPO @e5cdd6a4 grpo_states.py): ``cur`` starts
+    at 0 and, after dwelling n(cur) iterations, moves by ``stride`` (prog_overlap_step; pass
+    ``window`` for no overlap, 0 freezes it); past M = T − 2 it rolls back to 0 (``roll_back``)
+    or stays at M. Dwell n(cur): ``progressive`` ``every``; ``decay``
+    max(n_min, ⌊n_max·(1 − cur/M) + n_min·cur/M⌋); ``exp_decay`` ⌈every·exp(−k·max(0, cur − τ))⌉.
+    A pure function of ``iteration`` (the path repeats with period one cycle, so the cost is
+    one cycle, not ``iteration``): resuming at any iteration gives the same windows.
+
+    Raises:
+        ValueError: unknown or non-progressive schedule, bad numbers.
+    """
+    if schedule not in ("progressive", "decay", "exp_decay"):
+        raise ValueError(f"schedule={schedule!r}; window_start covers progressive, decay and "
+                         f"exp_decay (sliding: sliding_window; random: mix_window)")
+    top = num_steps - 2
+    if top < 1 or every < 1 or stride < 0 or iteration < 0 or n_min < 1 or n_max < n_min:
+        raise ValueError(f"num_steps={num_steps}, every={every}, stride={stride}, iteration="
+                         f"{iteration}, n_min={n_min}, n_max={n_max}; expected num_steps >= 3, "
+                         f"every >= 1, stride >= 0, iteration >= 0, 1 <= n_min <= n_max")
+    path, cur = [], 0  # (start, dwell) from 0 until it rolls back to 0 or stops moving
+    while True:
+        path.append((cur, _dwell(schedule, cur, top, every, n_max, n_min, tau, k)))
+        nxt = _advance(cur, stride, top, roll_back)
+        if nxt == cur or nxt == 0:
+            break
+        cur = nxt
+    # rolled back to 0: the path repeats; stopped (at M, or stride 0): the last start stays
+    left = iteration % sum(d for _, d in path) if nxt == 0 else iteration
+    for start, dwell in path:
+        if left < dwell:
+            return start
+        left -= dwell
+    return path[-1][0]  # stopped at M (no roll back) or frozen (stride 0)
+
+
+def mix_window(schedule: str, iteration: int, num_steps: int, window: int, *,
+               generator: Optional[torch.Generator] = None, **params) -> List[int]:
+    """The SDE steps of rollout ``iteration`` under one of :data:`WINDOW_SCHEDULES`.
+
+    - ``sliding`` (mmrl's original, the default): :func:`sliding_window`, W steps, may reach
+      step T − 2, wraps modulo T − W.
+    - ``progressive`` / ``decay`` / ``exp_decay``: {cur, …, min(cur + W, M) − 1} with
+      cur = :func:`window_start`, M = T − 2 (MixGRPO never trains steps ≥ T − 2).
+    - ``random``: cur uniform in [0, M − W] every iteration, from ``generator`` (MixGRPO's is
+      unseeded; the run's generator makes it resumable).
+
+    Differs from MixGRPO: a window that would be empty (cur = M, reached without roll back)
+    trains step M − 1, so every rollout has a trained step.
+
+    Args:
+        params: ``every`` (iters_per_group / sliding_shift_every), ``stride``, ``roll_back``,
+            ``n_max``, ``n_min``, ``tau``, ``k`` (see :func:`window_start`).
+
+    Raises:
+        ValueError: unknown schedule, window too large for the schedule.
+    """
+    if schedule not in WINDOW_SCHEDULES:
+        raise ValueError(f"unknown window schedule {schedule!r} (registered: "
+                         f"{', '.join(WINDOW_SCHEDULES)})")
+    if schedule == "sliding":
+        return sliding_window(num_steps, window, iteration, shift_every=params.get("every", 25),
+                              stride=params.get("stride", 1))
+    top = num_steps - 2
+    if not 1 <= window <= top:
+        raise ValueError(f"window={window} for {num_steps} steps; MixGRPO's schedules train "
+                         f"steps < T - 2, so expected 1 <= window <= {top}")
+    if schedule == "random":
+        cur = int(torch.randint(0, top - window + 1, (1,), generator=generator))
+    else:
+        cur = window_start(schedule, iteration, num_steps, window, **params)
+    steps = list(range(cur, min(cur + window, top)))
+    return steps or [top - 1]  # cur = M: MixGRPO's window is empty

@@ -67,7 +67,14 @@ def _chunks(n: int, size: int):
 
 def _mini_batches(rollout: Rollout, k: int, needs_groups: bool, gen: torch.Generator):
     """Exactly k mini-batches of row indices (some may be empty on a small data-parallel shard,
-    so every rank runs the same number of optimizer steps); whole groups when needed."""
+    so every rank runs the same number of optimizer steps); whole groups when needed; the
+    rollout's own partition in label order when it has one (``Rollout.mini_batch``)."""
+    labels = rollout.mini_batch
+    if labels is not None:
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ValueError(f"the rollout fixes mini-batches {sorted(set(labels.tolist()))} but "
+                             f"train.num_mini_batches={k}; set it to the policy's count")
+        return [(labels == j).nonzero().flatten() for j in range(k)]
     if not needs_groups or len(rollout) == 0:
         perm = torch.randperm(len(rollout), generator=gen)
         return [perm[i * len(perm) // k:(i + 1) * len(perm) // k] for i in range(k)]

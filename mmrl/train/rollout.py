@@ -36,6 +36,9 @@ class Rollout:
             padding); None when the policy does not report them. The rollout correction
             (``algo.rollout_is``, :mod:`mmrl.algo.offpolicy`) weights by π_old/π_rollout.
             Rows follow :meth:`select`; :func:`concat_rollouts` right-pads it like ``mask``.
+        mini_batch: ``[B]`` long, or None (the loop draws random mini-batches). A fixed
+            partition: with ``train.num_mini_batches = K`` the update's mini-batch j is the rows
+            labelled j, stepped in order j = 0 … K−1 (G²RPO's optimizer step per SDE step).
     """
 
     samples: List[Any]
@@ -51,6 +54,7 @@ class Rollout:
     row_keep: Optional[torch.Tensor] = None
     nfe: int = 0
     rollout_logp: Optional[torch.Tensor] = None
+    mini_batch: Optional[torch.Tensor] = None
 
     @property
     def sample_group_ids(self) -> torch.Tensor:
@@ -75,7 +79,8 @@ class Rollout:
                        data, skipped=dict(self.skipped),
                        row_keep=None if self.row_keep is None else self.row_keep[idx],
                        nfe=self.nfe, rollout_logp=None if self.rollout_logp is None
-                       else self.rollout_logp[idx.to(self.rollout_logp.device)])
+                       else self.rollout_logp[idx.to(self.rollout_logp.device)],
+                       mini_batch=None if self.mini_batch is None else self.mini_batch[idx])
 
 
 def _take(value, idx, pick, n):
@@ -118,7 +123,9 @@ def concat_rollouts(parts: Sequence[Any]) -> Any:
                    [x for p in parts for x in p.metadata],
                    torch.cat([p.group_ids for p in parts]), mask, data, skipped=skipped,
                    row_keep=keep, nfe=sum(p.nfe for p in parts),
-                   rollout_logp=concat_rollout_logp(parts, T))
+                   rollout_logp=concat_rollout_logp(parts, T),
+                   mini_batch=None if any(p.mini_batch is None for p in parts)
+                   else torch.cat([p.mini_batch for p in parts]))
 
 
 def concat_rollout_logp(parts: Sequence[Any], T: int) -> Optional[torch.Tensor]:

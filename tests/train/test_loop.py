@@ -229,3 +229,36 @@ def test_advantages_hook_with_wrong_shape_is_a_clear_error():
         train_step(pol, torch.optim.SGD(pol.parameters(), lr=1.0), PolicyLoss("grpo"),
                    lambda s, p, m: [1.0] * len(s), ["a"], [{}], LoopSettings(group_size=2),
                    torch.Generator().manual_seed(0))
+
+
+def test_a_rollouts_fixed_mini_batches_are_stepped_in_label_order():
+    """``Rollout.mini_batch`` (G²RPO's step per SDE step): mini-batch j is the rows labelled j,
+    in order; the update equals plain SGD steps on those rows one after another (each with the
+    old log-probs of the start, as the loop scores them once)."""
+    labels = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0])
+    pol, r, adv = _rollout()
+    r.mini_batch = labels
+    assert r.select(torch.tensor([5, 1])).mini_batch.tolist() == [1, 0]
+    assert concat_rollouts([r, r]).mini_batch.tolist() == labels.tolist() * 2
+    s = LoopSettings(group_size=4, num_mini_batches=2, max_grad_norm=0)
+    update(pol, torch.optim.SGD(pol.parameters(), lr=1.0), PolicyLoss("grpo"), r, adv, s,
+           torch.Generator().manual_seed(1))
+    by_hand, r0, _ = _rollout()
+    old = by_hand.logp(r0, torch.arange(B), 0, T).detach()
+    for j in (0, 1):  # the clipped objective's gradient, one row set after the other
+        rows = (labels == j).nonzero().flatten()
+        ratio = torch.exp(by_hand.logp(r0, rows, 0, T) - old[rows])
+        m = r0.mask[rows].float()
+        a = adv[rows, None]
+        per_tok = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)  # grpo: ε = 0.2
+        loss = ((per_tok * m).sum(1) / m.sum(1)).mean()  # sequence mean of token means
+        by_hand.W.grad = None
+        loss.backward()
+        with torch.no_grad():
+            by_hand.W -= by_hand.W.grad
+    torch.testing.assert_close(pol.W.detach(), by_hand.W.detach(), rtol=1e-5, atol=1e-6)
+    r.mini_batch = torch.tensor([0, 0, 0, 0, 0, 0, 0, 2])
+    with pytest.raises(ValueError, match="fixes mini-batches \\[0, 2\\] but "
+                                         "train.num_mini_batches=2"):
+        update(pol, torch.optim.SGD(pol.parameters(), lr=1.0), PolicyLoss("grpo"), r, adv, s,
+               torch.Generator().manual_seed(1))
