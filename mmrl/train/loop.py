@@ -168,8 +168,8 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
     kl, entropy, terms = None, None, {}
     if x.step_terms is not None:  # one forward: logp, the step terms, the KL when beta > 0
         logp, st = x.step_terms(x.rollout, rows, t0, t1, with_kl=x.own_kl is not None)
-        kl, terms = dict(step_std=st.step_std.to(logp), mean_shift=st.mean_shift.to(logp),
-                     step_gap=st.step_gap.to(logp))
+        kl, terms = st.kl, dict(step_std=st.step_std.to(logp), mean_shift=st.mean_shift.to(logp),
+                                step_gap=st.step_gap.to(logp))
     elif x.with_entropy is not None:
         logp, entropy = x.with_entropy(x.rollout, rows, t0, t1)
         entropy = entropy.to(logp)
