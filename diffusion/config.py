@@ -132,6 +132,12 @@ class DiffusionConfig:
                                    "timestep_fraction); 1 trains all of them (no draw).",
                                    above=0.0, maximum=1.0,
                                    source="DanceGRPO arXiv 2505.07818 (0.6 in its scripts)")
+    window_range: Optional[List[int]] = cfg(None, "window: [r0, r1], the window's start is "
+                                            "drawn uniformly from r0 .. r1 - window each "
+                                            "rollout (Flow-GRPO-Fast's sde_window_range; its "
+                                            "recommended SD3 configs: [0, 5] with window 3); "
+                                            "null = [0, num_steps - 1]. r1 <= num_steps - 1.",
+                                            source="flow_grpo config/grpo.py (*_fast_nocfg)")
 
     def trained_steps(self) -> int:
         """The most trained transitions of one training row (T of the loss)."""
@@ -169,13 +175,26 @@ class DiffusionConfig:
             bad = [k for k in self.tree_sde_steps if k in s or not 0 <= k <= T - 2]
             if bad:
                 out.append(f"tree_sde_steps: {bad} are split steps or outside [0, {T - 2}]")
-        out.extend(self._fraction_problems())
+        out.extend(self._fraction_problems() + self._window_range_problems())
         if not self.prompts and not self.prompt_file:
             out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
                        "prompt per line) or prompts: [...]")
         out.extend(reward_spec_problems(self.reward))
         return out
 
+
+    def _window_range_problems(self) -> List[str]:
+        r, T, W = self.window_range, self.num_steps, self.window
+        if r is None:
+            return []
+        if self.sampler != "window":
+            return [f"window_range: got {r} with sampler={self.sampler}; it places the random "
+                    f"window of sampler=window; drop it or use sampler=window"]
+        if len(r) != 2 or not 0 <= r[0] <= r[1] - W or r[1] > T - 1:
+            return [f"window_range: got {r} for window={W}, num_steps={T}; expected [r0, r1] "
+                    f"with 0 <= r0 <= r1 - window and r1 <= {T - 1} (the last step stays "
+                    f"deterministic)"]
+        return []
 
     def _fraction_problems(self) -> List[str]:
         f, K = self.timestep_fraction, self.num_steps - 1

@@ -151,7 +151,7 @@ class DiffusionGroupPolicy(GroupPolicy):
     def _sde_steps(self, generator) -> List[int]:
         c, T = self.c, self.c.num_steps
         if c.sampler == "window":
-            return random_window(T, c.window, generator=generator)
+            return random_window(T, c.window, generator=generator, start_range=c.window_range)
         if c.sampler == "sliding":
             return sliding_window(T, c.window, self.iteration, shift_every=c.sliding_shift_every,
                                   stride=c.sliding_stride)

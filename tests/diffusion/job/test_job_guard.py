@@ -115,6 +115,13 @@ def test_config_refuses_what_grpo_guard_and_timestep_fraction_cannot_run(tiny_sd
         tiny_config(tiny_sd3_path, str(tmp_path), sampler="window", timestep_fraction=0.5)
     with pytest.raises(ConfigError, match=r"trains floor\(3 \* 0.2\) = 0 of the 3 SDE steps"):
         tiny_config(tiny_sd3_path, str(tmp_path), timestep_fraction=0.2)
+    with pytest.raises(ConfigError, match=r"window_range: got \[0, 4\] for window=2, "
+                                          r"num_steps=4; expected \[r0, r1\]"):
+        tiny_config(tiny_sd3_path, str(tmp_path), sampler="window", window_range=[0, 4])
+    with pytest.raises(ConfigError, match="window_range: got .* with sampler=full"):
+        tiny_config(tiny_sd3_path, str(tmp_path), window_range=[0, 3])
+    assert tiny_config(tiny_sd3_path, str(tmp_path), sampler="window",
+                       window_range=[1, 3]).task.window_range == [1, 3]
     for section in ({"kind": "cps", "noise_level": 0.8}, {"sampler": "singular"}):
         with pytest.raises(ConfigError, match=r"algo: ratio_level='ratio_norm', step_reweight="
                                               r"True \(GRPO-Guard\) read the Gaussian step"):
