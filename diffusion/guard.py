@@ -31,7 +31,9 @@ def step_terms(traj: Trajectory, out: SDEStepOutput, index: Tensor) -> Tuple[Ten
 
     ``step_std`` = ``out.std`` (s_j = σ̄_j·sqrt(−dt_j) for the flow_grpo and dance kinds);
     ``mean_shift`` = mean_d (out.mean − μ_old)² with μ_old = ``traj.means[index]`` (carries
-    the gradient of ``out.mean``); ``step_gap`` = σ_j − σ_{j+1} > 0.
+    the gradient of ``out.mean``); ``step_gap`` = σ_j − σ_{j+1} > 0. μ_old is the sampling
+    weights' mean, so the loss's ``old_logp`` must be those weights' too: the loop's is (the
+    detached logp on-policy, or scored before the update's first optimizer step).
 
     Args:
         traj: a trajectory sampled with ``keep_means=True``.

@@ -39,19 +39,25 @@ def _grads(policy, rollout, adv, loss_fn, **settings):
     return torch.cat([p.grad.flatten() for p in params])
 
 
+@pytest.fixture(scope="module")
+def guarded(tiny_sd3_path, tmp_path_factory):
+    """A GRPO-Guard policy (it stores the step means) with timestep_fraction 0.67 (2 of the 3
+    SDE steps of 4), and one rollout of 2 prompts x 2 images."""
+    cfg = tiny_config(tiny_sd3_path, str(tmp_path_factory.mktemp("guard")), algo=dict(GUARD),
+                      timestep_fraction=0.67)
+    policy = _policy(cfg)
+    return cfg, policy, _rollout(policy)
+
+
 @pytest.mark.parametrize("beta, epochs", [(0.0, 1), (0.05, 2)])
-def test_grpo_guard_micro_batched_and_t_chunked_gradients_equal_the_unsplit(tiny_sd3_path,
-                                                                            tmp_path, beta,
+def test_grpo_guard_micro_batched_and_t_chunked_gradients_equal_the_unsplit(guarded, beta,
                                                                             epochs):
     """Rows and T split, with the KL from the same forward (beta > 0) and old log-probs scored
     at the update's start (2 epochs)."""
-    cfg = tiny_config(tiny_sd3_path, str(tmp_path), algo={**GUARD, "beta": beta},
-                      timestep_fraction=0.67)
-    policy = _policy(cfg)
+    cfg, policy, rollout = guarded
     assert policy.capabilities.step_terms
-    rollout = _rollout(policy)
     adv = torch.linspace(-1.5, 1.3, len(rollout))
-    loss_fn = PolicyLoss(cfg.algo.preset, **cfg.algo.overrides())
+    loss_fn = PolicyLoss(cfg.algo.preset, beta=beta, **cfg.algo.overrides())
     whole = _grads(policy, rollout, adv, loss_fn, inner_epochs=epochs)
     split = _grads(policy, rollout, adv, loss_fn, inner_epochs=epochs, t_chunk=1,
                    micro_batch_size=3)
@@ -62,14 +68,12 @@ def test_grpo_guard_micro_batched_and_t_chunked_gradients_equal_the_unsplit(tiny
         assert not torch.allclose(plain, whole, rtol=1e-2)
 
 
-def test_timestep_fraction_trains_a_random_subset_of_each_samples_steps(tiny_sd3_path, tmp_path):
-    cfg = tiny_config(tiny_sd3_path, str(tmp_path), timestep_fraction=0.67)  # 4 steps: 2 of 3
-    assert cfg.task.trained_steps() == 2
-    policy = _policy(cfg)
-    rollout = _rollout(policy)
+def test_timestep_fraction_trains_a_random_subset_of_each_samples_steps(guarded):
+    cfg, policy, rollout = guarded
+    assert cfg.task.trained_steps() == 2  # floor(3 · 0.67)
     traj, index = rollout.data["trajectory"].traj, rollout.data["index"]
     assert index.shape == (4, 2) and bool(rollout.mask.all())
-    assert traj.means is None  # plain GRPO does not store the means
+    assert traj.means.shape == (traj.num_transitions, *traj.final.shape[1:])
     steps = traj.step[index]  # [B, 2] each row's trained steps, in time order, of its own
     assert bool((steps[:, 0] < steps[:, 1]).all()) and bool((steps <= 2).all())
     assert bool((traj.owner[index] == torch.arange(4)[:, None]).all())
@@ -78,7 +82,7 @@ def test_timestep_fraction_trains_a_random_subset_of_each_samples_steps(tiny_sd3
     assert torch.equal(rollout.rollout_logp, sampled)
     logp = policy.logp(rollout, torch.arange(4), 0, 2)
     torch.testing.assert_close(logp.detach(), sampled, rtol=0, atol=1e-6)
-    # the same seed draws the same subsets; the draw comes after the sampling's
+    # the same seed draws the same subsets (after the same sampling)
     assert torch.equal(_rollout(policy).data["index"], index)
 
 
