@@ -135,6 +135,18 @@ class DiffusionConfig:
     reward: str = cfg("pickscore", "Reward scorers of mmrl.rewards: NAME[:key=value][,NAME...] "
                       "with weight= per scorer (e.g. 'pickscore', 'hps_v2.1:path=/ckpt.pt', "
                       "'brightness,jpeg_compressibility:weight=0.5').")
+    timestep_fraction: float = cfg(1.0, "sampler=full: each sample trains an independent random "
+                                   "floor((num_steps - 1) * fraction) of its num_steps - 1 SDE "
+                                   "steps, drawn from the run's generator (DanceGRPO's "
+                                   "timestep_fraction); 1 trains all of them (no draw).",
+                                   above=0.0, maximum=1.0,
+                                   source="DanceGRPO arXiv 2505.07818 (0.6 in its scripts)")
+    window_range: Optional[List[int]] = cfg(None, "window: [r0, r1], the window's start is "
+                                            "drawn uniformly from r0 .. r1 - window each "
+                                            "rollout (Flow-GRPO-Fast's sde_window_range; its "
+                                            "recommended SD3 configs: [0, 5] with window 3); "
+                                            "null = [0, num_steps - 1]. r1 <= num_steps - 1.",
+                                            source="flow_grpo config/grpo.py (*_fast_nocfg)")
 
     ode_solver: str = cfg("euler", "ODE solver of the deterministic steps after the last SDE "
                           "step (MixGRPO's 'post' part; every step of an ODE rollout): euler, "
@@ -191,7 +203,7 @@ class DiffusionConfig:
     def trained_steps(self) -> int:
         """The most trained transitions of one training row (T of the loss)."""
         if self.sampler == "full":
-            return self.num_steps - 1
+            return max(math.floor((self.num_steps - 1) * self.timestep_fraction), 1)
         if self.sampler in ("window", "sliding"):
             return self.window
         if self.sampler == "singular":
@@ -225,6 +237,7 @@ class DiffusionConfig:
             bad = [k for k in self.tree_sde_steps if k in s or not 0 <= k <= T - 2]
             if bad:
                 out.append(f"tree_sde_steps: {bad} are split steps or outside [0, {T - 2}]")
+        out.extend(self._fraction_problems() + self._window_range_problems())
         if not self.prompts and not self.prompt_file:
             out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
                        "prompt per line) or prompts: [...]")
@@ -253,6 +266,33 @@ class DiffusionConfig:
             out.append(f"ode_solver: {self.ode_solver} for sampler={self.sampler}; the singular "
                        f"and tree samplers' ODE parts are Euler, set ode_solver=euler")
         return out
+
+
+    def _window_range_problems(self) -> List[str]:
+        r, T, W = self.window_range, self.num_steps, self.window
+        if r is None:
+            return []
+        if self.sampler != "window":
+            return [f"window_range: got {r} with sampler={self.sampler}; it places the random "
+                    f"window of sampler=window; drop it or use sampler=window"]
+        if len(r) != 2 or not 0 <= r[0] <= r[1] - W or r[1] > T - 1:
+            return [f"window_range: got {r} for window={W}, num_steps={T}; expected [r0, r1] "
+                    f"with 0 <= r0 <= r1 - window and r1 <= {T - 1} (the last step stays "
+                    f"deterministic)"]
+        return []
+
+    def _fraction_problems(self) -> List[str]:
+        f, K = self.timestep_fraction, self.num_steps - 1
+        if not isinstance(f, (int, float)) or f >= 1 or f <= 0:
+            return []  # 1: every step; out of (0, 1]: the field's own bound check says so
+        if self.sampler != "full":
+            return [f"timestep_fraction: got {f} with sampler={self.sampler}; a random subset "
+                    f"of steps per sample is DanceGRPO's rule for the full SDE sampler; use "
+                    f"sampler=full or timestep_fraction=1"]
+        if math.floor(K * f) < 1:
+            return [f"timestep_fraction: got {f}, which trains floor({K} * {f}) = 0 of the "
+                    f"{K} SDE steps; raise it to at least {1 / K:.3g}"]
+        return []
 
 
 def reward_spec_problems(spec: str) -> List[str]:
@@ -315,6 +355,19 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
         out.append(f"algo: entropy_coef={spec.entropy_coef}, top_entropy_quantile="
                    f"{spec.top_entropy_quantile}: {ENTROPY_REFUSAL}; set entropy_coef=0 and "
                    f"top_entropy_quantile=1")
+    if spec is not None and spec.needs_step_terms and (c.sampler == "singular"
+                                                       or c.kind == "cps"):
+        out.append(f"algo: ratio_level={spec.ratio_level!r}, step_reweight={spec.step_reweight} "
+                   f"(GRPO-Guard) read the Gaussian step's mean stored at sampling; got "
+                   f"sampler={c.sampler}, kind={c.kind}; use kind flow_grpo or dance with the "
+                   f"full, window, sliding or tree sampler")
+    if spec is not None and spec.needs_step_terms and (c.ode_solver != "euler"
+                                                       or c.ode_compression is not None):
+        out.append(f"algo: ratio_level={spec.ratio_level!r}, step_reweight={spec.step_reweight} "
+                   f"(GRPO-Guard) read the step means stored at sampling, which the MixGRPO "
+                   f"sampler (ode_solver={c.ode_solver!r}, ode_compression="
+                   f"{c.ode_compression}) does not keep; use ode_solver: euler without "
+                   f"ode_compression")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")

@@ -39,7 +39,8 @@ def build_policy(c: DiffusionConfig, device: str, spec=None,
     flow.pipe.to(dev)
     return DiffusionGroupPolicy(flow, c, adv_eps=getattr(spec, "adv_eps", 1e-4) or 1e-4,
                                 adv_clip=getattr(spec, "adv_clip", None),
-                                reward_weights=reward_weights)
+                                reward_weights=reward_weights,
+                                keep_means=bool(getattr(spec, "needs_step_terms", False)))
 
 
 def load_prompts(c: DiffusionConfig):

@@ -26,11 +26,12 @@ from mmrl.diffusion.advantages import (g2rpo_advantages, g2rpo_granular_advantag
 from mmrl.diffusion.config import ENTROPY_REFUSAL, DiffusionConfig
 from mmrl.diffusion.dpo import check_pair_records, denoising_error, pair_noise, read_pair_images
 from mmrl.diffusion.g2rpo import sample_singular
+from mmrl.diffusion.guard import STEP_TERMS_REFUSAL, step_terms, timestep_subset
 from mmrl.diffusion.samplers import rescore, sample_sde, sample_tree, take_cond
 from mmrl.diffusion.dpm import sample_mixed
 from mmrl.diffusion.schedule import mix_window, random_window
 from mmrl.diffusion.sde import SDE_KL_FORMS, sde_kl
-from mmrl.train.policy import Capabilities, GroupPolicy
+from mmrl.train.policy import Capabilities, GroupPolicy, StepTerms
 from mmrl.train.preference import PrefScores
 from mmrl.train.rollout import Rollout
 
@@ -49,6 +50,8 @@ class DiffusionGroupPolicy(GroupPolicy):
         c: the job's config section.
         adv_eps, adv_clip: the preset's advantage epsilon / clip (tree and singular hooks).
         reward_weights: reward column weights (tree and singular hooks).
+        keep_means: store each transition's mean at sampling, for GRPO-Guard's step terms
+            (:meth:`logp_and_step_terms`; the job sets it when the algorithm needs them).
 
     Attributes:
         iteration: rollout rounds so far (positions MixGRPO's window; checkpointed as
@@ -59,8 +62,8 @@ class DiffusionGroupPolicy(GroupPolicy):
 
     def __init__(self, flow, c: DiffusionConfig, *, adv_eps: float = 1e-4,
                  adv_clip: Optional[float] = None,
-                 reward_weights: Optional[Dict[str, float]] = None):
-        self.flow, self.c = flow, c
+                 reward_weights: Optional[Dict[str, float]] = None, keep_means: bool = False):
+        self.flow, self.c, self.keep_means = flow, c, keep_means
         self.adv_eps, self.adv_clip = adv_eps, adv_clip
         self.reward_weights = dict(reward_weights or {})
         self.latent = tuple(flow.latent_shape(c.height, c.width))  # checks the resolution
@@ -75,8 +78,8 @@ class DiffusionGroupPolicy(GroupPolicy):
         self.capabilities = Capabilities(
             own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
             whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True,
-            rollout_logp=True, preference=True,
-            why_not={"entropy": ENTROPY_REFUSAL})
+            rollout_logp=True, preference=True, step_terms=keep_means and c.kind != "cps",
+            why_not={"entropy": ENTROPY_REFUSAL, "step_terms": STEP_TERMS_REFUSAL})
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
                            "tree": self._tree_advantages}.get(c.sampler)
@@ -150,7 +153,7 @@ class DiffusionGroupPolicy(GroupPolicy):
     def _sde_steps(self, generator) -> List[int]:
         c, T = self.c, self.c.num_steps
         if c.sampler == "window":
-            return random_window(T, c.window, generator=generator)
+            return random_window(T, c.window, generator=generator, start_range=c.window_range)
         if c.sampler == "sliding":
             return mix_window(c.sliding_schedule, self.iteration, T, c.window, generator=generator,
                               **self._window_params())
@@ -175,11 +178,14 @@ class DiffusionGroupPolicy(GroupPolicy):
         kw = dict(sde_steps=steps, kind=self.c.kind, noise_level=self.c.noise_level,
                   generator=self._device_generator(generator))
         if self.c.ode_solver == "euler" and self.c.ode_compression is None:
-            traj = sample_sde(self.flow, noise, self.sigmas, cond, **kw)
+            traj = sample_sde(self.flow, noise, self.sigmas, cond, keep_means=self.keep_means,
+                              **kw)
         else:  # MixGRPO(-Flash): the ODE after the window by ode_solver, maybe regridded
             traj = sample_mixed(self.flow, noise, self.sigmas, cond, solver=self.c.ode_solver,
                                 compression=self.c.ode_compression, **kw)
         index, _, mask = traj.per_owner(len(rows))  # [B, K]
+        if self.c.timestep_fraction < 1:  # DanceGRPO: a random subset per sample, [B, K] -> [B, k]
+            index, mask = timestep_subset(index, mask, self.c.timestep_fraction, generator)
         return self._pack(traj, cond, rows, index, mask, rows, prompts, metadata)
 
     def _rollout_singular(self, prompts, metadata, counts, generator) -> Rollout:
@@ -221,7 +227,7 @@ class DiffusionGroupPolicy(GroupPolicy):
                            noise_levels=(self.c.tree_noise_levels if self.c.tree_noise_levels
                                          is not None else self.c.noise_level),
                            sde_steps=self.c.tree_sde_steps, kind=self.c.kind,
-                           generator=self._device_generator(generator))
+                           generator=self._device_generator(generator), keep_means=self.keep_means)
         index, _, mask = traj.per_owner(traj.num_nodes)  # [Nn, K]
         # Rows: the leaves first, in output order (row i < B is reward row i), then inner nodes.
         inner = torch.ones(traj.num_nodes, dtype=torch.bool)
@@ -300,6 +306,24 @@ class DiffusionGroupPolicy(GroupPolicy):
         ref, _ = self._rescore(self.flow.reference, rollout, rows, t0, t1)  # no_grad inside
         return (self._scatter(out.logp, mask),
                 self._scatter(sde_kl(out, ref.mean.detach(), self.c.kl), mask))
+
+    def logp_and_step_terms(self, rollout: Rollout, rows: torch.Tensor, t0: int, t1: int,
+                            with_kl: bool = False) -> Tuple[torch.Tensor, StepTerms]:
+        """``(logp, StepTerms)``, each ``[len(rows), t1 − t0]`` (0 where the mask is False):
+        :meth:`logp`, GRPO-Guard's step terms (:func:`mmrl.diffusion.guard.step_terms`) and,
+        with ``with_kl``, :meth:`logp_and_kl`'s KL, from one forward."""
+        out, mask = self._rescore(self.flow, rollout, rows, t0, t1)
+        if out is None:
+            zero = self._scatter(None, mask)
+            return zero, StepTerms(zero, zero, zero, zero if with_kl else None)
+        shared = rollout.data["trajectory"]
+        index = rollout.data["index"][rows, t0:t1][mask]
+        std, shift, gap = (self._scatter(v, mask) for v in step_terms(shared.traj, out, index))
+        kl = None
+        if with_kl:
+            ref, _ = self._rescore(self.flow.reference, rollout, rows, t0, t1)  # no_grad inside
+            kl = self._scatter(sde_kl(out, ref.mean.detach(), self.c.kl), mask)
+        return self._scatter(out.logp, mask), StepTerms(std, shift, gap, kl)
 
     # ---------------------------------------------------------------- preference
     def pair_rollout(self, records: Sequence[Dict[str, Any]]):

@@ -48,6 +48,8 @@ class Trajectory:
             row; ``sample_tree``: the node; ``sample_singular``: the group member).
         cond_index: ``[M]`` the cond row to pass to velocity_fn when re-scoring.
         sigmas: ``[T+1]`` the schedule. kind: the SDE kind. nfe: per-sample model evaluations.
+        means: ``[M, *L]`` fp32 each transition's mean μ at sampling (GRPO-Guard's μ_old), when
+            sampled with ``keep_means=True``; else None.
     """
 
     final: Tensor
@@ -63,6 +65,7 @@ class Trajectory:
     sigmas: Tensor
     kind: str
     nfe: int
+    means: Optional[Tensor] = None
 
     @property
     def num_transitions(self) -> int:
@@ -192,7 +195,7 @@ def _check_steps(steps, num_steps: int, what: str) -> List[int]:
 
 @torch.no_grad()
 def _rollout(velocity_fn, noise, sigmas, cond, *, splits: Dict[int, int], sde_steps, levels,
-             kind, generator) -> TreeTrajectory:
+             kind, generator, keep_means: bool = False) -> TreeTrajectory:
     """The engine: roots = noise rows; split steps branch; SDE on sde_steps; ODE elsewhere."""
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     num_roots = x.shape[0]
@@ -202,6 +205,7 @@ def _rollout(velocity_fn, noise, sigmas, cond, *, splits: Dict[int, int], sde_st
     num_nodes, nfe, store, cur = num_roots, 0, _StateStore(), None
     rec: Dict[str, List[Tensor]] = {k: [] for k in ("src", "dst", "step", "a", "logp", "owner")}
     all_depth, all_cond = depth[0], node_cond[0]
+    means: List[Tensor] = []
     for t in range(sigmas.shape[0] - 1):
         rows = x.shape[0]
         v = call_velocity(velocity_fn, x, sigmas[t].expand(rows).to(x),
@@ -223,6 +227,8 @@ def _rollout(velocity_fn, noise, sigmas, cond, *, splits: Dict[int, int], sde_st
         a = a.repeat_interleave(b) if b > 1 else a
         out = sde_step(x, v, sigmas, t, kind=kind, noise_level=a, generator=generator)
         x, cur = out.prev_sample, store.add(out.prev_sample)
+        if keep_means:  # GRPO-Guard's μ_old, [A, *L] per step
+            means.append(out.mean.detach())
         for k, val in zip(rec, (src, cur, torch.full_like(src, t), a, out.logp, owner)):
             rec[k].append(val)
         node = owner
@@ -233,13 +239,15 @@ def _rollout(velocity_fn, noise, sigmas, cond, *, splits: Dict[int, int], sde_st
         final=x, output_cond=all_cond[node], states=store.stacked(x), src=cat["src"],
         dst=cat["dst"], step=cat["step"], noise_level=cat["a"], logp=cat["logp"],
         owner=cat["owner"], cond_index=all_cond[cat["owner"]], sigmas=sigmas, kind=kind, nfe=nfe,
-        parent=torch.cat(parent), depth=all_depth, node_cond=all_cond, leaves=node)
+        parent=torch.cat(parent), depth=all_depth, node_cond=all_cond, leaves=node,
+        means=(torch.cat(means) if means else x.new_zeros((0, *x.shape[1:]))) if keep_means
+        else None)
 
 
 def sample_sde(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=None, *,
                sde_steps: Optional[Sequence[int]] = None, kind: str = "flow_grpo",
-               noise_level: float = 0.7,
-               generator: Optional[torch.Generator] = None) -> Trajectory:
+               noise_level: float = 0.7, generator: Optional[torch.Generator] = None,
+               keep_means: bool = False) -> Trajectory:
     """B independent trajectories from ``noise``: SDE on ``sde_steps``, ODE (Euler) elsewhere.
 
     Flow-GRPO (arXiv 2505.05470) samples every step but the last with the SDE (the default);
@@ -253,6 +261,7 @@ def sample_sde(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=None
         sde_steps: step indices sampled with the SDE (and trained); default ``range(T−1)``.
         kind, noise_level: passed to :func:`sde_step`.
         generator: for the SDE noise.
+        keep_means: store each transition's mean (``Trajectory.means``, GRPO-Guard).
 
     Returns:
         :class:`Trajectory` with ``owner`` = output row; ``nfe = B·T``; transitions in order
@@ -266,7 +275,8 @@ def sample_sde(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=None
     steps = range(num_steps - 1) if sde_steps is None else sde_steps
     steps = _check_steps(steps, num_steps, "sde_steps")
     tree = _rollout(velocity_fn, noise, sigmas, cond, splits={}, sde_steps=set(steps),
-                    levels=[float(noise_level)], kind=kind, generator=generator)
+                    levels=[float(noise_level)], kind=kind, generator=generator,
+                    keep_means=keep_means)
     return Trajectory(**{k: getattr(tree, k) for k in Trajectory.__dataclass_fields__})
 
 
@@ -274,7 +284,8 @@ def sample_tree(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=Non
                 split_steps: Sequence[int], branching: Union[int, Sequence[int]] = 2,
                 noise_levels: Union[float, Sequence[float]] = 0.7,
                 sde_steps: Optional[Sequence[int]] = None, kind: str = "flow_grpo",
-                generator: Optional[torch.Generator] = None) -> TreeTrajectory:
+                generator: Optional[torch.Generator] = None,
+                keep_means: bool = False) -> TreeTrajectory:
     """One tree per noise row: at each split step every alive node branches into b children.
 
     BranchGRPO (arXiv 2509.06040) / Dynamic-TreeRPO: a shared prefix is computed once, then at
@@ -293,6 +304,7 @@ def sample_tree(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=Non
             node at depth d (a split out of it included) uses level d.
         sde_steps: non-split steps sampled with the SDE; default none (ODE outside the splits,
             the Dynamic-TreeRPO window setting); pass ``range(T−1)`` for all-SDE (BranchGRPO).
+        keep_means: store each transition's mean (``Trajectory.means``, GRPO-Guard).
 
     Returns:
         :class:`TreeTrajectory`: ``leaves`` are ``P·Π b`` outputs ordered tree by tree, each
@@ -313,7 +325,7 @@ def sample_tree(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor, cond=Non
     steps = _check_steps(sde_steps or [], num_steps, "sde_steps")
     return _rollout(velocity_fn, noise, sigmas, cond, splits=dict(zip(splits_sorted, fan)),
                     sde_steps=set(steps), levels=_levels(noise_levels, len(fan) + 1), kind=kind,
-                    generator=generator)
+                    generator=generator, keep_means=keep_means)
 
 
 def rescore(traj: Trajectory, velocity_fn: VelocityFn, cond=None, *,

@@ -67,13 +67,26 @@ def _check_window(num_steps: int, window: int) -> None:
 
 
 def random_window(num_steps: int, window: int, *,
-                  generator: Optional[torch.Generator] = None) -> List[int]:
-    """W consecutive SDE steps at a uniformly random start in [0, T−1−W] (Flow-GRPO-Fast).
+                  generator: Optional[torch.Generator] = None,
+                  start_range: Optional[Sequence[int]] = None) -> List[int]:
+    """W consecutive SDE steps at a uniformly random start in [r0, r1 − W] (Flow-GRPO-Fast).
 
-    Steps outside the window are ODE (Euler); the last step is never in it.
+    ``start_range`` = (r0, r1), Flow-GRPO-Fast's ``sde_window_range`` (its recommended SD3
+    configs: (0, T//2)); default (0, T−1): any start that keeps the last step out. Steps outside
+    the window are ODE (Euler); the last step is never in it.
+    Differs from Flow-GRPO-Fast: r1 ≤ T−1 is required (its base range (0, 10) at T = 10 lets
+    the window reach the last transition, σ_{T−1} -> 0, which mmrl keeps deterministic).
+
+    Raises:
+        ValueError: a window that does not fit, or a range outside [0, T−1] narrower than W.
     """
     _check_window(num_steps, window)
-    start = int(torch.randint(0, num_steps - window, (1,), generator=generator))
+    r0, r1 = (0, num_steps - 1) if start_range is None else (int(v) for v in start_range)
+    if not 0 <= r0 <= r1 - window or r1 > num_steps - 1:
+        raise ValueError(f"start_range ({r0}, {r1}) for window={window} and {num_steps} steps; "
+                         f"expected 0 <= r0 <= r1 - window and r1 <= {num_steps - 1} (the last "
+                         f"step stays deterministic)")
+    start = int(torch.randint(r0, r1 - window + 1, (1,), generator=generator))
     return list(range(start, start + window))
 
 

@@ -29,10 +29,11 @@ _BUILTIN = {
         "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
         "gdpo": dict(one_column=True)},
     ("ratio level", "mmrl.algo.ratios", "RATIO_LEVELS"): {
-        "token": dict(per_sequence=False, whole_sequence=False),
-        "sequence": dict(per_sequence=True, whole_sequence=True),
-        "sequence_token": dict(per_sequence=False, whole_sequence=True),
-        "sequence_sum": dict(per_sequence=True, whole_sequence=True)},
+        "token": dict(per_sequence=False, whole_sequence=False, needs_step_terms=False),
+        "sequence": dict(per_sequence=True, whole_sequence=True, needs_step_terms=False),
+        "sequence_token": dict(per_sequence=False, whole_sequence=True, needs_step_terms=False),
+        "sequence_sum": dict(per_sequence=True, whole_sequence=True, needs_step_terms=False),
+        "ratio_norm": dict(per_sequence=False, whole_sequence=False, needs_step_terms=True)},
     ("objective", "mmrl.algo.objectives", "OBJECTIVES"): {
         "clip": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
                      whole_sequence=False),

@@ -107,6 +107,10 @@ def _combination_problems(spec: AlgoSpec) -> List[str]:
     if spec.token_weighting == "tw" and per_seq:
         problems.append(f"token_weighting 'tw' weights tokens but ratio_level "
                         f"{spec.ratio_level!r} is per sequence; use a token-level ratio")
+    if spec.step_reweight is True and per_seq:
+        problems.append(f"step_reweight weights each denoising step but ratio_level "
+                        f"{spec.ratio_level!r} gives one loss per sequence; use a token-level "
+                        f"ratio (token, ratio_norm)")
     if spec.dual_clip_c is not None and spec.objective != "clip":
         problems.append(f"dual_clip_c only applies to objective 'clip', got objective "
                         f"{spec.objective!r}; drop dual_clip_c")

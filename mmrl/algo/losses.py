@@ -33,6 +33,9 @@ from mmrl.algo.objectives import OBJECTIVES
 from mmrl.algo.offpolicy import ROLLOUT_CORRECTIONS, correct_objective
 from mmrl.algo.ratios import RATIO_LEVELS
 
+OptTensor = Optional[Tensor]
+Stats = Dict[str, Tensor]
+
 __all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "OBJECTIVES", "RATIO_LEVELS", "ROLLOUT_CORRECTIONS",
            "PolicyLoss", "kl_penalty", "policy_loss"]
 
@@ -146,7 +149,8 @@ class PolicyLoss:
                  seq_lens=None, kl: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None,
                  rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
-                 entropy_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                 entropy_mask: Optional[Tensor] = None, step_std: OptTensor = None,
+                 mean_shift: OptTensor = None, step_gap: OptTensor = None) -> Tuple[Tensor, Stats]:
         """(loss, stats): the aggregated loss to minimize and detached statistics.
 
         Args:
@@ -167,6 +171,9 @@ class PolicyLoss:
                 ``off_policy_mask`` (:mod:`mmrl.algo.offpolicy`: weights on the objective only).
             entropy, entropy_mask: ``[B, T]`` entropy (with gradient; bonus −c·agg(H)) and the
                 bool top-entropy mask (default: from ``entropy``); neither touches KL or counts.
+            step_std, mean_shift, step_gap: ``[B, T]`` a Gaussian denoising step's terms: its
+                std and mean_d (μ_θ − μ_old)² (with gradient) for ratio level ``ratio_norm``,
+                its σ gap −dt > 0 for ``step_reweight`` (divides the objective, not the KL).
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
@@ -183,13 +190,9 @@ class PolicyLoss:
         _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weights,
                       group_ids, per_seq, kl, entropy, entropy_mask)
         logp, old_logp, adv = _prepare(logp, old_logp, advantages, mask)
-        log_ratio = self._ratio(logp, old_logp, mask)  # [B, T] or [B, 1]
-        valid = mask.any(-1, keepdim=True) if per_seq else mask  # [B, 1] or [B, T]
-        loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
-                                                 group_ids=group_ids, logp=logp, mask=mask,
-                                                 generator=generator)
-        loss, corrections = correct_objective(spec, loss, logp, old_logp, rollout_logp,
-                                              advantages, mask)  # weights the objective only
+        loss, log_ratio, valid, (ratio, low, high), corrections = self._policy_term(
+            logp, old_logp, adv, advantages, mask, group_ids, generator, rollout_logp,
+            dict(step_std=step_std, mean_shift=mean_shift), step_gap)
         keep = _entropy_keep(spec, entropy, entropy_mask, mask)  # top-entropy tokens only
         loss = loss if keep is None else torch.where(keep, loss, 0.0)
         kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask, log_ratio)
@@ -200,6 +203,22 @@ class PolicyLoss:
                             num_seqs=num_seqs, seq_lens=seq_lens)
         stats = _stats(total, ratio, low, high, adv, valid, logp, old_logp, mask, kl_ref)
         return total, {**_entropy_stats(stats, entropy, keep, mask), **corrections}
+
+    def _policy_term(self, logp, old_logp, adv, advantages, mask, group_ids, generator,
+                     rollout_logp, ratio_terms, step_gap):
+        """``(loss, log_ratio, valid, (ratio, low, high), corrections)``: the objective of each
+        entry times the rollout correction's weights and divided by the step gaps
+        (``step_reweight``); the KL is added after, unweighted."""
+        spec, per_seq = self.spec, self._ratio.per_sequence
+        log_ratio = self._ratio(logp, old_logp, mask, **ratio_terms)  # [B, T] or [B, 1]
+        valid = mask.any(-1, keepdim=True) if per_seq else mask  # [B, 1] or [B, T]
+        loss, ratio, low, high = self._objective(log_ratio, adv, spec=spec, valid=valid,
+                                                 group_ids=group_ids, logp=logp, mask=mask,
+                                                 generator=generator)
+        loss, corrections = correct_objective(spec, loss, logp, old_logp, rollout_logp,
+                                              advantages, mask)  # weights the objective only
+        loss = _step_reweight(spec, loss, step_gap, mask)  # the objective only, not the KL
+        return loss, log_ratio, valid, (ratio, low, high), corrections
 
     def _total(self, loss: Tensor, valid: Tensor, entropy: Optional[Tensor],
                keep: Optional[Tensor], mask: Tensor, per_seq: bool, **counts) -> Tensor:
@@ -212,6 +231,24 @@ class PolicyLoss:
                                   per_seq)
             total = total - spec.entropy_coef * self._aggregate(bonus, valid, **counts)
         return total
+
+
+def _step_reweight(spec, loss: Tensor, step_gap: Optional[Tensor], mask: Tensor) -> Tensor:
+    """ℓ_j / (−dt_j) where ``mask`` when ``step_reweight`` (GRPO-Guard, arXiv 2510.22319: the
+    small late steps' gradients are scaled up to the early ones'); ``loss`` unchanged otherwise.
+
+    Raises:
+        ValueError: ``step_reweight`` without ``step_gap`` ``[B, T]``.
+    """
+    if not spec.step_reweight:
+        return loss
+    if not isinstance(step_gap, torch.Tensor) or step_gap.shape != mask.shape:
+        got = tuple(step_gap.shape) if isinstance(step_gap, torch.Tensor) else None
+        raise ValueError(f"step_reweight needs step_gap [B, T]={tuple(mask.shape)} (each step's "
+                         f"sigma gap -dt > 0), got {got}; pass the policy's step terms or set "
+                         f"step_reweight=False")
+    gap = step_gap.detach().to(loss.dtype)  # > 0 on counted steps: the policy's (no host sync)
+    return torch.where(mask, loss / torch.where(mask, gap, torch.ones_like(gap)), loss)
 
 
 def _prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor):
@@ -290,7 +327,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 num_tokens=None, num_seqs=None, seq_lens=None,
                 generator: Optional[torch.Generator] = None,
                 rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
-                entropy_mask: Optional[Tensor] = None,
+                entropy_mask: Optional[Tensor] = None, step_std: Optional[Tensor] = None,
+                mean_shift: Optional[Tensor] = None, step_gap: Optional[Tensor] = None,
                 **overrides) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, stats) of ``PolicyLoss(algo, **overrides)`` on these tensors (functional form).
 
@@ -300,4 +338,4 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         logp, old_logp, advantages, mask, ref_logp=ref_logp, token_weights=token_weights,
         group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
         generator=generator, rollout_logp=rollout_logp, entropy=entropy,
-        entropy_mask=entropy_mask)
+        entropy_mask=entropy_mask, step_std=step_std, mean_shift=mean_shift, step_gap=step_gap)

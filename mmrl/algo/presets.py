@@ -81,6 +81,12 @@ PRESETS: Dict[str, AlgoSpec] = {
     # GPG, arXiv 2504.02546 (verl gpg): −A·logp, no ratio, no clip; A = α·(r − mean_g) with
     # α = B / #{non-zero rewards} over the batch (F_norm = 1); token_mean as verl.
     "gpg": AlgoSpec(advantage="gpg", objective="gpg", aggregation="token_mean"),
+    # GRPO-Guard, arXiv 2510.22319 (flow_grpo train_sd3_GRPO_Guard.py, config/grpo_guard.py):
+    # log ρ̃ = mean_d[ξ·(μ_θ − μ_old)] (RatioNorm), −min(ρ̃A, clip(ρ̃, 1 ± 2e-6)A) / (−dt_j);
+    # per-group std, A clipped at ±5; mean over samples of the mean over trained steps.
+    # Flow policies only (needs step terms); the pickscore config uses ε = 4e-6.
+    "grpo_guard": AlgoSpec(ratio_level="ratio_norm", step_reweight=True, eps_low=2e-6,
+                           eps_high=2e-6, adv_clip=5.0),
 }
 
 

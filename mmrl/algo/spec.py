@@ -24,8 +24,10 @@ class AlgoSpec:
                          "columns the base of algo.multi_reward): " + _axis_doc("advantage")
                          + ".", source="mmrl.algo.advantages")
     ratio_level: str = cfg("token", "Importance-ratio level: token, sequence (GSPO), "
-                           "sequence_token (GSPO-token), sequence_sum (Reg-GRPO).",
-                           source="GSPO arXiv 2507.18071")
+                           "sequence_token (GSPO-token), sequence_sum (Reg-GRPO), ratio_norm "
+                           "(GRPO-Guard's RatioNorm of a Gaussian denoising step; the "
+                           "diffusion job).",
+                           source="GSPO arXiv 2507.18071; GRPO-Guard arXiv 2510.22319")
     objective: str = cfg("clip", "Per-token objective: " + _axis_doc("objective") + ".",
                          source="mmrl.algo.objectives")
     aggregation: str = cfg("seq_mean_token_mean", "Loss aggregation: "
@@ -157,6 +159,11 @@ class AlgoSpec:
                           "fixed_norm): count (mmrl: they add 0 and count in the row total) or "
                           "skip (verl: divide by the non-empty rows).",
                           source="verl agg_loss (skip)")
+    step_reweight: bool = cfg(False, "Divide each trained denoising step's objective (not the "
+                              "KL) by its sigma gap -dt_j = sigma_j - sigma_{j+1}, GRPO-Guard's "
+                              "gradient reweighting; needs a policy with step terms (the "
+                              "diffusion job).", source="GRPO-Guard arXiv 2510.22319; flow_grpo "
+                              "train_sd3_GRPO_Guard.py (policy_loss / sqrt_dt**2)")
 
     @property
     def sequence_level(self) -> bool:
@@ -181,6 +188,13 @@ class AlgoSpec:
     def needs_rollout_logp(self) -> bool:
         """True when the loss needs the sampler's log-probs (``rollout_is`` other than none)."""
         return axis_registry("rollout_is").get(self.rollout_is).needs_rollout_logp
+
+    @property
+    def needs_step_terms(self) -> bool:
+        """True when the loss reads the per-step terms of a Gaussian transition (``step_std``,
+        ``mean_shift``, ``step_gap``): the ``ratio_norm`` level or ``step_reweight``."""
+        return (axis_registry("ratio_level").get(self.ratio_level).needs_step_terms
+                or self.step_reweight)
 
     @property
     def per_sequence_loss(self) -> bool:

@@ -126,6 +126,7 @@ class _Inputs:
     with_entropy: Optional[Callable] = None  # policy.logp_and_entropy for the entropy bonus
     start_entropy: Optional[torch.Tensor] = None  # [B, T] no grad, for the top-entropy mask
     generator: Optional[torch.Generator] = None  # the update's, for objectives that draw
+    step_terms: Optional[Callable] = None  # policy.logp_and_step_terms (GRPO-Guard)
 
 
 def _inputs(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout, advantages, s,
@@ -147,8 +148,9 @@ def _inputs(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout, advantag
     if with_entropy is not None and own_kl is not None:
         raise ValueError("entropy_coef > 0 with a policy's own KL (beta > 0) needs logp, KL and "
                          "entropy from one forward, which the policy contract lacks; drop one")
+    step_terms = policy.logp_and_step_terms if spec.needs_step_terms else None
     return _Inputs(rollout, advantages, rollout.mask.sum(-1), old_logp, ref_logp, token_weights,
-                   own_kl, with_entropy, start_entropy)
+                   own_kl, with_entropy, start_entropy, step_terms=step_terms)
 
 
 def _entropy_keep(x: _Inputs, spec, mb: torch.Tensor, d: Dist) -> Optional[torch.Tensor]:
@@ -170,8 +172,12 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
                 keep: Optional[torch.Tensor] = None):
     """``(loss, stats)`` of rows ``rows`` and steps ``[t0, t1)``, with gradient; ``keep``: the
     mini-batch's top-entropy mask ``[B, T]``."""
-    kl = entropy = None
-    if x.with_entropy is not None:
+    kl, entropy, terms = None, None, {}
+    if x.step_terms is not None:  # one forward: logp, the step terms, the KL when beta > 0
+        logp, st = x.step_terms(x.rollout, rows, t0, t1, with_kl=x.own_kl is not None)
+        kl, terms = st.kl, dict(step_std=st.step_std.to(logp), mean_shift=st.mean_shift.to(logp),
+                                step_gap=st.step_gap.to(logp))
+    elif x.with_entropy is not None:
         logp, entropy = x.with_entropy(x.rollout, rows, t0, t1)
         entropy = entropy.to(logp)
     elif x.own_kl is not None:
@@ -187,6 +193,7 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
         token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
         group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],
         kl=None if kl is None else kl.to(logp), entropy=entropy, generator=x.generator, **norm,
+        **terms,
         rollout_logp=None if x.rollout.rollout_logp is None
         else x.rollout.rollout_logp[rows, t0:t1].to(logp))  # the sampler's (rollout_is)
 

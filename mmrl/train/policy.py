@@ -30,7 +30,8 @@ import torch
 
 from mmrl.train.rollout import Rollout
 
-__all__ = ["Capabilities", "GroupPolicy", "HOOKS", "capabilities_of", "check_policy"]
+__all__ = ["Capabilities", "GroupPolicy", "HOOKS", "StepTerms", "capabilities_of",
+           "check_policy"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class Capabilities:
             ``pair_scores(rollout, chosen_rows, rejected_rows, generator, with_ref) ->
             PrefScores``: the scores preference losses (DPO family, Diffusion-DPO) train on
             (:mod:`mmrl.train.preference`).
+        step_terms: ``logp_and_step_terms(rollout, rows, t0, t1, with_kl) -> (logp, StepTerms)``
+            with gradient: a Gaussian denoising step's std, mean shift and σ gap beside the
+            log-probs, for ratio level ``ratio_norm`` and ``step_reweight`` (GRPO-Guard); the KL
+            too when ``with_kl`` (``own_kl`` policies, beta > 0).
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -90,6 +95,7 @@ class Capabilities:
     rollout_logp: bool = False
     entropy: bool = False
     preference: bool = False
+    step_terms: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -117,10 +123,30 @@ HOOKS: Dict[str, Sequence[str]] = {
     "rollout_logp": (),
     "entropy": ("logp_and_entropy",),
     "preference": ("pair_rollout", "pair_scores"),
+    "step_terms": ("logp_and_step_terms",),
 }
 """capability -> the methods a policy declaring it must have."""
 
 REQUIRED = ("rollout", "logp", "parameters", "state_dict", "load_state_dict")
+
+
+@dataclass
+class StepTerms:
+    """What ``logp_and_step_terms`` gives beside the log-probs, each ``[len(rows), t1 − t0]``
+    (0 where the mask is False): the loss's keyword arguments of the same names
+    (:meth:`mmrl.algo.losses.PolicyLoss.__call__`).
+
+    Attributes:
+        step_std: the step's transition std s_j (detached).
+        mean_shift: mean_d (μ_θ − μ_old)², μ_old the mean stored at sampling (with gradient).
+        step_gap: σ_j − σ_{j+1} > 0 (detached).
+        kl: the policy's own KL to the reference (with gradient), when asked for; else None.
+    """
+
+    step_std: torch.Tensor
+    mean_shift: torch.Tensor
+    step_gap: torch.Tensor
+    kl: Optional[torch.Tensor] = None
 
 
 class GroupPolicy:
@@ -204,6 +230,11 @@ def _check_algo(policy, caps: Capabilities, name: str, spec) -> None:
                         f"prompt as its baseline, and {name} does not declare "
                         f"Capabilities(greedy=True) with greedy_rollout(prompts, metadata, "
                         f"generator); pick another advantage (e.g. rloo) or implement it")
+    if spec.needs_step_terms and not caps.step_terms:
+        raise TypeError(caps.missing("step_terms", name, "algo.ratio_level=ratio_norm / "
+                                     "algo.step_reweight") + "; these read a Gaussian "
+                        "denoising step (the diffusion job): use ratio_level=token and "
+                        "step_reweight=false")
     if spec.needs_rollout_logp and not caps.rollout_logp:
         raise TypeError(f"algo.rollout_is={spec.rollout_is!r} weights by the sampler's "
                         f"log-probs, and {name} does not report them (it does not declare "
@@ -218,6 +249,10 @@ def _check_entropy(caps: Capabilities, name: str, spec) -> None:
         raise TypeError(caps.missing("entropy", name, "algo.entropy_coef > 0 / "
                                      "algo.top_entropy_quantile < 1")
                         + "; set algo.entropy_coef=0 and algo.top_entropy_quantile=1")
+    if spec.needs_step_terms:
+        raise TypeError("the entropy options with step terms (ratio_norm / step_reweight) would "
+                        "need logp, entropy and the step terms from one forward, which the "
+                        "policy contract has no method for; drop one")
     if caps.own_kl and spec.needs_ref:
         raise TypeError(f"{name} declares own_kl and entropy, and beta > 0 with the entropy "
                         f"options would need logp, its KL and the entropy from one forward, "

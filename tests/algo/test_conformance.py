@@ -89,17 +89,24 @@ def test_multi_reward_entry(name):
 def test_ratio_level_entry(name):
     fn = RATIO_LEVELS.get(name)
     assert isinstance(fn.per_sequence, bool) and isinstance(fn.whole_sequence, bool)
+    assert isinstance(fn.needs_step_terms, bool)
     logp, old, _ = tensors(0)
-    got = fn(logp, old, MASK)
+    g = torch.Generator().manual_seed(4)  # a Gaussian step's std and mean_d(μ_θ − μ_old)²
+    terms = dict(step_std=0.05 + torch.rand(B, T, generator=g, dtype=F64),
+                 mean_shift=1e-3 * torch.rand(B, T, generator=g, dtype=F64)) \
+        if fn.needs_step_terms else {}
+    got = fn(logp, old, MASK, **terms)
     assert got.shape == ((B, 1) if fn.per_sequence else (B, T))
-    want = torch.stack([torch.stack(row) for row in oracle(ref.RATIO_LEVELS, name)(logp, old, MASK)])
+    want = torch.stack([torch.stack(row) for row in oracle(ref.RATIO_LEVELS, name)(logp, old, MASK,
+                                                                                  **terms)])
     valid = MASK.any(-1, keepdim=True) if fn.per_sequence else MASK
     torch.testing.assert_close(got[valid], want[valid])
     w = torch.randn(got.shape, dtype=F64)
     g1, = torch.autograd.grad((got * w)[valid].sum(), logp)
     g2, = torch.autograd.grad((want * w)[valid].sum(), logp)
     torch.testing.assert_close(g1, g2)
-    assert torch.all(fn(logp, logp.detach(), MASK) == 0)  # same policy: log-ratio 0
+    same = {k: torch.zeros_like(v) if k == "mean_shift" else v for k, v in terms.items()}
+    assert torch.all(fn(logp, logp.detach(), MASK, **same) == 0)  # same policy: log-ratio 0
 
 
 # ---------------------------------------------------------------- objectives
@@ -229,6 +236,10 @@ def test_preset_resolves_and_runs(name):
         assert getattr(spec, axis) in registry
     logp, old, adv = tensors(3)
     extra = {"token_weights": torch.ones(B, T, dtype=F64)} if spec.needs_token_weights else {}
+    if spec.needs_step_terms:  # GRPO-Guard: a Gaussian step's std, mean shift and σ gap
+        extra.update(step_std=torch.full((B, T), 0.2, dtype=F64),
+                     mean_shift=torch.full((B, T), 1e-4, dtype=F64),
+                     step_gap=torch.full((B, T), 0.05, dtype=F64))
     loss, stats = PolicyLoss(name, **kw)(logp, old, adv, MASK, group_ids=GIDS, **extra)
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in stats.values())

@@ -25,7 +25,19 @@ def make_batch(seed=0, scale=0.3, dtype=F64, adv_per_token=False):
     adv = torch.randn(*shape, generator=g, dtype=F64).to(dtype)
     weights = (0.5 + torch.rand(B, T, generator=g, dtype=F64)).to(dtype)
     gids = torch.tensor([4, 4, 9, 9, 1, 1])
-    return dict(logp=logp, old=old, ref=ref_logp, mask=mask, adv=adv, w=weights, gids=gids)
+    # a Gaussian denoising step's terms (ratio_norm, step_reweight): std s, mean_d(μ_θ − μ_old)²,
+    # σ gap −dt
+    std = (0.05 + 0.3 * torch.rand(B, T, generator=g, dtype=F64)).to(dtype)
+    shift = (1e-3 * torch.rand(B, T, generator=g, dtype=F64)).to(dtype)
+    gap = (0.01 + 0.2 * torch.rand(B, T, generator=g, dtype=F64)).to(dtype)
+    return dict(logp=logp, old=old, ref=ref_logp, mask=mask, adv=adv, w=weights, gids=gids,
+                std=std, shift=shift, gap=gap)
+
+
+def step_kw(spec, d):
+    """The step terms a spec reads (GRPO-Guard), from the batch; {} for the others."""
+    return dict(step_std=d["std"], mean_shift=d["shift"], step_gap=d["gap"]) \
+        if spec.needs_step_terms else {}
 
 
 def gen():
@@ -36,6 +48,7 @@ def run(name_or_fn, d, logp=None, **kw):
     logp = d["logp"] if logp is None else logp
     fn = name_or_fn if callable(name_or_fn) else PolicyLoss(name_or_fn, **ref.preset_kwargs(name_or_fn, T))
     kw.setdefault("generator", gen())  # clip_cov's random pick: the oracles draw the same keys
+    kw = {**step_kw(fn.spec, d), **kw}
     loss, stats = fn(logp, d["old"], d["adv"], d["mask"], group_ids=d["gids"], **kw)
     grad, = torch.autograd.grad(loss, logp, allow_unused=True)
     return loss, (torch.zeros_like(logp) if grad is None else grad), stats
@@ -111,7 +124,7 @@ def test_preset_matches_oracle(name, beta):
     loss, grad, stats = run(fn, d, **kw)
     want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], ref_logp=d["ref"],
                            token_weights=kw.get("token_weights"), group_ids=d["gids"],
-                           generator=gen())
+                           generator=gen(), **step_kw(fn.spec, d))
     want_grad, = torch.autograd.grad(want, d["logp"])
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
@@ -125,7 +138,7 @@ def test_token_advantages_and_weights_match_oracle(name):
         if PRESETS[name].objective == "clip" else PolicyLoss(name, **ref.preset_kwargs(name, T))
     loss, grad, _ = run(fn, d, token_weights=d["w"])
     want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], token_weights=d["w"],
-                           generator=gen())
+                           generator=gen(), **step_kw(fn.spec, d))
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, torch.autograd.grad(want, d["logp"])[0], rtol=1e-10, atol=1e-12)
 
@@ -154,8 +167,11 @@ def test_ratio_1_gradient_is_reinforce_for_every_token_aggregation(objective, ag
 def test_ratio_1_gradient_is_reinforce_for_every_preset(name):
     d = make_batch(seed=4)
     d["old"] = d["logp"].detach()
+    d["shift"] = torch.zeros_like(d["shift"])  # μ_θ = μ_old: RatioNorm's ratio is 1 too
     _, grad, _ = run(name, d, **tw_kw(name, d))
     w = d["w"] if PRESETS[name].token_weighting == "tw" else 1.0
+    if PRESETS[name].needs_step_terms:  # ∂ log ρ̃/∂logp = s; the objective divided by −dt
+        w = d["std"] / d["gap"]
     torch.testing.assert_close(grad, w * reinforce_grad(PRESETS[name].aggregation, d["adv"], d["mask"]))
 
 

@@ -38,6 +38,9 @@ TABLE = {
     "passk": ("passk", "token", "clip", "token_mean", "none", dict(eps_low=0.2, eps_high=0.2)),
     "gdpo": ("grpo", "token", "clip", "token_mean", "none", dict(multi_reward="gdpo")),
     "gpg": ("gpg", "token", "gpg", "token_mean", "none", {}),
+    # issue 15, ALGORITHMS-flow.md (flow_grpo's GRPO-Guard configs; the diffusion job)
+    "grpo_guard": ("grpo", "ratio_norm", "clip", "seq_mean_token_mean", "none",
+                   dict(eps_low=2e-6, eps_high=2e-6, step_reweight=True)),
 }
 
 
@@ -54,7 +57,7 @@ def test_preset_axes_and_hyper_parameters(name):
     for key, value in hp.items():
         assert getattr(spec, key) == value, key
     assert spec.kl == "k3" and spec.beta == 0.0 and spec.adv_eps == 1e-4
-    assert spec.dual_clip_c is None and spec.adv_clip is None
+    assert spec.dual_clip_c is None and spec.adv_clip == (5.0 if name == "grpo_guard" else None)
 
 
 def test_spec_properties():

@@ -57,7 +57,9 @@ def test_logp_scores_the_temperature_scaled_distribution_the_rollout_sampled_fro
     assert (cold + math.log(V)).abs().max() > 0.01
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+# GRPO-Guard (step terms of a Gaussian denoising step) runs on flow policies only; the toy
+# policy is refused by name (tests/diffusion/job/test_job_guard.py).
+@pytest.mark.parametrize("preset", [p for p in sorted(PRESETS) if not PRESETS[p].needs_step_terms])
 def test_every_preset_trains_three_steps(tmp_path, preset):
     summary = _run(tmp_path, preset)
     hist = summary["history"]

@@ -99,6 +99,15 @@ def test_windows():
     assert starts == set(range(8))
     with pytest.raises(ValueError, match="window"):
         random_window(10, 10)
+    # Flow-GRPO-Fast's recommended SD3 range (0, T//2) with W = 3: starts 0, 1, 2; the default
+    # range draws exactly what it drew before the option existed
+    starts = {random_window(10, 3, generator=torch.Generator().manual_seed(s),
+                            start_range=(0, 5))[0] for s in range(60)}
+    assert starts == {0, 1, 2}
+    assert random_window(10, 2, generator=torch.Generator().manual_seed(4), start_range=(0, 9)) \
+        == random_window(10, 2, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"start_range \(0, 10\) for window=2 and 10 steps"):
+        random_window(10, 2, start_range=(0, 10))  # Fast's base range reaches the last step
 
 
 def test_shared_initial_noise():

@@ -130,8 +130,17 @@ def ratio_sequence_sum(logp, old_logp, mask):
     return out
 
 
+def ratio_norm(logp, old_logp, mask, step_std=None, mean_shift=None):
+    """GRPO-Guard's RatioNorm as flow_grpo writes it: s·(logp − old) + mean_shift/(2s)."""
+    B, T = logp.shape
+    return [[(step_std[i, t] * (logp[i, t] - old_logp[i, t])
+              + mean_shift[i, t] / (2 * step_std[i, t])) if mask[i, t] and step_std[i, t] > 0
+             else logp.new_zeros(()) for t in range(T)] for i in range(B)]
+
+
 RATIO_LEVELS = {"token": ratio_token, "sequence": ratio_sequence,
-                "sequence_token": ratio_sequence_token, "sequence_sum": ratio_sequence_sum}
+                "sequence_token": ratio_sequence_token, "sequence_sum": ratio_sequence_sum,
+                "ratio_norm": ratio_norm}
 
 
 # ---------------------------------------------------------------- objectives (one entry)
@@ -229,11 +238,14 @@ PER_SEQUENCE_LEVELS = ("sequence", "sequence_sum")
 
 # ---------------------------------------------------------------- full policy loss
 def policy_loss(spec, logp, old_logp, advantages, mask, ref_logp=None, token_weights=None,
-                group_ids=None, num_tokens=None, num_seqs=None, seq_lens=None, generator=None):
+                group_ids=None, num_tokens=None, num_seqs=None, seq_lens=None, generator=None,
+                step_std=None, mean_shift=None, step_gap=None):
     """The whole loss of ``spec`` written out entry by entry (value carries autograd)."""
     B, T = logp.shape
     old_logp = old_logp.detach()
-    lr = RATIO_LEVELS[spec.ratio_level](logp, old_logp, mask)
+    terms = dict(step_std=step_std, mean_shift=mean_shift) if spec.ratio_level == "ratio_norm" \
+        else {}
+    lr = RATIO_LEVELS[spec.ratio_level](logp, old_logp, mask, **terms)
     per_seq = spec.ratio_level in PER_SEQUENCE_LEVELS
     adv = lambda i, t: advantages[i] if advantages.dim() == 1 else advantages[i, t]  # noqa: E731
     valid = [[bool(mask[i].any())] for i in range(B)] if per_seq else \
@@ -249,6 +261,9 @@ def policy_loss(spec, logp, old_logp, advantages, mask, ref_logp=None, token_wei
     else:
         fn = {"clip": obj_clip, "sapo": obj_sapo}[spec.objective]
         loss = [[fn(lr[i][t], adv(i, t), spec) for t in range(len(lr[i]))] for i in range(B)]
+    if spec.step_reweight:  # GRPO-Guard: the objective of step t divided by its σ gap
+        loss = [[loss[i][t] / step_gap[i, t] if mask[i, t] else loss[i][t] for t in range(T)]
+                for i in range(B)]
     if spec.beta > 0:
         for i in range(B):
             kls = [KL[spec.kl](logp[i, t] - ref_logp[i, t]) for t in range(T) if mask[i, t]]

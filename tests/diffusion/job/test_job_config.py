@@ -27,6 +27,16 @@ def test_recipes_validate_and_carry_the_paper_settings():
     g2 = load_config(REPO / "configs/diffusion/flux_hps_g2rpo.yaml")
     assert (g2.task.pipeline, g2.task.reward, g2.task.sampler, g2.task.granularities,
             g2.task.shared_noise) == ("flux", "hps_v2.1", "singular", [1, 2], True)
+    guard = load_config(REPO / "configs/diffusion/sd35m_pickscore_grpo_guard.yaml")
+    spec = guard.algo.resolve()  # flow_grpo's pickscore_hps_sd3_ratio_norm
+    assert (spec.ratio_level, spec.step_reweight, spec.eps_low, spec.eps_high, spec.beta,
+            spec.adv_clip, spec.advantage, guard.train.lr, guard.train.num_mini_batches,
+            guard.task.guidance_scale, guard.task.sampler, guard.task.trained_steps()) == (
+        "ratio_norm", True, 4e-6, 4e-6, 0.0, 5.0, "grpo", 1e-4, 2, 4.5, "full", 9)
+    dance = load_config(REPO / "configs/diffusion/flux_hps_dancegrpo.yaml")
+    assert (dance.task.kind, dance.task.noise_level, dance.task.timestep_fraction,
+            dance.task.trained_steps(), dance.train.group_size, dance.task.shared_noise) == (
+        "dance", 0.3, 0.6, 9, 12, True)  # finetune_flux_grpo.sh
     tree = load_config(REPO / "configs/diffusion/sd35m_pickscore_tree.yaml")
     assert tree.train.group_size == 2 ** 3 and tree.task.sampler == "tree"
     demo = load_config(REPO / "configs/demo/diffusion_tiny.yaml")

@@ -136,8 +136,9 @@ def test_every_preset_is_selectable_or_rejected_with_a_reason(tiny_sd3_path, tmp
                       "greedy completion" if PRESETS[name].needs_baseline else None)
             assert reason is not None and reason in str(err), (name, str(err))
             continue
-        if policy is None:
-            policy = _policy(cfg)
+        if policy is None:  # it stores the step means, so GRPO-Guard trains on its rollout too
+            from mmrl.diffusion.job import build_policy
+            policy = build_policy(cfg.task, "cpu", PRESETS["grpo_guard"])
             with torch.no_grad():
                 rollout = policy.rollout(PROMPTS[:2], [{}, {}], 2,
                                          torch.Generator().manual_seed(0))
