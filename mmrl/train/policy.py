@@ -74,6 +74,12 @@ class Capabilities:
             ``pair_scores(rollout, chosen_rows, rejected_rows, generator, with_ref) ->
             PrefScores``: the scores preference losses (DPO family, Diffusion-DPO) train on
             (:mod:`mmrl.train.preference`).
+        matching: the policy trains with a weighted matching loss
+            (:mod:`mmrl.algo.matching`, e.g. DiffusionNFT, AWM) instead of re-scored log-probs:
+            ``match_spec() -> MatchSpec``, ``match_grid_size() -> int`` (the T its times index),
+            ``match_terms(rollout, rows, times [b, K], seeds [b, K]) -> MatchTerms`` and
+            ``match_after_update(optimizer_steps)`` (the old model's soft update); the runner
+            then trains with :func:`mmrl.train.matching.train_matching`.
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -90,6 +96,7 @@ class Capabilities:
     rollout_logp: bool = False
     entropy: bool = False
     preference: bool = False
+    matching: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -117,6 +124,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "rollout_logp": (),
     "entropy": ("logp_and_entropy",),
     "preference": ("pair_rollout", "pair_scores"),
+    "matching": ("match_spec", "match_grid_size", "match_terms", "match_after_update"),
 }
 """capability -> the methods a policy declaring it must have."""
 
