@@ -5,6 +5,7 @@ time draws and the presets' checks."""
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,8 +215,12 @@ def test_core_loss_errors_say_what_was_expected():
 def test_presets_load_no_torch_and_mmrl_algos_lists_them(capsys):
     code = ("import sys; from mmrl.algo.match_presets import match_problems; "
             "assert match_problems('awm', weighting='t') == []; "
+            "from mmrl.config.schema import load_config; "
+            "[load_config(f'configs/diffusion/{r}.yaml') for r in ('sd35m_pickscore_nft', "
+            "'sd35m_pickscore_awm', 'flux_hps_nft')]; "
             "print('TORCH', 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])  # the recipes validate too
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1] == "TORCH False"
     from mmrl.cli.app import main

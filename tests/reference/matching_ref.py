@@ -40,7 +40,7 @@ def nft(v, v_old, v_ref, x0, eps, t, mask, adv, beta=1.0, C=5.0, kl_coef=0.0):
                     xt = (1 - tk) * float(x0[i][k][j]) + tk * float(eps[i][k][j])
                     d = xt - tk * vj - float(x0[i][k][j])
                     sq.append(d * d)
-                    ab.append(abs(float(d)))
+                    ab.append(abs(float(d.detach())))  # the weight is stop-gradient
                 parts.append(_mean(sq) / max(_mean(ab), 1e-5))
             term = C / beta * (r * parts[0] + (1 - r) * parts[1])
             if kl_coef:
