@@ -93,7 +93,7 @@ def test_losses_match_the_loop_oracle_in_value_and_gradient(loss, params):
                               eps.tolist(), t.tolist(), mask.tolist(), adv.tolist(),
                               **{rename[k]: val for k, val in params.items()})
     g_want, = torch.autograd.grad(want, v)
-    assert float(got) == pytest.approx(float(want), rel=1e-9)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-9)
     torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-12)
     assert float(g_got[1, 2].abs().sum()) == 0.0  # the masked term has no gradient
 
