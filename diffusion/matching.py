@@ -1,11 +1,12 @@
-"""The diffusion side of the weighted matching objectives (DiffusionNFT, AWM): ``diffusion.objective:
-nft | awm`` builds a :class:`MatchingDiffusionPolicy` instead of the log-prob policy.
+"""The diffusion side of the weighted matching objectives (DiffusionNFT, AWM):
+``diffusion.objective: nft | awm`` builds a :class:`MatchingDiffusionPolicy` instead of the log-prob policy.
 
 Rollouts. The deterministic ODE sampler on the run's σ grid (``diffusion.num_steps``), no
-log-probs; only each sample's final clean latent x0 and its prompt are kept (plus the decoded
-image for the reward). Guidance at sampling is ``diffusion.guidance_scale`` (the recipes use 1.0,
-CFG-free as DiffusionNFT and AWM's "no_cfg" configs); the solver is :data:`ROLLOUT_SOLVERS`'s
-entry (Euler today; DPM-Solver++ 2M plugs in there).
+log-probs, with the old copy's weights (DiffusionNFT) or the current ones (AWM,
+``matching.rollout_policy``); only each sample's final clean latent x0 and its prompt are kept
+(plus the decoded image for the reward). Guidance at sampling is ``diffusion.guidance_scale``
+(the recipes use 1.0, CFG-free as DiffusionNFT and AWM's "no_cfg" configs); the solver is
+:data:`ROLLOUT_SOLVERS`'s entry (Euler today; DPM-Solver++ 2M plugs in there).
 
 Training terms (``match_terms``): row i's K times index the same σ grid (t = σ_j); one fresh
 ε per (row, time) from the plan's seed (a CPU generator, so runs are reproducible on any device);
@@ -112,7 +113,11 @@ class MatchingDiffusionPolicy(DiffusionGroupPolicy):
         if self.c.shared_noise:  # [P, *L] -> [B, *L]
             noise = noise.repeat_interleave(n.to(noise.device), 0)
         cond = self.flow.encode_prompt(prompts)
-        x0, nfe = ROLLOUT_SOLVERS["euler"](self.flow, noise, self.sigmas, take_cond(cond, rows))
+        weights = self._old_weights() if self.spec.rollout_policy == "old" else \
+            contextlib.nullcontext()
+        with weights:  # DiffusionNFT samples with the old adapter
+            x0, nfe = ROLLOUT_SOLVERS["euler"](self.flow, noise, self.sigmas,
+                                               take_cond(cond, rows))
         self.last_nfe = nfe
         images = self.flow.decode(x0).cpu()
         B = len(rows)
@@ -147,7 +152,7 @@ class MatchingDiffusionPolicy(DiffusionGroupPolicy):
         cond = take_cond(rollout.data["cond"], prompt)
         with self.flow.unguided():
             v_old = v_ref = None
-            if self.spec.needs_old:  # before the gradient forward: the swap writes the weights
+            if self.spec.reads_old:  # before the gradient forward: the swap moves the weights
                 with torch.no_grad(), self._old_weights():
                     v_old = self.flow(x_t, sigma, cond).float()
             if self.spec.needs_ref:
@@ -161,18 +166,20 @@ class MatchingDiffusionPolicy(DiffusionGroupPolicy):
 
     @contextlib.contextmanager
     def _old_weights(self):
-        """Within the block the trainable tensors hold the old copy (restored after)."""
+        """Within the block the trainable parameters hold the old copy: their storages are
+        swapped with the copy's (no copy of the weights), and swapped back after. Only where no
+        autograd graph holds the parameters (before the gradient forward)."""
         params = self._trainable()
-        saved = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
+
+        def swap():
             for k, p in params.items():
-                p.copy_(self.old[k])
+                p.data, self.old[k] = self.old[k], p.data
+
+        swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(saved[k])
+            swap()
 
     def match_after_update(self, optimizer_steps: int) -> None:
         """Count ``optimizer_steps`` and soft-update the old copy: θ_old ← η·θ_old + (1 − η)·θ,

@@ -77,6 +77,10 @@ class MatchSpec:
                          " 0.999)), awm_kl_ema min(0.3, 0.001 s).",
                          choices=list(SOFT_UPDATE_NAMES),
                          source="DiffusionNFT return_decay (type 1); AWM kl_ema")
+    rollout_policy: str = cfg("old", "Which weights sample the rollouts: old (the soft-updated "
+                              "copy, DiffusionNFT's 'old' adapter) or current (AWM).",
+                              choices=["old", "current"],
+                              source="DiffusionNFT train_nft_sd3.py; AWM train_sd3_awm.py")
     times: str = cfg("rollout_grid", "Training times: rollout_grid (per row a random subset of "
                      "the rollout's sigma grid, DiffusionNFT), stratified / stratified_wo_init "
                      "(AWM discrete / discrete_wo_init).", choices=list(TIME_DRAW_NAMES),
@@ -96,7 +100,13 @@ class MatchSpec:
 
     @property
     def needs_old(self) -> bool:
-        """True when the loss reads the old / EMA model's velocity (``MatchTerms.v_old``)."""
+        """True when an old / EMA copy is kept: the loss reads its velocity (``MatchTerms.v_old``)
+        or the rollouts sample with it."""
+        return self.loss == "nft" or self.old_coef > 0 or self.rollout_policy == "old"
+
+    @property
+    def reads_old(self) -> bool:
+        """True when the loss reads the old copy's velocity ``MatchTerms.v_old``."""
         return self.loss == "nft" or self.old_coef > 0
 
     @property
@@ -111,7 +121,8 @@ MATCH_PRESETS: Dict[str, MatchSpec] = {
     "nft": MatchSpec(),
     # AWM, arXiv 2509.25050 (scxue/advantage_weighted_matching pickscore_sd3_no_cfg_1node):
     # ghuber p 0.25, exp_first clip 1, λ_KL 1e-4, ema_beta 1 with kl_ema, "discrete" times K 6.
-    "awm": MatchSpec(loss="awm", old_coef=1.0, old_decay="awm_kl_ema", times="stratified"),
+    "awm": MatchSpec(loss="awm", old_coef=1.0, old_decay="awm_kl_ema", times="stratified",
+                     rollout_policy="current"),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(MatchSpec)}
@@ -145,7 +156,7 @@ def match_problems(name: str, **overrides) -> List[str]:
     problems = [p for p in problems if p is not None]
     if spec.loss in LOSS_READS and spec.times in _TIME_READS:
         reads = set(LOSS_READS[spec.loss]) | set(_TIME_READS[spec.times]) | {
-            "loss", "old_decay", "times"}
+            "loss", "old_decay", "times", "rollout_policy"}
         problems += [f"{k}={known[k]!r} is not read by loss {spec.loss!r} with times "
                      f"{spec.times!r}; drop it" for k in known if k not in reads]
     return problems

@@ -196,7 +196,8 @@ def awm_loss(terms: MatchTerms, adv: Tensor, *, num_terms=None, weighting: str =
              clip_range: float = 1.0, kl_coef: float = 0.0, kl_form: str = "uniform",
              old_coef: float = 0.0) -> Tuple[Tensor, Dict[str, Tensor]]:
     """AWM's advantage-weighted matching loss, Σ_{i,k} ℓ_ik / num_terms with
-    ℓ_ik = max(−A′_i·ρ_ik, −A′_i·clip(ρ_ik, 1 − ε, 1 + ε)) + λ_KL·κ_ik + λ_old·mean_d (v_θ − v_old)²,
+    ℓ_ik = max(−A′_i·ρ_ik, −A′_i·clip(ρ_ik, 1 − ε, 1 + ε)) + λ_KL·κ_ik
+    + λ_old·mean_d (v_θ − v_old)²,
     ρ_ik = exp(ℓp_ik − sg(ℓp_ik)), ℓp = −φ(e)·w(t) (:data:`AWM_WEIGHTINGS`),
     A′ = clip(A, ±C)/C·adv_max.
 

@@ -109,4 +109,8 @@ def train_matching(policy, optimizer: torch.optim.Optimizer, loss_fn, batch: Bat
     policy.match_after_update(steps - skipped)
     metrics.update(_update_stats(totals, n_micro, skipped, steps, d))
     metrics["terms"] = d.all_reduce_sum(plan.mask.sum().float())
+    # model evaluations of the update (rows of a forward, any rank): each term runs the current
+    # model once per epoch, plus the old copy and the reference when the loss reads them
+    per_term = s.inner_epochs * (1 + int(spec.reads_old) + int(spec.needs_ref))
+    metrics["train_nfe"] = metrics["terms"] * per_term
     return {k: float(v) for k, v in metrics.items()}

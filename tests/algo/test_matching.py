@@ -190,7 +190,10 @@ def test_presets_resolve_and_report_every_problem():
     assert nft.loss_kwargs() == dict(beta=1.0, adv_clip_max=5.0, adv_mode="all", kl_coef=1e-4)
     assert (awm.loss, awm.weighting, awm.old_coef, awm.old_decay, awm.times) == (
         "awm", "ghuber", 1.0, "awm_kl_ema", "stratified")
-    assert nft.needs_old and awm.needs_old and not mp.resolve_match("awm", old_coef=0.0).needs_old
+    assert nft.needs_old and awm.needs_old and nft.reads_old and awm.reads_old
+    assert (nft.rollout_policy, awm.rollout_policy) == ("old", "current")
+    assert not mp.resolve_match("awm", old_coef=0.0).needs_old
+    assert mp.resolve_match("awm", old_coef=0.0, rollout_policy="old").needs_old
     text = "\n".join(mp.match_problems("nft", beta=-1.0, betta=1.0, times="random")
                      + mp.match_problems("nft", weighting="t"))
     assert "unknown matching override 'betta'" in text and "did you mean 'beta'" in text

@@ -51,6 +51,7 @@ def _check_pinned_run(objective, out, summary, before):
     hist = summary["history"]
     assert [h["nfe"] for h in hist] == [4 * 4, 4 * 4]  # ODE: every sample at every step
     assert [h["terms"] for h in hist] == [12.0, 12.0]  # 4 samples x 3 times
+    assert [h["train_nfe"] for h in hist] == [36.0, 36.0]  # v, v_old, v_ref per term
     got = [(h["reward_mean"], h["grad_norm"], h["loss"]) for h in hist]
     # AWM's loss is −mean A′ (≈ 0: advantages are centred per prompt) plus penalties ~1e-7
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
@@ -123,7 +124,7 @@ def _reward():
     return ImageReward(compose("brightness", device="cpu"))
 
 
-def test_at_step_zero_the_old_copy_is_the_policy_and_the_soft_update_follows_its_schedule(
+def test_the_old_copy_is_the_policy_at_step_zero_samples_the_rollouts_and_follows_its_schedule(
         tiny_sd3_path, tmp_path):
     from mmrl.algo.matching import nft_implicit_velocities
     policy = _policy(_cfg(tiny_sd3_path, tmp_path, "nft"))
@@ -140,6 +141,12 @@ def test_at_step_zero_the_old_copy_is_the_policy_and_the_soft_update_follows_its
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(1.0)
+    moved = {k: p.detach().clone() for k, p in policy._trainable().items()}
+    # DiffusionNFT samples with the old copy: the moved weights do not change the rollout,
+    # and they are back in place after it
+    again = policy.rollout(["a red apple"], [{}], 2, torch.Generator().manual_seed(0))
+    assert torch.equal(again.data["x0"], rollout.data["x0"])
+    assert all(torch.equal(p, moved[k]) for k, p in policy._trainable().items())
     policy.match_after_update(100)  # nft_ramp: η = 0.001·100 = 0.1
     for k, p in policy._trainable().items():
         torch.testing.assert_close(policy.old[k], 0.1 * before[k] + 0.9 * p.detach())
