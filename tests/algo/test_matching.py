@@ -120,7 +120,7 @@ def test_awm_with_all_equal_rewards_gives_zero_gradient():
     assert float(loss.detach()) == 0.0 and float(grad.abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("loss", ["nft", "awm"])
+@pytest.mark.parametrize("loss", m.MATCHING_LOSSES.names())
 def test_splitting_rows_and_times_sums_to_the_unsplit_loss(loss):
     """With the global term count, pieces along rows and along K sum to the whole (value and
     gradient), as micro-batching and data parallelism need; NaN in a masked term stays out."""
@@ -234,3 +234,29 @@ def test_presets_load_no_torch_and_mmrl_algos_lists_them(capsys):
     assert "weighting=ghuber" in next(l for l in table.splitlines() if l.startswith("awm "))
     assert main(["algos", "awm"]) == 0
     assert "old_decay          awm_kl_ema" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loss", m.MATCHING_LOSSES.names())
+def test_every_loss_ignores_masked_terms_and_stays_finite_at_extremes(loss):
+    """A masked term's values (even inf) change neither the loss nor the other gradients; huge
+    errors and advantages, t at 0 and 1, and a fully masked call give finite numbers."""
+    x0, eps, v, v_old, v_ref, t, mask, adv = _random_case(4)
+    fn, kw = m.matching_loss(loss), dict(kl_coef=0.1)
+    base, _ = fn(_terms(v, eps - x0, t, mask, v_old, v_ref), adv, **kw)
+    g_base, = torch.autograd.grad(base, v)
+    junk = v.detach().clone()
+    junk[1, 2] = float("inf")
+    v2 = torch.where(mask[..., None], v, junk)
+    other, _ = fn(_terms(v2, eps - x0, t, mask, v_old, v_ref), adv, **kw)
+    g_other, = torch.autograd.grad(other, v)
+    assert float(other.detach()) == pytest.approx(float(base.detach()), rel=1e-12)
+    torch.testing.assert_close(g_other, g_base, rtol=0, atol=0)
+    big = (v * 1e6).detach().requires_grad_(True)
+    t_ends = t.clone()
+    t_ends[0, 0], t_ends[0, 1] = 0.0, 1.0
+    out, stats = fn(_terms(big, eps - x0, t_ends, mask, v_old, v_ref), adv * 1e6, **kw)
+    grad, = torch.autograd.grad(out, big)
+    assert torch.isfinite(out) and bool(torch.isfinite(grad).all())
+    assert all(bool(torch.isfinite(x)) for x in stats.values())
+    empty, _ = fn(_terms(v, eps - x0, t, torch.zeros_like(mask), v_old, v_ref), adv, **kw)
+    assert float(empty.detach()) == 0.0
