@@ -137,6 +137,8 @@ def test_the_old_copy_is_the_policy_at_step_zero_samples_the_rollouts_and_follow
     assert torch.equal(pos.detach(), terms.v_old) and torch.equal(neg.detach(), terms.v_old)
     sig = policy.sigmas
     assert terms.t.tolist() == [[sig[0].item(), sig[2].item()], [sig[1].item(), sig[3].item()]]
+    eps = torch.randn(policy.latent, generator=torch.Generator().manual_seed(7))  # seed of (1, 0)
+    assert torch.equal(terms.target[1, 0], eps - rollout.data["x0"][1])
     before = {k: v.clone() for k, v in policy.old.items()}
     with torch.no_grad():
         for p in policy.parameters():
