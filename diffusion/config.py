@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from mmrl.config.core import cfg
 from mmrl.config.jobs import Job, register_job
@@ -199,6 +199,18 @@ class DiffusionConfig:
                                 "rows (G2RPO hps @ef6ec9f3); needs train.num_mini_batches = "
                                 "len(singular_steps).", choices=["per_iteration", "per_step"],
                                 source="bcmi/Granular-GRPO")
+    objective: str = cfg("grpo", "What the rollouts train: grpo (the algo preset's loss on the "
+                         "sampler's re-scored log-probs) or a weighted matching preset of "
+                         "mmrl.algo.match_presets, nft (DiffusionNFT) or awm (AWM): ODE "
+                         "rollouts without log-probs, the flow-matching loss on forward-noised "
+                         "final samples, CFG-free training forwards; algo then gives the "
+                         "advantages only (docs/diffusion_train.md).",
+                         choices=lambda: ["grpo", *sorted(_match_presets().MATCH_PRESETS)],
+                         source="arXiv 2509.16117 (NFT), 2509.25050 (AWM)")
+    matching: Dict[str, Any] = cfg(doc="objective nft/awm: overrides of the preset's MatchSpec "
+                                   "fields (mmrl algos nft), e.g. {beta: 0.1, old_decay: "
+                                   "nft_delayed}.", default_factory=dict,
+                                   source="mmrl.algo.match_presets")
 
     def trained_steps(self) -> int:
         """The most trained transitions of one training row (T of the loss)."""
@@ -242,6 +254,7 @@ class DiffusionConfig:
             out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
                        "prompt per line) or prompts: [...]")
         out.extend(reward_spec_problems(self.reward))
+        out.extend(self._matching_problems())
         return out
 
     def _mix_problems(self) -> List[str]:
@@ -293,6 +306,41 @@ class DiffusionConfig:
             return [f"timestep_fraction: got {f}, which trains floor({K} * {f}) = 0 of the "
                     f"{K} SDE steps; raise it to at least {1 / K:.3g}"]
         return []
+    def _matching_problems(self) -> List[str]:
+        """A matching objective: its preset and overrides, and a sampler it can use."""
+        if self.objective == "grpo":
+            return [f"matching: got {self.matching}; it overrides a matching objective's "
+                    f"preset and objective=grpo has none; drop it"] if self.matching else []
+        out = [f"matching: {p}" for p in _match_presets().match_problems(self.objective,
+                                                                         **self.matching)]
+        if self.sampler != "full":
+            out.append(f"sampler: got {self.sampler!r}, which picks the SDE steps the grpo "
+                       f"objective re-scores; objective={self.objective} rolls out with the "
+                       f"deterministic ODE sampler; leave sampler at full")
+        return out
+
+
+def _match_presets():
+    """:mod:`mmrl.algo.match_presets` (torch-free), imported when first needed."""
+    from mmrl.algo import match_presets
+    return match_presets
+
+
+MATCHING_ALGO_KEYS = ("advantage", "adv_eps", "adv_clip", "multi_reward", "r_max")
+"""The ``algo`` overrides a matching objective reads (the advantage); the loss axes are its own
+(``max_len``, set by :func:`algo_defaults`, is let through unread)."""
+
+
+def matching_algo_problems(algo, c: DiffusionConfig) -> List[str]:
+    """``algo`` overrides that a matching objective would not read (its loss, ratio, KL and
+    clip settings live in ``diffusion.matching``)."""
+    if c.objective == "grpo":
+        return []
+    unread = [k for k, v in algo.overrides().items()
+              if k not in (*MATCHING_ALGO_KEYS, "max_len") and not (k == "beta" and v == 0)]
+    return [f"algo.{k}: objective={c.objective} takes only the advantage from algo "
+            f"({', '.join(MATCHING_ALGO_KEYS)}); its loss settings are diffusion.matching's "
+            f"(e.g. kl_coef for the KL); drop algo.{k}" for k in unread]
 
 
 def reward_spec_problems(spec: str) -> List[str]:
@@ -368,6 +416,10 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
                    f"sampler (ode_solver={c.ode_solver!r}, ode_compression="
                    f"{c.ode_compression}) does not keep; use ode_solver: euler without "
                    f"ode_compression")
+    out.extend(matching_algo_problems(algo, c))
+    if c.objective != "grpo" and train.parallel == "fsdp":
+        out.append(f"train.parallel: fsdp is not supported with objective={c.objective} yet "
+                   f"(the old model's weights are swapped in per forward); use ddp")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")

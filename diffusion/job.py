@@ -18,13 +18,15 @@ import torch
 from mmrl.diffusion.config import DiffusionConfig
 from mmrl.diffusion.evaluate import Evaluator, ImageReward, read_prompts
 from mmrl.diffusion.models import adapter_class, resolve_family
+from mmrl.diffusion.matching import MatchingDiffusionPolicy
 from mmrl.diffusion.policy import DiffusionGroupPolicy
 
 
 def build_policy(c: DiffusionConfig, device: str, spec=None,
                  reward_weights: Optional[Dict[str, float]] = None) -> DiffusionGroupPolicy:
     """Load the pipeline named by ``c.model`` with its family's adapter and wrap it (the
-    resolution is checked before any sampling).
+    resolution is checked before any sampling): a :class:`MatchingDiffusionPolicy` for a
+    matching objective (``diffusion.objective: nft | awm``).
 
     Raises:
         ValueError: an unsupported pipeline class, or one that ``c.pipeline`` does not name.
@@ -37,7 +39,8 @@ def build_policy(c: DiffusionConfig, device: str, spec=None,
         guidance_scale=c.guidance_scale, finetune=c.finetune, lora_rank=c.lora_rank,
         lora_alpha=c.lora_alpha, max_sequence_length=c.max_sequence_length, shift=c.shift)
     flow.pipe.to(dev)
-    return DiffusionGroupPolicy(flow, c, adv_eps=getattr(spec, "adv_eps", 1e-4) or 1e-4,
+    cls = DiffusionGroupPolicy if c.objective == "grpo" else MatchingDiffusionPolicy
+    return cls(flow, c, adv_eps=getattr(spec, "adv_eps", 1e-4) or 1e-4,
                                 adv_clip=getattr(spec, "adv_clip", None),
                                 reward_weights=reward_weights,
                                 keep_means=bool(getattr(spec, "needs_step_terms", False)))

@@ -1,6 +1,8 @@
 """The math of group-relative RL, shared by every domain: advantages, policy losses (ratio level
 x objective x aggregation, KL), named presets, TW-GRPO token weights, reward shaping, and the
-preference losses (DPO family, :mod:`mmrl.algo.preference`).
+preference losses (DPO family, :mod:`mmrl.algo.preference`), and the weighted matching losses
+of flow models (DiffusionNFT, AWM: :mod:`mmrl.algo.matching`, presets in
+:mod:`mmrl.algo.match_presets`).
 
 Pure torch; names are imported on first use (``mmrl.algo.presets`` itself needs no torch).
 """
@@ -18,4 +20,6 @@ __getattr__, __dir__, __all__ = lazy_exports("mmrl.algo", {
     ".pref_presets": ("PREF_PRESETS", "PrefSpec", "pref_problems", "resolve_pref"),
     ".pref_losses": ("PREF_LOSSES", "PreferenceLoss"),
     ".pref_pairs": ("best_worst_pairs", "level_pairs", "win_rates"),
+    ".match_presets": ("MATCH_PRESETS", "MatchSpec", "match_problems", "resolve_match"),
+    ".matching": ("MATCHING_LOSSES", "MatchTerms", "matching_loss"),
 })

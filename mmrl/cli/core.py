@@ -221,8 +221,11 @@ def pref_table() -> List[str]:
 def cmd_algos(args) -> int:
     from mmrl.algo.presets import PRESETS, resolve_algo
     from mmrl.algo.preference import PREF_PRESETS, resolve_pref
-    if args.name and args.name in PREF_PRESETS and args.name not in PRESETS:
-        for k, v in vars(resolve_pref(args.name)).items():
+    from mmrl.algo.match_presets import MATCH_PRESETS, resolve_match
+    if args.name and args.name not in PRESETS and (args.name in PREF_PRESETS
+                                                   or args.name in MATCH_PRESETS):
+        resolve = resolve_pref if args.name in PREF_PRESETS else resolve_match
+        for k, v in vars(resolve(args.name)).items():
             print(f"{k:18s} {v}")
         return 0
     if args.name:
@@ -248,4 +251,20 @@ def cmd_algos(args) -> int:
     print("\npreference losses (mmrl.algo.preference; score = what each completion is scored "
           "with, summed or averaged over its tokens / steps; docs/algorithms.md):")
     print("\n".join(pref_table()))
+    print("\nweighted matching losses of flow models (mmrl.algo.matching; the diffusion job's "
+          "diffusion.objective, overrides in diffusion.matching; docs/diffusion_train.md):")
+    print("\n".join(match_table()))
     return 0
+
+
+def match_table() -> List[str]:
+    """The lines of the "weighted matching losses" table: each preset's loss, old-model
+    schedule, time draw and the hyper-parameters its loss reads."""
+    from mmrl.algo.match_presets import MATCH_PRESETS
+    rows = [("preset", "loss", "old model", "times", "hyper-parameters")]
+    for name, spec in sorted(MATCH_PRESETS.items()):
+        hp = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in spec.loss_kwargs().items())
+        rows.append((name, spec.loss, spec.old_decay if spec.needs_old else "-", spec.times, hp))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]

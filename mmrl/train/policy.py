@@ -79,6 +79,12 @@ class Capabilities:
             with gradient: a Gaussian denoising step's std, mean shift and σ gap beside the
             log-probs, for ratio level ``ratio_norm`` and ``step_reweight`` (GRPO-Guard); the KL
             too when ``with_kl`` (``own_kl`` policies, beta > 0).
+        matching: the policy trains with a weighted matching loss
+            (:mod:`mmrl.algo.matching`, e.g. DiffusionNFT, AWM) instead of re-scored log-probs:
+            ``match_spec() -> MatchSpec``, ``match_grid_size() -> int`` (the T its times index),
+            ``match_terms(rollout, rows, times [b, K], seeds [b, K]) -> MatchTerms`` and
+            ``match_after_update(optimizer_steps)`` (the old model's soft update); the runner
+            then trains with :func:`mmrl.train.matching.train_matching`.
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -96,6 +102,7 @@ class Capabilities:
     entropy: bool = False
     preference: bool = False
     step_terms: bool = False
+    matching: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -124,6 +131,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "entropy": ("logp_and_entropy",),
     "preference": ("pair_rollout", "pair_scores"),
     "step_terms": ("logp_and_step_terms",),
+    "matching": ("match_spec", "match_grid_size", "match_terms", "match_after_update"),
 }
 """capability -> the methods a policy declaring it must have."""
 

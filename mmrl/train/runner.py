@@ -4,9 +4,9 @@ signals, metrics, progress, final weights.
 A step reads top to bottom in :meth:`Run.run_step`: :class:`mmrl.train.rounds.Rounds` collects
 (prompts -> rollouts -> rewards -> the job's round augmenters, or DAPO dynamic sampling's
 rounds), :func:`mmrl.train.batch.batch_advantages` turns the gathered rewards into advantages,
-:func:`mmrl.train.loop.train_batch` runs the K epochs of updates. :func:`run_training` reads the
-same way: start (claim the folder, resume), train (steps, checkpoints, signals), finish (final
-weights, export), summary.
+:func:`mmrl.train.loop.train_batch` runs the K epochs of updates (a matching policy's:
+:func:`mmrl.train.matching.train_matching`). :func:`run_training` reads the same way: start,
+train (steps, checkpoints, signals), finish (final weights, export), summary.
 
 Checkpoints (``mmrl.train.checkpoint``) hold the trainable weights, the optimizer, the policy's
 extra state (:mod:`mmrl.train.state`), every RNG and the prompt selector's and augmenters'
@@ -36,6 +36,7 @@ from mmrl.train.batch import batch_advantages, greedy_baseline
 from mmrl.train.distributed import (check_fsdp_settings, init_distributed, maybe_destroy,
                                     shard_policy)
 from mmrl.train.loop import LoopSettings, train_batch
+from mmrl.train.matching import train_matching
 from mmrl.train.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
                                 step_rewards, throughput)
 from mmrl.train.policy import check_policy
@@ -96,8 +97,7 @@ class Run:
         self.settings = LoopSettings.from_train(t)
         self.step, self.history, self.bad_in_row, self.empty_in_row = 0, [], 0, 0
         self.run_id: Optional[str] = None  # set by claim_output()
-        self.drop_cause = ""  # why the last step had no valid sample
-        self.save_failed = False  # did the last checkpoint write fail (rank 0)?
+        self.drop_cause, self.save_failed = "", False  # no-sample cause; rank 0 write failed
         # Every rank draws the same prompts; each samples with its own stream, so identical
         # prompts on different ranks never get identical noise.
         self.gen.manual_seed(t.seed + 7919 * self.dist.rank)
@@ -127,8 +127,8 @@ class Run:
         batch = batch_advantages(self.policy, self.loss_fn, got.rollout, got.rewards,
                                  reward_weights=self.config.algo.reward_weights, dist=self.dist,
                                  baseline=baseline)
-        m = train_batch(self.policy, self.opt, self.loss_fn, batch, self.settings, self.gen,
-                        self.dist)
+        train = train_matching if self.caps.matching else train_batch  # DiffusionNFT, AWM
+        m = train(self.policy, self.opt, self.loss_fn, batch, self.settings, self.gen, self.dist)
         m.update(got.metrics)
         self.drop_cause = "" if m.get("samples", 1.0) > 0 else _drop_cause(
             got.error, nonfinite, m.get("dropped_samples", 0.0), batch.rollout.skipped)

@@ -159,16 +159,26 @@ def test_real_trainer_update_on_two_ranks_equals_one_process(tmp_path, tiny_sd3,
     opts = _job_options(job, tiny_sd3, tiny_flux)
     opts[0] = str(ROOT / opts[0])
     single, multi = tmp_path / "single", tmp_path / "multi"
-    _run([sys.executable, JOB_STEP, str(single), *opts])
-    _run(TORCHRUN + [JOB_STEP, str(multi), *opts])
-    one = torch.load(single / "rank0.pt")
-    r0, r1 = torch.load(multi / "rank0.pt"), torch.load(multi / "rank1.pt")
-    moved = max(float((one["weights"][k] - one["initial"][k]).abs().max()) for k in one["weights"])
-    assert moved > 0, "the update changed nothing"
-    for k in one["weights"]:
-        assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks differ at {k}"
-        torch.testing.assert_close(r0["weights"][k], one["weights"][k], rtol=1e-5, atol=1e-7)
-    assert r0["reward_mean"] == pytest.approx(one["reward_mean"], rel=1e-6)
+    # the diffusion job also runs DiffusionNFT in the same processes: unsplit in 1 process,
+    # micro-batched along rows and times on 2 ranks (mmrl.train.matching)
+    nft = ["--also", *MATCHING] if job == "diffusion" else []
+    _run([sys.executable, JOB_STEP, str(single), *opts, *nft])
+    _run(TORCHRUN + [JOB_STEP, str(multi), *opts, *nft,
+                     *(["train.micro_batch_size=1", "train.t_chunk=2"] if nft else [])])
+    for suffix in ([""] + ["_1"] * bool(nft)):
+        one = torch.load(single / f"rank0{suffix}.pt")
+        r0, r1 = (torch.load(multi / f"rank{r}{suffix}.pt") for r in (0, 1))
+        moved = max(float((one["weights"][k] - one["initial"][k]).abs().max())
+                    for k in one["weights"])
+        assert moved > 0, f"the update{suffix} changed nothing"
+        for k in one["weights"]:
+            assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks differ at {k}"
+            torch.testing.assert_close(r0["weights"][k], one["weights"][k], rtol=1e-5,
+                                       atol=1e-7)
+        assert r0["reward_mean"] == pytest.approx(one["reward_mean"], rel=1e-6)
+
+
+MATCHING = ["diffusion.objective=nft", "algo.advantage=batch_std"]
 
 
 @pytest.mark.parametrize("job", ["video", "diffusion"])

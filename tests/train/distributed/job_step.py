@@ -3,6 +3,10 @@ diffusion) on the same global rollout, in 1 process or sharded over torchrun ran
 
     python job_step.py OUT CONFIG key=value ...            # 1 process
     torchrun --nproc_per_node=2 job_step.py OUT CONFIG ...  # 2 ranks
+    python job_step.py OUT CONFIG key=value ... --also key=value ...  # then a 2nd run
+
+Each ``--also`` starts another run of the job in the same processes (one torchrun launch for
+several cases) with the common overrides plus its own; run i > 0 saves OUT/rank{r}_{i}.pt.
 
 The job builds its policy, reward and prompts as usual; `run_training` is replaced by a function
 that rolls out the first prompts_per_step prompts ONCE per process with a fixed generator (every
@@ -17,7 +21,10 @@ import torch
 
 import mmrl.train.runner
 from mmrl.train.distributed import init_distributed, maybe_destroy
+from mmrl.train.batch import batch_advantages
 from mmrl.train.loop import LoopSettings, collect, learn
+from mmrl.train.matching import train_matching
+from mmrl.train.policy import capabilities_of
 from mmrl.algo.losses import PolicyLoss
 from mmrl.config.schema import load_config
 
@@ -38,13 +45,17 @@ def one_update(config, policy, reward_fn, prompts, metadata, **_):
     initial = {n: p.detach().clone() for n, p in _named(policy) if p.requires_grad}
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=t.lr)
-    res = learn(policy, opt, PolicyLoss(config.algo.preset, **config.algo.overrides()), rollout,
-                rewards, s, torch.Generator().manual_seed(0),
-                reward_weights=config.algo.reward_weights, dist=d)
+    loss_fn = PolicyLoss(config.algo.preset, **config.algo.overrides())
+    if capabilities_of(policy).matching:  # DiffusionNFT / AWM: the runner's train_matching
+        batch = batch_advantages(policy, loss_fn, rollout, rewards,
+                                 reward_weights=config.algo.reward_weights, dist=d)
+        res = train_matching(policy, opt, loss_fn, batch, s, torch.Generator().manual_seed(0), d)
+    else:
+        res = learn(policy, opt, loss_fn, rollout, rewards, s, torch.Generator().manual_seed(0),
+                    reward_weights=config.algo.reward_weights, dist=d)
     weights = {n: p.detach().clone() for n, p in _named(policy) if p.requires_grad}
     torch.save({"weights": weights, "initial": initial, "loss": res["loss"], "reward_mean": res["reward_mean"]},
-               os.path.join(OUT, f"rank{d.rank}.pt"))
-    maybe_destroy(d)
+               os.path.join(OUT, f"rank{d.rank}{SUFFIX}.pt"))
     return {}
 
 
@@ -57,11 +68,15 @@ def _named(policy):
 
 
 if __name__ == "__main__":
-    OUT, path, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    OUT, path, args = sys.argv[1], sys.argv[2], " ".join(sys.argv[3:])
+    common, *also = [part.split() for part in args.split("--also")]
     os.makedirs(OUT, exist_ok=True)
     rank = os.environ.get("RANK", "0")
-    # per-rank output folders: jobs write data/models there (identical, seeded) without races
-    config = load_config(path, list(overrides) + [f"train.output_dir={OUT}/work{rank}"])
     from mmrl.config.jobs import get_job
     mmrl.train.runner.run_training = one_update
-    get_job(config.job).run(config)
+    for i, extra in enumerate([[]] + also):
+        SUFFIX = f"_{i}" if i else ""
+        # per-rank output folders: jobs write data/models there (identical, seeded) without races
+        config = load_config(path, common + extra + [f"train.output_dir={OUT}/work{rank}{SUFFIX}"])
+        get_job(config.job).run(config)
+    maybe_destroy(init_distributed())  # after every run: the process group serves them all
