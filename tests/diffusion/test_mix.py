@@ -203,3 +203,18 @@ def test_g2rpo_authors_end_replaces_the_last_sigma_and_takes_x0_from_the_last_ev
                 assert evals == per_k[2 * k + gi]
     with pytest.raises(ValueError, match="end='last'"):
         completion_sigmas(sig, 1, 2, "last")
+
+
+def test_matching_rollouts_take_the_configured_ode_solver():
+    """DiffusionNFT / AWM rollouts (``diffusion.ode_solver``): dpm2 is DPM-Solver++ 2M over the
+    whole schedule (the oracle), euler the plain ODE sampler; both spend one evaluation per row
+    and step."""
+    from mmrl.diffusion.matching import ode_rollout
+    sigmas, noise = _shift_grid(6), _noise()
+    x0, nfe = ode_rollout(Velocity(), noise, sigmas, None, "dpm2")
+    want, _ = ref.dpm2_ode(Velocity(), noise, sigmas)
+    torch.testing.assert_close(x0.double(), want, rtol=1e-5, atol=1e-5)
+    e0, e_nfe = ode_rollout(Velocity(), noise, sigmas, None, "euler")
+    assert nfe == e_nfe == 3 * 6
+    assert torch.equal(e0, sample_sde(Velocity(), noise, sigmas, None, sde_steps=[]).final)
+    assert float((e0 - x0).abs().max()) > 1e-4  # the two solvers differ

@@ -130,6 +130,9 @@ def test_config_refuses_what_grpo_guard_and_timestep_fraction_cannot_run(tiny_sd
         with pytest.raises(ConfigError, match=r"algo: ratio_level='ratio_norm', step_reweight="
                                               r"True \(GRPO-Guard\) read the Gaussian step"):
             tiny_config(tiny_sd3_path, str(tmp_path), algo=dict(GUARD), **section)
+    with pytest.raises(ConfigError, match=r"\(GRPO-Guard\) read the step means stored at "
+                                          r"sampling, which the MixGRPO sampler"):
+        tiny_config(tiny_sd3_path, str(tmp_path), algo=dict(GUARD), ode_solver="dpm2")
 
 
 def test_a_policy_without_step_terms_is_refused_by_name():
