@@ -66,15 +66,10 @@ def _chunks(n: int, size: int):
 
 
 def _mini_batches(rollout: Rollout, k: int, needs_groups: bool, gen: torch.Generator):
-    """Exactly k mini-batches of row indices (some may be empty on a small data-parallel shard,
-    so every rank runs the same number of optimizer steps); whole groups when needed; the
-    rollout's own partition in label order when it has one (``Rollout.mini_batch``)."""
-    labels = rollout.mini_batch
-    if labels is not None:
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"the rollout fixes mini-batches {sorted(set(labels.tolist()))} but "
-                             f"train.num_mini_batches={k}; set it to the policy's count")
-        return [(labels == j).nonzero().flatten() for j in range(k)]
+    """Exactly k mini-batches of row indices (some may be empty on a small shard, so every rank
+    steps as often); whole groups when needed; the rollout's fixed ``mini_batch`` if it has one."""
+    if rollout.mini_batch is not None:
+        return rollout.fixed_mini_batches(k)
     if not needs_groups or len(rollout) == 0:
         perm = torch.randperm(len(rollout), generator=gen)
         return [perm[i * len(perm) // k:(i + 1) * len(perm) // k] for i in range(k)]
@@ -148,9 +143,9 @@ def _inputs(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout, advantag
     if with_entropy is not None and own_kl is not None:
         raise ValueError("entropy_coef > 0 with a policy's own KL (beta > 0) needs logp, KL and "
                          "entropy from one forward, which the policy contract lacks; drop one")
-    step_terms = policy.logp_and_step_terms if spec.needs_step_terms else None
     return _Inputs(rollout, advantages, rollout.mask.sum(-1), old_logp, ref_logp, token_weights,
-                   own_kl, with_entropy, start_entropy, step_terms=step_terms)
+                   own_kl, with_entropy, start_entropy, step_terms=policy.logp_and_step_terms
+                   if spec.needs_step_terms else None)
 
 
 def _entropy_keep(x: _Inputs, spec, mb: torch.Tensor, d: Dist) -> Optional[torch.Tensor]:
@@ -175,8 +170,7 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
     kl, entropy, terms = None, None, {}
     if x.step_terms is not None:  # one forward: logp, the step terms, the KL when beta > 0
         logp, st = x.step_terms(x.rollout, rows, t0, t1, with_kl=x.own_kl is not None)
-        kl, terms = st.kl, dict(step_std=st.step_std.to(logp), mean_shift=st.mean_shift.to(logp),
-                                step_gap=st.step_gap.to(logp))
+        kl, terms = st.kl, st.loss_kwargs(logp)
     elif x.with_entropy is not None:
         logp, entropy = x.with_entropy(x.rollout, rows, t0, t1)
         entropy = entropy.to(logp)
@@ -193,8 +187,7 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
         token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
         group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],
         kl=None if kl is None else kl.to(logp), entropy=entropy, generator=x.generator, **norm,
-        **terms,
-        rollout_logp=None if x.rollout.rollout_logp is None
+        **terms, rollout_logp=None if x.rollout.rollout_logp is None
         else x.rollout.rollout_logp[rows, t0:t1].to(logp))  # the sampler's (rollout_is)
 
 

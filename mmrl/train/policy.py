@@ -156,6 +156,11 @@ class StepTerms:
     step_gap: torch.Tensor
     kl: Optional[torch.Tensor] = None
 
+    def loss_kwargs(self, like: torch.Tensor) -> dict:
+        """The loss's keyword arguments (``step_std``, ``mean_shift``, ``step_gap``) on
+        ``like``'s dtype and device."""
+        return {k: getattr(self, k).to(like) for k in ("step_std", "mean_shift", "step_gap")}
+
 
 class GroupPolicy:
     """Base class of a policy (see the module docstring). Subclasses implement the required

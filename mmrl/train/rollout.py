@@ -69,6 +69,21 @@ class Rollout:
         trains rows that are not reward rows (tree edges, see ``GroupPolicy.advantages``)."""
         return int(self.mask.shape[0])
 
+    def fixed_mini_batches(self, k: int) -> Optional[List[torch.Tensor]]:
+        """The rows of each of ``k`` mini-batches (label order) when ``mini_batch`` fixes them,
+        else None.
+
+        Raises:
+            ValueError: a label outside ``0 .. k-1``.
+        """
+        labels = self.mini_batch
+        if labels is None:
+            return None
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ValueError(f"the rollout fixes mini-batches {sorted(set(labels.tolist()))} but "
+                             f"train.num_mini_batches={k}; set it to the policy's count")
+        return [(labels == j).nonzero().flatten() for j in range(k)]
+
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The rollout restricted to ``rows`` (a ``[B]`` bool mask or a LongTensor of indices)."""
         idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
