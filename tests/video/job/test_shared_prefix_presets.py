@@ -2,16 +2,19 @@
 
 One tiny Qwen2.5-VL in float64 (:func:`exact_float64`), one rollout of a video and an image
 prompt with G = 3, fixed rewards; then one :func:`mmrl.train.loop.learn` per preset with
-``video.shared_prefix`` on and off on the same rollout: micro-batches of 4 rows (one crosses the
-two groups and leaves a packed block unused) and of 2 tokens (the loop's ``t_chunk``), two inner
-epochs (the old log-probs are scored by the micro-batched no-grad pass) and an optimizer with
-lr 0, so the gradients left on the parameters are the last update's. Every parameter's gradient
-and every metric must agree to ~1e-12 relative: the two paths differ only in float64 summation
+``video.shared_prefix`` on and off on the same rollout: micro-batches of 4 rows (in the loop's
+order, so one mixes the two prompts and packs fewer rows for one of them) and of 2 tokens (the
+loop's ``t_chunk``), an optimizer with lr 0 and no clipping, so the gradients left on the
+parameters are the update's (the case ``+two_epochs`` also scores the old log-probs by the
+micro-batched no-grad pass). Every parameter's gradient and every metric must agree to 1e-12
+relative: the two paths differ only in float64 summation
 order. The presets get what the video job gives them: a reference (beta > 0), TW weights,
 entropies, the sampler's log-probs (rollout_is), ReMax's greedy baseline, fixed_norm's max_len.
-Full fine-tuning runs every case; LoRA every preset (cheap: the same rollout, a second model).
+Full fine-tuning runs every case; LoRA the cases whose policy passes differ (LORA_CASES).
 
-A second test: gradient checkpointing with the shared prefix equals the unshared path without it.
+Also: sampling with the shared prefix (prefill once, KV cache expanded) draws the same tokens as
+the unshared sampler, and gradient checkpointing with the shared prefix equals the unshared path
+without it (full and LoRA).
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ EXTRA = {"": ({}, {}),
          "two_epochs": ({}, dict(inner_epochs=2))}  # old log-probs scored micro-batched
 CASES = sorted(PRESETS) + ["grpo+kl_entropy_is", "grpo+two_epochs", "dapo+top_entropy",
                            "gspo+seq_is"]
-LORA_CASES = ["grpo+kl_entropy_is", "grpo+two_epochs", "tw_grpo", "gspo", "remax",
-              "dapo+top_entropy"]
+# LoRA: the cases whose policy passes differ (the adapter-disabled reference, entropies, TW
+# weights); the other presets differ only in what the loss does with the same log-probs
+LORA_CASES = ["grpo+kl_entropy_is", "tw_grpo", "dapo+top_entropy"]
 REWARDS = [1.0, 0.0, 0.5, 0.25, 1.0, 0.0]  # rows: video prompt x 3, image prompt x 3
 RTOL = 1e-12
 
@@ -84,7 +88,8 @@ def _policy(path, finetune, gradient_checkpointing=False):
 
 @pytest.fixture(scope="module")
 def setup(tiny_vl_dir, tmp_path_factory):
-    """``{finetune: policy}``, the rollout (sampled unshared), rewards and ReMax baseline."""
+    """``{finetune: policy}``, the rollout (sampled unshared), rewards, ReMax's baseline and
+    the prompts' metadata."""
     convs = _conversations(str(tmp_path_factory.mktemp("sp_task")))
     meta = [{"messages": c} for c in convs]
     pols = {f: _policy(tiny_vl_dir, f) for f in ("full", "lora")}
@@ -96,7 +101,27 @@ def setup(tiny_vl_dir, tmp_path_factory):
     rewards = RewardBatch(torch.tensor(REWARDS)[:, None], ["acc"], torch.ones(6, dtype=torch.bool))
     groups = {0: ("video", meta[0]), 1: ("image", meta[1])}
     baseline = greedy_baseline(pol, _length_reward, ro, groups, torch.Generator())
-    return pols, ro, rewards, baseline
+    return pols, ro, rewards, baseline, meta
+
+
+def test_shared_prefix_sampling_equals_the_unshared_sampler(setup):
+    """The same generator gives the same tokens, masks and sampler log-probs whether each
+    prompt is prefilled once (its KV cache expanded to the rows) or once per row; the greedy
+    rollout too."""
+    pols, ro, _, _, meta = setup
+    pol = pols["full"]
+    out = {}
+    for shared in (True, False):
+        pol.shared_prefix = shared
+        with torch.no_grad():
+            out[shared] = (pol.rollout(["video", "image"], meta, 3,
+                                       torch.Generator().manual_seed(0)),
+                           pol.greedy_rollout(["video", "image"], meta, None))
+    for a, b in zip(out[True], out[False]):
+        assert torch.equal(a.data["response"], b.data["response"])
+        assert torch.equal(a.mask, b.mask) and a.samples == b.samples
+        torch.testing.assert_close(a.rollout_logp, b.rollout_logp, rtol=RTOL, atol=1e-12)
+    assert torch.equal(out[False][0].data["response"], ro.data["response"])
 
 
 def _learn(pol, case, ro, rewards, baseline, shared: bool):
@@ -135,7 +160,7 @@ def _assert_equal_grads(shared, unshared):
 @pytest.mark.parametrize("case,finetune", [(c, "full") for c in CASES]
                          + [(c, "lora") for c in LORA_CASES])
 def test_shared_prefix_gradients_and_metrics_equal_the_unshared_path(case, finetune, setup):
-    pols, ro, rewards, baseline = setup
+    pols, ro, rewards, baseline, _ = setup
     pol = pols[finetune]
     g_sh, m_sh = _learn(pol, case, ro, rewards, baseline, shared=True)
     g_un, m_un = _learn(pol, case, ro, rewards, baseline, shared=False)
@@ -152,7 +177,7 @@ def test_gradient_checkpointing_with_shared_prefix_equals_unshared_without(finet
     recompute (an MLP starts twice per micro-batch: a pre-hook, since the recompute stops
     once the saved tensors are rebuilt) and the result is the unshared, uncheckpointed
     one (reference, entropy and rollout correction included)."""
-    pols, ro, rewards, baseline = setup
+    pols, ro, rewards, baseline, _ = setup
     ckpt = _policy(tiny_vl_dir, finetune, gradient_checkpointing=True)
     mlp = ckpt.adapter.decoder_layers(ckpt.base)[0].mlp
     calls = []
