@@ -7,9 +7,10 @@ order, so one mixes the two prompts and packs fewer rows for one of them) and of
 loop's ``t_chunk``), an optimizer with lr 0 and no clipping, so the gradients left on the
 parameters are the update's (the case ``+two_epochs`` also scores the old log-probs by the
 micro-batched no-grad pass). Every parameter's gradient and every metric must agree to 1e-12
-relative: the two paths differ only in float64 summation
-order. The presets get what the video job gives them: a reference (beta > 0), TW weights,
-entropies, the sampler's log-probs (rollout_is), ReMax's greedy baseline, fixed_norm's max_len.
+relative: the two paths differ only in float64 summation order. The presets get what the video
+job gives them: a reference (beta > 0), TW weights, entropies, the sampler's log-probs
+(rollout_is), ReMax's greedy baseline, fixed_norm's max_len. File time: ~16 s CPU on one thread
+(7 s of it imports, the tiny model and two policies).
 Full fine-tuning runs every case; LoRA the cases whose policy passes differ (LORA_CASES).
 
 Also: sampling with the shared prefix (prefill once, KV cache expanded) draws the same tokens as
@@ -140,7 +141,8 @@ def _learn(pol, case, ro, rewards, baseline, shared: bool):
               torch.Generator().manual_seed(0),
               baseline=baseline if loss_fn.spec.needs_baseline else None)
     assert m["skipped_updates"] == 0.0
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+             for p in params]
     for p in params:
         p.grad = None
     return grads, {k: v for k, v in m.items() if isinstance(v, float)}
