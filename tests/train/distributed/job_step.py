@@ -11,7 +11,8 @@ several cases) with the common overrides plus its own; run i > 0 saves OUT/rank{
 The job builds its policy, reward and prompts as usual; `run_training` is replaced by a function
 that rolls out the first prompts_per_step prompts ONCE per process with a fixed generator (every
 rank gets the same full rollout), keeps this rank's contiguous shard of rows, and calls the shared
-loop's `learn` with the data-parallel context. Saves the trainable weights to OUT/rank{r}.pt.
+loop's `learn` with the data-parallel context. Saves the trainable weights to OUT/rank{r}.pt
+(and, for the video policy, whether it ran the shared-prefix forward).
 """
 import dataclasses
 import os
@@ -54,7 +55,10 @@ def one_update(config, policy, reward_fn, prompts, metadata, **_):
         res = learn(policy, opt, loss_fn, rollout, rewards, s, torch.Generator().manual_seed(0),
                     reward_weights=config.algo.reward_weights, dist=d)
     weights = {n: p.detach().clone() for n, p in _named(policy) if p.requires_grad}
-    torch.save({"weights": weights, "initial": initial, "loss": res["loss"], "reward_mean": res["reward_mean"]},
+    torch.save({"weights": weights, "initial": initial, "loss": res["loss"],
+                "reward_mean": res["reward_mean"],
+                # the video policy's forward (None: a policy without the switch)
+                "shared_prefix": getattr(policy, "shared_prefix", None)},
                os.path.join(OUT, f"rank{d.rank}{SUFFIX}.pt"))
     return {}
 
