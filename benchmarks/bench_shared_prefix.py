@@ -13,6 +13,8 @@ included), AdamW, beta 0, one update per rollout, temperature 1, the reward of
 (``<|im_end|>``, ``<|endoftext|>``, the tokenizer's EOS) are banned from sampling on every side,
 next to the vision placeholders each side bans anyway (TRL: ``generation_kwargs.suppress_tokens``;
 mmrl: the policy's banned ids), so no completion stops early; tokens per step are printed.
+TRL keeps its ``GRPOConfig`` defaults otherwise, gradient checkpointing included (TRL's default:
+less memory, one more forward); mmrl runs without it unless ``--checkpointing``.
 
 1. Main point (``--tokens``, ``--prompts``, ``--group``): TRL 1.16 ``GRPOTrainer``, mmrl
    ``shared_prefix=True`` and mmrl ``shared_prefix=False``, each in its own process: median
@@ -81,7 +83,8 @@ def run_mmrl(a) -> dict:
 
     from mmrl.video.policy import VLMPolicy, load_vlm
     torch.manual_seed(0)
-    model, proc = load_vlm(a.model, finetune="full", freeze_vision=False)
+    model, proc = load_vlm(a.model, finetune="full", freeze_vision=False,
+                           gradient_checkpointing=a.checkpointing)
     pol = VLMPolicy(model, proc, max_new_tokens=a.new_tokens, shared_prefix=a.side == "shared")
     # end tokens banned like the vision placeholders: every completion is new_tokens long
     pol.banned = torch.tensor(sorted(set(pol.banned.tolist()) | set(_end_ids(proc, model))))
@@ -90,7 +93,7 @@ def run_mmrl(a) -> dict:
             for im in _images(a.prompts, image_side(a.tokens))]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     out = {"side": a.side, "tokens_target": a.tokens, "prompts": a.prompts, "group": a.group,
-           "new_tokens": a.new_tokens}
+           "new_tokens": a.new_tokens, "checkpointing": a.checkpointing}
     if a.train_only:
         ro = _random_rollout(pol, msgs, a.group, a.new_tokens)
         if not a.forward_only:
@@ -246,6 +249,7 @@ def _run_side(a, side: str, tokens: int, group: int, prompts: int, train_only: b
            "--prompts", str(prompts), "--group", str(group), "--new-tokens",
            str(a.new_tokens), "--steps", str(a.steps), "--train-reps", str(a.train_reps),
            "--peers", a.peers, "--threads", str(a.threads)]
+    cmd += ["--checkpointing"] if a.checkpointing and side != "trl" else []
     cmd += (["--train-only"] if train_only else []) + (["--forward-only"] if forward_only else [])
     # glibc's default mmap threshold grows after frees, so a process keeps freed activations and
     # a second pass shows no RSS rise; a fixed 1 MiB threshold returns them (RSS tracks live
@@ -320,6 +324,9 @@ def plot(rows: list, main: dict, group: int, tokens: int, path: str) -> None:
                         label=f"{'TRL GRPOTrainer' if side == 'trl' else 'mmrl ' + side}: "
                               f"whole step, {main[side]['prompts']} prompts")
         ax.set(xlabel=label, ylabel="seconds", xscale="log", yscale="log")
+        xs = [r["shared"][key] for r in sel]
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_title(f"G = {group}")
     axes[1].set_title(f"~{tokens} visual tokens")
@@ -349,9 +356,12 @@ def main(argv=None) -> int:
     p.add_argument("--scale-prompts", type=int, default=1, help="prompts of the scaling shapes")
     p.add_argument("--backward-max-tokens", type=int, default=4000,
                    help="scaling shapes with more visual tokens: unshared forward only")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="mmrl sides with gradient checkpointing (TRL's GRPOConfig default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: default)")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--no-main", action="store_true")
+    p.add_argument("--reuse-main", help="take the main point from this earlier --json (plot)")
     p.add_argument("--plot", help="write the scaling plot (PNG) here")
     p.add_argument("--json", help="write every result here")
     p.add_argument("--peers", default=str(ROOT / ".peers"),
@@ -374,7 +384,8 @@ def main(argv=None) -> int:
         k = max(round(math.sqrt(t)) for t in [a.tokens, *a.scale_tokens])
         a.model = build_tiny_qwen_vl(os.path.join(tempfile.mkdtemp(), "qwen25vl"),
                                      hidden_size=256, layers=4, max_pixels=(28 * k) ** 2)
-    main = {} if a.no_main else main_point(a)
+    main = (json.loads(Path(a.reuse_main).read_text())["main"] if a.reuse_main
+            else {} if a.no_main else main_point(a))
     rows = [] if a.no_scaling else scaling(a)
     if a.json:
         Path(a.json).write_text(json.dumps({"main": main, "scaling": rows}, indent=1))
