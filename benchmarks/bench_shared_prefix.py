@@ -349,7 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=8, help="G of the main point")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="steps per side (the first untimed)")
-    p.add_argument("--train-reps", type=int, default=2, help="main point: timed training passes after the steps (0: none)")
+    p.add_argument("--train-reps", type=int, default=2,
+                   help="main point: timed training passes after the steps (0: none)")
     p.add_argument("--sides", default=",".join(SIDES), help="main point's sides (shared needed)")
     p.add_argument("--scale-tokens", default="500,2000,8000")
     p.add_argument("--scale-groups", default="4,8,16")
