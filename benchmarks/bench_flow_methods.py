@@ -1,9 +1,14 @@
 """Flow-GRPO and its successors side by side: held-out reward vs transformer evaluations (NFE)
 and vs wall time, on the prompt-following colour task, tiny SD3, CPU.
 
-    .venv/bin/python benchmarks/bench_flow_methods.py            # 3 seeds, every method (CPU)
+    # every method of flow_methods.yaml, 3 seeds (~20 min on 2 shared cores); writes
+    # docs/flow_methods.{png,json} and, with --write-docs, the table in docs/diffusion_train.md
+    .venv/bin/python benchmarks/bench_flow_methods.py --write-docs
     .venv/bin/python benchmarks/bench_flow_methods.py --quick    # 1 seed, 6 steps: a smoke run
-    .venv/bin/python benchmarks/bench_flow_methods.py --method 'nft=diffusion.objective=nft'
+    # only new methods, joined to the committed runs of the others:
+    .venv/bin/python benchmarks/bench_flow_methods.py --only nft,awm \
+        --merge docs/flow_methods.json --write-docs
+    .venv/bin/python benchmarks/bench_flow_methods.py --report docs/flow_methods.json  # no runs
 
 Task: the ``prompt_color`` reward (``-||mean RGB - the colour the prompt names|| / sqrt3``, no
 weights) on ``configs/diffusion/prompts/color_train.txt``; the evaluation is the job's own ODE
@@ -229,12 +234,32 @@ def main(argv=None):
                    help="1 seed, 6 steps, evaluation every 3: a smoke run (~1 min)")
     p.add_argument("--work", default="/tmp/mmrl-bench-flow-methods",
                    help="the tiny pipeline and the runs' output folders")
-    p.add_argument("--plot", default=str(ROOT / "docs" / "flow_methods.png"))
-    p.add_argument("--json", default=None, help="raw points (default: WORK/points.json)")
+    p.add_argument("--plot", default=None,
+                   help="PNG (default: docs/flow_methods.png; --quick: WORK/quick.png)")
+    p.add_argument("--json", default=None,
+                   help="raw points (default: docs/flow_methods.json; --quick: WORK/quick.json)")
+    p.add_argument("--report", default=None,
+                   help="no runs: table, plot (and --write-docs) from a points JSON")
+    p.add_argument("--merge", default=None,
+                   help="a points JSON whose other methods join this run's (e.g. re-run only "
+                        "new methods: --only nft,awm --merge docs/flow_methods.json)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="replace the bench_flow_methods block of docs/diffusion_train.md")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: a shared machine's timings are noise otherwise)")
     args = p.parse_args(argv)
+    where = Path(args.work) if args.quick else ROOT / "docs"
+    args.plot = args.plot or str(where / ("quick.png" if args.quick else "flow_methods.png"))
+    args.json = args.json or str(where / ("quick.json" if args.quick else "flow_methods.json"))
+    if args.report:
+        record = json.loads(Path(args.report).read_text())
+    else:
+        record = measure(args)
+    publish(args, record)
 
+
+def measure(args) -> dict:
+    """Run every (method, seed); the record written as JSON (``runs``: points per seed)."""
     import torch
     from flow_bench_common import build_color_sd3
     torch.set_num_threads(args.threads)
@@ -243,16 +268,15 @@ def main(argv=None):
                             args.vae_gain)
     base, methods = load_methods(args.methods_file, args.only, args.method)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    quick = ["train.steps=6", "diffusion.eval_every=3"] if args.quick else []
+    extra = args.set + (["train.steps=6", "diffusion.eval_every=3"] if args.quick else [])
     runs: Dict[str, List[List[dict]]] = {}
     failed: Dict[str, str] = {}
     for name, overrides in methods.items():
         for seed in seeds:
-            out = work / "runs" / f"{name}_seed{seed}"
             start = time.perf_counter()
             try:
-                pts = run_one(model, out, args.size,
-                              base + overrides + args.set + quick + [f"train.seed={seed}"])
+                pts = run_one(model, work / "runs" / f"{name}_seed{seed}", args.size,
+                              base + overrides + extra + [f"train.seed={seed}"])
             except Exception as err:  # one broken method must not lose the others' numbers
                 failed[name] = f"{type(err).__name__}: {err}"
                 print(f"{name} seed {seed}: FAILED {failed[name]}", file=sys.stderr, flush=True)
@@ -261,23 +285,36 @@ def main(argv=None):
             print(f"{name} seed {seed}: final eval reward {pts[-1]['reward']:.4f}, NFE "
                   f"{pts[-1]['nfe']}, train {pts[-1]['time']:.1f}s "
                   f"(run {time.perf_counter() - start:.0f}s)", flush=True)
-    runs = {k: v for k, v in runs.items() if k not in failed}
-    curves = {name: seed_mean(r) for name, r in runs.items()}
-    json_path = Path(args.json or work / "points.json")
+    record = {"head": f"tiny SD3 {args.size}x{args.size} (VAE gain {args.vae_gain:g}), "
+                      f"prompt_color, seeds {seeds}, torch threads {torch.get_num_threads()}; "
+                      f"overrides `{' '.join(base + extra)}`",
+              "methods": methods, "failed": failed,
+              "runs": {k: v for k, v in runs.items() if k not in failed}}
+    if args.merge:  # earlier runs of the methods not re-run now (same settings assumed)
+        old = json.loads(Path(args.merge).read_text())
+        record["methods"] = {**old["methods"], **record["methods"]}
+        record["runs"] = {**old["runs"], **record["runs"]}
+    json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"seeds": seeds, "methods": methods, "base": base,
-                                     "set": args.set + quick, "runs": runs,
-                                     "failed": failed}, indent=1))
-    print(f"\ntiny SD3 {args.size}x{args.size}, prompt_color, seeds {seeds}, torch threads "
-          f"{torch.get_num_threads()}; base {' '.join(base + args.set + quick)}")
-    for line in report(curves, runs, args.reference):
-        print(line)
-    for name, err in failed.items():
-        print(f"FAILED {name}: {err}")
+    json_path.write_text(json.dumps(record, indent=1))
+    print(f"points: {json_path}")
+    return record
+
+
+def publish(args, record: dict) -> None:
+    """Print the table and ratios, draw the plot, and with --write-docs update the docs."""
+    curves = {name: seed_mean(r) for name, r in record["runs"].items()}
+    lines = [record["head"] + f"; reference: {args.reference}", ""]
+    lines += report(curves, record["runs"], args.reference)
+    lines += [f"FAILED {name}: {err}" for name, err in record["failed"].items()]
+    print("\n" + "\n".join(lines))
     if curves:
-        plot(curves, Path(args.plot), f"tiny SD3, prompt_color, held-out eval, {len(seeds)} "
-                                      f"seed(s) (mean, min..max band)")
-        print(f"plot: {args.plot}\npoints: {json_path}")
+        plot(curves, Path(args.plot), "tiny SD3, prompt_color, held-out eval (mean over seeds, "
+                                      "min..max band)")
+        print(f"plot: {args.plot}")
+    if args.write_docs:
+        from flow_bench_common import write_docs_block
+        write_docs_block(ROOT / "docs" / "diffusion_train.md", "bench_flow_methods", lines)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ SD3 pipeline, batch, group, steps and LoRA: step time and peak memory, as ratios
     # config dependency that mmrl's stack lacks, installed into a folder outside the repository:
     pip install --no-deps --target /tmp/fg_deps ml_collections
     .venv/bin/python benchmarks/bench_vs_flow_grpo.py --flow-grpo-root /path/to/flow_grpo \\
-        --deps /tmp/fg_deps [--prompts 2 --group 4 --num-steps 6 --size 16 --steps 4]
+        --deps /tmp/fg_deps [--prompts 2 --group 4 --num-steps 6 --size 16 --steps 5] \
+        [--write-docs]
 
 flow_grpo side: ``scripts/train_sd3.py``'s ``main()`` run unchanged in its own process, from the
 root given (its ``config/base.py`` config, with the fields below set in a generated config file
@@ -215,6 +216,26 @@ def run_mmrl(a) -> dict:
     return clock.result("mmrl")
 
 
+def table(a, m: dict, f: dict, ratios: dict):
+    """The markdown lines for docs/diffusion_train.md."""
+    head = (f"{a.prompts} prompts x {a.group} images, T = {a.num_steps} (T-1 trained), "
+            f"{a.size}x{a.size} px, CFG {a.guidance:g}, beta {a.beta:g}, LoRA r32/a64, fp32 CPU, "
+            f"{a.threads} torch thread(s); median of {a.steps} steps after {a.warmup} warm-up")
+    rows = [("step time (s, median)", "step_s", "step_time_ratio", "{:.3f}"),
+            ("peak RSS above the step start (MB)", "peak_delta_mb", "peak_delta_mem_ratio",
+             "{:.1f}"),
+            ("peak RSS (MB)", "peak_rss_mb", "peak_rss_ratio", "{:.0f}")]
+    out = [head, "", "| | mmrl | flow_grpo | mmrl / flow_grpo |", "|---|---|---|---|"]
+    for name, key, ratio, fmt in rows:
+        out.append(f"| {name} | {fmt.format(m[key])} | {fmt.format(f[key])} | "
+                   f"{ratios[ratio]:.2f}x |")
+    out.append(f"| transformer rows per step (NFE) | {m['nfe_per_step']:.0f} | "
+               f"{f['nfe_per_step']:.0f} | {m['nfe_per_step'] / f['nfe_per_step']:.2f}x |")
+    out.append(f"| steps (s) | {' '.join(f'{t:.2f}' for t in m['steps_s'])} | "
+               f"{' '.join(f'{t:.2f}' for t in f['steps_s'])} | |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--flow-grpo-root", required=True,
@@ -231,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/mmrl-bench-vs-flow-grpo")
+    p.add_argument("--write-docs", action="store_true",
+                   help="replace the bench_vs_flow_grpo block of docs/diffusion_train.md")
     p.add_argument("--side", choices=["mmrl", "flow_grpo"], help="(internal) run one side")
     p.add_argument("--model", help="(internal) the shared pipeline folder")
     a = p.parse_args(argv)
@@ -262,12 +285,16 @@ def main(argv=None) -> int:
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(res[side]))
     m, f = res["mmrl"], res["flow_grpo"]
-    print(json.dumps({"step_time_ratio": m["step_s"] / f["step_s"],
-                      "peak_delta_mem_ratio": m["peak_delta_mb"] / max(f["peak_delta_mb"], 1e-9),
-                      "peak_rss_ratio": m["peak_rss_mb"] / f["peak_rss_mb"],
-                      "nfe_per_step": [m["nfe_per_step"], f["nfe_per_step"]],
-                      "prompts": a.prompts, "group": a.group, "num_steps": a.num_steps,
-                      "size": a.size, "guidance": a.guidance, "beta": a.beta}))
+    ratios = {"step_time_ratio": m["step_s"] / f["step_s"],
+              "peak_delta_mem_ratio": m["peak_delta_mb"] / max(f["peak_delta_mb"], 1e-9),
+              "peak_rss_ratio": m["peak_rss_mb"] / f["peak_rss_mb"]}
+    print(json.dumps({**ratios, "prompts": a.prompts, "group": a.group,
+                      "num_steps": a.num_steps, "size": a.size, "guidance": a.guidance,
+                      "beta": a.beta}))
+    if a.write_docs:
+        from flow_bench_common import write_docs_block
+        write_docs_block(HERE.parent / "docs" / "diffusion_train.md", "bench_vs_flow_grpo",
+                         table(a, m, f, ratios))
     return 0
 
 

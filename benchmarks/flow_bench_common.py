@@ -38,3 +38,20 @@ def build_color_sd3(out_dir, size: int = 8, gain: float = 4.0, t5: bool = False,
         pipe.register_modules(text_encoder_3=encoder, tokenizer_3=pipe.tokenizer)
     pipe.save_pretrained(out)
     return str(out)
+
+
+def write_docs_block(path, name: str, lines) -> None:
+    """Replace the lines between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``
+    (the measured tables in docs/diffusion_train.md), so a re-run updates the docs in place.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    path = Path(path)
+    text = path.read_text()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"{path}: no {begin} ... {end} block; add the two marker lines where "
+                         f"the measured table belongs")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
