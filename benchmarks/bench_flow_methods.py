@@ -25,7 +25,9 @@ Measured per run, outside the job's code (patched in this process only):
   loss's re-scoring forwards, the reference's and any old model's too), not during evaluation.
   Deterministic for a method and config, hence the primary x-axis.
 - time: training wall time (seconds between the end of one evaluation and the start of the
-  next, summed). Noisy on a shared machine: read it as a rough second opinion.
+  next, summed), and the process's CPU time over the same spans (one torch thread: steadier
+  than wall time under other processes' load). Noisy on a shared machine: read them as a rough
+  second opinion.
 
 Printed: a markdown table per method (final reward mean and min..max over seeds, total NFE,
 time) and the ratios ``NFE to reach the reference's final mean reward / the reference's total
@@ -92,8 +94,8 @@ class Meter:
     """Counts transformer rows and training time; records one point per evaluation."""
 
     def __init__(self):
-        self.nfe, self.train_s, self.counting, self.points = 0, 0.0, True, []
-        self._since = None
+        self.nfe, self.train_s, self.cpu_s, self.counting, self.points = 0, 0.0, 0.0, True, []
+        self._since = self._cpu_since = None
 
     @contextlib.contextmanager
     def installed(self):
@@ -109,17 +111,18 @@ class Meter:
             return forward(model, *args, **kwargs)
 
         def timed_eval(evaluator, step):
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if meter._since is not None:
                 meter.train_s += now - meter._since
+                meter.cpu_s += cpu - meter._cpu_since
             meter.counting = False
             try:
                 record = evaluate(evaluator, step)
             finally:
                 meter.counting = True
             meter.points.append({"step": step, "nfe": meter.nfe, "time": meter.train_s,
-                                 "reward": record["reward_mean"]})
-            meter._since = time.perf_counter()
+                                 "cpu": meter.cpu_s, "reward": record["reward_mean"]})
+            meter._since, meter._cpu_since = time.perf_counter(), time.process_time()
             return record
 
         SD3Transformer2DModel.forward, Evaluator.__call__ = counted_forward, timed_eval
@@ -154,6 +157,7 @@ def seed_mean(runs: List[List[dict]]) -> List[dict]:
         rewards = [p["reward"] for p in pts]
         out.append({"step": pts[0]["step"], "nfe": statistics.fmean(p["nfe"] for p in pts),
                     "time": statistics.fmean(p["time"] for p in pts),
+                    "cpu": statistics.fmean(p.get("cpu", float("nan")) for p in pts),
                     "reward": statistics.fmean(rewards), "lo": min(rewards), "hi": max(rewards)})
     return out
 
@@ -177,22 +181,26 @@ def report(curves: Dict[str, List[dict]], reference: str) -> List[str]:
     has plateaued happens to end)."""
     ref = curves.get(reference)
     lines = ["| method | eval reward, step 0 | final eval reward: mean (min..max over seeds) "
-             "| training NFE | training time (s) | NFE to ref. final / ref. NFE "
-             "| time to ref. final / ref. time | NFE to 90 % of ref. gain / ref. NFE |",
+             "| training NFE | training time (s): wall, CPU | NFE to ref. final / ref. NFE "
+             "| wall, CPU time to ref. final / ref. time | NFE to 90 % of ref. gain / ref. NFE |",
              "|---|---|---|---|---|---|---|---|"]
     for name, c in curves.items():
         first, last = c[0], c[-1]
         cells = [name, f"{first['reward']:.4f}",
                  f"{last['reward']:.4f} ({last['lo']:.4f}..{last['hi']:.4f})",
-                 f"{last['nfe']:.0f}", f"{last['time']:.1f}"]
+                 f"{last['nfe']:.0f}", f"{last['time']:.1f}, {last['cpu']:.1f}"]
         if ref is None:
             cells += ["-", "-", "-"]
         else:
             final = ref[-1]["reward"]
             gain90 = ref[0]["reward"] + 0.9 * (final - ref[0]["reward"])
-            for target, key in ((final, "nfe"), (final, "time"), (gain90, "nfe")):
+            ratio = {}
+            for target, key in ((final, "nfe"), (final, "time"), (final, "cpu"), (gain90, "nfe")):
                 hit = reach(c, target, key)
-                cells.append("not reached" if hit is None else f"{hit / ref[-1][key]:.2f}x")
+                ratio[key, target] = ("not reached" if hit is None
+                                      else f"{hit / ref[-1][key]:.2f}x")
+            cells += [ratio["nfe", final], f"{ratio['time', final]}, {ratio['cpu', final]}",
+                      ratio["nfe", gain90]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
