@@ -45,13 +45,13 @@ def test_every_method_is_a_valid_config(bench, tmp_path):
 
 
 def test_reach_and_seed_mean_by_hand(bench):
-    runs = [[{"step": 0, "nfe": 0, "time": 0.0, "reward": -0.5},
-             {"step": 10, "nfe": 100, "time": 2.0, "reward": -0.4}],
-            [{"step": 0, "nfe": 0, "time": 0.0, "reward": -0.7},
-             {"step": 10, "nfe": 100, "time": 4.0, "reward": -0.2}]]
+    runs = [[{"step": 0, "nfe": 0, "time": 0.0, "cpu": 0.0, "reward": -0.5},
+             {"step": 10, "nfe": 100, "time": 2.0, "cpu": 1.0, "reward": -0.4}],
+            [{"step": 0, "nfe": 0, "time": 0.0, "cpu": 0.0, "reward": -0.7},
+             {"step": 10, "nfe": 100, "time": 4.0, "cpu": 2.0, "reward": -0.2}]]
     curve = bench.seed_mean(runs)
-    assert curve[1] == pytest.approx({"step": 10, "nfe": 100, "time": 3.0, "reward": -0.3,
-                                      "lo": -0.4, "hi": -0.2})
+    assert curve[1] == pytest.approx({"step": 10, "nfe": 100, "time": 3.0, "cpu": 1.5,
+                                      "reward": -0.3, "lo": -0.4, "hi": -0.2})
     # -0.6 -> -0.3 over 100 NFE: -0.45 is reached half-way
     assert bench.reach(curve, -0.45, "nfe") == pytest.approx(50.0)
     assert bench.reach(curve, -0.45, "time") == pytest.approx(1.5)
