@@ -1,13 +1,16 @@
-"""Rule rewards that need no weights: JPEG compressibility, brightness and color targets.
+"""Rule rewards that need no weights: JPEG compressibility, brightness, color targets and the
+colour a prompt names.
 
-They read pixels only (prompts are ignored; ``prompts=None`` is accepted). Brightness and color are
-differentiable for tensor inputs; JPEG size is not (it round-trips through the encoder).
+All but ``prompt_color`` read pixels only (prompts are ignored; ``prompts=None`` is accepted).
+Brightness, color and prompt_color are differentiable for tensor inputs; JPEG size is not (it
+round-trips through the encoder).
 """
 from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Sequence
+import re
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -115,3 +118,66 @@ class ColorTarget(Scorer):
         x = _as_tensor(images)
         t = torch.tensor(self.target, dtype=x.dtype, device=x.device)
         return -(x.mean(dim=(2, 3)) - t).norm(dim=-1) / math.sqrt(3.0)
+
+
+# Named colours (RGB in [0, 1]): the primaries and secondaries, CSS orange / purple / pink / gray.
+COLORS = {
+    "red": (1.0, 0.0, 0.0), "orange": (1.0, 0.647, 0.0), "yellow": (1.0, 1.0, 0.0),
+    "green": (0.0, 1.0, 0.0), "cyan": (0.0, 1.0, 1.0), "blue": (0.0, 0.0, 1.0),
+    "purple": (0.502, 0.0, 0.502), "magenta": (1.0, 0.0, 1.0), "pink": (1.0, 0.753, 0.796),
+    "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.502, 0.502, 0.502),
+    "grey": (0.502, 0.502, 0.502),
+}
+_COLOR_WORD = re.compile(r"\b(" + "|".join(COLORS) + r")\b", re.IGNORECASE)
+
+
+def prompt_color(prompt: str) -> Optional[str]:
+    """The first colour word of ``prompt`` (a key of :data:`COLORS`, whole words, any case),
+    or None: ``"a blue car by a Red wall"`` -> ``"blue"``; ``"a reddish fox"`` -> None."""
+    m = _COLOR_WORD.search(prompt)
+    return None if m is None else m.group(1).lower()
+
+
+class PromptColor(Scorer):
+    """``−‖mean RGB − c(prompt)‖₂ / √3``: does the image come out in the colour its prompt names?
+
+    ``c(prompt)`` is the RGB of the first colour word in the prompt (:func:`prompt_color`,
+    :data:`COLORS`): "a red apple" scores 0 for a pure red image and −√(2/3) ≈ −0.816 for a
+    white one. A prompt-following task without weights: the same image scores differently under
+    different prompts, so a policy must read its prompt to do well (the diffusion benchmark's
+    task, ``benchmarks/bench_flow_methods.py``).
+
+    Output scale: [−1, 0]; 0 when the mean colour equals the named one.
+
+    Args:
+        missing: the score of a prompt that names no colour; None (default) raises instead.
+    """
+
+    name = "prompt_color"
+    uses_prompts = True
+
+    def __init__(self, missing: Optional[float] = None, batch_size: int = 64, grad: bool = False):
+        if missing is not None and not -1.0 <= float(missing) <= 0.0:
+            raise ValueError(f"prompt_color missing={missing!r}; expected a number in [-1, 0] "
+                             f"(the score of a prompt naming no colour) or None to raise")
+        super().__init__(batch_size, grad)
+        self.missing = None if missing is None else float(missing)
+        self.scale = "-||mean RGB - colour named in the prompt|| / sqrt(3), in [-1, 0]"
+
+    def _targets(self, prompts: List[str]):
+        names = [prompt_color(p) for p in prompts]
+        bad = [p for p, n in zip(prompts, names) if n is None]
+        if bad and self.missing is None:
+            raise ValueError(f"prompt_color: {len(bad)} prompt(s) name no colour, e.g. "
+                             f"{bad[0]!r}; expected one of {', '.join(COLORS)} as a word in "
+                             f"each prompt, or load('prompt_color', missing=-1.0) to score them")
+        return names
+
+    def _score(self, images, prompts):
+        names = self._targets(list(prompts))
+        x = _as_tensor(images)
+        t = torch.tensor([COLORS[n] if n else (0.0, 0.0, 0.0) for n in names], dtype=x.dtype,
+                         device=x.device)
+        score = -(x.mean(dim=(2, 3)) - t).norm(dim=-1) / math.sqrt(3.0)  # [b, 3] -> [b]
+        known = torch.tensor([n is not None for n in names], device=x.device)
+        return torch.where(known, score, torch.full_like(score, self.missing or 0.0))

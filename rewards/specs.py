@@ -31,6 +31,7 @@ SCORERS.register("imagereward", _lazy("imagereward", "ImageRewardScorer"))
 SCORERS.register("jpeg_compressibility", _lazy("rules", "JpegCompressibility"))
 SCORERS.register("brightness", _lazy("rules", "Brightness"))
 SCORERS.register("color", _lazy("rules", "ColorTarget"))
+SCORERS.register("prompt_color", _lazy("rules", "PromptColor"))
 SCORERS.register("remote", _lazy("server", "RemoteScorer"))
 
 

@@ -106,6 +106,7 @@ def scorers(tiny_clip_dir, tiny_open_clip, aesthetic_head, fake_imagereward):
             "jpeg_compressibility": R.load("jpeg_compressibility", batch_size=2),
             "brightness": R.load("brightness", batch_size=2),
             "color": R.load("color", target=[1, 0, 0], batch_size=2),
+            "prompt_color": R.load("prompt_color", missing=-1.0, batch_size=2),
         }
     finally:
         del sys.modules["ImageReward"]
@@ -359,6 +360,42 @@ def test_rule_rewards_hand_values():
     assert want.item() < jpeg([Image.new("RGB", (64, 64), (128, 128, 128))], None).item()
 
 
+def test_prompt_color_hand_values():
+    from mmrl.rewards.rules import prompt_color
+    assert [prompt_color(p) for p in ("a blue car by a Red wall", "A RED apple", "a reddish fox",
+                                      "a grey cat", "two dogs")] == \
+        ["blue", "red", None, "grey", None]
+    red = torch.zeros(1, 3, 4, 4)
+    red[:, 0] = 1
+    half = torch.full((1, 3, 4, 4), 0.5)
+    x = torch.cat([red, red, half, red])
+    s = R.load("prompt_color")
+    # red vs red: 0; red vs blue (0,0,1): sqrt(2); gray .5 vs white: sqrt(3 * .25); red vs
+    # orange (1, .647, 0): .647; all divided by sqrt(3)
+    got = s(x, ["a red apple", "a blue car", "a white cat", "an orange ball"])
+    want = torch.tensor([0.0, -np.sqrt(2 / 3), -0.5, -0.647 / np.sqrt(3)], dtype=torch.float32)
+    torch.testing.assert_close(got, want)
+    left = red.clone()
+    left[..., :2] = 0  # left half black: mean (0.5, 0, 0)
+    torch.testing.assert_close(s(left, ["a black cat"]), torch.tensor([-0.5 / 3 ** 0.5]))
+    # the same image scores by the prompt: a policy must read it
+    assert s(red, ["a red apple"]) > s(red, ["a green apple"])
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) name no colour, e.g. 'two dogs'.*"
+                                         r"missing=-1.0"):
+        s(x[:2], ["a red apple", "two dogs"])
+    torch.testing.assert_close(R.load("prompt_color", missing=-1.0)(x[:2], ["a red apple",
+                                                                           "two dogs"]),
+                               torch.tensor([0.0, -1.0]))
+    with pytest.raises(ValueError, match=r"missing=0.5; expected a number in \[-1, 0\]"):
+        R.load("prompt_color", missing=0.5)
+    g = R.load("prompt_color", grad=True)
+    y = half.clone().requires_grad_(True)
+    g(y, ["a red apple"]).sum().backward()
+    # d/dx -||m - t||/sqrt3 with m - t = (-.5, .5, .5): -(m - t)/(|m - t| sqrt3) / 16 pixels
+    want = torch.tensor([0.5, -0.5, -0.5]) / (np.sqrt(0.75) * np.sqrt(3) * 16)
+    torch.testing.assert_close(y.grad[0, :, 0, 0], want.float())
+
+
 def test_gradients_reach_pixels(tiny_clip_dir, tiny_open_clip):
     x = torch.rand(2, 3, 40, 36, requires_grad=True)
     arch, ckpt = tiny_open_clip
@@ -386,7 +423,7 @@ def test_bf16_runs_and_returns_float32(tiny_clip_dir, tiny_open_clip, scorers):
 # --------------------------------------------------------------------------- conformance
 
 ALL = ["pickscore", "clip_score", "aesthetic", "hps_v2", "hps_v2.1", "imagereward",
-       "jpeg_compressibility", "brightness", "color"]
+       "jpeg_compressibility", "brightness", "color", "prompt_color"]
 
 
 def test_conformance_covers_every_registered_scorer():
