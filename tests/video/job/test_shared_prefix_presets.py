@@ -45,8 +45,8 @@ EXTRA = {"": ({}, {}),
          "seq_is": (dict(rollout_is="sequence_truncate"), {}),
          "two_epochs": ({}, dict(inner_epochs=2))}  # old log-probs scored micro-batched
 # every preset a token policy can run (GRPO-Guard reads a denoising step's mean: flow only)
-CASES = [p for p in sorted(PRESETS) if not PRESETS[p].needs_step_terms] + ["grpo+kl_entropy_is", "grpo+two_epochs", "dapo+top_entropy",
-                           "gspo+seq_is"]
+CASES = [p for p in sorted(PRESETS) if not PRESETS[p].needs_step_terms] + [
+    "grpo+kl_entropy_is", "grpo+two_epochs", "dapo+top_entropy", "gspo+seq_is"]
 # LoRA: the cases whose policy passes differ (the adapter-disabled reference, entropies, TW
 # weights); the other presets differ only in what the loss does with the same log-probs
 LORA_CASES = ["grpo+kl_entropy_is", "tw_grpo", "dapo+top_entropy"]
