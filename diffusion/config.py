@@ -60,6 +60,14 @@ class DiffusionConfig:
                                 "(<= 1 disables CFG: one model row per sample). FLUX: the "
                                 "embedded guidance.", minimum=0.0,
                                 source="flow_grpo SD3.5-M (4.5); DanceGRPO FLUX (3.5)")
+    cfg_uncond_grad: bool = cfg(True, "SD3 with CFG (guidance_scale > 1): the training "
+                                "forward back-propagates through the unconditional prediction "
+                                "too (the exact gradient of the guided velocity). false: the "
+                                "unconditional rows run without gradient, as flow_grpo's "
+                                "train_sd3.py detaches noise_pred_uncond (its gradient; the "
+                                "backward covers the conditional rows only). No effect without "
+                                "CFG (FLUX's guidance is embedded).",
+                                source="flow_grpo scripts/train_sd3.py compute_log_prob")
     eval_guidance_scale: Optional[float] = cfg(None, "Guidance for evaluation (null = "
                                                "guidance_scale).", minimum=0.0)
     num_steps: int = cfg(10, "Denoising steps T of training rollouts.", minimum=2,

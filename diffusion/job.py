@@ -39,6 +39,8 @@ def build_policy(c: DiffusionConfig, device: str, spec=None,
         guidance_scale=c.guidance_scale, finetune=c.finetune, lora_rank=c.lora_rank,
         lora_alpha=c.lora_alpha, max_sequence_length=c.max_sequence_length, shift=c.shift)
     flow.pipe.to(dev)
+    if hasattr(flow, "cfg_uncond_grad"):  # families with classifier-free guidance (SD3)
+        flow.cfg_uncond_grad = c.cfg_uncond_grad
     cls = DiffusionGroupPolicy if c.objective == "grpo" else MatchingDiffusionPolicy
     return cls(flow, c, adv_eps=getattr(spec, "adv_eps", 1e-4) or 1e-4,
                                 adv_clip=getattr(spec, "adv_clip", None),

@@ -31,16 +31,22 @@ class SD3Adapter(FlowAdapter):
             sample).
         shift: the schedule shift (None: the scheduler config's, 3.0 for SD3 / SD3.5).
         negative_prompt: the unconditional prompt for CFG ("" as flow_grpo).
+        cfg_uncond_grad: with CFG, whether the training forward back-propagates through the
+            unconditional prediction too (True: the exact gradient of the guided velocity).
+            False: the unconditional rows run without gradient (a separate no-grad forward),
+            as flow_grpo's ``train_sd3.py`` detaches ``noise_pred_uncond``; the backward pass
+            then covers the conditional rows only.
     """
 
     PIPELINE_CLASS = "StableDiffusion3Pipeline"
     LORA_TARGETS = SD3_LORA_TARGETS
 
     def __init__(self, pipe, *, guidance_scale: float = 4.5, max_sequence_length: int = 256,
-                 negative_prompt: str = "", **kwargs):
+                 negative_prompt: str = "", cfg_uncond_grad: bool = True, **kwargs):
         super().__init__(pipe, guidance_scale=guidance_scale,
                          max_sequence_length=max_sequence_length, **kwargs)
         self.negative_prompt = negative_prompt
+        self.cfg_uncond_grad = cfg_uncond_grad
 
     @property
     def cfg(self) -> bool:
@@ -103,15 +109,20 @@ class SD3Adapter(FlowAdapter):
         dtype = model.dtype
         h, emb, pooled = latents.to(dtype), cond["emb"], cond["pooled"]
         t = sigma.to(latents.device) * 1000  # SD3 is conditioned on t = 1000·σ, as the pipeline
-        if self.cfg:  # one forward on [uncond; cond] rows: [R] -> [2R]
-            h, t = torch.cat([h, h]), torch.cat([t, t])
-            emb, pooled = torch.cat([cond["neg_emb"], emb]), torch.cat([cond["neg_pooled"], pooled])
-        v = model(hidden_states=h, timestep=t.to(dtype), encoder_hidden_states=emb.to(dtype),
-                  pooled_projections=pooled.to(dtype), return_dict=False)[0]
-        if self.cfg:
-            v_uncond, v_cond = v.chunk(2)
-            v = cfg_combine(v_uncond.float(), v_cond.float(), self.guidance_scale)
-        return v.float()
+        def run(h, t, emb, pooled):
+            return model(hidden_states=h, timestep=t.to(dtype), encoder_hidden_states=emb.to(dtype),
+                         pooled_projections=pooled.to(dtype), return_dict=False)[0]
+        if not self.cfg:
+            return run(h, t, emb, pooled).float()
+        if not self.cfg_uncond_grad and torch.is_grad_enabled():  # flow_grpo's detach
+            with torch.no_grad():
+                v_uncond = run(h, t, cond["neg_emb"], cond["neg_pooled"])
+            v_cond = run(h, t, emb, pooled)
+        else:  # one forward on [uncond; cond] rows: [R] -> [2R]
+            v_uncond, v_cond = run(torch.cat([h, h]), torch.cat([t, t]),
+                                   torch.cat([cond["neg_emb"], emb]),
+                                   torch.cat([cond["neg_pooled"], pooled])).chunk(2)
+        return cfg_combine(v_uncond.float(), v_cond.float(), self.guidance_scale).float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -150,3 +150,38 @@ def test_bad_inputs_are_reported(tiny_sd3_dir, tmp_path):
         SD3Adapter.from_pretrained("org/missing-sd3")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         SD3Adapter.from_pretrained(str(tmp_path))
+
+
+def test_cfg_uncond_grad_false_is_flow_grpos_detached_unconditional_half(tiny_sd3_dir):
+    """``cfg_uncond_grad=False`` (flow_grpo's ``train_sd3.py``: ``noise_pred_uncond.detach()``):
+    the same guided velocity, and the gradient of w·v_cond + (1 − w)·sg(v_uncond) — not the
+    exact gradient, which also flows through v_uncond; without gradient both paths are one."""
+    adapter = _adapter(tiny_sd3_dir, guidance_scale=4.5, finetune="full")
+    cond = adapter.encode_prompt(PROMPTS)
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.6, 0.3])
+    params = adapter.trainable_parameters()
+    w = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        v = fn()
+        (v * w).sum().backward()
+        return v.detach(), [p.grad.clone() for p in params]
+
+    exact_v, exact_g = grads(lambda: adapter(x, sigma, cond))
+    adapter.cfg_uncond_grad = False
+    cut_v, cut_g = grads(lambda: adapter(x, sigma, cond))
+    with adapter.guidance(1.0):  # the two predictions alone
+        v_cond = adapter(x, sigma, cond)
+        uncond = dict(cond, emb=cond["neg_emb"], pooled=cond["neg_pooled"])
+        v_uncond = adapter(x, sigma, uncond)
+    want_v = v_uncond + 4.5 * (v_cond - v_uncond)
+    torch.testing.assert_close(cut_v, exact_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cut_v, want_v.detach(), rtol=1e-5, atol=1e-5)
+    _, want_g = grads(lambda: v_uncond.detach() + 4.5 * (v_cond - v_uncond.detach()))
+    for a, b, c in zip(cut_g, want_g, exact_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert max(float((a - c).abs().max()) for a, c in zip(cut_g, exact_g)) > 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x, sigma, cond), exact_v, rtol=1e-5, atol=1e-5)
