@@ -24,24 +24,28 @@ def test_every_method_is_a_valid_config(bench, tmp_path):
     from mmrl.config.core import apply_overrides
     from mmrl.config.schema import config_from_dict
     base, methods = bench.load_methods(str(ROOT / "benchmarks" / "flow_methods.yaml"), None, [])
-    assert list(methods) == ["flow_grpo", "window", "mixgrpo", "tree", "g2rpo"]
+    assert list(methods) == ["flow_grpo", "window", "mixgrpo", "tree", "g2rpo", "mixgrpo_flash",
+                             "dancegrpo", "grpo_guard", "nft", "awm"]
     samplers = {}
     for name, overrides in methods.items():
         data = bench.base_config(str(tmp_path / "model"), str(tmp_path / name), 8)
         assert apply_overrides(data, base + overrides + ["train.seed=1"]) == []
         config = config_from_dict(data, source=name)  # raises ConfigError listing problems
         assert (config.train.steps, config.train.seed) == (60, 1)
-        samplers[name] = config.task.sampler
-    assert samplers == {"flow_grpo": "full", "window": "window", "mixgrpo": "sliding",
-                        "tree": "tree", "g2rpo": "singular"}
+        samplers[name] = (config.task.sampler, config.task.objective)
+    assert samplers == {"flow_grpo": ("full", "grpo"), "window": ("window", "grpo"),
+                        "mixgrpo": ("sliding", "grpo"), "tree": ("tree", "grpo"),
+                        "g2rpo": ("singular", "grpo"), "mixgrpo_flash": ("sliding", "grpo"),
+                        "dancegrpo": ("full", "grpo"), "grpo_guard": ("full", "grpo"),
+                        "nft": ("full", "nft"), "awm": ("full", "awm")}
     _, extra = bench.load_methods(str(ROOT / "benchmarks" / "flow_methods.yaml"), "tree",
                                   ["nft=diffusion.window=3 train.lr=0.1"])
     assert extra == {"tree": methods["tree"]}  # --only keeps only the named ones
     _, extra = bench.load_methods(str(ROOT / "benchmarks" / "flow_methods.yaml"), "nft",
                                   ["nft=diffusion.window=3 train.lr=0.1"])
     assert extra == {"nft": ["diffusion.window=3", "train.lr=0.1"]}
-    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['awm'\]"):
-        bench.load_methods(str(ROOT / "benchmarks" / "flow_methods.yaml"), "awm", [])
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) \['spo'\]"):
+        bench.load_methods(str(ROOT / "benchmarks" / "flow_methods.yaml"), "spo", [])
 
 
 def test_reach_and_seed_mean_by_hand(bench):
