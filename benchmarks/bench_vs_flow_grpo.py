@@ -17,13 +17,15 @@ mmrl or copied into this repository.
 
 Shared settings: the tiny SD3 of ``flow_bench_common`` with a tiny T5 (flow_grpo requires
 ``text_encoder_3``; its T5 length is fixed at 128, so mmrl's ``max_sequence_length`` is 128 too),
-``--size`` px, fp32 on CPU, CFG ``--guidance`` in sampling and training (one batched forward of
-[uncond; cond] rows on both sides), ``--num-steps`` SDE steps (flow_grpo kind, noise level
-0.7), the first T-1 trained (flow_grpo: ``timestep_fraction`` with int(T * f) = T - 1), one
-optimizer step per rollout over every sample and trained step (flow_grpo: one micro-batch of
-all samples, a forward per step, gradients accumulated over the steps; mmrl: ``t_chunk=1``,
-``micro_batch_size`` = all samples, one mini-batch), LoRA r32 / alpha 64 (flow_grpo's fixed
-values) on the transformer, AdamW lr 3e-4, beta ``--beta`` (0: no reference forward).
+``--size`` px, fp32 on CPU, CFG ``--guidance`` in sampling and training with the same gradient
+(flow_grpo's ``train_sd3.py`` detaches the unconditional prediction; mmrl runs
+``diffusion.cfg_uncond_grad: false``, the unconditional rows in a no-grad forward), ``--num-steps``
+SDE steps (flow_grpo kind, noise level 0.7), the first T-1 trained (flow_grpo:
+``timestep_fraction`` with int(T * f) = T - 1), one optimizer step per rollout over every sample
+and trained step (flow_grpo: one micro-batch of all samples, a forward per step, gradients
+accumulated over the steps; mmrl: ``t_chunk=1``, ``micro_batch_size`` = all samples, one
+mini-batch), LoRA r32 / alpha 64 (flow_grpo's fixed values) on the transformer, AdamW lr 3e-4, beta
+``--beta`` (0: no reference forward).
 
 Measured the same way on both sides: a step is the time between the starts of consecutive
 rollouts (flow_grpo: its sampler's ``set_epoch`` call at the start of each epoch's sampling;
@@ -208,6 +210,7 @@ def run_mmrl(a) -> dict:
                       "finetune": "lora", "lora_rank": 32, "lora_alpha": 64,
                       "max_sequence_length": 128, "height": a.size, "width": a.size,
                       "resolution_multiple": 1, "guidance_scale": a.guidance,
+                      "cfg_uncond_grad": False,  # train_sd3.py detaches noise_pred_uncond
                       "num_steps": a.num_steps, "sampler": "full", "kind": "flow_grpo",
                       "noise_level": 0.7, "kl": "flow_grpo", "reward": "prompt_color",
                       "prompt_file": str(PROMPTS / "color_train.txt")},
