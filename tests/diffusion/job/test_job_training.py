@@ -141,7 +141,8 @@ def test_periodic_evaluation_writes_grids_and_eval_jsonl(tiny_sd3_path, tmp_path
     from mmrl.rewards import compose
     again = Evaluator(_policy(cfg), cfg.task.eval_prompts, ImageReward(compose("brightness")),
                       {}, tmp_path / "again", seed=cfg.train.seed, batch_size=3)(0)
-    assert again["reward_mean"] == lines[0]["reward_mean"]
+    # (another batch size: equal up to float32 rounding, not bitwise)
+    assert again["reward_mean"] == pytest.approx(lines[0]["reward_mean"], rel=1e-6, abs=0)
     assert lines[2]["reward_mean"] != lines[0]["reward_mean"]
 
 
