@@ -17,6 +17,11 @@ one temporal grid); so sampling is a KV-cached loop here (temperature, top-p,
 ``max_new_tokens``, stop strings, an optional ``allowed_answers`` restriction) with the
 adapter's positions.
 
+The language model runs each unique prompt once too (``shared_prefix``, the default): the
+training passes pack a prompt's rows' responses behind it under an explicit attention mask
+(:mod:`mmrl.video.shared_prefix`), and sampling prefills it once and expands its KV cache to the
+rows; values and gradients equal the repeated-prompt forward (``shared_prefix=False``).
+
 Log-probs are of the temperature-scaled distribution (restricted to ``allowed_answers`` when set),
 the one tokens are sampled from before top-p truncation, as TRL and verl do. The rollout reports
 the sampled tokens' log-probs under that same distribution, taken from the sampling forward (KV
