@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_vs_trl import QUESTION, PeakRSS, reward_letters
+from bench_vs_trl import QUESTION, PeakRSS, reward_letters, trl_step_clock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def run_trl(a) -> dict:
     sys.path[:0] = [p for p in a.peers.split(os.pathsep) if p]
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig, GRPOTrainer
     torch.manual_seed(0)
     proc = AutoProcessor.from_pretrained(a.model)
@@ -201,16 +201,7 @@ def run_trl(a) -> dict:
         for im in _images(a.prompts, image_side(a.tokens))] * (a.steps + 1))
     times, lengths, gen_times, mem = [], [], [], PeakRSS()
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 1:
-                mem.__enter__()
-            self.tic = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step > 1:
-                times.append(time.perf_counter() - self.tic)
-
+    class Clock(trl_step_clock(times, mem)):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs and state.global_step > 1:
                 lengths.append(logs["completions/mean_length"])

@@ -102,18 +102,10 @@ def run_mmrl(a) -> dict:
             "tokens_per_step": statistics.mean(tokens)}
 
 
-def run_trl(a) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-    torch.manual_seed(0)
-    proc = AutoProcessor.from_pretrained(a.model)
-    model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": QUESTION}]}], "image": im}
-        for im in _images(a.prompts)] * (a.steps + 1))
-    times, mem = [], PeakRSS()
+def trl_step_clock(times: list, mem: PeakRSS):
+    """A ``transformers.TrainerCallback`` class that starts ``mem`` at step 1 and appends the
+    time of steps 2..N to ``times`` (step 1 warms up)."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -124,7 +116,22 @@ def run_trl(a) -> dict:
         def on_step_end(self, args, state, control, **kw):
             if state.global_step > 1:
                 times.append(time.perf_counter() - self.tic)
+    return Clock
 
+
+def run_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import GRPOConfig, GRPOTrainer
+    torch.manual_seed(0)
+    proc = AutoProcessor.from_pretrained(a.model)
+    model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": QUESTION}]}], "image": im}
+        for im in _images(a.prompts)] * (a.steps + 1))
+    times, mem = [], PeakRSS()
+    Clock = trl_step_clock(times, mem)
     out = tempfile.mkdtemp()
     cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=a.prompts * a.group,
                      num_generations=a.group, max_completion_length=a.new_tokens,
