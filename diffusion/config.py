@@ -50,6 +50,9 @@ class DiffusionConfig:
     max_sequence_length: int = cfg(256, "T5 prompt tokens (SD3 256, FLUX 512); CLIP always "
                                    "takes 77 and longer prompts are truncated with a warning.",
                                    minimum=1)
+    frames: int = cfg(0, "Frames per sample of a video family (Wan: 4k + 1, the VAE compresses "
+                      "time by 4); 0 = an image job (SD3, FLUX, ...). Rewards then score "
+                      "videos [F, 3, H, W].", minimum=0)
     height: int = cfg(512, "Image height in pixels.", minimum=1)
     width: int = cfg(512, "Image width in pixels.", minimum=1)
     resolution_multiple: int = cfg(16, "Height and width must be multiples of this (VAE factor "

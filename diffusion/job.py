@@ -37,7 +37,8 @@ def build_policy(c: DiffusionConfig, device: str, spec=None,
     flow = adapter.from_pretrained(
         c.model, dtype=_dtype(c.dtype, dev), height=c.height, width=c.width,
         guidance_scale=c.guidance_scale, finetune=c.finetune, lora_rank=c.lora_rank,
-        lora_alpha=c.lora_alpha, max_sequence_length=c.max_sequence_length, shift=c.shift)
+        lora_alpha=c.lora_alpha, max_sequence_length=c.max_sequence_length, shift=c.shift,
+        frames=c.frames or None)
     flow.pipe.to(dev)
     if hasattr(flow, "cfg_uncond_grad"):  # families with classifier-free guidance (SD3)
         flow.cfg_uncond_grad = c.cfg_uncond_grad
@@ -105,6 +106,9 @@ def run(config) -> Dict[str, Any]:
     spec = config.algo.resolve()
     torch.manual_seed(config.train.seed)  # the LoRA init draws from the global RNG
     policy = build_policy(c, device, spec, config.algo.reward_weights)
+    policy.flow.check_prompts(train_prompts, "training prompts")  # before any sampling
+    if eval_prompts:
+        policy.flow.check_prompts(eval_prompts, "evaluation prompts")
     dist = init_distributed(config.train.parallel)  # the runner joins the same process group
     attach_evaluator(policy, config, eval_prompts, reward, dist.is_main)
     verifier = None  # VerIPO's verifier: the scorers named by pref.verifier

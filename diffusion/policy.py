@@ -66,7 +66,8 @@ class DiffusionGroupPolicy(GroupPolicy):
         self.flow, self.c, self.keep_means = flow, c, keep_means
         self.adv_eps, self.adv_clip = adv_eps, adv_clip
         self.reward_weights = dict(reward_weights or {})
-        self.latent = tuple(flow.latent_shape(c.height, c.width))  # checks the resolution
+        # checks the resolution and the frame count
+        self.latent = tuple(flow.latent_shape(c.height, c.width, c.frames or None))
         self.sigmas = flow.sigmas(c.num_steps)
         self.eval_sigmas = flow.sigmas(c.eval_num_steps)
         self.iteration = 0  # rollout rounds so far (MixGRPO's window position; checkpointed)

@@ -91,6 +91,11 @@ def _absent_components(name_or_path: str) -> dict:
             if not k.startswith("_") and isinstance(v, list) and v[0] is None}
 
 
+def _shown(prompts: Sequence[str], over: List[Tuple[int, int]]) -> str:
+    """``#i (n tokens): 'start…'`` for the first three ``(index, tokens)`` of ``over``."""
+    return "; ".join(f"#{i} ({n} tokens): {prompts[i][:60]!r}" for i, n in over[:3])
+
+
 def check_resolution(height: int, width: int, factor: int, why: str) -> None:
     """Raise ``ValueError`` unless both sides are positive multiples of ``factor``."""
     if height % factor or width % factor or height <= 0 or width <= 0:
@@ -113,6 +118,8 @@ class FlowAdapter:
         max_sequence_length: T5 prompt tokens; CLIP always takes 77.
         shift: the schedule shift where the family has a fixed one (None: the scheduler
             config's); a family with its own shift rule rejects a value.
+        frames: frames per video of a video family (``MEDIA == "video"``); None for images
+            (an image family rejects a number).
 
     Raises:
         ValueError: unknown ``finetune`` mode, lora_rank < 1, a resolution the pipeline cannot
@@ -125,18 +132,26 @@ class FlowAdapter:
     """peft ``target_modules`` of the transformer (flow_grpo's attention projections)."""
     FSDP_BLOCKS: Tuple[str, ...] = ("transformer_blocks",)
     """Attributes of the transformer holding its blocks (each one an FSDP2 unit)."""
+    MEDIA = "image"
+    """What :meth:`decode` makes: ``image`` (``[B, 3, H, W]``) or ``video`` (``[B, F, 3, H, W]``)."""
+    LONG_TOKENIZER: Optional[str] = None
+    """The pipeline attribute of the tokenizer that ``max_sequence_length`` bounds (SD3
+    ``tokenizer_3``, FLUX ``tokenizer_2``); None: the family has none (prompts are not checked)."""
 
     def __init__(self, pipe, *, height: int = 512, width: int = 512, guidance_scale: float = 1.0,
                  finetune: str = "lora", lora_rank: int = 32, lora_alpha: float = 64.0,
                  lora_targets: Optional[Sequence[str]] = None, max_sequence_length: int = 256,
-                 shift: Optional[float] = None):
+                 shift: Optional[float] = None, frames: Optional[int] = None):
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune={finetune!r}; expected one of {FINETUNE_MODES}")
         self.pipe, self.transformer, self.finetune = pipe, pipe.transformer, finetune
         self.height, self.width = int(height), int(width)
-        self.latent_shape(self.height, self.width)  # a bad resolution fails before any work
+        self.frames = None if frames is None else int(frames)
+        # a bad resolution or frame count fails before any work
+        self.latent_shape(self.height, self.width, self.frames)
         self.guidance_scale = float(guidance_scale)
         self.max_sequence_length, self.shift = max_sequence_length, shift
+        self._check_max_sequence_length()
         self._cache: Dict[str, Tuple[Tensor, ...]] = {}
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(pipe, name, None)
@@ -314,6 +329,56 @@ class FlowAdapter:
         finally:
             self.transformer.enable_adapters()
 
+    def prompt_lengths(self, prompts: Sequence[str]) -> List[int]:
+        """Tokens each prompt takes in the encoder that ``max_sequence_length`` bounds
+        (``LONG_TOKENIZER``; a family whose template adds tokens overrides); ``[]`` when the
+        family or the loaded pipeline has no such tokenizer."""
+        tok = getattr(self.pipe, self.LONG_TOKENIZER, None) if self.LONG_TOKENIZER else None
+        if tok is None:
+            return []
+        return [len(ids) for ids in tok(list(prompts), truncation=False)["input_ids"]]
+
+    def check_prompts(self, prompts: Sequence[str], what: str = "prompts") -> None:
+        """Check prompt lengths before any work: a prompt longer than the text encoder can read
+        at all is an error; one longer than ``max_sequence_length`` (cut at sampling, as the
+        diffusers pipelines do) is a warning with the fix.
+
+        Raises:
+            ValueError: names each prompt over the encoder's limit (index, tokens, its start).
+        """
+        lengths = self.prompt_lengths(prompts)
+        limit = self._encoder_limit()
+        name = type(self).__name__[:-len("Adapter")] or "this family"
+        over = [(i, n) for i, n in enumerate(lengths) if limit is not None and n > limit]
+        if over:
+            raise ValueError(f"{len(over)} of {len(lengths)} {what} are longer than the {limit} "
+                             f"tokens {name}'s text encoder reads: {_shown(prompts, over)}. "
+                             f"Shorten them to at most {limit} tokens")
+        cut = [(i, n) for i, n in enumerate(lengths) if n > self.max_sequence_length]
+        if cut:
+            warnings.warn(f"{len(cut)} of {len(lengths)} {what} are longer than diffusion."
+                          f"max_sequence_length={self.max_sequence_length} tokens and will be cut "
+                          f"there: {_shown(prompts, cut)}. Raise max_sequence_length to "
+                          f"{max(n for _, n in cut)}{self._encoder_limit_note()} to keep their "
+                          f"ends", stacklevel=2)
+
+    def _encoder_limit(self) -> Optional[int]:
+        tok = getattr(self.pipe, self.LONG_TOKENIZER, None) if self.LONG_TOKENIZER else None
+        limit = getattr(tok, "model_max_length", None)
+        return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+    def _encoder_limit_note(self) -> str:
+        limit = self._encoder_limit()
+        return f" (the encoder reads at most {limit})" if limit else ""
+
+    def _check_max_sequence_length(self) -> None:
+        limit = self._encoder_limit()
+        if limit is not None and self.max_sequence_length > limit:
+            raise ValueError(f"diffusion.max_sequence_length={self.max_sequence_length} but "
+                             f"{type(self).__name__[:-len('Adapter')]}'s text encoder reads at "
+                             f"most {limit} "
+                             f"tokens; set max_sequence_length <= {limit}")
+
     def _warn_truncation(self, prompts: Sequence[str]) -> None:
         tok = self.pipe.tokenizer
         limit = tok.model_max_length
@@ -351,7 +416,8 @@ class FlowAdapter:
     @staticmethod
     def _check_frames(frames: Optional[int], family: str) -> None:
         if frames is not None:
-            raise ValueError(f"frames={frames!r}; {family} makes images: pass frames=None")
+            raise ValueError(f"frames={frames!r}; {family} makes images: set diffusion.frames=0 "
+                             f"(frames=None)")
 
     @torch.no_grad()
     def _vae_encode(self, images: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ class FluxAdapter(FlowAdapter):
 
     PIPELINE_CLASS = "FluxPipeline"
     LORA_TARGETS = FLUX_LORA_TARGETS
+    LONG_TOKENIZER = "tokenizer_2"  # T5; CLIP always takes 77 (truncation warned)
     FSDP_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(self, pipe, *, guidance_scale: float = 3.5, max_sequence_length: int = 512,

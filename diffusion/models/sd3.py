@@ -40,6 +40,7 @@ class SD3Adapter(FlowAdapter):
 
     PIPELINE_CLASS = "StableDiffusion3Pipeline"
     LORA_TARGETS = SD3_LORA_TARGETS
+    LONG_TOKENIZER = "tokenizer_3"  # T5; CLIP always takes 77 (truncation warned)
 
     def __init__(self, pipe, *, guidance_scale: float = 4.5, max_sequence_length: int = 256,
                  negative_prompt: str = "", cfg_uncond_grad: bool = True, **kwargs):

@@ -3,6 +3,7 @@ shifted schedule, embedded guidance."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,24 @@ def test_flux_resolution_errors(tiny_flux_dir):
     assert not getattr(pipe.transformer, "peft_config", None)  # refused before any LoRA
     with pytest.raises(FileNotFoundError, match="FluxPipeline"):
         FluxAdapter.from_pretrained("org/missing-flux")
+
+
+def test_prompt_lengths_over_max_sequence_length_warn_and_over_the_encoder_fail(tiny_flux_dir):
+    pipe = load_pipeline("FluxPipeline", tiny_flux_dir)
+    flow = FluxAdapter(pipe, height=16, width=16, finetune="none", max_sequence_length=8)
+    short, long = "a cat", "a cat " * 20
+    counts = flow.prompt_lengths([short, long])
+    assert counts[0] <= 8 < counts[1]  # T5 tokens (the byte-level tiny tokenizer's pieces)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow.check_prompts([short, short])  # nothing to cut: silent
+    with pytest.warns(UserWarning, match=rf"1 of 2 training prompts .*max_sequence_length=8 .*"
+                                         rf"#1 \({counts[1]} tokens\).*Raise .* to {counts[1]}"):
+        flow.check_prompts([short, long], "training prompts")
+    pipe.tokenizer_2.model_max_length = 16  # the encoder's own limit
+    with pytest.raises(ValueError, match=rf"1 of 2 prompts are longer than the 16 tokens Flux's "
+                                         rf"text encoder reads: #1 \({counts[1]} tokens\)"):
+        flow.check_prompts([short, long])
+    with pytest.raises(ValueError, match="max_sequence_length=32 but Flux's text encoder reads "
+                                         "at most 16 tokens; set max_sequence_length <= 16"):
+        FluxAdapter(pipe, height=16, width=16, finetune="none", max_sequence_length=32)
