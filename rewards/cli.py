@@ -10,7 +10,9 @@ import csv
 import json
 import os
 import secrets
+import signal
 import sys
+import threading
 from typing import List
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -213,10 +215,16 @@ def build_server(args):
     return server, f"serving {args.scorer} on {server.url} ({auth}; Ctrl-C to stop)", path
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, docker stop) ends the server like Ctrl-C
+
+
 def cmd_serve(args) -> int:
     server, banner, path = build_server(args)
-    print(banner, flush=True)
-    try:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # before the banner a client waits for
+    try:  # an interrupt right after the banner still removes the token and exits 0
+        print(banner, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -388,7 +388,13 @@ class RewardServer:
     def serve_forever(self):
         """Serve in this thread until ``stop()`` from another thread or KeyboardInterrupt."""
         self._served = True
-        self.httpd.serve_forever()
+        try:
+            self.httpd.serve_forever(poll_interval=0.1)
+        finally:
+            # returned (stop() from another thread) or interrupted (Ctrl-C, even before the
+            # loop began): nothing is serving, and shutdown() would wait for a loop that never
+            # signals again
+            self._served = False
 
     def stop(self):
         """Stop serving and close the socket (safe to call on a server never started)."""

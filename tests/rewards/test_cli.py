@@ -259,5 +259,28 @@ def test_serve_through_console_script(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0
+    # on a failure, what the server said (a traceback, a stuck shutdown) is in the message
+    assert proc.returncode == 0, (proc.returncode, proc.stdout.read()[-2000:],
+                                  proc.stderr.read()[-4000:])
     assert not os.path.exists(path)  # the generated token does not outlive the server
+
+
+def test_serve_ends_cleanly_on_sigterm(tmp_path):
+    """``kill`` (SIGTERM, e.g. docker stop) ends the server like Ctrl-C: exit 0, token removed."""
+    env = {k: v for k, v in os.environ.items() if k != "MMRL_REWARD_TOKEN"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    proc = subprocess.Popen([MMRL, "reward", "serve", "brightness", "--port", "0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = _read_line(proc, 120)
+        path = line.split("new token in ")[1].split(" ")[0]
+        assert os.path.isfile(path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (proc.returncode, proc.stderr.read()[-4000:])
+    assert not os.path.exists(path)
