@@ -183,7 +183,8 @@ class WanAdapter(FlowAdapter):
             t = t.double().long()
         if self.pipe.config.get("expand_timesteps"):
             # the pipeline's mask[0][0][:, ::2, ::2]: one timestep per 2x2 latent patch
-            tokens = latents.shape[2] * ((latents.shape[3] + 1) // 2) * ((latents.shape[4] + 1) // 2)
+            frames, h, w = latents.shape[2:]
+            tokens = frames * ((h + 1) // 2) * ((w + 1) // 2)
             t = t[:, None].expand(-1, tokens)
         return t
 
