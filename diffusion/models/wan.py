@@ -326,7 +326,7 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False):
     pieces = _t5_unigram_pieces()
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(pieces), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8))
+        relative_attention_num_buckets=8)).eval()  # no dropout: as from_pretrained loads it
     return WanPipeline(tokenizer=T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512),
                        text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=ti2v)
