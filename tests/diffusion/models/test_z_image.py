@@ -199,7 +199,7 @@ def test_prompt_lengths_count_the_chat_template_and_limits_warn_or_fail(tiny_z_i
         ZImageAdapter(pipe, height=SIZE, width=SIZE, finetune="none", max_sequence_length=64)
 
 
-def test_z_image_resolution_shift_and_loading_errors(tiny_z_image_dir):
+def test_z_image_resolution_shift_loading_errors_lora_and_fsdp_blocks(tiny_z_image_dir):
     pipe = load_pipeline("ZImagePipeline", tiny_z_image_dir)
     with pytest.raises(ValueError, match=r"9x8 is not a positive multiple of 2 .*patchifies "
                                          r"2x2.*use 8x8"):
@@ -218,3 +218,8 @@ def test_z_image_resolution_shift_and_loading_errors(tiny_z_image_dir):
         ZImageAdapter.from_pretrained("org/missing-z-image")
     with pytest.raises(ValueError, match="size=7; .* must be even"):
         ZImageAdapter.build_tiny_pipeline(7, 0)
+    pipe.scheduler.register_to_config(use_dynamic_shifting=False)
+    lora = ZImageAdapter(pipe, height=SIZE, width=SIZE, lora_rank=2, lora_alpha=2)
+    assert [type(b).__name__ for b in lora.fsdp_blocks()] == ["ZImageTransformerBlock"] * 3
+    trained = {n.split(".")[0] for n, p in lora.transformer.named_parameters() if p.requires_grad}
+    assert trained == {"noise_refiner", "context_refiner", "layers"}  # LoRA in every block
