@@ -22,6 +22,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "sd3": ("StableDiffusion3Pipeline", "mmrl.diffusion.models.sd3:SD3Adapter"),
     "flux": ("FluxPipeline", "mmrl.diffusion.models.flux:FluxAdapter"),
     "wan": ("WanPipeline", "mmrl.diffusion.models.wan:WanAdapter"),
+    "z_image": ("ZImagePipeline", "mmrl.diffusion.models.z_image:ZImageAdapter"),
 }
 """family name -> (the diffusers pipeline class it adapts, where its adapter lives)."""
 
