@@ -134,7 +134,7 @@ class FlowAdapterConformance:
                           sde_steps=[])
         video = {} if self.FRAMES is None else {"num_frames": self.FRAMES}
         with torch.no_grad():
-            out = frozen.pipe(PROMPTS, height=self.SIZE, width=self.SIZE,
+            out = frozen.pipe(list(PROMPTS), height=self.SIZE, width=self.SIZE,
                               num_inference_steps=self.STEPS,
                               guidance_scale=self.KWARGS["guidance_scale"],
                               latents=noise.clone(), output_type="pt",

@@ -23,15 +23,6 @@ PROMPTS = conformance.PROMPTS  # the list the inherited tests use (load()'s modu
 SIZE, W = 8, 2.0
 
 
-@pytest.fixture(autouse=True)
-def _prompts_unchanged():
-    """ZImagePipeline._encode_prompt writes the chat-templated text into the list it is given;
-    the inherited ODE test hands it the shared PROMPTS: restore them after every test."""
-    saved = list(PROMPTS)
-    yield
-    PROMPTS[:] = saved
-
-
 @pytest.fixture(scope="session")
 def tiny_z_image_dir(tmp_path_factory):
     """A directory written by ``ZImagePipeline.save_pretrained`` (tiny, random, 8x8 images)."""
