@@ -21,6 +21,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     # family: (diffusers pipeline class, "module:adapter class")
     "sd3": ("StableDiffusion3Pipeline", "mmrl.diffusion.models.sd3:SD3Adapter"),
     "flux": ("FluxPipeline", "mmrl.diffusion.models.flux:FluxAdapter"),
+    "qwen_image": ("QwenImagePipeline", "mmrl.diffusion.models.qwen_image:QwenImageAdapter"),
 }
 """family name -> (the diffusers pipeline class it adapts, where its adapter lives)."""
 
