@@ -36,6 +36,13 @@ QWEN_IMAGE_LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0
                            "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
                            "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
+#: What ``QwenImagePipeline.save_pretrained`` (or ``huggingface-cli download Qwen/Qwen-Image``)
+#: writes: the folder ``diffusion.model`` may point at.
+QWEN_IMAGE_LAYOUT = ("model_index.json (_class_name QwenImagePipeline), scheduler/"
+                     "scheduler_config.json, text_encoder/ (Qwen2_5_VLForConditionalGeneration), "
+                     "tokenizer/ (Qwen2Tokenizer), transformer/ (QwenImageTransformer2DModel), "
+                     "vae/ (AutoencoderKLQwenImage)")
+
 
 class QwenImageAdapter(FlowAdapter):
     """A Qwen-Image pipeline at a fixed resolution as velocity function, reference and decoder.
@@ -87,6 +94,19 @@ class QwenImageAdapter(FlowAdapter):
         for name, p in last.named_parameters():
             if name.startswith(("attn.to_add_out", "txt_mlp.")):
                 p.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs):
+        """:meth:`FlowAdapter.from_pretrained`; a checkpoint that cannot be found is reported with
+        the folder layout a Qwen-Image pipeline has.
+
+        Raises:
+            FileNotFoundError: neither a local pipeline folder nor in the hub cache / reachable.
+        """
+        try:
+            return super().from_pretrained(name_or_path, **kwargs)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}. Expected folder layout: {QWEN_IMAGE_LAYOUT}") from err
 
     @contextlib.contextmanager
     def _adapters_disabled(self):

@@ -191,7 +191,9 @@ def test_encode_images_is_the_pipelines_packing_of_the_normalized_vae_mean(tiny_
 
 
 def test_missing_weights_name_the_pipeline_and_the_fix():
-    with pytest.raises(FileNotFoundError, match="QwenImagePipeline.*huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match="QwenImagePipeline.*huggingface-cli download.*"
+                                                "Expected folder layout: model_index.json .*"
+                                                "text_encoder/ \\(Qwen2_5_VL"):
         QwenImageAdapter.from_pretrained("org/missing-qwen-image")
 
 
