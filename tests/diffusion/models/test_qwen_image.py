@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conformance import PROMPTS, load  # noqa: E402
 
 from mmrl.diffusion import sample_sde  # noqa: E402
-from mmrl.diffusion.models.base import load_pipeline  # noqa: E402
-from mmrl.diffusion.models.qwen_image import QwenImageAdapter, build_tiny_qwen_image  # noqa: E402
+from mmrl.diffusion.models.qwen_image import (QwenImageAdapter,  # noqa: E402
+                                              build_tiny_qwen_image)
 
 conformance = load()
 SIZE, CFG, NEG = 16, 4.0, " "
