@@ -23,6 +23,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "flux": ("FluxPipeline", "mmrl.diffusion.models.flux:FluxAdapter"),
     "wan": ("WanPipeline", "mmrl.diffusion.models.wan:WanAdapter"),
     "z_image": ("ZImagePipeline", "mmrl.diffusion.models.z_image:ZImageAdapter"),
+    "qwen_image": ("QwenImagePipeline", "mmrl.diffusion.models.qwen_image:QwenImageAdapter"),
 }
 """family name -> (the diffusers pipeline class it adapts, where its adapter lives)."""
 
