@@ -124,7 +124,8 @@ class Evaluator:
         finite = total[torch.isfinite(total)]
         record = {"step": step, "reward_mean": float(finite.mean()) if len(finite) else None,
                   "num_images": len(self.prompts), **files,
-                  **{f"reward/{k}": float(v.mean()) for k, v in cols.items()}}
+                  **{f"reward/{k}": float(v.mean()) for k, v in cols.items()},
+                  "rewards": [float(r) if torch.isfinite(r) else None for r in total]}
         if not self._trimmed:
             self._trim(step)
         with open(self.out / "eval.jsonl", "a") as f:

@@ -113,6 +113,7 @@ def test_evaluator_writes_video_outputs_and_logs_them(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 2, 4]
     assert rec["reward_mean"] == pytest.approx(1.0, abs=1e-5)  # both dots move as named
+    assert rec["rewards"] == pytest.approx([1.0, 1.0], abs=1e-5)  # per prompt, in order
     assert rec["frames"] == 3 and rec["grid"].endswith("step_000002_strip.png")
     assert rec["video"].endswith("step_000002.mp4") and rec["gif"].endswith("step_000002.gif")
     assert decode_mp4(rec["video"]).shape[0] == 3
