@@ -1,7 +1,8 @@
 """Evaluation pictures: the captioned grid layout (shared with the image grid of
-:func:`mmrl.diffusion.evaluate.save_grid`), and the outputs of a video job: one grid video (samples tiled, prompt and reward under
-each) as MP4 (PyAV, H.264) and as an animated GIF (PIL), and a frame-strip PNG (a row per
-sample, a few frames per row, captions) that any image viewer opens.
+:func:`mmrl.diffusion.evaluate.save_grid`), and the outputs of a video job: one grid video
+(samples tiled, prompt and reward under each) as MP4 (PyAV, H.264) and as an animated GIF (PIL),
+and a frame-strip PNG (a row per sample, a few frames per row, captions) that any image viewer
+opens.
 
 Files: ``<output_dir>/eval/step_NNNNNN.mp4``, ``.gif`` and ``_strip.png``
 (:func:`save_video_outputs`); :class:`mmrl.diffusion.evaluate.Evaluator` writes them when the
