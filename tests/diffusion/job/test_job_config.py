@@ -40,7 +40,7 @@ def test_recipes_validate_and_carry_the_paper_settings():
     tree = load_config(REPO / "configs/diffusion/sd35m_pickscore_tree.yaml")
     assert tree.train.group_size == 2 ** 3 and tree.task.sampler == "tree"
     demo = load_config(REPO / "configs/demo/diffusion_tiny.yaml")
-    assert demo.task.reward == "brightness" and demo.algo.max_len == demo.task.num_steps - 1
+    assert demo.task.reward == "prompt_color" and demo.algo.max_len == demo.task.num_steps - 1
 
 
 def test_config_reports_every_problem_before_any_work(tiny_sd3_path, tmp_path):
