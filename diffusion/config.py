@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from mmrl.config.core import cfg
 from mmrl.config.jobs import Job, register_job
-from mmrl.diffusion.models import FAMILIES, pipeline_class_of, resolve_family
+from mmrl.diffusion.models import (FAMILIES, VIDEO_FAMILIES, family_of_class, pipeline_class_of,
+                                   resolve_family)
 
 SAMPLERS = ("full", "window", "sliding", "singular", "tree")
 ODE_SOLVER_NAMES = ("euler", "dpm2")
@@ -53,6 +54,11 @@ class DiffusionConfig:
     frames: int = cfg(0, "Frames per sample of a video family (Wan: 4k + 1, the VAE compresses "
                       "time by 4); 0 = an image job (SD3, FLUX, ...). Rewards then score "
                       "videos [F, 3, H, W].", minimum=0)
+    gradient_checkpointing: bool = cfg(False, "Recompute each transformer block in the "
+                                       "backward pass (diffusers' enable_gradient_checkpointing):"
+                                       " less activation memory for video latents, the same "
+                                       "gradient, about one more forward of time.",
+                                       source="flow_grpo scripts/train_wan2_1.py (on)")
     height: int = cfg(512, "Image height in pixels.", minimum=1)
     width: int = cfg(512, "Image width in pixels.", minimum=1)
     resolution_multiple: int = cfg(16, "Height and width must be multiples of this (VAE factor "
@@ -481,6 +487,7 @@ def preflight(config) -> List[str]:
             resolve_family(c.pipeline, c.model)
         except ValueError as err:
             out.append(f"diffusion.pipeline: {err}")
+    out.extend(frames_problems(c))
     for key in ("prompt_file", "eval_prompt_file"):
         if getattr(c, key):
             out.extend(file_problems(f"diffusion.{key}", getattr(c, key), "prompt file"))
@@ -492,6 +499,31 @@ def preflight(config) -> List[str]:
                 out.append(f"diffusion.reward: {name} path={path!r} not found; fix the path "
                            f"(or leave path= out to use the scorer's hub weights)")
     return out
+
+
+def frames_problems(c: DiffusionConfig) -> List[str]:
+    """``diffusion.frames`` against the family's media: > 0 for a video family (Wan), 0 for an
+    image family; checked when the family is known (named by ``diffusion.pipeline``, or the
+    checkpoint's pipeline class readable from its ``model_index.json``)."""
+    family, where = (c.pipeline, f"diffusion.pipeline={c.pipeline}") if c.pipeline != "auto" \
+        else (None, "")
+    if family is None:
+        found = pipeline_class_of(c.model)
+        try:
+            family = family_of_class(found) if found else None
+        except ValueError:  # an unsupported class: reported by the pipeline check
+            return []
+        where = f"{c.model!r} is a {found}"
+    if family is None or family not in FAMILIES:
+        return []
+    if family in VIDEO_FAMILIES and c.frames == 0:
+        return [f"diffusion.frames=0 but {where} ({family} makes videos); set diffusion.frames "
+                f"to the frames per video, 4k + 1 for Wan (e.g. 33 as flow_grpo, 81 as Wan2.1)"]
+    if family not in VIDEO_FAMILIES and c.frames > 0:
+        return [f"diffusion.frames={c.frames} but {where} ({family} makes images); set "
+                f"diffusion.frames=0 (or use a video family: "
+                f"{', '.join(sorted(VIDEO_FAMILIES))})"]
+    return []
 
 
 def algo_defaults(c: DiffusionConfig) -> dict:

@@ -38,7 +38,7 @@ def build_policy(c: DiffusionConfig, device: str, spec=None,
         c.model, dtype=_dtype(c.dtype, dev), height=c.height, width=c.width,
         guidance_scale=c.guidance_scale, finetune=c.finetune, lora_rank=c.lora_rank,
         lora_alpha=c.lora_alpha, max_sequence_length=c.max_sequence_length, shift=c.shift,
-        frames=c.frames or None)
+        frames=c.frames or None, gradient_checkpointing=c.gradient_checkpointing)
     flow.pipe.to(dev)
     if hasattr(flow, "cfg_uncond_grad"):  # families with classifier-free guidance (SD3)
         flow.cfg_uncond_grad = c.cfg_uncond_grad

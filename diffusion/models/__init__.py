@@ -21,8 +21,13 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     # family: (diffusers pipeline class, "module:adapter class")
     "sd3": ("StableDiffusion3Pipeline", "mmrl.diffusion.models.sd3:SD3Adapter"),
     "flux": ("FluxPipeline", "mmrl.diffusion.models.flux:FluxAdapter"),
+    "wan": ("WanPipeline", "mmrl.diffusion.models.wan:WanAdapter"),
 }
 """family name -> (the diffusers pipeline class it adapts, where its adapter lives)."""
+
+VIDEO_FAMILIES = frozenset({"wan"})
+"""Families whose adapter makes videos (``MEDIA == "video"``; a test keeps them equal), read
+torch-free by the config preflight (``diffusion.frames`` > 0 exactly for these)."""
 
 
 def supported() -> str:

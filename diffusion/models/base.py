@@ -120,6 +120,9 @@ class FlowAdapter:
             config's); a family with its own shift rule rejects a value.
         frames: frames per video of a video family (``MEDIA == "video"``); None for images
             (an image family rejects a number).
+        gradient_checkpointing: recompute each transformer block in the backward pass
+            (diffusers' ``enable_gradient_checkpointing``): less activation memory, the same
+            gradient, about one more forward of time.
 
     Raises:
         ValueError: unknown ``finetune`` mode, lora_rank < 1, a resolution the pipeline cannot
@@ -141,7 +144,8 @@ class FlowAdapter:
     def __init__(self, pipe, *, height: int = 512, width: int = 512, guidance_scale: float = 1.0,
                  finetune: str = "lora", lora_rank: int = 32, lora_alpha: float = 64.0,
                  lora_targets: Optional[Sequence[str]] = None, max_sequence_length: int = 256,
-                 shift: Optional[float] = None, frames: Optional[int] = None):
+                 shift: Optional[float] = None, frames: Optional[int] = None,
+                 gradient_checkpointing: bool = False):
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune={finetune!r}; expected one of {FINETUNE_MODES}")
         self.pipe, self.transformer, self.finetune = pipe, pipe.transformer, finetune
@@ -165,6 +169,8 @@ class FlowAdapter:
             self.ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         else:
             self.transformer.requires_grad_(False)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype = torch.float32,

@@ -76,12 +76,13 @@ def test_the_section_names_the_registries_choices_and_preflight_checks_the_famil
     assert wrong == [f"diffusion.pipeline: diffusion.pipeline='flux' adapts FluxPipeline but "
                      f"{tiny_sd3_path!r} is a StableDiffusion3Pipeline; set "
                      f"diffusion.pipeline=auto (or sd3)"]
-    wan = tmp_path / "wan"
-    wan.mkdir()
-    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
-    got = preflight(tiny_config(str(wan), str(tmp_path)))
+    other = tmp_path / "cogvideo"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    got = preflight(tiny_config(str(other), str(tmp_path)))
     assert len(got) == 1 and got[0].startswith(
-        "diffusion.pipeline: no flow adapter for the pipeline class 'WanPipeline'; supported: "
+        "diffusion.pipeline: no flow adapter for the pipeline class 'CogVideoXPipeline'; "
+        "supported: "
         "sd3 (StableDiffusion3Pipeline), flux (FluxPipeline)")
     with pytest.raises(ConfigError, match="pipeline: got 'sdxl'; expected one of"):
         tiny_config(tiny_sd3_path, str(tmp_path), pipeline="sdxl")

@@ -2,7 +2,9 @@
 ``SchedulerCommonTest``). A family's test file subclasses :class:`FlowAdapterConformance`, sets
 ``FAMILY``, ``SIZE`` and ``KWARGS`` and writes the two hooks that state the library's own
 conventions: :meth:`library_velocity` (the transformer forward as the diffusers pipeline calls
-it) and :meth:`pipeline_latents` (the pipeline's own initial latents, packing included).
+it) and :meth:`pipeline_latents` (the pipeline's own initial latents, packing included). A video
+family sets ``FRAMES`` (frames per sample): the latents, the pipeline call (``num_frames``, its
+``.frames`` output) and the job (``diffusion.frames``) then make videos.
 
 Two gloo ranks equal one process: tests/train/test_distributed.py runs the diffusion job on the
 SD3 demo pipeline that way (a family-independent path: the loop shards rows, not latents).
@@ -42,6 +44,10 @@ class FlowAdapterConformance:
     SIZE = 16
     KWARGS: dict = {}
     STEPS = 4
+    FRAMES = None
+    """Frames per sample of a video family (None: an image family)."""
+    REWARD = "brightness"
+    """The 3-step job's reward (a video family may need a frame-wise lift)."""
 
     # ------------------------------------------------------------------ the family's hooks
     def library_velocity(self, transformer, adapter, latents, sigma, cond):
@@ -49,7 +55,8 @@ class FlowAdapterConformance:
         raise NotImplementedError
 
     def pipeline_latents(self, pipe, generator):
-        """The pipeline's own initial latents ``[1, ...]`` for one SIZE x SIZE image."""
+        """The pipeline's own initial latents ``[1, ...]`` for one SIZE x SIZE image (video:
+        FRAMES frames)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ fixtures
@@ -67,7 +74,7 @@ class FlowAdapterConformance:
         torch.manual_seed(0)  # the LoRA A init draws from the global RNG
         return adapter_cls.from_pretrained(tiny_dir, height=self.SIZE, width=self.SIZE,
                                            finetune=finetune, lora_rank=4, lora_alpha=8,
-                                           **{**self.KWARGS, **kw})
+                                           frames=self.FRAMES, **{**self.KWARGS, **kw})
 
     @pytest.fixture(scope="class")
     def frozen(self, adapter_cls, tiny_dir):
@@ -76,14 +83,16 @@ class FlowAdapterConformance:
 
     def inputs(self, adapter):
         g = torch.Generator().manual_seed(3)
-        x = torch.randn((2, *adapter.latent_shape(self.SIZE, self.SIZE)), generator=g)
+        x = torch.randn((2, *adapter.latent_shape(self.SIZE, self.SIZE, self.FRAMES)),
+                        generator=g)
         return x, torch.tensor([0.8, 0.3]), adapter.encode_prompt(PROMPTS)
 
     def policy(self, adapter, tiny_dir, **section):
         from mmrl.diffusion.config import DiffusionConfig
         from mmrl.diffusion.policy import DiffusionGroupPolicy
         c = DiffusionConfig(model=tiny_dir, height=self.SIZE, width=self.SIZE,
-                            num_steps=self.STEPS, eval_num_steps=self.STEPS, **section)
+                            num_steps=self.STEPS, eval_num_steps=self.STEPS,
+                            frames=self.FRAMES or 0, **section)
         return DiffusionGroupPolicy(adapter, c)
 
     @staticmethod
@@ -118,19 +127,26 @@ class FlowAdapterConformance:
     def test_latents_and_ode_sampling_equal_the_pipelines_own(self, frozen):
         from mmrl.diffusion import sample_sde
         latents = self.pipeline_latents(frozen.pipe, torch.Generator().manual_seed(0))
-        assert tuple(latents.shape) == (1, *frozen.latent_shape(self.SIZE, self.SIZE))
+        assert tuple(latents.shape) == (1, *frozen.latent_shape(self.SIZE, self.SIZE,
+                                                                 self.FRAMES))
         noise = torch.randn(2, *latents.shape[1:], generator=torch.Generator().manual_seed(0))
         traj = sample_sde(frozen, noise, frozen.sigmas(self.STEPS), frozen.encode_prompt(PROMPTS),
                           sde_steps=[])
+        video = {} if self.FRAMES is None else {"num_frames": self.FRAMES}
         with torch.no_grad():
-            expected = frozen.pipe(PROMPTS, height=self.SIZE, width=self.SIZE,
-                                   num_inference_steps=self.STEPS,
-                                   guidance_scale=self.KWARGS["guidance_scale"],
-                                   latents=noise.clone(), output_type="pt",
-                                   max_sequence_length=self.KWARGS["max_sequence_length"]).images
+            out = frozen.pipe(PROMPTS, height=self.SIZE, width=self.SIZE,
+                              num_inference_steps=self.STEPS,
+                              guidance_scale=self.KWARGS["guidance_scale"],
+                              latents=noise.clone(), output_type="pt",
+                              max_sequence_length=self.KWARGS["max_sequence_length"], **video)
+        expected = out.images if self.FRAMES is None else out.frames  # [B, (F,) 3, H, W]
         torch.testing.assert_close(frozen.decode(traj.final), expected, rtol=0, atol=1e-5)
-        with pytest.raises(ValueError, match="frames=None"):
-            frozen.latent_shape(self.SIZE, self.SIZE, frames=4)
+        if self.FRAMES is None:
+            with pytest.raises(ValueError, match="frames=None"):
+                frozen.latent_shape(self.SIZE, self.SIZE, frames=4)
+        else:
+            with pytest.raises(ValueError, match=f"frames={self.FRAMES + 1}"):
+                frozen.latent_shape(self.SIZE, self.SIZE, frames=self.FRAMES + 1)
 
     def test_rollout_logp_equals_the_recomputed_logp_ratio_exactly_one(self, adapter_cls,
                                                                         tiny_dir):
@@ -193,7 +209,7 @@ class FlowAdapterConformance:
         merged = pipeline.from_pretrained(str(tmp_path / "merged"), **absent)
         for loaded in (pipe, merged):
             wrapped = adapter_cls(loaded, height=self.SIZE, width=self.SIZE, finetune="none",
-                                  **self.KWARGS)
+                                  frames=self.FRAMES, **self.KWARGS)
             with torch.no_grad():
                 torch.testing.assert_close(wrapped.velocity(x, sigma, cond), live, rtol=0,
                                            atol=1e-5)
@@ -210,7 +226,8 @@ class FlowAdapterConformance:
             "diffusion": {"model": tiny_dir, "pipeline": "auto", "dtype": "float32",
                           "lora_rank": 4, "lora_alpha": 8, "height": self.SIZE,
                           "width": self.SIZE, "resolution_multiple": 1, "num_steps": 3,
-                          "eval_num_steps": 3, "reward": "brightness", "prompts": PROMPTS,
+                          "eval_num_steps": 3, "reward": self.REWARD, "prompts": PROMPTS,
+                          **({} if self.FRAMES is None else {"frames": self.FRAMES}),
                           **self.KWARGS}})
         summary = run(cfg)
         names = set(self.make(adapter_cls, tiny_dir).trainable_state_dict())

@@ -54,9 +54,9 @@ class TestSD3Adapter(conformance.FlowAdapterConformance):
     def test_unknown_pipeline_classes_and_mismatched_families_are_named(self, tiny_dir,
                                                                         tmp_path):
         from mmrl.diffusion.models import adapter_class, family_of_class, resolve_family
-        with pytest.raises(ValueError, match=r"'WanPipeline'; supported: sd3 \(StableDiffusion3"
+        with pytest.raises(ValueError, match=r"'CogVideoXPipeline'; supported: sd3 \(StableDiffusion3"
                                              r"Pipeline\), flux \(FluxPipeline\)"):
-            family_of_class("WanPipeline")
+            family_of_class("CogVideoXPipeline")
         with pytest.raises(ValueError, match="did you mean 'flux'"):
             adapter_class("flx")
         with pytest.raises(ValueError, match="adapts FluxPipeline but .* is a "
