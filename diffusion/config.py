@@ -271,6 +271,7 @@ class DiffusionConfig:
             out.append("prompts/prompt_file: no training prompts; set prompt_file: PATH (one "
                        "prompt per line) or prompts: [...]")
         out.extend(reward_spec_problems(self.reward))
+        out.extend(reward_media_problems(self.reward, self.frames))
         out.extend(self._matching_problems())
         return out
 
@@ -378,6 +379,33 @@ def reward_spec_problems(spec: str) -> List[str]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
                 not math.isfinite(weight):
             out.append(f"reward: {name} weight={weight!r}; expected a finite number")
+    return out
+
+
+def reward_media_problems(spec: str, frames: int) -> List[str]:
+    """Scorers that score the other media than the job's samples (contract: an image job's
+    reward scores ``[B, 3, H, W]``, a video job's (``frames > 0``) ``[B, F, 3, H, W]``), and
+    the ``frames`` lift's own options; torch-free (:data:`mmrl.rewards.specs.VIDEO_SCORERS`)."""
+    from mmrl.rewards.specs import SCORERS, frames_problems, media_of, parse_specs
+    try:
+        items = parse_specs(spec)
+    except (ValueError, TypeError):
+        return []  # reward_spec_problems reports it
+    out = []
+    for name, options in items:
+        if name not in SCORERS:
+            continue
+        if name == "frames":
+            out.extend(f"reward: {p}" for p in frames_problems(options))
+        if media_of(name) == "video" and not frames:
+            out.append(f"reward: {name} scores videos [B, F, 3, H, W] but diffusion.frames=0 "
+                       f"(an image job); set diffusion.frames to the frames per sample of a "
+                       f"video family (e.g. 33 for Wan) or pick an image scorer")
+        elif media_of(name) == "image" and frames:
+            out.append(f"reward: {name} scores images [B, 3, H, W] but diffusion.frames={frames} "
+                       f"(a video job: samples are [F, 3, H, W]); lift it: "
+                       f"frames:scorer={name}:reduce=mean (num=N to score N frames), or set "
+                       f"diffusion.frames=0 for an image family")
     return out
 
 

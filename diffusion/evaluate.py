@@ -3,7 +3,11 @@
 The evaluation sampler is the deterministic ODE (Euler) sampler on its own schedule (flow_grpo
 evaluates with 40 steps while training with 10), from a fixed noise per prompt, so grids of
 different steps show the same seeds and differ only by the weights. Results go to
-``<output_dir>/eval.jsonl`` (one line per evaluation) and ``<output_dir>/eval/step_NNNNNN.png``.
+``<output_dir>/eval.jsonl`` (one line per evaluation) and ``<output_dir>/eval/step_NNNNNN.png``;
+a video job (``sample_ode`` returns ``[B, F, 3, H, W]``) writes ``step_NNNNNN.mp4``, ``.gif``
+and ``_strip.png`` instead (:mod:`mmrl.diffusion.eval_video`). With a
+:class:`mmrl.train.observe.MediaLog` the grid (or the strip and the video) also goes to
+TensorBoard / W&B.
 """
 from __future__ import annotations
 
@@ -44,6 +48,50 @@ def weighted(columns: Dict[str, Tensor], weights: Dict[str, float]) -> Tensor:
     return sum(float(weights.get(k, 1.0)) * v for k, v in columns.items())
 
 
+def grid_layout(n: int, height: int, width: int, captions: Sequence[str], *, cols: int = 4,
+                min_cell: int = 128):
+    """A white canvas with a caption under each of ``n`` cells of ``height x width`` pixels
+    upscaled (nearest) to at least ``min_cell``; returns ``(canvas, [(x, y)], (cw, ch))``: the
+    PIL canvas, each cell's top-left corner and the cell size (paste the pictures there).
+
+    Raises:
+        ValueError: a caption count that differs from ``n``.
+    """
+    from PIL import Image, ImageDraw
+
+    if len(captions) != n:
+        raise ValueError(f"got {len(captions)} captions for {n} images; pass one caption per "
+                         f"image")
+    scale = max(1, -(-min_cell // max(height, width)))  # ceil: the smallest zoom reaching min_cell
+    cw, ch = width * scale, height * scale
+    line_chars = max(12, cw // 7)
+    wrapped = [textwrap.wrap(c, line_chars)[:4] or [""] for c in captions]
+    text_h = 12 * max(len(w) for w in wrapped) + 6
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    canvas = Image.new("RGB", (cols * cw, rows * (ch + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    corners = [((i % cols) * cw, (i // cols) * (ch + text_h)) for i in range(n)]
+    for (x, y), lines in zip(corners, wrapped):
+        for j, line in enumerate(lines):
+            draw.text((x + 3, y + ch + 3 + 12 * j), line, fill="black")
+    return canvas, corners, (cw, ch)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """``[..., 3, H, W]`` float in [0, 1] -> ``[..., H, W, 3]`` uint8 on the CPU."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return pixels.movedim(-3, -1)
+
+
+def paste_tiles(canvas, tiles: Tensor, corners, cell) -> None:
+    """Paste ``tiles`` ``[B, H, W, 3]`` uint8 into ``canvas`` at ``corners``, resized to
+    ``cell`` with nearest-neighbour."""
+    from PIL import Image
+    for tile, corner in zip(tiles, corners):
+        canvas.paste(Image.fromarray(tile.numpy()).resize(cell, Image.NEAREST), corner)
+
+
 def save_grid(images: Tensor, captions: Sequence[str], path, *, cols: int = 4,
               min_cell: int = 128) -> Path:
     """Write ``images`` ``[B, 3, H, W]`` in [0, 1] as one PNG with a caption under each image.
@@ -54,31 +102,12 @@ def save_grid(images: Tensor, captions: Sequence[str], path, *, cols: int = 4,
     Raises:
         ValueError: images not ``[B, 3, H, W]`` or a caption count that differs from B.
     """
-    from PIL import Image, ImageDraw
-
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images has shape {got}; expected a float tensor [B, 3, H, W] in [0, 1]")
-    if len(captions) != images.shape[0]:
-        raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images; pass one "
-                         f"caption per image")
     B, _, H, W = images.shape
-    scale = max(1, -(-min_cell // max(H, W)))  # ceil: the smallest integer zoom reaching min_cell
-    cw, ch = W * scale, H * scale
-    line_chars = max(12, cw // 7)
-    wrapped = [textwrap.wrap(c, line_chars)[:4] or [""] for c in captions]
-    text_h = 12 * max(len(w) for w in wrapped) + 6
-    cols = max(1, min(cols, B))
-    rows = -(-B // cols)
-    canvas = Image.new("RGB", (cols * cw, rows * (ch + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    for i in range(B):
-        x, y = (i % cols) * cw, (i // cols) * (ch + text_h)
-        tile = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize((cw, ch), Image.NEAREST)
-        canvas.paste(tile, (x, y))
-        for j, line in enumerate(wrapped[i]):
-            draw.text((x + 3, y + ch + 3 + 12 * j), line, fill="black")
+    canvas, corners, cell = grid_layout(B, H, W, captions, cols=cols, min_cell=min_cell)
+    paste_tiles(canvas, to_uint8(images), corners, cell)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
@@ -96,16 +125,20 @@ class Evaluator:
         out_dir: the run's output directory.
         seed: the evaluation noise seed (fixed, so every evaluation uses the same noise).
         batch_size: images per sampling call.
+        fps: frame rate of the evaluation videos.
+        media: where the pictures are logged besides the files (TensorBoard / W&B), or None.
     """
 
     def __init__(self, policy, prompts: Sequence[str], reward_fn, weights: Dict[str, float],
-                 out_dir, *, seed: int = 0, batch_size: int = 8):
+                 out_dir, *, seed: int = 0, batch_size: int = 8, fps: float = 8.0,
+                 media=None):
         if not prompts:
             raise ValueError("no evaluation prompts; set diffusion.eval_prompts, "
                              "diffusion.eval_prompt_file or diffusion.eval_holdout > 0")
         self.policy, self.prompts, self.reward_fn = policy, list(prompts), reward_fn
         self.weights, self.out = dict(weights), Path(out_dir)
         self.seed, self.batch_size = seed, max(1, batch_size)
+        self.fps, self.media = fps, media
         self._trimmed = False
 
     def _trim(self, step: int) -> None:
@@ -130,16 +163,33 @@ class Evaluator:
         cols = reward_columns(self.reward_fn, images, self.prompts)
         total = weighted(cols, self.weights)
         captions = [f"{p} | r={float(r):.4f}" for p, r in zip(self.prompts, total)]
-        grid = save_grid(images, captions, self.out / "eval" / f"step_{step:06d}.png")
+        files = self._write(images, captions, step)
         finite = total[torch.isfinite(total)]
         record = {"step": step, "reward_mean": float(finite.mean()) if len(finite) else None,
-                  "num_images": len(self.prompts), "grid": str(grid),
+                  "num_images": len(self.prompts), **files,
                   **{f"reward/{k}": float(v.mean()) for k, v in cols.items()}}
         if not self._trimmed:
             self._trim(step)
         with open(self.out / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+    def _write(self, samples: Tensor, captions: List[str], step: int) -> Dict[str, Any]:
+        """The grid PNG (images) or the MP4, GIF and strip PNG (videos ``[B, F, 3, H, W]``:
+        ``grid`` is then the strip); logged to the media log when there is one."""
+        folder = self.out / "eval"
+        if samples.dim() == 5:
+            from mmrl.diffusion.eval_video import save_video_outputs
+            files: Dict[str, Any] = save_video_outputs(samples, captions, folder, step,
+                                                       fps=self.fps)
+            files = {"grid": files["strip"], "video": files["video"], "gif": files["gif"],
+                     "frames": int(samples.shape[1])}
+        else:
+            files = {"grid": str(save_grid(samples, captions, folder / f"step_{step:06d}.png"))}
+        if self.media is not None:
+            self.media.log(step, images={"eval/grid": files["grid"]},
+                           videos={"eval/video": files["video"]} if "video" in files else {})
+        return files
 
 
 def read_prompts(path: Optional[str], inline: Optional[List[str]], what: str) -> List[str]:

@@ -75,9 +75,11 @@ def attach_evaluator(policy: DiffusionGroupPolicy, config, eval_prompts, reward,
         warnings.warn("diffusion.eval_every is set but there are no eval prompts; "
                       "evaluation is off (set eval_prompts or eval_holdout)", stacklevel=3)
         return
+    from mmrl.train.observe import MediaLog
+    media = MediaLog(config.train.output_dir, wandb_project=config.train.wandb_project)
     policy.evaluator = Evaluator(policy, eval_prompts, reward, config.algo.reward_weights,
                                  config.train.output_dir, seed=config.train.seed,
-                                 batch_size=c.eval_batch_size)
+                                 batch_size=c.eval_batch_size, media=media)
     policy.eval_every = c.eval_every
 
 
@@ -118,6 +120,8 @@ def run(config) -> Dict[str, Any]:
                            verifier=verifier, read_pairs=read_pair_file)
     if policy.evaluator is not None and summary.get("stopped") is None:
         summary["eval"] = policy.evaluator(summary["steps"])  # the grid after the last step
+    if policy.evaluator is not None and policy.evaluator.media is not None:
+        policy.evaluator.media.close()
     return summary
 
 

@@ -38,13 +38,31 @@ def default_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     return torch.device(device)
 
 
-def check_images(images: Any) -> Tuple[str, int]:
+def lift_hint(name: str) -> str:
+    """How to score videos with the image scorer ``name`` (the frame-wise lift)."""
+    return (f"lift it to video with the frames scorer: spec 'frames:scorer={name}:reduce=mean' "
+            f"(Python: mmrl.rewards.load('frames', scorer={name!r}, reduce='mean'))")
+
+
+def check_images(images: Any, name: str = "NAME") -> Tuple[str, int]:
     """Validate a batch of images; return ``("pil" | "tensor", B)``.
+
+    Args:
+        images: B PIL images or a float tensor ``[B, C, H, W]`` in [0, 1].
+        name: the scorer's registered name, for the hint when a video batch is passed.
 
     Raises:
         TypeError: neither a list of PIL images nor a float tensor.
-        ValueError: empty batch, wrong tensor rank/channels, or values outside [0, 1].
+        ValueError: empty batch, wrong tensor rank/channels, values outside [0, 1], or videos
+            (``[B, F, 3, H, W]``, a list of ``[F, 3, H, W]``) given to an image scorer.
     """
+    if isinstance(images, torch.Tensor) and images.dim() == 5 or \
+            isinstance(images, (list, tuple)) and images and \
+            isinstance(images[0], torch.Tensor) and images[0].dim() == 4:
+        got = (tuple(images.shape) if isinstance(images, torch.Tensor)
+               else f"{len(images)} x {tuple(images[0].shape)}")
+        raise ValueError(f"{name} scores images [B, 3, H, W] but got videos {got} "
+                         f"([B, F, 3, H, W]); {lift_hint(name)}")
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] not in (1, 3, 4):
             raise ValueError(f"image tensor has shape {tuple(images.shape)}; expected [B, C, H, W] "
@@ -149,6 +167,9 @@ class Scorer:
     scale: str = ""
     #: whether prompts matter (False for prompt-free scorers such as aesthetic or rule rewards)
     uses_prompts: bool = True
+    #: what it scores: "image" (``[B, 3, H, W]``) or "video" (``[B, F, 3, H, W]``,
+    #: :class:`mmrl.rewards.video.VideoScorer`); ``compose`` refuses a mix
+    media: str = "image"
 
     def __init__(self, batch_size: int = 32, grad: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -162,7 +183,7 @@ class Scorer:
 
     def __call__(self, images: Images, prompts: Optional[Sequence[str]],
                  metadata: Optional[Sequence[Any]] = None) -> torch.Tensor:
-        kind, n = check_images(images)
+        kind, n = check_images(images, self.name)
         if prompts is None and not self.uses_prompts:
             prompts = [""] * n  # prompt-free scorers (aesthetic, rules) may be called without
         prompts = check_prompts(prompts, n)

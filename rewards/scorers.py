@@ -31,6 +31,13 @@ def accepted_options(name: str) -> List[str]:
                                        inspect.Parameter.VAR_POSITIONAL)]
 
 
+def forwards_options(name: str) -> bool:
+    """Whether the scorer ``name`` hands options it does not take to another scorer (its
+    ``__init__`` has ``**options``, like ``frames``), which checks them."""
+    params = inspect.signature(scorer_class(name).__init__).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def load(name: str, path: Optional[str] = None, device=None, dtype=None, **options):
     """Build the scorer registered as ``name``: ``scorer(images, prompts) -> Tensor[B]``.
 
@@ -54,7 +61,7 @@ def load(name: str, path: Optional[str] = None, device=None, dtype=None, **optio
             kwargs[key] = value
     ok = accepted_options(name)
     bad = [k for k in kwargs if k not in ok]
-    if bad:
+    if bad and not forwards_options(name):
         raise TypeError(f"scorer {name!r} does not take {', '.join(map(repr, bad))} "
                         f"(it takes: {', '.join(ok)}); remove it or pick another scorer")
     return factory(**kwargs)
@@ -72,6 +79,15 @@ class ComposedScorer(CombinedReward):
     def __init__(self, scorers: Mapping[str, Union[Any, Tuple[Any, float]]]):
         super().__init__(scorers)
         self.uses_prompts = any(getattr(f, "uses_prompts", True) for f in self.fns.values())
+        media = {k: getattr(f, "media", "image") for k, f in self.fns.items()}
+        if len(set(media.values())) > 1:
+            video = [k for k, m in media.items() if m == "video"]
+            image = [k for k, m in media.items() if m != "video"]
+            raise ValueError(f"cannot compose image scorers ({', '.join(image)}) with video "
+                             f"scorers ({', '.join(video)}): one job scores one kind of "
+                             f"sample; for videos lift each image scorer, e.g. "
+                             f"frames:scorer={image[0].split('#')[0]}:reduce=mean")
+        self.media = next(iter(media.values()))
 
     def __call__(self, images, prompts=None, metadata=None) -> Dict[str, Any]:
         if prompts is None and not self.uses_prompts:
@@ -155,5 +171,5 @@ def candidate_probs(scores: torch.Tensor,
     return e / z[g]
 
 
-__all__ = ["SCORERS", "load", "compose", "ComposedScorer", "parse_spec", "parse_specs",
+__all__ = ["SCORERS", "load", "forwards_options", "compose", "ComposedScorer", "parse_spec", "parse_specs",
            "accepted_options", "scorer_class", "candidate_probs"]

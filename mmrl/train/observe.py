@@ -57,6 +57,60 @@ class MetricsLog:
             self.wandb.finish()
 
 
+class MediaLog:
+    """Pictures and videos of a run (the diffusion evaluation's grids) to TensorBoard and W&B,
+    beside :class:`MetricsLog`, which the runner owns and the evaluator cannot reach.
+
+    TensorBoard: its own writer in ``<out>/tb`` (event files ending ``.media``, so one
+    TensorBoard run shows scalars and pictures); videos are not sent there (``add_video`` needs
+    moviepy): log a frame strip as an image instead. W&B (``wandb_project`` set): the run
+    :class:`MetricsLog` opened (``wandb.run``); once it has finished (the evaluation after the
+    last step) that run is resumed by its id, logged to and finished again.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None):
+        self.out, self.tensorboard, self.project = Path(out_dir), tensorboard, wandb_project
+        self.tb, self.run_id = None, None
+
+    def log(self, step: int, images: Dict[str, str], videos: Dict[str, str]) -> None:
+        """``images`` / ``videos``: ``{tag: file path}`` (PNG; MP4 or GIF)."""
+        if self.tensorboard and self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out / "tb"), filename_suffix=".media")
+            except Exception:  # tensorboard is optional
+                self.tensorboard = False
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+            for tag, path in images.items():
+                self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step,
+                                  dataformats="HWC")
+            self.tb.flush()
+        if self.project:
+            self._wandb(step, images, videos)
+
+    def _wandb(self, step: int, images: Dict[str, str], videos: Dict[str, str]) -> None:
+        import wandb
+        run, resumed = wandb.run, False
+        if run is None and self.run_id is None:
+            return  # no run to log to (the metrics log opens it)
+        if run is None:
+            run, resumed = wandb.init(project=self.project, id=self.run_id, resume="must",
+                                      dir=str(self.out)), True
+        self.run_id = run.id
+        run.log({**{k: wandb.Image(v) for k, v in images.items()},
+                 **{k: wandb.Video(v) for k, v in videos.items()}}, step=step)
+        if resumed:
+            run.finish()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line)["step"])

@@ -170,3 +170,25 @@ def test_evaluation_is_wired_on_the_main_rank_only(tmp_path):
     with pytest.warns(UserWarning, match="no eval prompts; evaluation is off"):
         attach_evaluator(policy, cfg, [], reward=None, is_main=True)
     assert policy.evaluator is None
+
+
+def test_the_reward_must_score_the_jobs_media(tmp_path):
+    """A video reward on an image job, an image reward on a video job and bad ``frames`` lift
+    options are config problems naming the value and the fix (torch-free, before any work)."""
+    from mmrl.diffusion.config import reward_media_problems
+
+    with pytest.raises(ConfigError) as err:
+        tiny_config(str(tmp_path), str(tmp_path), reward="motion_direction")
+    assert ("reward: motion_direction scores videos [B, F, 3, H, W] but diffusion.frames=0 (an "
+            "image job); set diffusion.frames to the frames per sample of a video family") in \
+        str(err.value)
+    assert reward_media_problems("pickscore:weight=2,flicker", 9) == [
+        "reward: pickscore scores images [B, 3, H, W] but diffusion.frames=9 (a video job: "
+        "samples are [F, 3, H, W]); lift it: frames:scorer=pickscore:reduce=mean (num=N to "
+        "score N frames), or set diffusion.frames=0 for an image family"]
+    assert reward_media_problems("frames:scorer=pickscore:num=8,motion_direction", 9) == []
+    assert reward_media_problems("frames:scorer=pickscore:num=8:every=2", 9) == [
+        "reward: frames: got num and every; pick one way to sample frames (num=N uniformly "
+        "spaced, indices=[...] or every=k)"]
+    assert reward_media_problems("frames:scorer=brightness", 0)[0].startswith(
+        "reward: frames scores videos")
