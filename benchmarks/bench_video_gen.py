@@ -260,8 +260,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
     torch.set_num_threads(1)
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     if a.side:
         a.frames = a.frames_one
         print(json.dumps(run_job(a)))
