@@ -68,10 +68,10 @@ WAN_TINY = dict(WAN_1P3B, num_attention_heads=2, attention_head_dim=12, text_dim
                 ffn_dim=32, num_layers=2)
 QWEN_TINY = dict(QWEN_IMAGE, num_layers=2, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
-# LoRA on the attention projections (flow_grpo's SD3 targets without the text stream's; rank 32,
-# alpha 64 as flow_grpo's LoRA runs).
-LORA_TARGETS = {"wan": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"],
-                "qwen_image": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]}
+# LoRA rank 32, alpha 64 as flow_grpo's LoRA runs. Wan: the adapter's own targets
+# (mmrl.diffusion.models.wan.WAN_LORA_TARGETS, flow_grpo's train_wan2_1.py: to_q / to_k / to_v /
+# to_out.0 of self- and cross-attention); Qwen-Image: the image stream's attention projections.
+LORA_TARGETS = {"qwen_image": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]}
 
 
 class PhaseTimeout(Exception):
@@ -285,6 +285,13 @@ def _sizes(args):
             "qwen_image": (args.qwen_size, args.qwen_size, 1)}
 
 
+def _lora_targets(name: str) -> list:
+    if name == "wan":
+        from mmrl.diffusion.models.wan import WAN_LORA_TARGETS
+        return list(WAN_LORA_TARGETS)
+    return LORA_TARGETS[name]
+
+
 def _setup(fam, args, device):
     """The bf16 model with LoRA (and checkpointing), its AdamW, and the report's static part."""
     from peft import LoraConfig
@@ -294,7 +301,7 @@ def _setup(fam, args, device):
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                  init_lora_weights="gaussian",
-                                 target_modules=LORA_TARGETS[fam.name]))
+                                 target_modules=_lora_targets(fam.name)))
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
     lora = [p for p in model.parameters() if p.requires_grad]
