@@ -1,6 +1,8 @@
-"""Evaluation outputs of a video job: one grid video (samples tiled, prompt and reward under
-each) as MP4 (PyAV, H.264) and as an animated GIF (PIL), and a frame-strip PNG (a row per
-sample, a few frames per row, captions) that any image viewer opens.
+"""Evaluation pictures: the captioned grid layout (shared with the image grid of
+:func:`mmrl.diffusion.evaluate.save_grid`), and the outputs of a video job: one grid video
+(samples tiled, prompt and reward under each) as MP4 (PyAV, H.264) and as an animated GIF (PIL),
+and a frame-strip PNG (a row per sample, a few frames per row, captions) that any image viewer
+opens.
 
 Files: ``<output_dir>/eval/step_NNNNNN.mp4``, ``.gif`` and ``_strip.png``
 (:func:`save_video_outputs`); :class:`mmrl.diffusion.evaluate.Evaluator` writes them when the
@@ -8,15 +10,58 @@ policy's ``sample_ode`` returns ``[B, F, 3, H, W]``.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from mmrl.diffusion.evaluate import grid_layout, paste_tiles, to_uint8
-
 Tensor = torch.Tensor
+
+
+def grid_layout(n: int, height: int, width: int, captions: Sequence[str], *, cols: int = 4,
+                min_cell: int = 128):
+    """A white canvas with a caption under each of ``n`` cells of ``height x width`` pixels
+    upscaled (nearest) to at least ``min_cell``; returns ``(canvas, [(x, y)], (cw, ch))``: the
+    PIL canvas, each cell's top-left corner and the cell size (paste the pictures there).
+
+    Raises:
+        ValueError: a caption count that differs from ``n``.
+    """
+    from PIL import Image, ImageDraw
+
+    if len(captions) != n:
+        raise ValueError(f"got {len(captions)} captions for {n} images; pass one caption per "
+                         f"image")
+    scale = max(1, -(-min_cell // max(height, width)))  # ceil: the smallest zoom reaching min_cell
+    cw, ch = width * scale, height * scale
+    line_chars = max(12, cw // 7)
+    wrapped = [textwrap.wrap(c, line_chars)[:4] or [""] for c in captions]
+    text_h = 12 * max(len(w) for w in wrapped) + 6
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    canvas = Image.new("RGB", (cols * cw, rows * (ch + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    corners = [((i % cols) * cw, (i // cols) * (ch + text_h)) for i in range(n)]
+    for (x, y), lines in zip(corners, wrapped):
+        for j, line in enumerate(lines):
+            draw.text((x + 3, y + ch + 3 + 12 * j), line, fill="black")
+    return canvas, corners, (cw, ch)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """``[..., 3, H, W]`` float in [0, 1] -> ``[..., H, W, 3]`` uint8 on the CPU."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return pixels.movedim(-3, -1)
+
+
+def paste_tiles(canvas, tiles: Tensor, corners, cell) -> None:
+    """Paste ``tiles`` ``[B, H, W, 3]`` uint8 into ``canvas`` at ``corners``, resized to
+    ``cell`` with nearest-neighbour."""
+    from PIL import Image
+    for tile, corner in zip(tiles, corners):
+        canvas.paste(Image.fromarray(tile.numpy()).resize(cell, Image.NEAREST), corner)
 
 
 def _check(videos: Tensor, captions: Sequence[str]) -> None:

@@ -12,11 +12,12 @@ TensorBoard / W&B.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+from mmrl.diffusion.eval_video import grid_layout, paste_tiles, save_video_outputs, to_uint8
 
 Tensor = torch.Tensor
 
@@ -46,50 +47,6 @@ def reward_columns(reward_fn, images: Tensor, prompts: Sequence[str]) -> Dict[st
 def weighted(columns: Dict[str, Tensor], weights: Dict[str, float]) -> Tensor:
     """``Σ_k w_k r_k`` over the columns (missing weights are 1) -> ``[B]``."""
     return sum(float(weights.get(k, 1.0)) * v for k, v in columns.items())
-
-
-def grid_layout(n: int, height: int, width: int, captions: Sequence[str], *, cols: int = 4,
-                min_cell: int = 128):
-    """A white canvas with a caption under each of ``n`` cells of ``height x width`` pixels
-    upscaled (nearest) to at least ``min_cell``; returns ``(canvas, [(x, y)], (cw, ch))``: the
-    PIL canvas, each cell's top-left corner and the cell size (paste the pictures there).
-
-    Raises:
-        ValueError: a caption count that differs from ``n``.
-    """
-    from PIL import Image, ImageDraw
-
-    if len(captions) != n:
-        raise ValueError(f"got {len(captions)} captions for {n} images; pass one caption per "
-                         f"image")
-    scale = max(1, -(-min_cell // max(height, width)))  # ceil: the smallest zoom reaching min_cell
-    cw, ch = width * scale, height * scale
-    line_chars = max(12, cw // 7)
-    wrapped = [textwrap.wrap(c, line_chars)[:4] or [""] for c in captions]
-    text_h = 12 * max(len(w) for w in wrapped) + 6
-    cols = max(1, min(cols, n))
-    rows = -(-n // cols)
-    canvas = Image.new("RGB", (cols * cw, rows * (ch + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    corners = [((i % cols) * cw, (i // cols) * (ch + text_h)) for i in range(n)]
-    for (x, y), lines in zip(corners, wrapped):
-        for j, line in enumerate(lines):
-            draw.text((x + 3, y + ch + 3 + 12 * j), line, fill="black")
-    return canvas, corners, (cw, ch)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """``[..., 3, H, W]`` float in [0, 1] -> ``[..., H, W, 3]`` uint8 on the CPU."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return pixels.movedim(-3, -1)
-
-
-def paste_tiles(canvas, tiles: Tensor, corners, cell) -> None:
-    """Paste ``tiles`` ``[B, H, W, 3]`` uint8 into ``canvas`` at ``corners``, resized to
-    ``cell`` with nearest-neighbour."""
-    from PIL import Image
-    for tile, corner in zip(tiles, corners):
-        canvas.paste(Image.fromarray(tile.numpy()).resize(cell, Image.NEAREST), corner)
 
 
 def save_grid(images: Tensor, captions: Sequence[str], path, *, cols: int = 4,
@@ -167,7 +124,8 @@ class Evaluator:
         finite = total[torch.isfinite(total)]
         record = {"step": step, "reward_mean": float(finite.mean()) if len(finite) else None,
                   "num_images": len(self.prompts), **files,
-                  **{f"reward/{k}": float(v.mean()) for k, v in cols.items()}}
+                  **{f"reward/{k}": float(v.mean()) for k, v in cols.items()},
+                  "rewards": [float(r) if torch.isfinite(r) else None for r in total]}
         if not self._trimmed:
             self._trim(step)
         with open(self.out / "eval.jsonl", "a") as f:
@@ -179,7 +137,6 @@ class Evaluator:
         ``grid`` is then the strip); logged to the media log when there is one."""
         folder = self.out / "eval"
         if samples.dim() == 5:
-            from mmrl.diffusion.eval_video import save_video_outputs
             files: Dict[str, Any] = save_video_outputs(samples, captions, folder, step,
                                                        fps=self.fps)
             files = {"grid": files["strip"], "video": files["video"], "gif": files["gif"],

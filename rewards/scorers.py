@@ -171,5 +171,6 @@ def candidate_probs(scores: torch.Tensor,
     return e / z[g]
 
 
-__all__ = ["SCORERS", "load", "forwards_options", "compose", "ComposedScorer", "parse_spec", "parse_specs",
+__all__ = ["SCORERS", "load", "forwards_options", "compose", "ComposedScorer", "parse_spec",
+           "parse_specs",
            "accepted_options", "scorer_class", "candidate_probs"]

@@ -50,7 +50,8 @@ def test_mp4_gif_and_strip_of_a_video_batch(tmp_path):
     assert np.abs(frames[0, 64, 192].astype(int)).max() <= 24
     assert np.abs(frames[-1, 64, 192].astype(int) - [0, 0, 255]).max() <= 24
     gif = Image.open(files["gif"])  # PIL would merge equal consecutive frames: these differ
-    assert gif.n_frames == 4 and gif.info["duration"] == 250 and gif.size == (frames.shape[2], frames.shape[1])
+    assert gif.n_frames == 4 and gif.info["duration"] == 250
+    assert gif.size == (frames.shape[2], frames.shape[1])
     gif.seek(3)
     assert gif.convert("RGB").getpixel((192, 64)) == (0, 0, 255)
     strip = Image.open(files["strip"]).convert("RGB")
@@ -65,7 +66,7 @@ def test_mp4_gif_and_strip_of_a_video_batch(tmp_path):
 
 
 class VideoPolicy:
-    """``sample_ode`` returns a dot moving right (prompt 0) or left (prompt 1), ``[b, 3, 3, 4, 4]``."""
+    """``sample_ode``: a dot moving right (prompts naming right) or left, ``[b, 3, 3, 4, 4]``."""
 
     def noise(self, n, generator):
         return torch.randn(n, 1, generator=generator)
@@ -113,6 +114,7 @@ def test_evaluator_writes_video_outputs_and_logs_them(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 2, 4]
     assert rec["reward_mean"] == pytest.approx(1.0, abs=1e-5)  # both dots move as named
+    assert rec["rewards"] == pytest.approx([1.0, 1.0], abs=1e-5)  # per prompt, in order
     assert rec["frames"] == 3 and rec["grid"].endswith("step_000002_strip.png")
     assert rec["video"].endswith("step_000002.mp4") and rec["gif"].endswith("step_000002.gif")
     assert decode_mp4(rec["video"]).shape[0] == 3

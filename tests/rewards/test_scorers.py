@@ -427,7 +427,8 @@ ALL = ["pickscore", "clip_score", "aesthetic", "hps_v2", "hps_v2.1", "imagerewar
 
 
 def test_conformance_covers_every_registered_scorer():
-    assert sorted(ALL + ["remote"]) == R.SCORERS.names()  # remote: tests/rewards/test_server.py
+    from mmrl.rewards.specs import VIDEO_SCORERS  # video scorers: tests/rewards/test_video.py
+    assert sorted(ALL + ["remote", *VIDEO_SCORERS]) == R.SCORERS.names()  # remote: test_server
 
 
 @pytest.mark.parametrize("name", ALL)
