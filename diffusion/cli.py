@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmrl.diffusion.models import FAMILIES
+from mmrl.registry import did_you_mean
+
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
@@ -13,16 +16,24 @@ def add_commands(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="diffusion_command", metavar="SUBCOMMAND")
     tiny = sub.add_parser(
-        "tiny-pipeline", help="write a tiny random SD3-architecture pipeline (the demo model)",
-        description="Build a tiny, randomly initialised StableDiffusion3Pipeline from config "
-                    "(no download) and save_pretrained it; the diffusion job loads it by path "
-                    "like any SD3 checkpoint.",
-        epilog="example:\n  mmrl diffusion tiny-pipeline runs/tiny-sd3\n"
-               "  mmrl train configs/demo/diffusion_tiny.yaml",
+        "tiny-pipeline", help="write a tiny random pipeline of a family (the demo models)",
+        description="Build a tiny, randomly initialised pipeline of a flow family (default "
+                    "sd3: a StableDiffusion3Pipeline; wan: a WanPipeline making videos) from "
+                    "config (no download) and save_pretrained it; the diffusion job loads it "
+                    "by path like any checkpoint of that family.",
+        epilog="examples:\n  mmrl diffusion tiny-pipeline runs/tiny-sd3\n"
+               "  mmrl train configs/demo/diffusion_tiny.yaml\n"
+               "  mmrl diffusion tiny-pipeline runs/tiny-wan --family wan --size 32 --vae smooth\n"
+               "  mmrl train configs/demo/diffusion_video_tiny.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     tiny.add_argument("out_dir", help="directory to write (model_index.json + components)")
+    tiny.add_argument("--family", default="sd3",
+                      help=f"flow family (one of: {', '.join(FAMILIES)}; default sd3)")
     tiny.add_argument("--size", type=int, default=16, help="image side in pixels (default 16)")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    tiny.add_argument("--vae", default=None, choices=("random", "smooth"),
+                      help="wan only: random (default) or smooth, a decoder set to a smooth "
+                           "upsampling of latent channel 0 (the text-to-video demo's)")
     tiny.add_argument("--overwrite", action="store_true",
                       help="rebuild even if the directory already holds a pipeline")
     tiny.set_defaults(func=_tiny)
@@ -30,13 +41,22 @@ def add_commands(subparsers) -> None:
 
 
 def _tiny(args) -> int:
-    from mmrl.diffusion.models.sd3 import SD3Adapter
+    from mmrl.diffusion.models import adapter_class
 
     if args.size < 2:
         print(f"mmrl diffusion tiny-pipeline: --size {args.size}; expected >= 2",
               file=sys.stderr)
         return 2
-    out = SD3Adapter.build_tiny(args.out_dir, size=args.size, seed=args.seed,
-                                overwrite=args.overwrite)
-    print(f"tiny SD3 pipeline in {out}")
+    if args.family not in FAMILIES:
+        print(f"mmrl diffusion tiny-pipeline: --family {args.family!r}; expected one of "
+              f"{', '.join(FAMILIES)}{did_you_mean(args.family, FAMILIES)}", file=sys.stderr)
+        return 2
+    if args.vae is not None and args.family != "wan":
+        print(f"mmrl diffusion tiny-pipeline: --vae {args.vae} with --family {args.family}; "
+              f"--vae is a wan option: drop it or use --family wan", file=sys.stderr)
+        return 2
+    options = {} if args.vae is None else {"vae": args.vae}
+    out = adapter_class(args.family).build_tiny(args.out_dir, size=args.size, seed=args.seed,
+                                                overwrite=args.overwrite, **options)
+    print(f"tiny {args.family} pipeline in {out}")
     return 0

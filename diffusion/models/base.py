@@ -180,16 +180,18 @@ class FlowAdapter:
                                  **(pipeline_kwargs or {})), **kwargs)
 
     @classmethod
-    def build_tiny(cls, folder, size: int = 16, seed: int = 0, overwrite: bool = False) -> Path:
+    def build_tiny(cls, folder, size: int = 16, seed: int = 0, overwrite: bool = False,
+                   **options) -> Path:
         """``save_pretrained`` a tiny random pipeline of this family to ``folder`` -> the folder.
 
         A pipeline already there (``model_index.json``) is kept unless ``overwrite``.
+        ``options``: the family's own ``build_tiny_pipeline`` keywords (e.g. Wan's ``vae``).
         """
         out = Path(folder)
         if (out / "model_index.json").exists() and not overwrite:
             return out
         out.mkdir(parents=True, exist_ok=True)
-        cls.build_tiny_pipeline(size, seed).save_pretrained(str(out))
+        cls.build_tiny_pipeline(size, seed, **options).save_pretrained(str(out))
         return out
 
     # ------------------------------------------------------------ what a family implements

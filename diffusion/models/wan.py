@@ -271,9 +271,9 @@ class WanAdapter(FlowAdapter):
         return ((z - mean) * inv_std).float()
 
     @staticmethod
-    def build_tiny_pipeline(size: int = 16, seed: int = 0):
-        """:func:`build_tiny_wan` (Wan 2.1 layout)."""
-        return build_tiny_wan(size, seed)
+    def build_tiny_pipeline(size: int = 16, seed: int = 0, vae: str = "random"):
+        """:func:`build_tiny_wan` (Wan 2.1 layout; ``vae="smooth"`` for the video demo)."""
+        return build_tiny_wan(size, seed, vae=vae)
 
 
 def check_frames(frames, factor: int = 4) -> None:
@@ -289,7 +289,7 @@ def check_frames(frames, factor: int = 4) -> None:
                          f"{low + factor}")
 
 
-def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False):
+def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: str = "random"):
     """A ``WanPipeline`` with tiny random weights making ``size × size`` videos.
 
     Wan 2.1 layout: a one-block transformer (≈7k parameters, patch 1x2x2, 4 latent channels), a
@@ -297,10 +297,14 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False):
     parameters), a one-layer UMT5 with a ``T5TokenizerFast`` built in code (FLUX's tiny Unigram
     vocabulary), ``FlowMatchEulerDiscreteScheduler(shift=3)``. ``ti2v``: the Wan 2.2 TI2V-5B
     layout instead (the residual VAE with 2x2 pixel patches: 16x spatial compression;
-    ``expand_timesteps=True``); ``size`` must then be a multiple of 32.
+    ``expand_timesteps=True``); ``size`` must then be a multiple of 32. ``vae``: "random"
+    (the conformance tests' VAE) or "smooth": the same VAE with its decoder set by
+    :func:`~mmrl.diffusion.models.tiny_video_vae.smooth_wan_decoder` to a smooth upsampling of
+    latent channel 0 to grey (a latent blob decodes to a pixel blob at its place: what the
+    text-to-video demo's motion reward needs; Wan 2.1 layout only).
 
     Raises:
-        ValueError: size < 2.
+        ValueError: size < 2; ``vae`` not one of random | smooth; smooth with ``ti2v``.
     """
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
                            WanTransformer3DModel)
@@ -308,7 +312,12 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False):
 
     from mmrl.diffusion.models.flux import _t5_unigram_pieces
 
+    from mmrl.diffusion.models.tiny_video_vae import VAES, smooth_wan_decoder
+
     check_size(size)
+    if vae not in VAES or (ti2v and vae != "random"):
+        raise ValueError(f"build_tiny_wan: vae={vae!r} (ti2v={ti2v}); expected one of "
+                         f"{', '.join(VAES)} (smooth only for the Wan 2.1 layout, ti2v=False)")
     # Construction order after the seed fixes the weights: transformer, VAE, UMT5.
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
@@ -316,23 +325,27 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False):
         out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
     stats = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
     if ti2v:  # Wan 2.2's VAE: 2x2 pixel patches (12 channels in), residual blocks, 16x
-        vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True], is_residual=True,
-                               in_channels=12, out_channels=12, patch_size=2,
-                               scale_factor_spatial=16, **stats)
+        autoencoder = AutoencoderKLWan(
+            base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+            out_channels=12, patch_size=2, scale_factor_spatial=16, **stats)
     else:
-        vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True], **stats)
+        autoencoder = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1],
+                                       num_res_blocks=1, temperal_downsample=[False, True, True],
+                                       **stats)
+    if vae == "smooth":
+        smooth_wan_decoder(autoencoder)
     pieces = _t5_unigram_pieces()
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(pieces), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
         relative_attention_num_buckets=8)).eval()  # no dropout: as from_pretrained loads it
     return WanPipeline(tokenizer=T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512),
-                       text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=ti2v)
 
 
-def save_tiny_wan(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False) -> Path:
+def save_tiny_wan(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False,
+                  vae: str = "random") -> Path:
     """Build the tiny Wan 2.1 pipeline and ``save_pretrained`` it to ``out_dir`` (kept if it
     exists unless ``overwrite``) -> the directory."""
-    return WanAdapter.build_tiny(out_dir, size=size, seed=seed, overwrite=overwrite)
+    return WanAdapter.build_tiny(out_dir, size=size, seed=seed, overwrite=overwrite, vae=vae)
