@@ -13,25 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conformance import PROMPTS, load  # noqa: E402
 
 from mmrl.diffusion.models.wan import WanAdapter, build_tiny_wan, check_frames  # noqa: E402
-from mmrl.rewards.specs import SCORERS  # noqa: E402
 
 conformance = load()
 SIZE, FRAMES = 16, 5
-
-
-LIFT = "frames" in SCORERS  # mmrl.rewards' frame-wise lift of image scorers
-
-
-class _MeanFrameBrightness:
-    """Each frame's brightness, averaged over frames: stands in for the lift
-    ``frames:scorer=brightness:reduce=mean`` where the registry does not have it yet."""
-
-    name, media, uses_prompts = "brightness", "video", False
-
-    def __call__(self, videos, prompts, metadata=None):
-        from mmrl.rewards.rules import Brightness
-        v = videos.float()  # [B, F, 3, H, W] -> [B·F, 3, H, W] -> [B]
-        return Brightness()(v.flatten(0, 1), None).view(v.shape[0], -1).mean(1)
 
 
 class TestWanAdapter(conformance.FlowAdapterConformance):
@@ -39,16 +23,11 @@ class TestWanAdapter(conformance.FlowAdapterConformance):
     SIZE = SIZE
     FRAMES = FRAMES
     KWARGS = {"guidance_scale": 4.0, "max_sequence_length": 16}
-    REWARD = "frames:scorer=brightness:reduce=mean" if LIFT else "brightness"
+    REWARD = "frames:scorer=brightness:reduce=mean"  # the image rule lifted to videos
 
     @pytest.fixture(scope="class")
     def tiny_dir(self, tiny_wan_dir):
         return tiny_wan_dir
-
-    @pytest.fixture(autouse=True)
-    def video_reward(self, monkeypatch):
-        if not LIFT:  # the job's "brightness" lifted to videos, for this test only
-            monkeypatch.setattr("mmrl.rewards.compose", lambda spec, **kw: _MeanFrameBrightness())
 
     def library_velocity(self, transformer, adapter, latents, sigma, cond):
         # WanPipeline.__call__: timestep t = 1000·σ (the FlowMatchEuler scheduler's timesteps),
