@@ -70,8 +70,30 @@ def load_pipeline(pipeline_class: str, name_or_path: str, *, dtype: torch.dtype 
         raise FileNotFoundError(
             f"could not load a {pipeline_class}: {where}. Expected a hub id available on this "
             f"machine or a local pipeline directory. To fix: {fix} (original error: "
-            f"{type(err).__name__}: {str(err)[:300]})") from err
+            f"{type(err).__name__}: {str(err)[:300]}). Expected folder layout: "
+            f"{expected_layout(pipeline_class)}") from err
     return pipe.to(device)
+
+
+def expected_layout(pipeline_class: str) -> str:
+    """The folder ``<pipeline_class>.save_pretrained`` writes (what ``diffusion.model`` may point
+    at), read from the pipeline's own constructor: ``model_index.json (_class_name X),
+    transformer/ (XTransformer), vae/ (...), ...``; optional components are marked."""
+    import inspect
+    import typing
+
+    import diffusers
+
+    parts = [f"model_index.json (_class_name {pipeline_class})"]
+    params = inspect.signature(getattr(diffusers, pipeline_class).__init__).parameters
+    for name, p in params.items():
+        kinds = [a for a in typing.get_args(p.annotation) if a is not type(None)] or [p.annotation]
+        kinds = [a for a in kinds if isinstance(a, type) and (hasattr(a, "from_pretrained")
+                                                              or hasattr(a, "from_config"))]
+        if kinds:  # a component (a folder), not a config value
+            optional = ", optional" if p.default is not inspect.Parameter.empty else ""
+            parts.append(f"{name}/ ({' or '.join(k.__name__ for k in kinds)}{optional})")
+    return ", ".join(parts)
 
 
 def _absent_components(name_or_path: str) -> dict:
@@ -135,6 +157,10 @@ class FlowAdapter:
     """peft ``target_modules`` of the transformer (flow_grpo's attention projections)."""
     FSDP_BLOCKS: Tuple[str, ...] = ("transformer_blocks",)
     """Attributes of the transformer holding its blocks (each one an FSDP2 unit)."""
+    CFG_OFF: Optional[float] = None
+    """The guidance at or below which classifier-free guidance is off (SD3, Wan, Qwen-Image: 1,
+    as ``v_u + w(v_c − v_u)`` is ``v_c`` at w = 1; Z-Image: 0); None: the guidance is not CFG
+    (FLUX embeds it in the model's input)."""
     MEDIA = "image"
     """What :meth:`decode` makes: ``image`` (``[B, 3, H, W]``) or ``video`` (``[B, F, 3, H, W]``)."""
     LONG_TOKENIZER: Optional[str] = None
@@ -223,6 +249,27 @@ class FlowAdapter:
         """Images ``[B, 3, H, W]`` float32 in [0, 1] from final latents."""
         raise NotImplementedError
 
+    def _packed_latent_shape(self, height: Optional[int], width: Optional[int],
+                             frames: Optional[int], family: str) -> Tuple[int, int]:
+        """``(L, C_in)`` of 2x2-packed latents (FLUX, Qwen-Image), ``L = (h/2f)·(w/2f)``, at the
+        adapter's own resolution only (None: it): their positions and schedule shift depend on
+        it.
+
+        Raises:
+            ValueError: a side not divisible by 2·VAE factor, another resolution, frames given.
+        """
+        self._check_frames(frames, family)
+        height = self.height if height is None else height
+        width = self.width if width is None else width
+        f = self.pipe.vae_scale_factor
+        check_resolution(height, width, 2 * f, f"2 x VAE factor {f}: {family} packs 2x2 latent "
+                                               f"patches")
+        if (height, width) != (self.height, self.width):
+            raise ValueError(f"resolution {height}x{width}, but this {family} adapter was built "
+                             f"for {self.height}x{self.width} (its positions and schedule shift "
+                             f"depend on it); build it with height={height}, width={width}")
+        return ((height // (2 * f)) * (width // (2 * f)), self.transformer.config.in_channels)
+
     def encode_images(self, images: Tensor) -> Tensor:
         """Latents ``[B, *latent_shape()]`` fp32 of images ``[B, 3, H, W]`` in [0, 1] at the
         adapter's resolution: the VAE posterior mean, shifted and scaled as :meth:`decode`
@@ -230,12 +277,19 @@ class FlowAdapter:
         override this)."""
         return self._vae_encode(images)
 
+    @property
+    def cfg(self) -> bool:
+        """Whether classifier-free guidance runs (``guidance_scale > CFG_OFF``)."""
+        return self.CFG_OFF is not None and self.guidance_scale > self.CFG_OFF
+
     def unguided(self):
         """A context within which :meth:`velocity` and :meth:`reference` are the model's own
         conditional prediction, the one the flow-matching loss trains (Diffusion-DPO). Families
-        with classifier-free guidance (SD3) switch it off; a guidance the model takes as an
-        input (FLUX's embedded guidance) stays: it is part of the model's conditioning."""
-        return contextlib.nullcontext()
+        with classifier-free guidance switch it off (guidance ``CFG_OFF``); a guidance the model
+        takes as an input (FLUX's embedded guidance) stays: it is part of its conditioning."""
+        if self.CFG_OFF is None:
+            return contextlib.nullcontext()
+        return self.guidance(self.CFG_OFF)
 
     def training_sigmas(self) -> Tensor:
         """``[N]`` fp32: the σ grid the pipeline's scheduler is built with before any

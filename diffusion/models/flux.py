@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mmrl.diffusion.models.base import FlowAdapter, check_resolution
+from mmrl.diffusion.models.base import FlowAdapter
 from mmrl.diffusion.models.tiny_parts import (byte_clip_tokenizer, check_size, clip_text_config,
                                               tiny_vae)
 
@@ -64,18 +64,7 @@ class FluxAdapter(FlowAdapter):
             ValueError: a side not divisible by 2·VAE factor, a resolution other than the
                 adapter's (its positions and schedule depend on it), or frames given.
         """
-        self._check_frames(frames, "FLUX")
-        height = self.height if height is None else height
-        width = self.width if width is None else width
-        f = self.pipe.vae_scale_factor
-        check_resolution(height, width, 2 * f,
-                         f"2 x VAE factor {f}: FLUX packs 2x2 latent patches")
-        if (height, width) != (self.height, self.width):
-            raise ValueError(f"resolution {height}x{width}, but this FLUX adapter was built for "
-                             f"{self.height}x{self.width} (its positional ids and schedule shift "
-                             f"depend on it); build it with height={height}, width={width}")
-        grid = (height // (2 * f), width // (2 * f))
-        return (grid[0] * grid[1], self.transformer.config.in_channels)
+        return self._packed_latent_shape(height, width, frames, "FLUX")
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The FLUX schedule ``[T+1]``: linspace(1, 1/T, T) with the resolution-dependent shift μ,

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mmrl.diffusion.models.base import FlowAdapter, check_resolution
+from mmrl.diffusion.models.base import FlowAdapter
 from mmrl.diffusion.models.tiny_parts import check_size
 from mmrl.diffusion.schedule import cfg_combine
 
@@ -36,12 +36,6 @@ QWEN_IMAGE_LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0
                            "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
                            "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
-#: What ``QwenImagePipeline.save_pretrained`` (or ``huggingface-cli download Qwen/Qwen-Image``)
-#: writes: the folder ``diffusion.model`` may point at.
-QWEN_IMAGE_LAYOUT = ("model_index.json (_class_name QwenImagePipeline), scheduler/"
-                     "scheduler_config.json, text_encoder/ (Qwen2_5_VLForConditionalGeneration), "
-                     "tokenizer/ (Qwen2Tokenizer), transformer/ (QwenImageTransformer2DModel), "
-                     "vae/ (AutoencoderKLQwenImage)")
 
 
 class QwenImageAdapter(FlowAdapter):
@@ -65,6 +59,7 @@ class QwenImageAdapter(FlowAdapter):
     """
 
     PIPELINE_CLASS = "QwenImagePipeline"
+    CFG_OFF = 1.0
     LORA_TARGETS = QWEN_IMAGE_LORA_TARGETS
     FSDP_BLOCKS = ("transformer_blocks",)
     LONG_TOKENIZER = "tokenizer"
@@ -95,19 +90,6 @@ class QwenImageAdapter(FlowAdapter):
             if name.startswith(("attn.to_add_out", "txt_mlp.")):
                 p.requires_grad_(False)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs):
-        """:meth:`FlowAdapter.from_pretrained`; a checkpoint that cannot be found is reported with
-        the folder layout a Qwen-Image pipeline has.
-
-        Raises:
-            FileNotFoundError: neither a local pipeline folder nor in the hub cache / reachable.
-        """
-        try:
-            return super().from_pretrained(name_or_path, **kwargs)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}. Expected folder layout: {QWEN_IMAGE_LAYOUT}") from err
-
     @contextlib.contextmanager
     def _adapters_disabled(self):
         try:
@@ -116,14 +98,6 @@ class QwenImageAdapter(FlowAdapter):
         finally:  # peft's enable_adapters marks every adapter weight trainable again
             if self.finetune != "none":
                 self._freeze_unused_text_output()
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def unguided(self):
-        """CFG off within the block: the velocity is the conditional prediction alone."""
-        return self.guidance(1.0)
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None,
                      frames: Optional[int] = None) -> Tuple[int, int]:
@@ -134,17 +108,7 @@ class QwenImageAdapter(FlowAdapter):
             ValueError: a side not divisible by 2·VAE factor, a resolution other than the
                 adapter's (its positions and schedule depend on it), or frames given.
         """
-        self._check_frames(frames, "Qwen-Image")
-        height = self.height if height is None else height
-        width = self.width if width is None else width
-        f = self.pipe.vae_scale_factor
-        check_resolution(height, width, 2 * f,
-                         f"2 x VAE factor {f}: Qwen-Image packs 2x2 latent patches")
-        if (height, width) != (self.height, self.width):
-            raise ValueError(f"resolution {height}x{width}, but this Qwen-Image adapter was built "
-                             f"for {self.height}x{self.width} (its RoPE grid and schedule shift "
-                             f"depend on it); build it with height={height}, width={width}")
-        return ((height // (2 * f)) * (width // (2 * f)), self.transformer.config.in_channels)
+        return self._packed_latent_shape(height, width, frames, "Qwen-Image")
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The schedule ``[T+1]`` of ``QwenImagePipeline.__call__``: linspace(1, 1/T, T) shifted

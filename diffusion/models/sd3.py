@@ -39,6 +39,7 @@ class SD3Adapter(FlowAdapter):
     """
 
     PIPELINE_CLASS = "StableDiffusion3Pipeline"
+    CFG_OFF = 1.0
     LORA_TARGETS = SD3_LORA_TARGETS
     LONG_TOKENIZER = "tokenizer_3"  # T5; CLIP always takes 77 (truncation warned)
 
@@ -48,14 +49,6 @@ class SD3Adapter(FlowAdapter):
                          max_sequence_length=max_sequence_length, **kwargs)
         self.negative_prompt = negative_prompt
         self.cfg_uncond_grad = cfg_uncond_grad
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def unguided(self):
-        """CFG off within the block: the velocity is the conditional prediction alone."""
-        return self.guidance(1.0)
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None,
                      frames: Optional[int] = None) -> Tuple[int, int, int]:

@@ -38,12 +38,6 @@ Tensor = torch.Tensor
 #: train_wan2_1.py targets them.
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
-#: The folder a Wan checkpoint is (what ``WanPipeline.save_pretrained`` and the hub's
-#: ``*-Diffusers`` repositories hold), named in the loading error.
-WAN_LAYOUT = ("model_index.json (_class_name WanPipeline), transformer/ (WanTransformer3DModel "
-              "config.json + safetensors), vae/ (AutoencoderKLWan), text_encoder/ "
-              "(UMT5EncoderModel), tokenizer/ (UMT5 tokenizer), scheduler/ "
-              "(scheduler_config.json)")
 
 
 class WanAdapter(FlowAdapter):
@@ -65,6 +59,7 @@ class WanAdapter(FlowAdapter):
     """
 
     PIPELINE_CLASS = "WanPipeline"
+    CFG_OFF = 1.0
     LORA_TARGETS = WAN_LORA_TARGETS
     FSDP_BLOCKS = ("blocks",)
     MEDIA = "video"
@@ -88,29 +83,6 @@ class WanAdapter(FlowAdapter):
         probe.set_timesteps(2)
         # UniPC (the hub checkpoints' scheduler) hands the transformer int64 timesteps
         self._integer_t = not probe.timesteps.is_floating_point()
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs):
-        """Load ``name_or_path`` (hub id or local folder) and wrap it; the error for weights that
-        are not on this machine names the folder layout (:data:`WAN_LAYOUT`).
-
-        Raises:
-            FileNotFoundError: neither a complete local folder nor in the hub cache.
-        """
-        try:
-            return super().from_pretrained(name_or_path, **kwargs)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"{err}. A Wan checkpoint folder holds: {WAN_LAYOUT}; `huggingface-cli download "
-                f"Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR` writes one") from err
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def unguided(self):
-        """CFG off within the block: the velocity is the conditional prediction alone."""
-        return self.guidance(1.0)
 
     # ------------------------------------------------------------------ shapes
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None,

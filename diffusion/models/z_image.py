@@ -73,6 +73,7 @@ class ZImageAdapter(FlowAdapter):
     """
 
     PIPELINE_CLASS = "ZImagePipeline"
+    CFG_OFF = 0.0
     LORA_TARGETS = Z_IMAGE_LORA_TARGETS
     FSDP_BLOCKS = ("noise_refiner", "context_refiner", "layers")
     LONG_TOKENIZER = "tokenizer"  # Qwen3; max_sequence_length bounds the templated prompt
@@ -94,15 +95,6 @@ class ZImageAdapter(FlowAdapter):
         self.cfg_truncation = float(cfg_truncation)
         self.cfg_normalization = float(cfg_normalization)
         self.cfg_uncond_grad = cfg_uncond_grad
-
-    @property
-    def cfg(self) -> bool:
-        """Whether CFG runs (the pipeline's ``guidance_scale > 0``)."""
-        return self.guidance_scale > 0.0
-
-    def unguided(self):
-        """CFG off within the block (w = 0): the conditional prediction alone."""
-        return self.guidance(0.0)
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None,
                      frames: Optional[int] = None) -> Tuple[int, int, int]:

@@ -185,8 +185,10 @@ def test_frames_size_and_prompt_errors_name_the_value_and_the_fix(wan, tiny_wan_
     assert wan.encode_images(video).shape == (2, *wan.latent_shape())
     with pytest.warns(UserWarning, match=r"1 of 2 prompts .*max_sequence_length=16"):
         wan.check_prompts(["a cat", "a cat " * 20])
-    with pytest.raises(FileNotFoundError, match=r"WanPipeline.*holds: model_index.json .*"
-                                                r"transformer/ .*vae/ .*text_encoder/"):
+    with pytest.raises(FileNotFoundError, match=r"WanPipeline.*Expected folder layout: "
+                                                r"model_index.json \(_class_name WanPipeline\)"
+                                                r".*text_encoder/ \(UMT5EncoderModel\).*vae/ "
+                                                r"\(AutoencoderKLWan\).*transformer/"):
         WanAdapter.from_pretrained(str(Path(tiny_wan_dir).parent), frames=5)
 
 
