@@ -249,6 +249,21 @@ class FlowAdapter:
         """Images ``[B, 3, H, W]`` float32 in [0, 1] from final latents."""
         raise NotImplementedError
 
+    def _resolution_shifted_sigmas(self, num_steps: int) -> Tensor:
+        """``[T+1]``: linspace(1, 1/T, T) shifted by μ = ``calculate_shift`` of the packed image
+        sequence length with the scheduler config's base / max shift (FLUX, Qwen-Image), computed
+        by a copy of the pipeline's own scheduler, as their ``__call__`` does."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = self.pipe.scheduler.config
+        mu = calculate_shift(self.latent_shape()[0], cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                             cfg.get("max_shift", 1.15))
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        return sched.sigmas.float().cpu()
+
     def _packed_latent_shape(self, height: Optional[int], width: Optional[int],
                              frames: Optional[int], family: str) -> Tuple[int, int]:
         """``(L, C_in)`` of 2x2-packed latents (FLUX, Qwen-Image), ``L = (h/2f)·(w/2f)``, at the

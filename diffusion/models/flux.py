@@ -8,12 +8,10 @@ guidance-distilled: ``guidance_scale`` is fed to the transformer's guidance embe
 """
 from __future__ import annotations
 
-import copy
 import string
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from mmrl.diffusion.models.base import FlowAdapter
@@ -69,15 +67,7 @@ class FluxAdapter(FlowAdapter):
     def sigmas(self, num_steps: int) -> Tensor:
         """The FLUX schedule ``[T+1]``: linspace(1, 1/T, T) with the resolution-dependent shift μ,
         computed by the pipeline's own scheduler (what ``FluxPipeline.__call__`` uses)."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        cfg = self.pipe.scheduler.config
-        mu = calculate_shift(self.latent_shape()[0], cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                             cfg.get("max_shift", 1.15))
-        sched = copy.deepcopy(self.pipe.scheduler)
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return sched.sigmas.float().cpu()
+        return self._resolution_shifted_sigmas(num_steps)
 
     def _encode_batch(self, prompts):
         emb, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,

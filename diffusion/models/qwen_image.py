@@ -13,17 +13,12 @@ resolution.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
-import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from mmrl.diffusion.models.base import FlowAdapter
-from mmrl.diffusion.models.tiny_parts import check_size
+from mmrl.diffusion.models.tiny_parts import byte_qwen_tokenizer, check_size
 from mmrl.diffusion.schedule import cfg_combine
 
 Tensor = torch.Tensor
@@ -115,15 +110,7 @@ class QwenImageAdapter(FlowAdapter):
         by μ = calculate_shift(L) with the scheduler config's base / max shift and sequence
         lengths (Qwen-Image: 0.5 / 0.9, 256 / 8192, exponential time shift, stretched so the last
         σ > 0 is ``shift_terminal`` 0.02), computed by a copy of the pipeline's own scheduler."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        cfg = self.pipe.scheduler.config
-        mu = calculate_shift(self.latent_shape()[0], cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                             cfg.get("max_shift", 1.15))
-        sched = copy.deepcopy(self.pipe.scheduler)
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return sched.sigmas.float().cpu()
+        return self._resolution_shifted_sigmas(num_steps)
 
     # ------------------------------------------------------------------ text
     def prompt_lengths(self, prompts: Sequence[str]) -> List[int]:
@@ -312,23 +299,12 @@ def build_tiny_qwen_image(size: int = 16, seed: int = 0):
 
 
 def _byte_qwen2_tokenizer():
-    """A ``Qwen2Tokenizer`` over the 256 ByteLevel characters (no merges), the Qwen chat
-    specials, and :data:`_TEMPLATE_WORDS` as added (non-special) tokens."""
-    from tokenizers import AddedToken, pre_tokenizers
-    from transformers import Qwen2Tokenizer
+    """The byte-level tiny Qwen tokenizer (:func:`~mmrl.diffusion.models.tiny_parts.
+    byte_qwen_tokenizer`) with the Qwen chat specials and :data:`_TEMPLATE_WORDS` as added
+    (non-special) tokens, so the template's dropped prefix is 34 tokens as with Qwen's own."""
+    from tokenizers import AddedToken
 
-    # alphabet() is a set: sorted, so token ids do not change with PYTHONHASHSEED
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as folder:
-        with open(os.path.join(folder, "vocab.json"), "w") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(folder, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tok = Qwen2Tokenizer(os.path.join(folder, "vocab.json"),
-                             os.path.join(folder, "merges.txt"), unk_token=None, bos_token=None,
-                             eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                             additional_special_tokens=list(_SPECIALS))
+    tok = byte_qwen_tokenizer(_SPECIALS)
     tok.add_tokens([AddedToken(w, normalized=False, special=False) for w in _TEMPLATE_WORDS])
     return tok
 

@@ -63,3 +63,26 @@ def tiny_vae(size: int, shift_factor: float, scaling_factor: float):
                          layers_per_block=1, latent_channels=4, norm_num_groups=1,
                          use_quant_conv=False, use_post_quant_conv=False,
                          shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+def byte_qwen_tokenizer(specials, **kwargs):
+    """A ``Qwen2Tokenizer`` over the 256 ByteLevel characters (no merges: every byte is a token)
+    with ``<|endoftext|>`` (padding), ``<|im_end|>`` (end) and ``specials`` as special tokens;
+    ``kwargs`` go to the tokenizer (e.g. ``model_max_length``). The tiny Qwen-Image (Qwen2.5-VL)
+    and Z-Image (Qwen3) text encoders read it."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    # alphabet() is a set: sorted, so token ids do not change with PYTHONHASHSEED
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return Qwen2Tokenizer(os.path.join(folder, "vocab.json"),
+                              os.path.join(folder, "merges.txt"), unk_token=None, bos_token=None,
+                              eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              additional_special_tokens=list(specials), **kwargs)
+

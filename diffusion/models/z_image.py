@@ -22,9 +22,6 @@ What the pipeline does and the adapter repeats (diffusers 0.42.1 ``pipeline_z_im
 from __future__ import annotations
 
 import copy
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +29,7 @@ import numpy as np
 import torch
 
 from mmrl.diffusion.models.base import FlowAdapter, check_resolution
-from mmrl.diffusion.models.tiny_parts import check_size, tiny_vae
+from mmrl.diffusion.models.tiny_parts import byte_qwen_tokenizer, check_size, tiny_vae
 
 Tensor = torch.Tensor
 
@@ -301,23 +298,9 @@ def save_tiny_z_image(out_dir, size: int = 16, seed: int = 0, overwrite: bool = 
 
 
 def _byte_qwen_tokenizer():
-    """A ``Qwen2Tokenizer`` over the 256 ByteLevel characters (no merges) with ``<|endoftext|>``
-    (padding, right side), ``<|im_start|>``, ``<|im_end|>`` and the Qwen3 chat template."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    # alphabet() is a set: sorted, so the ids do not change with PYTHONHASHSEED
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "vocab.json"), "w") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(tmp, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        tok = Qwen2Tokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
-                             unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                             pad_token="<|endoftext|>", model_max_length=1024,
-                             additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    """The byte-level tiny Qwen tokenizer (:func:`~mmrl.diffusion.models.tiny_parts.
+    byte_qwen_tokenizer`): padding on the right, the Qwen3 chat template."""
+    tok = byte_qwen_tokenizer(["<|im_start|>", "<|im_end|>"], model_max_length=1024)
     tok.padding_side = "right"
     tok.chat_template = QWEN3_CHAT_TEMPLATE
     return tok
