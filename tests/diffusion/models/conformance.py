@@ -44,6 +44,9 @@ class FlowAdapterConformance:
     SIZE = 16
     KWARGS: dict = {}
     STEPS = 4
+    GRAD_ATOL = 0.0
+    """Gradient chunk-invariance tolerance, relative to the largest gradient (the absolute floor
+    is 1e-9): a family whose kernels round differently at another batch size states its own."""
     FRAMES = None
     """Frames per sample of a video family (None: an image family)."""
     REWARD = "brightness"
@@ -186,9 +189,10 @@ class FlowAdapterConformance:
             return torch.cat([p.grad.flatten() for p in params])
 
         whole = grads()
-        assert float(whole.abs().sum()) > 0
+        scale = float(whole.abs().max())
+        assert scale > 0
         torch.testing.assert_close(grads(t_chunk=1, micro_batch_size=3), whole, rtol=1e-4,
-                                   atol=1e-9)
+                                   atol=max(1e-9, self.GRAD_ATOL * scale))
 
     def test_export_round_trips_through_diffusers_from_pretrained(self, adapter_cls, tiny_dir,
                                                                   tmp_path):

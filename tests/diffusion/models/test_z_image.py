@@ -39,6 +39,10 @@ def transformer_out(transformer, latents, sigma, caps):
 
 class TestZImageAdapter(conformance.FlowAdapterConformance):
     FAMILY = "z_image"
+    # The transformer concatenates every sample's tokens into one matmul, so another
+    # micro-batch size rounds a few near-zero gradient entries differently (measured: 3 of 3072
+    # off by <= 4.4e-9): 1e-6 of the largest gradient instead of 1e-9 absolute.
+    GRAD_ATOL = 1e-6
     SIZE = SIZE
     KWARGS = {"guidance_scale": W, "max_sequence_length": 48}
     STEPS = 3  # the inherited sampling tests at 3 steps: the CFG forward runs 4 rows per call
@@ -58,33 +62,6 @@ class TestZImageAdapter(conformance.FlowAdapterConformance):
     def pipeline_latents(self, pipe, generator):
         return pipe.prepare_latents(1, pipe.transformer.in_channels, self.SIZE, self.SIZE,
                                     torch.float32, "cpu", generator)
-
-    def test_gradients_are_invariant_to_t_chunks_and_micro_batches(self, adapter_cls, tiny_dir):
-        """The inherited test with an absolute tolerance of 1e-6 of the largest gradient instead
-        of 1e-9: Z-Image's transformer concatenates every sample's tokens into one matmul, so
-        another micro-batch size rounds a few near-zero entries differently (measured: 3 of
-        3072 off by <= 4.4e-9)."""
-        from mmrl.algo.losses import PolicyLoss
-        from mmrl.train.loop import LoopSettings, update
-        adapter = self.make(adapter_cls, tiny_dir)
-        self.move_lora(adapter)
-        policy = self.policy(adapter, tiny_dir)
-        with torch.no_grad():
-            rollout = policy.rollout(PROMPTS, [{}, {}], 2, torch.Generator().manual_seed(0))
-        adv = torch.linspace(-1.5, 1.3, len(rollout))
-
-        def grads(**settings):
-            params = [p for p in policy.parameters() if p.requires_grad]
-            update(policy, torch.optim.SGD(params, lr=0.0), PolicyLoss("grpo", beta=0.05),
-                   rollout, adv, LoopSettings(group_size=2, max_grad_norm=0.0, **settings),
-                   torch.Generator().manual_seed(0))
-            return torch.cat([p.grad.flatten() for p in params])
-
-        whole = grads()
-        scale = float(whole.abs().max())
-        assert scale > 0
-        torch.testing.assert_close(grads(t_chunk=1, micro_batch_size=3), whole, rtol=1e-4,
-                                   atol=1e-6 * scale)
 
     def test_schedule_is_the_pipelines_shifted_linspace(self, frozen):
         with torch.no_grad():
