@@ -28,3 +28,29 @@ def test_video_demo_tiny_wan_from_the_cli_and_prompts_naming_directions(tmp_path
     assert main(["diffusion", "tiny-pipeline", str(model), "--family", "wan", "--size",
                  str(d["height"])]) == 0
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "WanPipeline"
+
+
+def test_the_smooth_tiny_wan_vae_decodes_a_latent_blob_to_a_pixel_blob_at_its_place():
+    import pytest
+    import torch
+
+    from mmrl.diffusion.models.wan import WanAdapter, build_tiny_wan
+    from mmrl.rewards.video_rules import MotionDirection
+
+    flow = WanAdapter(build_tiny_wan(16, seed=0, vae="smooth"), guidance_scale=1.0,
+                      frames=5)
+    z = torch.zeros(1, 4, 2, 2, 2)  # normalised latents [B, C, F'=2, 2, 2]: 5 frames of 16x16
+    z[0, 0, 0, 0, 0] = 2.0  # latent frame 0: top-left; frame 1: bottom-right
+    z[0, 0, 1, 1, 1] = 2.0
+    z[0, 1:] = 3.0  # channels 1-3 do not reach the pixels
+    video = flow.decode(z)  # [1, 5, 3, 16, 16]
+    assert torch.equal(video[..., 0, :, :], video[..., 2, :, :])  # grey
+    luma = video[0, :, 0]  # [5, 16, 16]
+    tl, br = luma[:, :8, :8].mean((1, 2)), luma[:, 8:, 8:].mean((1, 2))  # [5] quadrant means
+    assert tl[0] > 0.5 and br[0] < 0.05 and (tl[1:] < 0.05).all() and (br[1:] > 0.5).all()
+    assert luma[0, 3, 3] > luma[0, 7, 7] > luma[0, 9, 9]  # smooth, not blocky: fades outward
+    reward = MotionDirection()(video, ["a square moving right", "a square moving left"][:1])
+    assert reward.item() == pytest.approx(0.351, abs=0.01)  # the blur keeps it under 0.5 (half)
+    assert torch.equal(flow.decode(torch.zeros(1, 4, 2, 2, 2)), torch.zeros(1, 5, 3, 16, 16))
+    with pytest.raises(ValueError, match="vae='blur'.*random, smooth"):
+        build_tiny_wan(16, vae="blur")
