@@ -24,10 +24,15 @@ def test_video_demo_tiny_wan_from_the_cli_and_prompts_naming_directions(tmp_path
     assert all(prompt_direction(p) is not None for p in d["prompts"])
     assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--family", "wn"]) == 2
     assert "did you mean 'wan'?" in capsys.readouterr().err
+    assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--demo"]) == 2
+    assert "--demo is a wan option" in capsys.readouterr().err
     model = tmp_path / "wan"
     assert main(["diffusion", "tiny-pipeline", str(model), "--family", "wan", "--size",
-                 str(d["height"])]) == 0
+                 str(d["height"]), "--demo"]) == 0
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "WanPipeline"
+    transformer = json.loads((model / "transformer" / "config.json").read_text())
+    assert transformer["patch_size"] == [3, d["height"] // 8, d["width"] // 8]  # one token
+    assert d["frames"] == 9  # 3 latent frames: the temporal patch
 
 
 def test_the_smooth_tiny_wan_vae_decodes_a_latent_blob_to_a_pixel_blob_at_its_place():
