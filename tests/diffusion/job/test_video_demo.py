@@ -1,6 +1,6 @@
 """The tiny text-to-video demo (configs/demo/diffusion_video_tiny.yaml): its pipeline comes from
-``mmrl diffusion tiny-pipeline --family wan`` and every prompt names the direction its reward
-reads. (A training step of the demo costs ~10 s here; the Wan job itself is trained by
+``mmrl diffusion tiny-pipeline --family wan --demo`` (a smooth VAE: a latent blob decodes to a
+pixel blob at its place) and every prompt names the direction its reward reads. (A training step of the demo costs ~10 s here; the Wan job itself is trained by
 tests/diffusion/models/test_wan.py, the config validated by the recipe test.)"""
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def test_video_demo_tiny_wan_from_the_cli_and_prompts_naming_directions(tmp_path
 
     cfg = yaml.safe_load(DEMO.read_text())
     d = cfg["diffusion"]
-    # every prompt names the direction the reward reads, each of the four in the eval set
-    assert [prompt_direction(p) for p in d["eval_prompts"]] == ["left", "right", "up", "down"]
-    assert all(prompt_direction(p) is not None for p in d["prompts"])
+    # every prompt names the direction the reward reads (one: the demo's tiny transformer does
+    # not learn to tell four directions apart within minutes; see the config's header)
+    assert {prompt_direction(p) for p in d["eval_prompts"] + d["prompts"]} == {"right"}
     assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--family", "wn"]) == 2
     assert "did you mean 'wan'?" in capsys.readouterr().err
     assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--demo"]) == 2
