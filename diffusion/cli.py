@@ -23,7 +23,7 @@ def add_commands(subparsers) -> None:
                     "by path like any checkpoint of that family.",
         epilog="examples:\n  mmrl diffusion tiny-pipeline runs/tiny-sd3\n"
                "  mmrl train configs/demo/diffusion_tiny.yaml\n"
-               "  mmrl diffusion tiny-pipeline runs/tiny-wan --family wan --size 32 --vae smooth\n"
+               "  mmrl diffusion tiny-pipeline runs/tiny-wan --family wan --size 32 --demo\n"
                "  mmrl train configs/demo/diffusion_video_tiny.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     tiny.add_argument("out_dir", help="directory to write (model_index.json + components)")
@@ -31,9 +31,10 @@ def add_commands(subparsers) -> None:
                       help=f"flow family (one of: {', '.join(FAMILIES)}; default sd3)")
     tiny.add_argument("--size", type=int, default=16, help="image side in pixels (default 16)")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    tiny.add_argument("--vae", default=None, choices=("random", "smooth"),
-                      help="wan only: random (default) or smooth, a decoder set to a smooth "
-                           "upsampling of latent channel 0 (the text-to-video demo's)")
+    tiny.add_argument("--demo", action="store_true",
+                      help="wan only: the text-to-video demo's pipeline (9 frames): a VAE "
+                           "decoding latent channel 0 to a smooth grey video, one transformer "
+                           "token per video")
     tiny.add_argument("--overwrite", action="store_true",
                       help="rebuild even if the directory already holds a pipeline")
     tiny.set_defaults(func=_tiny)
@@ -51,11 +52,15 @@ def _tiny(args) -> int:
         print(f"mmrl diffusion tiny-pipeline: --family {args.family!r}; expected one of "
               f"{', '.join(FAMILIES)}{did_you_mean(args.family, FAMILIES)}", file=sys.stderr)
         return 2
-    if args.vae is not None and args.family != "wan":
-        print(f"mmrl diffusion tiny-pipeline: --vae {args.vae} with --family {args.family}; "
-              f"--vae is a wan option: drop it or use --family wan", file=sys.stderr)
+    if args.demo and args.family != "wan":
+        print(f"mmrl diffusion tiny-pipeline: --demo with --family {args.family}; --demo is a "
+              f"wan option: drop it or use --family wan", file=sys.stderr)
         return 2
-    options = {} if args.vae is None else {"vae": args.vae}
+    if args.demo and args.size % 8:
+        print(f"mmrl diffusion tiny-pipeline: --demo --size {args.size}; expected a multiple "
+              f"of 8 (e.g. 32)", file=sys.stderr)
+        return 2
+    options = {"demo": True} if args.demo else {}
     out = adapter_class(args.family).build_tiny(args.out_dir, size=args.size, seed=args.seed,
                                                 overwrite=args.overwrite, **options)
     print(f"tiny {args.family} pipeline in {out}")

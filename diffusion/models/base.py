@@ -211,7 +211,7 @@ class FlowAdapter:
         """``save_pretrained`` a tiny random pipeline of this family to ``folder`` -> the folder.
 
         A pipeline already there (``model_index.json``) is kept unless ``overwrite``.
-        ``options``: the family's own ``build_tiny_pipeline`` keywords (e.g. Wan's ``vae``).
+        ``options``: the family's own ``build_tiny_pipeline`` keywords (e.g. Wan's ``demo``).
         """
         out = Path(folder)
         if (out / "model_index.json").exists() and not overwrite:

@@ -12,7 +12,8 @@ with ``z0`` the normalised latent channel 0 (``(z - latents_mean) / latents_std`
 policy samples), ``up`` nearest-then-[1, 2, 1]^2 blur at each 2x spatial step (8x in all) and
 each latent frame repeated over its 4 pixel frames (the first latent frame makes frame 0, as
 Wan's causal VAE does), ``k`` = ``contrast`` (1: z0 = +-1 gives 71 % of the full swing), and
-``g`` monotone from dark grey (z0 << 0) to white (z0 >> 0); z0 = 0 is dark grey (luma 0.27).
+``g`` black for z0 <= 0 (the decode's clamp) and rising to white as z0 grows: the luma is the
+bright mass a latent blob puts there, on a black ground.
 Channels 1-3 do not reach the pixels. How each layer is set:
 
 - post_quant_conv: identity; conv_in: channel 0 = the normalised z0 (current frame only),
@@ -23,7 +24,8 @@ Channels 1-3 do not reach the pixels. How each layer is set:
   constant); each temporal upsampler's ``time_conv`` repeats the current frame twice;
 - ``norm_out`` (an RMS norm over channels, ``x / |x| * sqrt(C) * gamma``): gamma keeps only
   channel 0 scaled to ``u / sqrt(u^2 + k^2)`` in (-1, 1), where SiLU is monotone;
-- conv_out maps ``silu`` of that from [silu(-1), silu(1)] onto [-1, 1] in all three colours.
+- conv_out maps ``silu`` of that from [0, silu(1)] onto [-1, 1] in all three colours (below 0
+  is clamped to black by the decode).
 
 Why analytic rather than fitted: fitting the 17k-parameter decoder to this target with Adam at
 build time moved its MSE only 0.48 -> 0.34 in 300 steps (50 s of CPU) while these weights are
@@ -99,7 +101,6 @@ def smooth_wan_decoder(vae, contrast: float = 1.0) -> None:
     dec.norm_out.gamma.zero_()
     dec.norm_out.gamma[0] = 1.0 / dec.norm_out.scale
     _zero(dec.conv_out)
-    low, high = torch.nn.functional.silu(torch.tensor([-1.0, 1.0])).tolist()
-    gain = 2.0 / (high - low)
-    dec.conv_out.weight[:, 0, -1, 1, 1] = gain
-    dec.conv_out.bias[:] = -1.0 - gain * low
+    gain = 2.0 / torch.nn.functional.silu(torch.tensor(1.0)).item()
+    dec.conv_out.weight[:, 0, -1, 1, 1] = gain  # silu 0 -> -1 (black), silu(1) -> 1 (white)
+    dec.conv_out.bias[:] = -1.0

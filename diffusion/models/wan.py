@@ -92,7 +92,8 @@ class WanAdapter(FlowAdapter):
 
         Raises:
             ValueError: no frames, ``F - 1`` not a multiple of the VAE's temporal factor t (the
-                nearest valid counts in the message), or a side not a multiple of s · patch.
+                nearest valid counts in the message), a side not a multiple of s · patch,
+                or latent frames not a multiple of the transformer's temporal patch.
         """
         height = self.height if height is None else height
         width = self.width if width is None else width
@@ -102,8 +103,13 @@ class WanAdapter(FlowAdapter):
         patch = self.transformer.config.patch_size
         check_resolution(height, width, s * patch[1],
                          f"VAE spatial factor {s} x patch size {patch[1]}")
-        return (self.transformer.config.in_channels, (frames - 1) // t + 1, height // s,
-                width // s)
+        latent_frames = (frames - 1) // t + 1
+        if latent_frames % patch[0]:  # a transformer patching time (the tiny demo's: 3)
+            raise ValueError(f"frames={frames} makes {latent_frames} latent frames, not a "
+                             f"multiple of the transformer's temporal patch {patch[0]}; use "
+                             f"frames = {t} * ({patch[0]}k) - {t - 1}, e.g. "
+                             f"{t * patch[0] - t + 1}")
+        return (self.transformer.config.in_channels, latent_frames, height // s, width // s)
 
     # ------------------------------------------------------------------ schedule
     @staticmethod
@@ -243,9 +249,13 @@ class WanAdapter(FlowAdapter):
         return ((z - mean) * inv_std).float()
 
     @staticmethod
-    def build_tiny_pipeline(size: int = 16, seed: int = 0, vae: str = "random"):
-        """:func:`build_tiny_wan` (Wan 2.1 layout; ``vae="smooth"`` for the video demo)."""
-        return build_tiny_wan(size, seed, vae=vae)
+    def build_tiny_pipeline(size: int = 16, seed: int = 0, demo: bool = False):
+        """:func:`build_tiny_wan` (Wan 2.1 layout). ``demo``: the text-to-video demo's pipeline
+        (9 frames): the smooth VAE and one transformer token per video (patch 3 x s x s with
+        ``s = size / 8``), see :func:`build_tiny_wan`."""
+        if demo:
+            return build_tiny_wan(size, seed, vae="smooth", patch=(3, size // 8, size // 8))
+        return build_tiny_wan(size, seed)
 
 
 def check_frames(frames, factor: int = 4) -> None:
@@ -261,7 +271,8 @@ def check_frames(frames, factor: int = 4) -> None:
                          f"{low + factor}")
 
 
-def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: str = "random"):
+def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: str = "random",
+                   patch=(1, 2, 2)):
     """A ``WanPipeline`` with tiny random weights making ``size × size`` videos.
 
     Wan 2.1 layout: a one-block transformer (≈7k parameters, patch 1x2x2, 4 latent channels), a
@@ -273,7 +284,11 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     (the conformance tests' VAE) or "smooth": the same VAE with its decoder set by
     :func:`~mmrl.diffusion.models.tiny_video_vae.smooth_wan_decoder` to a smooth upsampling of
     latent channel 0 to grey (a latent blob decodes to a pixel blob at its place: what the
-    text-to-video demo's motion reward needs; Wan 2.1 layout only).
+    text-to-video demo's motion reward needs; Wan 2.1 layout only). ``patch``: the
+    transformer's (t, h, w) patch. The tiny transformer's only positions are RoPE's, relative
+    ones: with several tokens it can hardly put mass at an absolute place (left at the first
+    frame, right at the last), so the demo uses one token for its whole 9-frame latent
+    ``(3, size / 8, size / 8)``: its output projection then writes an absolute pattern.
 
     Raises:
         ValueError: size < 2; ``vae`` not one of random | smooth; smooth with ``ti2v``.
@@ -293,7 +308,7 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     # Construction order after the seed fixes the weights: transformer, VAE, UMT5.
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        patch_size=patch, num_attention_heads=2, attention_head_dim=8, in_channels=4,
         out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
     stats = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
     if ti2v:  # Wan 2.2's VAE: 2x2 pixel patches (12 channels in), residual blocks, 16x
@@ -317,7 +332,7 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
 
 
 def save_tiny_wan(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False,
-                  vae: str = "random") -> Path:
-    """Build the tiny Wan 2.1 pipeline and ``save_pretrained`` it to ``out_dir`` (kept if it
-    exists unless ``overwrite``) -> the directory."""
-    return WanAdapter.build_tiny(out_dir, size=size, seed=seed, overwrite=overwrite, vae=vae)
+                  demo: bool = False) -> Path:
+    """Build the tiny Wan 2.1 pipeline (``demo``: the video demo's) and ``save_pretrained`` it
+    to ``out_dir`` (kept if it exists unless ``overwrite``) -> the directory."""
+    return WanAdapter.build_tiny(out_dir, size=size, seed=seed, overwrite=overwrite, demo=demo)
