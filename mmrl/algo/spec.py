@@ -165,6 +165,21 @@ class AlgoSpec:
                               "diffusion job).", source="GRPO-Guard arXiv 2510.22319; flow_grpo "
                               "train_sd3_GRPO_Guard.py (policy_loss / sqrt_dt**2)")
 
+    # Issue 18, lane R: hyper-parameters of the likelihood-reading and gated advantages
+    unlikely_beta: float = cfg(0.25, "Advantage unlikeliness: rank penalty beta; a correct "
+                               "sample of likelihood rank k among N gets reward "
+                               "1 - beta*k/N.", minimum=0.0, maximum=1.0,
+                               source="arXiv 2506.02355; rewarding-unlikely-release "
+                               "lean.rank_penalty (0.25)")
+    novelty_lambda: float = cfg(1.0, "Advantage novelty_sharpen: positive advantages scale by "
+                                "1 + lambda*max(z, 0), z = how far the row's mean log-prob "
+                                "lies below its group's (unconfirmed; mmrl's default).",
+                                minimum=0.0, source="XRPO arXiv 2510.06672 (abstract)")
+    posterior_threshold: float = cfg(1.0, "multi_reward posterior_gate: the process reward "
+                                     "columns count only where the first (outcome) column is "
+                                     ">= this (unconfirmed; mmrl's default: full success).",
+                                     source="Posterior-GRPO arXiv 2508.05170 (abstract)")
+
     @property
     def sequence_level(self) -> bool:
         """True when the ratio level (GSPO, GSPO-token, Reg-GRPO), the objective (VESPO's
@@ -226,6 +241,13 @@ class AlgoSpec:
         """True when the advantage estimator needs a baseline reward per row: the reward of one
         greedy completion per group (ReMax; policy capability ``greedy``)."""
         return axis_registry("advantage").get(self.advantage).needs_baseline
+
+    @property
+    def needs_seq_logp(self) -> bool:
+        """True when the advantage estimator reads each row's token-mean old log-prob
+        (unlikeliness, novelty_sharpen)."""
+        return bool(getattr(axis_registry("advantage").get(self.advantage), "needs_seq_logp",
+                            False))
 
     @property
     def needs_entropy(self) -> bool:

@@ -41,6 +41,13 @@ TABLE = {
     # issue 15, ALGORITHMS-flow.md (flow_grpo's GRPO-Guard configs; the diffusion job)
     "grpo_guard": ("grpo", "ratio_norm", "clip", "seq_mean_token_mean", "none",
                    dict(eps_low=2e-6, eps_high=2e-6, step_reweight=True)),
+    # issue 18, lane R (docs/seed_methods.md)
+    "unlikeliness": ("unlikeliness", "token", "clip", "seq_mean_token_mean", "none",
+                     dict(unlikely_beta=0.25)),
+    "xrpo": ("novelty_sharpen", "token", "clip", "seq_mean_token_mean", "none",
+             dict(novelty_lambda=1.0)),
+    "posterior_grpo": ("grpo", "token", "clip", "seq_mean_token_mean", "none",
+                       dict(multi_reward="posterior_gate", posterior_threshold=1.0)),
 }
 
 

@@ -1,0 +1,65 @@
+"""Slow, obvious oracles for lane R of issue 18 (unlikeliness, novelty sharpening, Posterior-GRPO
+gating, RiskPO, GiGPO, SPO, hypervolume, XRPO's half-width): Python loops over floats (or 0-d
+tensors, so autograd gives reference gradients), restating docs/seed_methods.md. Nothing here
+imports mmrl.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+
+def _std(v):
+    m = sum(v) / len(v)
+    return (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5 if len(v) > 1 else 0.0 * m
+
+
+def _grpo_of(values, gids, eps):
+    out = []
+    for i in range(len(values)):
+        g = [values[j] for j in range(len(values)) if gids[j] == gids[i]]
+        if len(g) == 1 or max(g) == min(g):
+            out.append(0.0 * values[i])
+        else:
+            out.append((values[i] - sum(g) / len(g)) / (_std(g) + eps))
+    return out
+
+
+def _rank(seq_logp, gids, i):
+    """How many rows of i's group are less likely than i (ties: the earlier row ranks lower)."""
+    return sum(1 for j in range(len(gids)) if gids[j] == gids[i] and (
+        seq_logp[j] < seq_logp[i] or (seq_logp[j] == seq_logp[i] and j < i)))
+
+
+def adv_unlikeliness(rewards, gids, eps=1e-4, r_max=1.0, seq_logp=None, unlikely_beta=0.25,
+                     **_):
+    shaped = []
+    for i in range(len(rewards)):
+        n = sum(1 for g in gids if g == gids[i])
+        shaped.append(rewards[i] * (1 - unlikely_beta * _rank(seq_logp, gids, i) / n))
+    return _grpo_of(shaped, gids, eps)
+
+
+def adv_novelty_sharpen(rewards, gids, eps=1e-4, r_max=1.0, seq_logp=None, novelty_lambda=1.0,
+                        **_):
+    base = _grpo_of(rewards, gids, eps)
+    out = []
+    for i in range(len(rewards)):
+        ell = [seq_logp[j] for j in range(len(gids)) if gids[j] == gids[i]]
+        nu = 0.0 if max(ell) == min(ell) else (sum(ell) / len(ell) - seq_logp[i]) / (_std(ell) + eps)
+        out.append(base[i] * (1 + novelty_lambda * max(nu, 0.0)) if base[i] > 0 else base[i])
+    return out
+
+
+def adv_posterior_gate(columns, gids, weights, base="grpo", eps=1e-4, posterior_threshold=1.0,
+                       **kw):
+    total = []
+    for row in columns:
+        ok = 1.0 if row[0] >= posterior_threshold else 0.0
+        total.append(weights[0] * row[0] + ok * sum(w * x for w, x in zip(weights[1:], row[1:])))
+    from tests.reference.advantages_ref import ALL
+    return ALL[base](total, gids, eps=eps, **kw)
+
+
+ADVANTAGES = {"unlikeliness": adv_unlikeliness, "novelty_sharpen": adv_novelty_sharpen}
+MULTI_REWARD = {"posterior_gate": adv_posterior_gate}
