@@ -373,4 +373,4 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> Dict[str, tor
         }
 
 
-from mmrl.algo import rank_bonus as _rank_bonus  # noqa: E402,F401  (registers its entries)
+from mmrl.algo import rank_bonus as _rank_bonus, risk as _risk  # noqa: E402,F401  (registers)

@@ -26,7 +26,8 @@ _BUILTIN = {
             "reinforce_pp", "reinforce_pp_baseline", "opo")},
         "remax": dict(needs_lengths=False, needs_baseline=True),
         **{n: dict(needs_lengths=False, needs_baseline=False, needs_seq_logp=True)
-           for n in ("unlikeliness", "novelty_sharpen")}},
+           for n in ("unlikeliness", "novelty_sharpen")},
+        "mixed_var": dict(needs_lengths=False, needs_baseline=False)},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
         "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
         "gdpo": dict(one_column=True), "posterior_gate": dict(one_column=False)},

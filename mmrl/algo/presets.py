@@ -95,6 +95,9 @@ PRESETS: Dict[str, AlgoSpec] = {
     "xrpo": AlgoSpec(advantage="novelty_sharpen"),
     # Posterior-GRPO, arXiv 2508.05170: process reward only where the outcome column is 1.
     "posterior_grpo": AlgoSpec(multi_reward="posterior_gate"),
+    # RiskPO, arXiv 2510.00911 (RTkenny/RiskPO MVaR script): bundles of 5 prompts, mixed VaR
+    # at α 0.2 / 0.8, w 1.5, batch quantiles (the script's tracked "mix" needs state); no KL.
+    "riskpo": AlgoSpec(advantage="mixed_var"),
 }
 
 

@@ -179,6 +179,18 @@ class AlgoSpec:
                                      "columns count only where the first (outcome) column is "
                                      ">= this (unconfirmed; mmrl's default: full success).",
                                      source="Posterior-GRPO arXiv 2508.05170 (abstract)")
+    riskpo_alpha_lo: float = cfg(0.2, "Advantage mixed_var: lower quantile level alpha_lo of "
+                                 "the bundle's paper scores.", above=0.0, below=1.0,
+                                 source="RiskPO arXiv 2510.00911; RTkenny/RiskPO scripts (0.2)")
+    riskpo_alpha_hi: float = cfg(0.8, "Advantage mixed_var: upper quantile level alpha_hi "
+                                 "(> alpha_lo).", above=0.0, below=1.0,
+                                 source="RiskPO scripts (0.8)")
+    riskpo_w_mix: float = cfg(1.5, "Advantage mixed_var: weight w of the lower-tail term, "
+                              "A = (w*A_C + A_R)/(w + 1).", minimum=0.0,
+                              source="RiskPO scripts (1.5)")
+    riskpo_bundle: int = cfg(5, "Advantage mixed_var: prompts (groups) per bundle; paper k "
+                             "sums the k-th rollout of each.", minimum=1,
+                             source="RiskPO scripts (5)")
 
     @property
     def sequence_level(self) -> bool:

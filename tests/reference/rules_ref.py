@@ -63,3 +63,53 @@ def adv_posterior_gate(columns, gids, weights, base="grpo", eps=1e-4, posterior_
 
 ADVANTAGES = {"unlikeliness": adv_unlikeliness, "novelty_sharpen": adv_novelty_sharpen}
 MULTI_REWARD = {"posterior_gate": adv_posterior_gate}
+
+
+def _quantile(values, alpha):
+    """Linear interpolation between order statistics (numpy's default)."""
+    v = sorted(values, key=lambda x: float(x.detach()) if hasattr(x, "detach") else x)
+    pos = alpha * (len(v) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
+def adv_mixed_var(rewards, gids, eps=1e-4, r_max=1.0, riskpo_alpha_lo=0.2, riskpo_alpha_hi=0.8,
+                  riskpo_w_mix=1.5, riskpo_bundle=5, **_):
+    groups = sorted(set(gids))
+    rows = {g: [i for i in range(len(gids)) if gids[i] == g] for g in groups}  # batch order
+    out = [0.0 * r for r in rewards]
+    for b0 in range(0, len(groups), riskpo_bundle):
+        members = groups[b0:b0 + riskpo_bundle]
+        n_papers = min(len(rows[g]) for g in members)
+        scores = [sum(rewards[rows[g][k]] for g in members) for k in range(n_papers)]
+        lo, hi = _quantile(scores, riskpo_alpha_lo), _quantile(scores, riskpo_alpha_hi)
+        if n_papers == 1:
+            std = 1.0
+        else:
+            m = sum(scores) / n_papers
+            var = sum((s - m) ** 2 for s in scores) / (n_papers - 1)
+            std = 1.0 if float(getattr(var, 'detach', lambda: var)()) == 0 else var ** 0.5
+        for k, s in enumerate(scores):
+            a_r = (max(s - lo, 0.0 * s) - max(s - hi, 0.0 * s) + lo - hi) / (
+                riskpo_alpha_hi - riskpo_alpha_lo + eps)
+            a_c = -max(lo - s, 0.0 * s) / (riskpo_alpha_lo + eps)
+            a = (riskpo_w_mix * a_c + a_r) / (riskpo_w_mix + 1) / (std + eps)
+            for g in members:
+                out[rows[g][k]] = a
+    return out
+
+
+ADVANTAGES["mixed_var"] = adv_mixed_var
+
+
+def hypervolume_incl_excl(points, ref):
+    """Σ over non-empty subsets T of (−1)^(|T|+1) Π_d max(min_{p∈T} p_d − ref_d, 0)."""
+    total = 0.0
+    for size in range(1, len(points) + 1):
+        for subset in itertools.combinations(points, size):
+            vol = 1.0
+            for d in range(len(ref)):
+                vol *= max(min(p[d] for p in subset) - ref[d], 0.0)
+            total += (-1) ** (size + 1) * vol
+    return total
