@@ -51,30 +51,40 @@ class DynamicRewardWeights:
     """Round augmenter ``aug(rounds, rnd) -> rnd`` (see the module docstring).
 
     Args:
-        names: the reward columns, in the order of ``weights`` / ``maximize``.
         mode: ``hypervolume`` or ``gradient``.
-        weights: initial weights (normalized to sum 1); None = uniform.
-        maximize: per objective, True to maximize (hypervolume mode); None = all True.
+        weights: initial weight per reward column name (normalized to sum 1; a missing name
+            weighs 1); None = uniform. The columns are the first round's.
+        minimize: reward columns to minimize (hypervolume mode; e.g. a length); the rest are
+            maximized.
         lr: η, the step of the gradient mode (the release: the actor's learning rate).
         reg: λ_reg of the gradient mode (1e-5).
     """
 
-    def __init__(self, names: Sequence[str], mode: str = "hypervolume",
-                 weights: Optional[Sequence[float]] = None,
-                 maximize: Optional[Sequence[bool]] = None, lr: float = 1e-6, reg: float = 1e-5):
+    def __init__(self, mode: str = "hypervolume", weights: Optional[Dict[str, float]] = None,
+                 minimize: Sequence[str] = (), lr: float = 1e-6, reg: float = 1e-5):
         if mode not in MODES:
             raise ValueError(f"unknown reward weighting mode {mode!r}; expected one of {MODES}")
-        w = torch.tensor([1.0] * len(names) if weights is None else list(weights),
-                         dtype=torch.float64)
-        if w.numel() != len(names) or not (w > 0).all():
-            raise ValueError(f"need one positive weight per reward column {list(names)}, got "
-                             f"{w.tolist()}")
-        self.names, self.mode, self.lr, self.reg = list(names), mode, float(lr), float(reg)
-        self.weights = w / w.sum()
-        self.hv = HypervolumeWeighting(maximize or [True] * len(names))
+        self.mode, self.lr, self.reg = mode, float(lr), float(reg)
+        self.given, self.minimize = dict(weights or {}), list(minimize)
+        self.names: Optional[list] = None
+        self.weights = torch.zeros(0, dtype=torch.float64)
+        self.hv = HypervolumeWeighting([])
+
+    def _start(self, names) -> None:
+        """Fix the columns, their starting weights and orientations at the first round."""
+        w = torch.tensor([float(self.given.get(n, 1.0)) for n in names], dtype=torch.float64)
+        unknown = sorted(set(self.minimize) - set(names))
+        if not (w > 0).all() or unknown:
+            raise ValueError(f"reward weighting over columns {list(names)}: weights must be > 0 "
+                             f"(got {w.tolist()}) and minimize must name columns (unknown: "
+                             f"{unknown}); fix algo.reward_weights / reward_minimize")
+        self.names, self.weights = list(names), w / w.sum()
+        self.hv = HypervolumeWeighting([n not in self.minimize for n in names])
 
     def __call__(self, rounds, rnd):
         r = rnd.rewards
+        if self.names is None:
+            self._start(r.names)
         cols = torch.stack([r.column(n) for n in self.names], 1).double()  # [B, K]
         ok = r.valid
         multiplier = self.hv.multiplier if self.mode == "hypervolume" else 1.0
@@ -106,8 +116,11 @@ class DynamicRewardWeights:
         self.weights = gradient_weight_update(self.weights, every.mean(0), self.lr, self.reg)
 
     def state_dict(self) -> Dict:
-        return {"weights": self.weights.tolist(), "hv": self.hv.state_dict()}
+        return {"names": self.names, "weights": self.weights.tolist(),
+                "sign": self.hv.sign, "hv": self.hv.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
+        self.names = state["names"]
         self.weights = torch.tensor(state["weights"], dtype=torch.float64)
+        self.hv = HypervolumeWeighting([s > 0 for s in state["sign"]])
         self.hv.load_state_dict(state["hv"])

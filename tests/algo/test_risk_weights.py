@@ -112,8 +112,7 @@ def _round(values):
 
 
 def test_augmenter_hypervolume_scales_the_weighted_sum():
-    aug = DynamicRewardWeights(["acc", "len"], "hypervolume", weights=[3, 1],
-                               maximize=[True, False])
+    aug = DynamicRewardWeights("hypervolume", weights={"acc": 3.0}, minimize=["len"])
     rounds = _Rounds()
     out = aug(rounds, _round([[1.0, 4.0], [0.0, 8.0], [1.0, 2.0], [0.0, 2.0]]))
     assert out.rewards.names == ["weighted"]
@@ -122,9 +121,12 @@ def test_augmenter_hypervolume_scales_the_weighted_sum():
     aug(rounds, _round([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]))  # acc +.5, len −3
     assert aug.hv.multiplier == pytest.approx(hv_multiplier(0.5 * 3.0))
     state = aug.state_dict()
-    again = DynamicRewardWeights(["acc", "len"], "hypervolume", maximize=[True, False])
+    again = DynamicRewardWeights("hypervolume")
     again.load_state_dict(state)
     assert again.hv.buffer == aug.hv.buffer and again.weights.tolist() == [0.75, 0.25]
+    assert again.hv.sign == [1.0, -1.0]
+    with pytest.raises(ValueError, match="unknown: \\['lenn'\\]"):
+        DynamicRewardWeights(minimize=["lenn"])(rounds, _round([[1.0, 1.0]] * 4))
 
 
 def test_augmenter_gradient_mode_moves_weights_to_the_agreeing_objective():
@@ -136,7 +138,7 @@ def test_augmenter_gradient_mode_moves_weights_to_the_agreeing_objective():
 
         def logp(self, rollout, rows, t0, t1):
             return (self.theta * rollout.data["x"][rows])[:, None].expand(-1, t1 - t0)
-    aug = DynamicRewardWeights(["acc", "len"], "gradient", lr=1e-5)
+    aug = DynamicRewardWeights("gradient", lr=1e-5)
     # acc rises with x inside each group, len falls: g_acc = −g_len, I = (0, 0) -> unchanged
     aug(_Rounds(Lin()), _round([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
     torch.testing.assert_close(aug.weights, torch.tensor([0.5, 0.5], dtype=F64))
