@@ -113,3 +113,54 @@ def hypervolume_incl_excl(points, ref):
                 vol *= max(min(p[d] for p in subset) - ref[d], 0.0)
             total += (-1) ** (size + 1) * vol
     return total
+
+
+def gigpo(step_rewards, traj_ids, steps, group_ids, anchors, gamma=0.95, omega=1.0,
+          mode="mean_std_norm", eps=1e-6):
+    """Loops: R(τ) per trajectory, normalized over the episode group's step rows; R_t summed
+    step by step, normalized over (episode group, anchor); singleton / constant sets -> 0."""
+    n = len(step_rewards)
+
+    def norm(values, same):
+        out = []
+        for i in range(n):
+            members = [values[j] for j in range(n) if same(i, j)]
+            if len(members) == 1 or max(members) == min(members):
+                out.append(0.0 * values[i])
+                continue
+            mean = sum(members) / len(members)
+            scale = _std(members) + eps if mode == "mean_std_norm" else 1.0
+            out.append((values[i] - mean) / scale)
+        return out
+    episode = [sum(step_rewards[j] for j in range(n) if traj_ids[j] == traj_ids[i])
+               for i in range(n)]
+    ret = [sum(gamma ** (steps[j] - steps[i]) * step_rewards[j] for j in range(n)
+               if traj_ids[j] == traj_ids[i] and steps[j] >= steps[i]) for i in range(n)]
+    a_e = norm(episode, lambda i, j: group_ids[i] == group_ids[j])
+    a_s = norm(ret, lambda i, j: group_ids[i] == group_ids[j] and anchors[i] == anchors[j])
+    return [a + omega * s for a, s in zip(a_e, a_s)]
+
+
+def spo_chain(probs, length, cuts, values, reward, threshold=0.9):
+    """One row: token values at cut points and the last token, differences to the previous
+    value (or V(prompt) for c = −1), filled backwards, zeroed where p > threshold."""
+    if not cuts:
+        return [0.0] * len(probs)
+    token_value = [None] * length
+    token_value[length - 1] = reward
+    base = None
+    for c, v in zip(cuts, values):
+        if c == -1:
+            base = v
+        else:
+            token_value[c] = v
+    adv = [None] * length
+    for i in range(length):
+        if token_value[i] is not None:
+            adv[i] = 0.0 if base is None else token_value[i] - base
+            base = token_value[i]
+    for i in range(length - 2, -1, -1):
+        if adv[i] is None:
+            adv[i] = adv[i + 1]
+    adv = [0.0 if probs[i] > threshold else adv[i] for i in range(length)]
+    return adv + [0.0] * (len(probs) - length)
