@@ -91,10 +91,6 @@ PRESETS: Dict[str, AlgoSpec] = {
     # r̃ = r·(1 − 0.25·rank/N) by token-mean old log-prob rank, then GRPO. The release divides
     # by std + 1e-6 and adds a k3 KL of 0.1: override adv_eps / beta to match it exactly.
     "unlikeliness": AlgoSpec(advantage="unlikeliness"),
-    # XRPO's novelty-sharpened advantages, arXiv 2510.06672 (unconfirmed form: mmrl's reading).
-    "xrpo": AlgoSpec(advantage="novelty_sharpen"),
-    # Posterior-GRPO, arXiv 2508.05170: process reward only where the outcome column is 1.
-    "posterior_grpo": AlgoSpec(multi_reward="posterior_gate"),
     # RiskPO, arXiv 2510.00911 (RTkenny/RiskPO MVaR script): bundles of 5 prompts, mixed VaR
     # at α 0.2 / 0.8, w 1.5, batch quantiles (the script's tracked "mix" needs state); no KL.
     "riskpo": AlgoSpec(advantage="mixed_var"),

@@ -44,10 +44,6 @@ TABLE = {
     # issue 18, lane R (docs/seed_methods.md)
     "unlikeliness": ("unlikeliness", "token", "clip", "seq_mean_token_mean", "none",
                      dict(unlikely_beta=0.25)),
-    "xrpo": ("novelty_sharpen", "token", "clip", "seq_mean_token_mean", "none",
-             dict(novelty_lambda=1.0)),
-    "posterior_grpo": ("grpo", "token", "clip", "seq_mean_token_mean", "none",
-                       dict(multi_reward="posterior_gate", posterior_threshold=1.0)),
     "riskpo": ("mixed_var", "token", "clip", "seq_mean_token_mean", "none",
                dict(riskpo_alpha_lo=0.2, riskpo_alpha_hi=0.8, riskpo_w_mix=1.5, riskpo_bundle=5)),
 }
