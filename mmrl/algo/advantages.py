@@ -30,6 +30,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from mmrl.algo import rank_bonus as _rank_bonus, risk as _risk
 from mmrl.algo.common import entry
 from mmrl.algo.groups import Groups as _Groups, batch_whiten, safe_sqrt as _safe_sqrt, token_whiten
 from mmrl.registry import Registry, did_you_mean
@@ -291,11 +292,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         if len(weights) != k:
             raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
                              f"pass one weight per column of rewards [B, K]")
-        more = _picked(fn, hparams)
-        if getattr(fn, "hparams", None) is not None:  # entries that route extras to their base
-            more.update(seq_logp=seq_logp, base_hparams=_picked(ADVANTAGES.get(base), hparams))
         adv = fn(r, inv, num_groups, weights, base, eps=eps, r_max=r_max, lengths=lengths,
-                 baseline=baseline, **more)
+                 baseline=baseline, **_multi_extras(fn, base, seq_logp, hparams))
     else:
         if weights is not None:
             raise ValueError(f"weights are only used by {MULTI_REWARD.names()}, got method "
@@ -303,6 +301,16 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         adv = fn(_Groups(r, inv, num_groups, lengths, baseline, seq_logp), eps=eps, r_max=r_max,
                  **_picked(fn, hparams))
     return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
+
+
+def _multi_extras(fn, base: str, seq_logp, hparams) -> Dict:
+    """A multi-reward entry's own hyper-parameters; entries that declare ``hparams`` also get
+    the base estimator, its hyper-parameters and ``seq_logp`` (they build its input)."""
+    more = _picked(fn, hparams)
+    if getattr(fn, "hparams", None) is not None:
+        base_fn = ADVANTAGES.get(base)
+        more.update(seq_logp=seq_logp, base_fn=base_fn, base_hparams=_picked(base_fn, hparams))
+    return more
 
 
 def _picked(fn, hparams) -> Dict:
@@ -373,4 +381,8 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> Dict[str, tor
         }
 
 
-from mmrl.algo import rank_bonus as _rank_bonus, risk as _risk  # noqa: E402,F401  (registers)
+# issue 18 (docs/seed_methods.md C): likelihood-reading, gated and risk-sensitive entries
+ADVANTAGES.register("unlikeliness", _rank_bonus.unlikeliness_advantages)
+ADVANTAGES.register("novelty_sharpen", _rank_bonus.novelty_sharpen_advantages)
+ADVANTAGES.register("mixed_var", _risk.mixed_var_advantages)
+MULTI_REWARD.register("posterior_gate", _rank_bonus.posterior_gate)

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import torch
 
-from mmrl.algo.advantages import ADVANTAGES, MULTI_REWARD
-from mmrl.algo.common import entry
 from mmrl.algo.groups import Groups
 
-__all__ = ["likelihood_rank", "novelty_sharpen_advantages", "posterior_gate",
+__all__ = ["flags", "likelihood_rank", "novelty_sharpen_advantages", "posterior_gate",
            "unlikeliness_advantages"]
+
+
+def flags(**attrs):
+    """Attach the flags the registries and presets read (the entries are registered, one line
+    each, in :mod:`mmrl.algo.advantages`)."""
+    def wrap(fn):
+        for key, value in attrs.items():
+            setattr(fn, key, value)
+        return fn
+    return wrap
 
 
 def _seq_logp(g: Groups, name: str) -> torch.Tensor:
@@ -45,7 +53,7 @@ def likelihood_rank(seq_logp: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     return (same & below).sum(1)  # [B]
 
 
-@entry(ADVANTAGES, "unlikeliness", needs_lengths=False, needs_baseline=False,
+@flags(needs_lengths=False, needs_baseline=False,
        needs_seq_logp=True, hparams=("unlikely_beta",))
 def unlikeliness_advantages(g: Groups, *, eps: float, r_max: float,
                             unlikely_beta: float = 0.25) -> torch.Tensor:
@@ -65,7 +73,7 @@ def unlikeliness_advantages(g: Groups, *, eps: float, r_max: float,
     return s.zero_where_constant((shaped - s.mean[g.inv]) / (s.std[g.inv] + eps))
 
 
-@entry(ADVANTAGES, "novelty_sharpen", needs_lengths=False, needs_baseline=False,
+@flags(needs_lengths=False, needs_baseline=False,
        needs_seq_logp=True, hparams=("novelty_lambda",))
 def novelty_sharpen_advantages(g: Groups, *, eps: float, r_max: float,
                                novelty_lambda: float = 1.0) -> torch.Tensor:
@@ -87,16 +95,18 @@ def novelty_sharpen_advantages(g: Groups, *, eps: float, r_max: float,
     return torch.where(base > 0, base * (1.0 + novelty_lambda * nu.clamp(min=0)), base)
 
 
-@entry(MULTI_REWARD, "posterior_gate", one_column=False, hparams=("posterior_threshold",))
-def posterior_gate(columns, inv, num_groups, weights, base, *, lengths=None, baseline=None,
-                   seq_logp=None, base_hparams=None, posterior_threshold: float = 1.0,
-                   **kw) -> torch.Tensor:
+@flags(one_column=False, hparams=("posterior_threshold",))
+def posterior_gate(columns, inv, num_groups, weights, base, *, base_fn, lengths=None,
+                   baseline=None, seq_logp=None, base_hparams=None,
+                   posterior_threshold: float = 1.0, **kw) -> torch.Tensor:
     """A = base(w_0·r^out + 1[r^out ≥ τ]·Σ_{k≥1} w_k r^k): process rewards only on success.
 
     Posterior-GRPO (arXiv 2508.05170): column 0 is the outcome reward (tests passed, answer
     right), the other columns process (reasoning) rewards; a sample whose outcome is below
-    τ = ``posterior_threshold`` (1.0: full success) gets its outcome reward alone, so the policy
-    cannot raise its reward through reasoning-reward hacking on failed samples.
+    τ = ``posterior_threshold`` (1.0: full success, "passes all tests") gets its outcome reward
+    alone, so the policy
+    cannot raise its reward through reasoning-reward hacking on failed samples. ``base_fn``: the
+    single-reward estimator named ``base`` (handed in by ``group_advantages``).
     **Unconfirmed**: the abstract pins down the gating ("selectively applying rewards to the
     reasoning processes of only successful outcomes"); the weighted sum and τ are mmrl's.
     """
@@ -108,5 +118,5 @@ def posterior_gate(columns, inv, num_groups, weights, base, *, lengths=None, bas
     success = (columns[:, 0] >= posterior_threshold).to(columns.dtype)  # [B]
     total = w[0] * columns[:, 0] + success * (columns[:, 1:] @ w[1:])  # [B, K-1] @ [K-1] -> [B]
     b = None if baseline is None else baseline @ w
-    return ADVANTAGES.get(base)(Groups(total, inv, num_groups, lengths, b, seq_logp), **kw,
-                                **(base_hparams or {}))
+    return base_fn(Groups(total, inv, num_groups, lengths, b, seq_logp), **kw,
+                   **(base_hparams or {}))

@@ -20,9 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from mmrl.algo.advantages import ADVANTAGES
-from mmrl.algo.common import entry
 from mmrl.algo.groups import Groups, safe_sqrt
+from mmrl.algo.rank_bonus import flags
 
 __all__ = ["QuantileTracker", "bundle_papers", "mixed_var_advantages", "riskpo_advantages"]
 
@@ -75,7 +74,7 @@ def _batch_quantiles(scores: torch.Tensor, valid: torch.Tensor, alpha: float) ->
     return torch.nanquantile(torch.where(valid, scores, float("nan")), alpha, dim=1)
 
 
-@entry(ADVANTAGES, "mixed_var", needs_lengths=False, needs_baseline=False,
+@flags(needs_lengths=False, needs_baseline=False,
        hparams=("riskpo_alpha_lo", "riskpo_alpha_hi", "riskpo_w_mix", "riskpo_bundle"))
 def mixed_var_advantages(g: Groups, *, eps: float, r_max: float, riskpo_alpha_lo: float = 0.2,
                          riskpo_alpha_hi: float = 0.8, riskpo_w_mix: float = 1.5,
@@ -87,6 +86,9 @@ def mixed_var_advantages(g: Groups, *, eps: float, r_max: float, riskpo_alpha_lo
     (e.g. :class:`QuantileTracker`'s "mix" of tracked and batch quantiles).
     A bundle whose paper scores are all equal -> 0; a size-1 group is a bundle member like any
     other (its single rollout is paper 0, and caps the bundle at one paper).
+    Papers pair the k-th rollout of each prompt in batch order, so reordering rows inside a
+    group changes which rollouts share a paper (not the papers' distribution): the one entry
+    that is not permutation invariant row by row.
     Differs from the release's scripts: the registry entry is stateless, so it uses the batch
     quantiles (the scripts' default "mix" averages them with SGD-tracked ones: pass q_lo/q_hi);
     eps = ``algo.adv_eps`` (release 1e-6).
