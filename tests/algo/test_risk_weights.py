@@ -148,3 +148,13 @@ def test_augmenter_gradient_mode_moves_weights_to_the_agreeing_objective():
     g = 0.5 / (math.sqrt(0.5) + 1e-4) / 2
     w0 = math.exp(g * g) / (math.exp(g * g) + 1)
     torch.testing.assert_close(aug.weights, torch.tensor([w0, 1 - w0], dtype=F64))
+
+
+def test_video_config_reaches_the_augmenter():
+    from mmrl.video.config import VideoConfig
+    from mmrl.video.job import build_augmenters
+    c = VideoConfig(reward_weighting="hypervolume", reward_minimize=["format"])
+    aug, = build_augmenters(c, [], {"accuracy": 2.0})
+    assert isinstance(aug, DynamicRewardWeights) and aug.mode == "hypervolume"
+    assert aug.given == {"accuracy": 2.0} and aug.minimize == ["format"]
+    assert build_augmenters(VideoConfig(), [], None) == []
