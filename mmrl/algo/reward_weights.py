@@ -117,14 +117,15 @@ def gradient_weight_update(weights: torch.Tensor, influence_k: torch.Tensor, lr:
     gradients; the release takes them over layers 10–25 only); ``lr``: the actor's current
     learning rate (η_t); ``reg``: λ_reg = 1e-5 as the release. Updated every step
     (weight_accumulation_steps = 1). No min/max clipping (the release's config has one,
-    commented out in its code). Example: w = (½, ½), I = (2, 0), lr/reg = ½·ln 3 -> (¾, ¼).
+    commented out in its code), so a weight can underflow to 0 and stay there (log 0 = −inf).
+    Example: w = (½, ½), I = (2, 0), lr/reg = ½·ln 3 -> (¾, ¼).
 
     Raises:
-        ValueError: weights not positive, or shapes that do not match.
+        ValueError: negative or all-zero weights, or shapes that do not match.
     """
     w = torch.as_tensor(weights, dtype=torch.float64)
     i = torch.as_tensor(influence_k, dtype=torch.float64)
-    if w.dim() != 1 or i.shape != w.shape or not (w > 0).all():
-        raise ValueError(f"need positive weights [K] and influence [K]; got weights "
-                         f"{tuple(w.shape)} and influence {tuple(i.shape)}")
+    if w.dim() != 1 or i.shape != w.shape or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"need non-negative weights [K] (not all 0) and influence [K]; got "
+                         f"weights {w.tolist()} and influence shape {tuple(i.shape)}")
     return torch.softmax(w.log() + lr * i / reg, 0)
