@@ -100,3 +100,16 @@ def test_row_mean_logp_reads_the_rollout_or_scores_once():
     ro.rollout_logp = None
     assert row_mean_logp(Scorer(), ro).tolist() == [-0.5, 0.0]
     assert resolve_algo("unlikeliness").needs_seq_logp and not resolve_algo("grpo").needs_seq_logp
+
+
+def test_posterior_gate_gradients_match_the_oracle():
+    cols = _t([[1, 0.2], [0, 0.9], [1, 0.8], [0.5, 0.1], [1, 0.3]]).requires_grad_()
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    adv = group_advantages(cols, ids, "posterior_gate", weights=[1.0, 0.5], base="rloo")
+    want = rules_ref.adv_posterior_gate([list(r.unbind()) for r in cols.unbind()], ids.tolist(),
+                                        [1.0, 0.5], base="rloo")
+    w = torch.linspace(-1, 1, 5, dtype=F64)
+    g1, = torch.autograd.grad((adv * w).sum(), cols)
+    g2, = torch.autograd.grad(sum(wi * a for wi, a in zip(w, want)), cols)
+    torch.testing.assert_close(g1, g2)
+    assert g1[1, 1] == 0 and g1[3, 1] == 0  # failed outcomes: the process reward has no say
