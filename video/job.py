@@ -67,6 +67,10 @@ def build_augmenters(c, records, reward_weights) -> list:
             drop_ratio=c.harder_drop_ratio, eliminate=c.hint_eliminate), media, reward_weights))
     if c.temporal_contrast:
         out.append(TemporalContrast(media, alpha=c.temporal_alpha, mu=c.temporal_mu))
+    if c.reward_weighting != "none":  # last: it folds every column into one
+        from mmrl.train.reward_weighting import DynamicRewardWeights
+        out.append(DynamicRewardWeights(c.reward_weighting, reward_weights, c.reward_minimize,
+                                        lr=c.reward_weighting_lr))
     return out
 
 

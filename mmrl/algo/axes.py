@@ -24,10 +24,13 @@ _BUILTIN = {
             "batch_std", "grpo", "mean_center", "ngrpo", "rloo", "passk", "gpg")},
         **{n: dict(needs_lengths=True, needs_baseline=False) for n in (
             "reinforce_pp", "reinforce_pp_baseline", "opo")},
-        "remax": dict(needs_lengths=False, needs_baseline=True)},
+        "remax": dict(needs_lengths=False, needs_baseline=True),
+        **{n: dict(needs_lengths=False, needs_baseline=False, needs_seq_logp=True)
+           for n in ("unlikeliness", "novelty_sharpen")},
+        "mixed_var": dict(needs_lengths=False, needs_baseline=False)},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
         "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
-        "gdpo": dict(one_column=True)},
+        "gdpo": dict(one_column=True), "posterior_gate": dict(one_column=False)},
     ("ratio level", "mmrl.algo.ratios", "RATIO_LEVELS"): {
         "token": dict(per_sequence=False, whole_sequence=False, needs_step_terms=False),
         "sequence": dict(per_sequence=True, whole_sequence=True, needs_step_terms=False),

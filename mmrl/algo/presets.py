@@ -87,6 +87,13 @@ PRESETS: Dict[str, AlgoSpec] = {
     # Flow policies only (needs step terms); the pickscore config uses ε = 4e-6.
     "grpo_guard": AlgoSpec(ratio_level="ratio_norm", step_reweight=True, eps_low=2e-6,
                            eps_high=2e-6, adv_clip=5.0),
+    # Rewarding the Unlikely, arXiv 2506.02355 (rewarding-unlikely-release examples/lean/grpo.sh):
+    # r̃ = r·(1 − 0.25·rank/N) by token-mean old log-prob rank, then GRPO. The release divides
+    # by std + 1e-6 and adds a k3 KL of 0.1: override adv_eps / beta to match it exactly.
+    "unlikeliness": AlgoSpec(advantage="unlikeliness"),
+    # RiskPO, arXiv 2510.00911 (RTkenny/RiskPO MVaR script): bundles of 5 prompts, mixed VaR
+    # at α 0.2 / 0.8, w 1.5, batch quantiles (the script's tracked "mix" needs state); no KL.
+    "riskpo": AlgoSpec(advantage="mixed_var"),
 }
 
 

@@ -21,7 +21,8 @@ def _ids(values):
 ORACLES = advantages_ref.ALL
 MULTI_ORACLES = {**ref.MULTI_REWARD, **advantages_ref.MULTI_REWARD}
 # batch-level or baseline estimators: a zero-std group is not necessarily 0 after them
-NOT_ZEROED = ("reinforce_pp", "reinforce_pp_baseline", "remax")
+NOT_ZEROED = ("reinforce_pp", "reinforce_pp_baseline", "remax",
+              "unlikeliness")  # its rank shaping splits an all-correct group
 
 
 def _extras(method, n, seed=0):
@@ -33,6 +34,8 @@ def _extras(method, n, seed=0):
         out["lengths"] = torch.randint(0, 7, (n,), generator=g)
     if fn.needs_baseline:
         out["baseline"] = torch.rand(n, generator=g, dtype=F64)
+    if getattr(fn, "needs_seq_logp", False):
+        out["seq_logp"] = -torch.rand(n, generator=g, dtype=F64)
     return out
 
 

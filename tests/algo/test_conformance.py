@@ -52,6 +52,8 @@ def _extras(fn):
     extra = {"lengths": LENGTHS} if fn.needs_lengths else {}
     if fn.needs_baseline:
         extra["baseline"] = torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0, 0.0], dtype=F64)
+    if getattr(fn, "needs_seq_logp", False):  # each row's token-mean old log-prob
+        extra["seq_logp"] = torch.tensor([-0.7, -0.2, -1.5, -0.4, -0.9, -1.1], dtype=F64)
     return extra, {k: v.tolist() for k, v in extra.items()}
 
 

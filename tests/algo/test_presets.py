@@ -41,6 +41,11 @@ TABLE = {
     # issue 15, ALGORITHMS-flow.md (flow_grpo's GRPO-Guard configs; the diffusion job)
     "grpo_guard": ("grpo", "ratio_norm", "clip", "seq_mean_token_mean", "none",
                    dict(eps_low=2e-6, eps_high=2e-6, step_reweight=True)),
+    # issue 18, lane R (docs/seed_methods.md)
+    "unlikeliness": ("unlikeliness", "token", "clip", "seq_mean_token_mean", "none",
+                     dict(unlikely_beta=0.25)),
+    "riskpo": ("mixed_var", "token", "clip", "seq_mean_token_mean", "none",
+               dict(riskpo_alpha_lo=0.2, riskpo_alpha_hi=0.8, riskpo_w_mix=1.5, riskpo_bundle=5)),
 }
 
 
