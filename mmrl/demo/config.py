@@ -54,15 +54,23 @@ class ToyConfig:
 
 
 def check(algo, train, c: ToyConfig) -> List[str]:
-    """A step draws ``prompts_per_step`` distinct prompts from the ``num_prompts`` set."""
-    if c.guidance == "guide" and algo.rollout_is == "none":
-        return ["toy.guidance=guide corrects the hinted rollouts with the sampler's log-probs "
-                "(algo.rollout_is); got algo.rollout_is=none; set algo.rollout_is="
-                "token_truncate"]
+    """A step draws ``prompts_per_step`` distinct prompts from the ``num_prompts`` set; Guide
+    needs the rollout correction."""
+    out = guide_problems("toy", c.guidance, algo)
     if c.num_prompts < train.prompts_per_step:
-        return [f"toy.num_prompts: got {c.num_prompts}, fewer than train.prompts_per_step="
-                f"{train.prompts_per_step} (a step draws that many distinct prompts); raise "
-                f"num_prompts or lower prompts_per_step"]
+        out.append(f"toy.num_prompts: got {c.num_prompts}, fewer than train.prompts_per_step="
+                   f"{train.prompts_per_step} (a step draws that many distinct prompts); raise "
+                   f"num_prompts or lower prompts_per_step")
+    return out
+
+
+def guide_problems(section: str, guidance: str, algo) -> List[str]:
+    """``guidance: guide`` trains hinted rollouts for the plain prompt; its off-policy correction
+    is the rollout correction from the sampler's log-probs, so ``algo.rollout_is`` must be on."""
+    if guidance == "guide" and algo.rollout_is == "none":
+        return [f"{section}.guidance=guide corrects the hinted rollouts with the sampler's "
+                f"log-probs (algo.rollout_is), got algo.rollout_is=none; set "
+                f"algo.rollout_is=token_truncate"]
     return []
 
 
