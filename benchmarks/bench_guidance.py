@@ -1,6 +1,7 @@
 """Guidance for groups that never succeed, measured on the hard toy task.
 
-``python benchmarks/bench_guidance.py [--steps 30] [--seeds 0 1 2] [--out docs/guidance.json]``
+``python benchmarks/bench_guidance.py [--steps 40] [--seeds 0 1 2] [--out docs/guidance.json]
+[--plot docs/guidance.png]`` (about 10 minutes on one CPU thread)
 
 The task: reverse 6 digits (0..4), exact-match reward (1 for the whole answer right, else 0),
 groups of 8. A policy trained from scratch never succeeds there (every group all-fail, so
@@ -37,25 +38,35 @@ from mmrl.demo.toy import ToyConfig, ToyPolicy, ToyPrompt, exact_reward, make_pr
     toy_guidance, toy_record
 from mmrl.train.runner import run_training
 
-METHODS = ["none", "ghpo", "keye", "scaf", "guide", "expo"]
+METHODS = ["none", "none_g16", "ghpo", "keye", "scaf", "guide", "expo"]
+"""``none_g16``: plain GRPO with groups of 16, the control that spends extra samples without
+hints (guidance draws up to about twice the plain 64 samples a step)."""
 TOY = dict(digits=5, length=6, num_prompts=64, d_model=32, layers=2, heads=4, reward="exact",
            hint_slot=True)
 
 
 def base_model(c: ToyConfig, seed: int, steps: int) -> dict:
-    """A weak base model: teacher forcing on fresh prompts, half of them with a random answer
-    prefix in the hint segment."""
+    """A weak base model that can read a hint: teacher forcing on fresh prompts, four in five
+    with a random answer prefix (k digits) in the hint segment and the k prompt digits that
+    prefix reverses replaced by random ones, so only the hint tells those answer digits (the
+    model learns to copy a hint, as an instruction-tuned LM follows one)."""
+    if c.task != "reverse":
+        raise ValueError(f"the base model's hints are built for task reverse, got {c.task!r}")
     pol = ToyPolicy(c, seed=seed)
     opt = torch.optim.Adam(pol.model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1000 + seed)
     for _ in range(steps):
         digits = torch.randint(0, c.digits, (64, c.length), generator=g).tolist()
-        prompts = []
+        prompts, answers = [], []
         for d in digits:
-            k = int(torch.randint(0, c.length, (1,), generator=g)) if torch.rand(
-                1, generator=g) < 0.5 else 0
-            prompts.append(ToyPrompt(tuple(d), tuple(TASKS[c.task](d)[:k])))
-        answers = torch.tensor([TASKS[c.task](d) + [pol.eos] for d in digits])
+            k = int(torch.randint(1, c.length, (1,), generator=g)) if torch.rand(
+                1, generator=g) < 0.8 else 0
+            answer = TASKS[c.task](d)
+            noise = torch.randint(0, c.digits, (k,), generator=g).tolist()
+            shown = d[:c.length - k] + noise  # reverse: answer[:k] comes from d[-k:]
+            prompts.append(ToyPrompt(tuple(shown), tuple(answer[:k])))
+            answers.append(answer + [pol.eos])
+        answers = torch.tensor(answers)
         ids = torch.cat([pol.prompt_ids(prompts), torch.full((64, 1), pol.sep), answers], 1)
         logits = pol.model(ids[:, :-1])[:, -pol.T:]  # [64, T, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
@@ -72,13 +83,14 @@ def plain_accuracy(pol: ToyPolicy, prompts, metadata, seed: int, n: int = 8) -> 
 
 
 def run_one(method: str, seed: int, state: dict, steps: int, out: str) -> dict:
-    toy = dict(TOY, guidance=method)
+    group = 16 if method == "none_g16" else 8
+    toy = dict(TOY, guidance="none" if method == "none_g16" else method)
     algo = {"preset": "grpo", "beta": 0.0}
     if method == "guide":
         algo.update(rollout_is="token_truncate", rollout_is_max=3.0)
     config = config_from_dict({
         "job": "toy", "algo": algo, "toy": toy,
-        "train": {"steps": steps, "prompts_per_step": 8, "group_size": 8, "lr": 1e-3,
+        "train": {"steps": steps, "prompts_per_step": 8, "group_size": group, "lr": 1e-3,
                   "seed": seed, "device": "cpu", "progress": False, "log_every": 10 ** 6,
                   "output_dir": out, "save_every": 0}})
     c = config.task
@@ -96,9 +108,10 @@ def run_one(method: str, seed: int, state: dict, steps: int, out: str) -> dict:
             "plain_acc": plain_accuracy(pol, prompts, metadata, 7),
             "zero_adv": statistics.mean(h["zero_std_frac"] for h in hist),
             "zero_adv_last10": statistics.mean(h["zero_std_frac"] for h in hist[-10:]),
-            "rollouts": 64 + extra, "seconds": seconds,
+            "rollouts": 8 * group + extra, "seconds": seconds,
             "rescued": sum(h.get("guided_rescued", 0.0) for h in hist),
-            "guided": sum(h.get("guided_groups", 0.0) for h in hist)}
+            "guided": sum(h.get("guided_groups", 0.0) for h in hist),
+            "zero_adv_steps": [h["zero_std_frac"] for h in hist]}
 
 
 def _ms(xs):
@@ -107,11 +120,12 @@ def _ms(xs):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--base-steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--base-steps", type=int, default=55)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--plot", default=None, help="write the PNG here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -133,8 +147,39 @@ def main(argv=None) -> int:
               f"{statistics.mean(x['rollouts'] for x in r):.0f} | "
               f"{sum(x['rescued'] for x in r):.0f} / {sum(x['guided'] for x in r):.0f} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(a.out).write_text(json.dumps(rows) + "\n")
+    if a.plot:
+        plot(rows, a.methods, a.plot)
     return 0
+
+
+def plot(rows, methods, path: str) -> None:
+    """Zero-advantage fraction per step (mean over seeds, 5-step moving average) and the plain
+    exact accuracy after training per method (mean ± std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in methods:
+        r = [x["zero_adv_steps"] for x in rows if x["method"] == m]
+        mean = torch.tensor(r, dtype=torch.float64).mean(0)
+        smooth = torch.nn.functional.avg_pool1d(mean[None, None], 5, 1, 2,
+                                                count_include_pad=False)[0, 0]
+        ax.plot(smooth.numpy(), label=m, lw=2 if m.startswith("none") else 1.2,
+                ls="--" if m.startswith("none") else "-")
+        acc = [x["plain_acc"] for x in rows if x["method"] == m]
+        bx.bar(m, statistics.mean(acc), yerr=statistics.stdev(acc) if len(acc) > 1 else 0,
+               capsize=3)
+    before = statistics.mean(x["plain_acc_before"] for x in rows)
+    bx.axhline(before, color="k", lw=1, ls=":", label="base model")
+    ax.set(xlabel="step", ylabel="zero-advantage groups (fraction)", ylim=(0, 1),
+           title="groups with no advantage (mean of seeds)")
+    bx.set(ylabel="plain exact accuracy after training", title="reward without hints")
+    ax.legend(fontsize=8)
+    bx.legend(fontsize=8)
+    bx.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ class VideoConfig:
     guidance: str = cfg("none", "Round augmenter for groups whose every sample has accuracy "
                         "<= 0 (mmrl.train.guidance): none, ghpo (solution prefix), keye / scaf "
                         "(the record's hints), guide / expo (hinted samples trained for the "
-                        "plain prompt); hints from the records' hints / solution_steps.",
+                        "plain prompt; guide needs algo.rollout_is, e.g. token_truncate); hints "
+                        "from the records' hints / solution_steps.",
                         choices=["none", "ghpo", "keye", "scaf", "guide", "expo"],
                         source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 "
                         "2509.01563; Guide 2506.13923; ExPO 2507.02834")
@@ -126,6 +127,10 @@ class VideoConfig:
             out.append("rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
         if self.temporal_contrast and "accuracy" not in self.rewards:
             out.append("temporal_contrast needs the 'accuracy' reward in video.rewards")
+        if not self.guidance_ratios or not all(0.0 < float(w) <= 1.0
+                                               for w in self.guidance_ratios):
+            out.append(f"guidance_ratios: got {self.guidance_ratios}; expected a non-empty list "
+                       f"of values in (0, 1] (GHPO: [0.25, 0.5, 0.75])")
         if self.guidance != "none" and "accuracy" not in self.rewards:
             out.append(f"guidance={self.guidance} finds the all-wrong groups by the 'accuracy' "
                        f"reward; add it to video.rewards or set guidance: none")
@@ -184,7 +189,7 @@ def check(algo, train, c: VideoConfig) -> List[str]:
     """Cross-section problems of a video config (prompt counts known before reading data;
     Guide's rollout correction)."""
     out = []
-    if c.guidance == "guide" and algo.rollout_is == "none":  # as the toy job's guide_problems
+    if c.guidance == "guide" and algo.resolve().rollout_is == "none":  # as the toy job's
         out.append("video.guidance=guide corrects the hinted rollouts with the sampler's "
                    "log-probs (algo.rollout_is), got algo.rollout_is=none; set "
                    "algo.rollout_is=token_truncate")

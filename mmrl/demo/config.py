@@ -31,8 +31,9 @@ class ToyConfig:
                       "exact: 1 for the whole answer right, else 0 (with a long `length`, the "
                       "hard task where groups never succeed).", choices=["digits", "exact"])
     guidance: str = cfg("none", "Round augmenter for all-fail groups (mmrl.train.guidance): "
-                        "none, ghpo, keye, scaf, guide or expo; the hints are prefixes of the "
-                        "answer, in a hint segment of the prompt.",
+                        "none, ghpo, keye, scaf, guide (needs algo.rollout_is, e.g. "
+                        "token_truncate) or expo; the hints are prefixes of the answer, in a "
+                        "hint segment of the prompt.",
                         choices=["none", "ghpo", "keye", "scaf", "guide", "expo"],
                         source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 "
                         "2509.01563; Guide 2506.13923; ExPO 2507.02834")
@@ -48,9 +49,18 @@ class ToyConfig:
                           "a guidance-free baseline with the same model.")
 
     def problems(self) -> List[str]:
+        out = ratio_problems(self.guidance_ratios)
         if self.d_model % self.heads:
-            return [f"d_model: got {self.d_model}; expected a multiple of heads={self.heads}"]
+            out.append(f"d_model: got {self.d_model}; expected a multiple of heads={self.heads}")
+        return out
+
+
+def ratio_problems(ratios: List[float]) -> List[str]:
+    """GHPO's prefix ratios must be in (0, 1]."""
+    if ratios and all(0.0 < float(w) <= 1.0 for w in ratios):
         return []
+    return [f"guidance_ratios: got {ratios}; expected a non-empty list of values in (0, 1] "
+            f"(GHPO: [0.25, 0.5, 0.75])"]
 
 
 def check(algo, train, c: ToyConfig) -> List[str]:
@@ -67,7 +77,7 @@ def check(algo, train, c: ToyConfig) -> List[str]:
 def guide_problems(section: str, guidance: str, algo) -> List[str]:
     """``guidance: guide`` trains hinted rollouts for the plain prompt; its off-policy correction
     is the rollout correction from the sampler's log-probs, so ``algo.rollout_is`` must be on."""
-    if guidance == "guide" and algo.rollout_is == "none":
+    if guidance == "guide" and algo.resolve().rollout_is == "none":
         return [f"{section}.guidance=guide corrects the hinted rollouts with the sampler's "
                 f"log-probs (algo.rollout_is), got algo.rollout_is=none; set "
                 f"algo.rollout_is=token_truncate"]

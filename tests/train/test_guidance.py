@@ -160,3 +160,17 @@ def test_toy_job_with_guide_trains_and_reports_the_guidance_metrics(tmp_path):
     hist = get_job("toy").run(cfg)["history"]
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert all("guided_groups" in h and "guided_rollouts" in h for h in hist)
+
+
+def test_configs_refuse_guide_without_the_rollout_correction_and_bad_ratios():
+    from mmrl.config.core import ConfigError
+    from mmrl.config.schema import config_from_dict
+    for job in ("toy", "video"):
+        with pytest.raises(ConfigError, match=f"{job}.guidance=guide corrects .* set "
+                           "algo.rollout_is=token_truncate"):
+            config_from_dict({"job": job, job: {"guidance": "guide"}})
+        with pytest.raises(ConfigError, match=r"guidance_ratios: got \[0.5, 1.5\]"):
+            config_from_dict({"job": job, job: {"guidance_ratios": [0.5, 1.5]}})
+        ok = config_from_dict({"job": job, job: {"guidance": "guide"},
+                               "algo": {"rollout_is": "token_truncate"}})
+        assert ok.task.guidance == "guide"
