@@ -212,14 +212,16 @@ class RowHint:
             _need_retarget(policy, method)
         self.s, self.method = settings, method
 
-    def _candidates(self, rnd, j: int) -> List[Tuple[Any, Dict[str, Any]]]:
+    def _candidates(self, rnd, j: int) -> List[Tuple[Any, Dict[str, Any], int]]:
+        """(prompt, metadata, samples): one sample per hint level (scaf), or N samples of the
+        answer-conditioned prompt (expo)."""
         meta, prompt = rnd.metadata[j], rnd.prompts[j]
         if self.method == "scaf":
-            hints = self.s.prompts.level_hints(meta)
-        else:
-            answer = self.s.prompts.answer_hint(meta)
-            hints = [] if answer is None else [answer] * rnd.counts[j]
-        return [self.s.prompts.with_hint(prompt, meta, h) for h in hints]
+            return [(*self.s.prompts.with_hint(prompt, meta, h), 1)
+                    for h in self.s.prompts.level_hints(meta)]
+        answer = self.s.prompts.answer_hint(meta)
+        return [] if answer is None else [(*self.s.prompts.with_hint(prompt, meta, answer),
+                                           rnd.counts[j])]
 
     def __call__(self, rounds, rnd):
         if rounds.step < self.s.start_step:
@@ -228,14 +230,14 @@ class RowHint:
         todo = _all_fail(rounds, rnd, self.s)
         picks, owner = {"prompts": [], "metadata": [], "counts": [], "group_ids": []}, []
         for j in todo:
-            for p, m in self._candidates(rnd, j):
-                for key, v in zip(picks, (p, m, 1, rnd.group_ids[j])):
+            for p, m, n in self._candidates(rnd, j):
+                for key, v in zip(picks, (p, m, n, rnd.group_ids[j])):
                     picks[key].append(v)
-                owner.append(j)
+                owner += [j] * n
         drawn = len(owner)
         rescued = 0
         if owner:
-            cand = rounds.collect_groups(**picks)  # one row per candidate, in order (1 process)
+            cand = rounds.collect_groups(**picks)  # rows in candidate order (one process)
             ok = self.s.success(cand.rewards) > self.s.threshold
             for j in todo:
                 rows = [i for i, o in enumerate(owner) if o == j and bool(ok[i])]

@@ -174,3 +174,17 @@ def test_configs_refuse_guide_without_the_rollout_correction_and_bad_ratios():
         ok = config_from_dict({"job": job, job: {"guidance": "guide"},
                                "algo": {"rollout_is": "token_truncate"}})
         assert ok.task.guidance == "guide"
+
+
+def test_expo_swaps_in_one_answer_conditioned_success_for_the_plain_prompt():
+    """The answer hint is the whole target (4 digits): need 4 is rescued by one row, need 9 is
+    not; the swapped row is trained for the plain prompt, its sampler log-prob kept (-4)."""
+    rounds, rnd, aug = _rounds("expo", needs=[0, 4, 9])
+    out = aug(rounds, rnd)
+    g1 = (out.rollout.group_ids == 1).nonzero().flatten().tolist()
+    assert sorted(out.rewards.values[g1, 0].tolist()) == [0.0, 0.0, 0.0, 1.0]
+    assert [out.rollout.prompts[i] for i in g1] == [[0, 1, 2, 3]] * 4  # all plain prompts
+    assert sorted(out.rollout.rollout_logp[g1, 0].tolist()) == [-4.0, 0.0, 0.0, 0.0]
+    assert out.rewards.values[out.rollout.group_ids == 2, 0].tolist() == [0.0] * 4
+    assert rounds.step_round_metrics() == {"guided_groups": 2.0, "guided_rescued": 1.0,
+                                           "guided_rollouts": 8.0}
