@@ -102,12 +102,10 @@ def failing_groups(values: torch.Tensor, gids: torch.Tensor, threshold: float) -
         threshold: success iff value > threshold.
     """
     ok = torch.isfinite(values)
-    out = []
-    for g in gids[ok].unique().tolist():
-        v = values[ok & (gids == g)]
-        if len(v) >= 2 and bool((v <= threshold).all()):
-            out.append(int(g))
-    return out
+    groups, inv = gids.unique(return_inverse=True)  # inv: [B] row -> group slot
+    valid = torch.zeros(len(groups)).index_add_(0, inv, ok.float())
+    failed = torch.zeros(len(groups)).index_add_(0, inv, (ok & (values <= threshold)).float())
+    return groups[(valid >= 2) & (failed == valid)].tolist()
 
 
 def _all_fail(rounds, rnd, s: Guidance) -> List[int]:

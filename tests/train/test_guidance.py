@@ -62,6 +62,19 @@ def test_failing_groups_hand_values():
     assert failing_groups(values, gids, 0.5) == [0]
 
 
+def test_failing_groups_match_the_loop_oracle_and_ignore_row_order():
+    from tests.reference.guidance_ref import failing_groups as oracle
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        gids = torch.randint(0, 6, (24,), generator=g)
+        values = (torch.rand(24, generator=g) < 0.15).double()  # mostly failures
+        values[torch.rand(24, generator=g) < 0.2] = float("nan")
+        want = oracle(values.tolist(), gids.tolist(), 0.5)
+        assert failing_groups(values, gids, 0.5) == want
+        perm = torch.randperm(24, generator=g)
+        assert failing_groups(values[perm], gids[perm], 0.5) == want
+
+
 def test_toy_hint_levels_and_prefixes_hand_values():
     meta = toy_record(ToyConfig(length=4, task="reverse"), [1, 2, 3, 4])
     assert meta["solution_steps"] == [[4], [3], [2], [1]]
