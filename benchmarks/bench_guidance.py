@@ -38,9 +38,11 @@ from mmrl.demo.toy import ToyConfig, ToyPolicy, ToyPrompt, exact_reward, make_pr
     toy_guidance, toy_record
 from mmrl.train.runner import run_training
 
-METHODS = ["none", "none_g16", "ghpo", "keye", "scaf", "guide", "expo"]
+METHODS = ["none", "none_g16", "ghpo", "keye", "scaf", "guide", "guide_w1", "expo"]
 """``none_g16``: plain GRPO with groups of 16, the control that spends extra samples without
-hints (guidance draws up to about twice the plain 64 samples a step)."""
+hints (guidance draws up to about twice the plain 64 samples a step). ``guide_w1``: Guide with
+the rollout correction's weights clamped to 1 ± 0.001, the
+ablation of its importance weights."""
 TOY = dict(digits=5, length=6, num_prompts=64, d_model=32, layers=2, heads=4, reward="exact",
            hint_slot=True)
 
@@ -84,10 +86,13 @@ def plain_accuracy(pol: ToyPolicy, prompts, metadata, seed: int, n: int = 8) -> 
 
 def run_one(method: str, seed: int, state: dict, steps: int, out: str) -> dict:
     group = 16 if method == "none_g16" else 8
-    toy = dict(TOY, guidance="none" if method == "none_g16" else method)
+    guidance = {"none_g16": "none", "guide_w1": "guide"}.get(method, method)
+    toy = dict(TOY, guidance=guidance)
     algo = {"preset": "grpo", "beta": 0.0}
     if method == "guide":
         algo.update(rollout_is="token_truncate", rollout_is_max=3.0)
+    if method == "guide_w1":
+        algo.update(rollout_is="token_truncate", rollout_is_min=0.999, rollout_is_max=1.001)
     config = config_from_dict({
         "job": "toy", "algo": algo, "toy": toy,
         "train": {"steps": steps, "prompts_per_step": 8, "group_size": group, "lr": 1e-3,
@@ -165,6 +170,8 @@ def plot(rows, methods, path: str) -> None:
         mean = torch.tensor(r, dtype=torch.float64).mean(0)
         smooth = torch.nn.functional.avg_pool1d(mean[None, None], 5, 1, 2,
                                                 count_include_pad=False)[0, 0]
+        if not r:
+            continue
         ax.plot(smooth.numpy(), label=m, lw=2 if m.startswith("none") else 1.2,
                 ls="--" if m.startswith("none") else "-")
         acc = [x["plain_acc"] for x in rows if x["method"] == m]
