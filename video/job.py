@@ -67,7 +67,8 @@ def build_augmenters(c, records, reward_weights) -> list:
             drop_ratio=c.harder_drop_ratio, eliminate=c.hint_eliminate), media, reward_weights))
     if c.temporal_contrast:
         out.append(TemporalContrast(media, alpha=c.temporal_alpha, mu=c.temporal_mu))
-    return out
+    from .thinking import build_thinking
+    return out + build_thinking(c)  # last: it reads the final rows
 
 
 def build_policy(c, output_dir: str, device: str, spec=None, pref=None):
@@ -136,6 +137,8 @@ def run(config) -> Dict[str, Any]:
         if c.temporal_contrast:
             from .rounds import TEMPORAL_COLUMN
             config.algo.reward_weights[TEMPORAL_COLUMN] = 1.0
+        from .thinking import thinking_columns
+        config.algo.reward_weights.update(thinking_columns(c.length_reward, c.mode_reward))
     policy = build_policy(c, out, device, spec, config.pref)
     verifier = None  # VerIPO's verifier: video rewards named by pref.verifier
     if config.pref.verifier is not None:
