@@ -65,7 +65,7 @@ def make_config(variant: str, seed: int, steps: int, model: str, data: str, out:
 
 def warm_start(policy, records, seed: int, dropout: float, steps: int = 30, lr: float = 3e-3):
     """SFT on ``k`` spaces + a random letter (k uniform in 6..10), TON's thought dropout with
-    probability ``dropout``: the mean log-likelihood of each target's tokens, Adam."""
+    probability ``dropout``: the token-mean log-likelihood of the targets, Adam."""
     import torch
 
     from mmrl.video.thinking import thought_dropout
@@ -82,7 +82,8 @@ def warm_start(policy, records, seed: int, dropout: float, steps: int = 30, lr: 
         T = ro.mask.shape[1]
         logp = policy.logp(ro, chosen, 0, T)
         mask = ro.mask[chosen].to(logp.device)
-        loss = -(torch.where(mask, logp, 0.0).sum(-1) / mask.sum(-1)).mean()
+        # token mean, as SFT: a short (dropped) target's first token weighs as a long one's
+        loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
