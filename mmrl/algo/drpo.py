@@ -62,8 +62,8 @@ def drpo_objective(log_ratio, adv, *, spec, valid=None, group_ids=None, logp=Non
     s = torch.where(mask, logp, 0.0).sum(-1) / n_tok.clamp(min=1)  # [B] with gradient
     r = adv[:, 0].detach()
     pos, neg = (r == 1) & (n_tok > 0), (r == 0) & (n_tok > 0)
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    G = int(inv.max()) + 1 if len(inv) else 0
+    uniq, inv = torch.unique(group_ids.to(logp.device), return_inverse=True)
+    G = uniq.numel()  # from the output's shape, no read-back
     zeros = torch.zeros(G, dtype=logp.dtype, device=logp.device)
     count = zeros.index_add(0, inv, torch.ones_like(s))  # N_g
     live = (zeros.index_add(0, inv, pos.to(s.dtype)) > 0) & (

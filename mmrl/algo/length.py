@@ -39,15 +39,15 @@ def _check(correct: torch.Tensor, values: torch.Tensor, group_ids: torch.Tensor,
         raise ValueError(f"shapes correct {tuple(correct.shape)}, {what} "
                          f"{tuple(values.shape)}, group_ids {tuple(group_ids.shape)}; "
                          f"expected three [B] tensors (one entry per row)")
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    return inv, values.to(torch.float32), int(inv.max()) + 1 if len(inv) else 0
+    uniq, inv = torch.unique(group_ids, return_inverse=True)  # G from the output's shape
+    return inv, values.to(torch.float32), uniq.numel()
 
 
 def group_accuracy(correct: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """``[B]``: the fraction of correct rows in each row's group."""
     inv, c, G = _check(correct, correct.float(), group_ids, "correct")
-    hits = torch.zeros(G).index_add_(0, inv, c)
-    count = torch.zeros(G).index_add_(0, inv, torch.ones_like(c))
+    hits = c.new_zeros(G).index_add_(0, inv, c)
+    count = c.new_zeros(G).index_add_(0, inv, torch.ones_like(c))
     return (hits / count)[inv]
 
 
@@ -66,8 +66,8 @@ def kimi_length_reward(correct: torch.Tensor, lengths: torch.Tensor,
         TypeError / ValueError: wrong dtypes or shapes.
     """
     inv, L, G = _check(correct, lengths, group_ids, "lengths")
-    lo = torch.full((G,), torch.inf).scatter_reduce(0, inv, L, reduce="amin")
-    hi = torch.full((G,), -torch.inf).scatter_reduce(0, inv, L, reduce="amax")
+    lo = L.new_full((G,), torch.inf).scatter_reduce(0, inv, L, reduce="amin")
+    hi = L.new_full((G,), -torch.inf).scatter_reduce(0, inv, L, reduce="amax")
     span = (hi - lo)[inv]
     lam = torch.where(span > 0, 0.5 - (L - lo[inv]) / span.clamp(min=1e-12), torch.zeros_like(L))
     return torch.where(correct, lam, lam.clamp(max=0.0))
@@ -114,8 +114,8 @@ def serial_decay_reward(correct: torch.Tensor, exit_pos: torch.Tensor, group_ids
     order = order[torch.argsort(inv[order], stable=True)]  # by group, then position, then row
     c = correct[order].float()
     before = torch.cumsum(c, 0) - c  # correct rows earlier in the sorted batch
-    start = torch.zeros(G).index_add_(0, inv, correct.float()).cumsum(0)
-    start = torch.cat([torch.zeros(1), start[:-1]])  # correct rows of the groups before
+    start = pos.new_zeros(G).index_add_(0, inv, correct.float()).cumsum(0)
+    start = torch.cat([pos.new_zeros(1), start[:-1]])  # correct rows of the groups before
     k = torch.empty_like(before)
     k[order] = before - start[inv[order]]
     return torch.where(correct, torch.full_like(k, float(decay)) ** k, torch.zeros_like(k))
@@ -144,8 +144,8 @@ def mode_reward(correct: torch.Tensor, thinks: torch.Tensor,
     c = correct.float()
     acc = {}
     for name, rows in (("think", t), ("plain", 1.0 - t)):
-        n = torch.zeros(G).index_add_(0, inv, rows)
-        acc[name] = (torch.zeros(G).index_add_(0, inv, rows * c) / n.clamp(min=1), n > 0)
+        n = c.new_zeros(G).index_add_(0, inv, rows)
+        acc[name] = (c.new_zeros(G).index_add_(0, inv, rows * c) / n.clamp(min=1), n > 0)
     both = acc["think"][1] & acc["plain"][1]
     think_better = acc["think"][0] > acc["plain"][0]  # [G]
     right = torch.where(thinks, think_better[inv], ~think_better[inv])
