@@ -147,6 +147,9 @@ class ThinkingRounds:
         row chose to stop): the policy contract cannot continue a completion from a truncated
         thought, so the paper's serial group of forced exits of one thought is not built."""
         from mmrl.train.reward_fn import RewardBatch
+        if rnd.rollout.reward_group_ids is not None:
+            raise ValueError("video.length_reward / mode_reward need one training row per "
+                             "rewarded sample (their lengths); this policy trains other rows")
         r = rnd.rewards
         if self.accuracy not in r.names:
             raise ValueError(f"video.length_reward / mode_reward read the {self.accuracy!r} "
