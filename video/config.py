@@ -131,6 +131,27 @@ class VideoConfig:
     guidance_start: int = cfg(0, "No guidance before this step (Scaf-GRPO's exemption: 15 % "
                               "of the steps in the paper, 50 in its script).", minimum=0,
                               source="Scaf-GRPO 2510.19807 §3.2")
+    think_style: str = cfg("tags", "How a completion's thought is read (video.length_reward, "
+                           "mode_reward, the think_frac metric): tags (inside <think>...</think>) "
+                           "or filler (every character before a one-character answer).",
+                           choices=["tags", "filler"], source="mmrl.video.thinking")
+    length_reward: str = cfg(
+        "none", "Length reward of correct answers: none; kimi (a 'length' column, Kimi k1.5's "
+        "0.5 - (L - min)/(max - min) per group); grpo_lambda (the same only in groups whose "
+        "accuracy >= length_switch_accuracy; unconfirmed); serial_decay (accuracy of correct rows "
+        "-> serial_decay^k by token count; unconfirmed).",
+        choices=["none", "kimi", "grpo_lambda", "serial_decay"],
+        source="Kimi k1.5 arXiv 2501.12599; GRPO-lambda arXiv 2505.18086; S-GRPO arXiv 2505.07686")
+    length_switch_accuracy: Optional[float] = cfg(
+        None, "grpo_lambda: group accuracy from which the length reward is on (no default: the "
+        "paper's rule is not confirmed).", minimum=0.0, maximum=1.0, source="arXiv 2505.18086")
+    serial_decay: Optional[float] = cfg(
+        None, "serial_decay: reward decay^k of the k-th earliest-exiting correct answer of a "
+        "group (0.5: 1, 1/2, 1/4, ...; no default, unconfirmed).", above=0.0, maximum=1.0,
+        source="arXiv 2505.07686")
+    mode_reward: bool = cfg(False, "Add a 'mode' column: 1 for rows in the group's more accurate "
+                            "mode (think / no-think, ties to no-think); unconfirmed reading of "
+                            "Step-SRPO.", source="KAT-V1 arXiv 2507.08297")
 
     def problems(self) -> List[str]:
         out = []
@@ -150,6 +171,14 @@ class VideoConfig:
                        f"reward; add it to video.rewards or set guidance: none")
         if self.min_tokens > self.max_tokens:
             out.append(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+        if (self.length_reward != "none" or self.mode_reward) and "accuracy" not in self.rewards:
+            out.append("length_reward / mode_reward read the 'accuracy' reward; add it to "
+                       "video.rewards")
+        for key, on in (("length_switch_accuracy", "grpo_lambda"), ("serial_decay",
+                                                                    "serial_decay")):
+            if self.length_reward == on and getattr(self, key) is None:
+                out.append(f"length_reward {on} needs video.{key} (no default: the paper's "
+                           f"value is not confirmed); set it")
         if self.rewards:
             out.extend(reward_spec_problems(self.rewards))
         return out

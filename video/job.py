@@ -75,6 +75,8 @@ def build_augmenters(c, records, reward_weights, policy=None) -> list:
             drop_ratio=c.harder_drop_ratio, eliminate=c.hint_eliminate), media, reward_weights))
     if c.temporal_contrast:
         out.append(TemporalContrast(media, alpha=c.temporal_alpha, mu=c.temporal_mu))
+    from .thinking import build_thinking
+    out += build_thinking(c)  # after the others: it reads the final rows
     if c.reward_weighting != "none":  # last: it folds every column into one
         from mmrl.train.reward_weighting import DynamicRewardWeights
         out.append(DynamicRewardWeights(c.reward_weighting, reward_weights, c.reward_minimize,
@@ -148,6 +150,8 @@ def run(config) -> Dict[str, Any]:
         if c.temporal_contrast:
             from .rounds import TEMPORAL_COLUMN
             config.algo.reward_weights[TEMPORAL_COLUMN] = 1.0
+        from .thinking import thinking_columns
+        config.algo.reward_weights.update(thinking_columns(c.length_reward, c.mode_reward))
     policy = build_policy(c, out, device, spec, config.pref)
     verifier = None  # VerIPO's verifier: video rewards named by pref.verifier
     if config.pref.verifier is not None:

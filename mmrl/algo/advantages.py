@@ -32,6 +32,7 @@ import torch
 
 from mmrl.algo import rank_bonus as _rank_bonus, risk as _risk
 from mmrl.algo.common import entry
+from mmrl.algo.drpo import reward_advantages
 from mmrl.algo.groups import Groups as _Groups, batch_whiten, safe_sqrt as _safe_sqrt, token_whiten
 from mmrl.registry import Registry, did_you_mean
 
@@ -176,6 +177,9 @@ def gpg_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     """
     alpha = g.r.numel() / (g.r.detach() != 0).sum().clamp(min=1).to(g.r.dtype)
     return g.zero_where_constant(alpha * (g.r - g.mean[g.inv]))
+
+
+entry(ADVANTAGES, "reward", needs_lengths=False, needs_baseline=False)(reward_advantages)  # DRPO
 
 
 @entry(MULTI_REWARD, "normalize_then_sum", one_column=False)

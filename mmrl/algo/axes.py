@@ -27,7 +27,8 @@ _BUILTIN = {
         "remax": dict(needs_lengths=False, needs_baseline=True),
         **{n: dict(needs_lengths=False, needs_baseline=False, needs_seq_logp=True)
            for n in ("unlikeliness", "novelty_sharpen")},
-        "mixed_var": dict(needs_lengths=False, needs_baseline=False)},
+        "mixed_var": dict(needs_lengths=False, needs_baseline=False),
+        "reward": dict(needs_lengths=False, needs_baseline=False)},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
         "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
         "gdpo": dict(one_column=True), "posterior_gate": dict(one_column=False)},
@@ -46,7 +47,9 @@ _BUILTIN = {
                     whole_sequence=False),
         **{n: dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True,
                    whole_sequence=n in ("clip_cov", "kl_cov", "vespo"))
-           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")}},
+           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")},
+        "drpo": dict(needs_groups=True, needs_per_sequence=False, needs_token_ratio=True,
+                     whole_sequence=True)},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
         "token_mean": dict(per_sequence=False, averages_rows=False),
         "seq_mean_token_mean": dict(per_sequence=False, averages_rows=True),

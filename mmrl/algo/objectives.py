@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from mmrl.algo.common import LOG_RATIO_CLAMP, entry, ratio as importance_ratio
+from mmrl.algo.drpo import drpo_objective
 from mmrl.registry import Registry
 
 OBJECTIVES: Registry[Callable] = Registry("objective")
@@ -267,3 +268,7 @@ def kl_cov_objective(log_ratio, adv, *, spec, valid=None, logp=None, **_):
     penalty = torch.where(top, spec.kl_cov_coef * log_ratio.abs(), torch.zeros_like(ratio))
     none = torch.zeros_like(ratio, dtype=torch.bool)
     return -adv * ratio + penalty, ratio, none, none
+
+
+entry(OBJECTIVES, "drpo", needs_groups=True, needs_per_sequence=False, needs_token_ratio=True,
+      whole_sequence=True)(drpo_objective)  # DRPO, arXiv 2510.04474 (mmrl.algo.drpo)

@@ -81,6 +81,10 @@ PRESETS: Dict[str, AlgoSpec] = {
     # GPG, arXiv 2504.02546 (verl gpg): −A·logp, no ratio, no clip; A = α·(r − mean_g) with
     # α = B / #{non-zero rewards} over the batch (F_norm = 1); token_mean as verl.
     "gpg": AlgoSpec(advantage="gpg", objective="gpg", aggregation="token_mean"),
+    # DRPO, arXiv 2510.04474 (Optimization-AI/DRPO): binary rewards read by the objective
+    # (A = r); J_g = Σ_{r=1} w·s / Σ w − τ·logsumexp_{r=0}(s/τ), s = mean_t logp, w =
+    # exp((1 − |o|/L_max)/λ); −Σ_g J_g/Q + sg(β·max(KL − δ, 0))·KL; τ 10, λ 0.1, β 1000, δ 1e-4.
+    "drpo": AlgoSpec(advantage="reward", objective="drpo", aggregation="seq_mean_token_sum"),
     # GRPO-Guard, arXiv 2510.22319 (flow_grpo train_sd3_GRPO_Guard.py, config/grpo_guard.py):
     # log ρ̃ = mean_d[ξ·(μ_θ − μ_old)] (RatioNorm), −min(ρ̃A, clip(ρ̃, 1 ± 2e-6)A) / (−dt_j);
     # per-group std, A clipped at ±5; mean over samples of the mean over trained steps.

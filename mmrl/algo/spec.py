@@ -191,6 +191,17 @@ class AlgoSpec:
     riskpo_bundle: int = cfg(5, "Advantage mixed_var: prompts (groups) per bundle; paper k "
                              "sums the k-th rollout of each.", minimum=1,
                              source="RiskPO scripts (5)")
+    drpo_tau: float = cfg(10.0, "Objective drpo: temperature tau of the log-sum-exp over a "
+                          "group's wrong responses.", above=0.0,
+                          source="DRPO arXiv 2510.04474; Optimization-AI/DRPO run_drpo_1.5b_8k.sh")
+    drpo_lambda: float = cfg(0.1, "Objective drpo: length weight exp((1 - |o|/max_len)/lambda) of "
+                             "correct responses (larger: weaker length reward).", above=0.0,
+                             source="DRPO arXiv 2510.04474 (0.1)")
+    drpo_beta: float = cfg(1000.0, "Objective drpo: coefficient of the KL-to-old constraint "
+                           "sg(beta*max(KL - delta, 0))*KL.", minimum=0.0,
+                           source="DRPO arXiv 2510.04474 (1000)")
+    drpo_delta: float = cfg(1e-4, "Objective drpo: KL budget delta below which the constraint "
+                            "is off.", minimum=0.0, source="DRPO arXiv 2510.04474 (1e-4)")
 
     @property
     def sequence_level(self) -> bool:

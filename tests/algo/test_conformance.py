@@ -128,9 +128,10 @@ def _objective_case(name, log_ratio, adv, spec):
     loss, ratio, low, high = fn(log_ratio, adv, spec=spec, valid=valid, group_ids=GIDS,
                                 logp=logp, mask=valid, generator=torch.Generator().manual_seed(7))
     if name in obj_ref.OBJECTIVES:  # whole-call oracles (tests/reference/objectives_ref.py)
+        groups = {"group_ids": GIDS.tolist()} if fn.needs_groups else {}
         want = obj_ref.OBJECTIVES[name](nested(log_ratio), nested(adv.expand_as(log_ratio)),
                                         nested(logp), nested(valid), spec,
-                                        torch.Generator().manual_seed(7))
+                                        torch.Generator().manual_seed(7), **groups)
         return loss, torch.stack([torch.stack(row) for row in want]), ratio, low, high
     ora = oracle(ref.OBJECTIVES, name)
     if fn.needs_per_sequence:

@@ -111,3 +111,6 @@ from tests.reference import rules_ref as _rules  # noqa: E402  (issue 18 lane R'
 ADVANTAGES.update(_rules.ADVANTAGES)
 ALL.update(_rules.ADVANTAGES)
 MULTI_REWARD.update(_rules.MULTI_REWARD)
+from tests.reference.length_ref import adv_reward  # noqa: E402  (DRPO's A = r)
+
+ADVANTAGES["reward"] = adv_reward

@@ -139,3 +139,7 @@ RANDOM = ("clip_cov",)
 CALL_DEPENDENT = ("clip_cov", "kl_cov")
 """Objectives whose token selection depends on which tokens share the call (the covariance and
 the pick count are over the call, as verl's micro-batch): not invariant to micro-batching."""
+
+from tests.reference.length_ref import obj_drpo  # noqa: E402  (reads group_ids too)
+
+OBJECTIVES["drpo"] = obj_drpo
