@@ -113,4 +113,4 @@ ALL.update(_rules.ADVANTAGES)
 MULTI_REWARD.update(_rules.MULTI_REWARD)
 from tests.reference.length_ref import adv_reward  # noqa: E402  (DRPO's A = r)
 
-ADVANTAGES["reward"] = adv_reward
+ADVANTAGES["reward"] = ALL["reward"] = adv_reward
