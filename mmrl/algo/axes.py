@@ -40,16 +40,16 @@ _BUILTIN = {
         "ratio_norm": dict(per_sequence=False, whole_sequence=False, needs_step_terms=True)},
     ("objective", "mmrl.algo.objectives", "OBJECTIVES"): {
         "clip": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
-                     whole_sequence=False),
+                     whole_sequence=False, binary_rewards=False),
         "sapo": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
-                     whole_sequence=False),
+                     whole_sequence=False, binary_rewards=False),
         "reg": dict(needs_groups=True, needs_per_sequence=True, needs_token_ratio=False,
-                    whole_sequence=False),
+                    whole_sequence=False, binary_rewards=False),
         **{n: dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True,
-                   whole_sequence=n in ("clip_cov", "kl_cov", "vespo"))
+                   whole_sequence=n in ("clip_cov", "kl_cov", "vespo"), binary_rewards=False)
            for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")},
         "drpo": dict(needs_groups=True, needs_per_sequence=False, needs_token_ratio=True,
-                     whole_sequence=True)},
+                     whole_sequence=True, binary_rewards=True)},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
         "token_mean": dict(per_sequence=False, averages_rows=False),
         "seq_mean_token_mean": dict(per_sequence=False, averages_rows=True),

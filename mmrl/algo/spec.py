@@ -241,8 +241,15 @@ class AlgoSpec:
 
     @property
     def needs_groups(self) -> bool:
-        """True when the loss itself needs ``group_ids`` (``reg``)."""
+        """True when the loss itself needs ``group_ids`` (``reg``, ``drpo``): whole groups in
+        one call (a micro-batch must not split a group)."""
         return axis_registry("objective").get(self.objective).needs_groups
+
+    @property
+    def binary_rewards(self) -> bool:
+        """True when the objective reads each row's reward r ∈ {0, 1} ``[B]`` instead of an
+        advantage (``drpo``): a dense reward is a misuse, and the loss is no surrogate of A."""
+        return axis_registry("objective").get(self.objective).binary_rewards
 
     @property
     def needs_ref(self) -> bool:

@@ -66,12 +66,23 @@ def ratio_problems(ratios: List[float]) -> List[str]:
 def check(algo, train, c: ToyConfig) -> List[str]:
     """A step draws ``prompts_per_step`` distinct prompts from the ``num_prompts`` set; Guide
     needs the rollout correction."""
-    out = guide_problems("toy", c.guidance, algo)
+    out = guide_problems("toy", c.guidance, algo) + binary_reward_problems(algo, c.reward)
     if c.num_prompts < train.prompts_per_step:
         out.append(f"toy.num_prompts: got {c.num_prompts}, fewer than train.prompts_per_step="
                    f"{train.prompts_per_step} (a step draws that many distinct prompts); raise "
                    f"num_prompts or lower prompts_per_step")
     return out
+
+
+def binary_reward_problems(algo, reward: str) -> List[str]:
+    """An objective that reads rewards r ∈ {0, 1} (``drpo``) skips every row whose reward is
+    neither, so the dense ``digits`` reward would train nothing: it needs ``exact``."""
+    spec = algo.resolve()
+    if spec.binary_rewards and reward != "exact":
+        return [f"toy.reward: got {reward!r} with algo.objective={spec.objective!r}, which reads "
+                f"binary rewards (1 correct, 0 wrong) and skips every other row; the fraction of "
+                f"right digits is not binary: set toy.reward=exact"]
+    return []
 
 
 def guide_problems(section: str, guidance: str, algo) -> List[str]:
