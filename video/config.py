@@ -243,7 +243,26 @@ def check(algo, train, c: VideoConfig) -> List[str]:
     if c.limit is not None and c.limit < train.prompts_per_step:
         out.append(f"video.limit: got {c.limit}, fewer than train.prompts_per_step="
                    f"{train.prompts_per_step}; raise the limit or lower prompts_per_step")
-    return out
+    return out + _binary_reward_problems(algo.resolve(), c)
+
+
+def _binary_reward_problems(spec, c: VideoConfig) -> List[str]:
+    """An objective that reads rewards r ∈ {0, 1} (``drpo``) skips every other row: the reward
+    must be the accuracy alone, weight 1, without a length or mode column that moves it off
+    {0, 1}."""
+    if not spec.binary_rewards or not c.rewards:
+        return []
+    from .vl_rewards import vl_reward_parts
+    try:
+        weights = {name: w for name, (_, w) in vl_reward_parts(c.rewards).items()}
+    except (ValueError, TypeError):
+        return []  # reported by the section's own check
+    if weights == {"accuracy": 1.0} and c.length_reward == "none" and not c.mode_reward:
+        return []
+    return [f"video.rewards: got {weights} with length_reward={c.length_reward!r}, mode_reward="
+            f"{c.mode_reward}; algo.objective={spec.objective!r} reads binary rewards (1 "
+            f"correct, 0 wrong) and skips every other row: use rewards {{accuracy: 1.0}} alone, "
+            f"length_reward=none, mode_reward=false (DRPO has its own length weight)"]
 
 
 def preflight(config) -> List[str]:

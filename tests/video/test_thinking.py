@@ -97,3 +97,8 @@ def test_config_keys_and_their_checks():
     assert config_from_dict(base).task.length_reward == "grpo_lambda"
     with pytest.raises(ValueError, match="needs decay"):
         ThinkingRounds("serial_decay")
+    base["algo"] = {"preset": "drpo"}  # reads binary rewards: the length reward moves them
+    with pytest.raises(ConfigError, match="algo.objective='drpo' reads binary rewards"):
+        config_from_dict(base)
+    base["video"]["length_reward"] = "none"
+    assert config_from_dict(base).algo.preset == "drpo"
