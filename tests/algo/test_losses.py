@@ -246,7 +246,9 @@ def test_ratio_1_gradient_of_reg_is_the_derived_scale(length_normalize):
 
 def test_masked_padding_changes_nothing():
     for name in sorted(PRESETS):
-        d = make_batch(seed=6, adv_per_token=not PRESETS[name].per_sequence_loss)
+        spec = PRESETS[name]
+        d = rewards_if_binary(spec, make_batch(seed=6, adv_per_token=not (
+            spec.per_sequence_loss or spec.binary_rewards)))
         kw = dict(ref_logp=d["ref"], token_weights=None if PRESETS[name].per_sequence_loss else d["w"])
         fn = PolicyLoss(name, beta=0.1, **ref.preset_kwargs(name, T))
         loss, grad, stats = run(fn, d, **kw)
