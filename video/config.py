@@ -102,6 +102,56 @@ class VideoConfig:
         "+temporal_alpha in a 'temporal' reward column.", source="Video-R1 arXiv 2503.21776")
     temporal_alpha: float = cfg(0.3, "T-GRPO bonus α.", minimum=0.0, source="Video-R1 (0.3)")
     temporal_mu: float = cfg(0.8, "T-GRPO ratio μ.", minimum=0.0, source="Video-R1 (0.8)")
+    reward_weighting: str = cfg(
+        "none", "Reward weights that adapt during training (applied after the other "
+        "augmenters): none; hypervolume (fixed weights, a multiplier in [0.5, 2) from each "
+        "step's hypervolume gain); gradient (weights moved towards objectives whose policy "
+        "gradients agree). The columns become one 'weighted' column; starting weights from "
+        "algo.reward_weights.", choices=["none", "hypervolume", "gradient"],
+        source="arXiv 2509.11452; yining610/dynamic-reward-weighting")
+    reward_minimize: List[str] = cfg(doc="reward_weighting hypervolume: reward columns to "
+                                     "minimize (e.g. a length); the rest are maximized.",
+                                     default_factory=list)
+    reward_weighting_lr: float = cfg(1e-6, "reward_weighting gradient: step eta of "
+                                     "w <- softmax(log w + eta*I/1e-5) (the release: the "
+                                     "actor's learning rate).", above=0.0,
+                                     source="arXiv 2509.11452 (lr 1e-6)")
+    guidance: str = cfg("none", "Round augmenter for groups whose every sample has accuracy "
+                        "<= 0 (mmrl.train.guidance): none, ghpo (solution prefix), keye / scaf "
+                        "(the record's hints), guide / expo (hinted samples trained for the "
+                        "plain prompt; guide needs algo.rollout_is, e.g. token_truncate); hints "
+                        "from the records' hints / solution_steps.",
+                        choices=["none", "ghpo", "keye", "scaf", "guide", "expo"],
+                        source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 "
+                        "2509.01563; Guide 2506.13923; ExPO 2507.02834")
+    guidance_ratios: List[float] = cfg(doc="GHPO's solution-prefix ratios, tried in order "
+                                       "while a group stays all-wrong.",
+                                       default_factory=lambda: [0.25, 0.5, 0.75],
+                                       source="hkgc-1/GHPO ghpo_trainer.py")
+    guidance_start: int = cfg(0, "No guidance before this step (Scaf-GRPO's exemption: 15 % "
+                              "of the steps in the paper, 50 in its script).", minimum=0,
+                              source="Scaf-GRPO 2510.19807 §3.2")
+    think_style: str = cfg("tags", "How a completion's thought is read (video.length_reward, "
+                           "mode_reward, the think_frac metric): tags (inside <think>...</think>) "
+                           "or filler (every character before a one-character answer).",
+                           choices=["tags", "filler"], source="mmrl.video.thinking")
+    length_reward: str = cfg(
+        "none", "Length reward of correct answers: none; kimi (a 'length' column, Kimi k1.5's "
+        "0.5 - (L - min)/(max - min) per group); grpo_lambda (the same only in groups whose "
+        "accuracy >= length_switch_accuracy; unconfirmed); serial_decay (accuracy of correct rows "
+        "-> serial_decay^k by token count; unconfirmed).",
+        choices=["none", "kimi", "grpo_lambda", "serial_decay"],
+        source="Kimi k1.5 arXiv 2501.12599; GRPO-lambda arXiv 2505.18086; S-GRPO arXiv 2505.07686")
+    length_switch_accuracy: Optional[float] = cfg(
+        None, "grpo_lambda: group accuracy from which the length reward is on (no default: the "
+        "paper's rule is not confirmed).", minimum=0.0, maximum=1.0, source="arXiv 2505.18086")
+    serial_decay: Optional[float] = cfg(
+        None, "serial_decay: reward decay^k of the k-th earliest-exiting correct answer of a "
+        "group (0.5: 1, 1/2, 1/4, ...; no default, unconfirmed).", above=0.0, maximum=1.0,
+        source="arXiv 2505.07686")
+    mode_reward: bool = cfg(False, "Add a 'mode' column: 1 for rows in the group's more accurate "
+                            "mode (think / no-think, ties to no-think); unconfirmed reading of "
+                            "Step-SRPO.", source="KAT-V1 arXiv 2507.08297")
 
     def problems(self) -> List[str]:
         out = []
@@ -112,8 +162,23 @@ class VideoConfig:
             out.append("rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
         if self.temporal_contrast and "accuracy" not in self.rewards:
             out.append("temporal_contrast needs the 'accuracy' reward in video.rewards")
+        if not self.guidance_ratios or not all(0.0 < float(w) <= 1.0
+                                               for w in self.guidance_ratios):
+            out.append(f"guidance_ratios: got {self.guidance_ratios}; expected a non-empty list "
+                       f"of values in (0, 1] (GHPO: [0.25, 0.5, 0.75])")
+        if self.guidance != "none" and "accuracy" not in self.rewards:
+            out.append(f"guidance={self.guidance} finds the all-wrong groups by the 'accuracy' "
+                       f"reward; add it to video.rewards or set guidance: none")
         if self.min_tokens > self.max_tokens:
             out.append(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}")
+        if (self.length_reward != "none" or self.mode_reward) and "accuracy" not in self.rewards:
+            out.append("length_reward / mode_reward read the 'accuracy' reward; add it to "
+                       "video.rewards")
+        for key, on in (("length_switch_accuracy", "grpo_lambda"), ("serial_decay",
+                                                                    "serial_decay")):
+            if self.length_reward == on and getattr(self, key) is None:
+                out.append(f"length_reward {on} needs video.{key} (no default: the paper's "
+                           f"value is not confirmed); set it")
         if self.rewards:
             out.extend(reward_spec_problems(self.rewards))
         return out
@@ -164,8 +229,13 @@ def check_pref(pref, c: VideoConfig) -> List[str]:
 
 
 def check(algo, train, c: VideoConfig) -> List[str]:
-    """Cross-section problems of a video config (prompt counts known before reading data)."""
+    """Cross-section problems of a video config (prompt counts known before reading data;
+    Guide's rollout correction)."""
     out = []
+    if c.guidance == "guide" and algo.resolve().rollout_is == "none":  # as the toy job's
+        out.append("video.guidance=guide corrects the hinted rollouts with the sampler's "
+                   "log-probs (algo.rollout_is), got algo.rollout_is=none; set "
+                   "algo.rollout_is=token_truncate")
     if c.data == "synthetic" and c.synthetic_num < train.prompts_per_step:
         out.append(f"video.synthetic_num: got {c.synthetic_num}, fewer than train."
                    f"prompts_per_step={train.prompts_per_step} (a step draws that many distinct "
@@ -173,7 +243,26 @@ def check(algo, train, c: VideoConfig) -> List[str]:
     if c.limit is not None and c.limit < train.prompts_per_step:
         out.append(f"video.limit: got {c.limit}, fewer than train.prompts_per_step="
                    f"{train.prompts_per_step}; raise the limit or lower prompts_per_step")
-    return out
+    return out + _binary_reward_problems(algo.resolve(), c)
+
+
+def _binary_reward_problems(spec, c: VideoConfig) -> List[str]:
+    """An objective that reads rewards r ∈ {0, 1} (``drpo``) skips every other row: the reward
+    must be the accuracy alone, weight 1, without a length or mode column that moves it off
+    {0, 1}."""
+    if not spec.binary_rewards or not c.rewards:
+        return []
+    from .vl_rewards import vl_reward_parts
+    try:
+        weights = {name: w for name, (_, w) in vl_reward_parts(c.rewards).items()}
+    except (ValueError, TypeError):
+        return []  # reported by the section's own check
+    if weights == {"accuracy": 1.0} and c.length_reward == "none" and not c.mode_reward:
+        return []
+    return [f"video.rewards: got {weights} with length_reward={c.length_reward!r}, mode_reward="
+            f"{c.mode_reward}; algo.objective={spec.objective!r} reads binary rewards (1 "
+            f"correct, 0 wrong) and skips every other row: use rewards {{accuracy: 1.0}} alone, "
+            f"length_reward=none, mode_reward=false (DRPO has its own length weight)"]
 
 
 def preflight(config) -> List[str]:

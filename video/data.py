@@ -2,7 +2,9 @@
 
 A record has Video-R1's fields (``problem``, ``options``, ``solution``, ``problem_type``,
 ``data_type``, ``path``; others such as ``problem_id``, ``data_source`` or ``hint`` are kept in
-``extra``); image, video and text-only records mix freely. Files are JSONL (one record a line)
+``extra``), and optionally ``hints`` (tiered hints, abstract to concrete) and ``solution_steps``
+(the reference solution, step by step) for the guidance augmenters (:mod:`mmrl.train.guidance`);
+image, video and text-only records mix freely. Files are JSONL (one record a line)
 or a JSON array (``Video-R1-260k.json``). Media paths are resolved relative to the data file's
 folder (or ``root=``). Each record is checked when it is read; a malformed one is counted and
 skipped with its line and reason (``on_error="skip"``), so one bad line never stops a long run,
@@ -39,6 +41,7 @@ DATA_TYPES = ("image", "video")
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpeg", ".mpg"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _FIELDS = ("problem", "problem_type", "solution", "options", "data_type", "path")
+_GUIDANCE_FIELDS = ("hints", "solution_steps")  # optional lists of strings (guidance)
 _CHECKER = Accuracy(on_bad_label="raise")  # one reading of the ground truth: the reward's
 
 
@@ -63,6 +66,10 @@ class VLRecord:
         path: the media file, resolved (None for text only).
         source: where the record came from (``"train.jsonl:7"``).
         extra: the record's other fields (``problem_id``, ``data_source``, ``hint``, ...).
+        hints: hints for a question the policy never solves, abstract to concrete (Scaf-GRPO's
+            knowledge, planning, solution tiers, in that order); empty when none.
+        solution_steps: the reference solution as steps (GHPO shows a prefix of it); empty when
+            none.
     """
 
     problem: str
@@ -73,12 +80,15 @@ class VLRecord:
     path: Optional[str] = None
     source: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
+    hints: List[str] = field(default_factory=list)
+    solution_steps: List[str] = field(default_factory=list)
 
     def metadata(self) -> Dict[str, Any]:
         """The per-sample dict the rewards read (``solution``, ``problem_type``, ``options``...)."""
         return {**self.extra, "solution": self.solution, "problem_type": self.problem_type,
                 "options": list(self.options), "data_type": self.data_type, "path": self.path,
-                "source": self.source}
+                "source": self.source, "hints": list(self.hints),
+                "solution_steps": list(self.solution_steps)}
 
     def replace(self, **changes) -> "VLRecord":
         """A copy with some fields changed (``extra`` is copied, not shared)."""
@@ -96,6 +106,7 @@ class VLRecord:
             out["options"] = list(self.options)
         if self.data_type is not None:
             out.update(data_type=self.data_type, path=path)
+        out.update({k: list(getattr(self, k)) for k in _GUIDANCE_FIELDS if getattr(self, k)})
         return out
 
 
@@ -204,6 +215,18 @@ def _options(raw: Mapping, problem_type: str, source: str) -> List[str]:
     return list(options)
 
 
+def _string_list(raw: Mapping, key: str, source: str) -> List[str]:
+    """An optional list of non-empty strings (a lone string is a list of one)."""
+    value = raw.get(key)
+    if value is None:
+        return []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise RecordError(source, f"bad_{key}", f"{key!r} must be a list of non-empty strings "
+                          f"(got {str(raw.get(key))[:60]!r})")
+    return [v.strip() for v in value]
+
+
 def _check_solution(raw: Mapping, problem_type: str, options: List[str], source: str) -> None:
     if raw.get("solution") is None:
         raise RecordError(source, "bad_solution", "'solution' is missing")
@@ -238,9 +261,10 @@ def parse_record(raw: Any, source: str = "", base_dir: str = ".",
     options = _options(raw, problem_type, source)
     _check_solution(raw, problem_type, options, source)
     data_type, path = _media(raw, source, base_dir, check_media)
-    extra = {k: v for k, v in raw.items() if k not in _FIELDS}
+    guidance = {k: _string_list(raw, k, source) for k in _GUIDANCE_FIELDS}
+    extra = {k: v for k, v in raw.items() if k not in _FIELDS + _GUIDANCE_FIELDS}
     return VLRecord(problem, problem_type, raw["solution"], options, data_type, path, source,
-                    extra)
+                    extra, **guidance)
 
 
 def _raw_records(path: str):

@@ -54,19 +54,33 @@ def build_data(c, output_dir: str, seed: int):
     return prompts, metadata, ds, records
 
 
-def build_augmenters(c, records, reward_weights) -> list:
-    """The round augmenters the config asks for (difficulty first, then temporal contrast, so
-    a re-rolled variant is the one contrasted)."""
+def build_augmenters(c, records, reward_weights, policy=None) -> list:
+    """The round augmenters the config asks for (guidance for all-wrong groups first, then
+    difficulty, then temporal contrast, so a re-rolled variant is the one contrasted);
+    ``policy``: the job's, for guide / expo (they retarget hinted rows to the plain prompt)."""
+    from mmrl.train.guidance import Guidance, build_guidance
+
     from .augment import DifficultyAugmenter
+    from .guidance import VideoHints
     from .rounds import DifficultyRounds, TemporalContrast, _Media
     media = _Media(records, c.template, c.system_prompt, c.fps, c.max_frames)
-    out = []
+    guide = build_guidance(c.guidance, Guidance(VideoHints(media), column="accuracy",
+                                                start_step=c.guidance_start,
+                                                weights=reward_weights),
+                           policy, ratios=c.guidance_ratios)
+    out = [] if guide is None else [guide]
     if c.difficulty_augmentation:
         out.append(DifficultyRounds(DifficultyAugmenter(
             momentum=c.difficulty_momentum, noise_std=c.harder_noise_std,
             drop_ratio=c.harder_drop_ratio, eliminate=c.hint_eliminate), media, reward_weights))
     if c.temporal_contrast:
         out.append(TemporalContrast(media, alpha=c.temporal_alpha, mu=c.temporal_mu))
+    from .thinking import build_thinking
+    out += build_thinking(c)  # after the others: it reads the final rows
+    if c.reward_weighting != "none":  # last: it folds every column into one
+        from mmrl.train.reward_weighting import DynamicRewardWeights
+        out.append(DynamicRewardWeights(c.reward_weighting, reward_weights, c.reward_minimize,
+                                        lr=c.reward_weighting_lr))
     return out
 
 
@@ -136,6 +150,8 @@ def run(config) -> Dict[str, Any]:
         if c.temporal_contrast:
             from .rounds import TEMPORAL_COLUMN
             config.algo.reward_weights[TEMPORAL_COLUMN] = 1.0
+        from .thinking import thinking_columns
+        config.algo.reward_weights.update(thinking_columns(c.length_reward, c.mode_reward))
     policy = build_policy(c, out, device, spec, config.pref)
     verifier = None  # VerIPO's verifier: video rewards named by pref.verifier
     if config.pref.verifier is not None:
@@ -143,7 +159,8 @@ def run(config) -> Dict[str, Any]:
         verifier = build_vl_reward(verifier_spec(config.pref.verifier))
     try:
         summary = run_training(config, policy, reward, prompts, metadata,
-                               augmenters=build_augmenters(c, records, config.algo.reward_weights),
+                               augmenters=build_augmenters(c, records, config.algo.reward_weights,
+                                                           policy),
                                verifier=verifier, read_pairs=read_pair_file)
     finally:  # also when the run stops because every video was unreadable: say which ones
         if policy.skips.total:

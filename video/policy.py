@@ -32,6 +32,7 @@ mismatch, and is not in them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -133,7 +134,7 @@ class VLMPolicy(GroupPolicy):
 
     capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
                                 fsdp=True, greedy=True, rollout_logp=True,
-                                entropy=True, preference=True)
+                                entropy=True, preference=True, retarget=True)
 
     def __init__(self, model, processor, *, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 256, stop: Sequence[str] = (),
@@ -464,6 +465,34 @@ class VLMPolicy(GroupPolicy):
         return Rollout(samples, [prompts[g] for g in rows], meta, groups, mask,
                        {"prompt_index": pidx, "response": tokens, "prompt_cache": cache},
                        skipped=skipped, rollout_logp=torch.where(mask, logps, 0.0))
+
+    def retarget(self, rollout: Rollout, prompts, metadata) -> Rollout:
+        """The same responses under other prompts (``metadata[i]["messages"]``, one per row;
+        rows of one group share their first row's): the prompt cache is rebuilt, the responses,
+        masks and the sampler's ``rollout_logp`` are kept (Guide / ExPO, mmrl.train.guidance).
+
+        Raises:
+            ValueError: a count that is not one per row, or a prompt whose media is unreadable.
+        """
+        if len(prompts) != len(rollout) or len(metadata) != len(rollout):
+            raise ValueError(f"retarget: {len(prompts)} prompts / {len(metadata)} metadata for "
+                             f"{len(rollout)} rows; give one per row")
+        first: Dict[int, int] = {}
+        for i, g in enumerate(rollout.group_ids.tolist()):
+            first.setdefault(g, i)
+        rows = list(first.values())  # one prompt per group
+        cache, kept, _ = self._encode_counted([metadata[i]["messages"] for i in rows])
+        if len(kept) != len(rows):
+            raise ValueError("retarget: a prompt's media could not be read; the rows cannot be "
+                             "scored under it")
+        slot = {g: u for u, g in enumerate(first)}
+        pidx = torch.tensor([slot[g] for g in rollout.group_ids.tolist()], dtype=torch.long)
+        meta = [{**{k: v for k, v in m.items() if k != "messages"},
+                 "completion_length": old.get("completion_length")}
+                for m, old in zip(metadata, rollout.metadata)]
+        return dataclasses.replace(rollout, prompts=list(prompts), metadata=meta,
+                                   data={**rollout.data, "prompt_cache": cache,
+                                         "prompt_index": pidx})
 
     # ------------------------------------------------------------------ scoring
     def _logp(self, model, rollout: Rollout, rows, t0: int, t1: int) -> torch.Tensor:

@@ -30,7 +30,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from mmrl.algo import rank_bonus as _rank_bonus, risk as _risk
 from mmrl.algo.common import entry
+from mmrl.algo.drpo import reward_advantages
 from mmrl.algo.groups import Groups as _Groups, batch_whiten, safe_sqrt as _safe_sqrt, token_whiten
 from mmrl.registry import Registry, did_you_mean
 
@@ -177,6 +179,9 @@ def gpg_advantages(g: _Groups, *, eps: float, r_max: float) -> torch.Tensor:
     return g.zero_where_constant(alpha * (g.r - g.mean[g.inv]))
 
 
+entry(ADVANTAGES, "reward", needs_lengths=False, needs_baseline=False)(reward_advantages)  # DRPO
+
+
 @entry(MULTI_REWARD, "normalize_then_sum", one_column=False)
 def normalize_then_sum(columns, inv, num_groups, weights, base, *, lengths=None, baseline=None,
                        **kw) -> torch.Tensor:
@@ -244,7 +249,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
                      eps: float = 1e-4, r_max: float = 1.0,
                      weights: Optional[Sequence[float]] = None, base: str = "grpo",
                      adv_clip: Optional[float] = None, lengths: Optional[torch.Tensor] = None,
-                     baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     baseline: Optional[torch.Tensor] = None,
+                     seq_logp: Optional[torch.Tensor] = None, hparams=None) -> torch.Tensor:
     """Group-relative advantages A ``[B]`` (see :data:`ADVANTAGES` / :data:`MULTI_REWARD`).
 
     Args:
@@ -260,6 +266,10 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         lengths: ``[B]`` token counts per row, for estimators flagged ``needs_lengths``.
         baseline: ``[B]`` (``[B, K]`` with several columns) baseline rewards, for estimators
             flagged ``needs_baseline`` (ReMax's greedy rewards).
+        seq_logp: ``[B]`` each row's token-mean old log-prob, for estimators flagged
+            ``needs_seq_logp`` (unlikeliness, novelty sharpening).
+        hparams: dict or object (an AlgoSpec) holding the extra hyper-parameters an entry
+            declares in its ``hparams`` tuple (e.g. ``unlikely_beta``); None = their defaults.
 
     Returns:
         ``[B]`` advantages in the rewards' dtype (float32 for half-precision rewards).
@@ -273,7 +283,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
     fn = MULTI_REWARD.get(method) if multi else _get_single(method)
     _validate(rewards, group_ids, multi)
     _check_extras(ADVANTAGES.get(base) if multi else fn, base if multi else method, rewards,
-                  lengths, baseline)
+                  lengths, baseline, seq_logp)
     if adv_clip is not None and not adv_clip > 0:
         raise ValueError(f"adv_clip must be > 0 or None, got {adv_clip!r}")
     r = rewards.float() if rewards.dtype in (torch.float16, torch.bfloat16) else rewards
@@ -287,19 +297,42 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
             raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
                              f"pass one weight per column of rewards [B, K]")
         adv = fn(r, inv, num_groups, weights, base, eps=eps, r_max=r_max, lengths=lengths,
-                 baseline=baseline)
+                 baseline=baseline, **_multi_extras(fn, base, seq_logp, hparams))
     else:
         if weights is not None:
             raise ValueError(f"weights are only used by {MULTI_REWARD.names()}, got method "
                              f"{method!r}; drop weights or pick a multi-reward method")
-        adv = fn(_Groups(r, inv, num_groups, lengths, baseline), eps=eps, r_max=r_max)
+        adv = fn(_Groups(r, inv, num_groups, lengths, baseline, seq_logp), eps=eps, r_max=r_max,
+                 **_picked(fn, hparams))
     return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
 
 
-def _check_extras(fn, name: str, rewards, lengths, baseline) -> None:
-    """``lengths`` / ``baseline`` present, of shape ``[B]`` / like rewards, when ``fn`` needs them."""
+def _multi_extras(fn, base: str, seq_logp, hparams) -> Dict:
+    """A multi-reward entry's own hyper-parameters; entries that declare ``hparams`` also get
+    the base estimator, its hyper-parameters and ``seq_logp`` (they build its input)."""
+    more = _picked(fn, hparams)
+    if getattr(fn, "hparams", None) is not None:
+        base_fn = ADVANTAGES.get(base)
+        more.update(seq_logp=seq_logp, base_fn=base_fn, base_hparams=_picked(base_fn, hparams))
+    return more
+
+
+def _picked(fn, hparams) -> Dict:
+    """The hyper-parameters ``fn`` declares (``fn.hparams``), read from a dict or an object."""
+    names = getattr(fn, "hparams", None) or ()
+    if hparams is None:
+        return {}
+    get = hparams.get if isinstance(hparams, dict) else lambda k, d: getattr(hparams, k, d)
+    return {k: get(k, None) for k in names if get(k, None) is not None}
+
+
+def _check_extras(fn, name: str, rewards, lengths, baseline, seq_logp=None) -> None:
+    """``lengths`` / ``baseline`` / ``seq_logp`` present, of shape ``[B]`` / like rewards /
+    ``[B]``, when ``fn`` needs them."""
     for flag, value, what, shape in (
             ("needs_lengths", lengths, "lengths (each row's token count)", rewards.shape[:1]),
+            ("needs_seq_logp", seq_logp, "seq_logp (each row's token-mean old log-prob)",
+             rewards.shape[:1]),
             ("needs_baseline", baseline, "baseline (each row's baseline reward, e.g. the "
              "greedy completion's: policy capability greedy)", rewards.shape)):
         if not getattr(fn, flag, False):
@@ -350,3 +383,10 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> Dict[str, tor
             "reward_std": batch_std,
             "group_std_mean": g.var.sqrt().mean(),
         }
+
+
+# issue 18 (docs/seed_methods.md C): likelihood-reading, gated and risk-sensitive entries
+ADVANTAGES.register("unlikeliness", _rank_bonus.unlikeliness_advantages)
+ADVANTAGES.register("novelty_sharpen", _rank_bonus.novelty_sharpen_advantages)
+ADVANTAGES.register("mixed_var", _risk.mixed_var_advantages)
+MULTI_REWARD.register("posterior_gate", _rank_bonus.posterior_gate)

@@ -24,10 +24,14 @@ _BUILTIN = {
             "batch_std", "grpo", "mean_center", "ngrpo", "rloo", "passk", "gpg")},
         **{n: dict(needs_lengths=True, needs_baseline=False) for n in (
             "reinforce_pp", "reinforce_pp_baseline", "opo")},
-        "remax": dict(needs_lengths=False, needs_baseline=True)},
+        "remax": dict(needs_lengths=False, needs_baseline=True),
+        **{n: dict(needs_lengths=False, needs_baseline=False, needs_seq_logp=True)
+           for n in ("unlikeliness", "novelty_sharpen")},
+        "mixed_var": dict(needs_lengths=False, needs_baseline=False),
+        "reward": dict(needs_lengths=False, needs_baseline=False)},
     ("multi-reward advantage", "mmrl.algo.advantages", "MULTI_REWARD"): {
         "normalize_then_sum": dict(one_column=False), "sum_then_normalize": dict(one_column=False),
-        "gdpo": dict(one_column=True)},
+        "gdpo": dict(one_column=True), "posterior_gate": dict(one_column=False)},
     ("ratio level", "mmrl.algo.ratios", "RATIO_LEVELS"): {
         "token": dict(per_sequence=False, whole_sequence=False, needs_step_terms=False),
         "sequence": dict(per_sequence=True, whole_sequence=True, needs_step_terms=False),
@@ -36,14 +40,16 @@ _BUILTIN = {
         "ratio_norm": dict(per_sequence=False, whole_sequence=False, needs_step_terms=True)},
     ("objective", "mmrl.algo.objectives", "OBJECTIVES"): {
         "clip": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
-                     whole_sequence=False),
+                     whole_sequence=False, binary_rewards=False),
         "sapo": dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
-                     whole_sequence=False),
+                     whole_sequence=False, binary_rewards=False),
         "reg": dict(needs_groups=True, needs_per_sequence=True, needs_token_ratio=False,
-                    whole_sequence=False),
+                    whole_sequence=False, binary_rewards=False),
         **{n: dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True,
-                   whole_sequence=n in ("clip_cov", "kl_cov", "vespo"))
-           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")}},
+                   whole_sequence=n in ("clip_cov", "kl_cov", "vespo"), binary_rewards=False)
+           for n in ("cispo", "cispo_cap", "clip_cov", "gpg", "kl_cov", "vespo")},
+        "drpo": dict(needs_groups=True, needs_per_sequence=False, needs_token_ratio=True,
+                     whole_sequence=True, binary_rewards=True)},
     ("aggregation", "mmrl.algo.aggregations", "AGGREGATIONS"): {
         "token_mean": dict(per_sequence=False, averages_rows=False),
         "seq_mean_token_mean": dict(per_sequence=False, averages_rows=True),

@@ -18,9 +18,11 @@ class Groups:
     """Vectorized per-group statistics of one reward column ``r [B]``."""
 
     def __init__(self, r: torch.Tensor, inv: torch.Tensor, num_groups: int,
-                 lengths: Optional[torch.Tensor] = None, baseline: Optional[torch.Tensor] = None):
+                 lengths: Optional[torch.Tensor] = None, baseline: Optional[torch.Tensor] = None,
+                 seq_logp: Optional[torch.Tensor] = None):
         self.r, self.inv, self.G = r, inv, num_groups
         self.lengths, self.baseline = lengths, baseline  # [B] each, or None (not needed)
+        self.seq_logp = seq_logp  # [B] token-mean old log-prob per row, or None (not needed)
         self.count = self.sum_by_group(torch.ones_like(r))  # [G]
         self.mean = self.sum_by_group(r) / self.count  # [G]
         centered = r - self.mean[inv]  # [B]

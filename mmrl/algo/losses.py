@@ -63,6 +63,10 @@ def _check_inputs(spec, logp, old_logp, advantages, mask, ref_logp, token_weight
     if per_sequence and advantages.dim() != 1:
         raise ValueError(f"ratio level {spec.ratio_level!r} is per sequence and needs one "
                          f"advantage per sequence [B], got {tuple(advantages.shape)}; pass [B]")
+    if spec.binary_rewards and advantages.dim() != 1:
+        raise ValueError(f"objective {spec.objective!r} reads one reward r in {{0, 1}} per row "
+                         f"[B]=({B},), got advantages {tuple(advantages.shape)}; pass the rows' "
+                         f"rewards (advantage 'reward')")
     if per_sequence and token_weights is not None:
         raise ValueError(f"token_weights cannot weight the per-sequence ratio level "
                          f"{spec.ratio_level!r}; drop them or use a token-level preset")

@@ -8,7 +8,9 @@ objectives that read them; ``generator`` a ``torch.Generator`` (or None) for obj
 draw at random. Flags: ``needs_groups`` (reads ``group_ids``), ``needs_per_sequence`` (needs a
 per-sequence ratio level), ``needs_token_ratio`` (the loss is per token ``[B, T]``, built from
 ``logp``: a per-sequence ratio level does not fit; ``sequence_token`` does), ``whole_sequence``
-(needs all of a row's tokens in one call: the T axis must not be chunked).
+(needs all of a row's tokens in one call: the T axis must not be chunked), ``binary_rewards``
+(``adv`` is each row's reward r ∈ {0, 1}, one per row ``[B]``, not an advantage: the objective
+is no policy-gradient surrogate of A, and a dense reward is a misuse the job configs refuse).
 
 The ``low`` / ``high`` masks mark the zero-gradient (clipped) region, except for CISPO, whose
 masks mark the truncated importance weights (the gradient there is the truncated weight times
@@ -23,13 +25,14 @@ from typing import Callable
 import torch
 
 from mmrl.algo.common import LOG_RATIO_CLAMP, entry, ratio as importance_ratio
+from mmrl.algo.drpo import drpo_objective
 from mmrl.registry import Registry
 
 OBJECTIVES: Registry[Callable] = Registry("objective")
 
 
 @entry(OBJECTIVES, "clip", needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
-       whole_sequence=False)
+       whole_sequence=False, binary_rewards=False)
 def clip_objective(log_ratio, adv, *, spec, valid=None, group_ids=None, **_):
     """ℓ = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)·A); dual clip: ℓ = min(ℓ, −c·A) for A < 0;
     TRL's two-sided δ: ℓ = −min(min(ρ, δ)·A, clip(ρ, 1−ε_low, 1+ε_high)·A).
@@ -61,7 +64,7 @@ def clip_objective(log_ratio, adv, *, spec, valid=None, group_ids=None, **_):
 
 
 @entry(OBJECTIVES, "sapo", needs_groups=False, needs_per_sequence=False, needs_token_ratio=False,
-       whole_sequence=False)
+       whole_sequence=False, binary_rewards=False)
 def sapo_objective(log_ratio, adv, *, spec, valid=None, group_ids=None, **_):
     """ℓ = −f_τ(ρ)·A, f_τ(ρ) = (4/τ)·sigmoid(τ(ρ−1)) (SAPO, arXiv 2511.20347).
 
@@ -76,7 +79,7 @@ def sapo_objective(log_ratio, adv, *, spec, valid=None, group_ids=None, **_):
 
 
 @entry(OBJECTIVES, "reg", needs_groups=True, needs_per_sequence=True, needs_token_ratio=False,
-       whole_sequence=False)
+       whole_sequence=False, binary_rewards=False)
 def reg_objective(log_ratio, adv, *, spec, valid=None, group_ids=None, **_):
     """ℓ_i = (A_i − Â_i)², Â_i = ε_reg·(ℓr_i − mean_g ℓr) (Reg-GRPO, arXiv 2506.07464).
 
@@ -111,7 +114,8 @@ def _valid_logp(logp, valid):
 
 
 def _token_flags(**extra):
-    return dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True, **extra)
+    return dict(needs_groups=False, needs_per_sequence=False, needs_token_ratio=True,
+                binary_rewards=False, **extra)
 
 
 @entry(OBJECTIVES, "cispo", **_token_flags(whole_sequence=False))
@@ -267,3 +271,7 @@ def kl_cov_objective(log_ratio, adv, *, spec, valid=None, logp=None, **_):
     penalty = torch.where(top, spec.kl_cov_coef * log_ratio.abs(), torch.zeros_like(ratio))
     none = torch.zeros_like(ratio, dtype=torch.bool)
     return -adv * ratio + penalty, ratio, none, none
+
+
+entry(OBJECTIVES, "drpo", needs_groups=True, needs_per_sequence=False, needs_token_ratio=True,
+      whole_sequence=True, binary_rewards=True)(drpo_objective)  # DRPO, arXiv 2510.04474 (mmrl.algo.drpo)

@@ -81,12 +81,23 @@ PRESETS: Dict[str, AlgoSpec] = {
     # GPG, arXiv 2504.02546 (verl gpg): −A·logp, no ratio, no clip; A = α·(r − mean_g) with
     # α = B / #{non-zero rewards} over the batch (F_norm = 1); token_mean as verl.
     "gpg": AlgoSpec(advantage="gpg", objective="gpg", aggregation="token_mean"),
+    # DRPO, arXiv 2510.04474 (Optimization-AI/DRPO): binary rewards read by the objective
+    # (A = r); J_g = Σ_{r=1} w·s / Σ w − τ·logsumexp_{r=0}(s/τ), s = mean_t logp, w =
+    # exp((1 − |o|/L_max)/λ); −Σ_g J_g/Q + sg(β·max(KL − δ, 0))·KL; τ 10, λ 0.1, β 1000, δ 1e-4.
+    "drpo": AlgoSpec(advantage="reward", objective="drpo", aggregation="seq_mean_token_sum"),
     # GRPO-Guard, arXiv 2510.22319 (flow_grpo train_sd3_GRPO_Guard.py, config/grpo_guard.py):
     # log ρ̃ = mean_d[ξ·(μ_θ − μ_old)] (RatioNorm), −min(ρ̃A, clip(ρ̃, 1 ± 2e-6)A) / (−dt_j);
     # per-group std, A clipped at ±5; mean over samples of the mean over trained steps.
     # Flow policies only (needs step terms); the pickscore config uses ε = 4e-6.
     "grpo_guard": AlgoSpec(ratio_level="ratio_norm", step_reweight=True, eps_low=2e-6,
                            eps_high=2e-6, adv_clip=5.0),
+    # Rewarding the Unlikely, arXiv 2506.02355 (rewarding-unlikely-release examples/lean/grpo.sh):
+    # r̃ = r·(1 − 0.25·rank/N) by token-mean old log-prob rank, then GRPO. The release divides
+    # by std + 1e-6 and adds a k3 KL of 0.1: override adv_eps / beta to match it exactly.
+    "unlikeliness": AlgoSpec(advantage="unlikeliness"),
+    # RiskPO, arXiv 2510.00911 (RTkenny/RiskPO MVaR script): bundles of 5 prompts, mixed VaR
+    # at α 0.2 / 0.8, w 1.5, batch quantiles (the script's tracked "mix" needs state); no KL.
+    "riskpo": AlgoSpec(advantage="mixed_var"),
 }
 
 

@@ -165,6 +165,44 @@ class AlgoSpec:
                               "diffusion job).", source="GRPO-Guard arXiv 2510.22319; flow_grpo "
                               "train_sd3_GRPO_Guard.py (policy_loss / sqrt_dt**2)")
 
+    # Issue 18, lane R: hyper-parameters of the likelihood-reading and gated advantages
+    unlikely_beta: float = cfg(0.25, "Advantage unlikeliness: rank penalty beta; a correct "
+                               "sample of likelihood rank k among N gets reward "
+                               "1 - beta*k/N.", minimum=0.0, maximum=1.0,
+                               source="arXiv 2506.02355; rewarding-unlikely-release "
+                               "lean.rank_penalty (0.25)")
+    novelty_lambda: float = cfg(1.0, "Advantage novelty_sharpen: positive advantages scale by "
+                                "1 + lambda*max(z, 0), z = how far the row's mean log-prob "
+                                "lies below its group's (unconfirmed; mmrl's default).",
+                                minimum=0.0, source="XRPO arXiv 2510.06672 (abstract)")
+    posterior_threshold: float = cfg(1.0, "multi_reward posterior_gate: the process reward "
+                                     "columns count only where the first (outcome) column is "
+                                     ">= this (unconfirmed; mmrl's default: full success).",
+                                     source="Posterior-GRPO arXiv 2508.05170 (abstract)")
+    riskpo_alpha_lo: float = cfg(0.2, "Advantage mixed_var: lower quantile level alpha_lo of "
+                                 "the bundle's paper scores.", above=0.0, below=1.0,
+                                 source="RiskPO arXiv 2510.00911; RTkenny/RiskPO scripts (0.2)")
+    riskpo_alpha_hi: float = cfg(0.8, "Advantage mixed_var: upper quantile level alpha_hi "
+                                 "(> alpha_lo).", above=0.0, below=1.0,
+                                 source="RiskPO scripts (0.8)")
+    riskpo_w_mix: float = cfg(1.5, "Advantage mixed_var: weight w of the lower-tail term, "
+                              "A = (w*A_C + A_R)/(w + 1).", minimum=0.0,
+                              source="RiskPO scripts (1.5)")
+    riskpo_bundle: int = cfg(5, "Advantage mixed_var: prompts (groups) per bundle; paper k "
+                             "sums the k-th rollout of each.", minimum=1,
+                             source="RiskPO scripts (5)")
+    drpo_tau: float = cfg(10.0, "Objective drpo: temperature tau of the log-sum-exp over a "
+                          "group's wrong responses.", above=0.0,
+                          source="DRPO arXiv 2510.04474; Optimization-AI/DRPO run_drpo_1.5b_8k.sh")
+    drpo_lambda: float = cfg(0.1, "Objective drpo: length weight exp((1 - |o|/max_len)/lambda) of "
+                             "correct responses (larger: weaker length reward).", above=0.0,
+                             source="DRPO arXiv 2510.04474 (0.1)")
+    drpo_beta: float = cfg(1000.0, "Objective drpo: coefficient of the KL-to-old constraint "
+                           "sg(beta*max(KL - delta, 0))*KL.", minimum=0.0,
+                           source="DRPO arXiv 2510.04474 (1000)")
+    drpo_delta: float = cfg(1e-4, "Objective drpo: KL budget delta below which the constraint "
+                            "is off.", minimum=0.0, source="DRPO arXiv 2510.04474 (1e-4)")
+
     @property
     def sequence_level(self) -> bool:
         """True when the ratio level (GSPO, GSPO-token, Reg-GRPO), the objective (VESPO's
@@ -203,8 +241,15 @@ class AlgoSpec:
 
     @property
     def needs_groups(self) -> bool:
-        """True when the loss itself needs ``group_ids`` (``reg``)."""
+        """True when the loss itself needs ``group_ids`` (``reg``, ``drpo``): whole groups in
+        one call (a micro-batch must not split a group)."""
         return axis_registry("objective").get(self.objective).needs_groups
+
+    @property
+    def binary_rewards(self) -> bool:
+        """True when the objective reads each row's reward r ∈ {0, 1} ``[B]`` instead of an
+        advantage (``drpo``): a dense reward is a misuse, and the loss is no surrogate of A."""
+        return axis_registry("objective").get(self.objective).binary_rewards
 
     @property
     def needs_ref(self) -> bool:
@@ -226,6 +271,13 @@ class AlgoSpec:
         """True when the advantage estimator needs a baseline reward per row: the reward of one
         greedy completion per group (ReMax; policy capability ``greedy``)."""
         return axis_registry("advantage").get(self.advantage).needs_baseline
+
+    @property
+    def needs_seq_logp(self) -> bool:
+        """True when the advantage estimator reads each row's token-mean old log-prob
+        (unlikeliness, novelty_sharpen)."""
+        return bool(getattr(axis_registry("advantage").get(self.advantage), "needs_seq_logp",
+                            False))
 
     @property
     def needs_entropy(self) -> bool:

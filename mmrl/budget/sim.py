@@ -26,6 +26,7 @@ import torch
 from mmrl.algo.advantages import group_advantages
 from mmrl.budget.allocate import DynamicSampling, expand_groups, informative_groups, knapsack_allocate
 from mmrl.budget.selection import make_selector
+from mmrl.budget.xrpo import two_phase_rollout
 from mmrl.budget.sim_config import DEFAULT_STRATEGIES, STRATEGIES, SimSettings, Strategy  # noqa: F401
 
 
@@ -88,6 +89,16 @@ def _account_step(tries: List[tuple], kept: List[Optional[torch.Tensor]], batch_
     return counts, tuple(torch.cat(parts) for parts in zip(*train))
 
 
+def _xrpo_rollout(pop: PromptPopulation, idx: torch.Tensor, s: SimSettings, gen):
+    """XRPO's two phases over the step's budget (see :mod:`mmrl.budget.xrpo`)."""
+    if s.group_size < 2:
+        raise ValueError(f"strategy xrpo needs group_size >= 2, got {s.group_size}")
+    rows = two_phase_rollout(lambda p, c: pop.rollout(p, c, gen), idx,
+                             s.batch_prompts * s.group_size, min(s.xrpo_first, s.group_size),
+                             s.n_max)
+    return rows[:3]
+
+
 def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
     """Simulate one strategy until ``total_rollouts`` are spent -> totals and a per-step history.
 
@@ -113,12 +124,14 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
         def produce(_t: int):
             idx = selector.select(s.batch_prompts, sel_gen)
             counts = torch.full((s.batch_prompts,), s.group_size, dtype=torch.long)
-            if spec.allocation != "fixed":
+            if spec.allocation != "fixed" and spec.allocation != "xrpo":
                 probs = (pop.success_probs() if spec.allocation == "knapsack_oracle"
                          else selector.success_probs())[idx]
                 counts = knapsack_allocate(probs, s.batch_prompts * s.group_size, s.n_min,
                                            s.n_max)
-            sample_prompts, rewards, group_ids = pop.rollout(idx, counts, roll_gen)
+            sample_prompts, rewards, group_ids = (
+                _xrpo_rollout(pop, idx, s, roll_gen) if spec.allocation == "xrpo"
+                else pop.rollout(idx, counts, roll_gen))
             selector.update(sample_prompts, rewards, group_ids)
             tries.append((sample_prompts, rewards, group_ids))
             return rewards, group_ids

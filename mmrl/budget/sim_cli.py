@@ -22,7 +22,8 @@ _OPTIONS = (("--prompts", "num_prompts", "dataset size"),
             ("--lr", "lr", "policy step size on the logits"),
             ("--n-min", "n_min", "Knapsack minimum rollouts per prompt"),
             ("--n-max", "n_max", "Knapsack maximum rollouts per prompt"),
-            ("--max-tries", "max_tries", "DAPO dynamic sampling tries per step"))
+            ("--max-tries", "max_tries", "DAPO dynamic sampling tries per step"),
+            ("--xrpo-first", "xrpo_first", "XRPO first-phase rollouts per prompt"))
 
 
 def _cmd_budget(args) -> int:

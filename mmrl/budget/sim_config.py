@@ -9,7 +9,8 @@ from mmrl.registry import Registry
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """A selector, an allocation (``fixed``, ``knapsack``, ``knapsack_oracle``), DAPO or not."""
+    """A selector, an allocation (``fixed``, ``knapsack``, ``knapsack_oracle``, ``xrpo``), DAPO
+    or not."""
     selector: str
     allocation: str = "fixed"
     dynamic: bool = False
@@ -24,8 +25,10 @@ STRATEGIES.register("knapsack", Strategy("uniform", allocation="knapsack"))
 STRATEGIES.register("vade_knapsack", Strategy("vade", allocation="knapsack"))
 # Knapsack on the true success rates: the allocation's ceiling, without estimation error.
 STRATEGIES.register("knapsack_oracle", Strategy("uniform", allocation="knapsack_oracle"))
+# XRPO (arXiv 2510.06672): xrpo_first rollouts per prompt, the rest by CI half-width reduction.
+STRATEGIES.register("xrpo", Strategy("uniform", allocation="xrpo"))
 DEFAULT_STRATEGIES = ("uniform", "dynamic_sampling", "vade", "variance_aware", "knapsack",
-                      "vade_knapsack", "knapsack_oracle")
+                      "vade_knapsack", "knapsack_oracle", "xrpo")
 
 
 @dataclasses.dataclass
@@ -43,6 +46,9 @@ class SimSettings:
         lr: step size on θ per GRPO update.
         n_min, n_max: Knapsack bounds on rollouts per prompt.
         max_tries: DAPO dynamic-sampling tries per step.
+        xrpo_first: XRPO's first-phase rollouts per prompt (the rest of the step's budget
+            goes by uncertainty reduction; mmrl's choice: half the uniform group); capped at
+            group_size, and XRPO needs group_size >= 2.
     """
 
     num_prompts: int = 512
@@ -56,6 +62,7 @@ class SimSettings:
     n_min: int = 2
     n_max: int = 128
     max_tries: int = 4
+    xrpo_first: int = 4
 
     def validate(self) -> None:
         """Raise one ValueError listing every bad setting."""
@@ -65,6 +72,8 @@ class SimSettings:
         if self.batch_prompts > self.num_prompts:
             errors.append(f"batch_prompts ({self.batch_prompts}) must be <= num_prompts "
                           f"({self.num_prompts})")
+        if self.xrpo_first < 2:
+            errors.append(f"xrpo_first must be >= 2 (a std needs two), got {self.xrpo_first}")
         if not self.n_min <= self.group_size <= self.n_max:
             errors.append(f"need n_min <= group_size <= n_max, got {self.n_min}, "
                           f"{self.group_size}, {self.n_max}")

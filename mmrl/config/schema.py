@@ -314,6 +314,7 @@ def _loop_problems(algo: AlgoConfig, train: TrainConfig) -> List[str]:
     elif train.t_chunk and spec.sequence_level:
         out.append(f"train.t_chunk: got {train.t_chunk} with the sequence-level preset "
                    f"{algo.preset!r}; a sequence ratio needs whole sequences, set t_chunk=0")
+    out.extend(_whole_group_problems(spec, train))
     if train.group_size == 1 and spec.advantage != "ngrpo":
         # mmrl.algo.advantages: a group of one sample has nothing to compare with -> advantage 0
         out.append(f"train.group_size: got 1 with advantage {spec.advantage!r}, which gives a "
@@ -321,6 +322,25 @@ def _loop_problems(algo: AlgoConfig, train: TrainConfig) -> List[str]:
                    f"group_size >= 2 (GRPO uses 8-64), or algo.advantage=ngrpo, whose virtual "
                    f"sample gives a single sample an advantage")
     return out
+
+
+def _whole_group_problems(spec, train: TrainConfig) -> List[str]:
+    """An objective that reads group_ids (``reg``'s group mean, ``drpo``'s J_g) sees one
+    micro-batch at a time: mini-batches hold whole groups, one after the other, so a micro-batch
+    keeps them whole only when it is a multiple of a fixed group size."""
+    micro = train.micro_batch_size
+    if not spec.needs_groups or micro == 0:
+        return []
+    if train.rollout_allocation != "fixed":
+        return [f"train.micro_batch_size: got {micro} with rollout_allocation="
+                f"{train.rollout_allocation!r}, whose groups vary in size, and objective "
+                f"{spec.objective!r}, which needs whole groups in one micro-batch; set "
+                f"micro_batch_size=0 or rollout_allocation=fixed"]
+    if micro % train.group_size:
+        return [f"train.micro_batch_size: got {micro}, which splits groups of group_size="
+                f"{train.group_size}; objective {spec.objective!r} needs whole groups in one "
+                f"micro-batch: set micro_batch_size to a multiple of group_size (or 0)"]
+    return []
 
 
 def _section(data, key, problems) -> Dict[str, Any]:

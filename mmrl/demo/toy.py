@@ -9,7 +9,8 @@ preference capability (pairs of answers from records ``{"prompt": [digits], "cho
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,16 @@ from mmrl.demo.config import TASKS, ToyConfig  # the section (importing it regis
 from mmrl.train.policy import Capabilities, GroupPolicy
 from mmrl.train.preference import PrefScores
 from mmrl.train.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class ToyPrompt:
+    """A prompt with a hint: the prompt's digits and the hint's (a prefix of the answer), shown
+    in the prompt's hint segment (``toy.hint_slot``). A plain prompt is a list of digits."""
+
+    digits: Tuple[int, ...]
+    hint: Tuple[int, ...] = ()
+
 
 class ToyLM(nn.Module):
     """A causal transformer over tokens 0..V-1 (digits, <sep>, <eos>)."""
@@ -42,15 +53,18 @@ class ToyLM(nn.Module):
 class ToyPolicy(GroupPolicy):
     """:class:`mmrl.train.policy.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
 
-    capabilities = Capabilities(token_weights=True, greedy=True, preference=True)
+    capabilities = Capabilities(token_weights=True, greedy=True, preference=True,
+                                rollout_logp=True, retarget=True)
 
     def __init__(self, c: ToyConfig, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
         self.c, self.device = c, torch.device(device)
-        self.sep, self.eos = c.digits, c.digits + 1
+        self.sep, self.eos, self.pad = c.digits, c.digits + 1, c.digits + 2
         self.T = c.length + 1  # answer digits + <eos>
-        self.model = ToyLM(c.digits + 2, c.length + 1 + self.T, c.d_model, c.layers,
-                           c.heads).to(self.device)
+        # the hint segment: `length` tokens between the digits and <sep>, <pad> where empty
+        self.H = c.length if (c.hint_slot or c.guidance != "none") else 0
+        self.model = ToyLM(c.digits + 2 + (self.H > 0), c.length + self.H + 1 + self.T,
+                           c.d_model, c.layers, c.heads).to(self.device)
         self.ref = None
         self.tw_alpha = 1.7
 
@@ -81,8 +95,9 @@ class ToyPolicy(GroupPolicy):
     def _generate(self, prompts, metadata, group_size, generator, greedy: bool) -> Rollout:
         counts = torch.as_tensor([group_size] * len(prompts) if isinstance(group_size, int)
                                  else list(group_size))
-        P = torch.tensor([list(p) for p in prompts]).repeat_interleave(counts, 0)  # [B, L]
+        P = self.prompt_ids(prompts).repeat_interleave(counts, 0)  # [B, L + H]
         ids = torch.cat([P, torch.full((len(P), 1), self.sep)], 1).to(self.device)
+        taken = []
         for _ in range(self.T):  # no KV cache: the sequences are a dozen tokens long
             logits = self.model(ids)[:, -1].float() / self.c.temperature
             if greedy:
@@ -90,16 +105,49 @@ class ToyPolicy(GroupPolicy):
             else:
                 probs = F.softmax(logits, -1).cpu()
                 nxt = torch.multinomial(probs, 1, generator=generator).to(self.device)
+            taken.append(torch.log_softmax(logits, -1).gather(-1, nxt).cpu())  # [B, 1]
             ids = torch.cat([ids, nxt], 1)
         resp = ids[:, -self.T:].cpu()  # [B, T]
         ended = (resp == self.eos).cumsum(1)
         mask = (ended == 0) | ((ended == 1) & (resp == self.eos))  # up to and incl. first <eos>
+        sampled = torch.where(mask, torch.cat(taken, 1), torch.zeros(()))  # [B, T], 0 on padding
         samples = [[int(t) for t, m in zip(r, mk) if m and t < self.sep] for r, mk in
                    zip(resp, mask)]
         groups = torch.arange(len(prompts)).repeat_interleave(counts)
         rep = lambda xs: [x for x, n in zip(xs, counts.tolist()) for _ in range(n)]  # noqa: E731
         return Rollout(samples, rep(list(prompts)), rep(list(metadata)), groups, mask,
-                       {"ids": ids.cpu()})
+                       {"ids": ids.cpu()}, rollout_logp=sampled)
+
+    def prompt_ids(self, prompts) -> torch.Tensor:
+        """``[P, length + H]`` token ids: the digits, then the hint segment (the hint's digits,
+        <pad> after them) when the policy has one.
+
+        Raises:
+            ValueError: a hinted prompt without a hint segment, or a hint longer than it.
+        """
+        rows = []
+        for p in prompts:
+            digits, hint = (list(p.digits), list(p.hint)) if isinstance(p, ToyPrompt) else (
+                list(p), [])
+            if len(hint) > self.H:
+                raise ValueError(f"a hint of {len(hint)} digits but the prompt's hint segment "
+                                 f"holds {self.H}; set toy.hint_slot=true (or a guidance "
+                                 f"method) so prompts carry one of `length` tokens")
+            rows.append(digits + hint + [self.pad] * (self.H - len(hint)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def retarget(self, rollout: Rollout, prompts, metadata) -> Rollout:
+        """The same completions under ``prompts`` (one per row): the prompt part of
+        ``data["ids"]`` is rebuilt, ``rollout_logp`` (the sampler's) is kept."""
+        if len(prompts) != len(rollout):
+            raise ValueError(f"retarget: {len(prompts)} prompts for {len(rollout)} rows; "
+                             f"give one prompt per row")
+        ids = rollout.data["ids"].clone()
+        ids[:, :self.c.length + self.H] = self.prompt_ids(prompts)
+        return Rollout(list(rollout.samples), list(prompts), list(metadata), rollout.group_ids,
+                       rollout.mask, {**rollout.data, "ids": ids}, skipped=dict(rollout.skipped),
+                       row_keep=rollout.row_keep, nfe=rollout.nfe,
+                       rollout_logp=rollout.rollout_logp, mini_batch=rollout.mini_batch)
 
     def _logp(self, model, rollout, rows, t0, t1):
         ids = rollout.data["ids"][rows].to(self.device)  # [b, L + T]
@@ -141,13 +189,13 @@ class ToyPolicy(GroupPolicy):
         good = [r for r in records if self._usable(r)]
         P, T = len(good), self.T
         rows = [(r["prompt"], r[side]) for side in ("chosen", "rejected") for r in good]
-        ids = torch.full((2 * P, self.c.length + 1 + T), self.eos, dtype=torch.long)
+        L = self.c.length + self.H  # digits and the (empty) hint segment
+        ids = torch.full((2 * P, L + 1 + T), self.eos, dtype=torch.long)
         mask = torch.zeros(2 * P, T, dtype=torch.bool)
         for i, (prompt, answer) in enumerate(rows):
-            ids[i, :self.c.length] = torch.tensor(prompt, dtype=torch.long)
-            ids[i, self.c.length] = self.sep
-            ids[i, self.c.length + 1:self.c.length + 1 + len(answer)] = torch.tensor(
-                answer, dtype=torch.long)
+            ids[i, :L] = self.prompt_ids([prompt])[0]
+            ids[i, L] = self.sep
+            ids[i, L + 1:L + 1 + len(answer)] = torch.tensor(answer, dtype=torch.long)
             mask[i, :len(answer) + 1] = True  # the answer and its <eos>
         rollout = Rollout([list(a) for _, a in rows], [list(p) for p, _ in rows],
                           [{} for _ in rows], torch.arange(2 * P) % max(P, 1), mask, {"ids": ids},
@@ -209,13 +257,54 @@ def run(config) -> Dict[str, Any]:
     if spec.needs_ref or pref_needs_ref(config.pref):
         policy.enable_reference()
     prompts = make_prompts(c, config.train.seed)
-    metadata = [{"target": TASKS[c.task](p)} for p in prompts]
-    return run_training(config, policy, digit_reward, prompts, metadata,
-                        verifier=toy_verifier(config.pref.verifier))
+    metadata = [toy_record(c, p) for p in prompts]
+    augmenters = toy_guidance(c, policy, config.algo.reward_weights)
+    return run_training(config, policy, VERIFIERS[c.reward], prompts, metadata,
+                        augmenters=augmenters, verifier=toy_verifier(config.pref.verifier))
+
+
+def toy_record(c: ToyConfig, prompt: Sequence[int]) -> Dict[str, Any]:
+    """A prompt's metadata: ``target`` (the answer), ``solution_steps`` (its digits, one step
+    each) and ``hints`` (abstract to concrete: the answer's first digit, then one more each,
+    never the whole answer)."""
+    target = list(TASKS[c.task](list(prompt)))
+    return {"target": target, "solution_steps": [[d] for d in target],
+            "hints": [[d] for d in target[:-1]]}
+
+
+class ToyHints:
+    """:class:`mmrl.train.guidance.HintPrompts` of the toy job: hints are answer prefixes."""
+
+    def level_hints(self, meta) -> List[List[int]]:
+        steps = meta.get("hints") or []
+        return [[d for h in steps[:k] for d in h] for k in range(1, len(steps) + 1)]
+
+    def prefix_hint(self, meta, ratio: float) -> Optional[List[int]]:
+        steps = [d for s in meta.get("solution_steps") or [] for d in s]
+        n = int(round(ratio * len(steps)))
+        return steps[:n] if n > 0 else None
+
+    def answer_hint(self, meta) -> Optional[List[int]]:
+        return list(meta["target"]) if meta.get("target") else None
+
+    def with_hint(self, prompt, meta, hint):
+        digits = prompt.digits if isinstance(prompt, ToyPrompt) else tuple(prompt)
+        return ToyPrompt(tuple(digits), tuple(hint)), {**meta, "hinted": len(hint)}
+
+
+def toy_guidance(c: ToyConfig, policy, reward_weights=None) -> list:
+    """The toy job's round augmenters: ``toy.guidance``'s (none: no augmenter); a sample
+    succeeds when its reward is 1 (the whole answer right, either reward)."""
+    from mmrl.train.guidance import Guidance, build_guidance
+    aug = build_guidance(c.guidance, Guidance(ToyHints(), threshold=1.0 - 1e-6,
+                                              start_step=c.guidance_start,
+                                              weights=reward_weights),
+                         policy, ratios=c.guidance_ratios)
+    return [] if aug is None else [aug]
 
 
 VERIFIERS = {"digits": digit_reward, "exact": exact_reward}
-"""``pref.verifier`` names the toy job knows."""
+"""Reward names the toy job knows (``toy.reward``, ``pref.verifier``)."""
 
 
 def toy_verifier(name):

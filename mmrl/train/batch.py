@@ -9,7 +9,7 @@ branches) computes them itself, its groups whole on one rank.
 What an estimator reads besides the rewards is declared by its flags (never its name): rows'
 token counts (``needs_lengths``, gathered with the rewards) and a baseline reward per row
 (``needs_baseline``: :func:`greedy_baseline`, the reward of one greedy completion per group,
-ReMax).
+ReMax) and each row's token-mean old log-prob (``needs_seq_logp``: :func:`row_mean_logp`).
 """
 from __future__ import annotations
 
@@ -25,23 +25,26 @@ from mmrl.train.policy import GroupPolicy, capabilities_of
 from mmrl.train.reward_fn import RewardBatch, robust_reward
 from mmrl.train.rollout import Rollout
 
-__all__ = ["Batch", "batch_advantages", "compute_advantages", "greedy_baseline"]
+__all__ = ["Batch", "batch_advantages", "compute_advantages", "greedy_baseline", "row_mean_logp"]
 
 
 def compute_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: PolicyLoss,
                        multi_reward: Optional[str] = None,
                        reward_weights: Optional[Dict[str, float]] = None,
                        lengths: Optional[torch.Tensor] = None,
-                       baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       baseline: Optional[torch.Tensor] = None,
+                       seq_logp: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[B]`` advantages from one or several reward columns with the preset's estimator.
 
     ``multi_reward``: None = the spec's (``algo.multi_reward``); used with several columns, and
     with one when the method declares ``one_column`` (gdpo). ``lengths [B]`` / ``baseline
-    [B, K]``: for estimators that need them (``needs_lengths`` / ``needs_baseline``).
+    [B, K]`` / ``seq_logp [B]``: for estimators that need them (``needs_lengths`` /
+    ``needs_baseline`` / ``needs_seq_logp``); entries' extra hyper-parameters come from the spec.
     """
     spec = loss_fn.spec
     method = multi_reward or spec.multi_reward
-    hp = dict(eps=spec.adv_eps, r_max=spec.r_max, adv_clip=spec.adv_clip, lengths=lengths)
+    hp = dict(eps=spec.adv_eps, r_max=spec.r_max, adv_clip=spec.adv_clip, lengths=lengths,
+              seq_logp=seq_logp, hparams=spec)
     if rewards.values.shape[1] == 1 and not MULTI_REWARD.get(method).one_column:
         return group_advantages(rewards.values[:, 0], group_ids, spec.advantage, **hp,
                                 baseline=None if baseline is None else baseline[:, 0])
@@ -84,7 +87,8 @@ def batch_advantages(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout,
         rewards = RewardBatch(rewards.values, rewards.names,
                               rewards.valid & torch.isfinite(baseline).all(-1))
     extras = {"lengths": rollout.mask.sum(-1) if loss_fn.spec.needs_lengths else None,
-              "baseline": baseline}
+              "baseline": baseline,
+              "seq_logp": row_mean_logp(policy, rollout) if loss_fn.spec.needs_seq_logp else None}
     adv, metrics = _global_advantages(rewards, rollout.group_ids, loss_fn, d, multi_reward,
                                       reward_weights, extras)
     if rewards.num_invalid and d.active and d.grad_sync == "fsdp":
@@ -145,6 +149,21 @@ def _hook_advantages(policy, rollout: Rollout, rewards: RewardBatch, d: Dist,
                         **{f"reward/{n}": _finite_mean(d.all_gather_rows(rewards.column(n)))
                            for n in rewards.names}})
     return adv, metrics
+
+
+def row_mean_logp(policy: GroupPolicy, rollout: Rollout) -> torch.Tensor:
+    """``[B]`` float32: each row's mean old log-prob over its valid tokens (0 for an empty row).
+
+    The sampler's ``rollout.rollout_logp`` when it reported them, else one no-grad scoring pass
+    of the policy (``policy.logp`` over every row, before the update: the old policy).
+    """
+    with torch.no_grad():
+        logp = rollout.rollout_logp
+        if logp is None:
+            logp = policy.logp(rollout, torch.arange(len(rollout)), 0, rollout.mask.shape[1])
+        m = rollout.mask
+        total = torch.where(m, logp.float().cpu(), torch.zeros((), dtype=torch.float32))
+        return total.sum(-1) / m.sum(-1).clamp(min=1)
 
 
 def _finite_mean(x: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,11 @@ class Capabilities:
             ``match_terms(rollout, rows, times [b, K], seeds [b, K]) -> MatchTerms`` and
             ``match_after_update(optimizer_steps)`` (the old model's soft update); the runner
             then trains with :func:`mmrl.train.matching.train_matching`.
+        retarget: ``retarget(rollout, prompts, metadata) -> Rollout``: the same completions,
+            to be scored (``logp``, ``ref_logp``, token weights) under other prompts, one per
+            row; ``rollout_logp`` keeps the sampler's log-probs under the prompts they were
+            sampled with (hint-guided rollouts trained for the plain prompt: Guide, ExPO,
+            :mod:`mmrl.train.guidance`).
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -103,6 +108,7 @@ class Capabilities:
     preference: bool = False
     step_terms: bool = False
     matching: bool = False
+    retarget: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -132,6 +138,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "preference": ("pair_rollout", "pair_scores"),
     "step_terms": ("logp_and_step_terms",),
     "matching": ("match_spec", "match_grid_size", "match_terms", "match_after_update"),
+    "retarget": ("retarget",),
 }
 """capability -> the methods a policy declaring it must have."""
 

@@ -52,6 +52,8 @@ def _extras(fn):
     extra = {"lengths": LENGTHS} if fn.needs_lengths else {}
     if fn.needs_baseline:
         extra["baseline"] = torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0, 0.0], dtype=F64)
+    if getattr(fn, "needs_seq_logp", False):  # each row's token-mean old log-prob
+        extra["seq_logp"] = torch.tensor([-0.7, -0.2, -1.5, -0.4, -0.9, -1.1], dtype=F64)
     return extra, {k: v.tolist() for k, v in extra.items()}
 
 
@@ -126,9 +128,10 @@ def _objective_case(name, log_ratio, adv, spec):
     loss, ratio, low, high = fn(log_ratio, adv, spec=spec, valid=valid, group_ids=GIDS,
                                 logp=logp, mask=valid, generator=torch.Generator().manual_seed(7))
     if name in obj_ref.OBJECTIVES:  # whole-call oracles (tests/reference/objectives_ref.py)
+        groups = {"group_ids": GIDS.tolist()} if fn.needs_groups else {}
         want = obj_ref.OBJECTIVES[name](nested(log_ratio), nested(adv.expand_as(log_ratio)),
                                         nested(logp), nested(valid), spec,
-                                        torch.Generator().manual_seed(7))
+                                        torch.Generator().manual_seed(7), **groups)
         return loss, torch.stack([torch.stack(row) for row in want]), ratio, low, high
     ora = oracle(ref.OBJECTIVES, name)
     if fn.needs_per_sequence:

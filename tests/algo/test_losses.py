@@ -34,6 +34,16 @@ def make_batch(seed=0, scale=0.3, dtype=F64, adv_per_token=False):
                 std=std, shift=shift, gap=gap)
 
 
+# one reward r in {0, 1} per row for objectives that read rewards (spec.binary_rewards: DRPO);
+# groups [4, 4, 9, 9, 1, 1]: every group has a correct and a wrong row
+BINARY = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0], dtype=F64)
+
+
+def rewards_if_binary(spec, d):
+    """The batch with binary rewards in place of its advantages when ``spec`` reads rewards."""
+    return dict(d, adv=BINARY.to(d["adv"].dtype)) if spec.binary_rewards else d
+
+
 def step_kw(spec, d):
     """The step terms a spec reads (GRPO-Guard), from the batch; {} for the others."""
     return dict(step_std=d["std"], mean_shift=d["shift"], step_gap=d["gap"]) \
@@ -121,6 +131,7 @@ def test_preset_matches_oracle(name, beta):
     d = make_batch(seed=1)
     kw = dict(ref_logp=d["ref"], **tw_kw(name, d))
     fn = PolicyLoss(name, beta=beta, **ref.preset_kwargs(name, T))
+    d = rewards_if_binary(fn.spec, d)
     loss, grad, stats = run(fn, d, **kw)
     want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], ref_logp=d["ref"],
                            token_weights=kw.get("token_weights"), group_ids=d["gids"],
@@ -131,7 +142,9 @@ def test_preset_matches_oracle(name, beta):
     assert "kl_ref" in stats and all(not v.requires_grad for v in stats.values())
 
 
-@pytest.mark.parametrize("name", [n for n, s in PRESETS.items() if not s.per_sequence_loss])
+# objectives that read one binary reward per row (DRPO) refuse [B, T] advantages: see below
+@pytest.mark.parametrize("name", [n for n, s in PRESETS.items()
+                                  if not s.per_sequence_loss and not s.binary_rewards])
 def test_token_advantages_and_weights_match_oracle(name):
     d = make_batch(seed=2, scale=0.5, adv_per_token=True)
     fn = PolicyLoss(name, dual_clip_c=2.0, **ref.preset_kwargs(name, T)) \
@@ -141,6 +154,21 @@ def test_token_advantages_and_weights_match_oracle(name):
                            generator=gen(), **step_kw(fn.spec, d))
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, torch.autograd.grad(want, d["logp"])[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n, s in PRESETS.items() if s.binary_rewards])
+def test_binary_reward_objectives_refuse_token_advantages_and_take_token_weights(name):
+    d = make_batch(seed=2, scale=0.5, adv_per_token=True)
+    fn = PolicyLoss(name, **ref.preset_kwargs(name, T))
+    with pytest.raises(ValueError, match=r"one reward r in \{0, 1\} per row"):
+        run(fn, d, token_weights=d["w"])
+    d = rewards_if_binary(fn.spec, d)
+    loss, grad, _ = run(fn, d, token_weights=d["w"])
+    want = ref.policy_loss(fn.spec, d["logp"], d["old"], d["adv"], d["mask"], token_weights=d["w"],
+                           group_ids=d["gids"], generator=gen())
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, d["logp"])[0], rtol=1e-10, atol=1e-12)
+    assert grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- gradient properties
@@ -163,7 +191,10 @@ def test_ratio_1_gradient_is_reinforce_for_every_token_aggregation(objective, ag
     torch.testing.assert_close(run(fn, d)[1], reinforce_grad(agg, d["adv"], d["mask"]))
 
 
-@pytest.mark.parametrize("name", [n for n, s in PRESETS.items() if s.objective != "reg"])
+# reg regresses A (its own derived scale below); objectives that read binary rewards (DRPO) are
+# no surrogate of A (their own derived gradient below)
+@pytest.mark.parametrize("name", [n for n, s in PRESETS.items()
+                                  if s.objective != "reg" and not s.binary_rewards])
 def test_ratio_1_gradient_is_reinforce_for_every_preset(name):
     d = make_batch(seed=4)
     d["old"] = d["logp"].detach()
@@ -173,6 +204,31 @@ def test_ratio_1_gradient_is_reinforce_for_every_preset(name):
     if PRESETS[name].needs_step_terms:  # ∂ log ρ̃/∂logp = s; the objective divided by −dt
         w = d["std"] / d["gap"]
     torch.testing.assert_close(grad, w * reinforce_grad(PRESETS[name].aggregation, d["adv"], d["mask"]))
+
+
+@pytest.mark.parametrize("name", [n for n, s in PRESETS.items() if s.binary_rewards])
+def test_ratio_1_gradient_of_drpo_is_the_derived_one(name):
+    """At ratio 1 DRPO's KL constraint is 0 with zero gradient; per group with a correct and a
+    wrong row, ∂/∂logp_i,t = −N·w_i/(W·n_i·B) on correct rows (w_i = exp((1 − n_i/L)/λ)) and
+    +N·softmax_j(s_j/τ)/(n_j·B) on wrong rows (s = token-mean logp); a group without a wrong
+    row gets none."""
+    d = make_batch(seed=4)
+    d["old"] = d["logp"].detach()
+    d["gids"] = torch.tensor([4, 4, 4, 9, 9, 9])  # N = 3; lengths [5, 3, 1] and [4, 5, 2]
+    d["adv"] = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0], dtype=F64)
+    spec = PolicyLoss(name, **ref.preset_kwargs(name, T)).spec
+    _, grad, _ = run(name, d)
+    m = d["mask"].to(F64)
+    n = m.sum(-1)
+    s = (d["logp"].detach() * m).sum(-1) / n
+    w = torch.exp((1 - n / (spec.max_len or T)) / spec.drpo_lambda)
+    want = torch.zeros(B, dtype=F64)
+    for pos, neg in (([0, 1], [2]), ([5], [3, 4])):
+        want[pos] = -3 * w[pos] / (w[pos].sum() * n[pos] * B)
+        want[neg] = 3 * torch.softmax(s[neg] / spec.drpo_tau, 0) / (n[neg] * B)
+    torch.testing.assert_close(grad, want[:, None] * m)
+    d["adv"] = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=F64)  # no mixed group
+    assert run(name, d)[1].abs().max() == 0
 
 
 @pytest.mark.parametrize("length_normalize", [False, True])
@@ -190,7 +246,9 @@ def test_ratio_1_gradient_of_reg_is_the_derived_scale(length_normalize):
 
 def test_masked_padding_changes_nothing():
     for name in sorted(PRESETS):
-        d = make_batch(seed=6, adv_per_token=not PRESETS[name].per_sequence_loss)
+        spec = PRESETS[name]
+        d = rewards_if_binary(spec, make_batch(seed=6, adv_per_token=not (
+            spec.per_sequence_loss or spec.binary_rewards)))
         kw = dict(ref_logp=d["ref"], token_weights=None if PRESETS[name].per_sequence_loss else d["w"])
         fn = PolicyLoss(name, beta=0.1, **ref.preset_kwargs(name, T))
         loss, grad, stats = run(fn, d, **kw)
@@ -278,11 +336,13 @@ def _split_run(fn, d, row_chunks, t_chunks, **kw):
 @pytest.mark.parametrize("name", [n for n in sorted(PRESETS)
                                   if PRESETS[n].objective not in obj_ref.CALL_DEPENDENT])
 def test_gradients_invariant_to_micro_batching(name):
-    d = make_batch(seed=10)
-    fn = PolicyLoss(name, beta=0.05, **ref.preset_kwargs(name, T))
+    fn = PolicyLoss(name, beta=0.05, **ref.preset_kwargs(name, T),
+                    **obj_ref.PER_CALL_CONSTRAINT.get(PRESETS[name].objective, {}))
+    d = rewards_if_binary(fn.spec, make_batch(seed=10))
     kw = dict(ref_logp=d["ref"], **tw_kw(name, d))
     full_loss, full_grad, _ = run(fn, d, **kw)
-    rows = [(0, 2), (2, 4), (4, 6)]  # whole groups (Reg-GRPO's group mean needs them)
+    assert full_grad.abs().sum() > 0
+    rows = [(0, 2), (2, 4), (4, 6)]  # whole groups (Reg-GRPO's group mean, DRPO's J_g need them)
     splits = [(rows, [(0, T)])]
     if not fn.spec.sequence_level:  # whole-sequence ratios cannot see a chunk of T
         splits += [([(0, B)], [(0, 2), (2, 3), (3, T)]), (rows, [(0, 1), (1, T)])]
@@ -290,6 +350,24 @@ def test_gradients_invariant_to_micro_batching(name):
         loss, grad = _split_run(fn, d, row_chunks, t_chunks, **kw)
         torch.testing.assert_close(loss, full_loss, msg=f"{row_chunks} {t_chunks}")
         torch.testing.assert_close(grad, full_grad, msg=f"{row_chunks} {t_chunks}")
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(PRESETS)
+                                  if PRESETS[n].objective in obj_ref.PER_CALL_CONSTRAINT])
+def test_per_call_constraint_split_equals_the_per_call_oracle(name):
+    """With DRPO's KL constraint on, each micro-batch's coefficient reads its own mean KL: the
+    split sums the per-call oracle losses (global sequence count), not the unsplit loss."""
+    fn = PolicyLoss(name, **ref.preset_kwargs(name, T))
+    d = rewards_if_binary(fn.spec, make_batch(seed=10))
+    rows = [(0, 2), (2, 4), (4, 6)]
+    loss, grad = _split_run(fn, d, rows, [(0, T)])
+    want = sum(ref.policy_loss(fn.spec, d["logp"][a:b], d["old"][a:b], d["adv"][a:b],
+                               d["mask"][a:b], group_ids=d["gids"][a:b], num_seqs=B)
+               for a, b in rows)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, d["logp"])[0], rtol=1e-10,
+                               atol=1e-12)
+    assert (loss - run(fn, d)[0]).abs() > 1e-3  # the constraint is on and per call
 
 
 # ---------------------------------------------------------------- API and errors

@@ -41,6 +41,14 @@ TABLE = {
     # issue 15, ALGORITHMS-flow.md (flow_grpo's GRPO-Guard configs; the diffusion job)
     "grpo_guard": ("grpo", "ratio_norm", "clip", "seq_mean_token_mean", "none",
                    dict(eps_low=2e-6, eps_high=2e-6, step_reweight=True)),
+    # issue 18, lane R (docs/seed_methods.md)
+    "unlikeliness": ("unlikeliness", "token", "clip", "seq_mean_token_mean", "none",
+                     dict(unlikely_beta=0.25)),
+    "riskpo": ("mixed_var", "token", "clip", "seq_mean_token_mean", "none",
+               dict(riskpo_alpha_lo=0.2, riskpo_alpha_hi=0.8, riskpo_w_mix=1.5, riskpo_bundle=5)),
+    # issue 18, ALGORITHMS-seed.md B (Optimization-AI/DRPO)
+    "drpo": ("reward", "token", "drpo", "seq_mean_token_sum", "none",
+             dict(drpo_tau=10.0, drpo_lambda=0.1, drpo_beta=1000.0, drpo_delta=1e-4)),
 }
 
 
@@ -66,7 +74,7 @@ def test_spec_properties():
     assert resolve_algo("tw_grpo").needs_token_weights
     seq = {n for n in PRESETS if PRESETS[n].sequence_level}
     # T may not be chunked for these (a sequence ratio, VESPO's W_i, the call's covariance)
-    assert seq == {"gspo", "gspo_token", "reg_grpo", "clip_cov", "kl_cov", "vespo"}
+    assert seq == {"gspo", "gspo_token", "reg_grpo", "clip_cov", "kl_cov", "vespo", "drpo"}
     assert {n for n in PRESETS if PRESETS[n].per_sequence_loss} == {"gspo", "reg_grpo"}
 
 

@@ -192,6 +192,28 @@ def test_values_train_cannot_use_are_refused_by_validation():
     assert _problems(path=toy, overrides=["train.group_size=1", "algo.preset=ngrpo"]) == []
 
 
+def test_binary_reward_and_whole_group_objectives_are_refused_where_they_cannot_train():
+    toy = ROOT / "configs/demo/toy.yaml"  # group_size 8
+    drpo = ["algo.preset=drpo", "toy.reward=exact"]
+    assert _problems(path=toy, overrides=drpo) == []
+    assert _problems(path=toy, overrides=drpo + ["train.micro_batch_size=16"]) == []
+    cases = {
+        "toy.reward=digits": "toy.reward: got 'digits' with algo.objective='drpo', which reads "
+                             "binary rewards",
+        "train.micro_batch_size=12": "train.micro_batch_size: got 12, which splits groups of "
+                                     "group_size=8; objective 'drpo' needs whole groups",
+        "train.rollout_allocation=knapsack": "rollout_allocation='knapsack', whose groups vary",
+    }
+    for override, needle in cases.items():
+        extra = ["train.micro_batch_size=8"] if "knapsack" in override else []
+        problems = _problems(path=toy, overrides=drpo + extra + [override])
+        assert len(problems) == 1 and needle in problems[0], (override, problems)
+    # the same flag refuses Reg-GRPO's split groups; other presets split freely
+    assert "objective 'reg' needs whole groups" in _problems(
+        path=toy, overrides=["algo.preset=reg_grpo", "train.micro_batch_size=3"])[0]
+    assert _problems(path=toy, overrides=["train.micro_batch_size=3"]) == []
+
+
 def test_preflight_checks_files_device_and_checkpoint_on_this_machine(tmp_path, monkeypatch):
     import torch
     monkeypatch.chdir(tmp_path)  # relative paths: never the runs/ a `make demo` left

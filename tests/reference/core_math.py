@@ -5,6 +5,7 @@ Loss oracles loop over scalar torch tensors so that autograd gives reference gra
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -255,9 +256,12 @@ def policy_loss(spec, logp, old_logp, advantages, mask, ref_logp=None, token_wei
                       [int(g) for g in group_ids], [v[0] for v in valid], spec)
         loss = [[v] for v in seq]
     elif spec.objective in objectives_ref.OBJECTIVES:  # whole-call objectives (read logp)
-        loss = objectives_ref.OBJECTIVES[spec.objective](
-            lr, [[adv(i, t) for t in range(T)] for i in range(B)],
-            [[logp[i, t] for t in range(T)] for i in range(B)], valid, spec, generator)
+        fn = objectives_ref.OBJECTIVES[spec.objective]
+        groups = {"group_ids": [int(g) for g in group_ids]} \
+            if "group_ids" in inspect.signature(fn).parameters else {}  # DRPO reads its groups
+        loss = fn(lr, [[adv(i, t) for t in range(T)] for i in range(B)],
+                  [[logp[i, t] for t in range(T)] for i in range(B)], valid, spec, generator,
+                  **groups)
     else:
         fn = {"clip": obj_clip, "sapo": obj_sapo}[spec.objective]
         loss = [[fn(lr[i][t], adv(i, t), spec) for t in range(len(lr[i]))] for i in range(B)]

@@ -139,3 +139,12 @@ RANDOM = ("clip_cov",)
 CALL_DEPENDENT = ("clip_cov", "kl_cov")
 """Objectives whose token selection depends on which tokens share the call (the covariance and
 the pick count are over the call, as verl's micro-batch): not invariant to micro-batching."""
+
+PER_CALL_CONSTRAINT = {"drpo": {"drpo_beta": 0.0}}
+"""Objectives whose KL-constraint coefficient is a function of the call's mean KL (DRPO's
+sg(β·max(KL_call − δ, 0)), per call as mmrl.algo.drpo documents): invariant to micro-batching
+with the constraint off (these overrides); with it on, a split equals the per-call losses."""
+
+from tests.reference.length_ref import obj_drpo  # noqa: E402  (reads group_ids too)
+
+OBJECTIVES["drpo"] = obj_drpo

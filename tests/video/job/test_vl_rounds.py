@@ -168,18 +168,24 @@ def test_video_job_trains_with_both_augmenters(tiny_vl_dir, task_jsonl, tmp_path
                "train.prompts_per_step=3", "train.group_size=4", "train.progress=false",
                "train.sample_log_every=1", f"video.model={tiny_vl_dir}",
                f"video.data={task_jsonl}", f"train.output_dir={out}",
-               "video.difficulty_augmentation=true", "video.temporal_contrast=true"])
+               "video.difficulty_augmentation=true", "video.temporal_contrast=true",
+               "video.length_reward=grpo_lambda", "video.length_switch_accuracy=0.5",
+               "video.mode_reward=true", "video.think_style=filler"])
     assert rc == 0
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(metrics) == 3
     for m in metrics:
         assert m["temporal_groups"] == 3.0 and 0 <= m["temporal_applied"] <= 3
         assert "reward/temporal" in m and "aug_harder" in m and "aug_easier" in m
+        # one-letter completions have no thought: no mode signal, think_frac 0
+        assert m["think_frac"] == 0.0 and m["reward/mode"] == 0.0 and "reward/length" in m
+        assert 0.0 <= m["length_groups_on"] <= 1.0
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
-    assert set(samples[0]["rewards"]) == {"accuracy", "temporal"}
+    assert set(samples[0]["rewards"]) == {"accuracy", "temporal", "length", "mode"}
     import yaml
     saved = yaml.safe_load(open(out / "config.yaml"))
-    assert saved["algo"]["reward_weights"]["temporal"] == 1.0
+    assert saved["algo"]["reward_weights"] == {"accuracy": 1.0, "temporal": 1.0, "length": 1.0,
+                                               "mode": 1.0}
 
 
 def test_variants_do_not_depend_on_which_rows_a_rank_holds(records):
