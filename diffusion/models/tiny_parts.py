@@ -55,11 +55,53 @@ def clip_text_config(vocab: int):
                           eos_token_id=vocab - 1, pad_token_id=vocab - 1)
 
 
-def tiny_vae(size: int, shift_factor: float, scaling_factor: float):
-    """A one-block VAE with 4 latent channels (no down-sampling: latents are image-sized)."""
+def tiny_vae(size: int, shift_factor: float, scaling_factor: float, channels: int = 4):
+    """A one-block VAE with 4 latent channels (no down-sampling: latents are image-sized) and
+    ``channels`` feature channels in its blocks."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(4,),
+    return AutoencoderKL(sample_size=size, in_channels=3, out_channels=3,
+                         block_out_channels=(channels,),
                          layers_per_block=1, latent_channels=4, norm_num_groups=1,
                          use_quant_conv=False, use_post_quant_conv=False,
                          shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+#: The linear VAE's latent -> RGB map (orthonormal rows of a 4x4 Hadamard matrix / 2): every
+#: latent channel takes part, the all-ones latent direction is the one colour-blind direction.
+LINEAR_VAE_RGB = ((0.5, -0.5, 0.5, -0.5), (0.5, 0.5, -0.5, -0.5), (0.5, -0.5, -0.5, 0.5))
+
+
+def linear_vae(size: int, shift_factor: float, scaling_factor: float, gain: float = 1.5,
+               const: float = 16.0):
+    """A one-block VAE whose decoder is (almost exactly) a per-pixel linear map of the latent
+    channels to RGB, set analytically (no fitting, no randomness in the decoder):
+    ``rgb = 0.5 + 0.5·gain·M·(z − shift_factor)`` with M = :data:`LINEAR_VAE_RGB` and z the
+    unscaled VAE latent, so every colour is reachable and a latent moves its image's mean colour
+    at unit rate — the demo's VAE (a random tiny decoder ends in a one-group GroupNorm that wipes
+    out the mean colour of its input, so prompt colours other than light / dark barely move).
+
+    How: 16 decoder channels ``[z, −z, const, −const]`` (conv_in, centre tap); every residual
+    branch (resnets' conv2, attention's to_out) is zero, so the blocks are identities; the
+    channel mean of the pair layout is 0, so the final GroupNorm only divides by
+    ``≈ const/√2`` (nearly constant while |z| << const); SiLU(u) − SiLU(−u) = u undoes the
+    activation in conv_out (weights ±gain·M·√2·const/2... folded, see the code). The encoder
+    stays random (the demo's GRPO never encodes images).
+    """
+    import torch
+
+    vae = tiny_vae(size, shift_factor, scaling_factor, channels=16)
+    dec, m = vae.decoder, torch.tensor(LINEAR_VAE_RGB)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+        for norm in [mod for mod in dec.modules() if isinstance(mod, torch.nn.GroupNorm)]:
+            norm.weight.fill_(1.0)
+        eye = torch.eye(4)
+        dec.conv_in.weight[:, :, 1, 1] = torch.cat([eye, -eye, torch.zeros(8, 4)])
+        dec.conv_in.bias[8:] = torch.tensor([const] * 4 + [-const] * 4)
+        std = const / 2 ** 0.5  # the GroupNorm's std at z = 0 (half the channels are ±const)
+        dec.conv_out.weight[:, :4, 1, 1] = gain * std * m
+        dec.conv_out.weight[:, 4:8, 1, 1] = -gain * std * m
+        dec.conv_out.bias[:] = -gain * (m @ torch.full((4,), float(shift_factor)))
+    return vae
