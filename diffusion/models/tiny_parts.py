@@ -75,18 +75,20 @@ LINEAR_VAE_RGB = ((0.5, -0.5, 0.5, -0.5), (0.5, 0.5, -0.5, -0.5), (0.5, -0.5, -0
 def linear_vae(size: int, shift_factor: float, scaling_factor: float, gain: float = 1.5,
                const: float = 16.0):
     """A one-block VAE whose decoder is (almost exactly) a per-pixel linear map of the latent
-    channels to RGB, set analytically (no fitting, no randomness in the decoder):
-    ``rgb = 0.5 + 0.5·gain·M·(z − shift_factor)`` with M = :data:`LINEAR_VAE_RGB` and z the
-    unscaled VAE latent, so every colour is reachable and a latent moves its image's mean colour
-    at unit rate — the demo's VAE (a random tiny decoder ends in a one-group GroupNorm that wipes
-    out the mean colour of its input, so prompt colours other than light / dark barely move).
+    channels to RGB, ``rgb = 0.5 + 0.5·gain·M·(z − shift_factor)`` with M = :data:`LINEAR_VAE_RGB`
+    and z the unscaled VAE latent: every colour is reachable, the mean colour of an image moves
+    at the same rate in every colour direction (M has orthonormal rows), and a pixel saturates
+    only at ``|M·latent| >= scaling_factor / gain`` (gain 1.5: about 1). The demo's VAE: a random
+    tiny decoder ends in a one-group GroupNorm that removes its input's mean, so prompt colours
+    other than light / dark barely move (benchmarks/flow_bench_common.py).
 
-    How: 16 decoder channels ``[z, −z, const, −const]`` (conv_in, centre tap); every residual
-    branch (resnets' conv2, attention's to_out) is zero, so the blocks are identities; the
-    channel mean of the pair layout is 0, so the final GroupNorm only divides by
-    ``≈ const/√2`` (nearly constant while |z| << const); SiLU(u) − SiLU(−u) = u undoes the
-    activation in conv_out (weights ±gain·M·√2·const/2... folded, see the code). The encoder
-    stays random (the demo's GRPO never encodes images).
+    The weights are set analytically (no fitting: exact, instant, no seed to depend on):
+    16 decoder channels ``[z, −z, const, −const]`` (conv_in, centre tap, so no spatial mixing;
+    latents are image-sized); every other weight is zero, so the resnets and the attention are
+    identities (their residual branches output 0); the channel mean is 0 at every pixel, so the
+    final GroupNorm only divides by ``sqrt((2·mean|z|² + 8 const²) / 16) ≈ const/√2`` (within
+    1 % while the image's mean |z|² < 16, monotone beyond); conv_out undoes the SiLU with
+    SiLU(u) − SiLU(−u) = u. The encoder stays random (the demo's GRPO never encodes images).
     """
     import torch
 
