@@ -72,13 +72,13 @@ def tiny_vae(size: int, shift_factor: float, scaling_factor: float, channels: in
 LINEAR_VAE_RGB = ((0.5, -0.5, 0.5, -0.5), (0.5, 0.5, -0.5, -0.5), (0.5, -0.5, -0.5, 0.5))
 
 
-def linear_vae(size: int, shift_factor: float, scaling_factor: float, gain: float = 1.5,
+def linear_vae(size: int, shift_factor: float, scaling_factor: float, gain: float = 1.0,
                const: float = 16.0):
     """A one-block VAE whose decoder is (almost exactly) a per-pixel linear map of the latent
     channels to RGB, ``rgb = 0.5 + 0.5·gain·M·(z − shift_factor)`` with M = :data:`LINEAR_VAE_RGB`
     and z the unscaled VAE latent: every colour is reachable, the mean colour of an image moves
     at the same rate in every colour direction (M has orthonormal rows), and a pixel saturates
-    only at ``|M·latent| >= scaling_factor / gain`` (gain 1.5: about 1). The demo's VAE: a random
+    only at ``|M·latent| >= scaling_factor / gain`` (gain 1: about 1.5). The demo's VAE: a random
     tiny decoder ends in a one-group GroupNorm that removes its input's mean, so prompt colours
     other than light / dark barely move (benchmarks/flow_bench_common.py).
 
