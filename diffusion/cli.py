@@ -21,7 +21,7 @@ def add_commands(subparsers) -> None:
                     "sd3: a StableDiffusion3Pipeline; wan: a WanPipeline making videos) from "
                     "config (no download) and save_pretrained it; the diffusion job loads it "
                     "by path like any checkpoint of that family.",
-        epilog="examples:\n  mmrl diffusion tiny-pipeline runs/tiny-sd3\n"
+        epilog="examples:\n  mmrl diffusion tiny-pipeline runs/tiny-sd3-demo --demo\n"
                "  mmrl train configs/demo/diffusion_tiny.yaml\n"
                "  mmrl diffusion tiny-pipeline runs/tiny-wan --family wan --size 32 --demo\n"
                "  mmrl train configs/demo/diffusion_video_tiny.yaml",
@@ -32,9 +32,10 @@ def add_commands(subparsers) -> None:
     tiny.add_argument("--size", type=int, default=16, help="image side in pixels (default 16)")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     tiny.add_argument("--demo", action="store_true",
-                      help="wan only: the text-to-video demo's pipeline (9 frames): a VAE "
-                           "decoding latent channel 0 to a smooth grey video, one transformer "
-                           "token per video")
+                      help="the demos' pipeline: sd3, a VAE decoder set to a per-pixel linear "
+                           "latent -> RGB map (every colour reachable); wan (9 frames), a VAE "
+                           "decoding latent channel 0 to a smooth grey video and one "
+                           "transformer token per video")
     tiny.add_argument("--overwrite", action="store_true",
                       help="rebuild even if the directory already holds a pipeline")
     tiny.set_defaults(func=_tiny)
@@ -52,11 +53,11 @@ def _tiny(args) -> int:
         print(f"mmrl diffusion tiny-pipeline: --family {args.family!r}; expected one of "
               f"{', '.join(FAMILIES)}{did_you_mean(args.family, FAMILIES)}", file=sys.stderr)
         return 2
-    if args.demo and args.family != "wan":
-        print(f"mmrl diffusion tiny-pipeline: --demo with --family {args.family}; --demo is a "
-              f"wan option: drop it or use --family wan", file=sys.stderr)
+    if args.demo and args.family not in ("sd3", "wan"):
+        print(f"mmrl diffusion tiny-pipeline: --demo with --family {args.family}; the demos' "
+              f"pipelines are sd3 and wan: drop --demo or use one of them", file=sys.stderr)
         return 2
-    if args.demo and args.size % 8:
+    if args.demo and args.family == "wan" and args.size % 8:
         print(f"mmrl diffusion tiny-pipeline: --demo --size {args.size}; expected a multiple "
               f"of 8 (e.g. 32)", file=sys.stderr)
         return 2

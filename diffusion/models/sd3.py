@@ -13,7 +13,7 @@ import torch
 
 from mmrl.diffusion.models.base import FlowAdapter, check_resolution
 from mmrl.diffusion.models.tiny_parts import (byte_clip_tokenizer, check_size, clip_text_config,
-                                              tiny_vae)
+                                              linear_vae, tiny_vae)
 from mmrl.diffusion.schedule import cfg_combine, flow_sigmas
 
 Tensor = torch.Tensor
@@ -124,12 +124,16 @@ class SD3Adapter(FlowAdapter):
         return self._vae_decode(latents)
 
     @staticmethod
-    def build_tiny_pipeline(size: int = 16, seed: int = 0):
-        """:func:`build_tiny_sd3`."""
-        return build_tiny_sd3(size, seed)
+    def build_tiny_pipeline(size: int = 16, seed: int = 0, demo: bool = False):
+        """:func:`build_tiny_sd3`; ``demo``: with the prompt-following demo's linear VAE."""
+        return build_tiny_sd3(size, seed, vae="linear" if demo else "random")
 
 
-def build_tiny_sd3(size: int = 16, seed: int = 0):
+#: ``vae=`` choices of :func:`build_tiny_sd3`.
+TINY_VAES = ("random", "linear")
+
+
+def build_tiny_sd3(size: int = 16, seed: int = 0, vae: str = "random"):
     """A ``StableDiffusion3Pipeline`` with tiny random weights producing ``size × size`` images:
     a one-layer transformer (≈41k parameters), a one-block VAE, two small CLIP text encoders, no
     T5 (``text_encoder_3=None``).
@@ -137,15 +141,20 @@ def build_tiny_sd3(size: int = 16, seed: int = 0):
     Args:
         size: image side in pixels (also the transformer's and VAE's ``sample_size``).
         seed: torch seed of the random initialization (same seed and size, same weights).
+        vae: "random" (the tests' tiny VAE) or "linear" (the demo's: a decoder set analytically
+            to a per-pixel linear latent -> RGB map, :func:`~.tiny_parts.linear_vae`, so every
+            colour is reachable; transformer and text encoders are the same as with "random").
 
     Raises:
-        ValueError: size < 2.
+        ValueError: size < 2, or an unknown ``vae``.
     """
     from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection
 
     check_size(size)
+    if vae not in TINY_VAES:
+        raise ValueError(f"vae={vae!r}; expected one of {TINY_VAES} ('linear' for the demo)")
     tokenizer, vocab = byte_clip_tokenizer()
     # Construction order after the seed fixes the weights: transformer, VAE, both text encoders.
     torch.manual_seed(seed)
@@ -153,26 +162,37 @@ def build_tiny_sd3(size: int = 16, seed: int = 0):
         sample_size=size, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
         pooled_projection_dim=64, out_channels=4)
-    vae = tiny_vae(size, shift_factor=0.0609, scaling_factor=1.5035)  # SD3.5's VAE constants
+    consts = dict(shift_factor=0.0609, scaling_factor=1.5035)  # SD3.5's VAE constants
+    vae_model = tiny_vae(size, **consts)
     encoders = [CLIPTextModelWithProjection(clip_text_config(vocab)) for _ in range(2)]
+    if vae == "linear":
+        vae_model = linear_vae(size, **consts)
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae_model,
         text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
         tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
 
 
-def save_tiny_sd3(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False) -> Path:
+def save_tiny_sd3(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False,
+                  vae: str = "random") -> Path:
     """Build the tiny SD3 pipeline and ``save_pretrained`` it to ``out_dir`` (kept if it exists).
 
     Args:
         out_dir: target folder (created). A pipeline already there (``model_index.json``) is kept
             unless ``overwrite``, so a demo re-run does not rebuild it.
-        size, seed: as :func:`build_tiny_sd3`.
+        size, seed, vae: as :func:`build_tiny_sd3`.
 
     Returns:
         the directory (holding ``model_index.json``), loadable by ``SD3Adapter.from_pretrained``.
     """
-    return SD3Adapter.build_tiny(out_dir, size=size, seed=seed, overwrite=overwrite)
+    if vae == "random":
+        return SD3Adapter.build_tiny(out_dir, size=size, seed=seed, overwrite=overwrite)
+    out = Path(out_dir)
+    if not (out / "model_index.json").exists() or overwrite:
+        out.mkdir(parents=True, exist_ok=True)
+        build_tiny_sd3(size, seed, vae=vae).save_pretrained(str(out))
+    return out
 
 
 def load_sd3_pipeline(name_or_path: str, **kwargs):

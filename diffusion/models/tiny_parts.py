@@ -55,11 +55,13 @@ def clip_text_config(vocab: int):
                           eos_token_id=vocab - 1, pad_token_id=vocab - 1)
 
 
-def tiny_vae(size: int, shift_factor: float, scaling_factor: float):
-    """A one-block VAE with 4 latent channels (no down-sampling: latents are image-sized)."""
+def tiny_vae(size: int, shift_factor: float, scaling_factor: float, channels: int = 4):
+    """A one-block VAE with 4 latent channels (no down-sampling: latents are image-sized) and
+    ``channels`` feature channels in its blocks."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(4,),
+    return AutoencoderKL(sample_size=size, in_channels=3, out_channels=3,
+                         block_out_channels=(channels,),
                          layers_per_block=1, latent_channels=4, norm_num_groups=1,
                          use_quant_conv=False, use_post_quant_conv=False,
                          shift_factor=shift_factor, scaling_factor=scaling_factor)
@@ -86,3 +88,43 @@ def byte_qwen_tokenizer(specials, **kwargs):
                               eos_token="<|im_end|>", pad_token="<|endoftext|>",
                               additional_special_tokens=list(specials), **kwargs)
 
+#: The linear VAE's latent -> RGB map (orthonormal rows of a 4x4 Hadamard matrix / 2): every
+#: latent channel takes part, the all-ones latent direction is the one colour-blind direction.
+LINEAR_VAE_RGB = ((0.5, -0.5, 0.5, -0.5), (0.5, 0.5, -0.5, -0.5), (0.5, -0.5, -0.5, 0.5))
+
+
+def linear_vae(size: int, shift_factor: float, scaling_factor: float, gain: float = 1.0,
+               const: float = 16.0):
+    """A one-block VAE whose decoder is (almost exactly) a per-pixel linear map of the latent
+    channels to RGB, ``rgb = 0.5 + 0.5·gain·M·(z − shift_factor)`` with M = :data:`LINEAR_VAE_RGB`
+    and z the unscaled VAE latent: every colour is reachable, the mean colour of an image moves
+    at the same rate in every colour direction (M has orthonormal rows), and a pixel saturates
+    only at ``|M·latent| >= scaling_factor / gain`` (gain 1: about 1.5). The demo's VAE: a random
+    tiny decoder ends in a one-group GroupNorm that removes its input's mean, so prompt colours
+    other than light / dark barely move (benchmarks/flow_bench_common.py).
+
+    The weights are set analytically (no fitting: exact, instant, no seed to depend on):
+    16 decoder channels ``[z, −z, const, −const]`` (conv_in, centre tap, so no spatial mixing;
+    latents are image-sized); every other weight is zero, so the resnets and the attention are
+    identities (their residual branches output 0); the channel mean is 0 at every pixel, so the
+    final GroupNorm only divides by ``sqrt((2·mean|z|² + 8 const²) / 16) ≈ const/√2`` (within
+    1 % while the image's mean |z|² < 16, monotone beyond); conv_out undoes the SiLU with
+    SiLU(u) − SiLU(−u) = u. The encoder stays random (the demo's GRPO never encodes images).
+    """
+    import torch
+
+    vae = tiny_vae(size, shift_factor, scaling_factor, channels=16)
+    dec, m = vae.decoder, torch.tensor(LINEAR_VAE_RGB)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.zero_()
+        for norm in [mod for mod in dec.modules() if isinstance(mod, torch.nn.GroupNorm)]:
+            norm.weight.fill_(1.0)
+        eye = torch.eye(4)
+        dec.conv_in.weight[:, :, 1, 1] = torch.cat([eye, -eye, torch.zeros(8, 4)])
+        dec.conv_in.bias[8:] = torch.tensor([const] * 4 + [-const] * 4)
+        std = const / 2 ** 0.5  # the GroupNorm's std at z = 0 (half the channels are ±const)
+        dec.conv_out.weight[:, :4, 1, 1] = gain * std * m
+        dec.conv_out.weight[:, 4:8, 1, 1] = -gain * std * m
+        dec.conv_out.bias[:] = -gain * (m @ torch.full((4,), float(shift_factor)))
+    return vae

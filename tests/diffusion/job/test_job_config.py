@@ -139,7 +139,8 @@ def test_cli_builds_the_tiny_pipeline_and_trains_from_yaml(tmp_path):
     from mmrl.cli.app import main
 
     model = tmp_path / "tiny"
-    assert main(["diffusion", "tiny-pipeline", str(model), "--size", "8"]) == 0
+    assert main(["diffusion", "tiny-pipeline", str(model), "--size", "8",
+                 "--demo"]) == 0  # the demo's linear VAE
     assert (model / "model_index.json").exists()
     cfg = yaml.safe_load((REPO / "configs/demo/diffusion_tiny.yaml").read_text())
     cfg["diffusion"].update(model=str(model), height=8, width=8, num_steps=3, eval_every=0)

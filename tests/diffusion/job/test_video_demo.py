@@ -24,8 +24,9 @@ def test_video_demo_tiny_wan_from_the_cli_and_prompts_naming_directions(tmp_path
     assert {prompt_direction(p) for p in d["eval_prompts"] + d["prompts"]} == {"right"}
     assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--family", "wn"]) == 2
     assert "did you mean 'wan'?" in capsys.readouterr().err
-    assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--demo"]) == 2
-    assert "--demo is a wan option" in capsys.readouterr().err
+    assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--family", "z_image",
+                 "--demo"]) == 2
+    assert "the demos' pipelines are sd3 and wan" in capsys.readouterr().err
     model = tmp_path / "wan"
     assert main(["diffusion", "tiny-pipeline", str(model), "--family", "wan", "--size",
                  str(d["height"]), "--demo"]) == 0

@@ -185,3 +185,24 @@ def test_cfg_uncond_grad_false_is_flow_grpos_detached_unconditional_half(tiny_sd
     assert max(float((a - c).abs().max()) for a, c in zip(cut_g, exact_g)) > 1e-4
     with torch.no_grad():
         torch.testing.assert_close(adapter(x, sigma, cond), exact_v, rtol=1e-5, atol=1e-5)
+
+
+def test_the_demos_linear_vae_decodes_a_colour_latent_to_that_colour():
+    """vae="linear": rgb = 0.5 + 0.5·gain·M·latent/scaling_factor (gain 1), M orthonormal rows,
+    so the latent scale/gain·Mᵀ(2c − 1) decodes to colour c exactly, for every RGB cube corner."""
+    from mmrl.diffusion.models.sd3 import build_tiny_sd3
+    from mmrl.diffusion.models.tiny_parts import LINEAR_VAE_RGB, linear_vae
+    vae = linear_vae(4, shift_factor=0.0609, scaling_factor=1.5035)
+    m = torch.tensor(LINEAR_VAE_RGB)
+    torch.testing.assert_close(m @ m.T, torch.eye(3))
+    corners = torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0], [1, 1, 0]])
+    latents = (1.5035 / 1.0 * (2 * corners - 1) @ m)[:, :, None, None].expand(6, 4, 4, 4)
+    with torch.no_grad():
+        rgb = vae.decode(latents / 1.5035 + 0.0609, return_dict=False)[0] / 2 + 0.5
+    torch.testing.assert_close(rgb.mean((2, 3)), corners, rtol=0, atol=2e-3)
+    half = latents * 0.5  # half-way latents decode half-way to grey: linear, not saturated
+    with torch.no_grad():
+        rgb = vae.decode(half / 1.5035 + 0.0609, return_dict=False)[0] / 2 + 0.5
+    torch.testing.assert_close(rgb.mean((2, 3)), 0.25 + corners / 2, rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match=r"vae='linaer'; expected one of \('random', 'linear'\)"):
+        build_tiny_sd3(4, vae="linaer")
