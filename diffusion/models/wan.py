@@ -317,9 +317,8 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     ones: with several tokens it can hardly put mass at an absolute place (left at the first
     frame, right at the last), so the demo uses one token for its whole 9-frame latent
     ``(3, size / 8, size / 8)``: its output projection then writes an absolute pattern.
-    ``text_gain``: multiplies the cross-attention's output projection at init; at 1 the prompt
-    moves the tiny transformer's velocity by ~1% ("moving left" vs "moving right"), too little
-    for GRPO to learn a prompt-dependent motion in minutes; the demo uses 10 (~10%).
+    ``text_gain``: scales the cross-attention's output projection (the demo: 10; at 1 "moving
+    left" vs "right" moves the velocity ~1%, too little for GRPO to learn from in minutes).
 
     Raises:
         ValueError: size < 2; ``vae`` not one of random | smooth; smooth with ``ti2v``.
@@ -329,7 +328,6 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
     from mmrl.diffusion.models.flux import _t5_unigram_pieces
-
     from mmrl.diffusion.models.tiny_video_vae import VAES, smooth_wan_decoder
 
     check_size(size)
@@ -353,9 +351,7 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
                                        **stats)
     if vae == "smooth":
         smooth_wan_decoder(autoencoder)
-    with torch.no_grad():
-        for block in transformer.blocks:
-            block.attn2.to_out[0].weight.mul_(text_gain)
+    _scale_text(transformer, text_gain)
     pieces = _t5_unigram_pieces()
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(pieces), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
@@ -363,6 +359,13 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     return WanPipeline(tokenizer=T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512),
                        text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=ti2v)
+
+
+def _scale_text(transformer, gain: float) -> None:
+    """Multiply every block's cross-attention output projection (weight, not bias) by ``gain``."""
+    with torch.no_grad():
+        for block in transformer.blocks:
+            block.attn2.to_out[0].weight.mul_(gain)
 
 
 def save_tiny_wan(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False,
