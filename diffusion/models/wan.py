@@ -251,10 +251,11 @@ class WanAdapter(FlowAdapter):
     @staticmethod
     def build_tiny_pipeline(size: int = 16, seed: int = 0, demo: bool = False):
         """:func:`build_tiny_wan` (Wan 2.1 layout). ``demo``: the text-to-video demo's pipeline
-        (9 frames): the smooth VAE and one transformer token per video (patch 3 x s x s with
-        ``s = size / 8``), see :func:`build_tiny_wan`."""
+        (9 frames): the smooth VAE, one transformer token per video (patch 3 x s x s with
+        ``s = size / 8``) and a 10x text gain, see :func:`build_tiny_wan`."""
         if demo:
-            return build_tiny_wan(size, seed, vae="smooth", patch=(3, size // 8, size // 8))
+            return build_tiny_wan(size, seed, vae="smooth", patch=(3, size // 8, size // 8),
+                                  text_gain=10.0)
         return build_tiny_wan(size, seed)
 
 
@@ -272,7 +273,7 @@ def check_frames(frames, factor: int = 4) -> None:
 
 
 def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: str = "random",
-                   patch=(1, 2, 2)):
+                   patch=(1, 2, 2), text_gain: float = 1.0):
     """A ``WanPipeline`` with tiny random weights making ``size × size`` videos.
 
     Wan 2.1 layout: a one-block transformer (≈7k parameters, patch 1x2x2, 4 latent channels), a
@@ -289,6 +290,8 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     ones: with several tokens it can hardly put mass at an absolute place (left at the first
     frame, right at the last), so the demo uses one token for its whole 9-frame latent
     ``(3, size / 8, size / 8)``: its output projection then writes an absolute pattern.
+    ``text_gain``: scales the cross-attention's output projection (the demo: 10; at 1 "moving
+    left" vs "right" moves the velocity ~1%, too little for GRPO to learn from in minutes).
 
     Raises:
         ValueError: size < 2; ``vae`` not one of random | smooth; smooth with ``ti2v``.
@@ -298,7 +301,6 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
     from mmrl.diffusion.models.flux import _t5_unigram_pieces
-
     from mmrl.diffusion.models.tiny_video_vae import VAES, smooth_wan_decoder
 
     check_size(size)
@@ -322,6 +324,7 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
                                        **stats)
     if vae == "smooth":
         smooth_wan_decoder(autoencoder)
+    _scale_text(transformer, text_gain)
     pieces = _t5_unigram_pieces()
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(pieces), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
@@ -329,6 +332,13 @@ def build_tiny_wan(size: int = 16, seed: int = 0, *, ti2v: bool = False, vae: st
     return WanPipeline(tokenizer=T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512),
                        text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), expand_timesteps=ti2v)
+
+
+def _scale_text(transformer, gain: float) -> None:
+    """Multiply every block's cross-attention output projection (weight, not bias) by ``gain``."""
+    with torch.no_grad():
+        for block in transformer.blocks:
+            block.attn2.to_out[0].weight.mul_(gain)
 
 
 def save_tiny_wan(out_dir, size: int = 16, seed: int = 0, overwrite: bool = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[3]
@@ -19,9 +20,11 @@ def test_video_demo_tiny_wan_from_the_cli_and_prompts_naming_directions(tmp_path
 
     cfg = yaml.safe_load(DEMO.read_text())
     d = cfg["diffusion"]
-    # every prompt names the direction the reward reads (one: the demo's tiny transformer does
-    # not learn to tell four directions apart within minutes; see the config's header)
-    assert {prompt_direction(p) for p in d["eval_prompts"] + d["prompts"]} == {"right"}
+    # every prompt names the direction the reward reads: left and right, both trained each step
+    # (up/down not yet; see the config's header)
+    assert [prompt_direction(p) for p in d["prompts"]] == ["left", "right"]
+    assert [prompt_direction(p) for p in d["eval_prompts"]] == ["left", "right"] * 2
+    assert cfg["train"]["prompts_per_step"] == 2 and d["shared_noise"] is True
     assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--family", "wn"]) == 2
     assert "did you mean 'wan'?" in capsys.readouterr().err
     assert main(["diffusion", "tiny-pipeline", str(tmp_path / "x"), "--family", "z_image",
@@ -33,6 +36,11 @@ def test_video_demo_tiny_wan_from_the_cli_and_prompts_naming_directions(tmp_path
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "WanPipeline"
     transformer = json.loads((model / "transformer" / "config.json").read_text())
     assert transformer["patch_size"] == [3, d["height"] // 8, d["width"] // 8]  # one token
+    from mmrl.diffusion.models.wan import build_tiny_wan
+
+    gain = build_tiny_wan(16, vae="smooth", text_gain=10.0).transformer.blocks[0].attn2.to_out[0]
+    plain = build_tiny_wan(16, vae="smooth").transformer.blocks[0].attn2.to_out[0]
+    assert torch.allclose(gain.weight, 10.0 * plain.weight) and torch.equal(gain.bias, plain.bias)
     assert d["frames"] == 9  # 3 latent frames: the temporal patch
 
 
