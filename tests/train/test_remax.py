@@ -102,7 +102,8 @@ def test_runner_uses_the_greedy_completion_as_baseline(tmp_path, monkeypatch):
         base = digit_reward(samples, prompts, metadata)
         return torch.where(torch.tensor([m.get("greedy", False) for m in metadata]), 10.0, base)
     monkeypatch.setattr(ToyPolicy, "greedy_rollout", marked)
-    monkeypatch.setattr("mmrl.demo.toy.digit_reward", reward)
+    monkeypatch.setitem(__import__("mmrl.demo.toy", fromlist=["VERIFIERS"]).VERIFIERS,
+                        "digits", reward)  # the job's toy.reward: digits
     cfg = config_from_dict({
         "job": "toy", "algo": {"preset": "remax"},
         "train": {"steps": 2, "prompts_per_step": 3, "group_size": 2, "seed": 0, "device": "cpu",

@@ -145,8 +145,10 @@ def test_every_preset_is_selectable_or_rejected_with_a_reason(tiny_sd3_path, tmp
             r = torch.tensor([0.1, 0.4, 0.9, 0.3])
             rewards = RewardBatch(r[:, None], ["r"], torch.ones(4, dtype=torch.bool))
         params = [p for p in policy.parameters() if p.requires_grad]
+        batch = rewards if not PRESETS[name].binary_rewards else RewardBatch(  # DRPO: 0/1
+            torch.tensor([[1.0], [0.0], [0.0], [1.0]]), ["r"], torch.ones(4, dtype=torch.bool))
         out = learn(policy, torch.optim.SGD(params, lr=0.0), PolicyLoss(name, max_len=3),
-                    rollout, rewards, LoopSettings(group_size=2, inner_epochs=2),
+                    rollout, batch, LoopSettings(group_size=2, inner_epochs=2),
                     torch.Generator().manual_seed(0))
         assert out["skipped_updates"] == 0 and math.isfinite(out["loss"]), name
         assert out["grad_norm"] > 0, name

@@ -51,6 +51,12 @@ PINNED = {
     "passk": [-0.650732, -0.330874, -0.218189],
     "gdpo": [-0.43429, -0.237162, 0.0],
     "gpg": [0.622907, 0.321873, -0.003004],
+    # issue 18: on policy the rank-shaped advantages are zero-mean per group (loss value 0, the
+    # gradient is not); RiskPO's advantages are <= 0 (it pushes the lower tail down); DRPO on
+    # 0/1 rewards (answer_reward), whole groups per call
+    "unlikeliness": [0.0, 0.0, 0.0],
+    "riskpo": [0.799573, 0.461723, 0.461723],
+    "drpo": [5.885662, 5.852489, 11.629841],
     "grpo+kl_full": [-0.055978, -0.039395, -0.028661],
     "grpo+kl_lora": [-0.004699, -0.001951, -0.004127],
 }
@@ -59,6 +65,11 @@ PINNED = {
 def letter_reward(samples, prompts, metadata):
     """Dense and deterministic: 1 per 'A', 0.5 per 'B' -> [B]."""
     return torch.tensor([s.count("A") + 0.5 * s.count("B") for s in samples])
+
+
+def answer_reward(samples, prompts, metadata):
+    """Binary: 1 when the answer holds an 'A' -> [B]."""
+    return torch.tensor([float("A" in s) for s in samples])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -78,11 +89,13 @@ def test_three_steps_change_the_parameters_and_match_pinned_losses(case, tiny_vl
     opt = torch.optim.Adam(params, lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     prompts, meta = vt_batch
+    binary = PRESETS[preset].binary_rewards  # DRPO reads 0/1 rewards, whole groups per call
     settings = LoopSettings(group_size=3, inner_epochs=2 if preset == "grpo" else 1,
-                            micro_batch_size=4)
+                            micro_batch_size=3 if binary else 4)
+    reward = answer_reward if binary else letter_reward
     losses = []
     for _ in range(3):
-        m = train_step(pol, opt, loss_fn, letter_reward, prompts, meta, settings, gen)
+        m = train_step(pol, opt, loss_fn, reward, prompts, meta, settings, gen)
         assert m["skipped_updates"] == 0.0 and torch.isfinite(torch.tensor(m["loss"]))
         losses.append(round(m["loss"], 6))
     moved = sum(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
