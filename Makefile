@@ -22,14 +22,17 @@ $(STAMP): pyproject.toml constraints.txt peers.txt
 	rm -rf $(PEERS)/tests $(PEERS)/scripts
 	touch $(STAMP)
 
-# Three tiny runs, each a few minutes at most on 2 CPU cores: the pure-torch toy task, a video
-# QA task on a tiny Qwen2.5-VL, and text-to-image GRPO on a tiny SD3 (grids in runs/demo-diffusion/eval).
+# Four tiny runs, each a few minutes at most on 2 CPU cores: the pure-torch toy task, a video
+# QA task on a tiny Qwen2.5-VL, prompt-following text-to-image GRPO on a tiny SD3 (grids in
+# runs/demo-diffusion/eval) and text-to-video GRPO on a tiny Wan (runs/demo-diffusion-video/eval).
 # train.overwrite=true: a second `make demo` replaces the last demo runs (resume: never).
 demo: $(STAMP)
 	$(VENV)/bin/mmrl train configs/demo/toy.yaml train.overwrite=true
 	$(VENV)/bin/mmrl train configs/demo/video_tiny.yaml train.overwrite=true
-	$(VENV)/bin/mmrl diffusion tiny-pipeline runs/tiny-sd3 --overwrite
+	$(VENV)/bin/mmrl diffusion tiny-pipeline runs/tiny-sd3-demo --demo --overwrite
 	$(VENV)/bin/mmrl train configs/demo/diffusion_tiny.yaml train.overwrite=true
+	$(VENV)/bin/mmrl diffusion tiny-pipeline runs/tiny-wan --family wan --size 32 --demo --overwrite
+	$(VENV)/bin/mmrl train configs/demo/diffusion_video_tiny.yaml train.overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -109,7 +109,7 @@ def test_make_demo_can_be_run_twice_into_the_same_folders(tmp_path, capsys):
     from mmrl.config.core import load_yaml
     root = Path(__file__).resolve().parents[2]
     make = (root / "Makefile").read_text()
-    for name in ("toy", "video_tiny", "diffusion_tiny"):
+    for name in ("toy", "video_tiny", "diffusion_tiny", "diffusion_video_tiny"):
         assert load_yaml(root / "configs" / "demo" / f"{name}.yaml")["train"]["resume"] == "never"
         assert f"train configs/demo/{name}.yaml train.overwrite=true" in make, name
     out = tmp_path / "demo-toy"
