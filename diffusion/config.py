@@ -396,7 +396,7 @@ def reward_media_problems(spec: str, frames: int) -> List[str]:
         if name not in SCORERS:
             continue
         if name == "frames":
-            out.extend(f"reward: {p}" for p in frames_problems(options))
+            out.extend(f"reward: {p}" for p in frames_problems(options, frames))
         if media_of(name) == "video" and not frames:
             out.append(f"reward: {name} scores videos [B, F, 3, H, W] but diffusion.frames=0 "
                        f"(an image job); set diffusion.frames to the frames per sample of a "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmrl.registry import Registry
 
@@ -50,10 +50,56 @@ def media_of(name: str) -> str:
     return "video" if name in VIDEO_SCORERS else "image"
 
 
-def frames_problems(options: Dict[str, Any]) -> List[str]:
+def sample_frames(num_frames: int, num: Optional[int] = None,
+                  indices: Optional[Sequence[int]] = None,
+                  every: Optional[int] = None) -> List[int]:
+    """The frame indices the ``frames`` lift scores, in order: all (no option), ``num``
+    uniformly spaced with the first and the last included (``round(i * (F - 1) / (num - 1))``;
+    num = 1: the first), ``indices`` (negative counts from the end) or every ``every``-th from
+    the first. Torch-free, so ``mmrl config validate`` checks a job's sampling against its
+    ``diffusion.frames`` with the same rule.
+
+    Raises:
+        ValueError: more than one option, num outside [1, F], an index out of range, an empty
+            index list, or a non-positive every.
+    """
+    _check_sampling(num_frames, num, indices, every)
+    F = num_frames
+    if num is not None:
+        num = int(num)
+        return [0] if num == 1 else [round(i * (F - 1) / (num - 1)) for i in range(num)]
+    if indices is not None:
+        return [int(i) % F for i in indices]
+    return list(range(0, F, int(every or 1)))
+
+
+def _check_sampling(F: Optional[int], num, indices, every) -> None:
+    """:func:`sample_frames`' checks without building the list; ``F`` None: the job's frame
+    count is unknown (the bounds that need it are skipped)."""
+    given = [k for k, v in (("num", num), ("indices", indices), ("every", every)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"frames: got {' and '.join(given)}; pick one way to sample frames "
+                         f"(num=N uniformly spaced, indices=[...] or every=k)")
+    if num is not None and not (isinstance(num, int) and 1 <= num <= (F or num)):
+        upto = f" but the videos have {F} frames; expected 1 <= num <= {F}" if F else \
+            "; expected a positive number of frames"
+        raise ValueError(f"frames: num={num!r}{upto}")
+    if indices is not None:
+        ok = isinstance(indices, (list, tuple)) and indices and all(
+            isinstance(i, int) and (F is None or -F <= i < F) for i in indices)
+        if not ok:
+            span = f" in [-{F}, {F - 1}] for videos of {F} frames" if F else " (ints)"
+            raise ValueError(f"frames: indices={indices!r}; expected a non-empty list of "
+                             f"indices{span}")
+    if every is not None and not (isinstance(every, int) and every >= 1):
+        raise ValueError(f"frames: every={every!r}; expected a positive step")
+
+
+def frames_problems(options: Dict[str, Any], num_frames: Optional[int] = None) -> List[str]:
     """Problems of the ``frames`` scorer's options found without torch: ``scorer`` names a
-    registered image scorer, ``reduce`` is known, at most one frame sampling, ``frame`` exactly
-    with ``reduce=frame``."""
+    registered image scorer, ``reduce`` is known, the frame sampling is valid
+    (:func:`sample_frames`' rule; against ``num_frames`` when the job's frame count is known),
+    ``frame`` exactly with ``reduce=frame``."""
     out, inner = [], options.get("scorer")
     if not isinstance(inner, str) or not inner:
         out.append(f"frames: scorer={inner!r}; name the image scorer to lift, e.g. "
@@ -70,10 +116,16 @@ def frames_problems(options: Dict[str, Any]) -> List[str]:
     if reduce not in FRAME_REDUCES:
         out.append(f"frames: reduce={reduce!r}; expected one of {', '.join(FRAME_REDUCES)}")
     sampling = [k for k in ("num", "indices", "every") if options.get(k) is not None]
-    if len(sampling) > 1:
-        out.append(f"frames: got {' and '.join(sampling)}; pick one way to sample frames "
-                   f"(num=N uniformly spaced, indices=[...] or every=k)")
+    try:
+        _check_sampling(num_frames or None, options.get("num"), options.get("indices"),
+                        options.get("every"))
+    except ValueError as err:
+        out.append(str(err))
     frame = options.get("frame")
+    if reduce == "frame" and num_frames and isinstance(frame, int) and \
+            not -num_frames <= frame < num_frames:
+        out.append(f"frames: frame={frame} but the videos have {num_frames} frames; expected an "
+                   f"index in [-{num_frames}, {num_frames - 1}] (-1: the last)")
     if reduce == "frame" and (isinstance(frame, bool) or not isinstance(frame, int)):
         out.append(f"frames: reduce=frame needs frame=INDEX (e.g. frame=-1 for the last); got "
                    f"frame={frame!r}")

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from mmrl.rewards.base import Scorer, check_prompts
+from mmrl.rewards.specs import sample_frames
 
 Tensor = torch.Tensor
 Videos = Union[Tensor, Sequence[Tensor]]
@@ -137,41 +138,6 @@ class VideoScorer(Scorer):
 
     def _score(self, images, prompts):
         raise TypeError(f"{self.name} is a video scorer; call it with videos [B, F, 3, H, W]")
-
-
-def sample_frames(num_frames: int, num: Optional[int] = None,
-                  indices: Optional[Sequence[int]] = None,
-                  every: Optional[int] = None) -> List[int]:
-    """The frame indices to score, in order: all (no option), ``num`` uniformly spaced with the
-    first and the last included (``round(i * (F - 1) / (num - 1))``; num = 1: the first),
-    ``indices`` (negative counts from the end) or every ``every``-th from the first.
-
-    Raises:
-        ValueError: more than one option, num above the frame count, an index out of range,
-            or a non-positive num / every.
-    """
-    F = num_frames
-    given = [k for k, v in (("num", num), ("indices", indices), ("every", every)) if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"frames: got {' and '.join(given)}; pick one way to sample frames "
-                         f"(num=N uniformly spaced, indices=[...] or every=k)")
-    if num is not None:
-        if not 1 <= int(num) <= F:
-            raise ValueError(f"frames: num={num} but the videos have {F} frames; expected "
-                             f"1 <= num <= {F}")
-        num = int(num)
-        return [0] if num == 1 else [round(i * (F - 1) / (num - 1)) for i in range(num)]
-    if indices is not None:
-        bad = [i for i in indices if not -F <= int(i) < F]
-        if bad or not indices:
-            raise ValueError(f"frames: indices={list(indices)} for videos of {F} frames; "
-                             f"expected a non-empty list of indices in [-{F}, {F - 1}]")
-        return [int(i) % F for i in indices]
-    if every is not None:
-        if int(every) < 1:
-            raise ValueError(f"frames: every={every}; expected a positive step")
-        return list(range(0, F, int(every)))
-    return list(range(F))
 
 
 class FrameScorer(VideoScorer):

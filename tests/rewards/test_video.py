@@ -68,6 +68,7 @@ def test_frame_sampling_and_reductions():
     assert sample_frames(5, num=1) == [0] and sample_frames(5) == [0, 1, 2, 3, 4]
     assert sample_frames(5, indices=[0, -1]) == [0, 4] and sample_frames(7, every=3) == [0, 3, 6]
     for kwargs, needle in (({"num": 6}, "1 <= num <= 5"), ({"indices": [5]}, "in [-5, 4]"),
+                           ({"num": 0}, "1 <= num <= 5"), ({"indices": []}, "non-empty"),
                            ({"every": 0}, "positive step"), ({"num": 2, "every": 2}, "pick one")):
         with pytest.raises(ValueError, match=re_escape(needle)):
             sample_frames(5, **kwargs)

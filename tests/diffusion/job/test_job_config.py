@@ -193,3 +193,14 @@ def test_the_reward_must_score_the_jobs_media(tmp_path):
         "spaced, indices=[...] or every=k)"]
     assert reward_media_problems("frames:scorer=brightness", 0)[0].startswith(
         "reward: frames scores videos")
+    # the frame sampling is checked against the job's frame count before any work
+    assert reward_media_problems("frames:scorer=pickscore:num=12", 9) == [
+        "reward: frames: num=12 but the videos have 9 frames; expected 1 <= num <= 9"]
+    assert reward_media_problems("frames:scorer=pickscore:indices=[0,9]", 9) == [
+        "reward: frames: indices=[0, 9]; expected a non-empty list of indices in [-9, 8] for "
+        "videos of 9 frames"]
+    assert reward_media_problems("frames:scorer=pickscore:reduce=frame:frame=-10", 9) == [
+        "reward: frames: frame=-10 but the videos have 9 frames; expected an index in [-9, 8] "
+        "(-1: the last)"]
+    assert reward_media_problems("frames:scorer=pickscore:every=0", 9) == [
+        "reward: frames: every=0; expected a positive step"]
