@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 
 from mmrl.config.core import UserError, cfg
 from mmrl.config.jobs import Job, register_job
+from mmrl.train.guidance_options import (guidance_field, guidance_ratios_field,
+                                          guidance_start_field, guide_problems, ratio_problems)
 
 _REWARDS = {"accuracy": 1.0, "think_answer_format": 0.5}
 
@@ -116,21 +118,9 @@ class VideoConfig:
                                      "w <- softmax(log w + eta*I/1e-5) (the release: the "
                                      "actor's learning rate).", above=0.0,
                                      source="arXiv 2509.11452 (lr 1e-6)")
-    guidance: str = cfg("none", "Round augmenter for groups whose every sample has accuracy "
-                        "<= 0 (mmrl.train.guidance): none, ghpo (solution prefix), keye / scaf "
-                        "(the record's hints), guide / expo (hinted samples trained for the "
-                        "plain prompt; guide needs algo.rollout_is, e.g. token_truncate); hints "
-                        "from the records' hints / solution_steps.",
-                        choices=["none", "ghpo", "keye", "scaf", "guide", "expo"],
-                        source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 "
-                        "2509.01563; Guide 2506.13923; ExPO 2507.02834")
-    guidance_ratios: List[float] = cfg(doc="GHPO's solution-prefix ratios, tried in order "
-                                       "while a group stays all-wrong.",
-                                       default_factory=lambda: [0.25, 0.5, 0.75],
-                                       source="hkgc-1/GHPO ghpo_trainer.py")
-    guidance_start: int = cfg(0, "No guidance before this step (Scaf-GRPO's exemption: 15 % "
-                              "of the steps in the paper, 50 in its script).", minimum=0,
-                              source="Scaf-GRPO 2510.19807 §3.2")
+    guidance: str = guidance_field("Hints from the records' hints / solution_steps.")
+    guidance_ratios: List[float] = guidance_ratios_field()
+    guidance_start: int = guidance_start_field()
     think_style: str = cfg("tags", "How a completion's thought is read (video.length_reward, "
                            "mode_reward, the think_frac metric): tags (inside <think>...</think>) "
                            "or filler (every character before a one-character answer).",
@@ -162,10 +152,7 @@ class VideoConfig:
             out.append("rewards: empty; name at least one reward, e.g. {accuracy: 1.0}")
         if self.temporal_contrast and "accuracy" not in self.rewards:
             out.append("temporal_contrast needs the 'accuracy' reward in video.rewards")
-        if not self.guidance_ratios or not all(0.0 < float(w) <= 1.0
-                                               for w in self.guidance_ratios):
-            out.append(f"guidance_ratios: got {self.guidance_ratios}; expected a non-empty list "
-                       f"of values in (0, 1] (GHPO: [0.25, 0.5, 0.75])")
+        out.extend(ratio_problems(self.guidance_ratios))
         if self.guidance != "none" and "accuracy" not in self.rewards:
             out.append(f"guidance={self.guidance} finds the all-wrong groups by the 'accuracy' "
                        f"reward; add it to video.rewards or set guidance: none")
@@ -231,11 +218,7 @@ def check_pref(pref, c: VideoConfig) -> List[str]:
 def check(algo, train, c: VideoConfig) -> List[str]:
     """Cross-section problems of a video config (prompt counts known before reading data;
     Guide's rollout correction)."""
-    out = []
-    if c.guidance == "guide" and algo.resolve().rollout_is == "none":  # as the toy job's
-        out.append("video.guidance=guide corrects the hinted rollouts with the sampler's "
-                   "log-probs (algo.rollout_is), got algo.rollout_is=none; set "
-                   "algo.rollout_is=token_truncate")
+    out = guide_problems("video", c.guidance, algo)
     if c.data == "synthetic" and c.synthetic_num < train.prompts_per_step:
         out.append(f"video.synthetic_num: got {c.synthetic_num}, fewer than train."
                    f"prompts_per_step={train.prompts_per_step} (a step draws that many distinct "

@@ -9,6 +9,8 @@ from typing import List
 
 from mmrl.config.core import cfg
 from mmrl.config.jobs import Job, register_job
+from mmrl.train.guidance_options import (guidance_field, guidance_ratios_field,
+                                          guidance_start_field, guide_problems, ratio_problems)
 
 TASKS = {"reverse": lambda d: d[::-1], "sort": sorted, "copy": lambda d: list(d)}
 """Task name -> the answer to a prompt's digits."""
@@ -30,20 +32,10 @@ class ToyConfig:
     reward: str = cfg("digits", "digits: the fraction of answer positions right (dense); "
                       "exact: 1 for the whole answer right, else 0 (with a long `length`, the "
                       "hard task where groups never succeed).", choices=["digits", "exact"])
-    guidance: str = cfg("none", "Round augmenter for all-fail groups (mmrl.train.guidance): "
-                        "none, ghpo, keye, scaf, guide (needs algo.rollout_is, e.g. "
-                        "token_truncate) or expo; the hints are prefixes of the answer, in a "
-                        "hint segment of the prompt.",
-                        choices=["none", "ghpo", "keye", "scaf", "guide", "expo"],
-                        source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 "
-                        "2509.01563; Guide 2506.13923; ExPO 2507.02834")
-    guidance_ratios: List[float] = cfg(doc="GHPO's solution-prefix ratios, tried in order "
-                                       "while a group stays all-fail.",
-                                       default_factory=lambda: [0.25, 0.5, 0.75],
-                                       source="hkgc-1/GHPO ghpo_trainer.py")
-    guidance_start: int = cfg(0, "No guidance before this step (Scaf-GRPO's exemption: 15 % "
-                              "of the steps in the paper).", minimum=0,
-                              source="Scaf-GRPO 2510.19807 §3.2")
+    guidance: str = guidance_field("The toy's hints are prefixes of the answer, in a hint "
+                                   "segment of the prompt.")
+    guidance_ratios: List[float] = guidance_ratios_field()
+    guidance_start: int = guidance_start_field()
     hint_slot: bool = cfg(False, "Reserve a hint segment of `length` tokens in every prompt "
                           "(empty when unhinted); on whenever guidance is not none. Set it for "
                           "a guidance-free baseline with the same model.")
@@ -53,14 +45,6 @@ class ToyConfig:
         if self.d_model % self.heads:
             out.append(f"d_model: got {self.d_model}; expected a multiple of heads={self.heads}")
         return out
-
-
-def ratio_problems(ratios: List[float]) -> List[str]:
-    """GHPO's prefix ratios must be in (0, 1]."""
-    if ratios and all(0.0 < float(w) <= 1.0 for w in ratios):
-        return []
-    return [f"guidance_ratios: got {ratios}; expected a non-empty list of values in (0, 1] "
-            f"(GHPO: [0.25, 0.5, 0.75])"]
 
 
 def check(algo, train, c: ToyConfig) -> List[str]:
@@ -82,16 +66,6 @@ def binary_reward_problems(algo, reward: str) -> List[str]:
         return [f"toy.reward: got {reward!r} with algo.objective={spec.objective!r}, which reads "
                 f"binary rewards (1 correct, 0 wrong) and skips every other row; the fraction of "
                 f"right digits is not binary: set toy.reward=exact"]
-    return []
-
-
-def guide_problems(section: str, guidance: str, algo) -> List[str]:
-    """``guidance: guide`` trains hinted rollouts for the plain prompt; its off-policy correction
-    is the rollout correction from the sampler's log-probs, so ``algo.rollout_is`` must be on."""
-    if guidance == "guide" and algo.resolve().rollout_is == "none":
-        return [f"{section}.guidance=guide corrects the hinted rollouts with the sampler's "
-                f"log-probs (algo.rollout_is), got algo.rollout_is=none; set "
-                f"algo.rollout_is=token_truncate"]
     return []
 
 

@@ -1,0 +1,50 @@
+"""The config fields and checks of the guidance round augmenters (:mod:`mmrl.train.guidance`),
+declared once for every job section that offers them (the toy job, the video job). Torch-free:
+``mmrl config validate`` reads it."""
+from __future__ import annotations
+
+from typing import List
+
+from mmrl.config.core import cfg
+
+GUIDANCE_NAMES = ["none", "ghpo", "keye", "scaf", "guide", "expo"]
+
+
+def guidance_field(hints: str):
+    """``<section>.guidance``: which augmenter; ``hints`` says where the job's hints come from."""
+    return cfg("none", "Round augmenter for groups whose every sample fails (accuracy <= 0; "
+               "mmrl.train.guidance): none, ghpo (solution prefix), keye / scaf (hint levels), "
+               "guide / expo (hinted samples trained for the plain prompt; guide needs "
+               "algo.rollout_is, e.g. token_truncate). " + hints, choices=GUIDANCE_NAMES,
+               source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 2509.01563; Guide "
+               "2506.13923; ExPO 2507.02834")
+
+
+def guidance_ratios_field():
+    """``<section>.guidance_ratios``: GHPO's prefix ratios."""
+    return cfg(doc="GHPO's solution-prefix ratios, tried in order while a group stays all-fail.",
+               default_factory=lambda: [0.25, 0.5, 0.75], source="hkgc-1/GHPO ghpo_trainer.py")
+
+
+def guidance_start_field():
+    """``<section>.guidance_start``: Scaf-GRPO's exemption."""
+    return cfg(0, "No guidance before this step (Scaf-GRPO's exemption: 15 % of the steps in "
+               "the paper, 50 in its script).", minimum=0, source="Scaf-GRPO 2510.19807 §3.2")
+
+
+def ratio_problems(ratios: List[float]) -> List[str]:
+    """GHPO's prefix ratios must be a non-empty list in (0, 1]."""
+    if ratios and all(0.0 < float(w) <= 1.0 for w in ratios):
+        return []
+    return [f"guidance_ratios: got {ratios}; expected a non-empty list of values in (0, 1] "
+            f"(GHPO: [0.25, 0.5, 0.75])"]
+
+
+def guide_problems(section: str, guidance: str, algo) -> List[str]:
+    """``guidance: guide`` trains hinted rollouts for the plain prompt; its off-policy correction
+    is the rollout correction from the sampler's log-probs, so ``algo.rollout_is`` must be on."""
+    if guidance == "guide" and algo.resolve().rollout_is == "none":
+        return [f"{section}.guidance=guide corrects the hinted rollouts with the sampler's "
+                f"log-probs (algo.rollout_is), got algo.rollout_is=none; set "
+                f"algo.rollout_is=token_truncate"]
+    return []
