@@ -125,25 +125,53 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _eval_lines(name: str, rep) -> List[str]:
+    """The printed summary of one scorer's report."""
+    pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
+    if rep.get("protocol") == "videogen":
+        out = []
+        for dim, d in rep["dimensions"].items():
+            lo, hi = d["ci95_without_ties"]
+            col = "" if d["column"] is None else f" (column {d['column']})"
+            line = (f"{name:20s} {dim:8s} w/o ties {pct(d['accuracy_without_ties'])} "
+                    f"[{100 * lo:.2f}, {100 * hi:.2f}]  w/ ties {pct(d['accuracy_with_ties'])} "
+                    f"(eps {d['tie_threshold']:.4g})  pairs {d['n_pairs']}, human ties "
+                    f"{d['n_human_ties']}{col}")
+            if d.get("accuracy_by_order"):
+                o = d["accuracy_by_order"]
+                line += f"  orders {pct(o['as_given'])} / {pct(o['swapped'])}"
+            out.append(line)
+        return out
+    lo, hi = rep["ci95"]
+    line = (f"{name:20s} accuracy {pct(rep['accuracy'])} [{100 * lo:.2f}, {100 * hi:.2f}] "
+            f"({rep['protocol']})")
+    if "n_equal" in rep:
+        line += (f"  correct {rep['n_correct']}, equal {rep['n_equal']}, incorrect "
+                 f"{rep['n_incorrect']} of {rep['n_pairs']} pairs")
+    if "accuracy_by_order" in rep:
+        o = rep["accuracy_by_order"]
+        line += f"  as given {pct(o['as_given'])}, swapped {pct(o['swapped'])}"
+    if "inversion_score" in rep:
+        line += f"  inversion score {pct(rep['inversion_score'])}"
+    if "tie_threshold" in rep:
+        line += f"  tie threshold {rep['tie_threshold']:.4g} ({rep['tie_threshold_source']})"
+    for key, label in (("mean_prob_best", "p(best)"), ("mean_prob_preferred", "p(chosen)")):
+        if rep.get(key) is not None:
+            line += f"  mean {label} {rep[key]:.4f}"
+    return [line]
+
+
 def cmd_eval(args) -> int:
-    from mmrl.rewards.evaluate import bar_chart, check_protocol, evaluate
-    check_protocol(args.protocol, args.format)  # before loading any model
+    from mmrl.rewards.evaluate import bar_chart, check_options, evaluate
+    check_options(args.format, args.protocol, args.tie_threshold, args.probs)  # before loading
     scorers = _load_all(args.scorer, args)
     report = evaluate(scorers, args.data, args.format, image_root=args.image_root,
                       tie_threshold=args.tie_threshold, n_boot=args.bootstrap, seed=args.seed,
                       progress=not args.quiet, protocol=args.protocol, probs=args.probs)
+    if args.format == "hpdv3":
+        print(f"HPDv3 {report['mode']} file, {report['n_records']} items")
     for name, rep in report["scorers"].items():
-        lo, hi = rep["ci95"]
-        line = (f"{name:20s} accuracy {100 * rep['accuracy']:.2f}% [{100 * lo:.2f}, "
-                f"{100 * hi:.2f}] ({rep['protocol']})")
-        if "inversion_score" in rep:
-            line += f"  inversion score {100 * rep['inversion_score']:.2f}%"
-        if "tie_threshold" in rep:
-            line += f"  tie threshold {rep['tie_threshold']:.4g} ({rep['tie_threshold_source']})"
-        for key, label in (("mean_prob_best", "p(best)"), ("mean_prob_preferred", "p(chosen)")):
-            if rep.get(key) is not None:
-                line += f"  mean {label} {rep[key]:.4f}"
-        print(line)
+        print("\n".join(_eval_lines(name, rep)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "report.json")
@@ -258,6 +286,9 @@ EPILOG = """examples:
       --prompts prompts.txt --out scores.csv
   mmrl reward eval --data /data/hpdv2/test.jsonl --format ranked --out reports/hpdv2 \\
       --scorer hps_v2.1:path=/ckpt/HPS_v2.1_compressed.pt,pickscore:path=/ckpt/PickScore_v1
+  mmrl reward eval --data /data/HPDv3/test.json --format hpdv3 --scorer hpsv3:path=/ckpt/HPSv3
+  mmrl reward eval --data /data/VideoGen-RewardBench/videogen-rewardbench.csv --format videogen \\
+      --scorer videoreward:path=/ckpt/VideoReward
   mmrl reward serve imagereward:path=/ckpt/ImageReward --port 8765 --token-file ~/.rm.token
   mmrl reward convert hpdv2 /data/HPDv2/test.json --out /data/HPDv2/test.jsonl
 """
@@ -297,19 +328,25 @@ def _add_score(sub):
 
 
 def _add_eval(sub):
+    from mmrl.rewards.eval_data import FORMATS
     from mmrl.rewards.evaluate import RANKED_PROTOCOLS
     p = sub.add_parser("eval", help="pairwise accuracy on preference data",
-                       description="Evaluate scorers on JSONL preference data with the published "
-                       "protocols (pairs: Pick-a-Pic tie threshold + half credit; ranked: "
-                       "ImageRewardDB pair accuracy and HPDv2 inversion score), with bootstrap "
-                       "95%% intervals, a per-prompt breakdown, a JSON report and a bar chart.",
+                       description="Evaluate scorers (or pairwise judges) on preference data "
+                       "with the published protocols (pairs: Pick-a-Pic tie threshold + half "
+                       "credit; ranked: ImageRewardDB pair accuracy and HPDv2 inversion score; "
+                       "hpdv3: HPDv3's test.json, pair or ranking items, as hpsv3's "
+                       "evaluate.py; videogen: VideoGen-RewardBench accuracy without and with "
+                       "ties per VQ/MQ/TA/Overall), with bootstrap 95%% intervals, a JSON "
+                       "report and a bar chart.",
                        epilog=EPILOG, formatter_class=FMT, allow_abbrev=False)
     p.add_argument("--scorer", required=True, help=SPEC_HELP + "; several: comma-separated")
-    p.add_argument("--data", required=True, help="JSONL file (see docs/rewards.md)")
-    p.add_argument("--format", required=True, choices=["pairs", "ranked"])
+    p.add_argument("--data", required=True, help="the data file: JSONL (pairs, ranked), "
+                   "HPDv3's test.json (hpdv3), VideoGen-RewardBench's CSV (videogen); see "
+                   "docs/rewards.md")
+    p.add_argument("--format", required=True, choices=list(FORMATS))
     p.add_argument("--out", help="folder for report.json (+ accuracy.png for several scorers)")
-    p.add_argument("--image-root", help="folder image paths are relative to (default: the "
-                   "data file's folder)")
+    p.add_argument("--image-root", help="folder image and video paths are relative to "
+                   "(default: the data file's folder)")
     p.add_argument("--tie-threshold", type=float, help="pairs: fixed tau instead of tuning it "
                    "on the validation split")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default "

@@ -1,6 +1,7 @@
 """Evaluation protocols on synthetic data with known accuracy (ties included)."""
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
@@ -11,8 +12,8 @@ import torch
 
 from mmrl.rewards import candidate_probs
 from mmrl.rewards.evaluate import (bar_chart, bootstrap_ci, evaluate, pair_credits, pairs_report,
-                                   ranked_list_stats, ranked_report, read_records,
-                                   tune_tie_threshold)
+                                   pairwise_report, ranked_list_stats, ranked_report, read_data,
+                                   read_records, tie_calibrated_accuracy, tune_tie_threshold)
 
 
 def test_pair_credits_hand_values():
@@ -323,3 +324,282 @@ def test_convert_pickapic_parquet_and_imagerewarddb(tmp_path):
     assert rec["images"] == ["ir/g/0.png", "ir/g/1.png"] and rec["ranks"] == [2, 1]
     with pytest.raises(ValueError, match="keys.*expected 'prompt', 'image_path', 'rank'"):
         convert("hpdv2", str(ir / "test.json"), str(out2))
+
+
+# ----------------------------------------------------------------------------- issue 16 formats
+
+def _grey(path, v, size=4):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (v, v, v)).save(path)
+
+
+def _hpdv3_pair_file(tmp_path):
+    """4 HPDv3 pair items under data/ with images in data/imgs/ (paths relative to the JSON).
+
+    Mean-pixel scores: 200 > 100 correct; 50 = 50 equal; 10 < 90 incorrect; 255 > 0 correct.
+    """
+    items = []
+    for i, (v1, v2) in enumerate(((200, 100), (50, 50), (10, 90), (255, 0))):
+        _grey(tmp_path / "data" / "imgs" / f"{i}_1.png", v1)
+        _grey(tmp_path / "data" / "imgs" / f"{i}_2.png", v2)
+        items.append({"prompt": f"p{i}", "path1": f"imgs/{i}_1.png", "path2": f"imgs/{i}_2.png",
+                      "model1": "m1", "model2": "m2", "confidence": 1.0})
+    path = tmp_path / "data" / "test.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_hpdv3_pair_hand_accuracy_equal_apart_relative_paths(tmp_path, monkeypatch):
+    path = _hpdv3_pair_file(tmp_path)
+    monkeypatch.chdir(tmp_path)  # paths resolve against the JSON's folder, not the cwd
+    rep = evaluate({"mean": _PixelMean()}, str(path), "hpdv3", n_boot=0, progress=False)
+    assert rep["mode"] == "pair" and rep["n_records"] == 4
+    r = rep["scorers"]["mean"]
+    assert r["protocol"] == "hpdv3_pair" and r["accuracy"] == pytest.approx(2 / 4)
+    assert (r["n_pairs"], r["n_correct"], r["n_equal"], r["n_incorrect"]) == (4, 2, 1, 1)
+    flipped = evaluate({"dark": _PixelMean(-1.0)}, str(path), "hpdv3", n_boot=0,
+                       progress=False)["scorers"]["dark"]
+    assert (flipped["n_correct"], flipped["n_equal"]) == (1, 1)  # the equal pair stays apart
+
+
+def test_hpdv3_ranking_pools_pairs_skips_equal_ranks(tmp_path):
+    # x: ranking [1, 2, 3] (smaller = better), scores 3, 1, 2: (0,1) right, (0,2) right,
+    #    (1,2) wrong -> 2 of 3.  y: ranking [2, 1, 1], scores 5, 5, 0: (0,1) model tie -> wrong,
+    #    (0,2) wrong, (1,2) equal ranks -> skipped.  Pooled: 2 of 5.
+    items = [{"id": 7, "prompt": "x", "generations": ["x0.png", "x1.png", "x2.png"],
+              "ranking": [1, 2, 3]},
+             {"id": 8, "prompt": "y", "generations": ["y0.png", "y1.png", "y2.png"],
+              "ranking": [2, 1, 1]}]
+    for name, v in (("x0", 3), ("x1", 1), ("x2", 2), ("y0", 5), ("y1", 5), ("y2", 0)):
+        _grey(tmp_path / f"{name}.png", v * 40)
+    path = tmp_path / "rank.json"
+    path.write_text(json.dumps(items))
+    rep = evaluate({"mean": _PixelMean()}, str(path), "hpdv3", n_boot=50, progress=False)
+    r = rep["scorers"]["mean"]
+    assert rep["mode"] == "ranking" and r["protocol"] == "hpdv3_ranking"
+    assert r["accuracy"] == pytest.approx(2 / 5)
+    assert (r["n_pairs"], r["n_equal"], r["n_pairs_equal_rank"], r["n_lists"]) == (5, 1, 1, 2)
+    lo, hi = r["ci95"]  # resamples the two items (2/3 and 0/2)
+    assert 0 <= lo <= 2 / 5 <= hi <= 2 / 3 + 1e-12
+
+
+def test_hpdv3_malformed_items_name_item_field_and_fix(tmp_path):
+    bad = [{"prompt": "a", "path1": "1.png", "path2": "2.png"},
+           {"prompt": "b", "path1": "1.png"},
+           {"id": 3, "prompt": "c", "generations": ["1.png", "2.png"], "ranking": [1, 2]},
+           {"prompt": "d", "path1": 5, "path2": "2.png"}]
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"3 bad HPDv3 pair item\(s\): item \[1\]: missing "
+                       r"\['path2'\].*item \[2\] \(id 3\): a ranking item in a file of pair items"
+                       r".*split the file.*item \[3\]: 'path1' is 5; expected an image path"):
+        read_data(str(p), "hpdv3")
+    p.write_text(json.dumps([{"id": 9, "prompt": "x", "generations": ["a", "b", "c"],
+                              "ranking": [1, 2]}]))
+    with pytest.raises(ValueError, match=r"item \[0\] \(id 9\): 'generations' and 'ranking' must "
+                                         r"be lists of equal length >= 2; got 3 items and 2"):
+        read_data(str(p), "hpdv3")
+    p.write_text(json.dumps({"prompt": "x"}) + "\n" + json.dumps({"prompt": "y"}) + "\n")
+    with pytest.raises(ValueError, match="not one JSON document.*use --format pairs or ranked"):
+        read_data(str(p), "hpdv3")
+    with pytest.raises(FileNotFoundError, match="imgs/0_1.png' not found at .*--image-root"):
+        evaluate({"m": _PixelMean()}, str(_hpdv3_pair_file(tmp_path)), "hpdv3",
+                 image_root=str(tmp_path), n_boot=0, progress=False)
+
+
+def _brute_tie_calibrated(h, m):
+    best = -1.0
+    for eps in sorted(set(abs(x) for x in m)):
+        credit = 0
+        for hi, mi in zip(h, m):
+            if abs(mi) <= eps:
+                credit += hi == 0
+            else:
+                credit += hi != 0 and (mi > 0) == (hi > 0)
+        best = max(best, credit / len(h))
+    return best
+
+
+def test_tie_calibrated_accuracy_hand_values_and_brute_force():
+    h = [1, -1, 0, 1, 0, -1]
+    m = [2.0, -0.5, 0.1, 0.1, 3.0, 0.0]
+    # eps 0: C = 3 (pairs 0, 1, 3), T_hm = 0 -> 3/6; eps 0.1: C = 2, T_hm = 1 -> 3/6;
+    # eps 0.5: 2/6; eps 2: 1/6; eps 3: 2/6.  The smallest best eps is 0.
+    assert tie_calibrated_accuracy(h, m) == (pytest.approx(0.5), 0.0)
+    # Without ties (h != 0): pairs 0, 1, 3 right, pair 5 a model tie -> 3/4.
+    r = pairwise_report(np.array(h, float), np.array(m), np.arange(6), n_boot=0)
+    assert r["accuracy"] == pytest.approx(0.75) and (r["n_pairs"], r["n_equal"]) == (4, 1)
+    # Whole thresholds: two pairs at |m| = 0.5 tie together (VideoAlign's one-pair-at-a-time
+    # loop would also score the state with only the first tied, 2/2).
+    assert tie_calibrated_accuracy([0, 1], [0.5, 0.5]) == (pytest.approx(0.5), 0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(1, 30))
+        hh = rng.integers(-1, 2, size=n)
+        mm = rng.integers(-3, 4, size=n) / 2.0  # many equal |m| and model ties
+        acc, eps = tie_calibrated_accuracy(hh, mm)
+        assert acc == pytest.approx(_brute_tie_calibrated(hh.tolist(), mm.tolist()))
+        assert tie_calibrated_accuracy(hh, mm) == (acc, eps)
+
+
+class _Levels:
+    """A fake video scorer with columns: level L = round(5 · mean pixel) of a video; VQ = L,
+    MQ = -L, Overall = 2L (no TA column). Records what it was called with."""
+    name, scale, uses_prompts, media = "levels", "grey level", True, "video"
+
+    def __init__(self):
+        self.calls, self.fps = [], []
+
+    def __call__(self, videos, prompts, metadata=None):
+        assert videos.dim() == 5  # [b, F, 3, H, W]
+        self.calls.append(videos.shape[0])
+        self.fps += [m.get("fps") for m in metadata]
+        L = torch.round(videos.mean(dim=(1, 2, 3, 4)) * 5)
+        return {"VQ": L, "MQ": -L, "Overall": 2 * L}
+
+
+class _VideoJudge:
+    """A fake pairwise video judge: P(a preferred) = 0.5 + 0.125 (L_a - L_b) (exact in binary)."""
+    name, media = "vjudge", "video"
+
+    def compare(self, a, b, prompts):
+        lv = lambda v: torch.round(v.mean() * 5)  # noqa: E731
+        return torch.stack([0.5 + 0.125 * (lv(x) - lv(y)) for x, y in zip(a, b)])
+
+
+def _videogen_csv(tmp_path):
+    """5 pairs over 4 GIFs of grey levels 1..4 (v3 has 2 frames, the others 3; 100 ms frames).
+
+    labels (VQ, MQ, TA, Overall) per pair (A, B): p0 (v3, v0): A B same A; p1 (v1, v2):
+    B same A A; p2 (v0, v1): same B B <empty>; p3 (v2, v2): A A A same; p4 (v3, v1): A A B B.
+    """
+    from PIL import Image
+    vdir = tmp_path / "bench" / "videos"
+    vdir.mkdir(parents=True)
+    for k in range(4):
+        frames = [Image.new("RGB", (8, 8), (51 * (k + 1),) * 3) for _ in range(2 if k == 3 else 3)]
+        for t, fr in enumerate(frames):
+            fr.putpixel((0, 0), (t,) * 3)  # frames differ (PIL merges identical GIF frames)
+        frames[0].save(vdir / f"v{k}.gif", save_all=True, append_images=frames[1:],
+                       duration=100, loop=0)
+    rows = [("v3", "v0", "A", "B", "same", "A"), ("v1", "v2", "B", "same", "A", "A"),
+            ("v0", "v1", "same", "B", "B", ""), ("v2", "v2", "A", "A", "A", "same"),
+            ("v3", "v1", "A", "A", "B", "B")]
+    path = tmp_path / "bench" / "videogen-rewardbench.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path_A", "A_model", "path_B", "B_model", "prompt", "fps_A", "VQ", "MQ",
+                    "TA", "Overall"])
+        for a, b, *labels in rows:
+            w.writerow([f"videos/{a}.gif", "gen1", f"videos/{b}.gif", "gen2", "q", 8, *labels])
+    return path
+
+
+def test_videogen_hand_accuracies_per_dimension(tmp_path):
+    path = _videogen_csv(tmp_path)
+    scorer = _Levels()
+    rep = evaluate({"levels": scorer, "judge": _VideoJudge()}, str(path), "videogen",
+                   n_boot=0, progress=False)
+    assert sorted(scorer.calls) == [1, 3]  # 4 unique videos, each once; v3's shape apart
+    assert scorer.fps == [pytest.approx(10.0)] * 4  # from the GIF's 100 ms frames
+    assert rep["dimensions"] == ["VQ", "MQ", "TA", "Overall"]
+    r = rep["scorers"]["levels"]
+    d = r["dimensions"]
+    assert list(d) == ["VQ", "MQ", "Overall"] and r["dimensions_without_column"] == ["TA"]
+    # VQ: m = 3, -1, -1, 0, 2; h = 1, -1, 0, 1, 1.  w/o ties: 3 of 4 (p3 a model tie);
+    # with ties: eps 0 -> (C 3 + T_hm 0) / 5, eps 1 -> (2 + 1) / 5, eps 2 -> 2/5, eps 3 -> 1/5.
+    assert (d["VQ"]["accuracy_without_ties"], d["VQ"]["accuracy_with_ties"],
+            d["VQ"]["tie_threshold"]) == (pytest.approx(0.75), pytest.approx(0.6), 0.0)
+    assert (d["VQ"]["n_pairs"], d["VQ"]["n_human_ties"], d["VQ"]["n_equal"]) == (5, 1, 1)
+    # MQ: m = -3, 1, 1, 0, -2; h = -1, 0, -1, 1, 1.  w/o ties: p0 only -> 1/4;
+    # with ties: eps 0: 1/5, eps 1: (1 + 1)/5, eps 2: 2/5, eps 3: 1/5 -> 0.4 at eps 1.
+    assert (d["MQ"]["accuracy_without_ties"], d["MQ"]["accuracy_with_ties"],
+            d["MQ"]["tie_threshold"]) == (pytest.approx(0.25), pytest.approx(0.4), 1.0)
+    # Overall: m = 6, -2, -2, 0, 4; h = 1, 1, unlabelled, 0, -1.  w/o ties: 1/3;
+    # with ties over the 4 labelled: eps 0: (1 + 1)/4 (best), eps 2: 2/4, eps 4: 2/4, eps 6: 1/4.
+    assert (d["Overall"]["accuracy_without_ties"], d["Overall"]["accuracy_with_ties"],
+            d["Overall"]["n_unlabelled"]) == (pytest.approx(1 / 3), pytest.approx(0.5), 1)
+    assert r["accuracy"] == pytest.approx(1 / 3) and r["primary"] == "Overall"
+    assert d["VQ"]["column"] == "VQ"
+    # The judge (no score) is asked both ways; symmetric, so both orders give the VQ margins
+    # (/8): every dimension is compared with its one P.
+    j = rep["scorers"]["judge"]["dimensions"]
+    assert (j["VQ"]["accuracy_without_ties"], j["VQ"]["accuracy_with_ties"]) == (
+        pytest.approx(0.75), pytest.approx(0.6))
+    assert j["VQ"]["accuracy_by_order"] == {"as_given": 0.75, "swapped": 0.75}
+    assert j["TA"]["n_without_ties"] == 2 * 4
+
+
+def test_videogen_errors_name_row_field_and_fix(tmp_path):
+    path = _videogen_csv(tmp_path)
+    with pytest.raises(ValueError, match=r"scores images but videogen data holds videos; lift "
+                                         r"it to videos with --scorer frames:scorer=m"):
+        evaluate({"m": _PixelMean()}, str(path), "videogen", n_boot=0, progress=False)
+    text = path.read_text().splitlines()
+    text[2] = text[2].replace(",B,same,A,A", ",X,same,A,A")  # line 3: VQ label X
+    text[4] = text[4].replace("videos/v2.gif,gen2", ",gen2")  # line 5: path_B empty
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match=r"2 bad videogen row\(s\): line 3: label VQ='X'; "
+                                         r"expected 'A', 'B', 'same' or empty; line 5: missing "
+                                         r"or empty \['path_B'\]"):
+        read_data(str(path), "videogen")
+    with pytest.raises(ValueError, match="tie threshold applies to --format pairs.*videogen "
+                                         "calibrates its own"):
+        evaluate({}, str(path), "videogen", tie_threshold=0.1)
+
+
+def test_judge_pairs_both_orders_hand_values(tmp_path):
+    class Judge:
+        name, media = "judge", "image"
+
+        def __init__(self):
+            self.calls = 0
+
+        def compare(self, a, b, prompts):
+            # clear brightness gap -> 0.9 / 0.1; a close call -> 0.7 for the first shown
+            # (position bias); identical -> 0.5.
+            self.calls += 1
+            out = []
+            for x, y in zip(a, b):
+                d = (np.asarray(x, np.float32).mean() - np.asarray(y, np.float32).mean()) / 255
+                out.append(0.5 if d == 0 else 0.9 if d > 0.1 else 0.1 if d < -0.1 else 0.7)
+            return torch.tensor(out)
+
+    items = []
+    for i, (v1, v2) in enumerate(((200, 50), (100, 110), (30, 220), (128, 128))):
+        _grey(tmp_path / f"{i}a.png", v1), _grey(tmp_path / f"{i}b.png", v2)
+        items.append({"prompt": "p", "path1": f"{i}a.png", "path2": f"{i}b.png"})
+    (tmp_path / "t.json").write_text(json.dumps(items))
+    judge = Judge()
+    r = evaluate({"judge": judge}, str(tmp_path / "t.json"), "hpdv3", n_boot=0,
+                 progress=False)["scorers"]["judge"]
+    # as given (preferred first): 0.9 right, 0.7 right, 0.1 wrong, 0.5 equal -> 2/4;
+    # swapped: P(other first) 0.1 right, 0.7 wrong, 0.9 wrong, 0.5 equal -> 1/4.
+    assert r["protocol"] == "judge_both_orders" and judge.calls == 1
+    assert r["accuracy"] == pytest.approx(3 / 8)
+    assert r["accuracy_by_order"] == {"as_given": 0.5, "swapped": 0.25}
+    assert (r["n_pairs"], r["n_correct"], r["n_equal"], r["n_incorrect"]) == (8, 3, 2, 3)
+
+
+def test_cli_eval_hpdv3_and_videogen_round_trip(tmp_path, capsys):
+    from mmrl.cli.app import main
+    path = _hpdv3_pair_file(tmp_path)
+    base = ["reward", "eval", "--scorer", "brightness", "--data", str(path), "--format", "hpdv3",
+            "--bootstrap", "0", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "HPDv3 pair file, 4 items" in out
+    assert "accuracy 50.00%" in out and "correct 2, equal 1, incorrect 1 of 4 pairs" in out
+    rep = json.load(open(tmp_path / "r" / "report.json"))
+    assert rep["mode"] == "pair" and rep["scorers"]["brightness"]["n_equal"] == 1
+    assert main(base + ["--probs"]) == 2
+    assert "--probs" in capsys.readouterr().err
+    video = _videogen_csv(tmp_path)
+    vbase = ["reward", "eval", "--data", str(video), "--format", "videogen", "--bootstrap", "0",
+             "--quiet"]
+    assert main(vbase + ["--scorer", "brightness"]) == 2
+    assert "frames:scorer=brightness" in capsys.readouterr().err
+    assert main(vbase + ["--scorer", "frames:scorer=brightness"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].split()[:5] == ["frames", "VQ", "w/o", "ties", "75.00%"]
