@@ -603,3 +603,27 @@ def test_cli_eval_hpdv3_and_videogen_round_trip(tmp_path, capsys):
     assert main(vbase + ["--scorer", "frames:scorer=brightness"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[0].split()[:5] == ["frames", "VQ", "w/o", "ties", "75.00%"]
+
+
+def test_load_video_mp4_and_gif(tmp_path):
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+    from PIL import Image
+    from mmrl.rewards.eval_data import load_video
+    path = str(tmp_path / "v.mp4")
+    with av.open(path, mode="w") as box:  # 3 grey frames 16x16 at 8 fps
+        stream = box.add_stream("mpeg4", rate=Fraction(8))
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for v in (40, 120, 200):
+            frame = np.full((16, 16, 3), v, np.uint8)
+            box.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        box.mux(stream.encode())
+    x, fps = load_video(path)
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32 and fps == 8.0
+    np.testing.assert_allclose(x.mean(dim=(1, 2, 3)).numpy(), np.array([40, 120, 200]) / 255,
+                               atol=4 / 255)  # lossy codec
+    frames = [Image.new("RGB", (4, 4), (v,) * 3) for v in (0, 255)]
+    frames[0].save(tmp_path / "g.gif", save_all=True, append_images=frames[1:], duration=50)
+    x, fps = load_video(str(tmp_path / "g.gif"))
+    assert x.shape == (2, 3, 4, 4) and fps == pytest.approx(20.0)
+    assert x[0].max() == 0 and x[1].min() == 1
