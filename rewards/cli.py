@@ -127,11 +127,11 @@ def cmd_score(args) -> int:
 
 def _eval_lines(name: str, rep) -> List[str]:
     """The printed summary of one scorer's report."""
-    pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     if rep.get("protocol") == "videogen":
         out = []
         for dim, d in rep["dimensions"].items():
-            lo, hi = d["ci95_without_ties"]
+            lo, hi = d["ci95_without_ties"] or (float("nan"), float("nan"))
             col = "" if d["column"] is None else f" (column {d['column']})"
             line = (f"{name:20s} {dim:8s} w/o ties {pct(d['accuracy_without_ties'])} "
                     f"[{100 * lo:.2f}, {100 * hi:.2f}]  w/ ties {pct(d['accuracy_with_ties'])} "

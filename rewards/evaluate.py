@@ -470,7 +470,13 @@ def videogen_report(h: Mapping[str, np.ndarray], m: Mapping[str, np.ndarray],
     dims = OrderedDict()
     for d, hd in h.items():
         labelled = ~np.isnan(hd)
-        wo = pairwise_report(hd, m[d], units, n_boot, seed, order)
+        if not labelled.any():
+            continue  # an empty label column
+        if (hd[labelled] != 0).any():
+            wo = pairwise_report(hd, m[d], units, n_boot, seed, order)
+        else:  # every labelled pair a human tie: no accuracy without ties
+            wo = dict.fromkeys(("accuracy", "ci95", "n_correct", "n_equal", "n_incorrect"))
+            wo["n_pairs"] = 0
         acc, eps = tie_calibrated_accuracy(hd[labelled], np.asarray(m[d])[labelled])
         dims[d] = {"column": columns[d], "accuracy_without_ties": wo["accuracy"],
                    "ci95_without_ties": wo["ci95"], "accuracy_with_ties": acc,
@@ -480,6 +486,8 @@ def videogen_report(h: Mapping[str, np.ndarray], m: Mapping[str, np.ndarray],
                    "n_incorrect": wo["n_incorrect"], "n_unlabelled": int((~labelled).sum())}
         if "accuracy_by_order" in wo:
             dims[d]["accuracy_by_order"] = wo["accuracy_by_order"]
+    if not dims:
+        raise ValueError(f"no labelled pair in {list(h)}; nothing to score")
     main = "Overall" if "Overall" in dims else next(iter(dims))
     return {"metric": "videogen_accuracy", "protocol": "videogen", "primary": main,
             "accuracy": dims[main]["accuracy_without_ties"],
@@ -562,8 +570,8 @@ def score_media(scorer, keys: Sequence[Key], root: str, media: str = "image", ch
 
     Images go ``chunk`` at a time as PIL lists. Videos are decoded whole
     (:func:`mmrl.rewards.eval_data.load_video`) and passed as ``[b, F, 3, H, W]``, ``b`` ≤
-    ``video_chunk`` consecutive videos of one shape, with ``metadata[i]["fps"]`` from the file
-    (the scorer samples its frames).
+    ``video_chunk`` consecutive videos of one shape (:func:`evaluate` uses the scorer's
+    ``batch_size``), with ``metadata[i]["fps"]`` from the file (the scorer samples its frames).
     """
     import torch
     from tqdm import tqdm
@@ -637,7 +645,8 @@ def _scorer_reports(name: str, scorer, data: PreferenceData, root: str, tie_thre
                        n_pairs_human_tie=skipped)
         return {name: rep}
     cols = score_media(scorer, needed_images(data.records, data.kind), root, data.media,
-                       progress=progress, label=name)
+                       video_chunk=getattr(scorer, "batch_size", 4), progress=progress,
+                       label=name)
     if data.kind == "videogen":
         first, second, h, units, _ = oriented_pairs(data)
         match = _videogen_columns(name, list(cols), data.dims)
