@@ -516,34 +516,54 @@ def is_judge(obj) -> bool:
 
 
 def judge_margins(judge, first: Sequence[Key], second: Sequence[Key], root: str,
-                  media: str = "image", chunk: int = 16, progress: bool = True,
-                  label: str = "") -> Tuple[np.ndarray, np.ndarray]:
-    """``(m, order)``: ``[2P]`` oriented margins of a pairwise judge asked both ways.
+                  media: str = "image", chunk: int = 16, both_orders: bool = True,
+                  progress: bool = True, label: str = "") -> Tuple[np.ndarray, np.ndarray]:
+    """``(m, order)``: oriented margins of a pairwise judge, ``[2P]`` (both orders) or ``[P]``.
 
-    For pair i, ``m_i = P(first ≻ second) − 0.5`` (order 0) and ``m_{P+i} = 0.5 −
-    P(second ≻ first)`` (order 1); ``chunk`` pairs go to ``judge.compare`` in one call of
-    ``2·chunk`` comparisons (images: PIL lists; videos: lists of ``[F, 3, H, W]`` tensors).
+    For pair i, ``m_i = P(first ≻ second) − 0.5`` (order 0) and, with ``both_orders``,
+    ``m_{P+i} = 0.5 − P(second ≻ first)`` (order 1). Up to ``chunk`` consecutive pairs go to
+    ``judge.compare`` together, once per order: images as PIL lists, videos as
+    ``[b, F, 3, H, W]`` tensors, so a group holds pairs whose first videos share one shape and
+    whose second videos share one shape.
     """
+    import torch
     from tqdm import tqdm
     n = len(first)
-    p_ab, p_ba = np.zeros(n), np.zeros(n)
+    p = np.full((2, n), np.nan)  # [order, pair]
     bar = tqdm(total=n, desc=f"judging {label}".strip(), unit="pair", file=sys.stderr,
                disable=not progress)
-    for start in range(0, n, chunk):
-        a_keys, b_keys = first[start:start + chunk], second[start:start + chunk]
-        media_of = {k: _load(k[1], root, media)[0] for k in {*a_keys, *b_keys}}
-        a, b = [media_of[k] for k in a_keys], [media_of[k] for k in b_keys]
-        prompts = [k[0] for k in a_keys]
-        p = np.asarray(judge.compare(a + b, b + a, prompts + prompts).detach().float().cpu(),
-                       np.float64).reshape(-1)
-        k = len(a_keys)
-        if p.shape != (2 * k,):
-            raise ValueError(f"{label or 'judge'}.compare returned {p.shape[0]} values for "
-                             f"{2 * k} pairs; expected one P(first preferred) per pair")
-        p_ab[start:start + k], p_ba[start:start + k] = p[:k], p[k:]
-        bar.update(k)
+
+    def ask(x, y, prompts, k):
+        out = np.asarray(judge.compare(x, y, prompts).detach().float().cpu(),
+                         np.float64).reshape(-1)
+        if out.shape != (k,):
+            raise ValueError(f"{label or 'judge'}.compare returned {out.shape[0]} values for "
+                             f"{k} pairs; expected one P(first preferred) per pair")
+        return out
+
+    def flush(idx, a, b):
+        pack = (lambda v: torch.stack(v)) if media == "video" else list
+        prompts = [first[i][0] for i in idx]
+        p[0, idx] = ask(pack(a), pack(b), prompts, len(idx))
+        if both_orders:
+            p[1, idx] = ask(pack(b), pack(a), prompts, len(idx))
+        bar.update(len(idx))
+
+    idx, a, b, shape = [], [], [], None
+    for i in range(n):
+        x, y = _load(first[i][1], root, media)[0], _load(second[i][1], root, media)[0]
+        key = (tuple(x.shape), tuple(y.shape)) if media == "video" else None
+        if idx and (key != shape or len(idx) == chunk):
+            flush(idx, a, b)
+            idx, a, b = [], [], []
+        idx.append(i), a.append(x), b.append(y)
+        shape = key
+    if idx:
+        flush(idx, a, b)
     bar.close()
-    return np.concatenate([p_ab - 0.5, 0.5 - p_ba]), np.repeat([0, 1], n)
+    if not both_orders:
+        return p[0] - 0.5, np.zeros(n, np.int64)
+    return np.concatenate([p[0] - 0.5, 0.5 - p[1]]), np.repeat([0, 1], n)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -632,17 +652,22 @@ def _scorer_reports(name: str, scorer, data: PreferenceData, root: str, tie_thre
             raise ValueError(f"{name} is a pairwise judge (no per-item score): drop "
                              f"--tie-threshold and --probs")
         first, second, h, units, skipped = oriented_pairs(data)
-        m, order = judge_margins(scorer, first, second, root, data.media, progress=progress,
-                                 label=name)
-        h2 = {d: np.concatenate([v, v]) for d, v in h.items()}  # both orders
-        u2 = np.concatenate([units, units])
+        # A judge that averages both orders itself (vlm_pair's both_orders=True) is order-free:
+        # asking it swapped again would return 1 - P at twice the cost.
+        both = not getattr(scorer, "both_orders", False)
+        m, order = judge_margins(scorer, first, second, root, data.media, both_orders=both,
+                                 progress=progress, label=name)
+        k = 2 if both else 1
+        h2 = {d: np.tile(v, k) for d, v in h.items()}
+        u2 = np.tile(units, k)
+        order = order if both else None
         if data.kind == "videogen":
             rep = videogen_report(h2, {d: m for d in h2}, u2, {d: None for d in h2}, n_boot,
                                   seed, order)
         else:
             rep = pairwise_report(h2[""], m, u2, n_boot, seed, order)
-            rep.update(metric="pair_accuracy", protocol="judge_both_orders",
-                       n_pairs_human_tie=skipped)
+            rep.update(metric="pair_accuracy", n_pairs_human_tie=skipped,
+                       protocol="judge_both_orders" if both else "judge_symmetrized")
         return {name: rep}
     cols = score_media(scorer, needed_images(data.records, data.kind), root, data.media,
                        video_chunk=getattr(scorer, "batch_size", 4), progress=progress,

@@ -464,6 +464,7 @@ class _VideoJudge:
     name, media = "vjudge", "video"
 
     def compare(self, a, b, prompts):
+        assert a.dim() == b.dim() == 5 and len(a) == len(b) == len(prompts)  # [n, F, 3, H, W]
         lv = lambda v: torch.round(v.mean() * 5)  # noqa: E731
         return torch.stack([0.5 + 0.125 * (lv(x) - lv(y)) for x, y in zip(a, b)])
 
@@ -576,10 +577,16 @@ def test_judge_pairs_both_orders_hand_values(tmp_path):
                  progress=False)["scorers"]["judge"]
     # as given (preferred first): 0.9 right, 0.7 right, 0.1 wrong, 0.5 equal -> 2/4;
     # swapped: P(other first) 0.1 right, 0.7 wrong, 0.9 wrong, 0.5 equal -> 1/4.
-    assert r["protocol"] == "judge_both_orders" and judge.calls == 1
+    assert r["protocol"] == "judge_both_orders" and judge.calls == 2  # one call per order
     assert r["accuracy"] == pytest.approx(3 / 8)
     assert r["accuracy_by_order"] == {"as_given": 0.5, "swapped": 0.25}
     assert (r["n_pairs"], r["n_correct"], r["n_equal"], r["n_incorrect"]) == (8, 3, 2, 3)
+    # A judge that averages both orders itself (vlm_pair's default) is asked once.
+    judge.both_orders, judge.calls = True, 0
+    r = evaluate({"judge": judge}, str(tmp_path / "t.json"), "hpdv3", n_boot=0,
+                 progress=False)["scorers"]["judge"]
+    assert r["protocol"] == "judge_symmetrized" and judge.calls == 1
+    assert r["accuracy"] == pytest.approx(2 / 4) and "accuracy_by_order" not in r
 
 
 def test_cli_eval_hpdv3_and_videogen_round_trip(tmp_path, capsys):
