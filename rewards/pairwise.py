@@ -21,7 +21,7 @@ direct call), the rows with equal prompts. Source: Pref-GRPO @ 3e787f6d
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -199,7 +199,8 @@ class PrefWinRate(Scorer):
     parses sampled text, ``vlm_pair`` reads answer-token probabilities.
 
     Args:
-        judge: a registered pairwise judge (``vlm_pair``, ``bradley_terry``).
+        judge: a registered pairwise judge (``vlm_pair``, ``bradley_terry``), or (Python) an
+            object with ``compare(a, b, prompts)``, ``name`` and ``media``.
         opponents: None: all ``G(G-1)/2`` pairs; k: the circulant schedule where each sample
             meets k others (:func:`pair_schedule`; ``G·k/2`` pairs per group, for large groups).
         both_orders: judge every pair as (i, j) and (j, i) and average (cancels position bias;
@@ -215,17 +216,22 @@ class PrefWinRate(Scorer):
     groupwise = True
     scale = "win rate in [0, 1] within the group (group mean 0.5)"
 
-    def __init__(self, judge: str, opponents: Optional[int] = None, both_orders: bool = True,
+    def __init__(self, judge: Union[str, PairwiseJudge], opponents: Optional[int] = None, both_orders: bool = True,
                  hard: bool = False, decimals: Optional[int] = None, pairs_per_call: int = 64,
                  device=None, dtype=None, **options):
         from mmrl.rewards.specs import pref_problems
-        problems = pref_problems(dict(judge=judge, opponents=opponents, both_orders=both_orders,
-                                      hard=hard, decimals=decimals,
-                                      pairs_per_call=pairs_per_call, **options))
+        built = not isinstance(judge, str)  # a judge object (Python API)
+        if built and options:
+            raise TypeError(f"{self.name}: a judge object takes no options (got "
+                            f"{', '.join(sorted(options))}); build the judge with them, or "
+                            f"pass a registered judge's name")
+        problems = pref_problems(dict(options, judge=judge, opponents=opponents,
+                                      both_orders=both_orders, hard=hard, decimals=decimals,
+                                      pairs_per_call=pairs_per_call))
         if problems:
             raise ValueError("; ".join(problems))
         super().__init__(batch_size=pairs_per_call, grad=False)
-        self.judge = load_judge(judge, device=device, dtype=dtype, **options)
+        self.judge = judge if built else load_judge(judge, device=device, dtype=dtype, **options)
         self.media = getattr(self.judge, "media", "image")
         self.uses_prompts = bool(getattr(self.judge, "uses_prompts", True))
         self.opponents, self.both_orders, self.hard = opponents, both_orders, hard

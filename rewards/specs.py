@@ -72,10 +72,13 @@ def media_of(name: str, options: Optional[Dict[str, Any]] = None) -> str:
 def pref_problems(options: Dict[str, Any]) -> List[str]:
     """Problems of ``pref_winrate``'s options found without torch: ``judge`` names a registered
     pairwise judge (:data:`JUDGES`, or a scorer registered with ``compare``), the schedule and
-    mode options have their types, and ``bradley_terry``'s ``scorer`` is a pointwise scorer."""
+    mode options have their types, and ``bradley_terry``'s ``scorer`` is a pointwise scorer.
+    ``judge`` may also be a judge object (with ``compare``), from Python."""
     from mmrl.registry import did_you_mean
     out, judge = [], options.get("judge")
-    if not isinstance(judge, str) or not judge:
+    if not isinstance(judge, str) and callable(getattr(judge, "compare", None)):
+        pass  # a judge object (Python API)
+    elif not isinstance(judge, str) or not judge:
         out.append(f"pref_winrate: judge={judge!r}; name the pairwise judge, e.g. "
                    f"pref_winrate:judge=vlm_pair:path=DIR or "
                    f"pref_winrate:judge=bradley_terry:scorer=pickscore")
