@@ -187,7 +187,8 @@ class PrefWinRate(Scorer):
     Every pair of every group is judged in batched ``judge.compare`` calls of at most
     ``pairs_per_call`` queries (not one call per pair). ``groupwise = True``: the training loop
     keeps each group on one rank and passes ``metadata[i]["group_id"]``; called directly
-    without it, rows with equal prompts form a group.
+    without it, rows with equal prompts form a group (prompts None with a prompt-free judge:
+    the whole batch is one group).
 
     Output scale: [0, 1], group mean 0.5 (every sample meets the same number of others); 0.5
     for a group of one. Under GRPO's std normalisation (``algo.advantage: grpo``,
@@ -216,9 +217,9 @@ class PrefWinRate(Scorer):
     groupwise = True
     scale = "win rate in [0, 1] within the group (group mean 0.5)"
 
-    def __init__(self, judge: Union[str, PairwiseJudge], opponents: Optional[int] = None, both_orders: bool = True,
-                 hard: bool = False, decimals: Optional[int] = None, pairs_per_call: int = 64,
-                 device=None, dtype=None, **options):
+    def __init__(self, judge: Union[str, PairwiseJudge], opponents: Optional[int] = None,
+                 both_orders: bool = True, hard: bool = False, decimals: Optional[int] = None,
+                 pairs_per_call: int = 64, device=None, dtype=None, **options):
         from mmrl.rewards.specs import pref_problems
         built = not isinstance(judge, str)  # a judge object (Python API)
         if built and options:
