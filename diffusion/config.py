@@ -386,7 +386,8 @@ def reward_media_problems(spec: str, frames: int) -> List[str]:
     """Scorers that score the other media than the job's samples (contract: an image job's
     reward scores ``[B, 3, H, W]``, a video job's (``frames > 0``) ``[B, F, 3, H, W]``), and
     the ``frames`` lift's own options; torch-free (:data:`mmrl.rewards.specs.VIDEO_SCORERS`)."""
-    from mmrl.rewards.specs import SCORERS, frames_problems, media_of, parse_specs
+    from mmrl.rewards.specs import (SCORERS, frames_problems, media_of, parse_specs,
+                                    pref_problems)
     try:
         items = parse_specs(spec)
     except (ValueError, TypeError):
@@ -397,14 +398,18 @@ def reward_media_problems(spec: str, frames: int) -> List[str]:
             continue
         if name == "frames":
             out.extend(f"reward: {p}" for p in frames_problems(options, frames))
-        if media_of(name) == "video" and not frames:
+        if name == "pref_winrate":  # its media is its judge's
+            out.extend(f"reward: {p}" for p in pref_problems(options))
+        if media_of(name, options) == "video" and not frames:
             out.append(f"reward: {name} scores videos [B, F, 3, H, W] but diffusion.frames=0 "
                        f"(an image job); set diffusion.frames to the frames per sample of a "
                        f"video family (e.g. 33 for Wan) or pick an image scorer")
-        elif media_of(name) == "image" and frames:
+        elif media_of(name, options) == "image" and frames:
+            lift = (f"give it a video judge (e.g. judge=bradley_terry:scorer=flicker)"
+                    if name == "pref_winrate" else
+                    f"lift it: frames:scorer={name}:reduce=mean (num=N to score N frames)")
             out.append(f"reward: {name} scores images [B, 3, H, W] but diffusion.frames={frames} "
-                       f"(a video job: samples are [F, 3, H, W]); lift it: "
-                       f"frames:scorer={name}:reduce=mean (num=N to score N frames), or set "
+                       f"(a video job: samples are [F, 3, H, W]); {lift}, or set "
                        f"diffusion.frames=0 for an image family")
     return out
 

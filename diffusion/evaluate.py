@@ -24,12 +24,16 @@ Tensor = torch.Tensor
 
 class ImageReward:
     """Adapts an image scorer ``scorer(images [B,3,H,W], prompts, metadata)`` to the core reward
-    interface ``fn(samples, prompts, metadata)`` where samples are B ``[3, H, W]`` tensors."""
+    interface ``fn(samples, prompts, metadata)`` where samples are B ``[3, H, W]`` tensors.
+    A groupwise scorer (``pref_winrate``) stays groupwise: the loop's group ids reach it in
+    ``metadata[i]["group_id"]``."""
 
     def __init__(self, scorer):
+        from mmrl.train.reward_fn import is_groupwise
         self.scorer = scorer
         self.name = getattr(scorer, "name", "reward")
         self.weights = dict(getattr(scorer, "weights", {}) or {})
+        self.groupwise = is_groupwise(scorer)
 
     def __call__(self, samples: Sequence[Tensor], prompts, metadata=None):
         images = samples if isinstance(samples, Tensor) else torch.stack(list(samples))

@@ -37,6 +37,12 @@ SCORERS.register("frames", _lazy("video", "FrameScorer"))
 SCORERS.register("motion_direction", _lazy("video_rules", "MotionDirection"))
 SCORERS.register("flicker", _lazy("video_rules", "Flicker"))
 SCORERS.register("brightness_trend", _lazy("video_rules", "BrightnessTrend"))
+SCORERS.register("pref_winrate", _lazy("pairwise", "PrefWinRate"))
+
+JUDGES: Registry = Registry("pairwise judge")
+"""Pairwise judges: ``judge.compare(a, b, prompts) -> Tensor[n]`` = P(a preferred), the inner
+judge of ``pref_winrate`` (:mod:`mmrl.rewards.pairwise`)."""
+JUDGES.register("bradley_terry", _lazy("pairwise", "BradleyTerryJudge"))
 
 VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend"})
 """Registered names whose class scores videos ``[B, F, 3, H, W]`` (``media = "video"``; a test
@@ -45,9 +51,60 @@ FRAME_REDUCES = ("mean", "min", "max", "frame")
 """``mmrl.rewards.video.REDUCES``."""
 
 
-def media_of(name: str) -> str:
-    """``"video"`` for a registered video scorer, else ``"image"``."""
-    return "video" if name in VIDEO_SCORERS else "image"
+VIDEO_JUDGES: frozenset = frozenset()
+"""Registered judges whose ``compare`` takes videos ``[n, F, 3, H, W]`` (``media = "video"``);
+``bradley_terry`` follows its scorer."""
+GROUPWISE_SCORERS = frozenset({"pref_winrate"})
+"""Registered names whose class scores a group's samples together (``groupwise = True``)."""
+
+
+def media_of(name: str, options: Optional[Dict[str, Any]] = None) -> str:
+    """``"video"`` for a registered video scorer, else ``"image"``; ``pref_winrate`` and the
+    ``bradley_terry`` judge follow their inner judge / scorer named in ``options``."""
+    options = options or {}
+    if name == "pref_winrate":
+        return media_of(str(options.get("judge")), options)
+    if name == "bradley_terry":
+        return media_of(str(options.get("scorer")))
+    return "video" if name in VIDEO_SCORERS or name in VIDEO_JUDGES else "image"
+
+
+def pref_problems(options: Dict[str, Any]) -> List[str]:
+    """Problems of ``pref_winrate``'s options found without torch: ``judge`` names a registered
+    pairwise judge (:data:`JUDGES`, or a scorer registered with ``compare``), the schedule and
+    mode options have their types, and ``bradley_terry``'s ``scorer`` is a pointwise scorer.
+    ``judge`` may also be a judge object (with ``compare``), from Python."""
+    from mmrl.registry import did_you_mean
+    out, judge = [], options.get("judge")
+    if not isinstance(judge, str) and callable(getattr(judge, "compare", None)):
+        pass  # a judge object (Python API)
+    elif not isinstance(judge, str) or not judge:
+        out.append(f"pref_winrate: judge={judge!r}; name the pairwise judge, e.g. "
+                   f"pref_winrate:judge=vlm_pair:path=DIR or "
+                   f"pref_winrate:judge=bradley_terry:scorer=pickscore")
+    elif judge not in JUDGES and judge not in SCORERS:
+        out.append(f"pref_winrate: unknown judge {judge!r} (registered: "
+                   f"{', '.join(JUDGES.names())}){did_you_mean(judge, JUDGES.names())}")
+    elif judge == "bradley_terry":
+        inner = options.get("scorer")
+        if not isinstance(inner, str) or inner not in SCORERS or inner in GROUPWISE_SCORERS:
+            out.append(f"pref_winrate: judge=bradley_terry needs scorer=NAME, a registered "
+                       f"pointwise scorer (e.g. scorer=pickscore); got scorer={inner!r}")
+    k = options.get("opponents")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        out.append(f"pref_winrate: opponents={k!r}; expected a positive int (each sample meets "
+                   f"that many others) or leave it out for all pairs")
+    for key in ("both_orders", "hard"):
+        if key in options and not isinstance(options[key], bool):
+            out.append(f"pref_winrate: {key}={options[key]!r}; expected true or false")
+    d = options.get("decimals")
+    if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+        out.append(f"pref_winrate: decimals={d!r}; expected a non-negative int (3: Pref-GRPO's "
+                   f"rounding) or leave it out")
+    n = options.get("pairs_per_call", 64)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        out.append(f"pref_winrate: pairs_per_call={n!r}; expected a positive int")
+    return out
 
 
 def sample_frames(num_frames: int, num: Optional[int] = None,
@@ -106,12 +163,15 @@ def frames_problems(options: Dict[str, Any], num_frames: Optional[int] = None) -
                    f"frames:scorer=pickscore:reduce=mean")
     elif inner not in SCORERS:
         from mmrl.registry import did_you_mean
-        out.append(f"frames: unknown scorer {inner!r} (registered: "
-                   f"{', '.join(n for n in SCORERS.names() if n not in VIDEO_SCORERS)})"
+        lifts = [n for n in SCORERS.names() if n not in VIDEO_SCORERS | GROUPWISE_SCORERS]
+        out.append(f"frames: unknown scorer {inner!r} (registered: {', '.join(lifts)})"
                    f"{did_you_mean(inner, SCORERS.names())}")
     elif inner in VIDEO_SCORERS:
         out.append(f"frames: scorer={inner!r} already scores videos; use it directly "
                    f"(frames lifts image scorers)")
+    elif inner in GROUPWISE_SCORERS:
+        out.append(f"frames: scorer={inner!r} compares a group's samples, not frames; give "
+                   f"{inner} a video judge instead (e.g. judge=bradley_terry:scorer=flicker)")
     reduce = options.get("reduce", "mean")
     if reduce not in FRAME_REDUCES:
         out.append(f"frames: reduce={reduce!r}; expected one of {', '.join(FRAME_REDUCES)}")

@@ -308,10 +308,10 @@ def rollout_groups(policy: GroupPolicy, prompts: Sequence[Any],
 
 def score(reward_fn, rollout: Rollout, reward_retries: int = 2,
           reward_timeout: Optional[float] = None) -> Tuple[RewardBatch, Optional[str]]:
-    """``(rewards, reward error)`` of the rollout's samples (see
-    :func:`mmrl.train.reward_fn.robust_reward`: retries, a timeout, NaN rows on failure)."""
+    """``(rewards, reward error)`` of the rollout's samples (:func:`robust_reward`: retries,
+    a timeout, NaN rows on failure, each row's group id for groupwise rewards)."""
     return robust_reward(reward_fn, rollout.samples, rollout.prompts, rollout.metadata,
-                         reward_retries, reward_timeout)
+                         reward_retries, reward_timeout, group_ids=rollout.sample_group_ids)
 
 
 def collect(policy: GroupPolicy, reward_fn, prompts: Sequence[Any],

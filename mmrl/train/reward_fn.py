@@ -11,6 +11,13 @@ It returns float rewards ``[B]`` (a tensor, numpy array or list), a ``[B, K]`` t
 columns are named by the callable's ``names`` attribute, or a mapping ``{name: [B] values}``.
 :func:`evaluate_reward` turns any of these into a :class:`RewardBatch` of float32 ``[B, K]``
 columns and reports NaN/inf entries instead of letting them reach the advantages.
+
+A **groupwise** reward (one that scores a group's samples together, e.g. the pairwise win rate
+``pref_winrate``) declares ``groupwise = True``. The loop then keeps each group on one rank
+(:func:`mmrl.train.rounds.needs_whole_groups`), hands it each row's group id as
+``metadata[i]["group_id"]`` (in copies of the metadata: see :func:`evaluate_reward`'s
+``group_ids``) and, when a batch call fails, isolates the failure by group instead of by sample.
+Wrappers (:class:`CombinedReward`, the jobs' adapters) pass the flag on.
 """
 from __future__ import annotations
 
@@ -79,6 +86,24 @@ class RewardBatch:
         return RewardBatch(self.values[keep], list(self.names), self.valid[keep])
 
 
+def is_groupwise(fn) -> bool:
+    """Whether the reward ``fn`` scores a group's samples together (``fn.groupwise``)."""
+    return bool(getattr(fn, "groupwise", False))
+
+
+def with_group_ids(metadata: Sequence[Mapping[str, Any]], group_ids) -> list:
+    """Copies of the B metadata dicts with ``"group_id"`` set to ``int(group_ids[i])``.
+
+    Raises:
+        ValueError: ``group_ids`` of another length than ``metadata``.
+    """
+    ids = group_ids.tolist() if isinstance(group_ids, torch.Tensor) else list(group_ids)
+    if len(ids) != len(metadata):
+        raise ValueError(f"got {len(ids)} group ids for {len(metadata)} samples; pass one "
+                         f"group id per sample")
+    return [{**(m or {}), "group_id": int(g)} for m, g in zip(metadata, ids)]
+
+
 def _to_tensor(x, who: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
@@ -104,7 +129,8 @@ def _as_column(x, n: int, who: str, col: str) -> torch.Tensor:
 
 def evaluate_reward(fn: Callable, samples: Sequence[Any], prompts: Sequence[Any],
                     metadata: Optional[Sequence[Mapping[str, Any]]] = None, *,
-                    name: Optional[str] = None, on_invalid: str = "drop") -> RewardBatch:
+                    name: Optional[str] = None, on_invalid: str = "drop",
+                    group_ids=None) -> RewardBatch:
     """Call a reward and return its output as a checked :class:`RewardBatch`.
 
     Args:
@@ -114,6 +140,9 @@ def evaluate_reward(fn: Callable, samples: Sequence[Any], prompts: Sequence[Any]
         name: the column name for a single-column reward (default: ``fn.name``, ``fn.__name__``).
         on_invalid: ``"drop"`` marks NaN/inf rows in ``valid`` (the trainer drops and counts
             them); ``"raise"`` raises ``ValueError`` naming every bad sample and column.
+        group_ids: ``[B]`` group ids (LongTensor or ints), or None. A groupwise ``fn``
+            (:func:`is_groupwise`) then gets them as ``metadata[i]["group_id"]`` in copies of
+            the metadata; other rewards are called as before.
 
     Raises:
         ValueError: mismatched lengths, wrong output shape, or (``on_invalid="raise"``) NaN/inf.
@@ -129,6 +158,8 @@ def evaluate_reward(fn: Callable, samples: Sequence[Any], prompts: Sequence[Any]
     if on_invalid not in ("drop", "raise"):
         raise ValueError(f"on_invalid={on_invalid!r}; expected 'drop' or 'raise'")
     who = name or _name(fn)
+    if group_ids is not None and is_groupwise(fn):
+        metadata = with_group_ids(metadata, group_ids)
     out = fn(samples, prompts, metadata)
     if isinstance(out, Mapping):
         names = [str(k) for k in out]
@@ -173,6 +204,8 @@ class CombinedReward:
             self.fns[name], self.weights[name] = fn, float(w)
         self.names = list(self.fns)
         self.name = "+".join(self.names)
+        # one groupwise part makes the whole groupwise (it reads metadata[i]["group_id"])
+        self.groupwise = any(is_groupwise(fn) for fn in self.fns.values())
 
     def __call__(self, samples, prompts, metadata):
         out = {}
@@ -211,13 +244,16 @@ def _call(fn, timeout: Optional[float], *args):
 
 def robust_reward(reward_fn, samples: Sequence[Any], prompts: Sequence[Any],
                   metadata: Sequence[Mapping[str, Any]], retries: int = 2,
-                  timeout: Optional[float] = None) -> Tuple[RewardBatch, Optional[str]]:
+                  timeout: Optional[float] = None, *,
+                  group_ids=None) -> Tuple[RewardBatch, Optional[str]]:
     """Rewards of a batch as a :class:`RewardBatch`; a reward that raises or times out never stops the run.
 
     The batch call is tried ``1 + retries`` times; if it still fails, each sample is scored on
-    its own so that only the samples that fail get NaN (and are then dropped and counted).
+    its own so that only the samples that fail get NaN (and are then dropped and counted); a
+    groupwise reward (:func:`is_groupwise`) is retried group by group instead (``group_ids``, or
+    equal prompts without them), since a sample alone has no group to be scored against.
     A call past ``timeout`` seconds is abandoned (it keeps running in a daemon thread, which
-    does not hold up the process's exit).
+    does not hold up the process's exit). ``group_ids``: ``[B]`` (see :func:`evaluate_reward`).
 
     Returns:
         the :class:`RewardBatch` and the last error as ``"reward 'name' raised Type: message"``
@@ -226,24 +262,50 @@ def robust_reward(reward_fn, samples: Sequence[Any], prompts: Sequence[Any],
     who = _name(reward_fn)
     if not len(samples):  # nothing to score (e.g. every input of the step was skipped)
         return RewardBatch(torch.zeros(0, 1), [who], torch.zeros(0, dtype=torch.bool)), None
-    args = (reward_fn, samples, prompts, metadata)
     error = None
     for _ in range(retries + 1):
         try:
-            return _call(evaluate_reward, timeout, *args), error
+            return _call(_evaluate, timeout, reward_fn, samples, prompts, metadata,
+                         group_ids), error
         except Exception as err:  # noqa: BLE001 - any reward failure is retried, then isolated
             error = f"reward {who!r} raised {type(err).__name__}: {err}"
-    rows, names = [], None
-    for i in range(len(samples)):
+    rows: list = [None] * len(samples)
+    names = None
+    for unit in _units(reward_fn, prompts, group_ids):
+        ids = None if group_ids is None else [group_ids[i] for i in unit]
         try:
-            one = _call(evaluate_reward, timeout, reward_fn, samples[i:i + 1], prompts[i:i + 1],
-                        metadata[i:i + 1])
+            one = _call(_evaluate, timeout, reward_fn, _take(samples, unit),
+                        _take(prompts, unit), _take(metadata, unit), ids)
             names = names or one.names
-            rows.append(one.values[0])
+            for k, i in enumerate(unit):
+                rows[i] = one.values[k]
         except Exception as err:  # noqa: BLE001
-            error, rows = f"reward {who!r} raised {type(err).__name__}: {err}", rows + [None]
+            error = f"reward {who!r} raised {type(err).__name__}: {err}"
     names = names or [getattr(reward_fn, "name", "reward")]
     nan = torch.full((len(names),), float("nan"))
     values = torch.stack([nan if r is None or r.shape != nan.shape else r for r in rows]) \
         if rows else torch.zeros(0, len(names))
     return RewardBatch(values, names, torch.isfinite(values).all(1)), error
+
+
+def _evaluate(fn, samples, prompts, metadata, group_ids):
+    return evaluate_reward(fn, samples, prompts, metadata, group_ids=group_ids)
+
+
+def _take(seq, rows: list):
+    """``seq``'s rows ``rows``, a tensor for a tensor (the type a batch call received)."""
+    if isinstance(seq, (torch.Tensor, np.ndarray)):
+        return seq[rows]
+    return [seq[i] for i in rows]
+
+
+def _units(fn, prompts: Sequence[Any], group_ids) -> list:
+    """The row lists scored on their own after a failed batch call: one per sample, or one per
+    group for a groupwise reward (by ``group_ids``, else by equal prompts)."""
+    if not is_groupwise(fn):
+        return [[i] for i in range(len(prompts))]
+    keys = [int(g) for g in group_ids] if group_ids is not None else [repr(p) for p in prompts]
+    units: Dict[Any, list] = {}
+    for i, key in enumerate(keys):
+        units.setdefault(key, []).append(i)
+    return list(units.values())

@@ -21,7 +21,7 @@ from mmrl.budget.allocate import DynamicSampling, knapsack_allocate
 from mmrl.train.distributed import Dist, gathered_parameters, shard_samples
 from mmrl.train.loop import rollout_groups, score, settings_from
 from mmrl.train.policy import Capabilities, capabilities_of
-from mmrl.train.reward_fn import RewardBatch
+from mmrl.train.reward_fn import RewardBatch, is_groupwise
 from mmrl.train.rollout import Rollout, concat_rollouts
 
 __all__ = ["Round", "RoundAugmenter", "RoundSettings", "Rounds", "Collected", "check_prompts",
@@ -103,13 +103,14 @@ def check_prompts(prompts: Sequence[Any], prompts_per_step: int) -> None:
                          f"distinct prompts) or add prompts")
 
 
-def needs_whole_groups(spec, caps: Capabilities) -> bool:
+def needs_whole_groups(spec, caps: Capabilities, reward_fn=None) -> bool:
     """Must a group's samples stay on one rank? Yes for presets that normalize within the group
     or weight its tokens together (``spec``: a resolved :class:`mmrl.algo.presets.AlgoSpec`),
-    policies with the ``row_advantages`` capability, and policies that declare
-    ``whole_groups`` (e.g. a group sharing one initial noise)."""
+    policies with the ``row_advantages`` capability, policies that declare ``whole_groups``
+    (e.g. a group sharing one initial noise) and groupwise rewards (a win rate within the
+    group, :func:`mmrl.train.reward_fn.is_groupwise`: a partial group would be scored wrong)."""
     return bool(spec.needs_groups or spec.needs_token_weights or caps.row_advantages or
-                caps.whole_groups)
+                caps.whole_groups or is_groupwise(reward_fn))
 
 
 class Rounds:
@@ -145,7 +146,9 @@ class Rounds:
         self.prompts = list(prompts)
         self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
         self.selector, self.gen, self.prompt_gen = selector, generator, prompt_generator
-        self.whole_groups, self.dist, self.fsdp = whole_groups, dist or Dist(), fsdp
+        # a groupwise reward scores whole groups only, whoever builds the rounds
+        self.whole_groups = whole_groups or is_groupwise(reward_fn)
+        self.dist, self.fsdp = dist or Dist(), fsdp
         self.augmenters = list(augmenters)
         self.reward_weights = reward_weights
         self.concat = (policy.concat_rollouts if capabilities_of(policy).concat_rollouts

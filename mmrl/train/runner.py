@@ -83,8 +83,8 @@ class Run:
         self.caps = check_policy(policy, self.loss_fn.spec)
         self.pref = PrefStage(pref_config(config), policy, self.caps, verifier=verifier,
                               seed=t.seed, per_step=t.prompts_per_step, read_pairs=read_pairs)
-        # online pairs: a pair's two samples must be on one rank
-        whole_groups = needs_whole_groups(self.loss_fn.spec, self.caps) or self.pref.pref.online
+        whole_groups = (needs_whole_groups(self.loss_fn.spec, self.caps, reward_fn)
+                        or self.pref.pref.online)  # online pairs: a pair on one rank
         self.dist = init_distributed(t.parallel)
         self.fsdp = None
         if self.dist.active and t.parallel == "fsdp":
