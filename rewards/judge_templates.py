@@ -34,7 +34,7 @@ def _lines(*lines: str) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- G: Flow-Factory
+# ------------------------------------------------------------ G: Flow-Factory
 FLOW_FACTORY_EVALUATE = (
     "You are an expert image quality assessor. "
     "Evaluate this AI-generated image by considering ALL of the following criteria:\n"
@@ -52,7 +52,7 @@ FLOW_FACTORY_EVALUATE = (
     "Answer Yes or No."
 )
 
-# --------------------------------------------------------------------------- C: UnifiedReward-2.0 point
+# ------------------------------------------------------------ C: UnifiedReward-2.0 point
 UNIFIEDREWARD_POINT = (
     "You are presented with a generated image and its associated text caption. "
     "Your task is to analyze the image across multiple dimensions in relation to the caption. "
@@ -72,7 +72,7 @@ UNIFIEDREWARD_POINT = (
     "Text Caption: [{prompt}]"
 )
 
-# --------------------------------------------------------------------------- D: UnifiedReward-2.0 pair
+# ------------------------------------------------------------ D: UnifiedReward-2.0 pair
 UNIFIEDREWARD_PAIR = (
     "You are presented with two generated images (Image 1 and Image 2) along with a shared "
     "text caption. "
@@ -102,7 +102,7 @@ UNIFIEDREWARD_PAIR = (
     "Text Caption: [{prompt}]"
 )
 
-# --------------------------------------------------------------------------- E: UnifiedReward-Think image
+# ------------------------------------------------------------ E: UnifiedReward-Think image
 _I8, _I12, _I16 = " " * 8, " " * 12, " " * 16
 UNIFIEDREWARD_THINK_IMAGE = _lines(
     "You are an objective and precise evaluator for image quality comparison. I will provide "
@@ -182,7 +182,7 @@ UNIFIEDREWARD_THINK_IMAGE = _lines(
     _I8,
 )
 
-# --------------------------------------------------------------------------- F: UnifiedReward-Think video
+# ------------------------------------------------------------ F: UnifiedReward-Think video
 UNIFIEDREWARD_THINK_VIDEO = _lines(
     "You are an objective and precise evaluator for video quality comparison. I will provide "
     "you with a text caption and a sequence of consecutive frames extracted from two generated "
@@ -269,7 +269,7 @@ UNIFIEDREWARD_THINK_VIDEO = _lines(
 )
 
 
-# --------------------------------------------------------------------------- how each is read
+# ------------------------------------------------------------ how each is read
 
 @dataclass(frozen=True)
 class JudgeTemplate:
