@@ -210,8 +210,8 @@ def test_video_pair_samples_8_frames_per_video_as_images(tiny):
     pil = lambda x: Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())  # noqa
     idx = [0, 1, 2, 3, 5, 6, 7, 9]
     frames = [pil(va[0, t]) for t in idx] + [pil(vb[0, t]) for t in idx]
-    p, tok = manual_next_token_probs(tiny["qwen2_vl"], frames, WHICH.replace("{prompt}", PROMPTS[0]),
-                                     "<answer>Video ")
+    text = WHICH.replace("{prompt}", PROMPTS[0])
+    p, tok = manual_next_token_probs(tiny["qwen2_vl"], frames, text, "<answer>Video ")
     p1, p2 = p[tok.convert_tokens_to_ids("1")], p[tok.convert_tokens_to_ids("2")]
     torch.testing.assert_close(got.double(), (p1 / (p1 + p2)).reshape(1), atol=1e-5, rtol=0)
     from mmrl.rewards.scorers import scorer_class
@@ -223,7 +223,8 @@ def test_video_pair_samples_8_frames_per_video_as_images(tiny):
 def test_multi_token_answer_is_a_clear_error(tiny):
     # the tiny byte-level tokenizer has no "Yes" token: Flow-Factory's default answer fails
     with pytest.raises(ValueError, match=r"answer string 'Yes' is 3 tokens of this judge's "
-                                         r"tokenizer \['Y', 'e', 's'\].*e\.g\. 'Y'.*yes=\[\.\.\.\]"):
+                                         r"tokenizer \['Y', 'e', 's'\].*e\.g\. 'Y'"
+                                         r".*yes=\[\.\.\.\]"):
         VLMJudge(path=tiny["qwen2_vl"], device="cpu")
     with pytest.raises(ValueError, match=r"'one' is 3 tokens.*answers="):
         VLMPairJudge(path=tiny["qwen2_vl"], answers=("one", "2"), device="cpu")
