@@ -2,7 +2,8 @@
 (``vlm_pair``, ``vlm_pair_video``).
 
 A judge is any image-text-to-text checkpoint transformers loads with ``AutoProcessor`` +
-``AutoModelForImageTextToText`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision are tested). One
+``AutoModelForImageTextToText`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; tiny Qwen2-VL,
+Qwen3-VL and LLaVA-OneVision checkpoints in tests/rewards/test_vlm_judge.py). One
 query is one user turn, the images first, then the template text with ``{prompt}`` replaced; the
 chat template is applied with ``add_generation_prompt=True`` and the template's forced answer
 prefix appended (e.g. ``"<answer>Image "``). One forward pass (eval mode, no sampling) gives the
@@ -54,20 +55,24 @@ Answers = Union[str, Sequence[str]]
 # --------------------------------------------------------------------------- templates
 
 def resolve_template(name: str, template: str, kind: str, prefix: Optional[str],
-                     choices: Optional[Tuple], dimension: Optional[str]) -> Tuple[
-                         JudgeTemplate, str]:
+                     choices: Optional[Tuple],
+                     dimension: Optional[str]) -> Tuple[JudgeTemplate, str]:
     """The judge's template and its forced prefix (``{Dimension}`` filled in).
 
     ``template`` is a registered name or the user's own text with ``{prompt}``; ``choices``
     (``((value, strings), ...)``) replaces the template's answer classes when given.
 
     Raises:
+        TypeError: a template, prefix or dimension that is not a string.
         ValueError: an unknown name that is not a text with ``{prompt}``; a template of the
             other kind; a dimension the template does not have.
     """
     if not isinstance(template, str) or not template:
         raise TypeError(f"{name}: template={template!r}; expected a template name "
                         f"({', '.join(TEMPLATES)}) or a text with {{prompt}}")
+    for option, value in (("answer_prefix", prefix), ("dimension", dimension)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}: {option}={value!r}; expected a string")
     if template in TEMPLATES:
         spec = TEMPLATES[template]
         if spec.kind != kind:
@@ -266,7 +271,8 @@ class VLMJudge(Scorer):
         super().__init__(batch_size)
         choices = None
         if yes is not None or no is not None:
-            if template in TEMPLATES and TEMPLATES[template].choices[0][1] != ("Yes",):
+            if isinstance(template, str) and template in TEMPLATES and \
+                    TEMPLATES[template].choices[0][1] != ("Yes",):
                 raise ValueError(f"{self.name}: yes=/no= set the answers of a yes/no question; "
                                  f"template {template!r} reads digits: "
                                  f"{TEMPLATES[template].reads}")

@@ -4,6 +4,7 @@ over the model's own full forward logits, a batch equals one-by-one, both orders
 and the templates equal their sources (length + SHA-256 from REWARDS-VLM.md)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -128,9 +129,10 @@ def test_builtin_templates_wiring(tiny):
     assert pair.reader.values.tolist() == pytest.approx([(d + 0.5) / 10 for d in range(10)])
 
 
-def TOK(path, cache={}):  # noqa: B006 (a per-module cache)
+@functools.lru_cache(maxsize=None)
+def TOK(path):
     from transformers import AutoTokenizer
-    return cache.setdefault(path, AutoTokenizer.from_pretrained(path))
+    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
