@@ -209,7 +209,8 @@ class JudgeReader:
         if not getattr(self.processor, "chat_template", None):
             raise ValueError(f"{name}: {src} has no chat template (chat_template.jinja / "
                              f"chat_template.json); save the instruct model's processor with it")
-        self.values = torch.tensor([v for v, _ in spec.choices], dtype=torch.float32)
+        self.values = torch.tensor([v for v, _ in spec.choices], dtype=torch.float32,
+                                   device=self.device)
         self.class_ids = answer_token_ids(name, self.tokenizer, spec.choices, canonicalize,
                                           option)
 
@@ -223,8 +224,8 @@ class JudgeReader:
 
     @torch.no_grad()
     def class_logprobs(self, images: List[List[Image.Image]], prompts: List[str]) -> Tensor:
-        """``log P(class k)`` under the full next-token softmax, ``[b, K]`` float32 (CPU): one
-        padded forward, logits at each row's last real token."""
+        """``log P(class k)`` under the full next-token softmax, ``[b, K]`` float32 on the
+        judge's device: one padded forward, logits at each row's last real token."""
         texts = [self.text(p, len(ims)) for p, ims in zip(prompts, images)]
         inputs = self.processor(text=texts, images=images, padding=True, padding_side="right",
                                 return_tensors="pt")
@@ -234,10 +235,10 @@ class JudgeReader:
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # [b] index of the last real token
         out = self.model(**inputs, logits_to_keep=last[:, None], use_cache=False)
         z = out.logits[:, -1].float().log_softmax(-1)  # [b, V]
-        return torch.stack([z[:, ids].logsumexp(-1) for ids in self.class_ids], 1).cpu()
+        return torch.stack([z[:, ids].logsumexp(-1) for ids in self.class_ids], 1)
 
     def read(self, images: List[List[Image.Image]], prompts: List[str]) -> Tensor:
-        """``Σ_k value_k · P(k) / Σ_k P(k)``, ``[b]`` float32."""
+        """``Σ_k value_k · P(k) / Σ_k P(k)``, ``[b]`` float32 on the judge's device."""
         return (self.class_logprobs(images, prompts).softmax(-1) * self.values).sum(-1)
 
 
