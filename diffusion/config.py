@@ -364,14 +364,18 @@ def matching_algo_problems(algo, c: DiffusionConfig) -> List[str]:
 def reward_spec_problems(spec: str) -> List[str]:
     """``diffusion.reward`` problems found without loading a model: the spec parses, every
     scorer name is registered and every ``weight=`` is a finite number."""
-    from mmrl.rewards.specs import SCORERS, parse_specs
+    from mmrl.rewards.specs import JUDGES, SCORERS, parse_specs
     try:
         items = parse_specs(spec)
     except (ValueError, TypeError) as err:
         return [f"reward: {err}"]
     out = []
     for name, options in items:
-        if name not in SCORERS:
+        if name in JUDGES:
+            out.append(f"reward: {name} is a pairwise judge (it compares two samples, it does "
+                       f"not score one); reward each sample by its win rate in its group: "
+                       f"pref_winrate:judge={name}[:key=value...]")
+        elif name not in SCORERS:
             from mmrl.registry import did_you_mean
             out.append(f"reward: unknown scorer {name!r} (registered: "
                        f"{', '.join(SCORERS.names())}){did_you_mean(name, SCORERS.names())}")

@@ -12,19 +12,25 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mmrl.rewards.specs import SCORERS, parse_spec, parse_specs  # noqa: F401
+from mmrl.rewards.specs import JUDGES, SCORERS, parse_spec, parse_specs  # noqa: F401
 from mmrl.train.reward_fn import CombinedReward
 
+def _entry(name: str):
+    """The registry entry of a scorer or, failing that, of a pairwise judge (unknown names get
+    the scorer registry's error)."""
+    return JUDGES.get(name) if name not in SCORERS and name in JUDGES else SCORERS.get(name)
+
+
 def scorer_class(name: str):
-    """The class behind a registered name (imports its module)."""
+    """The class behind a registered scorer or judge name (imports its module)."""
     import importlib
-    module, attr, _ = SCORERS.get(name).target
+    module, attr, _ = _entry(name).target
     return getattr(importlib.import_module(f"mmrl.rewards.{module}"), attr)
 
 
 def accepted_options(name: str) -> List[str]:
     """Keyword arguments the scorer ``name`` accepts."""
-    _, _, fixed = SCORERS.get(name).target
+    _, _, fixed = _entry(name).target
     params = inspect.signature(scorer_class(name).__init__).parameters
     return [p for p in params if p not in ("self", *fixed)
             and params[p].kind not in (inspect.Parameter.VAR_KEYWORD,
@@ -39,10 +45,11 @@ def forwards_options(name: str) -> bool:
 
 
 def load(name: str, path: Optional[str] = None, device=None, dtype=None, **options):
-    """Build the scorer registered as ``name``: ``scorer(images, prompts) -> Tensor[B]``.
+    """Build the scorer registered as ``name``: ``scorer(images, prompts) -> Tensor[B]``, or the
+    pairwise judge registered as ``name`` (``judge.compare(a, b, prompts) -> P(a preferred)``).
 
     Args:
-        name: a registered name (``mmrl.rewards.SCORERS.names()``).
+        name: a registered name (``mmrl.rewards.SCORERS.names()`` or ``JUDGES.names()``).
         path: local weights (directory or file); default: the scorer's public hub id.
         device, dtype: where and in which precision the model runs (default: CUDA if available,
             float32); scorers without a model do not take them.
@@ -54,7 +61,7 @@ def load(name: str, path: Optional[str] = None, device=None, dtype=None, **optio
         TypeError: an option the scorer does not take (the message lists the ones it does).
         WeightsNotFoundError: no local weights and the hub is unreachable.
     """
-    factory = SCORERS.get(name)
+    factory = _entry(name)
     kwargs = dict(options)
     for key, value in (("path", path), ("device", device), ("dtype", dtype)):
         if value is not None:

@@ -38,11 +38,15 @@ SCORERS.register("motion_direction", _lazy("video_rules", "MotionDirection"))
 SCORERS.register("flicker", _lazy("video_rules", "Flicker"))
 SCORERS.register("brightness_trend", _lazy("video_rules", "BrightnessTrend"))
 SCORERS.register("pref_winrate", _lazy("pairwise", "PrefWinRate"))
+SCORERS.register("vlm_judge", _lazy("vlm_judge", "VLMJudge"))
 
 JUDGES: Registry = Registry("pairwise judge")
 """Pairwise judges: ``judge.compare(a, b, prompts) -> Tensor[n]`` = P(a preferred), the inner
-judge of ``pref_winrate`` (:mod:`mmrl.rewards.pairwise`)."""
+judge of ``pref_winrate`` (:mod:`mmrl.rewards.pairwise`); ``mmrl.rewards.load`` builds them too
+(``mmrl reward eval`` judges pairs with them)."""
 JUDGES.register("bradley_terry", _lazy("pairwise", "BradleyTerryJudge"))
+JUDGES.register("vlm_pair", _lazy("vlm_judge", "VLMPairJudge"))
+JUDGES.register("vlm_pair_video", _lazy("vlm_judge", "VLMVideoPairJudge"))
 
 VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend"})
 """Registered names whose class scores videos ``[B, F, 3, H, W]`` (``media = "video"``; a test
@@ -51,7 +55,7 @@ FRAME_REDUCES = ("mean", "min", "max", "frame")
 """``mmrl.rewards.video.REDUCES``."""
 
 
-VIDEO_JUDGES: frozenset = frozenset()
+VIDEO_JUDGES = frozenset({"vlm_pair_video"})
 """Registered judges whose ``compare`` takes videos ``[n, F, 3, H, W]`` (``media = "video"``);
 ``bradley_terry`` follows its scorer."""
 GROUPWISE_SCORERS = frozenset({"pref_winrate"})
