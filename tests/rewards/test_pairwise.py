@@ -298,3 +298,10 @@ def test_the_loop_keeps_groups_whole_and_passes_their_ids(tmp_path):
     assert run.rounds.whole_groups  # GRPO alone would split groups over ranks
     run.rounds.dist = type("D", (), {"world": 2, "rank": 0, "active": True})()
     assert run.rounds.shard([4, 4, 4], [10, 11, 12]) == [(0, 4, 10), (2, 4, 12)]
+
+
+def test_a_judge_named_as_a_reward_points_at_pref_winrate():
+    from mmrl.diffusion.config import reward_spec_problems
+    (msg,) = reward_spec_problems("vlm_pair:path=/ckpt")
+    assert "pairwise judge" in msg and "pref_winrate:judge=vlm_pair" in msg
+    assert reward_spec_problems("pref_winrate:judge=vlm_pair:path=/ckpt") == []

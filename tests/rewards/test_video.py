@@ -31,6 +31,9 @@ def flat(levels, H=2, W=2):
 def test_media_registry_matches_the_classes():
     for name in SCORERS.names():
         assert scorer_class(name).media == ("video" if name in VIDEO_SCORERS else "image"), name
+    from mmrl.rewards.specs import JUDGES, VIDEO_JUDGES
+    for name in set(JUDGES.names()) - {"bradley_terry"}:  # bradley_terry: its scorer's media
+        assert scorer_class(name).media == ("video" if name in VIDEO_JUDGES else "image"), name
 
 
 def test_video_input_contract_errors():

@@ -84,9 +84,10 @@ def test_template_matches_its_source(name):
 
 def test_every_template_is_tested_and_registered():
     assert sorted(TEMPLATES) == sorted(SPEC)
-    assert {"vlm_judge", "vlm_pair", "vlm_pair_video"} <= set(R.SCORERS.names())
-    from mmrl.rewards.specs import VIDEO_SCORERS
-    assert "vlm_pair_video" in VIDEO_SCORERS and "vlm_pair" not in VIDEO_SCORERS
+    from mmrl.rewards.specs import JUDGES, VIDEO_JUDGES
+    assert "vlm_judge" in R.SCORERS.names()
+    assert {"vlm_pair", "vlm_pair_video"} <= set(JUDGES.names())
+    assert "vlm_pair_video" in VIDEO_JUDGES and "vlm_pair" not in VIDEO_JUDGES
 
 
 # ------------------------------------------------------------------ pointwise
