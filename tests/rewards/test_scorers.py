@@ -428,9 +428,10 @@ ALL = ["pickscore", "clip_score", "aesthetic", "hps_v2", "hps_v2.1", "imagerewar
 
 def test_conformance_covers_every_registered_scorer():
     from mmrl.rewards.specs import GROUPWISE_SCORERS, VIDEO_SCORERS  # tests/rewards/test_video.py
-    # remote: test_server; groupwise (pref_winrate): test_pairwise; vlm_judge: test_vlm_judge
-    assert sorted(ALL + ["remote", "vlm_judge", *VIDEO_SCORERS, *GROUPWISE_SCORERS]) == \
-        R.SCORERS.names()
+    # remote: test_server; groupwise (pref_winrate): test_pairwise; vlm_judge: test_vlm_judge;
+    # hpsv3: test_hpsv3 (a 7B-style model with a 2.5k-character template)
+    own = ["remote", "vlm_judge", "hpsv3", *VIDEO_SCORERS, *GROUPWISE_SCORERS]
+    assert sorted(ALL + own) == R.SCORERS.names()
 
 
 @pytest.mark.parametrize("name", ALL)
