@@ -37,8 +37,10 @@ SCORERS.register("frames", _lazy("video", "FrameScorer"))
 SCORERS.register("motion_direction", _lazy("video_rules", "MotionDirection"))
 SCORERS.register("flicker", _lazy("video_rules", "Flicker"))
 SCORERS.register("brightness_trend", _lazy("video_rules", "BrightnessTrend"))
+SCORERS.register("videoreward", _lazy("videoreward", "VideoReward"))
 
-VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend"})
+VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend",
+                           "videoreward"})
 """Registered names whose class scores videos ``[B, F, 3, H, W]`` (``media = "video"``; a test
 keeps this equal to the classes), read without torch by the job's media check."""
 FRAME_REDUCES = ("mean", "min", "max", "frame")

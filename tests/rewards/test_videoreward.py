@@ -1,0 +1,196 @@
+"""VideoReward (VideoAlign): template, frame rule, normalisation, checkpoint layout, the scorer,
+and its forward against the VideoAlign/hpsv3 ``Qwen2VLRewardModelBT`` on transformers 4.45.2
+(``hpsv3_peer.py``, one subprocess). One tiny checkpoint per layout, built once per module."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from mmrl.rewards.videoreward import (DETAILED_SPECIAL, REWARD_TOKENS, build_prompt,
+                                      frame_indices, frame_plan, normalise, read_layout,
+                                      smart_nframes, to_uint8)
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+PROMPTS = ["a red kite over the sea", "a dog runs left"]
+PIX = dict(min_pixels=56 * 56, max_pixels=56 * 84)  # 56x84 frames: 6 visual tokens per 2 frames
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mmrl.rewards.videoreward import build_tiny_videoreward
+    return build_tiny_videoreward(str(tmp_path_factory.mktemp("videoreward")), step=100)
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny):
+    from mmrl.rewards import load
+    return load("videoreward", path=tiny, device="cpu", fps=8, output="all", **PIX)
+
+
+@pytest.fixture(scope="module")
+def videos():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 8, 3, 60, 90, generator=g)
+
+
+# ------------------------------------------------------------------ data and arithmetic
+def test_template_matches_the_source_by_length_and_sha256():
+    assert len(DETAILED_SPECIAL) == 3997
+    assert hashlib.sha256(DETAILED_SPECIAL.encode()).hexdigest() == \
+        "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
+    text = build_prompt("a cat")
+    assert text.startswith("\nYou are tasked") and text.endswith("<|TA_reward|>\nEND\n")
+    pos = [text.index(t) for t in REWARD_TOKENS]
+    assert pos == sorted(pos) and pos[1] < text.index("Textual prompt - a cat") < pos[2]
+
+
+def test_frame_rule_on_the_worked_examples():
+    idx, size, tokens = frame_plan(120, 480, 832, 24.0)
+    assert idx == [0, 13, 26, 40, 53, 66, 79, 93, 106, 119]
+    assert size == (336, 588) and tokens == 1260
+    assert smart_nframes(81, 16.0) == 10  # 81/16·2 = 10.125 -> 10
+    assert smart_nframes(81, 16.0, sample_fps=1.0) == 6  # 5.06 -> round(2.53)·2
+    assert smart_nframes(33, 16.0) == 4  # 4.125 < the minimum 4
+    assert smart_nframes(3, 16.0) == 2  # the maximum floor(3/2)·2 wins over the minimum
+    assert smart_nframes(120, None, num_frames=5) == 4  # round(2.5) = 2: half to even
+    assert smart_nframes(6, None, num_frames=14) == 6  # capped at the frame count
+    assert frame_indices(8, 4) == [0, 2, 5, 7]  # 2.33, 4.67 -> 2, 5
+    with pytest.raises(ValueError, match="pass fps=RATE"):
+        smart_nframes(81, None)
+    with pytest.raises(ValueError, match="at least 2"):
+        smart_nframes(1, 16.0)
+
+
+def test_uint8_conversion_rounds_half_to_even_and_clamps():
+    x = torch.tensor([-0.1, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 1.0, 1.2])
+    assert to_uint8(x).tolist() == [0, 0, 2, 2, 128, 255, 255]
+
+
+def test_normalisation_arithmetic():
+    stats = {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std": 1.3811,
+             "TA_mean": 2.8105, "TA_std": 2.5121}
+    raw = torch.tensor([[3.6757 + 2.2476, 1.1646, 2.8105 - 2 * 2.5121], [0.0, 0.0, 0.0]])
+    cols = normalise(raw, stats)
+    torch.testing.assert_close(cols["vq"], torch.tensor([1.0, -3.6757 / 2.2476]))
+    torch.testing.assert_close(cols["mq"], torch.tensor([0.0, -1.1646 / 1.3811]))
+    torch.testing.assert_close(cols["ta"], torch.tensor([-2.0, -2.8105 / 2.5121]))
+    torch.testing.assert_close(cols["overall"], torch.tensor([-1.0, -3.6757 / 2.2476
+                                                              - 1.1646 / 1.3811
+                                                              - 2.8105 / 2.5121]))
+    raw_cols = normalise(raw, None)  # use_norm=False: raw values and their sum
+    torch.testing.assert_close(raw_cols["overall"], raw.sum(1))
+
+
+def test_frames_and_patches_equal_transformers_video_processor(scorer, videos):
+    """Steps 1-4 against transformers 5's own Qwen2-VL video processor on the same frames."""
+    from transformers import Qwen2VLVideoProcessor
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+    from mmrl.rewards.qwen2vl_rm import to_patches
+    frames = scorer.frames(videos[0], 8.0)  # 8 frames @ 8 fps -> 4 frames, 56x84
+    u8 = (videos[0, [0, 2, 5, 7]] * 255).round().to(torch.uint8)
+    ref = resize(u8, [56, 84], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert frames.shape == (4, 3, 56, 84)
+    assert torch.equal((frames * 255).round().to(torch.uint8), ref)
+    vp = Qwen2VLVideoProcessor(min_pixels=56 * 56, max_pixels=56 * 84, patch_size=14,
+                               merge_size=2, temporal_patch_size=2)
+    out = vp(videos=[ref], do_resize=False, do_sample_frames=False, return_tensors="pt")
+    rows, grid = to_patches(frames, **scorer._patch)
+    assert grid.tolist() == out["video_grid_thw"][0].tolist() == [2, 4, 6]
+    torch.testing.assert_close(rows, out["pixel_values_videos"], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ checkpoint layout
+def test_loader_merges_the_lora_into_the_released_weights(tiny, scorer):
+    """Merged weight = base_layer + (alpha / r) B A from model.pth, by hand; the rest as saved."""
+    layout = read_layout(tiny)
+    assert layout["step"] == 100 and layout["weights"] == "full" and layout["tokenizer"]
+    sd = torch.load(os.path.join(layout["checkpoint"], "model.pth"), weights_only=True)
+    pre = "base_model.model.model.layers.0.self_attn.q_proj."
+    a, b = sd[pre + "lora_A.default.weight"], sd[pre + "lora_B.default.weight"]
+    merged = sd[pre + "base_layer.weight"] + (8 / 4) * b @ a
+    q = scorer.model.base.model.language_model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.weight, merged)
+    assert (b @ a).abs().max() > 0.01  # the LoRA matters
+    torch.testing.assert_close(scorer.model.rm_head.weight, sd["base_model.model.rm_head.weight"])
+    vis = scorer.model.base.model.visual.patch_embed.proj.weight
+    torch.testing.assert_close(vis, sd["base_model.model.visual.patch_embed.proj.weight"])
+
+
+def test_adapter_layout_loads_the_same_model(tiny, scorer, tmp_path):
+    from mmrl.rewards.videoreward import build_tiny_videoreward, load_videoreward
+    root = build_tiny_videoreward(str(tmp_path / "adapter"), step=7, weights="adapter")
+    assert read_layout(root)["weights"] == "adapter"
+    model, _, _ = load_videoreward(root)
+    want = scorer.model.state_dict()
+    got = model.state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        if "lm_head" not in k:  # lm_head is unused by the score
+            torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+def test_layout_errors_say_what_is_missing(tiny, tmp_path):
+    from mmrl.rewards.base import WeightsNotFoundError
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        read_layout(str(tmp_path / "nowhere"))
+    with pytest.raises(WeightsNotFoundError, match="no model_config.json"):
+        read_layout(str(tmp_path))
+    shutil.copy(os.path.join(tiny, "model_config.json"), tmp_path)
+    with pytest.raises(WeightsNotFoundError, match="no checkpoint-<step>/"):
+        read_layout(str(tmp_path))
+    os.makedirs(tmp_path / "checkpoint-5" / "tokenizer")
+    with pytest.raises(WeightsNotFoundError, match="expected model.pth, or adapter"):
+        read_layout(str(tmp_path))
+    with pytest.raises(ValueError, match=r"step=9 but .* holds the steps \[5\]"):
+        read_layout(str(tmp_path), step=9)
+    cfg = json.load(open(tmp_path / "model_config.json"))
+    cfg["model_config"]["use_special_tokens"] = False
+    json.dump(cfg, open(tmp_path / "model_config.json", "w"))
+    with pytest.raises(ValueError, match="not a VideoReward checkpoint config"):
+        read_layout(str(tmp_path))
+
+
+# ------------------------------------------------------------------ the scorer
+def test_scores_columns_causality_and_padding(scorer, videos):
+    """Columns are normalise(raw); VQ and MQ precede the prompt (causal: prompt-free), TA reads
+    it; a video scored alone equals the same video in a right-padded batch."""
+    from mmrl.train.reward_fn import evaluate_reward
+    v = torch.stack([videos[0], videos[0], videos[1]])
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    meta = [{"fps": 8}, {"fps": 8}, {"fps": 4}]  # fps 4: 8 frames -> 4 -> shorter sequence
+    batch = evaluate_reward(scorer, list(v), prompts, meta)
+    assert batch.names == ["overall", "vq", "mq", "ta"]
+    cols = dict(zip(batch.names, batch.values.unbind(1)))
+    raw = scorer.raw(v, prompts, [8, 8, 4])
+    for k, col in normalise(raw, scorer.stats).items():
+        torch.testing.assert_close(cols[k], col)
+    torch.testing.assert_close(raw[0, :2], raw[1, :2], atol=1e-5, rtol=0)
+    assert (raw[0, 2] - raw[1, 2]).abs() > 1e-4
+    alone = scorer.raw(v[2:], prompts[2:], [4])
+    torch.testing.assert_close(alone[0], raw[2], atol=1e-5, rtol=1e-5)
+
+
+def test_registry_spec_and_options(tiny, videos):
+    from mmrl.rewards import compose
+    from mmrl.rewards.specs import VIDEO_SCORERS, media_of
+    assert "videoreward" in VIDEO_SCORERS and media_of("videoreward") == "video"
+    reward = compose(f"videoreward:path={tiny}:fps=8:output=ta:num_frames=2:"
+                     f"min_pixels=3136:max_pixels=3136", device="cpu")
+    fn = reward.fns["videoreward"]
+    assert fn.num_frames == 2 and fn.max_pixels == 3136 and fn.output == "ta"
+    out = reward(videos[:1], PROMPTS[:1])
+    assert list(out) == ["videoreward"] and out["videoreward"].shape == (1,)
+    with pytest.raises(ValueError, match="output='vqa'; expected one of overall, vq"):
+        compose(f"videoreward:path={tiny}:output=vqa")
+    with pytest.raises(ValueError, match="sample_fps and num_frames both given"):
+        compose(f"videoreward:path={tiny}:sample_fps=2:num_frames=4")
+    with pytest.raises(ValueError, match="contains .*<|TA_reward|>"):
+        fn(videos[:1], ["say <|TA_reward|> twice"])
