@@ -487,6 +487,7 @@ def build_tiny_checkpoint(folder: str, *, special_tokens: Sequence[str] = ("<|Re
         "intermediate_size": 2 * hidden_size, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "initializer_range": 0.3,  # Qwen's 0.02 leaves a random decoder nearly input-blind
         "rope_scaling": {"type": "mrope", "mrope_section": section},
         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
         "max_window_layers": layers, "attention_dropout": 0.0, "bos_token_id": None,
@@ -500,19 +501,23 @@ def build_tiny_checkpoint(folder: str, *, special_tokens: Sequence[str] = ("<|Re
     torch.manual_seed(seed)
     base = Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(folder)).float()
     base_sd = to_released_keys({"base." + k: v for k, v in base.state_dict().items()})
+    # metadata format=pt: transformers 4.45's from_pretrained refuses safetensors without it
     save_file({k: v.contiguous() for k, v in base_sd.items()},
-              os.path.join(folder, "model.safetensors"))
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     # the reward model: reward tokens added, vocabulary resized, head on top (hpsv3 train.py)
     tok.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     base.resize_token_embeddings(len(tok), mean_resizing=False)
     model = Qwen2VLRewardModel(base, head=head, out_dim=out_dim,
                                token_ids=tok.convert_tokens_to_ids(list(special_tokens)))
-    with torch.no_grad():  # a visible spread of head outputs (the default init is near zero)
-        for p in model.rm_head.parameters():
-            p.normal_(0.0, 0.5)
+    with torch.no_grad():  # outputs of order 1 that differ visibly between inputs
+        for layer in model.rm_head.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.in_features))
+                if layer.bias is not None:
+                    layer.bias.normal_(0.0, 0.1)
     sd = to_released_keys(model.state_dict())
     path = os.path.join(folder, filename)
-    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"format": "pt"})
     return {"base": folder, "path": path}
 
 
