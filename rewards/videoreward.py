@@ -343,11 +343,6 @@ def _lora_config(peft_config: Dict[str, Any], model: torch.nn.Module):
     """peft ``LoraConfig`` from VideoAlign's ``peft_lora_config``: every ``nn.Linear`` /
     ``nn.Embedding`` whose name contains none of :func:`lora_exclusions`
     (``train_reward.py:find_target_linear_names``), r, alpha, dropout, rsLoRA, no bias."""
-    try:
-        from peft import LoraConfig
-    except ImportError as err:
-        raise ImportError("videoreward rebuilds VideoAlign's LoRA with peft: pip install "
-                          "'peft>=0.15' (or mmrl[video])") from err
     ex = lora_exclusions(peft_config)
     targets = [n for n, m in model.named_modules()
                if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
@@ -355,10 +350,19 @@ def _lora_config(peft_config: Dict[str, Any], model: torch.nn.Module):
     if not targets:
         raise ValueError(f"videoreward: no Linear/Embedding module outside {ex} for the LoRA; "
                          f"check peft_lora_config.lora_namespan_exclude")
-    return LoraConfig(target_modules=targets, r=int(peft_config.get("lora_r", 16)),
+    return _peft().LoraConfig(target_modules=targets, r=int(peft_config.get("lora_r", 16)),
                       lora_alpha=peft_config.get("lora_alpha", 32),
                       lora_dropout=float(peft_config.get("lora_dropout", 0.05)),
                       use_rslora=bool(peft_config.get("use_rslora", False)), bias="none")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("videoreward rebuilds VideoAlign's LoRA with peft: pip install "
+                          "'peft>=0.15' (it is in mmrl[rewards])") from err
+    return peft
 
 
 def _peft_keys(sd: Dict[str, Tensor], where: str) -> Dict[str, Tensor]:
@@ -405,7 +409,6 @@ def load_videoreward(path: str, step: Optional[int] = None, base: Optional[str] 
         ValueError: keys that do not fit (missing / unexpected / other shapes), reward tokens
             whose ids differ from the checkpoint's ``tokenizer/``.
     """
-    from peft import get_peft_model  # noqa: F401  (fails early with the install hint below)
     from mmrl.rewards.qwen2vl_rm import load_processor
     layout = read_layout(path, step)
     mc, pc = layout["config"]["model_config"], layout["config"]["peft_lora_config"]
@@ -420,8 +423,7 @@ def load_videoreward(path: str, step: Optional[int] = None, base: Optional[str] 
     model = _build_model(base, processor, ids, int(mc.get("output_dim", 1)),
                          weights=layout["weights"] == "adapter")
     if pc.get("lora_enable", False):
-        from peft import get_peft_model
-        model = get_peft_model(model, _lora_config(pc, model))
+        model = _peft().get_peft_model(model, _lora_config(pc, model))
     ckpt = layout["checkpoint"]
     if layout["weights"] == "full":
         _load_strict(model, _peft_keys(_read_torch(os.path.join(ckpt, "model.pth")), ckpt), ckpt)
@@ -589,6 +591,8 @@ class VideoReward(VideoScorer):
                              f"{dc['prompt_template_type']!r}; only 'detailed_special' (the "
                              f"released model's) is implemented")
         ip = self.processor.image_processor
+        # the processor resizes again (smart_resize with its own bounds): a no-op only inside them
+        self._bounds = (ip.size.get("shortest_edge") or 0, ip.size.get("longest_edge") or 1 << 62)
         self._patch = dict(mean=tuple(ip.image_mean), std=tuple(ip.image_std),
                            patch_size=ip.patch_size, merge_size=ip.merge_size,
                            temporal_patch_size=ip.temporal_patch_size)
@@ -599,6 +603,11 @@ class VideoReward(VideoScorer):
         F_, _, H, W = video.shape
         idx, size, _ = frame_plan(F_, H, W, fps, self.sample_fps, self.num_frames,
                                   self.min_pixels, self.max_pixels)
+        lo, hi = self._bounds
+        if not lo <= size[0] * size[1] <= hi:
+            raise ValueError(f"videoreward: frames resized to {size[0]}x{size[1]} fall outside "
+                             f"the processor's pixel bounds [{lo}, {hi}], where VideoAlign's "
+                             f"processor would resize them again; set min_pixels >= {lo}")
         if self.grad:
             return resize_frames(video[idx] * 255, size) / 255
         x = resize_frames(to_uint8(video[idx]), size)

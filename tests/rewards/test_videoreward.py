@@ -139,6 +139,7 @@ def test_adapter_layout_loads_the_same_model(tiny, scorer, tmp_path):
 
 def test_layout_errors_say_what_is_missing(tiny, tmp_path):
     from mmrl.rewards.base import WeightsNotFoundError
+    from mmrl.rewards.videoreward import load_videoreward
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         read_layout(str(tmp_path / "nowhere"))
     with pytest.raises(WeightsNotFoundError, match="no model_config.json"):
@@ -151,7 +152,12 @@ def test_layout_errors_say_what_is_missing(tiny, tmp_path):
         read_layout(str(tmp_path))
     with pytest.raises(ValueError, match=r"step=9 but .* holds the steps \[5\]"):
         read_layout(str(tmp_path), step=9)
+    open(tmp_path / "checkpoint-5" / "model.pth", "wb").close()
     cfg = json.load(open(tmp_path / "model_config.json"))
+    cfg["model_config"]["model_name_or_path"] = "Qwen/Qwen2-VL-2B-Instruct"  # not cached
+    json.dump(cfg, open(tmp_path / "model_config.json", "w"))
+    with pytest.raises(WeightsNotFoundError, match="base=DIR"):
+        load_videoreward(str(tmp_path))
     cfg["model_config"]["use_special_tokens"] = False
     json.dump(cfg, open(tmp_path / "model_config.json", "w"))
     with pytest.raises(ValueError, match="not a VideoReward checkpoint config"):
@@ -159,23 +165,77 @@ def test_layout_errors_say_what_is_missing(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------ the scorer
-def test_scores_columns_causality_and_padding(scorer, videos):
-    """Columns are normalise(raw); VQ and MQ precede the prompt (causal: prompt-free), TA reads
-    it; a video scored alone equals the same video in a right-padded batch."""
+def test_scores_columns_and_causality(scorer, videos):
+    """Columns are normalise(raw) with the released stats; VQ and MQ precede the prompt
+    (causal attention: prompt-free), TA reads it; per-sample fps from the metadata."""
     from mmrl.train.reward_fn import evaluate_reward
+    from mmrl.rewards.videoreward import RELEASED_STATS as S
     v = torch.stack([videos[0], videos[0], videos[1]])
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
-    meta = [{"fps": 8}, {"fps": 8}, {"fps": 4}]  # fps 4: 8 frames -> 4 -> shorter sequence
+    meta = [{"fps": 8}, {"fps": 8}, {"fps": 4}]  # fps 4: 8 frames -> 4 -> a shorter sequence
     batch = evaluate_reward(scorer, list(v), prompts, meta)
     assert batch.names == ["overall", "vq", "mq", "ta"]
-    cols = dict(zip(batch.names, batch.values.unbind(1)))
-    raw = scorer.raw(v, prompts, [8, 8, 4])
-    for k, col in normalise(raw, scorer.stats).items():
-        torch.testing.assert_close(cols[k], col)
-    torch.testing.assert_close(raw[0, :2], raw[1, :2], atol=1e-5, rtol=0)
-    assert (raw[0, 2] - raw[1, 2]).abs() > 1e-4
-    alone = scorer.raw(v[2:], prompts[2:], [4])
-    torch.testing.assert_close(alone[0], raw[2], atol=1e-5, rtol=1e-5)
+    c = dict(zip(batch.names, batch.values.unbind(1)))
+    torch.testing.assert_close(c["overall"], c["vq"] + c["mq"] + c["ta"])
+    raw = {d: c[d.lower()] * S[f"{d}_std"] + S[f"{d}_mean"] for d in ("VQ", "MQ", "TA")}
+    for d in ("VQ", "MQ"):
+        torch.testing.assert_close(raw[d][0], raw[d][1], atol=1e-5, rtol=0)
+    assert (raw["TA"][0] - raw["TA"][1]).abs() > 1e-4
+    assert (c["vq"][0] - c["vq"][2]).abs() > 1e-4  # another video, another score
+
+
+def test_forward_equals_videoalign_model_on_transformers_4_45(tiny, scorer, videos, tmp_path):
+    """The forward against Qwen2VLRewardModelBT (hpsv3 1.0.0's class, VideoAlign's forward;
+    output_dim 1, rm_head_type "default", the three token ids) on transformers 4.45.2, on the
+    merged tiny weights: (a) on our input tensors, (b) on inputs its 4.45.2 processor builds
+    from the same texts and final-size uint8 frames (chat template, pad expansion, patches).
+    Short texts holding the three tokens keep the peer fast; padding: batch of 2 lengths."""
+    from safetensors.torch import save_file
+    from hpsv3_peer import run_jobs
+    from mmrl.rewards.qwen2vl_rm import encode, to_patches, to_released_keys
+    ckpt = str(tmp_path / "merged.safetensors")
+    save_file({k: v.contiguous() for k, v in to_released_keys(scorer.model.state_dict()).items()},
+              ckpt, metadata={"format": "pt"})
+    texts = [f"{p}: quality <|VQ_reward|> motion <|MQ_reward|> match <|TA_reward|>"
+             for p in PROMPTS]
+    frames = [scorer.frames(v, f) for v, f in zip(videos, (8.0, 4.0))]  # 4 and 2 frames
+    patches = [to_patches(f, **scorer._patch) for f in frames]
+    inputs = encode(scorer.processor, texts, [r for r, _ in patches], [g for _, g in patches],
+                    "video")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    clips = []
+    for i, f in enumerate(frames):
+        clips.append(str(tmp_path / f"clip{i}.pt"))
+        torch.save((f * 255).round().to(torch.uint8), clips[-1])
+    job = dict(mode="bt_forward", base=os.path.join(tiny, "base"), checkpoint=ckpt,
+               output_dim=1, rm_head_type="default", special_tokens=list(REWARD_TOKENS))
+    ref = run_jobs([{**job, "inputs": str(tmp_path / "inputs.pt")},
+                    {**job, "texts": texts, "videos": clips}], str(tmp_path))
+    with torch.no_grad():
+        mine = scorer.model(**inputs)[..., 0]  # [2, 3, 1] -> [2, 3]
+        alone = scorer.model(**{k: v[1:] if k in ("input_ids", "attention_mask") else
+                                (v[48:] if k == "pixel_values_videos" else v[1:])
+                                for k, v in inputs.items()})[..., 0]
+    assert ref[1]["input_ids"] == inputs["input_ids"].tolist()
+    for r in ref:
+        diff = (mine - torch.tensor(r["logits"])).abs().max().item()
+        print(f"max |mmrl - Qwen2VLRewardModelBT(4.45.2)| = {diff:.2e}")
+        assert diff < 1e-4
+    assert (mine[0] - mine[1]).abs().max() > 1e-3  # the inputs differ, so do the scores
+    torch.testing.assert_close(alone[0], mine[1], atol=1e-5, rtol=1e-5)  # right padding
+
+
+def test_grad_path_reaches_the_pixels(tiny, videos):
+    """grad=True: float frames (no uint8 rounding) with gradients; within rounding of the
+    file path."""
+    from mmrl.rewards.videoreward import VideoReward
+    s = VideoReward(path=tiny, device="cpu", fps=8, grad=True, **PIX)
+    v = videos[0].clone().requires_grad_(True)
+    f = s.frames(v, 8.0)
+    f.sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    s.grad = False
+    assert (f.detach() - s.frames(videos[0], 8.0)).abs().max() < 1.5 / 255
 
 
 def test_registry_spec_and_options(tiny, videos):
@@ -183,9 +243,9 @@ def test_registry_spec_and_options(tiny, videos):
     from mmrl.rewards.specs import VIDEO_SCORERS, media_of
     assert "videoreward" in VIDEO_SCORERS and media_of("videoreward") == "video"
     reward = compose(f"videoreward:path={tiny}:fps=8:output=ta:num_frames=2:"
-                     f"min_pixels=3136:max_pixels=3136", device="cpu")
+                     f"min_pixels=3136:max_pixels=4704", device="cpu")
     fn = reward.fns["videoreward"]
-    assert fn.num_frames == 2 and fn.max_pixels == 3136 and fn.output == "ta"
+    assert fn.num_frames == 2 and fn.max_pixels == 4704 and fn.output == "ta"
     out = reward(videos[:1], PROMPTS[:1])
     assert list(out) == ["videoreward"] and out["videoreward"].shape == (1,)
     with pytest.raises(ValueError, match="output='vqa'; expected one of overall, vq"):
@@ -194,3 +254,6 @@ def test_registry_spec_and_options(tiny, videos):
         compose(f"videoreward:path={tiny}:sample_fps=2:num_frames=4")
     with pytest.raises(ValueError, match="contains .*<|TA_reward|>"):
         fn(videos[:1], ["say <|TA_reward|> twice"])
+    fn.min_pixels = fn.max_pixels = 28 * 28  # 28x28 frames: the processor would upscale them
+    with pytest.raises(ValueError, match=r"outside the processor's pixel bounds \[3136"):
+        fn(videos[:1], PROMPTS[:1])
