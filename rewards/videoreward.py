@@ -426,7 +426,12 @@ def load_videoreward(path: str, step: Optional[int] = None, base: Optional[str] 
         model = _peft().get_peft_model(model, _lora_config(pc, model))
     ckpt = layout["checkpoint"]
     if layout["weights"] == "full":
-        _load_strict(model, _peft_keys(_read_torch(os.path.join(ckpt, "model.pth")), ckpt), ckpt)
+        sd = _peft_keys(_read_torch(os.path.join(ckpt, "model.pth")), ckpt)
+        head, embed = (f"base_model.model.base.{k}" for k in
+                       ("lm_head.weight", "model.language_model.embed_tokens.weight"))
+        if head not in sd and embed in sd and model.base.config.tie_word_embeddings:
+            sd[head] = sd[embed]  # a tied lm_head saved once (it does not enter the score)
+        _load_strict(model, sd, ckpt)
     else:
         from safetensors.torch import load_file
         sd = dict(model.state_dict())
