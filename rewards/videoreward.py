@@ -31,8 +31,13 @@ Differs from VideoAlign:
       per layer instead of three; equal in fp32 to float rounding.
     - The head runs in fp32 (the shared backbone's rule); VideoAlign's runs in the model dtype
       (bf16 in its inference). Identical in fp32.
-    - Built on transformers 5 directly (not on mmrl.video's adapters) because rewards sit below
-      the video package; the checkpoint's transformers-4.45 key names are mapped on load.
+    - A ``step=`` that is not in the folder raises (VideoAlign falls back to the highest).
+    - Differs from the issue: built on transformers 5 directly (not on mmrl.video's adapters)
+      because rewards sit below the video package; the checkpoint's transformers-4.45 key names
+      are mapped on load.
+
+Tested against ``Qwen2VLRewardModelBT`` (hpsv3 1.0.0, VideoAlign's forward) on transformers
+4.45.2: ``tests/rewards/test_videoreward.py``.
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmrl.rewards.base import (OPENAI_MEAN, OPENAI_STD, WeightsNotFoundError, check_path,
-                               default_device, parse_dtype, weights_error)
+from mmrl.rewards.base import (WeightsNotFoundError, check_path, default_device, parse_dtype,
+                               weights_error)
 from mmrl.rewards.video import VideoScorer
 
 Tensor = torch.Tensor
@@ -191,30 +196,6 @@ def resize_frames(frames: Tensor, size: Tuple[int, int]) -> Tensor:
     if frames.dtype == torch.uint8:
         return frames.float()
     return frames.clamp(0, 255)
-
-
-def patchify_video(frames: Tensor, patch: int = 14, merge: int = 2,
-                   temporal: int = 2) -> Tuple[Tensor, Tuple[int, int, int]]:
-    """Qwen2-VL's video pixels: ``[T, 3, h, w]`` float in [0, 255] -> ``pixel_values_videos``
-    ``[(T/t)(h/p)(w/p), 3·t·p·p]`` and the grid ``(T/t, h/p, w/p)``.
-
-    Rescale 1/255, CLIP mean/std, then the rows ordered (time, merge block row, merge block
-    column, row in block, column in block), each row (channel, frame, y, x): transformers'
-    ``Qwen2VLImageProcessor`` (4.45.2) for videos. ``T`` must be a multiple of ``temporal`` (the
-    frame count rule makes it even).
-    """
-    T, C, h, w = frames.shape
-    if T % temporal or h % (patch * merge) or w % (patch * merge):
-        raise ValueError(f"videoreward: frames {tuple(frames.shape)}; expected T a multiple of "
-                         f"{temporal} and h, w multiples of {patch * merge}")
-    mean = torch.tensor(OPENAI_MEAN, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
-    x = (frames * (1 / 255) - mean) / std
-    gt, gh, gw = T // temporal, h // patch, w // patch
-    # [T, C, h, w] -> [gt, t, C, gh/m, m, p, gw/m, m, p]
-    x = x.reshape(gt, temporal, C, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, C * temporal * patch * patch), (gt, gh, gw)
 
 
 def normalise(raw: Tensor, stats: Optional[Dict[str, float]]) -> Dict[str, Tensor]:
@@ -365,10 +346,13 @@ def _peft():
     return peft
 
 
-def _peft_keys(sd: Dict[str, Tensor], where: str) -> Dict[str, Tensor]:
+def _peft_keys(sd: Dict[str, Tensor], where: str, wrapped: bool = True) -> Dict[str, Tensor]:
     """VideoAlign's PEFT-wrapped keys ``base_model.model.<transformers-4.45 key>`` -> the keys
-    of a peft-wrapped :class:`~mmrl.rewards.qwen2vl_rm.Qwen2VLRewardModel`."""
+    of a peft-wrapped :class:`~mmrl.rewards.qwen2vl_rm.Qwen2VLRewardModel` (``wrapped`` False,
+    a checkpoint trained without LoRA: the bare keys -> the model's)."""
     from mmrl.rewards.qwen2vl_rm import from_released_keys
+    if not wrapped:
+        return from_released_keys(sd)
     prefix = "base_model.model."
     bare = [k for k in sd if not k.startswith(prefix)]
     if bare:
@@ -424,10 +408,13 @@ def load_videoreward(path: str, step: Optional[int] = None, base: Optional[str] 
                          weights=layout["weights"] == "adapter")
     if pc.get("lora_enable", False):
         model = _peft().get_peft_model(model, _lora_config(pc, model))
-    ckpt = layout["checkpoint"]
+    elif layout["weights"] == "adapter":
+        raise ValueError(f"videoreward: {layout['checkpoint']} holds a LoRA adapter but "
+                         f"peft_lora_config.lora_enable is false in model_config.json")
+    ckpt, lora = layout["checkpoint"], bool(pc.get("lora_enable", False))
     if layout["weights"] == "full":
-        sd = _peft_keys(_read_torch(os.path.join(ckpt, "model.pth")), ckpt)
-        head, embed = (f"base_model.model.base.{k}" for k in
+        sd = _peft_keys(_read_torch(os.path.join(ckpt, "model.pth")), ckpt, lora)
+        head, embed = (f"{'base_model.model.' if lora else ''}base.{k}" for k in
                        ("lm_head.weight", "model.language_model.embed_tokens.weight"))
         if head not in sd and embed in sd and model.base.config.tie_word_embeddings:
             sd[head] = sd[embed]  # a tied lm_head saved once (it does not enter the score)
@@ -446,7 +433,7 @@ def load_videoreward(path: str, step: Optional[int] = None, base: Optional[str] 
         _load_strict(model, sd, ckpt)
     # merge in float32, then cast: W + (alpha / r) B A, one matmul per layer at scoring time
     model = model.to(device=device, dtype=torch.float32)
-    if pc.get("lora_enable", False):
+    if lora:
         model = model.merge_and_unload()
     model = model.to(dtype)
     model.rm_head.float()
