@@ -1,8 +1,9 @@
 """Run the hpsv3 1.0.0 package's OWN inference code on transformers 4.45.2 (``.peers-hpsv3/``).
 
 hpsv3 pins ``transformers==4.45.2``, which cannot share a process with mmrl's pinned transformers
-5, so this file is a script: the tests write a JSON list of jobs, run ONE subprocess per test
-module (:class:`PeerRun` / :func:`run_jobs`), and read one JSON result per job. In the subprocess ``.peers-hpsv3/``
+5, so this file is a script: ONE subprocess per test module (:class:`PeerRun`, or
+:func:`run_jobs` for a one-shot call) receives a JSON list of jobs on stdin and writes one JSON
+result per job. In the subprocess ``.peers-hpsv3/``
 (filled by ``make install`` from peers-hpsv3.txt) is FIRST on ``sys.path``, so ``transformers``,
 ``tokenizers`` and ``huggingface_hub`` are the old ones; torch, torchvision, accelerate,
 safetensors, numpy and PIL come from the venv.
@@ -49,43 +50,72 @@ _STUBS = ("trl", "peft", "fire", "deepspeed", "pandas", "datasets", "matplotlib"
 
 
 class PeerRun:
-    """A started peer subprocess; :meth:`results` waits for it (start it early, collect late:
-    the package's imports and model load overlap the test module's other work)."""
+    """The peer subprocess. It starts importing torch and hpsv3 at once and then waits for its
+    jobs on stdin, so the imports overlap the test module's own set-up: start it first,
+    :meth:`submit` the jobs once their files exist, collect with :meth:`results`.
 
-    def __init__(self, jobs: list, workdir: str):
+    Raises:
+        RuntimeError: ``.peers-hpsv3`` is missing (run ``make install``).
+    """
+
+    def __init__(self, workdir: str):
         if not (PEERS_HPSV3 / "hpsv3").is_dir() or not (PEERS_HPSV3 / "transformers").is_dir():
             raise RuntimeError(f"{PEERS_HPSV3} lacks hpsv3 / transformers 4.45.2: run `make "
                                f"install` (it installs peers-hpsv3.txt there)")
-        job_file = os.path.join(workdir, "jobs.json")
         self.out_file = os.path.join(workdir, "results.json")
-        with open(job_file, "w") as f:
-            json.dump(jobs, f)
+        # its output goes to a file: a pipe nobody reads until the end could fill and block it
+        self.log_file = os.path.join(workdir, "peer.log")
+        self._log = open(self.log_file, "w")
+        # one thread: the tiny models gain nothing from more, and the test process runs beside
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
-        self.proc = subprocess.Popen([sys.executable, __file__, job_file, self.out_file],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self._results = None
+                   TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, __file__, self.out_file], env=env,
+                                     stdin=subprocess.PIPE, stdout=self._log,
+                                     stderr=subprocess.STDOUT, text=True)
+        self._submitted, self._results = False, None
 
-    def results(self, timeout: float = 180.0) -> list:
-        """One result dict per job.
+    def submit(self, jobs: list) -> None:
+        """Hand over the jobs (a list of dicts, see the module docstring); once. They run while
+        the caller goes on."""
+        if self._submitted:
+            raise RuntimeError("jobs were already submitted to this peer run; start another")
+        self.proc.stdin.write(json.dumps(jobs))
+        self.proc.stdin.close()
+        self._submitted = True
+
+    def results(self, timeout: float = 300.0) -> list:
+        """One result dict per submitted job.
 
         Raises:
-            RuntimeError: the subprocess failed (its stderr tail is in the message).
+            RuntimeError: nothing submitted, or the subprocess failed (its stderr tail is in the
+                message).
         """
         if self._results is None:
-            _, err = self.proc.communicate(timeout=timeout)
+            if not self._submitted:
+                raise RuntimeError("no jobs submitted: call submit(jobs) first")
+            self.proc.wait(timeout=timeout)
+            self._log.close()
             if self.proc.returncode != 0:
-                raise RuntimeError(f"hpsv3 peer failed (rc {self.proc.returncode}):\n"
-                                   f"{err[-4000:]}")
+                with open(self.log_file) as f:
+                    raise RuntimeError(f"hpsv3 peer failed (rc {self.proc.returncode}):\n"
+                                       f"{f.read()[-4000:]}")
             with open(self.out_file) as f:
                 self._results = json.load(f)
         return self._results
 
+    def close(self) -> None:
+        """Stop the subprocess if it still runs (a module whose tests were all deselected)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
 
 def run_jobs(jobs: list, workdir: str) -> list:
     """Run ``jobs`` in one subprocess with the hpsv3 stack -> one result dict per job."""
-    return PeerRun(jobs, workdir).results()
+    run = PeerRun(workdir)
+    run.submit(jobs)
+    return run.results()
 
 
 # ---------------------------------------------------------------- inside the subprocess
@@ -200,10 +230,10 @@ def _bt_forward(job) -> dict:
     return {"logits": logits.tolist(), "input_ids": batch["input_ids"].tolist()}
 
 
-def main(job_file: str, out_file: str) -> None:
+def main(out_file: str) -> None:
     _setup()
-    with open(job_file) as f:
-        jobs = json.load(f)
+    import hpsv3  # noqa: F401  imported before the jobs arrive (overlaps the caller's set-up)
+    jobs = json.loads(sys.stdin.read())
     modes = {"hpsv3": _hpsv3, "bt_forward": _bt_forward}
     results = []
     for job in jobs:
@@ -215,4 +245,4 @@ def main(job_file: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

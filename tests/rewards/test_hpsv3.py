@@ -44,10 +44,23 @@ def smooth_images(sizes, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hpsv3")
+
+
+@pytest.fixture(scope="module")
+def peer_run(workdir):
+    """The package's subprocess, started first: its imports overlap the model builds."""
+    run = PeerRun(str(workdir))
+    yield run
+    run.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir, peer_run):
     """Two tiny checkpoints (hidden 32, one layer, one vision block): HPSv3's layout and a
     VideoReward-style one (three tokens, linear head, one output each)."""
-    d = tmp_path_factory.mktemp("hpsv3")
+    d = workdir
     hps = Q.build_tiny_checkpoint(str(d / "hps"), hidden_size=32, layers=1, vision_depth=1)
     vr = Q.build_tiny_checkpoint(str(d / "vr"), special_tokens=VIDEO_TOKENS, head="linear",
                                  out_dim=1, hidden_size=32, layers=1, vision_depth=1, seed=1)
@@ -76,8 +89,8 @@ def video_case(tiny):
 
 
 @pytest.fixture(scope="module")
-def peer(tiny, video_case):
-    """The package's scores, computed in one subprocess started here (collected later)."""
+def peer(peer_run, tiny, video_case):
+    """The jobs handed to the package's subprocess (collected by the oracle tests)."""
     d = tiny["dir"]
     paths = []
     for i, im in enumerate(smooth_images(ORACLE_SIZES, seed=3)):
@@ -90,7 +103,8 @@ def peer(tiny, video_case):
                  images=paths, prompts=PROMPTS, workdir=str(d)),
             dict(vr, inputs=str(d / "video_inputs.pt")),
             dict(vr, texts=texts, videos=videos)]
-    return PeerRun(jobs, str(d)), paths
+    peer_run.submit(jobs)
+    return peer_run, paths
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +189,9 @@ def test_tensor_inputs_equal_pil_at_final_size_and_get_gradients(small, tiny):
     x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
                      for im in images[:2]])
     prompts = PROMPTS[:2]
-    ms = small.mu_sigma(images[:2], prompts)  # [2, 2] = (μ, σ) of the PIL path
-    torch.testing.assert_close(small(x, prompts), ms[:, 0], rtol=0, atol=1e-5)
+    ms = small.mu_sigma(images, PROMPTS)  # [3, 2] = (μ, σ) of the PIL path, chunks of 2 + 1
+    torch.testing.assert_close(small(x, prompts), ms[:2, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(small(images[2:], PROMPTS[2:]), ms[2:, 0], rtol=0, atol=1e-5)
     assert (ms[:, 1] > 0).all()
     graded = R.load("hpsv3", path=tiny["hps"]["path"], base=tiny["hps"]["base"], device="cpu",
                     grad=True, **SMALL)

@@ -428,7 +428,8 @@ ALL = ["pickscore", "clip_score", "aesthetic", "hps_v2", "hps_v2.1", "imagerewar
 
 def test_conformance_covers_every_registered_scorer():
     from mmrl.rewards.specs import VIDEO_SCORERS  # video scorers: tests/rewards/test_video.py
-    assert sorted(ALL + ["remote", *VIDEO_SCORERS]) == R.SCORERS.names()  # remote: test_server
+    # remote: test_server; hpsv3: test_hpsv3 (a 7B-style model with a 2.5k-character template)
+    assert sorted(ALL + ["remote", "hpsv3", *VIDEO_SCORERS]) == R.SCORERS.names()
 
 
 @pytest.mark.parametrize("name", ALL)
