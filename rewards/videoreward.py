@@ -198,6 +198,15 @@ def resize_frames(frames: Tensor, size: Tuple[int, int]) -> Tensor:
     return frames.clamp(0, 255)
 
 
+def per_dimension(out: Tensor) -> Tensor:
+    """The head at the three tokens ``[B, 3, output_dim]`` -> ``[B, 3]`` (VQ, MQ, TA):
+    ``output_dim`` 1 the one value per token, 3 the diagonal (dimension k read at token k),
+    as ``trainer.py``'s ``Qwen2VLRewardModelBT.forward``."""
+    if out.shape[-1] == 1:
+        return out[..., 0]
+    return out.diagonal(dim1=1, dim2=2)
+
+
 def normalise(raw: Tensor, stats: Optional[Dict[str, float]]) -> Dict[str, Tensor]:
     """Raw ``[B, 3]`` (VQ, MQ, TA) -> columns ``vq, mq, ta, overall``.
 
@@ -629,10 +638,7 @@ class VideoReward(VideoScorer):
     def raw(self, videos: Tensor, prompts: List[str],
             fps: Sequence[Optional[float]]) -> Tensor:
         """Head values ``[b, 3]`` (VQ, MQ, TA) before normalisation, float32."""
-        out = self.model(**self.inputs(videos, prompts, fps))  # [b, 3, output_dim]
-        if out.shape[-1] == 1:
-            return out[..., 0]
-        return out.diagonal(dim1=1, dim2=2)  # output_dim 3: dimension k at token k
+        return per_dimension(self.model(**self.inputs(videos, prompts, fps)))
 
     def _score_videos(self, videos, prompts, fps):
         cols = normalise(self.raw(videos, prompts, fps), self.stats)

@@ -13,13 +13,21 @@ import pytest
 import torch
 
 from mmrl.rewards.videoreward import (DETAILED_SPECIAL, REWARD_TOKENS, build_prompt,
-                                      frame_indices, frame_plan, normalise, read_layout,
-                                      smart_nframes, to_uint8)
+                                      frame_indices, frame_plan, normalise, per_dimension,
+                                      read_layout, smart_nframes, to_uint8)
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 PROMPTS = ["a red kite over the sea", "a dog runs left"]
 PIX = dict(min_pixels=56 * 56, max_pixels=56 * 84)  # 56x84 frames: 6 visual tokens per 2 frames
+
+
+def close(a, b, atol=1e-6, rtol=1e-5, what=""):
+    """``a`` equals ``b`` within the tolerances (plain torch: torch.testing's first call costs
+    about a second)."""
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    assert a.shape == b.shape and torch.allclose(a, b, atol=atol, rtol=rtol), \
+        f"{what} max |a - b| = {(a - b).abs().max().item():.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,9 @@ def test_frame_rule_on_the_worked_examples():
 def test_uint8_conversion_rounds_half_to_even_and_clamps():
     x = torch.tensor([-0.1, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 1.0, 1.2])
     assert to_uint8(x).tolist() == [0, 0, 2, 2, 128, 255, 255]
+    from mmrl.diffusion.eval_video import to_uint8 as written  # what mmrl writes to mp4 files
+    v = torch.rand(2, 3, 3, 5, 7)
+    assert torch.equal(to_uint8(v), written(v).movedim(-1, -3))
 
 
 def test_normalisation_arithmetic():
@@ -88,14 +99,16 @@ def test_normalisation_arithmetic():
              "TA_mean": 2.8105, "TA_std": 2.5121}
     raw = torch.tensor([[3.6757 + 2.2476, 1.1646, 2.8105 - 2 * 2.5121], [0.0, 0.0, 0.0]])
     cols = normalise(raw, stats)
-    torch.testing.assert_close(cols["vq"], torch.tensor([1.0, -3.6757 / 2.2476]))
-    torch.testing.assert_close(cols["mq"], torch.tensor([0.0, -1.1646 / 1.3811]))
-    torch.testing.assert_close(cols["ta"], torch.tensor([-2.0, -2.8105 / 2.5121]))
-    torch.testing.assert_close(cols["overall"], torch.tensor([-1.0, -3.6757 / 2.2476
-                                                              - 1.1646 / 1.3811
-                                                              - 2.8105 / 2.5121]))
+    close(cols["vq"], torch.tensor([1.0, -3.6757 / 2.2476]))
+    close(cols["mq"], torch.tensor([0.0, -1.1646 / 1.3811]))
+    close(cols["ta"], torch.tensor([-2.0, -2.8105 / 2.5121]))
+    close(cols["overall"], torch.tensor([-1.0, -3.6757 / 2.2476 - 1.1646 / 1.3811
+                                         - 2.8105 / 2.5121]))
     raw_cols = normalise(raw, None)  # use_norm=False: raw values and their sum
-    torch.testing.assert_close(raw_cols["overall"], raw.sum(1))
+    close(raw_cols["overall"], raw.sum(1))
+    out = torch.arange(18.0).view(2, 3, 3)  # output_dim 3: dimension k at token k
+    assert per_dimension(out).tolist() == [[0.0, 4.0, 8.0], [9.0, 13.0, 17.0]]
+    assert per_dimension(out[..., :1]).tolist() == [[0.0, 3.0, 6.0], [9.0, 12.0, 15.0]]
 
 
 def test_frames_and_patches_equal_transformers_video_processor(scorer, videos):
@@ -114,7 +127,7 @@ def test_frames_and_patches_equal_transformers_video_processor(scorer, videos):
     out = vp(videos=[ref], do_resize=False, do_sample_frames=False, return_tensors="pt")
     rows, grid = to_patches(frames, **scorer._patch)
     assert grid.tolist() == out["video_grid_thw"][0].tolist() == [2, 4, 6]
-    torch.testing.assert_close(rows, out["pixel_values_videos"], atol=1e-6, rtol=0)
+    close(rows, out["pixel_values_videos"], atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------ checkpoint layout
@@ -127,11 +140,11 @@ def test_loader_merges_the_lora_into_the_released_weights(tiny, scorer):
     a, b = sd[pre + "lora_A.default.weight"], sd[pre + "lora_B.default.weight"]
     merged = sd[pre + "base_layer.weight"] + (8 / 4) * b @ a
     q = scorer.model.base.model.language_model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(q.weight, merged)
+    close(q.weight, merged)
     assert (b @ a).abs().max() > 0.01  # the LoRA matters
-    torch.testing.assert_close(scorer.model.rm_head.weight, sd["base_model.model.rm_head.weight"])
+    close(scorer.model.rm_head.weight, sd["base_model.model.rm_head.weight"])
     vis = scorer.model.base.model.visual.patch_embed.proj.weight
-    torch.testing.assert_close(vis, sd["base_model.model.visual.patch_embed.proj.weight"])
+    close(vis, sd["base_model.model.visual.patch_embed.proj.weight"])
 
 
 def test_adapter_layout_loads_the_same_model(tiny, scorer, tmp_path):
@@ -144,7 +157,7 @@ def test_adapter_layout_loads_the_same_model(tiny, scorer, tmp_path):
     assert sorted(got) == sorted(want)
     for k in want:
         if "lm_head" not in k:  # lm_head is unused by the score
-            torch.testing.assert_close(got[k], want[k], msg=k)
+            close(got[k], want[k], what=k)
 
 
 def test_layout_errors_say_what_is_missing(tiny, tmp_path):
@@ -184,10 +197,10 @@ def test_scores_columns_and_causality(scorer, videos):
     batch = evaluate_reward(scorer, v, PROMPTS, [{"fps": 4}, {"fps": 4}])  # 8 frames -> 4
     assert batch.names == ["overall", "vq", "mq", "ta"]
     c = dict(zip(batch.names, batch.values.unbind(1)))
-    torch.testing.assert_close(c["overall"], c["vq"] + c["mq"] + c["ta"])
+    close(c["overall"], c["vq"] + c["mq"] + c["ta"])
     raw = {d: c[d.lower()] * S[f"{d}_std"] + S[f"{d}_mean"] for d in ("VQ", "MQ", "TA")}
     for d in ("VQ", "MQ"):
-        torch.testing.assert_close(raw[d][0], raw[d][1], atol=1e-5, rtol=0)
+        close(raw[d][0], raw[d][1], atol=1e-5, rtol=0)
     assert (raw["TA"][0] - raw["TA"][1]).abs() > 1e-4
     with pytest.raises(ValueError, match="at least 2"):  # a one-frame video
         scorer(videos[:1, :1], PROMPTS[:1], [{"fps": 100}])
@@ -232,7 +245,7 @@ def test_forward_equals_videoalign_model_on_transformers_4_45(peer_run, tiny, sc
         print(f"max |mmrl - Qwen2VLRewardModelBT(4.45.2)| = {diff:.2e}")
         assert diff < 1e-4
     assert (mine[0] - mine[1]).abs().max() > 1e-3  # the inputs differ, so do the scores
-    torch.testing.assert_close(alone[0], mine[1], atol=1e-5, rtol=1e-5)  # right padding
+    close(alone[0], mine[1], atol=1e-5, rtol=1e-5)  # right padding
 
 
 def test_grad_path_reaches_the_pixels(tiny, videos):
