@@ -47,7 +47,7 @@ import contextlib
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -460,7 +460,7 @@ def build_tiny_checkpoint(folder: str, *, special_tokens: Sequence[str] = ("<|Re
     if hidden_size % 16:
         raise ValueError(f"hidden_size={hidden_size}; expected a multiple of 16")
     os.makedirs(folder, exist_ok=True)
-    # tokenizer: the 256 ByteLevel characters (sorted: alphabet() is a set), no merges, Qwen specials
+    # tokenizer: the 256 ByteLevel characters (sorted: alphabet() is a set), no merges, specials
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     _write_json(os.path.join(folder, "vocab.json"), vocab)

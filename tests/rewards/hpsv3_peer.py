@@ -3,10 +3,10 @@
 hpsv3 pins ``transformers==4.45.2``, which cannot share a process with mmrl's pinned transformers
 5, so this file is a script: ONE subprocess per test module (:class:`PeerRun`, or
 :func:`run_jobs` for a one-shot call) receives a JSON list of jobs on stdin and writes one JSON
-result per job. In the subprocess ``.peers-hpsv3/``
-(filled by ``make install`` from peers-hpsv3.txt) is FIRST on ``sys.path``, so ``transformers``,
-``tokenizers`` and ``huggingface_hub`` are the old ones; torch, torchvision, accelerate,
-safetensors, numpy and PIL come from the venv.
+result per job. In the subprocess ``.peers-hpsv3/`` (filled by ``make install`` from
+peers-hpsv3.txt) is FIRST on ``sys.path``, so ``transformers``, ``tokenizers`` and
+``huggingface_hub`` are the old ones; torch, torchvision, accelerate, safetensors, numpy and PIL
+come from the venv.
 
 Jobs (each a dict with ``"mode"``):
 
@@ -25,7 +25,8 @@ Jobs (each a dict with ``"mode"``):
   processor from ``texts`` + ``videos`` (``torch.save``d uint8 ``[T, 3, H, W]`` tensors, already at
   their final size) / ``images`` (paths). For VideoReward-style models:
   ``output_dim=1, rm_head_type="default", special_tokens=[...3 tokens]``.
-  Result: ``{"logits": [[...], ...]}`` (``[B, n_tokens * output_dim]`` as the package returns).
+  Result: ``{"logits": [[...], ...], "input_ids": [[...], ...]}`` (logits ``[B, n_tokens *
+  output_dim]`` as the package returns them).
 
 Imports the inference never runs (trl, peft, fire, deepspeed, pandas, datasets, matplotlib,
 tensorboard) are stubbed; trl's ``get_quantization_config`` / ``get_kbit_device_map`` answer
@@ -181,10 +182,10 @@ def _hpsv3(job) -> dict:
     from hpsv3 import HPSv3RewardInferencer
     inf = HPSv3RewardInferencer(config_path=_yaml(job), checkpoint_path=job["checkpoint"],
                                 device="cpu")
-    with torch.no_grad():
-        batch = inf.prepare_batch(job["images"], job["prompts"])
-        logits = inf.model(return_dict=True, **batch)["logits"]
-    return {"logits": logits.tolist(), "input_ids": batch["input_ids"].tolist()}
+    with torch.no_grad():  # hpsv3 1.0.0's reward() leaves autograd on
+        logits = inf.reward(job["images"], job["prompts"])
+    ids = inf.prepare_batch(job["images"], job["prompts"])["input_ids"]
+    return {"logits": logits.tolist(), "input_ids": ids.tolist()}
 
 
 def _bt_forward(job) -> dict:
