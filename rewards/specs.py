@@ -40,6 +40,7 @@ SCORERS.register("flicker", _lazy("video_rules", "Flicker"))
 SCORERS.register("brightness_trend", _lazy("video_rules", "BrightnessTrend"))
 SCORERS.register("pref_winrate", _lazy("pairwise", "PrefWinRate"))
 SCORERS.register("vlm_judge", _lazy("vlm_judge", "VLMJudge"))
+SCORERS.register("videoreward", _lazy("videoreward", "VideoReward"))
 
 JUDGES: Registry = Registry("pairwise judge")
 """Pairwise judges: ``judge.compare(a, b, prompts) -> Tensor[n]`` = P(a preferred), the inner
@@ -49,7 +50,8 @@ JUDGES.register("bradley_terry", _lazy("pairwise", "BradleyTerryJudge"))
 JUDGES.register("vlm_pair", _lazy("vlm_judge", "VLMPairJudge"))
 JUDGES.register("vlm_pair_video", _lazy("vlm_judge", "VLMVideoPairJudge"))
 
-VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend"})
+VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend",
+                           "videoreward"})
 """Registered names whose class scores videos ``[B, F, 3, H, W]`` (``media = "video"``; a test
 keeps this equal to the classes), read without torch by the job's media check."""
 FRAME_REDUCES = ("mean", "min", "max", "frame")
