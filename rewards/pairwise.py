@@ -141,10 +141,12 @@ def batch_pairs(groups: Tensor, opponents: Optional[int] = None) -> Tensor:
 
 # --------------------------------------------------------------------------- the reward
 
-def load_judge(name: str, device=None, dtype=None, **options) -> PairwiseJudge:
+def load_judge(name: str, device=None, dtype=None, if_taken: Optional[Dict[str, Any]] = None,
+               **options) -> PairwiseJudge:
     """Build the pairwise judge registered as ``name`` (:data:`mmrl.rewards.specs.JUDGES`, or a
-    scorer registered with a ``compare`` method); ``device``/``dtype`` go to it when it takes
-    them, ``options`` always.
+    scorer registered with a ``compare`` method); ``device``/``dtype`` and the defaults in
+    ``if_taken`` go to it when it takes them (and ``options`` does not set them), ``options``
+    always.
 
     Raises:
         ValueError: unknown name. TypeError: an option it does not take; no ``compare``.
@@ -167,7 +169,8 @@ def load_judge(name: str, device=None, dtype=None, **options) -> PairwiseJudge:
     if bad and not forwards:
         raise TypeError(f"judge {name!r} does not take {', '.join(map(repr, bad))} (it takes: "
                         f"{', '.join(ok)}); remove it or pick another judge")
-    extra = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None and k in ok}
+    extra = {k: v for k, v in (("device", device), ("dtype", dtype), *(if_taken or {}).items())
+             if v is not None and k in ok and k not in options}
     judge = factory(**extra, **options)
     if not callable(getattr(judge, "compare", None)):
         raise TypeError(f"{name!r} is not a pairwise judge (no compare(a, b, prompts)); pick one "
@@ -232,7 +235,11 @@ class PrefWinRate(Scorer):
         if problems:
             raise ValueError("; ".join(problems))
         super().__init__(batch_size=pairs_per_call, grad=False)
-        self.judge = judge if built else load_judge(judge, device=device, dtype=dtype, **options)
+        # the win rate orders its queries itself (both_orders above, thresholded per query with
+        # hard=true): a judge that can also average both orders (vlm_pair) must not, or every
+        # pair would be asked four times
+        self.judge = judge if built else load_judge(judge, device=device, dtype=dtype,
+                                                    if_taken={"both_orders": False}, **options)
         self.media = getattr(self.judge, "media", "image")
         self.uses_prompts = bool(getattr(self.judge, "uses_prompts", True))
         self.opponents, self.both_orders, self.hard = opponents, both_orders, hard

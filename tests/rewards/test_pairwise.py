@@ -305,3 +305,29 @@ def test_a_judge_named_as_a_reward_points_at_pref_winrate():
     (msg,) = reward_spec_problems("vlm_pair:path=/ckpt")
     assert "pairwise judge" in msg and "pref_winrate:judge=vlm_pair" in msg
     assert reward_spec_problems("pref_winrate:judge=vlm_pair:path=/ckpt") == []
+
+
+def test_pref_winrate_asks_a_vlm_pair_judge_each_query_once(tmp_path, monkeypatch):
+    """vlm_pair averages both orders by default; inside pref_winrate (which orders its queries
+    itself) it is built with both_orders=False, so a pair costs 2 forwards, not 4."""
+    import inspect
+
+    import mmrl.rewards.pairwise as pw
+    from mmrl.rewards.vlm_judge import VLMPairJudge
+    assert "both_orders" in inspect.signature(VLMPairJudge.__init__).parameters
+    seen = {}
+
+    class SpyJudge(FakeVlmPair):
+        def __init__(self, path=None, both_orders=True, batch_size=8):
+            seen["both_orders"] = both_orders
+
+    def factory(**kw):
+        return SpyJudge(**kw)
+
+    factory.target = ("pairwise", "SpyJudge", {})  # a lazy entry: its class's signature counts
+    monkeypatch.setattr(pw, "SpyJudge", SpyJudge, raising=False)
+    monkeypatch.setitem(JUDGES._entries, "spy", factory)
+    load("pref_winrate", judge="spy", path=str(tmp_path))
+    assert seen["both_orders"] is False
+    pw.load_judge("spy", if_taken={"both_orders": False}, both_orders=True)
+    assert seen["both_orders"] is True  # an explicit option wins
