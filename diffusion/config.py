@@ -404,6 +404,11 @@ def reward_media_problems(spec: str, frames: int) -> List[str]:
             out.extend(f"reward: {p}" for p in frames_problems(options, frames))
         if name == "pref_winrate":  # its media is its judge's
             out.extend(f"reward: {p}" for p in pref_problems(options))
+        if name == "videoreward" and frames and options.get("fps") is None \
+                and options.get("num_frames") is None:
+            out.append("reward: videoreward samples frames per second of video, and the job's "
+                       "videos carry no frame rate; give the generator's: videoreward:fps=16 "
+                       "(Wan 2.1; Wan 2.2 TI2V-5B: 24), or num_frames=N for a fixed count")
         if media_of(name, options) == "video" and not frames:
             out.append(f"reward: {name} scores videos [B, F, 3, H, W] but diffusion.frames=0 "
                        f"(an image job); set diffusion.frames to the frames per sample of a "
