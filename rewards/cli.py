@@ -200,8 +200,10 @@ def build_server(args):
                           max_batch=_limit(args.max_batch),
                           max_image_pixels=_limit(args.max_image_pixels),
                           max_request_pixels=_limit(args.max_request_pixels),
+                          max_video_frames=_limit(args.max_video_frames),
                           max_connections=_limit(args.max_connections),
                           max_active=_limit(args.max_active),
+                          batch_window_ms=_limit(args.batch_window_ms),
                           allowed_hosts=args.allow_host, log=not args.quiet)
     path = None
     if auth is None:
@@ -385,10 +387,17 @@ def _add_serve(sub):
                    help="pixels per image, checked before decoding (default %(default)d)")
     p.add_argument("--max-request-pixels", type=int, default=_ServerDefault("MAX_REQUEST_PIXELS"),
                    help="pixels per request, checked before decoding (default %(default)d)")
+    p.add_argument("--max-video-frames", type=int, default=_ServerDefault("MAX_VIDEO_FRAMES"),
+                   help="frames per video (video scorers), checked before decoding (default "
+                   "%(default)d)")
+    p.add_argument("--batch-window-ms", type=float, default=_ServerDefault("BATCH_WINDOW_MS"),
+                   help="merge requests arriving within this many ms into one model call of at "
+                   "most --max-batch items (default %(default)g; 0 = score each request alone)")
     p.add_argument("--max-connections", type=int, default=_ServerDefault("MAX_CONNECTIONS"),
                    help="open connections; more get 503 (default %(default)d)")
     p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"), help="requests read, "
-                   "decoded and scored at once; bounds memory (default %(default)d)")
+                   "decoded, batched and scored at once (so also the most requests one batch "
+                   "merges); bounds memory (default %(default)d)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_serve))
