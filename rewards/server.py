@@ -345,9 +345,8 @@ class RewardServer:
         n = len(x)
         prompts = self._prompts(body.get("prompts"), n)
         if not video:
-            shape = ("pil",) if isinstance(x, list) else tuple(x.shape[1:])
             return Job(self.scorer, {"images": x, "prompts": prompts}, n, budget.total,
-                       ("score", shape))
+                       ("score", _shape_key(x)))
         fps = body.get("fps")
         if fps is None:
             fps = [None] * n
@@ -374,9 +373,8 @@ class RewardServer:
         loaders = [self._open(body, k, budget) for k in keys]  # every header before decoding
         a, b = (load() for load in loaders)
         prompts = self._prompts(body.get("prompts"), len(a))
-        shape = tuple(("pil",) if isinstance(v, list) else tuple(v.shape[1:]) for v in (a, b))
         return Job(self.scorer.compare, {"images_a": a, "images_b": b, "prompts": prompts},
-                   len(a), budget.total, ("compare", shape))
+                   len(a), budget.total, ("compare", _shape_key(a), _shape_key(b)))
 
     def run(self, job: Job) -> Dict[str, Any]:
         """Score ``job`` (merged with others when batching is on); the JSON answer."""
@@ -428,6 +426,14 @@ class RewardServer:
             self.batcher.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _shape_key(x) -> tuple:
+    """What a merged batch must share: a tensor's item shape, or the set of PIL image sizes and
+    modes (a scorer may stack same-size images, so different sizes never meet in one call)."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[1:])
+    return ("pil", tuple(sorted({(im.size, im.mode) for im in x})))
 
 
 def answer(out) -> Dict[str, Any]:

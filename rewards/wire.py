@@ -65,8 +65,15 @@ class PixelBudget:
                                     f"per request (or raise --max-request-pixels)")
 
 
+def _item(label: str, i: int) -> str:
+    """``image 3`` for the ``images`` field, ``images_b[3]`` for a named one."""
+    return f"{label} {i}" if label in ("image", "video") else f"{label}[{i}]"
+
+
 def _held(label: str, i: int) -> str:
-    return f"{label}s 0..{i} hold" if i else f"{label} 0 holds"
+    if label in ("image", "video"):
+        return f"{label}s 0..{i} hold" if i else f"{label} 0 holds"
+    return f"{label}[0..{i}] hold" if i else f"{label}[0] holds"
 
 
 def _png_entry(buf_im: Image.Image) -> str:
@@ -158,20 +165,20 @@ def _one_format(entries: Any, key: str, label: str) -> str:
 def _f32_shape(entries, rank: int, label: str, budget: PixelBudget,
                max_frames: Optional[int] = None) -> Tuple[int, ...]:
     """The one shape of f32 entries, counted against ``budget`` before any data is decoded."""
-    shapes = {_shape(e, rank, f"{label} {i}") for i, e in enumerate(entries)}
+    shapes = {_shape(e, rank, _item(label, i)) for i, e in enumerate(entries)}
     if len(shapes) != 1:
         raise RequestError(400, f"f32 {label}s have different shapes {sorted(shapes)}; send one "
                                 f"shape per request")
     shape = shapes.pop()
     c, h, w = shape[-3:]
     if rank == 4:
-        _check_frames(shape[0], max_frames, f"{label} 0")
+        _check_frames(shape[0], max_frames, _item(label, 0))
     if c < 1:
         raise RequestError(400, f"f32 shape {list(shape)} has {c} channels; expected 1, 3 or 4")
     per = shape[0] if rank == 4 else 1
     for i in range(len(entries)):
         for _ in range(per):
-            budget.add(f"{label} {i}", w, h, _held(label, i))
+            budget.add(_item(label, i), w, h, _held(label, i))
     return shape
 
 
@@ -179,9 +186,9 @@ def _f32_data(entries, shape: Tuple[int, ...], label: str) -> torch.Tensor:
     n = 4 * int(np.prod(shape))
     arrs = []
     for i, e in enumerate(entries):
-        raw = _b64(e.get("data"), f"{label} {i}")
+        raw = _b64(e.get("data"), _item(label, i))
         if len(raw) != n:
-            raise RequestError(400, f"{label} {i} has {len(raw)} bytes of data for shape "
+            raise RequestError(400, f"{_item(label, i)} has {len(raw)} bytes of data for shape "
                                     f"{list(shape)}; expected {n} (float32)")
         arrs.append(np.frombuffer(raw, dtype="<f4").reshape(shape))
     return torch.from_numpy(np.stack(arrs))  # np.stack copies: the tensor owns writable memory
@@ -215,11 +222,11 @@ def open_images(entries: Any, budget: PixelBudget, key: str = "images"):
         return lambda: _f32_data(entries, shape, label)
     opened = []
     for i, e in enumerate(entries):
-        im = _open_png(_b64(e.get("data"), f"{label} {i}"), f"{label} {i}")
+        im = _open_png(_b64(e.get("data"), _item(label, i)), _item(label, i))
         w, h = im.size
-        budget.add(f"{label} {i}", w, h, _held(label, i))
+        budget.add(_item(label, i), w, h, _held(label, i))
         opened.append(im)
-    return lambda: [_load_png(im, f"{label} {i}") for i, im in enumerate(opened)]
+    return lambda: [_load_png(im, _item(label, i)) for i, im in enumerate(opened)]
 
 
 def _check_frames(n: Any, max_frames: Optional[int], what: str):
@@ -243,10 +250,10 @@ def open_videos(entries: Any, budget: PixelBudget, max_frames: int = MAX_VIDEO_F
     for i, e in enumerate(entries):
         frames = e.get("frames")
         _check_frames(len(frames) if isinstance(frames, list) else frames, max_frames,
-                      f"{label} {i}")
+                      _item(label, i))
         video = []
         for t, data in enumerate(frames):
-            what = f"{label} {i} frame {t}"
+            what = f"{_item(label, i)} frame {t}"
             im = _open_png(_b64(data, what), what)
             budget.add(what, *im.size, _held(label, i))
             sizes.add((len(frames), *im.size))
@@ -257,7 +264,7 @@ def open_videos(entries: Any, budget: PixelBudget, max_frames: int = MAX_VIDEO_F
                                 f"{sorted(sizes)[:3]}; send one frame count and size per request")
 
     def decode() -> torch.Tensor:
-        out = np.stack([np.stack([np.asarray(_load_png(im, f"{label} {i} frame {t}")
+        out = np.stack([np.stack([np.asarray(_load_png(im, f"{_item(label, i)} frame {t}")
                                              .convert("RGB"))
                                   for t, im in enumerate(v)]) for i, v in enumerate(opened)])
         # [B, F, H, W, 3] uint8 -> [B, F, 3, H, W] float in [0, 1]
