@@ -381,7 +381,8 @@ def _add_serve(sub):
                    "localhost (repeatable); other names get 403 (DNS rebinding)")
     p.add_argument("--max-request-mb", type=float, default=_ServerDefault("MAX_REQUEST_BYTES", 2**20),
                    help="request body limit in MiB (default %(default)g)")
-    p.add_argument("--max-batch", type=int, default=_ServerDefault("MAX_BATCH"), help="images per request "
+    p.add_argument("--max-batch", type=int, default=_ServerDefault("MAX_BATCH"),
+                   help="images, videos or pairs per request, and per merged model call "
                    "(default %(default)d)")
     p.add_argument("--max-image-pixels", type=int, default=_ServerDefault("MAX_IMAGE_PIXELS"),
                    help="pixels per image, checked before decoding (default %(default)d)")
@@ -395,9 +396,9 @@ def _add_serve(sub):
                    "most --max-batch items (default %(default)g; 0 = score each request alone)")
     p.add_argument("--max-connections", type=int, default=_ServerDefault("MAX_CONNECTIONS"),
                    help="open connections; more get 503 (default %(default)d)")
-    p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"), help="requests read, "
-                   "decoded, batched and scored at once (so also the most requests one batch "
-                   "merges); bounds memory (default %(default)d)")
+    p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"),
+                   help="requests read, decoded, batched and scored at once (so also the most "
+                   "requests one batch merges); bounds memory (default %(default)d)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_serve))

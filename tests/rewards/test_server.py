@@ -471,16 +471,20 @@ def test_batching_off_scores_each_request_alone(server):
 
 
 class _MeanVideo(VideoScorer):
-    """Mean pixel of each video plus its fps (0 when unknown); counts its calls."""
+    """Mean pixel of each video plus its fps (0 when unknown); counts its calls. With
+    ``columns``: ``{"mean", "first"}`` (the mean and the first frame's mean)."""
     name, scale, uses_prompts = "mean_video", "mean + fps", False
 
-    def __init__(self):
+    def __init__(self, columns=False):
         super().__init__(batch_size=4)
-        self.calls = []
+        self.calls, self.columns = [], columns
 
     def _score_videos(self, videos, prompts, fps):
         self.calls.append(len(videos))
-        return videos.mean(dim=(1, 2, 3, 4)) + torch.tensor([f or 0.0 for f in fps])
+        mean = videos.mean(dim=(1, 2, 3, 4)) + torch.tensor([f or 0.0 for f in fps])
+        if self.columns:
+            return {"mean": mean, "first": videos[:, 0].mean(dim=(1, 2, 3))}
+        return mean
 
 
 def test_video_requests_round_trip_and_respect_limits(server):
@@ -510,7 +514,8 @@ def test_video_requests_round_trip_and_respect_limits(server):
     cases = [
         ({**body, "videos": encode_videos(torch.rand(1, 5, 3, 2, 2))}, 413,
          "video 0 has 5 frames, over the server's max_video_frames 4"),
-        ({**body, "videos": [{"format": "png", "frames": [_entry(_png_header(9, 9))["data"]] * 4}]}, 413,
+        ({**body, "videos": [{"format": "png",
+                              "frames": [_entry(_png_header(9, 9))["data"]] * 4}]}, 413,
          "video 0 holds 324 pixels, over the server's max_request_pixels 300"),
         ({**body, "videos": one + encode_videos(torch.rand(1, 2, 3, 4, 5), "png")}, 400,
          "png videos have different (frames, width, height)"),
@@ -524,6 +529,19 @@ def test_video_requests_round_trip_and_respect_limits(server):
     for b, code, message in cases:
         got, out = _post(srv.url, b, token="t")
         assert (got, out["error"][:len(message)]) == (code, message)
+    # named columns travel as {"columns": {name: [...]}}; batching on, from the CLI flags
+    from mmrl.cli.app import build_parser
+    from mmrl.rewards.cli import build_server
+    args = build_parser().parse_args(["reward", "serve", "flicker", "--port", "0", "--quiet",
+                                      "--no-token", "--batch-window-ms", "2",
+                                      "--max-video-frames", "3"])
+    cli_srv, _, _ = build_server(args)
+    assert (cli_srv.batch_window_ms, cli_srv.max_video_frames) == (2.0, 3)
+    cli_srv.stop()
+    cols = server(_MeanVideo(columns=True), batch_window_ms=2)
+    got = R.load("remote_video", url=cols.url)(v, None)
+    assert sorted(got) == ["first", "mean"]
+    torch.testing.assert_close(got["first"], v[:, 0].mean(dim=(1, 2, 3)), rtol=0, atol=0)
 
 
 class _FakePairJudge:
