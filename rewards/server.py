@@ -341,9 +341,9 @@ class RewardServer:
                                     f"load({('remote_video' if video else 'remote')!r}, url=...)")
         n = self._items(body, (key,), key)
         budget = PixelBudget(self.max_image_pixels, self.max_request_pixels)
-        x = self._open(body, key, budget)()
-        n = len(x)
+        load = self._open(body, key, budget)  # headers and shapes checked, nothing decoded
         prompts = self._prompts(body.get("prompts"), n)
+        x = load()
         if not video:
             return Job(self.scorer, {"images": x, "prompts": prompts}, n, budget.total,
                        ("score", _shape_key(x)))
@@ -368,11 +368,11 @@ class RewardServer:
         """
         side = "videos" if self.media == "video" else "images"
         keys = (f"{side}_a", f"{side}_b")
-        self._items(body, keys, "pairs")
+        n = self._items(body, keys, "pairs")
         budget = PixelBudget(self.max_image_pixels, self.max_request_pixels)
         loaders = [self._open(body, k, budget) for k in keys]  # every header before decoding
+        prompts = self._prompts(body.get("prompts"), n)
         a, b = (load() for load in loaders)
-        prompts = self._prompts(body.get("prompts"), len(a))
         return Job(self.scorer.compare, {"images_a": a, "images_b": b, "prompts": prompts},
                    len(a), budget.total, ("compare", _shape_key(a), _shape_key(b)))
 
