@@ -228,8 +228,10 @@ def build_server(args):
                           max_batch=_limit(args.max_batch),
                           max_image_pixels=_limit(args.max_image_pixels),
                           max_request_pixels=_limit(args.max_request_pixels),
+                          max_video_frames=_limit(args.max_video_frames),
                           max_connections=_limit(args.max_connections),
                           max_active=_limit(args.max_active),
+                          batch_window_ms=_limit(args.batch_window_ms),
                           allowed_hosts=args.allow_host, log=not args.quiet)
     path = None
     if auth is None:
@@ -416,16 +418,24 @@ def _add_serve(sub):
                    "localhost (repeatable); other names get 403 (DNS rebinding)")
     p.add_argument("--max-request-mb", type=float, default=_ServerDefault("MAX_REQUEST_BYTES", 2**20),
                    help="request body limit in MiB (default %(default)g)")
-    p.add_argument("--max-batch", type=int, default=_ServerDefault("MAX_BATCH"), help="images per request "
+    p.add_argument("--max-batch", type=int, default=_ServerDefault("MAX_BATCH"),
+                   help="images, videos or pairs per request, and per merged model call "
                    "(default %(default)d)")
     p.add_argument("--max-image-pixels", type=int, default=_ServerDefault("MAX_IMAGE_PIXELS"),
                    help="pixels per image, checked before decoding (default %(default)d)")
     p.add_argument("--max-request-pixels", type=int, default=_ServerDefault("MAX_REQUEST_PIXELS"),
                    help="pixels per request, checked before decoding (default %(default)d)")
+    p.add_argument("--max-video-frames", type=int, default=_ServerDefault("MAX_VIDEO_FRAMES"),
+                   help="frames per video (video scorers), checked before decoding (default "
+                   "%(default)d)")
+    p.add_argument("--batch-window-ms", type=float, default=_ServerDefault("BATCH_WINDOW_MS"),
+                   help="merge requests arriving within this many ms into one model call of at "
+                   "most --max-batch items (default %(default)g; 0 = score each request alone)")
     p.add_argument("--max-connections", type=int, default=_ServerDefault("MAX_CONNECTIONS"),
                    help="open connections; more get 503 (default %(default)d)")
-    p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"), help="requests read, "
-                   "decoded and scored at once; bounds memory (default %(default)d)")
+    p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"),
+                   help="requests read, decoded, batched and scored at once (so also the most "
+                   "requests one batch merges); bounds memory (default %(default)d)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     _add_model_args(p)
     p.set_defaults(func=_guarded(cmd_serve))

@@ -1,23 +1,45 @@
-"""A reward server for scorers whose dependencies clash with training, and the ``remote`` scorer.
+"""A reward server for scorers whose dependencies clash with training (or that are too large to
+load in every training process), and the ``remote`` clients.
 
 Run the scorer in its own environment (``mmrl reward serve imagereward --port 8765``) and score
-from training with ``load("remote", url="http://127.0.0.1:8765")``.
+from training with ``load("remote", url="http://127.0.0.1:8765")`` (``load("remote_video", ...)``
+for a video scorer; :class:`RemoteJudge` for a pairwise judge).
 
-Wire format (JSON over HTTP, stdlib only):
+Wire format (JSON over HTTP, stdlib only; media entries as in :mod:`mmrl.rewards.wire`):
 
-- ``GET /health`` -> ``{"name", "scale", "uses_prompts", "max_batch", "max_request_bytes",
-  "max_image_pixels", "max_request_pixels"}``.
-- ``POST /score`` (``Content-Type: application/json``) with ``{"prompts": [B str], "images":
-  [B image]}`` where an image is ``{"format": "png", "data": base64 PNG}`` (PIL inputs; lossless for
-  8-bit images) or ``{"format": "f32", "shape": [C, H, W], "data": base64 little-endian float32}``
-  (tensor inputs, sent exactly). -> ``{"scores": [B float]}``; a non-finite score is ``null`` and
-  its index is listed in ``"nonfinite"`` (the client turns it back into NaN, as a local scorer).
+- ``GET /health`` -> ``{"name", "scale", "uses_prompts", "media": "image" | "video", "routes",
+  "max_batch", "max_request_bytes", "max_image_pixels", "max_request_pixels",
+  "max_video_frames", "batch_window_ms", "stats": {"requests", "batches", "model_calls",
+  "isolated_reruns"}}``.
+- ``POST /score`` (``Content-Type: application/json``), image scorers: ``{"prompts": [B str],
+  "images": [B image]}`` where an image is ``{"format": "png", "data": base64 PNG}`` (PIL inputs;
+  lossless for 8-bit images) or ``{"format": "f32", "shape": [C, H, W], "data": base64
+  little-endian float32}`` (tensor inputs, sent exactly). Video scorers (``media = "video"``):
+  ``{"media": "video", "prompts": [B str], "videos": [B video], "fps": [B number | null]}``
+  (``fps`` optional) where a video is ``{"format": "png", "frames": [F base64 PNG]}`` or
+  ``{"format": "f32", "shape": [F, C, H, W], "data": base64 float32}``, all of one shape.
+  -> ``{"scores": [B float]}``; a non-finite score is ``null`` and its index is listed in
+  ``"nonfinite"`` (the client turns it back into NaN, as a local scorer). A scorer returning
+  named columns answers ``{"columns": {name: [B float | null]}}``.
+- ``POST /compare`` (served when the object has ``compare(images_a, images_b, prompts) ->
+  Tensor[n]``, a pairwise judge): ``{"prompts": [n str], "images_a": [n image], "images_b":
+  [n image]}`` (``videos_a`` / ``videos_b`` for a video judge) -> ``{"scores": [n float]}``,
+  P(A preferred).
 - Errors: ``{"error": message}`` with 400 (malformed request or image), 401 (token), 403 (a Host
   header that is not this server's, or a request from a web page: ``Origin`` header), 404, 411
-  (no Content-Length), 413 (body over ``max_request_bytes``, more than ``max_batch`` images, an
-  image over ``max_image_pixels`` or a request over ``max_request_pixels``, all checked before
-  anything is decoded), 415 (not JSON), 500 (the scorer failed), 503 (too many connections, or no
-  free request slot in time: retry later).
+  (no Content-Length), 413 (body over ``max_request_bytes``, more than ``max_batch`` images,
+  videos or pairs, an image or frame over ``max_image_pixels``, a request over
+  ``max_request_pixels``, a video over ``max_video_frames``, all checked before anything is
+  decoded), 415 (not JSON), 500 (the scorer failed), 503 (too many connections, or no free
+  request slot in time: retry later).
+
+Batching (``batch_window_ms`` > 0, the default): requests that arrive within the window (of the
+oldest pending one) are decoded in their own threads, then scored in ONE scorer call (which
+splits it by the scorer's ``batch_size`` as usual) of at most ``max_batch`` items and
+``max_request_pixels`` pixels, and each request gets its own rows back
+(:mod:`mmrl.rewards.batching`). When a merged call fails, each request is re-scored alone, so a
+bad request fails only itself. ``batch_window_ms=0`` scores each request in its own thread, one
+model call at a time.
 
 Security model: the server binds to loopback unless told otherwise and refuses a non-loopback
 address without a token (``Authorization: Bearer TOKEN``). Requests from browsers are refused
@@ -25,13 +47,11 @@ address without a token (``Authorization: Bearer TOKEN``). Requests from browser
 cross-site form cannot post). Only PNG is decoded (``Image.open(formats=["PNG"])``); pixel counts
 are read from the PNG header and capped before decoding. Memory is bounded: at most
 ``max_connections`` open connections (one thread each) and ``max_active`` requests whose bodies
-are read, decoded and scored at once.
+are read, decoded, waiting for their batch or scored at once.
 """
 from __future__ import annotations
 
-import base64
 import hmac
-import io
 import ipaddress
 import json
 import math
@@ -43,31 +63,26 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from mmrl.rewards.base import Scorer
+from mmrl.rewards.base import Scorer, check_images, check_prompts
+from mmrl.rewards.batching import Batcher, Job
+from mmrl.rewards.video import VideoScorer, check_videos
+from mmrl.rewards.wire import (MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, MAX_VIDEO_FRAMES,  # noqa: F401
+                               PixelBudget, RequestError, decode_images, decode_videos,
+                               encode_images, encode_videos, entry_bytes, open_images,
+                               open_videos)
 
 TOKEN_ENV = "MMRL_REWARD_TOKEN"
 MAX_REQUEST_BYTES = 64 * 2**20
-MAX_BATCH = 256
-# 16.8 Mpx (4096^2) per image and 64 Mpx per request (64 images of 1024^2): decoded RGB that is
-# 50 MB per image and 200 MB per request, where a 9000^2 PNG of 97 KiB would otherwise cost 243 MB.
-MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_REQUEST_PIXELS = 64 * 2**20
+MAX_BATCH = 256  # images, videos or pairs per request; also per merged model call
 MAX_CONNECTIONS = 32  # open connections, one thread each; more get 503 at once
-MAX_ACTIVE = 2  # requests reading, decoding or scoring at once: one decodes while one scores
-
-
-class RequestError(ValueError):
-    """A request the server refuses: ``status`` is the HTTP code (4xx/503), the text the reason."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+# requests reading, decoding, waiting for their batch or scoring at once: also the most requests
+# one batch can merge (8 training ranks); memory about 8 x (64 MiB body + 200 MB decoded)
+MAX_ACTIVE = 8
+BATCH_WINDOW_MS = 5.0  # a batch stays open this long after its oldest request arrived
 
 
 def is_loopback(host: str) -> bool:
@@ -115,118 +130,6 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def encode_images(images) -> List[Dict[str, Any]]:
-    """PIL images -> PNG entries; a float tensor ``[B, C, H, W]`` -> exact float32 entries."""
-    if isinstance(images, torch.Tensor):
-        arr = images.detach().to("cpu", torch.float32).numpy().astype("<f4")
-        return [{"format": "f32", "shape": list(a.shape),
-                 "data": base64.b64encode(a.tobytes()).decode()} for a in arr]
-    out = []
-    for im in images:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        out.append({"format": "png", "data": base64.b64encode(buf.getvalue()).decode()})
-    return out
-
-
-def decode_images(entries: List[Dict[str, Any]], max_image_pixels: int = MAX_IMAGE_PIXELS,
-                  max_request_pixels: int = MAX_REQUEST_PIXELS):
-    """Inverse of :func:`encode_images`: a PIL list or a ``[B, C, H, W]`` float tensor.
-
-    Pixel counts are checked from the PNG headers (or the f32 shapes) before anything is decoded;
-    only PNG is decoded from a ``png`` entry, whatever else PIL could read.
-
-    Raises:
-        RequestError: 400 for a malformed entry, an undecodable or empty image; 413 for an image
-            over ``max_image_pixels`` or a batch over ``max_request_pixels``.
-    """
-    if not isinstance(entries, list) or not entries:
-        raise RequestError(400, f"'images' is {type(entries).__name__}; expected a non-empty list "
-                                f"of {{'format': 'png' | 'f32', 'data': base64, ...}} entries")
-    formats = {e.get("format") if isinstance(e, dict) else None for e in entries}
-    if formats == {"png"}:
-        return _decode_png(entries, max_image_pixels, max_request_pixels)
-    if formats == {"f32"}:
-        return _decode_f32(entries, max_image_pixels, max_request_pixels)
-    raise RequestError(400, f"image formats {sorted(map(str, formats))}; expected all 'png' or "
-                            f"all 'f32'")
-
-
-def _b64(entry: Dict[str, Any], i: int) -> bytes:
-    try:
-        return base64.b64decode(entry["data"], validate=True)
-    except KeyError:
-        raise RequestError(400, f"image {i} has no 'data'; expected base64 bytes") from None
-    except (TypeError, ValueError) as err:
-        raise RequestError(400, f"image {i}: 'data' is not valid base64 ({err})") from None
-
-
-def _check_pixels(i: int, w: int, h: int, total: int, max_image: int, max_request: int):
-    if w < 1 or h < 1:
-        raise RequestError(400, f"image {i} is empty ({w}x{h} pixels); send at least 1x1")
-    if w * h > max_image:
-        raise RequestError(413, f"image {i} is {w}x{h} = {w * h} pixels, over the server's "
-                                f"max_image_pixels {max_image}; resize it (or raise "
-                                f"--max-image-pixels)")
-    if total > max_request:
-        which = f"images 0..{i} hold" if i else "image 0 holds"
-        raise RequestError(413, f"{which} {total} pixels, over the server's "
-                                f"max_request_pixels {max_request}; send fewer images per "
-                                f"request (or raise --max-request-pixels)")
-
-
-def _decode_png(entries, max_image: int, max_request: int) -> List[Image.Image]:
-    opened, total = [], 0
-    for i, e in enumerate(entries):
-        data = _b64(e, i)
-        try:  # lazy: reads the header only
-            im = Image.open(io.BytesIO(data), formats=["PNG"])
-        except UnidentifiedImageError:
-            raise RequestError(400, f"image {i} is declared 'png' but is not a PNG (starts with "
-                                    f"{data[:8]!r}); send PNG bytes, no other format is "
-                                    f"decoded") from None
-        except Image.DecompressionBombError as err:
-            raise RequestError(413, f"image {i}: {err}") from None
-        w, h = im.size
-        total += w * h
-        _check_pixels(i, w, h, total, max_image, max_request)
-        opened.append(im)
-    for i, im in enumerate(opened):
-        try:
-            im.load()
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
-            # PIL's decoders raise all of these on corrupt or truncated data
-            raise RequestError(400, f"image {i}: the PNG could not be decoded ({type(err).__name__}"
-                                    f": {err}); send complete PNG files") from None
-    return opened
-
-
-def _decode_f32(entries, max_image: int, max_request: int) -> torch.Tensor:
-    shapes = set()
-    for i, e in enumerate(entries):
-        s = e.get("shape")
-        if (not isinstance(s, list) or len(s) != 3
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in s)):
-            raise RequestError(400, f"image {i} has shape {s!r}; expected [C, H, W] integers")
-        shapes.add(tuple(s))
-    if len(shapes) != 1:
-        raise RequestError(400, f"f32 images have different shapes {sorted(shapes)}; send one "
-                                f"shape per request")
-    c, h, w = shape = shapes.pop()
-    if c < 1:
-        raise RequestError(400, f"f32 shape {list(shape)} has {c} channels; expected 1, 3 or 4")
-    for i in range(len(entries)):  # all before any base64 is decoded
-        _check_pixels(i, w, h, (i + 1) * h * w, max_image, max_request)
-    arrs = []
-    for i, e in enumerate(entries):
-        raw = _b64(e, i)
-        if len(raw) != 4 * c * h * w:
-            raise RequestError(400, f"image {i} has {len(raw)} bytes of data for shape "
-                                    f"{list(shape)}; expected {4 * c * h * w} (float32)")
-        arrs.append(np.frombuffer(raw, dtype="<f4").reshape(shape))
-    return torch.from_numpy(np.stack(arrs))  # np.stack copies: the tensor owns writable memory
-
-
 class _BoundedHTTPServer(ThreadingHTTPServer):
     """One thread per connection, at most ``max_connections`` at once; more get 503 and close."""
 
@@ -264,22 +167,32 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 
 class RewardServer:
-    """Serve one scorer over HTTP (see module docstring for the protocol and security model).
+    """Serve one scorer or pairwise judge over HTTP (see module docstring for the protocol, the
+    batching and the security model).
 
     Args:
-        scorer: any scorer (``scorer(images, prompts) -> Tensor[B]``).
+        scorer: an image scorer (``scorer(images, prompts) -> Tensor[B]``), a video scorer
+            (``media = "video"``: ``scorer(videos [B, F, 3, H, W], prompts, metadata)``) and/or
+            a pairwise judge (``compare(images_a, images_b, prompts) -> Tensor[n]``, served on
+            ``/compare``).
         host: address to bind; loopback by default. Any other address needs a ``token``.
         port: TCP port; 0 picks a free one (read it back from ``.port``).
         token: shared secret required as ``Authorization: Bearer TOKEN`` (None: no token, only
             allowed on loopback; ``mmrl reward serve`` generates one unless told ``--no-token``).
         max_request_bytes: larger bodies (by Content-Length) get 413 without being read.
-        max_batch: more images per request get 413.
-        max_image_pixels: larger images (by their header) get 413 before decoding.
-        max_request_pixels: a request whose images hold more pixels gets 413 before decoding.
+        max_batch: more images, videos or pairs per request get 413; also the most items one
+            merged model call takes.
+        max_image_pixels: larger images or frames (by their header) get 413 before decoding.
+        max_request_pixels: a request whose images (frames, pair sides) hold more pixels gets 413
+            before decoding; also the most pixels one merged model call takes.
+        max_video_frames: videos with more frames get 413 before decoding.
         max_connections: open connections (one thread each); more get 503 at once.
-        max_active: requests whose bodies are read, decoded and scored at once; others wait up
-            to ``queue_timeout`` seconds for a slot, then get 503. Bounds memory to about
+        max_active: requests whose bodies are read, decoded, waiting for their batch or scored
+            at once (so also the most requests one batch merges); others wait up to
+            ``queue_timeout`` seconds for a slot, then get 503. Bounds memory to about
             ``max_active * (max_request_bytes + decoded max_request_pixels)``.
+        batch_window_ms: how long a batch stays open after its oldest request arrived; 0 turns
+            batching off (each request is scored alone in its own thread).
         allowed_hosts: extra names accepted in the ``Host`` header. Always accepted: IP
             literals, ``localhost``, the bound host name and, on a non-loopback bind, this
             machine's host name. Any other name gets 403 (DNS rebinding).
@@ -287,14 +200,17 @@ class RewardServer:
         log: print one line per request (off in tests).
 
     Raises:
-        ValueError: a non-loopback host without a token, or a limit below 1.
+        ValueError: a non-loopback host without a token, a limit below 1, a negative batch
+            window, or an object with neither ``__call__`` nor ``compare``.
     """
 
     def __init__(self, scorer, host: str = "127.0.0.1", port: int = 0,
                  token: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
                  max_batch: int = MAX_BATCH, max_image_pixels: int = MAX_IMAGE_PIXELS,
                  max_request_pixels: int = MAX_REQUEST_PIXELS,
+                 max_video_frames: int = MAX_VIDEO_FRAMES,
                  max_connections: int = MAX_CONNECTIONS, max_active: int = MAX_ACTIVE,
+                 batch_window_ms: float = BATCH_WINDOW_MS,
                  allowed_hosts: Iterable[str] = (), queue_timeout: float = 60.0,
                  log: bool = False):
         if not is_loopback(host) and not token:
@@ -303,21 +219,44 @@ class RewardServer:
                              f"127.0.0.1")
         limits = dict(max_request_bytes=max_request_bytes, max_batch=max_batch,
                       max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
-                      max_connections=max_connections, max_active=max_active)
+                      max_video_frames=max_video_frames, max_connections=max_connections,
+                      max_active=max_active)
         bad = {k: v for k, v in limits.items() if int(v) < 1}
         if bad:
             raise ValueError(f"server limits {bad}; expected integers >= 1")
+        if not float(batch_window_ms) >= 0:
+            raise ValueError(f"batch_window_ms={batch_window_ms!r}; expected >= 0 (0 = no "
+                             f"batching)")
+        self.routes = tuple(r for r, ok in (("/score", callable(scorer)),
+                                            ("/compare", callable(getattr(scorer, "compare",
+                                                                          None)))) if ok)
+        if not self.routes:
+            raise ValueError(f"{type(scorer).__name__} is neither a scorer (callable) nor a "
+                             f"pairwise judge (compare(images_a, images_b, prompts)); serve one")
         self.scorer, self.token, self.log = scorer, token, log
+        self.media = getattr(scorer, "media", "image")
         self.max_request_bytes, self.max_batch = int(max_request_bytes), int(max_batch)
         self.max_image_pixels = int(max_image_pixels)
         self.max_request_pixels = int(max_request_pixels)
+        self.max_video_frames = int(max_video_frames)
         self.max_active, self.queue_timeout = int(max_active), float(queue_timeout)
+        self.batch_window_ms = float(batch_window_ms)
         self.allowed_hosts = {"localhost", host.lower(), *(h.lower() for h in allowed_hosts)}
         if not is_loopback(host):
             self.allowed_hosts.add(socket.gethostname().lower())
         self._active = threading.BoundedSemaphore(self.max_active)
         self._lock = threading.Lock()  # one model call at a time: models are not thread-safe
-        self.httpd = _BoundedHTTPServer((host, port), _make_handler(self), int(max_connections))
+        self._direct = {"requests": 0, "batches": 0, "model_calls": 0, "isolated_reruns": 0}
+        self.batcher = (Batcher(self.batch_window_ms / 1000.0, self.max_batch,
+                                self.max_request_pixels, self._lock)
+                        if self.batch_window_ms > 0 else None)
+        try:
+            self.httpd = _BoundedHTTPServer((host, port), _make_handler(self),
+                                            int(max_connections))
+        except BaseException:
+            if self.batcher is not None:
+                self.batcher.stop()
+            raise
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
         self._served = False  # shutdown() blocks forever on a server that never served
@@ -327,13 +266,21 @@ class RewardServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Requests scored, batches, model calls and isolated re-runs so far."""
+        return dict(self.batcher.stats if self.batcher is not None else self._direct)
+
     def health(self) -> Dict[str, Any]:
         s = self.scorer
         return {"name": getattr(s, "name", type(s).__name__), "scale": getattr(s, "scale", ""),
-                "uses_prompts": getattr(s, "uses_prompts", True), "max_batch": self.max_batch,
+                "uses_prompts": getattr(s, "uses_prompts", True), "media": self.media,
+                "routes": list(self.routes), "max_batch": self.max_batch,
                 "max_request_bytes": self.max_request_bytes,
                 "max_image_pixels": self.max_image_pixels,
-                "max_request_pixels": self.max_request_pixels}
+                "max_request_pixels": self.max_request_pixels,
+                "max_video_frames": self.max_video_frames,
+                "batch_window_ms": self.batch_window_ms, "stats": self.stats}
 
     def host_allowed(self, header: Optional[str]) -> bool:
         """Whether a ``Host`` header names this server (absent: an HTTP/1.0 client, allowed)."""
@@ -353,6 +300,91 @@ class RewardServer:
         except ValueError:
             return False
 
+    def _items(self, body: Any, keys: Sequence[str], what: str) -> int:
+        """The item count of a body whose media lists are ``keys``; 413 over ``max_batch``."""
+        if not isinstance(body, dict):
+            raise RequestError(400, f"body is a JSON {type(body).__name__}; expected an object "
+                                    f"{{'prompts': [...], {', '.join(repr(k) for k in keys)}: "
+                                    f"[...]}}")
+        lists = [body.get(k) for k in keys]
+        n = len(lists[0]) if isinstance(lists[0], list) else 0
+        if n > self.max_batch:
+            raise RequestError(413, f"{n} {what} exceed max_batch {self.max_batch}; send "
+                                    f"smaller batches")
+        if len(keys) == 2 and isinstance(lists[1], list) and len(lists[1]) != n:
+            raise RequestError(400, f"{n} {keys[0]} but {len(lists[1])} {keys[1]}; send one of "
+                                    f"each per pair")
+        return n
+
+    def _prompts(self, prompts: Any, n: int) -> List[str]:
+        if prompts is None and not getattr(self.scorer, "uses_prompts", True):
+            return [""] * n  # prompt-free scorers may be called without
+        return check_prompts(prompts, n)
+
+    def _open(self, body: dict, key: str, budget: PixelBudget):
+        if self.media == "video":
+            return open_videos(body.get(key), budget, self.max_video_frames, key)
+        return open_images(body.get(key), budget, key)
+
+    def score_job(self, body: Any) -> Job:
+        """A ``/score`` body decoded into a :class:`Job` (all limits checked first).
+
+        Raises:
+            RequestError: a malformed or over-limit request (4xx).
+            ValueError, TypeError: bad prompts or fps (answered 400).
+        """
+        video = self.media == "video"
+        key = "videos" if video else "images"
+        if isinstance(body, dict) and body.get("media", self.media) != self.media:
+            raise RequestError(400, f"the request is media {body.get('media')!r} but this server "
+                                    f"scores {self.media}s ({self.health()['name']}); use "
+                                    f"load({('remote_video' if video else 'remote')!r}, url=...)")
+        n = self._items(body, (key,), key)
+        budget = PixelBudget(self.max_image_pixels, self.max_request_pixels)
+        load = self._open(body, key, budget)  # headers and shapes checked, nothing decoded
+        prompts = self._prompts(body.get("prompts"), n)
+        x = load()
+        if not video:
+            return Job(self.scorer, {"images": x, "prompts": prompts}, n, budget.total,
+                       ("score", _shape_key(x)))
+        fps = body.get("fps")
+        if fps is None:
+            fps = [None] * n
+        if (not isinstance(fps, list) or len(fps) != n
+                or any(f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                                          or not f > 0) for f in fps)):
+            raise RequestError(400, f"'fps' is {fps!r}; expected {n} positive numbers or nulls "
+                                    f"(null: the scorer's fps option)")
+        meta = [{} if f is None else {"fps": float(f)} for f in fps]
+        return Job(self.scorer, {"videos": x, "prompts": prompts, "metadata": meta}, n,
+                   budget.total, ("score", tuple(x.shape[1:])))
+
+    def compare_job(self, body: Any) -> Job:
+        """A ``/compare`` body decoded into a :class:`Job` (all limits checked first).
+
+        Raises:
+            RequestError: a malformed or over-limit request (4xx).
+            ValueError, TypeError: bad prompts (answered 400).
+        """
+        side = "videos" if self.media == "video" else "images"
+        keys = (f"{side}_a", f"{side}_b")
+        n = self._items(body, keys, "pairs")
+        budget = PixelBudget(self.max_image_pixels, self.max_request_pixels)
+        loaders = [self._open(body, k, budget) for k in keys]  # every header before decoding
+        prompts = self._prompts(body.get("prompts"), n)
+        a, b = (load() for load in loaders)
+        return Job(self.scorer.compare, {"images_a": a, "images_b": b, "prompts": prompts},
+                   len(a), budget.total, ("compare", _shape_key(a), _shape_key(b)))
+
+    def run(self, job: Job) -> Dict[str, Any]:
+        """Score ``job`` (merged with others when batching is on); the JSON answer."""
+        if self.batcher is not None:
+            return answer(self.batcher.submit(job))
+        with self._lock:
+            for k in ("requests", "batches", "model_calls"):
+                self._direct[k] += 1
+            return answer(job.run())
+
     def score(self, body: Any) -> Dict[str, Any]:
         """The ``/score`` answer for a parsed body: ``{"scores": [...]}`` (+ ``"nonfinite"``).
 
@@ -360,22 +392,11 @@ class RewardServer:
             RequestError: a malformed or over-limit request (4xx).
             ValueError, TypeError: the scorer rejected its input (answered 400).
         """
-        if not isinstance(body, dict):
-            raise RequestError(400, f"body is a JSON {type(body).__name__}; expected an object "
-                                    f"{{'prompts': [...], 'images': [...]}}")
-        entries = body.get("images")
-        if isinstance(entries, list) and len(entries) > self.max_batch:
-            raise RequestError(413, f"{len(entries)} images exceed max_batch {self.max_batch}; "
-                                    f"send smaller batches")
-        images = decode_images(entries, self.max_image_pixels, self.max_request_pixels)
-        with self._lock:
-            values = self.scorer(images, body.get("prompts")).detach().cpu().tolist()
-        # JSON has no NaN/Infinity: a non-finite score travels as null, its index listed
-        out = {"scores": [v if math.isfinite(v) else None for v in values]}
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            out["nonfinite"] = bad
-        return out
+        return self.run(self.score_job(body))
+
+    def compare(self, body: Any) -> Dict[str, Any]:
+        """The ``/compare`` answer for a parsed body: ``{"scores": [P(A preferred)]}``."""
+        return self.run(self.compare_job(body))
 
     def start(self) -> "RewardServer":
         """Serve in a daemon thread; returns self (use ``stop()`` to end)."""
@@ -401,8 +422,39 @@ class RewardServer:
         if self._served:
             self.httpd.shutdown()
         self.httpd.server_close()
+        if self.batcher is not None:
+            self.batcher.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _shape_key(x) -> tuple:
+    """What a merged batch must share: a tensor's item shape, or the set of PIL image sizes and
+    modes (a scorer may stack same-size images, so different sizes never meet in one call)."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[1:])
+    return ("pil", tuple(sorted({(im.size, im.mode) for im in x})))
+
+
+def answer(out) -> Dict[str, Any]:
+    """A scorer's output as the JSON answer: ``{"scores": [...]}`` or ``{"columns": {name:
+    [...]}}``; JSON has no NaN/Infinity, so a non-finite score travels as null, its index listed
+    in ``"nonfinite"`` (a list, or ``{name: list}`` for columns)."""
+    def encode(t: torch.Tensor):
+        values = t.tolist()
+        return ([v if math.isfinite(v) else None for v in values],
+                [i for i, v in enumerate(values) if not math.isfinite(v)])
+
+    if isinstance(out, dict):
+        cols = {k: encode(v) for k, v in out.items()}
+        res: Dict[str, Any] = {"columns": {k: c[0] for k, c in cols.items()}}
+        bad = {k: c[1] for k, c in cols.items() if c[1]}
+    else:
+        scores, bad = encode(out)
+        res = {"scores": scores}
+    if bad:
+        res["nonfinite"] = bad
+    return res
 
 
 def _make_handler(server: RewardServer):
@@ -423,8 +475,8 @@ def _make_handler(server: RewardServer):
             except OSError:
                 self.close_connection = True  # the client gave up (its timeout); it retries
 
-        def _check(self, route: str):
-            """Raise RequestError unless the request may reach ``route``."""
+        def _check(self, routes: Tuple[str, ...]):
+            """Raise RequestError unless the request may reach one of ``routes``."""
             if not server.host_allowed(self.headers.get("Host")):
                 raise RequestError(403, f"Host {self.headers.get('Host')!r} is not this server "
                                         f"(allowed: IP addresses, "
@@ -434,8 +486,9 @@ def _make_handler(server: RewardServer):
                 raise RequestError(403, f"requests from web pages are refused (Origin "
                                         f"{self.headers.get('Origin')!r}); call the server from "
                                         f"a program")
-            if self.path != route:
-                raise RequestError(404, f"no route {self.command} {self.path}; try {route}")
+            if self.path not in routes:
+                raise RequestError(404, f"no route {self.command} {self.path}; try "
+                                        f"{' or '.join(routes)}")
             if server.token:
                 got = self.headers.get("Authorization", "")
                 if not hmac.compare_digest(got.encode(), f"Bearer {server.token}".encode()):
@@ -444,7 +497,7 @@ def _make_handler(server: RewardServer):
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             try:
-                self._check("/health")
+                self._check(("/health",))
             except RequestError as err:
                 return self._reply(err.status, {"error": str(err)})
             self._reply(200, server.health())
@@ -487,7 +540,7 @@ def _make_handler(server: RewardServer):
 
         def do_POST(self):  # noqa: N802
             try:
-                self._check("/score")
+                self._check(server.routes)
                 length = self._content_length()
                 # a slot is taken before the body is read: bodies and decoded pixels of at most
                 # max_active requests are in memory at once
@@ -496,7 +549,8 @@ def _make_handler(server: RewardServer):
                                             f"none finished in {server.queue_timeout:g} s; "
                                             f"retry later")
                 try:
-                    out = server.score(self._body(length))
+                    body = self._body(length)
+                    out = (server.score if self.path == "/score" else server.compare)(body)
                 finally:
                     server._active.release()
             except RequestError as err:
@@ -514,11 +568,8 @@ def _make_handler(server: RewardServer):
     return Handler
 
 
-class RemoteScorer(Scorer):
-    """A scorer served by ``mmrl reward serve`` (see module docstring); no gradients.
-
-    Output scale: the served scorer's (reported by its ``/health``, in ``.scale``). A score the
-    server sent as ``null`` (non-finite) comes back as NaN, as the local scorer would return it.
+class Connection:
+    """HTTP to one reward server: the token, retries and its ``/health`` (``.info``).
 
     Args:
         url: the server, e.g. ``http://127.0.0.1:8765``.
@@ -529,31 +580,32 @@ class RemoteScorer(Scorer):
         timeout: seconds per HTTP request.
         retries: extra attempts after a connection error, timeout or 5xx (never after 4xx:
             the request itself is wrong), with exponential backoff starting at ``backoff`` s.
-        batch_size: images per request; requests are also split to stay within the server's
-            ``max_request_bytes`` and ``max_request_pixels``.
         token_file: a file holding the token (e.g. the server's ``--token-file``).
     """
 
-    name = "remote"
-
-    def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 batch_size: int = 32, token_file: Optional[str] = None):
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 0.5, token_file: Optional[str] = None):
         if int(retries) < 0 or float(timeout) <= 0:
             raise ValueError(f"remote retries={retries!r}, timeout={timeout!r}; expected "
                              f"retries >= 0 and timeout > 0")
-        super().__init__(batch_size, grad=False)
         self.url = url.rstrip("/")
         self.token = token or self._default_token(token_file)
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
-        info = self._request("GET", "/health")
-        self.name = info.get("name", "remote")
-        self.scale = info.get("scale", "")
-        self.uses_prompts = bool(info.get("uses_prompts", True))
-        self.batch_size = min(self.batch_size, int(info.get("max_batch", self.batch_size)))
-        self.max_request_bytes = int(info.get("max_request_bytes", MAX_REQUEST_BYTES))
-        self.max_image_pixels = int(info.get("max_image_pixels", MAX_IMAGE_PIXELS))
-        self.max_request_pixels = int(info.get("max_request_pixels", MAX_REQUEST_PIXELS))
+        self.info = self.request("GET", "/health")
+        get = self.info.get
+        self.max_batch = int(get("max_batch", MAX_BATCH))
+        self.max_request_bytes = int(get("max_request_bytes", MAX_REQUEST_BYTES))
+        self.max_image_pixels = int(get("max_image_pixels", MAX_IMAGE_PIXELS))
+        self.max_request_pixels = int(get("max_request_pixels", MAX_REQUEST_PIXELS))
+        self.max_video_frames = int(get("max_video_frames", MAX_VIDEO_FRAMES))
+
+    def expect(self, media: str, route: str, instead: str):
+        """Raise ValueError unless the server serves ``media`` on ``route``."""
+        got, routes = self.info.get("media", "image"), self.info.get("routes", ["/score"])
+        if got != media or route not in routes:
+            what = "a pairwise judge (/compare)" if "/score" not in routes else f"{got}s"
+            raise ValueError(f"reward server {self.url} serves {self.info.get('name')!r}, which "
+                             f"scores {what}; {instead}")
 
     def _default_token(self, token_file: Optional[str]) -> Optional[str]:
         if token_file:
@@ -567,7 +619,8 @@ class RemoteScorer(Scorer):
                 return read_token_file(path)
         return None
 
-    def _request(self, method: str, route: str, body: Optional[dict] = None) -> dict:
+    def request(self, method: str, route: str, body: Optional[dict] = None) -> dict:
+        """The parsed JSON answer; ValueError on 4xx, ConnectionError after the retries."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
@@ -592,40 +645,225 @@ class RemoteScorer(Scorer):
         raise ConnectionError(f"reward server {self.url}{route} failed after {self.retries + 1} "
                               f"attempt(s): {last}; is `mmrl reward serve` running there?")
 
+    def post_all(self, route: str, fields: Dict[str, list], sizes: List[int],
+                 pixels: List[int], extra: Optional[dict] = None):
+        """POST ``fields`` (lists of one entry per item) in runs that fit the server's byte and
+        pixel limits; the scores (or columns) of all runs, NaN where the server sent null."""
+        parts = []
+        for lo, hi in _pack(sizes, pixels, self.max_request_bytes, self.max_request_pixels):
+            body = {k: v[lo:hi] for k, v in fields.items()}
+            parts.append(_parse(self.request("POST", route, {**(extra or {}), **body})))
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return torch.cat(parts)
+
+
+def _parse(out: dict):
+    def tensor(values):
+        return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+    if "columns" in out:
+        return {k: tensor(v) for k, v in out["columns"].items()}
+    return tensor(out["scores"])
+
+
+def _prompt_bytes(prompts: Sequence[str]) -> List[int]:
+    return [len(json.dumps(p)) + 4 for p in prompts]
+
+
+def _check_pixels(pixels: Sequence[int], limit: int, what: str):
+    for i, n in enumerate(pixels):
+        if n > limit:
+            raise ValueError(f"{what} {i} has {n} pixels, over the server's max_image_pixels "
+                             f"{limit}; resize it or raise --max-image-pixels")
+
+
+def _image_pixels(images) -> List[int]:
+    if isinstance(images, torch.Tensor):
+        return [int(images.shape[-2]) * int(images.shape[-1])] * int(images.shape[0])
+    return [im.size[0] * im.size[1] for im in images]
+
+
+class RemoteScorer(Scorer):
+    """An image scorer served by ``mmrl reward serve`` (see module docstring); no gradients.
+
+    Output scale: the served scorer's (reported by its ``/health``, in ``.scale``). A score the
+    server sent as ``null`` (non-finite) comes back as NaN, as the local scorer would return it.
+
+    Args:
+        url, token, timeout, retries, backoff, token_file: the connection (:class:`Connection`).
+        batch_size: images per request; requests are also split to stay within the server's
+            ``max_request_bytes`` and ``max_request_pixels``.
+
+    Raises:
+        ValueError: the server scores videos (use ``remote_video``) or is a judge
+            (:class:`RemoteJudge`).
+    """
+
+    name = "remote"
+
+    def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
+                 batch_size: int = 32, token_file: Optional[str] = None):
+        super().__init__(batch_size, grad=False)
+        self.conn = Connection(url, token, timeout, retries, backoff, token_file)
+        self.conn.expect("image", "/score", "use load('remote_video', url=...) for a video "
+                         "scorer, mmrl.rewards.server.RemoteJudge(url) for a judge")
+        self._describe(self, self.conn)
+        self.batch_size = min(self.batch_size, self.conn.max_batch)
+
+    @staticmethod
+    def _describe(client, conn: Connection):
+        """Copy the served scorer's name, scale, prompt use and limits onto ``client``."""
+        info = conn.info
+        client.url, client.token = conn.url, conn.token
+        client.timeout, client.retries, client.backoff = conn.timeout, conn.retries, conn.backoff
+        client.name = info.get("name", "remote")
+        client.scale = info.get("scale", "")
+        client.uses_prompts = bool(info.get("uses_prompts", True))
+        client.max_request_bytes = conn.max_request_bytes
+        client.max_image_pixels = conn.max_image_pixels
+        client.max_request_pixels = conn.max_request_pixels
+
     def _score(self, images, prompts):
-        entries, scores = encode_images(images), []
-        if isinstance(images, torch.Tensor):
-            pixels = [int(images.shape[-2]) * int(images.shape[-1])] * len(entries)
-        else:
-            pixels = [im.size[0] * im.size[1] for im in images]
-        for i, n in enumerate(pixels):
-            if n > self.max_image_pixels:
-                raise ValueError(f"image {i} has {n} pixels, over the server's max_image_pixels "
-                                 f"{self.max_image_pixels}; resize it or raise "
-                                 f"--max-image-pixels")
-        for lo, hi in _pack(entries, prompts, pixels, self.max_request_bytes,
-                            self.max_request_pixels):
-            out = self._request("POST", "/score", {"prompts": prompts[lo:hi],
-                                                   "images": entries[lo:hi]})
-            scores += [math.nan if v is None else v for v in out["scores"]]
-        return torch.tensor(scores, dtype=torch.float32)
+        entries, pixels = encode_images(images), _image_pixels(images)
+        _check_pixels(pixels, self.max_image_pixels, "image")
+        sizes = [entry_bytes(e) + p for e, p in zip(entries, _prompt_bytes(prompts))]
+        return self.conn.post_all("/score", {"prompts": list(prompts), "images": entries}, sizes,
+                                  pixels)
 
 
-def _pack(entries, prompts, pixels, limit: int, pixel_limit: int):
-    """``[(lo, hi)]`` runs of entries whose JSON body stays under ``limit`` bytes and whose
-    images hold at most ``pixel_limit`` pixels."""
+class RemoteVideoScorer(VideoScorer):
+    """A video scorer served by ``mmrl reward serve`` (``media = "video"``); no gradients.
+
+    Videos travel as exact float32 (``frames_format="f32"``) or as 8-bit PNG frames
+    (``"png"``: rounded to 1/255, several times smaller); the frame rate of each video
+    (``metadata[i]["fps"]``, else ``fps``) travels with it.
+
+    Args:
+        url, token, timeout, retries, backoff, token_file: the connection (:class:`Connection`).
+        batch_size: videos per request (also split to fit the server's byte and pixel limits).
+        fps: the frame rate when the metadata has none (None: the server scorer's own option).
+        frames_format: ``f32`` or ``png``.
+
+    Raises:
+        ValueError: the server scores images (use ``remote``) or is a judge; a bad
+            ``frames_format``.
+    """
+
+    name = "remote_video"
+
+    def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
+                 batch_size: int = 8, token_file: Optional[str] = None,
+                 fps: Optional[float] = None, frames_format: str = "f32"):
+        if frames_format not in ("f32", "png"):
+            raise ValueError(f"frames_format={frames_format!r}; expected 'f32' (exact) or "
+                             f"'png' (8-bit)")
+        super().__init__(batch_size, grad=False, fps=fps)
+        self.conn = Connection(url, token, timeout, retries, backoff, token_file)
+        self.conn.expect("video", "/score", "use load('remote', url=...) for an image scorer, "
+                         "mmrl.rewards.server.RemoteJudge(url) for a judge")
+        RemoteScorer._describe(self, self.conn)
+        self.batch_size = min(self.batch_size, self.conn.max_batch)
+        self.frames_format = frames_format
+
+    def _score_videos(self, videos, prompts, fps):
+        b, F, _, H, W = videos.shape
+        if F > self.conn.max_video_frames:
+            raise ValueError(f"videos of {F} frames exceed the server's max_video_frames "
+                             f"{self.conn.max_video_frames}; sample fewer frames or raise "
+                             f"--max-video-frames")
+        _check_pixels([H * W], self.max_image_pixels, "frame")
+        entries = encode_videos(videos, self.frames_format)
+        sizes = [entry_bytes(e) + p + 8 for e, p in zip(entries, _prompt_bytes(prompts))]
+        return self.conn.post_all("/score", {"prompts": list(prompts), "videos": entries,
+                                             "fps": list(fps)}, sizes, [F * H * W] * b,
+                                  extra={"media": "video"})
+
+
+class RemoteJudge:
+    """A pairwise judge served by ``mmrl reward serve`` (``POST /compare``):
+    ``compare(images_a, images_b, prompts) -> Tensor[n]`` = P(A preferred) in [0, 1].
+
+    For a video judge (``media = "video"``) the two sides are videos ``[n, F, 3, H, W]``.
+
+    Args:
+        url, token, timeout, retries, backoff, token_file: the connection (:class:`Connection`).
+        batch_size: pairs per request (also split to fit the server's byte and pixel limits).
+        frames_format: video judges: ``f32`` (exact) or ``png`` (8-bit).
+
+    Raises:
+        ValueError: the server serves no ``/compare``.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
+                 batch_size: int = 16, token_file: Optional[str] = None,
+                 frames_format: str = "f32"):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
+        self.conn = Connection(url, token, timeout, retries, backoff, token_file)
+        self.media = self.conn.info.get("media", "image")
+        self.conn.expect(self.media, "/compare", "serve a judge with compare(images_a, "
+                         "images_b, prompts), or score with load('remote', url=...)")
+        RemoteScorer._describe(self, self.conn)
+        self.batch_size = min(batch_size, self.conn.max_batch)
+        self.frames_format = frames_format
+
+    def _side(self, x) -> Tuple[List[dict], List[int]]:
+        if self.media == "video":
+            v = check_videos(x, self.name)  # [n, F, 3, H, W]
+            n, F, _, H, W = v.shape
+            _check_pixels([H * W], self.max_image_pixels, "frame")
+            return encode_videos(v, self.frames_format), [F * H * W] * n
+        check_images(x, self.name)
+        pixels = _image_pixels(x)
+        _check_pixels(pixels, self.max_image_pixels, "image")
+        return encode_images(x), pixels
+
+    def compare(self, images_a, images_b, prompts: Optional[Sequence[str]]) -> torch.Tensor:
+        """P(A preferred) for each pair ``(images_a[i], images_b[i])`` under ``prompts[i]``.
+
+        Raises:
+            ValueError, TypeError: sides of different lengths, bad inputs or prompts; a 4xx.
+            ConnectionError: the server is unreachable or failed after the retries.
+        """
+        n = len(images_a)
+        if len(images_b) != n:
+            raise ValueError(f"{n} images_a but {len(images_b)} images_b; pass one of each "
+                             f"per pair")
+        if prompts is None and not self.uses_prompts:
+            prompts = [""] * n
+        prompts = check_prompts(prompts, n)
+        side = "videos" if self.media == "video" else "images"
+        out = []
+        for i in range(0, n, self.batch_size):
+            a, pa = self._side(images_a[i:i + self.batch_size])
+            b, pb = self._side(images_b[i:i + self.batch_size])
+            ps = prompts[i:i + self.batch_size]
+            sizes = [entry_bytes(x) + entry_bytes(y) + p
+                     for x, y, p in zip(a, b, _prompt_bytes(ps))]
+            out.append(self.conn.post_all("/compare", {"prompts": ps, f"{side}_a": a,
+                                                       f"{side}_b": b},
+                                          sizes, [x + y for x, y in zip(pa, pb)]))
+        return torch.cat(out)
+
+
+def _pack(sizes: Sequence[int], pixels: Sequence[int], limit: int, pixel_limit: int):
+    """``[(lo, hi)]`` runs of items (``sizes`` bytes of JSON, ``pixels`` pixels each) whose
+    request body stays under ``limit`` bytes and whose items hold at most ``pixel_limit``
+    pixels."""
     budget = int(limit * 0.95) - 64  # room for the JSON wrapping
     runs, lo, size, px = [], 0, 0, 0
-    for i, (e, p, n_px) in enumerate(zip(entries, prompts, pixels)):
-        n = len(e["data"]) + len(p.encode()) * 2 + 64
+    for i, (n, n_px) in enumerate(zip(sizes, pixels)):
         if n > budget:
-            raise ValueError(f"image {i} needs {n} bytes, over the server's request limit of "
+            raise ValueError(f"item {i} needs {n} bytes, over the server's request limit of "
                              f"{limit}; send smaller images or raise --max-request-mb")
         if i > lo and (size + n > budget or px + n_px > pixel_limit):
             runs.append((lo, i))
             lo, size, px = i, 0, 0
         size, px = size + n, px + n_px
-    runs.append((lo, len(entries)))
+    runs.append((lo, len(sizes)))
     return runs
 
 

@@ -34,6 +34,7 @@ SCORERS.register("brightness", _lazy("rules", "Brightness"))
 SCORERS.register("color", _lazy("rules", "ColorTarget"))
 SCORERS.register("prompt_color", _lazy("rules", "PromptColor"))
 SCORERS.register("remote", _lazy("server", "RemoteScorer"))
+SCORERS.register("remote_video", _lazy("server", "RemoteVideoScorer"))
 SCORERS.register("frames", _lazy("video", "FrameScorer"))
 SCORERS.register("motion_direction", _lazy("video_rules", "MotionDirection"))
 SCORERS.register("flicker", _lazy("video_rules", "Flicker"))
@@ -49,9 +50,10 @@ judge of ``pref_winrate`` (:mod:`mmrl.rewards.pairwise`); ``mmrl.rewards.load`` 
 JUDGES.register("bradley_terry", _lazy("pairwise", "BradleyTerryJudge"))
 JUDGES.register("vlm_pair", _lazy("vlm_judge", "VLMPairJudge"))
 JUDGES.register("vlm_pair_video", _lazy("vlm_judge", "VLMVideoPairJudge"))
+JUDGES.register("remote_judge", _lazy("server", "RemoteJudge"))
 
 VIDEO_SCORERS = frozenset({"frames", "motion_direction", "flicker", "brightness_trend",
-                           "videoreward"})
+                           "videoreward", "remote_video"})
 """Registered names whose class scores videos ``[B, F, 3, H, W]`` (``media = "video"``; a test
 keeps this equal to the classes), read without torch by the job's media check."""
 FRAME_REDUCES = ("mean", "min", "max", "frame")

@@ -21,6 +21,7 @@ from PIL import Image
 
 import mmrl.rewards as R
 from mmrl.rewards.server import RewardServer, decode_images, encode_images, is_loopback
+from mmrl.rewards.video import VideoScorer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reward_testlib import make_images  # noqa: E402
@@ -88,8 +89,8 @@ def test_requests_are_split_to_fit_the_size_limit(server):
         remote(torch.rand(1, 3, 64, 64), None)
 
 
-def _post(url, body, token=None):
-    req = urllib.request.Request(url + "/score", data=json.dumps(body).encode(), method="POST",
+def _post(url, body, token=None, route="/score"):
+    req = urllib.request.Request(url + route, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {token}"} if token else {})})
     try:
@@ -383,3 +384,236 @@ def test_connections_and_active_requests_are_bounded(server):
         gate.set()
         t.join(10)
     assert first[0][0] == 200
+
+
+# --- batching, videos, pairwise judges -------------------------------------------------------
+
+def _concurrently(fns):
+    """Run the callables at once (one thread each); their results in order."""
+    out, gate = [None] * len(fns), threading.Barrier(len(fns))
+
+    def run(i):
+        gate.wait(10)
+        try:
+            out[i] = fns[i]()
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            out[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_concurrent_requests_are_merged_and_rows_go_back_to_their_request(server):
+    scorer = _Counting()
+    # 6 clients x 2 f32 images, and 3 x 4 PIL images, each fill max_batch = 12: a batch closes as
+    # soon as its requests are in (the long window only matters on a very slow machine)
+    srv = server(scorer, max_batch=12, max_active=9, batch_window_ms=5000)
+    xs = [torch.rand(2, 3, 6, 5) for _ in range(6)]
+    pil = [make_images(4, size=(5, 4), seed=k) for k in range(3)]  # another key: own batch
+    bodies = ([{"prompts": [""] * 2, "images": encode_images(x)} for x in xs]
+              + [{"prompts": [""] * 4, "images": encode_images(p)} for p in pil])
+    got = _concurrently([lambda b=b: _post(srv.url, b) for b in bodies])
+    local = R.load("brightness")
+    for (code, out), images in zip(got, xs + pil):
+        assert code == 200  # each request gets exactly its own rows back
+        torch.testing.assert_close(torch.tensor(out["scores"]), local(images, None))
+    assert scorer.calls == [12, 12]  # 9 requests, 2 model calls
+    stats = R.load("remote", url=srv.url).conn.info["stats"]
+    assert stats == {"requests": 9, "batches": 2, "model_calls": 2, "isolated_reruns": 0}
+
+
+def test_a_failing_request_fails_alone_in_its_batch(server):
+    class Picky(_Counting):
+        def __call__(self, images, prompts, metadata=None):
+            self.calls.append(len(images))
+            if "bad" in prompts:
+                raise ValueError("prompt 'bad' is not allowed")
+            if "boom" in prompts:
+                raise RuntimeError("CUDA out of memory")
+            return self.inner(images, prompts)
+
+    scorer = Picky()
+    srv = server(scorer, max_batch=4, batch_window_ms=1000)
+    xs = [torch.rand(1, 3, 4, 4) for _ in range(4)]
+    prompts = ["ok", "bad", "ok", "boom"]
+    got = _concurrently([lambda x=x, p=p: _post(srv.url, {"prompts": [p], "images":
+                                                        encode_images(x)})
+                         for x, p in zip(xs, prompts)])
+    local = R.load("brightness")
+    for (code, out), x, p in zip(got, xs, prompts):
+        if p == "ok":
+            assert code == 200 and out["scores"] == pytest.approx(local(x, None).tolist())
+    assert [c for c, _ in got] == [200, 400, 200, 500]
+    assert got[1][1]["error"] == "ValueError: prompt 'bad' is not allowed"
+    assert got[3][1]["error"] == "RuntimeError: CUDA out of memory"
+    assert scorer.calls == [4, 1, 1, 1, 1]  # the merged call failed: each re-run alone
+    assert srv.stats["isolated_reruns"] == 4
+
+
+def test_batching_off_scores_each_request_alone(server):
+    scorer = _Counting()
+    srv = server(scorer, batch_window_ms=0)
+    assert srv.batcher is None and srv.health()["batch_window_ms"] == 0
+    xs = [torch.rand(k, 3, 4, 4) for k in (1, 2, 3)]
+    got = _concurrently([lambda x=x: _post(srv.url, {"prompts": [""] * len(x),
+                                                     "images": encode_images(x)}) for x in xs])
+    for (code, out), x in zip(got, xs):
+        assert code == 200 and out["scores"] == pytest.approx(R.load("brightness")(x, None)
+                                                              .tolist())
+    assert sorted(scorer.calls) == [1, 2, 3]
+    assert srv.stats == {"requests": 3, "batches": 3, "model_calls": 3, "isolated_reruns": 0}
+    with pytest.raises(ValueError, match="batch_window_ms=-1; expected >= 0"):
+        RewardServer(scorer, batch_window_ms=-1)
+
+
+class _MeanVideo(VideoScorer):
+    """Mean pixel of each video plus its fps (0 when unknown); counts its calls. With
+    ``columns``: ``{"mean", "first"}`` (the mean and the first frame's mean)."""
+    name, scale, uses_prompts = "mean_video", "mean + fps", False
+
+    def __init__(self, columns=False):
+        super().__init__(batch_size=4)
+        self.calls, self.columns = [], columns
+
+    def _score_videos(self, videos, prompts, fps):
+        self.calls.append(len(videos))
+        mean = videos.mean(dim=(1, 2, 3, 4)) + torch.tensor([f or 0.0 for f in fps])
+        if self.columns:
+            return {"mean": mean, "first": videos[:, 0].mean(dim=(1, 2, 3))}
+        return mean
+
+
+def test_video_requests_round_trip_and_respect_limits(server):
+    scorer = _MeanVideo()
+    srv = server(scorer, token="t", max_video_frames=4, max_request_pixels=300,
+                 batch_window_ms=0)
+    remote = R.load("remote_video", url=srv.url, token="t", fps=2.0)
+    assert isinstance(remote, VideoScorer) and remote.media == "video"
+    assert remote.name == "mean_video" and srv.health()["media"] == "video"
+    v = torch.rand(3, 4, 3, 8, 8)  # 256 frame pixels per video: one video per request
+    meta = [{"fps": 8.0}, {}, {"fps": 24}]
+    want = v.mean(dim=(1, 2, 3, 4)) + torch.tensor([8.0, 2.0, 24.0])
+    torch.testing.assert_close(remote(v, None, meta), want, rtol=0, atol=0)  # f32: exact
+    assert scorer.calls == [1, 1, 1]  # split to fit max_request_pixels
+    png = R.load("remote_video", url=srv.url, token="t", frames_format="png")
+    torch.testing.assert_close(png(v, None), v.mean(dim=(1, 2, 3, 4)), rtol=0, atol=0.5 / 255)
+    with pytest.raises(ValueError, match="5 frames exceed the server's max_video_frames 4"):
+        remote(torch.rand(1, 5, 3, 2, 2), None)
+    with pytest.raises(ValueError, match="serves 'mean_video', which scores videos; use "
+                                         "load\\('remote_video'"):
+        R.load("remote", url=srv.url, token="t")
+    from mmrl.rewards.wire import encode_videos
+    one = encode_videos(torch.rand(1, 2, 3, 4, 4), "png")
+    body = {"media": "video", "prompts": [""], "videos": one}
+    assert _post(srv.url, body)[0] == 401
+    assert _post(srv.url, body, token="t")[0] == 200
+    cases = [
+        ({**body, "videos": encode_videos(torch.rand(1, 5, 3, 2, 2))}, 413,
+         "video 0 has 5 frames, over the server's max_video_frames 4"),
+        ({**body, "videos": [{"format": "png",
+                              "frames": [_entry(_png_header(9, 9))["data"]] * 4}]}, 413,
+         "video 0 holds 324 pixels, over the server's max_request_pixels 300"),
+        ({**body, "videos": one + encode_videos(torch.rand(1, 2, 3, 4, 5), "png")}, 400,
+         "png videos have different (frames, width, height)"),
+        ({**body, "videos": [{"format": "png", "frames": [_entry(_encoded(
+            make_images(1, size=(4, 4))[0], "BMP"))["data"]]}]}, 400,
+         "video 0 frame 0 is declared 'png' but is not a PNG"),
+        ({**body, "fps": [-1]}, 400, "'fps' is [-1]; expected 1 positive numbers or nulls"),
+        ({**body, "media": "image"}, 400, "the request is media 'image' but this server scores "
+                                          "videos"),
+    ]
+    for b, code, message in cases:
+        got, out = _post(srv.url, b, token="t")
+        assert (got, out["error"][:len(message)]) == (code, message)
+    # named columns travel as {"columns": {name: [...]}}; batching on, from the CLI flags
+    from mmrl.cli.app import build_parser
+    from mmrl.rewards.cli import build_server
+    args = build_parser().parse_args(["reward", "serve", "flicker", "--port", "0", "--quiet",
+                                      "--no-token", "--batch-window-ms", "2",
+                                      "--max-video-frames", "3"])
+    cli_srv, _, _ = build_server(args)
+    assert (cli_srv.batch_window_ms, cli_srv.max_video_frames) == (2.0, 3)
+    cli_srv.stop()
+    cols = server(_MeanVideo(columns=True), batch_window_ms=2)
+    got = R.load("remote_video", url=cols.url)(v, None)
+    assert sorted(got) == ["first", "mean"]
+    torch.testing.assert_close(got["first"], v[:, 0].mean(dim=(1, 2, 3)), rtol=0, atol=0)
+
+
+class _FakePairJudge:
+    """P(A preferred) = sigmoid(10 (mean(A) - mean(B))), one call per batch (a ``vlm_pair``
+    stand-in: ``compare``, ``name``, ``media``)."""
+    name, media, scale, uses_prompts = "fake_pair", "image", "P(A preferred)", True
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _means(x):
+        if isinstance(x, torch.Tensor):
+            return x.mean(dim=(1, 2, 3))
+        return torch.tensor([float(torch.tensor(list(im.convert("L").getdata())).float().mean())
+                             / 255 for im in x])
+
+    def compare(self, images_a, images_b, prompts):
+        self.calls.append(len(prompts))
+        if "bad" in prompts:
+            raise ValueError("no judgement for 'bad'")
+        return torch.sigmoid(10 * (self._means(images_a) - self._means(images_b)))
+
+
+def test_compare_requests_round_trip_merge_and_respect_limits(server):
+    from mmrl.rewards.server import RemoteJudge
+    judge = _FakePairJudge()
+    srv = server(judge, token="t", max_batch=6, max_request_pixels=2 * 6 * 8 * 8,
+                 batch_window_ms=0)
+    assert srv.routes == ("/compare",)
+    remote = RemoteJudge(srv.url, token="t", batch_size=3)
+    assert (remote.name, remote.media) == ("fake_pair", "image")
+    a, b = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
+    prompts = [f"p{i}" for i in range(5)]
+    torch.testing.assert_close(remote.compare(a, b, prompts), judge.compare(a, b, prompts))
+    pa, pb = make_images(2, size=(6, 6), seed=3), make_images(2, size=(7, 5), seed=4)
+    torch.testing.assert_close(remote.compare(pa, pb, ["x", "y"]),
+                               judge.compare(pa, pb, ["x", "y"]))
+    # batching on: three clients x 2 pairs fill max_batch = 6, one merged compare call, and
+    # the request with "bad" fails alone
+    merging = _FakePairJudge()
+    srv2 = server(merging, token="t", max_batch=6, batch_window_ms=5000)
+    remote2 = RemoteJudge(srv2.url, token="t", retries=0)
+    sides = [(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)) for _ in range(3)]
+    asks = [["a", "b"], ["c", "bad"], ["e", "f"]]
+    got = _concurrently([lambda s=s, p=p: remote2.compare(s[0], s[1], p)
+                         for s, p in zip(sides, asks)])
+    for res, (x, y), p in zip(got, sides, asks):
+        if "bad" in p:
+            assert isinstance(res, ValueError) and "400: ValueError: no judgement" in str(res)
+        else:
+            torch.testing.assert_close(res, judge.compare(x, y, p))
+    assert merging.calls == [6, 2, 2, 2]  # merged, failed, then each request alone
+    body = {"prompts": ["p"], "images_a": encode_images(a[:1]), "images_b": encode_images(b[:1])}
+    assert _post(srv.url, body, route="/compare")[0] == 401
+    code, out = _post(srv.url, body, token="t")
+    assert code == 404 and "try /compare" in out["error"]  # a judge has no /score
+    code, out = _post(srv.url, body, token="t", route="/compare")
+    assert code == 200
+    assert out["scores"] == pytest.approx(judge.compare(a[:1], b[:1], ["p"]).tolist())
+    big = torch.rand(4, 3, 12, 12)  # 576 pixels per side: over 768 at the second image of b
+    cases = [
+        ({**body, "images_b": encode_images(b[:2])}, 400, "1 images_a but 2 images_b"),
+        ({"prompts": [""] * 7, "images_a": encode_images(torch.rand(7, 3, 1, 1)),
+          "images_b": encode_images(torch.rand(7, 3, 1, 1))}, 413, "7 pairs exceed max_batch 6"),
+        ({"prompts": [""] * 4, "images_a": encode_images(big), "images_b": encode_images(big)},
+         413, "images_b[0..1] hold 864 pixels, over the server's max_request_pixels 768"),
+        ({**body, "images_a": [_entry(_png_header(9000, 9000))]}, 413,
+         "images_a[0] is 9000x9000 = 81000000 pixels"),
+    ]
+    for b_, code, message in cases:
+        got, out = _post(srv.url, b_, token="t", route="/compare")
+        assert (got, out["error"][:len(message)]) == (code, message)
+    with pytest.raises(ValueError, match="scores a pairwise judge"):
+        R.load("remote", url=srv.url, token="t")
