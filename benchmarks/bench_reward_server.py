@@ -1,18 +1,19 @@
-"""Reward-server throughput and latency with request batching on vs off.
+"""Reward-server throughput and latency: continuous batching, a batch window, and no batching.
 
 Builds a small random-weight PickScore (a transformers ``CLIPModel`` + ``CLIPProcessor`` with the
-real CLIP BPE, no download), serves it twice with ``mmrl reward serve`` in subprocesses (same
-options, ``--batch-window-ms W`` vs ``--batch-window-ms 0``), and for each client count N runs N
-concurrent clients (threads of this process), each sending ``--requests`` requests of
-``--images`` PNG images (the model's input size) one after the other. Runs are interleaved (on,
-off, on, off, ...) and repeated; per configuration the best throughput of the repeats is kept,
-with the request latency percentiles of that run, and the ratio of the medians is reported too
-(on a loaded machine single runs scatter by tens of percent). Clients post pre-encoded bodies,
-so the measurement is the server's (PNG encoding on the client costs the same either way). The server's ``/health`` stats give the
-requests merged per model call.
+real CLIP BPE, no download), serves it three times with ``mmrl reward serve`` in subprocesses
+(same options: ``--batch-window-ms 0``, the default continuous batching; ``--batch-window-ms W``;
+``--no-batching``), and for each client count N runs N concurrent clients (threads of this
+process), each sending ``--requests`` requests of ``--images`` PNG images (the model's input
+size) one after the other. Runs are interleaved (continuous, window, off, ...) and repeated; per
+configuration the best throughput of the repeats is kept, with the request latency percentiles
+of that run, and the ratio of the medians is reported too (on a loaded machine single runs
+scatter by tens of percent). Clients post pre-encoded bodies, so the measurement is the
+server's (PNG encoding on the client costs the same either way). The server's ``/health``
+stats give the requests merged per model call.
 
-Prints one line per N with images/s on and off and their ratio (> 1: batching wins), and writes
-the JSON report (``--out``, default ``docs/reward_server_bench.json``). Usage::
+Prints one line per N with images/s of each mode and its ratio to no batching (> 1: batching
+wins), and writes the JSON report (``--out``, default ``docs/reward_server_bench.json``). Usage::
 
     python benchmarks/bench_reward_server.py [--sizes tiny,small] [--clients 1,4,16]
         [--requests 12] [--images 2] [--window-ms 5] [--repeats 5]
@@ -71,13 +72,14 @@ def build_pickscore(d: str, size: str):
     CLIPModel(cfg).save_pretrained(d)
 
 
-def start_server(model_dir: str, window_ms: float, args) -> tuple:
+def start_server(model_dir: str, window_ms: float, args, batching: bool = True) -> tuple:
     """``(process, url)`` of ``mmrl reward serve`` on a free loopback port."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mmrl.cli", "reward", "serve", f"pickscore:path={model_dir}",
            "--port", "0", "--no-token", "--quiet", "--device", args.device,
            "--batch-size", str(args.batch_size), "--batch-window-ms", str(window_ms),
+           *([] if batching else ["--no-batching"]),
            "--max-active", str(max(args.clients) + 1),
            "--max-connections", str(2 * max(args.clients) + 4)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -173,8 +175,9 @@ def main(argv=None) -> int:
         print(f"{size}: {SIZES[size]}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             build_pickscore(d, size)
-            servers = {"on": start_server(d, args.window_ms, args),
-                       "off": start_server(d, 0, args)}
+            servers = {"continuous": start_server(d, 0, args),
+                       "window": start_server(d, args.window_ms, args),
+                       "off": start_server(d, 0, args, batching=False)}
             try:
                 rows = measure(servers, SIZES[size]["vision"][4], args)
             finally:
@@ -197,9 +200,9 @@ def measure(servers: dict, image_size: int, args) -> list:
         run_clients(url, payloads[:4], 3)
     rows = []
     for n in args.clients:
-        runs = {"on": [], "off": []}
+        runs = {m: [] for m in servers}
         for _ in range(args.repeats):
-            for mode in ("on", "off"):
+            for mode in servers:
                 runs[mode].append(run_clients(servers[mode][1], payloads[:n], args.requests))
         best = {m: min(r, key=lambda x: x["wall_s"]) for m, r in runs.items()}
         images = n * args.requests * args.images
@@ -207,18 +210,21 @@ def measure(servers: dict, image_size: int, args) -> list:
         for m, b in best.items():
             row[m] = dict(b, images_per_s=images / b["wall_s"],
                           all_images_per_s=[images / r["wall_s"] for r in runs[m]])
-        row["throughput_ratio"] = row["on"]["images_per_s"] / row["off"]["images_per_s"]
-        row["median_throughput_ratio"] = (statistics.median(row["on"]["all_images_per_s"])
-                                          / statistics.median(row["off"]["all_images_per_s"]))
-        row["p50_latency_ratio"] = row["on"]["latency_ms_p50"] / row["off"]["latency_ms_p50"]
+        line = [f"N={n:3d}: off {row['off']['images_per_s']:7.1f} img/s "
+                f"(p50 {row['off']['latency_ms_p50']:.1f} ms)"]
+        for m in ("continuous", "window"):
+            row[f"{m}_throughput_ratio"] = row[m]["images_per_s"] / row["off"]["images_per_s"]
+            row[f"{m}_median_throughput_ratio"] = (
+                statistics.median(row[m]["all_images_per_s"])
+                / statistics.median(row["off"]["all_images_per_s"]))
+            row[f"{m}_p50_latency_ratio"] = (row[m]["latency_ms_p50"]
+                                             / row["off"]["latency_ms_p50"])
+            line.append(f"{m} {row[m]['images_per_s']:7.1f} img/s "
+                        f"({row[m]['requests_per_call']:.2f} req/call, x{row[f'{m}_throughput_ratio']:.2f}"
+                        f", median x{row[f'{m}_median_throughput_ratio']:.2f}, p50 latency "
+                        f"x{row[f'{m}_p50_latency_ratio']:.2f})")
         rows.append(row)
-        print(f"N={n:3d}: batching on {row['on']['images_per_s']:8.1f} img/s "
-              f"(p50 {row['on']['latency_ms_p50']:.1f} ms, "
-              f"{row['on']['requests_per_call']:.2f} requests/call) | off "
-              f"{row['off']['images_per_s']:8.1f} img/s (p50 {row['off']['latency_ms_p50']:.1f}"
-              f" ms) | throughput ratio {row['throughput_ratio']:.2f} (of the medians "
-              f"{row['median_throughput_ratio']:.2f}), p50 latency ratio "
-              f"{row['p50_latency_ratio']:.2f}", flush=True)
+        print(" | ".join(line), flush=True)
     return rows
 
 

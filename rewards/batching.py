@@ -8,7 +8,9 @@ shapes) within ``max_items`` items and ``max_pixels`` pixels, calls the function
 concatenation and hands each job its own rows of the output. When a merged call fails, every
 job of the batch is re-run alone, so one bad request fails only itself. A model that is busy
 lets requests accumulate: the next batch takes everything pending at once (the window is already
-over), so batches grow with load and a lone request waits at most ``window``.
+over), so batches grow with load and a lone request waits at most ``window``. With
+``window = 0`` (the server's default: continuous batching) nothing waits: a lone request is
+scored at once, and what queued during a model call goes together into the next.
 
 Differs from a dynamic batcher with padding (e.g. Triton's): inputs of different tensor shapes
 are never padded together; they wait for the next batch of their own shape.
@@ -100,7 +102,9 @@ class Batcher:
     """Merge concurrent jobs into one model call (see module docstring).
 
     Args:
-        window: seconds a batch stays open after its oldest job arrived (> 0).
+        window: seconds a batch stays open after its oldest job arrived (>= 0; 0: continuous
+            batching, no wait: a job goes at once with whatever is pending, so a lone request
+            is never delayed and requests that queue while the model is busy go together).
         max_items: items per merged call (a larger single job still runs, alone).
         max_pixels: decoded pixels per merged call (idem).
         lock: held around every model call (shared with any direct caller of the model).
@@ -108,9 +112,9 @@ class Batcher:
 
     def __init__(self, window: float, max_items: int, max_pixels: int,
                  lock: Optional[threading.Lock] = None):
-        if not window > 0:
-            raise ValueError(f"batch window {window!r} s; expected > 0 (0 turns batching off: "
-                             f"run jobs directly)")
+        if not window >= 0:
+            raise ValueError(f"batch window {window!r} s; expected >= 0 (0: continuous "
+                             f"batching, no wait)")
         self.window, self.max_items, self.max_pixels = float(window), int(max_items), max_pixels
         self.lock = lock or threading.Lock()
         self.stats = {"requests": 0, "batches": 0, "model_calls": 0, "isolated_reruns": 0}

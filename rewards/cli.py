@@ -231,6 +231,7 @@ def build_server(args):
                           max_video_frames=_limit(args.max_video_frames),
                           max_connections=_limit(args.max_connections),
                           max_active=_limit(args.max_active),
+                          batching=not args.no_batching,
                           batch_window_ms=_limit(args.batch_window_ms),
                           allowed_hosts=args.allow_host, log=not args.quiet)
     path = None
@@ -429,8 +430,11 @@ def _add_serve(sub):
                    help="frames per video (video scorers), checked before decoding (default "
                    "%(default)d)")
     p.add_argument("--batch-window-ms", type=float, default=_ServerDefault("BATCH_WINDOW_MS"),
-                   help="merge requests arriving within this many ms into one model call of at "
-                   "most --max-batch items (default %(default)g; 0 = score each request alone)")
+                   help="hold a batch open this many ms after its oldest request (default "
+                   "%(default)g: no wait; requests pending together still go in one model call "
+                   "of at most --max-batch items)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="score each request alone in its own thread (one model call at a time)")
     p.add_argument("--max-connections", type=int, default=_ServerDefault("MAX_CONNECTIONS"),
                    help="open connections; more get 503 (default %(default)d)")
     p.add_argument("--max-active", type=int, default=_ServerDefault("MAX_ACTIVE"),

@@ -9,7 +9,7 @@ Wire format (JSON over HTTP, stdlib only; media entries as in :mod:`mmrl.rewards
 
 - ``GET /health`` -> ``{"name", "scale", "uses_prompts", "media": "image" | "video", "routes",
   "max_batch", "max_request_bytes", "max_image_pixels", "max_request_pixels",
-  "max_video_frames", "batch_window_ms", "stats": {"requests", "batches", "model_calls",
+  "max_video_frames", "batching", "batch_window_ms", "stats": {"requests", "batches", "model_calls",
   "isolated_reruns"}}``.
 - ``POST /score`` (``Content-Type: application/json``), image scorers: ``{"prompts": [B str],
   "images": [B image]}`` where an image is ``{"format": "png", "data": base64 PNG}`` (PIL inputs;
@@ -33,13 +33,15 @@ Wire format (JSON over HTTP, stdlib only; media entries as in :mod:`mmrl.rewards
   decoded), 415 (not JSON), 500 (the scorer failed), 503 (too many connections, or no free
   request slot in time: retry later).
 
-Batching (``batch_window_ms`` > 0, the default): requests that arrive within the window (of the
-oldest pending one) are decoded in their own threads, then scored in ONE scorer call (which
-splits it by the scorer's ``batch_size`` as usual) of at most ``max_batch`` items and
-``max_request_pixels`` pixels, and each request gets its own rows back
-(:mod:`mmrl.rewards.batching`). When a merged call fails, each request is re-scored alone, so a
-bad request fails only itself. ``batch_window_ms=0`` scores each request in its own thread, one
-model call at a time.
+Batching (``batching=True``, the default): requests are decoded in their own threads, then the
+ones pending together are scored in ONE scorer call (which splits it by the scorer's
+``batch_size`` as usual) of at most ``max_batch`` items and ``max_request_pixels`` pixels, and
+each request gets its own rows back (:mod:`mmrl.rewards.batching`). With ``batch_window_ms=0``
+(the default, continuous batching) nothing waits: a lone request is scored at once, and the
+requests that arrive while the model is busy go together into the next call; a window > 0
+also holds a batch open that long after its oldest request. When a merged call fails, each
+request is re-scored alone, so a bad request fails only itself. ``batching=False`` scores each
+request alone in its own thread, one model call at a time.
 
 Security model: the server binds to loopback unless told otherwise and refuses a non-loopback
 address without a token (``Authorization: Bearer TOKEN``). Requests from browsers are refused
@@ -82,7 +84,7 @@ MAX_CONNECTIONS = 32  # open connections, one thread each; more get 503 at once
 # requests reading, decoding, waiting for their batch or scoring at once: also the most requests
 # one batch can merge (8 training ranks); memory about 8 x (64 MiB body + 200 MB decoded)
 MAX_ACTIVE = 8
-BATCH_WINDOW_MS = 5.0  # a batch stays open this long after its oldest request arrived
+BATCH_WINDOW_MS = 0.0  # continuous batching: no wait; what queues during a model call goes together
 
 
 def is_loopback(host: str) -> bool:
@@ -191,8 +193,10 @@ class RewardServer:
             at once (so also the most requests one batch merges); others wait up to
             ``queue_timeout`` seconds for a slot, then get 503. Bounds memory to about
             ``max_active * (max_request_bytes + decoded max_request_pixels)``.
-        batch_window_ms: how long a batch stays open after its oldest request arrived; 0 turns
-            batching off (each request is scored alone in its own thread).
+        batching: merge the requests pending together into one model call (False: each request
+            is scored alone in its own thread).
+        batch_window_ms: how long a batch stays open after its oldest request arrived (0: no
+            wait, continuous batching; > 0 trades a lone request's latency for larger batches).
         allowed_hosts: extra names accepted in the ``Host`` header. Always accepted: IP
             literals, ``localhost``, the bound host name and, on a non-loopback bind, this
             machine's host name. Any other name gets 403 (DNS rebinding).
@@ -210,7 +214,7 @@ class RewardServer:
                  max_request_pixels: int = MAX_REQUEST_PIXELS,
                  max_video_frames: int = MAX_VIDEO_FRAMES,
                  max_connections: int = MAX_CONNECTIONS, max_active: int = MAX_ACTIVE,
-                 batch_window_ms: float = BATCH_WINDOW_MS,
+                 batching: bool = True, batch_window_ms: float = BATCH_WINDOW_MS,
                  allowed_hosts: Iterable[str] = (), queue_timeout: float = 60.0,
                  log: bool = False):
         if not is_loopback(host) and not token:
@@ -226,7 +230,7 @@ class RewardServer:
             raise ValueError(f"server limits {bad}; expected integers >= 1")
         if not float(batch_window_ms) >= 0:
             raise ValueError(f"batch_window_ms={batch_window_ms!r}; expected >= 0 (0 = no "
-                             f"batching)")
+                             f"wait: continuous batching)")
         self.routes = tuple(r for r, ok in (("/score", callable(scorer)),
                                             ("/compare", callable(getattr(scorer, "compare",
                                                                           None)))) if ok)
@@ -249,7 +253,7 @@ class RewardServer:
         self._direct = {"requests": 0, "batches": 0, "model_calls": 0, "isolated_reruns": 0}
         self.batcher = (Batcher(self.batch_window_ms / 1000.0, self.max_batch,
                                 self.max_request_pixels, self._lock)
-                        if self.batch_window_ms > 0 else None)
+                        if batching else None)
         try:
             self.httpd = _BoundedHTTPServer((host, port), _make_handler(self),
                                             int(max_connections))
@@ -280,7 +284,8 @@ class RewardServer:
                 "max_image_pixels": self.max_image_pixels,
                 "max_request_pixels": self.max_request_pixels,
                 "max_video_frames": self.max_video_frames,
-                "batch_window_ms": self.batch_window_ms, "stats": self.stats}
+                "batching": self.batcher is not None, "batch_window_ms": self.batch_window_ms,
+                "stats": self.stats}
 
     def host_allowed(self, header: Optional[str]) -> bool:
         """Whether a ``Host`` header names this server (absent: an HTTP/1.0 client, allowed)."""

@@ -454,10 +454,56 @@ def test_a_failing_request_fails_alone_in_its_batch(server):
     assert srv.stats["isolated_reruns"] == 4
 
 
+class _Gated(_Counting):
+    """Counts its calls; the first one blocks until ``gate`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def __call__(self, images, prompts=None, metadata=None):
+        if not self.calls:
+            self.entered.set()
+            self.gate.wait(30)
+        return super().__call__(images, prompts, metadata)
+
+
+def test_continuous_batching_merges_what_queued_while_the_model_was_busy(server):
+    """The default (batch_window_ms=0): a lone request goes at once (alone), and the requests
+    that arrive during its model call go together into the next call."""
+    import threading
+    scorer = _Gated()
+    srv = server(scorer, max_active=8)
+    assert srv.health()["batching"] is True and srv.batch_window_ms == 0
+    xs = [torch.rand(k, 3, 4, 4) for k in (1, 2, 3, 1)]
+    got = [None] * 4
+
+    def post(i):
+        got[i] = _post(srv.url, {"prompts": [""] * len(xs[i]), "images": encode_images(xs[i])})
+    first = threading.Thread(target=post, args=(0,))
+    first.start()
+    assert scorer.entered.wait(30)  # request 0 is in its model call, alone
+    rest = [threading.Thread(target=post, args=(i,)) for i in (1, 2, 3)]
+    for t in rest:
+        t.start()
+    for _ in range(3000):  # until the three wait in the batcher's queue
+        if len(srv.batcher._queue) == 3:
+            break
+        threading.Event().wait(0.01)
+    scorer.gate.set()
+    for t in [first, *rest]:
+        t.join(30)
+    assert scorer.calls == [1, 6]  # 2 + 3 + 1 images in one call
+    for (code, out), x in zip(got, xs):
+        assert code == 200 and out["scores"] == pytest.approx(R.load("brightness")(x, None)
+                                                              .tolist())
+
+
 def test_batching_off_scores_each_request_alone(server):
     scorer = _Counting()
-    srv = server(scorer, batch_window_ms=0)
-    assert srv.batcher is None and srv.health()["batch_window_ms"] == 0
+    srv = server(scorer, batching=False)
+    assert srv.batcher is None and srv.health()["batching"] is False
     xs = [torch.rand(k, 3, 4, 4) for k in (1, 2, 3)]
     got = _concurrently([lambda x=x: _post(srv.url, {"prompts": [""] * len(x),
                                                      "images": encode_images(x)}) for x in xs])
@@ -490,7 +536,7 @@ class _MeanVideo(VideoScorer):
 def test_video_requests_round_trip_and_respect_limits(server):
     scorer = _MeanVideo()
     srv = server(scorer, token="t", max_video_frames=4, max_request_pixels=300,
-                 batch_window_ms=0)
+                 batching=False)
     remote = R.load("remote_video", url=srv.url, token="t", fps=2.0)
     assert isinstance(remote, VideoScorer) and remote.media == "video"
     assert remote.name == "mean_video" and srv.health()["media"] == "video"
@@ -570,7 +616,7 @@ def test_compare_requests_round_trip_merge_and_respect_limits(server):
     from mmrl.rewards.server import RemoteJudge
     judge = _FakePairJudge()
     srv = server(judge, token="t", max_batch=6, max_request_pixels=2 * 6 * 8 * 8,
-                 batch_window_ms=0)
+                 batching=False)
     assert srv.routes == ("/compare",)
     remote = RemoteJudge(srv.url, token="t", batch_size=3)
     assert (remote.name, remote.media) == ("fake_pair", "image")
