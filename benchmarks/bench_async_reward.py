@@ -8,7 +8,10 @@ flow_grpo SDE sampler) built by ``build_tiny(demo=True)``, a round of ``--prompt
 - ``inproc``: in the training process (``mmrl.rewards.compose``), the worker thread sharing the
   CPU with the sampler (both at ``--threads`` torch threads);
 - ``remote``: served by ``mmrl reward serve`` in a subprocess (``OMP_NUM_THREADS=--threads``),
-  scored through the ``remote`` scorer.
+  scored through the ``remote`` scorer;
+- ``offcpu``: a reward that waits as long as sampling the same images takes (measured first)
+  without using this CPU: a model of a scorer served on another device or host, which shows
+  the mechanism's own ceiling and overhead where the real scorers compete for a loaded CPU.
 
 For each mode and chunk count K, interleaved and repeated, :func:`mmrl.train.async_reward.
 collect_chunked` runs with ``overlap=False`` (sync: the K chunks sampled and scored in turn;
@@ -81,6 +84,19 @@ def build_policy(tmp: str, num_steps: int):
                       [f"diffusion.model={model}", f"diffusion.num_steps={num_steps}",
                        f"train.output_dir={tmp}/out"])
     return job_policy(cfg.task, "cpu", cfg.algo.resolve())
+
+
+class OffCpu:
+    """Mean brightness after ``seconds_per_sample`` of waiting that uses no CPU (sleep)."""
+
+    name = "offcpu"
+
+    def __init__(self, seconds_per_sample: float):
+        self.per = seconds_per_sample
+
+    def __call__(self, samples, prompts, metadata):
+        time.sleep(self.per * len(samples))
+        return torch.stack(list(samples)).mean((1, 2, 3))
 
 
 class Timed:
@@ -180,15 +196,16 @@ def main(argv=None) -> int:
     p.add_argument("--clip-width", type=int, default=192)
     p.add_argument("--clip-layers", type=int, default=12)
     p.add_argument("--clip-image", type=int, default=112)
-    p.add_argument("--modes", nargs="+", default=["inproc", "remote"],
-                   choices=["inproc", "remote"])
+    p.add_argument("--modes", nargs="+", default=["inproc", "remote", "offcpu"],
+                   choices=["inproc", "remote", "offcpu"])
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from mmrl.diffusion.evaluate import ImageReward
     from mmrl.rewards import compose
     result = {"setup": {k: v for k, v in vars(args).items() if k != "out"},
-              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                          "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_policy(tmp, args.num_steps)
         scorer_dir = build_scorer_dir(os.path.join(tmp, "pick"), args.clip_width,
@@ -196,6 +213,14 @@ def main(argv=None) -> int:
         for mode in args.modes:
             print(f"== {mode}", flush=True)
             proc = None
+            if mode == "offcpu":
+                B, free = args.prompts * args.group_size, Timed(OffCpu(0.0))
+                walls = [one(policy, free, PROMPTS[:1] * args.prompts, args.group_size, 1,
+                             False, 0)[0] for _ in range(3)]  # sampling alone, best of 3
+                result["offcpu_seconds_per_sample"] = min(walls) / B
+                reward = Timed(OffCpu(result["offcpu_seconds_per_sample"]))
+                result[mode] = measure(policy, reward, args)
+                continue
             if mode == "inproc":
                 spec = f"pickscore:path={scorer_dir}"
             else:
@@ -208,6 +233,7 @@ def main(argv=None) -> int:
                 if proc is not None:
                     proc.terminate()
                     proc.wait(timeout=30)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
