@@ -122,7 +122,7 @@ class ChunkScorer:
     """
 
     def __init__(self, reward_fn, retries: int = 2, timeout: Optional[float] = None, *,
-                 max_pending: int = 1, workers: int = 1, overlap: bool = True):
+                 max_pending: int = 2, workers: int = 1, overlap: bool = True):
         if int(max_pending) < 1 or int(workers) < 1:
             raise ValueError(f"max_pending={max_pending!r}, workers={workers!r}; expected >= 1")
         self.reward_fn, self.retries, self.timeout = reward_fn, int(retries), timeout
@@ -199,7 +199,7 @@ def collect_chunked(policy, reward_fn, prompts: Sequence[Any],
                     metadata: Sequence[Dict[str, Any]], counts: Sequence[int],
                     generator: torch.Generator, group_ids: Sequence[int], chunks: int, *,
                     reward_retries: int = 2, reward_timeout: Optional[float] = None,
-                    overlap: bool = True, max_pending: int = 1, workers: int = 1,
+                    overlap: bool = True, max_pending: int = 2, workers: int = 1,
                     concat=None) -> Tuple[Rollout, RewardBatch, Optional[str], Dict[str, float]]:
     """Roll out ``prompts`` (``counts[p]`` samples each, global ids ``group_ids``) in
     ``chunks`` chunks, scoring each while the next is sampled.
