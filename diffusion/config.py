@@ -479,6 +479,11 @@ def check(algo, train, c: DiffusionConfig) -> List[str]:
     if c.objective != "grpo" and train.parallel == "fsdp":
         out.append(f"train.parallel: fsdp is not supported with objective={c.objective} yet "
                    f"(the old model's weights are swapped in per forward); use ddp")
+    if train.reward_chunks > 1 and c.sampler in ("singular", "tree"):
+        out.append(f"train.reward_chunks: {train.reward_chunks} chunks need training rows = "
+                   f"rewarded images; sampler={c.sampler} trains other rows (members / tree "
+                   f"nodes); set train.reward_chunks=1 or use the full, window or sliding "
+                   f"sampler")
     if train.dynamic_sampling_tries:
         out.append("train.dynamic_sampling_tries: the diffusion job stores its trajectories per "
                    "rollout round and does not merge rounds yet; set it to 0")

@@ -80,6 +80,8 @@ class DiffusionGroupPolicy(GroupPolicy):
             own_kl=True, row_advantages=c.sampler in ("singular", "tree"),
             whole_groups=c.shared_noise, export=True, fsdp=True, extra_state=True,
             rollout_logp=True, preference=True, step_terms=keep_means and c.kind != "cps",
+            concat_rollouts=c.sampler not in ("singular", "tree"),
+            chunked_rollout=c.sampler not in ("singular", "tree"),
             why_not={"entropy": ENTROPY_REFUSAL, "step_terms": STEP_TERMS_REFUSAL})
         # The loop's advantages hook exists only where training rows are not reward rows.
         self.advantages = {"singular": self._singular_advantages,
@@ -141,15 +143,35 @@ class DiffusionGroupPolicy(GroupPolicy):
     def rollout(self, prompts: Sequence[str], metadata: Sequence[Dict[str, Any]],
                 group_size, generator: torch.Generator) -> Rollout:
         """Sample with log-probs; images are decoded for the reward (called under no_grad)."""
-        if self.evaluator is not None and self.eval_every and \
-                self.iteration % self.eval_every == 0:
-            self.evaluator(self.iteration)
+        self._maybe_evaluate()
         counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
         sample = {"singular": self._rollout_singular, "tree": self._rollout_tree}.get(
             self.c.sampler, self._rollout_sde)
         rollout = sample(list(prompts), list(metadata), counts, generator)
         self.iteration += 1
         return rollout
+
+    def _maybe_evaluate(self) -> None:
+        if self.evaluator is not None and self.eval_every and \
+                self.iteration % self.eval_every == 0:
+            self.evaluator(self.iteration)
+
+    def rollout_chunks(self, prompts, metadata, counts, generator, bounds):
+        """One rollout round in chunks ``bounds`` (``train.reward_chunks``): the evaluation
+        runs once, the round's SDE window is drawn once and shared by the chunks, the rollout
+        counter advances once; each chunk draws its own noise, in order."""
+        self._maybe_evaluate()
+        kw = {} if self.capabilities.matching else {"steps": self._sde_steps(generator)}
+        for a, b in bounds:
+            yield self._rollout_sde(list(prompts[a:b]), list(metadata[a:b]), list(counts[a:b]),
+                                    generator, **kw)
+        self.iteration += 1
+
+    def concat_rollouts(self, parts: Sequence[Rollout]) -> Rollout:
+        """The chunks of a round as one rollout, trajectories merged
+        (:func:`mmrl.diffusion.chunks.concat_diffusion_rollouts`)."""
+        from mmrl.diffusion.chunks import concat_diffusion_rollouts
+        return concat_diffusion_rollouts(parts, _Shared)
 
     def _sde_steps(self, generator) -> List[int]:
         c, T = self.c, self.c.num_steps
@@ -168,10 +190,10 @@ class DiffusionGroupPolicy(GroupPolicy):
                 "roll_back": c.sliding_roll_back, "n_max": c.sliding_decay_max,
                 "n_min": c.sliding_decay_min, "tau": c.sliding_exp_tau, "k": c.sliding_exp_k}
 
-    def _rollout_sde(self, prompts, metadata, counts, generator) -> Rollout:
+    def _rollout_sde(self, prompts, metadata, counts, generator, steps=None) -> Rollout:
         P, n = len(prompts), torch.tensor(counts)
         rows = torch.arange(P).repeat_interleave(n)  # [B] prompt of each sample
-        steps = self._sde_steps(generator)
+        steps = self._sde_steps(generator) if steps is None else steps
         noise = self.noise(P if self.c.shared_noise else int(n.sum()), generator)
         if self.c.shared_noise:  # [P, *L] -> [B, *L]
             noise = noise.repeat_interleave(n.to(noise.device), 0)

@@ -188,6 +188,12 @@ class TrainConfig:
                               minimum=0)
     reward_timeout: float = cfg(0.0, "Seconds before a reward call counts as failed (0 = no "
                                 "limit).", minimum=0.0)
+    reward_chunks: int = cfg(1, "Asynchronous rewards: sample each rollout round's prompts in "
+                             "this many chunks (whole groups) and score a chunk on a worker "
+                             "thread while the next one is sampled (1 = off: sample all, then "
+                             "score). On-policy (the overlap stays within the round); K chunks "
+                             "draw other noise than one batch (docs/rewards.md, Asynchronous "
+                             "rewards).", minimum=1)
 
     def problems(self) -> List[str]:
         out = []

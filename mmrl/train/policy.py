@@ -53,6 +53,13 @@ class Capabilities:
             noise).
         concat_rollouts: ``concat_rollouts(parts) -> Rollout`` joins rollouts whose ``data``
             needs more than :func:`mmrl.train.rollout.concat_rollouts` (left-padded prompts).
+        chunked_rollout: ``rollout_chunks(prompts, metadata, counts, generator, bounds) ->
+            iterator of Rollout``: one rollout round sampled in chunks (``bounds``: ``[(a, b)]``
+            prompt runs), each chunk's rollout yielded as soon as it is sampled, its group ids
+            local to the chunk (0..b-a-1) as ``rollout`` gives them; the policy's per-round state
+            (a rollout counter, a periodic evaluation) advances once per round, not per chunk
+            (``train.reward_chunks``, :mod:`mmrl.train.async_reward`). Without it each chunk is
+            one ``rollout`` call.
         export: ``export_pretrained(path, merge_lora=False, state_dict=None) -> str`` writes the
             model in its library's format (``train.export``).
         fsdp: ``apply_fsdp() -> nn.Module`` shards the model with FSDP2 and returns the root;
@@ -99,6 +106,7 @@ class Capabilities:
     row_advantages: bool = False
     whole_groups: bool = False
     concat_rollouts: bool = False
+    chunked_rollout: bool = False
     export: bool = False
     fsdp: bool = False
     extra_state: bool = False
@@ -129,6 +137,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "row_advantages": ("advantages",),
     "whole_groups": (),
     "concat_rollouts": ("concat_rollouts",),
+    "chunked_rollout": ("rollout_chunks",),
     "export": ("export_pretrained",),
     "fsdp": ("apply_fsdp",),
     "extra_state": ("extra_state", "load_extra_state"),

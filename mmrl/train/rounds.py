@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mmrl.budget.allocate import DynamicSampling, knapsack_allocate
+from mmrl.train.async_reward import check_chunkable, collect_chunked
 from mmrl.train.distributed import Dist, gathered_parameters, shard_samples
 from mmrl.train.loop import rollout_groups, score, settings_from
 from mmrl.train.policy import Capabilities, capabilities_of
@@ -67,6 +68,7 @@ class RoundSettings:
     dynamic_sampling_tries: int = 0
     reward_retries: int = 2
     reward_timeout: float = 0.0
+    reward_chunks: int = 1
     seed: int = 0
 
     @classmethod
@@ -142,6 +144,8 @@ class Rounds:
                  augmenters: Sequence[RoundAugmenter] = (),
                  reward_weights: Optional[Dict[str, float]] = None):
         check_prompts(prompts, settings.prompts_per_step)
+        if settings.reward_chunks > 1:
+            check_chunkable(policy)
         self.policy, self.reward_fn, self.s = policy, reward_fn, settings
         self.prompts = list(prompts)
         self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
@@ -200,12 +204,20 @@ class Rounds:
         """Roll out and score this rank's share of the given groups (every rank calls it with
         the same arguments)."""
         mine = self.shard(counts, group_ids)
-        with gathered_parameters(self.fsdp):  # FSDP: ranks may generate different lengths
-            rollout = rollout_groups(self.policy, [prompts[j] for j, _, _ in mine],
-                                     [metadata[j] for j, _, _ in mine], [c for _, c, _ in mine],
-                                     self.gen, group_ids=[g for _, _, g in mine])
-        rewards, error = score(self.reward_fn, rollout, self.s.reward_retries,
-                               self.s.reward_timeout or None)
+        args = ([prompts[j] for j, _, _ in mine], [metadata[j] for j, _, _ in mine],
+                [c for _, c, _ in mine])
+        ids, timeout = [g for _, _, g in mine], self.s.reward_timeout or None
+        if self.s.reward_chunks > 1 and mine:  # score chunk k while chunk k+1 is sampled
+            with gathered_parameters(self.fsdp):
+                rollout, rewards, error, m = collect_chunked(
+                    self.policy, self.reward_fn, *args, self.gen, ids, self.s.reward_chunks,
+                    reward_retries=self.s.reward_retries, reward_timeout=timeout,
+                    concat=self.concat)
+            self.add_round_metrics(m)
+        else:
+            with gathered_parameters(self.fsdp):  # FSDP: ranks may generate different lengths
+                rollout = rollout_groups(self.policy, *args, self.gen, group_ids=ids)
+            rewards, error = score(self.reward_fn, rollout, self.s.reward_retries, timeout)
         return Round(list(prompts), list(metadata), list(counts), list(group_ids), rollout,
                      rewards, error)
 
