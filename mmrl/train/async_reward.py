@@ -138,7 +138,8 @@ class ChunkScorer:
     def _score(self, rollout: Rollout) -> Tuple[RewardBatch, Optional[str]]:
         try:
             return robust_reward(self.reward_fn, rollout.samples, rollout.prompts,
-                                 rollout.metadata, self.retries, self.timeout)
+                                 rollout.metadata, self.retries, self.timeout,
+                                 group_ids=rollout.sample_group_ids)
         finally:
             with self._lock:
                 self._pending -= 1

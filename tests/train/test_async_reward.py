@@ -204,3 +204,23 @@ def test_diffusion_chunks_merge_into_one_rollout_that_rescores_as_sampled(tmp_pa
     traj = r.data["trajectory"].traj
     assert traj.final.shape[0] == 6 and r.nfe == 6 * 4  # B images x 4 steps
     assert len(set(traj.step.tolist())) == 2  # one SDE window (window: 2) for the round
+
+
+def test_a_groupwise_reward_sees_each_chunks_global_group_ids():
+    """pref_winrate-style rewards (groupwise = True) get metadata[i]["group_id"] in every chunk,
+    the global ids, whole groups per chunk."""
+    seen = []
+
+    class PerGroup:
+        name, groupwise = "per_group", True
+
+        def __call__(self, samples, prompts, metadata):
+            gids = [m["group_id"] for m in metadata]
+            seen.append(gids)
+            return torch.tensor([float(g) for g in gids])
+    r, w, err, _ = collect_chunked(FakePolicy(), PerGroup(), list(range(6)), [{}] * 6, [2] * 6,
+                                   torch.Generator(), [10 + g for g in range(6)], 3)
+    assert err is None and len(seen) == 3
+    assert all(len(set(ids)) == 2 and len(ids) == 4 for ids in seen)  # 2 whole groups each
+    assert torch.equal(w.values[:, 0], r.group_ids.float())
+    assert sorted(set(r.group_ids.tolist())) == list(range(10, 16))
