@@ -57,7 +57,8 @@ def test_wheel_install_imports_all_four_and_no_bare_top_level(tmp_path):
     # build from a clean copy: an in-tree build/ folder could carry stale modules into the wheel
     import shutil
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
+        ".venv", ".git", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache",
+        ".peers", ".peers-hpsv3"))  # the peers' installs: large, never packaged
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                             "--no-build-isolation", "-q", "-w", str(wheel_dir), str(src)],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)

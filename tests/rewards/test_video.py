@@ -32,7 +32,8 @@ def test_media_registry_matches_the_classes():
     for name in SCORERS.names():
         assert scorer_class(name).media == ("video" if name in VIDEO_SCORERS else "image"), name
     from mmrl.rewards.specs import JUDGES, VIDEO_JUDGES
-    for name in set(JUDGES.names()) - {"bradley_terry"}:  # bradley_terry: its scorer's media
+    # bradley_terry: its scorer's media; remote_judge: the served judge's (read from /health)
+    for name in set(JUDGES.names()) - {"bradley_terry", "remote_judge"}:
         assert scorer_class(name).media == ("video" if name in VIDEO_JUDGES else "image"), name
 
 

@@ -26,7 +26,12 @@ def _run(cmd, timeout=300):
         # Seen only while other torchrun jobs ran on the same machine at the same time (a gloo
         # peer connection crossing jobs aborts in C++ before any Python runs); one retry, and a
         # second failure fails the test with the full output.
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+        # The first try may have written its run (the abort can come at exit): the retry of a
+        # fresh run replaces it.
+        fresh = any(a.startswith("train.output_dir=") for a in cmd) and \
+            "train.resume=auto" not in cmd
+        proc = subprocess.run(cmd + ["train.overwrite=true"] * fresh, capture_output=True,
+                              text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
