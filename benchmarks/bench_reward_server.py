@@ -39,37 +39,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rewards import clip_tokenizer_files  # noqa: E402
+from bench_rewards import build_pickscore_dir  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {  # (vision width, layers, heads, patch, image size), (text width, layers, heads), embed
     "tiny": dict(vision=(64, 2, 2, 16, 64), text=(64, 2, 2), embed=64),
     "small": dict(vision=(256, 4, 4, 32, 224), text=(256, 4, 4), embed=256),
 }
-
-
-def build_pickscore(d: str, size: str):
-    """A random-weight PickScore directory (model + processor whose crop is the model's size)."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTokenizer)
-    s = SIZES[size]
-    vw, vl, vh, vp, vs = s["vision"]
-    tw, tl, th = s["text"]
-    clip_tokenizer_files(d)
-    tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
-                        model_max_length=77)
-    ip = CLIPImageProcessor(size={"shortest_edge": vs}, crop_size={"height": vs, "width": vs})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=tw, intermediate_size=4 * tw,
-                                      num_hidden_layers=tl, num_attention_heads=th,
-                                      max_position_embeddings=77, bos_token_id=49406,
-                                      eos_token_id=49407, pad_token_id=49407),
-                     vision_config=dict(image_size=vs, patch_size=vp, hidden_size=vw,
-                                        intermediate_size=4 * vw, num_hidden_layers=vl,
-                                        num_attention_heads=vh),
-                     projection_dim=s["embed"])
-    CLIPModel(cfg).save_pretrained(d)
 
 
 def start_server(model_dir: str, window_ms: float, args, batching: bool = True) -> tuple:
@@ -174,7 +150,7 @@ def main(argv=None) -> int:
     for size in sizes:
         print(f"{size}: {SIZES[size]}", flush=True)
         with tempfile.TemporaryDirectory() as d:
-            build_pickscore(d, size)
+            build_pickscore_dir(d, SIZES[size], crop_to_model=True)
             servers = {"continuous": start_server(d, 0, args),
                        "window": start_server(d, args.window_ms, args),
                        "off": start_server(d, 0, args, batching=False)}

@@ -51,16 +51,19 @@ def clip_tokenizer_files(d: str):
         f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
-def build_pickscore_dir(d: str, size: str):
+def build_pickscore_dir(d: str, s: dict, crop_to_model: bool = False):
+    """A random-weight PickScore directory of size ``s`` (a :data:`SIZES` entry); its processor
+    resizes to 224 (CLIP's default) or, with ``crop_to_model``, to the model's input size."""
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
                               CLIPTokenizer)
-    s = SIZES[size]
     vw, vl, vh, vp, vs = s["vision"]
     tw, tl, th = s["text"]
     clip_tokenizer_files(d)
     tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
                         model_max_length=77)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok).save_pretrained(d)
+    ip = (CLIPImageProcessor(size={"shortest_edge": vs}, crop_size={"height": vs, "width": vs})
+          if crop_to_model else CLIPImageProcessor())
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d)
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=tw, intermediate_size=4 * tw,
                                       num_hidden_layers=tl, num_attention_heads=th,
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     print(f"device {device}, {args.images} images 512x512, batch {args.batch_size}, "
           f"model size {args.size}, torch threads {torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory() as d:
-        build_pickscore_dir(d, args.size)
+        build_pickscore_dir(d, SIZES[args.size])
         wrapper = R.load("pickscore", path=d, device=device, batch_size=args.batch_size)
         model = CLIPModel.from_pretrained(d).to(device).eval()
         direct = direct_pickscore(model, CLIPProcessor.from_pretrained(d), device,

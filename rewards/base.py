@@ -183,6 +183,12 @@ class Scorer:
 
     def __call__(self, images: Images, prompts: Optional[Sequence[str]],
                  metadata: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        return self.batched(images, prompts, self._score)
+
+    def batched(self, images: Images, prompts: Optional[Sequence[str]], fn) -> torch.Tensor:
+        """``fn(chunk, chunk_prompts) -> Tensor[b, ...]`` over chunks of ``batch_size``, after
+        the input checks, concatenated as float32 (``__call__`` with ``fn = _score``; a scorer
+        with more outputs than its score, e.g. HPSv3's σ, reuses it)."""
         kind, n = check_images(images, self.name)
         if prompts is None and not self.uses_prompts:
             prompts = [""] * n  # prompt-free scorers (aesthetic, rules) may be called without
@@ -193,7 +199,7 @@ class Scorer:
         with torch.set_grad_enabled(self.grad):
             for i in range(0, n, self.batch_size):
                 chunk = images[i:i + self.batch_size]
-                out.append(self._score(chunk, prompts[i:i + self.batch_size]).float())
+                out.append(fn(chunk, prompts[i:i + self.batch_size]).float())
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def _score(self, images: Images, prompts: List[str]) -> torch.Tensor:

@@ -33,9 +33,8 @@ from typing import List, Optional
 import torch
 
 from mmrl.rewards import qwen2vl_rm as rm
-from mmrl.rewards.base import (Scorer, WeightsNotFoundError, check_images, check_path,
-                               check_prompts, default_device, hub_file, parse_dtype, to_rgb_tensor,
-                               weights_error)
+from mmrl.rewards.base import (Scorer, WeightsNotFoundError, check_path, default_device, hub_file,
+                               parse_dtype, weights_error)
 
 HPSV3_REPO, HPSV3_FILE = "MizzenAI/HPSv3", "HPSv3.safetensors"
 BASE = "Qwen/Qwen2-VL-7B-Instruct"
@@ -177,20 +176,8 @@ class HPSv3(Scorer):
 
     def mu_sigma(self, images, prompts) -> torch.Tensor:
         """``[B, 2]`` float32: μ and σ = exp(log σ) (the uncertainty the training loss uses)."""
-        logits = self._logits_all(images, prompts)
+        logits = self.batched(images, prompts, self.logits)  # [B, 2]
         return torch.stack([logits[:, 0], logits[:, 1].exp()], dim=1)
-
-    def _logits_all(self, images, prompts) -> torch.Tensor:
-        kind, n = check_images(images, self.name)
-        prompts = check_prompts(prompts, n)
-        if kind == "tensor":
-            images = to_rgb_tensor(images)
-        out = []
-        with torch.set_grad_enabled(self.grad):
-            for i in range(0, n, self.batch_size):
-                out.append(self.logits(images[i:i + self.batch_size],
-                                       prompts[i:i + self.batch_size]))
-        return torch.cat(out)
 
     def logits(self, images, prompts: List[str]) -> torch.Tensor:
         """``[b, 2]`` float32 = (μ, log σ) for one chunk, as hpsv3's ``reward`` returns."""

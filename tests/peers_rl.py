@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import importlib.abc
-import importlib.machinery
 import inspect
 import math
 import sys
@@ -42,51 +40,13 @@ from collections import defaultdict
 
 import torch
 
+from tests.peer_stubs import StubFinder as _StubFinder
 from tests.peers import PEERS
 
 # Missing third-party packages on the peers' import paths (never called by the math).
 _THIRD_PARTY_STUBS = ("ray", "tensordict", "codetiming", "orjson", "datasets", "pandas")
 # verl's own plumbing: the package __init__ (Ray, DataProto) and the config dataclasses.
 _VERL_STUBS = ("verl.protocol", "verl.workers.config", "verl.trainer.config")
-
-
-class _Placeholder:
-    """What a stubbed module's attributes are: a class that stores keywords and answers ``get``."""
-
-    def __init__(self, *args, **kwargs):
-        self.__dict__.update(kwargs)
-
-    def get(self, key, default=None):
-        return getattr(self, key, default)
-
-
-class _StubModule(types.ModuleType):
-    """A package whose every public attribute is a (cached) placeholder class."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        cls = type(name, (_Placeholder,), {"__module__": self.__name__})
-        setattr(self, name, cls)
-        return cls
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, names):
-        self.names = names
-
-    def find_spec(self, name, path=None, target=None):
-        if any(name == n or name.startswith(n + ".") for n in self.names):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _StubModule(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,13 +34,10 @@ None (no quantization), which is what trl returns for a config without 4/8-bit l
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,43 +117,14 @@ def run_jobs(jobs: list, workdir: str) -> list:
 
 
 # ---------------------------------------------------------------- inside the subprocess
-class _Placeholder:
-    def __init__(self, *args, **kwargs):
-        pass
-
-
-class _StubModule(types.ModuleType):
-    """A package whose every public attribute is an empty class (imported, never used)."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        cls = type(name, (_Placeholder,), {"__module__": self.__name__})
-        setattr(self, name, cls)
-        return cls
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        if any(name == n or name.startswith(n + ".") for n in _STUBS):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _StubModule(spec.name)
-        module.__path__ = []
-        if spec.name == "trl":  # no 4/8-bit loading: trl answers None for both
-            module.get_quantization_config = lambda model_config: None
-            module.get_kbit_device_map = lambda: None
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
 def _setup():
     sys.path.insert(0, str(PEERS_HPSV3))
-    sys.meta_path.insert(0, _StubFinder())
+    sys.path.insert(1, str(ROOT))  # tests.peer_stubs
+    from tests.peer_stubs import StubFinder
+    # trl: no 4/8-bit loading, so both of these answer None
+    sys.meta_path.insert(0, StubFinder(_STUBS, {"trl": {
+        "get_quantization_config": lambda model_config: None,
+        "get_kbit_device_map": lambda: None}}))
     import transformers
     if transformers.__version__ != "4.45.2":
         raise RuntimeError(f"expected transformers 4.45.2 from {PEERS_HPSV3}, got "
