@@ -81,15 +81,19 @@ def _prompts(args, n: int, needed: bool) -> List[str]:
 
 
 def cmd_list(args) -> int:
-    from mmrl.rewards.scorers import SCORERS, accepted_options, scorer_class
-    for name in SCORERS:
-        try:
-            cls = scorer_class(name)
-            doc = (cls.__doc__ or "").strip().splitlines()[0]
-            opts = ", ".join(accepted_options(name))
-        except ImportError as err:
-            doc, opts = f"(unavailable: {err})", ""
-        print(f"{name:22s} {doc}\n{'':22s} options: {opts}")
+    from mmrl.rewards.scorers import JUDGES, SCORERS, accepted_options, scorer_class
+    for title, names in (("scorers (score one sample: --scorer NAME, diffusion.reward)", SCORERS),
+                         ("pairwise judges (compare two: pref_winrate:judge=NAME, reward eval "
+                          "--scorer NAME)", JUDGES)):
+        print(title)
+        for name in names:
+            try:
+                cls = scorer_class(name)
+                doc = (cls.__doc__ or "").strip().splitlines()[0]
+                opts = ", ".join(accepted_options(name))
+            except ImportError as err:
+                doc, opts = f"(unavailable: {err})", ""
+            print(f"  {name:20s} {doc}\n  {'':20s} options: {opts}")
     return 0
 
 
@@ -302,13 +306,16 @@ FMT = argparse.RawDescriptionHelpFormatter
 
 def add_commands(subparsers) -> None:
     """Add ``mmrl reward ...`` to the top-level ``mmrl`` parser."""
-    top = subparsers.add_parser("reward", help="score, evaluate and serve image reward models",
-                                description="Image reward models: PickScore, HPS v2/v2.1, "
-                                "ImageReward, CLIP score, aesthetic and rule rewards.",
+    top = subparsers.add_parser("reward", help="score, evaluate and serve reward models",
+                                description="Reward models: PickScore, HPS v2/v2.1, HPSv3, "
+                                "ImageReward, CLIP score, aesthetic, VideoReward, VLM judges "
+                                "(pointwise, and pairwise for Pref-GRPO win rates), video and "
+                                "rule rewards.",
                                 epilog=EPILOG, formatter_class=FMT, allow_abbrev=False)
     sub = top.add_subparsers(dest="reward_command", metavar="SUBCOMMAND")
     top.set_defaults(func=lambda a: (top.print_help(), 2)[1])
-    p = sub.add_parser("list", help="registered scorers and their options", allow_abbrev=False)
+    p = sub.add_parser("list", help="registered scorers and pairwise judges, their options",
+                       allow_abbrev=False)
     p.set_defaults(func=_guarded(cmd_list))
     _add_score(sub)
     _add_eval(sub)

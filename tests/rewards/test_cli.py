@@ -127,7 +127,7 @@ def test_import_and_list_stay_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert out.returncode == 0, out.stderr
-    assert "hps_v2.1" in out.stdout
+    assert "hps_v2.1" in out.stdout and "\n  vlm_pair " in out.stdout.split("pairwise judges")[1]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
