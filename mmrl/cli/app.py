@@ -42,7 +42,7 @@ class Plugin(NamedTuple):
 # (train, config, algos; :mod:`mmrl.cli.core`) load no plugin and no torch.
 PLUGINS = {
     "sim": Plugin("simulators (rollout budget strategies)", "mmrl.budget.sim_cli", None),
-    "reward": Plugin("score, evaluate and serve image reward models", "mmrl.rewards.cli",
+    "reward": Plugin("score, evaluate and serve reward models", "mmrl.rewards.cli",
                      "rewards"),
     "video": Plugin("inspect videos as mmrl feeds them to Video-LLMs", "mmrl.video.cli", "video"),
     "diffusion": Plugin("flow-matching text-to-image helpers (tiny demo pipeline, grids)",
