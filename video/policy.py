@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from mmrl.train.distributed import gathered_parameters, root_forward
 from mmrl.train.policy import Capabilities, GroupPolicy
 from mmrl.train.preference import PrefScores
-from mmrl.train.rollout import Rollout, concat_rollout_logp
+from mmrl.train.rollout import Rollout, concat_off_policy, concat_rollout_logp
 
 from .io import SkipCounter, VideoError
 from .models import adapter_for, adapter_for_path
@@ -701,7 +701,8 @@ class VLMPolicy(GroupPolicy):
                        torch.cat([p.group_ids for p in parts]),
                        torch.cat([rp(p.mask, False) for p in parts]), data,
                        skipped=dict(sum((Counter(p.skipped) for p in parts), Counter())),
-                       rollout_logp=concat_rollout_logp(parts, T))
+                       rollout_logp=concat_rollout_logp(parts, T),
+                       off_policy=concat_off_policy(parts))
 
 
 def _cut_at_stop_strings(tok, tokens: torch.Tensor, mask: torch.Tensor, stop: Sequence[str]):

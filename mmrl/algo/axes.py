@@ -61,11 +61,13 @@ _BUILTIN = {
         "none": dict(per_sequence=False, needs_rollout_logp=False),
         **{n: dict(per_sequence=n.startswith("sequence"), needs_rollout_logp=True)
            for n in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")}},
+    ("off-policy shaping", "mmrl.algo.offpolicy", "OFF_POLICY_SHAPINGS"): {
+        n: dict(whole_rows=n == "percentile") for n in ("none", "percentile", "constant", "power")},
 }
 _AXIS_OF = {"advantage": "ADVANTAGES", "multi_reward": "MULTI_REWARD",
             "ratio_level": "RATIO_LEVELS", "objective": "OBJECTIVES",
             "aggregation": "AGGREGATIONS", "kl": "KL_ESTIMATORS",
-            "rollout_is": "ROLLOUT_CORRECTIONS"}
+            "rollout_is": "ROLLOUT_CORRECTIONS", "off_policy_shaping": "OFF_POLICY_SHAPINGS"}
 
 
 def _static(axis: str, entries: dict) -> Registry:

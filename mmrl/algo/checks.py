@@ -17,7 +17,7 @@ from mmrl.registry import did_you_mean
 _FIELDS = {f.name: f for f in dataclasses.fields(AlgoSpec)}
 _HINTS = typing.get_type_hints(AlgoSpec)
 _AXES = ("advantage", "ratio_level", "objective", "aggregation", "kl", "multi_reward",
-         "rollout_is")
+         "rollout_is", "off_policy_shaping")
 _EXTRA_KEYS = tuple(EXTRA_OVERRIDES)
 
 
@@ -154,6 +154,23 @@ def _rollout_correction_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
         problems.append(f"rollout_is {spec.rollout_is!r} weights tokens but ratio_level "
                         f"{spec.ratio_level!r} gives one loss per sequence; use "
                         f"sequence_truncate or sequence_mask")
+    return problems + _shaping_problems(spec, per_seq)
+
+
+def _shaping_problems(spec: AlgoSpec, per_seq: bool) -> List[str]:
+    """Guide's shaping replaces per-token losses; percentile's gamma is a quantile."""
+    if spec.off_policy_shaping in ("none", None) or \
+            spec.off_policy_shaping not in axis_registry("off_policy_shaping"):
+        return []
+    problems = []
+    if per_seq:
+        problems.append(f"off_policy_shaping {spec.off_policy_shaping!r} replaces each token's "
+                        f"loss of the hinted rows, but ratio_level {spec.ratio_level!r} gives "
+                        f"one loss per sequence; use ratio_level token")
+    if spec.off_policy_shaping == "percentile" and _is_number(spec.off_policy_gamma) and \
+            not spec.off_policy_gamma <= 1:
+        problems.append(f"off_policy_gamma={spec.off_policy_gamma!r} is the quantile of "
+                        f"off_policy_shaping 'percentile' and must be in (0, 1] (Guide: 0.9)")
     return problems
 
 

@@ -30,7 +30,7 @@ from mmrl.algo.common import Tensor, masked_log_ratio, masked_mean
 from mmrl.algo.common import num_tokens as row_tokens
 from mmrl.algo.kl import KL_ESTIMATORS, _kl, bias_corrected_kl, cap_kl, kl_penalty
 from mmrl.algo.objectives import OBJECTIVES
-from mmrl.algo.offpolicy import ROLLOUT_CORRECTIONS, correct_objective
+from mmrl.algo.offpolicy import ROLLOUT_CORRECTIONS, correct_objective, shape_off_policy
 from mmrl.algo.ratios import RATIO_LEVELS
 
 OptTensor = Optional[Tensor]
@@ -154,7 +154,8 @@ class PolicyLoss:
                  generator: Optional[torch.Generator] = None,
                  rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
                  entropy_mask: Optional[Tensor] = None, step_std: OptTensor = None,
-                 mean_shift: OptTensor = None, step_gap: OptTensor = None) -> Tuple[Tensor, Stats]:
+                 mean_shift: OptTensor = None, step_gap: OptTensor = None,
+                 off_policy: OptTensor = None) -> Tuple[Tensor, Stats]:
         """(loss, stats): the aggregated loss to minimize and detached statistics.
 
         Args:
@@ -178,6 +179,9 @@ class PolicyLoss:
             step_std, mean_shift, step_gap: ``[B, T]`` a Gaussian denoising step's terms: its
                 std and mean_d (μ_θ − μ_old)² (with gradient) for ratio level ``ratio_norm``,
                 its σ gap −dt > 0 for ``step_reweight`` (divides the objective, not the KL).
+            off_policy: ``[B]`` bool, the rows sampled under another prompt than the one they
+                are trained for (``Rollout.off_policy``): ``off_policy_shaping`` replaces their
+                objective (:func:`mmrl.algo.offpolicy.shape_off_policy`); None: no row.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid
@@ -195,8 +199,8 @@ class PolicyLoss:
                       group_ids, per_seq, kl, entropy, entropy_mask)
         logp, old_logp, adv = _prepare(logp, old_logp, advantages, mask)
         loss, log_ratio, valid, (ratio, low, high), corrections = self._policy_term(
-            logp, old_logp, adv, advantages, mask, group_ids, generator, rollout_logp,
-            dict(step_std=step_std, mean_shift=mean_shift), step_gap)
+            logp, old_logp, adv, advantages, mask, group_ids, generator,
+            (rollout_logp, off_policy), dict(step_std=step_std, mean_shift=mean_shift), step_gap)
         keep = _entropy_keep(spec, entropy, entropy_mask, mask)  # top-entropy tokens only
         loss = loss if keep is None else torch.where(keep, loss, 0.0)
         kl_ref = _kl_to_ref(spec, logp, ref_logp, kl, mask, log_ratio)
@@ -209,10 +213,12 @@ class PolicyLoss:
         return total, {**_entropy_stats(stats, entropy, keep, mask), **corrections}
 
     def _policy_term(self, logp, old_logp, adv, advantages, mask, group_ids, generator,
-                     rollout_logp, ratio_terms, step_gap):
+                     sampler, ratio_terms, step_gap):
         """``(loss, log_ratio, valid, (ratio, low, high), corrections)``: the objective of each
-        entry times the rollout correction's weights and divided by the step gaps
+        entry times the rollout correction's weights, the off-policy rows' shaped instead
+        (``sampler``: ``(rollout_logp, off_policy)``), divided by the step gaps
         (``step_reweight``); the KL is added after, unweighted."""
+        rollout_logp, off_policy = sampler
         spec, per_seq = self.spec, self._ratio.per_sequence
         log_ratio = self._ratio(logp, old_logp, mask, **ratio_terms)  # [B, T] or [B, 1]
         valid = mask.any(-1, keepdim=True) if per_seq else mask  # [B, 1] or [B, T]
@@ -221,6 +227,8 @@ class PolicyLoss:
                                                  generator=generator)
         loss, corrections = correct_objective(spec, loss, logp, old_logp, rollout_logp,
                                               advantages, mask)  # weights the objective only
+        loss, shaped = shape_off_policy(spec, loss, logp, rollout_logp, adv, mask, off_policy)
+        corrections.update(shaped)
         loss = _step_reweight(spec, loss, step_gap, mask)  # the objective only, not the KL
         return loss, log_ratio, valid, (ratio, low, high), corrections
 
@@ -333,6 +341,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
                 entropy_mask: Optional[Tensor] = None, step_std: Optional[Tensor] = None,
                 mean_shift: Optional[Tensor] = None, step_gap: Optional[Tensor] = None,
+                off_policy: Optional[Tensor] = None,
                 **overrides) -> Tuple[Tensor, Dict[str, Tensor]]:
     """(loss, stats) of ``PolicyLoss(algo, **overrides)`` on these tensors (functional form).
 
@@ -342,4 +351,5 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         logp, old_logp, advantages, mask, ref_logp=ref_logp, token_weights=token_weights,
         group_ids=group_ids, num_tokens=num_tokens, num_seqs=num_seqs, seq_lens=seq_lens,
         generator=generator, rollout_logp=rollout_logp, entropy=entropy,
-        entropy_mask=entropy_mask, step_std=step_std, mean_shift=mean_shift, step_gap=step_gap)
+        entropy_mask=entropy_mask, step_std=step_std, mean_shift=mean_shift, step_gap=step_gap,
+        off_policy=off_policy)

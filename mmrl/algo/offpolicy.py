@@ -30,6 +30,13 @@ Eq. 9): a negative-advantage row whose sampler drifted from the current policy b
 
 Weights multiply the per-token objective only: never the KL term, never the normalizers of the
 aggregation (a masked token still counts in ``num_tokens``), as TRL and verl do.
+
+:data:`OFF_POLICY_SHAPINGS` ``(r, mask, gamma) -> r̃`` and :func:`shape_off_policy` are Guide's
+off-policy ratio shaping (arXiv 2506.13923; vaskar-open-source-research/guide_rl
+``core_algos.compute_policy_loss``, ``gamma_strategy``): rows flagged ``Rollout.off_policy``
+(sampled under a hinted prompt, trained for the plain one) get the loss −A·r̃_t with
+r_t = π_θ(o_t|q, o_<t) / π_sampler(o_t|q, h, o_<t), unclipped, in place of the objective; the
+other rows are untouched. Flag ``whole_rows``: γ is read from the row's tokens (no T chunks).
 """
 from __future__ import annotations
 
@@ -40,10 +47,11 @@ import torch
 from mmrl.algo.common import LOG_RATIO_CLAMP, Tensor, entry, masked_mean
 from mmrl.registry import Registry
 
-__all__ = ["ROLLOUT_CORRECTIONS", "correct_objective", "off_policy_mask", "rollout_log_ratio",
-           "rollout_weights"]
+__all__ = ["OFF_POLICY_SHAPINGS", "ROLLOUT_CORRECTIONS", "correct_objective", "off_policy_mask",
+           "rollout_log_ratio", "rollout_weights", "shape_off_policy"]
 
 ROLLOUT_CORRECTIONS: Registry[Callable] = Registry("rollout correction")
+OFF_POLICY_SHAPINGS: Registry[Callable] = Registry("off-policy shaping")
 
 
 def rollout_log_ratio(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> Tensor:
@@ -239,3 +247,78 @@ def correct_objective(spec, loss: Tensor, logp: Tensor, old_logp: Tensor,
         rows = mask.any(-1, keepdim=True)
         stats["off_policy_masked"] = masked_mean((1.0 - keep).detach(), rows)
     return loss, stats
+
+
+@entry(OFF_POLICY_SHAPINGS, "none", whole_rows=False)
+def no_shaping(r: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """No shaping: flagged rows keep the objective (and the rollout correction's weights)."""
+    return r
+
+
+@entry(OFF_POLICY_SHAPINGS, "percentile", whole_rows=True)
+def percentile_shaping(r: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """r̃_t = r_t / (r_t + γ_i), γ_i = sg(max(Q_gamma(r over row i's valid tokens), 1e-4)).
+
+    Guide's recipe (``gamma_strategy=percentile``, ``gamma_value=0.9``). Its micro-batch is one
+    row (``ppo_micro_batch_size_per_gpu=1``), so its quantile is a row's: here always per row,
+    over the valid tokens (the code's tensor also holds the row's padding positions). Linear
+    interpolation, as ``torch.quantile``.
+    """
+    nan = torch.full_like(r, float("nan"))
+    q = torch.nanquantile(torch.where(mask, r.detach(), nan), gamma, dim=-1, keepdim=True)
+    q = torch.nan_to_num(q, nan=1.0).clamp(min=1e-4)  # a row without tokens: any γ (no loss)
+    return r / (r + q)
+
+
+@entry(OFF_POLICY_SHAPINGS, "constant", whole_rows=False)
+def constant_shaping(r: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """r̃_t = r_t / (r_t + γ), γ fixed (guide_rl ``gamma_strategy=constant``)."""
+    return r / (r + gamma)
+
+
+@entry(OFF_POLICY_SHAPINGS, "power", whole_rows=False)
+def power_shaping(r: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """r̃_t = r_t^γ (guide_rl ``gamma_strategy=power``)."""
+    return r.pow(gamma)
+
+
+def shape_off_policy(spec, loss: Tensor, logp: Tensor, rollout_logp: Optional[Tensor],
+                     adv: Tensor, mask: Tensor,
+                     off_policy: Optional[Tensor]) -> Tuple[Tensor, dict]:
+    """``(loss', stats)``: on the rows flagged ``off_policy`` the per-token loss becomes
+    −A·r̃_t (``spec.off_policy_shaping``; r_t = exp(logp_t − rollout_logp_t), ±20 in the log,
+    unclipped, no rollout-correction weight: r already divides by the sampler); other rows
+    keep ``loss``. Stats: ``off_policy_rows`` (share of rows flagged), ``off_policy_ratio``
+    (mean r̃ over their valid tokens).
+
+    Args:
+        spec: the resolved AlgoSpec.
+        loss: ``[B, T]`` the corrected per-token objective.
+        logp: ``[B, T]`` current log-probs (with gradient).
+        rollout_logp: ``[B, T]`` the sampler's log-probs (those of the hinted prompt).
+        adv: ``[B, 1]`` or ``[B, T]`` advantages (detached).
+        mask: ``[B, T]`` bool.
+        off_policy: ``[B]`` bool, or None (no row flagged).
+
+    Raises:
+        ValueError: flags without ``rollout_logp``, or not ``[B]``; a per-sequence loss.
+    """
+    if spec.off_policy_shaping == "none" or off_policy is None:
+        return loss, {}
+    if off_policy.shape != mask.shape[:1]:
+        raise ValueError(f"off_policy must be [B]=({mask.shape[0]},) bool (one flag per row), "
+                         f"got {tuple(off_policy.shape)}")
+    if rollout_logp is None or loss.shape != mask.shape:
+        raise ValueError(f"off_policy_shaping={spec.off_policy_shaping!r} needs rollout_logp "
+                         f"[B, T] and a per-token loss [B, T]={tuple(mask.shape)}, got "
+                         f"rollout_logp={None if rollout_logp is None else 'given'}, loss "
+                         f"{tuple(loss.shape)}; use ratio_level token and a policy that reports "
+                         f"Rollout.rollout_logp")
+    rows = off_policy.to(mask.device).bool().reshape(-1, 1)  # [B, 1]
+    log_r = torch.where(mask, logp - rollout_logp.detach().to(logp.dtype), 0.0)
+    r = torch.exp(log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    shaped = OFF_POLICY_SHAPINGS.get(spec.off_policy_shaping)(r, mask, spec.off_policy_gamma)
+    out = torch.where(rows, -adv * shaped, loss)
+    stats = {"off_policy_rows": rows.to(loss.dtype).mean().detach(),
+             "off_policy_ratio": masked_mean(shaped.detach(), rows & mask)}  # 0 when none
+    return out, stats

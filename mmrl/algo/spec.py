@@ -127,6 +127,20 @@ class AlgoSpec:
                                           "when rollout_is is not none.", minimum=0.0,
                                           source="TRL vllm_importance_sampling_clip_min; verl "
                                           "IcePop 'l_u' threshold")
+    off_policy_shaping: str = cfg("none", "Guide's ratio shaping of the rows flagged "
+                                  "Rollout.off_policy (guidance: guide's hinted rows, trained "
+                                  "for the plain prompt): " + _axis_doc("off_policy_shaping")
+                                  + ". Their loss is -A*s(r), r = pi_theta(o_t|q)/"
+                                  "pi_sampler(o_t|q,h), unclipped and without rollout_is "
+                                  "weight; percentile: s(r) = r/(r + gamma_i), gamma_i the "
+                                  "off_policy_gamma-quantile of r over the row (detached); "
+                                  "constant: r/(r + off_policy_gamma); power: "
+                                  "r^off_policy_gamma. Other rows keep the objective.",
+                                  source="Guide arXiv 2506.13923; guide_rl "
+                                  "core_algos.compute_policy_loss (gamma_strategy)")
+    off_policy_gamma: float = cfg(0.9, "off_policy_shaping's gamma: the quantile (percentile, "
+                                  "in (0, 1]), the constant, or the exponent (power).",
+                                  above=0.0, source="guide_rl guide_grpo_*.sh gamma_value=0.9")
     off_policy_mask: Optional[float] = cfg(None, "Off-policy sequence mask threshold delta: "
                                            "drop a negative-advantage row whose mean per-token "
                                            "log(pi_rollout/pi_theta) exceeds delta (null "
@@ -217,15 +231,18 @@ class AlgoSpec:
 
     @property
     def rollout_correction_whole_rows(self) -> bool:
-        """True when the rollout correction reads whole rows (a sequence weight, or the
-        off-policy sequence mask)."""
+        """True when the rollout correction reads whole rows (a sequence weight, the
+        off-policy sequence mask, or a per-row shaping γ)."""
         return (axis_registry("rollout_is").get(self.rollout_is).per_sequence
-                or self.off_policy_mask is not None)
+                or self.off_policy_mask is not None
+                or axis_registry("off_policy_shaping").get(self.off_policy_shaping).whole_rows)
 
     @property
     def needs_rollout_logp(self) -> bool:
-        """True when the loss needs the sampler's log-probs (``rollout_is`` other than none)."""
-        return axis_registry("rollout_is").get(self.rollout_is).needs_rollout_logp
+        """True when the loss needs the sampler's log-probs (``rollout_is`` or
+        ``off_policy_shaping`` other than none)."""
+        return (axis_registry("rollout_is").get(self.rollout_is).needs_rollout_logp
+                or self.off_policy_shaping != "none")
 
     @property
     def needs_step_terms(self) -> bool:

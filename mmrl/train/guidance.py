@@ -21,8 +21,9 @@ keye       whole group, hint levels 1, 2, … (staged)      on-policy, hinted pr
 scaf       one row: lowest hint level that succeeds,      on-policy, hinted prompt
            after ``start_step`` exempt steps
 guide      whole group, the full hint                     plain prompt; the sampler's log-probs
-                                                          (hinted) in ``Rollout.rollout_logp``
-                                                          for ``algo.rollout_is``
+                                                          (hinted) in ``Rollout.rollout_logp``,
+                                                          rows flagged ``Rollout.off_policy``
+                                                          for ``algo.off_policy_shaping``
 expo       one row: a correct answer-conditioned sample   plain prompt (unconfirmed)
 ========== ============================================== =========================================
 
@@ -276,17 +277,16 @@ class GuideRetarget:
     """Guide-GRPO (arXiv 2506.13923; vaskar-open-source-research/guide_rl): an all-fail group is
     re-rolled whole with the record's full hint; the hinted rows are then trained for the plain
     prompt: the policy's ``retarget`` rescores them under it while ``Rollout.rollout_logp``
-    keeps log π_old(o_t | q, h, o_<t), the distribution they were sampled from. With
-    ``algo.rollout_is`` (e.g. ``token_truncate``) the objective of every row is weighted by
-    π_old(o_t | q, o_<t) / π_sampler(o_t | ·): 1 for plain rows, the off-policy correction for
-    hinted ones, so the policy learns for the context without the hint.
+    keeps log π_old(o_t | q, h, o_<t), the distribution they were sampled from, and
+    ``Rollout.off_policy`` flags them. The authors' correction is ``algo.off_policy_shaping:
+    percentile`` (``off_policy_gamma: 0.9``, guide_rl ``core_algos.compute_policy_loss``): a
+    flagged row's loss is −A·r/(r + γ), r = π_θ(o_t|q)/π_old(o_t|q,h), γ the row's 0.9-quantile
+    of r (detached), unclipped. The older alternative is ``algo.rollout_is: token_truncate``:
+    every row's clipped objective weighted by clamp(π_old(o_t|q)/π_sampler(o_t|·)).
 
-    Differs from the authors' code (guide_rl ``core_algos.compute_policy_loss``,
-    ``gamma_strategy=percentile``): there the hinted rows' ratio r = π_θ(o|q)/π_old(o|q,h) is
-    shaped to r / (r + γ), γ the 0.9-quantile of r over the off-policy tokens, and not clipped;
-    mmrl uses the rollout-correction registry's (truncated) weight times the usual clipped ratio.
-    Hinted groups are kept whatever their accuracy (the code drops groups of accuracy 0 or 1;
-    here they have A = 0).
+    Differs from the authors' code: hinted groups are kept whatever their accuracy (the code
+    drops groups of accuracy 0 or 1; here they have A = 0); γ is over the row's valid tokens
+    (the code's one-row micro-batch tensor holds its padding positions too).
     """
 
     def __init__(self, settings: Guidance, policy):
@@ -312,6 +312,7 @@ class GuideRetarget:
             gids = r.group_ids.tolist()
             plain = rounds.policy.retarget(r, [rnd.prompts[pos[g]] for g in gids],
                                            [rnd.metadata[pos[g]] for g in gids])
+            plain = dataclasses.replace(plain, off_policy=torch.ones(len(plain), dtype=torch.bool))
             new = dataclasses.replace(new, rollout=plain, prompts=[rnd.prompts[j] for j, _, _
                                                                    in picks],
                                       metadata=[rnd.metadata[j] for j, _, _ in picks])

@@ -15,6 +15,7 @@ def guidance_field(hints: str):
     return cfg("none", "Round augmenter for groups whose every sample fails (accuracy <= 0; "
                "mmrl.train.guidance): none, ghpo (solution prefix), keye / scaf (hint levels), "
                "guide / expo (hinted samples trained for the plain prompt; guide needs "
+               "algo.off_policy_shaping: percentile, its authors' correction, or "
                "algo.rollout_is, e.g. token_truncate). " + hints, choices=GUIDANCE_NAMES,
                source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 2509.01563; Guide "
                "2506.13923; ExPO 2507.02834")
@@ -41,10 +42,18 @@ def ratio_problems(ratios: List[float]) -> List[str]:
 
 
 def guide_problems(section: str, guidance: str, algo) -> List[str]:
-    """``guidance: guide`` trains hinted rollouts for the plain prompt; its off-policy correction
-    is the rollout correction from the sampler's log-probs, so ``algo.rollout_is`` must be on."""
-    if guidance == "guide" and algo.resolve().rollout_is == "none":
+    """``guidance: guide`` trains hinted rollouts for the plain prompt and needs an off-policy
+    correction: Guide's shaping (``algo.off_policy_shaping``) or the rollout correction
+    (``algo.rollout_is``); the shaping acts on the rows only ``guide`` flags."""
+    spec = algo.resolve()
+    shaping = spec.off_policy_shaping not in (None, "none")
+    if guidance == "guide" and spec.rollout_is == "none" and not shaping:
         return [f"{section}.guidance=guide corrects the hinted rollouts with the sampler's "
-                f"log-probs (algo.rollout_is), got algo.rollout_is=none; set "
-                f"algo.rollout_is=token_truncate"]
+                f"log-probs, got algo.rollout_is=none and algo.off_policy_shaping=none; set "
+                f"algo.off_policy_shaping=percentile (Guide's) or algo.rollout_is=token_truncate"]
+    if shaping and guidance != "guide":
+        return [f"algo.off_policy_shaping={spec.off_policy_shaping} shapes the hinted rows that "
+                f"{section}.guidance=guide flags, got {section}.guidance={guidance} (no row is "
+                f"flagged: it would do nothing); set {section}.guidance=guide or "
+                f"algo.off_policy_shaping=none"]
     return []

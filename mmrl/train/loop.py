@@ -187,8 +187,7 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
         token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
         group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],
         kl=None if kl is None else kl.to(logp), entropy=entropy, generator=x.generator, **norm,
-        **terms, rollout_logp=None if x.rollout.rollout_logp is None
-        else x.rollout.rollout_logp[rows, t0:t1].to(logp))  # the sampler's (rollout_is)
+        **terms, **x.rollout.sampler_terms(rows, t0, t1, logp))  # rollout_is, off_policy
 
 
 def _backward_mini_batch(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs,

@@ -265,9 +265,10 @@ def _check_algo(policy, caps: Capabilities, name: str, spec) -> None:
                         "denoising step (the diffusion job): use ratio_level=token and "
                         "step_reweight=false")
     if spec.needs_rollout_logp and not caps.rollout_logp:
-        raise TypeError(f"algo.rollout_is={spec.rollout_is!r} weights by the sampler's "
+        raise TypeError(f"algo.rollout_is={spec.rollout_is!r} / algo.off_policy_shaping="
+                        f"{spec.off_policy_shaping!r} read the sampler's "
                         f"log-probs, and {name} does not report them (it does not declare "
-                        f"Capabilities(rollout_logp=True)); set algo.rollout_is=none, or "
+                        f"Capabilities(rollout_logp=True)); set both to none, or "
                         f"set Rollout.rollout_logp in {name}.rollout and declare it")
 
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Rollout", "concat_rollout_logp", "concat_rollouts"]
+__all__ = ["Rollout", "concat_off_policy", "concat_rollout_logp", "concat_rollouts"]
 
 
 @dataclass
@@ -39,6 +39,10 @@ class Rollout:
         mini_batch: ``[B]`` long, or None (the loop draws random mini-batches). A fixed
             partition: with ``train.num_mini_batches = K`` the update's mini-batch j is the rows
             labelled j, stepped in order j = 0 … K−1 (G²RPO's optimizer step per SDE step).
+        off_policy: ``[B]`` bool, or None (no row): True for a row sampled under another prompt
+            than the one it is trained for (Guide's hinted rows, retargeted to the plain prompt;
+            ``rollout_logp`` then holds the hinted prompt's log-probs). ``algo.off_policy_shaping``
+            shapes these rows' ratio (:func:`mmrl.algo.offpolicy.shape_off_policy`).
     """
 
     samples: List[Any]
@@ -55,6 +59,7 @@ class Rollout:
     nfe: int = 0
     rollout_logp: Optional[torch.Tensor] = None
     mini_batch: Optional[torch.Tensor] = None
+    off_policy: Optional[torch.Tensor] = None
 
     @property
     def sample_group_ids(self) -> torch.Tensor:
@@ -95,7 +100,18 @@ class Rollout:
                        row_keep=None if self.row_keep is None else self.row_keep[idx],
                        nfe=self.nfe, rollout_logp=None if self.rollout_logp is None
                        else self.rollout_logp[idx.to(self.rollout_logp.device)],
-                       mini_batch=None if self.mini_batch is None else self.mini_batch[idx])
+                       mini_batch=None if self.mini_batch is None else self.mini_batch[idx],
+                       off_policy=None if self.off_policy is None else self.off_policy[idx])
+
+    def sampler_terms(self, rows: torch.Tensor, t0: int, t1: int,
+                      like: torch.Tensor) -> Dict[str, Any]:
+        """The loss's sampler inputs for ``rows`` and steps ``[t0, t1)``: ``rollout_logp`` (in
+        ``like``'s dtype and device, or None) and, when rows are flagged, ``off_policy``."""
+        out: Dict[str, Any] = {"rollout_logp": None if self.rollout_logp is None
+                               else self.rollout_logp[rows, t0:t1].to(like)}
+        if self.off_policy is not None:
+            out["off_policy"] = self.off_policy[rows].to(like.device)
+        return out
 
 
 def _take(value, idx, pick, n):
@@ -140,7 +156,8 @@ def concat_rollouts(parts: Sequence[Any]) -> Any:
                    row_keep=keep, nfe=sum(p.nfe for p in parts),
                    rollout_logp=concat_rollout_logp(parts, T),
                    mini_batch=None if any(p.mini_batch is None for p in parts)
-                   else torch.cat([p.mini_batch for p in parts]))
+                   else torch.cat([p.mini_batch for p in parts]),
+                   off_policy=concat_off_policy(parts))
 
 
 def concat_rollout_logp(parts: Sequence[Any], T: int) -> Optional[torch.Tensor]:
@@ -149,3 +166,12 @@ def concat_rollout_logp(parts: Sequence[Any], T: int) -> Optional[torch.Tensor]:
     if any(p.rollout_logp is None for p in parts):
         return None
     return torch.cat([F.pad(p.rollout_logp, (0, T - p.rollout_logp.shape[1])) for p in parts])
+
+
+def concat_off_policy(parts: Sequence[Any]) -> Optional[torch.Tensor]:
+    """The parts' ``off_policy`` flags stacked (False for the rows of a part without); None when
+    no part has any."""
+    if all(getattr(p, "off_policy", None) is None for p in parts):
+        return None
+    return torch.cat([p.off_policy.bool() if p.off_policy is not None
+                      else torch.zeros(len(p), dtype=torch.bool) for p in parts])
