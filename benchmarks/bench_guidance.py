@@ -38,11 +38,13 @@ from mmrl.demo.toy import ToyConfig, ToyPolicy, ToyPrompt, exact_reward, make_pr
     toy_guidance, toy_record
 from mmrl.train.runner import run_training
 
-METHODS = ["none", "none_g16", "ghpo", "keye", "scaf", "guide", "guide_w1", "expo"]
+METHODS = ["none", "none_g16", "ghpo", "keye", "scaf", "guide", "guide_w1", "guide_shaped",
+           "expo"]
 """``none_g16``: plain GRPO with groups of 16, the control that spends extra samples without
-hints (guidance draws up to about twice the plain 64 samples a step). ``guide_w1``: Guide with
-the rollout correction's weights clamped to 1 ± 0.001, the
-ablation of its importance weights."""
+hints (guidance draws up to about twice the plain 64 samples a step). ``guide``: Guide with the
+truncated token rollout correction; ``guide_w1``: with its weights clamped to 1 ± 0.001, the
+ablation of its importance weights; ``guide_shaped``: with the authors' correction
+(``off_policy_shaping: percentile``, γ = the row's 0.9-quantile of r, plain rows uncorrected)."""
 TOY = dict(digits=5, length=6, num_prompts=64, d_model=32, layers=2, heads=4, reward="exact",
            hint_slot=True)
 
@@ -86,13 +88,16 @@ def plain_accuracy(pol: ToyPolicy, prompts, metadata, seed: int, n: int = 8) -> 
 
 def run_one(method: str, seed: int, state: dict, steps: int, out: str) -> dict:
     group = 16 if method == "none_g16" else 8
-    guidance = {"none_g16": "none", "guide_w1": "guide"}.get(method, method)
+    guidance = {"none_g16": "none", "guide_w1": "guide", "guide_shaped": "guide"}.get(method,
+                                                                                    method)
     toy = dict(TOY, guidance=guidance)
     algo = {"preset": "grpo", "beta": 0.0}
     if method == "guide":
         algo.update(rollout_is="token_truncate", rollout_is_max=3.0)
     if method == "guide_w1":
         algo.update(rollout_is="token_truncate", rollout_is_min=0.999, rollout_is_max=1.001)
+    if method == "guide_shaped":
+        algo.update(off_policy_shaping="percentile", off_policy_gamma=0.9)
     config = config_from_dict({
         "job": "toy", "algo": algo, "toy": toy,
         "train": {"steps": steps, "prompts_per_step": 8, "group_size": group, "lr": 1e-3,

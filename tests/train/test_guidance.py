@@ -128,6 +128,8 @@ def test_guide_rows_are_retargeted_to_the_plain_prompt_with_the_hinted_sampler_l
     # the sampler's log-probs are the hinted ones (-3 here), plain rows keep theirs (0)
     assert out.rollout.rollout_logp[g1, 0].tolist() == [-3.0] * 4
     assert out.rollout.rollout_logp[out.rollout.group_ids == 0, 0].tolist() == [0.0] * 4
+    # every re-rolled row (groups 1 and 2, all-fail before) is flagged for off_policy_shaping
+    assert torch.equal(out.rollout.off_policy, out.rollout.group_ids != 0)
 
 
 def test_guide_and_expo_refuse_a_policy_that_cannot_retarget():
@@ -165,7 +167,8 @@ def test_toy_job_with_guide_trains_and_reports_the_guidance_metrics(tmp_path):
     from mmrl.config.jobs import get_job
     from mmrl.config.schema import config_from_dict
     cfg = config_from_dict({
-        "job": "toy", "algo": {"preset": "grpo", "beta": 0.0, "rollout_is": "token_truncate"},
+        "job": "toy", "algo": {"preset": "grpo", "beta": 0.0, "rollout_is": "token_truncate",
+                               "off_policy_shaping": "percentile"},
         "train": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "seed": 0,
                   "progress": False, "log_every": 1000, "output_dir": str(tmp_path)},
         "toy": {"digits": 3, "length": 2, "num_prompts": 4, "d_model": 16, "layers": 1,
@@ -173,6 +176,7 @@ def test_toy_job_with_guide_trains_and_reports_the_guidance_metrics(tmp_path):
     hist = get_job("toy").run(cfg)["history"]
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert all("guided_groups" in h and "guided_rollouts" in h for h in hist)
+    assert all(0.0 <= h["off_policy_rows"] <= 1.0 for h in hist)
 
 
 def test_configs_refuse_guide_without_the_rollout_correction_and_bad_ratios():
@@ -180,8 +184,15 @@ def test_configs_refuse_guide_without_the_rollout_correction_and_bad_ratios():
     from mmrl.config.schema import config_from_dict
     for job in ("toy", "video"):
         with pytest.raises(ConfigError, match=f"{job}.guidance=guide corrects .* set "
+                           r"algo.off_policy_shaping=percentile \(Guide's\) or "
                            "algo.rollout_is=token_truncate"):
             config_from_dict({"job": job, job: {"guidance": "guide"}})
+        with pytest.raises(ConfigError, match=f"shapes the hinted rows that {job}.guidance=guide "
+                           f"flags, got {job}.guidance=ghpo"):
+            config_from_dict({"job": job, job: {"guidance": "ghpo"},
+                              "algo": {"off_policy_shaping": "percentile"}})
+        assert config_from_dict({"job": job, job: {"guidance": "guide"}, "algo": {
+            "off_policy_shaping": "percentile"}}).algo.resolve().off_policy_gamma == 0.9
         with pytest.raises(ConfigError, match=r"guidance_ratios: got \[0.5, 1.5\]"):
             config_from_dict({"job": job, job: {"guidance_ratios": [0.5, 1.5]}})
         ok = config_from_dict({"job": job, job: {"guidance": "guide"},
