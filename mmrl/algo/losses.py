@@ -150,8 +150,7 @@ class PolicyLoss:
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                  ref_logp: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
                  group_ids: Optional[Tensor] = None, num_tokens=None, num_seqs=None,
-                 seq_lens=None, kl: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None,
+                 seq_lens=None, kl: Optional[Tensor] = None, generator=None,
                  rollout_logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
                  entropy_mask: Optional[Tensor] = None, step_std: OptTensor = None,
                  mean_shift: OptTensor = None, step_gap: OptTensor = None,
@@ -168,20 +167,17 @@ class PolicyLoss:
             group_ids: ``[B]`` integer; required by ``reg``.
             num_tokens / num_seqs: global token / sequence counts of the optimizer step
                 (numbers or 0-d tensors): the micro-batch losses then sum to the full-batch loss.
-            seq_lens: ``[B]`` full per-row token counts for ``seq_mean_token_mean`` when the T
-                axis is split into chunks (other aggregations do not need it).
+            seq_lens: ``[B]`` full row token counts (``seq_mean_token_mean`` over T chunks).
             kl: ``[B, T]`` the policy's own per-token KL (with gradient), instead of ``ref_logp``.
-            generator: for objectives that draw at random (``clip_cov``); None: torch's global.
-            rollout_logp: ``[B, T]`` the sampler's log-probs (detached), for ``rollout_is`` and
-                ``off_policy_mask`` (:mod:`mmrl.algo.offpolicy`: weights on the objective only).
+            generator: a torch.Generator for objectives that draw (``clip_cov``); None: global.
+            rollout_logp, off_policy: ``[B, T]`` the sampler's log-probs (detached), ``[B]``
+                bool rows sampled under another prompt (``Rollout.off_policy``): for rollout_is,
+                off_policy_mask and off_policy_shaping (:mod:`mmrl.algo.offpolicy`).
             entropy, entropy_mask: ``[B, T]`` entropy (with gradient; bonus −c·agg(H)) and the
                 bool top-entropy mask (default: from ``entropy``); neither touches KL or counts.
             step_std, mean_shift, step_gap: ``[B, T]`` a Gaussian denoising step's terms: its
                 std and mean_d (μ_θ − μ_old)² (with gradient) for ratio level ``ratio_norm``,
                 its σ gap −dt > 0 for ``step_reweight`` (divides the objective, not the KL).
-            off_policy: ``[B]`` bool, the rows sampled under another prompt than the one they
-                are trained for (``Rollout.off_policy``): ``off_policy_shaping`` replaces their
-                objective (:func:`mmrl.algo.offpolicy.shape_off_policy`); None: no row.
 
         Returns:
             ``loss`` 0-d; ``stats`` detached 0-d tensors: loss, clipfrac_low/high (share of valid

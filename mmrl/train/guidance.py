@@ -312,7 +312,8 @@ class GuideRetarget:
             gids = r.group_ids.tolist()
             plain = rounds.policy.retarget(r, [rnd.prompts[pos[g]] for g in gids],
                                            [rnd.metadata[pos[g]] for g in gids])
-            plain = dataclasses.replace(plain, off_policy=torch.ones(len(plain), dtype=torch.bool))
+            plain = dataclasses.replace(plain, off_policy=torch.ones(len(plain),
+                                                                     dtype=torch.bool))
             new = dataclasses.replace(new, rollout=plain, prompts=[rnd.prompts[j] for j, _, _
                                                                    in picks],
                                       metadata=[rnd.metadata[j] for j, _, _ in picks])
