@@ -247,7 +247,9 @@ def cmd_algos(args) -> int:
     from mmrl.algo.presets import axis_registry
     print("Rollout/training mismatch correction, with any preset (mmrl.algo.offpolicy; TRL, "
           "verl): algo.rollout_is=" + "|".join(axis_registry("rollout_is").names())
-          + " (rollout_is_min/max), algo.off_policy_mask=<delta> (DeepSeek-V3.2)")
+          + " (rollout_is_min/max), algo.off_policy_mask=<delta> (DeepSeek-V3.2); "
+          "guidance: guide's hinted rows: algo.off_policy_shaping="
+          + "|".join(axis_registry("off_policy_shaping").names()) + " (off_policy_gamma)")
     print("\npreference losses (mmrl.algo.preference; score = what each completion is scored "
           "with, summed or averaged over its tokens / steps; docs/algorithms.md):")
     print("\n".join(pref_table()))
