@@ -115,10 +115,8 @@ def _xrpo_rollout(pop: PromptPopulation, idx: torch.Tensor, s: SimSettings, gen)
 def run_strategy(name: str, s: SimSettings, seed: int = 0, guidance: str = "none") -> Dict:
     """Simulate one strategy until ``total_rollouts`` are spent -> totals and a per-step history.
 
-    ``guidance``: one of :data:`mmrl.budget.sim_guidance.GUIDANCE_MODES`, applied to every
-    try's all-fail groups (after the selector saw the plain rewards; DAPO filters the guided
-    groups). Its re-rolls draw from their own generator, so the plain rollouts of a guided run
-    start as the unguided run's.
+    ``guidance`` (:mod:`mmrl.budget.sim_guidance`) edits every try's all-fail groups after the
+    selector saw the plain rewards, drawing from its own generator.
 
     Returns:
         dict with ``groups``, ``effective_groups``, ``trained_groups``, ``trained_effective``,

@@ -26,6 +26,7 @@ the run's rollout budget.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Tuple
 
 import torch
@@ -33,11 +34,6 @@ import torch
 from mmrl.budget.sim_config import GUIDANCE_MODES
 
 __all__ = ["GUIDANCE_MODES", "apply_guidance"]
-
-
-def _group_slots(group_ids: torch.Tensor):
-    ids, inv = group_ids.unique(return_inverse=True)  # inv: [B] row -> group slot
-    return ids, inv
 
 
 def _per_group(inv: torch.Tensor, n: int, values: torch.Tensor) -> torch.Tensor:
@@ -65,50 +61,75 @@ def apply_guidance(mode: str, logits: torch.Tensor, sample_prompts: torch.Tensor
         raise ValueError(f"guidance {mode!r}: expected one of {', '.join(GUIDANCE_MODES)}")
     theta = logits[sample_prompts]  # [B]
     p = torch.sigmoid(theta)
-    q, c = p.clone(), torch.ones_like(p)
     stats = {"guided_groups": 0, "guided_rescued": 0, "guided_rollouts": 0}
     if mode == "none" or rewards.numel() == 0:
-        return rewards, q, c, stats
-    ids, inv = _group_slots(group_ids)
+        return rewards, p.clone(), torch.ones_like(p), stats
+    ids, inv = group_ids.unique(return_inverse=True)  # inv: [B] row -> group slot
     n = _per_group(inv, len(ids), torch.ones_like(rewards))
     dead = (n >= 2) & (_per_group(inv, len(ids), rewards) == 0)  # [G] all-fail slots
-    rows = dead[inv]  # [B] rows of all-fail groups
+    rows = _GuidedRows(theta, p, rewards.clone(), p.clone(), torch.ones_like(p), inv, len(ids))
     stats["guided_groups"] = int(dead.sum())
-    rewards = rewards.clone()
-    g, levels = s.hint_gain, s.hint_levels
-    if mode == "ghpo":
-        todo = rows.clone()
-        for level in range(1, levels + 1):
-            if not todo.any():
-                break
-            ph = torch.sigmoid(theta + level * g)
-            new = (torch.rand(ph.shape, generator=generator, dtype=torch.float64) < ph).double()
-            rewards, q = torch.where(todo, new, rewards), torch.where(todo, ph, q)
-            c = torch.where(todo, torch.full_like(c, s.hint_transfer), c)
-            stats["guided_rollouts"] += int(todo.sum())
-            won = _per_group(inv, len(ids), torch.where(todo, new, 0.0)) > 0
-            todo = todo & ~won[inv]
-    elif mode in ("guide", "xrpo_seed"):
-        ph = torch.sigmoid(theta + (levels if mode == "guide" else 1) * g)
-        new = (torch.rand(ph.shape, generator=generator, dtype=torch.float64) < ph).double()
-        rewards = torch.where(rows, new, rewards)  # q stays p: trained for the plain prompt
-        if mode == "guide":
-            w = torch.where(new > 0, p / ph, (1 - p) / (1 - ph)).clamp(max=s.is_cap)
-            c = torch.where(rows, w, c)
-        stats["guided_rollouts"] = int(rows.sum())
-    else:  # scaf: one sample per level; the lowest success replaces the group's first row
-        first = torch.full((len(ids),), len(rewards), dtype=torch.long).scatter_reduce_(
-            0, inv, torch.arange(len(rewards)), "amin")[dead]  # [D] first row of each group
-        lv = torch.arange(1, levels + 1, dtype=torch.float64)
-        ph = torch.sigmoid(theta[first, None] + g * lv[None, :])  # [D, L]
-        hit = torch.rand(ph.shape, generator=generator, dtype=torch.float64) < ph
-        ok = hit.any(1)
-        lowest = hit.double().argmax(1)  # first level that succeeded
-        swap = first[ok]
-        rewards[swap] = 1.0
-        q[swap] = ph[ok, lowest[ok]]
-        c[swap] = s.hint_transfer
-        stats["guided_rollouts"] = int(ph.numel())
-    won = _per_group(inv, len(ids), rewards) > 0
-    stats["guided_rescued"] = int((dead & won).sum())
-    return rewards, q, c, stats
+    drawn = {"ghpo": _staged, "scaf": _lowest_level, "guide": _whole,
+             "xrpo_seed": _whole}[mode](rows, dead, mode, s, generator)
+    won = _per_group(inv, len(ids), rows.rewards) > 0
+    stats.update(guided_rescued=int((dead & won).sum()), guided_rollouts=drawn)
+    return rows.rewards, rows.q, rows.c, stats
+
+
+@dataclasses.dataclass
+class _GuidedRows:
+    """A try's rows as guidance edits them (``[B]`` each; ``inv``: row -> group slot)."""
+    theta: torch.Tensor
+    p: torch.Tensor
+    rewards: torch.Tensor
+    q: torch.Tensor
+    c: torch.Tensor
+    inv: torch.Tensor
+    groups: int
+
+
+def _bernoulli(p: torch.Tensor, generator) -> torch.Tensor:
+    return (torch.rand(p.shape, generator=generator, dtype=torch.float64) < p).double()
+
+
+def _staged(x: _GuidedRows, dead, mode, s, generator) -> int:
+    """GHPO: whole group at level 1, 2, … while it stays all-fail; on-policy (q = p_l, c = τ)."""
+    todo, drawn = dead[x.inv], 0
+    for level in range(1, s.hint_levels + 1):
+        if not todo.any():
+            break
+        ph = torch.sigmoid(x.theta + level * s.hint_gain)
+        new = _bernoulli(ph, generator)
+        x.rewards, x.q = torch.where(todo, new, x.rewards), torch.where(todo, ph, x.q)
+        x.c = torch.where(todo, torch.full_like(x.c, s.hint_transfer), x.c)
+        drawn += int(todo.sum())
+        won = _per_group(x.inv, x.groups, torch.where(todo, new, 0.0)) > 0
+        todo = todo & ~won[x.inv]
+    return drawn
+
+
+def _whole(x: _GuidedRows, dead, mode, s, generator) -> int:
+    """Guide (level L, truncated IS weight) / XRPO seeding (level 1, w = 1): whole group,
+    trained for the plain prompt (q stays p)."""
+    rows = dead[x.inv]
+    ph = torch.sigmoid(x.theta + (s.hint_levels if mode == "guide" else 1) * s.hint_gain)
+    new = _bernoulli(ph, generator)
+    x.rewards = torch.where(rows, new, x.rewards)
+    if mode == "guide":
+        w = torch.where(new > 0, x.p / ph, (1 - x.p) / (1 - ph)).clamp(max=s.is_cap)
+        x.c = torch.where(rows, w, x.c)
+    return int(rows.sum())
+
+
+def _lowest_level(x: _GuidedRows, dead, mode, s, generator) -> int:
+    """Scaf-GRPO: one sample per level; the lowest success replaces the group's first row."""
+    first = torch.full((x.groups,), len(x.rewards), dtype=torch.long).scatter_reduce_(
+        0, x.inv, torch.arange(len(x.rewards)), "amin")[dead]  # [D] first row of each group
+    lv = torch.arange(1, s.hint_levels + 1, dtype=torch.float64)
+    ph = torch.sigmoid(x.theta[first, None] + s.hint_gain * lv[None, :])  # [D, L]
+    hit = _bernoulli(ph, generator) > 0
+    ok = hit.any(1)
+    lowest = hit.double().argmax(1)  # the first level that succeeded
+    swap = first[ok]
+    x.rewards[swap], x.q[swap], x.c[swap] = 1.0, ph[ok, lowest[ok]], s.hint_transfer
+    return int(ph.numel())
