@@ -1,5 +1,6 @@
 """Guidance for groups that never succeed: round augmenters that re-roll all-fail groups with
-hints (GHPO, Scaf-GRPO, Keye-VL 1.5's progressive hinting, Guide, ExPO).
+hints (GHPO, Scaf-GRPO, Keye-VL 1.5's progressive hinting, Guide, ExPO, XRPO's in-context
+seeding).
 
 A group whose every sample fails has zero advantage under every group-relative estimator: its
 rollouts are spent and teach nothing. Each augmenter here finds those groups after a round is
