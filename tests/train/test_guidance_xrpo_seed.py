@@ -1,5 +1,7 @@
 """XRPO's in-context seeding (guidance=xrpo_seed, mmrl.train.guidance.ExemplarSeeds) on the
 hint-reading stub of test_guidance, the toy's and the video job's exemplar hints, hand-worked."""
+import io
+
 import pytest
 import torch
 
@@ -39,7 +41,9 @@ def test_seeding_rerolls_an_all_fail_group_with_a_solved_exemplar_for_the_plain_
     # only plain successes enter the corpus (group 1's seeded success does not)
     assert list(aug.corpus) == [repr([1, 2, 3, 4])]
     fresh = build_guidance("xrpo_seed", aug.s, rounds.policy)
-    fresh.load_state_dict(aug.state_dict())
+    buf = io.BytesIO()
+    torch.save(aug.state_dict(), buf)  # the checkpoint's state.pt, read back weights_only
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     assert fresh.corpus == aug.corpus
 
 
@@ -91,6 +95,9 @@ def test_toy_and_video_configs_build_the_seeding_augmenter_from_their_keys():
                                                    "guidance_exemplars": 3,
                                                    "guidance_exemplar_pool": "dataset"}})
         assert (cfg.task.guidance_exemplars, cfg.task.guidance_exemplar_pool) == (3, "dataset")
+    from mmrl.train.guidance import GUIDANCE
+    from mmrl.train.guidance_options import GUIDANCE_NAMES
+    assert tuple(GUIDANCE_NAMES) == GUIDANCE  # the config's choices are the builder's
     rounds, _, _ = _rounds("none", needs=[0, 0, 0])
     toy = config_from_dict({"job": "toy", "toy": {"guidance": "xrpo_seed"}}).task
     (aug,) = toy_guidance(toy, rounds.policy)
