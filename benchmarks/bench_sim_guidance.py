@@ -14,7 +14,8 @@ import numpy as np
 from mmrl.budget.sim import SimSettings, format_table, plot, run_budget_sim, summarize
 
 MODES = ("none", "ghpo", "scaf", "guide", "xrpo_seed")
-SWEEP = {"default (g 1.5, τ 0.5)": {}, "τ = 0 (hinted context learns alone)": {"hint_transfer": 0.0},
+SWEEP = {"default (g 1.5, τ 0.5)": {},
+         "τ = 0 (hinted context learns alone)": {"hint_transfer": 0.0},
          "τ = 1 (all of it transfers)": {"hint_transfer": 1.0},
          "weak hints (g 0.5)": {"hint_gain": 0.5}, "strong hints (g 3)": {"hint_gain": 3.0}}
 STEP = 150  # success "after N steps": every guided run has at least this many
@@ -38,9 +39,11 @@ def main() -> None:
     for label, runs in results.items():
         zero = [1 - r["effective_groups"] / r["groups"] for r in runs]
         end = [r["success_end"] for r in runs]
+        steps = np.mean([r["steps"] for r in runs])
+        rescued = sum(r["guided_rescued"] for r in runs)
         print(f"| {label} | {np.mean(zero):.3f} ± {np.std(zero):.3f} | {at_step(runs, STEP):.3f}"
-              f" | {np.mean(end):.3f} ± {np.std(end):.3f} ({np.mean([r['steps'] for r in runs]):.0f})"
-              f" | {sum(r['guided_rescued'] for r in runs)} / {sum(r['guided_groups'] for r in runs)}"
+              f" | {np.mean(end):.3f} ± {np.std(end):.3f} ({steps:.0f})"
+              f" | {rescued} / {sum(r['guided_groups'] for r in runs)}"
               f" | {np.mean([r['guided_rollouts'] / r['rollouts'] for r in runs]):.3f} |")
     if args.plot:
         print("plot:", plot({k: v for k, v in results.items() if k.startswith("uniform")},

@@ -57,7 +57,8 @@ def build_data(c, output_dir: str, seed: int):
 def build_augmenters(c, records, reward_weights, policy=None) -> list:
     """The round augmenters the config asks for (guidance for all-wrong groups first, then
     difficulty, then temporal contrast, so a re-rolled variant is the one contrasted);
-    ``policy``: the job's, for guide / expo / xrpo_seed (they retarget hinted rows to the plain prompt)."""
+    ``policy``: the job's, for guide / expo / xrpo_seed (they retarget hinted rows to the plain
+    prompt)."""
     from mmrl.train.guidance import Guidance, build_guidance
 
     from .augment import DifficultyAugmenter
