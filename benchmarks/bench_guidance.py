@@ -39,12 +39,14 @@ from mmrl.demo.toy import ToyConfig, ToyPolicy, ToyPrompt, exact_reward, make_pr
 from mmrl.train.runner import run_training
 
 METHODS = ["none", "none_g16", "ghpo", "keye", "scaf", "guide", "guide_w1", "guide_shaped",
-           "expo"]
+           "expo", "xrpo_seed", "xrpo_seed_dataset"]
 """``none_g16``: plain GRPO with groups of 16, the control that spends extra samples without
 hints (guidance draws up to about twice the plain 64 samples a step). ``guide``: Guide with the
 truncated token rollout correction; ``guide_w1``: with its weights clamped to 1 ± 0.001, the
 ablation of its importance weights; ``guide_shaped``: with the authors' correction
-(``off_policy_shaping: percentile``, γ = the row's 0.9-quantile of r, plain rows uncorrected)."""
+(``off_policy_shaping: percentile``, γ = the row's 0.9-quantile of r, plain rows uncorrected).
+``xrpo_seed``: XRPO seeding from the records solved so far; ``xrpo_seed_dataset``: from every
+record drawn so far (``guidance_exemplar_pool: dataset``)."""
 TOY = dict(digits=5, length=6, num_prompts=64, d_model=32, layers=2, heads=4, reward="exact",
            hint_slot=True)
 
@@ -88,9 +90,11 @@ def plain_accuracy(pol: ToyPolicy, prompts, metadata, seed: int, n: int = 8) -> 
 
 def run_one(method: str, seed: int, state: dict, steps: int, out: str) -> dict:
     group = 16 if method == "none_g16" else 8
-    guidance = {"none_g16": "none", "guide_w1": "guide", "guide_shaped": "guide"}.get(method,
-                                                                                    method)
+    guidance = {"none_g16": "none", "guide_w1": "guide", "guide_shaped": "guide",
+                "xrpo_seed_dataset": "xrpo_seed"}.get(method, method)
     toy = dict(TOY, guidance=guidance)
+    if method == "xrpo_seed_dataset":
+        toy["guidance_exemplar_pool"] = "dataset"
     algo = {"preset": "grpo", "beta": 0.0}
     if method == "guide":
         algo.update(rollout_is="token_truncate", rollout_is_max=3.0)

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional
 
 from mmrl.config.core import UserError, cfg
 from mmrl.config.jobs import Job, register_job
-from mmrl.train.guidance_options import (guidance_field, guidance_ratios_field,
+from mmrl.train.guidance_options import (guidance_exemplar_pool_field, guidance_exemplars_field,
+                                          guidance_field, guidance_ratios_field,
                                           guidance_start_field, guide_problems, ratio_problems)
 
 _REWARDS = {"accuracy": 1.0, "think_answer_format": 0.5}
@@ -121,6 +122,8 @@ class VideoConfig:
     guidance: str = guidance_field("Hints from the records' hints / solution_steps.")
     guidance_ratios: List[float] = guidance_ratios_field()
     guidance_start: int = guidance_start_field()
+    guidance_exemplars: int = guidance_exemplars_field()
+    guidance_exemplar_pool: str = guidance_exemplar_pool_field()
     think_style: str = cfg("tags", "How a completion's thought is read (video.length_reward, "
                            "mode_reward, the think_frac metric): tags (inside <think>...</think>) "
                            "or filler (every character before a one-character answer).",

@@ -10,12 +10,20 @@ media unchanged.
   "The following text is the beginning part of the answer, which you can refer to for solving
   the problem:" (hkgc-1/GHPO ``ghpo_trainer.py``);
 - answer (ExPO, unconfirmed): "The correct answer is {solution}. Explain why, step by step."
+- exemplars (XRPO seeding, unconfirmed): the K corpus records whose questions share the most
+  words with this one (Jaccard; XRPO retrieves by an embedding model), each as
+  "Question: … Answer: …" (its reference solution, cut at ``EXEMPLAR_CHARS``) under "Solved
+  examples of other questions:"; text only (their media are not shown), in the ``Hint:`` line.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-__all__ = ["VideoHints", "GHPO_PREFIX"]
+__all__ = ["VideoHints", "GHPO_PREFIX", "EXEMPLAR_CHARS"]
+
+EXEMPLAR_CHARS = 600
+"""An exemplar's question and solution are each cut to this many characters (XRPO truncates
+long exemplars; its bound is unconfirmed)."""
 
 GHPO_PREFIX = ("The following text is the beginning part of the answer, which you can refer to "
                "for solving the problem:\n")
@@ -46,8 +54,30 @@ class VideoHints:
         answer = _text(self.media.record(meta).solution)
         return f"The correct answer is {answer}. Explain why, step by step." if answer else None
 
+    def exemplar_hint(self, prompt: Any, meta: Dict[str, Any], corpus, k: int) -> Optional[str]:
+        words = _words(self.media.record(meta).problem)
+
+        def overlap(entry):
+            other = _words(self.media.record(entry[1]).problem)
+            return len(words & other) / max(len(words | other), 1)
+
+        shots = []
+        for _, m in sorted(corpus, key=overlap, reverse=True):  # stable: corpus order on ties
+            record = self.media.record(m)
+            answer = "\n".join(record.solution_steps) or _text(record.solution)
+            if answer:
+                shots.append(f"Question: {record.problem.strip()[:EXEMPLAR_CHARS]}\n"
+                             f"Answer: {answer[:EXEMPLAR_CHARS]}")
+            if len(shots) == k:
+                break
+        return ("Solved examples of other questions:\n" + "\n\n".join(shots)) if shots else None
+
     def with_hint(self, prompt: Any, meta: Dict[str, Any], hint: str):
         return self.media.prompt(self.media.record(meta), meta, hint=hint, tag="guided")
+
+
+def _words(text: str) -> set:
+    return set(str(text).lower().split())
 
 
 def _text(solution: Any) -> str:

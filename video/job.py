@@ -57,7 +57,8 @@ def build_data(c, output_dir: str, seed: int):
 def build_augmenters(c, records, reward_weights, policy=None) -> list:
     """The round augmenters the config asks for (guidance for all-wrong groups first, then
     difficulty, then temporal contrast, so a re-rolled variant is the one contrasted);
-    ``policy``: the job's, for guide / expo (they retarget hinted rows to the plain prompt)."""
+    ``policy``: the job's, for guide / expo / xrpo_seed (they retarget hinted rows to the plain
+    prompt)."""
     from mmrl.train.guidance import Guidance, build_guidance
 
     from .augment import DifficultyAugmenter
@@ -67,7 +68,8 @@ def build_augmenters(c, records, reward_weights, policy=None) -> list:
     guide = build_guidance(c.guidance, Guidance(VideoHints(media), column="accuracy",
                                                 start_step=c.guidance_start,
                                                 weights=reward_weights),
-                           policy, ratios=c.guidance_ratios)
+                           policy, ratios=c.guidance_ratios, exemplars=c.guidance_exemplars,
+                           exemplar_pool=c.guidance_exemplar_pool)
     out = [] if guide is None else [guide]
     if c.difficulty_augmentation:
         out.append(DifficultyRounds(DifficultyAugmenter(

@@ -12,6 +12,8 @@ it reports at an equal total rollout budget: the effective-gradient ratio over g
 rollouts (share of groups / rollouts with non-equal rewards), rollouts spent, optimizer steps
 and the mean success over all prompts (simulated progress); as a table, a JSON file and a PNG.
 Seeded and deterministic: a seed gives every strategy the same initial population.
+Guidance (hinted re-rolls of all-fail groups, ``guidance=``) is modelled in
+:mod:`mmrl.budget.sim_guidance`; a guided run is reported as ``strategy+mode``.
 The strategies and settings are in :mod:`mmrl.budget.sim_config`, the command line
 (``mmrl sim budget --help``) in :mod:`mmrl.budget.sim_cli`; both load no torch.
 """
@@ -26,6 +28,7 @@ import torch
 from mmrl.algo.advantages import group_advantages
 from mmrl.budget.allocate import DynamicSampling, expand_groups, informative_groups, knapsack_allocate
 from mmrl.budget.selection import make_selector
+from mmrl.budget.sim_guidance import GUIDANCE_MODES, apply_guidance
 from mmrl.budget.xrpo import two_phase_rollout
 from mmrl.budget.sim_config import DEFAULT_STRATEGIES, STRATEGIES, SimSettings, Strategy  # noqa: F401
 
@@ -49,13 +52,18 @@ class PromptPopulation:
         return sample_prompts, rewards, group_ids
 
     def train(self, sample_prompts: torch.Tensor, rewards: torch.Tensor,
-              group_ids: torch.Tensor) -> None:
-        """One GRPO step: ``θ_i += lr · Σ_{j ∈ prompt i} A_j (r_j − p_i) / group_size``."""
+              group_ids: torch.Tensor, q: Optional[torch.Tensor] = None,
+              c: Optional[torch.Tensor] = None) -> None:
+        """One GRPO step: ``θ_i += lr · Σ_{j ∈ prompt i} c_j A_j (r_j − q_j) / group_size``;
+        ``q_j = p_i`` and ``c_j = 1`` unless guidance set them (hinted rows,
+        :mod:`mmrl.budget.sim_guidance`)."""
         if rewards.numel() == 0:
             return
         adv = group_advantages(rewards, group_ids, "grpo")
-        score = rewards - self.success_probs()[sample_prompts]  # d log π(r) / dθ
-        grad = torch.zeros_like(self.logits).index_add_(0, sample_prompts, adv * score)
+        q = self.success_probs()[sample_prompts] if q is None else q
+        score = rewards - q  # d log π(r) / dθ
+        c = torch.ones_like(score) if c is None else c
+        grad = torch.zeros_like(self.logits).index_add_(0, sample_prompts, c * adv * score)
         self.logits += self.s.lr * grad / self.s.group_size
 
     def drift(self, generator: torch.Generator) -> None:
@@ -64,18 +72,22 @@ class PromptPopulation:
 
 
 _COUNTS = ("groups", "effective_groups", "rollouts", "effective_rollouts", "trained_groups",
-           "trained_effective")
+           "trained_effective", "guided_groups", "guided_rescued", "guided_rollouts")
 
 
 def _account_step(tries: List[tuple], kept: List[Optional[torch.Tensor]], batch_prompts: int):
     """Count one step's groups and rollouts; gather the rows to train on.
 
-    ``tries[t] = (sample_prompts, rewards, group_ids)``; ``kept[t]``: group ids to train on
-    from try t (None: all). Returns ``({count: int}, (sample_prompts, rewards, group_ids))``.
+    ``tries[t] = (sample_prompts, rewards, group_ids, q, c, guidance stats)``; ``kept[t]``:
+    group ids to train on from try t (None: all). Guidance's extra samples count as rollouts.
+    Returns ``({count: int}, (sample_prompts, rewards, group_ids, q, c))``.
     """
     counts = dict.fromkeys(_COUNTS, 0)
     train = []
-    for (sample_prompts, rewards, group_ids), keep in zip(tries, kept):
+    for (sample_prompts, rewards, group_ids, q, c, guided), keep in zip(tries, kept):
+        for key, val in guided.items():
+            counts[key] += val
+        counts["rollouts"] += guided["guided_rollouts"]
         ids, informative = informative_groups(rewards, group_ids)
         in_eff = torch.isin(group_ids, ids[informative])
         rows = torch.ones_like(in_eff) if keep is None else torch.isin(group_ids, keep)
@@ -85,7 +97,8 @@ def _account_step(tries: List[tuple], kept: List[Optional[torch.Tensor]], batch_
                          ("trained_effective", torch.unique(group_ids[rows & in_eff]).numel())):
             counts[key] += int(val)
         offset = len(train) * (batch_prompts + 1)  # keep group ids distinct across tries
-        train.append((sample_prompts[rows], rewards[rows], group_ids[rows] + offset))
+        train.append((sample_prompts[rows], rewards[rows], group_ids[rows] + offset, q[rows],
+                      c[rows]))
     return counts, tuple(torch.cat(parts) for parts in zip(*train))
 
 
@@ -99,8 +112,11 @@ def _xrpo_rollout(pop: PromptPopulation, idx: torch.Tensor, s: SimSettings, gen)
     return rows[:3]
 
 
-def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
+def run_strategy(name: str, s: SimSettings, seed: int = 0, guidance: str = "none") -> Dict:
     """Simulate one strategy until ``total_rollouts`` are spent -> totals and a per-step history.
+
+    ``guidance`` (:mod:`mmrl.budget.sim_guidance`) edits every try's all-fail groups after the
+    selector saw the plain rewards, drawing from its own generator.
 
     Returns:
         dict with ``groups``, ``effective_groups``, ``trained_groups``, ``trained_effective``,
@@ -113,6 +129,7 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
     pop = PromptPopulation(s, torch.Generator().manual_seed(seed))
     roll_gen = torch.Generator().manual_seed(seed + 1_000_003)
     sel_gen = torch.Generator().manual_seed(seed + 2_000_003)
+    hint_gen = torch.Generator().manual_seed(seed + 3_000_017)
     selector = make_selector(spec.selector, s.num_prompts)
     filt = DynamicSampling(s.batch_prompts, s.max_tries) if spec.dynamic else None
     tot = dict.fromkeys(_COUNTS + ("steps", "tries"), 0)
@@ -133,7 +150,9 @@ def run_strategy(name: str, s: SimSettings, seed: int = 0) -> Dict:
                 _xrpo_rollout(pop, idx, s, roll_gen) if spec.allocation == "xrpo"
                 else pop.rollout(idx, counts, roll_gen))
             selector.update(sample_prompts, rewards, group_ids)
-            tries.append((sample_prompts, rewards, group_ids))
+            rewards, q, c, guided = apply_guidance(guidance, pop.logits, sample_prompts, rewards,
+                                                   group_ids, s, hint_gen)
+            tries.append((sample_prompts, rewards, group_ids, q, c, guided))
             return rewards, group_ids
 
         if filt:
@@ -171,7 +190,9 @@ def summarize(results: Dict[str, List[Dict]]) -> List[Dict]:
                "eff_groups_per_1k": stat(lambda r: 1000 * r["trained_effective"] / r["rollouts"]),
                "rollouts": stat(lambda r: r["rollouts"]), "steps": stat(lambda r: r["steps"]),
                "success_start": stat(lambda r: r["success_start"]),
-               "success_end": stat(lambda r: r["success_end"])}
+               "success_end": stat(lambda r: r["success_end"]),
+               "rescued": stat(lambda r: r["guided_rescued"] / max(r["guided_groups"], 1)),
+               "guided_share": stat(lambda r: r["guided_rollouts"] / r["rollouts"])}
         for key, num, den in (("eff_ratio", "effective_groups", "groups"),
                               ("eff_rollout_share", "effective_rollouts", "rollouts")):
             ref = np.mean([r[num] / r[den] for r in base]) if base else 0.0
@@ -185,8 +206,8 @@ def format_table(rows: Sequence[Dict]) -> str:
     """Markdown table of :func:`summarize` rows (mean ± std over seeds)."""
     head = ("| strategy | eff. ratio, groups | vs uniform | eff. ratio, rollouts | vs uniform | "
             "trained groups w/ signal | signal groups / 1k rollouts | rollouts spent | steps | "
-            "mean success start → end |")
-    lines = [head, "|" + "---|" * 10]
+            "mean success start → end | guided: rescued / all-fail, share of rollouts |")
+    lines = [head, "|" + "---|" * 11]
 
     def vs(r, key):
         return f"{100 * r[key]:+.1f} %" if key in r else "n/a"
@@ -199,7 +220,9 @@ def format_table(rows: Sequence[Dict]) -> str:
             f"{r['trained_eff'][0]:.3f} | {r['eff_groups_per_1k'][0]:.1f} | "
             f"{r['rollouts'][0]:.0f} | {r['steps'][0]:.0f} | "
             f"{r['success_start'][0]:.3f} → {r['success_end'][0]:.3f} ± "
-            f"{r['success_end'][1]:.3f} |")
+            f"{r['success_end'][1]:.3f} | "
+            + (f"{r['rescued'][0]:.2f}, {r['guided_share'][0]:.2f} |" if r["guided_share"][0]
+               else "– |"))
     return "\n".join(lines)
 
 
@@ -243,21 +266,26 @@ def plot(results: Dict[str, List[Dict]], path: str, window: int = 10) -> str:
 
 
 def run_budget_sim(s: SimSettings, strategies: Sequence[str], seeds: Sequence[int],
-                   log=None) -> Dict[str, List[Dict]]:
-    """Run every strategy for every seed -> ``{strategy: [run per seed]}``."""
+                   log=None, guidance: Sequence[str] = ("none",)) -> Dict[str, List[Dict]]:
+    """Run every strategy with every guidance mode for every seed -> ``{label: [run per
+    seed]}``, label ``strategy`` (no guidance) or ``strategy+mode``."""
     s.validate()
     list(map(STRATEGIES.get, strategies))  # fail on a typo before running anything
+    bad = [m for m in guidance if m not in GUIDANCE_MODES]
+    if bad:
+        raise ValueError(f"guidance {bad}: expected modes from {', '.join(GUIDANCE_MODES)}")
     results: Dict[str, List[Dict]] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors of a few hundred entries: thread wake-ups cost more
     try:
-        for name in strategies:
+        for name, mode in [(n, m) for n in strategies for m in guidance]:
+            label = name if mode == "none" else f"{name}+{mode}"
             for seed in seeds:
                 t0 = time.perf_counter()
-                results.setdefault(name, []).append(run_strategy(name, s, seed))
+                results.setdefault(label, []).append(run_strategy(name, s, seed, mode))
                 if log:
-                    r = results[name][-1]
-                    log(f"  {name:<18} seed {seed}: {r['steps']} steps, eff. ratio "
+                    r = results[label][-1]
+                    log(f"  {label:<18} seed {seed}: {r['steps']} steps, eff. ratio "
                         f"{r['effective_groups'] / r['groups']:.3f} "
                         f"({time.perf_counter() - t0:.1f}s)")
     finally:

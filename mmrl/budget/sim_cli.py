@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from mmrl.budget.sim_config import DEFAULT_STRATEGIES, STRATEGIES, SimSettings
+from mmrl.budget.sim_config import DEFAULT_STRATEGIES, GUIDANCE_MODES, STRATEGIES, SimSettings
 
 
 # --flag -> SimSettings field, help
@@ -23,15 +23,25 @@ _OPTIONS = (("--prompts", "num_prompts", "dataset size"),
             ("--n-min", "n_min", "Knapsack minimum rollouts per prompt"),
             ("--n-max", "n_max", "Knapsack maximum rollouts per prompt"),
             ("--max-tries", "max_tries", "DAPO dynamic sampling tries per step"),
-            ("--xrpo-first", "xrpo_first", "XRPO first-phase rollouts per prompt"))
+            ("--xrpo-first", "xrpo_first", "XRPO first-phase rollouts per prompt"),
+            ("--hint-gain", "hint_gain", "guidance: logit added per hint level (an assumption)"),
+            ("--hint-levels", "hint_levels", "guidance: hint levels (GHPO's stages, Scaf's tiers)"),
+            ("--hint-transfer", "hint_transfer", "guidance: share of an on-policy hinted row's "
+             "step that reaches the plain prompt (GHPO, Scaf; an assumption)"),
+            ("--is-cap", "is_cap", "guidance: Guide's importance-weight cap (rollout_is_max)"))
 
 
 def _cmd_budget(args) -> int:
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    guidance = [x.strip() for x in args.guidance.split(",") if x.strip()]
     s = SimSettings(**{field: getattr(args, field) for _, field, _ in _OPTIONS})
     try:
         s.validate()
         list(map(STRATEGIES.get, strategies))  # unknown names: did-you-mean errors
+        bad = [m for m in guidance if m not in GUIDANCE_MODES]
+        if bad or not guidance:
+            raise ValueError(f"--guidance {args.guidance!r}: expected comma-separated modes "
+                             f"from {', '.join(GUIDANCE_MODES)}")
     except ValueError as err:
         print(f"mmrl sim budget: {err}", file=sys.stderr)
         return 2
@@ -39,12 +49,14 @@ def _cmd_budget(args) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"simulating {len(strategies)} strategies x {len(seeds)} seeds, {s.total_rollouts} "
           f"rollouts each ({s.batch_prompts} x {s.group_size} per step)", flush=True)
-    results = run_budget_sim(s, strategies, seeds, log=lambda m: print(m, flush=True))
+    results = run_budget_sim(s, strategies, seeds, log=lambda m: print(m, flush=True),
+                             guidance=guidance)
     rows = summarize(results)
     print("\n" + (table := format_table(rows)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "budget_sim.json"), "w") as f:
-        json.dump({"settings": dataclasses.asdict(s), "seeds": seeds, "table": rows}, f, indent=1)
+        json.dump({"settings": dataclasses.asdict(s), "guidance": guidance, "seeds": seeds,
+                   "table": rows}, f, indent=1)
     with open(os.path.join(args.out, "budget_sim.md"), "w") as f:
         f.write(table + "\n")
     if not args.no_plot:
@@ -74,10 +86,15 @@ def add_commands(subparsers) -> None:
         epilog="examples:\n"
                "  mmrl sim budget                      # all strategies, 3 seeds, ./budget_sim\n"
                "  mmrl sim budget --strategies uniform,knapsack --seeds 5 --out /tmp/sim\n"
-               "  mmrl sim budget --difficulty-std 3 --drift-std 0 --no-plot")
+               "  mmrl sim budget --difficulty-std 3 --drift-std 0 --no-plot\n"
+               "  mmrl sim budget --strategies uniform --guidance none,ghpo,scaf,guide,xrpo_seed")
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                    help="comma-separated, from: " + ", ".join(STRATEGIES.names())
                    + " (default: all)")
+    p.add_argument("--guidance", default="none", metavar="MODES",
+                   help="comma-separated hinted re-rolls of all-fail groups, each run with every "
+                   "strategy (rows 'strategy+mode'), from: " + ", ".join(GUIDANCE_MODES)
+                   + " (default none; the model's assumptions: mmrl.budget.sim_guidance)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds (default 3)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="first seed (default 0)")
     for flag, field, text in _OPTIONS:

@@ -12,7 +12,7 @@ and UIUC-MLSys/XRPO were not reachable here); the greedy Δh rule, α = 0.05, th
 sizes and the absence of the paper's exploration bonus (its form is unconfirmed) are mmrl's.
 A prompt whose first rollouts agree (s_q = 0) has Δ = 0 and gets extra rollouts only when
 every prompt's Δ is 0 (ties spread evenly); the paper's in-context seeding of zero-reward
-prompts is not built.
+prompts is a guidance mode (``guidance: xrpo_seed``, :class:`mmrl.train.guidance.ExemplarSeeds`).
 """
 from __future__ import annotations
 

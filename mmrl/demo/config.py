@@ -9,7 +9,8 @@ from typing import List
 
 from mmrl.config.core import cfg
 from mmrl.config.jobs import Job, register_job
-from mmrl.train.guidance_options import (guidance_field, guidance_ratios_field,
+from mmrl.train.guidance_options import (guidance_exemplar_pool_field, guidance_exemplars_field,
+                                          guidance_field, guidance_ratios_field,
                                           guidance_start_field, guide_problems, ratio_problems)
 
 TASKS = {"reverse": lambda d: d[::-1], "sort": sorted, "copy": lambda d: list(d)}
@@ -36,6 +37,8 @@ class ToyConfig:
                                    "segment of the prompt.")
     guidance_ratios: List[float] = guidance_ratios_field()
     guidance_start: int = guidance_start_field()
+    guidance_exemplars: int = guidance_exemplars_field()
+    guidance_exemplar_pool: str = guidance_exemplar_pool_field()
     hint_slot: bool = cfg(False, "Reserve a hint segment of `length` tokens in every prompt "
                           "(empty when unhinted); on whenever guidance is not none. Set it for "
                           "a guidance-free baseline with the same model.")

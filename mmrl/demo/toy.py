@@ -287,6 +287,19 @@ class ToyHints:
     def answer_hint(self, meta) -> Optional[List[int]]:
         return list(meta["target"]) if meta.get("target") else None
 
+    def exemplar_hint(self, prompt, meta, corpus, k: int) -> Optional[List[int]]:
+        """XRPO seeding: the answer of the corpus record nearest in Hamming distance of the
+        digits (first in corpus order on ties). The hint segment holds one answer, so k is
+        capped at 1 and the exemplar's question is not shown."""
+        digits = prompt.digits if isinstance(prompt, ToyPrompt) else tuple(prompt)
+
+        def distance(entry):
+            other = entry[0].digits if isinstance(entry[0], ToyPrompt) else tuple(entry[0])
+            return sum(a != b for a, b in zip(digits, other)) + abs(len(digits) - len(other))
+
+        near = min(corpus, key=distance, default=None)
+        return list(near[1]["target"]) if near and near[1].get("target") else None
+
     def with_hint(self, prompt, meta, hint):
         digits = prompt.digits if isinstance(prompt, ToyPrompt) else tuple(prompt)
         return ToyPrompt(tuple(digits), tuple(hint)), {**meta, "hinted": len(hint)}
@@ -299,7 +312,8 @@ def toy_guidance(c: ToyConfig, policy, reward_weights=None) -> list:
     aug = build_guidance(c.guidance, Guidance(ToyHints(), threshold=1.0 - 1e-6,
                                               start_step=c.guidance_start,
                                               weights=reward_weights),
-                         policy, ratios=c.guidance_ratios)
+                         policy, ratios=c.guidance_ratios, exemplars=c.guidance_exemplars,
+                         exemplar_pool=c.guidance_exemplar_pool)
     return [] if aug is None else [aug]
 
 

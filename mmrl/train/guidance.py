@@ -1,5 +1,6 @@
 """Guidance for groups that never succeed: round augmenters that re-roll all-fail groups with
-hints (GHPO, Scaf-GRPO, Keye-VL 1.5's progressive hinting, Guide, ExPO).
+hints (GHPO, Scaf-GRPO, Keye-VL 1.5's progressive hinting, Guide, ExPO, XRPO's in-context
+seeding).
 
 A group whose every sample fails has zero advantage under every group-relative estimator: its
 rollouts are spent and teach nothing. Each augmenter here finds those groups after a round is
@@ -25,6 +26,8 @@ guide      whole group, the full hint                     plain prompt; the samp
                                                           rows flagged ``Rollout.off_policy``
                                                           for ``algo.off_policy_shaping``
 expo       one row: a correct answer-conditioned sample   plain prompt (unconfirmed)
+xrpo_seed  whole group, K solved exemplars of other       plain prompt, like guide (unconfirmed)
+           records (XRPO's in-context seeding)
 ========== ============================================== =========================================
 
 Rows are "failed" when the success value (a reward column, or the weighted total) is
@@ -43,9 +46,9 @@ from mmrl.train.policy import capabilities_of
 from mmrl.train.reward_fn import RewardBatch
 
 __all__ = ["GUIDANCE", "Guidance", "HintPrompts", "StagedHints", "RowHint", "GuideRetarget",
-           "build_guidance", "failing_groups"]
+           "ExemplarSeeds", "build_guidance", "failing_groups"]
 
-GUIDANCE = ("none", "ghpo", "keye", "scaf", "guide", "expo")
+GUIDANCE = ("none", "ghpo", "keye", "scaf", "guide", "expo", "xrpo_seed")
 """The ``guidance`` choices of the toy and video jobs."""
 
 
@@ -67,6 +70,11 @@ class HintPrompts(Protocol):
 
     def with_hint(self, prompt: Any, meta: Dict[str, Any], hint: Any) -> Tuple[Any, Dict]:
         """The hinted prompt and its metadata."""
+
+    def exemplar_hint(self, prompt: Any, meta: Dict[str, Any],
+                      corpus: Sequence[Tuple[Any, Dict[str, Any]]], k: int) -> Optional[Any]:
+        """Up to ``k`` exemplars from ``corpus`` ((prompt, metadata) of *other* records), the
+        ones most similar to this prompt, with their reference solutions (XRPO seeding)."""
 
 
 @dataclasses.dataclass
@@ -289,9 +297,14 @@ class GuideRetarget:
     (the code's one-row micro-batch tensor holds its padding positions too).
     """
 
-    def __init__(self, settings: Guidance, policy):
-        _need_retarget(policy, "guide")
+    def __init__(self, settings: Guidance, policy, name: str = "guide"):
+        _need_retarget(policy, name)
         self.s = settings
+
+    def _hint(self, rnd, j: int):
+        """The hint of group position j (None: the record has none): the full hint level."""
+        levels = self.s.prompts.level_hints(rnd.metadata[j])
+        return levels[-1] if levels else None
 
     def __call__(self, rounds, rnd):
         if rounds.step < self.s.start_step:
@@ -299,10 +312,10 @@ class GuideRetarget:
         todo = _all_fail(rounds, rnd, self.s)
         picks = []
         for j in todo:
-            levels = self.s.prompts.level_hints(rnd.metadata[j])
-            if levels:
+            hint = self._hint(rnd, j)
+            if hint is not None:
                 picks.append((j, *self.s.prompts.with_hint(rnd.prompts[j], rnd.metadata[j],
-                                                           levels[-1])))
+                                                           hint)))
         rescued = drawn = 0
         if picks:
             new = rounds.collect_groups(**_redo(rnd, picks))
@@ -323,13 +336,68 @@ class GuideRetarget:
         return rnd
 
 
+class ExemplarSeeds(GuideRetarget):
+    """XRPO's in-context seeding (arXiv 2510.06672; **unconfirmed**: the abstract says "an
+    in-context seeding strategy that injects curated exemplars" for zero-reward prompts; the
+    public reviews of the paper add K = 2 exemplars retrieved by embedding similarity from an
+    evolving corpus of verified successes, long solutions truncated; UIUC-MLSys/XRPO was not
+    reachable). An all-fail group is re-rolled whole with up to ``k`` exemplars of *other*
+    records (the job's :meth:`HintPrompts.exemplar_hint`: the most similar ones, with their
+    reference solutions) in its prompt, and the rows are trained for the plain prompt exactly as
+    :class:`GuideRetarget` (``retarget``; with ``algo.rollout_is`` the sampler's log-probs
+    correct them, without it they are trained as plain samples, like ExPO).
+
+    The corpus (its state, saved with the checkpoint) holds the (prompt, metadata) of every
+    record the run has seen solved (``pool="solved"``: a group with a success before guidance;
+    XRPO's verified successes), or of every record it has drawn (``pool="dataset"``: records
+    carrying a reference solution, curated rather than solved). It is the same on every rank
+    (group prompts and gathered success values). What is mmrl's: whole-group re-roll, the
+    similarity (the job's), solved = a success of the plain prompt (seeded successes do not
+    enter), the exemplars' answers = the records' reference solutions, not the policy's text.
+    """
+
+    def __init__(self, settings: Guidance, policy, k: int = 2, pool: str = "solved"):
+        super().__init__(settings, policy, "xrpo_seed")
+        if k < 1 or pool not in ("solved", "dataset"):
+            raise ValueError(f"xrpo_seed: got k={k}, pool={pool!r}; expected k >= 1 and pool "
+                             f"'solved' or 'dataset'")
+        self.k, self.pool = k, pool
+        self.corpus: Dict[str, Tuple[Any, Dict[str, Any]]] = {}  # repr(prompt) -> (prompt, meta)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"corpus": list(self.corpus.values())}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.corpus = {repr(p): (p, m) for p, m in state["corpus"]}
+
+    def _remember(self, rounds, rnd) -> None:
+        solved = None
+        if self.pool == "solved":
+            values, gids = rounds.gathered(rnd.rollout, self.s.success(rnd.rewards))
+            solved = set(gids[torch.isfinite(values) & (values > self.s.threshold)].tolist())
+        for j, g in enumerate(rnd.group_ids):
+            if solved is None or g in solved:
+                self.corpus.setdefault(repr(rnd.prompts[j]), (rnd.prompts[j], rnd.metadata[j]))
+
+    def _hint(self, rnd, j: int):
+        own = repr(rnd.prompts[j])
+        others = [v for key, v in self.corpus.items() if key != own]
+        return self.s.prompts.exemplar_hint(rnd.prompts[j], rnd.metadata[j], others,
+                                            self.k) if others else None
+
+    def __call__(self, rounds, rnd):
+        self._remember(rounds, rnd)  # before the exemption too: the corpus grows from step 0
+        return super().__call__(rounds, rnd)
+
+
 def build_guidance(method: str, settings: Guidance, policy=None,
-                   ratios: Sequence[float] = (0.25, 0.5, 0.75)) -> Optional[Callable]:
+                   ratios: Sequence[float] = (0.25, 0.5, 0.75), exemplars: int = 2,
+                   exemplar_pool: str = "solved") -> Optional[Callable]:
     """The round augmenter of ``method`` (one of :data:`GUIDANCE`; None for ``none``).
 
     Raises:
         ValueError: an unknown method.
-        TypeError: ``guide`` / ``expo`` with a policy that cannot retarget.
+        TypeError: ``guide`` / ``expo`` / ``xrpo_seed`` with a policy that cannot retarget.
     """
     if method == "none":
         return None
@@ -337,7 +405,8 @@ def build_guidance(method: str, settings: Guidance, policy=None,
               "keye": lambda: StagedHints(settings, None),
               "scaf": lambda: RowHint(settings, "scaf"),
               "expo": lambda: RowHint(settings, "expo", policy),
-              "guide": lambda: GuideRetarget(settings, policy)}
+              "guide": lambda: GuideRetarget(settings, policy),
+              "xrpo_seed": lambda: ExemplarSeeds(settings, policy, exemplars, exemplar_pool)}
     if method not in makers:
         raise ValueError(f"guidance={method!r}; expected one of {', '.join(GUIDANCE)}")
     return makers[method]()

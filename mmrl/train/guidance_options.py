@@ -7,7 +7,7 @@ from typing import List
 
 from mmrl.config.core import cfg
 
-GUIDANCE_NAMES = ["none", "ghpo", "keye", "scaf", "guide", "expo"]
+GUIDANCE_NAMES = ["none", "ghpo", "keye", "scaf", "guide", "expo", "xrpo_seed"]
 
 
 def guidance_field(hints: str):
@@ -16,9 +16,26 @@ def guidance_field(hints: str):
                "mmrl.train.guidance): none, ghpo (solution prefix), keye / scaf (hint levels), "
                "guide / expo (hinted samples trained for the plain prompt; guide needs "
                "algo.off_policy_shaping: percentile, its authors' correction, or "
-               "algo.rollout_is, e.g. token_truncate). " + hints, choices=GUIDANCE_NAMES,
+               "algo.rollout_is, e.g. token_truncate), xrpo_seed (solved exemplars of other "
+               "records in the prompt, trained for the plain prompt; unconfirmed). " + hints,
+               choices=GUIDANCE_NAMES,
                source="GHPO 2507.10628; Scaf-GRPO 2510.19807; Keye-VL 1.5 2509.01563; Guide "
-               "2506.13923; ExPO 2507.02834")
+               "2506.13923; ExPO 2507.02834; XRPO 2510.06672 (unconfirmed)")
+
+
+def guidance_exemplars_field():
+    """``<section>.guidance_exemplars``: XRPO seeding's K."""
+    return cfg(2, "guidance=xrpo_seed: exemplars shown per re-rolled prompt (the most similar "
+               "records of the corpus; the toy's hint segment holds one).", minimum=1,
+               source="XRPO 2510.06672 (K = 2 per its public reviews; unconfirmed)")
+
+
+def guidance_exemplar_pool_field():
+    """``<section>.guidance_exemplar_pool``: where XRPO seeding's exemplars come from."""
+    return cfg("solved", "guidance=xrpo_seed: the exemplar corpus: solved (records the run has "
+               "solved without help, XRPO's verified successes) or dataset (every record drawn "
+               "so far; its reference solution is shown).", choices=["solved", "dataset"],
+               source="XRPO 2510.06672 (unconfirmed)")
 
 
 def guidance_ratios_field():
