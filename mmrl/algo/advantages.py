@@ -271,10 +271,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
             ``needs_seq_logp`` (unlikeliness, novelty sharpening).
         hparams: dict or object (an AlgoSpec) holding the extra hyper-parameters an entry
             declares in its ``hparams`` tuple (e.g. ``unlikely_beta``); None = their defaults.
-        state: the run's state of an estimator flagged ``make_state`` (``make_state(spec)``
-            builds it; :class:`mmrl.algo.losses.PolicyLoss` holds it as ``adv_state`` and the
-            runner checkpoints it), handed to it as ``state``; None = stateless (e.g. RiskPO's
-            batch quantiles). Ignored by other estimators.
+        state: the run's state of an estimator flagged ``make_state`` (``PolicyLoss.adv_state``,
+            e.g. RiskPO's tracked quantiles), passed as ``state``; None = stateless.
 
     Returns:
         ``[B]`` advantages in the rewards' dtype (float32 for half-precision rewards).
@@ -296,11 +294,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
     uniq, inv = torch.unique(group_ids, return_inverse=True)
     num_groups = uniq.numel()
     if multi:
-        k = r.shape[1]
-        weights = [1.0] * k if weights is None else list(weights)
-        if len(weights) != k:
-            raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
-                             f"pass one weight per column of rewards [B, K]")
+        weights = _column_weights(weights, r.shape[1])
         adv = fn(r, inv, num_groups, weights, base, eps=eps, r_max=r_max, lengths=lengths,
                  baseline=baseline, **_multi_extras(fn, base, seq_logp, hparams, state))
     else:
@@ -310,6 +304,15 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
         adv = fn(_Groups(r, inv, num_groups, lengths, baseline, seq_logp), eps=eps, r_max=r_max,
                  **_picked(fn, hparams), **_state_of(fn, state))
     return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
+
+
+def _column_weights(weights: Optional[Sequence[float]], k: int) -> list:
+    """One weight per reward column (default all ones)."""
+    weights = [1.0] * k if weights is None else list(weights)
+    if len(weights) != k:
+        raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
+                         f"pass one weight per column of rewards [B, K]")
+    return weights
 
 
 def _multi_extras(fn, base: str, seq_logp, hparams, state=None) -> Dict:
