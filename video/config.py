@@ -107,7 +107,8 @@ class VideoConfig:
     reward_weighting: str = cfg(
         "none", "Deprecated: use algo.reward_weighting (every job; the same modes, with "
         "algo.reward_minimize / algo.reward_weighting_lr); this one still works, with a "
-        "warning, and not together with it. none; hypervolume; gradient.", choices=["none", "hypervolume", "gradient"],
+        "warning, and not together with it. none; hypervolume; gradient.",
+        choices=["none", "hypervolume", "gradient"],
         source="arXiv 2509.11452; yining610/dynamic-reward-weighting")
     reward_minimize: List[str] = cfg(doc="Deprecated (algo.reward_minimize). "
                                      "reward_weighting hypervolume: reward columns to "

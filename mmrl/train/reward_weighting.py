@@ -10,8 +10,9 @@
   (its GRPO advantages alone, one backward pass per objective, averaged over ranks).
 
 Any job: ``algo.reward_weighting`` (:func:`with_reward_weighting`, called by the runner)
-appends it after the job's own augmenters. The round's original columns are reported as ``reward/<name>`` means, and the weights / the
-multiplier as ``reward_weight/<name>`` / ``reward_multiplier``.
+appends it after the job's own augmenters. The round's original columns are reported as
+``reward/<name>`` means, and the weights / the multiplier as ``reward_weight/<name>`` /
+``reward_multiplier``.
 Differs from the release: the objective vector of the hypervolume is the training round's mean
 reward (the release evaluates a validation set after each step), and the gradient uses every
 trainable parameter (the release: layers 10–25).

@@ -29,8 +29,9 @@ def test_two_steps_of_tracking_by_hand():
 
 def _adv(rewards, state):
     """One bundle of one group of four: each row is a paper, S = its reward."""
-    return group_advantages(torch.tensor(rewards, dtype=torch.float64), torch.zeros(4, dtype=torch.long),
-                            "mixed_var", eps=1e-9, hparams={"riskpo_bundle": 1}, state=state)
+    return group_advantages(torch.tensor(rewards, dtype=torch.float64),
+                            torch.zeros(4, dtype=torch.long), "mixed_var", eps=1e-9,
+                            hparams={"riskpo_bundle": 1}, state=state)
 
 
 @pytest.mark.parametrize("mode, a0", [
