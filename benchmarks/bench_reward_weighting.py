@@ -9,8 +9,9 @@ than 2 digits). The reversed prompt is rarely sorted, so the two conflict in par
 weights 0.5 / 0.5 for every mode:
 ``fixed`` (the plain weighted sum), ``hypervolume`` (multiplier m from each step's hypervolume
 gain, both maximized), ``gradient`` (w ← softmax(log w + η·I/1e-5), η = 1e-6, the release's
-actor learning rate, not the toy's 3e-3: at 3e-3 one step sends a weight to 0). The augmenter
-is :class:`mmrl.train.reward_weighting.DynamicRewardWeights`, as the video job builds it. Reported:
+actor learning rate, not the toy's 3e-3: at 3e-3 one step sends a weight to 0). The modes are
+the shared option ``algo.reward_weighting`` (the runner appends
+:class:`mmrl.train.reward_weighting.DynamicRewardWeights` last). Reported:
 each objective's mean over the last 10 steps, the final weights (gradient) and the mean
 multiplier (hypervolume).
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrl.config.schema import config_from_dict  # noqa: E402
 from mmrl.demo.toy import TASKS, ToyPolicy, digit_reward, make_prompts  # noqa: E402
-from mmrl.train.reward_weighting import DynamicRewardWeights  # noqa: E402
+from mmrl.train import checkpoint as ckpt  # noqa: E402
 from mmrl.train.runner import run_training  # noqa: E402
 
 
@@ -45,7 +46,9 @@ def two_objectives(samples, prompts, metadata):
 def run(mode: str, seed: int, steps: int, out: Path, advantage: str = "grpo"):
     cfg = config_from_dict({
         "job": "toy", "algo": {"preset": "grpo", "advantage": advantage,
-                               "reward_weights": {"digits": 0.5, "sorted": 0.5}},
+                               "reward_weights": {"digits": 0.5, "sorted": 0.5},
+                               "reward_weighting": "none" if mode == "fixed" else mode,
+                               "reward_weighting_lr": 1e-6},
         "train": {"steps": steps, "prompts_per_step": 8, "group_size": 8, "lr": 3e-3,
                   "seed": seed, "device": "cpu", "progress": False, "log_every": 1000,
                   "output_dir": str(out / f"{mode}_{seed}")},
@@ -54,14 +57,13 @@ def run(mode: str, seed: int, steps: int, out: Path, advantage: str = "grpo"):
     policy = ToyPolicy(c, seed=seed)
     prompts = make_prompts(c, seed)
     metadata = [{"target": TASKS[c.task](p)} for p in prompts]
-    augs = [] if mode == "fixed" else [DynamicRewardWeights(
-        mode, {"digits": 0.5, "sorted": 0.5}, lr=1e-6)]
-    hist = run_training(cfg, policy, two_objectives, prompts, metadata,
-                        augmenters=augs)["history"]
+    hist = run_training(cfg, policy, two_objectives, prompts, metadata)["history"]
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / f"{mode}_{seed}" / "checkpoints"))
+    augs = saved["state"]["augmenters"]  # the weighting's state after the last step
     tail = hist[-10:]
     mean = lambda k: sum(h[k] for h in tail) / len(tail)  # noqa: E731
     return {"digits": mean("reward/digits"), "sorted": mean("reward/sorted"),
-            "w_digits": (float(augs[0].weights[0]) if augs else 0.5),
+            "w_digits": (float(augs[-1]["weights"][0]) if augs else 0.5),
             "multiplier": (sum(h.get("reward_multiplier", 1.0) for h in hist) / len(hist))}
 
 

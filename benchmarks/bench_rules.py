@@ -32,11 +32,15 @@ RULES = ("grpo", "unlikeliness", "novelty_sharpen", "mixed_var")
 
 
 def run(rule: str, seed: int, steps: int, out: Path):
+    """``rule``: an ``algo.advantage``, for mixed_var optionally ``mixed_var:MODE`` (its
+    ``algo.riskpo_quantile_mode``: batch, tracked or mix, the default)."""
+    adv, _, mode = rule.partition(":")
+    algo = {"preset": "grpo", "advantage": adv, **({"riskpo_quantile_mode": mode} if mode else {})}
     cfg = config_from_dict({
-        "job": "toy", "algo": {"preset": "grpo", "advantage": rule},
+        "job": "toy", "algo": algo,
         "train": {"steps": steps, "prompts_per_step": 8, "group_size": 8, "lr": 3e-3,
                   "seed": seed, "device": "cpu", "progress": False, "log_every": 1000,
-                  "output_dir": str(out / f"{rule}_{seed}")},
+                  "output_dir": str(out / f"{rule.replace(':', '_')}_{seed}")},
         "toy": {"length": 4, "digits": 5, "num_prompts": 256}})
     c = cfg.task
     policy = ToyPolicy(c, seed=seed)
@@ -58,7 +62,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--rules", default=",".join(RULES), help="e.g. mixed_var:batch,"
+                    "mixed_var:tracked,mixed_var:mix (RiskPO's quantile modes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -106,16 +106,17 @@ class VideoConfig:
     temporal_alpha: float = cfg(0.3, "T-GRPO bonus α.", minimum=0.0, source="Video-R1 (0.3)")
     temporal_mu: float = cfg(0.8, "T-GRPO ratio μ.", minimum=0.0, source="Video-R1 (0.8)")
     reward_weighting: str = cfg(
-        "none", "Reward weights that adapt during training (applied after the other "
-        "augmenters): none; hypervolume (fixed weights, a multiplier in [0.5, 2) from each "
-        "step's hypervolume gain); gradient (weights moved towards objectives whose policy "
-        "gradients agree). The columns become one 'weighted' column; starting weights from "
-        "algo.reward_weights.", choices=["none", "hypervolume", "gradient"],
+        "none", "Deprecated: use algo.reward_weighting (every job; the same modes, with "
+        "algo.reward_minimize / algo.reward_weighting_lr); this one still works, with a "
+        "warning, and not together with it. none; hypervolume; gradient.",
+        choices=["none", "hypervolume", "gradient"],
         source="arXiv 2509.11452; yining610/dynamic-reward-weighting")
-    reward_minimize: List[str] = cfg(doc="reward_weighting hypervolume: reward columns to "
+    reward_minimize: List[str] = cfg(doc="Deprecated (algo.reward_minimize). "
+                                     "reward_weighting hypervolume: reward columns to "
                                      "minimize (e.g. a length); the rest are maximized.",
                                      default_factory=list)
-    reward_weighting_lr: float = cfg(1e-6, "reward_weighting gradient: step eta of "
+    reward_weighting_lr: float = cfg(1e-6, "Deprecated (algo.reward_weighting_lr). "
+                                     "reward_weighting gradient: step eta of "
                                      "w <- softmax(log w + eta*I/1e-5) (the release: the "
                                      "actor's learning rate).", above=0.0,
                                      source="arXiv 2509.11452 (lr 1e-6)")

@@ -13,6 +13,7 @@ is :mod:`mmrl.video.config` (torch-free).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict
 
 import torch
@@ -81,6 +82,9 @@ def build_augmenters(c, records, reward_weights, policy=None) -> list:
     out += build_thinking(c)  # after the others: it reads the final rows
     if c.reward_weighting != "none":  # last: it folds every column into one
         from mmrl.train.reward_weighting import DynamicRewardWeights
+        print(f"video: video.reward_weighting is deprecated; use algo.reward_weighting: "
+              f"{c.reward_weighting} (and algo.reward_minimize / reward_weighting_lr), which "
+              f"every job reads", file=sys.stderr, flush=True)
         out.append(DynamicRewardWeights(c.reward_weighting, reward_weights, c.reward_minimize,
                                         lr=c.reward_weighting_lr))
     return out

@@ -250,7 +250,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
                      weights: Optional[Sequence[float]] = None, base: str = "grpo",
                      adv_clip: Optional[float] = None, lengths: Optional[torch.Tensor] = None,
                      baseline: Optional[torch.Tensor] = None,
-                     seq_logp: Optional[torch.Tensor] = None, hparams=None) -> torch.Tensor:
+                     seq_logp: Optional[torch.Tensor] = None, hparams=None,
+                     state=None) -> torch.Tensor:
     """Group-relative advantages A ``[B]`` (see :data:`ADVANTAGES` / :data:`MULTI_REWARD`).
 
     Args:
@@ -270,6 +271,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
             ``needs_seq_logp`` (unlikeliness, novelty sharpening).
         hparams: dict or object (an AlgoSpec) holding the extra hyper-parameters an entry
             declares in its ``hparams`` tuple (e.g. ``unlikely_beta``); None = their defaults.
+        state: the run's state of an estimator flagged ``make_state`` (``PolicyLoss.adv_state``,
+            e.g. RiskPO's tracked quantiles), passed as ``state``; None = stateless.
 
     Returns:
         ``[B]`` advantages in the rewards' dtype (float32 for half-precision rewards).
@@ -291,30 +294,41 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, method: str
     uniq, inv = torch.unique(group_ids, return_inverse=True)
     num_groups = uniq.numel()
     if multi:
-        k = r.shape[1]
-        weights = [1.0] * k if weights is None else list(weights)
-        if len(weights) != k:
-            raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
-                             f"pass one weight per column of rewards [B, K]")
+        weights = _column_weights(weights, r.shape[1])
         adv = fn(r, inv, num_groups, weights, base, eps=eps, r_max=r_max, lengths=lengths,
-                 baseline=baseline, **_multi_extras(fn, base, seq_logp, hparams))
+                 baseline=baseline, **_multi_extras(fn, base, seq_logp, hparams, state))
     else:
         if weights is not None:
             raise ValueError(f"weights are only used by {MULTI_REWARD.names()}, got method "
                              f"{method!r}; drop weights or pick a multi-reward method")
         adv = fn(_Groups(r, inv, num_groups, lengths, baseline, seq_logp), eps=eps, r_max=r_max,
-                 **_picked(fn, hparams))
+                 **_picked(fn, hparams), **_state_of(fn, state))
     return adv if adv_clip is None else adv.clamp(-adv_clip, adv_clip)
 
 
-def _multi_extras(fn, base: str, seq_logp, hparams) -> Dict:
+def _column_weights(weights: Optional[Sequence[float]], k: int) -> list:
+    """One weight per reward column (default all ones)."""
+    weights = [1.0] * k if weights is None else list(weights)
+    if len(weights) != k:
+        raise ValueError(f"got {len(weights)} reward weights for {k} reward columns; "
+                         f"pass one weight per column of rewards [B, K]")
+    return weights
+
+
+def _multi_extras(fn, base: str, seq_logp, hparams, state=None) -> Dict:
     """A multi-reward entry's own hyper-parameters; entries that declare ``hparams`` also get
     the base estimator, its hyper-parameters and ``seq_logp`` (they build its input)."""
     more = _picked(fn, hparams)
     if getattr(fn, "hparams", None) is not None:
         base_fn = ADVANTAGES.get(base)
-        more.update(seq_logp=seq_logp, base_fn=base_fn, base_hparams=_picked(base_fn, hparams))
+        base_hp = {**_picked(base_fn, hparams), **_state_of(base_fn, state)}
+        more.update(seq_logp=seq_logp, base_fn=base_fn, base_hparams=base_hp)
     return more
+
+
+def _state_of(fn, state) -> Dict:
+    """``{"state": state}`` for an estimator flagged ``make_state`` that has one, else {}."""
+    return {"state": state} if state is not None and getattr(fn, "make_state", None) else {}
 
 
 def _picked(fn, hparams) -> Dict:

@@ -54,8 +54,15 @@ def _type_problems(values: dict, hints: dict = _HINTS) -> Dict[str, str]:
 
 
 def _range_problems(spec: AlgoSpec) -> List[str]:
-    """Numbers outside their field's declared bounds (:func:`mmrl.fields.range_problem`)."""
+    """Numbers outside their field's declared bounds (:func:`mmrl.fields.range_problem`), and
+    values outside a field's declared ``choices`` list."""
     problems = [range_problem(f.name, getattr(spec, f.name), f.metadata) for f in _FIELDS.values()]
+    for f in _FIELDS.values():
+        choices = f.metadata.get("choices")
+        if isinstance(choices, (list, tuple)) and getattr(spec, f.name) not in choices:
+            problems.append(f"{f.name}: got {getattr(spec, f.name)!r}; expected one of "
+                            f"{', '.join(map(str, choices))}"
+                            f"{did_you_mean(str(getattr(spec, f.name)), list(choices))}")
     return [p for p in problems if p is not None]
 
 

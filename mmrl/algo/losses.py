@@ -143,6 +143,9 @@ class PolicyLoss:
         self._ratio = RATIO_LEVELS.get(self.spec.ratio_level)
         self._objective = OBJECTIVES.get(self.spec.objective)
         self._aggregate = AGGREGATIONS.get(self.spec.aggregation)
+        from mmrl.algo.advantages import ADVANTAGES  # local, like resolve_algo above
+        make = getattr(ADVANTAGES.get(self.spec.advantage), "make_state", None)
+        self.adv_state = make(self.spec) if make else None  # e.g. RiskPO's tracked quantiles
 
     def __repr__(self) -> str:
         return f"PolicyLoss({self.spec!r})"

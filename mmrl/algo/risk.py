@@ -74,23 +74,37 @@ def _batch_quantiles(scores: torch.Tensor, valid: torch.Tensor, alpha: float) ->
     return torch.nanquantile(torch.where(valid, scores, float("nan")), alpha, dim=1)
 
 
-@flags(needs_lengths=False, needs_baseline=False,
+def _tracker_of(spec) -> Optional["QuantileTracker"]:
+    """The run's state of ``mixed_var`` (its ``make_state`` flag): a :class:`QuantileTracker`
+    unless ``algo.riskpo_quantile_mode`` is ``batch``."""
+    mode = getattr(spec, "riskpo_quantile_mode", "mix")
+    return None if mode == "batch" else QuantileTracker(
+        getattr(spec, "riskpo_quantile_lr", 0.1), mode)
+
+
+@flags(needs_lengths=False, needs_baseline=False, make_state=lambda spec: _tracker_of(spec),
        hparams=("riskpo_alpha_lo", "riskpo_alpha_hi", "riskpo_w_mix", "riskpo_bundle"))
 def mixed_var_advantages(g: Groups, *, eps: float, r_max: float, riskpo_alpha_lo: float = 0.2,
                          riskpo_alpha_hi: float = 0.8, riskpo_w_mix: float = 1.5,
                          riskpo_bundle: int = 5, q_lo: Optional[torch.Tensor] = None,
-                         q_hi: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         q_hi: Optional[torch.Tensor] = None,
+                         state: Optional["QuantileTracker"] = None) -> torch.Tensor:
     """RiskPO's mixed-VaR advantage per response (arXiv 2510.00911; module docstring).
 
-    Quantiles: each bundle's batch quantiles, or ``q_lo``/``q_hi`` ``[n_b]`` when given
-    (e.g. :class:`QuantileTracker`'s "mix" of tracked and batch quantiles).
+    Quantiles: each bundle's batch quantiles, or ``q_lo``/``q_hi`` ``[n_b]`` when given. With
+    ``state`` (the run's :class:`QuantileTracker`, which the training code builds from
+    ``algo.riskpo_quantile_mode`` / ``riskpo_quantile_lr`` and keeps in the checkpoint), the
+    tracked quantiles of the steps so far are used ("tracked", or "mix": averaged with the
+    batch's) and then updated with this call's paper scores: one call per step.
     A bundle whose paper scores are all equal -> 0; a size-1 group is a bundle member like any
     other (its single rollout is paper 0, and caps the bundle at one paper).
     Papers pair the k-th rollout of each prompt in batch order, so reordering rows inside a
     group changes which rollouts share a paper (not the papers' distribution): the one entry
     that is not permutation invariant row by row.
-    Differs from the release's scripts: the registry entry is stateless, so it uses the batch
-    quantiles (the scripts' default "mix" averages them with SGD-tracked ones: pass q_lo/q_hi);
+    Differs from the release: step t uses q̂ as updated through step t−1 (none at the first
+    step: batch quantiles), then updates it with step t's scores. The release writes q̂ into
+    its batch's meta_info only after that batch's advantages, and each step's batch is new, so
+    as read its advantages always fall back to batch quantiles; mmrl follows the evident intent.
     eps = ``algo.adv_eps`` (release 1e-6).
     """
     if not riskpo_alpha_lo < riskpo_alpha_hi:
@@ -106,6 +120,9 @@ def mixed_var_advantages(g: Groups, *, eps: float, r_max: float, riskpo_alpha_lo
     scores, valid = flat.reshape(n_b, n_max), have.reshape(n_b, n_max)  # [n_b, N_max]
     lo = _batch_quantiles(scores, valid, riskpo_alpha_lo) if q_lo is None else q_lo
     hi = _batch_quantiles(scores, valid, riskpo_alpha_hi) if q_hi is None else q_hi
+    if state is not None:
+        lo, hi = state.pick(lo, riskpo_alpha_lo), state.pick(hi, riskpo_alpha_hi)
+        state.update(scores[valid])
     adv = riskpo_advantages(scores, valid, lo, hi, alpha_lo=riskpo_alpha_lo,
                             alpha_hi=riskpo_alpha_hi, w_mix=riskpo_w_mix, eps=eps).reshape(-1)
     return torch.where(ok, adv[idx], torch.zeros_like(g.r))
@@ -115,16 +132,28 @@ class QuantileTracker:
     """SGD-tracked quantiles q̂_α, α ∈ {0.05, …, 0.95} (RiskPO's ``ray_trainer.py``).
 
     :meth:`update` with all paper scores S of a step: on the first call q̂ = the batch
-    quantiles; then q̂_α ← q̂_α + lr·(α − mean(S < q̂_α)). :meth:`mixed` gives the "mix" mode's
-    (q̂_α + q^b_α)/2 for a bundle's batch quantile q^b_α.
+    quantiles; then q̂_α ← q̂_α + lr·(α − mean(S < q̂_α)). :meth:`pick` gives, for a bundle's
+    batch quantile q^b_α, q̂_α ("tracked") or (q̂_α + q^b_α)/2 ("mix"; the release's default),
+    and q^b_α before the first update. α is the nearest level of the grid (the release's argmin).
+    The state (q̂, fp64) round-trips exactly through :meth:`state_dict` (a checkpoint's).
+
+    Example: lr 0.1, first step S = (0, 1, 2, 3): q̂_0.5 = 1.5; second step S = (0, 0, 0, 4):
+    mean(S < 1.5) = ¾, so q̂_0.5 = 1.5 + 0.1·(0.5 − 0.75) = 1.475.
     """
 
-    def __init__(self, lr: float = 0.1):
-        self.lr, self.q = float(lr), None
+    MODES = ("tracked", "mix")
+
+    def __init__(self, lr: float = 0.1, mode: str = "mix"):
+        if mode not in self.MODES:
+            raise ValueError(f"quantile mode {mode!r}: expected one of {self.MODES} (batch "
+                             f"quantiles need no tracker)")
+        self.lr, self.mode, self.q = float(lr), mode, None
 
     def update(self, scores: torch.Tensor) -> torch.Tensor:
-        s = scores.detach().double().reshape(-1)
+        s = scores.detach().double().reshape(-1).cpu()
         a = torch.tensor(ALPHAS, dtype=torch.float64)
+        if len(s) == 0:
+            return self.q
         if self.q is None:
             self.q = torch.quantile(s, a)
         else:
@@ -132,10 +161,25 @@ class QuantileTracker:
         return self.q
 
     def at(self, alpha: float) -> torch.Tensor:
-        if self.q is None or round(alpha, 2) not in ALPHAS:
-            raise ValueError(f"tracked quantile at alpha={alpha} unavailable: call update() "
-                             f"first and use an alpha in {ALPHAS}")
-        return self.q[ALPHAS.index(round(alpha, 2))]
+        """q̂ at the grid level nearest ``alpha`` (after the first :meth:`update`)."""
+        if self.q is None:
+            raise ValueError("tracked quantiles unavailable: call update() first")
+        return self.q[min(range(len(ALPHAS)), key=lambda k: abs(ALPHAS[k] - alpha))]
 
     def mixed(self, batch_q: torch.Tensor, alpha: float) -> torch.Tensor:
         return (self.at(alpha).to(batch_q) + batch_q) / 2
+
+    def pick(self, batch_q: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The quantile this mode uses for batch quantiles ``batch_q [n_b]`` at ``alpha``."""
+        if self.q is None:
+            return batch_q
+        if self.mode == "mix":
+            return self.mixed(batch_q, alpha)
+        return self.at(alpha).to(batch_q).expand_as(batch_q)
+
+    def state_dict(self):
+        return {"lr": self.lr, "mode": self.mode,
+                "q": None if self.q is None else self.q.tolist()}
+
+    def load_state_dict(self, state) -> None:
+        self.q = None if state["q"] is None else torch.tensor(state["q"], dtype=torch.float64)

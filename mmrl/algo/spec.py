@@ -205,6 +205,14 @@ class AlgoSpec:
     riskpo_bundle: int = cfg(5, "Advantage mixed_var: prompts (groups) per bundle; paper k "
                              "sums the k-th rollout of each.", minimum=1,
                              source="RiskPO scripts (5)")
+    riskpo_quantile_mode: str = cfg(
+        "mix", "Advantage mixed_var: the quantiles q_lo, q_hi it uses: batch (each bundle's "
+        "own); tracked (q̂, SGD-tracked over the run's steps, kept in checkpoints); mix "
+        "((q̂ + batch)/2). Before the first step's update q̂ is the batch's.",
+        choices=["batch", "tracked", "mix"], source="RiskPO scripts (use_q_track_mode mix)")
+    riskpo_quantile_lr: float = cfg(0.1, "Advantage mixed_var: step lr_q of the tracked "
+                                    "quantiles, q̂_α += lr_q*(α − mean(S < q̂_α)).", above=0.0,
+                                    source="RiskPO scripts (lr_q 0.1)")
     drpo_tau: float = cfg(10.0, "Objective drpo: temperature tau of the log-sum-exp over a "
                           "group's wrong responses.", above=0.0,
                           source="DRPO arXiv 2510.04474; Optimization-AI/DRPO run_drpo_1.5b_8k.sh")

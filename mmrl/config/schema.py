@@ -54,7 +54,7 @@ class _AlgoMethods:
 
     def overrides(self) -> Dict[str, Any]:
         """The non-null preset overrides, as keyword arguments for ``resolve_algo``."""
-        skip = {"preset", "reward_weights"}
+        skip = {"preset", *REWARD_WEIGHTING_FIELDS}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in skip and getattr(self, f.name) is not None}
 
@@ -79,6 +79,32 @@ def _override(tp, f) -> tuple:
     return optional, field(default=None, metadata=meta)
 
 
+REWARD_WEIGHTING_FIELDS = ("reward_weights", "reward_weighting", "reward_minimize",
+                           "reward_weighting_lr")
+"""``algo:`` fields that are not preset overrides: how a job's reward columns combine."""
+
+
+def _reward_weighting_rows() -> list:
+    """``algo.reward_weighting`` and its options (any job; :mod:`mmrl.train.reward_weighting`)."""
+    return [
+        ("reward_weighting", str, cfg(
+            "none", "Reward weights that adapt during training, for a job with several reward "
+            "columns (after the job's round augmenters): none; hypervolume (fixed weights, a "
+            "multiplier in [0.5, 2) from each step's hypervolume gain); gradient (weights moved "
+            "towards objectives whose policy gradients agree). The columns become one "
+            "'weighted' column; starting weights from algo.reward_weights.",
+            choices=["none", "hypervolume", "gradient"],
+            source="arXiv 2509.11452; yining610/dynamic-reward-weighting")),
+        ("reward_minimize", List[str], cfg(doc="reward_weighting hypervolume: reward columns "
+                                           "to minimize (e.g. a length); the rest are "
+                                           "maximized.", default_factory=list)),
+        ("reward_weighting_lr", float, cfg(1e-6, "reward_weighting gradient: step eta of "
+                                           "w <- softmax(log w + eta*I/1e-5) (the release: the "
+                                           "actor's learning rate).", above=0.0,
+                                           source="arXiv 2509.11452 (lr 1e-6)")),
+    ]
+
+
 def _algo_config() -> type:
     hints = typing.get_type_hints(AlgoSpec)
     declared = [(f.name, hints[f.name], f) for f in fields(AlgoSpec)]
@@ -89,6 +115,7 @@ def _algo_config() -> type:
     rows += [(name, *_override(tp, f)) for name, tp, f in declared]
     rows += [("reward_weights", Dict[str, float], cfg(doc="Weight per reward column (missing "
                                                       "columns weigh 1).", default_factory=dict))]
+    rows += _reward_weighting_rows()
     doc = """The algorithm: a named preset, plus overrides of any axis or hyper-parameter.
 
     ``null`` (the default of every override) keeps the preset's value; ``mmrl algos`` shows what

@@ -32,7 +32,9 @@ class ToyConfig:
     temperature: float = cfg(1.0, "Sampling temperature for rollouts.", minimum=1e-3)
     reward: str = cfg("digits", "digits: the fraction of answer positions right (dense); "
                       "exact: 1 for the whole answer right, else 0 (with a long `length`, the "
-                      "hard task where groups never succeed).", choices=["digits", "exact"])
+                      "hard task where groups never succeed). Several, comma-separated "
+                      "(digits,exact), are several reward columns (algo.multi_reward, "
+                      "algo.reward_weights, algo.reward_weighting).")
     guidance: str = guidance_field("The toy's hints are prefixes of the answer, in a hint "
                                    "segment of the prompt.")
     guidance_ratios: List[float] = guidance_ratios_field()
@@ -45,6 +47,10 @@ class ToyConfig:
 
     def problems(self) -> List[str]:
         out = ratio_problems(self.guidance_ratios)
+        names = self.reward.split(",")
+        if len(set(names)) != len(names) or not set(names) <= {"digits", "exact"}:
+            out.append(f"reward: got {self.reward!r}; expected digits, exact, or both "
+                       f"comma-separated (digits,exact), each once")
         if self.d_model % self.heads:
             out.append(f"d_model: got {self.d_model}; expected a multiple of heads={self.heads}")
         return out
@@ -65,7 +71,7 @@ def binary_reward_problems(algo, reward: str) -> List[str]:
     """An objective that reads rewards r ∈ {0, 1} (``drpo``) skips every row whose reward is
     neither, so the dense ``digits`` reward would train nothing: it needs ``exact``."""
     spec = algo.resolve()
-    if spec.binary_rewards and reward != "exact":
+    if spec.binary_rewards and reward.split(",") != ["exact"]:
         return [f"toy.reward: got {reward!r} with algo.objective={spec.objective!r}, which reads "
                 f"binary rewards (1 correct, 0 wrong) and skips every other row; the fraction of "
                 f"right digits is not binary: set toy.reward=exact"]

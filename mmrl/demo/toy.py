@@ -259,7 +259,7 @@ def run(config) -> Dict[str, Any]:
     prompts = make_prompts(c, config.train.seed)
     metadata = [toy_record(c, p) for p in prompts]
     augmenters = toy_guidance(c, policy, config.algo.reward_weights)
-    return run_training(config, policy, VERIFIERS[c.reward], prompts, metadata,
+    return run_training(config, policy, toy_reward(c.reward), prompts, metadata,
                         augmenters=augmenters, verifier=toy_verifier(config.pref.verifier))
 
 
@@ -319,6 +319,16 @@ def toy_guidance(c: ToyConfig, policy, reward_weights=None) -> list:
 
 VERIFIERS = {"digits": digit_reward, "exact": exact_reward}
 """Reward names the toy job knows (``toy.reward``, ``pref.verifier``)."""
+
+
+def toy_reward(spec: str):
+    """``toy.reward``'s reward: one verifier, or for ``digits,exact`` one whose columns are
+    named after them (``{name: [B]}``)."""
+    names = spec.split(",")
+    if len(names) == 1:
+        return VERIFIERS[spec]
+    return lambda samples, prompts, metadata: {
+        n: VERIFIERS[n](samples, prompts, metadata) for n in names}
 
 
 def toy_verifier(name):

@@ -39,12 +39,13 @@ def compute_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: P
     ``multi_reward``: None = the spec's (``algo.multi_reward``); used with several columns, and
     with one when the method declares ``one_column`` (gdpo). ``lengths [B]`` / ``baseline
     [B, K]`` / ``seq_logp [B]``: for estimators that need them (``needs_lengths`` /
-    ``needs_baseline`` / ``needs_seq_logp``); entries' extra hyper-parameters come from the spec.
+    ``needs_baseline`` / ``needs_seq_logp``); entries' extra hyper-parameters come from the spec,
+    and a stateful entry's state from ``loss_fn.adv_state`` (updated: call once per step).
     """
     spec = loss_fn.spec
     method = multi_reward or spec.multi_reward
     hp = dict(eps=spec.adv_eps, r_max=spec.r_max, adv_clip=spec.adv_clip, lengths=lengths,
-              seq_logp=seq_logp, hparams=spec)
+              seq_logp=seq_logp, hparams=spec, state=getattr(loss_fn, "adv_state", None))
     if rewards.values.shape[1] == 1 and not MULTI_REWARD.get(method).one_column:
         return group_advantages(rewards.values[:, 0], group_ids, spec.advantage, **hp,
                                 baseline=None if baseline is None else baseline[:, 0])

@@ -231,3 +231,24 @@ def load_checkpoint(folder) -> Dict[str, Any]:
     return {"weights": _read_tensors(folder),
             "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
             "state": torch.load(folder / "state.pt", weights_only=True)}
+
+
+def parts_state(selector, augmenters, adv_state) -> Dict[str, Any]:
+    """The run's stateful parts for a checkpoint's ``state``: the prompt selector, each round
+    augmenter (by position; None for a stateless one) and the advantage estimator's run state
+    (``PolicyLoss.adv_state``, e.g. RiskPO's tracked quantiles; None when stateless)."""
+    return {"selector": selector.state_dict() if selector else None,
+            "augmenters": [a.state_dict() if hasattr(a, "state_dict") else None
+                           for a in augmenters],
+            "advantage_state": adv_state.state_dict() if adv_state is not None else None}
+
+
+def load_parts_state(state: Dict[str, Any], selector, augmenters, adv_state) -> None:
+    """Hand :func:`parts_state`'s entries back (entries an older checkpoint lacks are kept)."""
+    if selector is not None and state.get("selector") is not None:
+        selector.load_state_dict(state["selector"])
+    for aug, saved in zip(augmenters, state.get("augmenters") or []):
+        if saved is not None and hasattr(aug, "load_state_dict"):
+            aug.load_state_dict(saved)
+    if adv_state is not None and state.get("advantage_state") is not None:
+        adv_state.load_state_dict(state["advantage_state"])

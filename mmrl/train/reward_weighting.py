@@ -9,8 +9,10 @@
   :func:`mmrl.algo.reward_weights.gradient_weight_update` from each objective's policy gradient
   (its GRPO advantages alone, one backward pass per objective, averaged over ranks).
 
-The round's original columns are reported as ``reward/<name>`` means, and the weights / the
-multiplier as ``reward_weight/<name>`` / ``reward_multiplier``.
+Any job: ``algo.reward_weighting`` (:func:`with_reward_weighting`, called by the runner)
+appends it after the job's own augmenters. The round's original columns are reported as
+``reward/<name>`` means, and the weights / the multiplier as ``reward_weight/<name>`` /
+``reward_multiplier``.
 Differs from the release: the objective vector of the hypervolume is the training round's mean
 reward (the release evaluates a validation set after each step), and the gradient uses every
 trainable parameter (the release: layers 10–25).
@@ -25,7 +27,7 @@ from mmrl.algo.advantages import group_advantages
 from mmrl.algo.reward_weights import HypervolumeWeighting, gradient_weight_update, influence
 from mmrl.train.reward_fn import RewardBatch
 
-__all__ = ["DynamicRewardWeights", "objective_gradients"]
+__all__ = ["DynamicRewardWeights", "objective_gradients", "with_reward_weighting"]
 
 MODES = ("hypervolume", "gradient")
 
@@ -124,3 +126,25 @@ class DynamicRewardWeights:
         self.weights = torch.tensor(state["weights"], dtype=torch.float64)
         self.hv = HypervolumeWeighting([s > 0 for s in state["sign"]])
         self.hv.load_state_dict(state["hv"])
+
+
+def with_reward_weighting(algo, augmenters: Sequence) -> list:
+    """``augmenters`` plus, last (it folds every column into one), the
+    :class:`DynamicRewardWeights` that ``algo.reward_weighting`` asks for (``algo``: the config's
+    ``algo:`` section; ``none``: the list unchanged).
+
+    Raises:
+        UserError: the job already weights its columns dynamically (the video job's deprecated
+            ``video.reward_weighting``) and ``algo.reward_weighting`` asks for it again.
+    """
+    mode = getattr(algo, "reward_weighting", "none")
+    out = list(augmenters)
+    if mode == "none":
+        return out
+    if any(isinstance(a, DynamicRewardWeights) for a in out):
+        from mmrl.config.core import UserError
+        raise UserError(f"algo.reward_weighting={mode!r} and the job's own dynamic reward "
+                        f"weighting (video.reward_weighting, deprecated) are both set; keep "
+                        f"algo.reward_weighting and set video.reward_weighting: none")
+    return out + [DynamicRewardWeights(mode, algo.reward_weights, algo.reward_minimize,
+                                       lr=algo.reward_weighting_lr)]

@@ -43,6 +43,7 @@ from mmrl.train.policy import check_policy
 from mmrl.train.pref_stage import PrefStage, log_eval, pref_config
 from mmrl.train.rounds import (Round, RoundAugmenter, Rounds, RoundSettings, check_prompts,
                                needs_whole_groups)
+from mmrl.train.reward_weighting import with_reward_weighting
 from mmrl.train.run_folder import claim_output_dir
 from mmrl.train.state import (load_policy_state, load_policy_weights, policy_weights,
                               save_policy_state)
@@ -107,7 +108,8 @@ class Run:
                              settings=RoundSettings.from_train(t), selector=self.selector,
                              generator=self.gen, prompt_generator=self.prompt_gen,
                              whole_groups=whole_groups, dist=self.dist, fsdp=self.fsdp,
-                             augmenters=augmenters, reward_weights=config.algo.reward_weights)
+                             augmenters=with_reward_weighting(config.algo, augmenters),
+                             reward_weights=config.algo.reward_weights)
 
     # ------------------------------------------------------------------ one step
     def run_step(self) -> Dict[str, float]:
@@ -180,13 +182,11 @@ class Run:
         if not self.dist.is_main:
             self.dist.barrier()
             return None
-        augmenters = self.rounds.augmenters
         state = {"step": self.step, "rng": rngs[0], "rng_per_rank": rngs,
                  "bad_in_row": self.bad_in_row, "empty_in_row": self.empty_in_row,
                  "run_id": self.run_id, "policy_extra": extra,
-                 "selector": self.selector.state_dict() if self.selector else None,
-                 "augmenters": [a.state_dict() if hasattr(a, "state_dict") else None
-                                for a in augmenters]}
+                 **ckpt.parts_state(self.selector, self.rounds.augmenters,
+                                    self.loss_fn.adv_state)}
         try:
             return self._write(weights, optim, state)
         finally:
@@ -230,11 +230,8 @@ class Run:
         ckpt.set_rng_state(per_rank[self.dist.rank], self.gens)
         self.step, self.bad_in_row = int(state["step"]), int(state["bad_in_row"])
         self.empty_in_row = int(state.get("empty_in_row", 0))
-        if self.selector is not None and state.get("selector") is not None:
-            self.selector.load_state_dict(state["selector"])
-        for aug, saved in zip(self.rounds.augmenters, state.get("augmenters") or []):
-            if saved is not None and hasattr(aug, "load_state_dict"):
-                aug.load_state_dict(saved)
+        ckpt.load_parts_state(state, self.selector, self.rounds.augmenters,
+                              self.loss_fn.adv_state)
         return folder
 
 

@@ -35,7 +35,8 @@ EDGES = [(name, f.metadata[k]) for name, f in SPEC_FIELDS.items() for k in ("min
 
 
 def test_every_spec_field_is_an_optional_override_with_the_same_declaration():
-    assert set(CONFIG_FIELDS) == {"preset", "multi_reward", "reward_weights"} | set(SPEC_FIELDS) \
+    assert set(CONFIG_FIELDS) == {"preset", "multi_reward", "reward_weights", "reward_weighting",
+                                  "reward_minimize", "reward_weighting_lr"} | set(SPEC_FIELDS) \
         | set(EXTRA_OVERRIDES)
     spec_hints, config_hints = typing.get_type_hints(AlgoSpec), typing.get_type_hints(AlgoConfig)
     for name, f in SPEC_FIELDS.items():

@@ -55,7 +55,8 @@ PINNED = {
     # gradient is not); RiskPO's advantages are <= 0 (it pushes the lower tail down); DRPO on
     # 0/1 rewards (answer_reward), whole groups per call
     "unlikeliness": [0.0, 0.0, 0.0],
-    "riskpo": [0.799573, 0.461723, 0.461723],
+    # steps 2-3: the "mix" of the PolicyLoss's tracked quantiles (step 1: batch quantiles)
+    "riskpo": [0.799573, 0.346293, 0.159038],
     "drpo": [5.885662, 5.852489, 11.629841],
     "grpo+kl_full": [-0.055978, -0.039395, -0.028661],
     "grpo+kl_lora": [-0.004699, -0.001951, -0.004127],
