@@ -16,7 +16,7 @@ Every variant runs the same number of GRPO steps. Reported: after SFT = the firs
 64 training rollouts (think share, tokens, reward); after = 4 samples for every prompt at the
 end (``bench_thinking.evaluate``).
 
-    python benchmarks/bench_sft.py --seeds 0 1 --sft-steps 20 --steps 40 --workers 2 \\
+    python benchmarks/bench_sft.py --seeds 0 1 2 3 4 --sft-steps 30 --steps 50 --workers 2 \\
         --out docs/sft.json --plot docs/sft.png
 """
 from __future__ import annotations
@@ -135,6 +135,22 @@ def plot(runs, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: List[str], out: str, plot_path=None) -> int:
+    """Join result files of the same settings (e.g. seeds run apart) into one."""
+    parts = [json.load(open(p)) for p in paths]
+    runs = [r for part in parts for r in part["runs"]]
+    result = {**{k: parts[0][k] for k in ("sft_steps", "steps", "num_prompts")},
+              "seeds": sorted({s for part in parts for s in part["seeds"]}),
+              "wall_seconds": sum(part["wall_seconds"] for part in parts),
+              "complete": all(part["complete"] for part in parts),
+              "summary": summarize(runs), "runs": runs}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    if plot_path:
+        plot(runs, plot_path)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -146,7 +162,11 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=None)
     ap.add_argument("--out", default="sft.json")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="join the runs of these result files into --out (and --plot)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.plot)
     from mmrl.video.models import build_default_tiny
     from mmrl.video.synthetic_task import write_synthetic_task
     root = args.root or tempfile.mkdtemp(prefix="bench_sft_")

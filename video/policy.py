@@ -599,7 +599,8 @@ class VLMPolicy(GroupPolicy):
         return self._completion_rollout(records, texts, tokens, ())
 
     def _token_rules(self) -> tuple:
-        """``(tokenizer, end_id, end_ids, never, allowed)`` for :func:`mmrl.video.pairs.text_tokens`."""
+        """``(tokenizer, end_id, end_ids, never, allowed)``: the arguments of
+        :func:`mmrl.video.pairs.text_tokens` after the completions."""
         allowed = None if self.allowed is None else self.allowed.tolist()
         return (self.tok, self.adapter.turn_end_id(self.tok), self.eos, self.banned.tolist(),
                 allowed)
