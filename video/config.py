@@ -146,6 +146,19 @@ class VideoConfig:
     mode_reward: bool = cfg(False, "Add a 'mode' column: 1 for rows in the group's more accurate "
                             "mode (think / no-think, ties to no-think); unconfirmed reading of "
                             "Step-SRPO.", source="KAT-V1 arXiv 2507.08297")
+    sft_steps: int = cfg(0, "SFT steps before RL (the run's first steps, counted in "
+                         "train.steps): token-mean cross-entropy of targets built from the "
+                         "records (<think>reasoning</think><answer>a</answer>; think_style "
+                         "filler: spaces + the letter), prompts_per_step records x group_size "
+                         "targets a step, same optimizer and trainable weights. TON's first "
+                         "stage.",
+                         minimum=0, source="TON arXiv 2505.16854; mmrl.video.sft")
+    thought_dropout: float = cfg(0.0, "SFT targets: probability that a target's thought is "
+                                 "replaced by an empty one (tags: an empty <think></think> "
+                                 "block; filler: the letter alone).", minimum=0.0, maximum=1.0,
+                                 source="TON arXiv 2505.16854 (0.5)")
+    sft_lr: Optional[float] = cfg(None, "Learning rate of the SFT steps (null = train.lr).",
+                                  above=0.0)
 
     def problems(self) -> List[str]:
         out = []
@@ -223,6 +236,11 @@ def check(algo, train, c: VideoConfig) -> List[str]:
     """Cross-section problems of a video config (prompt counts known before reading data;
     Guide's rollout correction)."""
     out = guide_problems("video", c.guidance, algo)
+    if c.sft_steps > train.steps:
+        out.append(f"video.sft_steps: got {c.sft_steps}, more than train.steps={train.steps} "
+                   f"(SFT steps are the run's first steps); raise train.steps")
+    if c.thought_dropout > 0 and not c.sft_steps:
+        out.append("video.thought_dropout drops thoughts of SFT targets; set video.sft_steps")
     if c.data == "synthetic" and c.synthetic_num < train.prompts_per_step:
         out.append(f"video.synthetic_num: got {c.synthetic_num}, fewer than train."
                    f"prompts_per_step={train.prompts_per_step} (a step draws that many distinct "

@@ -163,11 +163,14 @@ def run(config) -> Dict[str, Any]:
     if config.pref.verifier is not None:
         from .config import verifier_spec
         verifier = build_vl_reward(verifier_spec(config.pref.verifier))
+    from .sft import build_sft_stage
+    t = config.train
+    sft = build_sft_stage(c, records, t.prompts_per_step, t.group_size, t.seed)
     try:
         summary = run_training(config, policy, reward, prompts, metadata,
                                augmenters=build_augmenters(c, records, config.algo.reward_weights,
                                                            policy),
-                               verifier=verifier, read_pairs=read_pair_file)
+                               verifier=verifier, read_pairs=read_pair_file, sft=sft)
     finally:  # also when the run stops because every video was unreadable: say which ones
         if policy.skips.total:
             examples = "".join(f"\n  {e}" for e in policy.skips.examples)

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from .data import RecordError, SkippedRecord, VLRecord, _raw_records, parse_record
 
 __all__ = ["PairRecord", "PairSet", "PairRecordError", "parse_pair", "load_pairs",
-           "as_pair_records", "completion_tokens"]
+           "as_pair_records", "completion_tokens", "text_tokens"]
 
 _COMPLETIONS = ("chosen", "rejected")
 _MAX_LISTED = 50  # problems listed one a line; the rest are counted by reason
@@ -223,26 +223,38 @@ def completion_tokens(pairs: Sequence[PairRecord], tokenizer, end_id: int,
     Raises:
         PairRecordError: every completion the policy cannot emit, at once.
     """
+    ids = text_tokens([(p.source, key, getattr(p, key)) for p in pairs for key in _COMPLETIONS],
+                      tokenizer, end_id, end_ids, never, allowed, where="pair completions")
+    return [(ids[2 * k], ids[2 * k + 1]) for k in range(len(pairs))]
+
+
+def text_tokens(items: Sequence[Tuple[str, str, str]], tokenizer, end_id: int,
+                end_ids: Sequence[int], never: Sequence[int],
+                allowed: Optional[Sequence[int]] = None,
+                where: str = "completions") -> List[List[int]]:
+    """The ids of completions ``(source, key, text)`` as :func:`completion_tokens` makes them
+    (pair completions, SFT targets: ``key`` names the field in errors).
+
+    Raises:
+        PairRecordError: every completion the policy cannot emit, at once.
+    """
     never_set = set(int(i) for i in never)
     allowed_set = None if allowed is None else set(int(i) for i in allowed) | {end_id}
     out, problems = [], []
-    for pair in pairs:
-        both = []
-        for key in _COMPLETIONS:
-            ids = list(tokenizer(getattr(pair, key), add_special_tokens=False)["input_ids"])
-            if not ids or ids[-1] not in end_ids:
-                ids.append(end_id)
-            bad = sorted({i for i in ids if i in never_set or (allowed_set is not None
-                                                               and i not in allowed_set)})
-            if bad:
-                toks = tokenizer.convert_ids_to_tokens(bad)
-                problems.append(RecordError(pair.source, f"bad_{key}", (
-                    f"{key!r} holds token(s) {toks} the policy never emits (vision placeholders"
-                    + (", or outside video.allowed_answers" if allowed_set is not None else "")
-                    + "); its log-prob would be -inf")))
-            both.append(ids)
-        out.append((both[0], both[1]))
+    for source, key, text in items:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids or ids[-1] not in end_ids:
+            ids.append(end_id)
+        bad = sorted({i for i in ids if i in never_set or (allowed_set is not None
+                                                           and i not in allowed_set)})
+        if bad:
+            toks = tokenizer.convert_ids_to_tokens(bad)
+            problems.append(RecordError(source, f"bad_{key}", (
+                f"{key!r} holds token(s) {toks} the policy never emits (vision placeholders"
+                + (", or outside video.allowed_answers" if allowed_set is not None else "")
+                + "); its log-prob would be -inf")))
+        out.append(ids)
     if problems:
-        raise PairRecordError("pair completions", problems, "remove those tokens from the "
+        raise PairRecordError(where, problems, "remove those tokens from the "
                               "completions (or widen video.allowed_answers)")
     return out

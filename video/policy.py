@@ -132,7 +132,7 @@ class VLMPolicy(GroupPolicy):
         NotImplementedError: a model whose ``config.model_type`` no registered family handles.
     """
 
-    capabilities = Capabilities(token_weights=True, concat_rollouts=True, export=True,
+    capabilities = Capabilities(token_weights=True, sft=True, concat_rollouts=True, export=True,
                                 fsdp=True, greedy=True, rollout_logp=True,
                                 entropy=True, preference=True, retarget=True)
 
@@ -565,33 +565,71 @@ class VLMPolicy(GroupPolicy):
                 the policy cannot emit (vision placeholders, tokens outside
                 ``allowed_answers``), at once.
         """
-        from .data import build_messages, format_question
         from .pairs import as_pair_records, completion_tokens
         pairs = as_pair_records(records)
+        ids = completion_tokens(pairs, *self._token_rules())  # checked before any decoding
+        ro = self._completion_rollout([p.record for p in pairs],
+                                      [[p.chosen, p.rejected] for p in pairs],
+                                      [list(i) for i in ids], ("chosen", "rejected"))
+        K = len(ro) // 2
+        return ro, 2 * torch.arange(K), 2 * torch.arange(K) + 1
+
+    def target_rollout(self, examples) -> Rollout:
+        """SFT rows (``Capabilities(sft=True)``, :mod:`mmrl.train.sft_stage`): one row per
+        :class:`mmrl.video.sft.SFTExample` (a record and its target completion), its prompt
+        built as the job builds it (once for consecutive examples of the same record) and its
+        target tokenized as a pair's completion (the family's end-of-turn token appended);
+        ``group_ids`` number the records, a record whose video / image cannot be read has no
+        row (``Rollout.skipped``).
+
+        Raises:
+            PairRecordError: (a ``ValueError``) every target the policy cannot emit, at once.
+        """
+        from .pairs import text_tokens
+        ids = text_tokens([(e.record.source, "target", e.target) for e in examples],
+                          *self._token_rules(), where="SFT targets")
+        records, texts, tokens = [], [], []  # consecutive examples of one record: one prompt
+        for e, i in zip(examples, ids):
+            if not records or records[-1] is not e.record:
+                records.append(e.record)
+                texts.append([])
+                tokens.append([])
+            texts[-1].append(e.target)
+            tokens[-1].append(i)
+        return self._completion_rollout(records, texts, tokens, ())
+
+    def _token_rules(self) -> tuple:
+        """``(tokenizer, end_id, end_ids, never, allowed)``: the arguments of
+        :func:`mmrl.video.pairs.text_tokens` after the completions."""
         allowed = None if self.allowed is None else self.allowed.tolist()
-        ids = completion_tokens(pairs, self.tok, self.adapter.turn_end_id(self.tok), self.eos,
-                                self.banned.tolist(), allowed)  # checked before any decoding
+        return (self.tok, self.adapter.turn_end_id(self.tok), self.eos, self.banned.tolist(),
+                allowed)
+
+    def _completion_rollout(self, records, texts, ids, roles) -> Rollout:
+        """A teacher-forced rollout: for each record kept (its media readable), one row per
+        completion ``ids[i][k]`` (text ``texts[i][k]``, metadata ``pair_role = roles[k]``, else
+        ``"target"``), all behind the record's prompt encoded once; group ids = the records'
+        positions."""
+        from .data import build_messages, format_question
         cache, kept, skipped = self._encode_counted(
-            [build_messages(p.record, self.template, system_prompt=self.system_prompt)
-             for p in pairs])
-        seqs = [s for i in kept for s in ids[i]]  # [2K] chosen, rejected, chosen, ...
+            [build_messages(r, self.template, system_prompt=self.system_prompt)
+             for r in records])
+        seqs = [s for i in kept for s in ids[i]]
         T = max((len(s) for s in seqs), default=1)
         resp = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), T, dtype=torch.bool)
         for r, s in enumerate(seqs):
             resp[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), True
-        meta = [{**pairs[i].record.metadata(), "completion_length": len(ids[i][k]),
-                 "pair_role": role} for i in kept for k, role in enumerate(("chosen",
-                                                                            "rejected"))]
-        samples = [text for i in kept for text in (pairs[i].chosen, pairs[i].rejected)]
-        prompts = [format_question(pairs[i].record, self.template)
-                   for i in kept for _ in range(2)]
-        K = len(kept)
-        ro = Rollout(samples, prompts, meta,
-                     torch.tensor(kept, dtype=torch.long).repeat_interleave(2), mask,
-                     {"prompt_index": torch.arange(K).repeat_interleave(2), "response": resp,
-                      "prompt_cache": cache}, skipped=skipped)
-        return ro, 2 * torch.arange(K), 2 * torch.arange(K) + 1
+        meta = [{**records[i].metadata(), "completion_length": len(ids[i][k]),
+                 "pair_role": roles[k] if roles else "target"}
+                for i in kept for k in range(len(ids[i]))]
+        samples = [text for i in kept for text in texts[i]]
+        prompts = [format_question(records[i], self.template) for i in kept for _ in ids[i]]
+        n = torch.tensor([len(ids[i]) for i in kept], dtype=torch.long)
+        return Rollout(samples, prompts, meta,
+                       torch.tensor(kept, dtype=torch.long).repeat_interleave(n), mask,
+                       {"prompt_index": torch.arange(len(kept)).repeat_interleave(n),
+                        "response": resp, "prompt_cache": cache}, skipped=skipped)
 
     def pair_scores(self, rollout: Rollout, chosen_rows, rejected_rows, generator=None,
                     with_ref: bool = False) -> PrefScores:

@@ -200,8 +200,10 @@ def _text(sample) -> str:
 
 
 def build_thinking(c) -> List[ThinkingRounds]:
-    """``[ThinkingRounds]`` when the video config ``c`` asks for one, else ``[]``."""
-    if c.length_reward == "none" and not c.mode_reward:
+    """``[ThinkingRounds]`` when the video config ``c`` asks for one (or runs SFT steps with
+    the accuracy reward: the ``think_frac`` metric of the RL steps), else ``[]``."""
+    watch = getattr(c, "sft_steps", 0) and "accuracy" in c.rewards
+    if c.length_reward == "none" and not c.mode_reward and not watch:
         return []
     return [ThinkingRounds(c.length_reward, c.mode_reward, c.think_style,
                            c.length_switch_accuracy, c.serial_decay)]

@@ -54,7 +54,7 @@ class ToyPolicy(GroupPolicy):
     """:class:`mmrl.train.policy.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
 
     capabilities = Capabilities(token_weights=True, greedy=True, preference=True,
-                                rollout_logp=True, retarget=True)
+                                rollout_logp=True, retarget=True, sft=True)
 
     def __init__(self, c: ToyConfig, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
@@ -201,6 +201,14 @@ class ToyPolicy(GroupPolicy):
                           [{} for _ in rows], torch.arange(2 * P) % max(P, 1), mask, {"ids": ids},
                           skipped={"bad_record": len(records) - P} if len(records) > P else {})
         return rollout, torch.arange(P), torch.arange(P, 2 * P)
+
+    def target_rollout(self, examples):
+        """SFT rows (:mod:`mmrl.train.sft_stage`) of examples ``{"prompt": [digits],
+        "target": [digits]}``: one row each, the target and its <eos> masked; unusable
+        examples are counted in ``skipped["bad_record"]`` as :meth:`pair_rollout`'s."""
+        ro, chosen, _ = self.pair_rollout([{"prompt": e.get("prompt"), "chosen": e.get("target"),
+                                            "rejected": e.get("target")} for e in examples])
+        return ro.select(chosen)
 
     def _usable(self, record) -> bool:
         digits = lambda xs, most: isinstance(xs, list) and len(xs) <= most and all(  # noqa: E731

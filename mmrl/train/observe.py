@@ -187,26 +187,31 @@ def report_step(bar, step: int, m: Dict[str, float], t) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
     if step % t.log_every == 0 or step == t.steps - 1:
-        if m.get("pref_step"):  # a preference step (mmrl.train.pref_stage)
-            line = (f"step {step:4d}  pref  pairs {int(m.get('pairs', 0))}  "
-                    f"loss {m.get('loss', float('nan')):+.4f}  "
-                    f"grad {m.get('grad_norm', float('nan')):.3f}  "
-                    f"acc {m.get('pref_reward_accuracy', float('nan')):.2f}"
-                    if m.get("pairs") else f"step {step:4d}  pref  no pair (every group tied "
-                    f"or no usable record): nothing learned")
-            (bar.write(line) if bar is not None else print(line, flush=True))
-            return
-        if not math.isfinite(m.get("reward_mean", float("nan"))):  # nothing was scored
-            line = (f"step {step:4d}  no valid sample: nothing learned  "
-                    f"dropped {int(m.get('dropped_samples', 0))}")
-            (bar.write(line) if bar is not None else print(line, flush=True))
-            return
-        line = (f"step {step:4d}  reward {m.get('reward_mean', float('nan')):.3f}  "
-                f"loss {m.get('loss', float('nan')):+.4f}  "
-                f"grad {m.get('grad_norm', float('nan')):.3f}  "
-                f"zero_std {m.get('zero_std_frac', float('nan')):.2f}  "
-                f"dropped {int(m.get('dropped_samples', 0))}")
+        line = step_line(step, m)
         (bar.write(line) if bar is not None else print(line, flush=True))
+
+
+def step_line(step: int, m: Dict[str, float]) -> str:
+    """The progress line of a step's metrics (an RL, preference or SFT step)."""
+    nan = float("nan")
+    if m.get("sft_step"):  # an SFT step (mmrl.train.sft_stage)
+        return (f"step {step:4d}  sft  targets {int(m.get('sft_targets', 0))}  "
+                f"loss {m.get('loss', nan):.4f}  grad {m.get('grad_norm', nan):.3f}"
+                if m.get("sft_tokens") else f"step {step:4d}  sft  no usable target: nothing "
+                f"learned")
+    if m.get("pref_step"):  # a preference step (mmrl.train.pref_stage)
+        return (f"step {step:4d}  pref  pairs {int(m.get('pairs', 0))}  "
+                f"loss {m.get('loss', nan):+.4f}  grad {m.get('grad_norm', nan):.3f}  "
+                f"acc {m.get('pref_reward_accuracy', nan):.2f}"
+                if m.get("pairs") else f"step {step:4d}  pref  no pair (every group tied "
+                f"or no usable record): nothing learned")
+    if not math.isfinite(m.get("reward_mean", nan)):  # nothing was scored
+        return (f"step {step:4d}  no valid sample: nothing learned  "
+                f"dropped {int(m.get('dropped_samples', 0))}")
+    return (f"step {step:4d}  reward {m.get('reward_mean', nan):.3f}  "
+            f"loss {m.get('loss', nan):+.4f}  grad {m.get('grad_norm', nan):.3f}  "
+            f"zero_std {m.get('zero_std_frac', nan):.2f}  "
+            f"dropped {int(m.get('dropped_samples', 0))}")
 
 
 def step_rewards(history: List[Dict[str, float]], out: Path) -> List[float]:
@@ -219,3 +224,20 @@ def step_rewards(history: List[Dict[str, float]], out: Path) -> List[float]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rewards = [row["reward_mean"] for row in rows if "reward_mean" in row]
     return rewards
+
+
+def drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float,
+               skipped: Dict[str, int]) -> str:
+    """Why a step had no valid sample, and what to do about it (for the stop message)."""
+    if reward_error:
+        return (f"every sample was dropped because {reward_error}. Fix the reward (call "
+                f"mmrl.train.reward_fn.evaluate_reward(fn, samples, prompts, metadata) on a few "
+                f"samples to see the error; a TimeoutError: raise train.reward_timeout)")
+    if nonfinite:
+        return (f"the reward returned NaN/inf for every sample ({nonfinite}). Make it return "
+                f"finite numbers")
+    if dropped == 0:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "reasons not given"
+        return (f"the policy returned no samples: every prompt's input was skipped ({why}; "
+                f"e.g. unreadable videos or images). Check the dataset")
+    return f"all {int(dropped)} sample(s) were dropped. Check the reward and the inputs"

@@ -97,6 +97,9 @@ class Capabilities:
             row; ``rollout_logp`` keeps the sampler's log-probs under the prompts they were
             sampled with (hint-guided rollouts trained for the plain prompt: Guide, ExPO,
             :mod:`mmrl.train.guidance`).
+        sft: ``target_rollout(examples) -> Rollout``: one row per example (a job's prompt and
+            target text), the target's tokens as the response, scored by ``logp`` for the SFT
+            stage (:mod:`mmrl.train.sft_stage`).
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -117,6 +120,7 @@ class Capabilities:
     step_terms: bool = False
     matching: bool = False
     retarget: bool = False
+    sft: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -148,6 +152,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "step_terms": ("logp_and_step_terms",),
     "matching": ("match_spec", "match_grid_size", "match_terms", "match_after_update"),
     "retarget": ("retarget",),
+    "sft": ("target_rollout",),
 }
 """capability -> the methods a policy declaring it must have."""
 

@@ -13,7 +13,7 @@ extra state (:mod:`mmrl.train.state`), every RNG and the prompt selector's and a
 state, so a run resumed from step k ends with the same weights, bit for bit on CPU, as a run
 that was never interrupted. SIGTERM/SIGINT finish the current step, write a checkpoint and exit
 cleanly (a second SIGINT stops at once). Preference steps (``pref.mode``) are
-:class:`mmrl.train.pref_stage.PrefStage`'s.
+:class:`mmrl.train.pref_stage.PrefStage`'s, SFT steps :class:`mmrl.train.sft_stage.SFTStage`'s.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from mmrl.train.distributed import (check_fsdp_settings, init_distributed, maybe
                                     shard_policy)
 from mmrl.train.loop import LoopSettings, train_batch
 from mmrl.train.matching import train_matching
-from mmrl.train.observe import (MetricsLog, StopRequest, log_samples, progress_bar, report_step,
-                                step_rewards, throughput)
+from mmrl.train.observe import (MetricsLog, StopRequest, drop_cause, log_samples, progress_bar,
+                                report_step, step_rewards, throughput)
 from mmrl.train.policy import check_policy
 from mmrl.train.pref_stage import PrefStage, log_eval, pref_config
 from mmrl.train.rounds import (Round, RoundAugmenter, Rounds, RoundSettings, check_prompts,
@@ -72,7 +72,7 @@ class Run:
 
     def __init__(self, config, policy, reward_fn, prompts, metadata, optimizer=None,
                  selector=None, augmenters: Sequence[RoundAugmenter] = (), verifier=None,
-                 read_pairs=None):
+                 read_pairs=None, sft=None):
         t = self.t = config.train
         check_prompts(prompts, t.prompts_per_step)
         self.config, self.policy = config, policy
@@ -84,6 +84,9 @@ class Run:
         self.caps = check_policy(policy, self.loss_fn.spec)
         self.pref = PrefStage(pref_config(config), policy, self.caps, verifier=verifier,
                               seed=t.seed, per_step=t.prompts_per_step, read_pairs=read_pairs)
+        self.sft = sft  # an SFTStage (mmrl.train.sft_stage): the run's first steps
+        if sft is not None:
+            sft.check(policy, self.caps)
         whole_groups = (needs_whole_groups(self.loss_fn.spec, self.caps, reward_fn)
                         or self.pref.pref.online)  # online pairs: a pair on one rank
         self.dist = init_distributed(t.parallel)
@@ -116,6 +119,8 @@ class Run:
         """One step, top to bottom: collect (rollouts, rewards, augmenters), advantages over
         the gathered rewards, K epochs of updates; returns the step's metrics. A preference
         step (``pref.mode``) is :meth:`PrefStage.run_step`'s."""
+        if self.sft is not None and self.sft.is_sft_step(self.step):
+            return self.sft.run_step(self)
         if self.pref.is_pref_step(self.step):
             return self.pref.run_step(self)
         tic = time.time()
@@ -132,7 +137,7 @@ class Run:
         train = train_matching if self.caps.matching else train_batch  # DiffusionNFT, AWM
         m = train(self.policy, self.opt, self.loss_fn, batch, self.settings, self.gen, self.dist)
         m.update(got.metrics)
-        self.drop_cause = "" if m.get("samples", 1.0) > 0 else _drop_cause(
+        self.drop_cause = "" if m.get("samples", 1.0) > 0 else drop_cause(
             got.error, nonfinite, m.get("dropped_samples", 0.0), batch.rollout.skipped)
         m["step_time"] = time.time() - tic
         m.update(throughput(m, batch.rollout, self.dist))
@@ -235,23 +240,6 @@ class Run:
         return folder
 
 
-def _drop_cause(reward_error: Optional[str], nonfinite: str, dropped: float,
-                skipped: Dict[str, int]) -> str:
-    """Why a step had no valid sample, and what to do about it (for the stop message)."""
-    if reward_error:
-        return (f"every sample was dropped because {reward_error}. Fix the reward (call "
-                f"mmrl.train.reward_fn.evaluate_reward(fn, samples, prompts, metadata) on a few "
-                f"samples to see the error; a TimeoutError: raise train.reward_timeout)")
-    if nonfinite:
-        return (f"the reward returned NaN/inf for every sample ({nonfinite}). Make it return "
-                f"finite numbers")
-    if dropped == 0:
-        why = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "reasons not given"
-        return (f"the policy returned no samples: every prompt's input was skipped ({why}; "
-                f"e.g. unreadable videos or images). Check the dataset")
-    return f"all {int(dropped)} sample(s) were dropped. Check the reward and the inputs"
-
-
 class RunStopped(UserError):
     """A run stopped early for a cause the user fixes (no valid samples, a diverging loss); the
     CLI prints the message without a traceback and exits 2. A checkpoint was written first."""
@@ -302,16 +290,17 @@ def run_training(config, policy, reward_fn, prompts: Sequence[Any],
                  metadata: Optional[Sequence[Dict[str, Any]]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  selector=None, augmenters: Sequence[RoundAugmenter] = (),
-                 verifier=None, read_pairs=None) -> Dict[str, Any]:
+                 verifier=None, read_pairs=None, sft=None) -> Dict[str, Any]:
     """Train ``policy`` for ``config.train.steps`` iterations; returns a summary dict.
 
     Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and ``final.pt`` under
     ``config.train.output_dir``; resumes from the newest complete checkpoint there when
     ``train.resume=auto``. ``augmenters`` rework each collected round (see :class:`Round`);
-    ``verifier`` / ``read_pairs``: see :class:`mmrl.train.pref_stage.PrefStage`.
+    ``verifier`` / ``read_pairs``: see :class:`mmrl.train.pref_stage.PrefStage`; ``sft``: an
+    :class:`mmrl.train.sft_stage.SFTStage` whose steps come first.
     """
     r = Run(config, policy, reward_fn, prompts, metadata, optimizer, selector, augmenters,
-            verifier, read_pairs)
+            verifier, read_pairs, sft)
     say = (lambda msg: print(msg, flush=True)) if r.dist.is_main else (lambda msg: None)
     _start(r, say)
     start = time.time()
