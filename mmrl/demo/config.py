@@ -72,4 +72,5 @@ def binary_reward_problems(algo, reward: str) -> List[str]:
 # run by name: imported when the job starts (torch, the policy); no import cycle with toy.py
 register_job(Job("toy", ToyConfig, "mmrl.demo.toy:run", "a tiny transformer learns to "
                  "reverse/sort digits (pure torch; the demo)", check=check,
-                 algo_defaults=lambda c: {"max_len": c.length + 1}))  # answer digits + <eos>
+                 algo_defaults=lambda c: {"max_len": c.length + 1},  # answer digits + <eos>
+                 steps=True))  # one answer digit = one step (mmrl.demo.toy.toy_step_fn)

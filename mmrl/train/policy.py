@@ -97,6 +97,12 @@ class Capabilities:
             row; ``rollout_logp`` keeps the sampler's log-probs under the prompts they were
             sampled with (hint-guided rollouts trained for the plain prompt: Guide, ExPO,
             :mod:`mmrl.train.guidance`).
+        continuations: ``continue_from(rollout, rows, keep, m, generator) -> Rollout``: ``m``
+            sampled completions of prompt ⊕ the first ``keep[i]`` response tokens of row
+            ``rows[i]`` (``rows``, ``keep``: ``[N]`` long), N·m rows in pair order, group id i
+            for pair i, each sample the whole response (kept prefix + continuation) with its
+            row's prompt and metadata, called under ``torch.no_grad``: SPO's Monte-Carlo values
+            (``algo.step_advantage: spo_chain``, :mod:`mmrl.train.steps`).
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -117,6 +123,7 @@ class Capabilities:
     step_terms: bool = False
     matching: bool = False
     retarget: bool = False
+    continuations: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -148,6 +155,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "step_terms": ("logp_and_step_terms",),
     "matching": ("match_spec", "match_grid_size", "match_terms", "match_after_update"),
     "retarget": ("retarget",),
+    "continuations": ("continue_from",),
 }
 """capability -> the methods a policy declaring it must have."""
 
