@@ -22,6 +22,7 @@ from mmrl.algo.stepwise import gigpo_advantages, spo_chain_advantages, spo_cut_p
 from mmrl.registry import Registry
 from mmrl.train.distributed import gathered_parameters
 from mmrl.train.policy import capabilities_of
+from mmrl.train.reward_fn import robust_reward
 from mmrl.train.rollout import Rollout
 
 __all__ = ["STEP_RULES", "StepAugmenter", "StepFn", "prefix_anchors", "step_advantages"]
@@ -145,9 +146,9 @@ def mc_values(rounds, rollout: Rollout, spec) -> Tuple[torch.Tensor, torch.Tenso
     flat = torch.cat(kept)
     with gathered_parameters(rounds.fsdp), torch.no_grad():
         cont = rounds.policy.continue_from(rollout, rows, flat + 1, spec.spo_samples, rounds.gen)
-    from mmrl.train.loop import score
-    got, _ = score(rounds.reward_fn, cont, rounds.s.reward_retries,
-                   rounds.s.reward_timeout or None)
+    got, _ = robust_reward(rounds.reward_fn, cont.samples, cont.prompts, cont.metadata,
+                           rounds.s.reward_retries, rounds.s.reward_timeout or None,
+                           group_ids=cont.sample_group_ids)
     total = torch.where(got.valid, got.weighted_sum(rounds.reward_weights), float("nan"))
     v = total.view(len(rows), spec.spo_samples).nanmean(-1)
     slot = torch.cat([torch.arange(len(c)) for c in kept])
