@@ -1,6 +1,7 @@
 """GRPO vs GiGPO vs SPO-chain on the toy job (``algo.step_advantage``), 3 seeds.
 
-    .venv/bin/python benchmarks/bench_steps_toy.py [--steps 80 --seeds 3] [--out docs/steps_toy_bench.json] [--plot docs/steps_toy_bench.png]
+    .venv/bin/python benchmarks/bench_steps_toy.py [--steps 200 --seeds 5]
+        [--out docs/steps_toy_bench.json] [--plot docs/steps_toy_bench.png] [--replot JSON]
 
 The toy job (configs/demo/toy.yaml: a tiny transformer reverses digit strings, reward = the
 fraction of answer digits right) has natural steps: one answer digit = one step with its own
@@ -78,8 +79,8 @@ def summary(runs, target):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--length", type=int, default=5)
@@ -88,7 +89,11 @@ def main():
     ap.add_argument("--runs", default="/tmp/bench_steps_toy")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--replot", default=None, help="a JSON this script wrote: plot it, run nothing")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        return plot(saved["runs"], list(saved["runs"]), args.plot)
     torch.set_num_threads(1)
     methods = args.methods.split(",")
     results = {m: [] for m in methods}
@@ -106,24 +111,30 @@ def main():
         Path(args.out).write_text(json.dumps({"args": vars(args), "table": table,
                                               "runs": results}, indent=1))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        for m in methods:
-            curves = torch.tensor([r["curve"] for r in results[m]])
-            smooth = torch.nn.functional.avg_pool1d(curves[:, None], 5, 1)[:, 0]
-            mean = smooth.mean(0)
-            ax[0].plot(range(5, 5 + len(mean)), mean, label=m)
-            wall = st.mean(r["wall_s"] for r in results[m])
-            ax[1].plot(torch.linspace(0, wall, len(mean)), mean, label=m)
-        ax[0].set_xlabel("step")
-        ax[1].set_xlabel("wall seconds (2 shared CPU cores)")
-        for a in ax:
-            a.set_ylabel("train reward (5-step mean, 3 seeds)")
-            a.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+        plot(results, methods, args.plot)
+
+
+def plot(results, methods, path):
+    """Mean train reward (5-step moving mean over seeds) against step and against wall time
+    (each run's steps spread evenly over its wall time)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    seeds = len(results[methods[0]])
+    for m in methods:
+        curves = torch.tensor([r["curve"] for r in results[m]])
+        mean = torch.nn.functional.avg_pool1d(curves[:, None], 5, 1)[:, 0].mean(0)
+        ax[0].plot(range(5, 5 + len(mean)), mean, label=m)
+        wall = st.mean(r["wall_s"] for r in results[m])
+        ax[1].plot(torch.linspace(0, wall, len(mean)), mean, label=m)
+    ax[0].set_xlabel("step")
+    ax[1].set_xlabel("wall seconds (2 shared CPU cores)")
+    for a in ax:
+        a.set_ylabel(f"train reward (5-step mean, {seeds} seeds)")
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
