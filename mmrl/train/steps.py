@@ -140,8 +140,9 @@ def mc_values(rounds, rollout: Rollout, spec) -> Tuple[torch.Tensor, torch.Tenso
                           spec.spo_threshold, spec.spo_interval)
     cuts = torch.full((b, t_len), -2, dtype=torch.long)
     values = torch.zeros(b, t_len)
-    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(kept)])
-    if not len(rows):
+    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(kept)]
+                     + [torch.zeros(0, dtype=torch.long)])
+    if not len(rows):  # no row, or no cut point anywhere
         return cuts, values, 0
     flat = torch.cat(kept)
     with gathered_parameters(rounds.fsdp), torch.no_grad():
