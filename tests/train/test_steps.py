@@ -2,6 +2,7 @@
 hand-worked, plus the loop's T-chunked [B, T] advantages and the config checks."""
 from __future__ import annotations
 
+import json
 import math
 import types
 
@@ -138,3 +139,20 @@ def test_config_checks():
         StepAugmenter(resolve_algo("grpo", step_advantage="gigpo"), step_fn=None)
     assert set(STEP_RULES.names()) == {"gigpo", "spo_chain"}
     assert not math.isnan(resolve_algo("grpo").gigpo_gamma)
+
+
+@pytest.mark.parametrize("rule", ["gigpo", "spo_chain"])
+def test_the_toy_job_trains_with_a_step_advantage(tmp_path, rule):
+    from mmrl.config.jobs import get_job
+    from mmrl.config.schema import config_from_dict
+    cfg = config_from_dict({"job": "toy", "algo": {"step_advantage": rule, "spo_samples": 2},
+                            "train": {"steps": 2, "prompts_per_step": 2, "group_size": 4,
+                                      "progress": False, "output_dir": str(tmp_path),
+                                      "log_every": 100, "t_chunk": 2},
+                            "toy": {"digits": 5, "length": 3, "num_prompts": 4, "d_model": 16,
+                                    "layers": 1, "heads": 2}})
+    get_job("toy").run(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["adv_abs_mean"] > 0
+                                  for r in rows)
+    assert (rule == "spo_chain") == ("spo_continuations" in rows[0])
