@@ -45,8 +45,9 @@ class Capabilities:
             ``[len(rows), t1 - t0]`` with gradient: the policy's own per-step KL to the
             reference (a closed form, e.g. the Gaussian KL of a flow-matching step), used when
             ``beta > 0`` instead of ``ref_logp`` and the preset's estimator.
-        row_advantages: ``advantages(rollout, rewards) -> [R]``: the advantages of the training
-            rows when they are not the reward rows (tree edges, G²RPO branches). The policy
+        row_advantages: ``advantages(rollout, rewards) -> [R]`` (or ``[R, T]`` token
+            advantages): the advantages of the training rows when they are not the reward rows
+            (tree edges, G²RPO branches). The policy
             handles invalid (NaN) rewards itself, e.g. by giving their rows advantage 0. Implies
             whole groups per rank.
         whole_groups: a group's samples must stay on one rank (e.g. they share one initial
