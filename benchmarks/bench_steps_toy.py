@@ -109,7 +109,7 @@ def main():
               f"| {row['continuation_rows']} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "table": table,
-                                              "runs": results}, indent=1))
+                                              "runs": results}) + "\n")
     if args.plot:
         plot(results, methods, args.plot)
 
