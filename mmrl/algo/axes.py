@@ -16,6 +16,12 @@ from mmrl.registry import Registry
 
 TOKEN_WEIGHTINGS = ("none", "tw")
 EMPTY_ROWS = ("count", "skip")
+# advantages below the row (``algo.step_advantage``, :mod:`mmrl.train.steps`): name -> what the
+# rollout must carry: per-step rewards and anchor states from the job (``job_steps``), or
+# Monte-Carlo values at cut points from the policy's continuations (``mc_values``)
+STEP_ADVANTAGES = {"none": dict(job_steps=False, mc_values=False),
+                   "gigpo": dict(job_steps=True, mc_values=False),
+                   "spo_chain": dict(job_steps=False, mc_values=True)}
 
 # The built-in entries of each axis and the flags the checks read (see the module docstring).
 _BUILTIN = {

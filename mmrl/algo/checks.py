@@ -9,7 +9,7 @@ import math
 import typing
 from typing import Dict, List
 
-from mmrl.algo.axes import EMPTY_ROWS, TOKEN_WEIGHTINGS, axis_registry
+from mmrl.algo.axes import EMPTY_ROWS, STEP_ADVANTAGES, TOKEN_WEIGHTINGS, axis_registry
 from mmrl.algo.spec import EXTRA_OVERRIDES, AlgoSpec
 from mmrl.fields import range_problem
 from mmrl.registry import did_you_mean
@@ -82,10 +82,31 @@ def _axis_problems(spec: AlgoSpec) -> List[str]:
         hint = did_you_mean(spec.token_weighting, TOKEN_WEIGHTINGS)
         problems.append(f"unknown token_weighting {spec.token_weighting!r} (expected one of "
                         f"{', '.join(TOKEN_WEIGHTINGS)}){hint}")
+    problems += _step_problems(spec)
     if isinstance(spec.empty_rows, str) and spec.empty_rows not in EMPTY_ROWS:
         hint = did_you_mean(spec.empty_rows, EMPTY_ROWS)
         problems.append(f"unknown empty_rows {spec.empty_rows!r} (expected one of "
                         f"{', '.join(EMPTY_ROWS)}){hint}")
+    return problems
+
+
+def _step_problems(spec: AlgoSpec) -> List[str]:
+    """``step_advantage``: a known name, a GiGPO mode, and a token-level loss (its advantages
+    are ``[B, T]``)."""
+    problems = []
+    for key, value, known in (("step_advantage", spec.step_advantage, STEP_ADVANTAGES),
+                              ("gigpo_mode", spec.gigpo_mode, ("mean_std_norm", "mean_norm"))):
+        if isinstance(value, str) and value not in known:
+            problems.append(f"unknown {key} {value!r} (expected one of {', '.join(known)})"
+                            f"{did_you_mean(value, list(known))}")
+    if spec.step_advantage in STEP_ADVANTAGES and spec.needs_steps and (
+            spec.ratio_level in axis_registry("ratio_level")
+            and axis_registry("ratio_level").get(spec.ratio_level).per_sequence
+            or spec.objective in axis_registry("objective")
+            and axis_registry("objective").get(spec.objective).binary_rewards):
+        problems.append(f"step_advantage {spec.step_advantage!r} gives token advantages [B, T]; "
+                        f"ratio_level {spec.ratio_level!r} / objective {spec.objective!r} read "
+                        f"one value per row: use ratio_level token and another objective")
     return problems
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mmrl.algo.axes import _axis_doc, axis_registry
+from mmrl.algo.axes import STEP_ADVANTAGES, _axis_doc, axis_registry
 from mmrl.fields import cfg
 
 @dataclass(frozen=True)
@@ -23,6 +23,26 @@ class AlgoSpec:
     advantage: str = cfg("grpo", "Advantage estimator (single reward; with several reward "
                          "columns the base of algo.multi_reward): " + _axis_doc("advantage")
                          + ".", source="mmrl.algo.advantages")
+    step_advantage: str = cfg("none", "Token advantages from below the row, replacing "
+                              "`advantage` (the job must give its rollouts steps, e.g. the toy "
+                              "job): none; gigpo (A^E + omega*A^S, step groups by identical "
+                              "state); spo_chain (V(c_k) - V(c_(k-1)) between Monte-Carlo values "
+                              "at low-probability cut points).",
+                              source="GiGPO arXiv 2505.10978; SPO arXiv 2505.23564")
+    gigpo_gamma: float = cfg(0.95, "GiGPO: discount of the step returns R_t.", minimum=0.0,
+                             maximum=1.0, source="GiGPO arXiv 2505.10978 (0.95)")
+    gigpo_omega: float = cfg(1.0, "GiGPO: weight of the step advantage A^S.", minimum=0.0,
+                             source="GiGPO arXiv 2505.10978 (1.0)")
+    gigpo_mode: str = cfg("mean_std_norm", "GiGPO normalization: mean_std_norm ((x - mean) / "
+                          "(std + 1e-6)) or mean_norm (x - mean).",
+                          source="verl-agent gigpo (example scripts: mean_std_norm)")
+    spo_interval: int = cfg(5, "SPO-chain: keep every K-th low-probability cut point.",
+                            minimum=1, source="AIFrameResearch/SPO cutpoint_interval")
+    spo_samples: int = cfg(4, "SPO-chain: Monte-Carlo continuations M per cut point (its value "
+                           "V is their mean reward).", minimum=1, source="SPO arXiv 2505.23564")
+    spo_threshold: float = cfg(0.9, "SPO-chain: a token with sampling probability below this "
+                               "is a cut point (its prefix gets a value).", above=0.0,
+                               maximum=1.0, source="SPO arXiv 2505.23564 (0.9)")
     ratio_level: str = cfg("token", "Importance-ratio level: token, sequence (GSPO), "
                            "sequence_token (GSPO-token), sequence_sum (Reg-GRPO), ratio_norm "
                            "(GRPO-Guard's RatioNorm of a Gaussian denoising step; the "
@@ -303,6 +323,18 @@ class AlgoSpec:
         (unlikeliness, novelty_sharpen)."""
         return bool(getattr(axis_registry("advantage").get(self.advantage), "needs_seq_logp",
                             False))
+
+    @property
+    def needs_steps(self) -> bool:
+        """True when the advantages are token advantages from below the row
+        (``step_advantage`` other than none, :mod:`mmrl.train.steps`)."""
+        return self.step_advantage != "none"
+
+    def step_needs(self, flag: str) -> bool:
+        """The step advantage's flag ``job_steps`` (per-step rewards and anchor states from the
+        job) / ``mc_values`` (Monte-Carlo values from the policy's continuations); False when
+        unknown."""
+        return bool(STEP_ADVANTAGES.get(self.step_advantage, {}).get(flag, False))
 
     @property
     def needs_entropy(self) -> bool:

@@ -5,7 +5,9 @@ Both take what a multi-step task (an agent's steps, or a response cut into segme
 besides the outcome: step rewards and repeated states (GiGPO), or each token's sampling
 probability and value estimates at cut points (SPO). Pure torch, vectorized, no ``.item()``;
 the training rows are the steps (GiGPO: one row per step, ``[S]`` advantages) or the tokens
-(SPO: ``[B, T]`` advantages). ``benchmarks/bench_steps.py`` runs both on a tiny chain task.
+(SPO: ``[B, T]`` advantages). ``benchmarks/bench_steps.py`` runs both on a tiny chain task;
+:mod:`mmrl.train.steps` makes them ``algo.step_advantage`` (token advantages on a job with steps,
+``benchmarks/bench_steps_toy.py``).
 """
 from __future__ import annotations
 

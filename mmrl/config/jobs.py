@@ -58,6 +58,8 @@ class Job:
         preflight: optional ``preflight(config: RunConfig) -> list[str]``: problems with running
             on this machine (data, model and prompt files exist). Must be cheap: no model is
             loaded; ``mmrl train`` and ``mmrl config validate`` call it before any work.
+        steps: the job's responses have steps (per-step rewards, anchor states, continuations
+            from a prefix): ``algo.step_advantage`` (GiGPO, SPO-chain) is allowed.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Job:
     algo_defaults: Optional[Callable[[Any], Dict[str, Any]]] = None
     preflight: Optional[Callable[[Any], List[str]]] = None
     check_pref: Optional[Callable[..., List[str]]] = None
+    steps: bool = False
 
     def __post_init__(self):
         if isinstance(self.run, str):
@@ -89,6 +92,17 @@ JOB_MODULES = {
 def register_job(job: Job) -> Job:
     JOBS.register(job.name, job)
     return job
+
+
+def step_problems(job: Job, algo) -> List[str]:
+    """``algo.step_advantage`` other than none on a job whose responses have no steps."""
+    name = algo.resolve().step_advantage
+    if name == "none" or job.steps:
+        return []
+    with_steps = sorted(n for n, j in JOBS.items() if j.steps) or ["toy"]
+    return [f"algo.step_advantage: got {name!r}, but job {job.name!r} gives its responses no "
+            f"steps (per-step rewards, anchor states, continuations from a prefix); jobs with "
+            f"steps: {', '.join(with_steps)}; set algo.step_advantage=none"]
 
 
 def get_job(name: str) -> Job:

@@ -294,7 +294,7 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
     Raises:
         ConfigError: listing every problem (unknown keys, types, ranges, combinations).
     """
-    from mmrl.config.jobs import get_job
+    from mmrl.config.jobs import get_job, step_problems
     problems: List[str] = []
     job_name = data.get("job", "toy")
     job = None
@@ -326,6 +326,8 @@ def config_from_dict(data: Dict[str, Any], source: str = "config") -> RunConfig:
     pref = build(PrefConfig, _section(data, "pref", problems), "pref", problems)
     if job and job.check is not None and not problems:
         problems.extend(job.check(algo, train, task))
+    if job and not problems:
+        problems.extend(step_problems(job, algo))
     if not problems:
         problems.extend(_loop_problems(algo, train) + pref_train_problems(pref, train))
     if job and job.check_pref is not None and not problems and pref.mode != "off":

@@ -64,6 +64,10 @@ def check(algo, train, c: ToyConfig) -> List[str]:
         out.append(f"toy.num_prompts: got {c.num_prompts}, fewer than train.prompts_per_step="
                    f"{train.prompts_per_step} (a step draws that many distinct prompts); raise "
                    f"num_prompts or lower prompts_per_step")
+    step = algo.resolve().step_advantage
+    if step not in (None, "none") and "," in c.reward:
+        out.append(f"toy.reward: got {c.reward!r} with algo.step_advantage={step!r}, whose step "
+                   f"rewards come from one reward; pick toy.reward=digits (dense steps) or exact")
     return out
 
 
@@ -81,4 +85,5 @@ def binary_reward_problems(algo, reward: str) -> List[str]:
 # run by name: imported when the job starts (torch, the policy); no import cycle with toy.py
 register_job(Job("toy", ToyConfig, "mmrl.demo.toy:run", "a tiny transformer learns to "
                  "reverse/sort digits (pure torch; the demo)", check=check,
-                 algo_defaults=lambda c: {"max_len": c.length + 1}))  # answer digits + <eos>
+                 algo_defaults=lambda c: {"max_len": c.length + 1},  # answer digits + <eos>
+                 steps=True))  # one answer digit = one step (mmrl.demo.toy.toy_step_fn)

@@ -54,7 +54,8 @@ class ToyPolicy(GroupPolicy):
     """:class:`mmrl.train.policy.GroupPolicy` for the toy task (reference = a frozen copy at start)."""
 
     capabilities = Capabilities(token_weights=True, greedy=True, preference=True,
-                                rollout_logp=True, retarget=True, sft=True)
+                                rollout_logp=True, retarget=True, sft=True,
+                                continuations=True)
 
     def __init__(self, c: ToyConfig, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
@@ -97,8 +98,15 @@ class ToyPolicy(GroupPolicy):
                                  else list(group_size))
         P = self.prompt_ids(prompts).repeat_interleave(counts, 0)  # [B, L + H]
         ids = torch.cat([P, torch.full((len(P), 1), self.sep)], 1).to(self.device)
+        ids, taken = self._sample(ids, self.T, generator, greedy)
+        groups = torch.arange(len(prompts)).repeat_interleave(counts)
+        rep = lambda xs: [x for x, n in zip(xs, counts.tolist()) for _ in range(n)]  # noqa: E731
+        return self._finish(ids, taken, rep(list(prompts)), rep(list(metadata)), groups)
+
+    def _sample(self, ids, steps: int, generator, greedy: bool = False):
+        """``steps`` more tokens after ``ids`` -> (ids, ``[B, steps]`` their log-probs)."""
         taken = []
-        for _ in range(self.T):  # no KV cache: the sequences are a dozen tokens long
+        for _ in range(steps):  # no KV cache: the sequences are a dozen tokens long
             logits = self.model(ids)[:, -1].float() / self.c.temperature
             if greedy:
                 nxt = logits.argmax(-1, keepdim=True)
@@ -107,16 +115,38 @@ class ToyPolicy(GroupPolicy):
                 nxt = torch.multinomial(probs, 1, generator=generator).to(self.device)
             taken.append(torch.log_softmax(logits, -1).gather(-1, nxt).cpu())  # [B, 1]
             ids = torch.cat([ids, nxt], 1)
+        return ids, torch.cat(taken, 1) if taken else torch.zeros(len(ids), 0)
+
+    def _finish(self, ids, logp, prompts, metadata, groups) -> Rollout:
+        """The rollout of full sequences ``ids`` (``logp [B, T]``: the sampler's log-probs)."""
         resp = ids[:, -self.T:].cpu()  # [B, T]
         ended = (resp == self.eos).cumsum(1)
         mask = (ended == 0) | ((ended == 1) & (resp == self.eos))  # up to and incl. first <eos>
-        sampled = torch.where(mask, torch.cat(taken, 1), torch.zeros(()))  # [B, T], 0 on padding
+        sampled = torch.where(mask, logp, torch.zeros(()))  # [B, T], 0 on padding
         samples = [[int(t) for t, m in zip(r, mk) if m and t < self.sep] for r, mk in
                    zip(resp, mask)]
-        groups = torch.arange(len(prompts)).repeat_interleave(counts)
-        rep = lambda xs: [x for x, n in zip(xs, counts.tolist()) for _ in range(n)]  # noqa: E731
-        return Rollout(samples, rep(list(prompts)), rep(list(metadata)), groups, mask,
+        return Rollout(samples, list(prompts), list(metadata), groups, mask,
                        {"ids": ids.cpu()}, rollout_logp=sampled)
+
+    def continue_from(self, rollout: Rollout, rows, keep, m: int, generator) -> Rollout:
+        """``m`` sampled completions of each row's prompt ⊕ its first ``keep[i]`` response
+        tokens (capability ``continuations``; SPO's Monte-Carlo values): ``N·m`` rows, pair i's
+        group id i; ``rollout_logp`` holds the rollout's log-probs on the kept prefix."""
+        rows, keep = torch.as_tensor(rows).repeat_interleave(m), torch.as_tensor(keep)
+        keep = keep.repeat_interleave(m)
+        ids = rollout.data["ids"][rows]  # [N·m, L + T]
+        start = ids.shape[1] - self.T
+        out = ids.clone()
+        logp = torch.zeros(len(rows), self.T)
+        if rollout.rollout_logp is not None:
+            logp[:] = rollout.rollout_logp[rows]
+        for k in keep.unique().tolist():  # one batch per prefix length
+            sel = (keep == k).nonzero().flatten()
+            got, lp = self._sample(ids[sel, :start + k].to(self.device), self.T - k, generator)
+            out[sel], logp[sel, k:] = got.cpu(), lp
+        groups = torch.arange(len(keep) // max(m, 1)).repeat_interleave(m)
+        return self._finish(out, logp, [rollout.prompts[i] for i in rows.tolist()],
+                            [rollout.metadata[i] for i in rows.tolist()], groups)
 
     def prompt_ids(self, prompts) -> torch.Tensor:
         """``[P, length + H]`` token ids: the digits, then the hint segment (the hint's digits,
@@ -267,8 +297,35 @@ def run(config) -> Dict[str, Any]:
     prompts = make_prompts(c, config.train.seed)
     metadata = [toy_record(c, p) for p in prompts]
     augmenters = toy_guidance(c, policy, config.algo.reward_weights)
+    if spec.needs_steps:  # GiGPO / SPO: one answer token = one step
+        from mmrl.train.steps import StepAugmenter
+        augmenters.append(StepAugmenter(spec, toy_step_fn(policy, c.reward), policy))
     return run_training(config, policy, toy_reward(c.reward), prompts, metadata,
                         augmenters=augmenters, verifier=toy_verifier(config.pref.verifier))
+
+
+def toy_step_fn(policy: ToyPolicy, reward: str):
+    """The toy job's steps (:data:`mmrl.train.steps.StepFn`): one answer token = one step;
+    the state before step t = prompt ⊕ the t tokens emitted so far (equal prefixes = GiGPO's
+    anchor states). Step rewards sum to the row's reward: ``digits``: r_t = [digit t right] /
+    max(answer length, target length) on digit steps, 0 on <eos>; ``exact``: the reward on the
+    row's last step."""
+    from mmrl.train.steps import prefix_anchors
+
+    def steps(rollout: Rollout):
+        mask = rollout.mask
+        r = torch.zeros(mask.shape)
+        if reward == "digits":
+            for i, (s, m) in enumerate(zip(rollout.samples, rollout.metadata)):
+                hits = [float(a == b) for a, b in zip(s, m["target"])]
+                r[i, :len(hits)] = torch.tensor(hits) / max(len(s), len(m["target"]), 1)
+        else:
+            last = (mask.sum(-1) - 1).clamp(min=0)
+            r[torch.arange(len(r)), last] = exact_reward(rollout.samples, rollout.prompts,
+                                                         rollout.metadata)
+        ids = rollout.data["ids"]
+        return r, prefix_anchors(ids, ids.shape[1] - policy.T)
+    return steps
 
 
 def toy_record(c: ToyConfig, prompt: Sequence[int]) -> Dict[str, Any]:

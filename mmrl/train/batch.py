@@ -4,7 +4,8 @@ advantages, reward metrics) for :func:`mmrl.train.loop.update`.
 Under data parallelism a group may span ranks, so the preset's estimator runs on the rewards
 gathered from every rank and each rank keeps its own rows' advantages; a policy with the
 ``row_advantages`` capability (training rows that are not reward rows: tree edges, G²RPO
-branches) computes them itself, its groups whole on one rank.
+branches) computes them itself, its groups whole on one rank, and a step advantage
+(``algo.step_advantage``, :mod:`mmrl.train.steps`) gives token advantages ``[B, T]``.
 
 What an estimator reads besides the rewards is declared by its flags (never its name): rows'
 token counts (``needs_lengths``, gathered with the rewards) and a baseline reward per row
@@ -82,7 +83,14 @@ def batch_advantages(policy: GroupPolicy, loss_fn: PolicyLoss, rollout: Rollout,
     :func:`greedy_baseline`), are dropped, or under FSDP masked out."""
     d = dist or Dist()
     if capabilities_of(policy).row_advantages:  # rows != reward rows (trees, G2RPO)
-        adv, metrics = _hook_advantages(policy, rollout, rewards, d, reward_weights)
+        adv, metrics = _hook_advantages(policy.advantages, rollout, rewards, d, reward_weights)
+        return Batch(rollout, rewards, adv, metrics)
+    if loss_fn.spec.needs_steps:  # token advantages [B, T] (GiGPO, SPO: mmrl.train.steps)
+        from mmrl.train.steps import step_advantages
+        rule = lambda r, rw: step_advantages(  # noqa: E731
+            r, torch.where(rw.valid, rw.weighted_sum(reward_weights), float("nan")),
+            loss_fn.spec)
+        adv, metrics = _hook_advantages(rule, rollout, rewards, d, reward_weights)
         return Batch(rollout, rewards, adv, metrics)
     if baseline is not None:  # a failed greedy reward: the rows have no baseline, drop them
         rewards = RewardBatch(rewards.values, rewards.names,
@@ -133,13 +141,15 @@ def _global_advantages(rewards: RewardBatch, group_ids: torch.Tensor, loss_fn: P
     return local, metrics
 
 
-def _hook_advantages(policy, rollout: Rollout, rewards: RewardBatch, d: Dist,
+def _hook_advantages(fn, rollout: Rollout, rewards: RewardBatch, d: Dist,
                      reward_weights) -> Tuple[torch.Tensor, Dict]:
-    """Advantages from ``policy.advantages`` (whole groups live on one rank) + reward metrics."""
-    adv = policy.advantages(rollout, rewards).float()  # [R]
-    if adv.shape != (len(rollout),):
-        raise ValueError(f"policy.advantages returned {tuple(adv.shape)}; expected "
-                         f"[{len(rollout)}] (one per training row of the rollout)")
+    """Advantages from ``fn(rollout, rewards)`` (``policy.advantages``, or a step rule: whole
+    groups live on one rank), ``[R]`` or token advantages ``[R, T]``, + reward metrics."""
+    adv = fn(rollout, rewards).float()  # [R] or [R, T]
+    if adv.shape not in ((len(rollout),), tuple(rollout.mask.shape)):
+        raise ValueError(f"the advantages hook returned {tuple(adv.shape)}; expected "
+                         f"[{len(rollout)}] (one per training row of the rollout) or "
+                         f"{list(rollout.mask.shape)} (one per token)")
     total = d.all_gather_rows(rewards.weighted_sum(reward_weights))
     valid = torch.isfinite(total)
     metrics = {"dropped_samples": (~valid).sum().float(), "samples": valid.sum().float()}

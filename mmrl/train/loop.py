@@ -11,9 +11,8 @@ denoising steps for a flow-matching model). The loop never knows which.
 
 Micro-batches split along samples (``micro_batch_size``) and along T (``t_chunk``); the loss
 receives the mini-batch's global token and sequence counts (and each row's full length), so the
-accumulated gradient equals the unsplit step's (tests/train/test_loop.py checks it). The
-top-entropy mask's threshold likewise comes from the whole mini-batch on all ranks, scored at the
-update's start (tests/train/test_loop_entropy.py).
+accumulated gradient equals the unsplit step's (tests/train/test_loop.py); the top-entropy mask's
+threshold likewise comes from the whole mini-batch on all ranks, scored at the update's start.
 """
 from __future__ import annotations
 
@@ -112,7 +111,7 @@ class _Inputs:
     """What every micro-batch of an update reads, row-aligned with the rollout."""
 
     rollout: Rollout
-    advantages: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B], or [B, T] token advantages
     seq_lens: torch.Tensor  # [B] full lengths, exact under T chunking
     old_logp: Optional[torch.Tensor]  # [B, T]; None: on-policy (the detached logp is old)
     ref_logp: Optional[torch.Tensor]  # [B, T]; None: no KL, or the policy's own KL
@@ -181,8 +180,9 @@ def _micro_loss(policy: GroupPolicy, loss_fn: PolicyLoss, x: _Inputs, rows: torc
     if keep is not None:
         norm = dict(norm, entropy_mask=keep[rows, t0:t1].to(logp.device))
     old = logp.detach() if x.old_logp is None else x.old_logp[rows, t0:t1].to(logp)
+    adv = x.advantages[rows] if x.advantages.dim() == 1 else x.advantages[rows, t0:t1]
     return loss_fn(
-        logp, old, x.advantages[rows].to(logp), x.rollout.mask[rows, t0:t1].to(logp.device),
+        logp, old, adv.to(logp), x.rollout.mask[rows, t0:t1].to(logp.device),
         ref_logp=None if x.ref_logp is None else x.ref_logp[rows, t0:t1].to(logp),
         token_weights=None if x.token_weights is None else x.token_weights[rows, t0:t1].to(logp),
         group_ids=x.rollout.group_ids[rows], seq_lens=x.seq_lens[rows],

@@ -45,8 +45,9 @@ class Capabilities:
             ``[len(rows), t1 - t0]`` with gradient: the policy's own per-step KL to the
             reference (a closed form, e.g. the Gaussian KL of a flow-matching step), used when
             ``beta > 0`` instead of ``ref_logp`` and the preset's estimator.
-        row_advantages: ``advantages(rollout, rewards) -> [R]``: the advantages of the training
-            rows when they are not the reward rows (tree edges, G²RPO branches). The policy
+        row_advantages: ``advantages(rollout, rewards) -> [R]`` (or ``[R, T]`` token
+            advantages): the advantages of the training rows when they are not the reward rows
+            (tree edges, G²RPO branches). The policy
             handles invalid (NaN) rewards itself, e.g. by giving their rows advantage 0. Implies
             whole groups per rank.
         whole_groups: a group's samples must stay on one rank (e.g. they share one initial
@@ -100,6 +101,12 @@ class Capabilities:
         sft: ``target_rollout(examples) -> Rollout``: one row per example (a job's prompt and
             target text), the target's tokens as the response, scored by ``logp`` for the SFT
             stage (:mod:`mmrl.train.sft_stage`).
+        continuations: ``continue_from(rollout, rows, keep, m, generator) -> Rollout``: ``m``
+            sampled completions of prompt ⊕ the first ``keep[i]`` response tokens of row
+            ``rows[i]`` (``rows``, ``keep``: ``[N]`` long), N·m rows in pair order, group id i
+            for pair i, each sample the whole response (kept prefix + continuation) with its
+            row's prompt and metadata, called under ``torch.no_grad``: SPO's Monte-Carlo values
+            (``algo.step_advantage: spo_chain``, :mod:`mmrl.train.steps`).
         why_not: ``{capability: reason}`` for capabilities a policy lacks on purpose; the
             reason is part of :func:`check_policy`'s error when an algorithm needs one.
     """
@@ -121,6 +128,7 @@ class Capabilities:
     matching: bool = False
     retarget: bool = False
     sft: bool = False
+    continuations: bool = False
     why_not: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def declared(self) -> List[str]:
@@ -153,6 +161,7 @@ HOOKS: Dict[str, Sequence[str]] = {
     "matching": ("match_spec", "match_grid_size", "match_terms", "match_after_update"),
     "retarget": ("retarget",),
     "sft": ("target_rollout",),
+    "continuations": ("continue_from",),
 }
 """capability -> the methods a policy declaring it must have."""
 

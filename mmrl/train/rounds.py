@@ -107,11 +107,13 @@ def check_prompts(prompts: Sequence[Any], prompts_per_step: int) -> None:
 
 def needs_whole_groups(spec, caps: Capabilities, reward_fn=None) -> bool:
     """Must a group's samples stay on one rank? Yes for presets that normalize within the group
-    or weight its tokens together (``spec``: a resolved :class:`mmrl.algo.presets.AlgoSpec`),
+    or weight its tokens together (``spec``: a resolved :class:`mmrl.algo.presets.AlgoSpec`;
+    step advantages too: GiGPO's step groups),
     policies with the ``row_advantages`` capability, policies that declare ``whole_groups``
     (e.g. a group sharing one initial noise) and groupwise rewards (a win rate within the
     group, :func:`mmrl.train.reward_fn.is_groupwise`: a partial group would be scored wrong)."""
     return bool(spec.needs_groups or spec.needs_token_weights or caps.row_advantages or
+                getattr(spec, "needs_steps", False) or
                 caps.whole_groups or is_groupwise(reward_fn))
 
 
