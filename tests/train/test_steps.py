@@ -156,3 +156,12 @@ def test_the_toy_job_trains_with_a_step_advantage(tmp_path, rule):
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["adv_abs_mean"] > 0
                                   for r in rows)
     assert (rule == "spo_chain") == ("spo_continuations" in rows[0])
+
+
+def test_a_step_rule_needs_one_toy_reward_column():
+    from mmrl.config.core import ConfigError
+    from mmrl.config.schema import config_from_dict
+    with pytest.raises(ConfigError, match="toy.reward: got 'digits,exact' with "
+                                          "algo.step_advantage='gigpo'"):
+        config_from_dict({"job": "toy", "algo": {"preset": "grpo", "step_advantage": "gigpo"},
+                          "toy": {"reward": "digits,exact"}})
