@@ -279,11 +279,13 @@ def _check_algo(policy, caps: Capabilities, name: str, spec) -> None:
                         "denoising step (the diffusion job): use ratio_level=token and "
                         "step_reweight=false")
     if spec.needs_rollout_logp and not caps.rollout_logp:
-        raise TypeError(f"algo.rollout_is={spec.rollout_is!r} / algo.off_policy_shaping="
-                        f"{spec.off_policy_shaping!r} read the sampler's "
-                        f"log-probs, and {name} does not report them (it does not declare "
-                        f"Capabilities(rollout_logp=True)); set both to none, or "
-                        f"set Rollout.rollout_logp in {name}.rollout and declare it")
+        which = [f"algo.{k}={v!r}" for k, v in (("rollout_is", spec.rollout_is),
+                                                  ("off_policy_shaping", spec.off_policy_shaping))
+                 if v not in (None, "none")]
+        raise TypeError(f"{' and '.join(which)} weights by the sampler's log-probs, and {name} "
+                        f"does not report them (it does not declare "
+                        f"Capabilities(rollout_logp=True)); set {'them' if len(which) > 1 else 'it'}"
+                        f" to none, or set Rollout.rollout_logp in {name}.rollout and declare it")
 
 
 def _check_entropy(caps: Capabilities, name: str, spec) -> None:
