@@ -196,8 +196,8 @@ def measure(servers: dict, image_size: int, args) -> list:
             row[f"{m}_p50_latency_ratio"] = (row[m]["latency_ms_p50"]
                                              / row["off"]["latency_ms_p50"])
             line.append(f"{m} {row[m]['images_per_s']:7.1f} img/s "
-                        f"({row[m]['requests_per_call']:.2f} req/call, x{row[f'{m}_throughput_ratio']:.2f}"
-                        f", median x{row[f'{m}_median_throughput_ratio']:.2f}, p50 latency "
+                        f"({row[m]['requests_per_call']:.2f} req/call, "
+                        f"x{row[f'{m}_throughput_ratio']:.2f}, median x{row[f'{m}_median_throughput_ratio']:.2f}, p50 latency "
                         f"x{row[f'{m}_p50_latency_ratio']:.2f})")
         rows.append(row)
         print(" | ".join(line), flush=True)

@@ -161,8 +161,8 @@ def check_fsdp_settings(t, world: int, whole_groups: bool) -> None:
                          f"{world} ranks")
     if whole_groups and t.prompts_per_step % world:
         raise ValueError(f"train.parallel=fsdp with whole groups per rank (this preset, "
-                         f"sampler or groupwise reward): train.prompts_per_step={t.prompts_per_step} must be "
-                         f"divisible by the {world} ranks")
+                         f"sampler or groupwise reward): train.prompts_per_step="
+                         f"{t.prompts_per_step} must be divisible by the {world} ranks")
     if t.dynamic_sampling_tries:
         raise ValueError("train.parallel=fsdp cannot use dynamic_sampling_tries (a rank "
                          "may keep no group at all, and every rank must run the same "

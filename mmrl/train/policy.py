@@ -284,8 +284,9 @@ def _check_algo(policy, caps: Capabilities, name: str, spec) -> None:
                  if v not in (None, "none")]
         raise TypeError(f"{' and '.join(which)} weights by the sampler's log-probs, and {name} "
                         f"does not report them (it does not declare "
-                        f"Capabilities(rollout_logp=True)); set {'them' if len(which) > 1 else 'it'}"
-                        f" to none, or set Rollout.rollout_logp in {name}.rollout and declare it")
+                        f"Capabilities(rollout_logp=True)); set "
+                        f"{'them' if len(which) > 1 else 'it'} to none, or set "
+                        f"Rollout.rollout_logp in {name}.rollout and declare it")
 
 
 def _check_entropy(caps: Capabilities, name: str, spec) -> None:
