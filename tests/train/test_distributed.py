@@ -227,14 +227,17 @@ def _train(job, tiny_sd3, out, *extra):
 
 
 def _fsdp_vs_ddp_and_resume(cmd, tmp_path, atol=1e-5, ddp_extra=()):
-    """final.pt of DDP, FSDP and an FSDP run resumed at step 2 (3 steps each; ``cmd(out,
+    """final.pt of DDP, FSDP and an FSDP run resumed at step 1 (2 steps each; ``cmd(out,
     *overrides)`` builds the torchrun command with train.resume=auto), equal to rtol 1e-4;
-    ``ddp_extra``: overrides of the DDP run only."""
+    ``ddp_extra``: overrides of the DDP run only. The resumed run starts from the step-1
+    checkpoint the uninterrupted FSDP run wrote (``train.resume=<folder>``): one launch fewer
+    than a separate 1-step run, the same sharded checkpoint, loaded by a fresh process."""
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    _run(cmd(ddp, "train.steps=3", "train.parallel=ddp", *ddp_extra))
-    _run(cmd(fsdp, "train.steps=3", "train.parallel=fsdp"))
-    _run(cmd(resumed, "train.steps=2", "train.parallel=fsdp"))
-    proc = _run(cmd(resumed, "train.steps=3", "train.parallel=fsdp"))
+    _run(cmd(ddp, "train.steps=2", "train.parallel=ddp", *ddp_extra))
+    _run(cmd(fsdp, "train.steps=2", "train.parallel=fsdp", "train.save_every=1"))
+    step1 = fsdp / "checkpoints" / "step-00000001"
+    assert step1.is_dir()
+    proc = _run(cmd(resumed, "train.steps=2", "train.parallel=fsdp", f"train.resume={step1}"))
     assert "resumed from" in proc.stdout
     a, b, c = (torch.load(p / "final.pt") for p in (ddp, fsdp, resumed))
     assert a.keys() == b.keys() == c.keys()
@@ -250,10 +253,10 @@ def _job_cmd(job, tiny_sd3):
 
 def test_diffusion_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
     """FSDP2 on the real diffusion trainer (each transformer block a unit, rollouts with the
-    weights gathered): the same weights as DDP after 3 steps, and a run resumed at step 2 too.
+    weights gathered): the same weights as DDP after 2 steps, and a run resumed at step 1 too.
     (A unit other than the root used to average its gradients instead of summing them.)"""
     _, b, c = _fsdp_vs_ddp_and_resume(_job_cmd("diffusion", tiny_sd3), tmp_path)
-    assert _rollout_iteration(tmp_path / "resumed") == 3
+    assert _rollout_iteration(tmp_path / "resumed") == _rollout_iteration(tmp_path / "fsdp") == 2
     from diffusers import StableDiffusion3Pipeline  # the FSDP run exported the whole pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "fsdp" / "hf"),
                                                     text_encoder_3=None, tokenizer_3=None)
@@ -285,7 +288,7 @@ def test_fsdp_refuses_lora_with_a_clear_message(tmp_path, tiny_sd3):
 def test_video_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
     """FSDP2 on the real video trainer (decoder layers as units, logp as the root's forward,
     sampling with the weights gathered so ranks may stop at different lengths): the weights
-    equal DDP's after 3 steps, and a run resumed at step 2 equals the uninterrupted one; with
+    equal DDP's after 2 steps, and a run resumed at step 1 equals the uninterrupted one; with
     3-token responses micro-batched along rows, so FSDP runs the packed shared-prefix forward.
     Both runs share the prefix. (With the DDP run unshared the weights end 3.4e-3 apart: at
     step 1, policy = reference and every reward 0, the shared runs' gradient norm is 2.1e-8
