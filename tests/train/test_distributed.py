@@ -311,20 +311,6 @@ def test_video_fsdp_matches_ddp_and_resumes(tmp_path, tiny_sd3):
         assert all(torch.equal(state[k], final[k]) for k in final)
 
 
-def test_video_augmenters_on_two_ranks_keep_ranks_identical(tmp_path, tiny_sd3):
-    """Difficulty re-rolls and T-GRPO with groups split across 2 ranks run to the end with the
-    weights identical on both ranks (the variants' rank independence is unit-tested in
-    tests/video_train/test_vl_rounds.py)."""
-    out = tmp_path / "run"
-    proc = _run(_train("video", tiny_sd3, out, "train.steps=3",
-                       "video.difficulty_augmentation=true", "video.temporal_contrast=true"))
-    assert "parameters identical on 2 ranks" in proc.stdout
-    import json
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 3 and all(m["temporal_groups"] == 2.0 for m in metrics)
-    assert sum(m["aug_harder"] + m["aug_easier"] for m in metrics) > 0  # re-rolls happened
-
-
 def test_fsdp_keeps_ranks_in_step_with_uneven_rows_and_clips_like_ddp(tmp_path, tiny_sd3):
     """A skipped (unreadable) video leaves one rank with fewer rows and micro-batches: FSDP pads
     it with idle forwards instead of hanging, and with 2 epochs x 2 mini-batches and a tight
@@ -371,18 +357,22 @@ def test_video_augmenters_under_fsdp_follow_ddp(tmp_path, tiny_sd3):
     """Difficulty re-rolls and T-GRPO under FSDP (extra rollout rounds with gathered weights):
     the same rewards, re-rolls and gradient norms as DDP at every step, and weights equal up to
     AdamW's amplification of float-order noise in near-zero gradients (with SGD the two agree
-    to 6e-8)."""
+    to 6e-8). The DDP run also shows the augmenters with groups split across 2 ranks run to
+    the end with the weights identical on both ranks (the variants' rank independence is
+    unit-tested in tests/video_train/test_vl_rounds.py)."""
     import json
     def cmd(out, par):
         return _train("video", tiny_sd3, out, "train.steps=3", f"train.parallel={par}",
                       "video.difficulty_augmentation=true", "video.temporal_contrast=true",
                       "train.export=false")
-    _run(cmd(tmp_path / "ddp", "ddp"))
+    proc = _run(cmd(tmp_path / "ddp", "ddp"))
+    assert "parameters identical on 2 ranks" in proc.stdout
     _run(cmd(tmp_path / "fsdp", "fsdp"))
     keys = ("reward_mean", "grad_norm", "aug_harder", "aug_easier", "temporal_applied",
             "reward/temporal")
     logs = [[json.loads(line) for line in (tmp_path / p / "metrics.jsonl").read_text()
              .splitlines()] for p in ("ddp", "fsdp")]
+    assert len(logs[0]) == 3 and all(m["temporal_groups"] == 2.0 for m in logs[0])
     assert sum(m["aug_harder"] + m["aug_easier"] for m in logs[0]) > 0  # re-rolls happened
     for a, b in zip(*logs):
         for k in keys:
