@@ -4,9 +4,12 @@ diffusion) on the same global rollout, in 1 process or sharded over torchrun ran
     python job_step.py OUT CONFIG key=value ...            # 1 process
     torchrun --nproc_per_node=2 job_step.py OUT CONFIG ...  # 2 ranks
     python job_step.py OUT CONFIG key=value ... --also key=value ...  # then a 2nd run
+    python job_step.py OUT CONFIG key=value ... --also CONFIG2 key=value ...  # another job
 
-Each ``--also`` starts another run of the job in the same processes (one torchrun launch for
-several cases) with the common overrides plus its own; run i > 0 saves OUT/rank{r}_{i}.pt.
+Each ``--also`` starts another run in the same processes (one torchrun launch for several
+cases): of the same job with the common overrides plus its own, or, when its first word is a
+config file (``*.yaml``), of that config with its own overrides only; run i > 0 saves
+OUT/rank{r}_{i}.pt.
 
 The job builds its policy, reward and prompts as usual; `run_training` is replaced by a function
 that rolls out the first prompts_per_step prompts ONCE per process with a fixed generator (every
@@ -80,7 +83,10 @@ if __name__ == "__main__":
     mmrl.train.runner.run_training = one_update
     for i, extra in enumerate([[]] + also):
         SUFFIX = f"_{i}" if i else ""
+        run_path, overrides = (extra[0], extra[1:]) if extra and extra[0].endswith(".yaml") \
+            else (path, common + extra)
         # per-rank output folders: jobs write data/models there (identical, seeded) without races
-        config = load_config(path, common + extra + [f"train.output_dir={OUT}/work{rank}{SUFFIX}"])
+        config = load_config(run_path,
+                             overrides + [f"train.output_dir={OUT}/work{rank}{SUFFIX}"])
         get_job(config.job).run(config)
     maybe_destroy(init_distributed())  # after every run: the process group serves them all
