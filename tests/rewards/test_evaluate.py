@@ -613,8 +613,9 @@ def test_cli_eval_hpdv3_and_videogen_round_trip(tmp_path, capsys):
 
 
 def test_load_video_mp4_and_gif(tmp_path):
-    av = pytest.importorskip("av")
     from fractions import Fraction
+
+    import av  # PyAV: in the dev and video extras (make install), never skipped
     from PIL import Image
     from mmrl.rewards.eval_data import load_video
     path = str(tmp_path / "v.mp4")
