@@ -126,6 +126,14 @@ def check_resolution(height: int, width: int, factor: int, why: str) -> None:
                          f"{max(factor, width - width % factor)}")
 
 
+def refuse_shift(family: str, shift) -> None:
+    """Raise ``ValueError`` for a fixed ``diffusion.shift`` on a family whose schedule shifts
+    with the resolution (the pipeline's ``calculate_shift``)."""
+    if shift is not None:
+        raise ValueError(f"shift={shift!r}; {family} shifts its schedule by the resolution "
+                         f"(the pipeline's calculate_shift); leave diffusion.shift unset (null)")
+
+
 class FlowAdapter:
     """A diffusers flow-matching pipeline as velocity function, reference, encoder and decoder.
 

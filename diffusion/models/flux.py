@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from mmrl.diffusion.models.base import FlowAdapter
+from mmrl.diffusion.models.base import FlowAdapter, refuse_shift
 from mmrl.diffusion.models.tiny_parts import (byte_clip_tokenizer, check_size, clip_text_config,
                                               tiny_vae)
 
@@ -43,10 +43,7 @@ class FluxAdapter(FlowAdapter):
 
     def __init__(self, pipe, *, guidance_scale: float = 3.5, max_sequence_length: int = 512,
                  shift: Optional[float] = None, **kwargs):
-        if shift is not None:
-            raise ValueError(f"shift={shift!r}; FLUX shifts its schedule by the resolution "
-                             f"(the pipeline's calculate_shift); leave diffusion.shift unset "
-                             f"(null)")
+        refuse_shift("FLUX", shift)
         super().__init__(pipe, guidance_scale=guidance_scale,
                          max_sequence_length=max_sequence_length, **kwargs)
         f = pipe.vae_scale_factor
@@ -139,10 +136,7 @@ def build_tiny_flux(size: int = 16, seed: int = 0, *, with_text_encoders: bool =
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
-    check_size(size)
-    if int(size) % 2:
-        raise ValueError(f"size={size!r}; FLUX packs 2x2 latent patches, so the side must be "
-                         f"even (e.g. {int(size) + 1})")
+    check_size(size, 2, "FLUX packs 2x2 latent patches")
     if with_text_encoders:
         tokenizer, vocab = byte_clip_tokenizer()
     # Construction order after the seed fixes the weights: transformer, VAE, T5, CLIP.

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmrl.diffusion.models.base import FlowAdapter
+from mmrl.diffusion.models.base import FlowAdapter, refuse_shift
 from mmrl.diffusion.models.tiny_parts import byte_qwen_tokenizer, check_size
 from mmrl.diffusion.schedule import cfg_combine
 
@@ -62,10 +62,7 @@ class QwenImageAdapter(FlowAdapter):
     def __init__(self, pipe, *, guidance_scale: float = 4.0, max_sequence_length: int = 512,
                  shift: Optional[float] = None, negative_prompt: str = " ",
                  cfg_uncond_grad: bool = True, **kwargs):
-        if shift is not None:
-            raise ValueError(f"shift={shift!r}; Qwen-Image shifts its schedule by the resolution "
-                             f"(the pipeline's calculate_shift); leave diffusion.shift unset "
-                             f"(null)")
+        refuse_shift("Qwen-Image", shift)
         super().__init__(pipe, guidance_scale=guidance_scale,
                          max_sequence_length=max_sequence_length, **kwargs)
         self.negative_prompt, self.cfg_uncond_grad = negative_prompt, cfg_uncond_grad
@@ -279,11 +276,7 @@ def build_tiny_qwen_image(size: int = 16, seed: int = 0):
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
                            QwenImagePipeline, QwenImageTransformer2DModel)
 
-    check_size(size)
-    if int(size) % 4:
-        raise ValueError(f"size={size!r}; the tiny Qwen-Image packs 2x2 patches of a VAE with "
-                         f"factor 2, so the side must be a multiple of 4 (e.g. "
-                         f"{int(size) + 4 - int(size) % 4})")
+    check_size(size, 4, "the tiny Qwen-Image packs 2x2 patches of a VAE with factor 2")
     tokenizer = _byte_qwen2_tokenizer()
     # Construction order after the seed fixes the weights: transformer, VAE, text encoder.
     torch.manual_seed(seed)

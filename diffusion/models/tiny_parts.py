@@ -28,10 +28,15 @@ def write_byte_clip_vocab(dirname: str) -> int:
     return len(vocab)
 
 
-def check_size(size) -> None:
-    """Raise ``ValueError`` unless ``size`` (pixels per side) is >= 2."""
+def check_size(size, multiple: int = 1, why: str = "") -> None:
+    """Raise ``ValueError`` unless ``size`` (pixels per side) is >= 2 and a multiple of
+    ``multiple`` (``why``: the family's reason, said in the message)."""
     if int(size) < 2:
         raise ValueError(f"size={size!r}; expected an int >= 2 (pixels per side)")
+    if int(size) % multiple:
+        need = "even" if multiple == 2 else f"a multiple of {multiple}"
+        raise ValueError(f"size={size!r}; {why}, so the side must be {need} (e.g. "
+                         f"{int(size) + multiple - int(size) % multiple})")
 
 
 def byte_clip_tokenizer():

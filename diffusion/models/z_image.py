@@ -271,10 +271,7 @@ def build_tiny_z_image(size: int = 16, seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    check_size(size)
-    if int(size) % 2:
-        raise ValueError(f"size={size!r}; the Z-Image transformer patchifies 2x2, so the side "
-                         f"must be even (e.g. {int(size) + 1})")
+    check_size(size, 2, "the Z-Image transformer patchifies 2x2")
     tokenizer = _byte_qwen_tokenizer()
     # Construction order after the seed fixes the weights: transformer, VAE, text encoder.
     torch.manual_seed(seed)
