@@ -20,6 +20,10 @@ SIZE, FRAMES = 16, 5
 
 class TestWanAdapter(conformance.FlowAdapterConformance):
     FAMILY = "wan"
+    # Run alone (one process, two torch threads) another micro-batch size rounds one near-zero
+    # gradient entry differently (measured: 1 of 1024 off by 2.3e-9): 1e-6 of the largest
+    # gradient instead of 1e-9 absolute, as for Z-Image.
+    GRAD_ATOL = 1e-6
     SIZE = SIZE
     FRAMES = FRAMES
     KWARGS = {"guidance_scale": 4.0, "max_sequence_length": 16}
